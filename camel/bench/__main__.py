@@ -1,0 +1,38 @@
+"""Run a benchmark by name: ``python -m camel.bench <name> [args]``.
+
+To add one, write ``camel/bench/<name>.py`` with ``main(argv)`` and add a line below.
+Modules are imported only when chosen, so one broken benchmark does not break the others.
+"""
+
+import importlib
+import sys
+
+# name -> module with main(argv); one line per benchmark
+BENCHMARKS = {
+    "cpu": "camel.bench.cpu",  # camel vs PyTorch on the CPU: MLP Adam step, small-op host cost
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m camel.bench <name> [args]   (<name> --help for its options)", ""]
+    lines += ["benchmarks:"]
+    lines += [f"  {name:<14} {module}" for name, module in BENCHMARKS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        valid = ", ".join(BENCHMARKS)
+        print(f"[bench] unknown benchmark {name!r}; valid: {valid}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(BENCHMARKS[name])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
