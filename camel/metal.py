@@ -1,0 +1,1012 @@
+"""camel.metal — the whole GPU host side in one file: the learner's lab bench.
+
+Python talks to the GPU through one small C ABI, shim/camel_shim.h, loaded with
+ctypes. Two libraries implement it:
+
+    shim/build/libcamel_metal.dylib   Apple GPUs through Metal (macOS; the default there)
+    shim/build/libcamel_sim.so        the Metal simulator: the same .metal files on the CPU
+                                      (the only choice on Linux; CAMEL_SHIM=sim on macOS)
+
+This module is the ONE place that declares ctypes argtypes/restype (a missing
+restype silently truncates a 64-bit pointer to 32 bits). Everything above it
+(tensors, the "mps" backend, examples) calls the Python API below:
+
+    lib = camel.metal.compile(source)              # CompileError carries the log
+    fn = lib.function("saxpy")                     # fn.max_total_threads_per_threadgroup, ...
+    fn(x, y, 2.0, n, threads=n, threads_per_threadgroup=256)
+    camel.metal.synchronize()
+
+Memory: every buffer is shared storage (one address for CPU and GPU), so
+DeviceArray.numpy() is a zero-copy NumPy view of the buffer. Buffers are
+recycled through a cache (see "Buffer cache" below) so a training loop in
+steady state allocates no new buffers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "MetalError",
+    "CompileError",
+    "DispatchError",
+    "compile",
+    "library",
+    "kernel",
+    "Library",
+    "Function",
+    "Buffer",
+    "DeviceArray",
+    "synchronize",
+    "commit",
+    "completed_id",
+    "command_buffer_time",
+    "device_name",
+    "device_info",
+    "is_simulator",
+    "memory_stats",
+    "reset_peak_memory_stats",
+    "empty_cache",
+    "mps_matmul",
+]
+
+ABI_VERSION = 1  # must equal CAMEL_SHIM_ABI_VERSION in shim/camel_shim.h
+MAX_BUFFER_ARGS = 31  # Metal's limit on [[buffer(i)]] slots
+MAX_THREADGROUP_ARGS = 31  # [[threadgroup(i)]] slots we preallocate
+MAX_SET_BYTES = 4096  # setBytes limit; larger constants belong in a buffer
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_REPO_DIR = _PACKAGE_DIR.parent
+SHADERS_DIR = _REPO_DIR / "shaders"
+
+
+# ---- errors -------------------------------------------------------------------
+
+
+class MetalError(RuntimeError):
+    """A failed call into the shim; the message is camel_last_error() plus context."""
+
+
+class CompileError(MetalError):
+    """MSL that did not compile. `.log` is the compiler log (lines point into the .metal file)."""
+
+    def __init__(self, message: str, log: str, path: str | None = None):
+        super().__init__(message)
+        self.log = log
+        self.path = path
+
+
+class DispatchError(MetalError):
+    """A dispatch the shim refused: threadgroup too large, too much threadgroup memory,
+    wrong argument count or kind. The message names the kernel and the limits."""
+
+
+# ---- the C ABI: structs mirror shim/camel_shim.h field by field ----------------
+
+
+class _DeviceInfo(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char * 128),
+        ("is_simulator", ctypes.c_int32),
+        ("max_threads_per_threadgroup", ctypes.c_uint32),
+        ("max_threadgroup_memory", ctypes.c_uint32),
+        ("simd_width", ctypes.c_uint32),
+        ("recommended_working_set", ctypes.c_uint64),
+    ]
+
+
+class _MemoryInfo(ctypes.Structure):
+    _fields_ = [("allocated_bytes", ctypes.c_uint64), ("buffers", ctypes.c_uint64)]
+
+
+class _PipelineInfo(ctypes.Structure):
+    _fields_ = [
+        ("max_total_threads_per_threadgroup", ctypes.c_uint32),
+        ("thread_execution_width", ctypes.c_uint32),
+        ("static_threadgroup_memory", ctypes.c_uint32),
+    ]
+
+
+class _Arg(ctypes.Structure):
+    # `bytes` is `const void *` in C; declaring it c_char_p lets us assign a Python
+    # bytes object directly (ctypes keeps it alive while it is stored here).
+    _fields_ = [
+        ("buffer", ctypes.c_void_p),
+        ("offset", ctypes.c_uint64),
+        ("bytes", ctypes.c_char_p),
+        ("length", ctypes.c_uint64),
+    ]
+
+
+class _DispatchDesc(ctypes.Structure):
+    _fields_ = [
+        ("pipeline", ctypes.c_void_p),
+        ("args", ctypes.POINTER(_Arg)),
+        ("nargs", ctypes.c_uint32),
+        ("threadgroup_memory", ctypes.POINTER(ctypes.c_uint32)),
+        ("nthreadgroup_memory", ctypes.c_uint32),
+        ("grid", ctypes.c_uint32 * 3),
+        ("threads_per_threadgroup", ctypes.c_uint32 * 3),
+        ("grid_is_threads", ctypes.c_int32),
+    ]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Every argtypes/restype of the ABI, in header order. Handles are c_void_p (Python int)."""
+    vp, u32, u64, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
+    dbl_p = ctypes.POINTER(ctypes.c_double)
+    table = {
+        "camel_abi_version": ([], i32),
+        "camel_last_error": ([], ctypes.c_char_p),
+        "camel_init": ([], i32),
+        "camel_device_info_get": ([ctypes.POINTER(_DeviceInfo)], i32),
+        "camel_buffer_new": ([u64, ctypes.POINTER(vp)], vp),
+        "camel_buffer_release": ([vp], i32),
+        "camel_memory_info_get": ([ctypes.POINTER(_MemoryInfo)], i32),
+        "camel_library_new": ([ctypes.c_char_p, ctypes.c_char_p], vp),
+        "camel_library_release": ([vp], None),
+        "camel_library_function_names": ([vp, ctypes.c_char_p, u64], u64),
+        "camel_pipeline_new": ([vp, ctypes.c_char_p], vp),
+        "camel_pipeline_release": ([vp], None),
+        "camel_pipeline_info_get": ([vp, ctypes.POINTER(_PipelineInfo)], i32),
+        "camel_dispatch": ([ctypes.POINTER(_DispatchDesc)], u64),
+        "camel_commit": ([], u64),
+        "camel_synchronize": ([], i32),
+        "camel_completed_id": ([], u64),
+        "camel_command_buffer_time": ([u64, dbl_p, dbl_p], i32),
+        "camel_mps_matmul": ([vp, vp, vp, u32, u32, u32], u64),
+        "camel_capture_begin": ([ctypes.c_char_p], i32),
+        "camel_capture_end": ([], i32),
+    }
+    for name, (argtypes, restype) in table.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = restype
+
+
+# ---- loading the shim -----------------------------------------------------------
+
+_lib: ctypes.CDLL | None = None  # set once by _native()
+_is_sim = False
+_shutting_down = False
+
+
+def _shim_choice() -> str:
+    """'metal' or 'sim', from the platform and $CAMEL_SHIM."""
+    want = os.environ.get("CAMEL_SHIM", "").strip().lower()
+    if want not in ("", "metal", "sim"):
+        raise MetalError(f"[metal] CAMEL_SHIM must be 'metal' or 'sim', got {want!r}")
+    if sys.platform == "darwin":
+        return want or "metal"
+    if want == "metal":
+        raise MetalError(
+            f"[metal] CAMEL_SHIM=metal needs macOS with an Apple GPU; this is {sys.platform}. "
+            "Here the Metal simulator is the only shim: unset CAMEL_SHIM or set CAMEL_SHIM=sim."
+        )
+    return "sim"
+
+
+def _shim_candidates(choice: str) -> list[Path]:
+    build = _REPO_DIR / "shim" / "build"
+    if choice == "metal":
+        return [build / "libcamel_metal.dylib"]
+    return [build / "libcamel_sim.so", build / "libcamel_sim.dylib"]
+
+
+def _build_shim() -> None:
+    """Run `make -C <repo>/shim shim` once; raise with the tail of its output if it fails."""
+    shim_dir = _REPO_DIR / "shim"
+    if not (shim_dir / "Makefile").exists():
+        raise MetalError(
+            f"[metal] the native shim is not built and there is no {shim_dir}/Makefile to "
+            "build it; run camel from a source checkout (pip install -e .)"
+        )
+    print(f"[camel.metal] building the native shim: make -C {shim_dir} shim", file=sys.stderr)
+    try:
+        proc = subprocess.run(
+            ["make", "-C", str(shim_dir), "shim"],
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError as e:
+        raise MetalError(f"[metal] cannot build the shim: {e} (is `make` installed?)") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise MetalError(
+            f"[metal] building the shim failed (make -C {shim_dir} shim, exit "
+            f"{proc.returncode}):\n{tail}"
+        )
+
+
+def _native() -> ctypes.CDLL:
+    """The loaded, initialised shim; loads (and if needed builds) it on first use."""
+    global _lib, _is_sim
+    if _lib is not None:
+        return _lib
+    choice = _shim_choice()
+    candidates = _shim_candidates(choice)
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        _build_shim()
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            raise MetalError(
+                f"[metal] `make shim` succeeded but did not produce {candidates[0]}; "
+                + ("try CAMEL_SHIM=sim" if choice == "metal" else "check shim/Makefile")
+            )
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise MetalError(f"[metal] cannot load {path}: {e}") from None
+    _declare(lib)
+    version = lib.camel_abi_version()
+    if version != ABI_VERSION:
+        raise MetalError(
+            f"[metal] {path.name} speaks ABI version {version}, camel.metal expects "
+            f"{ABI_VERSION}; rebuild it: make -C {_REPO_DIR / 'shim'} clean shim"
+        )
+    if lib.camel_init() != 0:
+        msg = _error_text(lib)
+        hint = (
+            " Set CAMEL_SHIM=sim to run kernels on the CPU simulator instead."
+            if choice == "metal"
+            else ""
+        )
+        raise MetalError(f"[metal] no Metal device ({path.name}): {msg}.{hint}")
+    _is_sim = choice == "sim"
+    _lib = lib
+    _bind_hot_functions(lib)
+    return lib
+
+
+def _error_text(lib: ctypes.CDLL | None = None) -> str:
+    raw = (lib or _lib).camel_last_error()
+    return raw.decode("utf-8", "replace") if raw else "(the shim gave no message)"
+
+
+def _fail(what: str, cls: type[MetalError] = MetalError) -> MetalError:
+    """An exception for a failed shim call: `[metal] what: <camel_last_error()>`."""
+    return cls(f"[metal] {what}: {_error_text()}")
+
+
+# Hot-path entry points, bound once after loading (saves an attribute lookup per call).
+_c_dispatch = None
+_c_commit = None
+_c_completed = None
+
+
+def _bind_hot_functions(lib: ctypes.CDLL) -> None:
+    global _c_dispatch, _c_commit, _c_completed
+    _c_dispatch = lib.camel_dispatch
+    _c_commit = lib.camel_commit
+    _c_completed = lib.camel_completed_id
+
+
+@atexit.register
+def _at_exit() -> None:
+    # Buffers finalised during interpreter shutdown must not call into a shim that may
+    # already be tearing down its worker threads; the OS reclaims the memory.
+    global _shutting_down
+    _shutting_down = True
+
+
+# ---- device, synchronisation, timing ----------------------------------------------
+
+
+def device_info() -> dict:
+    """The device's name and limits, as a dict."""
+    lib = _native()
+    info = _DeviceInfo()
+    if lib.camel_device_info_get(ctypes.byref(info)) != 0:
+        raise _fail("camel_device_info_get")
+    return {
+        "name": info.name.decode("utf-8", "replace"),
+        "is_simulator": bool(info.is_simulator),
+        "max_threads_per_threadgroup": info.max_threads_per_threadgroup,
+        "max_threadgroup_memory": info.max_threadgroup_memory,
+        "simd_width": info.simd_width,
+        "recommended_working_set": info.recommended_working_set,
+    }
+
+
+def device_name() -> str:
+    """'Apple M1 Max', or the simulator's name (it says 'simulator')."""
+    return device_info()["name"]
+
+
+def is_simulator() -> bool:
+    """True when kernels run on the CPU simulator (shim/sim), not an Apple GPU."""
+    _native()
+    return _is_sim
+
+
+def commit() -> int:
+    """Send the open command buffer to the GPU without waiting. Returns its id (0: none open)."""
+    return _native().camel_commit()
+
+
+def synchronize() -> None:
+    """Commit, then wait until every dispatch so far has completed. Raises if one failed."""
+    lib = _native()
+    if lib.camel_synchronize() != 0:
+        raise _fail("a command buffer failed")
+
+
+def completed_id() -> int:
+    """Id of the newest command buffer known to have completed."""
+    return _native().camel_completed_id()
+
+
+def command_buffer_time(cb_id: int) -> tuple[float, float] | None:
+    """(start, end) in seconds of a completed command buffer, or None if unknown.
+    Metal: GPU timestamps. Simulator: wall time."""
+    start, end = ctypes.c_double(), ctypes.c_double()
+    if _native().camel_command_buffer_time(cb_id, ctypes.byref(start), ctypes.byref(end)) != 0:
+        return None
+    return start.value, end.value
+
+
+def capture_begin(path: str) -> None:
+    """Start a programmatic GPU capture to `path` (.gputrace; Metal only)."""
+    if _native().camel_capture_begin(str(path).encode()) != 0:
+        raise _fail(f"cannot start a GPU capture to {path}")
+
+
+def capture_end() -> None:
+    if _native().camel_capture_end() != 0:
+        raise _fail("cannot end the GPU capture")
+
+
+# ---- Buffer cache -------------------------------------------------------------------
+#
+# Freed buffers are not handed back to the shim; they wait on a free list keyed by
+# size class and are reused by the next allocation of that class, so a training
+# loop that allocates the same shapes every step allocates no new shim buffers.
+#
+# Size classes: requests round up to at least 256 bytes, then to the next of the
+# four steps per power of two (2^k, 1.25*2^k, 1.5*2^k, 1.75*2^k); waste is < 25%.
+#
+# The hazard: dispatches are committed lazily, so a kernel already encoded may still
+# READ a buffer that Python has dropped. Reusing it for a GPU write is safe (the queue
+# runs in order), but writing it from the host (from_numpy, zeros) before that command
+# buffer completes would change the kernel's input. Each block remembers the command
+# buffer of its last use; host writes only take blocks whose last use has completed.
+
+
+class _Block:
+    """One shim buffer: handle, capacity in bytes, CPU address, last command buffer using it."""
+
+    __slots__ = ("handle", "capacity", "contents", "last_use")
+
+    def __init__(self, handle: int, capacity: int, contents: int):
+        self.handle = handle
+        self.capacity = capacity
+        self.contents = contents
+        self.last_use = 0
+
+
+_free: dict[int, list[_Block]] = {}  # size class -> idle blocks
+_stats = {"live_bytes": 0, "peak_bytes": 0, "cached_bytes": 0, "cached_buffers": 0}
+
+
+def _size_class(nbytes: int) -> int:
+    if nbytes <= 256:
+        return 256
+    step = 1 << max(nbytes.bit_length() - 3, 0)  # a quarter of the power of two below
+    return (nbytes + step - 1) // step * step
+
+
+def _new_block(capacity: int) -> _Block:
+    lib = _native()
+    contents = ctypes.c_void_p()
+    handle = lib.camel_buffer_new(capacity, ctypes.byref(contents))
+    if not handle:
+        # Perhaps the cache holds the memory we need: give it back and try once more.
+        if _stats["cached_buffers"]:
+            empty_cache()
+            handle = lib.camel_buffer_new(capacity, ctypes.byref(contents))
+        if not handle:
+            raise _fail(f"cannot allocate a buffer of {capacity} bytes")
+    _stats["live_bytes"] += capacity
+    _stats["peak_bytes"] = max(_stats["peak_bytes"], _stats["live_bytes"])
+    return _Block(handle, capacity, contents.value)
+
+
+def _take_block(nbytes: int, host_write: bool) -> _Block:
+    """A block of at least nbytes: from the cache if possible, else new from the shim.
+    host_write=True only accepts blocks no pending command buffer still uses."""
+    capacity = _size_class(nbytes)
+    blocks = _free.get(capacity)
+    if blocks:
+        index = len(blocks) - 1  # newest first: most likely still in the CPU cache
+        if host_write:
+            done = _c_completed()
+            while index >= 0 and blocks[index].last_use > done:
+                index -= 1
+        if index >= 0:
+            block = blocks.pop(index)
+            _stats["cached_bytes"] -= capacity
+            _stats["cached_buffers"] -= 1
+            return block
+    return _new_block(capacity)
+
+
+def _give_back(block: _Block) -> None:
+    _free.setdefault(block.capacity, []).append(block)
+    _stats["cached_bytes"] += block.capacity
+    _stats["cached_buffers"] += 1
+
+
+def empty_cache() -> None:
+    """Release every cached idle buffer to the shim (which frees each once no pending
+    command buffer uses it)."""
+    lib = _native()
+    for blocks in _free.values():
+        while blocks:
+            block = blocks.pop()
+            _stats["cached_bytes"] -= block.capacity
+            _stats["cached_buffers"] -= 1
+            _stats["live_bytes"] -= block.capacity
+            if lib.camel_buffer_release(block.handle) != 0:
+                raise _fail("camel_buffer_release")
+
+
+def memory_stats() -> dict:
+    """Buffer memory, in bytes:
+    allocated_bytes  what the shim holds (live buffers plus the cache; buffers released
+                     while a command buffer still uses them count until it completes)
+    peak_bytes       the most camel.metal held at once since reset_peak_memory_stats()
+    buffers          the shim's count of live buffers (cached ones included)
+    cached_bytes, cached_buffers   idle buffers waiting in the cache for reuse
+    """
+    info = _MemoryInfo()
+    if _native().camel_memory_info_get(ctypes.byref(info)) != 0:
+        raise _fail("camel_memory_info_get")
+    return {
+        "allocated_bytes": info.allocated_bytes,
+        "peak_bytes": _stats["peak_bytes"],
+        "buffers": info.buffers,
+        "cached_bytes": _stats["cached_bytes"],
+        "cached_buffers": _stats["cached_buffers"],
+    }
+
+
+def reset_peak_memory_stats() -> None:
+    _stats["peak_bytes"] = _stats["live_bytes"]
+
+
+class Buffer:
+    """A shared-storage GPU buffer of `nbytes` (its storage may be larger: a size class).
+
+    `handle` is the shim's opaque pointer, `contents` the CPU address of the storage.
+    `release()` returns the storage (to the cache) exactly once; any use afterwards
+    raises MetalError. Dropping the last reference releases it too.
+    """
+
+    __slots__ = ("_block", "nbytes", "__weakref__")
+
+    def __init__(self, nbytes: int, *, host_write: bool = False):
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"[Buffer] nbytes must be >= 0, got {nbytes}")
+        _native()
+        self.nbytes = nbytes
+        self._block = _take_block(max(nbytes, 1), host_write)
+
+    def _live(self) -> _Block:
+        block = self._block
+        if block is None:
+            raise MetalError(f"[Buffer] use of a released buffer ({self.nbytes} bytes)")
+        return block
+
+    @property
+    def handle(self) -> int:
+        return self._live().handle
+
+    @property
+    def contents(self) -> int:
+        return self._live().contents
+
+    @property
+    def capacity(self) -> int:
+        return self._live().capacity
+
+    @property
+    def last_use(self) -> int:
+        """Id of the last command buffer a dispatch using this buffer was encoded into."""
+        return self._live().last_use
+
+    @property
+    def released(self) -> bool:
+        return self._block is None
+
+    def release(self) -> None:
+        block = self._block
+        if block is None:
+            raise MetalError(f"[Buffer] buffer of {self.nbytes} bytes released twice")
+        self._block = None
+        _give_back(block)
+
+    def __del__(self):
+        block = getattr(self, "_block", None)
+        if block is not None and not _shutting_down:
+            self._block = None
+            _give_back(block)
+
+    def __repr__(self) -> str:
+        if self._block is None:
+            return f"Buffer(nbytes={self.nbytes}, released)"
+        return f"Buffer(nbytes={self.nbytes}, handle=0x{self._block.handle:x})"
+
+
+# ---- DeviceArray: the storage of an "mps" tensor ------------------------------------
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.float16))
+
+
+def _check_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in _DTYPES:
+        names = ", ".join(d.name for d in _DTYPES)
+        raise TypeError(f"[DeviceArray] dtype {dt.name} is not supported on the GPU; use {names}")
+    return dt
+
+
+def _shape_tuple(shape) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"[DeviceArray] negative dimension in shape {shape}")
+    return shape
+
+
+class DeviceArray:
+    """An n-d array of float32 or int32 in a GPU buffer, C-contiguous, `offset` bytes in.
+
+    .shape .dtype .size .nbytes .buffer .offset
+    DeviceArray.empty(shape, dtype)    uninitialised (GPU writes fill it)
+    DeviceArray.zeros(shape, dtype)
+    DeviceArray.from_numpy(arr)        copies arr into a buffer
+    a.numpy()                          synchronises, then a zero-copy view of the buffer
+    a.reshape(shape)                   same buffer, new shape (no copy)
+    """
+
+    __slots__ = ("shape", "dtype", "size", "nbytes", "buffer", "offset")
+
+    def __init__(self, shape, dtype, buffer: Buffer, offset: int = 0):
+        self.shape = _shape_tuple(shape)
+        self.dtype = _check_dtype(dtype)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.nbytes = self.size * self.dtype.itemsize
+        if offset < 0 or offset + self.nbytes > buffer.nbytes:
+            raise ValueError(
+                f"[DeviceArray] {self.nbytes} bytes at offset {offset} do not fit in a "
+                f"buffer of {buffer.nbytes} bytes"
+            )
+        self.buffer = buffer
+        self.offset = offset
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @classmethod
+    def empty(cls, shape, dtype=np.float32) -> DeviceArray:
+        shape, dt = _shape_tuple(shape), _check_dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        return cls(shape, dt, Buffer(nbytes))
+
+    @classmethod
+    def zeros(cls, shape, dtype=np.float32) -> DeviceArray:
+        shape, dt = _shape_tuple(shape), _check_dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        out = cls(shape, dt, Buffer(nbytes, host_write=True))
+        if nbytes:
+            ctypes.memset(out.buffer.contents, 0, nbytes)
+        return out
+
+    @classmethod
+    def from_numpy(cls, arr) -> DeviceArray:
+        """Copy a float32/int32 array (any layout) into a new buffer."""
+        arr = np.asarray(arr)
+        dt = _check_dtype(arr.dtype)
+        out = cls(arr.shape, dt, Buffer(arr.nbytes, host_write=True))
+        if arr.nbytes:
+            # Host write: the block is idle (see the hazard note above the cache).
+            np.copyto(out._host_view(), arr)
+        return out
+
+    def _host_view(self) -> np.ndarray:
+        """A NumPy view of the storage without synchronising (internal)."""
+        buffer = self.buffer
+        block = buffer._live()
+        raw = (ctypes.c_byte * block.capacity).from_address(block.contents)
+        raw._camel_buffer = buffer  # the view's .base chain keeps the Buffer alive
+        flat = np.frombuffer(raw, dtype=self.dtype, count=self.size, offset=self.offset)
+        return flat.reshape(self.shape)
+
+    def numpy(self) -> np.ndarray:
+        """Synchronise, then return a zero-copy NumPy view of the buffer (writable).
+        The view keeps the buffer alive; writes through it are seen by later kernels."""
+        synchronize()
+        return self._host_view()
+
+    def reshape(self, *shape) -> DeviceArray:
+        """The same buffer seen with a new shape (one dimension may be -1). No copy."""
+        if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
+            shape = shape[0]
+        dims = [int(s) for s in shape]
+        if dims.count(-1) > 1 or any(s < -1 for s in dims):
+            raise ValueError(f"[DeviceArray] invalid shape {tuple(dims)} for reshape")
+        if -1 in dims:
+            known = int(np.prod([s for s in dims if s != -1], dtype=np.int64))
+            dims[dims.index(-1)] = self.size // known if known else 0
+        new_shape = tuple(dims)
+        if int(np.prod(new_shape, dtype=np.int64)) != self.size:
+            raise ValueError(
+                f"[DeviceArray] cannot reshape {self.shape} ({self.size} elements) to {new_shape}"
+            )
+        return DeviceArray(new_shape, self.dtype, self.buffer, self.offset)
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype.name}, offset={self.offset})"
+
+
+# ---- libraries, kernels, dispatch -------------------------------------------------------
+
+
+def compile(source: str, path: str | None = None) -> Library:  # noqa: A001 (Metal's word)
+    """Compile MSL source into a Library. `path` names the source in messages.
+    Raises CompileError whose .log is the compiler log (line numbers into the source)."""
+    lib = _native()
+    handle = lib.camel_library_new(source.encode("utf-8"), path.encode() if path else None)
+    if not handle:
+        log = _error_text()
+        raise CompileError(f"[metal] compiling {path or '<source>'} failed:\n{log}", log, path)
+    return Library(handle, path)
+
+
+_shader_libraries: dict[str, Library] = {}
+
+
+def library(filename: str) -> Library:
+    """Compile shaders/<filename> once per process (later calls return the same Library).
+    An existing path (absolute or relative to the working directory) works too."""
+    lib = _shader_libraries.get(filename)
+    if lib is None:
+        path = SHADERS_DIR / filename
+        if not path.exists() and Path(filename).exists():
+            path = Path(filename)
+        if not path.exists():
+            have = sorted(p.name for p in SHADERS_DIR.glob("*.metal"))
+            raise FileNotFoundError(
+                f"[metal] no shader file {filename!r} in {SHADERS_DIR}; have: {', '.join(have)}"
+            )
+        shown = f"shaders/{path.name}" if path.parent == SHADERS_DIR else str(path)
+        lib = compile(path.read_text(), shown)
+        _shader_libraries[filename] = lib
+    return lib
+
+
+def kernel(filename: str, name: str) -> Function:
+    """The kernel `name` from shaders/<filename>, compiled and cached per process:
+    camel.metal.kernel("ops_elementwise.metal", "add_float4")."""
+    return library(filename).function(name)
+
+
+class Library:
+    """A compiled MSL library. .path, .function_names, .function(name)."""
+
+    def __init__(self, handle: int, path: str | None):
+        self._handle = handle
+        self.path = path
+        self._functions: dict[str, Function] = {}
+        self.function_names = self._names()
+
+    def _names(self) -> list[str]:
+        lib = _native()
+        need = lib.camel_library_function_names(self._handle, None, 0)
+        out = ctypes.create_string_buffer(need + 1)
+        lib.camel_library_function_names(self._handle, out, need + 1)
+        return [n for n in out.value.decode().split("\n") if n]
+
+    def function(self, name: str) -> Function:
+        """The kernel `name` with its pipeline built (cached per library)."""
+        fn = self._functions.get(name)
+        if fn is None:
+            if name not in self.function_names:
+                where = self.path or "this library"
+                raise MetalError(
+                    f"[metal] no kernel named {name!r} in {where}; available kernels: "
+                    + (", ".join(self.function_names) or "(none)")
+                )
+            fn = Function(self, name)
+            self._functions[name] = fn
+        return fn
+
+    def __getitem__(self, name: str) -> Function:
+        return self.function(name)
+
+    def __del__(self):
+        if getattr(self, "_handle", None) and not _shutting_down and _lib is not None:
+            _lib.camel_library_release(self._handle)
+            self._handle = None
+
+    def __repr__(self) -> str:
+        return f"Library({self.path or '<source>'}: {', '.join(self.function_names)})"
+
+
+_pack_f32 = struct.Struct("<f").pack
+_pack_i32 = struct.Struct("<i").pack
+_pack_u32 = struct.Struct("<I").pack
+_profilers: list = []  # active camel.profile() objects (camel/profiler.py appends here)
+
+
+def _dim3(value, what: str, kernel_name: str) -> tuple[int, int, int]:
+    """(x, y, z) from an int or a 1-3 tuple; every entry >= 1 and fits in 32 bits."""
+    if type(value) is int or isinstance(value, np.integer):
+        x, y, z = int(value), 1, 1
+    else:
+        try:
+            dims = tuple(int(v) for v in value)
+        except TypeError:
+            raise TypeError(
+                f"[{kernel_name}] {what} must be an int or a tuple of 1-3 ints, got {value!r}"
+            ) from None
+        if not 1 <= len(dims) <= 3:
+            raise TypeError(f"[{kernel_name}] {what} must have 1-3 entries, got {value!r}")
+        x, y, z = dims + (1,) * (3 - len(dims))
+    if x < 1 or y < 1 or z < 1 or x > 0xFFFFFFFF or y > 0xFFFFFFFF or z > 0xFFFFFFFF:
+        raise ValueError(f"[{kernel_name}] {what} must be >= 1 in every dimension, got {value!r}")
+    return x, y, z
+
+
+class Function:
+    """A kernel ready to dispatch (a compute pipeline).
+
+    Attributes: name, max_total_threads_per_threadgroup, thread_execution_width,
+    static_threadgroup_memory.
+
+    fn(*args, threadgroups=(gx, gy, gz) | threads=(nx, ny, nz),
+       threads_per_threadgroup=(tx, ty, tz), threadgroup_memory=[nbytes, ...])
+
+    Positional argument i binds [[buffer(i)]]:
+      DeviceArray / "mps" Tensor / Buffer   the buffer (at the array's byte offset)
+      Python float                          4 bytes of float32   (setBytes)
+      Python int                            4 bytes: int32 if negative, else uint32
+      NumPy scalar or array <= 4096 bytes   its bytes            (setBytes)
+    threadgroups= is dispatchThreadgroups; threads= is dispatchThreads (the last
+    threadgroup in each dimension may be partial). An int stands for (n, 1, 1).
+    threadgroup_memory[i] is the length of [[threadgroup(i)]] (rounded up to 16 bytes,
+    as Metal requires). flops= and bytes= are optional counts for camel.profile().
+    """
+
+    def __init__(self, library: Library, name: str):
+        lib = _native()
+        handle = lib.camel_pipeline_new(library._handle, name.encode())
+        if not handle:
+            raise _fail(f"cannot build a pipeline for kernel {name!r} in {library.path}")
+        info = _PipelineInfo()
+        if lib.camel_pipeline_info_get(handle, ctypes.byref(info)) != 0:
+            lib.camel_pipeline_release(handle)
+            raise _fail(f"camel_pipeline_info_get for kernel {name!r}")
+        self.library = library  # keeps the library alive as long as its pipeline
+        self.name = name
+        self._handle = handle
+        self.max_total_threads_per_threadgroup = info.max_total_threads_per_threadgroup
+        self.thread_execution_width = info.thread_execution_width
+        self.static_threadgroup_memory = info.static_threadgroup_memory
+
+        # Preallocated once: a dispatch fills these in place and makes ONE native call.
+        self._args = (_Arg * MAX_BUFFER_ARGS)()
+        self._slots = [self._args[i] for i in range(MAX_BUFFER_ARGS)]
+        self._tg_lengths = (ctypes.c_uint32 * MAX_THREADGROUP_ARGS)()
+        desc = _DispatchDesc()
+        desc.pipeline = handle
+        desc.args = ctypes.cast(self._args, ctypes.POINTER(_Arg))
+        desc.threadgroup_memory = ctypes.cast(self._tg_lengths, ctypes.POINTER(ctypes.c_uint32))
+        self._desc = desc
+        self._grid = desc.grid  # views into desc's memory
+        self._tpg = desc.threads_per_threadgroup
+
+    def __call__(
+        self,
+        *args,
+        threadgroups=None,
+        threads=None,
+        threads_per_threadgroup=None,
+        threadgroup_memory=None,
+        flops=None,
+        bytes=None,  # noqa: A002 (bytes moved, for the profiler's GB/s)
+    ) -> None:
+        desc = self._desc
+        name = self.name
+        # The grid: exactly one of threads= / threadgroups=.
+        if threads is not None:
+            if threadgroups is not None:
+                raise TypeError(f"[{name}] pass threads= or threadgroups=, not both")
+            grid, desc.grid_is_threads = threads, 1
+        elif threadgroups is not None:
+            grid, desc.grid_is_threads = threadgroups, 0
+        else:
+            raise TypeError(
+                f"[{name}] missing grid: pass threadgroups=(gx, gy, gz) (dispatchThreadgroups) "
+                "or threads=(nx, ny, nz) (dispatchThreads)"
+            )
+        if threads_per_threadgroup is None:
+            raise TypeError(
+                f"[{name}] missing threads_per_threadgroup=(tx, ty, tz); at most "
+                f"{self.max_total_threads_per_threadgroup} threads in total, "
+                f"a multiple of {self.thread_execution_width} is best"
+            )
+        g = self._grid
+        g[0], g[1], g[2] = grid3 = _dim3(grid, "grid", name)
+        t = self._tpg
+        t[0], t[1], t[2] = tpg3 = _dim3(threads_per_threadgroup, "threads_per_threadgroup", name)
+
+        if threadgroup_memory:
+            if len(threadgroup_memory) > MAX_THREADGROUP_ARGS:
+                raise ValueError(f"[{name}] at most {MAX_THREADGROUP_ARGS} threadgroup buffers")
+            lengths = self._tg_lengths
+            for i, n in enumerate(threadgroup_memory):
+                n = int(n)
+                if n < 0:
+                    raise ValueError(f"[{name}] threadgroup_memory[{i}] must be >= 0, got {n}")
+                lengths[i] = (n + 15) & ~15  # Metal: a multiple of 16 bytes
+            desc.nthreadgroup_memory = len(threadgroup_memory)
+        else:
+            desc.nthreadgroup_memory = 0
+
+        # Arguments: positional i binds [[buffer(i)]].
+        nargs = len(args)
+        if nargs > MAX_BUFFER_ARGS:
+            raise TypeError(f"[{name}] {nargs} arguments; Metal binds at most {MAX_BUFFER_ARGS}")
+        slots = self._slots
+        used = []  # blocks this dispatch touches, to record their last use
+        for i, a in enumerate(args):
+            slot = slots[i]
+            if type(a) is DeviceArray:
+                block = a.buffer._block
+                if block is None:
+                    raise MetalError(
+                        f"[{name}] argument {i}: use of a released buffer ({a.buffer.nbytes} bytes)"
+                    )
+                slot.buffer = block.handle
+                slot.offset = a.offset
+                slot.bytes = None
+                slot.length = 0
+                used.append(block)
+            else:
+                self._bind_other(slot, i, a, used)
+        desc.nargs = nargs
+
+        cb = _c_dispatch(desc)  # the one native call
+        if not cb:
+            raise self._dispatch_error(grid3, tpg3, threadgroup_memory, nargs)
+        for block in used:
+            block.last_use = cb
+        if _profilers:
+            _c_commit()  # each profiled dispatch gets its own command buffer, so its own time
+            for p in _profilers:
+                p._add(name, grid3, tpg3, desc.grid_is_threads == 1, cb, flops, bytes)
+
+    def _bind_other(self, slot, i: int, a, used: list) -> None:
+        """Bind everything that is not a DeviceArray (the less common kinds)."""
+        data = getattr(a, "_data", None)
+        if isinstance(data, DeviceArray):  # an "mps" camel Tensor
+            a = data
+        elif data is not None and getattr(a, "device", None) is not None:
+            raise TypeError(
+                f"[{self.name}] argument {i} is a Tensor on {a.device!r}; kernels only read "
+                "'mps' tensors (no silent copies): call .to('mps') first"
+            )
+        if isinstance(a, DeviceArray):
+            buffer, offset = a.buffer, a.offset
+        elif isinstance(a, Buffer):
+            buffer, offset = a, 0
+        else:
+            buffer = None
+        if buffer is not None:
+            block = buffer._block
+            if block is None:
+                raise MetalError(
+                    f"[{self.name}] argument {i}: use of a released buffer ({buffer.nbytes} bytes)"
+                )
+            slot.buffer, slot.offset, slot.bytes, slot.length = block.handle, offset, None, 0
+            used.append(block)
+            return
+
+        if isinstance(a, float):
+            raw = _pack_f32(a)
+        elif isinstance(a, int):  # bool too: 0 or 1
+            if -(2**31) <= a < 0:
+                raw = _pack_i32(a)
+            elif 0 <= a < 2**32:
+                raw = _pack_u32(a)
+            else:
+                raise OverflowError(
+                    f"[{self.name}] argument {i} = {a} does not fit in 32 bits; pass "
+                    "np.int64(...) for a `long` parameter"
+                )
+        elif isinstance(a, (np.generic, np.ndarray)):
+            if a.dtype == np.float64:
+                raise TypeError(
+                    f"[{self.name}] argument {i} is float64, which MSL does not have: "
+                    "convert it with np.float32(...) / .astype(np.float32)"
+                )
+            if a.dtype == object or a.nbytes > MAX_SET_BYTES or a.nbytes == 0:
+                raise TypeError(
+                    f"[{self.name}] argument {i}: a {a.dtype} array of {a.nbytes} bytes cannot "
+                    f"be bound as bytes (1..{MAX_SET_BYTES}); put it in a DeviceArray"
+                )
+            raw = a.tobytes()
+        else:
+            raise TypeError(
+                f"[{self.name}] argument {i} ({type(a).__name__}) cannot bind [[buffer({i})]]: "
+                "pass a DeviceArray or 'mps' Tensor, a float, an int, or a NumPy scalar or "
+                f"array of at most {MAX_SET_BYTES} bytes"
+            )
+        slot.buffer, slot.offset, slot.bytes, slot.length = None, 0, raw, len(raw)
+
+    def _dispatch_error(self, grid3, tpg3, threadgroup_memory, nargs) -> DispatchError:
+        """The shim's message plus what was asked and the limits that apply."""
+        kind = "threads" if self._desc.grid_is_threads else "threadgroups"
+        total = tpg3[0] * tpg3[1] * tpg3[2]
+        tg = [(int(n) + 15) & ~15 for n in (threadgroup_memory or [])]
+        try:
+            device_limit = device_info()["max_threadgroup_memory"]
+        except MetalError:
+            device_limit = "?"
+        return DispatchError(
+            f"[metal] dispatch of kernel {self.name!r} failed: {_error_text()}\n"
+            f"  requested: {kind}={grid3}, threads_per_threadgroup={tpg3} = {total} threads "
+            f"(limit {self.max_total_threads_per_threadgroup}), {nargs} arguments, "
+            f"threadgroup memory {tg} + static {self.static_threadgroup_memory} = "
+            f"{sum(tg) + self.static_threadgroup_memory} bytes (limit {device_limit})"
+        )
+
+    def __del__(self):
+        if getattr(self, "_handle", None) and not _shutting_down and _lib is not None:
+            _lib.camel_pipeline_release(self._handle)
+            self._handle = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Function({self.name!r}, max_total_threads_per_threadgroup="
+            f"{self.max_total_threads_per_threadgroup}, thread_execution_width="
+            f"{self.thread_execution_width}, static_threadgroup_memory="
+            f"{self.static_threadgroup_memory})"
+        )
+
+
+def mps_matmul(a: DeviceArray, b: DeviceArray, c: DeviceArray) -> None:
+    """c = a @ b in FP32 through MPSMatrixMultiplication (Metal only): the vendor GEMM the
+    benchmark ladder compares against. a (M, K), b (K, N), c (M, N), float32, offset 0."""
+    for name, x in (("a", a), ("b", b), ("c", c)):
+        if x.ndim != 2 or x.dtype != np.float32 or x.offset != 0:
+            raise ValueError(
+                f"[mps_matmul] {name} must be a 2-D float32 DeviceArray at offset 0, "
+                f"got shape {x.shape} {x.dtype.name} offset {x.offset}"
+            )
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2 or c.shape != (m, n):
+        raise ValueError(f"[mps_matmul] shapes {a.shape} @ {b.shape} -> {c.shape} do not align")
+    blocks = [x.buffer._live() for x in (a, b, c)]
+    cb = _native().camel_mps_matmul(blocks[0].handle, blocks[1].handle, blocks[2].handle, m, n, k)
+    if not cb:
+        raise _fail("MPS matmul")
+    for block in blocks:
+        block.last_use = cb
