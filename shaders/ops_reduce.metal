@@ -1,0 +1,345 @@
+// ops_reduce.metal — Stage 2: sum and max reductions (float32), and their backward.
+//
+// Every reduction sees its input as (outer, K, inner), C-contiguous, and reduces the
+// K axis: the last axis is inner == 1, the whole tensor is outer == inner == 1, the
+// leading axes (a bias gradient, sum_to_shape) are outer == 1.
+//
+// Kernels
+//   sum_last_axis        out[r] = scale * sum_k x[r, k]          x (rows, K); one threadgroup per row
+//   max_last_axis        values[r], indices[r] = max, argmax_k x[r, k]   (first maximum on ties)
+//   sum_all_partials     partials[g] = sum of the elements threadgroup g visits   (pass 1 of 2)
+//                        -> pass 2 is sum_last_axis over the (1, G) partials
+//   max_all_partials     (value, flat index) of the maximum threadgroup g visits  (pass 1 of 2)
+//   max_all_final        one threadgroup reduces the G partial (value, index) pairs (pass 2)
+//   sum_axis_strided     out[o, j] = sum_k x[o, k, j]             one thread per output
+//   max_axis_strided     values[o, j], indices[o, j] = max, argmax_k x[o, k, j]
+//   sum_backward_expand  dx[o, k, j] = grad[o, j]                 one thread per dx element
+//   max_backward         dx[o, k, j] = k == indices[o, j] ? grad[o, j] : 0
+//
+// The one optimisation of Stage 2 is the SIMD-group reduction. A threadgroup of T
+// threads (a multiple of 32) reduces a row in three steps:
+//   1. strided loads: thread t adds x[t], x[t + T], x[t + 2T], ... — at every step the
+//      32 lanes of a SIMD group read 32 neighbouring floats (coalesced);
+//   2. simd_sum / simd_max: the 32 lanes of each SIMD group combine their values in
+//      registers, with no threadgroup memory and no barrier;
+//   3. threadgroup combine: lane 0 of each SIMD group writes its result to threadgroup
+//      memory, one barrier, then every SIMD group reads the (at most 32) partials and
+//      combines them with one more simd_sum. A second barrier lets the caller reuse the
+//      threadgroup memory.
+// A classic tree reduction in threadgroup memory needs log2(T) barriers; this needs two.
+//
+// Ties in max: the first (smallest-index) maximum wins, like np.argmax and the CPU
+// reference (camel/backend_cpu.py). Every thread scans its indices in increasing order
+// keeping a strictly greater value, and every combine prefers the smaller index on
+// equal values. NaN is not handled (as in the CPU reference).
+//
+// Sizes: element counts and indices are 32-bit (fewer than 2^32 elements).
+//
+// Run:        camel/backend_mps.py: sum, max, sum_backward, max_backward, sum_to_shape.
+// Test:       python -m pytest -q tests/test_kernels_reduce.py
+// Benchmark:  python -m camel.bench reduce
+
+#include <metal_stdlib>
+using namespace metal;
+
+// "No index yet": larger than any real index, so a min over indices ignores it.
+constant uint NO_INDEX = 0xFFFFFFFFu;
+
+// Sum of `value` over every thread of the threadgroup; every thread returns the total.
+// partial: threadgroup memory of at least 32 floats (one per SIMD group).
+// The threadgroup size must be a multiple of 32 (all lanes of every SIMD group active).
+static inline float threadgroup_sum(float value, threadgroup float *partial, uint lane,
+                                    uint simd_group, uint num_simd_groups)
+{
+    value = simd_sum(value);  // step 2: within each SIMD group, in registers
+    if (lane == 0) {
+        partial[simd_group] = value;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // all partials written
+    float total = lane < num_simd_groups ? partial[lane] : 0.0f;
+    total = simd_sum(total);  // step 3: every SIMD group combines all partials
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // all partials read: safe to reuse
+    return total;
+}
+
+// Is (v, i) a better maximum than (best, best_index)? Larger value, or equal value at a
+// smaller index (the first maximum wins).
+static inline bool better_max(float v, uint i, float best, uint best_index)
+{
+    return v > best || (v == best && i < best_index);
+}
+
+// Maximum and its index over every thread of the threadgroup; every thread gets both.
+// A thread that saw no element passes (-INFINITY, NO_INDEX).
+static inline void threadgroup_argmax(thread float &value, thread uint &index,
+                                      threadgroup float *partial_value,
+                                      threadgroup uint *partial_index, uint lane,
+                                      uint simd_group, uint num_simd_groups)
+{
+    float m = simd_max(value);
+    uint i = simd_min(value == m ? index : NO_INDEX);  // first lane index holding the max
+    if (lane == 0) {
+        partial_value[simd_group] = m;
+        partial_index[simd_group] = i;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float v = lane < num_simd_groups ? partial_value[lane] : -INFINITY;
+    uint vi = lane < num_simd_groups ? partial_index[lane] : NO_INDEX;
+    m = simd_max(v);
+    i = simd_min(v == m ? vi : NO_INDEX);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    value = m;
+    index = i;
+}
+
+// ---------------------------------------------------------------------------
+// over the last axis: one threadgroup per row
+// ---------------------------------------------------------------------------
+
+// x is (rows, K), out is (rows,). Threadgroup r reduces row r; thread t of T adds
+// x[r, t], x[r, t + T], ... and the threadgroup combines the T sums.
+// scale multiplies the result (1 for sum, 1/K for a mean).
+kernel void sum_last_axis(device const float *x [[buffer(0)]],
+                          device float *out [[buffer(1)]],
+                          constant uint &K [[buffer(2)]],
+                          constant float &scale [[buffer(3)]],
+                          uint row [[threadgroup_position_in_grid]],
+                          uint t [[thread_position_in_threadgroup]],
+                          uint T [[threads_per_threadgroup]],
+                          uint lane [[thread_index_in_simdgroup]],
+                          uint simd_group [[simdgroup_index_in_threadgroup]],
+                          uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    device const float *xr = x + row * K;
+    float acc = 0.0f;
+    for (uint k = t; k < K; k += T) {
+        acc += xr[k];
+    }
+    float total = threadgroup_sum(acc, partial, lane, simd_group, num_simd_groups);
+    if (t == 0) {
+        out[row] = scale * total;
+    }
+}
+
+// x is (rows, K); values and indices are (rows,). Threadgroup r finds the maximum of
+// row r and its position k (the first one on ties).
+kernel void max_last_axis(device const float *x [[buffer(0)]],
+                          device float *values [[buffer(1)]],
+                          device int *indices [[buffer(2)]],
+                          constant uint &K [[buffer(3)]],
+                          uint row [[threadgroup_position_in_grid]],
+                          uint t [[thread_position_in_threadgroup]],
+                          uint T [[threads_per_threadgroup]],
+                          uint lane [[thread_index_in_simdgroup]],
+                          uint simd_group [[simdgroup_index_in_threadgroup]],
+                          uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial_value[32];
+    threadgroup uint partial_index[32];
+    device const float *xr = x + row * K;
+    float best = -INFINITY;
+    uint best_index = NO_INDEX;
+    for (uint k = t; k < K; k += T) {
+        if (better_max(xr[k], k, best, best_index)) {
+            best = xr[k];
+            best_index = k;
+        }
+    }
+    threadgroup_argmax(best, best_index, partial_value, partial_index, lane, simd_group,
+                       num_simd_groups);
+    if (t == 0) {
+        values[row] = best;
+        indices[row] = int(best_index);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// over the whole tensor: two passes
+// ---------------------------------------------------------------------------
+
+// Pass 1. x has n elements; the grid has G threadgroups of T threads. Thread t of group g
+// visits i = g*T + t, then i + G*T, ... (a grid-stride loop: each step of the whole grid
+// reads G*T neighbouring floats), and group g writes the sum of what its threads saw to
+// partials[g]. Pass 2 is sum_last_axis over partials as one row of G.
+kernel void sum_all_partials(device const float *x [[buffer(0)]],
+                             device float *partials [[buffer(1)]],
+                             constant uint &n [[buffer(2)]],
+                             uint g [[threadgroup_position_in_grid]],
+                             uint G [[threadgroups_per_grid]],
+                             uint t [[thread_position_in_threadgroup]],
+                             uint T [[threads_per_threadgroup]],
+                             uint lane [[thread_index_in_simdgroup]],
+                             uint simd_group [[simdgroup_index_in_threadgroup]],
+                             uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    float acc = 0.0f;
+    for (uint i = g * T + t; i < n; i += G * T) {
+        acc += x[i];
+    }
+    float total = threadgroup_sum(acc, partial, lane, simd_group, num_simd_groups);
+    if (t == 0) {
+        partials[g] = total;
+    }
+}
+
+// Pass 1 of the whole-tensor max: like sum_all_partials, but each group writes the
+// maximum it saw and its flat index in x.
+kernel void max_all_partials(device const float *x [[buffer(0)]],
+                             device float *partial_values [[buffer(1)]],
+                             device uint *partial_indices [[buffer(2)]],
+                             constant uint &n [[buffer(3)]],
+                             uint g [[threadgroup_position_in_grid]],
+                             uint G [[threadgroups_per_grid]],
+                             uint t [[thread_position_in_threadgroup]],
+                             uint T [[threads_per_threadgroup]],
+                             uint lane [[thread_index_in_simdgroup]],
+                             uint simd_group [[simdgroup_index_in_threadgroup]],
+                             uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial_value[32];
+    threadgroup uint partial_index[32];
+    float best = -INFINITY;
+    uint best_index = NO_INDEX;
+    for (uint i = g * T + t; i < n; i += G * T) {
+        if (better_max(x[i], i, best, best_index)) {
+            best = x[i];
+            best_index = i;
+        }
+    }
+    threadgroup_argmax(best, best_index, partial_value, partial_index, lane, simd_group,
+                       num_simd_groups);
+    if (t == 0) {
+        partial_values[g] = best;
+        partial_indices[g] = best_index;
+    }
+}
+
+// Pass 2 of the whole-tensor max: one threadgroup reduces the G pairs
+// (partial_values[g], partial_indices[g]) to value[0] and index[0] (a flat index of x).
+kernel void max_all_final(device const float *partial_values [[buffer(0)]],
+                          device const uint *partial_indices [[buffer(1)]],
+                          device float *value [[buffer(2)]],
+                          device int *index [[buffer(3)]],
+                          constant uint &G [[buffer(4)]],
+                          uint t [[thread_position_in_threadgroup]],
+                          uint T [[threads_per_threadgroup]],
+                          uint lane [[thread_index_in_simdgroup]],
+                          uint simd_group [[simdgroup_index_in_threadgroup]],
+                          uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial_value[32];
+    threadgroup uint partial_index[32];
+    float best = -INFINITY;
+    uint best_index = NO_INDEX;
+    for (uint g = t; g < G; g += T) {
+        if (better_max(partial_values[g], partial_indices[g], best, best_index)) {
+            best = partial_values[g];
+            best_index = partial_indices[g];
+        }
+    }
+    threadgroup_argmax(best, best_index, partial_value, partial_index, lane, simd_group,
+                       num_simd_groups);
+    if (t == 0) {
+        value[0] = best;
+        index[0] = int(best_index);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// over a leading or middle axis: one thread per output element
+// ---------------------------------------------------------------------------
+
+// x is (outer, K, inner), out is (outer, inner). One thread computes out[o, j] by walking
+// down column j: x[o, 0, j], x[o, 1, j], ... Neighbouring threads take neighbouring j, so
+// each step of the loop reads neighbouring floats (coalesced). This is the bias gradient
+// (outer == 1: sum a (B, C) gradient over B) and sum_to_shape. Grid: outer * inner threads.
+kernel void sum_axis_strided(device const float *x [[buffer(0)]],
+                             device float *out [[buffer(1)]],
+                             constant uint &K [[buffer(2)]],
+                             constant uint &inner [[buffer(3)]],
+                             constant uint &n_out [[buffer(4)]],
+                             uint i [[thread_position_in_grid]])
+{
+    if (i >= n_out) {
+        return;
+    }
+    uint o = i / inner;
+    uint j = i % inner;
+    device const float *column = x + o * K * inner + j;
+    float acc = 0.0f;
+    for (uint k = 0; k < K; ++k) {
+        acc += column[k * inner];
+    }
+    out[i] = acc;
+}
+
+// x is (outer, K, inner); values and indices are (outer, inner). One thread walks column
+// j of slab o and keeps the first maximum. Grid: outer * inner threads.
+kernel void max_axis_strided(device const float *x [[buffer(0)]],
+                             device float *values [[buffer(1)]],
+                             device int *indices [[buffer(2)]],
+                             constant uint &K [[buffer(3)]],
+                             constant uint &inner [[buffer(4)]],
+                             constant uint &n_out [[buffer(5)]],
+                             uint i [[thread_position_in_grid]])
+{
+    if (i >= n_out) {
+        return;
+    }
+    uint o = i / inner;
+    uint j = i % inner;
+    device const float *column = x + o * K * inner + j;
+    float best = column[0];
+    uint best_index = 0;
+    for (uint k = 1; k < K; ++k) {
+        float v = column[k * inner];
+        if (v > best) {  // strictly greater: the first maximum wins
+            best = v;
+            best_index = k;
+        }
+    }
+    values[i] = best;
+    indices[i] = int(best_index);
+}
+
+// ---------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------
+
+// Gradient of sum over K: dx (outer, K, inner), grad (outer, inner). One thread writes
+// dx[i] = grad[o, j] for its i = (o, k, j). Grid: n = outer * K * inner threads.
+kernel void sum_backward_expand(device const float *grad [[buffer(0)]],
+                                device float *dx [[buffer(1)]],
+                                constant uint &K [[buffer(2)]],
+                                constant uint &inner [[buffer(3)]],
+                                constant uint &n [[buffer(4)]],
+                                uint i [[thread_position_in_grid]])
+{
+    if (i < n) {
+        uint o = i / (K * inner);
+        uint j = i % inner;
+        dx[i] = grad[o * inner + j];
+    }
+}
+
+// Gradient of max over K: the gradient goes to the argmax, zero elsewhere.
+// dx (outer, K, inner); grad and indices (outer, inner). One thread writes dx[i] for its
+// i = (o, k, j): a gather, so no thread races another and dx needs no zero fill first.
+kernel void max_backward(device const float *grad [[buffer(0)]],
+                         device const int *indices [[buffer(1)]],
+                         device float *dx [[buffer(2)]],
+                         constant uint &K [[buffer(3)]],
+                         constant uint &inner [[buffer(4)]],
+                         constant uint &n [[buffer(5)]],
+                         uint i [[thread_position_in_grid]])
+{
+    if (i < n) {
+        uint o = i / (K * inner);
+        uint k = (i / inner) % K;
+        uint j = i % inner;
+        uint src = o * inner + j;
+        dx[i] = uint(indices[src]) == k ? grad[src] : 0.0f;
+    }
+}
