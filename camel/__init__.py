@@ -1,0 +1,67 @@
+"""camel (FlamingCamel): a minimal, PyTorch-like deep-learning library for learning
+Metal GPU programming on Apple Silicon.
+
+    import camel
+    x = camel.randn(4, 3, requires_grad=True)
+    loss = (x @ camel.ones(3, 2)).relu().sum()
+    loss.backward()          # x.grad is a (4, 3) Tensor
+
+Read in this order: tensor.py (the Tensor), autograd.py (the tape),
+functional.py (every op, forward and backward side by side), backend_cpu.py
+(the narrow waist every backend implements).
+"""
+
+from camel import functional
+from camel.autograd import is_grad_enabled, no_grad
+from camel.gradcheck import GradcheckError, gradcheck
+from camel.tensor import (
+    Tensor,
+    arange,
+    get_rng,
+    manual_seed,
+    ones,
+    rand,
+    randn,
+    tensor,
+    zeros,
+)
+
+# TODO(lead): nn, optim, metal and profiler are written in parallel with this file;
+# the try/except only keeps `import camel` working until they land. Remove it then.
+try:
+    from camel import nn
+except ImportError:  # pragma: no cover
+    nn = None
+try:
+    from camel import optim
+except ImportError:  # pragma: no cover
+    optim = None
+try:
+    from camel import metal
+except ImportError:  # pragma: no cover
+    metal = None
+try:
+    from camel.profiler import profile
+except ImportError:  # pragma: no cover
+    profile = None
+
+__all__ = [
+    "GradcheckError",
+    "Tensor",
+    "arange",
+    "functional",
+    "get_rng",
+    "gradcheck",
+    "is_grad_enabled",
+    "manual_seed",
+    "metal",
+    "nn",
+    "no_grad",
+    "ones",
+    "optim",
+    "profile",
+    "rand",
+    "randn",
+    "tensor",
+    "zeros",
+]

@@ -1,0 +1,744 @@
+"""camel.functional: every differentiable op, forward and backward side by side.
+
+Each op is a `Function` (camel/autograd.py) whose forward and backward call the
+backend of the tensors' device (`ctx.backend`: camel.backend_cpu or
+camel.backend_mps), so the same code runs in NumPy and as Metal kernels. The
+public functions below (F.add, F.matmul, ...) check their arguments once, for
+both backends, and raise errors that name the op and the offending shapes,
+dtypes, devices or values; then they call `SomeOp.apply(...)`.
+
+Broadcasting is the minimal "trailing suffix" rule: in add and mul, one
+operand's shape must end the other's ((B, T, C) + (C,), (B, T, C) + (T, C));
+the smaller operand's gradient is summed back to its shape.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from camel.autograd import Function
+from camel.tensor import Tensor, device_of, get_backend
+
+# ---------------------------------------------------------------------------
+# argument checks shared by the ops
+# ---------------------------------------------------------------------------
+
+
+def _check_tensor(op, x, what="input"):
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"[{op}] {what} must be a camel Tensor, got {type(x).__name__}: "
+            "wrap it with camel.tensor(...)"
+        )
+
+
+def _check_float(op, x, what="input"):
+    _check_tensor(op, x, what)
+    if x.dtype != np.float32:
+        raise TypeError(
+            f"[{op}] {what} must be float32, got {x.dtype} (shape {x.shape}); "
+            "integer tensors hold indices, not data"
+        )
+
+
+def _check_int(op, x, what):
+    _check_tensor(op, x, what)
+    if x.dtype != np.int32:
+        raise TypeError(
+            f"[{op}] {what} must be int32 indices, got {x.dtype} (shape {x.shape}); "
+            "make them with camel.tensor(list_of_ints) or camel.arange"
+        )
+
+
+def _check_same_device(op, *tensors):
+    for t in tensors[1:]:
+        if t.device != tensors[0].device:
+            raise RuntimeError(
+                f"[{op}] tensors on different devices: {tensors[0].device} and {t.device}; "
+                "move them with .to(device) first"
+            )
+
+
+def _check_index_range(op, idx, n, what):
+    # Reads the indices on the host: on "mps" this synchronises, which is cheap
+    # because indices usually were just copied from the host.
+    values = idx.numpy()
+    if values.size == 0:
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        pos = int(np.argmax(values.reshape(-1) == bad))
+        raise IndexError(
+            f"[{op}] {what} {bad} at flat position {pos} is out of range for {n} "
+            f"(valid: 0..{n - 1})"
+        )
+
+
+def _normalize_axis(op, axis, ndim, shape):
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"[{op}] axis must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"[{op}] axis {axis} does not exist for a tensor of shape {shape} (ndim {ndim})"
+        )
+    return int(axis) % ndim
+
+
+def _is_number(x):
+    return isinstance(x, numbers.Number) and not isinstance(x, bool)
+
+
+def _is_suffix(small, big):
+    """True when shape `small` is a trailing suffix of shape `big`."""
+    return len(small) <= len(big) and tuple(big[len(big) - len(small) :]) == tuple(small)
+
+
+def _broadcast_order(op, a, b):
+    """(big, small) for the trailing-suffix rule, or a teaching error."""
+    if _is_suffix(b.shape, a.shape):
+        return a, b
+    if _is_suffix(a.shape, b.shape):
+        return b, a
+    raise ValueError(
+        f"[{op}] cannot broadcast shapes {a.shape} and {b.shape}: only a trailing suffix "
+        "is supported (one shape must end with the other, e.g. (B, T, C) and (C,) or (T, C))"
+    )
+
+
+# ---------------------------------------------------------------------------
+# elementwise: add, mul, neg, scalars
+# ---------------------------------------------------------------------------
+
+
+class Add(Function):
+    name = "add"
+
+    @staticmethod
+    def forward(ctx, a, b):  # a (...), b a trailing suffix of a.shape
+        ctx.b_shape = b.shape
+        return ctx.backend.add(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        db = grad if grad.shape == ctx.b_shape else ctx.backend.sum_to_shape(grad, ctx.b_shape)
+        return grad, db
+
+
+class Mul(Function):
+    name = "mul"
+
+    @staticmethod
+    def forward(ctx, a, b):  # a (...), b a trailing suffix of a.shape
+        ctx.save_for_backward(a, b)
+        return ctx.backend.mul(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        be = ctx.backend
+        da = be.mul(grad, b)
+        db = be.mul(grad, a)  # grad and a have the same shape: no broadcast here
+        if db.shape != b.shape:
+            db = be.sum_to_shape(db, b.shape)
+        return da, db
+
+
+class AddScalar(Function):
+    name = "add"
+
+    @staticmethod
+    def forward(ctx, a, s):
+        return ctx.backend.add_scalar(a, s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class MulScalar(Function):
+    name = "mul"
+
+    @staticmethod
+    def forward(ctx, a, s):
+        ctx.s = s
+        return ctx.backend.mul_scalar(a, s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.backend.mul_scalar(grad, ctx.s)
+
+
+class Neg(Function):
+    name = "neg"
+
+    @staticmethod
+    def forward(ctx, a):
+        return ctx.backend.neg(a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.backend.neg(grad)
+
+
+def add(a, b):
+    """a + b. b may be a Python number, or a tensor whose shape is a trailing suffix of
+    a's (or the other way round)."""
+    _check_float("add", a, "a")
+    if _is_number(b):
+        return AddScalar.apply(a, float(b))
+    _check_float("add", b, "b")
+    _check_same_device("add", a, b)
+    return Add.apply(*_broadcast_order("add", a, b))
+
+
+def mul(a, b):
+    """a * b elementwise, with the same broadcasting as add; b may be a Python number."""
+    _check_float("mul", a, "a")
+    if _is_number(b):
+        return MulScalar.apply(a, float(b))
+    _check_float("mul", b, "b")
+    _check_same_device("mul", a, b)
+    return Mul.apply(*_broadcast_order("mul", a, b))
+
+
+def neg(a):
+    """-a."""
+    _check_float("neg", a)
+    return Neg.apply(a)
+
+
+# ---------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------
+
+
+class ReLU(Function):
+    name = "relu"
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return ctx.backend.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ctx.backend.relu_backward(x, grad)
+
+
+class GELU(Function):
+    name = "gelu"
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return ctx.backend.gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ctx.backend.gelu_backward(x, grad)
+
+
+def relu(x):
+    """max(x, 0) elementwise."""
+    _check_float("relu", x)
+    return ReLU.apply(x)
+
+
+def gelu(x):
+    """GELU with the tanh approximation (PyTorch's gelu(x, approximate="tanh"))."""
+    _check_float("gelu", x)
+    return GELU.apply(x)
+
+
+# ---------------------------------------------------------------------------
+# reductions: sum, mean, max
+# ---------------------------------------------------------------------------
+
+
+class Sum(Function):
+    name = "sum"
+
+    @staticmethod
+    def forward(ctx, x, axis, keepdims):  # axis: int >= 0 or None
+        ctx.in_shape, ctx.axis, ctx.keepdims = x.shape, axis, keepdims
+        return ctx.backend.sum(x, axis, keepdims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        be = ctx.backend
+        if ctx.axis is not None and not ctx.keepdims:  # put the reduced axis back as size 1
+            keep = tuple(1 if i == ctx.axis else n for i, n in enumerate(ctx.in_shape))
+            grad = be.reshape(grad, keep)
+        return be.sum_backward(grad, ctx.in_shape, ctx.axis)
+
+
+class Max(Function):
+    name = "max"
+
+    @staticmethod
+    def forward(ctx, x, axis, keepdims):  # axis: int >= 0 or None
+        values, indices = ctx.backend.max(x, axis, keepdims)
+        ctx.save_for_backward(indices)
+        ctx.in_shape, ctx.axis = x.shape, axis
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return ctx.backend.max_backward(grad, indices, ctx.in_shape, ctx.axis)
+
+
+def _axes(op, x, axis):
+    """None -> None; an int or a tuple of ints -> sorted tuple of axes >= 0."""
+    if axis is None:
+        return None
+    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    axes = sorted({_normalize_axis(op, a, x.ndim, x.shape) for a in axes})
+    if len(axes) != len(axis if isinstance(axis, (tuple, list)) else (axis,)):
+        raise ValueError(f"[{op}] repeated axis in {axis}")
+    return tuple(axes)
+
+
+def sum(x, axis=None, keepdims=False):
+    """Sum over all elements (axis None), one axis or a tuple of axes."""
+    _check_float("sum", x)
+    axes = _axes("sum", x, axis)
+    if axes is None or len(axes) == x.ndim:
+        return Sum.apply(x, None, keepdims)
+    for a in reversed(axes):  # highest axis first, so the lower ones keep their index
+        x = Sum.apply(x, a, keepdims)
+    return x
+
+
+def mean(x, axis=None, keepdims=False):
+    """sum(x, axis) / (number of elements reduced)."""
+    _check_float("mean", x)
+    axes = _axes("mean", x, axis)
+    count = 1
+    for a in range(x.ndim) if axes is None else axes:
+        count *= x.shape[a]
+    return MulScalar.apply(sum(x, axes, keepdims), 1.0 / count)
+
+
+def max(x, axis=None, keepdims=False):
+    """Maximum over all elements (axis None) or one axis. Returns the values only.
+    The gradient flows to the first maximum when several are equal."""
+    _check_float("max", x)
+    if axis is not None:
+        axis = _normalize_axis("max", axis, x.ndim, x.shape)
+    if x.numel() == 0:
+        raise ValueError(f"[max] of an empty tensor (shape {x.shape})")
+    return Max.apply(x, axis, keepdims)
+
+
+# ---------------------------------------------------------------------------
+# softmax family and the loss
+# ---------------------------------------------------------------------------
+
+
+class Softmax(Function):
+    name = "softmax"
+
+    @staticmethod
+    def forward(ctx, x, causal=False):  # over the last axis; causal: x is (..., T, S)
+        y = ctx.backend.softmax(x, causal)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return ctx.backend.softmax_backward(y, grad)
+
+
+class LogSoftmax(Function):
+    name = "log_softmax"
+
+    @staticmethod
+    def forward(ctx, x):  # over the last axis
+        y = ctx.backend.log_softmax(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return ctx.backend.log_softmax_backward(y, grad)
+
+
+class CrossEntropy(Function):
+    name = "cross_entropy"
+
+    @staticmethod
+    def forward(ctx, logits, targets):  # logits (N, C) float32, targets (N,) int32
+        loss, probs = ctx.backend.cross_entropy(logits, targets)
+        ctx.save_for_backward(probs, targets)
+        return loss  # shape ()
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, targets = ctx.saved_tensors
+        return ctx.backend.cross_entropy_backward(probs, targets, grad), None
+
+
+def _last_axis_op(op, fn, x, axis):
+    # The backends work over the last axis; another axis is moved there and back.
+    axis = _normalize_axis(op, axis, x.ndim, x.shape) if x.ndim else 0
+    if x.ndim == 0:
+        raise ValueError(f"[{op}] needs at least one dimension, got a 0-d tensor")
+    if axis == x.ndim - 1:
+        return fn(x)
+    return transpose(fn(transpose(x, axis, -1)), axis, -1)
+
+
+def softmax(x, axis=-1):
+    """exp(x) / sum(exp(x)) along axis, computed stably (the max is subtracted first)."""
+    _check_float("softmax", x)
+    return _last_axis_op("softmax", Softmax.apply, x, axis)
+
+
+def log_softmax(x, axis=-1):
+    """x - logsumexp(x) along axis, computed stably."""
+    _check_float("log_softmax", x)
+    return _last_axis_op("log_softmax", LogSoftmax.apply, x, axis)
+
+
+def cross_entropy(logits, targets):
+    """Mean over N of -log softmax(logits)[n, targets[n]].
+    logits (N, C) float32, targets (N,) int32 class indices in [0, C). Returns shape ()."""
+    _check_float("cross_entropy", logits, "logits")
+    _check_int("cross_entropy", targets, "targets")
+    _check_same_device("cross_entropy", logits, targets)
+    if logits.ndim != 2 or targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"[cross_entropy] expects logits (N, C) and targets (N,), got shapes "
+            f"{logits.shape} and {targets.shape}"
+        )
+    if logits.shape[0] == 0:
+        raise ValueError("[cross_entropy] the mean over N = 0 rows is undefined")
+    n_classes = logits.shape[1]
+    _check_index_range("cross_entropy", targets, n_classes, f"target (C = {n_classes} classes)")
+    return CrossEntropy.apply(logits, targets)
+
+
+# ---------------------------------------------------------------------------
+# matmul
+# ---------------------------------------------------------------------------
+
+
+class MatMul(Function):
+    """out = op(a) @ op(b) where op swaps the last two axes when transpose_a / transpose_b.
+    Shapes: 2-D @ 2-D, batched (..., M, K) @ (..., K, N) with equal batch dims, and
+    (..., M, K) @ (K, N) (a shared right operand; then no transposes)."""
+
+    name = "matmul"
+
+    @staticmethod
+    def forward(ctx, a, b, transpose_a=False, transpose_b=False):
+        ctx.save_for_backward(a, b)
+        ctx.ta, ctx.tb = transpose_a, transpose_b
+        return ctx.backend.matmul(a, b, transpose_a, transpose_b)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., M, N)
+        a, b = ctx.saved_tensors
+        be, ta, tb = ctx.backend, ctx.ta, ctx.tb
+        if b.ndim == 2 and a.ndim > 2:  # shared B: its gradient sums over the batch
+            k, n = a.shape[-1], grad.shape[-1]
+            da = be.matmul(grad, b, False, True)  # (..., M, N) @ (N, K)
+            db = be.matmul(be.reshape(a, (-1, k)), be.reshape(grad, (-1, n)), True, False)
+            return da, db
+        # C = A @ B gives dA = G @ B^T and dB = A^T @ G; with a stored transposed
+        # operand the same products appear transposed (read off C^T = B^T A^T).
+        if not ta and not tb:
+            return be.matmul(grad, b, False, True), be.matmul(a, grad, True, False)
+        if not ta and tb:  # C = A @ B^T, b stored (N, K)
+            return be.matmul(grad, b, False, False), be.matmul(grad, a, True, False)
+        if ta and not tb:  # C = A^T @ B, a stored (K, M)
+            return be.matmul(b, grad, False, True), be.matmul(a, grad, False, False)
+        # C = A^T @ B^T
+        return be.matmul(b, grad, True, True), be.matmul(grad, a, True, True)
+
+
+def _matmul_checked(a, b, transpose_a=False, transpose_b=False):
+    for name, t in (("a", a), ("b", b)):
+        _check_float("matmul", t, name)
+        if t.ndim < 2:
+            raise ValueError(
+                f"[matmul] expects tensors with at least 2 dims, got shapes {a.shape} and "
+                f"{b.shape} ({name} is {t.ndim}-D; reshape a vector to (1, n) or (n, 1))"
+            )
+    _check_same_device("matmul", a, b)
+    a_mk = a.shape[:-2] + ((a.shape[-1], a.shape[-2]) if transpose_a else a.shape[-2:])
+    b_kn = b.shape[:-2] + ((b.shape[-1], b.shape[-2]) if transpose_b else b.shape[-2:])
+    if a_mk[-1] != b_kn[-2]:
+        raise ValueError(
+            f"[matmul] shapes {a_mk} and {b_kn} do not align: {a_mk[-1]} != {b_kn[-2]}"
+        )
+    shared_b = b.ndim == 2 and a.ndim > 2
+    if shared_b and (transpose_a or transpose_b):
+        raise ValueError("[matmul] transposed operands need equal batch dims")
+    if not shared_b and a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(
+            f"[matmul] batch dims {a.shape[:-2]} and {b.shape[:-2]} differ (shapes {a.shape} "
+            f"and {b.shape}): camel supports equal batch dims or a 2-D right operand"
+        )
+    return MatMul.apply(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def matmul(a, b):
+    """a @ b: (M, K) @ (K, N), batched (..., M, K) @ (..., K, N) with equal batch dims
+    (3-D, 4-D), or (..., M, K) @ (K, N)."""
+    return _matmul_checked(a, b)
+
+
+# ---------------------------------------------------------------------------
+# layer norm and embedding
+# ---------------------------------------------------------------------------
+
+
+class LayerNorm(Function):
+    name = "layer_norm"
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):  # x (..., D), weight (D,), bias (D,)
+        out, mean, rstd = ctx.backend.layer_norm(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        return ctx.backend.layer_norm_backward(grad, x, weight, mean, rstd)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance).
+    x (..., D), weight (D,), bias (D,)."""
+    _check_float("layer_norm", x, "x")
+    _check_float("layer_norm", weight, "weight")
+    _check_float("layer_norm", bias, "bias")
+    _check_same_device("layer_norm", x, weight, bias)
+    if x.ndim < 1 or weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+        raise ValueError(
+            f"[layer_norm] expects x (..., D) with weight (D,) and bias (D,), got shapes "
+            f"{x.shape}, {weight.shape} and {bias.shape}"
+        )
+    if not eps > 0:
+        raise ValueError(f"[layer_norm] eps must be positive, got {eps}")
+    return LayerNorm.apply(x, weight, bias, float(eps))
+
+
+class Embedding(Function):
+    name = "embedding"
+
+    @staticmethod
+    def forward(ctx, idx, weight):  # idx int32 (...), weight (V, D) -> (..., D)
+        ctx.save_for_backward(idx)
+        ctx.num_embeddings = weight.shape[0]
+        return ctx.backend.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return None, ctx.backend.embedding_backward(grad, idx, ctx.num_embeddings)
+
+
+def embedding(idx, weight):
+    """Rows of weight (V, D) picked by int32 indices idx (...) -> (..., D)."""
+    _check_int("embedding", idx, "indices")
+    _check_float("embedding", weight, "weight")
+    _check_same_device("embedding", idx, weight)
+    if weight.ndim != 2:
+        raise ValueError(f"[embedding] weight must be (V, D), got shape {weight.shape}")
+    _check_index_range("embedding", idx, weight.shape[0], f"index (V = {weight.shape[0]} rows)")
+    return Embedding.apply(idx, weight)
+
+
+# ---------------------------------------------------------------------------
+# attention (the naive path: four ops, each with its own backward)
+# ---------------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(q, k, v, causal=False):
+    """softmax(q @ k^T / sqrt(D) [+ causal mask]) @ v.
+    q (B, H, T, D), k (B, H, S, D), v (B, H, S, Dv) -> (B, H, T, Dv).
+    causal: query t sees keys s <= t (top-left aligned, like PyTorch's is_causal)."""
+    op = "scaled_dot_product_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(op, t, name)
+    _check_same_device(op, q, k, v)
+    ok = (
+        q.ndim == k.ndim == v.ndim
+        and q.ndim >= 2
+        and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+        and q.shape[-1] == k.shape[-1]
+        and k.shape[-2] == v.shape[-2]
+    )
+    if not ok:
+        raise ValueError(
+            f"[{op}] expects q (B, H, T, D), k (B, H, S, D), v (B, H, S, Dv), got shapes "
+            f"{q.shape}, {k.shape} and {v.shape}"
+        )
+    scores = MatMul.apply(q, k, transpose_b=True)  # (B, H, T, S)
+    scores = MulScalar.apply(scores, 1.0 / math.sqrt(q.shape[-1]))
+    att = Softmax.apply(scores, causal)  # (B, H, T, S), each row sums to 1
+    return MatMul.apply(att, v)  # (B, H, T, Dv)
+
+
+# ---------------------------------------------------------------------------
+# layout: reshape, permute / transpose, slicing, device transfer
+# ---------------------------------------------------------------------------
+
+
+class Reshape(Function):
+    name = "reshape"
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        ctx.in_shape = x.shape
+        return ctx.backend.reshape(x, shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.backend.reshape(grad, ctx.in_shape)
+
+
+class Permute(Function):
+    name = "permute"
+
+    @staticmethod
+    def forward(ctx, x, dims):
+        ctx.dims = dims
+        return ctx.backend.permute(x, dims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse = tuple(np.argsort(ctx.dims).tolist())  # undo the permutation
+        return ctx.backend.permute(grad, inverse)
+
+
+class GetItem(Function):
+    name = "getitem"
+
+    @staticmethod
+    def forward(ctx, x, starts, steps, counts, out_shape):
+        ctx.in_shape, ctx.starts, ctx.steps, ctx.counts = x.shape, starts, steps, counts
+        out = ctx.backend.slice(x, starts, steps, counts)  # (counts...)
+        return out if out_shape == counts else ctx.backend.reshape(out, out_shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        be = ctx.backend
+        grad = be.reshape(grad, ctx.counts)  # put integer-indexed axes back as size 1
+        return be.slice_backward(grad, ctx.in_shape, ctx.starts, ctx.steps)
+
+
+class ToDevice(Function):
+    name = "to"
+
+    @staticmethod
+    def forward(ctx, x, device):
+        return get_backend(device).from_numpy(ctx.backend.to_numpy(x))
+
+    @staticmethod
+    def backward(ctx, grad):  # grad lives on the target device: bring it back
+        return ctx.backend.from_numpy(get_backend(device_of(grad)).to_numpy(grad))
+
+
+def reshape(x, shape):
+    """x with a new shape of the same size; one entry may be -1 (inferred)."""
+    _check_tensor("reshape", x)
+    shape = tuple(int(n) for n in shape)
+    size = x.numel()
+    known = 1
+    for n in shape:
+        known *= n if n != -1 else 1
+    bad = shape.count(-1) > 1 or any(n < -1 for n in shape)
+    if not bad and -1 in shape:
+        bad = known == 0 or size % known != 0
+        if not bad:
+            shape = tuple(size // known if n == -1 else n for n in shape)
+    if bad or math.prod(shape) != size:
+        raise ValueError(f"[reshape] cannot reshape {x.shape} ({size} elements) into {shape}")
+    if shape == x.shape:
+        return x
+    return Reshape.apply(x, shape)
+
+
+def permute(x, dims):
+    """Materialised permutation of the axes (a copy, not a view)."""
+    _check_tensor("permute", x)
+    dims = tuple(_normalize_axis("permute", d, x.ndim, x.shape) for d in dims)
+    if sorted(dims) != list(range(x.ndim)):
+        raise ValueError(f"[permute] {dims} is not a permutation of the axes of shape {x.shape}")
+    return Permute.apply(x, dims)
+
+
+def transpose(x, d0, d1):
+    """Swap axes d0 and d1 (materialised)."""
+    _check_tensor("transpose", x)
+    d0 = _normalize_axis("transpose", d0, x.ndim, x.shape)
+    d1 = _normalize_axis("transpose", d1, x.ndim, x.shape)
+    dims = list(range(x.ndim))
+    dims[d0], dims[d1] = dims[d1], dims[d0]
+    return Permute.apply(x, tuple(dims))
+
+
+def _normalize_key(shape, key):
+    """A basic index (ints, slices, one Ellipsis) -> per-axis (start, step, count) and
+    the output shape (integer-indexed axes dropped)."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    for k in key:
+        ok = k is Ellipsis or isinstance(k, slice) or isinstance(k, (int, np.integer))
+        if not ok or isinstance(k, bool):
+            raise TypeError(
+                f"[getitem] camel supports basic indexing only (ints, slices, ...), got "
+                f"{type(k).__name__}; to gather rows by index tensor use F.embedding"
+            )
+    if key.count(Ellipsis) > 1:
+        raise IndexError("[getitem] an index can only have a single Ellipsis (...)")
+    n_index = len(key) - key.count(Ellipsis)
+    if n_index > len(shape):
+        raise IndexError(f"[getitem] too many indices ({n_index}) for a tensor of shape {shape}")
+    fill = (slice(None),) * (len(shape) - n_index)
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key = key[:i] + fill + key[i + 1 :]
+    else:
+        key = key + fill
+    starts, steps, counts, out_shape = [], [], [], []
+    for axis, (k, n) in enumerate(zip(key, shape, strict=True)):
+        if isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            count = len(range(start, stop, step))
+            out_shape.append(count)
+        else:
+            if not -n <= k < n:
+                raise IndexError(
+                    f"[getitem] index {k} is out of range for axis {axis} of size {n} "
+                    f"(shape {shape})"
+                )
+            start, step, count = int(k) % n, 1, 1
+        starts.append(start)
+        steps.append(step)
+        counts.append(count)
+    return tuple(starts), tuple(steps), tuple(counts), tuple(out_shape)
+
+
+def getitem(x, key):
+    """x[key] for basic keys: ints, slices (any step), Ellipsis. Returns a copy."""
+    _check_tensor("getitem", x)
+    starts, steps, counts, out_shape = _normalize_key(x.shape, key)
+    return GetItem.apply(x, starts, steps, counts, out_shape)
+
+
+def to_device(x, device):
+    """x copied to device ("cpu" or "mps"); the gradient is copied back."""
+    _check_tensor("to", x)
+    return ToDevice.apply(x, device)

@@ -1,0 +1,398 @@
+"""camel.Tensor: an n-dimensional array on a device, with autograd.
+
+A Tensor wraps a *storage*: an `np.ndarray` on "cpu", a
+`camel.metal.DeviceArray` (a Metal buffer with a shape and a dtype) on "mps".
+It never computes anything itself: every op goes through camel/functional.py,
+which calls the backend module of the tensor's device, `camel.backend_cpu`
+or `camel.backend_mps` (same functions, same signatures).
+
+Dtypes: float32 for data, int32 for indices. Tensors are dense and
+C-contiguous; reshape, transpose and slicing return materialised results
+(no aliasing views), so every backend op sees plain contiguous memory.
+"""
+
+import importlib
+import numbers
+
+import numpy as np
+
+from camel import autograd
+
+DEVICES = ("cpu", "mps")
+_INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+
+# ---------------------------------------------------------------------------
+# devices and backends
+# ---------------------------------------------------------------------------
+
+
+def get_backend(device):
+    """The backend module of a device: camel.backend_cpu or camel.backend_mps."""
+    if device == "cpu":
+        from camel import backend_cpu
+
+        return backend_cpu
+    if device == "mps":
+        try:
+            return importlib.import_module("camel.backend_mps")
+        except ImportError as e:
+            raise RuntimeError(
+                f"[tensor] device 'mps' is not available: importing camel.backend_mps failed "
+                f"({e}). It needs camel/backend_mps.py and a built shim (see README)."
+            ) from e
+    raise ValueError(f"[tensor] unknown device {device!r}: camel knows {DEVICES}")
+
+
+def device_of(storage):
+    """'cpu' for an np.ndarray, 'mps' for a camel.metal.DeviceArray."""
+    return "cpu" if isinstance(storage, np.ndarray) else "mps"
+
+
+# ---------------------------------------------------------------------------
+# host data -> float32 / int32 arrays
+# ---------------------------------------------------------------------------
+
+
+def _as_array(data):
+    """Python scalars, (nested) lists and ndarrays -> a float32 or int32 ndarray.
+    Floats become float32; ints (and int64 arrays) become int32 after a range check;
+    bools become float32 (0. / 1.)."""
+    arr = np.asarray(data)
+    if arr.dtype == np.float32 or arr.dtype == np.int32:
+        return arr
+    if arr.dtype.kind == "f" or arr.dtype.kind == "b":
+        return arr.astype(np.float32)
+    if arr.dtype.kind in "iu":
+        if arr.size and (arr.min() < _INT32_MIN or arr.max() > _INT32_MAX):
+            bad = arr.max() if arr.max() > _INT32_MAX else arr.min()
+            raise ValueError(
+                f"[tensor] integer value {bad} does not fit in int32 "
+                f"[{_INT32_MIN}, {_INT32_MAX}]: camel stores indices as int32"
+            )
+        return arr.astype(np.int32)
+    raise TypeError(
+        f"[tensor] cannot make a tensor from dtype {arr.dtype} (from {type(data).__name__}): "
+        "camel supports float data (stored as float32) and integer indices (int32)"
+    )
+
+
+def _shape_arg(shape):
+    """zeros(2, 3) and zeros((2, 3)) both mean shape (2, 3)."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return tuple(int(n) for n in shape)
+
+
+# ---------------------------------------------------------------------------
+# Tensor
+# ---------------------------------------------------------------------------
+
+
+class Tensor:
+    """An array on a device ("cpu" or "mps") that can record how it was computed.
+
+    Tensor(data, requires_grad=False, device="cpu") copies `data` (a scalar, a
+    list, an ndarray). Tensor(other_tensor) shares other_tensor's storage
+    (like detach(); this is how nn.Parameter wraps a tensor).
+
+    Attributes: storage (np.ndarray or DeviceArray), device, requires_grad,
+    grad (a Tensor on the same device, or None), _ctx (the autograd node that
+    produced this tensor; None for leaves).
+    """
+
+    def __init__(self, data, requires_grad=False, device=None):
+        if isinstance(data, Tensor):
+            storage, dev = data.storage, data.device
+            if device is not None and device != dev:
+                storage = get_backend(device).from_numpy(data.numpy())
+                dev = device
+        else:
+            dev = "cpu" if device is None else device
+            storage = get_backend(dev).from_numpy(_as_array(data))
+        self._init(storage, dev, requires_grad, None)
+
+    def _init(self, storage, device, requires_grad, ctx):
+        if requires_grad and storage.dtype != np.float32:
+            raise TypeError(
+                f"[tensor] only float32 tensors can require gradients, got {storage.dtype}"
+            )
+        self.storage = storage
+        self.device = device
+        self.requires_grad = requires_grad
+        self.grad = None
+        self._ctx = ctx
+
+    @staticmethod
+    def _make(storage, device, requires_grad=False, ctx=None):
+        """Wrap an existing storage without copying (used by autograd and the backends)."""
+        t = Tensor.__new__(Tensor)
+        t._init(storage, device, requires_grad, ctx)
+        return t
+
+    # -- properties -------------------------------------------------------------
+
+    @property
+    def shape(self):
+        return tuple(self.storage.shape)
+
+    @property
+    def ndim(self):
+        return len(self.storage.shape)
+
+    @property
+    def dtype(self):
+        return np.dtype(self.storage.dtype)
+
+    @property
+    def backend(self):
+        return get_backend(self.device)
+
+    @property
+    def is_leaf(self):
+        return self._ctx is None
+
+    def numel(self):
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("[tensor] len() of a 0-d tensor")
+        return self.shape[0]
+
+    # -- host access ------------------------------------------------------------
+
+    def numpy(self):
+        """The data as an np.ndarray. On "cpu" this IS the storage (shared memory, like
+        PyTorch); on "mps" a zero-copy view of the Metal buffer after synchronising."""
+        return self.backend.to_numpy(self.storage)
+
+    def item(self):
+        if self.numel() != 1:
+            raise ValueError(
+                f"[item] only a one-element tensor converts to a Python number, "
+                f"got shape {self.shape}"
+            )
+        return self.numpy().reshape(-1)[0].item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def to(self, device):
+        """This tensor on `device` (self when it is already there). Differentiable."""
+        if device == self.device:
+            return self
+        get_backend(device)  # a clear error for unknown / unavailable devices
+        return F.to_device(self, device)
+
+    def detach(self):
+        """The same storage, cut from the graph (requires_grad=False)."""
+        return Tensor._make(self.storage, self.device)
+
+    def requires_grad_(self, flag=True):
+        """Set requires_grad in place (float32 only) and return self."""
+        if flag and self.dtype != np.float32:
+            raise TypeError(
+                f"[tensor] only float32 tensors can require gradients, got {self.dtype}"
+            )
+        self.requires_grad = flag
+        return self
+
+    def backward(self, grad=None):
+        """Compute d(self)/d(leaf) for every leaf with requires_grad and add it to leaf.grad.
+        grad defaults to 1 for a one-element tensor; pass it for anything else."""
+        if not self.requires_grad:
+            raise RuntimeError(
+                "[backward] this tensor does not require grad: no input of the computation "
+                "had requires_grad=True (or it ran under camel.no_grad())"
+            )
+        if grad is None:
+            if self.numel() != 1:
+                raise RuntimeError(
+                    f"[backward] grad can be created implicitly only for a one-element output, "
+                    f"got shape {self.shape}: call backward(grad) with a tensor of that shape"
+                )
+            g = self.backend.full(self.shape, 1.0, "float32")
+        else:
+            if not isinstance(grad, Tensor):
+                grad = Tensor(grad, device=self.device)
+            if grad.shape != self.shape or grad.device != self.device:
+                raise ValueError(
+                    f"[backward] grad has shape {grad.shape} on {grad.device}, expected "
+                    f"shape {self.shape} on {self.device}"
+                )
+            if grad.dtype != np.float32:
+                raise TypeError(f"[backward] grad must be float32, got {grad.dtype}")
+            g = grad.storage
+        autograd.backward(self, g)
+
+    def __repr__(self):
+        body = np.array2string(self.numpy(), separator=", ", precision=4, prefix="tensor(")
+        extra = f", device='{self.device}'" if self.device != "cpu" else ""
+        if self.dtype != np.float32:
+            extra += f", dtype={self.dtype}"
+        if self._ctx is not None:
+            extra += f", grad_fn=<{self._ctx.fn.name}>"
+        elif self.requires_grad:
+            extra += ", requires_grad=True"
+        return f"tensor({body}{extra})"
+
+    # -- shape ops --------------------------------------------------------------
+
+    def reshape(self, *shape):
+        return F.reshape(self, _shape_arg(shape))
+
+    def view(self, *shape):
+        """Same as reshape (camel has no views: the result never aliases for writes)."""
+        return self.reshape(*shape)
+
+    def transpose(self, d0, d1):
+        return F.transpose(self, d0, d1)
+
+    def permute(self, *dims):
+        return F.permute(self, _shape_arg(dims))
+
+    @property
+    def T(self):
+        if self.ndim != 2:
+            raise ValueError(
+                f"[T] expects a 2-D tensor, got shape {self.shape}: use transpose(d0, d1)"
+            )
+        return F.transpose(self, 0, 1)
+
+    def __getitem__(self, key):
+        return F.getitem(self, key)
+
+    # -- arithmetic -------------------------------------------------------------
+
+    def __add__(self, other):
+        return F.add(self, other)
+
+    def __radd__(self, other):
+        return F.add(self, other)
+
+    def __mul__(self, other):
+        return F.mul(self, other)
+
+    def __rmul__(self, other):
+        return F.mul(self, other)
+
+    def __neg__(self):
+        return F.neg(self)
+
+    def __sub__(self, other):
+        return F.add(self, -other)  # a - b = a + (-b)
+
+    def __rsub__(self, other):
+        return F.add(-self, other)  # s - a = (-a) + s
+
+    def __truediv__(self, other):
+        if isinstance(other, numbers.Number) and not isinstance(other, bool):
+            return F.mul(self, 1.0 / float(other))  # a / s = a * (1 / s)
+        raise TypeError(
+            f"[div] camel divides only by a Python number, got {type(other).__name__}: "
+            "there is no elementwise division op (multiply by a reciprocal instead)"
+        )
+
+    def __rtruediv__(self, other):
+        raise TypeError("[div] camel cannot divide by a tensor (only tensor / number)")
+
+    def __matmul__(self, other):
+        return F.matmul(self, other)
+
+    # -- reductions and activations -----------------------------------------------
+
+    def sum(self, axis=None, keepdims=False):
+        return F.sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return F.mean(self, axis, keepdims)
+
+    def max(self, axis=None, keepdims=False):
+        """Maximum values (not (values, indices) like torch.max(dim))."""
+        return F.max(self, axis, keepdims)
+
+    def relu(self):
+        return F.relu(self)
+
+    def gelu(self):
+        return F.gelu(self)
+
+    def softmax(self, axis=-1):
+        return F.softmax(self, axis)
+
+    def log_softmax(self, axis=-1):
+        return F.log_softmax(self, axis)
+
+
+# ---------------------------------------------------------------------------
+# creation
+# ---------------------------------------------------------------------------
+
+_rng = np.random.default_rng(0)
+
+
+def manual_seed(seed):
+    """Seed camel's one global random generator (randn, rand, nn initialisation)."""
+    global _rng
+    _rng = np.random.default_rng(seed)
+
+
+def get_rng():
+    """The global np.random.Generator that manual_seed resets."""
+    return _rng
+
+
+def tensor(data, requires_grad=False, device="cpu"):
+    """A new tensor holding a copy of `data` (scalar, nested list, ndarray or Tensor)."""
+    if isinstance(data, Tensor):
+        data = data.numpy()
+    return Tensor(data, requires_grad=requires_grad, device=device)
+
+
+def _new(arr, requires_grad, device):
+    return Tensor._make(get_backend(device).from_numpy(arr), device, requires_grad)
+
+
+def _check_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.int32):
+        raise TypeError(f"[tensor] camel supports dtypes float32 and int32, got {dtype}")
+    return dtype
+
+
+def zeros(*shape, requires_grad=False, device="cpu", dtype="float32"):
+    dtype = _check_dtype(dtype)
+    return Tensor._make(
+        get_backend(device).full(_shape_arg(shape), 0, dtype.name), device, requires_grad
+    )
+
+
+def ones(*shape, requires_grad=False, device="cpu", dtype="float32"):
+    dtype = _check_dtype(dtype)
+    return Tensor._make(
+        get_backend(device).full(_shape_arg(shape), 1, dtype.name), device, requires_grad
+    )
+
+
+def randn(*shape, requires_grad=False, device="cpu"):
+    """Standard normal float32 samples from the global generator (see manual_seed)."""
+    return _new(_rng.standard_normal(_shape_arg(shape), dtype=np.float32), requires_grad, device)
+
+
+def rand(*shape, requires_grad=False, device="cpu"):
+    """Uniform [0, 1) float32 samples from the global generator."""
+    return _new(_rng.random(_shape_arg(shape), dtype=np.float32), requires_grad, device)
+
+
+def arange(start, stop=None, step=1, device="cpu"):
+    """int32 tensor [start, start + step, ...) like range(); arange(n) is 0 .. n-1."""
+    if stop is None:
+        start, stop = 0, start
+    return _new(np.arange(start, stop, step, dtype=np.int32), False, device)
+
+
+# functional imports Tensor from this module, so it is imported last.
+from camel import functional as F  # noqa: E402
