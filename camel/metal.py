@@ -7,6 +7,8 @@ ctypes. Two libraries implement it:
     shim/build/libcamel_sim.so        the Metal simulator: the same .metal files on the CPU
                                       (the only choice on Linux; CAMEL_SHIM=sim on macOS)
 
+CAMEL_SHIM_LIBRARY=/path/to/lib overrides the search (e.g. a sanitizer build).
+
 This module is the ONE place that declares ctypes argtypes/restype (a missing
 restype silently truncates a 64-bit pointer to 32 bits). Everything above it
 (tensors, the "mps" backend, examples) calls the Python API below:
@@ -233,6 +235,11 @@ def _native() -> ctypes.CDLL:
         return _lib
     choice = _shim_choice()
     candidates = _shim_candidates(choice)
+    override = os.environ.get("CAMEL_SHIM_LIBRARY")  # an explicit .so/.dylib path
+    if override:
+        candidates = [Path(override)]
+        if not candidates[0].exists():
+            raise MetalError(f"[metal] CAMEL_SHIM_LIBRARY={override} does not exist")
     path = next((p for p in candidates if p.exists()), None)
     if path is None:
         _build_shim()
@@ -261,7 +268,10 @@ def _native() -> ctypes.CDLL:
             else ""
         )
         raise MetalError(f"[metal] no Metal device ({path.name}): {msg}.{hint}")
-    _is_sim = choice == "sim"
+    info = _DeviceInfo()
+    if lib.camel_device_info_get(ctypes.byref(info)) != 0:
+        raise MetalError(f"[metal] camel_device_info_get: {_error_text(lib)}")
+    _is_sim = bool(info.is_simulator)
     _lib = lib
     _bind_hot_functions(lib)
     return lib
@@ -755,23 +765,33 @@ _pack_u32 = struct.Struct("<I").pack
 _profilers: list = []  # active camel.profile() objects (camel/profiler.py appends here)
 
 
+_U32_MAX = 0xFFFFFFFF
+
+
 def _dim3(value, what: str, kernel_name: str) -> tuple[int, int, int]:
     """(x, y, z) from an int or a 1-3 tuple; every entry >= 1 and fits in 32 bits."""
-    if type(value) is int or isinstance(value, np.integer):
-        x, y, z = int(value), 1, 1
+    t = type(value)
+    if t is int:  # the common cases first: this runs twice per dispatch
+        x, y, z = value, 1, 1
+    elif t is tuple and len(value) == 3:
+        x, y, z = value
     else:
+        if isinstance(value, np.integer):
+            value = (int(value),)
         try:
             dims = tuple(int(v) for v in value)
-        except TypeError:
+        except (TypeError, ValueError):
             raise TypeError(
                 f"[{kernel_name}] {what} must be an int or a tuple of 1-3 ints, got {value!r}"
             ) from None
         if not 1 <= len(dims) <= 3:
             raise TypeError(f"[{kernel_name}] {what} must have 1-3 entries, got {value!r}")
         x, y, z = dims + (1,) * (3 - len(dims))
-    if x < 1 or y < 1 or z < 1 or x > 0xFFFFFFFF or y > 0xFFFFFFFF or z > 0xFFFFFFFF:
-        raise ValueError(f"[{kernel_name}] {what} must be >= 1 in every dimension, got {value!r}")
-    return x, y, z
+    if type(x) is not int or type(y) is not int or type(z) is not int:
+        return _dim3(tuple(int(v) for v in (x, y, z)), what, kernel_name)
+    if 0 < x <= _U32_MAX and 0 < y <= _U32_MAX and 0 < z <= _U32_MAX:
+        return x, y, z
+    raise ValueError(f"[{kernel_name}] {what} must be >= 1 in every dimension, got {value!r}")
 
 
 class Function:
@@ -821,6 +841,7 @@ class Function:
         self._desc = desc
         self._grid = desc.grid  # views into desc's memory
         self._tpg = desc.threads_per_threadgroup
+        self._last_grid = self._last_tpg = (0, 0, 0)
 
     def __call__(
         self,
@@ -852,10 +873,14 @@ class Function:
                 f"{self.max_total_threads_per_threadgroup} threads in total, "
                 f"a multiple of {self.thread_execution_width} is best"
             )
-        g = self._grid
-        g[0], g[1], g[2] = grid3 = _dim3(grid, "grid", name)
-        t = self._tpg
-        t[0], t[1], t[2] = tpg3 = _dim3(threads_per_threadgroup, "threads_per_threadgroup", name)
+        grid3 = _dim3(grid, "grid", name)
+        tpg3 = _dim3(threads_per_threadgroup, "threads_per_threadgroup", name)
+        if grid3 != self._last_grid:  # writing a ctypes array costs more than comparing
+            g = self._grid
+            g[0], g[1], g[2] = self._last_grid = grid3
+        if tpg3 != self._last_tpg:
+            t = self._tpg
+            t[0], t[1], t[2] = self._last_tpg = tpg3
 
         if threadgroup_memory:
             if len(threadgroup_memory) > MAX_THREADGROUP_ARGS:
@@ -905,6 +930,15 @@ class Function:
 
     def _bind_other(self, slot, i: int, a, used: list) -> None:
         """Bind everything that is not a DeviceArray (the less common kinds)."""
+        t = type(a)
+        if t is float:
+            raw = _pack_f32(a)
+            slot.buffer, slot.offset, slot.bytes, slot.length = None, 0, raw, 4
+            return
+        if t is int and 0 <= a <= _U32_MAX:
+            raw = _pack_u32(a)
+            slot.buffer, slot.offset, slot.bytes, slot.length = None, 0, raw, 4
+            return
         data = getattr(a, "_data", None)
         if isinstance(data, DeviceArray):  # an "mps" camel Tensor
             a = data
