@@ -939,7 +939,10 @@ class Function:
             raw = _pack_u32(a)
             slot.buffer, slot.offset, slot.bytes, slot.length = None, 0, raw, 4
             return
-        data = getattr(a, "_data", None)
+        # A camel Tensor keeps its storage in .storage: a DeviceArray on "mps".
+        data = getattr(a, "storage", None)
+        if data is None:
+            data = getattr(a, "_data", None)
         if isinstance(data, DeviceArray):  # an "mps" camel Tensor
             a = data
         elif data is not None and getattr(a, "device", None) is not None:
