@@ -13,6 +13,9 @@
 //   relu_backward_float / relu_backward_float4   dx[i] = x[i] > 0 ? dy[i] : 0
 //   fill_float4 / fill_int4                  out[i] = value
 //   copy_uint / copy_uint4                   out[i] = in[i], bit for bit (float32 and int32 alike)
+//   permute_uint         out = in with its axes permuted (a materialised transpose, any
+//                        32-bit dtype, rank <= 8): one thread per output element. Needed by
+//                        Tensor.T (nn.Linear's x @ W.T); a tiled transpose is Stage 4-5A's.
 //
 // The one optimisation of Stage 1 is float4 vectorisation. A "_float" kernel gives
 // each thread one element: one 4-byte load per operand. A "_float4" kernel gives
@@ -341,4 +344,34 @@ kernel void copy_uint4(device const uint *in [[buffer(0)]],
             out[j] = in[j];
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// layout: a materialised permutation of the axes
+// ---------------------------------------------------------------------------
+
+// out is C-contiguous with `rank` axes of sizes out_shape[0 .. rank-1]; in_strides[d] is
+// the stride (in elements) in `in` of the input axis that becomes output axis d. One thread
+// computes the coordinates of its output element i (last axis fastest) and gathers the one
+// input word they name. Writes are coalesced; reads are strided (a tiled transpose through
+// threadgroup memory would make both coalesced).
+kernel void permute_uint(device const uint *in [[buffer(0)]],
+                         device uint *out [[buffer(1)]],
+                         constant uint *out_shape [[buffer(2)]],
+                         constant uint *in_strides [[buffer(3)]],
+                         constant uint &rank [[buffer(4)]],
+                         constant uint &n [[buffer(5)]],
+                         uint i [[thread_position_in_grid]])
+{
+    if (i >= n) {
+        return;
+    }
+    uint rest = i;
+    uint src = 0;
+    for (uint d = rank; d > 0; --d) {
+        uint size = out_shape[d - 1];
+        src += (rest % size) * in_strides[d - 1];
+        rest /= size;
+    }
+    out[i] = in[src];
 }

@@ -1,0 +1,579 @@
+"""The "mps" backend: camel's narrow waist as Metal kernels.
+
+The same functions with the same signatures as camel/backend_cpu.py (read its
+docstring: it is the contract), over `camel.metal.DeviceArray` storages. Every op
+is one or more kernel dispatches from shaders/*.metal; nothing is computed in
+NumPy and nothing makes a round trip through the host (the exceptions say why:
+from_numpy / to_numpy are the transfers, and cross_entropy reads a 3-int error
+flag). On Linux the kernels run on the Metal simulator, unchanged.
+
+    file                        kernels used here
+    shaders/ops_elementwise     add, mul (and their broadcast forms), add_scalar,
+                                mul_scalar, relu, relu_backward, fill, copy, permute
+    shaders/ops_reduce          sum / max over the last axis, the whole tensor
+                                (two passes) or a leading/middle axis; their backward
+    shaders/ops_softmax         softmax, log_softmax, cross_entropy, their backward
+    shaders/ops_optim           sgd_step, sgd_momentum_step, adam_step
+    shaders/ops_matmul          the GEMM ladder, through camel/gemm.py
+
+Every dispatch passes flops= and bytes= so `camel.profile()` shows GFLOP/s and GB/s.
+Ops of later stages (gelu, layer_norm, embedding, slice) raise NotImplementedError
+naming the stage that adds their kernels.
+"""
+
+import builtins
+import math
+
+import numpy as np
+
+from camel import metal
+from camel.metal import DeviceArray
+
+DEVICE = "mps"
+
+_EW = "ops_elementwise.metal"
+_RED = "ops_reduce.metal"
+_SOFT = "ops_softmax.metal"
+_OPT = "ops_optim.metal"
+
+_THREADS = 256  # threads per threadgroup for one-thread-per-element kernels
+_MAX_PARTIALS = 1024  # threadgroups in pass 1 of a whole-tensor reduction
+_F32 = 4  # bytes per float32 / int32 element
+
+
+def _kernel(filename, name):
+    return metal.kernel(filename, name)  # compiled once per process, then cached
+
+
+def _empty(shape, dtype=np.float32):
+    return DeviceArray.empty(tuple(shape), dtype)
+
+
+def _aligned(*arrays):
+    # A float4 load or store needs a 16-byte aligned address.
+    return all(a.offset % 16 == 0 for a in arrays)
+
+
+def _launch_1d(fn, args, n, flops, nbytes):
+    """Dispatch fn over n threads (dispatchThreads: the last threadgroup may be partial)."""
+    fn(*args, threads=n, threads_per_threadgroup=min(_THREADS, n), flops=flops, bytes=nbytes)
+
+
+def _row_threads(k):
+    """Threads per threadgroup for a kernel that gives one threadgroup to a row of k:
+    a multiple of 32 (whole SIMD groups, which simd_sum needs), at most 256."""
+    return min(_THREADS, builtins.max(32, (k + 31) // 32 * 32))
+
+
+def _split(shape, axis):
+    """(outer, K, inner) for a reduction of `shape` over `axis` (None: everything)."""
+    if axis is None:
+        return 1, math.prod(shape), 1
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
+def _reduced_shape(shape, axis, keepdims):
+    if axis is None:
+        return (1,) * len(shape) if keepdims else ()
+    if keepdims:
+        return shape[:axis] + (1,) + shape[axis + 1 :]
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def _not_yet(op, stage):
+    raise NotImplementedError(
+        f"[mps] {op} has no Metal kernel yet: it arrives with {stage}. "
+        "Meanwhile run this op on 'cpu' (tensor.to('cpu'))."
+    )
+
+
+# ---------------------------------------------------------------------------
+# transfer and creation
+# ---------------------------------------------------------------------------
+
+
+def from_numpy(arr):
+    """A new device storage holding a copy of `arr` (float32 or int32)."""
+    return DeviceArray.from_numpy(np.ascontiguousarray(arr))
+
+
+def to_numpy(x):
+    """Synchronise, then a zero-copy NumPy view of x's buffer."""
+    return x.numpy()
+
+
+def full(shape, value, dtype):
+    """A new storage of `shape` and `dtype` ("float32" or "int32") filled with `value`."""
+    dt = np.dtype(dtype)
+    out = _empty(shape, dt)
+    n = out.size
+    if n == 0:
+        return out
+    if dt == np.float32:
+        fn, v = _kernel(_EW, "fill_float4"), float(value)
+    elif dt == np.int32:
+        fn, v = _kernel(_EW, "fill_int4"), np.int32(value)
+    else:
+        raise TypeError(f"[full] dtype {dt.name} is not supported on 'mps' (float32, int32)")
+    _launch_1d(fn, (out, v, n), (n + 3) // 4, 0, n * _F32)  # a new buffer is 16-byte aligned
+    return out
+
+
+def copy(x):
+    """A new storage with the same shape, dtype and values (32-bit words copied)."""
+    out = _empty(x.shape, x.dtype)
+    n = x.size
+    if n:
+        if _aligned(x, out):
+            _launch_1d(_kernel(_EW, "copy_uint4"), (x, out, n), (n + 3) // 4, 0, 2 * n * _F32)
+        else:
+            _launch_1d(_kernel(_EW, "copy_uint"), (x, out, n), n, 0, 2 * n * _F32)
+    return out
+
+
+def reshape(x, shape):
+    """The same buffer seen with a new shape (no kernel, no copy)."""
+    return x.reshape(tuple(shape))
+
+
+# ---------------------------------------------------------------------------
+# elementwise: ops_elementwise.metal. Each op picks the float4 kernel when all its
+# operands are 16-byte aligned (always, for buffers camel allocates) and the
+# one-element-per-thread kernel otherwise.
+# ---------------------------------------------------------------------------
+
+
+def _binary(op, a, b):
+    out = _empty(a.shape, np.float32)
+    n, m = a.size, b.size
+    if n == 0:
+        return out
+    nbytes = (2 * n + m) * _F32
+    if m == n:
+        if _aligned(a, b, out):
+            _launch_1d(_kernel(_EW, op + "_float4"), (a, b, out, n), (n + 3) // 4, n, nbytes)
+        else:
+            _launch_1d(_kernel(_EW, op + "_float"), (a, b, out, n), n, n, nbytes)
+    elif m % 4 == 0 and _aligned(a, b, out):
+        fn = _kernel(_EW, op + "_broadcast_float4")
+        _launch_1d(fn, (a, b, out, n, m), n // 4, n, nbytes)
+    else:
+        _launch_1d(_kernel(_EW, op + "_broadcast_float"), (a, b, out, n, m), n, n, nbytes)
+    return out
+
+
+def add(a, b):
+    """out = a + b; b.shape is a trailing suffix of a.shape (b[i % b.size])."""
+    return _binary("add", a, b)
+
+
+def mul(a, b):
+    """out = a * b; b.shape is a trailing suffix of a.shape (b[i % b.size])."""
+    return _binary("mul", a, b)
+
+
+def _scalar(op, a, s):
+    out = _empty(a.shape, np.float32)
+    n = a.size
+    if n:
+        suffix = "_float4" if _aligned(a, out) else "_float"
+        threads = (n + 3) // 4 if suffix == "_float4" else n
+        _launch_1d(_kernel(_EW, op + suffix), (a, float(s), out, n), threads, n, 2 * n * _F32)
+    return out
+
+
+def add_scalar(a, s):
+    """out = a + s (s a Python float, rounded to float32)."""
+    return _scalar("add_scalar", a, s)
+
+
+def mul_scalar(a, s):
+    """out = a * s (s a Python float, rounded to float32)."""
+    return _scalar("mul_scalar", a, s)
+
+
+def neg(a):
+    """out = -a, as mul_scalar by -1 (exact in float32)."""
+    return _scalar("mul_scalar", a, -1.0)
+
+
+def relu(x):
+    """out = max(x, 0)."""
+    out = _empty(x.shape, np.float32)
+    n = x.size
+    if n:
+        if _aligned(x, out):
+            _launch_1d(_kernel(_EW, "relu_float4"), (x, out, n), (n + 3) // 4, n, 2 * n * _F32)
+        else:
+            _launch_1d(_kernel(_EW, "relu_float"), (x, out, n), n, n, 2 * n * _F32)
+    return out
+
+
+def relu_backward(x, grad):
+    """dx = grad where x > 0, else 0."""
+    out = _empty(x.shape, np.float32)
+    n = x.size
+    if n:
+        args = (x, grad, out, n)
+        if _aligned(x, grad, out):
+            _launch_1d(_kernel(_EW, "relu_backward_float4"), args, (n + 3) // 4, n, 3 * n * _F32)
+        else:
+            _launch_1d(_kernel(_EW, "relu_backward_float"), args, n, n, 3 * n * _F32)
+    return out
+
+
+def gelu(x):
+    _not_yet("gelu", "Stage 4 (LayerNorm + GELU)")
+
+
+def gelu_backward(x, grad):
+    _not_yet("gelu_backward", "Stage 4 (LayerNorm + GELU)")
+
+
+# ---------------------------------------------------------------------------
+# reductions: ops_reduce.metal
+# ---------------------------------------------------------------------------
+
+
+def _sum_rows(x2, out, rows, k, scale=1.0):
+    """out[r] = scale * sum of row r of x2 (rows, k): one threadgroup per row."""
+    fn = _kernel(_RED, "sum_last_axis")
+    fn(
+        x2,
+        out,
+        k,
+        float(scale),
+        threadgroups=rows,
+        threads_per_threadgroup=_row_threads(k),
+        flops=rows * k,
+        bytes=(rows * k + rows) * _F32,
+    )
+
+
+def _sum_all(x, out, scale=1.0):
+    """out (one element) = scale * sum of every element of x: two passes (partials, then one
+    threadgroup sums them); one pass when a single threadgroup covers x."""
+    n = x.size
+    groups = min(_MAX_PARTIALS, (n + _THREADS - 1) // _THREADS)
+    if groups <= 1:
+        _sum_rows(x, out, 1, n, scale)
+        return
+    partials = _empty((groups,))
+    fn = _kernel(_RED, "sum_all_partials")
+    fn(
+        x,
+        partials,
+        n,
+        threadgroups=groups,
+        threads_per_threadgroup=_THREADS,
+        flops=n,
+        bytes=(n + groups) * _F32,
+    )
+    _sum_rows(partials, out, 1, groups, scale)
+
+
+def sum(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
+    """Sum over one axis (int >= 0) or everything (axis None)."""
+    out = _empty(_reduced_shape(x.shape, axis, keepdims))
+    outer, k, inner = _split(x.shape, axis)
+    if out.size == 0:
+        return out
+    if k == 0:
+        return full(out.shape, 0.0, "float32")
+    if axis is None:
+        _sum_all(x, out)
+    elif inner == 1:
+        _sum_rows(x, out, outer, k)
+    else:
+        fn = _kernel(_RED, "sum_axis_strided")
+        n_out = outer * inner
+        nbytes = (x.size + n_out) * _F32
+        _launch_1d(fn, (x, out, k, inner, n_out), n_out, x.size, nbytes)
+    return out
+
+
+def sum_backward(grad, in_shape, axis):
+    """Copy grad along the reduced axis back to in_shape."""
+    dx = _empty(in_shape)
+    n = dx.size
+    if n:
+        _outer, k, inner = _split(tuple(in_shape), axis)
+        fn = _kernel(_RED, "sum_backward_expand")
+        _launch_1d(fn, (grad, dx, k, inner, n), n, 0, (n + grad.size) * _F32)
+    return dx
+
+
+def max(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
+    """(values, indices) of the maximum over one axis or everything; the first maximum
+    wins ties (np.argmax). For axis None the index is the flat index."""
+    shape = _reduced_shape(x.shape, axis, keepdims)
+    values, indices = _empty(shape), _empty(shape, np.int32)
+    outer, k, inner = _split(x.shape, axis)
+    if k == 0:
+        raise ValueError(f"[max] cannot take the maximum over an empty axis of shape {x.shape}")
+    if values.size == 0:
+        return values, indices
+    nbytes = (x.size + 2 * values.size) * _F32
+    if axis is None or inner == 1:
+        rows = 1 if axis is None else outer
+        groups = min(_MAX_PARTIALS, (x.size + _THREADS - 1) // _THREADS)
+        if axis is None and groups > 1:
+            _max_all(x, values, indices, groups)
+        else:
+            fn = _kernel(_RED, "max_last_axis")
+            tpg = _row_threads(k)
+            fn(x, values, indices, k, threadgroups=rows, threads_per_threadgroup=tpg,
+               flops=x.size, bytes=nbytes)  # fmt: skip
+    else:
+        fn = _kernel(_RED, "max_axis_strided")
+        n_out = outer * inner
+        _launch_1d(fn, (x, values, indices, k, inner, n_out), n_out, x.size, nbytes)
+    return values, indices
+
+
+def _max_all(x, values, indices, groups):
+    n = x.size
+    part_v, part_i = _empty((groups,)), _empty((groups,), np.uint32)
+    fn = _kernel(_RED, "max_all_partials")
+    fn(x, part_v, part_i, n, threadgroups=groups, threads_per_threadgroup=_THREADS,
+       flops=n, bytes=(n + 2 * groups) * _F32)  # fmt: skip
+    fn = _kernel(_RED, "max_all_final")
+    fn(part_v, part_i, values, indices, groups, threadgroups=1,
+       threads_per_threadgroup=_row_threads(groups), flops=groups,
+       bytes=(2 * groups + 2) * _F32)  # fmt: skip
+
+
+def max_backward(grad, indices, in_shape, axis):
+    """The gradient goes to the argmax position, zero elsewhere (one gather per element)."""
+    dx = _empty(in_shape)
+    n = dx.size
+    if n:
+        _outer, k, inner = _split(tuple(in_shape), axis)
+        fn = _kernel(_RED, "max_backward")
+        nbytes = (n + 2 * grad.size) * _F32
+        _launch_1d(fn, (grad, indices, dx, k, inner, n), n, 0, nbytes)
+    return dx
+
+
+def sum_to_shape(grad, shape):
+    """Sum grad (..., *shape) over its leading axes down to `shape` (a trailing suffix)."""
+    shape = tuple(shape)
+    if len(shape) == len(grad.shape):
+        return copy(grad)
+    out = _empty(shape)
+    inner = out.size
+    if inner == 0:
+        return out
+    lead = grad.size // inner if inner else 0
+    if lead == 0:
+        return full(shape, 0.0, "float32")
+    if inner == 1:
+        _sum_all(grad, out)
+    else:
+        fn = _kernel(_RED, "sum_axis_strided")
+        nbytes = (grad.size + inner) * _F32
+        _launch_1d(fn, (grad, out, lead, inner, inner), inner, grad.size, nbytes)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# layout
+# ---------------------------------------------------------------------------
+
+_MAX_RANK = 8  # permute_uint's limit
+
+
+def permute(x, dims):
+    """Materialised transpose: out = x.transpose(dims), C-contiguous (one gather per element)."""
+    dims = tuple(dims)
+    out_shape = tuple(x.shape[d] for d in dims)
+    out = _empty(out_shape, x.dtype)
+    n = out.size
+    if n == 0:
+        return out
+    if len(dims) == 0 or dims == tuple(range(len(dims))):
+        return copy(x)
+    if len(dims) > _MAX_RANK:
+        raise ValueError(f"[permute] at most {_MAX_RANK} axes on 'mps', got shape {x.shape}")
+    strides = [math.prod(x.shape[d + 1 :]) for d in range(len(x.shape))]  # in elements
+    out_dims = np.array(out_shape, dtype=np.uint32)
+    in_strides = np.array([strides[d] for d in dims], dtype=np.uint32)
+    fn = _kernel(_EW, "permute_uint")
+    _launch_1d(fn, (x, out, out_dims, in_strides, len(dims), n), n, 0, 2 * n * _F32)
+    return out
+
+
+def slice(x, starts, steps, counts):  # noqa: A001 (the backend contract's name)
+    _not_yet("slice", "Stage 4-5A (layout kernels)")
+
+
+def slice_backward(grad, in_shape, starts, steps):
+    _not_yet("slice_backward", "Stage 4-5A (layout kernels)")
+
+
+# ---------------------------------------------------------------------------
+# matmul: the GEMM ladder (camel/gemm.py, shaders/ops_matmul.metal)
+# ---------------------------------------------------------------------------
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False):
+    """out = op(a) @ op(b); see camel/gemm.py for the rungs and their selection."""
+    from camel import gemm  # imported here: the ladder is its own module
+
+    return gemm.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+# ---------------------------------------------------------------------------
+# softmax family: ops_softmax.metal, always over the last axis, one threadgroup per row
+# ---------------------------------------------------------------------------
+
+
+def _rows(x):
+    k = x.shape[-1] if x.shape else 1
+    return (x.size // k if k else 0), k
+
+
+def softmax(x, causal=False):
+    """Softmax over the last axis (max subtracted first). causal: x is (..., T, S) and
+    row i sees columns j <= i; masked outputs are exactly 0."""
+    y = _empty(x.shape)
+    rows, k = _rows(x)
+    if rows == 0 or k == 0:
+        return y
+    causal_t = x.shape[-2] if causal else 0
+    fn = _kernel(_SOFT, "softmax_last_axis")
+    fn(x, y, k, causal_t, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
+       flops=5 * x.size, bytes=2 * x.size * _F32)  # fmt: skip
+    return y
+
+
+def softmax_backward(y, grad):
+    """dx = y * (grad - sum(grad * y, last axis))."""
+    return _row_backward("softmax_backward", y, grad)
+
+
+def log_softmax(x):
+    """log_softmax over the last axis: x - max - log(sum(exp(x - max)))."""
+    y = _empty(x.shape)
+    rows, k = _rows(x)
+    if rows == 0 or k == 0:
+        return y
+    fn = _kernel(_SOFT, "log_softmax_last_axis")
+    fn(x, y, k, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
+       flops=5 * x.size, bytes=2 * x.size * _F32)  # fmt: skip
+    return y
+
+
+def log_softmax_backward(y, grad):
+    """dx = grad - exp(y) * sum(grad, last axis)."""
+    return _row_backward("log_softmax_backward", y, grad)
+
+
+def _row_backward(name, y, grad):
+    dx = _empty(y.shape)
+    rows, k = _rows(y)
+    if rows and k:
+        fn = _kernel(_SOFT, name)
+        fn(y, grad, dx, k, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
+           flops=4 * y.size, bytes=3 * y.size * _F32)  # fmt: skip
+    return dx
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy over N rows; returns (loss shape (), probs (N, C)).
+
+    Out-of-range targets: the kernel detects them on the GPU (it never reads outside
+    a row) and records the count, the first bad row and its value in a 3-int error
+    buffer. We read that buffer right here, which synchronises once per loss, and
+    raise an error naming the target and C. Why here and not lazily "when the loss
+    is read": the error then points at the call that caused it, and the loss of a
+    training step is read anyway (loss.item()), so the extra wait costs little;
+    why not validate targets on the host first: targets live on the GPU, and the
+    kernel already looks at every one of them.
+    """
+    n, c = logits.shape
+    probs = _empty((n, c))
+    loss = _empty(())
+    if n == 0:
+        return full((), float("nan"), "float32"), probs  # the mean of nothing, as NumPy
+    row_loss = _empty((n,))
+    error = DeviceArray.zeros((3,), np.int32)
+    fn = _kernel(_SOFT, "cross_entropy_forward")
+    fn(logits, targets, row_loss, probs, error, c, threadgroups=n,
+       threads_per_threadgroup=_row_threads(c), flops=5 * n * c,
+       bytes=(2 * n * c + 2 * n) * _F32)  # fmt: skip
+    count, row, value = (int(v) for v in error.numpy())  # synchronises
+    if count:
+        raise IndexError(
+            f"[cross_entropy] target {value} (row {row}) is out of range for {c} classes: "
+            f"targets must be in [0, {c - 1}]; {count} of {n} targets are out of range"
+        )
+    _sum_rows(row_loss, loss, 1, n, 1.0 / n)  # the mean over rows
+    return loss, probs
+
+
+def cross_entropy_backward(probs, targets, grad):
+    """dlogits (N, C) = (probs - onehot(targets)) * grad / N; grad is a shape () storage."""
+    n, c = probs.shape
+    dx = _empty((n, c))
+    if n * c:
+        fn = _kernel(_SOFT, "cross_entropy_backward")
+        _launch_1d(fn, (probs, targets, grad, dx, n, c), n * c, 3 * n * c, 2 * n * c * _F32)
+    return dx
+
+
+# ---------------------------------------------------------------------------
+# normalisation and embedding: Stage 4-5A
+# ---------------------------------------------------------------------------
+
+
+def layer_norm(x, weight, bias, eps):
+    _not_yet("layer_norm", "Stage 4 (LayerNorm + GELU)")
+
+
+def layer_norm_backward(grad, x, weight, mean, rstd):
+    _not_yet("layer_norm_backward", "Stage 4 (LayerNorm + GELU)")
+
+
+def embedding(idx, weight):
+    _not_yet("embedding", "Stage 5A (embedding and attention)")
+
+
+def embedding_backward(grad, idx, num_embeddings):
+    _not_yet("embedding_backward", "Stage 5A (embedding and attention)")
+
+
+# ---------------------------------------------------------------------------
+# optimisers: ops_optim.metal, in place on the parameter's buffer
+# ---------------------------------------------------------------------------
+
+
+def sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay, first_step):
+    """One torch.optim.SGD step in place (see backend_cpu.sgd_step): one fused kernel."""
+    n = param.size
+    if n == 0:
+        return
+    if momentum != 0:
+        fn = _kernel(_OPT, "sgd_momentum_step")
+        args = (param, grad, momentum_buf, float(lr), float(momentum), float(weight_decay),
+                int(bool(first_step)), n)  # fmt: skip
+        _launch_1d(fn, args, n, 5 * n, 5 * n * _F32)
+    else:
+        fn = _kernel(_OPT, "sgd_step")
+        args = (param, grad, float(lr), float(weight_decay), n)
+        _launch_1d(fn, args, n, 3 * n, 3 * n * _F32)
+
+
+def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """One torch.optim.Adam step in place (see backend_cpu.adam_step): one fused kernel.
+    The per-step scalars are computed here in double and rounded to float32 once, as
+    the CPU reference does."""
+    n = param.size
+    if n == 0:
+        return
+    lr_over_bias1 = lr / (1 - beta1**step)
+    bias2_sqrt = math.sqrt(1 - beta2**step)
+    fn = _kernel(_OPT, "adam_step")
+    args = (param, grad, m, v, float(lr_over_bias1), float(1 - beta1), float(beta2),
+            float(1 - beta2), float(bias2_sqrt), float(eps), float(weight_decay), n)  # fmt: skip
+    _launch_1d(fn, args, n, 12 * n, 7 * n * _F32)
