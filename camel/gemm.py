@@ -1,0 +1,313 @@
+"""The GEMM ladder, host side: which kernel of shaders/ops_matmul.metal runs a matmul, and how.
+
+    C = op(A) · op(B)     op(A) is (..., M, K), op(B) is (..., K, N), C is (..., M, N), float32
+
+`RUNGS` is the ladder table: version -> kernel name, output tile of one threadgroup (which
+gives the grid), threads per threadgroup, and threadgroup memory. `matmul()` checks the
+operands, packs sizes/strides/transpose flags into one small constant struct (bound with
+setBytes) and dispatches the chosen rung:
+
+    CAMEL_MATMUL=<version>   every matmul (forward and backward) uses that rung
+    otherwise                the autotuner's winner for this device and shape class
+                             (camel/autotune.py, ~/.cache/camel/), else `default_version()`
+
+Transposed operands (backward: dW = Xᵀ·dY, dX = dY·Wᵀ) are read in place by every rung;
+no transpose pass. Batches: up to 2 batch dimensions (3-D and 4-D matmul); a batch
+dimension of size 1 or missing (a 2-D operand) is broadcast with stride 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+SHADER = "ops_matmul.metal"
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of the ladder: a kernel and how to launch it."""
+
+    version: str
+    kernel: str  # [[host_name]] / function name in shaders/ops_matmul.metal
+    what: str  # one line for --list and the lesson
+    bm: int  # rows of C one threadgroup computes
+    bn: int  # columns of C one threadgroup computes
+    threads: tuple[int, int, int]  # threads per threadgroup
+    tg_bytes: int  # static threadgroup memory the kernel declares
+    x_walks_rows: bool = False  # v1: grid x runs over rows of C (the uncoalesced mapping)
+
+    @property
+    def nthreads(self) -> int:
+        return self.threads[0] * self.threads[1] * self.threads[2]
+
+    def grid(self, m: int, n: int, batches: int) -> tuple[int, int, int]:
+        """Threadgroups to dispatch for a (batches, m, n) output."""
+        if self.x_walks_rows:
+            return (_cdiv(m, self.bm), _cdiv(n, self.bn), batches)
+        return (_cdiv(n, self.bn), _cdiv(m, self.bm), batches)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, what: str) -> Rung:
+    name = "matmul_v6_vec4" if version == "6" else f"matmul_v{version}_{bm}x{bn}x{bk}_{tm}x{tn}"
+    threads = (bm // tm) * (bn // tn)
+    return Rung(version, name, what, bm, bn, (threads, 1, 1), (bm + bn) * bk * 4)
+
+
+# The ladder. Keep every rung: the ladder is the lesson (docs/stage3.md).
+RUNGS: dict[str, Rung] = {
+    r.version: r
+    for r in [
+        Rung("1", "matmul_v1_naive", "naive: one thread per C element, x walks rows",
+             32, 8, (32, 8, 1), 0, x_walks_rows=True),
+        Rung("2", "matmul_v2_coalesced", "coalesced: x walks columns of B and C",
+             8, 32, (32, 8, 1), 0),
+        Rung("3", "matmul_v3_tiled", "32x32 tiles in threadgroup memory",
+             32, 32, (32, 32, 1), 2 * 32 * 32 * 4),
+        Rung("4", "matmul_v4_blocktile1d", "1-D blocktiling: 8 outputs per thread",
+             64, 64, (512, 1, 1), (64 + 64) * 8 * 4),
+        Rung("5", "matmul_v5_blocktile2d", "2-D blocktiling: 8x8 outputs per thread",
+             128, 128, (256, 1, 1), (128 + 128) * 8 * 4),
+        _blocktile("6", 128, 128, 8, 8, 8, "float4 loads, A transposed in threadgroup memory"),
+        _blocktile("7", 64, 64, 8, 4, 4, "v6 as a template: 64x64x8 tiles, 4x4 per thread"),
+        _blocktile("8", 128, 128, 16, 8, 8, "v6 as a template: 128x128x16 tiles, 8x8"),
+        _blocktile("9", 128, 64, 16, 8, 4, "v6 as a template: 128x64x16 tiles, 8x4"),
+        Rung("10", "matmul_v10_simdgroup", "simdgroup_matrix 8x8 tiles, 4 SIMD groups",
+             64, 64, (128, 1, 1), (64 + 64) * 16 * 4 + 4 * 64 * 4),
+        Rung("11", "matmul_v11_double_buffer", "v10 with double-buffered threadgroup tiles",
+             64, 64, (128, 1, 1), 2 * (64 + 64) * 16 * 4 + 4 * 64 * 4),
+    ]
+}  # fmt: skip
+
+# Defaults when the autotuner has no entry: the rung expected fastest on an Apple GPU
+# (public results: simdgroup_matrix kernels reach MPS), and on the simulator the rung that
+# is quickest to simulate (few threads per group, few barriers; measured in docs/stage3.md).
+DEFAULT_GPU = "11"
+DEFAULT_SIM = "5"
+
+
+def versions() -> list[str]:
+    """Every version, in ladder order."""
+    return list(RUNGS)
+
+
+def get_rung(version) -> Rung:
+    """The rung for a version ("7", 7 or "v7"); ValueError listing the valid ones."""
+    key = str(version).strip().lower().removeprefix("v")
+    rung = RUNGS.get(key)
+    if rung is None:
+        valid = ", ".join(RUNGS)
+        raise ValueError(f"[matmul] unknown version {version!r}; valid versions: {valid}")
+    return rung
+
+
+def default_version(m: int, n: int, k: int, batches: int = 1) -> str:
+    """The rung used when neither CAMEL_MATMUL nor the autotuner's cache says otherwise."""
+    from camel import metal
+
+    return DEFAULT_SIM if metal.is_simulator() else DEFAULT_GPU
+
+
+def choose_version(m: int, n: int, k: int, batches: int = 1) -> str:
+    """CAMEL_MATMUL if set, else the tuned winner for this device and shape, else the default."""
+    forced = os.environ.get("CAMEL_MATMUL", "").strip()
+    if forced:
+        return get_rung(forced).version
+    from camel import autotune
+
+    tuned = autotune.lookup(m, n, k)
+    if tuned is not None and tuned in RUNGS:
+        return tuned
+    return default_version(m, n, k, batches)
+
+
+_limits: tuple[int, int] | None = None
+
+
+def device_limits() -> tuple[int, int]:
+    """(max threads per threadgroup, max threadgroup memory in bytes) of the device."""
+    global _limits
+    if _limits is None:
+        from camel import metal
+
+        info = metal.device_info()
+        _limits = (info["max_threads_per_threadgroup"], info["max_threadgroup_memory"])
+    return _limits
+
+
+def check_limits(rung: Rung, fn=None) -> None:
+    """RuntimeError with the numbers if the rung does not fit this device (or pipeline)."""
+    max_threads, max_tg = device_limits()
+    where = "device"
+    if fn is not None and fn.max_total_threads_per_threadgroup < max_threads:
+        max_threads, where = fn.max_total_threads_per_threadgroup, "pipeline"
+    if rung.nthreads > max_threads or rung.tg_bytes > max_tg:
+        raise RuntimeError(
+            f"[matmul] version {rung.version} ({rung.kernel}) needs {rung.nthreads} threads and "
+            f"{rung.tg_bytes} bytes of threadgroup memory per threadgroup; this {where} allows "
+            f"{max_threads} threads and {max_tg} bytes. Choose another version "
+            f"(CAMEL_MATMUL; valid: {', '.join(RUNGS)})"
+        )
+
+
+def fits(rung: Rung) -> bool:
+    """True if the rung fits this device's limits and its pipeline builds."""
+    from camel import metal
+
+    try:
+        check_limits(rung, metal.kernel(SHADER, rung.kernel))
+    except (RuntimeError, metal.MetalError):
+        return False
+    return True
+
+
+# ---- operands ---------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything one dispatch needs, worked out from the operand shapes."""
+
+    m: int
+    n: int
+    k: int
+    batch_shape: tuple[int, ...]  # output batch dims (0, 1 or 2 of them)
+    params: np.ndarray  # the MatmulParams struct: 16 uint32
+
+    @property
+    def batches(self) -> int:
+        return int(np.prod(self.batch_shape, dtype=np.int64))
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (*self.batch_shape, self.m, self.n)
+
+
+def _describe(shape, transposed: bool) -> str:
+    return f"{tuple(shape)}{' transposed' if transposed else ''}"
+
+
+def _batch_strides(batch: tuple, out_batch: tuple, matrix_elems: int) -> list[int]:
+    """Element strides of a contiguous operand's batch dims, aligned to the output's batch dims
+    (right-aligned, as NumPy broadcasts); 0 where the operand has size 1 or lacks the dim."""
+    strides = [0] * len(out_batch)
+    step = matrix_elems
+    for d in range(1, len(batch) + 1):
+        size = batch[-d]
+        strides[-d] = step if size != 1 else 0
+        step *= size
+    return strides
+
+
+def plan(a_shape, b_shape, transpose_a=False, transpose_b=False, a_offset=0, b_offset=0,
+         c_offset=0) -> Plan:  # fmt: skip
+    """Check shapes and work out sizes, strides and flags (ValueError on bad shapes)."""
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    desc = f"{_describe(a_shape, transpose_a)} and {_describe(b_shape, transpose_b)}"
+    for name, shape in (("first", a_shape), ("second", b_shape)):
+        if not 2 <= len(shape) <= 4:
+            raise ValueError(
+                f"[matmul] the {name} operand must have 2 to 4 dims (at most 2 batch dims), "
+                f"got shape {shape}; operands {desc}"
+            )
+    m, k = (a_shape[-1], a_shape[-2]) if transpose_a else (a_shape[-2], a_shape[-1])
+    k2, n = (b_shape[-1], b_shape[-2]) if transpose_b else (b_shape[-2], b_shape[-1])
+    if k != k2:
+        raise ValueError(f"[matmul] shapes {desc} do not align: {k} != {k2}")
+    a_batch, b_batch = a_shape[:-2], b_shape[:-2]
+    nb = max(len(a_batch), len(b_batch))
+    out_batch = []
+    for d in range(nb, 0, -1):
+        sa = a_batch[-d] if d <= len(a_batch) else 1
+        sb = b_batch[-d] if d <= len(b_batch) else 1
+        if sa != sb and sa != 1 and sb != 1:
+            raise ValueError(
+                f"[matmul] batch dims of {desc} do not broadcast: {a_batch} vs {b_batch}"
+            )
+        out_batch.append(max(sa, sb) if min(sa, sb) != 0 else 0)
+    out_batch = tuple(out_batch)
+    a_str = _batch_strides(a_batch, out_batch, a_shape[-2] * a_shape[-1])
+    b_str = _batch_strides(b_batch, out_batch, b_shape[-2] * b_shape[-1])
+    c_str = _batch_strides(out_batch, out_batch, m * n)
+    # (outer, inner) batch dims as the kernel sees them
+    if nb == 0:
+        inner, a_s, b_s, c_s = 1, (0, 0), (0, 0), (0, 0)
+    elif nb == 1:
+        inner, a_s, b_s, c_s = 1, (a_str[0], 0), (b_str[0], 0), (c_str[0], 0)
+    else:
+        inner = out_batch[1]
+        a_s, b_s, c_s = tuple(a_str), tuple(b_str), tuple(c_str)
+    lda, ldb, ldc = a_shape[-1], b_shape[-1], n
+    aligned = (
+        all(x % 4 == 0 for x in (lda, ldb, ldc, *a_s, *b_s, *c_s))
+        and a_offset % 16 == 0 and b_offset % 16 == 0 and c_offset % 16 == 0
+    )  # fmt: skip
+    fields = [m, n, k, lda, ldb, ldc, int(transpose_a), int(transpose_b), max(inner, 1),
+              *a_s, *b_s, *c_s, int(aligned)]  # fmt: skip
+    for v in fields:
+        if v >= 2**32:
+            raise ValueError(f"[matmul] operands {desc} are too large for 32-bit indexing")
+    return Plan(m, n, k, out_batch, np.array(fields, dtype=np.uint32))
+
+
+def _flops(p: Plan) -> int:
+    return 2 * p.m * p.n * p.k * p.batches
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None):
+    """C = op(A) · op(B) on the GPU, with op(X) = Xᵀ (of the last two dims) when transposed.
+
+    Args:
+        a: DeviceArray float32 (..., M, K), or (..., K, M) if transpose_a.
+        b: DeviceArray float32 (..., K, N), or (..., N, K) if transpose_b.
+        out: optional DeviceArray float32 of the output shape (..., M, N) to write into.
+        version: a ladder version; default: CAMEL_MATMUL, the autotuner, or the default rung.
+    Returns the output DeviceArray (..., M, N); batch dims broadcast like NumPy's matmul.
+    """
+    from camel import metal
+
+    for name, x in (("first", a), ("second", b)):
+        if not isinstance(x, metal.DeviceArray):
+            raise TypeError(
+                f"[matmul] the {name} operand must be a DeviceArray (an 'mps' tensor's storage), "
+                f"got {type(x).__name__}"
+            )
+    if a.dtype != np.float32 or b.dtype != np.float32:
+        raise TypeError(
+            f"[matmul] operands must be float32, got {a.dtype.name} {a.shape} and "
+            f"{b.dtype.name} {b.shape}"
+        )
+    p = plan(a.shape, b.shape, transpose_a, transpose_b, a.offset, b.offset,
+             out.offset if out is not None else 0)  # fmt: skip
+    if out is None:
+        out = metal.DeviceArray.empty(p.out_shape, np.float32)
+    elif out.shape != p.out_shape or out.dtype != np.float32:
+        raise ValueError(
+            f"[matmul] out has shape {out.shape} {out.dtype.name}; expected {p.out_shape} float32"
+        )
+    if p.m == 0 or p.n == 0 or p.batches == 0:
+        return out
+    if version is None:
+        version = choose_version(p.m, p.n, p.k, p.batches)
+    rung = get_rung(version)
+    dispatch(rung, a, b, out, p)
+    return out
+
+
+def dispatch(rung: Rung, a, b, out, p: Plan) -> None:
+    """Encode one matmul with the given rung (no shape checks: use matmul())."""
+    from camel import metal
+
+    fn = metal.kernel(SHADER, rung.kernel)
+    check_limits(rung, fn)  # a forced rung over the limits errors with the numbers
+    a_bytes = 4 * p.m * p.k * p.batches
+    b_bytes = 4 * p.k * p.n * p.batches
+    fn(a, b, out, p.params,
+       threadgroups=rung.grid(p.m, p.n, p.batches), threads_per_threadgroup=rung.threads,
+       flops=_flops(p), bytes=a_bytes + b_bytes + 4 * p.m * p.n * p.batches)  # fmt: skip

@@ -1,0 +1,549 @@
+// ops_matmul.metal — the GEMM ladder: C = op(A) · op(B) in float32, one rung at a time.
+//
+// Every rung computes the same thing; each one changes ONE idea so you can time it:
+//   version 1 is naive: one thread per output element, grid x walks rows (uncoalesced)
+//   version 2 is coalesced: the same, but consecutive threads take consecutive columns
+//   version 3 caches 32x32 tiles of A and B in threadgroup memory (1024 threads)
+//   version 4 is 1-D blocktiling: each thread computes 8 outputs of one column (64x64x8 tiles)
+//   version 5 is 2-D blocktiling: each thread computes an 8x8 block (128x128x8 tiles, 256 threads)
+//   version 6 adds float4 global loads and stores A transposed in threadgroup memory,
+//             so a thread reads its A and B fragments with float4 threadgroup loads
+//   versions 7-9 are version 6 with other tile sizes: template instantiations named
+//             matmul_v7_64x64x8_4x4, matmul_v8_128x128x16_8x8, matmul_v9_128x64x16_8x4
+//             (BMxBNxBK threadgroup tile _ TMxTN outputs per thread)
+//   version 10 tiles over SIMD groups with simdgroup_matrix (8x8 hardware matrix ops):
+//             64x64x16 tiles, 4 SIMD groups of 32x32 each
+//   version 11 is version 10 with double buffering: the next K tile is loaded from device
+//             memory while the current one is multiplied, one barrier per K step
+//
+// Run and benchmark them:
+//   python -m camel.bench matmul --list          # one version per line
+//   python -m camel.bench matmul                 # validate against NumPy, then time
+//   CAMEL_MATMUL=5 python examples/mlp.py        # every matmul uses rung 5
+// The host side (grid, threadgroup size, threadgroup memory of each rung) is the table
+// in camel/gemm.py; the lesson is docs/stage3.md.
+//
+// Operands and layouts (every rung):
+//   op(A) is (M, K): A is stored row-major (M, K) with row stride lda, or, when trans_a,
+//                    stored (K, M) and read transposed (dW = X^T · dY needs this)
+//   op(B) is (K, N): B is stored (K, N) with row stride ldb, or, when trans_b, stored (N, K)
+//                    (dX = dY · W^T needs this)
+//   C is (M, N) row-major with row stride ldc.
+//   Batches: threadgroup_position_in_grid.z (or thread_position_in_grid.z) is the batch
+//   index z = outer * batch_inner + inner; each operand moves by its own element strides
+//   per outer/inner batch, and a stride of 0 broadcasts a 2-D operand over the batch.
+// No rung needs a separate transpose pass: the transposes are folded into the loads.
+
+#include <metal_stdlib>
+using namespace metal;
+
+// Sizes, strides and flags of one matmul, bound with setBytes as [[buffer(3)]].
+// camel/gemm.py packs it as 16 uint32 values in this order.
+struct MatmulParams {
+    uint M, N, K;
+    uint lda, ldb, ldc;          // elements between consecutive stored rows
+    uint trans_a, trans_b;       // 1: the operand is stored transposed (see above)
+    uint batch_inner;            // size of the inner batch dimension (1 if none)
+    uint a_stride0, a_stride1;   // elements between batches of A (outer, inner); 0 broadcasts
+    uint b_stride0, b_stride1;
+    uint c_stride0, c_stride1;
+    uint vec4;                   // 1: float4 loads/stores are 16-byte aligned for A, B and C
+};
+
+// Element offset of the matrix of batch z for an operand with batch strides s0 (outer)
+// and s1 (inner); a stride of 0 broadcasts the operand over that batch dimension.
+inline uint batch_offset(constant MatmulParams& p, uint z, uint s0, uint s1) {
+    return (z / p.batch_inner) * s0 + (z % p.batch_inner) * s1;
+}
+
+// op(A)(i, k) and op(B)(k, j), whatever the storage.
+inline float load_a(device const float* A, constant MatmulParams& p, uint i, uint k) {
+    return p.trans_a ? A[k * p.lda + i] : A[i * p.lda + k];
+}
+inline float load_b(device const float* B, constant MatmulParams& p, uint k, uint j) {
+    return p.trans_b ? B[j * p.ldb + k] : B[k * p.ldb + j];
+}
+
+// ---------------------------------------------------------------------------------------
+// Version 1: naive. One thread computes C(i, j) with i = thread_position_in_grid.x.
+// Threads next to each other in a SIMD group have consecutive i, so their loads of A and
+// their stores to C are lda / ldc floats apart: each one touches its own cache line.
+// Threadgroup (32, 8, 1); grid of threadgroups (ceil(M/32), ceil(N/8), batches).
+kernel void matmul_v1_naive(device const float* A [[buffer(0)]],
+                            device const float* B [[buffer(1)]],
+                            device float* C [[buffer(2)]],
+                            constant MatmulParams& p [[buffer(3)]],
+                            uint3 gid [[thread_position_in_grid]]) {
+    uint i = gid.x;  // row of C
+    uint j = gid.y;  // column of C
+    if (i >= p.M || j >= p.N) return;
+    A += batch_offset(p, gid.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, gid.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, gid.z, p.c_stride0, p.c_stride1);
+    float acc = 0.0f;
+    for (uint k = 0; k < p.K; k++) {
+        acc += load_a(A, p, i, k) * load_b(B, p, k, j);
+    }
+    C[i * p.ldc + j] = acc;
+}
+
+// ---------------------------------------------------------------------------------------
+// Version 2: coalesced. Same work per thread, but j = thread_position_in_grid.x: the 32
+// threads of a SIMD group read 32 consecutive floats of a row of B and write 32
+// consecutive floats of C, while all of them read the same A(i, k) (one broadcast load).
+// Threadgroup (32, 8, 1); grid of threadgroups (ceil(N/32), ceil(M/8), batches).
+kernel void matmul_v2_coalesced(device const float* A [[buffer(0)]],
+                                device const float* B [[buffer(1)]],
+                                device float* C [[buffer(2)]],
+                                constant MatmulParams& p [[buffer(3)]],
+                                uint3 gid [[thread_position_in_grid]]) {
+    uint j = gid.x;  // column of C
+    uint i = gid.y;  // row of C
+    if (i >= p.M || j >= p.N) return;
+    A += batch_offset(p, gid.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, gid.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, gid.z, p.c_stride0, p.c_stride1);
+    float acc = 0.0f;
+    for (uint k = 0; k < p.K; k++) {
+        acc += load_a(A, p, i, k) * load_b(B, p, k, j);
+    }
+    C[i * p.ldc + j] = acc;
+}
+
+// ---------------------------------------------------------------------------------------
+// Tile loader shared by versions 3-5 (scalar loads).
+// Copies the R x S tile of a matrix X starting at (r0, s0) into threadgroup memory:
+//   dst[r * dr + s * ds] = X(r0 + r, s0 + s), and 0 outside rows x cols,
+// where X(r, s) = X[r * rs + s * ss]. Thread t of T copies elements t, t + T, ...
+// in the order that walks memory with unit stride, so neighbouring threads read
+// neighbouring addresses whichever way X is stored (coalesced).
+template <uint R, uint S, uint T>
+inline void load_tile(device const float* X, uint rs, uint ss, uint r0, uint s0,
+                      uint rows, uint cols, threadgroup float* dst, uint dr, uint ds, uint t) {
+    for (uint e = t; e < R * S; e += T) {
+        uint r, s;
+        if (ss == 1) {  // X is contiguous along s: consecutive e -> consecutive s
+            r = e / S;
+            s = e % S;
+        } else {        // X is contiguous along r
+            s = e / R;
+            r = e % R;
+        }
+        uint gr = r0 + r, gs = s0 + s;
+        dst[r * dr + s * ds] = (gr < rows && gs < cols) ? X[gr * rs + gs * ss] : 0.0f;
+    }
+}
+
+// The strides of op(A) (M, K) and op(B) (K, N) as X(r, s) = X[r * rs + s * ss].
+inline uint a_rs(constant MatmulParams& p) { return p.trans_a ? 1 : p.lda; }
+inline uint a_ss(constant MatmulParams& p) { return p.trans_a ? p.lda : 1; }
+inline uint b_rs(constant MatmulParams& p) { return p.trans_b ? 1 : p.ldb; }
+inline uint b_ss(constant MatmulParams& p) { return p.trans_b ? p.ldb : 1; }
+
+// ---------------------------------------------------------------------------------------
+// Version 3: threadgroup-memory tiling. A threadgroup of 32 x 32 threads computes a
+// 32 x 32 tile of C; thread (tx, ty) computes C(m0 + ty, n0 + tx). For each K step the
+// group copies a 32 x 32 tile of op(A) and of op(B) into threadgroup memory once, and
+// every thread then reads 32 values of each from there instead of from device memory:
+// each loaded float is used 32 times.
+// As is (BM, BK) = As[m][k], Bs is (BK, BN) = Bs[k][n].
+// Threadgroup (32, 32, 1) = 1024 threads; grid (ceil(N/32), ceil(M/32), batches); 8 KiB.
+kernel void matmul_v3_tiled(device const float* A [[buffer(0)]],
+                            device const float* B [[buffer(1)]],
+                            device float* C [[buffer(2)]],
+                            constant MatmulParams& p [[buffer(3)]],
+                            uint3 group [[threadgroup_position_in_grid]],
+                            uint3 tid [[thread_position_in_threadgroup]],
+                            uint t [[thread_index_in_threadgroup]]) {
+    constexpr uint TILE = 32;
+    threadgroup float As[TILE * TILE];
+    threadgroup float Bs[TILE * TILE];
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    uint m0 = group.y * TILE, n0 = group.x * TILE;
+    uint row = tid.y, col = tid.x;
+    float acc = 0.0f;
+    for (uint k0 = 0; k0 < p.K; k0 += TILE) {
+        load_tile<TILE, TILE, TILE * TILE>(A, a_rs(p), a_ss(p), m0, k0, p.M, p.K, As, TILE, 1, t);
+        load_tile<TILE, TILE, TILE * TILE>(B, b_rs(p), b_ss(p), k0, n0, p.K, p.N, Bs, TILE, 1, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // tiles complete before use
+        for (uint k = 0; k < TILE; k++) {
+            acc += As[row * TILE + k] * Bs[k * TILE + col];
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone done before overwrite
+    }
+    if (m0 + row < p.M && n0 + col < p.N) {
+        C[(m0 + row) * p.ldc + n0 + col] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Version 4: 1-D blocktiling. A threadgroup of 512 threads computes a 64 x 64 tile of C;
+// each thread computes TM = 8 outputs of one column: C(m0 + r*8 + 0..7, n0 + c) with
+// c = t % 64, r = t / 64. Per K step it reads one Bs value into a register and reuses it
+// for 8 multiply-adds, so there are fewer threadgroup-memory loads per FMA.
+// As is (BM, BK) = As[m][k], Bs is (BK, BN) = Bs[k][n].
+// Threadgroup (512, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 4 KiB.
+kernel void matmul_v4_blocktile1d(device const float* A [[buffer(0)]],
+                                  device const float* B [[buffer(1)]],
+                                  device float* C [[buffer(2)]],
+                                  constant MatmulParams& p [[buffer(3)]],
+                                  uint3 group [[threadgroup_position_in_grid]],
+                                  uint t [[thread_index_in_threadgroup]]) {
+    constexpr uint BM = 64, BN = 64, BK = 8, TM = 8;
+    constexpr uint THREADS = BM * BN / TM;  // 512
+    threadgroup float As[BM * BK];
+    threadgroup float Bs[BK * BN];
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    uint m0 = group.y * BM, n0 = group.x * BN;
+    uint c = t % BN, r = t / BN;
+    float acc[TM];
+    for (uint i = 0; i < TM; i++) acc[i] = 0.0f;
+    for (uint k0 = 0; k0 < p.K; k0 += BK) {
+        load_tile<BM, BK, THREADS>(A, a_rs(p), a_ss(p), m0, k0, p.M, p.K, As, BK, 1, t);
+        load_tile<BK, BN, THREADS>(B, b_rs(p), b_ss(p), k0, n0, p.K, p.N, Bs, BN, 1, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint k = 0; k < BK; k++) {
+            float b = Bs[k * BN + c];  // one register, reused TM times
+            for (uint i = 0; i < TM; i++) {
+                acc[i] += As[(r * TM + i) * BK + k] * b;
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    for (uint i = 0; i < TM; i++) {
+        uint m = m0 + r * TM + i, n = n0 + c;
+        if (m < p.M && n < p.N) C[m * p.ldc + n] = acc[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Version 5: 2-D blocktiling. A threadgroup of 256 threads computes a 128 x 128 tile of C;
+// each thread computes an 8 x 8 block: rows m0 + tr*8 + 0..7, columns n0 + tc*8 + 0..7
+// with tc = t % 16, tr = t / 16. Per K step it loads 8 values of As and 8 of Bs into
+// registers and does their 64 multiply-adds (an outer product): 16 loads for 64 FMAs.
+// As is (BM, BK) = As[m][k], Bs is (BK, BN) = Bs[k][n]; scalar loads everywhere.
+// Threadgroup (256, 1, 1); grid (ceil(N/128), ceil(M/128), batches); 8 KiB.
+kernel void matmul_v5_blocktile2d(device const float* A [[buffer(0)]],
+                                  device const float* B [[buffer(1)]],
+                                  device float* C [[buffer(2)]],
+                                  constant MatmulParams& p [[buffer(3)]],
+                                  uint3 group [[threadgroup_position_in_grid]],
+                                  uint t [[thread_index_in_threadgroup]]) {
+    constexpr uint BM = 128, BN = 128, BK = 8, TM = 8, TN = 8;
+    constexpr uint THREADS = (BM / TM) * (BN / TN);  // 256
+    threadgroup float As[BM * BK];
+    threadgroup float Bs[BK * BN];
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    uint m0 = group.y * BM, n0 = group.x * BN;
+    uint tc = t % (BN / TN), tr = t / (BN / TN);
+    float acc[TM * TN];
+    for (uint i = 0; i < TM * TN; i++) acc[i] = 0.0f;
+    float reg_m[TM], reg_n[TN];
+    for (uint k0 = 0; k0 < p.K; k0 += BK) {
+        load_tile<BM, BK, THREADS>(A, a_rs(p), a_ss(p), m0, k0, p.M, p.K, As, BK, 1, t);
+        load_tile<BK, BN, THREADS>(B, b_rs(p), b_ss(p), k0, n0, p.K, p.N, Bs, BN, 1, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint k = 0; k < BK; k++) {
+            for (uint i = 0; i < TM; i++) reg_m[i] = As[(tr * TM + i) * BK + k];
+            for (uint j = 0; j < TN; j++) reg_n[j] = Bs[k * BN + tc * TN + j];
+            for (uint i = 0; i < TM; i++) {
+                for (uint j = 0; j < TN; j++) acc[i * TN + j] += reg_m[i] * reg_n[j];
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    for (uint i = 0; i < TM; i++) {
+        uint m = m0 + tr * TM + i;
+        for (uint j = 0; j < TN; j++) {
+            uint n = n0 + tc * TN + j;
+            if (m < p.M && n < p.N) C[m * p.ldc + n] = acc[i * TN + j];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// float4 tile loader shared by versions 6-11.
+// Copies the R x S tile of X at (r0, s0), where X is contiguous along s
+// (X(r, s) = X[r * ld + s]), into dst[r * dr + s * ds], 0 outside rows x cols.
+// Thread t of T reads 4 consecutive floats at a time with one float4 load when `vec4`
+// says the address is 16-byte aligned and all 4 are inside the matrix; at an edge it
+// falls back to scalar loads. With dr = 1 the tile lands transposed in threadgroup memory.
+template <uint R, uint S, uint T>
+inline void load_tile_vec4(device const float* X, uint ld, uint r0, uint s0, uint rows,
+                           uint cols, bool vec4, threadgroup float* dst, uint dr, uint ds,
+                           uint t) {
+    for (uint e = t; e < R * S / 4; e += T) {
+        uint r = e / (S / 4);
+        uint s = (e % (S / 4)) * 4;
+        uint gr = r0 + r, gs = s0 + s;
+        float4 v = float4(0.0f);
+        if (vec4 && gr < rows && gs + 3 < cols) {
+            v = *((device const float4*)(X + gr * ld + gs));
+        } else if (gr < rows) {
+            for (uint q = 0; q < 4; q++) {
+                if (gs + q < cols) v[q] = X[gr * ld + gs + q];
+            }
+        }
+        threadgroup float* d = dst + r * dr + s * ds;
+        d[0] = v.x;
+        d[ds] = v.y;
+        d[2 * ds] = v.z;
+        d[3 * ds] = v.w;
+    }
+}
+
+// Load the (BM, BK) tile of op(A) at (m0, k0) as As[k][m] (A transposed in threadgroup
+// memory) and the (BK, BN) tile of op(B) at (k0, n0) as Bs[k][n], with float4 reads along
+// whichever dimension is contiguous in device memory.
+template <uint BM, uint BN, uint BK, uint T>
+inline void load_tiles_km(device const float* A, device const float* B,
+                          constant MatmulParams& p, uint m0, uint n0, uint k0,
+                          threadgroup float* As, threadgroup float* Bs, uint t) {
+    bool v = p.vec4 != 0;
+    if (p.trans_a) {  // A stored (K, M): rows are k, contiguous along m
+        load_tile_vec4<BK, BM, T>(A, p.lda, k0, m0, p.K, p.M, v, As, BM, 1, t);
+    } else {          // A stored (M, K): rows are m, contiguous along k -> transpose
+        load_tile_vec4<BM, BK, T>(A, p.lda, m0, k0, p.M, p.K, v, As, 1, BM, t);
+    }
+    if (p.trans_b) {  // B stored (N, K): rows are n, contiguous along k -> transpose
+        load_tile_vec4<BN, BK, T>(B, p.ldb, n0, k0, p.N, p.K, v, Bs, 1, BN, t);
+    } else {          // B stored (K, N)
+        load_tile_vec4<BK, BN, T>(B, p.ldb, k0, n0, p.K, p.N, v, Bs, BN, 1, t);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Versions 6-9: 2-D blocktiling with float4 loads, as a template over the tile sizes.
+// A threadgroup of (BM/TM) * (BN/TN) threads computes a BM x BN tile of C; thread t
+// computes the TM x TN block at rows m0 + tr*TM, columns n0 + tc*TN (tc = t % (BN/TN),
+// tr = t / (BN/TN)). As is stored transposed, As[k][m], so the TM values a thread needs
+// for one k are contiguous and come in TM/4 float4 loads from threadgroup memory, like
+// its TN values of Bs[k][n]. Threadgroup memory: (BM + BN) * BK * 4 bytes.
+// Grid (ceil(N/BN), ceil(M/BM), batches).
+template <uint BM, uint BN, uint BK, uint TM, uint TN>
+kernel void matmul_blocktile_vec4(device const float* A [[buffer(0)]],
+                                  device const float* B [[buffer(1)]],
+                                  device float* C [[buffer(2)]],
+                                  constant MatmulParams& p [[buffer(3)]],
+                                  uint3 group [[threadgroup_position_in_grid]],
+                                  uint t [[thread_index_in_threadgroup]]) {
+    constexpr uint THREADS = (BM / TM) * (BN / TN);
+    // float4 arrays so that float4 reads from them are 16-byte aligned
+    threadgroup float4 As4[BM * BK / 4];
+    threadgroup float4 Bs4[BK * BN / 4];
+    threadgroup float* As = (threadgroup float*)As4;  // As[k * BM + m]
+    threadgroup float* Bs = (threadgroup float*)Bs4;  // Bs[k * BN + n]
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    uint m0 = group.y * BM, n0 = group.x * BN;
+    uint tc = t % (BN / TN), tr = t / (BN / TN);
+    float acc[TM * TN];
+    for (uint i = 0; i < TM * TN; i++) acc[i] = 0.0f;
+    float4 reg_m[TM / 4], reg_n[TN / 4];
+    for (uint k0 = 0; k0 < p.K; k0 += BK) {
+        load_tiles_km<BM, BN, BK, THREADS>(A, B, p, m0, n0, k0, As, Bs, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint k = 0; k < BK; k++) {
+            for (uint i = 0; i < TM / 4; i++) reg_m[i] = As4[(k * BM + tr * TM) / 4 + i];
+            for (uint j = 0; j < TN / 4; j++) reg_n[j] = Bs4[(k * BN + tc * TN) / 4 + j];
+            for (uint i = 0; i < TM; i++) {
+                float a = reg_m[i / 4][i % 4];
+                for (uint j = 0; j < TN; j++) acc[i * TN + j] += a * reg_n[j / 4][j % 4];
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    // Write the TM x TN block: float4 stores when the row segment is inside and aligned.
+    for (uint i = 0; i < TM; i++) {
+        uint m = m0 + tr * TM + i;
+        if (m >= p.M) break;
+        for (uint j = 0; j < TN; j += 4) {
+            uint n = n0 + tc * TN + j;
+            float4 v = float4(acc[i * TN + j], acc[i * TN + j + 1], acc[i * TN + j + 2],
+                              acc[i * TN + j + 3]);
+            if (p.vec4 && n + 3 < p.N) {
+                *((device float4*)(C + m * p.ldc + n)) = v;
+            } else {
+                for (uint q = 0; q < 4; q++) {
+                    if (n + q < p.N) C[m * p.ldc + n + q] = v[q];
+                }
+            }
+        }
+    }
+}
+
+#define MATMUL_BLOCKTILE(NAME, BM, BN, BK, TM, TN)                                         \
+    template [[host_name(NAME)]] kernel void matmul_blocktile_vec4<BM, BN, BK, TM, TN>(   \
+        device const float* A [[buffer(0)]], device const float* B [[buffer(1)]],         \
+        device float* C [[buffer(2)]], constant MatmulParams& p [[buffer(3)]],            \
+        uint3 group [[threadgroup_position_in_grid]], uint t [[thread_index_in_threadgroup]]);
+
+// Version 6: 128x128x8 tiles, 8x8 per thread, 256 threads, 8 KiB.
+MATMUL_BLOCKTILE("matmul_v6_vec4", 128, 128, 8, 8, 8)
+// Versions 7-9: the same kernel, other tile sizes (see the table in camel/gemm.py).
+MATMUL_BLOCKTILE("matmul_v7_64x64x8_4x4", 64, 64, 8, 4, 4)        // 256 threads, 4 KiB
+MATMUL_BLOCKTILE("matmul_v8_128x128x16_8x8", 128, 128, 16, 8, 8)  // 256 threads, 16 KiB
+MATMUL_BLOCKTILE("matmul_v9_128x64x16_8x4", 128, 64, 16, 8, 4)    // 256 threads, 12 KiB
+
+// ---------------------------------------------------------------------------------------
+// Versions 10-11: SIMD-group tiling on simdgroup_matrix.
+// A threadgroup of 4 SIMD groups (128 threads) computes a 64 x 64 tile of C. SIMD group
+// sg = 0..3 owns the 32 x 32 quarter at rows m0 + (sg / 2) * 32, columns n0 + (sg % 2) * 32
+// as 4 x 4 accumulators of type simdgroup_float8x8: the 32 threads of the SIMD group hold
+// one 8x8 matrix together (2 floats each) and multiply 8x8 matrices in hardware.
+// Per K step of 8 a SIMD group loads 4 fragments of op(A) and 4 of op(B) from threadgroup
+// memory and does 16 simdgroup_multiply_accumulate (16 x 512 FMAs).
+// As is (BM, BK) = As[m][k], Bs is (BK, BN) = Bs[k][n]; both zero-filled at edges.
+#define SG_BM 64u
+#define SG_BN 64u
+#define SG_BK 16u
+#define SG_THREADS 128u
+
+// The 4 x 4 accumulators of one SIMD group (its 32 x 32 part of C).
+struct SgAcc {
+    simdgroup_float8x8 m[4][4];
+};
+
+// Copy the (64, 16) tile of op(A) at (m0, k0) into As[m][k] and the (16, 64) tile of op(B)
+// at (k0, n0) into Bs[k][n], with float4 reads along the contiguous dimension.
+inline void load_tiles_sg(device const float* A, device const float* B,
+                          constant MatmulParams& p, uint m0, uint n0, uint k0,
+                          threadgroup float* As, threadgroup float* Bs, uint t) {
+    bool v = p.vec4 != 0;
+    if (p.trans_a) {  // A stored (K, M): contiguous along m -> As[m][k] is a transpose
+        load_tile_vec4<SG_BK, SG_BM, SG_THREADS>(A, p.lda, k0, m0, p.K, p.M, v, As, 1, SG_BK, t);
+    } else {
+        load_tile_vec4<SG_BM, SG_BK, SG_THREADS>(A, p.lda, m0, k0, p.M, p.K, v, As, SG_BK, 1, t);
+    }
+    if (p.trans_b) {  // B stored (N, K): contiguous along k -> Bs[k][n] is a transpose
+        load_tile_vec4<SG_BN, SG_BK, SG_THREADS>(B, p.ldb, n0, k0, p.N, p.K, v, Bs, 1, SG_BN, t);
+    } else {
+        load_tile_vec4<SG_BK, SG_BN, SG_THREADS>(B, p.ldb, k0, n0, p.K, p.N, v, Bs, SG_BN, 1, t);
+    }
+}
+
+// acc[i][j] += op(A) fragment i · op(B) fragment j over the BK columns of one tile.
+inline void mma_tile_sg(threadgroup const float* As, threadgroup const float* Bs, uint wm,
+                        uint wn, thread SgAcc& acc) {
+    for (uint kk = 0; kk < SG_BK; kk += 8) {
+        simdgroup_float8x8 a[4], b[4];
+        for (uint i = 0; i < 4; i++) {
+            simdgroup_load(a[i], As + (wm + i * 8) * SG_BK + kk, SG_BK);
+        }
+        for (uint j = 0; j < 4; j++) {
+            simdgroup_load(b[j], Bs + kk * SG_BN + wn + j * 8, SG_BN);
+        }
+        for (uint i = 0; i < 4; i++) {
+            for (uint j = 0; j < 4; j++) {
+                simdgroup_multiply_accumulate(acc.m[i][j], a[i], b[j], acc.m[i][j]);
+            }
+        }
+    }
+}
+
+// Store the 4 x 4 accumulators of one SIMD group at C(m, n), m = m0 + wm + i*8,
+// n = n0 + wn + j*8: straight to device memory when the 8x8 block is inside C,
+// otherwise through a 64-float scratch in threadgroup memory with per-element checks.
+inline void store_acc_sg(thread SgAcc& acc, device float* C,
+                         constant MatmulParams& p, uint m0, uint n0, uint wm, uint wn,
+                         threadgroup float* scratch, uint lane) {
+    for (uint i = 0; i < 4; i++) {
+        for (uint j = 0; j < 4; j++) {
+            uint m = m0 + wm + i * 8, n = n0 + wn + j * 8;
+            if (m >= p.M || n >= p.N) continue;  // the same for all 32 lanes
+            if (m + 8 <= p.M && n + 8 <= p.N) {
+                simdgroup_store(acc.m[i][j], C + m * p.ldc + n, p.ldc);
+            } else {
+                simdgroup_store(acc.m[i][j], scratch, 8);
+                simdgroup_barrier(mem_flags::mem_threadgroup);
+                for (uint e = lane; e < 64; e += 32) {
+                    uint r = e / 8, c = e % 8;
+                    if (m + r < p.M && n + c < p.N) C[(m + r) * p.ldc + n + c] = scratch[e];
+                }
+                simdgroup_barrier(mem_flags::mem_threadgroup);  // reads done before reuse
+            }
+        }
+    }
+}
+
+// Version 10: simdgroup_matrix tiling, one threadgroup buffer (two barriers per K step).
+// Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 8 KiB + 1 KiB scratch.
+kernel void matmul_v10_simdgroup(device const float* A [[buffer(0)]],
+                                 device const float* B [[buffer(1)]],
+                                 device float* C [[buffer(2)]],
+                                 constant MatmulParams& p [[buffer(3)]],
+                                 uint3 group [[threadgroup_position_in_grid]],
+                                 uint t [[thread_index_in_threadgroup]],
+                                 uint sg [[simdgroup_index_in_threadgroup]],
+                                 uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup float4 As4[SG_BM * SG_BK / 4];
+    threadgroup float4 Bs4[SG_BK * SG_BN / 4];
+    threadgroup float scratch[4 * 64];
+    threadgroup float* As = (threadgroup float*)As4;
+    threadgroup float* Bs = (threadgroup float*)Bs4;
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    uint m0 = group.y * SG_BM, n0 = group.x * SG_BN;
+    uint wm = (sg / 2) * 32, wn = (sg % 2) * 32;  // this SIMD group's quarter of the tile
+    SgAcc acc;
+    for (uint i = 0; i < 4; i++) {
+        for (uint j = 0; j < 4; j++) acc.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+    for (uint k0 = 0; k0 < p.K; k0 += SG_BK) {
+        load_tiles_sg(A, B, p, m0, n0, k0, As, Bs, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        mma_tile_sg(As, Bs, wm, wn, acc);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    store_acc_sg(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
+}
+
+// Version 11: version 10 with double buffering. Two copies of the As/Bs tiles: while the
+// SIMD groups multiply the tile in buffer (k step) % 2, the loads of the next K tile go to
+// the other buffer, so device-memory latency overlaps the matrix math, and one barrier per
+// K step suffices (the buffer being written was last read before the previous barrier).
+// Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 16 KiB + 1 KiB scratch.
+kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
+                                     device const float* B [[buffer(1)]],
+                                     device float* C [[buffer(2)]],
+                                     constant MatmulParams& p [[buffer(3)]],
+                                     uint3 group [[threadgroup_position_in_grid]],
+                                     uint t [[thread_index_in_threadgroup]],
+                                     uint sg [[simdgroup_index_in_threadgroup]],
+                                     uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup float4 As4[2 * SG_BM * SG_BK / 4];
+    threadgroup float4 Bs4[2 * SG_BK * SG_BN / 4];
+    threadgroup float scratch[4 * 64];
+    threadgroup float* As = (threadgroup float*)As4;  // buffer s at As + s * SG_BM * SG_BK
+    threadgroup float* Bs = (threadgroup float*)Bs4;
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    uint m0 = group.y * SG_BM, n0 = group.x * SG_BN;
+    uint wm = (sg / 2) * 32, wn = (sg % 2) * 32;
+    SgAcc acc;
+    for (uint i = 0; i < 4; i++) {
+        for (uint j = 0; j < 4; j++) acc.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+    uint steps = (p.K + SG_BK - 1) / SG_BK;
+    if (steps > 0) load_tiles_sg(A, B, p, m0, n0, 0, As, Bs, t);  // prologue: tile 0
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint s = 0; s < steps; s++) {
+        uint cur = s % 2, nxt = 1 - cur;
+        if (s + 1 < steps) {  // prefetch the next tile into the other buffer
+            load_tiles_sg(A, B, p, m0, n0, (s + 1) * SG_BK, As + nxt * SG_BM * SG_BK,
+                          Bs + nxt * SG_BK * SG_BN, t);
+        }
+        mma_tile_sg(As + cur * SG_BM * SG_BK, Bs + cur * SG_BK * SG_BN, wm, wn, acc);
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
+    }
+    store_acc_sg(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
+}
