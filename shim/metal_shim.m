@@ -47,10 +47,12 @@
  * camel_pipeline_info_get gets the per-kernel value. */
 #define CAMEL_APPLE_SIMD_WIDTH 32
 
-/* setBytes:length:atIndex: is meant for small constant data (< 4 KB). */
+/* setBytes:length:atIndex: only works for small data (Apple: "smaller than
+ * 4 kilobytes"); the ABI allows up to 4096 bytes. */
 #define CAMEL_MAX_SET_BYTES 4096
 
-/* Metal's buffer argument table has 31 entries per stage. */
+/* Metal's buffer argument table has 31 entries per kernel; we allow as many
+ * [[threadgroup(i)]] lengths (camel/metal.py uses the same two numbers). */
 #define CAMEL_MAX_BUFFER_BINDINGS 31
 #define CAMEL_MAX_THREADGROUP_BINDINGS 31
 
@@ -135,10 +137,18 @@ static id<MTLDevice> g_device = nil;
 static id<MTLCommandQueue> g_queue = nil;
 
 /* Live handles: CFSets with NULL callbacks compare raw pointers and retain
- * nothing, which is exactly "is this pointer one we handed out?". */
+ * nothing, which is exactly "is this pointer one we handed out?". It catches
+ * double releases and stale handles; it cannot tell a stale handle from a new
+ * object that happens to reuse the same address (camel/metal.py also drops
+ * its reference on release), and a handle must not be released by one thread
+ * while another is still passing it in. */
 static CFMutableSetRef g_live_buffers = NULL;
 static CFMutableSetRef g_live_libraries = NULL;
 static CFMutableSetRef g_live_pipelines = NULL;
+/* Is `handle` one we handed out and have not released? Caller holds g_lock. */
+static int is_live(CFMutableSetRef set, const void *handle) {
+    return handle != NULL && set != NULL && CFSetContainsValue(set, handle);
+}
 static uint64_t g_allocated_bytes = 0;
 static uint64_t g_buffer_count = 0;
 
@@ -275,7 +285,7 @@ camel_buffer *camel_buffer_new(uint64_t nbytes, void **contents) {
 int camel_buffer_release(camel_buffer *handle) {
     @autoreleasepool {
         pthread_mutex_lock(&g_lock);
-        if (handle == NULL || g_live_buffers == NULL || !CFSetContainsValue(g_live_buffers, handle)) {
+        if (!is_live(g_live_buffers, handle)) {
             pthread_mutex_unlock(&g_lock);
             set_error("[buffer] release of %p, which is not a live buffer (released twice?)",
                       (void *)handle);
@@ -360,8 +370,7 @@ camel_library *camel_library_new(const char *source, const char *path) {
 /* Look up a live library handle; NULL (with the error set) if it is not one. */
 static CamelLibrary *live_library(camel_library *handle, const char *component) {
     pthread_mutex_lock(&g_lock);
-    int live = handle != NULL && g_live_libraries != NULL &&
-               CFSetContainsValue(g_live_libraries, handle);
+    int live = is_live(g_live_libraries, handle);
     pthread_mutex_unlock(&g_lock);
     if (!live) {
         set_error("[%s] %p is not a live library (released?)", component, (void *)handle);
@@ -373,8 +382,7 @@ static CamelLibrary *live_library(camel_library *handle, const char *component) 
 void camel_library_release(camel_library *handle) {
     @autoreleasepool {
         pthread_mutex_lock(&g_lock);
-        int live = handle != NULL && g_live_libraries != NULL &&
-                   CFSetContainsValue(g_live_libraries, handle);
+        int live = is_live(g_live_libraries, handle);
         if (live) CFSetRemoveValue(g_live_libraries, handle);
         pthread_mutex_unlock(&g_lock);
         if (!live) {
@@ -490,8 +498,7 @@ camel_pipeline *camel_pipeline_new(camel_library *handle, const char *name) {
 
 /* Caller holds g_lock. */
 static CamelPipeline *live_pipeline_locked(camel_pipeline *handle) {
-    if (handle == NULL || g_live_pipelines == NULL || !CFSetContainsValue(g_live_pipelines, handle))
-        return nil;
+    if (!is_live(g_live_pipelines, handle)) return nil;
     return (__bridge CamelPipeline *)handle;
 }
 
@@ -521,9 +528,10 @@ int camel_pipeline_info_get(camel_pipeline *handle, camel_pipeline_info *out) {
             set_error("[pipeline] %p is not a live pipeline (or out is NULL)", (void *)handle);
             return 1;
         }
-        out->max_total_threads_per_threadgroup = (uint32_t)pipeline.state.maxTotalThreadsPerThreadgroup;
-        out->thread_execution_width = (uint32_t)pipeline.state.threadExecutionWidth;
-        out->static_threadgroup_memory = (uint32_t)pipeline.state.staticThreadgroupMemoryLength;
+        id<MTLComputePipelineState> state = pipeline.state;
+        out->max_total_threads_per_threadgroup = (uint32_t)state.maxTotalThreadsPerThreadgroup;
+        out->thread_execution_width = (uint32_t)state.threadExecutionWidth;
+        out->static_threadgroup_memory = (uint32_t)state.staticThreadgroupMemoryLength;
         return 0;
     }
 }
@@ -535,7 +543,8 @@ int camel_pipeline_info_get(camel_pipeline *handle, camel_pipeline_info *out) {
 static uint64_t round_up_16(uint64_t n) { return (n + 15) & ~(uint64_t)15; }
 
 /* Record what a finished command buffer tells us. Runs on a Metal thread. */
-static void command_buffer_done(id<MTLCommandBuffer> cb, uint64_t cb_id, NSArray<NSString *> *kernels) {
+static void command_buffer_done(id<MTLCommandBuffer> cb, uint64_t cb_id,
+                                NSArray<NSString *> *kernels) {
     pthread_mutex_lock(&g_done_lock);
     camel_timing *t = &g_timings[cb_id % CAMEL_TIMING_RING];
     t->cb_id = cb_id;
@@ -781,7 +790,7 @@ static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
         const camel_binding *want = &p->buffers[i];
         const char *pname = want->present ? want->name : "(unused index)";
         if (a->buffer != NULL) {
-            if (!CFSetContainsValue(g_live_buffers, a->buffer)) {
+            if (!is_live(g_live_buffers, a->buffer)) {
                 set_error("[dispatch] kernel '%s': argument %u ('%s') is %p, not a live buffer "
                           "(released?)", k, i, pname, (void *)a->buffer);
                 return 1;
@@ -858,8 +867,9 @@ uint64_t camel_dispatch(const camel_dispatch_desc *d) {
         MTLSize group = MTLSizeMake(d->threads_per_threadgroup[0], d->threads_per_threadgroup[1],
                                     d->threads_per_threadgroup[2]);
         if (d->grid_is_threads)
-            /* Exactly grid threads; Metal trims the threadgroups at the edge
-             * (non-uniform threadgroups, supported by every Apple GPU). */
+            /* Exactly grid threads; Metal shrinks the threadgroups at the
+             * edge (non-uniform threadgroup sizes: every Apple-silicon GPU
+             * supports them). */
             [enc dispatchThreads:grid threadsPerThreadgroup:group];
         else
             [enc dispatchThreadgroups:grid threadsPerThreadgroup:group];
@@ -881,7 +891,8 @@ uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c, uin
     @autoreleasepool {
         if (need_device()) return 0;
         if (!MPSSupportsMTLDevice(g_device)) {
-            set_error("[mps] MetalPerformanceShaders does not support %s", g_device.name.UTF8String);
+            set_error("[mps] MetalPerformanceShaders does not support %s",
+                      g_device.name.UTF8String);
             return 0;
         }
         if (m == 0 || n == 0 || k == 0) {
@@ -893,7 +904,7 @@ uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c, uin
         const char *names[3] = {"A", "B", "C"};
         uint64_t need[3] = {(uint64_t)m * k * 4, (uint64_t)k * n * 4, (uint64_t)m * n * 4};
         for (int i = 0; i < 3; i++) {
-            if (handles[i] == NULL || !CFSetContainsValue(g_live_buffers, handles[i])) {
+            if (!is_live(g_live_buffers, handles[i])) {
                 pthread_mutex_unlock(&g_lock);
                 set_error("[mps] %s is %p, not a live buffer", names[i], (void *)handles[i]);
                 return 0;
@@ -901,8 +912,9 @@ uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c, uin
             NSUInteger have = ((__bridge id<MTLBuffer>)handles[i]).length;
             if (have < need[i]) {
                 pthread_mutex_unlock(&g_lock);
-                set_error("[mps] %s (M=%u N=%u K=%u, float32) needs %llu bytes, its buffer has %llu",
-                          names[i], m, n, k, (unsigned long long)need[i], (unsigned long long)have);
+                set_error("[mps] %s (M=%u N=%u K=%u, float32) needs %llu bytes, its buffer "
+                          "has %llu", names[i], m, n, k, (unsigned long long)need[i],
+                          (unsigned long long)have);
                 return 0;
             }
         }
