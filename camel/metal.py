@@ -805,7 +805,7 @@ class Function:
 
     Positional argument i binds [[buffer(i)]]:
       DeviceArray / "mps" Tensor / Buffer   the buffer (at the array's byte offset)
-      Python float                          4 bytes of float32   (setBytes)
+      Python float (np.float64 is one)      4 bytes of float32   (setBytes)
       Python int                            4 bytes: int32 if negative, else uint32
       NumPy scalar or array <= 4096 bytes   its bytes            (setBytes)
     threadgroups= is dispatchThreadgroups; threads= is dispatchThreads (the last
