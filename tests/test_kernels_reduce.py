@@ -1,0 +1,209 @@
+"""Stage 2 reductions (shaders/ops_reduce.metal) against the NumPy reference.
+
+sum and max over the last axis (rows of 1 .. 10 000), over the whole tensor (two
+passes), over leading and middle axes (the bias gradient), their backward, and
+sum_to_shape, in all three simulator schedule orders. Ties in max: the first
+maximum wins, as in np.argmax and camel/backend_cpu.py.
+"""
+
+import numpy as np
+import pytest
+
+import camel
+import camel.functional as F
+from camel import backend_cpu as cpu
+
+ORDERS = ["forward", "reverse", "random"]
+
+
+def _backend_mps():
+    try:
+        from camel import backend_mps, metal
+
+        metal.device_name()
+    except Exception as e:
+        pytest.skip(f"no 'mps' device here: {e}")
+    return backend_mps
+
+
+@pytest.fixture(params=ORDERS)
+def mps(request, monkeypatch):
+    monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
+    return _backend_mps()
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def host(mps, x):
+    return np.array(mps.to_numpy(x))
+
+
+def close(got, want, k=1):
+    # float32 sums in a different order: error grows with the number of terms.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, np.sqrt(k)) * 4)
+
+
+ROWS = [(1, 1), (3, 1), (2, 3), (4, 31), (5, 32), (3, 33), (2, 1000), (1, 4097), (2, 10000)]
+
+
+@pytest.mark.parametrize("shape", ROWS)
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_sum_last_axis(mps, shape, keepdims):
+    x = rand(*shape)
+    got = host(mps, mps.sum(mps.from_numpy(x), 1, keepdims))
+    want = cpu.sum(x, 1, keepdims)
+    assert got.shape == want.shape
+    close(got, want, shape[1])
+
+
+@pytest.mark.parametrize("n", [1, 3, 31, 32, 33, 1000, 4097, 70001])
+def test_sum_all_two_passes(mps, n):
+    x = rand(n, seed=1)
+    got = host(mps, mps.sum(mps.from_numpy(x), None, False))
+    assert got.shape == ()
+    close(got, np.sum(x, dtype=np.float64), n)
+
+
+def test_sum_all_grid_stride_many_elements_per_thread(monkeypatch):
+    # More than 1024 threadgroups' worth: each thread of pass 1 visits several elements.
+    monkeypatch.setenv("CAMEL_SIM_ORDER", "random")
+    mps = _backend_mps()
+    x = rand(3, 100_003, seed=2)
+    got = host(mps, mps.sum(mps.from_numpy(x), None, True))
+    assert got.shape == (1, 1)
+    close(got, np.sum(x, dtype=np.float64).reshape(1, 1), x.size)
+
+
+@pytest.mark.parametrize(
+    "shape, axis", [((4097, 3), 0), ((16, 10), 0), ((3, 5, 7), 1), ((2, 3, 4), 0), ((33, 1), 0)]
+)
+def test_sum_leading_and_middle_axes(mps, shape, axis):
+    x = rand(*shape, seed=3)
+    got = host(mps, mps.sum(mps.from_numpy(x), axis, False))
+    close(got, cpu.sum(x, axis, False), shape[axis])
+
+
+@pytest.mark.parametrize(
+    "grad_shape, shape",
+    [((16, 10), (10,)), ((2, 3, 4), (3, 4)), ((4097, 1), (1,)), ((3, 4), ()), ((5,), (5,))],
+)
+def test_sum_to_shape(mps, grad_shape, shape):
+    g = rand(*grad_shape, seed=4)
+    got = host(mps, mps.sum_to_shape(mps.from_numpy(g), shape))
+    want = cpu.sum_to_shape(g, shape)
+    assert got.shape == want.shape
+    close(got, want, g.size)
+
+
+@pytest.mark.parametrize(
+    "in_shape, axis, keepdims",
+    [((3, 33), 1, False), ((3, 33), 1, True), ((4, 5, 6), 1, False), ((7,), None, False)],
+)
+def test_sum_backward(mps, in_shape, axis, keepdims):
+    out_shape = cpu.sum(np.zeros(in_shape, np.float32), axis, keepdims).shape
+    g = rand(*out_shape, seed=5) if out_shape else np.array(1.5, np.float32)
+    got = host(mps, mps.sum_backward(mps.from_numpy(g), in_shape, axis))
+    np.testing.assert_array_equal(got, cpu.sum_backward(g, in_shape, axis))
+
+
+def ties(*shape, seed=0):
+    """Small integers: many equal maxima per row, so the tie rule is exercised."""
+    return np.random.default_rng(seed).integers(-3, 4, size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", ROWS)
+def test_max_last_axis_first_maximum_wins(mps, shape):
+    x = ties(*shape, seed=6)
+    values, indices = mps.max(mps.from_numpy(x), 1, False)
+    want_v, want_i = cpu.max(x, 1, False)
+    np.testing.assert_array_equal(host(mps, values), want_v)
+    np.testing.assert_array_equal(host(mps, indices), want_i)
+    assert host(mps, indices).dtype == np.int32
+
+
+@pytest.mark.parametrize("n", [1, 33, 4097, 70001])
+def test_max_all(mps, n):
+    x = ties(n, seed=7)
+    values, indices = mps.max(mps.from_numpy(x), None, False)
+    want_v, want_i = cpu.max(x, None, False)
+    assert host(mps, values).shape == ()
+    np.testing.assert_array_equal(host(mps, values), want_v)
+    np.testing.assert_array_equal(host(mps, indices), want_i)
+
+
+def test_max_all_tie_in_the_last_threadgroup_loses_to_the_first(mps):
+    x = np.zeros(70001, dtype=np.float32)
+    x[[69000, 513, 40000]] = 5.0  # three maxima in different pass-1 threadgroups
+    values, indices = mps.max(mps.from_numpy(x), None, True)
+    assert host(mps, values).shape == (1,)
+    assert int(host(mps, indices)[0]) == 513
+
+
+def test_max_with_minus_inf_entries(mps):
+    x = rand(4, 37, seed=8)
+    x[:, ::3] = -np.inf
+    x[2, :] = -np.inf  # a row of -inf everywhere: the max is -inf at index 0
+    values, indices = mps.max(mps.from_numpy(x), 1, False)
+    want_v, want_i = cpu.max(x, 1, False)
+    np.testing.assert_array_equal(host(mps, values), want_v)
+    np.testing.assert_array_equal(host(mps, indices), want_i)
+
+
+@pytest.mark.parametrize("shape, axis", [((4097, 3), 0), ((3, 5, 7), 1), ((2, 3, 4), 0)])
+def test_max_leading_and_middle_axes(mps, shape, axis):
+    x = ties(*shape, seed=9)
+    values, indices = mps.max(mps.from_numpy(x), axis, True)
+    want_v, want_i = cpu.max(x, axis, True)
+    np.testing.assert_array_equal(host(mps, values), want_v)
+    np.testing.assert_array_equal(host(mps, indices), want_i)
+
+
+@pytest.mark.parametrize(
+    "in_shape, axis, keepdims", [((3, 33), 1, False), ((4, 5, 6), 1, True), ((37,), None, False)]
+)
+def test_max_backward(mps, in_shape, axis, keepdims):
+    x = ties(*in_shape, seed=10)
+    _, idx = cpu.max(x, axis, keepdims)
+    g = rand(*idx.shape, seed=11) if idx.shape else np.array(2.0, np.float32)
+    got = mps.max_backward(mps.from_numpy(g), mps.from_numpy(idx), in_shape, axis)
+    np.testing.assert_array_equal(host(mps, got), cpu.max_backward(g, idx, in_shape, axis))
+
+
+def test_max_over_an_empty_axis_is_an_error(mps):
+    with pytest.raises(ValueError, match=r"\[max\].*empty"):
+        mps.max(mps.from_numpy(np.zeros((3, 0), np.float32)), 1, False)
+
+
+# ---------------------------------------------------------------------------
+# op tests through the Tensor API on "cpu" and "mps"
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["cpu", "mps"])
+def device(request):
+    if request.param == "mps":
+        _backend_mps()
+    return request.param
+
+
+def test_op_sum_mean_max_backward(device):
+    x_np = ties(5, 33, seed=12) + rand(5, 33, seed=13) * np.float32(0.01)
+    x = camel.tensor(x_np, requires_grad=True, device=device)
+    w = rand(5, seed=14)
+    loss = (x.sum(axis=1) * camel.tensor(w, device=device)).sum() + x.max(axis=-1).sum()
+    loss = loss + x.mean()
+    loss.backward()
+    onehot = np.zeros_like(x_np)
+    onehot[np.arange(5), x_np.argmax(1)] = 1
+    want = w[:, None] + onehot + 1.0 / x_np.size
+    np.testing.assert_allclose(x.grad.numpy(), want, rtol=1e-5, atol=1e-6)
+    want_loss = (x_np.sum(1) * w).sum() + x_np.max(1).sum() + x_np.mean()
+    np.testing.assert_allclose(loss.item(), want_loss, rtol=1e-5, atol=1e-4)
+
+
+def test_op_reduction_over_missing_axis_is_a_clear_error(device):
+    x = camel.tensor(rand(2, 3), device=device)
+    with pytest.raises((ValueError, IndexError), match="axis"):
+        F.sum(x, axis=2)

@@ -1,0 +1,173 @@
+"""Stage 2 softmax family (shaders/ops_softmax.metal) against the NumPy reference.
+
+softmax, log_softmax and their backward over rows of 1 .. 10 000, causal softmax,
+the fused cross-entropy forward and backward, extreme logits (+-1e4, -inf entries),
+out-of-range targets, in all three simulator schedule orders; op tests on "cpu"
+and "mps" against PyTorch where it is installed.
+"""
+
+import numpy as np
+import pytest
+
+import camel
+import camel.functional as F
+from camel import backend_cpu as cpu
+
+ORDERS = ["forward", "reverse", "random"]
+
+
+def _backend_mps():
+    try:
+        from camel import backend_mps, metal
+
+        metal.device_name()
+    except Exception as e:
+        pytest.skip(f"no 'mps' device here: {e}")
+    return backend_mps
+
+
+@pytest.fixture(params=ORDERS)
+def mps(request, monkeypatch):
+    monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
+    return _backend_mps()
+
+
+def rand(*shape, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def host(mps, x):
+    return np.array(mps.to_numpy(x))
+
+
+def close(got, want):
+    assert not np.isnan(got).any(), "NaN in the kernel's output"
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+ROWS = [(1, 1), (3, 1), (2, 3), (4, 31), (5, 32), (3, 33), (2, 1000), (1, 4097), (2, 10000)]
+
+
+def extreme(shape, seed=0):
+    """Logits of +-1e4 and -inf entries (never a whole row of -inf)."""
+    x = rand(*shape, seed=seed, scale=1e4)
+    x.reshape(-1)[1::7] = -np.inf
+    x[..., 0] = np.where(np.isinf(x[..., 0]), 0.0, x[..., 0])
+    return x
+
+
+@pytest.mark.parametrize("shape", ROWS)
+def test_softmax_and_backward(mps, shape):
+    x, g = rand(*shape, seed=1, scale=3.0), rand(*shape, seed=2)
+    y = mps.softmax(mps.from_numpy(x))
+    close(host(mps, y), cpu.softmax(x))
+    dx = mps.softmax_backward(y, mps.from_numpy(g))
+    close(host(mps, dx), cpu.softmax_backward(cpu.softmax(x), g))
+
+
+@pytest.mark.parametrize("shape", ROWS)
+def test_log_softmax_and_backward(mps, shape):
+    x, g = rand(*shape, seed=3, scale=3.0), rand(*shape, seed=4)
+    y = mps.log_softmax(mps.from_numpy(x))
+    close(host(mps, y), cpu.log_softmax(x))
+    dx = mps.log_softmax_backward(y, mps.from_numpy(g))
+    close(host(mps, dx), cpu.log_softmax_backward(cpu.log_softmax(x), g))
+
+
+@pytest.mark.parametrize("shape", [(3, 1000), (4, 33), (2, 3, 7)])
+def test_softmax_family_extreme_logits(mps, shape):
+    x = extreme(shape, seed=5)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want_p, want_l = cpu.softmax(x), cpu.log_softmax(x)
+    got_p = host(mps, mps.softmax(mps.from_numpy(x)))
+    close(got_p, want_p)
+    got_l = host(mps, mps.log_softmax(mps.from_numpy(x)))
+    assert not np.isnan(got_l).any()
+    finite = np.isfinite(want_l)
+    np.testing.assert_array_equal(np.isfinite(got_l), finite)  # -inf stays -inf
+    np.testing.assert_allclose(got_l[finite], want_l[finite], rtol=2e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 5), (3, 4, 6), (1, 1), (2, 33, 33)])
+def test_causal_softmax(mps, shape):
+    x = rand(*shape, seed=6)
+    got = host(mps, mps.softmax(mps.from_numpy(x), causal=True))
+    close(got, cpu.softmax(x, causal=True))
+    masked = np.triu(np.ones(shape[-2:], dtype=bool), k=1)  # column j > row i
+    assert np.all(got[..., masked] == 0.0)
+
+
+@pytest.mark.parametrize("n, c", [(1, 1), (16, 10), (33, 3), (5, 1000), (3, 10000), (1, 4097)])
+def test_cross_entropy_forward_backward(mps, n, c):
+    x = rand(n, c, seed=7, scale=2.0)
+    t = np.random.default_rng(8).integers(0, c, size=n).astype(np.int32)
+    dt = mps.from_numpy(t)
+    loss, probs = mps.cross_entropy(mps.from_numpy(x), dt)
+    want_loss, want_probs = cpu.cross_entropy(x, t)
+    assert host(mps, loss).shape == ()
+    np.testing.assert_allclose(host(mps, loss), want_loss, rtol=2e-5, atol=1e-6)
+    close(host(mps, probs), want_probs)
+    g = np.array(2.5, dtype=np.float32)
+    dx = mps.cross_entropy_backward(probs, dt, mps.from_numpy(g))
+    close(host(mps, dx), cpu.cross_entropy_backward(want_probs, t, g))
+
+
+def test_cross_entropy_extreme_logits(mps):
+    x = extreme((6, 50), seed=9)
+    t = np.array([0, 3, 10, 49, 22, 0], dtype=np.int32)  # targets at finite logits
+    x[np.arange(6), t] = np.where(np.isinf(x[np.arange(6), t]), 1.0, x[np.arange(6), t])
+    loss, probs = mps.cross_entropy(mps.from_numpy(x), mps.from_numpy(t))
+    with np.errstate(invalid="ignore", over="ignore"):
+        want_loss, want_probs = cpu.cross_entropy(x, t)
+    got = float(host(mps, loss))
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, want_loss, rtol=2e-5)
+    close(host(mps, probs), want_probs)
+
+
+@pytest.mark.parametrize("bad", [10, 12, -1])
+def test_cross_entropy_out_of_range_target_is_a_clear_error(mps, bad):
+    x = rand(4, 10, seed=10)
+    t = np.array([0, bad, 3, 9], dtype=np.int32)
+    with pytest.raises(IndexError, match=rf"target {bad} \(row 1\).*10 classes"):
+        mps.cross_entropy(mps.from_numpy(x), mps.from_numpy(t))
+
+
+# ---------------------------------------------------------------------------
+# op tests through the Tensor API: "cpu" and "mps", against PyTorch when installed
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["cpu", "mps"])
+def device(request):
+    if request.param == "mps":
+        _backend_mps()
+    return request.param
+
+
+def test_op_softmax_log_softmax_cross_entropy_match_torch(device):
+    torch = pytest.importorskip("torch")
+    x_np, w_np = rand(16, 10, seed=11, scale=3.0), rand(16, 10, seed=12)
+    t_np = np.random.default_rng(13).integers(0, 10, size=16).astype(np.int32)
+
+    x = camel.tensor(x_np, requires_grad=True, device=device)
+    w = camel.tensor(w_np, device=device)
+    targets = camel.tensor(t_np, device=device)
+    loss = (F.softmax(x) * w).sum() + (F.log_softmax(x) * w).sum() + F.cross_entropy(x, targets)
+    loss.backward()
+
+    tx = torch.tensor(x_np, requires_grad=True)
+    tw = torch.tensor(w_np)
+    tloss = (torch.softmax(tx, -1) * tw).sum() + (torch.log_softmax(tx, -1) * tw).sum()
+    tloss = tloss + torch.nn.functional.cross_entropy(tx, torch.tensor(t_np, dtype=torch.long))
+    tloss.backward()
+    np.testing.assert_allclose(loss.item(), tloss.item(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x.grad.numpy(), tx.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_op_cross_entropy_bad_target(device):
+    x = camel.tensor(rand(3, 5), device=device)
+    t = camel.tensor(np.array([1, 5, 0], dtype=np.int32), device=device)
+    with pytest.raises((IndexError, ValueError), match="5"):
+        F.cross_entropy(x, t)
