@@ -10,6 +10,7 @@ import sys
 # name -> module with main(argv); one line per benchmark
 BENCHMARKS = {
     "cpu": "camel.bench.cpu",  # camel vs PyTorch on the CPU: MLP Adam step, small-op host cost
+    "matmul": "camel.bench.matmul",  # the GEMM ladder vs NumPy (validation) and MPS (speed)
 }
 
 

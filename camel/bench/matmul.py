@@ -1,0 +1,219 @@
+"""Benchmark the GEMM ladder: ``python -m camel.bench matmul [--list] [--tune] [--plot PNG]``.
+
+1. Validate every version against NumPy at awkward sizes (1, 31, 33, 257, transposed,
+   batched). A version that fails is reported and not timed.
+2. Time each version at M = N = K in --sizes (default 256 ... 4096 on a GPU) after warm-up,
+   synchronised, and print   version | M=N=K | ms | GFLOP/s | % of MPS
+   with MPS (MPSMatrixMultiplication) as kernel 0 on a Mac.
+
+On the simulator (Linux) the times are CPU times of the simulator, NOT GPU timings, and
+the default sizes are small; the table says so. `--markdown FILE` rewrites the results
+table in FILE between the `<!-- bench:matmul -->` markers (`make bench` does this for
+docs/stage3.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+import numpy as np
+
+GPU_SIZES = [256, 512, 1024, 2048, 4096]
+SIM_SIZES = [64, 128, 256]
+
+# Validation cases: (A stored, B stored, transpose_a, transpose_b)
+CASES = [
+    ((1, 1), (1, 1), False, False),
+    ((31, 33), (33, 257), False, False),
+    ((257, 31), (31, 33), False, False),
+    ((33, 31), (33, 65), True, False),  # dW = Xᵀ·dY
+    ((31, 33), (65, 33), False, True),  # dX = dY·Wᵀ
+    ((2, 3, 17, 8), (2, 3, 19, 8), False, True),  # batched q·kᵀ
+    ((4, 33, 20), (20, 31), False, False),  # 3-D @ 2-D
+]
+
+MARK_BEGIN = "<!-- bench:matmul begin -->"
+MARK_END = "<!-- bench:matmul end -->"
+
+
+def validate(versions, log=print) -> list[str]:
+    """Check each version on CASES; return the versions that pass."""
+    from camel import autotune
+
+    rng = np.random.default_rng(0)
+    passed = []
+    for v in versions:
+        worst = 0.0
+        for a_shape, b_shape, ta, tb in CASES:
+            a = rng.standard_normal(a_shape, dtype=np.float32)
+            b = rng.standard_normal(b_shape, dtype=np.float32)
+            worst = max(worst, autotune.check(v, a, b, transpose_a=ta, transpose_b=tb))
+        ok = worst < 1e-5
+        log(f"  validate version {v:>2}: {'ok  ' if ok else 'FAIL'} (max rel. error {worst:.1e})")
+        if ok:
+            passed.append(v)
+    return passed
+
+
+def time_mps(s: int, reps: int) -> float | None:
+    """ms per MPS matmul at s^3, or None where MPS does not exist (the simulator)."""
+    from camel import autotune, metal
+
+    if metal.is_simulator():
+        return None
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((s, s), dtype=np.float32)
+    b = rng.standard_normal((s, s), dtype=np.float32)
+    da, db = metal.DeviceArray.from_numpy(a), metal.DeviceArray.from_numpy(b)
+    dc = metal.DeviceArray.empty((s, s), np.float32)
+    metal.mps_matmul(da, db, dc)
+    got = dc.numpy()
+    want = a.astype(np.float64) @ b
+    if np.abs(got - want).max() > 1e-3 * max(1.0, np.abs(want).max()):
+        print("  MPS result does not match NumPy; not used as the reference", file=sys.stderr)
+        return None
+    return autotune.time_ms(lambda: metal.mps_matmul(da, db, dc), reps)
+
+
+def time_version(v: str, s: int, reps: int) -> float:
+    from camel import autotune, gemm, metal
+
+    rng = np.random.default_rng(2)
+    da = metal.DeviceArray.from_numpy(rng.standard_normal((s, s), dtype=np.float32))
+    db = metal.DeviceArray.from_numpy(rng.standard_normal((s, s), dtype=np.float32))
+    dc = metal.DeviceArray.empty((s, s), np.float32)
+    return autotune.time_ms(lambda: gemm.matmul(da, db, out=dc, version=v), reps)
+
+
+def run(versions, sizes, reps) -> tuple[list[tuple], bool]:
+    """Rows (version, size, ms, gflops, pct_of_mps or None) and whether MPS was timed."""
+    from camel import gemm
+
+    rows, have_mps = [], False
+    for s in sizes:
+        flops = 2.0 * s**3
+        mps_ms = time_mps(s, reps)
+        if mps_ms is not None:
+            have_mps = True
+            rows.append(("0 (MPS)", s, mps_ms, flops / mps_ms / 1e6, 100.0))
+        for v in versions:
+            rung = gemm.get_rung(v)
+            if not gemm.fits(rung):
+                print(f"  version {v} does not fit this device's limits; skipped")
+                continue
+            ms = time_version(v, s, reps)
+            pct = 100.0 * mps_ms / ms if mps_ms else None
+            rows.append((v, s, ms, flops / ms / 1e6, pct))
+    return rows, have_mps
+
+
+def table(rows, simulator: bool, device: str) -> str:
+    """The results as a Markdown table, with what ran it."""
+    where = (
+        f"{device}: simulator CPU time on this machine, NOT GPU timings"
+        if simulator
+        else f"{device}: GPU time per matmul (command-buffer timestamps)"
+    )
+    label = "sim GFLOP/s" if simulator else "GFLOP/s"
+    lines = [f"Measured on {where}.", "", f"| version | M=N=K | ms | {label} | % of MPS |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    for v, s, ms, gflops, pct in rows:
+        pct_text = f"{pct:.0f}%" if pct is not None else "n/a"
+        lines.append(f"| {v} | {s} | {ms:.3f} | {gflops:.2f} | {pct_text} |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, text: str) -> None:
+    with open(path) as f:
+        doc = f.read()
+    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
+    pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"[bench] {path} has no {MARK_BEGIN} ... {MARK_END} markers")
+    with open(path, "w") as f:
+        f.write(pattern.sub(lambda _: block, doc))
+    print(f"[bench] wrote the table into {path}")
+
+
+def plot(rows, path: str, simulator: bool) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] --plot needs matplotlib (pip install matplotlib); no chart written")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for v in dict.fromkeys(r[0] for r in rows):
+        pts = [(s, g) for (vv, s, _, g, _) in rows if vv == v]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"v{v}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M = N = K")
+    ax.set_ylabel("simulated GFLOP/s (CPU, not GPU)" if simulator else "GFLOP/s")
+    ax.set_title("camel GEMM ladder" + (" — simulator, not GPU timings" if simulator else ""))
+    ax.legend(ncol=2, fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"[bench] wrote {path}")
+
+
+def main(argv=None) -> int:
+    from camel import autotune, gemm, metal
+
+    ap = argparse.ArgumentParser(prog="python -m camel.bench matmul", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--list", action="store_true", help="print the version names and exit")
+    ap.add_argument("--tune", action="store_true", help="autotune the sizes and cache winners")
+    ap.add_argument("--plot", metavar="PNG", help="write the ladder as a chart (matplotlib)")
+    ap.add_argument("--sizes", help="comma-separated M=N=K sizes (default depends on device)")
+    ap.add_argument("--versions", help="comma-separated versions (default: all)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per size")
+    ap.add_argument("--markdown", metavar="FILE", help="rewrite the table in FILE (make bench)")
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for rung in gemm.RUNGS.values():
+            print(f"{rung.version:>2} {rung.kernel}")
+        return 0
+
+    sim = metal.is_simulator()
+    device = metal.device_name()
+    versions = (
+        [gemm.get_rung(v).version for v in args.versions.split(",")]
+        if args.versions
+        else gemm.versions()
+    )
+    sizes = (
+        [int(s) for s in args.sizes.split(",")] if args.sizes else (SIM_SIZES if sim else GPU_SIZES)
+    )
+    reps = args.reps or (1 if sim else 20)
+    print(f"[bench] matmul on {device}")
+    if sim:
+        print("[bench] SIMULATOR: kernels run on the CPU; times below are NOT GPU timings")
+
+    print("[bench] validating against NumPy")
+    passed = validate(versions)
+    failed = [v for v in versions if v not in passed]
+
+    if args.tune:
+        autotune.tune(sizes, reps=reps, versions=passed)
+        print(f"[bench] winners saved in {autotune.cache_path()}")
+        return 1 if failed else 0
+
+    rows, _ = run(passed, sizes, reps)
+    text = table(rows, sim, device)
+    print(text)
+    if args.markdown:
+        write_markdown(args.markdown, text)
+    if args.plot:
+        plot(rows, args.plot, sim)
+    if failed:
+        print(f"[bench] versions that failed validation: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The GEMM ladder (shaders/ops_matmul.metal via camel/gemm.py) against NumPy.
+
+Every rung, forward and with the transposed operands backward needs (dW = Xᵀ·dY,
+dX = dY·Wᵀ), at awkward sizes, batched (3-D, 4-D, a broadcast 2-D operand), in the
+simulator's three schedule orders; plus the errors a learner will hit.
+"""
+
+import numpy as np
+import pytest
+
+from camel import autotune, gemm
+
+metal = pytest.importorskip("camel.metal")
+
+
+def _device_ok():
+    try:
+        metal.device_name()
+    except Exception:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _device_ok(), reason="no shim (Metal or simulator) loads")
+
+VERSIONS = gemm.versions()
+
+# (M, N, K) from the issue: 1, odd, just over a tile, non-multiples of every tile, a mat-vec.
+SHAPES = [(1, 1, 1), (3, 7, 5), (33, 31, 17), (64, 65, 63), (130, 257, 66), (1000, 1, 1000)]
+
+
+def _operands(rng, a_shape, b_shape):
+    a = rng.standard_normal(a_shape, dtype=np.float32)
+    b = rng.standard_normal(b_shape, dtype=np.float32)
+    return a, b
+
+
+def _reference(a, b, transpose_a=False, transpose_b=False):
+    x = np.swapaxes(a, -1, -2) if transpose_a else a
+    y = np.swapaxes(b, -1, -2) if transpose_b else b
+    return np.matmul(x.astype(np.float64), y.astype(np.float64))
+
+
+def _run(version, a, b, transpose_a=False, transpose_b=False):
+    da, db = metal.DeviceArray.from_numpy(a), metal.DeviceArray.from_numpy(b)
+    out = gemm.matmul(da, db, transpose_a=transpose_a, transpose_b=transpose_b, version=version)
+    return out.numpy().copy()
+
+
+def _check(version, a, b, transpose_a=False, transpose_b=False):
+    got = _run(version, a, b, transpose_a, transpose_b)
+    want = _reference(a, b, transpose_a, transpose_b)
+    assert got.shape == want.shape, f"v{version}: shape {got.shape} != {want.shape}"
+    k = a.shape[-2] if transpose_a else a.shape[-1]
+    tol = 1e-4 * max(1.0, np.sqrt(k))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol, err_msg=f"version {version}")
+
+
+def _stored(m, n, k, transpose_a, transpose_b, batch=()):
+    """Stored shapes of A and B for op(A) (M, K), op(B) (K, N)."""
+    a_shape = (*batch, k, m) if transpose_a else (*batch, m, k)
+    b_shape = (*batch, n, k) if transpose_b else (*batch, k, n)
+    return a_shape, b_shape
+
+
+# ---- forward, every rung, every issue size ---------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_forward(version, m, n, k, rng):
+    a, b = _operands(rng, (m, k), (k, n))
+    _check(version, a, b)
+
+
+# ---- the transposed operands backward needs -------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (33, 31, 17), (64, 65, 63), (130, 257, 66)])
+@pytest.mark.parametrize("ta,tb", [(True, False), (False, True), (True, True)])
+def test_transposed(version, m, n, k, ta, tb, rng):
+    a, b = _operands(rng, *_stored(m, n, k, ta, tb))
+    _check(version, a, b, ta, tb)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_linear_backward_shapes(version, rng):
+    """nn.Linear: y = x·Wᵀ; dX = dY·W; dW = dYᵀ·X — with the ladder's transpose flags."""
+    x = rng.standard_normal((37, 20), dtype=np.float32)  # (N, in)
+    w = rng.standard_normal((12, 20), dtype=np.float32)  # (out, in)
+    dy = rng.standard_normal((37, 12), dtype=np.float32)  # (N, out)
+    _check(version, x, w, transpose_b=True)  # y  (N, out)
+    _check(version, dy, w)  # dX (N, in)
+    _check(version, dy, x, transpose_a=True)  # dW (out, in)
+
+
+# ---- batches ------------------------------------------------------------------------------
+
+BATCHED = [
+    # (A stored, B stored, transpose_a, transpose_b)
+    ((3, 9, 12), (3, 12, 20), False, False),  # 3-D
+    ((2, 3, 17, 8), (2, 3, 8, 19), False, False),  # 4-D (B, H, T, D) style
+    ((2, 3, 17, 8), (2, 3, 19, 8), False, True),  # q · kᵀ
+    ((2, 3, 8, 17), (2, 3, 8, 19), True, False),  # dV-style  pᵀ · dy
+    ((4, 33, 20), (20, 31), False, False),  # 3-D @ 2-D: B broadcast (batch stride 0)
+    ((4, 33, 20), (31, 20), False, True),  # x · Wᵀ over a batch
+    ((20, 33), (4, 20, 31), False, False),  # 2-D @ 3-D: A broadcast
+    ((2, 1, 9, 12), (3, 12, 10), False, False),  # broadcast batch dims (2, 1) x (3,)
+    ((2, 64, 68), (2, 68, 36), False, False),  # float4-aligned strides
+]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("a_shape,b_shape,ta,tb", BATCHED)
+def test_batched(version, a_shape, b_shape, ta, tb, rng):
+    a, b = _operands(rng, a_shape, b_shape)
+    _check(version, a, b, ta, tb)
+
+
+# ---- the simulator's schedule orders (exposes missing barriers) -------------------------
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "random"])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_schedule_orders(version, order, monkeypatch, rng):
+    monkeypatch.setenv("CAMEL_SIM_ORDER", order)  # the runtime reads it per dispatch
+    for m, n, k in [(33, 31, 17), (64, 65, 63)]:
+        for ta, tb in [(False, False), (True, True)]:
+            a, b = _operands(rng, *_stored(m, n, k, ta, tb))
+            _check(version, a, b, ta, tb)
+    a, b = _operands(rng, (2, 2, 17, 8), (2, 2, 19, 8))
+    _check(version, a, b, False, True)
+
+
+# ---- misaligned storage: float4 paths must fall back ------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_unaligned_offsets(version, rng):
+    """Operands 4 bytes into their buffers (not 16-byte aligned) with rows of 64 floats."""
+    m, n, k = 40, 64, 64
+    a, b = _operands(rng, (m, k), (k, n))
+    buf_a, buf_b = metal.Buffer(4 + a.nbytes), metal.Buffer(4 + b.nbytes)
+    da = metal.DeviceArray(a.shape, np.float32, buf_a, offset=4)
+    db = metal.DeviceArray(b.shape, np.float32, buf_b, offset=4)
+    da.numpy()[...] = a
+    db.numpy()[...] = b
+    out = metal.DeviceArray((m, n), np.float32, metal.Buffer(4 + 4 * m * n), offset=4)
+    gemm.matmul(da, db, out=out, version=version)
+    np.testing.assert_allclose(out.numpy(), _reference(a, b), rtol=1e-4, atol=1e-3)
+
+
+# ---- selection: CAMEL_MATMUL, defaults, autotuner cache ---------------------------------
+
+
+def test_camel_matmul_env_selects_rung(monkeypatch, rng):
+    used = []
+    real = gemm.dispatch
+    monkeypatch.setattr(
+        gemm, "dispatch", lambda rung, *a: (used.append(rung.version), real(rung, *a))
+    )
+    a, b = _operands(rng, (5, 6), (6, 7))
+    for v in ("3", "v7", "10"):
+        monkeypatch.setenv("CAMEL_MATMUL", v)
+        np.testing.assert_allclose(_run(None, a, b), _reference(a, b), rtol=1e-4, atol=1e-4)
+    assert used == ["3", "7", "10"]
+
+
+def test_camel_matmul_unknown_version(monkeypatch, rng):
+    monkeypatch.setenv("CAMEL_MATMUL", "12")
+    a, b = _operands(rng, (2, 3), (3, 4))
+    with pytest.raises(ValueError, match=r"unknown version '12'.*1, 2, 3.*11"):
+        _run(None, a, b)
+
+
+def test_get_rung_lists_valid_versions():
+    with pytest.raises(ValueError, match="valid versions: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"):
+        gemm.get_rung("fast")
+    assert gemm.get_rung(8).kernel == "matmul_v8_128x128x16_8x8"
+
+
+def test_table_fits_apple_limits():
+    """Every rung fits Apple GPU limits: 1024 threads, 32 KiB threadgroup memory."""
+    for rung in gemm.RUNGS.values():
+        assert rung.nthreads <= 1024 and rung.tg_bytes <= 32768, rung
+
+
+def test_table_names_exist_in_shader():
+    names = set(metal.library(gemm.SHADER).function_names)
+    for rung in gemm.RUNGS.values():
+        assert rung.kernel in names
+
+
+def test_autotune_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    autotune.reset()
+    try:
+        results = autotune.tune([48], reps=1, versions=["2", "5"], log=lambda *_: None)
+        winner, times = results[48]
+        assert set(times) == {"2", "5"} and winner in times
+        assert (tmp_path / autotune.CACHE_NAME).exists()
+        autotune.reset()  # read back from the file
+        assert autotune.lookup(40, 33, 64) == winner  # same shape class 64x64x64
+        assert gemm.choose_version(40, 33, 64) == winner
+        assert autotune.lookup(300, 300, 300) is None
+    finally:
+        autotune.reset()
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_shapes_do_not_align():
+    a = metal.DeviceArray.from_numpy(np.zeros((3, 4), np.float32))
+    b = metal.DeviceArray.from_numpy(np.zeros((5, 6), np.float32))
+    with pytest.raises(
+        ValueError, match=r"\[matmul\] shapes \(3, 4\) and \(5, 6\) do not align: 4 != 5"
+    ):
+        gemm.matmul(a, b)
+    with pytest.raises(ValueError, match="transposed"):
+        gemm.matmul(a, b, transpose_a=True)
+
+
+def test_batch_dims_do_not_broadcast():
+    with pytest.raises(ValueError, match="do not broadcast"):
+        gemm.plan((2, 3, 4), (3, 4, 5))
+    with pytest.raises(ValueError, match="2 to 4 dims"):
+        gemm.plan((2, 2, 2, 3, 4), (4, 5))
+
+
+def test_integer_operands():
+    a = metal.DeviceArray.from_numpy(np.ones((3, 4), np.int32))
+    b = metal.DeviceArray.from_numpy(np.ones((4, 2), np.float32))
+    with pytest.raises(TypeError, match="float32, got int32"):
+        gemm.matmul(a, b)
+
+
+def test_forced_rung_over_device_limits(monkeypatch):
+    """A device smaller than the rung: the error gives both sets of numbers."""
+    monkeypatch.setattr(gemm, "device_limits", lambda: (128, 8192))
+    a = metal.DeviceArray.from_numpy(np.ones((8, 8), np.float32))
+    with pytest.raises(
+        RuntimeError, match=r"version 8 .* 256 threads and 16384 bytes.*128 threads and 8192"
+    ):
+        gemm.matmul(a, a, version="8")
+    assert not gemm.fits(gemm.get_rung("8")) and gemm.fits(gemm.get_rung("2"))
+    assert "8" not in autotune.candidates()
+
+
+@pytest.mark.parametrize("version", ["1", "3", "5", "6", "10", "11"])
+def test_k_zero_gives_zeros(version):
+    """K = 0: no K step runs and every rung writes zeros (like NumPy)."""
+    x = metal.DeviceArray.zeros((4, 0))
+    y = metal.DeviceArray.zeros((0, 5))
+    out = metal.DeviceArray.from_numpy(np.full((4, 5), np.nan, np.float32))
+    gemm.matmul(x, y, out=out, version=version)
+    np.testing.assert_array_equal(out.numpy(), np.zeros((4, 5), np.float32))
