@@ -11,8 +11,12 @@ shim:
 test: shim
 	$(PYTHON) -m pytest -q
 
+# bench: the GEMM ladder (validates against NumPy first) and its table in docs/stage3.md
+bench: shim
+	$(PYTHON) -m camel.bench matmul --markdown docs/stage3.md
+
 clean:
 	$(MAKE) -C shim clean
 	rm -rf build *.egg-info .pytest_cache
 
-.PHONY: shim test clean
+.PHONY: shim test bench clean
