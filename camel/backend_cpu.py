@@ -76,8 +76,8 @@ def _new(x):
 
 
 def _c(x):
-    """x (a freshly computed result) as a C-contiguous ndarray, copying only if needed;
-    NumPy returns scalars from full reductions, and this keeps them 0-d arrays."""
+    """x (a freshly computed result) as a C-contiguous ndarray, copying only if needed.
+    NumPy turns 0-d results into scalars (np.float32); storages must stay arrays."""
     return np.asarray(x, order="C")
 
 
@@ -137,27 +137,27 @@ def mul(a, b):
 
 def add_scalar(a, s):
     """out = a + s for a Python float s."""
-    return a + np.float32(s)
+    return _c(a + np.float32(s))
 
 
 def mul_scalar(a, s):
     """out = a * s for a Python float s."""
-    return a * np.float32(s)
+    return _c(a * np.float32(s))
 
 
 def neg(a):
     """out = -a."""
-    return np.negative(a)
+    return _c(np.negative(a))
 
 
 def relu(x):
     """out = max(x, 0)."""
-    return np.maximum(x, np.float32(0))
+    return _c(np.maximum(x, np.float32(0)))
 
 
 def relu_backward(x, grad):
     """dx = grad where x > 0, else 0 (the gradient at exactly 0 is 0, like PyTorch)."""
-    return np.where(x > 0, grad, np.float32(0))
+    return _c(np.where(x > 0, grad, np.float32(0)))
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # sqrt(2/pi)
@@ -168,7 +168,7 @@ def gelu(x):
     """GELU, tanh approximation (PyTorch's approximate="tanh"):
     out = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))."""
     inner = np.float32(_GELU_C) * (x + np.float32(_GELU_A) * x * x * x)
-    return (np.float32(0.5) * x * (np.float32(1) + np.tanh(inner))).astype(np.float32)
+    return _c(np.float32(0.5) * x * (np.float32(1) + np.tanh(inner)))
 
 
 def gelu_backward(x, grad):
@@ -178,7 +178,7 @@ def gelu_backward(x, grad):
     t = np.tanh(c * (x + a * x * x * x))
     dudx = c * (np.float32(1) + np.float32(3) * a * x * x)
     d = np.float32(0.5) * (np.float32(1) + t) + np.float32(0.5) * x * (np.float32(1) - t * t) * dudx
-    return (grad * d).astype(np.float32)
+    return _c(grad * d)
 
 
 # ---------------------------------------------------------------------------

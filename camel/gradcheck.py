@@ -11,6 +11,12 @@ L = sum(out * r), so a single backward (with grad=r) checks every output
 element at once. The ops themselves run in float32 on the inputs' device; the
 projection and the differences are computed in float64 on the CPU, and the
 step actually taken (x + eps rounded to float32) is used as the denominator.
+
+Why the loose default tolerances (atol 5e-3, rtol 1e-2): the function itself runs
+in float32, so each evaluation carries rounding noise of about 1e-7 * |out|, and
+dividing a difference by 2 eps = 2e-3 magnifies it ~500 times. That is enough to
+catch a wrong gradient (they are off by O(1)), not to certify the last digits;
+the op tests compare with PyTorch for those.
 """
 
 import numpy as np
@@ -30,7 +36,7 @@ def _leaf_copy(x):
     return Tensor._make(x.backend.copy(x.storage), x.device, x.requires_grad)
 
 
-def gradcheck(fn, inputs, eps=1e-3, atol=1e-3, rtol=1e-2, seed=0):
+def gradcheck(fn, inputs, eps=1e-3, atol=5e-3, rtol=1e-2, seed=0):
     """Raise GradcheckError naming the input, the worst element, and the analytic and
     numeric values when autograd and central differences disagree by more than
     atol + rtol * |numeric|. Returns True otherwise.

@@ -45,7 +45,14 @@ def get_backend(device):
 
 def device_of(storage):
     """'cpu' for an np.ndarray, 'mps' for a camel.metal.DeviceArray."""
-    return "cpu" if isinstance(storage, np.ndarray) else "mps"
+    if isinstance(storage, np.ndarray):
+        return "cpu"
+    if isinstance(storage, np.generic):  # a backend bug worth a clear message
+        raise TypeError(
+            f"[tensor] a backend returned the NumPy scalar {storage!r}; storages must be "
+            "arrays (wrap 0-d results with np.asarray)"
+        )
+    return "mps"
 
 
 # ---------------------------------------------------------------------------

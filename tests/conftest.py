@@ -1,0 +1,56 @@
+"""Shared test fixtures: the devices every op test runs on.
+
+`device` is "cpu", plus "mps" when camel/backend_mps.py exists and a shim
+(the Metal shim on a Mac, the simulator elsewhere) loads. So the same op
+tests run on the simulator in CI as soon as the Metal backend lands.
+CAMEL_TEST_DEVICES=cpu (or cpu,mps) overrides the choice.
+"""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+
+def _mps_available():
+    if importlib.util.find_spec("camel.backend_mps") is None:
+        return False
+    try:
+        import camel.backend_mps  # noqa: F401
+        import camel.metal
+
+        camel.metal.device_name()  # loads (or builds) the shim and creates the device
+    except Exception:
+        return False
+    return True
+
+
+def _devices():
+    # CAMEL_TEST_DEVICES=cpu (or "cpu,mps") picks the devices by hand, e.g. to
+    # run the op tests without touching the simulator.
+    chosen = os.environ.get("CAMEL_TEST_DEVICES")
+    if chosen:
+        return [d.strip() for d in chosen.split(",") if d.strip()]
+    return ["cpu"] + (["mps"] if _mps_available() else [])
+
+
+DEVICES = _devices()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each test that takes `device` runs once per available device."""
+    return request.param
+
+
+@pytest.fixture
+def devices():
+    """All available devices, for tests that compare them."""
+    return list(DEVICES)
+
+
+@pytest.fixture
+def rng():
+    """A fresh, seeded NumPy generator per test (tests never share random state)."""
+    return np.random.default_rng(1234)
