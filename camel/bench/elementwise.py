@@ -1,0 +1,117 @@
+"""Benchmark Stage 1's elementwise kernels: ``python -m camel.bench elementwise``.
+
+Version 1 gives each thread one float (``add_float``), version 2 four neighbouring
+floats loaded as one float4 (``add_float4``); the same for mul and relu, and the
+float4 copy (``copy_uint4``) is the reference bandwidth: a kernel that only moves bytes.
+
+1. Validate every kernel against NumPy at awkward sizes (1, 3, 31, 33, 1000, 4097):
+   exact equality (add, mul, relu and copy are exact in float32).
+2. On an Apple GPU: time each kernel after warm-up (GPU timestamps of one command
+   buffer of `--reps` dispatches) and print  kernel | n | ms | GB/s | % of copy,
+   where "% of copy" compares with copy_uint4's bandwidth at the same size (this
+   device's measured copy bandwidth).
+   On the simulator: validation only; the simulator's times are CPU times and say
+   nothing about a GPU (``--time`` prints them anyway, labelled as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+VALIDATE_SIZES = [1, 3, 31, 33, 1000, 4097]
+GPU_SIZES = [1 << 16, 1 << 20, 1 << 24]
+SIM_SIZES = [1 << 14, 1 << 18]
+SHADER = "ops_elementwise.metal"
+
+
+def variants(n: int, rng):
+    """(kernel, args, threads, bytes moved, output DeviceArray, expected) per kernel, at n."""
+    from camel.metal import DeviceArray
+
+    a = rng.standard_normal(n, dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    da, db = DeviceArray.from_numpy(a), DeviceArray.from_numpy(b)
+    out = DeviceArray.empty((n,), np.float32)
+    v4 = (n + 3) // 4
+    f = 4  # bytes per float
+    return [
+        ("copy_uint4", (da, out, n), v4, 2 * n * f, out, a),
+        ("add_float", (da, db, out, n), n, 3 * n * f, out, a + b),
+        ("add_float4", (da, db, out, n), v4, 3 * n * f, out, a + b),
+        ("mul_float", (da, db, out, n), n, 3 * n * f, out, a * b),
+        ("mul_float4", (da, db, out, n), v4, 3 * n * f, out, a * b),
+        ("relu_float", (da, out, n), n, 2 * n * f, out, np.maximum(a, 0)),
+        ("relu_float4", (da, out, n), v4, 2 * n * f, out, np.maximum(a, 0)),
+        ("relu_backward_float4", (da, db, out, n), v4, 3 * n * f, out, np.where(a > 0, b, 0)),
+        ("mul_scalar_float4", (da, 0.5, out, n), v4, 2 * n * f, out, a * np.float32(0.5)),
+    ]
+
+
+def _run(name, args, threads, nbytes):
+    from camel import metal
+
+    fn = metal.kernel(SHADER, name)
+    fn(*args, threads=threads, threads_per_threadgroup=min(256, threads), bytes=nbytes)
+
+
+def validate(log=print) -> bool:
+    rng = np.random.default_rng(0)
+    ok = True
+    for n in VALIDATE_SIZES:
+        for name, args, threads, nbytes, out, want in variants(n, rng):
+            _run(name, args, threads, nbytes)
+            good = np.array_equal(out.numpy(), want.astype(np.float32))
+            ok &= good
+            if not good:
+                log(f"  validate {name} n={n}: FAIL")
+    log(f"  validate: {'ok' if ok else 'FAILED'} (every kernel at n = {VALIDATE_SIZES})")
+    return ok
+
+
+def time_all(sizes, reps, log=print) -> list[tuple]:
+    from camel.autotune import time_ms
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for n in sizes:
+        copy_gbs = None
+        for name, args, threads, nbytes, _out, _want in variants(n, rng):
+            ms = time_ms(lambda: _run(name, args, threads, nbytes), reps)  # noqa: B023
+            gbs = nbytes / ms / 1e6
+            if name == "copy_uint4":
+                copy_gbs = gbs
+            rows.append((name, n, ms, gbs, 100.0 * gbs / copy_gbs))
+    return rows
+
+
+def main(argv=None) -> int:
+    from camel import metal
+
+    parser = argparse.ArgumentParser(
+        prog="python -m camel.bench elementwise",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", help="element counts to time")
+    parser.add_argument("--reps", type=int, default=50, help="dispatches per timing")
+    parser.add_argument("--time", action="store_true", help="time on the simulator too")
+    args = parser.parse_args(argv)
+
+    sim = metal.is_simulator()
+    print(f"device: {metal.device_name()}" + (" (the Metal simulator on the CPU)" if sim else ""))
+    if not validate():
+        return 1
+    if sim and not args.time:
+        print("simulator: validation only. Its times are CPU times, not GPU timings;")
+        print("run this on a Mac for GB/s (or pass --time for simulator CPU times).")
+        return 0
+    sizes = args.sizes or (SIM_SIZES if sim else GPU_SIZES)
+    unit = "sim GB/s" if sim else "GB/s"
+    if sim:
+        print("simulator CPU times: NOT GPU timings, only for comparing versions here")
+    print(f"\n| kernel | n | ms | {unit} | % of copy |\n|---|---:|---:|---:|---:|")
+    for name, n, ms, gbs, pct in time_all(sizes, args.reps):
+        print(f"| {name} | {n} | {ms:.4f} | {gbs:.1f} | {pct:.0f}% |")
+    return 0

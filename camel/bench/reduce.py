@@ -1,0 +1,91 @@
+"""Benchmark Stage 2's reductions: ``python -m camel.bench reduce``.
+
+Kernels of shaders/ops_reduce.metal through camel/backend_mps.py:
+  sum / max over the last axis   one threadgroup per row, simd_sum / simd_max, one exchange
+                                 through threadgroup memory
+  sum over everything            two passes: threadgroup partials, then one threadgroup
+  sum over the leading axis      one thread per column (the bias gradient)
+
+1. Validate each against NumPy (backend_cpu) at awkward shapes: rows of 1, 33 and 10 000,
+   4097 elements in all, a (4097, 3) leading-axis sum; max ties resolved to the first index.
+2. On an Apple GPU: time each after warm-up and print  op | shape | ms | GB/s
+   (bytes read + written per call / time). On the simulator: validation only (its times
+   are CPU times, not GPU timings); ``--time`` prints them anyway, labelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+GPU_SHAPES = [(4096, 1024), (1024, 16384), (16384, 256)]
+SIM_SHAPES = [(256, 1024), (64, 10000)]
+
+
+def cases(shape, rng):
+    """(label, run() -> DeviceArray, expected, bytes) for each reduction at `shape`."""
+    from camel import backend_cpu as cpu
+    from camel import backend_mps as mps
+
+    x = rng.standard_normal(shape, dtype=np.float32)
+    ties = rng.integers(-3, 4, size=shape).astype(np.float32)
+    dx, dt = mps.from_numpy(x), mps.from_numpy(ties)
+    rows, k = shape
+    f = 4
+    return [
+        ("sum last axis", lambda: mps.sum(dx, 1, False), cpu.sum(x, 1, False), (x.size + rows) * f),
+        ("max last axis", lambda: mps.max(dt, 1, False)[1], cpu.max(ties, 1, False)[1],
+         (x.size + 2 * rows) * f),
+        ("sum all (2 passes)", lambda: mps.sum(dx, None, False), cpu.sum(x, None, False),
+         x.size * f),
+        ("sum axis 0 (bias grad)", lambda: mps.sum(dx, 0, False), cpu.sum(x, 0, False),
+         (x.size + k) * f),
+    ]  # fmt: skip
+
+
+def validate(log=print) -> bool:
+    rng = np.random.default_rng(0)
+    ok = True
+    for shape in [(1, 1), (3, 33), (2, 10000), (4097, 3), (1, 4097)]:
+        for label, run, want, _ in cases(shape, rng):
+            got = run().numpy()
+            good = got.shape == want.shape and np.allclose(got, want, rtol=1e-5, atol=1e-4)
+            ok &= bool(good)
+            if not good:
+                log(f"  validate {label} {shape}: FAIL")
+    log(f"  validate: {'ok' if ok else 'FAILED'}")
+    return ok
+
+
+def main(argv=None) -> int:
+    from camel import metal
+    from camel.autotune import time_ms
+
+    parser = argparse.ArgumentParser(
+        prog="python -m camel.bench reduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--reps", type=int, default=20, help="calls per timing")
+    parser.add_argument("--time", action="store_true", help="time on the simulator too")
+    args = parser.parse_args(argv)
+
+    sim = metal.is_simulator()
+    print(f"device: {metal.device_name()}" + (" (the Metal simulator on the CPU)" if sim else ""))
+    if not validate():
+        return 1
+    if sim and not args.time:
+        print("simulator: validation only. Its times are CPU times, not GPU timings;")
+        print("run this on a Mac for GB/s (or pass --time for simulator CPU times).")
+        return 0
+    unit = "sim GB/s" if sim else "GB/s"
+    if sim:
+        print("simulator CPU times: NOT GPU timings, only for comparing kernels here")
+    print(f"\n| op | shape | ms | {unit} |\n|---|---|---:|---:|")
+    rng = np.random.default_rng(1)
+    for shape in SIM_SHAPES if sim else GPU_SHAPES:
+        for label, run, _want, nbytes in cases(shape, rng):
+            ms = time_ms(run, args.reps)
+            print(f"| {label} | {shape} | {ms:.4f} | {nbytes / ms / 1e6:.1f} |")
+    return 0

@@ -1,0 +1,104 @@
+"""Benchmark Stage 2's softmax family: ``python -m camel.bench softmax``.
+
+Kernels of shaders/ops_softmax.metal through camel/backend_mps.py, one threadgroup per
+row: softmax and log_softmax forward (three sweeps over the row: max, sum of exp, write),
+softmax backward (two sweeps), and the cross-entropy backward (one thread per element).
+
+1. Validate each against NumPy (backend_cpu) at awkward shapes (rows of 1, 33, 10 000)
+   and extreme logits (+-1e4, -inf entries): no NaN, equal to float32 tolerance.
+2. On an Apple GPU: time each after warm-up and print  op | (N, C) | ms | GB/s
+   (the compulsory bytes: read x once, write y once). On the simulator: validation only
+   (its times are CPU times, not GPU timings); ``--time`` prints them anyway, labelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+GPU_SHAPES = [(4096, 1024), (1024, 16384), (65536, 10)]
+SIM_SHAPES = [(256, 1000), (16, 10000)]
+
+
+def cases(shape, rng, extreme=False):
+    """(label, run() -> DeviceArray, expected, bytes) per kernel at (N, C)."""
+    from camel import backend_cpu as cpu
+    from camel import backend_mps as mps
+
+    n, c = shape
+    x = rng.standard_normal(shape, dtype=np.float32) * np.float32(1e4 if extreme else 3)
+    if extreme:
+        x[:, 1::7] = -np.inf
+    g = rng.standard_normal(shape, dtype=np.float32)
+    t = rng.integers(0, c, size=n).astype(np.int32)
+    dx, dg, dt = mps.from_numpy(x), mps.from_numpy(g), mps.from_numpy(t)
+    with np.errstate(all="ignore"):
+        y = cpu.softmax(x)
+        _, probs = cpu.cross_entropy(x, t)
+    dy, dprobs = mps.from_numpy(y), mps.from_numpy(probs)
+    one = mps.from_numpy(np.array(1.0, np.float32))
+    f = 4
+    return [
+        ("softmax", lambda: mps.softmax(dx), y, 2 * x.size * f),
+        ("log_softmax", lambda: mps.log_softmax(dx), cpu.log_softmax(x), 2 * x.size * f),
+        ("softmax_backward", lambda: mps.softmax_backward(dy, dg), cpu.softmax_backward(y, g),
+         3 * x.size * f),
+        ("cross_entropy_backward", lambda: mps.cross_entropy_backward(dprobs, dt, one),
+         cpu.cross_entropy_backward(probs, t, np.array(1.0, np.float32)), 2 * x.size * f),
+    ]  # fmt: skip
+
+
+def validate(log=print) -> bool:
+    rng = np.random.default_rng(0)
+    ok = True
+    for shape, extreme in [((1, 1), False), ((3, 33), False), ((2, 10000), False),
+                           ((4, 1000), True)]:  # fmt: skip
+        for label, run, want, _ in cases(shape, rng, extreme):
+            got = run().numpy()
+            finite = np.isfinite(want)
+            good = (
+                not np.isnan(got).any()
+                and np.array_equal(np.isfinite(got), finite)
+                and np.allclose(
+                    got[finite], want[finite], rtol=2e-5, atol=1e-3 if extreme else 1e-6
+                )
+            )
+            ok &= bool(good)
+            if not good:
+                log(f"  validate {label} {shape}{' extreme' if extreme else ''}: FAIL")
+    log(f"  validate: {'ok' if ok else 'FAILED'}")
+    return ok
+
+
+def main(argv=None) -> int:
+    from camel import metal
+    from camel.autotune import time_ms
+
+    parser = argparse.ArgumentParser(
+        prog="python -m camel.bench softmax",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--reps", type=int, default=20, help="calls per timing")
+    parser.add_argument("--time", action="store_true", help="time on the simulator too")
+    args = parser.parse_args(argv)
+
+    sim = metal.is_simulator()
+    print(f"device: {metal.device_name()}" + (" (the Metal simulator on the CPU)" if sim else ""))
+    if not validate():
+        return 1
+    if sim and not args.time:
+        print("simulator: validation only. Its times are CPU times, not GPU timings;")
+        print("run this on a Mac for GB/s (or pass --time for simulator CPU times).")
+        return 0
+    unit = "sim GB/s" if sim else "GB/s"
+    if sim:
+        print("simulator CPU times: NOT GPU timings, only for comparing kernels here")
+    print(f"\n| op | (N, C) | ms | {unit} |\n|---|---|---:|---:|")
+    rng = np.random.default_rng(1)
+    for shape in SIM_SHAPES if sim else GPU_SHAPES:
+        for label, run, _want, nbytes in cases(shape, rng):
+            ms = time_ms(run, args.reps)
+            print(f"| {label} | {shape} | {ms:.4f} | {nbytes / ms / 1e6:.1f} |")
+    return 0
