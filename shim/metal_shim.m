@@ -88,6 +88,11 @@ static void set_error(const char *fmt, ...) {
     va_end(ap);
 }
 
+/* Every entry point starts with this, so "" means the last call succeeded. */
+static void clear_error(void) {
+    if (t_error != NULL) t_error[0] = '\0';
+}
+
 const char *camel_last_error(void) { return t_error ? t_error : ""; }
 
 int camel_abi_version(void) { return CAMEL_SHIM_ABI_VERSION; }
@@ -181,6 +186,7 @@ static NSMutableString *g_failures = nil; /* command buffer errors since last sy
 
 int camel_init(void) {
     @autoreleasepool {
+        clear_error();
         pthread_mutex_lock(&g_lock);
         if (g_device != nil) {
             pthread_mutex_unlock(&g_lock);
@@ -225,6 +231,7 @@ static int need_device(void) {
 
 int camel_device_info_get(camel_device_info *out) {
     @autoreleasepool {
+        clear_error();
         if (out == NULL) {
             set_error("[device] camel_device_info_get: out is NULL");
             return 1;
@@ -247,6 +254,7 @@ int camel_device_info_get(camel_device_info *out) {
 
 camel_buffer *camel_buffer_new(uint64_t nbytes, void **contents) {
     @autoreleasepool {
+        clear_error();
         if (need_device()) return NULL;
         if (nbytes == 0) {
             set_error("[buffer] cannot allocate a buffer of 0 bytes");
@@ -284,6 +292,7 @@ camel_buffer *camel_buffer_new(uint64_t nbytes, void **contents) {
 
 int camel_buffer_release(camel_buffer *handle) {
     @autoreleasepool {
+        clear_error();
         pthread_mutex_lock(&g_lock);
         if (!is_live(g_live_buffers, handle)) {
             pthread_mutex_unlock(&g_lock);
@@ -306,6 +315,7 @@ int camel_buffer_release(camel_buffer *handle) {
 }
 
 int camel_memory_info_get(camel_memory_info *out) {
+    clear_error();
     if (out == NULL) {
         set_error("[buffer] camel_memory_info_get: out is NULL");
         return 1;
@@ -321,6 +331,7 @@ int camel_memory_info_get(camel_memory_info *out) {
 
 camel_library *camel_library_new(const char *source, const char *path) {
     @autoreleasepool {
+        clear_error();
         if (need_device()) return NULL;
         NSString *where = utf8(path);
         if (where == nil) where = @"<source>";
@@ -381,6 +392,7 @@ static CamelLibrary *live_library(camel_library *handle, const char *component) 
 
 void camel_library_release(camel_library *handle) {
     @autoreleasepool {
+        clear_error();
         pthread_mutex_lock(&g_lock);
         int live = is_live(g_live_libraries, handle);
         if (live) CFSetRemoveValue(g_live_libraries, handle);
@@ -404,6 +416,7 @@ static NSArray<NSString *> *sorted_names(CamelLibrary *lib) {
 
 uint64_t camel_library_function_names(camel_library *handle, char *out, uint64_t cap) {
     @autoreleasepool {
+        clear_error();
         CamelLibrary *lib = live_library(handle, "compile");
         if (lib == nil) {
             if (out != NULL && cap > 0) out[0] = '\0';
@@ -428,6 +441,7 @@ static void copy_name(char dst[64], NSString *name) {
 
 camel_pipeline *camel_pipeline_new(camel_library *handle, const char *name) {
     @autoreleasepool {
+        clear_error();
         CamelLibrary *lib = live_library(handle, "pipeline");
         if (lib == nil) return NULL;
         NSString *kernel = utf8(name);
@@ -504,6 +518,7 @@ static CamelPipeline *live_pipeline_locked(camel_pipeline *handle) {
 
 void camel_pipeline_release(camel_pipeline *handle) {
     @autoreleasepool {
+        clear_error();
         pthread_mutex_lock(&g_lock);
         int live = live_pipeline_locked(handle) != nil;
         if (live) CFSetRemoveValue(g_live_pipelines, handle);
@@ -521,6 +536,7 @@ void camel_pipeline_release(camel_pipeline *handle) {
 
 int camel_pipeline_info_get(camel_pipeline *handle, camel_pipeline_info *out) {
     @autoreleasepool {
+        clear_error();
         pthread_mutex_lock(&g_lock);
         CamelPipeline *pipeline = live_pipeline_locked(handle);
         pthread_mutex_unlock(&g_lock);
@@ -626,6 +642,7 @@ static uint64_t commit_locked(void) {
 
 uint64_t camel_commit(void) {
     @autoreleasepool {
+        clear_error();
         pthread_mutex_lock(&g_lock);
         uint64_t cb_id = commit_locked();
         pthread_mutex_unlock(&g_lock);
@@ -635,6 +652,7 @@ uint64_t camel_commit(void) {
 
 int camel_synchronize(void) {
     @autoreleasepool {
+        clear_error();
         if (g_device == nil) return 0; /* nothing was ever sent */
         pthread_mutex_lock(&g_lock);
         commit_locked();
@@ -683,6 +701,7 @@ uint64_t camel_completed_id(void) {
 }
 
 int camel_command_buffer_time(uint64_t cb_id, double *start, double *end) {
+    clear_error();
     pthread_mutex_lock(&g_done_lock);
     camel_timing t = g_timings[cb_id % CAMEL_TIMING_RING];
     pthread_mutex_unlock(&g_done_lock);
@@ -708,7 +727,6 @@ int camel_command_buffer_time(uint64_t cb_id, double *start, double *end) {
 static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
     const char *k = p.name.UTF8String;
     const uint32_t *tg = d->threads_per_threadgroup;
-    const uint32_t *grid = d->grid;
 
     /* Threadgroup size: every dimension >= 1, the product within the
      * pipeline's limit (which depends on the kernel's register use). */
@@ -732,11 +750,6 @@ static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
                   "per-dimension limit (%llu, %llu, %llu)", k, tg[0], tg[1], tg[2],
                   (unsigned long long)dev.width, (unsigned long long)dev.height,
                   (unsigned long long)dev.depth);
-        return 1;
-    }
-    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) {
-        set_error("[dispatch] kernel '%s': grid (%u, %u, %u) %s has a zero dimension", k,
-                  grid[0], grid[1], grid[2], d->grid_is_threads ? "threads" : "threadgroups");
         return 1;
     }
 
@@ -796,7 +809,7 @@ static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
                 return 1;
             }
             id<MTLBuffer> buffer = (__bridge id<MTLBuffer>)a->buffer;
-            if (a->offset >= buffer.length) {
+            if (a->offset > buffer.length) {
                 set_error("[dispatch] kernel '%s': argument %u ('%s') offset %llu is past the end "
                           "of its %llu-byte buffer", k, i, pname, (unsigned long long)a->offset,
                           (unsigned long long)buffer.length);
@@ -832,6 +845,7 @@ static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
 
 uint64_t camel_dispatch(const camel_dispatch_desc *d) {
     @autoreleasepool {
+        clear_error();
         if (d == NULL) {
             set_error("[dispatch] desc is NULL");
             return 0;
@@ -866,13 +880,17 @@ uint64_t camel_dispatch(const camel_dispatch_desc *d) {
         MTLSize grid = MTLSizeMake(d->grid[0], d->grid[1], d->grid[2]);
         MTLSize group = MTLSizeMake(d->threads_per_threadgroup[0], d->threads_per_threadgroup[1],
                                     d->threads_per_threadgroup[2]);
-        if (d->grid_is_threads)
+        if (grid.width == 0 || grid.height == 0 || grid.depth == 0) {
+            /* An empty grid runs no thread: nothing to encode (the
+             * simulator accepts it the same way). */
+        } else if (d->grid_is_threads) {
             /* Exactly grid threads; Metal shrinks the threadgroups at the
              * edge (non-uniform threadgroup sizes: every Apple-silicon GPU
              * supports them). */
             [enc dispatchThreads:grid threadsPerThreadgroup:group];
-        else
+        } else {
             [enc dispatchThreadgroups:grid threadsPerThreadgroup:group];
+        }
         if (g_capturing) [enc popDebugGroup];
 
         uint64_t cb_id = g_open_id;
@@ -889,6 +907,7 @@ uint64_t camel_dispatch(const camel_dispatch_desc *d) {
 uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c, uint32_t m,
                           uint32_t n, uint32_t k) {
     @autoreleasepool {
+        clear_error();
         if (need_device()) return 0;
         if (!MPSSupportsMTLDevice(g_device)) {
             set_error("[mps] MetalPerformanceShaders does not support %s",
@@ -964,6 +983,7 @@ uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c, uin
 
 int camel_capture_begin(const char *path) {
     @autoreleasepool {
+        clear_error();
         if (need_device()) return 1;
         NSString *file = utf8(path);
         if (file.length == 0) {
@@ -1004,6 +1024,7 @@ int camel_capture_begin(const char *path) {
 
 int camel_capture_end(void) {
     @autoreleasepool {
+        clear_error();
         pthread_mutex_lock(&g_lock);
         if (!g_capturing) {
             pthread_mutex_unlock(&g_lock);
