@@ -127,6 +127,7 @@ typedef struct camel_binding {
     camel_binding threadgroups[CAMEL_MAX_THREADGROUP_BINDINGS];
     uint32_t nbuffer_params;     /* highest buffer index + 1 */
     uint32_t nthreadgroup_params;
+    char cname[128];             /* the kernel name for messages, as a C string */
 }
 @property(nonatomic, strong) id<MTLComputePipelineState> state;
 @property(nonatomic, copy) NSString *name;
@@ -480,6 +481,7 @@ camel_pipeline *camel_pipeline_new(camel_library *handle, const char *name) {
         CamelPipeline *pipeline = [[CamelPipeline alloc] init];
         pipeline.state = state;
         pipeline.name = kernel;
+        snprintf(pipeline->cname, sizeof(pipeline->cname), "%s", name);
         for (id<MTLBinding> binding in reflection.bindings) {
             NSUInteger i = binding.index;
             if (binding.type == MTLBindingTypeBuffer && i < CAMEL_MAX_BUFFER_BINDINGS) {
@@ -581,8 +583,8 @@ static void command_buffer_done(id<MTLCommandBuffer> cb, uint64_t cb_id,
     pthread_mutex_unlock(&g_done_lock);
 }
 
-/* Open a command buffer (and a compute encoder, if wanted) unless one is
- * open. Caller holds g_lock. */
+/* Open a command buffer unless one is open; it gets the next id. Caller
+ * holds g_lock. */
 static int ensure_command_buffer_locked(void) {
     if (g_open_cb != nil) return 0;
     /* -commandBuffer: retains every resource encoded into it (see
@@ -601,6 +603,8 @@ static int ensure_command_buffer_locked(void) {
     return 0;
 }
 
+/* The open command buffer's compute encoder, reused by every dispatch until
+ * the next commit (or MPS, which encodes its own passes). Caller holds g_lock. */
 static int ensure_encoder_locked(void) {
     if (ensure_command_buffer_locked() != 0) return 1;
     if (g_encoder != nil) return 0;
@@ -725,7 +729,7 @@ int camel_command_buffer_time(uint64_t cb_id, double *start, double *end) {
 /* Check a dispatch against the pipeline, the device and the kernel's
  * parameters. Caller holds g_lock. 0 if it may be encoded. */
 static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
-    const char *k = p.name.UTF8String;
+    const char *k = p->cname;
     const uint32_t *tg = d->threads_per_threadgroup;
 
     /* Threadgroup size: every dimension >= 1, the product within the
@@ -794,8 +798,12 @@ static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
         return 1;
     }
     if (d->nargs != p->nbuffer_params) {
-        set_error("[dispatch] kernel '%s' takes %u buffer argument(s) ([[buffer(0..%d)]]), got %u",
-                  k, p->nbuffer_params, (int)p->nbuffer_params - 1, d->nargs);
+        if (p->nbuffer_params == 0)
+            set_error("[dispatch] kernel '%s' takes no buffer arguments, got %u", k, d->nargs);
+        else
+            set_error("[dispatch] kernel '%s' takes %u buffer argument(s) ([[buffer(0)]] .. "
+                      "[[buffer(%u)]]), got %u", k, p->nbuffer_params, p->nbuffer_params - 1,
+                      d->nargs);
         return 1;
     }
     for (uint32_t i = 0; i < d->nargs; i++) {
