@@ -1039,8 +1039,11 @@ int camel_capture_end(void) {
             set_error("[capture] camel_capture_end without a capture in progress");
             return 1;
         }
-        /* Only command buffers committed before stopCapture are recorded. */
+        /* Only command buffers committed before stopCapture are recorded.
+         * Waiting for them too (completion handlers take only g_done_lock,
+         * so this cannot deadlock) means the trace ends with finished work. */
         commit_locked();
+        [g_last_committed waitUntilCompleted];
         [[MTLCaptureManager sharedCaptureManager] stopCapture];
         g_capturing = 0;
         pthread_mutex_unlock(&g_lock);
