@@ -489,7 +489,9 @@ camel_pipeline *camel_pipeline_new(camel_library *handle, const char *name) {
                 camel_binding *slot = &pipeline->buffers[i];
                 slot->present = 1;
                 slot->size = b.bufferDataSize;
-                slot->align = b.bufferAlignment;
+                /* Apple: align a device-buffer offset to its data type,
+                 * which never needs more than 16 bytes. */
+                slot->align = b.bufferAlignment < 16 ? b.bufferAlignment : 16;
                 copy_name(slot->name, b.name);
                 if (i + 1 > pipeline->nbuffer_params) pipeline->nbuffer_params = (uint32_t)i + 1;
             } else if (binding.type == MTLBindingTypeThreadgroupMemory &&
