@@ -1,0 +1,1161 @@
+// camel_sim_msl.h — the Metal Shading Language standard library, as plain
+// C++17 for clang, for the camel Metal simulator.
+//
+// A .metal file is rewritten by shim/sim/translate.cpp (address spaces
+// dropped, float literals suffixed, float4(a, b) turned into a call) and then
+// compiled against this header. What is here:
+//   - scalar and vector types (float4 is a clang ext_vector_type, so .xyzw
+//     and .rgba swizzles work; half is _Float16)
+//   - namespace metal: math, integer, relational and geometric functions
+//     (with fast:: and precise:: spellings), as_type, numeric_limits, array
+//   - atomics (std-free, on clang's __atomic builtins)
+//   - barriers, SIMD-group and quad-group functions and simdgroup_matrix,
+//     which call into the simulator runtime through camel_sim_runtime
+//     (see ../sim_abi.h)
+// No C or C++ standard-library header is included except <stdint.h> (through
+// sim_abi.h): Metal has no standard library, and neither does a kernel here.
+#pragma once
+#include "../sim_abi.h"
+
+#define __METAL_SIM__ 1
+
+// ---------------------------------------------------------------------------
+// Scalar and vector types (global, like the builtin types of MSL)
+// ---------------------------------------------------------------------------
+typedef unsigned char uchar;
+typedef unsigned short ushort;
+typedef unsigned int uint;
+typedef unsigned long ulong;
+typedef _Float16 half;
+typedef __SIZE_TYPE__ size_t;
+typedef __PTRDIFF_TYPE__ ptrdiff_t;
+
+#define __CAMEL_VEC(T, name)                                  \
+    typedef T name##2 __attribute__((ext_vector_type(2)));    \
+    typedef T name##3 __attribute__((ext_vector_type(3)));    \
+    typedef T name##4 __attribute__((ext_vector_type(4)));
+__CAMEL_VEC(bool, bool)
+__CAMEL_VEC(char, char)
+__CAMEL_VEC(unsigned char, uchar)
+__CAMEL_VEC(short, short)
+__CAMEL_VEC(unsigned short, ushort)
+__CAMEL_VEC(int, int)
+__CAMEL_VEC(unsigned int, uint)
+__CAMEL_VEC(long, long)
+__CAMEL_VEC(unsigned long, ulong)
+__CAMEL_VEC(_Float16, half)
+__CAMEL_VEC(float, float)
+#undef __CAMEL_VEC
+
+// packed_float4 etc.: same components, only 4-byte (element) alignment.
+#define __CAMEL_PACKED(T, name)                                                \
+    typedef T packed_##name##2 __attribute__((ext_vector_type(2), aligned(sizeof(T)))); \
+    typedef T packed_##name##4 __attribute__((ext_vector_type(4), aligned(sizeof(T))));
+__CAMEL_PACKED(float, float)
+__CAMEL_PACKED(_Float16, half)
+__CAMEL_PACKED(int, int)
+__CAMEL_PACKED(unsigned int, uint)
+__CAMEL_PACKED(short, short)
+__CAMEL_PACKED(unsigned short, ushort)
+__CAMEL_PACKED(char, char)
+__CAMEL_PACKED(unsigned char, uchar)
+#undef __CAMEL_PACKED
+
+// packed_float3: three floats, 12 bytes (float3 is 16 bytes like on the GPU).
+#define __CAMEL_PACKED3(T, name)                                              \
+    struct packed_##name##3 {                                                 \
+        T x, y, z;                                                            \
+        packed_##name##3() = default;                                         \
+        packed_##name##3(T a, T b, T c) : x(a), y(b), z(c) {}                 \
+        packed_##name##3(name##3 v) : x(v.x), y(v.y), z(v.z) {}               \
+        operator name##3() const { return name##3{x, y, z}; }                 \
+        T &operator[](int i) { return (&x)[i]; }                              \
+        T operator[](int i) const { return (&x)[i]; }                         \
+    };
+__CAMEL_PACKED3(float, float)
+__CAMEL_PACKED3(_Float16, half)
+__CAMEL_PACKED3(int, int)
+__CAMEL_PACKED3(unsigned int, uint)
+#undef __CAMEL_PACKED3
+
+// ---------------------------------------------------------------------------
+// Small type traits (no <type_traits> in a kernel)
+// ---------------------------------------------------------------------------
+template <class T> struct __camel_vt { static constexpr int n = 1; typedef T elem; };
+template <class T, int N> struct __camel_vt<T __attribute__((ext_vector_type(N)))> {
+    static constexpr int n = N;
+    typedef T elem;
+};
+template <class T> struct __camel_identity { typedef T type; };
+template <class T> using __camel_identity_t = typename __camel_identity<T>::type;
+template <bool B, class T = int> struct __camel_enable_if {};
+template <class T> struct __camel_enable_if<true, T> { typedef T type; };
+template <class T> struct __camel_remove_ref { typedef T type; };
+template <class T> struct __camel_remove_ref<T &> { typedef T type; };
+template <class T> struct __camel_remove_ref<T &&> { typedef T type; };
+template <class T> using __camel_remove_ref_t = typename __camel_remove_ref<T>::type;
+template <class T> struct __camel_is_ptr { static constexpr bool value = false; };
+template <class T> struct __camel_is_ptr<T *> { static constexpr bool value = true; };
+template <class T> struct __camel_is_ref { static constexpr bool value = false; };
+template <class T> struct __camel_is_ref<T &> { static constexpr bool value = true; };
+template <class A, class B> struct __camel_same { static constexpr bool value = false; };
+template <class A> struct __camel_same<A, A> { static constexpr bool value = true; };
+template <class T> struct __camel_is_float {
+    static constexpr bool value = __camel_same<T, float>::value || __camel_same<T, _Float16>::value;
+};
+// The I-th parameter type of a function type (for the generated entry wrappers).
+template <int I, class F> struct __camel_param;
+template <int I, class R, class A0, class... A>
+struct __camel_param<I, R(A0, A...)> : __camel_param<I - 1, R(A...)> {};
+template <class R, class A0, class... A> struct __camel_param<0, R(A0, A...)> { typedef A0 type; };
+template <int I, class F> using __camel_param_t = typename __camel_param<I, F>::type;
+
+// Vector of the same length with another element type (bool4 for float4).
+template <class T, class E> struct __camel_rebind { typedef E type; };
+template <class T, int N, class E> struct __camel_rebind<T __attribute__((ext_vector_type(N))), E> {
+    typedef E type __attribute__((ext_vector_type(N)));
+};
+
+// ---------------------------------------------------------------------------
+// Vector constructors: float4(a, b.xy) is rewritten to __camel_make<float4>(a, b.xy)
+// ---------------------------------------------------------------------------
+template <class V, class S> inline void __camel_put(V &v, int &i, S s) {
+    typedef typename __camel_vt<V>::elem E;
+    if constexpr (__camel_vt<S>::n == 1) {
+        v[i++] = (E)s;
+    } else {
+        for (int k = 0; k < __camel_vt<S>::n; k++) v[i++] = (E)s[k];
+    }
+}
+template <class V, class... A> inline V __camel_make(A... a) {
+    typedef typename __camel_vt<V>::elem E;
+    constexpr int n = __camel_vt<V>::n;
+    if constexpr (sizeof...(A) == 0) {
+        return V{};
+    } else if constexpr (n == 1) {
+        return (V)(a, ...);  // scalar "vector type": plain conversion
+    } else if constexpr (sizeof...(A) == 1 && ((__camel_vt<A>::n == 1) && ...)) {
+        return (V)(E)(a, ...);  // float4(x): every component is x
+    } else if constexpr (sizeof...(A) == 1 && ((__camel_vt<A>::n == n) && ...)) {
+        return __builtin_convertvector((a, ...), V);  // float4(int4): convert each component
+    } else {
+        static_assert(((int)__camel_vt<A>::n + ...) == n,
+                      "vector constructor: the arguments must supply exactly as many "
+                      "components as the vector has");
+        V v{};
+        int i = 0;
+        (__camel_put(v, i, a), ...);
+        return v;
+    }
+}
+// packed_float3(a, b, c) and friends are structs with constructors already.
+// (float4)x — a C-style cast between vector types converts in MSL but
+// reinterprets bits in clang, so the translator turns it into
+// __camel_conv<float4>() ->* x, which has the same precedence as a cast.
+template <class V> struct __camel_conv {};
+template <class V, class A> inline V operator->*(__camel_conv<V>, A a) { return __camel_make<V>(a); }
+
+// ---------------------------------------------------------------------------
+// The runtime, and which simulated thread is running (set by the entry wrapper)
+// ---------------------------------------------------------------------------
+inline const camel_sim_runtime *__camel_rt;
+inline thread_local const camel_sim_thread *__camel_cur;
+// A call site id for barriers and collectives: the caller's line and column.
+inline uint32_t __camel_site(unsigned line, unsigned col) { return line * 4096u + (col & 4095u); }
+
+// threadgroup T x[N]; in a kernel becomes auto &x = *__camel_tg<T[N]>();
+// every thread of the group gets the same address.
+template <class T> inline T *__camel_tg() {
+    const camel_sim_thread *t = __camel_cur;
+    void *p = __camel_rt->threadgroup_static(t, sizeof(T), alignof(T));
+    __camel_cur = t;
+    return (T *)p;
+}
+
+// Entry-wrapper helpers: a binding address as the declared parameter type,
+// and a builtin (uint3 in camel_sim_thread) as uint, ushort2, uint3, ...
+template <class P> inline P __camel_bind(void *p) {
+    if constexpr (__camel_is_ptr<P>::value) {
+        return (P)p;
+    } else {
+        return *(__camel_remove_ref_t<P> *)p;
+    }
+}
+template <class P> inline P __camel_builtin3(const uint32_t *v) {
+    typedef typename __camel_vt<P>::elem E;
+    constexpr int n = __camel_vt<P>::n;
+    if constexpr (n == 1) {
+        return (P)v[0];
+    } else {
+        P r{};
+        for (int i = 0; i < n && i < 3; i++) r[i] = (E)v[i];
+        return r;
+    }
+}
+template <class P> inline P __camel_builtin1(uint32_t v) { return (P)v; }
+
+// printf inside a kernel goes through the runtime (one line at a time).
+extern "C++" inline int printf(const char *fmt, ...) {
+    __builtin_va_list ap;
+    __builtin_va_start(ap, fmt);
+    int r = __camel_rt->vprintf(fmt, ap);
+    __builtin_va_end(ap);
+    return r;
+}
+
+// ---------------------------------------------------------------------------
+// Constants
+// ---------------------------------------------------------------------------
+#define MAXFLOAT 0x1.fffffep+127f
+#define HUGE_VALF __builtin_huge_valf()
+#define INFINITY __builtin_inff()
+#define NAN __builtin_nanf("")
+#define FLT_MAX 0x1.fffffep+127f
+#define FLT_MIN 0x1.0p-126f
+#define FLT_EPSILON 0x1.0p-23f
+#define FLT_DIG 6
+#define FLT_MANT_DIG 24
+#define FLT_MAX_EXP 128
+#define FLT_MIN_EXP -125
+#define HALF_MAX ((half)65504.0f)
+#define HALF_MIN ((half)0x1.0p-14f)
+#define HALF_EPSILON ((half)0x1.0p-10f)
+#define CHAR_BIT 8
+#define SCHAR_MAX 127
+#define SCHAR_MIN (-128)
+#define UCHAR_MAX 255
+#define CHAR_MAX SCHAR_MAX
+#define CHAR_MIN SCHAR_MIN
+#define SHRT_MAX 32767
+#define SHRT_MIN (-32768)
+#define USHRT_MAX 65535
+#define INT_MAX 2147483647
+#define INT_MIN (-2147483647 - 1)
+#define UINT_MAX 0xffffffffu
+#define LONG_MAX 0x7fffffffffffffffL
+#define LONG_MIN (-0x7fffffffffffffffL - 1)
+#define ULONG_MAX 0xffffffffffffffffUL
+#define M_E_F 2.71828182845904523536f
+#define M_LOG2E_F 1.44269504088896340736f
+#define M_LOG10E_F 0.434294481903251827651f
+#define M_LN2_F 0.693147180559945309417f
+#define M_LN10_F 2.30258509299404568402f
+#define M_PI_F 3.14159265358979323846f
+#define M_PI_2_F 1.57079632679489661923f
+#define M_PI_4_F 0.785398163397448309616f
+#define M_1_PI_F 0.318309886183790671538f
+#define M_2_PI_F 0.636619772367581343076f
+#define M_2_SQRTPI_F 1.12837916709551257390f
+#define M_SQRT2_F 1.41421356237309504880f
+#define M_SQRT1_2_F 0.707106781186547524401f
+#define M_E_H ((half)M_E_F)
+#define M_LOG2E_H ((half)M_LOG2E_F)
+#define M_LN2_H ((half)M_LN2_F)
+#define M_PI_H ((half)M_PI_F)
+#define M_PI_2_H ((half)M_PI_2_F)
+#define M_SQRT2_H ((half)M_SQRT2_F)
+#define M_SQRT1_2_H ((half)M_SQRT1_2_F)
+
+namespace metal {
+
+// The vector types are also reachable as metal::float4, and vec<T, N>.
+using ::uchar; using ::ushort; using ::uint; using ::ulong; using ::half;
+template <class T, int N> using vec = T __attribute__((ext_vector_type(N)));
+
+// Lists of the vector types, for functions defined once per type.
+#define __CAMEL_FVECS(M) M(float2) M(float3) M(float4) M(half2) M(half3) M(half4)
+#define __CAMEL_IVECS(M)                                                              \
+    M(char2) M(char3) M(char4) M(uchar2) M(uchar3) M(uchar4) M(short2) M(short3)      \
+    M(short4) M(ushort2) M(ushort3) M(ushort4) M(int2) M(int3) M(int4) M(uint2)       \
+    M(uint3) M(uint4) M(long2) M(long3) M(long4) M(ulong2) M(ulong3) M(ulong4)
+#define __CAMEL_ISCALARS(M) \
+    M(char) M(uchar) M(short) M(ushort) M(int) M(uint) M(long) M(ulong)
+
+template <class V> using __camel_if_fvec =
+    typename __camel_enable_if<(__camel_vt<V>::n > 1) &&
+                               __camel_is_float<typename __camel_vt<V>::elem>::value>::type;
+template <class V> using __camel_if_vec = typename __camel_enable_if<(__camel_vt<V>::n > 1)>::type;
+
+// ---------------------------------------------------------------------------
+// Math: float and half scalars, and every float/half vector component-wise.
+// half is computed in float and rounded back.
+// ---------------------------------------------------------------------------
+#define __CAMEL_UNARY(name, expr)                                                     \
+    inline float name(float x) { return expr; }                                      \
+    inline half name(half h) { return (half)name((float)h); }                        \
+    template <class V, __camel_if_fvec<V> = 0> inline V name(V v) {                  \
+        V r;                                                                         \
+        for (int i = 0; i < __camel_vt<V>::n; i++) r[i] = name(v[i]);                \
+        return r;                                                                    \
+    }
+// Binary and ternary functions: one non-template overload per vector type, so
+// a scalar argument converts to the vector (max(v, 0.0f)) as in MSL.
+#define __CAMEL_BINARY_V(V, name)                                                     \
+    inline V name(V a, V b) {                                                        \
+        V r;                                                                         \
+        for (int i = 0; i < __camel_vt<V>::n; i++) r[i] = name(a[i], b[i]);          \
+        return r;                                                                    \
+    }
+#define __CAMEL_BINARY(name, expr)                                                    \
+    inline float name(float x, float y) { return expr; }                             \
+    inline half name(half a, half b) { return (half)name((float)a, (float)b); }      \
+    __CAMEL_BINARY_V(float2, name) __CAMEL_BINARY_V(float3, name)                    \
+    __CAMEL_BINARY_V(float4, name) __CAMEL_BINARY_V(half2, name)                     \
+    __CAMEL_BINARY_V(half3, name) __CAMEL_BINARY_V(half4, name)
+#define __CAMEL_TERNARY_V(V, name)                                                    \
+    inline V name(V a, V b, V c) {                                                   \
+        V r;                                                                         \
+        for (int i = 0; i < __camel_vt<V>::n; i++) r[i] = name(a[i], b[i], c[i]);    \
+        return r;                                                                    \
+    }
+#define __CAMEL_TERNARY(name, expr)                                                   \
+    inline float name(float x, float y, float z) { return expr; }                    \
+    inline half name(half a, half b, half c) {                                       \
+        return (half)name((float)a, (float)b, (float)c);                             \
+    }                                                                                \
+    __CAMEL_TERNARY_V(float2, name) __CAMEL_TERNARY_V(float3, name)                  \
+    __CAMEL_TERNARY_V(float4, name) __CAMEL_TERNARY_V(half2, name)                   \
+    __CAMEL_TERNARY_V(half3, name) __CAMEL_TERNARY_V(half4, name)
+
+__CAMEL_UNARY(fabs, __builtin_fabsf(x))
+__CAMEL_UNARY(sqrt, __builtin_sqrtf(x))
+__CAMEL_UNARY(rsqrt, 1.0f / __builtin_sqrtf(x))
+__CAMEL_UNARY(exp, __builtin_expf(x))
+__CAMEL_UNARY(exp2, __builtin_exp2f(x))
+__CAMEL_UNARY(exp10, __builtin_powf(10.0f, x))
+__CAMEL_UNARY(log, __builtin_logf(x))
+__CAMEL_UNARY(log2, __builtin_log2f(x))
+__CAMEL_UNARY(log10, __builtin_log10f(x))
+__CAMEL_UNARY(sin, __builtin_sinf(x))
+__CAMEL_UNARY(cos, __builtin_cosf(x))
+__CAMEL_UNARY(tan, __builtin_tanf(x))
+__CAMEL_UNARY(asin, __builtin_asinf(x))
+__CAMEL_UNARY(acos, __builtin_acosf(x))
+__CAMEL_UNARY(atan, __builtin_atanf(x))
+__CAMEL_UNARY(sinh, __builtin_sinhf(x))
+__CAMEL_UNARY(cosh, __builtin_coshf(x))
+__CAMEL_UNARY(tanh, __builtin_tanhf(x))
+__CAMEL_UNARY(asinh, __builtin_asinhf(x))
+__CAMEL_UNARY(acosh, __builtin_acoshf(x))
+__CAMEL_UNARY(atanh, __builtin_atanhf(x))
+__CAMEL_UNARY(sinpi, __builtin_sinf(x * M_PI_F))
+__CAMEL_UNARY(cospi, __builtin_cosf(x * M_PI_F))
+__CAMEL_UNARY(tanpi, __builtin_tanf(x * M_PI_F))
+__CAMEL_UNARY(floor, __builtin_floorf(x))
+__CAMEL_UNARY(ceil, __builtin_ceilf(x))
+__CAMEL_UNARY(round, __builtin_roundf(x))
+__CAMEL_UNARY(rint, __builtin_rintf(x))
+__CAMEL_UNARY(trunc, __builtin_truncf(x))
+// fract(x) = x - floor(x), kept below 1 (MSL: fmin(x - floor(x), 0x1.fffffep-1f)).
+__CAMEL_UNARY(fract, __builtin_fminf(x - __builtin_floorf(x), 0x1.fffffep-1f))
+__CAMEL_UNARY(saturate, __builtin_fminf(__builtin_fmaxf(x, 0.0f), 1.0f))
+__CAMEL_UNARY(sign, x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : (x != x ? 0.0f : x))
+
+__CAMEL_BINARY(pow, __builtin_powf(x, y))
+__CAMEL_BINARY(powr, __builtin_powf(x, y))
+__CAMEL_BINARY(atan2, __builtin_atan2f(x, y))
+__CAMEL_BINARY(fmod, __builtin_fmodf(x, y))
+__CAMEL_BINARY(fmin, __builtin_fminf(x, y))
+__CAMEL_BINARY(fmax, __builtin_fmaxf(x, y))
+__CAMEL_BINARY(copysign, __builtin_copysignf(x, y))
+__CAMEL_BINARY(fdim, x > y ? x - y : 0.0f)
+__CAMEL_BINARY(step, y < x ? 0.0f : 1.0f)  // step(edge, x)
+__CAMEL_BINARY(divide, x / y)
+__CAMEL_BINARY(nextafter, __builtin_nextafterf(x, y))
+
+__CAMEL_TERNARY(fma, __builtin_fmaf(x, y, z))
+__CAMEL_TERNARY(mad, x * y + z)
+__CAMEL_TERNARY(mix, x + (y - x) * z)  // mix(x, y, a)
+__CAMEL_TERNARY(fclamp, __builtin_fminf(__builtin_fmaxf(x, y), z))
+// smoothstep(edge0, edge1, x)
+inline float __camel_smoothstep(float e0, float e1, float v) {
+    float t = __builtin_fminf(__builtin_fmaxf((v - e0) / (e1 - e0), 0.0f), 1.0f);
+    return t * t * (3.0f - 2.0f * t);
+}
+__CAMEL_TERNARY(smoothstep, __camel_smoothstep(x, y, z))
+
+// min/max/clamp/abs for floats (NaN-ignoring like fmin/fmax) and integers.
+__CAMEL_BINARY(min, __builtin_fminf(x, y))
+__CAMEL_BINARY(max, __builtin_fmaxf(x, y))
+__CAMEL_TERNARY(clamp, __builtin_fminf(__builtin_fmaxf(x, y), z))
+__CAMEL_UNARY(abs, __builtin_fabsf(x))
+
+#define __CAMEL_INT_MINMAX(T)                                                         \
+    inline T min(T a, T b) { return b < a ? b : a; }                                 \
+    inline T max(T a, T b) { return a < b ? b : a; }                                 \
+    inline T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }                  \
+    inline T abs(T x) { return x < (T)0 ? (T)(0 - x) : x; }                          \
+    inline T absdiff(T a, T b) { return a < b ? (T)(b - a) : (T)(a - b); }
+__CAMEL_ISCALARS(__CAMEL_INT_MINMAX)
+#define __CAMEL_INT_MINMAX_V(V)                                                       \
+    __CAMEL_BINARY_V(V, min) __CAMEL_BINARY_V(V, max) __CAMEL_TERNARY_V(V, clamp)    \
+    __CAMEL_BINARY_V(V, absdiff)                                                     \
+    inline V abs(V v) {                                                              \
+        V r;                                                                         \
+        for (int i = 0; i < __camel_vt<V>::n; i++) r[i] = abs(v[i]);                 \
+        return r;                                                                    \
+    }
+__CAMEL_IVECS(__CAMEL_INT_MINMAX_V)
+
+// Functions returning two values through a reference (thread float &).
+inline float sincos(float x, float &c) { c = __builtin_cosf(x); return __builtin_sinf(x); }
+inline float modf(float x, float &ip) { ip = __builtin_truncf(x); return x - ip; }
+inline float frexp(float x, int &e) { return __builtin_frexpf(x, &e); }
+inline float ldexp(float x, int e) { return __builtin_ldexpf(x, e); }
+inline int ilogb(float x) { return __builtin_ilogbf(x); }
+
+// ---------------------------------------------------------------------------
+// Relational
+// ---------------------------------------------------------------------------
+inline bool isnan(float x) { return __builtin_isnan(x); }
+inline bool isnan(half x) { return __builtin_isnan((float)x); }
+inline bool isinf(float x) { return __builtin_isinf(x); }
+inline bool isinf(half x) { return __builtin_isinf((float)x); }
+inline bool isfinite(float x) { return __builtin_isfinite(x); }
+inline bool isfinite(half x) { return __builtin_isfinite((float)x); }
+inline bool isnormal(float x) { return __builtin_isnormal(x); }
+inline bool signbit(float x) { return __builtin_signbit(x); }
+inline bool signbit(half x) { return __builtin_signbit((float)x); }
+#define __CAMEL_REL_V(name)                                                           \
+    template <class V, __camel_if_fvec<V> = 0>                                       \
+    inline typename __camel_rebind<V, bool>::type name(V v) {                        \
+        typename __camel_rebind<V, bool>::type r;                                    \
+        for (int i = 0; i < __camel_vt<V>::n; i++) r[i] = name(v[i]);                \
+        return r;                                                                    \
+    }
+__CAMEL_REL_V(isnan)
+__CAMEL_REL_V(isinf)
+__CAMEL_REL_V(isfinite)
+__CAMEL_REL_V(signbit)
+
+// all/any take bool vectors; comparisons of vectors give int masks in clang
+// (-1 for true), so they are accepted too.
+inline bool all(bool b) { return b; }
+inline bool any(bool b) { return b; }
+template <class V, __camel_if_vec<V> = 0> inline bool all(V v) {
+    for (int i = 0; i < __camel_vt<V>::n; i++)
+        if (!v[i]) return false;
+    return true;
+}
+template <class V, __camel_if_vec<V> = 0> inline bool any(V v) {
+    for (int i = 0; i < __camel_vt<V>::n; i++)
+        if (v[i]) return true;
+    return false;
+}
+// select(a, b, c): c ? b : a, per component when c is a vector.
+template <class T, class C> inline T select(T a, __camel_identity_t<T> b, C c) {
+    if constexpr (__camel_vt<C>::n == 1) {
+        return c ? b : a;
+    } else {
+        T r;
+        for (int i = 0; i < __camel_vt<T>::n; i++) r[i] = c[i] ? b[i] : a[i];
+        return r;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Geometric
+// ---------------------------------------------------------------------------
+template <class V, __camel_if_fvec<V> = 0> inline typename __camel_vt<V>::elem dot(V a, V b) {
+    float s = 0.0f;
+    for (int i = 0; i < __camel_vt<V>::n; i++) s += (float)a[i] * (float)b[i];
+    return (typename __camel_vt<V>::elem)s;
+}
+template <class V, __camel_if_fvec<V> = 0> inline typename __camel_vt<V>::elem length_squared(V a) {
+    return dot(a, a);
+}
+template <class V, __camel_if_fvec<V> = 0> inline typename __camel_vt<V>::elem length(V a) {
+    return (typename __camel_vt<V>::elem)__builtin_sqrtf((float)dot(a, a));
+}
+template <class V, __camel_if_fvec<V> = 0> inline typename __camel_vt<V>::elem distance(V a, V b) {
+    return length(a - b);
+}
+template <class V, __camel_if_fvec<V> = 0>
+inline typename __camel_vt<V>::elem distance_squared(V a, V b) {
+    return length_squared(a - b);
+}
+template <class V, __camel_if_fvec<V> = 0> inline V normalize(V a) {
+    return a * (typename __camel_vt<V>::elem)(1.0f / __builtin_sqrtf((float)dot(a, a)));
+}
+inline float3 cross(float3 a, float3 b) { return a.yzx * b.zxy - a.zxy * b.yzx; }
+inline half3 cross(half3 a, half3 b) { return a.yzx * b.zxy - a.zxy * b.yzx; }
+template <class V, __camel_if_fvec<V> = 0> inline V reflect(V i, V n) { return i - 2 * dot(n, i) * n; }
+
+// ---------------------------------------------------------------------------
+// Integer functions
+// ---------------------------------------------------------------------------
+template <class T> inline T __camel_popcount(T x) {
+    return (T)__builtin_popcountll((unsigned long long)x & (~0ull >> (64 - 8 * sizeof(T))));
+}
+template <class T> inline T __camel_clz(T x) {
+    unsigned long long u = (unsigned long long)x & (~0ull >> (64 - 8 * sizeof(T)));
+    return (T)(u == 0 ? 8 * sizeof(T) : __builtin_clzll(u) - (64 - 8 * sizeof(T)));
+}
+template <class T> inline T __camel_ctz(T x) {
+    unsigned long long u = (unsigned long long)x & (~0ull >> (64 - 8 * sizeof(T)));
+    return (T)(u == 0 ? 8 * sizeof(T) : __builtin_ctzll(u));
+}
+template <class T> inline T __camel_mulhi(T a, T b) {
+    if constexpr (sizeof(T) == 8) {
+        if constexpr ((T)-1 < (T)0)
+            return (T)(((__int128)a * (__int128)b) >> 64);
+        else
+            return (T)(((unsigned __int128)a * (unsigned __int128)b) >> 64);
+    } else {
+        return (T)(((long long)a * (long long)b) >> (8 * sizeof(T)));
+    }
+}
+template <class T> inline T __camel_reverse_bits(T x) {
+    T r = 0;
+    for (unsigned i = 0; i < 8 * sizeof(T); i++)
+        if ((x >> i) & 1) r |= (T)((T)1 << (8 * sizeof(T) - 1 - i));
+    return r;
+}
+template <class T> inline T __camel_rotate(T v, T i) {
+    typedef decltype(+v) P;
+    constexpr unsigned bits = 8 * sizeof(T);
+    unsigned long long u = (unsigned long long)v & (~0ull >> (64 - bits));
+    unsigned s = (unsigned)i % bits;
+    if (s == 0) return v;
+    return (T)(P)((u << s) | (u >> (bits - s)));
+}
+#define __CAMEL_INT_FN(T)                                                             \
+    inline T popcount(T x) { return __camel_popcount(x); }                           \
+    inline T clz(T x) { return __camel_clz(x); }                                     \
+    inline T ctz(T x) { return __camel_ctz(x); }                                     \
+    inline T mulhi(T a, T b) { return __camel_mulhi(a, b); }                         \
+    inline T reverse_bits(T x) { return __camel_reverse_bits(x); }                   \
+    inline T rotate(T v, T i) { return __camel_rotate(v, i); }                       \
+    inline T hadd(T a, T b) { return (T)(((long long)a + (long long)b) >> 1); }      \
+    inline T rhadd(T a, T b) { return (T)(((long long)a + (long long)b + 1) >> 1); }
+__CAMEL_ISCALARS(__CAMEL_INT_FN)
+#define __CAMEL_INT_FN_V1(V, name)                                                    \
+    inline V name(V v) {                                                             \
+        V r;                                                                         \
+        for (int i = 0; i < __camel_vt<V>::n; i++) r[i] = name(v[i]);                \
+        return r;                                                                    \
+    }
+#define __CAMEL_INT_FN_V(V)                                                           \
+    __CAMEL_INT_FN_V1(V, popcount) __CAMEL_INT_FN_V1(V, clz) __CAMEL_INT_FN_V1(V, ctz) \
+    __CAMEL_INT_FN_V1(V, reverse_bits) __CAMEL_BINARY_V(V, mulhi)                    \
+    __CAMEL_BINARY_V(V, rotate) __CAMEL_BINARY_V(V, hadd) __CAMEL_BINARY_V(V, rhadd)
+__CAMEL_IVECS(__CAMEL_INT_FN_V)
+inline uint extract_bits(uint x, uint offset, uint bits) {
+    return bits == 0 ? 0u : bits >= 32 ? x : (x >> offset) & ((1u << bits) - 1u);
+}
+inline int extract_bits(int x, uint offset, uint bits) {
+    if (bits == 0) return 0;
+    return (int)((unsigned)x << (32 - offset - bits)) >> (32 - bits);
+}
+inline uint insert_bits(uint base, uint insert, uint offset, uint bits) {
+    uint mask = (bits >= 32 ? ~0u : ((1u << bits) - 1u)) << offset;
+    return (base & ~mask) | ((insert << offset) & mask);
+}
+
+// ---------------------------------------------------------------------------
+// as_type, numeric_limits, array
+// ---------------------------------------------------------------------------
+template <class T, class U> inline T as_type(U x) {
+    static_assert(sizeof(T) == sizeof(U), "as_type: source and destination sizes differ");
+    return __builtin_bit_cast(T, x);
+}
+
+template <class T> struct numeric_limits;
+#define __CAMEL_LIMITS_INT(T, lo, hi)                                                 \
+    template <> struct numeric_limits<T> {                                           \
+        static constexpr bool is_specialized = true;                                 \
+        static constexpr bool is_signed = (T)-1 < (T)0;                              \
+        static constexpr bool is_integer = true;                                     \
+        static constexpr int digits = 8 * sizeof(T) - ((T)-1 < (T)0);                \
+        static constexpr T min() { return lo; }                                      \
+        static constexpr T lowest() { return lo; }                                   \
+        static constexpr T max() { return hi; }                                      \
+    };
+__CAMEL_LIMITS_INT(char, (char)-128, (char)127)
+__CAMEL_LIMITS_INT(uchar, (uchar)0, (uchar)255)
+__CAMEL_LIMITS_INT(short, (short)-32768, (short)32767)
+__CAMEL_LIMITS_INT(ushort, (ushort)0, (ushort)65535)
+__CAMEL_LIMITS_INT(int, INT_MIN, INT_MAX)
+__CAMEL_LIMITS_INT(uint, 0u, UINT_MAX)
+__CAMEL_LIMITS_INT(long, LONG_MIN, LONG_MAX)
+__CAMEL_LIMITS_INT(ulong, 0ul, ULONG_MAX)
+__CAMEL_LIMITS_INT(bool, false, true)
+template <> struct numeric_limits<float> {
+    static constexpr bool is_specialized = true;
+    static constexpr bool is_signed = true;
+    static constexpr bool is_integer = false;
+    static constexpr int digits = 24;
+    static constexpr float min() { return FLT_MIN; }
+    static constexpr float lowest() { return -FLT_MAX; }
+    static constexpr float max() { return FLT_MAX; }
+    static constexpr float epsilon() { return FLT_EPSILON; }
+    static constexpr float infinity() { return __builtin_inff(); }
+    static constexpr float quiet_NaN() { return __builtin_nanf(""); }
+    static constexpr float denorm_min() { return 0x1.0p-149f; }
+};
+template <> struct numeric_limits<half> {
+    static constexpr bool is_specialized = true;
+    static constexpr bool is_signed = true;
+    static constexpr bool is_integer = false;
+    static constexpr int digits = 11;
+    static constexpr half min() { return (half)0x1.0p-14f; }
+    static constexpr half lowest() { return (half)-65504.0f; }
+    static constexpr half max() { return (half)65504.0f; }
+    static constexpr half epsilon() { return (half)0x1.0p-10f; }
+    static constexpr half infinity() { return (half)__builtin_inff(); }
+    static constexpr half quiet_NaN() { return (half)__builtin_nanf(""); }
+    static constexpr half denorm_min() { return (half)0x1.0p-24f; }
+};
+
+template <class T, size_t N> struct array {
+    T __elems[N];
+    T &operator[](size_t i) { return __elems[i]; }
+    const T &operator[](size_t i) const { return __elems[i]; }
+    static constexpr size_t size() { return N; }
+    T *data() { return __elems; }
+    const T *data() const { return __elems; }
+    T *begin() { return __elems; }
+    T *end() { return __elems + N; }
+};
+
+// ---------------------------------------------------------------------------
+// fast:: and precise:: spell the same functions (the simulator computes
+// every function to float accuracy)
+// ---------------------------------------------------------------------------
+#define __CAMEL_MATH_NAMES(M)                                                         \
+    M(fabs) M(abs) M(sqrt) M(rsqrt) M(exp) M(exp2) M(exp10) M(log) M(log2) M(log10)   \
+    M(sin) M(cos) M(tan) M(asin) M(acos) M(atan) M(sinh) M(cosh) M(tanh) M(asinh)    \
+    M(acosh) M(atanh) M(sinpi) M(cospi) M(tanpi) M(floor) M(ceil) M(round) M(rint)   \
+    M(trunc) M(fract) M(saturate) M(sign) M(pow) M(powr) M(atan2) M(fmod) M(fmin)    \
+    M(fmax) M(copysign) M(fdim) M(step) M(divide) M(fma) M(mad) M(mix) M(smoothstep) \
+    M(min) M(max) M(clamp) M(sincos) M(modf) M(frexp) M(ldexp) M(length)             \
+    M(distance) M(normalize) M(dot) M(cross) M(length_squared)
+#define __CAMEL_USING(name) using metal::name;
+namespace fast { __CAMEL_MATH_NAMES(__CAMEL_USING) }
+namespace precise { __CAMEL_MATH_NAMES(__CAMEL_USING) }
+#undef __CAMEL_USING
+
+// ---------------------------------------------------------------------------
+// Atomics. atomic<T> holds a T; every operation is a real atomic on it,
+// because different threadgroups run on different worker threads.
+// ---------------------------------------------------------------------------
+enum memory_order {
+    memory_order_relaxed = __ATOMIC_RELAXED,
+    memory_order_acquire = __ATOMIC_ACQUIRE,
+    memory_order_release = __ATOMIC_RELEASE,
+    memory_order_acq_rel = __ATOMIC_ACQ_REL,
+    memory_order_seq_cst = __ATOMIC_SEQ_CST,
+};
+enum class thread_scope { thread_scope_thread, thread_scope_simdgroup, thread_scope_threadgroup,
+                          thread_scope_device };
+
+template <class T> struct atomic { T __value; };
+
+template <class T> inline void atomic_store_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
+                                                     memory_order = memory_order_relaxed) {
+    __atomic_store(&o->__value, &v, __ATOMIC_SEQ_CST);
+}
+template <class T> inline T atomic_load_explicit(const volatile atomic<T> *o,
+                                                 memory_order = memory_order_relaxed) {
+    T r;
+    __atomic_load(&o->__value, &r, __ATOMIC_SEQ_CST);
+    return r;
+}
+template <class T> inline T atomic_exchange_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
+                                                     memory_order = memory_order_relaxed) {
+    if constexpr (__camel_is_float<T>::value) {
+        T old;
+        __atomic_exchange(&o->__value, &v, &old, __ATOMIC_SEQ_CST);
+        return old;
+    } else {
+        return __atomic_exchange_n(&o->__value, v, __ATOMIC_SEQ_CST);
+    }
+}
+template <class T>
+inline bool atomic_compare_exchange_weak_explicit(volatile atomic<T> *o, T *expected,
+                                                  __camel_identity_t<T> desired,
+                                                  memory_order = memory_order_relaxed,
+                                                  memory_order = memory_order_relaxed) {
+    return __atomic_compare_exchange(&o->__value, expected, &desired, false, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST);
+}
+template <class T>
+inline bool atomic_compare_exchange_strong_explicit(volatile atomic<T> *o, T *expected,
+                                                    __camel_identity_t<T> desired,
+                                                    memory_order = memory_order_relaxed,
+                                                    memory_order = memory_order_relaxed) {
+    return __atomic_compare_exchange(&o->__value, expected, &desired, false, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST);
+}
+// Read-modify-write through a compare-exchange loop (works for float too).
+template <class T, class F> inline T __camel_atomic_rmw(volatile atomic<T> *o, F f) {
+    T old, want;
+    __atomic_load(&o->__value, &old, __ATOMIC_RELAXED);
+    do {
+        want = f(old);
+    } while (!__atomic_compare_exchange(&o->__value, &old, &want, true, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED));
+    return old;
+}
+template <class T> inline T atomic_fetch_add_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
+                                                      memory_order = memory_order_relaxed) {
+    if constexpr (__camel_is_float<T>::value)
+        return __camel_atomic_rmw(o, [v](T x) { return (T)(x + v); });
+    else
+        return __atomic_fetch_add(&o->__value, v, __ATOMIC_SEQ_CST);
+}
+template <class T> inline T atomic_fetch_sub_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
+                                                      memory_order = memory_order_relaxed) {
+    if constexpr (__camel_is_float<T>::value)
+        return __camel_atomic_rmw(o, [v](T x) { return (T)(x - v); });
+    else
+        return __atomic_fetch_sub(&o->__value, v, __ATOMIC_SEQ_CST);
+}
+template <class T> inline T atomic_fetch_min_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
+                                                      memory_order = memory_order_relaxed) {
+    return __camel_atomic_rmw(o, [v](T x) { return v < x ? v : x; });
+}
+template <class T> inline T atomic_fetch_max_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
+                                                      memory_order = memory_order_relaxed) {
+    return __camel_atomic_rmw(o, [v](T x) { return x < v ? v : x; });
+}
+template <class T> inline T atomic_fetch_and_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
+                                                      memory_order = memory_order_relaxed) {
+    return __atomic_fetch_and(&o->__value, v, __ATOMIC_SEQ_CST);
+}
+template <class T> inline T atomic_fetch_or_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
+                                                     memory_order = memory_order_relaxed) {
+    return __atomic_fetch_or(&o->__value, v, __ATOMIC_SEQ_CST);
+}
+template <class T> inline T atomic_fetch_xor_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
+                                                      memory_order = memory_order_relaxed) {
+    return __atomic_fetch_xor(&o->__value, v, __ATOMIC_SEQ_CST);
+}
+
+// ---------------------------------------------------------------------------
+// Barriers
+// ---------------------------------------------------------------------------
+enum class mem_flags : uint {
+    mem_none = 0,
+    mem_device = 1,
+    mem_threadgroup = 2,
+    mem_texture = 4,
+    mem_threadgroup_imageblock = 8,
+    mem_object_data = 16,
+};
+inline constexpr mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((uint)a | (uint)b); }
+
+inline void threadgroup_barrier(mem_flags f, unsigned line = __builtin_LINE(),
+                                unsigned col = __builtin_COLUMN()) {
+    const camel_sim_thread *t = __camel_cur;
+    __camel_rt->threadgroup_barrier(t, (uint)f, __camel_site(line, col));
+    __camel_cur = t;
+}
+inline void simdgroup_barrier(mem_flags f, unsigned line = __builtin_LINE(),
+                              unsigned col = __builtin_COLUMN()) {
+    const camel_sim_thread *t = __camel_cur;
+    __camel_rt->simdgroup_barrier(t, (uint)f, __camel_site(line, col));
+    __camel_cur = t;
+}
+inline void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_scope::thread_scope_device) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+// ---------------------------------------------------------------------------
+// SIMD-group (32 lanes) and quad-group (4 lanes) functions.
+//
+// Each call is a collective: this lane hands its operand to the runtime and
+// waits; when every active lane of the SIMD group has reached the same call
+// site, the runtime calls the resolver once with all lanes' operands, and
+// every lane continues with its result. Reading a lane that is not active
+// (a shuffle from a thread that returned early or does not exist) gives NaN
+// for floating types and 0 for integers: on a GPU the value is undefined.
+// ---------------------------------------------------------------------------
+template <class T> struct __camel_lane_in {
+    T value;
+    uint32_t arg;  // this lane's shuffle lane / delta / mask
+};
+template <class T> inline T __camel_poison() {
+    typedef typename __camel_vt<T>::elem E;
+    if constexpr (__camel_is_float<E>::value)
+        return (T)(E)__builtin_nanf("");
+    else
+        return T{};
+}
+template <int G> constexpr uint32_t __camel_group_mask() { return G == 32 ? ~0u : ((1u << (G % 32)) - 1u); }
+inline uint32_t __camel_lowest(uint32_t mask) { return (uint32_t)__builtin_ctz(mask); }
+
+template <class T, class R>
+inline R __camel_collective(camel_sim_resolver resolve, const T &in, uint32_t site) {
+    R out;
+    const camel_sim_thread *t = __camel_cur;
+    __camel_rt->simd_collective(t, site, resolve, &in, &out, nullptr);
+    __camel_cur = t;
+    return out;
+}
+
+// Reductions and prefix scans over the active lanes of each group of G lanes
+// (G = 32: the SIMD group; G = 4: a quad).
+struct __camel_op_sum { template <class T> static T f(T a, T b) { return a + b; } static constexpr int unit = 0; };
+struct __camel_op_product { template <class T> static T f(T a, T b) { return a * b; } static constexpr int unit = 1; };
+struct __camel_op_min { template <class T> static T f(T a, T b) { return metal::min(a, b); } };
+struct __camel_op_max { template <class T> static T f(T a, T b) { return metal::max(a, b); } };
+struct __camel_op_and { template <class T> static T f(T a, T b) { return a & b; } };
+struct __camel_op_or { template <class T> static T f(T a, T b) { return a | b; } };
+struct __camel_op_xor { template <class T> static T f(T a, T b) { return a ^ b; } };
+
+template <class T, class Op, int G>
+int __camel_resolve_reduce(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
+    for (int base = 0; base < 32; base += G) {
+        uint32_t m = (mask >> base) & __camel_group_mask<G>();
+        if (!m) continue;
+        int first = base + (int)__camel_lowest(m);
+        T acc = *(const T *)lanes[first].in;
+        for (int i = first + 1; i < base + G; i++)
+            if (mask & (1u << i)) acc = Op::f(acc, *(const T *)lanes[i].in);
+        for (int i = first; i < base + G; i++)
+            if (mask & (1u << i)) *(T *)lanes[i].out = acc;
+    }
+    return 0;
+}
+template <class T, class Op, int G, bool Inclusive>
+int __camel_resolve_prefix(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
+    for (int base = 0; base < 32; base += G) {
+        T acc = (T)(typename __camel_vt<T>::elem)Op::unit;
+        for (int i = base; i < base + G; i++) {
+            if (!(mask & (1u << i))) continue;
+            T v = *(const T *)lanes[i].in;
+            if (Inclusive) acc = Op::f(acc, v);
+            *(T *)lanes[i].out = acc;
+            if (!Inclusive) acc = Op::f(acc, v);
+        }
+    }
+    return 0;
+}
+
+// Shuffles: which lane each lane reads from.
+enum __camel_shuffle_kind { __camel_idx, __camel_up, __camel_down, __camel_xor, __camel_rot_up,
+                            __camel_rot_down, __camel_first };
+template <class T, int Kind, int G>
+int __camel_resolve_shuffle(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
+    T result[32];
+    for (int l = 0; l < 32; l++) {
+        if (!(mask & (1u << l))) continue;
+        const __camel_lane_in<T> *in = (const __camel_lane_in<T> *)lanes[l].in;
+        int base = l - l % G, me = l % G, a = (int)in->arg, src;
+        switch (Kind) {
+        case __camel_idx: src = a; break;
+        case __camel_up: src = me - a < 0 ? me : me - a; break;          // lower lanes keep their value
+        case __camel_down: src = me + a >= G ? me : me + a; break;       // upper lanes keep their value
+        case __camel_xor: src = (me ^ a) & (G - 1); break;
+        case __camel_rot_up: src = ((me - a) % G + G) % G; break;
+        case __camel_rot_down: src = (me + a) % G; break;
+        default: {  // first active lane of the group
+            uint32_t m = (mask >> base) & __camel_group_mask<G>();
+            src = (int)__camel_lowest(m);
+        }
+        }
+        if (src < 0 || src >= G || !(mask & (1u << (base + src))))
+            result[l] = __camel_poison<T>();
+        else
+            result[l] = ((const __camel_lane_in<T> *)lanes[base + src].in)->value;
+    }
+    for (int l = 0; l < 32; l++)
+        if (mask & (1u << l)) *(T *)lanes[l].out = result[l];
+    return 0;
+}
+
+// Votes: bit i set when active lane i passed true.
+struct simd_vote {
+    typedef ulong vote_t;
+    vote_t __bits;
+    vote_t __active;
+    explicit constexpr simd_vote(vote_t v = 0) : __bits(v), __active(~0ul >> 32) {}
+    constexpr simd_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
+    explicit constexpr operator vote_t() const { return __bits; }
+    constexpr bool all() const { return (__bits & __active) == __active; }
+    constexpr bool any() const { return __bits != 0; }
+};
+struct quad_vote {
+    typedef ushort vote_t;
+    vote_t __bits;
+    vote_t __active;
+    explicit constexpr quad_vote(vote_t v = 0) : __bits(v), __active(15) {}
+    constexpr quad_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
+    explicit constexpr operator vote_t() const { return __bits; }
+    constexpr bool all() const { return (__bits & __active) == __active; }
+    constexpr bool any() const { return __bits != 0; }
+};
+template <int G>
+int __camel_resolve_vote(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
+    for (int base = 0; base < 32; base += G) {
+        uint32_t gm = __camel_group_mask<G>();
+        uint32_t active = (mask >> base) & gm, bits = 0;
+        for (int i = 0; i < G; i++)
+            if ((active & (1u << i)) && *(const bool *)lanes[base + i].in) bits |= 1u << i;
+        for (int i = 0; i < G; i++)
+            if (active & (1u << i)) {
+                uint32_t *out = (uint32_t *)lanes[base + i].out;
+                out[0] = bits;
+                out[1] = active;
+            }
+    }
+    return 0;
+}
+inline simd_vote __camel_vote32(bool b, uint32_t site) {
+    uint32_t r[2];
+    const camel_sim_thread *t = __camel_cur;
+    __camel_rt->simd_collective(t, site, __camel_resolve_vote<32>, &b, r, nullptr);
+    __camel_cur = t;
+    return simd_vote(r[0], r[1]);
+}
+inline quad_vote __camel_vote4(bool b, uint32_t site) {
+    uint32_t r[2];
+    const camel_sim_thread *t = __camel_cur;
+    __camel_rt->simd_collective(t, site, __camel_resolve_vote<4>, &b, r, nullptr);
+    __camel_cur = t;
+    return quad_vote((ushort)r[0], (ushort)r[1]);
+}
+
+#define __CAMEL_SITE unsigned __l = __builtin_LINE(), unsigned __c = __builtin_COLUMN()
+#define __CAMEL_AT __camel_site(__l, __c)
+
+#define __CAMEL_GROUP_FUNCS(P, G)                                                                  \
+    template <class T> inline T P##_sum(T x, __CAMEL_SITE) {                                     \
+        return __camel_collective<T, T>(__camel_resolve_reduce<T, __camel_op_sum, G>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_product(T x, __CAMEL_SITE) {                                 \
+        return __camel_collective<T, T>(__camel_resolve_reduce<T, __camel_op_product, G>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_min(T x, __CAMEL_SITE) {                                     \
+        return __camel_collective<T, T>(__camel_resolve_reduce<T, __camel_op_min, G>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_max(T x, __CAMEL_SITE) {                                     \
+        return __camel_collective<T, T>(__camel_resolve_reduce<T, __camel_op_max, G>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_and(T x, __CAMEL_SITE) {                                     \
+        return __camel_collective<T, T>(__camel_resolve_reduce<T, __camel_op_and, G>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_or(T x, __CAMEL_SITE) {                                      \
+        return __camel_collective<T, T>(__camel_resolve_reduce<T, __camel_op_or, G>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_xor(T x, __CAMEL_SITE) {                                     \
+        return __camel_collective<T, T>(__camel_resolve_reduce<T, __camel_op_xor, G>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_prefix_inclusive_sum(T x, __CAMEL_SITE) {                    \
+        return __camel_collective<T, T>(__camel_resolve_prefix<T, __camel_op_sum, G, true>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_prefix_exclusive_sum(T x, __CAMEL_SITE) {                    \
+        return __camel_collective<T, T>(__camel_resolve_prefix<T, __camel_op_sum, G, false>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_prefix_inclusive_product(T x, __CAMEL_SITE) {                \
+        return __camel_collective<T, T>(__camel_resolve_prefix<T, __camel_op_product, G, true>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_prefix_exclusive_product(T x, __CAMEL_SITE) {                \
+        return __camel_collective<T, T>(__camel_resolve_prefix<T, __camel_op_product, G, false>, x, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle(T x, ushort lane, __CAMEL_SITE) {                    \
+        return __camel_collective<__camel_lane_in<T>, T>(                                        \
+            __camel_resolve_shuffle<T, __camel_idx, G>, {x, lane}, __CAMEL_AT);                  \
+    }                                                                                            \
+    template <class T> inline T P##_broadcast(T x, ushort lane, __CAMEL_SITE) {                  \
+        return __camel_collective<__camel_lane_in<T>, T>(                                        \
+            __camel_resolve_shuffle<T, __camel_idx, G>, {x, lane}, __CAMEL_AT);                  \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_up(T x, ushort delta, __CAMEL_SITE) {                \
+        return __camel_collective<__camel_lane_in<T>, T>(                                        \
+            __camel_resolve_shuffle<T, __camel_up, G>, {x, delta}, __CAMEL_AT);                  \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_down(T x, ushort delta, __CAMEL_SITE) {              \
+        return __camel_collective<__camel_lane_in<T>, T>(                                        \
+            __camel_resolve_shuffle<T, __camel_down, G>, {x, delta}, __CAMEL_AT);                \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_xor(T x, ushort mask, __CAMEL_SITE) {                \
+        return __camel_collective<__camel_lane_in<T>, T>(                                        \
+            __camel_resolve_shuffle<T, __camel_xor, G>, {x, mask}, __CAMEL_AT);                  \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_rotate_up(T x, ushort delta, __CAMEL_SITE) {         \
+        return __camel_collective<__camel_lane_in<T>, T>(                                        \
+            __camel_resolve_shuffle<T, __camel_rot_up, G>, {x, delta}, __CAMEL_AT);              \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_rotate_down(T x, ushort delta, __CAMEL_SITE) {       \
+        return __camel_collective<__camel_lane_in<T>, T>(                                        \
+            __camel_resolve_shuffle<T, __camel_rot_down, G>, {x, delta}, __CAMEL_AT);            \
+    }                                                                                            \
+    template <class T> inline T P##_broadcast_first(T x, __CAMEL_SITE) {                         \
+        return __camel_collective<__camel_lane_in<T>, T>(                                        \
+            __camel_resolve_shuffle<T, __camel_first, G>, {x, 0}, __CAMEL_AT);                   \
+    }                                                                                            \
+    inline bool P##_all(bool b, __CAMEL_SITE) { return __camel_vote##G(b, __CAMEL_AT).all(); }   \
+    inline bool P##_any(bool b, __CAMEL_SITE) { return __camel_vote##G(b, __CAMEL_AT).any(); }   \
+    inline bool P##_is_first(__CAMEL_SITE) {                                                     \
+        const camel_sim_thread *t = __camel_cur;                                                 \
+        uint32_t me = G == 32 ? t->thread_index_in_simdgroup : t->thread_index_in_quadgroup;     \
+        auto v = __camel_vote##G(true, __CAMEL_AT);                                              \
+        return __camel_lowest((uint32_t)v.__active) == me;                                       \
+    }                                                                                            \
+    inline bool P##_is_helper_thread() { return false; }
+
+__CAMEL_GROUP_FUNCS(simd, 32)
+__CAMEL_GROUP_FUNCS(quad, 4)
+
+inline simd_vote simd_ballot(bool b, __CAMEL_SITE) { return __camel_vote32(b, __CAMEL_AT); }
+inline quad_vote quad_ballot(bool b, __CAMEL_SITE) { return __camel_vote4(b, __CAMEL_AT); }
+inline simd_vote simd_active_threads_mask(__CAMEL_SITE) {
+    simd_vote v = __camel_vote32(true, __CAMEL_AT);
+    return v;
+}
+inline quad_vote quad_active_threads_mask(__CAMEL_SITE) { return __camel_vote4(true, __CAMEL_AT); }
+
+// ---------------------------------------------------------------------------
+// simdgroup_matrix<T, Cols, Rows>: an 8x8 tile owned by a whole SIMD group.
+// On the GPU its 64 elements are spread over the 32 lanes; here every lane
+// keeps a full copy, and loads, stores and multiplies are collectives
+// resolved once for the SIMD group, which must have all 32 lanes active.
+// Elements are row-major: e[row * Cols + col].
+// ---------------------------------------------------------------------------
+template <class T, int Cols, int Rows> struct simdgroup_matrix {
+    T __e[Rows * Cols];
+    simdgroup_matrix() = default;
+    // simdgroup_float8x8(x): x on the diagonal, 0 elsewhere.
+    explicit simdgroup_matrix(T diagonal) {
+        for (int r = 0; r < Rows; r++)
+            for (int c = 0; c < Cols; c++) __e[r * Cols + c] = r == c ? diagonal : (T)0;
+    }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+
+template <class T, int C, int R> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
+    simdgroup_matrix<T, C, R> m;
+    for (int i = 0; i < R * C; i++) m.__e[i] = v;
+    return m;
+}
+
+inline int __camel_need_full_simdgroup(uint32_t mask, const char *what, const char **error) {
+    if (mask == ~0u) return 0;
+    static thread_local char buf[200];
+    __builtin_snprintf(buf, sizeof buf,
+                       "%s needs all 32 threads of the SIMD group active, but only lanes with "
+                       "mask 0x%08x arrived (threads that returned early or a threadgroup size "
+                       "that is not a multiple of 32)",
+                       what, mask);
+    *error = buf;
+    return 1;
+}
+
+template <class T, class P> struct __camel_mat_io {
+    P *ptr;
+    ulong elements_per_row;
+    ulong2 origin;
+    bool transpose;
+    const void *matrix;  // store: the matrix to write
+};
+template <class T, int C, int R, class P>
+int __camel_resolve_mat_load(camel_sim_lane *lanes, uint32_t mask, const void *, const char **error) {
+    if (__camel_need_full_simdgroup(mask, "simdgroup_load", error)) return 1;
+    const __camel_mat_io<T, P> *io = (const __camel_mat_io<T, P> *)lanes[0].in;
+    simdgroup_matrix<T, C, R> m;
+    P *base = io->ptr + io->origin.y * io->elements_per_row + io->origin.x;
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            m.__e[r * C + c] = (T)(io->transpose ? base[c * io->elements_per_row + r]
+                                                 : base[r * io->elements_per_row + c]);
+    for (int l = 0; l < 32; l++) *(simdgroup_matrix<T, C, R> *)lanes[l].out = m;
+    return 0;
+}
+template <class T, int C, int R, class P>
+int __camel_resolve_mat_store(camel_sim_lane *lanes, uint32_t mask, const void *, const char **error) {
+    if (__camel_need_full_simdgroup(mask, "simdgroup_store", error)) return 1;
+    const __camel_mat_io<T, P> *io = (const __camel_mat_io<T, P> *)lanes[0].in;
+    const simdgroup_matrix<T, C, R> *m = (const simdgroup_matrix<T, C, R> *)io->matrix;
+    P *base = io->ptr + io->origin.y * io->elements_per_row + io->origin.x;
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            if (io->transpose)
+                base[c * io->elements_per_row + r] = (P)m->__e[r * C + c];
+            else
+                base[r * io->elements_per_row + c] = (P)m->__e[r * C + c];
+        }
+    return 0;
+}
+
+template <class P, class T, int C, int R>
+inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_per_row = C,
+                           ulong2 matrix_origin = 0, bool transpose_matrix = false,
+                           __CAMEL_SITE) {
+    __camel_mat_io<T, P> io{src, elements_per_row, matrix_origin, transpose_matrix, nullptr};
+    const camel_sim_thread *t = __camel_cur;
+    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_load<T, C, R, P>, &io, &d, nullptr);
+    __camel_cur = t;
+}
+template <class P, class T, int C, int R>
+inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong elements_per_row = C,
+                            ulong2 matrix_origin = 0, bool transpose_matrix = false,
+                            __CAMEL_SITE) {
+    __camel_mat_io<T, P> io{dst, elements_per_row, matrix_origin, transpose_matrix, &m};
+    char unused;
+    const camel_sim_thread *t = __camel_cur;
+    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_store<T, C, R, P>, &io, &unused,
+                                nullptr);
+    __camel_cur = t;
+}
+
+template <class T, int M, int N, int K> struct __camel_mat_mul_in {
+    const simdgroup_matrix<T, K, M> *a;  // M rows, K columns
+    const simdgroup_matrix<T, N, K> *b;  // K rows, N columns
+    const simdgroup_matrix<T, N, M> *c;  // M rows, N columns, or null
+};
+template <class T, int M, int N, int K>
+int __camel_resolve_mat_mul(camel_sim_lane *lanes, uint32_t mask, const void *, const char **error) {
+    if (__camel_need_full_simdgroup(mask, "simdgroup_multiply", error)) return 1;
+    const __camel_mat_mul_in<T, M, N, K> *in = (const __camel_mat_mul_in<T, M, N, K> *)lanes[0].in;
+    simdgroup_matrix<T, N, M> d;
+    for (int r = 0; r < M; r++)
+        for (int c = 0; c < N; c++) {
+            float s = in->c ? (float)in->c->__e[r * N + c] : 0.0f;
+            for (int k = 0; k < K; k++) s += (float)in->a->__e[r * K + k] * (float)in->b->__e[k * N + c];
+            d.__e[r * N + c] = (T)s;
+        }
+    for (int l = 0; l < 32; l++) *(simdgroup_matrix<T, N, M> *)lanes[l].out = d;
+    return 0;
+}
+// d = a * b
+template <class T, int M, int N, int K>
+inline void simdgroup_multiply(simdgroup_matrix<T, N, M> &d, const simdgroup_matrix<T, K, M> &a,
+                               const simdgroup_matrix<T, N, K> &b, __CAMEL_SITE) {
+    __camel_mat_mul_in<T, M, N, K> in{&a, &b, nullptr};
+    const camel_sim_thread *t = __camel_cur;
+    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_mul<T, M, N, K>, &in, &d, nullptr);
+    __camel_cur = t;
+}
+// d = a * b + c
+template <class T, int M, int N, int K>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, N, M> &d,
+                                          const simdgroup_matrix<T, K, M> &a,
+                                          const simdgroup_matrix<T, N, K> &b,
+                                          const simdgroup_matrix<T, N, M> &c, __CAMEL_SITE) {
+    __camel_mat_mul_in<T, M, N, K> in{&a, &b, &c};
+    const camel_sim_thread *t = __camel_cur;
+    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_mul<T, M, N, K>, &in, &d, nullptr);
+    __camel_cur = t;
+}
+
+#undef __CAMEL_SITE
+#undef __CAMEL_AT
+}  // namespace metal
+
+// MSL's atomic_int & co. are usable without metal::.
+typedef metal::atomic<int> atomic_int;
+typedef metal::atomic<uint> atomic_uint;
+typedef metal::atomic<float> atomic_float;
+typedef metal::atomic<bool> atomic_bool;
+typedef metal::atomic<ulong> atomic_ulong;
+typedef metal::atomic<long> atomic_long;
+using metal::memory_order;
+using metal::memory_order_relaxed;
+using metal::memory_order_acquire;
+using metal::memory_order_release;
+using metal::memory_order_acq_rel;
+using metal::memory_order_seq_cst;
+using metal::mem_flags;

@@ -1,0 +1,405 @@
+// translate.cpp — camel_sim_compile: a .metal source in, a shared object out.
+//
+//   1. look in the on-disk cache: key = hash of the source, its path, the
+//      flags (CAMEL_SIM_SANITIZE), the compiler (path, size, mtime), the
+//      compat headers' contents and this library; a hit costs a hash and a stat
+//   2. portability guard on the raw source (#include <vector> ...)
+//   3. clang -E against the compat headers (shim/sim/include, as system headers)
+//   4. the token rewrite (translate_rewrite.cpp): MSL -> C++ plus entry wrappers
+//   5. clang++ -O2 -shared -> <cache>/<key>.so, written to a temporary name
+//      and renamed, so parallel processes never see half a file
+//
+// Environment:
+//   CAMEL_SIM_CXX       compiler to use (default: clang++-19 ... clang++-16, clang++)
+//   CAMEL_SIM_INCLUDE   directory of the compat <metal_stdlib>
+//   CAMEL_SIM_SANITIZE  address,undefined: build kernels with ASan/UBSan
+//   CAMEL_SIM_VERBOSE   1: print cache hits and compiler commands to stderr
+//   XDG_CACHE_HOME      cache root (default ~/.cache); kernels go to camel/sim/
+#include "translate.h"
+
+#include <dirent.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "translate_internal.h"
+
+extern char **environ;
+
+namespace {
+
+// Bump when the generated code changes in a way the key would not notice.
+const char kTranslatorVersion[] = "camel-sim-translate 1";
+
+char *dup_string(const std::string &s) {
+    char *p = (char *)malloc(s.size() + 1);
+    memcpy(p, s.c_str(), s.size() + 1);
+    return p;
+}
+
+bool verbose() {
+    const char *v = getenv("CAMEL_SIM_VERBOSE");
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+bool file_exists(const std::string &p) {
+    struct stat st;
+    return stat(p.c_str(), &st) == 0;
+}
+
+bool read_file(const std::string &path, std::string &out) {
+    FILE *f = fopen(path.c_str(), "rb");
+    if (!f) return false;
+    out.clear();
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+    fclose(f);
+    return true;
+}
+
+bool write_file(const std::string &path, const std::string &data) {
+    FILE *f = fopen(path.c_str(), "wb");
+    if (!f) return false;
+    bool ok = fwrite(data.data(), 1, data.size(), f) == data.size();
+    return fclose(f) == 0 && ok;
+}
+
+std::string dirname_of(const std::string &p) {
+    size_t s = p.rfind('/');
+    if (s == std::string::npos) return ".";
+    if (s == 0) return "/";
+    return p.substr(0, s);
+}
+
+bool mkdirs(const std::string &dir) {
+    if (dir.empty() || file_exists(dir)) return true;
+    if (!mkdirs(dirname_of(dir))) return false;
+    return mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST;
+}
+
+// Two independent 64-bit FNV-style hashes, as 32 hex digits.
+struct Hasher {
+    uint64_t a = 0xcbf29ce484222325ull, b = 0x84222325cbf29ce4ull;
+    void add(const void *data, size_t n) {
+        const unsigned char *p = (const unsigned char *)data;
+        for (size_t i = 0; i < n; i++) {
+            a = (a ^ p[i]) * 0x100000001b3ull;
+            b = (b ^ p[i]) * 0x9e3779b97f4a7c15ull;
+            b ^= b >> 29;
+        }
+    }
+    void add(const std::string &s) {
+        uint64_t n = s.size();
+        add(&n, sizeof n);  // length first, so "ab"+"c" differs from "a"+"bc"
+        add(s.data(), s.size());
+    }
+    std::string hex() {
+        char buf[40];
+        snprintf(buf, sizeof buf, "%016llx%016llx", (unsigned long long)a, (unsigned long long)b);
+        return buf;
+    }
+};
+
+// The compiler: $CAMEL_SIM_CXX, else the newest clang++-N on PATH.
+std::string find_in_path(const std::string &name) {
+    if (name.find('/') != std::string::npos) return file_exists(name) ? name : "";
+    const char *path = getenv("PATH");
+    std::string p = path ? path : "/usr/bin:/bin";
+    size_t i = 0;
+    while (i <= p.size()) {
+        size_t e = p.find(':', i);
+        if (e == std::string::npos) e = p.size();
+        std::string dir = p.substr(i, e - i);
+        if (dir.empty()) dir = ".";
+        std::string cand = dir + "/" + name;
+        if (access(cand.c_str(), X_OK) == 0) return cand;
+        i = e + 1;
+    }
+    return "";
+}
+
+std::string find_compiler(std::string &err) {
+    const char *env = getenv("CAMEL_SIM_CXX");
+    if (env && *env) {
+        std::string c = find_in_path(env);
+        if (c.empty()) err = std::string("[sim] CAMEL_SIM_CXX=") + env + " was not found";
+        return c;
+    }
+    static const char *const names[] = {"clang++-19", "clang++-18", "clang++-17", "clang++-16",
+                                        "clang++", nullptr};
+    for (int i = 0; names[i]; i++) {
+        std::string c = find_in_path(names[i]);
+        if (!c.empty()) return c;
+    }
+    err = "[sim] no clang++ found (tried clang++-19 ... clang++-16 and clang++ on PATH). The Metal "
+          "simulator compiles kernels with clang >= 16: on Debian/Ubuntu `apt-get install clang-19`, "
+          "or set CAMEL_SIM_CXX to a clang++";
+    return "";
+}
+
+// The directory holding the compat <metal_stdlib>: $CAMEL_SIM_INCLUDE, or
+// next to this library (shim/build/libcamel_sim.so -> shim/sim/include).
+std::string self_path() {
+    Dl_info info;
+    if (dladdr((void *)&camel_sim_compile, &info) && info.dli_fname) return info.dli_fname;
+    return "";
+}
+
+std::string find_include_dir(std::string &err) {
+    const char *env = getenv("CAMEL_SIM_INCLUDE");
+    if (env && *env) {
+        if (file_exists(std::string(env) + "/metal_stdlib")) return env;
+        err = std::string("[sim] CAMEL_SIM_INCLUDE=") + env + " has no metal_stdlib";
+        return "";
+    }
+    std::string self = self_path();
+    std::string dir = dirname_of(self.empty() ? "." : self);
+    const char *const rel[] = {"/../sim/include", "/sim/include", "/include", "/../include", nullptr};
+    for (int i = 0; rel[i]; i++) {
+        std::string cand = dir + rel[i];
+        if (file_exists(cand + "/metal_stdlib")) {
+            char real[4096];
+            if (realpath(cand.c_str(), real)) return real;
+            return cand;
+        }
+    }
+    err = "[sim] cannot find the simulator's <metal_stdlib> next to " + self +
+          " (looked in ../sim/include); set CAMEL_SIM_INCLUDE to shim/sim/include";
+    return "";
+}
+
+std::string cache_dir() {
+    const char *x = getenv("XDG_CACHE_HOME");
+    std::string root;
+    if (x && *x) {
+        root = x;
+    } else {
+        const char *home = getenv("HOME");
+        root = std::string(home && *home ? home : "/tmp") + "/.cache";
+    }
+    return root + "/camel/sim";
+}
+
+// Sanitizer flags from CAMEL_SIM_SANITIZE ("address", "undefined", or both).
+bool sanitize_flags(std::string &value, std::string &err) {
+    const char *v = getenv("CAMEL_SIM_SANITIZE");
+    value = v ? v : "";
+    if (value.empty() || value == "0") {
+        value.clear();
+        return true;
+    }
+    size_t i = 0;
+    while (i <= value.size()) {
+        size_t e = value.find(',', i);
+        if (e == std::string::npos) e = value.size();
+        std::string s = value.substr(i, e - i);
+        if (s != "address" && s != "undefined") {
+            err = "[sim] CAMEL_SIM_SANITIZE=" + value + ": unknown sanitizer '" + s +
+                  "' (use address, undefined or address,undefined)";
+            return false;
+        }
+        i = e + 1;
+    }
+    return true;
+}
+
+// Run argv with stdout+stderr going to log_path. Returns the exit status
+// (or -1 if it could not start).
+int run(const std::vector<std::string> &argv, const std::string &log_path) {
+    if (verbose()) {
+        std::string cmd;
+        for (auto &a : argv) cmd += a + " ";
+        fprintf(stderr, "[sim] %s\n", cmd.c_str());
+    }
+    std::vector<char *> args;
+    for (auto &a : argv) args.push_back((char *)a.c_str());
+    args.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    pid_t pid;
+    int rc = posix_spawn(&pid, args[0], &fa, nullptr, args.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) return -1;
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR) return -1;
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+void replace_all(std::string &s, const std::string &from, const std::string &to) {
+    if (from.empty()) return;
+    size_t p = 0;
+    while ((p = s.find(from, p)) != std::string::npos) {
+        s.replace(p, from.size(), to);
+        p += to.size();
+    }
+}
+
+std::atomic<unsigned> g_counter{0};
+
+// Hash of what the compat headers and the ABI say (content, so edits count).
+void hash_headers(Hasher &h, const std::string &inc) {
+    std::vector<std::string> names;
+    if (DIR *d = opendir(inc.c_str())) {
+        while (dirent *e = readdir(d))
+            if (e->d_name[0] != '.') names.push_back(e->d_name);
+        closedir(d);
+    }
+    std::sort(names.begin(), names.end());
+    std::string content;
+    for (auto &n : names) {
+        h.add(n);
+        if (read_file(inc + "/" + n, content)) h.add(content);
+    }
+    if (read_file(inc + "/../sim_abi.h", content)) h.add(content);
+}
+
+}  // namespace
+
+extern "C" int camel_sim_compile(const char *source, const char *path, char **so_path, char **log) {
+    *so_path = nullptr;
+    *log = nullptr;
+    std::string err;
+    std::string src = source ? source : "";
+    std::string display = path && *path ? path : "program_source";
+
+    std::string cxx = find_compiler(err);
+    if (cxx.empty()) {
+        *log = dup_string(err);
+        return 1;
+    }
+    std::string inc = find_include_dir(err);
+    if (inc.empty()) {
+        *log = dup_string(err);
+        return 1;
+    }
+    std::string sanitize;
+    if (!sanitize_flags(sanitize, err)) {
+        *log = dup_string(err);
+        return 1;
+    }
+
+    // ---- 1. the cache key ----------------------------------------------
+    Hasher h;
+    h.add(std::string(kTranslatorVersion));
+    h.add(src);
+    h.add(display);
+    h.add(sanitize);
+    char real[4096];
+    std::string cxx_real = realpath(cxx.c_str(), real) ? real : cxx;
+    struct stat st;
+    h.add(cxx_real);
+    if (stat(cxx_real.c_str(), &st) == 0) {
+        h.add(&st.st_size, sizeof st.st_size);
+        h.add(&st.st_mtime, sizeof st.st_mtime);
+    }
+    std::string self = self_path();
+    if (!self.empty() && stat(self.c_str(), &st) == 0) {  // a rebuilt translator
+        h.add(&st.st_size, sizeof st.st_size);
+        h.add(&st.st_mtime, sizeof st.st_mtime);
+    }
+    hash_headers(h, inc);
+    std::string key = h.hex();
+    std::string dir = cache_dir();
+    std::string so = dir + "/" + key + ".so";
+    if (file_exists(so)) {
+        if (verbose()) fprintf(stderr, "[sim] cache hit %s -> %s\n", display.c_str(), so.c_str());
+        *so_path = dup_string(so);
+        return 0;
+    }
+
+    // ---- 2. portability guard on the raw source ---------------------------
+    if (!camel_sim::check_includes(src, display, err)) {
+        *log = dup_string(err);
+        return 1;
+    }
+
+    if (!mkdirs(dir)) {
+        *log = dup_string("[sim] cannot create the kernel cache directory " + dir + ": " +
+                          strerror(errno));
+        return 1;
+    }
+    if (verbose()) fprintf(stderr, "[sim] compiling %s -> %s\n", display.c_str(), so.c_str());
+    std::string tmp = dir + "/" + key + ".tmp." + std::to_string(getpid()) + "." +
+                      std::to_string(g_counter++);
+    std::string src_file = tmp + ".metal", pre_file = tmp + ".pre", log_file = tmp + ".log";
+    std::string cpp_file = tmp + ".ii", so_tmp = tmp + ".so";
+    auto cleanup = [&]() {
+        unlink(src_file.c_str());
+        unlink(pre_file.c_str());
+        unlink(log_file.c_str());
+        unlink(cpp_file.c_str());
+        unlink(so_tmp.c_str());
+    };
+    auto fail = [&](const std::string &msg) {
+        *log = dup_string(msg);
+        cleanup();
+        return 1;
+    };
+    if (!write_file(src_file, src)) return fail("[sim] cannot write " + src_file + ": " + strerror(errno));
+
+    // ---- 3. preprocess ------------------------------------------------------
+    std::vector<std::string> pre = {cxx, "-E", "-x", "c++", "-std=c++17", "-isystem", inc,
+                                    "-D__METAL_VERSION__=310", "-D__METAL_SIM__=1"};
+    if (path && *path) pre.push_back("-I" + dirname_of(path));  // #include "common.h" next to the file
+    pre.insert(pre.end(), {src_file, "-o", pre_file});
+    int rc = run(pre, log_file);
+    std::string clang_log;
+    read_file(log_file, clang_log);
+    replace_all(clang_log, src_file, display);
+    if (rc != 0) return fail(clang_log.empty() ? "[sim] could not run " + cxx : clang_log);
+
+    // ---- 4. rewrite ---------------------------------------------------------
+    std::string preprocessed, cpp;
+    if (!read_file(pre_file, preprocessed)) return fail("[sim] cannot read " + pre_file);
+    if (!camel_sim::rewrite_msl(preprocessed, src_file, display, cpp, err)) return fail(err);
+    if (!write_file(cpp_file, cpp)) return fail("[sim] cannot write " + cpp_file);
+
+    // ---- 5. compile -----------------------------------------------------------
+    std::vector<std::string> cc = {cxx, "-x", "c++-cpp-output", "-std=c++17", "-O2", "-fPIC",
+                                   "-shared", "-fno-exceptions", "-fno-rtti", "-fvisibility=hidden",
+                                   "-fno-math-errno", "-ffp-contract=on", "-nostdlib++",
+                                   "-Wno-unused-value", "-Wno-unknown-pragmas", "-ferror-limit=20"};
+    if (!sanitize.empty()) {
+        cc.insert(cc.end(), {"-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g",
+                             "-shared-libsan"});
+        // find the sanitizer runtime the library will need at load time
+        std::string rtdir;
+        std::vector<std::string> q = {cxx, "-print-runtime-dir"};
+        if (run(q, log_file) == 0 && read_file(log_file, rtdir)) {
+            while (!rtdir.empty() && (rtdir.back() == '\n' || rtdir.back() == '\r')) rtdir.pop_back();
+            if (!rtdir.empty()) cc.push_back("-Wl,-rpath," + rtdir);
+        }
+    }
+    cc.insert(cc.end(), {cpp_file, "-o", so_tmp, "-lm"});
+    rc = run(cc, log_file);
+    read_file(log_file, clang_log);
+    replace_all(clang_log, cpp_file, display);
+    if (rc != 0)
+        return fail("[sim] compiling " + display + " failed:\n" +
+                    (clang_log.empty() ? "could not run " + cxx : clang_log));
+
+    // keep the translated C++ next to the library, for the curious
+    rename(cpp_file.c_str(), (dir + "/" + key + ".cpp").c_str());
+    if (rename(so_tmp.c_str(), so.c_str()) != 0)
+        return fail("[sim] cannot rename " + so_tmp + " to " + so + ": " + strerror(errno));
+    cleanup();
+    *so_path = dup_string(so);
+    return 0;
+}

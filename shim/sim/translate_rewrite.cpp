@@ -1,0 +1,1108 @@
+// translate_rewrite.cpp — MSL to C++, one token at a time.
+//
+// Input: the .metal source after `clang -E` (macros expanded, #includes
+// inlined, line markers `# 12 "file"` telling where each line came from).
+// Output: C++ that compiles against include/camel_sim_msl.h, plus generated
+// code at the end: one entry wrapper per kernel and the library description
+// the runtime reads (see sim_abi.h).
+//
+// Only tokens of the user's files are rewritten; the compat headers (system
+// headers, flag 3 in the line markers) pass through. Newlines are never added
+// or removed inside user code, so every token stays on its .metal line and
+// clang's errors point at the right place.
+//
+// What changes (see docs/simulator.md, "How a .metal file becomes a shared
+// object"):
+//   device, thread                 dropped (one address space on a CPU)
+//   constant                       const (namespace scope: static const)
+//   threadgroup T x[N];            in a function body: auto &x = *__camel_tg<T[N]>();
+//   other threadgroup              dropped (pointer and parameter qualifiers)
+//   kernel, [[attributes]]         dropped, after the kernel signature is recorded
+//   1.5 / 1.5h                     1.5f / 1.5f16 (MSL has no double)
+//   float4(a, b.xy)                __camel_make<float4>(a, b.xy)
+//   static_cast<float4>(i)         __camel_make<float4>(i)
+//   (float4)i                      __camel_conv<float4>() ->* i   (converts, like MSL)
+#include "translate_internal.h"
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "sim_abi.h"
+
+namespace camel_sim {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Tokens
+// ---------------------------------------------------------------------------
+enum Kind { IDENT, NUMBER, STRING, PUNCT, SPACE, NEWLINE, DIRECTIVE };
+
+struct Token {
+    Kind kind;
+    std::string text;  // as in the input
+    std::string out;   // what to write (starts equal to text)
+    int line;          // line in its file
+    bool user;         // from a user file (rewritten), not a compat header
+};
+
+bool is_ident_start(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == '$'; }
+bool is_digit(char c) { return c >= '0' && c <= '9'; }
+bool is_ident_char(char c) { return is_ident_start(c) || is_digit(c); }
+
+// Three-character and two-character punctuators (longest match first).
+const char *const kPunct3[] = {"<<=", ">>=", "...", "->*", nullptr};
+const char *const kPunct2[] = {"::", "->", "++", "--", "<<", ">>", "<=", ">=", "==", "!=", "&&",
+                               "||", "+=", "-=", "*=", "/=", "%=", "&=", "|=", "^=", ".*", "##",
+                               nullptr};
+
+struct Lexer {
+    const std::string &s;
+    const std::string &main_file;
+    const std::string &display;
+    std::vector<Token> toks;
+    int line = 1;
+    bool user = false;
+
+    Lexer(const std::string &src, const std::string &mf, const std::string &disp)
+        : s(src), main_file(mf), display(disp) {}
+
+    void push(Kind k, size_t a, size_t b) {
+        Token t{k, s.substr(a, b - a), s.substr(a, b - a), line, user};
+        toks.push_back(t);
+    }
+
+    // A line marker: # 12 "file" flags. Sets the line and whether what
+    // follows is user code; the main file's name is replaced by `display`.
+    void directive(size_t a, size_t b) {
+        std::string d = s.substr(a, b - a);
+        Token t{DIRECTIVE, d, d, line, user};
+        size_t p = d.find_first_not_of(" \t#");
+        if (p != std::string::npos && is_digit(d[p]) && d.compare(0, 1, "#") == 0) {
+            int n = atoi(d.c_str() + p);
+            size_t q1 = d.find('"'), q2 = d.rfind('"');
+            if (q1 != std::string::npos && q2 > q1) {
+                std::string file = d.substr(q1 + 1, q2 - q1 - 1);
+                std::string flags = d.substr(q2 + 1);
+                bool system = flags.find(" 3") != std::string::npos;
+                user = !system && !file.empty() && file[0] != '<';
+                if (file == main_file) {
+                    std::string esc;
+                    for (char c : display) {
+                        if (c == '"' || c == '\\') esc += '\\';
+                        esc += c;
+                    }
+                    t.out = d.substr(0, q1 + 1) + esc + d.substr(q2);
+                }
+            }
+            line = n - 1;  // the newline ending the directive makes it n
+        }
+        t.user = user;
+        toks.push_back(t);
+    }
+
+    void run() {
+        size_t i = 0, n = s.size();
+        bool line_start = true;
+        while (i < n) {
+            char c = s[i];
+            if (c == '\n') {
+                push(NEWLINE, i, i + 1);
+                line++;
+                i++;
+                line_start = true;
+                continue;
+            }
+            if (c == ' ' || c == '\t' || c == '\r' || c == '\f' || c == '\v') {
+                size_t j = i;
+                while (j < n && (s[j] == ' ' || s[j] == '\t' || s[j] == '\r' || s[j] == '\f' || s[j] == '\v')) j++;
+                push(SPACE, i, j);
+                i = j;
+                continue;
+            }
+            if (c == '#' && line_start) {
+                size_t j = s.find('\n', i);
+                if (j == std::string::npos) j = n;
+                directive(i, j);
+                i = j;
+                continue;
+            }
+            line_start = false;
+            if (c == '/' && i + 1 < n && s[i + 1] == '/') {  // comments (clang -E drops them)
+                size_t j = s.find('\n', i);
+                if (j == std::string::npos) j = n;
+                push(SPACE, i, j);
+                i = j;
+                continue;
+            }
+            if (c == '/' && i + 1 < n && s[i + 1] == '*') {
+                size_t j = s.find("*/", i + 2);
+                j = j == std::string::npos ? n : j + 2;
+                // keep the newlines of a multi-line comment
+                for (size_t k = i; k < j; k++) {
+                    if (s[k] == '\n') {
+                        push(NEWLINE, k, k + 1);
+                        line++;
+                    }
+                }
+                i = j;
+                continue;
+            }
+            if (is_ident_start(c)) {
+                size_t j = i;
+                while (j < n && is_ident_char(s[j])) j++;
+                std::string id = s.substr(i, j - i);
+                bool prefix = id == "u8" || id == "u" || id == "U" || id == "L" || id == "R" ||
+                              id == "u8R" || id == "uR" || id == "UR" || id == "LR";
+                if (prefix && j < n && (s[j] == '"' || s[j] == '\'')) {
+                    j = string_end(j, id.back() == 'R');
+                    push(STRING, i, j);
+                } else {
+                    push(IDENT, i, j);
+                }
+                i = j;
+                continue;
+            }
+            if (is_digit(c) || (c == '.' && i + 1 < n && is_digit(s[i + 1]))) {
+                size_t j = i + 1;
+                while (j < n) {
+                    char d = s[j];
+                        if ((d == '+' || d == '-') && strchr("eEpP", s[j - 1])) {
+                        // an exponent sign (1e-3, 0x1p+4) belongs to the number,
+                        // but e is a digit in hex: 0x1e+2 is 0x1e + 2
+                        bool hex = s[i] == '0' && (s[i + 1] == 'x' || s[i + 1] == 'X');
+                        if (hex && (s[j - 1] == 'e' || s[j - 1] == 'E')) break;
+                        j++;
+                        continue;
+                    }
+                    if (is_ident_char(d) || d == '.' || (d == '\'' && j + 1 < n && is_ident_char(s[j + 1]))) {
+                        j++;
+                        continue;
+                    }
+                    break;
+                }
+                push(NUMBER, i, j);
+                i = j;
+                continue;
+            }
+            if (c == '"' || c == '\'') {
+                size_t j = string_end(i, false);
+                push(STRING, i, j);
+                i = j;
+                continue;
+            }
+            size_t len = 1;
+            for (int k = 0; kPunct3[k]; k++)
+                if (s.compare(i, 3, kPunct3[k]) == 0) len = 3;
+            if (len == 1)
+                for (int k = 0; kPunct2[k]; k++)
+                    if (s.compare(i, 2, kPunct2[k]) == 0) len = 2;
+            push(PUNCT, i, i + len);
+            i += len;
+        }
+    }
+
+    // End of a string or character literal starting at the quote s[q]
+    // (raw: R"delim( ... )delim").
+    size_t string_end(size_t q, bool raw) {
+        size_t n = s.size();
+        if (raw && s[q] == '"') {
+            size_t paren = s.find('(', q);
+            if (paren == std::string::npos) return n;
+            std::string close = ")" + s.substr(q + 1, paren - q - 1) + "\"";
+            size_t e = s.find(close, paren);
+            return e == std::string::npos ? n : e + close.size();
+        }
+        char quote = s[q];
+        size_t j = q + 1;
+        while (j < n && s[j] != quote && s[j] != '\n') {
+            if (s[j] == '\\') j++;
+            j++;
+        }
+        return j < n ? j + 1 : n;
+    }
+};
+
+// ---------------------------------------------------------------------------
+// Kernel signatures
+// ---------------------------------------------------------------------------
+struct Attr {
+    std::string name;  // buffer, threadgroup, thread_position_in_grid, host_name, ...
+    std::string arg;   // text inside the parentheses, if any
+};
+
+struct Param {
+    std::string name;
+    int kind = 0;      // camel_sim_param_kind
+    int index = -1;    // buffer / threadgroup index
+    bool pointer = false;
+    bool reference = false;
+    std::string builtin;  // for CAMEL_SIM_PARAM_BUILTIN: the attribute name
+};
+
+struct Kernel {
+    std::string qualified;   // ns::name
+    std::string targs;       // "<float, 64>" for a template instantiation
+    std::string host_name;   // name the host asks for
+    std::vector<Param> params;
+    std::string body_owner;  // function whose body decides needs_fibers
+    int line = 0;
+};
+
+struct BuiltinInfo {
+    const char *attr;
+    const char *field;  // member of camel_sim_thread
+    bool vector;        // a uint[3] field (else one uint32_t)
+};
+const BuiltinInfo kBuiltins[] = {
+    {"thread_position_in_grid", "thread_position_in_grid", true},
+    {"thread_position_in_threadgroup", "thread_position_in_threadgroup", true},
+    {"threadgroup_position_in_grid", "threadgroup_position_in_grid", true},
+    {"threads_per_threadgroup", "threads_per_threadgroup", true},
+    {"dispatch_threads_per_threadgroup", "dispatch_threads_per_threadgroup", true},
+    {"threadgroups_per_grid", "threadgroups_per_grid", true},
+    {"threads_per_grid", "threads_per_grid", true},
+    {"grid_size", "threads_per_grid", true},
+    {"thread_index_in_threadgroup", "thread_index_in_threadgroup", false},
+    {"thread_index_in_simdgroup", "thread_index_in_simdgroup", false},
+    {"thread_index_in_quadgroup", "thread_index_in_quadgroup", false},
+    {"simdgroup_index_in_threadgroup", "simdgroup_index_in_threadgroup", false},
+    {"simdgroups_per_threadgroup", "simdgroups_per_threadgroup", false},
+    {"dispatch_simdgroups_per_threadgroup", "simdgroups_per_threadgroup", false},
+    {"threads_per_simdgroup", "threads_per_simdgroup", false},
+    {"thread_execution_width", "threads_per_simdgroup", false},
+    {"quadgroup_index_in_threadgroup", "quadgroup_index_in_threadgroup", false},
+    {"quadgroups_per_threadgroup", "quadgroups_per_threadgroup", false},
+    {"dispatch_quadgroups_per_threadgroup", "quadgroups_per_threadgroup", false},
+    {"grid_origin", nullptr, true},  // always 0 for compute dispatches
+    {nullptr, nullptr, false},
+};
+const BuiltinInfo *find_builtin(const std::string &name) {
+    for (const BuiltinInfo *b = kBuiltins; b->attr; b++)
+        if (name == b->attr) return b;
+    return nullptr;
+}
+
+// MSL vector type names that may be used as constructors: float4(a, b).
+bool is_vector_type(const std::string &id) {
+    static const char *const bases[] = {"float", "half", "int", "uint", "short", "ushort", "char",
+                                        "uchar", "long", "ulong", "bool", nullptr};
+    std::string s = id;
+    if (s.compare(0, 7, "packed_") == 0) s = s.substr(7);
+    if (s.size() < 2) return false;
+    char n = s.back();
+    if (n != '2' && n != '3' && n != '4') return false;
+    std::string base = s.substr(0, s.size() - 1);
+    for (int i = 0; bases[i]; i++)
+        if (base == bases[i]) return true;
+    return false;
+}
+
+// The standard C++ attributes we leave in place.
+bool is_std_attribute(const std::string &name) {
+    return name == "likely" || name == "unlikely" || name == "maybe_unused" ||
+           name == "fallthrough" || name == "nodiscard" || name == "noreturn" ||
+           name == "deprecated";
+}
+
+// Identifiers that make a kernel run its threads as fibers.
+bool is_fiber_op(const std::string &id) {
+    return id == "threadgroup_barrier" || id == "simdgroup_barrier" ||
+           id.compare(0, 5, "simd_") == 0 || id.compare(0, 5, "quad_") == 0 ||
+           id == "simdgroup_load" || id == "simdgroup_store" || id == "simdgroup_multiply" ||
+           id == "simdgroup_multiply_accumulate";
+}
+
+// ---------------------------------------------------------------------------
+// The rewriter
+// ---------------------------------------------------------------------------
+enum ScopeKind { NAMESPACE, CLASS, FUNCTION, BLOCK, INIT };
+
+struct Scope {
+    ScopeKind kind;
+    std::string name;      // namespace or function name
+    size_t stmt_start;     // index in sig of the statement that opened it
+    size_t open;           // index in sig of '{'
+};
+
+struct FunctionInfo {
+    size_t body_begin, body_end;  // sig indices, '{' .. '}'
+    int line;
+};
+
+struct Rewriter {
+    std::vector<Token> &t;
+    std::string display;
+    std::vector<size_t> sig;  // indices of significant tokens (not space/newline/directive)
+    std::string errors;
+    std::vector<Kernel> kernels;
+    std::map<std::string, std::vector<Param>> kernel_templates;  // qualified name -> params
+    std::map<std::string, int> kernel_template_line;
+    std::map<std::string, std::vector<FunctionInfo>> functions;   // user function bodies by name
+
+    Rewriter(std::vector<Token> &toks, const std::string &disp) : t(toks), display(disp) {
+        for (size_t i = 0; i < t.size(); i++)
+            if (t[i].kind != SPACE && t[i].kind != NEWLINE && t[i].kind != DIRECTIVE) sig.push_back(i);
+    }
+
+    Token &S(size_t k) { return t[sig[k]]; }
+    const std::string &txt(size_t k) { return k < sig.size() ? t[sig[k]].text : empty(); }
+    static const std::string &empty() {
+        static std::string e;
+        return e;
+    }
+    bool is(size_t k, const char *s) { return k < sig.size() && t[sig[k]].text == s; }
+
+    void error(int line, const std::string &msg) {
+        errors += "[sim] " + display + ":" + std::to_string(line) + ": " + msg + "\n";
+    }
+    void error_at(size_t k, const std::string &msg) { error(S(k).line, msg); }
+
+    // Blank a token (spaces of the same width keep the columns).
+    void blank(size_t k) { S(k).out = std::string(S(k).text.size(), ' '); }
+
+    // Index just past the bracket that matches the one at k ( ( [ { < ).
+    size_t match(size_t k) {
+        const std::string &o = txt(k);
+        std::string c = o == "(" ? ")" : o == "[" ? "]" : o == "{" ? "}" : ">";
+        int depth = 0;
+        for (size_t j = k; j < sig.size(); j++) {
+            const std::string &x = txt(j);
+            if (x == o) depth++;
+            else if (x == c) depth--;
+            else if (o == "<" && x == ">>") depth -= 2;
+            if (depth <= 0) return j + 1;
+        }
+        return sig.size();
+    }
+
+    // [[ ... ]] starting at k: returns the index past ']]' and the attributes.
+    size_t parse_attributes(size_t k, std::vector<Attr> &attrs) {
+        size_t j = k + 2;
+        while (j < sig.size() && !(is(j, "]") && is(j + 1, "]"))) {
+            if (S(j).kind == IDENT) {
+                Attr a;
+                a.name = txt(j);
+                j++;
+                while (is(j, "::")) {  // gnu::always_inline
+                    a.name += "::" + txt(j + 1);
+                    j += 2;
+                }
+                if (is(j, "(")) {
+                    size_t e = match(j);
+                    for (size_t m = j + 1; m + 1 < e; m++) a.arg += txt(m);
+                    j = e;
+                }
+                attrs.push_back(a);
+            } else {
+                j++;
+            }
+        }
+        return j + 2;
+    }
+
+    void blank_range(size_t a, size_t b) {
+        for (size_t k = a; k < b && k < sig.size(); k++)
+            if (S(k).user) blank(k);
+    }
+
+    // ---- the main pass --------------------------------------------------
+    bool run() {
+        std::vector<Scope> scopes;
+        size_t stmt = 0;  // start of the current statement at namespace/class scope
+        int paren = 0;    // parenthesis depth in the current statement
+
+        auto in_function = [&]() {
+            for (auto &s : scopes)
+                if (s.kind == FUNCTION) return true;
+            return false;
+        };
+        auto at_namespace = [&]() { return scopes.empty() || scopes.back().kind == NAMESPACE; };
+
+        for (size_t k = 0; k < sig.size(); k++) {
+            Token &tok = S(k);
+            const std::string &x = tok.text;
+
+            // Attributes in user code are recorded by the statement parser and blanked.
+            if (x == "[" && is(k + 1, "[") && tok.user) {
+                std::vector<Attr> attrs;
+                size_t e = parse_attributes(k, attrs);
+                bool keep = !attrs.empty();
+                for (auto &a : attrs) keep = keep && is_std_attribute(a.name);
+                if (!keep) blank_range(k, e);
+                for (auto &a : attrs)
+                    if (a.name == "vertex" || a.name == "fragment" || a.name == "visible" ||
+                        a.name == "mesh" || a.name == "object")
+                        error_at(k, "[[" + a.name + "]] functions are not supported by the simulator (compute kernels only)");
+                k = e - 1;
+                continue;
+            }
+            if (x == "(" || x == "[") paren++;
+            if (x == ")" || x == "]") paren--;
+
+            if (x == "{") {
+                ScopeKind kind = BLOCK;
+                std::string name;
+                if (!in_function() && (at_namespace() || scopes.back().kind == CLASS)) {
+                    kind = classify(stmt, k, name);
+                } else if (!scopes.empty() && scopes.back().kind == INIT) {
+                    kind = INIT;
+                }
+                scopes.push_back({kind, name, stmt, k});
+                if (kind == FUNCTION && tok.user) function_begins(stmt, k, name, scopes);
+                if (kind == NAMESPACE || kind == CLASS || kind == FUNCTION) {
+                    stmt = k + 1;
+                    paren = 0;
+                }
+                continue;
+            }
+            if (x == "}") {
+                if (scopes.empty()) continue;
+                Scope s = scopes.back();
+                scopes.pop_back();
+                if (s.kind == FUNCTION) {
+                    if (tok.user) functions[s.name].push_back({s.open, k, S(s.open).line});
+                    stmt = k + 1;
+                    paren = 0;
+                } else if (s.kind == NAMESPACE) {
+                    stmt = k + 1;
+                    paren = 0;
+                } else if (s.kind == CLASS || s.kind == INIT) {
+                    // the statement goes on: struct S { } s;  float k[] = {1, 2};
+                    stmt = s.stmt_start;
+                    paren = 0;
+                }
+                continue;
+            }
+            if (x == ";" && !in_function() && (scopes.empty() || scopes.back().kind != INIT)) {
+                if (at_namespace() && stmt < k && S(stmt).user) declaration_ends(stmt, k, scopes);
+                stmt = k + 1;
+                paren = 0;
+                continue;
+            }
+
+            if (!tok.user) continue;
+            if (tok.kind == NUMBER) {
+                number(k);
+                continue;
+            }
+            if (tok.kind != IDENT) continue;
+
+            // ---- the portability guard --------------------------------
+            guard(k);
+
+            // ---- address spaces -----------------------------------------
+            if (x == "device" || x == "thread") {
+                blank(k);
+            } else if (x == "constant") {
+                bool top = at_namespace() && !in_function() && paren == 0;
+                bool has_static = k > 0 && (is(k - 1, "static") || is(k - 1, "constexpr"));
+                tok.out = top && !has_static ? "static const" : "const   ";
+            } else if (x == "threadgroup") {
+                threadgroup(k, in_function());
+            } else if (x == "kernel" && !in_function()) {
+                blank(k);
+            } else if ((x == "vertex" || x == "fragment") && !in_function() && at_namespace()) {
+                error_at(k, "'" + x + "' functions are not supported by the simulator (compute kernels only)");
+            } else if (x == "static_cast" && is(k + 1, "<") && k + 2 < sig.size() &&
+                       is_vector_type(txt(k + 2)) && is(k + 3, ">") && is(k + 4, "(")) {
+                tok.out = "__camel_make";  // static_cast<float4>(int4) converts in MSL
+            } else if (is_vector_type(x) && is(k + 1, "(") && !(k > 0 && is(k - 1, "operator"))) {
+                tok.out = "__camel_make<" + x + ">";
+            } else if (is_vector_type(x) && k > 0 && is(k - 1, "(") && is(k + 1, ")") &&
+                       cast_context(k - 1) && operand_start(k + 2)) {
+                // (float4)x: a conversion in MSL, a bit cast in clang
+                S(k - 1).out = "";
+                tok.out = "__camel_conv<" + x + ">() ->*";
+                S(k + 1).out = "";
+            }
+        }
+        return errors.empty();
+    }
+
+    // '(' at k starts a C-style cast if it cannot be a call or a declarator.
+    bool cast_context(size_t k) {
+        if (k == 0) return true;
+        const Token &p = S(k - 1);
+        if (p.kind == IDENT)
+            return p.text == "return" || p.text == "case" || p.text == "else" || p.text == "do";
+        if (p.kind == NUMBER || p.kind == STRING) return false;
+        return p.text != ")" && p.text != "]" && p.text != ">";
+    }
+    bool operand_start(size_t k) {
+        if (k >= sig.size()) return false;
+        const Token &n = S(k);
+        if (n.kind == IDENT || n.kind == NUMBER) return true;
+        return n.text == "(" || n.text == "-" || n.text == "+" || n.text == "!" || n.text == "~" ||
+               n.text == "*" || n.text == "&";
+    }
+
+    void number(size_t k) {
+        Token &tok = S(k);
+        std::string s = tok.text;
+        bool hex = s.size() > 1 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X');
+        bool is_float = hex ? (s.find_first_of("pP") != std::string::npos)
+                            : (s.find_first_of(".eE") != std::string::npos);
+        if (!is_float) return;
+        char last = s.back();
+        if (s.size() > 3 && (s.compare(s.size() - 3, 3, "f16") == 0 || s.compare(s.size() - 3, 3, "F16") == 0))
+            return;
+        if (last == 'f' || last == 'F') return;
+        if (last == 'h' || last == 'H') {
+            tok.out = s.substr(0, s.size() - 1) + "f16";
+            return;
+        }
+        if (last == 'l' || last == 'L') {
+            error_at(k, "'" + s + "' is a long double literal; Metal has no double: use " +
+                            s.substr(0, s.size() - 1) + "f");
+            return;
+        }
+        if (is_digit(last) || last == '.') tok.out = s + "f";  // MSL has no double: 1.5 is a float
+    }
+
+    void guard(size_t k) {
+        const std::string &x = txt(k);
+        if (x == "double") {
+            error_at(k, "'double' is not supported by Metal; use float");
+        } else if (x == "new" || (x == "delete" && !(k > 0 && is(k - 1, "=")))) {
+            error_at(k, "'" + x + "' is not supported by Metal: there is no dynamic memory in a kernel; "
+                            "use a buffer or threadgroup memory");
+        } else if (x == "try" || x == "catch" || x == "throw") {
+            error_at(k, "'" + x + "': exceptions are not supported by Metal");
+        } else if (x == "virtual") {
+            error_at(k, "'virtual' functions are not supported by Metal");
+        } else if (x == "typeid" || x == "dynamic_cast") {
+            error_at(k, "'" + x + "' (run-time type information) is not supported by Metal");
+        } else if (x == "thread_local") {
+            error_at(k, "'thread_local' is not supported by Metal");
+        } else if (x == "goto") {
+            error_at(k, "'goto' is not supported by Metal");
+        }
+    }
+
+    // What does the '{' at k open? stmt..k-1 is the statement before it.
+    ScopeKind classify(size_t stmt, size_t k, std::string &name) {
+        bool has_paren = false, has_class = false, has_assign = false;
+        int depth = 0;
+        for (size_t j = stmt; j < k; j++) {
+            const std::string &x = txt(j);
+            if (x == "namespace" && depth == 0) {
+                name = S(j + 1).kind == IDENT ? txt(j + 1) : "";
+                return NAMESPACE;
+            }
+            if (x == "extern" && j + 1 < k && S(j + 1).kind == STRING && j + 2 == k) return NAMESPACE;
+            if (x == "[" && is(j + 1, "[")) {  // skip attributes
+                std::vector<Attr> a;
+                j = parse_attributes(j, a) - 1;
+                continue;
+            }
+            if (x == "(" || x == "[") {
+                if (depth == 0 && x == "(") has_paren = true;
+                depth++;
+            } else if (x == ")" || x == "]") {
+                depth--;
+            } else if (depth == 0 && (x == "struct" || x == "class" || x == "union" || x == "enum")) {
+                has_class = true;
+            } else if (depth == 0 && x == "=") {
+                has_assign = true;
+            }
+        }
+        if (has_paren && !has_assign) {
+            name = function_name(stmt, k);
+            return FUNCTION;
+        }
+        if (has_paren && has_assign) return FUNCTION;  // a lambda at namespace scope
+        if (has_class && !has_assign) return CLASS;
+        return INIT;
+    }
+
+    // Name of the function declared by the statement: the identifier before
+    // the first top-level '(' (and before template arguments: f<float>(...)).
+    std::string function_name(size_t stmt, size_t end, size_t *paren_at = nullptr,
+                              size_t *name_at = nullptr) {
+        int angle = 0;
+        for (size_t j = stmt; j < end; j++) {
+            const std::string &x = txt(j);
+            if (x == "[" && is(j + 1, "[")) {
+                std::vector<Attr> a;
+                j = parse_attributes(j, a) - 1;
+                continue;
+            }
+            if (x == "template" && is(j + 1, "<")) {
+                j = match(j + 1) - 1;
+                continue;
+            }
+            if (x == "<") angle++;
+            if (x == ">") angle--;
+            if (x == ">>") angle -= 2;
+            if (x == "(" && angle <= 0) {
+                size_t n = j - 1;
+                if (n > stmt && (is(n, ">") || is(n, ">>"))) {  // f<float, 64>(
+                    int d = 0;
+                    while (n > stmt) {
+                        if (is(n, ">")) d++;
+                        if (is(n, ">>")) d += 2;
+                        if (is(n, "<")) d--;
+                        n--;
+                        if (d == 0) break;
+                    }
+                }
+                if (paren_at) *paren_at = j;
+                if (name_at) *name_at = n;
+                return S(n).kind == IDENT ? txt(n) : std::string();
+            }
+        }
+        return std::string();
+    }
+
+    std::string qualify(const std::vector<Scope> &scopes, const std::string &name) {
+        std::string q;
+        for (auto &s : scopes)
+            if (s.kind == NAMESPACE && !s.name.empty()) q += s.name + "::";
+        return q + name;
+    }
+
+    // Does the statement stmt..end contain `kernel` or [[kernel]] at top level?
+    bool is_kernel_statement(size_t stmt, size_t end, std::vector<Attr> &attrs) {
+        bool kernel = false;
+        int depth = 0;
+        for (size_t j = stmt; j < end; j++) {
+            if (is(j, "[") && is(j + 1, "[") && depth == 0) {
+                std::vector<Attr> a;
+                j = parse_attributes(j, a) - 1;
+                for (auto &x : a) {
+                    if (x.name == "kernel") kernel = true;
+                    attrs.push_back(x);
+                }
+                continue;
+            }
+            if (is(j, "(")) depth++;
+            if (is(j, ")")) depth--;
+            if (depth == 0 && is(j, "kernel")) kernel = true;
+        }
+        return kernel;
+    }
+
+    // A function definition begins: record kernels.
+    void function_begins(size_t stmt, size_t open, const std::string &name,
+                         const std::vector<Scope> &scopes) {
+        std::vector<Attr> attrs;
+        if (!is_kernel_statement(stmt, open, attrs)) return;
+        std::vector<Scope> outer(scopes.begin(), scopes.end() - 1);
+        size_t paren_at = 0, name_at = 0;
+        function_name(stmt, open, &paren_at, &name_at);
+        Kernel kn;
+        kn.qualified = qualify(outer, name);
+        kn.line = S(name_at).line;
+        kn.body_owner = name;
+        if (!parse_params(paren_at, kn.params)) return;
+        bool is_template = is(stmt, "template") && is(stmt + 1, "<");
+        if (is_template) {
+            kernel_templates[kn.qualified] = kn.params;
+            kernel_template_line[kn.qualified] = kn.line;
+            return;
+        }
+        kn.host_name = name;
+        for (auto &a : attrs)
+            if (a.name == "host_name") kn.host_name = unquote(a.arg);
+        kernels.push_back(kn);
+    }
+
+    // A declaration at namespace scope ends at ';': explicit instantiations
+    // of kernel templates: template [[host_name("x")]] kernel void f<T>(...);
+    void declaration_ends(size_t stmt, size_t semi, const std::vector<Scope> &scopes) {
+        if (!(is(stmt, "template") && !is(stmt + 1, "<"))) return;
+        std::vector<Attr> attrs;
+        bool kernel = is_kernel_statement(stmt, semi, attrs);
+        size_t paren_at = 0, name_at = 0;
+        std::string name = function_name(stmt, semi, &paren_at, &name_at);
+        if (name.empty()) return;
+        std::string q = qualify(scopes, name);
+        auto it = kernel_templates.find(q);
+        if (it == kernel_templates.end()) {
+            if (kernel) error_at(stmt, "instantiation of '" + name + "', which is not a kernel template defined earlier in this file");
+            return;
+        }
+        Kernel kn;
+        kn.qualified = q;
+        kn.line = S(stmt).line;
+        kn.body_owner = name;
+        for (size_t j = name_at + 1; j < paren_at; j++) kn.targs += txt(j) + (is(j, ",") ? " " : "");
+        kn.params = it->second;
+        for (auto &a : attrs)
+            if (a.name == "host_name") kn.host_name = unquote(a.arg);
+        if (kn.host_name.empty()) {
+            error_at(stmt, "template kernel instantiation '" + name + kn.targs +
+                               "' needs [[host_name(\"...\")]] so the host can find it by name");
+            return;
+        }
+        kernels.push_back(kn);
+    }
+
+    static std::string unquote(const std::string &s) {
+        if (s.size() >= 2 && s.front() == '"' && s.back() == '"') return s.substr(1, s.size() - 2);
+        return s;
+    }
+
+    // Parameters of a kernel: positions, names, pointer-ness and attributes.
+    bool parse_params(size_t open, std::vector<Param> &params) {
+        size_t close = match(open) - 1;
+        size_t j = open + 1;
+        bool ok = true;
+        while (j < close) {
+            // one parameter: j .. next top-level ','
+            size_t e = j;
+            int depth = 0;
+            while (e < close) {
+                const std::string &x = txt(e);
+                if (x == "(" || x == "[" || x == "<" || x == "{") depth++;
+                if (x == ")" || x == "]" || x == ">" || x == "}") depth--;
+                if (x == ">>") depth -= 2;
+                if (x == "," && depth <= 0) break;
+                e++;
+            }
+            if (!(e == j + 1 && is(j, "void"))) ok = parse_param(j, e, params) && ok;
+            j = e + 1;
+        }
+        return ok;
+    }
+
+    bool parse_param(size_t a, size_t b, std::vector<Param> &params) {
+        Param p;
+        std::vector<Attr> attrs;
+        bool space_tg = false, space_buf = false;
+        size_t name_at = 0;
+        int depth = 0;
+        for (size_t j = a; j < b; j++) {
+            const std::string &x = txt(j);
+            if (x == "[" && is(j + 1, "[")) {
+                j = parse_attributes(j, attrs) - 1;
+                continue;
+            }
+            if (x == "=") break;  // default argument
+            if (x == "<" || x == "(") depth++;
+            if (x == ">" || x == ")") depth--;
+            if (depth == 0 && x == "*") p.pointer = true;
+            if (depth == 0 && (x == "&" || x == "&&")) p.reference = true;
+            if (x == "threadgroup") space_tg = true;
+            if (x == "device" || x == "constant") space_buf = true;
+            if (S(j).kind == IDENT && depth == 0) name_at = j;
+        }
+        p.name = name_at ? txt(name_at) : "";
+        int line = S(a).line;
+        for (auto &at : attrs) {
+            if (at.name == "buffer") {
+                p.kind = CAMEL_SIM_PARAM_BUFFER;
+                p.index = atoi(at.arg.c_str());
+            } else if (at.name == "threadgroup") {
+                p.kind = CAMEL_SIM_PARAM_THREADGROUP;
+                p.index = atoi(at.arg.c_str());
+            } else if (find_builtin(at.name)) {
+                p.kind = CAMEL_SIM_PARAM_BUILTIN;
+                p.builtin = at.name;
+            } else if (at.name == "stage_in" || at.name == "texture" || at.name == "sampler") {
+                error(line, "kernel parameter '" + p.name + "': [[" + at.name +
+                                "]] is not supported by the simulator");
+                return false;
+            }
+            if ((at.name == "buffer" || at.name == "threadgroup") &&
+                (at.arg.empty() || !is_digit(at.arg[0]))) {
+                error(line, "kernel parameter '" + p.name + "': [[" + at.name + "(" + at.arg +
+                                ")]] needs a constant index");
+                return false;
+            }
+        }
+        if (p.kind == 0) {
+            if (space_tg && p.pointer) {
+                p.kind = CAMEL_SIM_PARAM_THREADGROUP;  // index assigned below
+            } else if (space_buf && (p.pointer || p.reference)) {
+                p.kind = CAMEL_SIM_PARAM_BUFFER;
+            } else {
+                error(line, "kernel parameter '" + p.name +
+                                "' needs an attribute: [[buffer(i)]] for data, or a builtin such "
+                                "as [[thread_position_in_grid]]");
+                return false;
+            }
+        }
+        if (p.kind == CAMEL_SIM_PARAM_BUFFER && !p.pointer && !p.reference) {
+            error(line, "kernel parameter '" + p.name +
+                            "' is bound to a buffer, so it must be a device or constant pointer or "
+                            "reference (e.g. constant uint &n [[buffer(2)]])");
+            return false;
+        }
+        params.push_back(p);
+        return true;
+    }
+
+    // threadgroup at k. In a function body at the start of a declaration that
+    // declares storage (no * or &), it becomes a reference into the group's
+    // threadgroup memory: threadgroup float tile[16][16];
+    //   -> auto &tile = *__camel_tg<float[16][16]>();
+    void threadgroup(size_t k, bool in_function) {
+        bool stmt_start = k > 0 && (is(k - 1, ";") || is(k - 1, "{") || is(k - 1, "}"));
+        if (!in_function || !stmt_start) {
+            blank(k);
+            return;
+        }
+        // find the end of the declaration
+        size_t end = k + 1;
+        int depth = 0;
+        while (end < sig.size()) {
+            const std::string &x = txt(end);
+            if (x == "(" || x == "[" || x == "{") depth++;
+            if (x == ")" || x == "]" || x == "}") depth--;
+            if (x == ";" && depth == 0) break;
+            end++;
+        }
+        // split into declarators at top-level commas; the type is what comes
+        // before the first declarator's name
+        std::vector<std::pair<size_t, size_t>> decls;
+        size_t a = k + 1;
+        depth = 0;
+        int angle = 0;
+        for (size_t j = k + 1; j <= end; j++) {
+            const std::string &x = txt(j);
+            if (x == "(" || x == "[" || x == "{") depth++;
+            if (x == ")" || x == "]" || x == "}") depth--;
+            if (depth == 0 && x == "<") angle++;
+            if (depth == 0 && x == ">") angle--;
+            if (depth == 0 && x == ">>") angle -= 2;
+            if (j == end || (x == "," && depth == 0 && angle <= 0)) {
+                decls.push_back({a, j});
+                a = j + 1;
+            }
+            if (depth == 0 && angle <= 0 && (x == "*" || x == "&" || x == "=")) {
+                if (x == "=") error_at(j, "threadgroup variables cannot have initializers in Metal");
+                blank(k);  // a pointer or reference to threadgroup memory
+                return;
+            }
+        }
+        // first declarator: type tokens, then the name, then [dims]
+        size_t first_end = decls[0].second;
+        size_t name_at = first_end;
+        for (size_t j = k + 1; j < first_end; j++)
+            if (is(j, "[")) {
+                name_at = j;
+                break;
+            }
+        name_at--;  // the identifier before '[' (or before ';')
+        if (name_at <= k || S(name_at).kind != IDENT) {
+            blank(k);
+            return;
+        }
+        std::string type;
+        for (size_t j = k + 1; j < name_at; j++) type += txt(j) + " ";
+        std::string text;
+        for (size_t d = 0; d < decls.size(); d++) {
+            size_t da = d == 0 ? name_at : decls[d].first, db = decls[d].second;
+            std::string name = txt(da), dims;
+            for (size_t j = da + 1; j < db; j++) dims += txt(j);
+            text += "auto &" + name + " = *__camel_tg<" + type + dims + ">();";
+        }
+        // Replace k..end-1 (the ';' at end is dropped too: text has its own),
+        // keeping the newlines in between so the lines stay put.
+        S(k).out = text;
+        for (size_t j = k + 1; j <= end && j < sig.size(); j++) S(j).out = "";
+    }
+
+    // ---- after the pass -------------------------------------------------
+    // Recursion: a user function whose body calls a function of the same name.
+    void check_recursion() {
+        for (auto &f : functions) {
+            for (auto &fi : f.second) {
+                for (size_t j = fi.body_begin + 1; j < fi.body_end; j++) {
+                    if (S(j).kind == IDENT && txt(j) == f.first && is(j + 1, "(") &&
+                        !(j > 0 && (is(j - 1, ".") || is(j - 1, "->")))) {
+                        error_at(j, "function '" + f.first +
+                                        "' calls itself; recursion is not supported by Metal");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    // Does a function (by name) reach a barrier or a SIMD-group op, directly
+    // or through other user functions?
+    std::map<std::string, bool> fiber_memo;
+    bool uses_fibers(const std::string &name, std::set<std::string> &visiting) {
+        auto m = fiber_memo.find(name);
+        if (m != fiber_memo.end()) return m->second;
+        if (visiting.count(name)) return false;
+        visiting.insert(name);
+        bool uses = false;
+        auto it = functions.find(name);
+        if (it != functions.end()) {
+            for (auto &fi : it->second)
+                for (size_t j = fi.body_begin + 1; j < fi.body_end && !uses; j++) {
+                    if (S(j).kind != IDENT) continue;
+                    const std::string &x = txt(j);
+                    if (is_fiber_op(x)) uses = true;
+                    else if (x != name && functions.count(x) && uses_fibers(x, visiting)) uses = true;
+                }
+        }
+        visiting.erase(name);
+        fiber_memo[name] = uses;
+        return uses;
+    }
+
+    // ---- generated code -------------------------------------------------
+    std::string generate() {
+        std::string g = "\n# 1 \"<camel generated>\"\n";
+        g += "// Entry wrappers and the library description (see shim/sim/sim_abi.h).\n";
+        g += "static const uint32_t __camel_zero3[3] = {0, 0, 0};\n";
+        std::set<std::string> names;
+        for (size_t i = 0; i < kernels.size(); i++) {
+            Kernel &kn = kernels[i];
+            if (!names.insert(kn.host_name).second) {
+                error(kn.line, "two kernels are named '" + kn.host_name + "'");
+                continue;
+            }
+            std::string fn = kn.qualified + kn.targs;
+            std::string F = "decltype(" + fn + ")";
+            std::string n = std::to_string(i);
+            // assign indices to parameters without an explicit one
+            int next_buffer = 0, next_tg = 0;
+            for (auto &p : kn.params) {
+                if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index >= next_buffer) next_buffer = p.index + 1;
+                if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index >= next_tg) next_tg = p.index + 1;
+            }
+            for (auto &p : kn.params) {
+                if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index < 0) p.index = next_buffer++;
+                if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index < 0) p.index = next_tg++;
+            }
+            g += "static void __camel_entry_" + n +
+                 "(void *const *b, void *const *tg, const camel_sim_thread *t) {\n";
+            g += "    __camel_cur = t;\n";
+            g += "    (void)b; (void)tg;\n";
+            g += "    " + fn + "(";
+            for (size_t j = 0; j < kn.params.size(); j++) {
+                const Param &p = kn.params[j];
+                std::string P = "__camel_param_t<" + std::to_string(j) + ", " + F + ">";
+                if (j) g += ",";
+                g += "\n        ";
+                if (p.kind == CAMEL_SIM_PARAM_BUFFER) {
+                    g += "__camel_bind<" + P + ">(b[" + std::to_string(p.index) + "])";
+                } else if (p.kind == CAMEL_SIM_PARAM_THREADGROUP) {
+                    g += "__camel_bind<" + P + ">(tg[" + std::to_string(p.index) + "])";
+                } else {
+                    const BuiltinInfo *bi = find_builtin(p.builtin);
+                    if (!bi->field)
+                        g += "__camel_builtin3<" + P + ">(__camel_zero3)";
+                    else if (bi->vector)
+                        g += "__camel_builtin3<" + P + ">(t->" + bi->field + ")";
+                    else
+                        g += "__camel_builtin1<" + P + ">(t->" + bi->field + ")";
+                }
+            }
+            g += ");\n}\n";
+            if (!kn.params.empty()) {
+                g += "static const camel_sim_param __camel_params_" + n + "[] = {\n";
+                for (size_t j = 0; j < kn.params.size(); j++) {
+                    const Param &p = kn.params[j];
+                    std::string P = "__camel_param_t<" + std::to_string(j) + ", " + F + ">";
+                    std::string size = p.kind == CAMEL_SIM_PARAM_BUFFER && !p.pointer
+                                           ? "(uint32_t)sizeof(__camel_remove_ref_t<" + P + ">)"
+                                           : "0";
+                    g += "    {\"" + p.name + "\", " + std::to_string(p.kind) + ", " +
+                         std::to_string(p.index) + ", " + size + ", " + (p.pointer ? "1" : "0") + "},\n";
+                }
+                g += "};\n";
+            }
+        }
+        g += "static const camel_sim_kernel_desc __camel_kernels[] = {\n";
+        std::set<std::string> seen;
+        int count = 0;
+        for (size_t i = 0; i < kernels.size(); i++) {
+            Kernel &kn = kernels[i];
+            if (!seen.insert(kn.host_name).second) continue;
+            int max_buffer = -1;
+            for (auto &p : kn.params)
+                if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index > max_buffer) max_buffer = p.index;
+            std::set<std::string> visiting;
+            bool fibers = uses_fibers(kn.body_owner, visiting);
+            std::string n = std::to_string(i);
+            g += "    {\"" + kn.host_name + "\", __camel_entry_" + n + ", " +
+                 std::to_string(kn.params.size()) + ", " +
+                 (kn.params.empty() ? std::string("nullptr") : "__camel_params_" + n) + ", " +
+                 std::to_string(max_buffer) + ", " + (fibers ? "1" : "0") + "},\n";
+            count++;
+        }
+        if (count == 0) g += "    {nullptr, nullptr, 0, nullptr, -1, 0},\n";
+        g += "};\n";
+        g += "static const camel_sim_library_desc __camel_library = {" +
+             std::to_string(CAMEL_SIM_ABI_VERSION) + ", " + std::to_string(count) +
+             ", __camel_kernels};\n";
+        g += "extern \"C\" __attribute__((visibility(\"default\"))) const camel_sim_library_desc *\n"
+             "camel_sim_library(void) { return &__camel_library; }\n";
+        g += "extern \"C\" __attribute__((visibility(\"default\"))) void\n"
+             "camel_sim_bind(const camel_sim_runtime *rt) { __camel_rt = rt; }\n";
+        return g;
+    }
+};
+
+}  // namespace
+
+bool check_includes(const std::string &source, const std::string &display, std::string &errors) {
+    static const char *const allowed_prefix[] = {"metal_", "simd/", nullptr};
+    int line = 1;
+    size_t i = 0;
+    bool ok = true;
+    while (i <= source.size()) {
+        size_t e = source.find('\n', i);
+        if (e == std::string::npos) e = source.size();
+        std::string l = source.substr(i, e - i);
+        size_t p = l.find_first_not_of(" \t");
+        if (p != std::string::npos && l[p] == '#') {
+            size_t q = l.find_first_not_of(" \t", p + 1);
+            if (q != std::string::npos && l.compare(q, 7, "include") == 0) {
+                size_t lt = l.find('<', q), gt = l.find('>', q);
+                if (lt != std::string::npos && gt != std::string::npos && gt > lt) {
+                    std::string name = l.substr(lt + 1, gt - lt - 1);
+                    bool allowed = false;
+                    for (int k = 0; allowed_prefix[k]; k++)
+                        if (name.compare(0, strlen(allowed_prefix[k]), allowed_prefix[k]) == 0) allowed = true;
+                    if (!allowed) {
+                        errors += "[sim] " + display + ":" + std::to_string(line) + ": '#include <" +
+                                  name + ">': Metal has no C or C++ standard library; include "
+                                  "<metal_stdlib> and use its functions\n";
+                        ok = false;
+                    }
+                }
+            }
+        }
+        line++;
+        i = e + 1;
+    }
+    return ok;
+}
+
+bool rewrite_msl(const std::string &preprocessed, const std::string &main_file,
+                 const std::string &display, std::string &out, std::string &errors) {
+    Lexer lx(preprocessed, main_file, display);
+    lx.run();
+    Rewriter rw(lx.toks, display);
+    rw.run();
+    rw.check_recursion();
+    std::string generated = rw.generate();
+    if (!rw.errors.empty()) {
+        errors = rw.errors;
+        return false;
+    }
+    out.clear();
+    out.reserve(preprocessed.size() + generated.size() + 1024);
+    for (auto &tok : lx.toks) {
+        if (tok.kind == NEWLINE || tok.kind == SPACE) {
+            out += tok.text;
+        } else {
+            out += tok.out;
+        }
+    }
+    out += generated;
+    return true;
+}
+
+}  // namespace camel_sim
