@@ -1,0 +1,199 @@
+"""camel on the CPU next to PyTorch eager on the CPU.
+
+    python -m camel.bench cpu [--iters 50] [--warmup 5]
+
+Two measurements, each checked for equal results before it is timed:
+
+1. one Adam training step (forward, cross-entropy, backward, step) of a
+   784-256-256-10 MLP at batch 128: the cost of the NumPy narrow waist.
+   Goal: within 1.5x of PyTorch.
+2. the host cost of a tiny differentiable op, ``(a * b).sum().backward()`` on
+   (4,) tensors: pure Python overhead of Tensor, Function and the tape.
+   Goal: within 3x of PyTorch eager.
+
+Without PyTorch only camel's column is printed.
+"""
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+import camel
+import camel.functional as F
+from camel import nn, optim
+
+try:
+    import torch
+except ImportError:  # PyTorch is optional
+    torch = None
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
+
+
+def timeit(fn, iters, warmup):
+    """Median seconds per call of fn() over iters calls, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# ----------------------------------------------------------------------------- MLP step
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=False)]
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i + 1 < len(self.layers):
+                x = x.relu()
+        return x
+
+
+def torch_mlp(model):
+    """A torch.nn.Sequential with camel model's weights copied in."""
+    mods = []
+    for i, layer in enumerate(model.layers):
+        lin = torch.nn.Linear(layer.in_features, layer.out_features)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(layer.weight.numpy()))
+            lin.bias.copy_(torch.from_numpy(layer.bias.numpy()))
+        mods.append(lin)
+        if i + 1 < len(model.layers):
+            mods.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*mods)
+
+
+def bench_mlp(iters, warmup, batch=128, sizes=(784, 256, 256, 10)):
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    y_np = rng.integers(0, sizes[-1], size=batch).astype(np.int32)
+
+    camel.manual_seed(0)
+    model = MLP(list(sizes))
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    x, y = camel.tensor(x_np), camel.tensor(y_np)
+
+    def camel_step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    result = {"name": f"MLP {'-'.join(map(str, sizes))} Adam step, batch {batch}", "unit": "ms"}
+    if torch is not None:
+        tmodel = torch_mlp(model)
+        topt = torch.optim.Adam(tmodel.parameters(), lr=1e-3)
+        tx, ty = torch.from_numpy(x_np), torch.from_numpy(y_np.astype(np.int64))
+
+        def torch_step():
+            loss = torch.nn.functional.cross_entropy(tmodel(tx), ty)
+            topt.zero_grad()
+            loss.backward()
+            topt.step()
+            return loss
+
+        # correctness first: three steps from the same weights give the same losses
+        for step in range(3):
+            a, b = camel_step().item(), torch_step().item()
+            if abs(a - b) > 1e-4 * max(1.0, abs(b)):
+                raise AssertionError(f"[bench cpu] MLP step {step}: camel loss {a} != torch {b}")
+        result["check"] = "losses equal to torch for 3 steps"
+        result["torch"] = 1e3 * timeit(torch_step, iters, warmup)
+    result["camel"] = 1e3 * timeit(camel_step, iters, warmup)
+    return result
+
+
+# ----------------------------------------------------------------------------- small op
+
+
+def bench_small_op(iters, warmup, n=4):
+    a_np = np.arange(1, n + 1, dtype=np.float32)
+    b_np = np.arange(n, 0, -1, dtype=np.float32)
+    a = camel.tensor(a_np, requires_grad=True)
+    b = camel.tensor(b_np, requires_grad=True)
+
+    def camel_op():
+        a.grad = b.grad = None
+        (a * b).sum().backward()
+
+    camel_op()
+    if not np.allclose(a.grad.numpy(), b_np) or not np.allclose(b.grad.numpy(), a_np):
+        raise AssertionError("[bench cpu] small op: camel gradient of (a*b).sum() is wrong")
+    result = {"name": f"(a * b).sum().backward(), ({n},)", "unit": "us"}
+    if torch is not None:
+        ta = torch.tensor(a_np, requires_grad=True)
+        tb = torch.tensor(b_np, requires_grad=True)
+
+        def torch_op():
+            ta.grad = tb.grad = None
+            (ta * tb).sum().backward()
+
+        result["torch"] = 1e6 * timeit(torch_op, iters * 20, warmup * 20)
+    result["camel"] = 1e6 * timeit(camel_op, iters * 20, warmup * 20)
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m camel.bench cpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args(argv)
+
+    print(f"machine: {machine()}")
+    versions = f"numpy {np.__version__}"
+    if torch is not None:
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    else:
+        versions += ", torch not installed (camel column only)"
+    print(versions)
+    rows = [
+        (bench_mlp(args.iters, args.warmup), 1.5),
+        (bench_small_op(args.iters, args.warmup), 3.0),
+    ]
+    print()
+    print(f"{'benchmark':<46} {'camel':>10} {'torch':>10} {'ratio':>7}  goal")
+    for r, goal in rows:
+        unit = r["unit"]
+        camel_s = f"{r['camel']:.3f} {unit}" if unit == "ms" else f"{r['camel']:.1f} {unit}"
+        if "torch" in r:
+            torch_s = f"{r['torch']:.3f} {unit}" if unit == "ms" else f"{r['torch']:.1f} {unit}"
+            ratio = r["camel"] / r["torch"]
+            verdict = "ok" if ratio <= goal else "MISSED"
+            print(
+                f"{r['name']:<46} {camel_s:>10} {torch_s:>10} {ratio:6.2f}x  <= {goal}x {verdict}"
+            )
+        else:
+            print(f"{r['name']:<46} {camel_s:>10} {'-':>10} {'-':>7}  <= {goal}x")
+    print("\n(median per call; the MLP losses were checked equal to PyTorch before timing)")
+    return 0

@@ -1,0 +1,224 @@
+"""GPT-mini: a character-level GPT trained on Shakespeare, then sampled.
+
+    python examples/gpt_mini.py                          # default config, a few minutes on a CPU
+    python examples/gpt_mini.py --steps 200 --save ckpt.npz
+    python examples/gpt_mini.py --load ckpt.npz --steps 0 --prompt "ROMEO:"   # sample only
+    python examples/gpt_mini.py --data my_text.txt       # any plain-text file
+
+The model is the blueprint's: token and position embeddings, n_layers pre-LayerNorm
+blocks (causal multi-head attention, then an MLP, each with a residual), a final
+LayerNorm and a linear head to vocabulary logits. Tokens are characters.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import camel
+except ImportError:  # running from a clone without `pip install -e .`: use the repo's camel/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import camel
+import camel.functional as F
+from camel import nn, optim
+from camel.data import CharVocab, load_text
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 84
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    max_seq_len: int = 64
+
+
+class GPTBlock(nn.Module):
+    """x + attn(ln1(x)), then x + mlp(ln2(x)). Shapes: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, d_model, n_heads):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = nn.MultiHeadAttention(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model),
+            nn.GELU(),
+            nn.Linear(4 * d_model, d_model),
+        )
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))  # (B, T, C): attention with residual
+        x = x + self.mlp(self.ln2(x))  # (B, T, C): MLP with residual
+        return x
+
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, vocab_size, d_model, n_layers, n_heads, max_seq_len):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.token_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_seq_len, d_model)
+        self.blocks = nn.ModuleList([GPTBlock(d_model, n_heads) for _ in range(n_layers)])
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    @classmethod
+    def from_config(cls, cfg: GPTConfig):
+        return cls(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.max_seq_len)
+
+    def forward(self, idx):
+        B, T = idx.shape
+        if T > self.max_seq_len:
+            raise ValueError(
+                f"[GPT] sequence length {T} (input {tuple(idx.shape)}) exceeds "
+                f"max_seq_len={self.max_seq_len}"
+            )
+        tok_emb = self.token_emb(idx)  # (B, T, C)
+        pos = camel.arange(T, device=idx.device)  # (T,)
+        pos_emb = self.pos_emb(pos)  # (T, C)
+        x = tok_emb + pos_emb  # (B, T, C): (T, C) broadcasts over B
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        return self.head(x)  # (B, T, vocab_size)
+
+
+def lm_loss(model, x, y):
+    """Mean next-character cross-entropy. x, y: (B, T) int32 Tensors."""
+    logits = model(x)  # (B, T, V)
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.reshape(B * T, V), y.reshape(B * T))
+
+
+def get_batch(ids, batch_size, seq_len, rng):
+    """Random windows of the token stream: x (B, T) and y = x shifted by one (B, T)."""
+    starts = rng.integers(0, len(ids) - seq_len - 1, size=batch_size)
+    window = np.stack([ids[s : s + seq_len + 1] for s in starts])  # (B, T + 1)
+    return window[:, :-1], window[:, 1:]
+
+
+def generate(model, vocab, prompt, n_chars, temperature=0.8, top_k=20, rng=None, device="cpu"):
+    """Sample n_chars characters after prompt, one at a time (no cache: the whole window
+    is recomputed each time, at most max_seq_len characters)."""
+    rng = rng or np.random.default_rng()
+    ids = list(vocab.encode(prompt)) if prompt else [int(rng.integers(len(vocab)))]
+    model.eval()
+    with camel.no_grad():
+        for _ in range(n_chars):
+            context = np.array(ids[-model.max_seq_len :], dtype=np.int32)[None, :]  # (1, T)
+            logits = model(camel.tensor(context, device=device)).numpy()[0, -1]  # (V,)
+            logits = logits.astype(np.float64) / max(temperature, 1e-6)
+            if top_k is not None and top_k < len(logits):
+                cutoff = np.sort(logits)[-top_k]
+                logits = np.where(logits < cutoff, -np.inf, logits)
+            probs = np.exp(logits - logits.max())
+            ids.append(int(rng.choice(len(probs), p=probs / probs.sum())))
+    model.train()
+    return vocab.decode(ids)
+
+
+def save_checkpoint(path, model, cfg, vocab):
+    arrays = {"param/" + k: v for k, v in model.state_dict().items()}
+    np.savez(path, config=json.dumps(asdict(cfg)), vocab="".join(vocab.chars), **arrays)
+
+
+def load_checkpoint(path):
+    """(model, config, vocab) from a file written by save_checkpoint."""
+    with np.load(path) as f:
+        cfg = GPTConfig(**json.loads(str(f["config"])))
+        vocab = CharVocab(str(f["vocab"]))
+        state = {k[len("param/") :]: f[k] for k in f.files if k.startswith("param/")}
+    model = GPT.from_config(cfg)
+    model.load_state_dict(state)
+    return model, cfg, vocab
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    # "cpu" by default until the mps backend has every op GPT-mini needs (Stage 5A)
+    p.add_argument("--device", default="cpu", help='"cpu" or "mps"')
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--data", default=None, help="plain-text file (default: Shakespeare)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64, help="training window, <= max_seq_len")
+    p.add_argument("--d-model", type=int, default=GPTConfig.d_model)
+    p.add_argument("--n-layers", type=int, default=GPTConfig.n_layers)
+    p.add_argument("--n-heads", type=int, default=GPTConfig.n_heads)
+    p.add_argument("--max-seq-len", type=int, default=GPTConfig.max_seq_len)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save", default=None, help="write a checkpoint (.npz) after training")
+    p.add_argument("--load", default=None, help="start from a checkpoint (.npz)")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--sample-chars", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    device = args.device
+    print(f"device: {device}")
+    camel.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    text, source = load_text(args.data)
+    if args.load:
+        model, cfg, vocab = load_checkpoint(args.load)
+        print(f"loaded {args.load}: {cfg}")
+    else:
+        vocab = CharVocab(text)
+        cfg = GPTConfig(len(vocab), args.d_model, args.n_layers, args.n_heads, args.max_seq_len)
+        model = GPT.from_config(cfg)
+    model.to(device)
+    ids = vocab.encode(text)
+    seq_len = min(args.seq_len, cfg.max_seq_len)
+    if len(ids) < seq_len + 2:
+        raise ValueError(f"[gpt_mini] text has {len(ids)} characters, need > {seq_len + 1}")
+    n_params = sum(int(np.prod(q.shape)) for q in model.parameters())
+    print(f"data: {source}, {len(ids):,} characters, vocabulary {len(vocab)}")
+    print(f"model: {cfg}, {n_params:,} parameters")
+
+    optimizer = optim.Adam(model.parameters(), lr=args.lr)
+    losses = []
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        xb, yb = get_batch(ids, args.batch_size, seq_len, rng)
+        x = camel.tensor(xb, device=device)  # (B, T)
+        y = camel.tensor(yb, device=device)  # (B, T)
+        loss = lm_loss(model, x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step == 1 or step % args.log_every == 0 or step == args.steps:
+            recent = np.mean(losses[-args.log_every :])
+            elapsed = time.perf_counter() - start
+            window = min(step, args.log_every)
+            print(
+                f"step {step:5d}  loss {losses[-1]:.4f}  (mean of last {window}: {recent:.4f})"
+                f"  {elapsed:6.1f} s"
+            )
+
+    if args.save:
+        save_checkpoint(args.save, model, cfg, vocab)
+        print(f"saved {args.save}")
+    if args.sample_chars > 0:
+        sample = generate(
+            model, vocab, args.prompt, args.sample_chars, args.temperature, args.top_k, rng, device
+        )
+        print("---- sample ----")
+        print(sample)
+    return {"losses": losses, "model": model, "vocab": vocab, "config": cfg}
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
