@@ -1,0 +1,565 @@
+// runtime.cpp — the camel_* C ABI (shim/camel_shim.h) on the Metal simulator.
+//
+// Python sees the same calls as on a Mac: buffers are plain host memory
+// (Apple's unified memory makes that faithful), a library is a shared object
+// compiled from the .metal source (translate.cpp), a pipeline is one kernel
+// of it, and a command buffer is a list of dispatches that camel_commit runs
+// on the worker pool (runtime_exec.cpp) before it returns.
+#include <dlfcn.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <mutex>
+#include <unordered_set>
+
+#include "runtime.h"
+#include "translate.h"
+
+#define CAMEL_EXPORT extern "C" __attribute__((visibility("default")))
+
+using sim::Dispatch;
+
+// Until the compiler (translate.cpp) is linked in, libraries can only come
+// from camel_sim_library_load. The real definition replaces this weak one.
+extern "C" __attribute__((weak)) int camel_sim_compile(const char *, const char *, char **so_path,
+                                                       char **log) {
+    *so_path = nullptr;
+    *log = strdup("[sim] this build has no MSL compiler (shim/sim/translate.cpp)");
+    return 1;
+}
+
+// ---- errors ---------------------------------------------------------------------
+
+static thread_local std::string tl_error;
+
+__attribute__((format(printf, 1, 2))) static void set_error(const char *fmt, ...) {
+    char buf[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    tl_error = buf;
+}
+
+CAMEL_EXPORT const char *camel_last_error(void) { return tl_error.c_str(); }
+CAMEL_EXPORT int camel_abi_version(void) { return CAMEL_SHIM_ABI_VERSION; }
+
+// ---- global state ---------------------------------------------------------------
+
+static struct State {
+    std::mutex mu;  // every ABI call that touches the state below holds it
+    bool ready = false;
+    int workers = 0;
+    std::unordered_set<camel_buffer *> buffers;  // live handles (released ones stay until freed)
+    uint64_t allocated_bytes = 0;
+    std::vector<Dispatch *> open;  // the open command buffer
+    uint64_t open_id = 0;          // its id, 0 if none is open
+    uint64_t next_id = 1;
+    uint64_t completed_id = 0;
+    std::string failure;  // first failure since the last camel_synchronize
+    uint64_t seed_counter = 0;
+} S;
+
+// Timing of the most recent command buffers, indexed by id % kTimes.
+constexpr uint64_t kTimes = 65536;
+struct CbTime {
+    uint64_t id;
+    double start, end;
+};
+static CbTime cb_times[kTimes];
+
+CAMEL_EXPORT int camel_init(void) {
+    tl_error.clear();
+    std::lock_guard<std::mutex> lock(S.mu);
+    if (S.ready) return 0;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    int workers = n < 1 ? 1 : n > 8 ? 8 : (int)n;
+    if (const char *env = getenv("CAMEL_SIM_WORKERS")) {
+        int w = atoi(env);
+        if (w < 1 || w > 256) {
+            set_error("[sim] CAMEL_SIM_WORKERS must be a number from 1 to 256, got '%s'", env);
+            return 1;
+        }
+        workers = w;
+    }
+    S.workers = workers;
+    sim::pool_start(workers);
+    sim::install_crash_handlers();
+    S.ready = true;
+    return 0;
+}
+
+static bool ensure_init() { return S.ready || camel_init() == 0; }
+
+CAMEL_EXPORT int camel_device_info_get(camel_device_info *out) {
+    tl_error.clear();
+    if (!ensure_init()) return 1;
+    memset(out, 0, sizeof *out);
+    snprintf(out->name, sizeof out->name, "camel simulator (%d worker%s)", S.workers,
+             S.workers == 1 ? "" : "s");
+    out->is_simulator = 1;
+    out->max_threads_per_threadgroup = kMaxThreadsPerThreadgroup;
+    out->max_threadgroup_memory = kMaxThreadgroupMemory;
+    out->simd_width = kSimdWidth;
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    out->recommended_working_set = pages > 0 && page > 0 ? (uint64_t)pages * page / 2 : 0;
+    return 0;
+}
+
+// ---- buffers --------------------------------------------------------------------
+
+static void buffer_unref(camel_buffer *b) {  // S.mu held
+    if (--b->refs > 0) return;
+    S.allocated_bytes -= b->nbytes;
+    S.buffers.erase(b);
+    free(b->contents);
+    delete b;
+}
+
+CAMEL_EXPORT camel_buffer *camel_buffer_new(uint64_t nbytes, void **contents) {
+    tl_error.clear();
+    if (!ensure_init()) return nullptr;
+    if (nbytes == 0) {
+        set_error("[sim] camel_buffer_new: a buffer needs at least 1 byte, got 0");
+        return nullptr;
+    }
+    // Aligned like a Metal page; exactly nbytes long so that the address
+    // sanitizer (CAMEL_SIM_SANITIZE=address) sees a write one past the end.
+    void *p = nullptr;
+    if (posix_memalign(&p, 16384, nbytes) != 0) {
+        set_error("[sim] camel_buffer_new: out of memory allocating %llu bytes",
+                  (unsigned long long)nbytes);
+        return nullptr;
+    }
+    memset(p, 0, nbytes);
+    camel_buffer *b = new camel_buffer{p, nbytes, 1, false};
+    std::lock_guard<std::mutex> lock(S.mu);
+    S.buffers.insert(b);
+    S.allocated_bytes += nbytes;
+    if (contents) *contents = p;
+    return b;
+}
+
+CAMEL_EXPORT int camel_buffer_release(camel_buffer *b) {
+    tl_error.clear();
+    std::lock_guard<std::mutex> lock(S.mu);
+    if (!S.buffers.count(b) || b->released) {
+        set_error("[sim] camel_buffer_release: %p is not a live buffer (released twice?)",
+                  (void *)b);
+        return 1;
+    }
+    b->released = true;
+    buffer_unref(b);  // freed now, or when the last queued dispatch using it has run
+    return 0;
+}
+
+CAMEL_EXPORT int camel_memory_info_get(camel_memory_info *out) {
+    tl_error.clear();
+    std::lock_guard<std::mutex> lock(S.mu);
+    out->allocated_bytes = S.allocated_bytes;
+    out->buffers = S.buffers.size();
+    return 0;
+}
+
+// ---- libraries and pipelines -----------------------------------------------------
+
+static void library_unref(camel_library *lib) {  // S.mu held
+    if (--lib->refs > 0) return;
+    dlclose(lib->dl);
+    delete lib;
+}
+
+CAMEL_EXPORT camel_library *camel_sim_library_load(const char *so_path) {
+    tl_error.clear();
+    if (!ensure_init()) return nullptr;
+    void *dl = dlopen(so_path, RTLD_NOW | RTLD_LOCAL);
+    if (!dl) {
+        set_error("[sim] cannot load kernel library %s: %s", so_path, dlerror());
+        return nullptr;
+    }
+    auto get_desc = (const camel_sim_library_desc *(*)(void))dlsym(dl, "camel_sim_library");
+    auto bind = (void (*)(const camel_sim_runtime *))dlsym(dl, "camel_sim_bind");
+    if (!get_desc || !bind) {
+        set_error("[sim] %s is not a kernel library (no camel_sim_library/camel_sim_bind)",
+                  so_path);
+        dlclose(dl);
+        return nullptr;
+    }
+    const camel_sim_library_desc *desc = get_desc();
+    if (!desc || desc->abi_version != CAMEL_SIM_ABI_VERSION) {
+        set_error("[sim] %s was built for simulator ABI %d, this runtime speaks %d: "
+                  "clear the kernel cache",
+                  so_path, desc ? desc->abi_version : -1, CAMEL_SIM_ABI_VERSION);
+        dlclose(dl);
+        return nullptr;
+    }
+    bind(&sim::runtime_table);
+    return new camel_library{dl, desc, 1, so_path};
+}
+
+CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *path) {
+    tl_error.clear();
+    if (!ensure_init()) return nullptr;
+    if (!source) {
+        set_error("[sim] camel_library_new: source is NULL");
+        return nullptr;
+    }
+    char *so_path = nullptr, *log = nullptr;
+    int rc = camel_sim_compile(source, path, &so_path, &log);
+    if (rc != 0) {
+        tl_error = log ? log : "[sim] compilation failed (no log)";
+        free(log);
+        free(so_path);
+        return nullptr;
+    }
+    free(log);
+    camel_library *lib = camel_sim_library_load(so_path);
+    free(so_path);
+    return lib;
+}
+
+CAMEL_EXPORT void camel_library_release(camel_library *lib) {
+    tl_error.clear();
+    if (!lib) return;
+    std::lock_guard<std::mutex> lock(S.mu);
+    library_unref(lib);
+}
+
+CAMEL_EXPORT uint64_t camel_library_function_names(camel_library *lib, char *out, uint64_t cap) {
+    tl_error.clear();
+    std::string names;
+    for (int i = 0; i < lib->desc->nkernels; i++) {
+        if (i) names += '\n';
+        names += lib->desc->kernels[i].name;
+    }
+    if (out && cap) {
+        uint64_t n = names.size() < cap - 1 ? names.size() : cap - 1;
+        memcpy(out, names.data(), n);
+        out[n] = 0;
+    }
+    return names.size();
+}
+
+CAMEL_EXPORT camel_pipeline *camel_pipeline_new(camel_library *lib, const char *name) {
+    tl_error.clear();
+    const camel_sim_library_desc *desc = lib->desc;
+    for (int i = 0; i < desc->nkernels; i++) {
+        const camel_sim_kernel_desc *k = &desc->kernels[i];
+        if (strcmp(k->name, name) != 0) continue;
+        auto *p = new camel_pipeline();
+        p->library = lib;
+        p->kernel = k;
+        p->refs = 1;
+        p->max_tg_index = -1;
+        for (int j = 0; j < k->nparams; j++)
+            if (k->params[j].kind == CAMEL_SIM_PARAM_THREADGROUP && k->params[j].index > p->max_tg_index)
+                p->max_tg_index = k->params[j].index;
+        std::lock_guard<std::mutex> lock(S.mu);
+        lib->refs++;
+        return p;
+    }
+    std::string names;
+    for (int i = 0; i < desc->nkernels; i++) names += std::string(i ? ", " : "") + desc->kernels[i].name;
+    set_error("[sim] no kernel named '%s' in the library; it has: %s", name,
+              names.empty() ? "(no kernels)" : names.c_str());
+    return nullptr;
+}
+
+static void pipeline_unref(camel_pipeline *p) {  // S.mu held
+    if (--p->refs > 0) return;
+    library_unref(p->library);
+    delete p;
+}
+
+CAMEL_EXPORT void camel_pipeline_release(camel_pipeline *p) {
+    tl_error.clear();
+    if (!p) return;
+    std::lock_guard<std::mutex> lock(S.mu);
+    pipeline_unref(p);
+}
+
+CAMEL_EXPORT int camel_pipeline_info_get(camel_pipeline *p, camel_pipeline_info *out) {
+    tl_error.clear();
+    out->max_total_threads_per_threadgroup = kMaxThreadsPerThreadgroup;
+    out->thread_execution_width = kSimdWidth;
+    out->static_threadgroup_memory = p->static_tg_bytes.load();
+    return 0;
+}
+
+// ---- command buffers --------------------------------------------------------------
+
+static void dispatch_free(Dispatch *d) {  // S.mu held
+    for (camel_buffer *b : d->retained) buffer_unref(b);
+    pipeline_unref(d->pipeline);
+    delete d;
+}
+
+// Run the open command buffer to completion (S.mu held).
+static uint64_t commit_locked() {
+    if (!S.open_id) return 0;
+    uint64_t id = S.open_id;
+    std::vector<Dispatch *> list;
+    list.swap(S.open);
+    S.open_id = 0;
+    sim::install_crash_handlers();  // in case Python's faulthandler took them over
+    double start = sim::now_seconds();
+    bool failed = false;
+    for (Dispatch *d : list) {
+        std::string error;
+        // After a failure the rest of the command buffer is skipped, as on a GPU.
+        if (!failed && !sim::execute(*d, error)) {
+            failed = true;
+            if (d->order == sim::kRandom)
+                error += " [CAMEL_SIM_ORDER=random; CAMEL_SIM_SEED=" + std::to_string(d->seed) +
+                         " replays this schedule]";
+            if (S.failure.empty())
+                S.failure = "[sim] command buffer " + std::to_string(id) + " failed: " + error;
+        }
+        dispatch_free(d);
+    }
+    double end = sim::now_seconds();
+    cb_times[id % kTimes] = {id, start, end};
+    S.completed_id = id;
+    return id;
+}
+
+CAMEL_EXPORT uint64_t camel_commit(void) {
+    tl_error.clear();
+    std::lock_guard<std::mutex> lock(S.mu);
+    return commit_locked();
+}
+
+CAMEL_EXPORT int camel_synchronize(void) {
+    tl_error.clear();
+    std::lock_guard<std::mutex> lock(S.mu);
+    commit_locked();  // runs synchronously, so everything committed has completed
+    if (!S.failure.empty()) {
+        tl_error = S.failure;
+        S.failure.clear();
+        return 1;
+    }
+    return 0;
+}
+
+CAMEL_EXPORT uint64_t camel_completed_id(void) {
+    std::lock_guard<std::mutex> lock(S.mu);
+    return S.completed_id;
+}
+
+CAMEL_EXPORT int camel_command_buffer_time(uint64_t id, double *start, double *end) {
+    tl_error.clear();
+    std::lock_guard<std::mutex> lock(S.mu);
+    const CbTime &t = cb_times[id % kTimes];
+    if (id == 0 || t.id != id) {
+        set_error("[sim] no timing for command buffer %llu (not completed, or older than the "
+                  "last %llu)",
+                  (unsigned long long)id, (unsigned long long)kTimes);
+        return 1;
+    }
+    *start = t.start;
+    *end = t.end;
+    return 0;
+}
+
+// ---- dispatch ---------------------------------------------------------------------
+
+static bool read_order(sim::Order *order) {
+    const char *env = getenv("CAMEL_SIM_ORDER");
+    if (!env || !*env || !strcmp(env, "forward")) {
+        *order = sim::kForward;
+    } else if (!strcmp(env, "reverse")) {
+        *order = sim::kReverse;
+    } else if (!strcmp(env, "random")) {
+        *order = sim::kRandom;
+    } else {
+        set_error("[sim] CAMEL_SIM_ORDER must be forward, reverse or random, got '%s'", env);
+        return false;
+    }
+    return true;
+}
+
+static uint64_t next_seed() {  // S.mu held
+    if (const char *env = getenv("CAMEL_SIM_SEED")) return strtoull(env, nullptr, 10);
+    uint64_t z = (++S.seed_counter + (uint64_t)getpid()) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 31)) * 0xbf58476d1ce4e5b9ull;
+    return (z ^ (z >> 29)) % 1000000007ull;  // short enough to type back in
+}
+
+// Check a dispatch the way Metal's validation layer would, with messages
+// that name the kernel, the parameter and the numbers. S.mu held.
+static bool validate(const camel_dispatch_desc *desc, const camel_sim_kernel_desc *k,
+                     const camel_pipeline *p) {
+    const char *name = k->name;
+    const uint32_t *tpg = desc->threads_per_threadgroup;
+    uint64_t nthreads = (uint64_t)tpg[0] * tpg[1] * tpg[2];
+    if (nthreads == 0) {
+        set_error("[dispatch] kernel '%s': threads_per_threadgroup (%u, %u, %u) has a zero "
+                  "dimension",
+                  name, tpg[0], tpg[1], tpg[2]);
+        return false;
+    }
+    if (nthreads > kMaxThreadsPerThreadgroup) {
+        set_error("[dispatch] kernel '%s': threads_per_threadgroup (%u, %u, %u) = %llu threads "
+                  "exceeds the pipeline's max_total_threads_per_threadgroup %u",
+                  name, tpg[0], tpg[1], tpg[2], (unsigned long long)nthreads,
+                  kMaxThreadsPerThreadgroup);
+        return false;
+    }
+    int needed = k->max_buffer_index + 1;
+    if ((int)desc->nargs != needed) {
+        set_error("[dispatch] kernel '%s' takes %d buffer argument%s ([[buffer(0)]] .. "
+                  "[[buffer(%d)]]), got %u",
+                  name, needed, needed == 1 ? "" : "s", k->max_buffer_index, desc->nargs);
+        if (needed == 0)
+            set_error("[dispatch] kernel '%s' takes no buffer arguments, got %u", name,
+                      desc->nargs);
+        return false;
+    }
+    for (uint32_t i = 0; i < desc->nargs; i++) {
+        const camel_arg &a = desc->args[i];
+        if (a.buffer) {
+            if (!S.buffers.count(a.buffer) || a.buffer->released) {
+                set_error("[dispatch] kernel '%s' argument %u: the buffer was released", name, i);
+                return false;
+            }
+            if (a.offset > a.buffer->nbytes) {
+                set_error("[dispatch] kernel '%s' argument %u: offset %llu is past the end of "
+                          "a %llu-byte buffer",
+                          name, i, (unsigned long long)a.offset,
+                          (unsigned long long)a.buffer->nbytes);
+                return false;
+            }
+        } else if (a.bytes && a.length > kMaxSetBytes) {
+            set_error("[dispatch] kernel '%s' argument %u: %llu bytes is more than setBytes "
+                      "allows (%u); use a buffer",
+                      name, i, (unsigned long long)a.length, kMaxSetBytes);
+            return false;
+        }
+    }
+    // Per parameter: every [[buffer(i)]] bound, values with the right size.
+    for (int j = 0; j < k->nparams; j++) {
+        const camel_sim_param &prm = k->params[j];
+        if (prm.kind == CAMEL_SIM_PARAM_BUFFER) {
+            const camel_arg &a = desc->args[prm.index];
+            if (!a.buffer && (!a.bytes || a.length == 0)) {
+                set_error("[dispatch] kernel '%s' parameter %d '%s' ([[buffer(%d)]]) is not "
+                          "bound: pass a buffer or bytes",
+                          name, j, prm.name, prm.index);
+                return false;
+            }
+            if (prm.is_pointer || prm.value_size == 0) continue;
+            uint64_t have = a.buffer ? a.buffer->nbytes - a.offset : a.length;
+            bool wrong = a.buffer ? have < prm.value_size : have != prm.value_size;
+            if (wrong) {
+                set_error("[dispatch] kernel '%s' parameter %d '%s' ([[buffer(%d)]]) is a "
+                          "%u-byte value, got %llu bytes",
+                          name, j, prm.name, prm.index, prm.value_size, (unsigned long long)have);
+                return false;
+            }
+        } else if (prm.kind == CAMEL_SIM_PARAM_THREADGROUP) {
+            if ((uint32_t)prm.index >= desc->nthreadgroup_memory ||
+                desc->threadgroup_memory[prm.index] == 0) {
+                set_error("[dispatch] kernel '%s' parameter %d '%s' ([[threadgroup(%d)]]) needs "
+                          "a threadgroup memory length (threadgroup_memory=[...])",
+                          name, j, prm.name, prm.index);
+                return false;
+            }
+        }
+    }
+    uint64_t dynamic = 0;
+    for (uint32_t i = 0; i < desc->nthreadgroup_memory; i++)
+        dynamic += (desc->threadgroup_memory[i] + 15ull) & ~15ull;
+    uint32_t stat = p->static_tg_bytes.load();
+    if (dynamic + stat > kMaxThreadgroupMemory) {
+        set_error("[dispatch] kernel '%s' needs %llu bytes of threadgroup memory (%llu in "
+                  "[[threadgroup(i)]] buffers + %u of threadgroup variables), more than the "
+                  "device's %u",
+                  name, (unsigned long long)(dynamic + stat), (unsigned long long)dynamic, stat,
+                  kMaxThreadgroupMemory);
+        return false;
+    }
+    return true;
+}
+
+CAMEL_EXPORT uint64_t camel_dispatch(const camel_dispatch_desc *desc) {
+    tl_error.clear();
+    if (!ensure_init()) return 0;
+    if (!desc || !desc->pipeline) {
+        set_error("[dispatch] no pipeline");
+        return 0;
+    }
+    camel_pipeline *p = desc->pipeline;
+    const camel_sim_kernel_desc *k = p->kernel;
+    sim::Order order;
+    if (!read_order(&order)) return 0;
+    std::lock_guard<std::mutex> lock(S.mu);
+    if (!validate(desc, k, p)) return 0;
+
+    auto *d = new Dispatch();
+    d->pipeline = p;
+    d->kernel = k;
+    d->order = order;
+    d->seed = order == sim::kRandom ? next_seed() : 0;
+    d->grid_is_threads = desc->grid_is_threads != 0;
+    for (int a = 0; a < 3; a++) {
+        uint32_t g = desc->grid[a], t = desc->threads_per_threadgroup[a];
+        d->tpg[a] = t;
+        // dispatchThreads(n): ceil(n / t) groups, the last one partial.
+        d->groups[a] = d->grid_is_threads ? (g + t - 1) / t : g;
+        d->threads[a] = d->grid_is_threads ? g : g * t;
+    }
+    // Copy setBytes data now: the caller may reuse its memory right away.
+    size_t words = 0;
+    for (uint32_t i = 0; i < desc->nargs; i++)
+        if (!desc->args[i].buffer) words += (desc->args[i].length + 15) / 8;
+    d->bytes.resize(words + 2);
+    uint64_t *dst = d->bytes.data();
+    if ((uintptr_t)dst % 16) dst++;  // 16-byte alignment for float4 and friends
+    d->bindings.resize(desc->nargs);
+    for (uint32_t i = 0; i < desc->nargs; i++) {
+        const camel_arg &a = desc->args[i];
+        if (a.buffer) {
+            a.buffer->refs++;  // kept alive until this dispatch has run
+            d->retained.push_back(a.buffer);
+            d->bindings[i] = (uint8_t *)a.buffer->contents + a.offset;
+        } else {
+            if (a.bytes) memcpy(dst, a.bytes, a.length);
+            d->bindings[i] = dst;
+            dst += ((a.length + 15) & ~15ull) / 8;
+        }
+    }
+    uint32_t offset = 0;
+    for (uint32_t i = 0; i < desc->nthreadgroup_memory; i++) {
+        d->tg_offsets.push_back(offset);
+        offset += (desc->threadgroup_memory[i] + 15) & ~15u;  // Metal: multiples of 16
+    }
+    d->tg_dynamic_bytes = offset;
+    p->refs++;
+
+    if (!S.open_id) S.open_id = S.next_id++;
+    S.open.push_back(d);
+    uint64_t id = S.open_id;
+    if (S.open.size() >= CAMEL_MAX_DISPATCHES_PER_COMMAND_BUFFER) commit_locked();
+    return id;
+}
+
+// ---- extras -------------------------------------------------------------------------
+
+CAMEL_EXPORT uint64_t camel_mps_matmul(camel_buffer *, camel_buffer *, camel_buffer *, uint32_t,
+                                       uint32_t, uint32_t) {
+    set_error("[sim] MPS is not available on the simulator");
+    return 0;
+}
+
+CAMEL_EXPORT int camel_capture_begin(const char *) {
+    set_error("[sim] GPU capture needs Metal (macOS)");
+    return 1;
+}
+
+CAMEL_EXPORT int camel_capture_end(void) {
+    set_error("[sim] GPU capture needs Metal (macOS)");
+    return 1;
+}

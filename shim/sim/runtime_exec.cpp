@@ -1,0 +1,762 @@
+// runtime_exec.cpp — how the simulator runs one dispatch on the CPU.
+//
+// The picture to keep in mind (docs/simulator.md walks through it):
+//
+//   grid ── threadgroups ── SIMD groups of 32 lanes ── threads
+//    │          │                  │
+//    │          │                  └ collectives (simd_sum, simd_shuffle, ...)
+//    │          │                    are resolved once per SIMD group
+//    │          └ one worker runs a whole threadgroup: its threads share the
+//    │            threadgroup memory arena and meet at threadgroup_barrier
+//    └ the worker pool pulls threadgroups from a counter, in any order
+//
+// A kernel without barriers and SIMD ops (needs_fibers == 0) runs its
+// threads as a plain loop: thread 0 to completion, then thread 1, ...
+// Otherwise each thread is a fiber with its own 64 KiB stack, and the
+// threadgroup advances in *phases*: run every ready fiber until it blocks
+// (at a barrier or a collective) or returns; then resolve what they wait
+// for; repeat until every thread has returned.
+#include <dlfcn.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "fiber.h"
+#include "runtime.h"
+
+namespace sim {
+
+constexpr size_t kStackSize = 64 * 1024;  // per simulated thread (fiber)
+constexpr size_t kGuardSize = 4096;       // PROT_NONE page below each stack
+constexpr uint32_t kPoison = 0x7fc00000;  // a quiet NaN as float
+
+double now_seconds() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+const char *order_name(Order order) {
+    return order == kForward ? "forward" : order == kReverse ? "reverse" : "random";
+}
+
+// ---- one simulated thread --------------------------------------------------
+
+enum LaneState : uint8_t {
+    kReady,        // may run
+    kAtBarrier,    // waits in threadgroup_barrier
+    kAtSimdBarrier,// waits in simdgroup_barrier
+    kAtCollective, // waits in a SIMD-group collective
+    kDone,         // returned from the kernel
+};
+
+struct Lane {
+    void *sp;  // saved stack pointer while this fiber is switched out
+    camel_sim_thread t;
+    LaneState state;
+    uint32_t site;  // call site of the barrier / collective it waits at
+    camel_sim_resolver resolver;
+    const void *in;
+    void *out;
+    const void *arg;
+    uint32_t static_cursor;  // how many `threadgroup` variables it has declared
+};
+
+// A kernel-scope `threadgroup T x[N];` — placed once per threadgroup.
+struct StaticVar {
+    uint64_t size;
+    uint32_t offset;
+};
+
+struct Worker;
+
+// The state of the threadgroup a worker is running.
+struct Group {
+    const Dispatch *d;
+    const camel_sim_kernel_desc *k;
+    Worker *w;
+    uint32_t gid[3];        // threadgroup_position_in_grid
+    uint32_t size[3];       // this group's size (smaller at a partial edge)
+    uint32_t nthreads;
+    bool fibers;            // false: plain loop
+    Lane *lanes;            // fibers: one per thread; plain loop: lanes[0] reused
+    Lane *current;          // lane running now
+    uint8_t *arena;         // threadgroup memory
+    uint32_t arena_top;     // first free byte
+    std::vector<StaticVar> statics;
+    std::vector<void *> tg; // [[threadgroup(i)]] addresses
+    std::vector<uint32_t> order;  // the order lanes run in this phase
+    uint32_t order_pos;
+    uint64_t rng;
+    void *sched_sp;         // the worker's own stack while fibers run
+    bool failed;
+    std::string error;
+};
+
+// Per worker thread: fiber stacks, threadgroup memory, crash recovery.
+struct Worker {
+    Group group;
+    std::vector<Lane> lanes;
+    uint8_t *stacks = nullptr;  // nstacks * (kGuardSize + kStackSize)
+    uint32_t nstacks = 0;
+    uint8_t *arena = nullptr;
+    bool stacks_dirty = false;  // a fiber was abandoned mid-run
+    sigjmp_buf crash_jmp;
+    volatile sig_atomic_t in_kernel = 0;
+    char crash_msg[512];
+    void *altstack = nullptr;
+};
+
+static thread_local Worker *tl_worker;
+
+static Worker *this_worker() {
+    if (!tl_worker) {
+        Worker *w = new Worker();
+        w->arena = (uint8_t *)aligned_alloc(64, kMaxThreadgroupMemory);
+        // The crash handler runs on its own stack so a fiber's stack overflow
+        // (a hit on its guard page) can still be reported.
+        stack_t old;
+        if (sigaltstack(nullptr, &old) == 0 && (old.ss_flags & SS_DISABLE)) {
+            stack_t ss;
+            ss.ss_size = 64 * 1024;
+            ss.ss_sp = w->altstack = malloc(ss.ss_size);
+            ss.ss_flags = 0;
+            sigaltstack(&ss, nullptr);
+        }
+        tl_worker = w;
+    }
+    return tl_worker;
+}
+
+static uint8_t *stack_of(Worker *w, uint32_t i) {
+    return w->stacks + (size_t)i * (kGuardSize + kStackSize) + kGuardSize;
+}
+
+static bool ensure_stacks(Worker *w, uint32_t n) {
+    if (w->nstacks >= n) return true;
+    if (w->stacks) munmap(w->stacks, (size_t)w->nstacks * (kGuardSize + kStackSize));
+    size_t bytes = (size_t)n * (kGuardSize + kStackSize);
+    void *p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        w->stacks = nullptr;
+        w->nstacks = 0;
+        return false;
+    }
+    w->stacks = (uint8_t *)p;
+    w->nstacks = n;
+    for (uint32_t i = 0; i < n; i++) mprotect(stack_of(w, i) - kGuardSize, kGuardSize, PROT_NONE);
+    return true;
+}
+
+// ASan (CAMEL_SIM_SANITIZE=address) keeps "shadow" bytes for stacks; a fiber
+// abandoned mid-kernel leaves its frames poisoned. Weak: only there under ASan.
+extern "C" void __asan_unpoison_memory_region(void const volatile *addr, size_t size)
+    __attribute__((weak));
+
+// ---- messages ------------------------------------------------------------------
+
+// Sites are chosen by the translator: line * 4096 + column (0: unknown).
+static std::string site_str(uint32_t site) {
+    char buf[64];
+    if (site >= 4096)
+        snprintf(buf, sizeof buf, "line %u", site / 4096);
+    else
+        snprintf(buf, sizeof buf, "site %u", site);
+    return buf;
+}
+
+static std::string where(const Group &g) {
+    char buf[160];
+    snprintf(buf, sizeof buf, "kernel '%s', threadgroup (%u, %u, %u)", g.k->name, g.gid[0],
+             g.gid[1], g.gid[2]);
+    return buf;
+}
+
+static void group_fail(Group &g, const std::string &msg) {
+    if (!g.failed) {
+        g.failed = true;
+        g.error = where(g) + ": " + msg;
+    }
+}
+
+// ---- threads, orders ------------------------------------------------------------
+
+static uint64_t splitmix(uint64_t &s) {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// Fill g.order with the lanes in the order CAMEL_SIM_ORDER asks for.
+static void make_order(Group &g) {
+    uint32_t n = g.nthreads;
+    g.order.resize(n);
+    for (uint32_t i = 0; i < n; i++) g.order[i] = g.d->order == kReverse ? n - 1 - i : i;
+    if (g.d->order == kRandom)
+        for (uint32_t i = n - 1; i > 0; i--) {
+            uint32_t j = (uint32_t)(splitmix(g.rng) % (i + 1));
+            uint32_t tmp = g.order[i];
+            g.order[i] = g.order[j];
+            g.order[j] = tmp;
+        }
+}
+
+// What thread `i` (linear index in its threadgroup) knows about itself.
+static void fill_thread(const Group &g, uint32_t i, camel_sim_thread &t) {
+    const Dispatch &d = *g.d;
+    uint32_t local[3] = {i % g.size[0], (i / g.size[0]) % g.size[1], i / (g.size[0] * g.size[1])};
+    for (int a = 0; a < 3; a++) {
+        t.thread_position_in_threadgroup[a] = local[a];
+        t.threadgroup_position_in_grid[a] = g.gid[a];
+        t.thread_position_in_grid[a] = g.gid[a] * d.tpg[a] + local[a];
+        t.threads_per_threadgroup[a] = g.size[a];
+        t.dispatch_threads_per_threadgroup[a] = d.tpg[a];
+        t.threadgroups_per_grid[a] = d.groups[a];
+        t.threads_per_grid[a] = d.threads[a];
+    }
+    t.thread_index_in_threadgroup = i;
+    t.thread_index_in_simdgroup = i % kSimdWidth;
+    t.simdgroup_index_in_threadgroup = i / kSimdWidth;
+    t.simdgroups_per_threadgroup = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
+    t.threads_per_simdgroup = kSimdWidth;
+    t.thread_index_in_quadgroup = i % 4;
+    t.quadgroup_index_in_threadgroup = i / 4;
+    t.quadgroups_per_threadgroup = (g.nthreads + 3) / 4;
+    t.group = (void *)&g;
+}
+
+// ---- fibers: blocking and phases ------------------------------------------------
+
+// The next lane of this phase that is ready to run, or null.
+static Lane *next_ready(Group &g) {
+    while (g.order_pos < g.order.size()) {
+        Lane *l = &g.lanes[g.order[g.order_pos++]];
+        if (l->state == kReady) return l;
+    }
+    return nullptr;
+}
+
+// The current fiber stops; the next ready one runs. When none is left the
+// worker's scheduler (run_fibers) continues and ends the phase. Going
+// straight from fiber to fiber costs one switch per block instead of two.
+static void block(Group &g, Lane *self) {
+    Lane *next = g.failed ? nullptr : next_ready(g);
+    g.current = next;
+    camel_fiber_switch(&self->sp, next ? next->sp : g.sched_sp);
+}
+
+static void lane_main(void *arg) {
+    Lane *l = (Lane *)arg;
+    Group &g = *(Group *)l->t.group;
+    g.k->entry(g.d->bindings.data(), g.tg.data(), &l->t);
+    l->state = kDone;
+    block(g, l);  // never comes back: a done lane is never ready again
+}
+
+// End of a phase, step 1: every SIMD group resolves what its lanes wait for.
+// Returns true if any lane became ready.
+//
+// Lanes of one SIMD group may wait at different places: after
+//     if (lane % 2 == 0) a = simd_sum(x);   // line 10
+//     b = simd_shuffle_down(y, 1);          // line 11
+// the even lanes wait at line 10 and the odd ones already at line 11. A GPU
+// runs the `if` body for the even lanes while the odd ones wait where the
+// branches join, so line 11 runs with all 32 lanes. The simulator imitates
+// that: it resolves only the waiting point that comes first in the source
+// (the smallest site), the others wait for the next phase. The active mask is
+// then exactly the lanes waiting there. (Loops defeat this rule: a lane in
+// iteration 2 and a lane in iteration 1 at the same line look alike. That is
+// one of the documented gaps.)
+static bool resolve_simd(Group &g) {
+    bool woke = false;
+    for (uint32_t base = 0; base < g.nthreads && !g.failed; base += kSimdWidth) {
+        uint32_t width = g.nthreads - base < kSimdWidth ? g.nthreads - base : kSimdWidth;
+        uint32_t waiting = 0;  // lanes in a collective or simdgroup_barrier at the first site
+        uint32_t site = UINT32_MAX;
+        for (uint32_t i = 0; i < width; i++) {
+            Lane &l = g.lanes[base + i];
+            if (l.state != kAtSimdBarrier && l.state != kAtCollective) continue;
+            if (l.site < site) {
+                site = l.site;
+                waiting = 0;
+            }
+            if (l.site == site) waiting |= 1u << i;
+        }
+        // simdgroup_barrier: every lane that will arrive this phase has arrived.
+        for (uint32_t bits = waiting; bits; bits &= bits - 1) {
+            Lane &l = g.lanes[base + __builtin_ctz(bits)];
+            if (l.state == kAtSimdBarrier) {
+                l.state = kReady;
+                waiting &= ~(1u << __builtin_ctz(bits));
+                woke = true;
+            }
+        }
+        // Collectives: lanes at this site with the same resolver form one.
+        while (waiting) {
+            Lane &lead = g.lanes[base + __builtin_ctz(waiting)];
+            uint32_t mask = 0;
+            camel_sim_lane io[kSimdWidth];
+            for (uint32_t bits = waiting; bits; bits &= bits - 1) {
+                uint32_t i = __builtin_ctz(bits);
+                Lane &l = g.lanes[base + i];
+                if (l.resolver == lead.resolver) {
+                    mask |= 1u << i;
+                    io[i].in = l.in;
+                    io[i].out = l.out;
+                }
+            }
+            const char *err = nullptr;
+            if (lead.resolver(io, mask, lead.arg, &err) != 0) {
+                group_fail(g, "SIMD group " + std::to_string(base / kSimdWidth) +
+                                  ", collective at " + site_str(lead.site) + ": " +
+                                  (err ? err : "invalid collective"));
+                return false;
+            }
+            for (uint32_t bits = mask; bits; bits &= bits - 1)
+                g.lanes[base + __builtin_ctz(bits)].state = kReady;
+            waiting &= ~mask;
+            woke = true;
+        }
+    }
+    return woke;
+}
+
+// End of a phase, step 2: nothing but threadgroup barriers is left. Release
+// it when every thread of the group waits at the same one; otherwise the
+// kernel is wrong (on a GPU it would hang or read stale memory).
+static bool release_barrier(Group &g) {
+    uint32_t done = 0, waiting = 0, site = 0, other_site = 0, at_site = 0;
+    bool mixed = false;
+    for (uint32_t i = 0; i < g.nthreads; i++) {
+        Lane &l = g.lanes[i];
+        if (l.state == kDone) {
+            done++;
+        } else {  // kAtBarrier: nothing else can be left here
+            if (waiting == 0) site = l.site;
+            if (l.site == site) {
+                at_site++;
+            } else {
+                mixed = true;
+                other_site = l.site;
+            }
+            waiting++;
+        }
+    }
+    if (mixed) {
+        group_fail(g, "threads wait at different threadgroup_barrier calls (" +
+                          std::to_string(at_site) + " at " + site_str(site) + ", " +
+                          std::to_string(waiting - at_site) + " at " + site_str(other_site) +
+                          "); every thread of a threadgroup must reach the same barrier");
+        return false;
+    }
+    if (done > 0) {
+        group_fail(g, "threadgroup_barrier at " + site_str(site) + " was reached by " +
+                          std::to_string(waiting) + " of " + std::to_string(g.nthreads) +
+                          " threads; the other " + std::to_string(done) +
+                          " had returned. Every thread of a threadgroup must reach every "
+                          "barrier (return early only after the last one)");
+        return false;
+    }
+    for (uint32_t i = 0; i < g.nthreads; i++) g.lanes[i].state = kReady;
+    return true;
+}
+
+static bool run_fibers(Group &g) {
+    Worker *w = g.w;
+    if (!ensure_stacks(w, g.nthreads)) {
+        group_fail(g, "cannot allocate fiber stacks");
+        return false;
+    }
+    if (w->stacks_dirty && __asan_unpoison_memory_region)
+        __asan_unpoison_memory_region(w->stacks, (size_t)w->nstacks * (kGuardSize + kStackSize));
+    w->stacks_dirty = false;
+    for (uint32_t i = 0; i < g.nthreads; i++) {
+        Lane &l = g.lanes[i];
+        fill_thread(g, i, l.t);
+        l.state = kReady;
+        l.static_cursor = 0;
+        l.sp = camel_fiber_init(stack_of(w, i), kStackSize, lane_main, &l);
+    }
+    for (;;) {
+        // A phase: run every ready fiber until it blocks or returns.
+        make_order(g);
+        g.order_pos = 0;
+        Lane *first = next_ready(g);
+        if (first) {
+            g.current = first;
+            camel_fiber_switch(&g.sched_sp, first->sp);
+        }
+        if (g.failed) {
+            w->stacks_dirty = true;
+            return false;
+        }
+        bool all_done = true;
+        for (uint32_t i = 0; i < g.nthreads && all_done; i++)
+            all_done = g.lanes[i].state == kDone;
+        if (all_done) return true;
+        if (resolve_simd(g)) continue;
+        if (g.failed || !release_barrier(g)) {
+            w->stacks_dirty = true;
+            return false;
+        }
+    }
+}
+
+static bool run_plain(Group &g) {
+    Lane &l = g.lanes[0];
+    make_order(g);
+    g.current = &l;
+    for (uint32_t i : g.order) {
+        fill_thread(g, i, l.t);
+        l.state = kReady;
+        l.static_cursor = 0;
+        g.k->entry(g.d->bindings.data(), g.tg.data(), &l.t);
+        if (g.failed) return false;
+    }
+    return true;
+}
+
+// Run threadgroup number `index` (linear, x fastest) of the dispatch.
+static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
+    Group &g = w->group;
+    g.d = &d;
+    g.k = d.kernel;
+    g.w = w;
+    g.gid[0] = index % d.groups[0];
+    g.gid[1] = (index / d.groups[0]) % d.groups[1];
+    g.gid[2] = index / (d.groups[0] * d.groups[1]);
+    g.nthreads = 1;
+    for (int a = 0; a < 3; a++) {
+        // dispatchThreads: the last group along an axis holds what is left.
+        uint32_t left = d.threads[a] - g.gid[a] * d.tpg[a];
+        g.size[a] = d.grid_is_threads && left < d.tpg[a] ? left : d.tpg[a];
+        g.nthreads *= g.size[a];
+    }
+    g.fibers = d.kernel->needs_fibers != 0;
+    uint32_t nlanes = g.fibers ? g.nthreads : 1;
+    if (w->lanes.size() < nlanes) w->lanes.resize(nlanes);
+    g.lanes = w->lanes.data();
+    g.failed = false;
+    g.rng = d.seed ^ (0x9e3779b97f4a7c15ull * (index + 1));
+
+    // Threadgroup memory: [[threadgroup(i)]] buffers first, then the kernel's
+    // `threadgroup` variables as they are declared. All of it starts as NaN
+    // so a read before any write shows up in the results.
+    g.arena = w->arena;
+    uint32_t *words = (uint32_t *)g.arena;
+    for (uint32_t i = 0; i < d.tg_dynamic_bytes / 4; i++) words[i] = kPoison;
+    g.tg.resize(d.tg_offsets.size());
+    for (size_t i = 0; i < d.tg_offsets.size(); i++) g.tg[i] = g.arena + d.tg_offsets[i];
+    g.arena_top = d.tg_dynamic_bytes;
+    g.statics.clear();
+
+    bool ok = g.fibers ? run_fibers(g) : run_plain(g);
+    uint32_t static_bytes = g.arena_top - d.tg_dynamic_bytes;
+    std::atomic<uint32_t> &measured = d.pipeline->static_tg_bytes;
+    if (static_bytes > measured.load(std::memory_order_relaxed)) measured.store(static_bytes);
+    return ok;
+}
+
+// ---- calls from kernels (the camel_sim_runtime table) ----------------------------
+
+static Group &group_of(const camel_sim_thread *t) { return *(Group *)t->group; }
+
+// Stop the calling thread for good after a failure.
+[[noreturn]] static void abandon(Group &g) {
+    if (g.fibers) {
+        Lane *self = g.current;
+        self->state = kDone;
+        camel_fiber_switch(&self->sp, g.sched_sp);
+    }
+    siglongjmp(g.w->crash_jmp, 2);  // plain loop: back to run_part
+    __builtin_unreachable();
+}
+
+static void wait_as(const camel_sim_thread *t, LaneState state, uint32_t site, const char *what) {
+    Group &g = group_of(t);
+    if (!g.fibers) {
+        group_fail(g, std::string(what) + " in a kernel the translator marked barrier-free "
+                                          "(needs_fibers == 0): a simulator bug");
+        abandon(g);
+    }
+    Lane *self = &g.lanes[t->thread_index_in_threadgroup];
+    self->state = state;
+    self->site = site;
+    block(g, self);
+    if (g.failed) abandon(g);
+}
+
+static void rt_threadgroup_barrier(const camel_sim_thread *t, uint32_t, uint32_t site) {
+    wait_as(t, kAtBarrier, site, "threadgroup_barrier");
+}
+
+static void rt_simdgroup_barrier(const camel_sim_thread *t, uint32_t, uint32_t site) {
+    wait_as(t, kAtSimdBarrier, site, "simdgroup_barrier");
+}
+
+static void rt_simd_collective(const camel_sim_thread *t, uint32_t site,
+                               camel_sim_resolver resolve, const void *in, void *out,
+                               const void *arg) {
+    Group &g = group_of(t);
+    if (g.fibers) {
+        Lane *self = &g.lanes[t->thread_index_in_threadgroup];
+        self->resolver = resolve;
+        self->in = in;
+        self->out = out;
+        self->arg = arg;
+    }
+    wait_as(t, kAtCollective, site, "a SIMD-group function");
+}
+
+static void *rt_threadgroup_static(const camel_sim_thread *t, uint64_t size, uint64_t align) {
+    Group &g = group_of(t);
+    Lane *self = g.fibers ? &g.lanes[t->thread_index_in_threadgroup] : &g.lanes[0];
+    uint32_t k = self->static_cursor++;
+    if (k < g.statics.size()) {  // another thread of the group declared it already
+        if (g.statics[k].size != size) {
+            group_fail(g, "threads declared threadgroup variables in different orders");
+            abandon(g);
+        }
+        return g.arena + g.statics[k].offset;
+    }
+    if (align < 16) align = 16;
+    uint64_t offset = (g.arena_top + align - 1) & ~(align - 1);
+    if (offset + size > kMaxThreadgroupMemory) {
+        char buf[256];
+        snprintf(buf, sizeof buf,
+                 "threadgroup memory: %llu bytes of threadgroup variables + %u bytes of "
+                 "[[threadgroup(i)]] buffers exceed the device's %u bytes",
+                 (unsigned long long)(offset + size - g.d->tg_dynamic_bytes),
+                 g.d->tg_dynamic_bytes, kMaxThreadgroupMemory);
+        group_fail(g, buf);
+        abandon(g);
+    }
+    uint32_t *words = (uint32_t *)(g.arena + offset);
+    for (uint64_t i = 0; i < (size + 3) / 4; i++) words[i] = kPoison;
+    g.statics.push_back({size, (uint32_t)offset});
+    g.arena_top = (uint32_t)(offset + size);
+    return g.arena + offset;
+}
+
+static void rt_fail(const camel_sim_thread *t, const char *message) {
+    Group &g = group_of(t);
+    group_fail(g, std::string("thread ") + std::to_string(t->thread_index_in_threadgroup) + ": " +
+                      message);
+    abandon(g);
+}
+
+static std::mutex print_mu;
+
+static int rt_vprintf(const char *fmt, __builtin_va_list ap) {
+    std::lock_guard<std::mutex> lock(print_mu);
+    return vfprintf(stdout, fmt, ap);
+}
+
+const camel_sim_runtime runtime_table = {
+    CAMEL_SIM_ABI_VERSION, rt_threadgroup_barrier, rt_simdgroup_barrier, rt_simd_collective,
+    rt_threadgroup_static, rt_fail,                rt_vprintf,
+};
+
+// ---- crashes inside kernels -------------------------------------------------------
+
+static struct sigaction old_actions[32];
+static const int kCrashSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
+
+static void on_crash(int sig, siginfo_t *info, void *) {
+    Worker *w = tl_worker;
+    if (!w || !w->in_kernel) {
+        // Not ours: put back whoever handled it before (Python's faulthandler,
+        // the default core dump) and let the faulting instruction run again.
+        // If that handler passes it back to us, fall back to the default.
+        static volatile sig_atomic_t passed_on = 0;
+        if (passed_on++) {
+            signal(sig, SIG_DFL);
+            return;
+        }
+        sigaction(sig, &old_actions[sig], nullptr);
+        return;
+    }
+    Group &g = w->group;
+    uintptr_t addr = (uintptr_t)info->si_addr;
+    const char *what = sig == SIGSEGV   ? "SIGSEGV (invalid memory access"
+                       : sig == SIGBUS  ? "SIGBUS (misaligned or invalid memory access"
+                       : sig == SIGFPE  ? "SIGFPE (integer division by zero"
+                                        : "SIGILL (trap";
+    const char *hint = "";
+    if (sig == SIGSEGV && w->stacks && addr >= (uintptr_t)w->stacks) {
+        uintptr_t rel = addr - (uintptr_t)w->stacks;
+        size_t slot = kGuardSize + kStackSize;
+        if (rel < (uintptr_t)w->nstacks * slot && rel % slot < kGuardSize)
+            hint = "; this is a stack overflow: each simulated thread has a 64 KiB stack";
+    }
+    if (sig == SIGSEGV && !*hint)
+        hint = "; an out-of-bounds index? Rerun with CAMEL_SIM_SANITIZE=address to find the line";
+    unsigned lane = g.current ? g.current->t.thread_index_in_threadgroup : 0;
+    snprintf(w->crash_msg, sizeof w->crash_msg,
+             "kernel '%s', threadgroup (%u, %u, %u), thread %u: crashed with %s at %p)%s. "
+             "Memory the kernel wrote may be damaged; restart Python to be safe.",
+             g.k ? g.k->name : "?", g.gid[0], g.gid[1], g.gid[2], lane, what, (void *)addr, hint);
+    siglongjmp(w->crash_jmp, 1);
+}
+
+// Installed by camel_init, and again before a command buffer runs if someone (e.g.
+// Python's faulthandler, which pytest enables) has replaced it since.
+void install_crash_handlers() {
+    struct sigaction sa, cur;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_crash;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    for (int sig : kCrashSignals) {
+        if (sigaction(sig, nullptr, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
+            cur.sa_sigaction == on_crash)
+            continue;  // still ours
+        sigaction(sig, &sa, &old_actions[sig]);
+    }
+}
+
+// ---- the worker pool ---------------------------------------------------------------
+
+// One dispatch being run: workers take threadgroups off `next`.
+struct Job {
+    const Dispatch *d;
+    uint32_t ngroups;
+    std::atomic<uint32_t> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex mu;
+    std::string error;
+};
+
+static void job_fail(Job &job, const std::string &msg) {
+    std::lock_guard<std::mutex> lock(job.mu);
+    if (!job.failed.load()) {
+        job.error = msg;
+        job.failed.store(true);
+    }
+}
+
+// What one worker (or the calling thread) does for a job.
+static void run_part(Job &job) {
+    Worker *w = this_worker();
+    int jumped = sigsetjmp(w->crash_jmp, 1);
+    if (jumped) {  // 1: a crash signal; 2: a failure in a plain-loop kernel
+        w->in_kernel = 0;
+        w->stacks_dirty = true;
+        job_fail(job, jumped == 1 ? std::string(w->crash_msg) : w->group.error);
+        return;
+    }
+    w->in_kernel = 1;
+    while (!job.failed.load(std::memory_order_relaxed)) {
+        uint32_t i = job.next.fetch_add(1, std::memory_order_relaxed);
+        if (i >= job.ngroups) break;
+        if (!run_group(w, *job.d, i)) {
+            job_fail(job, w->group.error);
+            break;
+        }
+    }
+    w->in_kernel = 0;
+}
+
+static struct Pool {
+    std::mutex mu;
+    std::condition_variable wake, done;
+    std::vector<std::thread> threads;
+    Job *job = nullptr;
+    uint64_t generation = 0;
+    std::atomic<uint64_t> published{0};
+    int busy = 0;  // helpers still working on the current job
+    int workers = 0;
+} &pool = *new Pool;  // never destroyed: detached workers still wait on it at exit
+
+static void helper_main() {
+    uint64_t seen = 0;
+    for (;;) {
+        // Spin briefly: back-to-back dispatches then start without a wake-up.
+        double until = now_seconds() + 50e-6;
+        while (pool.published.load(std::memory_order_acquire) == seen && now_seconds() < until)
+            std::this_thread::yield();
+        Job *job;
+        {
+            std::unique_lock<std::mutex> lock(pool.mu);
+            pool.wake.wait(lock, [&] { return pool.generation != seen; });
+            seen = pool.generation;
+            job = pool.job;
+        }
+        run_part(*job);
+        std::lock_guard<std::mutex> lock(pool.mu);
+        if (--pool.busy == 0) pool.done.notify_all();
+    }
+}
+
+void pool_start(int workers) {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (pool.workers) return;
+    pool.workers = workers;
+    // The calling thread is worker 0; the pool adds the others.
+    for (int i = 1; i < workers; i++) pool.threads.emplace_back(helper_main);
+    for (auto &t : pool.threads) t.detach();
+}
+
+int pool_workers() { return pool.workers; }
+
+bool execute(const Dispatch &d, std::string &error) {
+    Job job;
+    job.d = &d;
+    job.ngroups = d.groups[0] * d.groups[1] * d.groups[2];
+    if (job.ngroups == 0) return true;
+    int helpers = pool.workers - 1;
+    if (helpers > (int)job.ngroups - 1) helpers = (int)job.ngroups - 1;
+    if (helpers > 0) {
+        std::lock_guard<std::mutex> lock(pool.mu);
+        pool.job = &job;
+        pool.busy = pool.workers - 1;  // every helper takes part, even if it finds no work
+        pool.generation++;
+        pool.published.store(pool.generation, std::memory_order_release);
+        pool.wake.notify_all();
+    }
+    run_part(job);
+    if (helpers > 0) {
+        std::unique_lock<std::mutex> lock(pool.mu);
+        pool.done.wait(lock, [] { return pool.busy == 0; });
+    }
+    fflush(stdout);  // kernel printf output
+    if (job.failed.load()) {
+        error = job.error;
+        return false;
+    }
+    return true;
+}
+
+// ---- benchmark hook ----------------------------------------------------------------
+
+static void *bench_main_sp, *bench_fiber_sp;
+
+static void bench_fiber(void *arg) {
+    uint64_t n = *(uint64_t *)arg;
+    for (uint64_t i = 0; i < n; i++) camel_fiber_switch(&bench_fiber_sp, bench_main_sp);
+    for (;;) camel_fiber_switch(&bench_fiber_sp, bench_main_sp);
+}
+
+}  // namespace sim
+
+extern "C" __attribute__((visibility("default"))) double camel_sim_bench_fiber_switch(uint64_t n) {
+    using namespace sim;
+    void *stack = malloc(kStackSize);
+    bench_fiber_sp = camel_fiber_init(stack, kStackSize, bench_fiber, &n);
+    double t0 = now_seconds();
+    for (uint64_t i = 0; i < n; i++) camel_fiber_switch(&bench_main_sp, bench_fiber_sp);
+    double t1 = now_seconds();
+    free(stack);
+    return (t1 - t0) * 1e9 / (2.0 * (double)n);
+}
