@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import operator
 import os
 import struct
 import subprocess
@@ -118,12 +119,10 @@ class _PipelineInfo(ctypes.Structure):
 
 
 class _Arg(ctypes.Structure):
-    # `bytes` is `const void *` in C; declaring it c_char_p lets us assign a Python
-    # bytes object directly (ctypes keeps it alive while it is stored here).
     _fields_ = [
         ("buffer", ctypes.c_void_p),
         ("offset", ctypes.c_uint64),
-        ("bytes", ctypes.c_char_p),
+        ("bytes", ctypes.c_void_p),
         ("length", ctypes.c_uint64),
     ]
 
@@ -762,6 +761,16 @@ class Library:
 _pack_f32 = struct.Struct("<f").pack
 _pack_i32 = struct.Struct("<i").pack
 _pack_u32 = struct.Struct("<I").pack
+_pack_f32_into = struct.Struct("<f").pack_into
+_pack_u32_into = struct.Struct("<I").pack_into
+# camel_arg as bytes: buffer handle, offset, bytes pointer, length (4 x 64 bits)
+_pack_arg = struct.Struct("<QQQQ").pack_into
+_ARG_SIZE = ctypes.sizeof(_Arg)
+# camel_dispatch_desc from nthreadgroup_memory on: ntg, grid[3], tpg[3], grid_is_threads
+_pack_desc_tail = struct.Struct("<IIIIIIIi").pack_into
+_DESC_TAIL_OFFSET = _DispatchDesc.nthreadgroup_memory.offset
+_DESC_NARGS_OFFSET = _DispatchDesc.nargs.offset
+assert _ARG_SIZE == 32 and _DispatchDesc.grid_is_threads.offset == _DESC_TAIL_OFFSET + 28
 _profilers: list = []  # active camel.profile() objects (camel/profiler.py appends here)
 
 
@@ -769,28 +778,20 @@ _U32_MAX = 0xFFFFFFFF
 
 
 def _dim3(value, what: str, kernel_name: str) -> tuple[int, int, int]:
-    """(x, y, z) from an int or a 1-3 tuple; every entry >= 1 and fits in 32 bits."""
-    t = type(value)
-    if t is int:  # the common cases first: this runs twice per dispatch
-        x, y, z = value, 1, 1
-    elif t is tuple and len(value) == 3:
-        x, y, z = value
-    else:
-        if isinstance(value, np.integer):
-            value = (int(value),)
-        try:
-            dims = tuple(int(v) for v in value)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"[{kernel_name}] {what} must be an int or a tuple of 1-3 ints, got {value!r}"
-            ) from None
-        if not 1 <= len(dims) <= 3:
-            raise TypeError(f"[{kernel_name}] {what} must have 1-3 entries, got {value!r}")
-        x, y, z = dims + (1,) * (3 - len(dims))
-    if type(x) is not int or type(y) is not int or type(z) is not int:
-        return _dim3(tuple(int(v) for v in (x, y, z)), what, kernel_name)
-    if 0 < x <= _U32_MAX and 0 < y <= _U32_MAX and 0 < z <= _U32_MAX:
-        return x, y, z
+    """(x, y, z) from an int or a tuple of 1-3 ints, each in 1 .. 2**32 - 1.
+    The slow path: Function.__call__ handles the common spellings itself."""
+    items = (value,) if isinstance(value, (int, np.integer)) else value
+    try:
+        dims = tuple(operator.index(v) for v in items)
+    except TypeError:
+        raise TypeError(
+            f"[{kernel_name}] {what} must be an int or a tuple of 1-3 ints, got {value!r}"
+        ) from None
+    if not 1 <= len(dims) <= 3:
+        raise TypeError(f"[{kernel_name}] {what} must have 1-3 entries, got {value!r}")
+    dims += (1,) * (3 - len(dims))
+    if all(0 < d <= _U32_MAX for d in dims):
+        return dims
     raise ValueError(f"[{kernel_name}] {what} must be >= 1 in every dimension, got {value!r}")
 
 
@@ -831,17 +832,17 @@ class Function:
         self.static_threadgroup_memory = info.static_threadgroup_memory
 
         # Preallocated once: a dispatch fills these in place and makes ONE native call.
+        # We write the C structs' bytes with struct.pack_into (one call per argument)
+        # rather than ctypes attribute by attribute: four times fewer Python steps.
         self._args = (_Arg * MAX_BUFFER_ARGS)()
-        self._slots = [self._args[i] for i in range(MAX_BUFFER_ARGS)]
+        self._scalars = (ctypes.c_uint64 * MAX_BUFFER_ARGS)()  # 8 bytes per slot for setBytes
+        self._scalars_addr = ctypes.addressof(self._scalars)
         self._tg_lengths = (ctypes.c_uint32 * MAX_THREADGROUP_ARGS)()
         desc = _DispatchDesc()
         desc.pipeline = handle
         desc.args = ctypes.cast(self._args, ctypes.POINTER(_Arg))
         desc.threadgroup_memory = ctypes.cast(self._tg_lengths, ctypes.POINTER(ctypes.c_uint32))
         self._desc = desc
-        self._grid = desc.grid  # views into desc's memory
-        self._tpg = desc.threads_per_threadgroup
-        self._last_grid = self._last_tpg = (0, 0, 0)
 
     def __call__(
         self,
@@ -853,15 +854,14 @@ class Function:
         flops=None,
         bytes=None,  # noqa: A002 (bytes moved, for the profiler's GB/s)
     ) -> None:
-        desc = self._desc
         name = self.name
         # The grid: exactly one of threads= / threadgroups=.
         if threads is not None:
             if threadgroups is not None:
                 raise TypeError(f"[{name}] pass threads= or threadgroups=, not both")
-            grid, desc.grid_is_threads = threads, 1
+            grid, grid_is_threads = threads, 1
         elif threadgroups is not None:
-            grid, desc.grid_is_threads = threadgroups, 0
+            grid, grid_is_threads = threadgroups, 0
         else:
             raise TypeError(
                 f"[{name}] missing grid: pass threadgroups=(gx, gy, gz) (dispatchThreadgroups) "
@@ -873,17 +873,24 @@ class Function:
                 f"{self.max_total_threads_per_threadgroup} threads in total, "
                 f"a multiple of {self.thread_execution_width} is best"
             )
-        grid3 = _dim3(grid, "grid", name)
-        tpg3 = _dim3(threads_per_threadgroup, "threads_per_threadgroup", name)
-        if grid3 != self._last_grid:  # writing a ctypes array costs more than comparing
-            g = self._grid
-            g[0], g[1], g[2] = self._last_grid = grid3
-        if tpg3 != self._last_tpg:
-            t = self._tpg
-            t[0], t[1], t[2] = self._last_tpg = tpg3
+        # (x, y, z) triples; the common spellings skip the helper (struct.pack_into below
+        # rejects negative, too large or non-integer entries; _dim3 then explains).
+        if type(grid) is int and grid > 0:
+            grid3 = (grid, 1, 1)
+        elif type(grid) is tuple and len(grid) == 3 and 0 not in grid:
+            grid3 = grid
+        else:
+            grid3 = _dim3(grid, "grid", name)
+        tpg3 = threads_per_threadgroup
+        if type(tpg3) is int and tpg3 > 0:
+            tpg3 = (tpg3, 1, 1)
+        elif not (type(tpg3) is tuple and len(tpg3) == 3 and 0 not in tpg3):
+            tpg3 = _dim3(tpg3, "threads_per_threadgroup", name)
 
+        ntg = 0
         if threadgroup_memory:
-            if len(threadgroup_memory) > MAX_THREADGROUP_ARGS:
+            ntg = len(threadgroup_memory)
+            if ntg > MAX_THREADGROUP_ARGS:
                 raise ValueError(f"[{name}] at most {MAX_THREADGROUP_ARGS} threadgroup buffers")
             lengths = self._tg_lengths
             for i, n in enumerate(threadgroup_memory):
@@ -891,54 +898,53 @@ class Function:
                 if n < 0:
                     raise ValueError(f"[{name}] threadgroup_memory[{i}] must be >= 0, got {n}")
                 lengths[i] = (n + 15) & ~15  # Metal: a multiple of 16 bytes
-            desc.nthreadgroup_memory = len(threadgroup_memory)
-        else:
-            desc.nthreadgroup_memory = 0
 
         # Arguments: positional i binds [[buffer(i)]].
         nargs = len(args)
         if nargs > MAX_BUFFER_ARGS:
             raise TypeError(f"[{name}] {nargs} arguments; Metal binds at most {MAX_BUFFER_ARGS}")
-        slots = self._slots
+        mem = self._args
         used = []  # blocks this dispatch touches, to record their last use
+        keep = None  # setBytes data larger than 8 bytes, alive until the shim copied it
         for i, a in enumerate(args):
-            slot = slots[i]
-            if type(a) is DeviceArray:
+            t = type(a)
+            if t is DeviceArray:  # the common case first
                 block = a.buffer._block
                 if block is None:
                     raise MetalError(
                         f"[{name}] argument {i}: use of a released buffer ({a.buffer.nbytes} bytes)"
                     )
-                slot.buffer = block.handle
-                slot.offset = a.offset
-                slot.bytes = None
-                slot.length = 0
+                _pack_arg(mem, i * _ARG_SIZE, block.handle, a.offset, 0, 0)
                 used.append(block)
+            elif t is float:  # 4 bytes of float32 in this slot's scalar space
+                _pack_f32_into(self._scalars, i * 8, a)
+                _pack_arg(mem, i * _ARG_SIZE, 0, 0, self._scalars_addr + i * 8, 4)
+            elif t is int and 0 <= a <= _U32_MAX:  # 4 bytes of uint32
+                _pack_u32_into(self._scalars, i * 8, a)
+                _pack_arg(mem, i * _ARG_SIZE, 0, 0, self._scalars_addr + i * 8, 4)
             else:
-                self._bind_other(slot, i, a, used)
-        desc.nargs = nargs
+                keep = self._bind_other(i, a, used, keep)
+        try:
+            _pack_desc_tail(self._desc, _DESC_TAIL_OFFSET, ntg, *grid3, *tpg3, grid_is_threads)
+        except struct.error:
+            _dim3(grid3, "grid", name)  # raises the error that explains the bad entry
+            _dim3(tpg3, "threads_per_threadgroup", name)
+            raise
+        _pack_u32_into(self._desc, _DESC_NARGS_OFFSET, nargs)
 
-        cb = _c_dispatch(desc)  # the one native call
+        cb = _c_dispatch(self._desc)  # the one native call
         if not cb:
-            raise self._dispatch_error(grid3, tpg3, threadgroup_memory, nargs)
+            raise self._dispatch_error(grid3, tpg3, threadgroup_memory, nargs, grid_is_threads)
         for block in used:
             block.last_use = cb
         if _profilers:
             _c_commit()  # each profiled dispatch gets its own command buffer, so its own time
             for p in _profilers:
-                p._add(name, grid3, tpg3, desc.grid_is_threads == 1, cb, flops, bytes)
+                p._add(name, grid3, tpg3, grid_is_threads == 1, cb, flops, bytes)
 
-    def _bind_other(self, slot, i: int, a, used: list) -> None:
-        """Bind everything that is not a DeviceArray (the less common kinds)."""
-        t = type(a)
-        if t is float:
-            raw = _pack_f32(a)
-            slot.buffer, slot.offset, slot.bytes, slot.length = None, 0, raw, 4
-            return
-        if t is int and 0 <= a <= _U32_MAX:
-            raw = _pack_u32(a)
-            slot.buffer, slot.offset, slot.bytes, slot.length = None, 0, raw, 4
-            return
+    def _bind_other(self, i: int, a, used: list, keep: list | None) -> list | None:
+        """Bind everything that is neither a DeviceArray nor a float (the less common kinds)."""
+        offset_in_args = i * _ARG_SIZE
         # A camel Tensor keeps its storage in .storage: a DeviceArray on "mps".
         data = getattr(a, "storage", None)
         if data is None:
@@ -962,16 +968,16 @@ class Function:
                 raise MetalError(
                     f"[{self.name}] argument {i}: use of a released buffer ({buffer.nbytes} bytes)"
                 )
-            slot.buffer, slot.offset, slot.bytes, slot.length = block.handle, offset, None, 0
+            _pack_arg(self._args, offset_in_args, block.handle, offset, 0, 0)
             used.append(block)
-            return
+            return keep
 
-        if isinstance(a, float):
+        if isinstance(a, float):  # float subclasses, np.float64 included: float32
             raw = _pack_f32(a)
         elif isinstance(a, int):  # bool too: 0 or 1
             if -(2**31) <= a < 0:
                 raw = _pack_i32(a)
-            elif 0 <= a < 2**32:
+            elif 0 <= a <= _U32_MAX:
                 raw = _pack_u32(a)
             else:
                 raise OverflowError(
@@ -996,11 +1002,19 @@ class Function:
                 "pass a DeviceArray or 'mps' Tensor, a float, an int, or a NumPy scalar or "
                 f"array of at most {MAX_SET_BYTES} bytes"
             )
-        slot.buffer, slot.offset, slot.bytes, slot.length = None, 0, raw, len(raw)
+        if len(raw) <= 8:  # scalars live in this slot's 8 bytes of self._scalars
+            ctypes.memmove(self._scalars_addr + i * 8, raw, len(raw))
+            address = self._scalars_addr + i * 8
+        else:  # a small array: a temporary the shim copies during the dispatch call
+            copy = ctypes.create_string_buffer(raw, len(raw))
+            keep = (keep or []) + [copy]
+            address = ctypes.addressof(copy)
+        _pack_arg(self._args, offset_in_args, 0, 0, address, len(raw))
+        return keep
 
-    def _dispatch_error(self, grid3, tpg3, threadgroup_memory, nargs) -> DispatchError:
+    def _dispatch_error(self, grid3, tpg3, threadgroup_memory, nargs, is_threads) -> DispatchError:
         """The shim's message plus what was asked and the limits that apply."""
-        kind = "threads" if self._desc.grid_is_threads else "threadgroups"
+        kind = "threads" if is_threads else "threadgroups"
         total = tpg3[0] * tpg3[1] * tpg3[2]
         tg = [(int(n) + 15) & ~15 for n in (threadgroup_memory or [])]
         try:

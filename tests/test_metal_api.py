@@ -352,3 +352,32 @@ def test_camel_profile_env_prints_table_at_exit(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "camel.profile: 1 dispatches" in proc.stderr
     assert re.search(r"^axpb\s+1\s", proc.stderr, re.M), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "grid, error, match",
+    [
+        ((1.5, 1, 1), TypeError, "tuple of 1-3 ints"),
+        ((4, -1, 1), ValueError, ">= 1 in every dimension"),
+        (2**32, ValueError, ">= 1 in every dimension"),
+        ("x", TypeError, "tuple of 1-3 ints"),
+        ((1, 1, 1, 1), TypeError, "1-3 entries"),
+    ],
+)
+def test_grid_spellings_that_are_rejected(lib, grid, error, match):
+    fn = lib.function("axpb")
+    x, y = metal.DeviceArray.empty(8), metal.DeviceArray.empty(8)
+    with pytest.raises(error, match=match):
+        fn(x, y, 1.0, 0.0, 8, threads=grid, threads_per_threadgroup=8)
+    with pytest.raises(error, match=match):
+        fn(x, y, 1.0, 0.0, 8, threads=8, threads_per_threadgroup=grid)
+
+
+def test_grid_spellings_that_are_accepted(lib):
+    fn = lib.function("axpb")
+    x = metal.DeviceArray.from_numpy(np.arange(40, dtype=np.float32))
+    for grid, tpg in [(40, 8), ((40,), (8,)), ((40, 1), (8, 1)), (np.int64(40), np.int32(8)),
+                      ((np.uint32(40), 1, 1), [8, 1, 1])]:  # fmt: skip
+        y = metal.DeviceArray.zeros(40)
+        fn(x, y, 2.0, 0.0, 40, threads=grid, threads_per_threadgroup=tpg)
+        np.testing.assert_array_equal(y.numpy(), 2 * np.arange(40))
