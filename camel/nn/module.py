@@ -178,11 +178,12 @@ class Module:
         return ""
 
     def __repr__(self) -> str:
+        """PyTorch-style: ``Name(extra)`` for a leaf, else one indented line per child."""
         children = [(n, v) for n, v in self._members() if isinstance(v, Module)]
-        head = f"{type(self).__name__}({self.extra_repr()}"
+        extra = self.extra_repr()
         if not children:
-            return head + ")"
-        lines = [head]
+            return f"{type(self).__name__}({extra})"
+        lines = [f"{type(self).__name__}("] + ([f"  {extra}"] if extra else [])
         for name, child in children:
             body = repr(child).replace("\n", "\n  ")
             lines.append(f"  ({name}): {body}")
