@@ -67,7 +67,8 @@ __asm__(CAMEL_ASM_FUNC(camel_fiber_switch)
 void *camel_fiber_init(void *stack, size_t size, void (*entry)(void *), void *arg) {
     uintptr_t top = ((uintptr_t)stack + size) & ~(uintptr_t)15;
     uint64_t *sp = (uint64_t *)top;
-    *--sp = 0;                                 // padding: keeps the trampoline's rsp aligned
+    *--sp = 0;                                 // padding: after the trampoline's address is
+    *--sp = 0;                                 // popped, rsp is 16-byte aligned, as a call needs
     *--sp = (uint64_t)&camel_fiber_trampoline; // where the first switch jumps to
     *--sp = 0;                                 // rbp
     *--sp = 0;                                 // rbx

@@ -72,9 +72,9 @@ struct CbTime {
 static CbTime cb_times[kTimes];
 
 CAMEL_EXPORT int camel_init(void) {
-    tl_error.clear();
     std::lock_guard<std::mutex> lock(S.mu);
     if (S.ready) return 0;
+    tl_error.clear();
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     int workers = n < 1 ? 1 : n > 8 ? 8 : (int)n;
     if (const char *env = getenv("CAMEL_SIM_WORKERS")) {
@@ -95,7 +95,7 @@ CAMEL_EXPORT int camel_init(void) {
 static bool ensure_init() { return S.ready || camel_init() == 0; }
 
 CAMEL_EXPORT int camel_device_info_get(camel_device_info *out) {
-    tl_error.clear();
+    // A query: keeps the last error readable (Python reads limits for its message).
     if (!ensure_init()) return 1;
     memset(out, 0, sizeof *out);
     snprintf(out->name, sizeof out->name, "camel simulator (%d worker%s)", S.workers,
@@ -157,7 +157,7 @@ CAMEL_EXPORT int camel_buffer_release(camel_buffer *b) {
 }
 
 CAMEL_EXPORT int camel_memory_info_get(camel_memory_info *out) {
-    tl_error.clear();
+    // A query that cannot fail: keeps the last error readable.
     std::lock_guard<std::mutex> lock(S.mu);
     out->allocated_bytes = S.allocated_bytes;
     out->buffers = S.buffers.size();
@@ -229,7 +229,7 @@ CAMEL_EXPORT void camel_library_release(camel_library *lib) {
 }
 
 CAMEL_EXPORT uint64_t camel_library_function_names(camel_library *lib, char *out, uint64_t cap) {
-    tl_error.clear();
+    // A query that cannot fail: keeps the last error readable.
     std::string names;
     for (int i = 0; i < lib->desc->nkernels; i++) {
         if (i) names += '\n';
@@ -282,7 +282,7 @@ CAMEL_EXPORT void camel_pipeline_release(camel_pipeline *p) {
 }
 
 CAMEL_EXPORT int camel_pipeline_info_get(camel_pipeline *p, camel_pipeline_info *out) {
-    tl_error.clear();
+    // A query that cannot fail: keeps the last error readable.
     out->max_total_threads_per_threadgroup = kMaxThreadsPerThreadgroup;
     out->thread_execution_width = kSimdWidth;
     out->static_threadgroup_memory = p->static_tg_bytes.load();

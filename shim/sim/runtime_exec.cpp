@@ -613,6 +613,9 @@ static void on_crash(int sig, siginfo_t *info, void *) {
 // Installed by camel_init, and again before a command buffer runs if someone (e.g.
 // Python's faulthandler, which pytest enables) has replaced it since.
 void install_crash_handlers() {
+    // CAMEL_SIM_CATCH_CRASHES=0 leaves crashes to the debugger (gdb, lldb).
+    const char *env = getenv("CAMEL_SIM_CATCH_CRASHES");
+    if (env && !strcmp(env, "0")) return;
     struct sigaction sa, cur;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_crash;
