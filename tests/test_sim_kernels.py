@@ -89,10 +89,12 @@ kernel void gemm_simdgroup(device const float *A [[buffer(0)]], device const flo
 // Histogram of bytes: per-threadgroup counts with threadgroup atomics, then device atomics.
 kernel void histogram(device const uint *data [[buffer(0)]], device atomic_uint *bins [[buffer(1)]],
                       constant uint &n [[buffer(2)]],
-                      uint gid [[thread_position_in_grid]], uint lid [[thread_index_in_threadgroup]],
+                      uint gid [[thread_position_in_grid]],
+                      uint lid [[thread_index_in_threadgroup]],
                       uint tgsize [[threads_per_threadgroup]]) {
     threadgroup atomic_uint local[256];
-    for (uint i = lid; i < 256; i += tgsize) atomic_store_explicit(&local[i], 0u, memory_order_relaxed);
+    for (uint i = lid; i < 256; i += tgsize)
+        atomic_store_explicit(&local[i], 0u, memory_order_relaxed);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (gid < n) atomic_fetch_add_explicit(&local[data[gid]], 1u, memory_order_relaxed);
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -116,7 +118,8 @@ template [[host_name("axpy_i32")]] kernel void axpy<int>(device const int *, dev
 // Reverse each threadgroup's slice through dynamic threadgroup memory.
 kernel void reverse_tg(device const float *x [[buffer(0)]], device float *out [[buffer(1)]],
                        threadgroup float *tile [[threadgroup(0)]],
-                       uint gid [[thread_position_in_grid]], uint lid [[thread_index_in_threadgroup]],
+                       uint gid [[thread_position_in_grid]],
+                       uint lid [[thread_index_in_threadgroup]],
                        uint n [[threads_per_threadgroup]]) {
     tile[lid] = x[gid];
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -133,7 +136,8 @@ kernel void index3d(device float *out [[buffer(0)]], constant uint3 &dims [[buff
 // 2-D transpose through a threadgroup tile (any threadgroup shape up to 32 x 32).
 kernel void transpose_tg(device const float *x [[buffer(0)]], device float *out [[buffer(1)]],
                          constant uint2 &shape [[buffer(2)]],
-                         uint2 gid [[thread_position_in_grid]], uint2 lid [[thread_position_in_threadgroup]]) {
+                         uint2 gid [[thread_position_in_grid]],
+                         uint2 lid [[thread_position_in_threadgroup]]) {
     threadgroup float tile[32][33];
     uint rows = shape.y, cols = shape.x;
     bool inside = gid.x < cols && gid.y < rows;
@@ -144,7 +148,8 @@ kernel void transpose_tg(device const float *x [[buffer(0)]], device float *out 
 
 // The missing barrier: read the left neighbour's value without waiting for it.
 kernel void shift_no_barrier(device const float *x [[buffer(0)]], device float *out [[buffer(1)]],
-                             uint gid [[thread_position_in_grid]], uint lid [[thread_index_in_threadgroup]]) {
+                             uint gid [[thread_position_in_grid]],
+                             uint lid [[thread_index_in_threadgroup]]) {
     threadgroup float tile[256];
     tile[lid] = x[gid];
     // threadgroup_barrier(mem_flags::mem_threadgroup);   <- forgotten
@@ -152,7 +157,8 @@ kernel void shift_no_barrier(device const float *x [[buffer(0)]], device float *
 }
 
 kernel void shift_barrier(device const float *x [[buffer(0)]], device float *out [[buffer(1)]],
-                          uint gid [[thread_position_in_grid]], uint lid [[thread_index_in_threadgroup]]) {
+                          uint gid [[thread_position_in_grid]],
+                          uint lid [[thread_index_in_threadgroup]]) {
     threadgroup float tile[256];
     tile[lid] = x[gid];
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -160,7 +166,8 @@ kernel void shift_barrier(device const float *x [[buffer(0)]], device float *out
 }
 
 // Threads that return before the barrier: a bug on a GPU.
-kernel void early_return(device float *out [[buffer(0)]], uint lid [[thread_index_in_threadgroup]]) {
+kernel void early_return(device float *out [[buffer(0)]],
+                         uint lid [[thread_index_in_threadgroup]]) {
     threadgroup float tile[64];
     if (lid >= 16) return;
     tile[lid] = lid;
@@ -366,7 +373,8 @@ using namespace metal;
 // lanes 0..j active, each adding j: lane 1 gets 1*2 + 2*3 + 3*4 = 20. The simulator
 // cannot tell iterations apart at one call site and merges lanes that are in
 // different iterations.
-kernel void loop_divergent(device float *out [[buffer(0)]], uint lane [[thread_index_in_simdgroup]]) {
+kernel void loop_divergent(device float *out [[buffer(0)]],
+                           uint lane [[thread_index_in_simdgroup]]) {
     float total = 0.0;
     for (uint j = 0; j < 4; j++)
         if (j >= lane) total += simd_sum(float(j));
@@ -376,7 +384,8 @@ kernel void loop_divergent(device float *out [[buffer(0)]], uint lane [[thread_i
 // Relies on the 32 lanes of a SIMD group running in lockstep: lane i reads what
 // lane i+1 wrote without any barrier. Works on Apple GPUs by accident of the
 // hardware; in the simulator (one lane after the other) lane i reads NaN.
-kernel void implicit_lockstep(device float *out [[buffer(0)]], uint lane [[thread_index_in_simdgroup]]) {
+kernel void implicit_lockstep(device float *out [[buffer(0)]],
+                              uint lane [[thread_index_in_simdgroup]]) {
     threadgroup float tile[32];
     tile[lane] = lane;
     out[lane] = tile[(lane + 1) % 32];
