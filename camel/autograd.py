@@ -116,22 +116,22 @@ class Function:
 
     @classmethod
     def apply(cls, *args, **kwargs):
-        from camel.tensor import Tensor, device_of  # lazy: tensor.py imports this module
-
         tensors = [a for a in args if isinstance(a, Tensor)]
         device = tensors[0].device
-        for t in tensors[1:]:
+        needs_grad = False
+        for t in tensors:
             if t.device != device:
                 raise RuntimeError(
                     f"[{cls.name}] tensors on different devices: {device} and {t.device}; "
                     "move them with .to(device) first"
                 )
-        needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
+            needs_grad = needs_grad or t.requires_grad
+        needs_grad = needs_grad and _grad_enabled
         ctx = Context(cls, tensors, tensors[0].backend)
         raw = [a.storage if isinstance(a, Tensor) else a for a in args]
-        out = cls.forward(ctx, *raw, **kwargs)
+        out = cls.forward(ctx, *raw, **kwargs)  # a storage on the same backend
         if not needs_grad:
-            return Tensor._make(out, device_of(out))
+            return Tensor._make(out, device_of(out))  # no graph: ctx is dropped here
         return Tensor._make(out, device_of(out), requires_grad=True, ctx=ctx)
 
 
@@ -159,8 +159,6 @@ def _topological_order(root):
 def backward(root, grad):
     """Reverse-mode sweep: d(root)/d(leaf) for every leaf that requires grad.
     grad is the storage of d(loss)/d(root), shaped like root."""
-    from camel.tensor import Tensor
-
     grads = {id(root): grad}  # id(tensor) -> gradient storage reached so far
     for t in reversed(_topological_order(root)):
         g = grads.pop(id(t), None)  # popped: an intermediate grad is freed once used
@@ -189,3 +187,8 @@ def backward(root, grad):
                 )
             prev = grads.get(id(inp))
             grads[id(inp)] = ig if prev is None else ctx.backend.add(prev, ig)
+
+
+# tensor.py imports this module (for backward and no_grad), so Tensor is imported
+# last, once Function and friends exist.
+from camel.tensor import Tensor, device_of  # noqa: E402

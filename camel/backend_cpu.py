@@ -125,12 +125,16 @@ def _suffix_view(a, b):
 
 def add(a, b):
     """out = a + b, out.shape = a.shape. b.shape is a trailing suffix of a.shape."""
+    if a.shape == b.shape:
+        return _c(a + b)
     a2, b2 = _suffix_view(a, b)
     return (a2 + b2).reshape(a.shape)
 
 
 def mul(a, b):
     """out = a * b, out.shape = a.shape. b.shape is a trailing suffix of a.shape."""
+    if a.shape == b.shape:
+        return _c(a * b)
     a2, b2 = _suffix_view(a, b)
     return (a2 * b2).reshape(a.shape)
 

@@ -26,15 +26,23 @@ _INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 # ---------------------------------------------------------------------------
 
 
+_backends = {}  # device -> backend module, filled on first use
+
+
 def get_backend(device):
     """The backend module of a device: camel.backend_cpu or camel.backend_mps."""
+    backend = _backends.get(device)
+    if backend is not None:
+        return backend
     if device == "cpu":
         from camel import backend_cpu
 
+        _backends["cpu"] = backend_cpu
         return backend_cpu
     if device == "mps":
         try:
-            return importlib.import_module("camel.backend_mps")
+            _backends["mps"] = importlib.import_module("camel.backend_mps")
+            return _backends["mps"]
         except ImportError as e:
             raise RuntimeError(
                 f"[tensor] device 'mps' is not available: importing camel.backend_mps failed "
@@ -140,7 +148,7 @@ class Tensor:
 
     @property
     def shape(self):
-        return tuple(self.storage.shape)
+        return self.storage.shape  # a tuple of ints
 
     @property
     def ndim(self):
@@ -148,7 +156,7 @@ class Tensor:
 
     @property
     def dtype(self):
-        return np.dtype(self.storage.dtype)
+        return self.storage.dtype  # a NumPy dtype: float32 or int32
 
     @property
     def backend(self):
