@@ -497,7 +497,13 @@ class Buffer:
 
     `handle` is the shim's opaque pointer, `contents` the CPU address of the storage.
     `release()` returns the storage (to the cache) exactly once; any use afterwards
-    raises MetalError. Dropping the last reference releases it too.
+    raises MetalError. Dropping the last reference releases it too, and is the safe
+    way: NumPy views made before an explicit release() would alias whatever reuses
+    the storage (it stays valid memory, so nothing crashes).
+
+    A recycled buffer may still be read by a queued kernel: write it from the host
+    only through DeviceArray.numpy() (which synchronises first), or ask for
+    Buffer(n, host_write=True), which only takes idle storage.
     """
 
     __slots__ = ("_block", "nbytes", "__weakref__")
