@@ -8,7 +8,11 @@ the backends knows which one runs: `Tensor` picks the module by device.
 
 Rules of the contract (both backends)
 - "storage" below is an `np.ndarray` here and a `camel.metal.DeviceArray` on
-  "mps". Data is float32, indices are int32 (the docstrings say which).
+  "mps". Data is float32, indices are int32 (the docstrings say which). The
+  layout functions (from_numpy, to_numpy, full, copy, reshape, permute, slice)
+  take int32 storages too: index tensors get sliced and reshaped
+  (`tokens[:, :-1]`, `targets.reshape(-1)`). Shapes may be () (0-d), e.g. a
+  loss or a full sum: a 0-d result is still a storage, never a Python scalar.
 - Inputs are C-contiguous and never modified, except the optimiser steps
   (`sgd_step`, `adam_step`), which update their buffers in place.
 - Outputs are new, C-contiguous storages (never a view of an input), except
