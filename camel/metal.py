@@ -8,6 +8,7 @@ ctypes. Two libraries implement it:
                                       (the only choice on Linux; CAMEL_SHIM=sim on macOS)
 
 CAMEL_SHIM_LIBRARY=/path/to/lib overrides the search (e.g. a sanitizer build).
+CAMEL_CAPTURE=run.gputrace captures the whole run for Xcode (Metal only).
 
 This module is the ONE place that declares ctypes argtypes/restype (a missing
 restype silently truncates a 64-bit pointer to 32 bits). Everything above it
@@ -59,6 +60,8 @@ __all__ = [
     "reset_peak_memory_stats",
     "empty_cache",
     "mps_matmul",
+    "capture_begin",
+    "capture_end",
 ]
 
 ABI_VERSION = 1  # must equal CAMEL_SHIM_ABI_VERSION in shim/camel_shim.h
@@ -273,7 +276,29 @@ def _native() -> ctypes.CDLL:
     _is_sim = bool(info.is_simulator)
     _lib = lib
     _bind_hot_functions(lib)
+    _start_capture_from_env()
     return lib
+
+
+def _start_capture_from_env() -> None:
+    """CAMEL_CAPTURE=run.gputrace: capture the whole run for Xcode's Metal debugger."""
+    path = os.environ.get("CAMEL_CAPTURE")
+    if not path:
+        return
+    if _is_sim:
+        print("[camel.metal] CAMEL_CAPTURE is ignored: GPU capture needs Metal, and this is "
+              "the simulator", file=sys.stderr)  # fmt: skip
+        return
+    capture_begin(path)
+    print(f"[camel.metal] capturing GPU work to {path} (open it in Xcode)", file=sys.stderr)
+
+    def stop() -> None:
+        try:
+            capture_end()
+        except MetalError as e:
+            print(f"[camel.metal] {e}", file=sys.stderr)
+
+    atexit.register(stop)
 
 
 def _error_text(lib: ctypes.CDLL | None = None) -> str:
@@ -370,6 +395,7 @@ def capture_begin(path: str) -> None:
 
 
 def capture_end() -> None:
+    """Stop the capture (waits for the captured work first)."""
     if _native().camel_capture_end() != 0:
         raise _fail("cannot end the GPU capture")
 
