@@ -379,12 +379,19 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     if (!sanitize.empty()) {
         cc.insert(cc.end(), {"-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g",
                              "-shared-libsan"});
-        // find the sanitizer runtime the library will need at load time
-        std::string rtdir;
-        std::vector<std::string> q = {cxx, "-print-runtime-dir"};
-        if (run(q, log_file) == 0 && read_file(log_file, rtdir)) {
-            while (!rtdir.empty() && (rtdir.back() == '\n' || rtdir.back() == '\r')) rtdir.pop_back();
-            if (!rtdir.empty()) cc.push_back("-Wl,-rpath," + rtdir);
+        // -shared-libsan makes the library need libclang_rt.<san>-<arch>.so;
+        // record where clang keeps it so dlopen finds it (RUNPATH)
+#if defined(__x86_64__)
+        const std::string arch = "x86_64";
+#else
+        const std::string arch = "aarch64";
+#endif
+        std::string san = sanitize.find("address") != std::string::npos ? "asan" : "ubsan_standalone";
+        std::string rt;
+        std::vector<std::string> q = {cxx, "-print-file-name=libclang_rt." + san + "-" + arch + ".so"};
+        if (run(q, log_file) == 0 && read_file(log_file, rt)) {
+            while (!rt.empty() && (rt.back() == '\n' || rt.back() == '\r')) rt.pop_back();
+            if (rt.find('/') != std::string::npos) cc.push_back("-Wl,-rpath," + dirname_of(rt));
         }
     }
     cc.insert(cc.end(), {cpp_file, "-o", so_tmp, "-lm"});

@@ -576,8 +576,8 @@ struct Rewriter {
             error_at(k, "'virtual' functions are not supported by Metal");
         } else if (x == "typeid" || x == "dynamic_cast") {
             error_at(k, "'" + x + "' (run-time type information) is not supported by Metal");
-        } else if (x == "thread_local") {
-            error_at(k, "'thread_local' is not supported by Metal");
+        } else if (x == "thread_local" || x == "noexcept") {
+            error_at(k, "'" + x + "' is not supported by Metal");
         } else if (x == "goto") {
             error_at(k, "'goto' is not supported by Metal");
         }

@@ -1,0 +1,312 @@
+"""The simulator's MSL compiler (shim/sim/translate*.cpp): errors with .metal line
+numbers, the portability guard, templates with [[host_name]], the rewrite of
+address spaces and threadgroup declarations, the on-disk cache and sanitizers.
+
+Only meaningful on the simulator: on a Mac with the Metal shim these are skipped.
+"""
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+metal = pytest.importorskip("camel.metal")
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "#include <metal_stdlib>\nusing namespace metal;\n"
+
+
+@pytest.fixture(autouse=True)
+def _simulator_only():
+    if not metal.is_simulator():
+        pytest.skip("tests of the simulator's compiler")
+
+
+def _fresh(source):
+    """Make the source unique so it misses the kernel cache."""
+    return source + f"\n// {uuid.uuid4().hex}\n"
+
+
+def _compile_error(source, path="bad.metal"):
+    with pytest.raises(metal.CompileError) as info:
+        metal.compile(_fresh(source), path)
+    return str(info.value)
+
+
+def _dev(x):
+    return metal.DeviceArray.from_numpy(np.ascontiguousarray(x))
+
+
+# ---- compiler errors point into the .metal file ------------------------------------------
+
+
+def test_compile_error_has_metal_line():
+    src = HEADER + (
+        "\n"  # line 3
+        "/* a comment\n"  # 4
+        "   over two lines */\n"  # 5
+        "#define SCALE 2.0\n"  # 6
+        "kernel void k(device float* x [[buffer(0)]],\n"  # 7
+        "              uint i [[thread_position_in_grid]]) {\n"  # 8
+        "    threadgroup float tile[16];\n"  # 9
+        "    x[i] = x[i] * SCALE;\n"  # 10
+        "    x[i] = undefined_name + 1.0;\n"  # 11
+        "}\n"
+    )
+    msg = _compile_error(src, "shaders/broken.metal")
+    assert "shaders/broken.metal:11:" in msg
+    assert "undefined_name" in msg
+
+
+def test_compile_error_without_path_names_program_source():
+    msg = _compile_error(
+        HEADER + "kernel void k(device float* x [[buffer(0)]]) { x[0] = y; }\n", None
+    )
+    assert "program_source:3:" in msg
+
+
+def test_compile_error_in_included_header_keeps_line(tmp_path):
+    (tmp_path / "helpers.h").write_text("inline float twice(float x) {\n    return x * 2.0;\n}\n")
+    src = HEADER + '#include "helpers.h"\nkernel void k(device float* x [[buffer(0)]]) {\n'
+    src += "    x[0] = twice(x[0]) + nope;\n}\n"
+    msg = _compile_error(src, str(tmp_path / "main.metal"))
+    assert "main.metal:5:" in msg
+
+
+def test_kernel_parameter_without_attribute_is_an_error():
+    src = HEADER + "kernel void k(device float* x [[buffer(0)]],\n              uint i) {\n}\n"
+    msg = _compile_error(src)
+    assert "bad.metal:4:" in msg and "'i' needs an attribute" in msg
+
+
+# ---- the portability guard: what Apple's compiler rejects ---------------------------------
+
+GUARD_CASES = [
+    ("double", "    double d = 1.0;\n", "'double' is not supported by Metal"),
+    ("long_double_literal", "    float d = 1.0L;\n", "long double literal"),
+    ("new", "    float* p = new float[4];\n", "'new' is not supported by Metal"),
+    ("delete", "    delete x;\n", "'delete' is not supported by Metal"),
+    ("throw", "    if (x[0] < 0) throw 1;\n", "exceptions are not supported"),
+    ("try", "    try { x[0] = 1; } catch (...) {}\n", "'try': exceptions"),
+    ("goto", "    goto end; end: x[0] = 0;\n", "'goto' is not supported"),
+    ("thread_local", "    static thread_local float t = 0;\n", "'thread_local' is not supported"),
+    ("virtual", "    struct S { virtual float f() { return 1; } };\n", "'virtual' functions"),
+    ("typeid", "    auto &t = typeid(x);\n", "'typeid' (run-time type information)"),
+]
+
+
+@pytest.mark.parametrize("case", GUARD_CASES, ids=[c[0] for c in GUARD_CASES])
+def test_guard_rejects_with_line(case):
+    _, line, message = case
+    src = HEADER + "kernel void k(device float* x [[buffer(0)]]) {\n" + line + "}\n"
+    msg = _compile_error(src, "shaders/guard.metal")
+    assert "[sim] shaders/guard.metal:4: " in msg and message in msg, msg
+
+
+@pytest.mark.parametrize("header", ["cmath", "vector", "iostream", "stdio.h"])
+def test_guard_rejects_standard_library_includes(header):
+    src = "#include <metal_stdlib>\n#include <" + header + ">\nusing namespace metal;\n"
+    msg = _compile_error(src, "std.metal")
+    assert f"std.metal:2: '#include <{header}>'" in msg
+    assert "no C or C++ standard library" in msg
+
+
+def test_guard_rejects_recursion():
+    src = HEADER + (
+        "float fact(float n) {\n"  # 3
+        "    return n <= 1.0f ? 1.0f : n * fact(n - 1.0f);\n"  # 4
+        "}\n"
+        "kernel void k(device float* x [[buffer(0)]]) { x[0] = fact(x[0]); }\n"
+    )
+    msg = _compile_error(src, "rec.metal")
+    assert "rec.metal:4: function 'fact' calls itself; recursion is not supported" in msg
+
+
+def test_guard_reports_every_problem():
+    src = HEADER + (
+        "kernel void k(device float* x [[buffer(0)]]) {\n"
+        "    double a = 1;\n"  # 4
+        "    float* p = new float;\n"  # 5
+        "}\n"
+    )
+    msg = _compile_error(src, "two.metal")
+    assert "two.metal:4:" in msg and "two.metal:5:" in msg
+
+
+# ---- what the rewrite accepts -------------------------------------------------------------
+
+REWRITE_SRC = (
+    HEADER
+    + r"""
+constant float kScale = 3.0;
+constant float kTable[4] = {1.0, 2.0, 4.0, 8.0};
+
+struct Params {
+    uint n;
+    float bias;
+    float apply(float v) const { return v * kScale + bias; }
+};
+
+namespace detail {
+// helper taking pointers into threadgroup and device memory
+inline void copy_in(threadgroup float* dst, device const float* src, uint i) { dst[i] = src[i]; }
+}
+
+// templates: two instantiations of one kernel under host names
+template <typename T, uint WIDTH>
+kernel void scale_t(device const T* x [[buffer(0)]], device T* y [[buffer(1)]],
+                    constant Params& p [[buffer(2)]],
+                    uint2 gid [[thread_position_in_grid]]) {
+    uint i = gid.y * WIDTH + gid.x;
+    if (i < p.n) y[i] = T(p.apply(float(x[i]))) + T(kTable[i % 4]);
+}
+template [[host_name("scale_f32")]] kernel void scale_t<float, 8>(
+    device const float*, device float*, constant Params&, uint2);
+template [[host_name("scale_f16_w4")]] [[kernel]] void scale_t<half, 4>(
+    device const half*, device half*, constant Params&, uint2);
+
+namespace nested {
+// reverse within a threadgroup: a threadgroup array, a barrier, ushort builtins
+kernel void reverse_tg(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
+                       ushort lid [[thread_position_in_threadgroup]],
+                       ushort n [[threads_per_threadgroup]],
+                       uint gid [[thread_position_in_grid]]) {
+    threadgroup float tile[64],
+                      unused[2];
+    detail::copy_in(tile, x + (gid - lid), lid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    y[gid] = tile[n - 1 - lid];
+}
+}
+
+// dynamic threadgroup memory through [[threadgroup(0)]], parameters without indices
+kernel void shift_dyn(device const float* x, device float* y,
+                      threadgroup float* buf [[threadgroup(0)]],
+                      uint lid [[thread_index_in_threadgroup]],
+                      uint gid [[thread_position_in_grid]],
+                      uint3 ntg [[threadgroups_per_grid]]) {
+    buf[lid] = x[gid];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    y[gid] = buf[(lid + 1) % 32] + float(ntg.x);
+}
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def rewrite_lib():
+    return metal.compile(REWRITE_SRC, "rewrite.metal")
+
+
+def test_kernel_names(rewrite_lib):
+    assert sorted(rewrite_lib.function_names) == [
+        "reverse_tg",
+        "scale_f16_w4",
+        "scale_f32",
+        "shift_dyn",
+    ]
+
+
+@pytest.mark.parametrize(
+    "name,dtype,width", [("scale_f32", np.float32, 8), ("scale_f16_w4", np.float16, 4)]
+)
+def test_template_instantiations(rewrite_lib, name, dtype, width):
+    n = 29
+    x = np.linspace(-2, 2, n).astype(dtype)
+    y = metal.DeviceArray.zeros(n, dtype)
+    params = np.array([(n, 0.5)], dtype=[("n", np.uint32), ("bias", np.float32)])
+    rows = (n + width - 1) // width
+    rewrite_lib.function(name)(
+        _dev(x), y, params, threads=(width, rows), threads_per_threadgroup=(width, 1)
+    )
+    table = np.array([1, 2, 4, 8], np.float32)[np.arange(n) % 4]
+    want = (x.astype(np.float32) * 3 + 0.5).astype(dtype) + table.astype(dtype)
+    tol = 1e-6 if dtype == np.float32 else 1e-2
+    np.testing.assert_allclose(y.numpy().astype(np.float32), want.astype(np.float32), rtol=tol)
+
+
+def test_threadgroup_array_and_ushort_builtins(rewrite_lib):
+    x = np.arange(3 * 64, dtype=np.float32)
+    y = metal.DeviceArray.zeros(x.size, np.float32)
+    rewrite_lib.function("reverse_tg")(_dev(x), y, threadgroups=3, threads_per_threadgroup=64)
+    np.testing.assert_array_equal(y.numpy(), x.reshape(3, 64)[:, ::-1].ravel())
+
+
+def test_dynamic_threadgroup_memory_and_implicit_indices(rewrite_lib):
+    x = np.arange(2 * 32, dtype=np.float32)
+    y = metal.DeviceArray.zeros(x.size, np.float32)
+    rewrite_lib.function("shift_dyn")(
+        _dev(x), y, threadgroups=2, threads_per_threadgroup=32, threadgroup_memory=[32 * 4]
+    )
+    want = np.roll(x.reshape(2, 32), -1, axis=1).ravel() + 2
+    np.testing.assert_array_equal(y.numpy(), want)
+
+
+# ---- the kernel cache ----------------------------------------------------------------------
+
+
+def _compile_logged(source, capfd):
+    metal.compile(source, "cache.metal")
+    return capfd.readouterr().err
+
+
+def test_cache_hit_does_not_rerun_clang(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CAMEL_SIM_VERBOSE", "1")
+    src = _fresh(HEADER + "kernel void k(device float* x [[buffer(0)]]) { x[0] = 1.0; }\n")
+    first = _compile_logged(src, capfd)
+    assert "[sim] compiling cache.metal" in first and "clang" in first
+    second = _compile_logged(src, capfd)
+    assert "[sim] cache hit cache.metal" in second and "clang" not in second
+    libs = list((tmp_path / "camel" / "sim").glob("*.so"))
+    assert len(libs) == 1
+    # the translated C++ is kept next to the library, for the curious
+    assert libs[0].with_suffix(".cpp").exists()
+    # another path (it appears in messages) or another source is another entry
+    metal.compile(src, "other.metal")
+    assert len(list((tmp_path / "camel" / "sim").glob("*.so"))) == 2
+
+
+def test_sanitizer_flags_are_a_separate_cache_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    src = _fresh(HEADER + "kernel void k(device float* x [[buffer(0)]]) { x[0] = 1.0; }\n")
+    metal.compile(src, "san.metal")
+    monkeypatch.setenv("CAMEL_SIM_SANITIZE", "bogus")
+    with pytest.raises(metal.CompileError, match="unknown sanitizer 'bogus'"):
+        metal.compile(src, "san.metal")
+
+
+UBSAN_SCRIPT = r"""
+import numpy as np, camel.metal as M
+src = '''#include <metal_stdlib>
+using namespace metal;
+kernel void shl(device int* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+    int s = x[i];
+    x[i] = 1 << s;
+}
+'''
+x = M.DeviceArray.from_numpy(np.array([3, 40], np.int32))
+M.compile(src, "shaders/ub.metal").function("shl")(x, threads=2, threads_per_threadgroup=2)
+print("result", x.numpy()[0])
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sanitizer runtimes checked on Linux")
+def test_undefined_behaviour_sanitizer_names_the_metal_line(tmp_path):
+    env = dict(
+        os.environ,
+        CAMEL_SIM_SANITIZE="undefined",
+        XDG_CACHE_HOME=str(tmp_path),
+        PYTHONPATH=str(ROOT),
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", UBSAN_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    if "cannot load kernel library" in r.stderr and "ubsan" in r.stderr:
+        pytest.skip("no UBSan runtime (Debian: apt-get install libclang-rt-19-dev)")
+    assert "result 8" in r.stdout, r.stderr
+    assert "shaders/ub.metal:5:" in r.stderr and "shift exponent 40" in r.stderr
