@@ -1,15 +1,39 @@
 # camel — targets a newcomer can guess.
-#   make shim    build the native layer (Metal on a Mac, the simulator elsewhere)
-#   make test    build, then run the test suite
-#   make bench   run the benchmarks
+#   make mlp          set up, then train the MLP example on "mps" (Metal, or the simulator)
+#   make test         set up, then run the test suite
+#   make test-orders  the suite again with the simulator's reverse and random schedules
+#   make shim         build the native layer (Metal on a Mac, the simulator elsewhere)
+#   make bench        the GEMM ladder benchmark (regenerates the table in docs/stage3.md)
 #   make clean
 PYTHON ?= python3
+
+# Set-up a fresh machine needs: a C++ compiler for the simulator on Linux
+# (clang >= 16), then camel itself as an editable install (builds the shim).
+setup:
+	@if [ "$$(uname -s)" != Darwin ] && ! (command -v clang++-19 || command -v clang++-18 \
+	    || command -v clang++-17 || command -v clang++-16) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "camel: installing clang-19 for the Metal simulator"; \
+	    apt-get update -qq && apt-get install -y -qq clang-19 libclang-rt-19-dev >/dev/null; \
+	  else \
+	    echo "camel: the Metal simulator needs clang >= 16: sudo apt-get install clang-19 libclang-rt-19-dev"; \
+	    exit 1; \
+	  fi; \
+	fi
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
 
 shim:
 	$(MAKE) -C shim shim
 
-test: shim
+mlp: setup
+	$(PYTHON) examples/mlp.py --epochs 3
+
+test: setup
 	$(PYTHON) -m pytest -q
+
+test-orders: setup
+	CAMEL_SIM_ORDER=reverse $(PYTHON) -m pytest -q
+	CAMEL_SIM_ORDER=random $(PYTHON) -m pytest -q
 
 # bench: the GEMM ladder (validates against NumPy first) and its table in docs/stage3.md
 bench: shim
@@ -19,4 +43,4 @@ clean:
 	$(MAKE) -C shim clean
 	rm -rf build *.egg-info .pytest_cache
 
-.PHONY: shim test bench clean
+.PHONY: setup shim mlp test test-orders bench clean
