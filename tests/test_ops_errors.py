@@ -144,6 +144,7 @@ def test_unavailable_device_is_a_clear_error(monkeypatch):
     def broken(name):
         raise ImportError("no module named camel.backend_mps")
 
+    monkeypatch.setattr(ct, "_backends", {})  # forget a backend loaded by earlier tests
     monkeypatch.setattr(ct.importlib, "import_module", broken)
     with pytest.raises(RuntimeError, match=r"device 'mps' is not available"):
         camel.ones(2).to("mps")
