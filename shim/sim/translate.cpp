@@ -251,6 +251,79 @@ void replace_all(std::string &s, const std::string &from, const std::string &to)
     }
 }
 
+// Make clang's log readable for someone who wrote MSL, not our C++:
+//  - a diagnostic in the .metal file shows the original source line (clang
+//    shows the rewritten one); the caret stays only where the two agree
+//  - diagnostics inside the compat headers lose their source snippets (a
+//    whole macro expansion on one line), and of the "candidate function not
+//    viable" notes listing every overload of max() only the first 3 are kept
+std::string tidy_log(const std::string &log, const std::string &display, const std::string &source,
+                     const std::string &inc) {
+    std::vector<std::string> src_lines;
+    for (size_t i = 0; i <= source.size();) {
+        size_t e = source.find('\n', i);
+        if (e == std::string::npos) e = source.size();
+        src_lines.push_back(source.substr(i, e - i));
+        i = e + 1;
+    }
+    enum { OTHER, USER, HEADER, HIDDEN } cur = OTHER;
+    bool drop_caret = false;
+    int candidates = 0, hidden = 0;
+    std::string out;
+    auto flush_hidden = [&]() {
+        if (hidden) out += "note: " + std::to_string(hidden) + " more candidates in <metal_stdlib> not shown\n";
+        hidden = 0;
+        candidates = 0;
+    };
+    for (size_t i = 0; i < log.size();) {
+        size_t e = log.find('\n', i);
+        if (e == std::string::npos) e = log.size();
+        std::string l = log.substr(i, e - i);
+        i = e + 1;
+        // a snippet line "   12 | code" or a caret line "      |   ^~~"
+        size_t bar = l.find(" | ");
+        if (bar == std::string::npos && l.size() >= 2 && l.compare(l.size() - 2, 2, " |") == 0) bar = l.size() - 2;
+        bool snippet = bar != std::string::npos && l.find_first_not_of(" 0123456789") == bar + 1;
+        if (snippet) {
+            if (cur == HEADER || cur == HIDDEN) continue;
+            if (cur == USER) {
+                std::string num = l.substr(0, bar);
+                size_t d = num.find_first_of("0123456789");
+                if (d != std::string::npos) {  // the code line
+                    size_t n = (size_t)atol(num.c_str() + d);
+                    std::string shown = bar + 3 <= l.size() ? l.substr(bar + 3) : "";
+                    if (n >= 1 && n <= src_lines.size() && src_lines[n - 1] != shown) {
+                        l = l.substr(0, bar + 3) + src_lines[n - 1];
+                        drop_caret = true;
+                    } else {
+                        drop_caret = false;
+                    }
+                } else if (drop_caret) {
+                    continue;  // the caret would point into the rewritten line
+                }
+            }
+            out += l + "\n";
+            continue;
+        }
+        bool in_header = !inc.empty() && l.compare(0, inc.size(), inc) == 0;
+        bool is_note = l.find(": note: ") != std::string::npos;
+        if (!is_note) flush_hidden();
+        if (in_header && is_note &&
+            (l.find("candidate function") != std::string::npos ||
+             l.find("candidate template") != std::string::npos)) {
+            if (++candidates > 3) {
+                hidden++;
+                cur = HIDDEN;
+                continue;
+            }
+        }
+        cur = in_header ? HEADER : l.compare(0, display.size() + 1, display + ":") == 0 ? USER : OTHER;
+        out += l + "\n";
+    }
+    flush_hidden();
+    return out;
+}
+
 std::atomic<unsigned> g_counter{0};
 
 // Hash of what the compat headers and the ABI say (content, so edits count).
@@ -398,6 +471,7 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     rc = run(cc, log_file);
     read_file(log_file, clang_log);
     replace_all(clang_log, cpp_file, display);
+    clang_log = tidy_log(clang_log, display, src, inc);
     if (rc != 0)
         return fail("[sim] compiling " + display + " failed:\n" +
                     (clang_log.empty() ? "could not run " + cxx : clang_log));
