@@ -155,6 +155,20 @@ def test_load_state_dict_errors_name_keys_and_shapes():
     assert not np.any(lin.bias.numpy() == state["bias"] + 1)
 
 
+def test_to_device_moves_in_place_and_back(devices):
+    lin = nn.Linear(3, 2)
+    values = [p.numpy().copy() for p in lin.parameters()]
+    ids = [id(p) for p in lin.parameters()]
+    for device in devices + ["cpu"]:
+        assert lin.to(device) is lin
+        assert [id(p) for p in lin.parameters()] == ids
+        assert all(p.device == device and p.requires_grad for p in lin.parameters())
+        for p, v in zip(lin.parameters(), values, strict=True):
+            np.testing.assert_array_equal(p.numpy(), v)
+        sd = lin.state_dict()  # always host NumPy copies
+        assert all(isinstance(a, np.ndarray) for a in sd.values())
+
+
 def test_to_cpu_keeps_parameter_identity_and_unknown_device_fails():
     lin = nn.Linear(3, 2)
     ids = [id(p) for p in lin.parameters()]
@@ -235,67 +249,68 @@ def _check_grads(camel_module, torch_module, atol=1e-4, rtol=1e-3):
 
 @pytest.mark.parametrize("shape", [(31, 33), (2, 7, 33), (1, 1)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_torch(shape, bias):
+def test_linear_matches_torch(shape, bias, device):
     torch = pytest.importorskip("torch")
     out = 7
-    lin = nn.Linear(shape[-1], out, bias=bias)
+    lin = nn.Linear(shape[-1], out, bias=bias).to(device)
     tlin = torch.nn.Linear(shape[-1], out, bias=bias)
     _params_to_torch(torch, lin, tlin)
     x_np, g_np = randn(*shape), randn(*shape[:-1], out)
-    x = camel.tensor(x_np, requires_grad=True)
+    x = camel.tensor(x_np, requires_grad=True, device=device)
     tx = torch.tensor(x_np, requires_grad=True)
     y, ty = lin(x), tlin(tx)
+    assert y.device == device
     assert_close(y, ty, what="forward")
-    y.backward(camel.tensor(g_np))
+    y.backward(camel.tensor(g_np, device=device))
     ty.backward(torch.from_numpy(g_np))
     assert_close(x.grad, tx.grad, what="grad x")
     _check_grads(lin, tlin)
 
 
 @pytest.mark.parametrize("shape", [(3, 33), (2, 5, 31), (4, 1)])
-def test_layernorm_matches_torch(shape):
+def test_layernorm_matches_torch(shape, device):
     torch = pytest.importorskip("torch")
     d = shape[-1]
-    ln = nn.LayerNorm(d)
+    ln = nn.LayerNorm(d).to(device)
     tln = torch.nn.LayerNorm(d)
     # non-trivial weight and bias so their gradients matter
     ln.load_state_dict({"weight": randn(d), "bias": randn(d)})
     _params_to_torch(torch, ln, tln)
     x_np, g_np = randn(*shape) * 3 + 1, randn(*shape)
-    x = camel.tensor(x_np, requires_grad=True)
+    x = camel.tensor(x_np, requires_grad=True, device=device)
     tx = torch.tensor(x_np, requires_grad=True)
     y, ty = ln(x), tln(tx)
     assert_close(y, ty, what="forward")
-    y.backward(camel.tensor(g_np))
+    y.backward(camel.tensor(g_np, device=device))
     ty.backward(torch.from_numpy(g_np))
     assert_close(x.grad, tx.grad, atol=1e-4, what="grad x")
     _check_grads(ln, tln)
 
 
-def test_embedding_matches_torch_with_repeated_ids():
+def test_embedding_matches_torch_with_repeated_ids(device):
     torch = pytest.importorskip("torch")
-    emb = nn.Embedding(11, 7)
+    emb = nn.Embedding(11, 7).to(device)
     temb = torch.nn.Embedding(11, 7)
     _params_to_torch(torch, emb, temb)
     idx_np = np.array([[0, 3, 3, 10], [3, 1, 0, 0], [9, 9, 9, 2]], dtype=np.int32)
     g_np = randn(3, 4, 7)
-    y = emb(camel.tensor(idx_np))
+    y = emb(camel.tensor(idx_np, device=device))
     ty = temb(torch.from_numpy(idx_np.astype(np.int64)))
     assert_close(y, ty, what="forward")
-    y.backward(camel.tensor(g_np))
+    y.backward(camel.tensor(g_np, device=device))
     ty.backward(torch.from_numpy(g_np))
     _check_grads(emb, temb)
     assert np.all(emb.weight.grad.numpy()[[4, 5, 6, 7, 8]] == 0)  # unused rows
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_activations_match_torch(act):
+def test_activations_match_torch(act, device):
     torch = pytest.importorskip("torch")
     x_np = randn(3, 33) * 3
     x_np[0, 0] = 0.0
     layer = nn.ReLU() if act == "relu" else nn.GELU()
     tlayer = torch.nn.ReLU() if act == "relu" else torch.nn.GELU(approximate="tanh")
-    x = camel.tensor(x_np, requires_grad=True)
+    x = camel.tensor(x_np, requires_grad=True, device=device)
     tx = torch.tensor(x_np, requires_grad=True)
     y, ty = layer(x), tlayer(tx)
     assert_close(y, ty)
@@ -315,19 +330,19 @@ def torch_mha(torch, x, c_attn, c_proj, n_heads, causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("B,T,C,H", [(2, 7, 12, 3), (1, 33, 16, 4), (3, 1, 8, 8)])
-def test_multihead_attention_matches_torch(causal, B, T, C, H):
+def test_multihead_attention_matches_torch(causal, B, T, C, H, device):
     torch = pytest.importorskip("torch")
-    mha = nn.MultiHeadAttention(C, H, causal=causal)
+    mha = nn.MultiHeadAttention(C, H, causal=causal).to(device)
     t_attn, t_proj = torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C)
     tmods = torch.nn.ModuleDict({"c_attn": t_attn, "c_proj": t_proj})
     _params_to_torch(torch, mha, tmods)
     x_np, g_np = randn(B, T, C), randn(B, T, C)
-    x = camel.tensor(x_np, requires_grad=True)
+    x = camel.tensor(x_np, requires_grad=True, device=device)
     tx = torch.tensor(x_np, requires_grad=True)
     y = mha(x)
     ty = torch_mha(torch, tx, t_attn, t_proj, H, causal)
     assert_close(y, ty, atol=1e-5, what="forward")
-    y.backward(camel.tensor(g_np))
+    y.backward(camel.tensor(g_np, device=device))
     ty.backward(torch.from_numpy(g_np))
     assert_close(x.grad, tx.grad, atol=1e-4, what="grad x")
     _check_grads(mha, tmods)

@@ -20,16 +20,17 @@ def grads_for(step, seed=100):
     return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
 
 
-def run_camel(make_opt, n_steps, skip=None):
-    params = [nn.Parameter(a) for a in make_params(0)]
+def run_camel(make_opt, n_steps, skip=None, device="cpu"):
+    params = [nn.Parameter(camel.tensor(a, device=device)) for a in make_params(0)]
     opt = make_opt(params)
     for step in range(n_steps):
         opt.zero_grad()
         for i, (p, g) in enumerate(zip(params, grads_for(step), strict=True)):
             if skip is None or not skip(step, i):
-                p.grad = camel.tensor(g)
+                p.grad = camel.tensor(g, device=device)
         opt.step()
-    return [p.numpy() for p in params]
+    assert all(p.device == device for p in params)
+    return [p.numpy().copy() for p in params]
 
 
 def run_torch(torch, make_opt, n_steps, skip=None):
@@ -64,17 +65,17 @@ ADAM_CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=str)
-def test_sgd_matches_torch(cfg):
+def test_sgd_matches_torch(cfg, device):
     torch = pytest.importorskip("torch")
-    ours = run_camel(lambda ps: optim.SGD(ps, **cfg), 6)
+    ours = run_camel(lambda ps: optim.SGD(ps, **cfg), 6, device=device)
     theirs = run_torch(torch, lambda ps: torch.optim.SGD(ps, **cfg), 6)
     assert_params_close(ours, theirs)
 
 
 @pytest.mark.parametrize("cfg", ADAM_CONFIGS, ids=str)
-def test_adam_matches_torch(cfg):
+def test_adam_matches_torch(cfg, device):
     torch = pytest.importorskip("torch")
-    ours = run_camel(lambda ps: optim.Adam(ps, **cfg), 6)
+    ours = run_camel(lambda ps: optim.Adam(ps, **cfg), 6, device=device)
     theirs = run_torch(torch, lambda ps: torch.optim.Adam(ps, **cfg), 6)
     assert_params_close(ours, theirs)
 
@@ -88,18 +89,18 @@ def skip_some(step, i):
     "name,cfg",
     [("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)), ("Adam", dict(lr=1e-2))],
 )
-def test_params_without_grad_are_skipped_like_torch(name, cfg):
+def test_params_without_grad_are_skipped_like_torch(name, cfg, device):
     torch = pytest.importorskip("torch")
-    ours = run_camel(lambda ps: getattr(optim, name)(ps, **cfg), 6, skip_some)
+    ours = run_camel(lambda ps: getattr(optim, name)(ps, **cfg), 6, skip_some, device)
     theirs = run_torch(torch, lambda ps: getattr(torch.optim, name)(ps, **cfg), 6, skip_some)
     assert_params_close(ours, theirs)
     np.testing.assert_array_equal(ours[2], make_params(0)[2])  # never touched
 
 
-def test_adam_matches_numpy_reference():
+def test_adam_matches_numpy_reference(device):
     """The textbook formulas in float64, independent of PyTorch."""
     lr, b1, b2, eps, wd = 1e-2, 0.9, 0.999, 1e-8, 0.01
-    ours = run_camel(lambda ps: optim.Adam(ps, lr, (b1, b2), eps, wd), 5)
+    ours = run_camel(lambda ps: optim.Adam(ps, lr, (b1, b2), eps, wd), 5, device=device)
     ref = [a.astype(np.float64) for a in make_params(0)]
     m = [np.zeros_like(a) for a in ref]
     v = [np.zeros_like(a) for a in ref]
@@ -114,9 +115,9 @@ def test_adam_matches_numpy_reference():
     assert_params_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_sgd_matches_numpy_reference():
+def test_sgd_matches_numpy_reference(device):
     lr, mom, wd = 0.05, 0.9, 0.01
-    ours = run_camel(lambda ps: optim.SGD(ps, lr, mom, wd), 4)
+    ours = run_camel(lambda ps: optim.SGD(ps, lr, mom, wd), 4, device=device)
     ref = [a.astype(np.float64) for a in make_params(0)]
     buf = [None] * len(ref)
     for step in range(4):
