@@ -60,16 +60,18 @@ enum LaneState : uint8_t {
     kDone,         // returned from the kernel
 };
 
-struct Lane {
+// The scheduler's view of one simulated thread: one cache line, because the
+// scheduler touches it at every barrier of every thread. What the thread knows
+// about itself (camel_sim_thread, ~120 bytes) lives in Group::threads.
+struct alignas(64) Lane {
     void *sp;  // saved stack pointer while this fiber is switched out
-    camel_sim_thread t;
-    LaneState state;
     uint32_t site;  // call site of the barrier / collective it waits at
+    LaneState state;
+    uint32_t static_cursor;  // how many `threadgroup` variables it has declared
     camel_sim_resolver resolver;
     const void *in;
     void *out;
     const void *arg;
-    uint32_t static_cursor;  // how many `threadgroup` variables it has declared
 };
 
 // A kernel-scope `threadgroup T x[N];` — placed once per threadgroup.
@@ -86,10 +88,12 @@ struct Group {
     const camel_sim_kernel_desc *k;
     Worker *w;
     uint32_t gid[3];        // threadgroup_position_in_grid
+    uint32_t origin[3];     // thread_position_in_grid of its thread (0, 0, 0)
     uint32_t size[3];       // this group's size (smaller at a partial edge)
     uint32_t nthreads;
     bool fibers;            // false: plain loop
     Lane *lanes;            // fibers: one per thread; plain loop: lanes[0] reused
+    camel_sim_thread *threads;  // what each thread knows about itself (same indices)
     Lane *current;          // lane running now
     uint8_t *arena;         // threadgroup memory
     uint32_t arena_top;     // first free byte
@@ -106,7 +110,9 @@ struct Group {
 // Per worker thread: fiber stacks, threadgroup memory, crash recovery.
 struct Worker {
     Group group;
+    Group *group_ptr = &group;
     std::vector<Lane> lanes;
+    std::vector<camel_sim_thread> threads;
     uint8_t *stacks = nullptr;  // nstacks * (kGuardSize + kStackSize)
     uint32_t nstacks = 0;
     uint8_t *arena = nullptr;
@@ -212,28 +218,44 @@ static void make_order(Group &g) {
         }
 }
 
-// What thread `i` (linear index in its threadgroup) knows about itself.
-static void fill_thread(const Group &g, uint32_t i, camel_sim_thread &t) {
+// What every thread of the group knows alike (set once per threadgroup).
+static void fill_group_fields(const Group &g, camel_sim_thread &t) {
     const Dispatch &d = *g.d;
-    uint32_t local[3] = {i % g.size[0], (i / g.size[0]) % g.size[1], i / (g.size[0] * g.size[1])};
     for (int a = 0; a < 3; a++) {
-        t.thread_position_in_threadgroup[a] = local[a];
         t.threadgroup_position_in_grid[a] = g.gid[a];
-        t.thread_position_in_grid[a] = g.gid[a] * d.tpg[a] + local[a];
         t.threads_per_threadgroup[a] = g.size[a];
         t.dispatch_threads_per_threadgroup[a] = d.tpg[a];
         t.threadgroups_per_grid[a] = d.groups[a];
         t.threads_per_grid[a] = d.threads[a];
     }
+    t.simdgroups_per_threadgroup = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
+    t.threads_per_simdgroup = kSimdWidth;
+    t.quadgroups_per_threadgroup = (g.nthreads + 3) / 4;
+    t.group = (void *)&g;
+}
+
+// What one thread knows about itself: its position (x, y, z) in the group and
+// its linear index i = x + y * size.x + z * size.x * size.y. No divisions:
+// this runs once per simulated thread, millions of times per second.
+static inline void set_position(const Group &g, camel_sim_thread &t, uint32_t x, uint32_t y,
+                                uint32_t z, uint32_t i) {
+    t.thread_position_in_threadgroup[0] = x;
+    t.thread_position_in_threadgroup[1] = y;
+    t.thread_position_in_threadgroup[2] = z;
+    t.thread_position_in_grid[0] = g.origin[0] + x;
+    t.thread_position_in_grid[1] = g.origin[1] + y;
+    t.thread_position_in_grid[2] = g.origin[2] + z;
     t.thread_index_in_threadgroup = i;
     t.thread_index_in_simdgroup = i % kSimdWidth;
     t.simdgroup_index_in_threadgroup = i / kSimdWidth;
-    t.simdgroups_per_threadgroup = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
-    t.threads_per_simdgroup = kSimdWidth;
     t.thread_index_in_quadgroup = i % 4;
     t.quadgroup_index_in_threadgroup = i / 4;
-    t.quadgroups_per_threadgroup = (g.nthreads + 3) / 4;
-    t.group = (void *)&g;
+}
+
+// The same from the linear index alone (random order needs it).
+static inline void set_position(const Group &g, camel_sim_thread &t, uint32_t i) {
+    uint32_t x = i % g.size[0], y = (i / g.size[0]) % g.size[1];
+    set_position(g, t, x, y, i / (g.size[0] * g.size[1]), i);
 }
 
 // ---- fibers: blocking and phases ------------------------------------------------
@@ -250,7 +272,7 @@ static Lane *next_ready(Group &g) {
 // The current fiber stops; the next ready one runs. When none is left the
 // worker's scheduler (run_fibers) continues and ends the phase. Going
 // straight from fiber to fiber costs one switch per block instead of two.
-static void block(Group &g, Lane *self) {
+static inline void block(Group &g, Lane *self) {
     Lane *next = g.failed ? nullptr : next_ready(g);
     g.current = next;
     camel_fiber_switch(&self->sp, next ? next->sp : g.sched_sp);
@@ -258,8 +280,8 @@ static void block(Group &g, Lane *self) {
 
 static void lane_main(void *arg) {
     Lane *l = (Lane *)arg;
-    Group &g = *(Group *)l->t.group;
-    g.k->entry(g.d->bindings.data(), g.tg.data(), &l->t);
+    Group &g = *tl_worker->group_ptr;
+    g.k->entry(g.d->bindings.data(), g.tg.data(), &g.threads[l - g.lanes]);
     l->state = kDone;
     block(g, l);  // never comes back: a done lane is never ready again
 }
@@ -381,13 +403,23 @@ static bool run_fibers(Group &g) {
     if (w->stacks_dirty && __asan_unpoison_memory_region)
         __asan_unpoison_memory_region(w->stacks, (size_t)w->nstacks * (kGuardSize + kStackSize));
     w->stacks_dirty = false;
-    for (uint32_t i = 0; i < g.nthreads; i++) {
-        Lane &l = g.lanes[i];
-        fill_thread(g, i, l.t);
-        l.state = kReady;
-        l.static_cursor = 0;
-        l.sp = camel_fiber_init(stack_of(w, i), kStackSize, lane_main, &l);
-    }
+    camel_sim_thread common;
+    fill_group_fields(g, common);
+    uint32_t i = 0;
+    for (uint32_t z = 0; z < g.size[2]; z++)
+        for (uint32_t y = 0; y < g.size[1]; y++)
+            for (uint32_t x = 0; x < g.size[0]; x++, i++) {
+                Lane &l = g.lanes[i];
+                g.threads[i] = common;
+                set_position(g, g.threads[i], x, y, z, i);
+                l.state = kReady;
+                l.static_cursor = 0;
+                // Stack tops 68 KiB apart would all fall into the same cache
+                // sets; shifting each by a different multiple of 64 bytes
+                // spreads the hot top-of-stack lines over the cache.
+                size_t color = (i % 63) * 64;
+                l.sp = camel_fiber_init(stack_of(w, i), kStackSize - color, lane_main, &l);
+            }
     for (;;) {
         // A phase: run every ready fiber until it blocks or returns.
         make_order(g);
@@ -413,18 +445,44 @@ static bool run_fibers(Group &g) {
     }
 }
 
+// A kernel without barriers and SIMD ops: one thread after the other on the
+// worker's own stack, in the order CAMEL_SIM_ORDER asks for.
 static bool run_plain(Group &g) {
     Lane &l = g.lanes[0];
-    make_order(g);
+    camel_sim_thread &t = g.threads[0];
     g.current = &l;
-    for (uint32_t i : g.order) {
-        fill_thread(g, i, l.t);
-        l.state = kReady;
-        l.static_cursor = 0;
-        g.k->entry(g.d->bindings.data(), g.tg.data(), &l.t);
-        if (g.failed) return false;
+    fill_group_fields(g, t);
+    void *const *bindings = g.d->bindings.data();
+    void *const *tg = g.tg.data();
+    camel_sim_entry entry = g.k->entry;
+    uint32_t sx = g.size[0], sy = g.size[1], sz = g.size[2];
+    if (g.d->order == kForward) {
+        uint32_t i = 0;
+        for (uint32_t z = 0; z < sz; z++)
+            for (uint32_t y = 0; y < sy; y++)
+                for (uint32_t x = 0; x < sx; x++, i++) {
+                    set_position(g, t, x, y, z, i);
+                    l.static_cursor = 0;
+                    entry(bindings, tg, &t);
+                }
+    } else if (g.d->order == kReverse) {
+        uint32_t i = g.nthreads;
+        for (uint32_t z = sz; z-- > 0;)
+            for (uint32_t y = sy; y-- > 0;)
+                for (uint32_t x = sx; x-- > 0;) {
+                    set_position(g, t, x, y, z, --i);
+                    l.static_cursor = 0;
+                    entry(bindings, tg, &t);
+                }
+    } else {
+        make_order(g);
+        for (uint32_t i : g.order) {
+            set_position(g, t, i);
+            l.static_cursor = 0;
+            entry(bindings, tg, &t);
+        }
     }
-    return true;
+    return !g.failed;  // a failure jumps out (abandon), so this is true
 }
 
 // Run threadgroup number `index` (linear, x fastest) of the dispatch.
@@ -438,6 +496,7 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
     g.gid[2] = index / (d.groups[0] * d.groups[1]);
     g.nthreads = 1;
     for (int a = 0; a < 3; a++) {
+        g.origin[a] = g.gid[a] * d.tpg[a];
         // dispatchThreads: the last group along an axis holds what is left.
         uint32_t left = d.threads[a] - g.gid[a] * d.tpg[a];
         g.size[a] = d.grid_is_threads && left < d.tpg[a] ? left : d.tpg[a];
@@ -445,8 +504,12 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
     }
     g.fibers = d.kernel->needs_fibers != 0;
     uint32_t nlanes = g.fibers ? g.nthreads : 1;
-    if (w->lanes.size() < nlanes) w->lanes.resize(nlanes);
+    if (w->lanes.size() < nlanes) {
+        w->lanes.resize(nlanes);
+        w->threads.resize(nlanes);
+    }
     g.lanes = w->lanes.data();
+    g.threads = w->threads.data();
     g.failed = false;
     g.rng = d.seed ^ (0x9e3779b97f4a7c15ull * (index + 1));
 
@@ -473,7 +536,7 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
 static Group &group_of(const camel_sim_thread *t) { return *(Group *)t->group; }
 
 // Stop the calling thread for good after a failure.
-[[noreturn]] static void abandon(Group &g) {
+[[noreturn]] __attribute__((noinline, cold)) static void abandon(Group &g) {
     if (g.fibers) {
         Lane *self = g.current;
         self->state = kDone;
@@ -483,18 +546,24 @@ static Group &group_of(const camel_sim_thread *t) { return *(Group *)t->group; }
     __builtin_unreachable();
 }
 
-static void wait_as(const camel_sim_thread *t, LaneState state, uint32_t site, const char *what) {
+[[noreturn]] __attribute__((noinline, cold)) static void not_barrier_free(Group &g,
+                                                                         const char *what) {
+    group_fail(g, std::string(what) + " in a kernel the translator marked barrier-free "
+                                      "(needs_fibers == 0): a simulator bug");
+    abandon(g);
+}
+
+// The calling thread waits (at a barrier or a collective) until the end of
+// the phase. Kept small on purpose: it runs once per thread per barrier, and
+// its stack frame is part of every fiber's hot memory.
+static inline void wait_as(const camel_sim_thread *t, LaneState state, uint32_t site,
+                           const char *what) {
     Group &g = group_of(t);
-    if (!g.fibers) {
-        group_fail(g, std::string(what) + " in a kernel the translator marked barrier-free "
-                                          "(needs_fibers == 0): a simulator bug");
-        abandon(g);
-    }
+    if (__builtin_expect(!g.fibers, 0)) not_barrier_free(g, what);
     Lane *self = &g.lanes[t->thread_index_in_threadgroup];
     self->state = state;
     self->site = site;
-    block(g, self);
-    if (g.failed) abandon(g);
+    block(g, self);  // a failed group never resumes its fibers
 }
 
 static void rt_threadgroup_barrier(const camel_sim_thread *t, uint32_t, uint32_t site) {
@@ -602,7 +671,7 @@ static void on_crash(int sig, siginfo_t *info, void *) {
     }
     if (sig == SIGSEGV && !*hint)
         hint = "; an out-of-bounds index? Rerun with CAMEL_SIM_SANITIZE=address to find the line";
-    unsigned lane = g.current ? g.current->t.thread_index_in_threadgroup : 0;
+    unsigned lane = g.current ? g.threads[g.current - g.lanes].thread_index_in_threadgroup : 0;
     snprintf(w->crash_msg, sizeof w->crash_msg,
              "kernel '%s', threadgroup (%u, %u, %u), thread %u: crashed with %s at %p)%s. "
              "Memory the kernel wrote may be damaged; restart Python to be safe.",
