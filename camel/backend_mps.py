@@ -35,6 +35,9 @@ _EW = "ops_elementwise.metal"
 _RED = "ops_reduce.metal"
 _SOFT = "ops_softmax.metal"
 _OPT = "ops_optim.metal"
+_LN = "ops_layernorm.metal"
+_EMB = "ops_embedding.metal"
+_LAYOUT = "ops_layout.metal"
 
 _THREADS = 256  # threads per threadgroup for one-thread-per-element kernels
 _MAX_PARTIALS = 1024  # threadgroups in pass 1 of a whole-tensor reduction
@@ -223,11 +226,23 @@ def relu_backward(x, grad):
 
 
 def gelu(x):
-    _not_yet("gelu", "Stage 4 (LayerNorm + GELU)")
+    """GELU, tanh approximation: one thread per element (ops_layernorm.metal)."""
+    out = _empty(x.shape, np.float32)
+    n = x.size
+    if n:
+        fn = _kernel(_LN, "gelu_forward")
+        _launch_1d(fn, (x, out, n), n, 10 * n, 2 * n * _F32)
+    return out
 
 
 def gelu_backward(x, grad):
-    _not_yet("gelu_backward", "Stage 4 (LayerNorm + GELU)")
+    """dx = grad * gelu'(x): one thread per element (ops_layernorm.metal)."""
+    out = _empty(x.shape, np.float32)
+    n = x.size
+    if n:
+        fn = _kernel(_LN, "gelu_backward")
+        _launch_1d(fn, (x, grad, out, n), n, 16 * n, 3 * n * _F32)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -403,12 +418,48 @@ def permute(x, dims):
     return out
 
 
+def _layout_args(shape, starts, steps, counts, op):
+    if len(shape) > _MAX_RANK:
+        raise ValueError(f"[{op}] at most {_MAX_RANK} axes on 'mps', got shape {tuple(shape)}")
+    return (
+        np.array(counts, dtype=np.uint32),
+        np.array(starts, dtype=np.int32),
+        np.array(steps, dtype=np.int32),
+    )
+
+
 def slice(x, starts, steps, counts):  # noqa: A001 (the backend contract's name)
-    _not_yet("slice", "Stage 4-5A (layout kernels)")
+    """Strided copy (ops_layout.metal slice_uint): one thread per output element gathers
+    x[starts + steps * c]; any 32-bit dtype (int32 tokens too)."""
+    out = _empty(tuple(counts), x.dtype)
+    n = out.size
+    if n == 0:
+        return out
+    if len(x.shape) == 0:
+        return copy(x)
+    c, st, sp = _layout_args(x.shape, starts, steps, counts, "slice")
+    in_strides = np.array([math.prod(x.shape[a + 1 :]) for a in range(len(x.shape))], np.uint32)
+    fn = _kernel(_LAYOUT, "slice_uint")
+    _launch_1d(fn, (x, out, c, st, sp, in_strides, len(x.shape), n), n, 0, 2 * n * _F32)
+    return out
 
 
 def slice_backward(grad, in_shape, starts, steps):
-    _not_yet("slice_backward", "Stage 4-5A (layout kernels)")
+    """Zeros of in_shape with grad at the sliced positions (ops_layout.metal
+    slice_backward_float): one thread per INPUT element, a gather, no scatter."""
+    in_shape = tuple(in_shape)
+    dx = _empty(in_shape)
+    n = dx.size
+    if n == 0:
+        return dx
+    if len(in_shape) == 0:
+        return copy(grad)
+    c, st, sp = _layout_args(in_shape, starts, steps, grad.shape, "slice_backward")
+    dims = np.array(in_shape, dtype=np.uint32)
+    fn = _kernel(_LAYOUT, "slice_backward_float")
+    nbytes = (n + grad.size) * _F32
+    _launch_1d(fn, (grad, dx, dims, st, sp, c, len(in_shape), n), n, 0, nbytes)
+    return dx
 
 
 # ---------------------------------------------------------------------------
@@ -527,20 +578,81 @@ def cross_entropy_backward(probs, targets, grad):
 # ---------------------------------------------------------------------------
 
 
+# The LayerNorm forward ladder (ops_layernorm.metal): version -> kernel. Version 2 (one
+# sweep fewer) is the default; tests run both, docs/stage4.md times them.
+LAYERNORM_FORWARD = {1: "layernorm_forward_v1", 2: "layernorm_forward_v2"}
+LAYERNORM_VERSION = 2
+
+
 def layer_norm(x, weight, bias, eps):
-    _not_yet("layer_norm", "Stage 4 (LayerNorm + GELU)")
+    """LayerNorm over the last axis: one threadgroup per row writes out, mean and rstd."""
+    d = x.shape[-1]
+    rows = x.size // d if d else 0
+    out, mean, rstd = _empty(x.shape), _empty(x.shape[:-1]), _empty(x.shape[:-1])
+    if rows == 0 or d == 0:
+        return out, mean, rstd
+    if LAYERNORM_VERSION not in LAYERNORM_FORWARD:
+        raise ValueError(
+            f"[layer_norm] unknown LAYERNORM_VERSION {LAYERNORM_VERSION}; "
+            f"valid: {sorted(LAYERNORM_FORWARD)}"
+        )
+    sweeps = 4 - LAYERNORM_VERSION  # reads of x: v1 three, v2 two
+    fn = _kernel(_LN, LAYERNORM_FORWARD[LAYERNORM_VERSION])
+    fn(x, weight, bias, out, mean, rstd, d, float(eps), threadgroups=rows,
+       threads_per_threadgroup=_row_threads(d), flops=8 * x.size,
+       bytes=((sweeps + 1) * x.size + 2 * d + 2 * rows) * _F32)  # fmt: skip
+    return out, mean, rstd
 
 
 def layer_norm_backward(grad, x, weight, mean, rstd):
-    _not_yet("layer_norm_backward", "Stage 4 (LayerNorm + GELU)")
+    """(dx, dweight, dbias): dx with one threadgroup per row, dweight and dbias as a
+    column reduction (one thread per column, rows in order: deterministic)."""
+    d = x.shape[-1]
+    rows = x.size // d if d else 0
+    dx, dweight, dbias = _empty(x.shape), _empty((d,)), _empty((d,))
+    if d == 0:
+        return dx, dweight, dbias
+    if rows == 0:
+        return dx, full((d,), 0.0, "float32"), full((d,), 0.0, "float32")
+    fn = _kernel(_LN, "layernorm_backward_dx")
+    fn(grad, x, weight, mean, rstd, dx, d, threadgroups=rows,
+       threads_per_threadgroup=_row_threads(d), flops=12 * x.size,
+       bytes=(5 * x.size + d + 2 * rows) * _F32)  # fmt: skip
+    fn = _kernel(_LN, "layernorm_backward_params")
+    _launch_1d(fn, (grad, x, mean, rstd, dweight, dbias, rows, d), d, 5 * x.size,
+               (2 * x.size + 2 * rows * d + 2 * d) * _F32)  # fmt: skip
+    return dx, dweight, dbias
 
 
 def embedding(idx, weight):
-    _not_yet("embedding", "Stage 5A (embedding and attention)")
+    """Gather rows (ops_embedding.metal): out[..., :] = weight[idx[...], :]."""
+    v, d = weight.shape
+    out = _empty(tuple(idx.shape) + (d,))
+    n = out.size
+    if n:
+        fn = _kernel(_EMB, "embedding_forward")
+        _launch_1d(fn, (idx, weight, out, v, d, n), n, 0, (2 * n + idx.size) * _F32)
+    return out
 
 
 def embedding_backward(grad, idx, num_embeddings):
-    _not_yet("embedding_backward", "Stage 5A (embedding and attention)")
+    """Deterministic scatter-add (ops_embedding.metal): link each token's positions into
+    a list in position order, then one thread per (column, token) sums its list."""
+    d = grad.shape[-1]
+    v, n = num_embeddings, idx.size
+    dweight = _empty((v, d))
+    if dweight.size == 0:
+        return dweight
+    if n == 0:
+        return full((v, d), 0.0, "float32")
+    head, nxt = _empty((v,), np.int32), _empty((n,), np.int32)
+    fn = _kernel(_EMB, "embedding_backward_link")
+    _launch_1d(fn, (idx, head, nxt, v, n), v, 0, (v * n + v + n) * _F32)
+    fn = _kernel(_EMB, "embedding_backward_sum")
+    fn(grad, head, nxt, dweight, v, d, threads=(d, v, 1),
+       threads_per_threadgroup=(min(d, 32), builtins.max(1, min(v, _THREADS // min(d, 32))), 1),
+       flops=n * d, bytes=(n * d + v * d + d * (v + n)) * _F32)  # fmt: skip
+    return dweight
 
 
 # ---------------------------------------------------------------------------

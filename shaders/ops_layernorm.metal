@@ -1,0 +1,241 @@
+// ops_layernorm.metal — Stage 4: LayerNorm forward and backward, GELU forward and backward
+// (float32).
+//
+// Kernels (x is (rows, D) C-contiguous: any leading shape flattened to rows)
+//   layernorm_forward_v1        three sweeps over the row: mean, then the variance of the
+//                               centred values, then out = (x - mean) * rstd * w + b
+//   layernorm_forward_v2        two sweeps: sum and sum of squares together (shifted by the
+//                               row's first element, see below), then the write sweep
+//     both: one threadgroup per row, also write mean[r] and rstd[r] = 1 / sqrt(var + eps)
+//   layernorm_backward_dx       dx = rstd * (g - mean_D(g) - xhat * mean_D(g * xhat)),
+//                               g = grad * w: one threadgroup per row, two sweeps
+//   layernorm_backward_params   dw[d] = sum_r grad[r, d] * xhat[r, d], db[d] = sum_r grad[r, d]:
+//                               a column reduction, one thread per column d, rows summed in
+//                               order (deterministic, no atomics)
+//   gelu_forward                out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+//   gelu_backward               dx = grad * gelu'(x)                 one thread per element
+//
+// The optimisation of Stage 4 is "fewer passes over memory". LayerNorm is memory bound:
+// a row is read from device memory once per sweep. v1 reads it three times and writes it
+// once; v2 reads it twice. v2 gets the variance from the same sweep as the mean with
+// var = E[(x - s)^2] - E[x - s]^2. The shift s (the row's first element) keeps the two
+// terms small: without it, a row with mean 1000 and std 1 subtracts two numbers near 1e6
+// and float32 keeps only ~0.1 of the variance. (Welford's algorithm is the other cure.)
+// The backward dx kernel likewise computes both row means in ONE sweep.
+//
+// Thread mapping for the row kernels: T threads (a multiple of 32) per row; thread t visits
+// columns t, t + T, t + 2T, ... (neighbouring threads read neighbouring floats), and the
+// partial sums are combined with simd_sum and one exchange through threadgroup memory.
+//
+// Run:        camel/backend_mps.py: layer_norm, layer_norm_backward, gelu, gelu_backward.
+// Test:       python -m pytest -q tests/test_transformer_kernels.py
+// Lesson:     docs/stage4.md
+
+#include <metal_stdlib>
+using namespace metal;
+
+// Sum of `value` over the threadgroup; every thread returns it. partial: 32 floats.
+// (The same helper as in ops_reduce.metal: each .metal file is compiled on its own.)
+static inline float threadgroup_sum(float value, threadgroup float *partial, uint lane,
+                                    uint simd_group, uint num_simd_groups)
+{
+    value = simd_sum(value);
+    if (lane == 0) {
+        partial[simd_group] = value;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // all partials written
+    float total = lane < num_simd_groups ? partial[lane] : 0.0f;
+    total = simd_sum(total);
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // all read: partial may be reused
+    return total;
+}
+
+// x, out (rows, D); w, b (D,); mean, rstd (rows,). Threadgroup r normalises row r.
+// version 1: sweep 1 sums x -> mean; sweep 2 sums (x - mean)^2 -> var; sweep 3 writes.
+kernel void layernorm_forward_v1(device const float *x [[buffer(0)]],
+                                 device const float *w [[buffer(1)]],
+                                 device const float *b [[buffer(2)]],
+                                 device float *out [[buffer(3)]],
+                                 device float *mean_out [[buffer(4)]],
+                                 device float *rstd_out [[buffer(5)]],
+                                 constant uint &D [[buffer(6)]],
+                                 constant float &eps [[buffer(7)]],
+                                 uint row [[threadgroup_position_in_grid]],
+                                 uint t [[thread_position_in_threadgroup]],
+                                 uint T [[threads_per_threadgroup]],
+                                 uint lane [[thread_index_in_simdgroup]],
+                                 uint simd_group [[simdgroup_index_in_threadgroup]],
+                                 uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    device const float *xr = x + row * D;
+    device float *outr = out + row * D;
+
+    float s = 0.0f;
+    for (uint k = t; k < D; k += T) {
+        s += xr[k];
+    }
+    float mean = threadgroup_sum(s, partial, lane, simd_group, num_simd_groups) / float(D);
+
+    float ss = 0.0f;
+    for (uint k = t; k < D; k += T) {
+        float c = xr[k] - mean;
+        ss += c * c;
+    }
+    float var = threadgroup_sum(ss, partial, lane, simd_group, num_simd_groups) / float(D);
+    float rstd = 1.0f / sqrt(var + eps);
+
+    for (uint k = t; k < D; k += T) {
+        outr[k] = (xr[k] - mean) * rstd * w[k] + b[k];
+    }
+    if (t == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
+// version 2: the same result with one sweep less. Sweep 1 sums d = x - shift and d^2 at
+// once (shift = the row's first element); sweep 2 writes.
+kernel void layernorm_forward_v2(device const float *x [[buffer(0)]],
+                                 device const float *w [[buffer(1)]],
+                                 device const float *b [[buffer(2)]],
+                                 device float *out [[buffer(3)]],
+                                 device float *mean_out [[buffer(4)]],
+                                 device float *rstd_out [[buffer(5)]],
+                                 constant uint &D [[buffer(6)]],
+                                 constant float &eps [[buffer(7)]],
+                                 uint row [[threadgroup_position_in_grid]],
+                                 uint t [[thread_position_in_threadgroup]],
+                                 uint T [[threads_per_threadgroup]],
+                                 uint lane [[thread_index_in_simdgroup]],
+                                 uint simd_group [[simdgroup_index_in_threadgroup]],
+                                 uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    device const float *xr = x + row * D;
+    device float *outr = out + row * D;
+    float shift = xr[0];  // every thread reads the same word: one broadcast load
+
+    float s = 0.0f;
+    float ss = 0.0f;
+    for (uint k = t; k < D; k += T) {
+        float d = xr[k] - shift;
+        s += d;
+        ss += d * d;
+    }
+    float mean_d = threadgroup_sum(s, partial, lane, simd_group, num_simd_groups) / float(D);
+    float mean_dd = threadgroup_sum(ss, partial, lane, simd_group, num_simd_groups) / float(D);
+    float var = max(mean_dd - mean_d * mean_d, 0.0f);  // rounding may leave a tiny negative
+    float mean = shift + mean_d;
+    float rstd = 1.0f / sqrt(var + eps);
+
+    for (uint k = t; k < D; k += T) {
+        outr[k] = (xr[k] - mean) * rstd * w[k] + b[k];
+    }
+    if (t == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
+// grad, x, dx (rows, D); w (D,); mean, rstd (rows,). Threadgroup r computes row r of dx.
+// Sweep 1 sums g = grad * w and g * xhat together; sweep 2 writes dx.
+kernel void layernorm_backward_dx(device const float *grad [[buffer(0)]],
+                                  device const float *x [[buffer(1)]],
+                                  device const float *w [[buffer(2)]],
+                                  device const float *mean [[buffer(3)]],
+                                  device const float *rstd [[buffer(4)]],
+                                  device float *dx [[buffer(5)]],
+                                  constant uint &D [[buffer(6)]],
+                                  uint row [[threadgroup_position_in_grid]],
+                                  uint t [[thread_position_in_threadgroup]],
+                                  uint T [[threads_per_threadgroup]],
+                                  uint lane [[thread_index_in_simdgroup]],
+                                  uint simd_group [[simdgroup_index_in_threadgroup]],
+                                  uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    device const float *gr = grad + row * D;
+    device const float *xr = x + row * D;
+    device float *dxr = dx + row * D;
+    float m = mean[row];
+    float r = rstd[row];
+
+    float sg = 0.0f;
+    float sgx = 0.0f;
+    for (uint k = t; k < D; k += T) {
+        float g = gr[k] * w[k];
+        sg += g;
+        sgx += g * (xr[k] - m) * r;
+    }
+    float mean_g = threadgroup_sum(sg, partial, lane, simd_group, num_simd_groups) / float(D);
+    float mean_gx = threadgroup_sum(sgx, partial, lane, simd_group, num_simd_groups) / float(D);
+
+    for (uint k = t; k < D; k += T) {
+        float xhat = (xr[k] - m) * r;
+        dxr[k] = r * (gr[k] * w[k] - mean_g - xhat * mean_gx);
+    }
+}
+
+// grad, x (rows, D); mean, rstd (rows,); dw, db (D,). One thread per column d sums its
+// column over the rows in order 0, 1, 2, ...: the same order every run, so the result is
+// bit-identical run after run. Neighbouring threads read neighbouring columns of a row.
+kernel void layernorm_backward_params(device const float *grad [[buffer(0)]],
+                                      device const float *x [[buffer(1)]],
+                                      device const float *mean [[buffer(2)]],
+                                      device const float *rstd [[buffer(3)]],
+                                      device float *dw [[buffer(4)]],
+                                      device float *db [[buffer(5)]],
+                                      constant uint &rows [[buffer(6)]],
+                                      constant uint &D [[buffer(7)]],
+                                      uint d [[thread_position_in_grid]])
+{
+    if (d >= D) {
+        return;
+    }
+    float sw = 0.0f;
+    float sb = 0.0f;
+    for (uint r = 0; r < rows; r++) {
+        float g = grad[r * D + d];
+        sw += g * (x[r * D + d] - mean[r]) * rstd[r];
+        sb += g;
+    }
+    dw[d] = sw;
+    db[d] = sb;
+}
+
+// GELU, tanh approximation (PyTorch's approximate="tanh"). precise::tanh: Metal's default
+// fast-math tanh is less accurate, and the CPU reference is compared to ~1e-5.
+constant float GELU_C = 0.7978845608028654f;  // sqrt(2 / pi)
+constant float GELU_A = 0.044715f;
+
+// One thread: out[i] = gelu(x[i]).
+kernel void gelu_forward(device const float *x [[buffer(0)]],
+                         device float *out [[buffer(1)]],
+                         constant uint &n [[buffer(2)]],
+                         uint i [[thread_position_in_grid]])
+{
+    if (i >= n) {
+        return;
+    }
+    float v = x[i];
+    float u = GELU_C * (v + GELU_A * v * v * v);
+    out[i] = 0.5f * v * (1.0f + precise::tanh(u));
+}
+
+// One thread: dx[i] = grad[i] * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx), t = tanh(u),
+// du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+kernel void gelu_backward(device const float *x [[buffer(0)]],
+                          device const float *grad [[buffer(1)]],
+                          device float *dx [[buffer(2)]],
+                          constant uint &n [[buffer(3)]],
+                          uint i [[thread_position_in_grid]])
+{
+    if (i >= n) {
+        return;
+    }
+    float v = x[i];
+    float th = precise::tanh(GELU_C * (v + GELU_A * v * v * v));
+    float dudx = GELU_C * (1.0f + 3.0f * GELU_A * v * v);
+    dx[i] = grad[i] * (0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * dudx);
+}
