@@ -183,9 +183,10 @@ def gelu_backward(x, grad):
     """dx = grad * d/dx gelu(x). With u = sqrt(2/pi) * (x + 0.044715 x^3), t = tanh(u):
     d/dx = 0.5 * (1 + t) + 0.5 * x * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 * x^2)."""
     c, a = np.float32(_GELU_C), np.float32(_GELU_A)
-    t = np.tanh(c * (x + a * x * x * x))
-    dudx = c * (np.float32(1) + np.float32(3) * a * x * x)
-    d = np.float32(0.5) * (np.float32(1) + t) + np.float32(0.5) * x * (np.float32(1) - t * t) * dudx
+    x2 = x * x
+    t = np.tanh(c * x * (np.float32(1) + a * x2))  # tanh(u)
+    dudx = c * (np.float32(1) + np.float32(3) * a * x2)  # du/dx
+    d = np.float32(0.5) * (np.float32(1) + t + x * (np.float32(1) - t * t) * dudx)
     return _c(grad * d)
 
 

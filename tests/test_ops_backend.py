@@ -112,3 +112,22 @@ def test_full_reductions_return_0d_storages(device):
     values, indices = be.max(x, None, False)
     assert values.shape == () and be.to_numpy(indices).item() == 1
     assert be.mul_scalar(be.sum(x, None, False), 2.0).shape == ()
+
+
+def test_cpu_outputs_never_alias_their_inputs(rng):
+    # The contract: outputs are new storages (only reshape may share memory), so an
+    # in-place optimiser step on one storage can never change another.
+    be = backend_cpu
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    outputs = [
+        be.copy(x),
+        be.permute(x, (0, 1)),  # the identity permutation still copies
+        be.slice(x, (0, 0), (1, 1), (3, 4)),  # the full slice still copies
+        be.sum_to_shape(x, (3, 4)),  # nothing to sum still copies
+        be.sum_backward(be.sum(x, None, True), (3, 4), None),
+        be.add(x, np.zeros(4, np.float32)),
+        be.relu(x),
+    ]
+    for out in outputs:
+        assert not np.shares_memory(out, x)
+        assert out.flags.c_contiguous and out.flags.writeable
