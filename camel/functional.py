@@ -14,6 +14,7 @@ the smaller operand's gradient is summed back to its shape.
 
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -584,6 +585,15 @@ def scaled_dot_product_attention(q, k, v, causal=False):
             f"[{op}] expects q (B, H, T, D), k (B, H, S, D), v (B, H, S, Dv), got shapes "
             f"{q.shape}, {k.shape} and {v.shape}"
         )
+    # CAMEL_ATTENTION picks the path: "naive" (default, the four ops below, Stage 5A) or
+    # "flash" (camel/flash.py, Stage 5B: one fused kernel, no (T, S) matrix in memory).
+    mode = os.environ.get("CAMEL_ATTENTION", "naive")
+    if mode == "flash":
+        from camel import flash  # imported here: Stage 5B is optional
+
+        return flash.scaled_dot_product_attention(q, k, v, causal=causal)
+    if mode != "naive":
+        raise ValueError(f"[{op}] CAMEL_ATTENTION={mode!r} is unknown; valid: 'naive', 'flash'")
     scores = MatMul.apply(q, k, transpose_b=True)  # (B, H, T, S)
     scores = MulScalar.apply(scores, 1.0 / math.sqrt(q.shape[-1]))
     att = Softmax.apply(scores, causal)  # (B, H, T, S), each row sums to 1
