@@ -15,10 +15,11 @@ flag). On Linux the kernels run on the Metal simulator, unchanged.
     shaders/ops_softmax         softmax, log_softmax, cross_entropy, their backward
     shaders/ops_optim           sgd_step, sgd_momentum_step, adam_step
     shaders/ops_matmul          the GEMM ladder, through camel/gemm.py
+    shaders/ops_layernorm       layer_norm (v1, v2), layer_norm_backward, gelu, gelu_backward
+    shaders/ops_embedding       embedding, embedding_backward (deterministic scatter-add)
+    shaders/ops_layout          slice, slice_backward
 
 Every dispatch passes flops= and bytes= so `camel.profile()` shows GFLOP/s and GB/s.
-Ops of later stages (gelu, layer_norm, embedding, slice) raise NotImplementedError
-naming the stage that adds their kernels.
 """
 
 import builtins
