@@ -1,0 +1,195 @@
+"""Stage 4-5A kernels against the NumPy reference (camel/backend_cpu.py).
+
+LayerNorm (both forward versions) and its backward, GELU and its backward
+(shaders/ops_layernorm.metal), embedding gather and the deterministic scatter-add
+(shaders/ops_embedding.metal), slice copies and their backward (shaders/ops_layout.metal),
+causal softmax at attention shapes, at awkward sizes (d_model 1, 33, 768; T 1, 17, 130;
+vocab 65 and 1000), in all three simulator schedule orders.
+"""
+
+import numpy as np
+import pytest
+
+from camel import backend_cpu as cpu
+
+ORDERS = ["forward", "reverse", "random"]
+
+
+def _backend_mps():
+    try:
+        from camel import backend_mps, metal
+
+        metal.device_name()
+    except Exception as e:
+        pytest.skip(f"no 'mps' device here: {e}")
+    return backend_mps
+
+
+@pytest.fixture(params=ORDERS)
+def mps(request, monkeypatch):
+    monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
+    return _backend_mps()
+
+
+def rand(*shape, seed=0, scale=1.0, shift=0.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * scale + shift).astype(np.float32)
+
+
+def host(mps, x):
+    return np.array(mps.to_numpy(x))
+
+
+def close(got, want, rtol=2e-5, atol=1e-5):
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert not np.isnan(got).any(), "NaN in the kernel's output"
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+# (B, T, D): d_model 1, 33, 768 and T 1, 17, 130 (not every pair: the suite stays fast)
+LN_SHAPES = [
+    (1, 1, 1),
+    (2, 17, 1),
+    (1, 1, 33),
+    (2, 17, 33),
+    (1, 130, 33),
+    (2, 17, 768),
+    (1, 130, 64),
+]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("shape", LN_SHAPES)
+def test_layer_norm_forward(mps, monkeypatch, version, shape):
+    monkeypatch.setattr(mps, "LAYERNORM_VERSION", version)
+    d = shape[-1]
+    x = rand(*shape, seed=1, scale=2.0, shift=3.0)  # a non-zero mean tests the shift in v2
+    w, b = rand(d, seed=2), rand(d, seed=3)
+    out, mean, rstd = mps.layer_norm(mps.from_numpy(x), mps.from_numpy(w), mps.from_numpy(b), 1e-5)
+    want_out, want_mean, want_rstd = cpu.layer_norm(x, w, b, 1e-5)
+    close(host(mps, mean), want_mean)
+    close(host(mps, rstd), want_rstd, rtol=1e-4)
+    close(host(mps, out), want_out, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_v2_large_mean(mps):
+    # mean 1000, std 0.5: E[x^2] - E[x]^2 without a shift would lose the variance
+    x = rand(3, 257, seed=4, scale=0.5, shift=1000.0)
+    w, b = np.ones(257, np.float32), np.zeros(257, np.float32)
+    out, _, rstd = mps.layer_norm(mps.from_numpy(x), mps.from_numpy(w), mps.from_numpy(b), 1e-5)
+    want_out, _, want_rstd = cpu.layer_norm(x, w, b, 1e-5)
+    close(host(mps, rstd), want_rstd, rtol=2e-3)
+    close(host(mps, out), want_out, rtol=2e-3, atol=2e-3)
+
+
+def test_layer_norm_unknown_version(mps, monkeypatch):
+    monkeypatch.setattr(mps, "LAYERNORM_VERSION", 7)
+    x = mps.from_numpy(rand(2, 3))
+    with pytest.raises(ValueError, match=r"LAYERNORM_VERSION 7.*\[1, 2\]"):
+        mps.layer_norm(x, mps.from_numpy(rand(3)), mps.from_numpy(rand(3)), 1e-5)
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES)
+def test_layer_norm_backward(mps, shape):
+    d = shape[-1]
+    x, g = rand(*shape, seed=5, scale=2.0, shift=-1.0), rand(*shape, seed=6)
+    w, b = rand(d, seed=7), rand(d, seed=8)
+    _, mean, rstd = cpu.layer_norm(x, w, b, 1e-5)
+    args = [mps.from_numpy(a) for a in (g, x, w, mean, rstd)]
+    dx, dw, db = (host(mps, a) for a in mps.layer_norm_backward(*args))
+    want_dx, want_dw, want_db = cpu.layer_norm_backward(g, x, w, mean, rstd)
+    rows = x.size // d
+    close(dx, want_dx, rtol=1e-4, atol=1e-4)
+    # the column sums add `rows` terms in a different order than NumPy's pairwise sum
+    close(dw, want_dw, rtol=1e-4, atol=2e-6 * rows)
+    close(db, want_db, rtol=1e-4, atol=2e-6 * rows)
+
+
+@pytest.mark.parametrize("shape", [(1,), (17, 33), (130, 5), (3, 768)])
+def test_gelu_forward_backward(mps, shape):
+    x = rand(*shape, seed=9, scale=3.0)
+    x.reshape(-1)[:1] = -30.0  # far tails: tanh saturates to -1
+    x.reshape(-1)[-1:] = 30.0
+    g = rand(*shape, seed=10)
+    close(host(mps, mps.gelu(mps.from_numpy(x))), cpu.gelu(x))
+    dx = mps.gelu_backward(mps.from_numpy(x), mps.from_numpy(g))
+    close(host(mps, dx), cpu.gelu_backward(x, g), rtol=1e-4)
+
+
+@pytest.mark.parametrize("vocab, idx_shape, d", [(65, (1,), 1), (65, (2, 17), 33),
+                                                 (1000, (1, 130), 33), (1000, (17,), 768),
+                                                 (65, (4, 130), 8)])  # fmt: skip
+def test_embedding_forward_backward(mps, vocab, idx_shape, d):
+    rng = np.random.default_rng(11)
+    idx = rng.integers(0, vocab, size=idx_shape).astype(np.int32)
+    idx.reshape(-1)[:3] = idx.reshape(-1)[0]  # a token repeated: the scatter-add must add
+    weight = rand(vocab, d, seed=12)
+    out = mps.embedding(mps.from_numpy(idx), mps.from_numpy(weight))
+    np.testing.assert_array_equal(host(mps, out), cpu.embedding(idx, weight))  # a copy: exact
+    g = rand(*idx_shape, d, seed=13)
+    dw = host(mps, mps.embedding_backward(mps.from_numpy(g), mps.from_numpy(idx), vocab))
+    close(dw, cpu.embedding_backward(g, idx, vocab), rtol=1e-5, atol=1e-5)
+    unused = np.setdiff1d(np.arange(vocab), idx)
+    assert np.all(dw[unused] == 0.0)
+
+
+def test_embedding_backward_is_bit_identical_across_runs(mps):
+    rng = np.random.default_rng(14)
+    idx = rng.integers(0, 5, size=(4, 130)).astype(np.int32)  # ~100 hits per token
+    g = rand(4, 130, 33, seed=15, scale=1e3)  # large, mixed-sign terms: order matters
+    di, dg = mps.from_numpy(idx), mps.from_numpy(g)
+    first = host(mps, mps.embedding_backward(dg, di, 5))
+    for _ in range(3):
+        again = host(mps, mps.embedding_backward(dg, di, 5))
+        assert again.tobytes() == first.tobytes()
+    # and it is the sum in position order, the order np.add.at uses
+    np.testing.assert_array_equal(first, cpu.embedding_backward(g, idx, 5))
+
+
+SLICES = [
+    ((4, 17), (0, 0), (1, 1), (4, 16)),  # tokens[:, :-1]
+    ((4, 17), (0, 1), (1, 1), (4, 16)),  # tokens[:, 1:]
+    ((2, 5, 99), (0, 0, 33), (1, 1, 1), (2, 5, 33)),  # qkv[:, :, C:2C]
+    ((7,), (6,), (-2,), (4,)),  # x[::-2]
+    ((3, 130, 6), (2, 129, 1), (1, -3, 2), (1, 43, 3)),
+    ((1,), (0,), (1,), (1,)),
+]
+
+
+@pytest.mark.parametrize("in_shape, starts, steps, counts", SLICES)
+def test_slice_and_backward(mps, in_shape, starts, steps, counts):
+    x = rand(*in_shape, seed=16)
+    out = mps.slice(mps.from_numpy(x), starts, steps, counts)
+    np.testing.assert_array_equal(host(mps, out), cpu.slice(x, starts, steps, counts))
+    g = rand(*counts, seed=17)
+    dx = mps.slice_backward(mps.from_numpy(g), in_shape, starts, steps)
+    np.testing.assert_array_equal(host(mps, dx), cpu.slice_backward(g, in_shape, starts, steps))
+
+
+def test_slice_int32_tokens(mps):
+    tokens = np.arange(4 * 17, dtype=np.int32).reshape(4, 17)
+    out = mps.slice(mps.from_numpy(tokens), (0, 1), (1, 1), (4, 16))
+    got = host(mps, out)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, tokens[:, 1:])
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (2, 2, 17, 17), (1, 3, 130, 130)])
+def test_causal_softmax_attention_shapes(mps, shape):
+    x = rand(*shape, seed=18, scale=2.0)
+    y = mps.softmax(mps.from_numpy(x), causal=True)
+    close(host(mps, y), cpu.softmax(x, causal=True), rtol=2e-5, atol=1e-6)
+    g = rand(*shape, seed=19)
+    dx = mps.softmax_backward(y, mps.from_numpy(g))
+    want = cpu.softmax_backward(cpu.softmax(x, causal=True), g)
+    close(host(mps, dx), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, dims", [((2, 17, 4, 8), (0, 2, 1, 3)), ((1, 3, 130, 33), (0, 2, 1, 3))]
+)
+def test_head_permutes(mps, shape, dims):
+    # (B, T, H, D) <-> (B, H, T, D): permute_uint (ops_elementwise.metal)
+    x = rand(*shape, seed=20)
+    got = host(mps, mps.permute(mps.from_numpy(x), dims))
+    np.testing.assert_array_equal(got, cpu.permute(x, dims))
