@@ -342,6 +342,7 @@ struct Rewriter {
     std::map<std::string, std::vector<Param>> kernel_templates;  // qualified name -> params
     std::map<std::string, int> kernel_template_line;
     std::map<std::string, std::vector<FunctionInfo>> functions;   // user function bodies by name
+    std::vector<size_t> tg_storage;  // sig indices of threadgroup variable declarations
 
     Rewriter(std::vector<Token> &toks, const std::string &disp) : t(toks), display(disp) {
         for (size_t i = 0; i < t.size(); i++)
@@ -906,6 +907,7 @@ struct Rewriter {
         // keeping the newlines in between so the lines stay put.
         S(k).out = text;
         for (size_t j = k + 1; j <= end && j < sig.size(); j++) S(j).out = "";
+        tg_storage.push_back(k);
     }
 
     // ---- after the pass -------------------------------------------------
@@ -925,28 +927,41 @@ struct Rewriter {
         }
     }
 
-    // Does a function (by name) reach a barrier or a SIMD-group op, directly
-    // or through other user functions?
-    std::map<std::string, bool> fiber_memo;
-    bool uses_fibers(const std::string &name, std::set<std::string> &visiting) {
-        auto m = fiber_memo.find(name);
-        if (m != fiber_memo.end()) return m->second;
+    // Does a function (by name) reach a barrier or a SIMD-group op (fibers),
+    // or declare threadgroup variables (tg), directly or through other user
+    // functions? Both need the runtime's view of the current thread.
+    std::map<std::string, bool> memo[2];
+    bool uses(const std::string &name, bool want_tg, std::set<std::string> &visiting) {
+        auto m = memo[want_tg].find(name);
+        if (m != memo[want_tg].end()) return m->second;
         if (visiting.count(name)) return false;
         visiting.insert(name);
-        bool uses = false;
+        bool found = false;
         auto it = functions.find(name);
         if (it != functions.end()) {
-            for (auto &fi : it->second)
-                for (size_t j = fi.body_begin + 1; j < fi.body_end && !uses; j++) {
+            for (auto &fi : it->second) {
+                for (size_t j = fi.body_begin + 1; j < fi.body_end && !found; j++) {
                     if (S(j).kind != IDENT) continue;
                     const std::string &x = txt(j);
-                    if (is_fiber_op(x)) uses = true;
-                    else if (x != name && functions.count(x) && uses_fibers(x, visiting)) uses = true;
+                    if (!want_tg && is_fiber_op(x)) found = true;
+                    else if (x != name && functions.count(x) && uses(x, want_tg, visiting)) found = true;
                 }
+                if (want_tg)
+                    for (size_t k : tg_storage)
+                        if (k > fi.body_begin && k < fi.body_end) found = true;
+            }
         }
         visiting.erase(name);
-        fiber_memo[name] = uses;
-        return uses;
+        memo[want_tg][name] = found;
+        return found;
+    }
+    bool uses_fibers(const std::string &name) {
+        std::set<std::string> visiting;
+        return uses(name, false, visiting);
+    }
+    bool uses_threadgroup_vars(const std::string &name) {
+        std::set<std::string> visiting;
+        return uses(name, true, visiting);
     }
 
     // ---- generated code -------------------------------------------------
@@ -976,8 +991,11 @@ struct Rewriter {
             }
             g += "static void __camel_entry_" + n +
                  "(void *const *b, void *const *tg, const camel_sim_thread *t) {\n";
-            g += "    __camel_cur = t;\n";
-            g += "    (void)b; (void)tg;\n";
+            // The current thread matters only to barriers, SIMD-group functions and
+            // threadgroup variables; a kernel without them skips the TLS store.
+            if (uses_fibers(kn.body_owner) || uses_threadgroup_vars(kn.body_owner))
+                g += "    __camel_cur = t;\n";
+            g += "    (void)b; (void)tg; (void)t;\n";
             g += "    " + fn + "(";
             for (size_t j = 0; j < kn.params.size(); j++) {
                 const Param &p = kn.params[j];
@@ -1022,8 +1040,7 @@ struct Rewriter {
             int max_buffer = -1;
             for (auto &p : kn.params)
                 if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index > max_buffer) max_buffer = p.index;
-            std::set<std::string> visiting;
-            bool fibers = uses_fibers(kn.body_owner, visiting);
+            bool fibers = uses_fibers(kn.body_owner);
             std::string n = std::to_string(i);
             g += "    {\"" + kn.host_name + "\", __camel_entry_" + n + ", " +
                  std::to_string(kn.params.size()) + ", " +
