@@ -7,7 +7,7 @@ done in place on the parameter's storage by the backend of its device: NumPy on
 
 import math
 
-from camel.tensor import Tensor
+from camel.tensor import Tensor, device_of
 
 
 class Optimizer:
@@ -21,11 +21,17 @@ class Optimizer:
         self.params = list(params)
         if not self.params:
             raise ValueError(f"[{name}] got an empty parameter list")
+        seen = {}
         for i, p in enumerate(self.params):
             if not isinstance(p, Tensor):
                 raise TypeError(f"[{name}] params[{i}] is a {type(p).__name__}, not a Tensor")
             if not p.requires_grad:
                 raise ValueError(f"[{name}] params[{i}] {tuple(p.shape)} has requires_grad=False")
+            if id(p) in seen:
+                first = seen[id(p)]
+                raise ValueError(f"[{name}] params[{i}] is the same tensor as params[{first}]")
+            seen[id(p)] = i
+        self.name = name
         self.state = {}  # id(param) -> dict of state storages on the param's device
 
     def zero_grad(self):
@@ -41,6 +47,16 @@ class Optimizer:
                 f"param {tuple(p.shape)} on {p.device}"
             )
         return g
+
+    def _check_state_device(self, i, p, storage):
+        # State is made on the param's device at its first step; the backend kernels
+        # need param, grad and state on one device.
+        if storage is not None and device_of(storage) != p.device:
+            raise RuntimeError(
+                f"[{self.name}] params[{i}] {tuple(p.shape)} is on {p.device} but its optimiser "
+                f"state is on {device_of(storage)}: the model was moved after the first step(); "
+                "move it before training, or make a new optimiser"
+            )
 
 
 def _check_range(name, what, value, low, high=math.inf):
@@ -82,6 +98,7 @@ class SGD(Optimizer):
             if first:
                 buf = backend.full(p.shape, 0.0, "float32") if self.momentum != 0 else None
                 state = self.state[id(p)] = {"momentum_buf": buf}
+            self._check_state_device(i, p, state["momentum_buf"])
             backend.sgd_step(
                 p.storage,
                 g.storage,
@@ -134,6 +151,7 @@ class Adam(Optimizer):
                     "m": backend.full(p.shape, 0.0, "float32"),  # first moment
                     "v": backend.full(p.shape, 0.0, "float32"),  # second moment
                 }
+            self._check_state_device(i, p, state["m"])
             state["step"] += 1
             backend.adam_step(
                 p.storage,

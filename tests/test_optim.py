@@ -177,3 +177,19 @@ def test_zero_grad_and_bad_arguments():
     p.grad = camel.tensor(np.ones(4, np.float32))
     with pytest.raises(ValueError, match=r"grad \(4,\) on cpu does not match param \(3,\) on cpu"):
         opt.step()
+
+
+def test_duplicate_params_and_moving_after_the_first_step_are_errors(devices):
+    p = nn.Parameter(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=r"params\[1\] is the same tensor as params\[0\]"):
+        optim.SGD([p, p], lr=0.1)
+    if "mps" not in devices:
+        pytest.skip("needs a second device")
+    lin = nn.Linear(3, 2)
+    opt = optim.Adam(lin.parameters())
+    lin(camel.tensor(np.ones((1, 3), np.float32))).sum().backward()
+    opt.step()
+    lin.to("mps")
+    lin(camel.tensor(np.ones((1, 3), np.float32), device="mps")).sum().backward()
+    with pytest.raises(RuntimeError, match=r"is on mps but its optimiser state is on cpu"):
+        opt.step()
