@@ -11,6 +11,7 @@ import sys
 BENCHMARKS = {
     "cpu": "camel.bench.cpu",  # camel vs PyTorch on the CPU: MLP Adam step, small-op host cost
     "matmul": "camel.bench.matmul",  # the GEMM ladder vs NumPy (validation) and MPS (speed)
+    "sim": "camel.bench.sim",  # the Metal simulator: fiber switch, cached load, SGEMM, dispatch
 }
 
 

@@ -103,6 +103,8 @@ struct Group {
     uint32_t order_pos;
     uint64_t rng;
     void *sched_sp;         // the worker's own stack while fibers run
+    uint32_t n_done;        // threads that have returned
+    uint32_t n_simd;        // threads waiting in a collective or simdgroup_barrier
     bool failed;
     std::string error;
 };
@@ -283,6 +285,7 @@ static void lane_main(void *arg) {
     Group &g = *tl_worker->group_ptr;
     g.k->entry(g.d->bindings.data(), g.tg.data(), &g.threads[l - g.lanes]);
     l->state = kDone;
+    g.n_done++;
     block(g, l);  // never comes back: a done lane is never ready again
 }
 
@@ -320,6 +323,7 @@ static bool resolve_simd(Group &g) {
             Lane &l = g.lanes[base + __builtin_ctz(bits)];
             if (l.state == kAtSimdBarrier) {
                 l.state = kReady;
+                g.n_simd--;
                 waiting &= ~(1u << __builtin_ctz(bits));
                 woke = true;
             }
@@ -347,6 +351,7 @@ static bool resolve_simd(Group &g) {
             }
             for (uint32_t bits = mask; bits; bits &= bits - 1)
                 g.lanes[base + __builtin_ctz(bits)].state = kReady;
+            g.n_simd -= __builtin_popcount(mask);
             waiting &= ~mask;
             woke = true;
         }
@@ -420,9 +425,11 @@ static bool run_fibers(Group &g) {
                 size_t color = (i % 63) * 64;
                 l.sp = camel_fiber_init(stack_of(w, i), kStackSize - color, lane_main, &l);
             }
+    g.n_done = g.n_simd = 0;
+    make_order(g);
     for (;;) {
         // A phase: run every ready fiber until it blocks or returns.
-        make_order(g);
+        if (g.d->order == kRandom) make_order(g);  // a new shuffle every phase
         g.order_pos = 0;
         Lane *first = next_ready(g);
         if (first) {
@@ -433,11 +440,11 @@ static bool run_fibers(Group &g) {
             w->stacks_dirty = true;
             return false;
         }
-        bool all_done = true;
-        for (uint32_t i = 0; i < g.nthreads && all_done; i++)
-            all_done = g.lanes[i].state == kDone;
-        if (all_done) return true;
-        if (resolve_simd(g)) continue;
+        if (g.n_done == g.nthreads) return true;
+        if (g.n_simd > 0) {
+            if (resolve_simd(g)) continue;
+        }
+        // Everyone left waits at a threadgroup barrier.
         if (g.failed || !release_barrier(g)) {
             w->stacks_dirty = true;
             return false;
@@ -563,6 +570,7 @@ static inline void wait_as(const camel_sim_thread *t, LaneState state, uint32_t 
     Lane *self = &g.lanes[t->thread_index_in_threadgroup];
     self->state = state;
     self->site = site;
+    if (state != kAtBarrier) g.n_simd++;
     block(g, self);  // a failed group never resumes its fibers
 }
 
