@@ -369,6 +369,36 @@ CASES = [
         "any",
         1e-6,
     ),
+    (
+        "bool4",
+        "float4(bool4(a < b)) * 2.0f + float4(float(bool4(a > b).x))",
+        lambda a, b, c: (a < b) * 2.0 + (a[:, :1] > b[:, :1]),
+        "float4",
+        "float4",
+        "any",
+        0,
+    ),
+    (
+        "bool4_members",
+        "float4(float(bool4(a < b).y), float(bool4(a < b)[3]), float(all(bool4(a < b))), "
+        "float(any(!bool4(a < b))))",
+        lambda a, b, c: np.stack(
+            [(a < b)[:, 1], (a < b)[:, 3], (a < b).all(1), (a >= b).any(1)], 1
+        ),
+        "float4",
+        "float4",
+        ("unit", "small"),
+        0,
+    ),
+    (
+        "isnan_vec",
+        "float4(isnan(select(a, float4(NAN), a > 0.5f)))",
+        lambda a, b, c: (a > 0.5).astype(np.float32),
+        "float4",
+        "float4",
+        "any",
+        0,
+    ),
     # ---- conversions ----------------------------------------------------------------
     (
         "float_to_int",

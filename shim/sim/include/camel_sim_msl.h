@@ -34,7 +34,6 @@ typedef __PTRDIFF_TYPE__ ptrdiff_t;
     typedef T name##2 __attribute__((ext_vector_type(2)));    \
     typedef T name##3 __attribute__((ext_vector_type(3)));    \
     typedef T name##4 __attribute__((ext_vector_type(4)));
-__CAMEL_VEC(bool, bool)
 __CAMEL_VEC(char, char)
 __CAMEL_VEC(unsigned char, uchar)
 __CAMEL_VEC(short, short)
@@ -116,6 +115,49 @@ template <class T, int N, class E> struct __camel_rebind<T __attribute__((ext_ve
     typedef E type __attribute__((ext_vector_type(N)));
 };
 
+
+// ---------------------------------------------------------------------------
+// bool2/3/4. clang's bool vectors have no .x, and its vector comparisons give
+// int masks (-1 = true), so MSL's bool vectors are small structs here: built
+// from a comparison (bool4 m = a < b), indexed (m.x, m[i]), and accepted by
+// all, any and select.
+// ---------------------------------------------------------------------------
+template <class T> struct __camel_is_boolvec { static constexpr bool value = false; };
+#define __CAMEL_COMMA ,
+#define __CAMEL_BOOLVEC(N, MEMBERS, ...)                                              \
+    struct bool##N;                                                                  \
+    template <> struct __camel_vt<bool##N> { static constexpr int n = N; typedef bool elem; }; \
+    template <> struct __camel_is_boolvec<bool##N> { static constexpr bool value = true; }; \
+    struct bool##N {                                                                 \
+        bool MEMBERS;                                                                \
+        bool##N() = default;                                                         \
+        constexpr bool##N(bool s) : __VA_ARGS__ {}                                   \
+        template <class V, class = typename __camel_enable_if<                       \
+                               __camel_vt<V>::n == N && !__camel_same<V, bool##N>::value>::type> \
+        bool##N(V m) {                                                               \
+            for (int i = 0; i < N; i++) (*this)[i] = m[i] != 0;                      \
+        }                                                                            \
+        bool &operator[](int i) { return (&x)[i]; }                                  \
+        bool operator[](int i) const { return (&x)[i]; }                             \
+        bool##N operator!() const {                                                  \
+            bool##N r;                                                               \
+            for (int i = 0; i < N; i++) r[i] = !(*this)[i];                          \
+            return r;                                                                \
+        }                                                                            \
+    };
+__CAMEL_BOOLVEC(2, x __CAMEL_COMMA y, x(s), y(s))
+__CAMEL_BOOLVEC(3, x __CAMEL_COMMA y __CAMEL_COMMA z, x(s), y(s), z(s))
+__CAMEL_BOOLVEC(4, x __CAMEL_COMMA y __CAMEL_COMMA z __CAMEL_COMMA w, x(s), y(s), z(s), w(s))
+#undef __CAMEL_BOOLVEC
+#undef __CAMEL_COMMA
+template <int N> struct __camel_boolvec_of;
+template <> struct __camel_boolvec_of<2> { typedef bool2 type; };
+template <> struct __camel_boolvec_of<3> { typedef bool3 type; };
+template <> struct __camel_boolvec_of<4> { typedef bool4 type; };
+template <class T, int N> struct __camel_rebind<T __attribute__((ext_vector_type(N))), bool> {
+    typedef typename __camel_boolvec_of<N>::type type;
+};
+
 // ---------------------------------------------------------------------------
 // Vector constructors: float4(a, b.xy) is rewritten to __camel_make<float4>(a, b.xy)
 // ---------------------------------------------------------------------------
@@ -136,7 +178,9 @@ template <class V, class... A> inline V __camel_make(A... a) {
         return (V)(a, ...);  // scalar "vector type": plain conversion
     } else if constexpr (sizeof...(A) == 1 && ((__camel_vt<A>::n == 1) && ...)) {
         return (V)(E)(a, ...);  // float4(x): every component is x
-    } else if constexpr (sizeof...(A) == 1 && ((__camel_vt<A>::n == n) && ...)) {
+    } else if constexpr (sizeof...(A) == 1 && ((__camel_vt<A>::n == n) && ...) &&
+                         !__camel_is_boolvec<V>::value &&
+                         !(__camel_is_boolvec<A>::value || ...)) {
         return __builtin_convertvector((a, ...), V);  // float4(int4): convert each component
     } else {
         static_assert(((int)__camel_vt<A>::n + ...) == n,
@@ -261,6 +305,14 @@ namespace metal {
 // The vector types are also reachable as metal::float4, and vec<T, N>.
 using ::uchar; using ::ushort; using ::uint; using ::ulong; using ::half;
 template <class T, int N> using vec = T __attribute__((ext_vector_type(N)));
+#define __CAMEL_USING_VEC(name) using ::name##2; using ::name##3; using ::name##4;
+__CAMEL_USING_VEC(bool) __CAMEL_USING_VEC(char) __CAMEL_USING_VEC(uchar)
+__CAMEL_USING_VEC(short) __CAMEL_USING_VEC(ushort) __CAMEL_USING_VEC(int)
+__CAMEL_USING_VEC(uint) __CAMEL_USING_VEC(long) __CAMEL_USING_VEC(ulong)
+__CAMEL_USING_VEC(half) __CAMEL_USING_VEC(float)
+#undef __CAMEL_USING_VEC
+using ::__camel_make;  // metal::float4(x) is rewritten to metal::__camel_make<float4>(x)
+using ::__camel_conv;
 
 // Lists of the vector types, for functions defined once per type.
 #define __CAMEL_FVECS(M) M(float2) M(float3) M(float4) M(half2) M(half3) M(half4)
@@ -1145,13 +1197,21 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, N, M> &d,
 #undef __CAMEL_AT
 }  // namespace metal
 
-// MSL's atomic_int & co. are usable without metal::.
-typedef metal::atomic<int> atomic_int;
-typedef metal::atomic<uint> atomic_uint;
-typedef metal::atomic<float> atomic_float;
-typedef metal::atomic<bool> atomic_bool;
-typedef metal::atomic<ulong> atomic_ulong;
-typedef metal::atomic<long> atomic_long;
+// MSL's atomic_int & co., as metal::atomic_int and without metal::.
+namespace metal {
+typedef atomic<int> atomic_int;
+typedef atomic<uint> atomic_uint;
+typedef atomic<float> atomic_float;
+typedef atomic<bool> atomic_bool;
+typedef atomic<ulong> atomic_ulong;
+typedef atomic<long> atomic_long;
+}  // namespace metal
+using metal::atomic_int;
+using metal::atomic_uint;
+using metal::atomic_float;
+using metal::atomic_bool;
+using metal::atomic_ulong;
+using metal::atomic_long;
 using metal::memory_order;
 using metal::memory_order_relaxed;
 using metal::memory_order_acquire;
