@@ -1,6 +1,8 @@
 """GPT-mini: a character-level GPT trained on Shakespeare, then sampled.
 
-    python examples/gpt_mini.py                          # default config, a few minutes on a CPU
+    python examples/gpt_mini.py                          # "cpu" config, a few minutes on a CPU
+    python examples/gpt_mini.py --device mps             # "gpu" config on an Apple GPU,
+                                                         # "tiny" on the Metal simulator
     python examples/gpt_mini.py --steps 200 --save ckpt.npz
     python examples/gpt_mini.py --load ckpt.npz --steps 0 --prompt "ROMEO:"   # sample only
     python examples/gpt_mini.py --data my_text.txt       # any plain-text file
@@ -8,6 +10,15 @@
 The model is the blueprint's: token and position embeddings, n_layers pre-LayerNorm
 blocks (causal multi-head attention, then an MLP, each with a residual), a final
 LayerNorm and a linear head to vocabulary logits. Tokens are characters.
+
+Configs (--config; the default picks one for the device, any flag below overrides a value):
+
+    name   d_model layers heads  max_seq_len  batch  parameters (vocabulary 84)
+    gpu        384      6     6          256     16  10.8 M   an Apple GPU ("mps" on a Mac)
+    cpu        128      2     4           64     16  0.43 M   NumPy on the CPU
+    tiny        32      2     4           32      4  0.03 M   the Metal simulator (CI, Linux)
+
+Every step prints the loss and the tokens per second (batch * seq_len per step).
 """
 
 import argparse
@@ -141,19 +152,38 @@ def load_checkpoint(path):
     return model, cfg, vocab
 
 
+# Model shape and training defaults per config (see the table in the docstring).
+CONFIGS = {
+    "gpu": dict(d_model=384, n_layers=6, n_heads=6, max_seq_len=256,
+                batch_size=16, seq_len=256, steps=2000, lr=1e-3),
+    "cpu": dict(d_model=128, n_layers=2, n_heads=4, max_seq_len=64,
+                batch_size=16, seq_len=64, steps=1500, lr=3e-3),
+    "tiny": dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
+                 batch_size=4, seq_len=32, steps=200, lr=3e-3),
+}  # fmt: skip
+
+
+def default_config(device):
+    """The config for a device: "gpu" on an Apple GPU, "tiny" on the Metal simulator."""
+    if device != "mps":
+        return "cpu"
+    return "tiny" if camel.metal.is_simulator() else "gpu"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    # "cpu" by default until the mps backend has every op GPT-mini needs (Stage 5A)
     p.add_argument("--device", default="cpu", help='"cpu" or "mps"')
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--config", default=None, choices=sorted(CONFIGS),
+                   help="model and training defaults (default: by device)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None)
     p.add_argument("--data", default=None, help="plain-text file (default: Shakespeare)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=64, help="training window, <= max_seq_len")
-    p.add_argument("--d-model", type=int, default=GPTConfig.d_model)
-    p.add_argument("--n-layers", type=int, default=GPTConfig.n_layers)
-    p.add_argument("--n-heads", type=int, default=GPTConfig.n_heads)
-    p.add_argument("--max-seq-len", type=int, default=GPTConfig.max_seq_len)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None, help="training window, <= max_seq_len")
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--n-layers", type=int, default=None)
+    p.add_argument("--n-heads", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save", default=None, help="write a checkpoint (.npz) after training")
     p.add_argument("--load", default=None, help="start from a checkpoint (.npz)")
@@ -165,7 +195,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = args.device
-    print(f"device: {device}")
+    config = args.config or default_config(device)
+    for key, value in CONFIGS[config].items():  # a flag given on the command line wins
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    where = camel.metal.device_name() if device == "mps" else "NumPy"
+    print(f"device: {device} ({where}), config: {config}")
     camel.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
@@ -188,7 +223,9 @@ def main(argv=None):
 
     optimizer = optim.Adam(model.parameters(), lr=args.lr)
     losses = []
-    start = time.perf_counter()
+    tokens_per_step = args.batch_size * seq_len
+    start = last_time = time.perf_counter()
+    last_step = 0
     for step in range(1, args.steps + 1):
         xb, yb = get_batch(ids, args.batch_size, seq_len, rng)
         x = camel.tensor(xb, device=device)  # (B, T)
@@ -200,11 +237,14 @@ def main(argv=None):
         losses.append(loss.item())
         if step == 1 or step % args.log_every == 0 or step == args.steps:
             recent = np.mean(losses[-args.log_every :])
-            elapsed = time.perf_counter() - start
+            now = time.perf_counter()
             window = min(step, args.log_every)
+            # tokens/s over the steps since the last line (step 1 includes compiling kernels)
+            rate = (step - last_step) * tokens_per_step / (now - last_time)
+            last_step, last_time = step, now
             print(
                 f"step {step:5d}  loss {losses[-1]:.4f}  (mean of last {window}: {recent:.4f})"
-                f"  {elapsed:6.1f} s"
+                f"  {now - start:6.1f} s  {rate:8.0f} tokens/s"
             )
 
     if args.save:
