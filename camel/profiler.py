@@ -48,7 +48,8 @@ class profile:  # noqa: N801 (used like a function: `with camel.profile() as pro
 
     def __enter__(self) -> profile:
         # Dispatches encoded before the block must not share a command buffer with ours.
-        metal.commit()
+        if metal._lib is not None:  # (no shim loaded yet: nothing to commit, nothing to load)
+            metal.commit()
         metal._profilers.append(self)
         return self
 
@@ -69,6 +70,8 @@ class profile:  # noqa: N801 (used like a function: `with camel.profile() as pro
 
     def _resolve(self, wait: bool) -> None:
         """Fill in `ms` of events whose command buffers have completed."""
+        if not self._events:
+            return
         if wait:
             metal.synchronize()
         done = metal.completed_id()
@@ -92,6 +95,8 @@ class profile:  # noqa: N801 (used like a function: `with camel.profile() as pro
         """Per kernel: calls, total ms, mean ms, and GFLOP/s or GB/s where the dispatch
         passed flops=/bytes= counts. Sorted by total time."""
         events = self.events
+        if not events:
+            return "camel.profile: no kernel dispatches"
         rows: dict[str, dict] = {}
         for e in events:
             r = rows.setdefault(

@@ -381,3 +381,12 @@ def test_grid_spellings_that_are_accepted(lib):
         y = metal.DeviceArray.zeros(40)
         fn(x, y, 2.0, 0.0, 40, threads=grid, threads_per_threadgroup=tpg)
         np.testing.assert_array_equal(y.numpy(), 2 * np.arange(40))
+
+
+def test_profile_without_dispatches():
+    from camel.profiler import profile
+
+    with profile() as prof:
+        pass
+    assert prof.events == []
+    assert prof.table() == "camel.profile: no kernel dispatches"
