@@ -408,6 +408,8 @@ def capture_end() -> None:
 #
 # Size classes: requests round up to at least 256 bytes, then to the next of the
 # four steps per power of two (2^k, 1.25*2^k, 1.5*2^k, 1.75*2^k); waste is < 25%.
+# Every capacity is a multiple of 64 bytes, so a float4 kernel may round a length up
+# to a multiple of 4 elements without leaving the buffer.
 #
 # The hazard: dispatches are committed lazily, so a kernel already encoded may still
 # READ a buffer that Python has dropped. Reusing it for a GPU write is safe (the queue
@@ -845,6 +847,8 @@ class Function:
     threadgroup in each dimension may be partial). An int stands for (n, 1, 1).
     threadgroup_memory[i] is the length of [[threadgroup(i)]] (rounded up to 16 bytes,
     as Metal requires). flops= and bytes= are optional counts for camel.profile().
+
+    Each Function reuses one preallocated descriptor: dispatch from one thread.
     """
 
     def __init__(self, library: Library, name: str):
