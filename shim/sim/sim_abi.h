@@ -104,7 +104,11 @@ typedef struct camel_sim_runtime {
     /* threadgroup_barrier / simdgroup_barrier (flags are MSL mem_flags). */
     void (*threadgroup_barrier)(const camel_sim_thread *t, uint32_t flags, uint32_t site);
     void (*simdgroup_barrier)(const camel_sim_thread *t, uint32_t flags, uint32_t site);
-    /* A SIMD-group collective at call site `site` (e.g. line * 4096 + column).
+    /* (sim-runtime note) Sites must grow with the position in the source, as
+     * line * 4096 + column does: when lanes of one SIMD group wait at different
+     * sites, the runtime resolves the smallest site first (where a GPU would
+     * reconverge) and keeps the others waiting. 0 means unknown.
+     * A SIMD-group collective at call site `site` (e.g. line * 4096 + column).
      * Blocks this lane until resolved. */
     void (*simd_collective)(const camel_sim_thread *t, uint32_t site,
                             camel_sim_resolver resolve, const void *in, void *out,
