@@ -126,6 +126,22 @@ def test_guard_rejects_recursion():
     assert "rec.metal:4: function 'fact' calls itself; recursion is not supported" in msg
 
 
+def test_overloads_calling_each_other_are_not_recursion():
+    src = HEADER + (
+        "inline float relu(float x) { return max(x, 0.0f); }\n"
+        "inline float4 relu(float4 v) {\n"
+        "    return float4(relu(v.x), relu(v.y), relu(v.z), relu(v.w));\n"
+        "}\n"
+        "kernel void k(device float4* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {\n"
+        "    x[i] = relu(x[i]);\n"
+        "}\n"
+    )
+    lib = metal.compile(src, "overloads.metal")
+    x = _dev(np.array([[-1, 2, -3, 4], [5, -6, 7, -8]], np.float32))
+    lib.function("k")(x, threads=2, threads_per_threadgroup=2)
+    np.testing.assert_array_equal(x.numpy(), [[0, 2, 0, 4], [5, 0, 7, 0]])
+
+
 def test_guard_reports_every_problem():
     src = HEADER + (
         "kernel void k(device float* x [[buffer(0)]]) {\n"

@@ -912,12 +912,16 @@ struct Rewriter {
 
     // ---- after the pass -------------------------------------------------
     // Recursion: a user function whose body calls a function of the same name.
+    // Overloads (float4 relu(float4) calling float relu(float)) cannot be told
+    // apart without types, so a name defined more than once is not checked;
+    // nor is a qualified call (metal::dot inside a function named dot).
     void check_recursion() {
         for (auto &f : functions) {
+            if (f.second.size() != 1) continue;
             for (auto &fi : f.second) {
                 for (size_t j = fi.body_begin + 1; j < fi.body_end; j++) {
                     if (S(j).kind == IDENT && txt(j) == f.first && is(j + 1, "(") &&
-                        !(j > 0 && (is(j - 1, ".") || is(j - 1, "->")))) {
+                        !(j > 0 && (is(j - 1, ".") || is(j - 1, "->") || is(j - 1, "::")))) {
                         error_at(j, "function '" + f.first +
                                         "' calls itself; recursion is not supported by Metal");
                         break;
