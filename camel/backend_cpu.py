@@ -203,11 +203,10 @@ def sum(x, axis, keepdims):
 
 def sum_backward(grad, in_shape, axis):
     """Gradient of sum: copy grad along the reduced axis back to in_shape.
-    grad has the keepdims shape (in_shape with in_shape[axis] -> 1) or, for
-    axis None, any shape of size 1."""
-    if axis is None:
-        grad = grad.reshape((1,) * len(in_shape))
-    return _new(np.broadcast_to(grad, in_shape))
+    grad has the shape of sum's output, with or without keepdims (the same data:
+    in_shape with the reduced axis removed or set to 1; all of it for axis None)."""
+    keep = tuple(1 if axis is None or i == axis else n for i, n in enumerate(in_shape))
+    return _new(np.broadcast_to(grad.reshape(keep), in_shape))
 
 
 def max(x, axis, keepdims):

@@ -265,16 +265,12 @@ class Sum(Function):
 
     @staticmethod
     def forward(ctx, x, axis, keepdims):  # axis: int >= 0 or None
-        ctx.in_shape, ctx.axis, ctx.keepdims = x.shape, axis, keepdims
+        ctx.in_shape, ctx.axis = x.shape, axis
         return ctx.backend.sum(x, axis, keepdims)
 
     @staticmethod
-    def backward(ctx, grad):
-        be = ctx.backend
-        if ctx.axis is not None and not ctx.keepdims:  # put the reduced axis back as size 1
-            keep = tuple(1 if i == ctx.axis else n for i, n in enumerate(ctx.in_shape))
-            grad = be.reshape(grad, keep)
-        return be.sum_backward(grad, ctx.in_shape, ctx.axis)
+    def backward(ctx, grad):  # grad has the output's shape
+        return ctx.backend.sum_backward(grad, ctx.in_shape, ctx.axis)
 
 
 class Max(Function):
