@@ -775,6 +775,16 @@ SIMD_CASES = [
         "float(uint(ulong(simd_ballot(x > 1.0f)) & 0xffffffffu))",
         lambda x, u: np.full(32, float(sum(1 << i for i in range(32) if x[i] > 1))),
     ),
+    (
+        "fill_down",
+        "simd_shuffle_and_fill_down(x, x + 100.0f, 3)",
+        lambda x, u: np.concatenate([x[3:], x[:3] + 100]),
+    ),
+    (
+        "fill_up_modulo",
+        "simd_shuffle_and_fill_up(x, -x, 2, 8)",
+        lambda x, u: np.concatenate([np.r_[-q[-2:], q[:-2]] for q in x.reshape(4, 8)]),
+    ),
     ("all", "float(simd_all(x > 0.4f))", lambda x, u: np.full(32, float((x > 0.4).all()))),
     ("any", "float(simd_any(x > 1.45f))", lambda x, u: np.full(32, float((x > 1.45).any()))),
     ("is_first", "float(simd_is_first())", lambda x, u: (np.arange(32) == 0).astype(float)),

@@ -204,8 +204,15 @@ template <class V, class A> inline V operator->*(__camel_conv<V>, A a) { return 
 // ---------------------------------------------------------------------------
 inline const camel_sim_runtime *__camel_rt;
 inline thread_local const camel_sim_thread *__camel_cur;
-// A call site id for barriers and collectives: the caller's line and column.
-inline uint32_t __camel_site(unsigned line, unsigned col) { return line * 4096u + (col & 4095u); }
+// A call site id for barriers and collectives: the caller's line and column,
+// taken by a last parameter `__camel_where w = {__builtin_LINE(), __builtin_COLUMN()}`
+// (a struct, so a stray extra argument such as simd_sum(x, 3) does not compile).
+struct __camel_where {
+    unsigned line, col;
+};
+inline uint32_t __camel_site(__camel_where w) { return w.line * 4096u + (w.col & 4095u); }
+#define __CAMEL_SITE __camel_where __w = {__builtin_LINE(), __builtin_COLUMN()}
+#define __CAMEL_AT __camel_site(__w)
 
 // threadgroup T x[N]; in a kernel becomes auto &x = *__camel_tg<T[N]>();
 // every thread of the group gets the same address.
@@ -797,16 +804,14 @@ enum class mem_flags : uint {
 };
 inline constexpr mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((uint)a | (uint)b); }
 
-inline void threadgroup_barrier(mem_flags f, unsigned line = __builtin_LINE(),
-                                unsigned col = __builtin_COLUMN()) {
+inline void threadgroup_barrier(mem_flags f, __CAMEL_SITE) {
     const camel_sim_thread *t = __camel_cur;
-    __camel_rt->threadgroup_barrier(t, (uint)f, __camel_site(line, col));
+    __camel_rt->threadgroup_barrier(t, (uint)f, __CAMEL_AT);
     __camel_cur = t;
 }
-inline void simdgroup_barrier(mem_flags f, unsigned line = __builtin_LINE(),
-                              unsigned col = __builtin_COLUMN()) {
+inline void simdgroup_barrier(mem_flags f, __CAMEL_SITE) {
     const camel_sim_thread *t = __camel_cur;
-    __camel_rt->simdgroup_barrier(t, (uint)f, __camel_site(line, col));
+    __camel_rt->simdgroup_barrier(t, (uint)f, __CAMEL_AT);
     __camel_cur = t;
 }
 inline void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_scope::thread_scope_device) {
@@ -969,8 +974,6 @@ inline quad_vote __camel_vote4(bool b, uint32_t site) {
     return quad_vote((ushort)r[0], (ushort)r[1]);
 }
 
-#define __CAMEL_SITE unsigned __l = __builtin_LINE(), unsigned __c = __builtin_COLUMN()
-#define __CAMEL_AT __camel_site(__l, __c)
 
 #define __CAMEL_GROUP_FUNCS(P, G)                                                                  \
     template <class T> inline T P##_sum(T x, __CAMEL_SITE) {                                     \
@@ -1050,6 +1053,56 @@ inline quad_vote __camel_vote4(bool b, uint32_t site) {
 
 __CAMEL_GROUP_FUNCS(simd, 32)
 __CAMEL_GROUP_FUNCS(quad, 4)
+
+// simd_shuffle_and_fill_down(data, fill, delta[, modulo]): within segments of
+// `modulo` lanes (default: the whole group), lane l reads data from l + delta;
+// past the end of the segment it reads fill from l + delta - modulo.
+// _up mirrors it: l - delta, and before the start fill from l - delta + modulo.
+template <class T> struct __camel_fill_in {
+    T data, fill;
+    uint32_t delta, modulo;
+};
+template <class T, bool Down, int G>
+int __camel_resolve_fill(camel_sim_lane *lanes, uint32_t mask, const void *, const char **error) {
+    T result[32];
+    for (int l = 0; l < 32; l++) {
+        if (!(mask & (1u << l))) continue;
+        const __camel_fill_in<T> *in = (const __camel_fill_in<T> *)lanes[l].in;
+        int m = in->modulo ? (int)in->modulo : G, d = (int)in->delta;
+        if (m > G || G % m != 0) {
+            *error = "simd_shuffle_and_fill: modulo must divide the SIMD-group width";
+            return 1;
+        }
+        int base = l - l % m, me = l % m, src = Down ? me + d : me - d;
+        bool fill = Down ? src >= m : src < 0;
+        src = ((src % m) + m) % m + base;
+        if (!(mask & (1u << src))) {
+            result[l] = __camel_poison<T>();
+        } else {
+            const __camel_fill_in<T> *from = (const __camel_fill_in<T> *)lanes[src].in;
+            result[l] = fill ? from->fill : from->data;
+        }
+    }
+    for (int l = 0; l < 32; l++)
+        if (mask & (1u << l)) *(T *)lanes[l].out = result[l];
+    return 0;
+}
+#define __CAMEL_FILL_FUNCS(P, G)                                                                   \
+    template <class T>                                                                           \
+    inline T P##_shuffle_and_fill_down(T data, __camel_identity_t<T> fill, ushort delta,         \
+                                       ushort modulo = 0, __CAMEL_SITE) {                        \
+        return __camel_collective<__camel_fill_in<T>, T>(__camel_resolve_fill<T, true, G>,       \
+                                                         {data, fill, delta, modulo}, __CAMEL_AT); \
+    }                                                                                            \
+    template <class T>                                                                           \
+    inline T P##_shuffle_and_fill_up(T data, __camel_identity_t<T> fill, ushort delta,           \
+                                     ushort modulo = 0, __CAMEL_SITE) {                          \
+        return __camel_collective<__camel_fill_in<T>, T>(__camel_resolve_fill<T, false, G>,      \
+                                                         {data, fill, delta, modulo}, __CAMEL_AT); \
+    }
+__CAMEL_FILL_FUNCS(simd, 32)
+__CAMEL_FILL_FUNCS(quad, 4)
+#undef __CAMEL_FILL_FUNCS
 
 inline simd_vote simd_ballot(bool b, __CAMEL_SITE) { return __camel_vote32(b, __CAMEL_AT); }
 inline quad_vote quad_ballot(bool b, __CAMEL_SITE) { return __camel_vote4(b, __CAMEL_AT); }
