@@ -193,6 +193,20 @@ std::string cache_dir() {
     return root + "/camel/sim";
 }
 
+// The cache directory, created if needed; when the home cache cannot be
+// written (a read-only home in CI), a per-user directory under $TMPDIR.
+std::string usable_cache_dir(std::string &err) {
+    std::string dir = cache_dir();
+    if (mkdirs(dir) && access(dir.c_str(), W_OK) == 0) return dir;
+    std::string first = dir + ": " + strerror(errno);
+    const char *tmp = getenv("TMPDIR");
+    dir = std::string(tmp && *tmp ? tmp : "/tmp") + "/camel-sim-cache-" + std::to_string(getuid());
+    if (mkdirs(dir) && access(dir.c_str(), W_OK) == 0) return dir;
+    err = "[sim] cannot create a kernel cache directory (" + first + "; " + dir + ": " +
+          strerror(errno) + "); set XDG_CACHE_HOME to a writable directory";
+    return "";
+}
+
 // Sanitizer flags from CAMEL_SIM_SANITIZE ("address", "undefined", or both).
 bool sanitize_flags(std::string &value, std::string &err) {
     const char *v = getenv("CAMEL_SIM_SANITIZE");
@@ -389,7 +403,11 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     }
     hash_headers(h, inc);
     std::string key = h.hex();
-    std::string dir = cache_dir();
+    std::string dir = usable_cache_dir(err);
+    if (dir.empty()) {
+        *log = dup_string(err);
+        return 1;
+    }
     std::string so = dir + "/" + key + ".so";
     if (file_exists(so)) {
         if (verbose()) fprintf(stderr, "[sim] cache hit %s -> %s\n", display.c_str(), so.c_str());
@@ -403,11 +421,6 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
         return 1;
     }
 
-    if (!mkdirs(dir)) {
-        *log = dup_string("[sim] cannot create the kernel cache directory " + dir + ": " +
-                          strerror(errno));
-        return 1;
-    }
     if (verbose()) fprintf(stderr, "[sim] compiling %s -> %s\n", display.c_str(), so.c_str());
     std::string tmp = dir + "/" + key + ".tmp." + std::to_string(getpid()) + "." +
                       std::to_string(g_counter++);
