@@ -11,9 +11,10 @@ functional.py (every op, forward and backward side by side), backend_cpu.py
 (the narrow waist every backend implements).
 """
 
-from camel import functional
+from camel import functional, metal, nn, optim
 from camel.autograd import is_grad_enabled, no_grad
 from camel.gradcheck import GradcheckError, gradcheck
+from camel.profiler import profile
 from camel.tensor import (
     Tensor,
     arange,
@@ -25,25 +26,6 @@ from camel.tensor import (
     tensor,
     zeros,
 )
-
-# TODO(lead): nn, optim, metal and profiler are written in parallel with this file;
-# the try/except only keeps `import camel` working until they land. Remove it then.
-try:
-    from camel import nn
-except ImportError:  # pragma: no cover
-    nn = None
-try:
-    from camel import optim
-except ImportError:  # pragma: no cover
-    optim = None
-try:
-    from camel import metal
-except ImportError:  # pragma: no cover
-    metal = None
-try:
-    from camel.profiler import profile
-except ImportError:  # pragma: no cover
-    profile = None
 
 __all__ = [
     "GradcheckError",
