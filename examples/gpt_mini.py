@@ -136,6 +136,31 @@ def generate(model, vocab, prompt, n_chars, temperature=0.8, top_k=20, rng=None,
     return vocab.decode(ids)
 
 
+# Kernel families for the time shares of --profile: the first matching prefix wins.
+FAMILIES = [
+    ("matmul", "matmul (Linear, attention scores and P @ V)"),
+    ("softmax", "attention softmax (fused causal mask) and its backward"),
+    ("cross_entropy", "loss"),
+    ("layernorm", "LayerNorm"),
+    ("gelu", "GELU"),
+    ("embedding", "embedding"),
+    ("permute", "layout: head permutes"),
+    ("slice", "layout: q/k/v slices"),
+    ("adam", "optimiser"),
+]
+
+
+def kernel_shares(prof):
+    """[(family, ms, share of the total)] of a camel.profile(), largest first."""
+    totals = {}
+    for e in prof.events:
+        family = next((label for prefix, label in FAMILIES if e.name.startswith(prefix)), None)
+        family = family or "elementwise and reductions (add, sum, fill, ...)"
+        totals[family] = totals.get(family, 0.0) + (e.ms or 0.0)
+    grand = sum(totals.values()) or 1.0
+    return sorted(((f, ms, ms / grand) for f, ms in totals.items()), key=lambda r: -r[1])
+
+
 def save_checkpoint(path, model, cfg, vocab):
     arrays = {"param/" + k: v for k, v in model.state_dict().items()}
     np.savez(path, config=json.dumps(asdict(cfg)), vocab="".join(vocab.chars), **arrays)
@@ -192,6 +217,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="profile one step after training")
     args = p.parse_args(argv)
 
     device = args.device
@@ -246,6 +272,22 @@ def main(argv=None):
                 f"step {step:5d}  loss {losses[-1]:.4f}  (mean of last {window}: {recent:.4f})"
                 f"  {now - start:6.1f} s  {rate:8.0f} tokens/s"
             )
+
+    if args.profile and device != "mps":
+        print("--profile times Metal kernel dispatches: run with --device mps")
+    elif args.profile:
+        xb, yb = get_batch(ids, args.batch_size, seq_len, rng)
+        x, y = camel.tensor(xb, device=device), camel.tensor(yb, device=device)
+        with camel.profile() as prof:  # one whole training step
+            loss = lm_loss(model, x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()
+        print(prof.table())
+        print("time shares of one training step:")
+        for family, ms, share in kernel_shares(prof):
+            print(f"  {share:6.1%}  {ms:9.3f} ms  {family}")
 
     if args.save:
         save_checkpoint(args.save, model, cfg, vocab)

@@ -166,12 +166,15 @@ def test_gpt_mini_trains_on_mps(gpt, tmp_path, capsys):
     args = ["--device", "mps", "--config", "tiny", "--data", str(data), "--steps", "12",
             "--batch-size", "4", "--seq-len", "16", "--lr", "1e-2", "--log-every", "4",
             "--sample-chars", "8", "--top-k", "3", "--temperature", "0.7",
-            "--save", str(ckpt)]  # fmt: skip
+            "--save", str(ckpt), "--profile"]  # fmt: skip
     result = gpt.main(args)
     out = capsys.readouterr().out
     losses = result["losses"]
     assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
     assert "config: tiny" in out and "tokens/s" in out and "---- sample ----" in out
+    shares = out.split("time shares of one training step:")[1].split("saved")[0]
+    percents = [float(line.split("%")[0]) for line in shares.strip().splitlines()]
+    assert abs(sum(percents) - 100.0) < 0.5 and "LayerNorm" in shares, shares
     # the checkpoint reloads and gives the same logits on "mps"
     model, cfg, vocab = gpt.load_checkpoint(ckpt)
     assert cfg == result["config"]
