@@ -24,6 +24,7 @@ Every dispatch passes flops= and bytes= so `camel.profile()` shows GFLOP/s and G
 
 import builtins
 import math
+import os
 
 import numpy as np
 
@@ -580,7 +581,7 @@ def cross_entropy_backward(probs, targets, grad):
 
 
 # The LayerNorm forward ladder (ops_layernorm.metal): version -> kernel. Version 2 (one
-# sweep fewer) is the default; tests run both, docs/stage4.md times them.
+# sweep fewer) is the default; CAMEL_LAYERNORM=1 picks version 1 (docs/stage4.md).
 LAYERNORM_FORWARD = {1: "layernorm_forward_v1", 2: "layernorm_forward_v2"}
 LAYERNORM_VERSION = 2
 
@@ -592,13 +593,15 @@ def layer_norm(x, weight, bias, eps):
     out, mean, rstd = _empty(x.shape), _empty(x.shape[:-1]), _empty(x.shape[:-1])
     if rows == 0 or d == 0:
         return out, mean, rstd
-    if LAYERNORM_VERSION not in LAYERNORM_FORWARD:
+    version = os.environ.get("CAMEL_LAYERNORM", LAYERNORM_VERSION)
+    if str(version) not in {str(v) for v in LAYERNORM_FORWARD}:
         raise ValueError(
-            f"[layer_norm] unknown LAYERNORM_VERSION {LAYERNORM_VERSION}; "
-            f"valid: {sorted(LAYERNORM_FORWARD)}"
+            f"[layer_norm] unknown LayerNorm version {version!r} (CAMEL_LAYERNORM or "
+            f"LAYERNORM_VERSION); valid: {sorted(LAYERNORM_FORWARD)}"
         )
-    sweeps = 4 - LAYERNORM_VERSION  # reads of x: v1 three, v2 two
-    fn = _kernel(_LN, LAYERNORM_FORWARD[LAYERNORM_VERSION])
+    version = int(version)
+    sweeps = 4 - version  # reads of x: v1 three, v2 two
+    fn = _kernel(_LN, LAYERNORM_FORWARD[version])
     fn(x, weight, bias, out, mean, rstd, d, float(eps), threadgroups=rows,
        threads_per_threadgroup=_row_threads(d), flops=8 * x.size,
        bytes=((sweeps + 1) * x.size + 2 * d + 2 * rows) * _F32)  # fmt: skip

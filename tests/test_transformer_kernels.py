@@ -10,6 +10,7 @@ vocab 65 and 1000), in all three simulator schedule orders.
 import numpy as np
 import pytest
 
+import camel
 from camel import backend_cpu as cpu
 
 ORDERS = ["forward", "reverse", "random"]
@@ -82,11 +83,17 @@ def test_layer_norm_v2_large_mean(mps):
     close(host(mps, out), want_out, rtol=2e-3, atol=2e-3)
 
 
-def test_layer_norm_unknown_version(mps, monkeypatch):
-    monkeypatch.setattr(mps, "LAYERNORM_VERSION", 7)
-    x = mps.from_numpy(rand(2, 3))
-    with pytest.raises(ValueError, match=r"LAYERNORM_VERSION 7.*\[1, 2\]"):
-        mps.layer_norm(x, mps.from_numpy(rand(3)), mps.from_numpy(rand(3)), 1e-5)
+def test_layer_norm_version_from_environment(mps, monkeypatch):
+    x, w, b = rand(4, 33, seed=21, shift=5.0), rand(33, seed=22), rand(33, seed=23)
+    args = [mps.from_numpy(a) for a in (x, w, b)]
+    monkeypatch.setenv("CAMEL_LAYERNORM", "1")
+    with camel.profile() as prof:
+        out = host(mps, mps.layer_norm(*args, 1e-5)[0])
+    assert [e.name for e in prof.events] == ["layernorm_forward_v1"]
+    close(out, cpu.layer_norm(x, w, b, 1e-5)[0], atol=1e-4)
+    monkeypatch.setenv("CAMEL_LAYERNORM", "7")
+    with pytest.raises(ValueError, match=r"version '7' \(CAMEL_LAYERNORM.*valid: \[1, 2\]"):
+        mps.layer_norm(*args, 1e-5)
 
 
 @pytest.mark.parametrize("shape", LN_SHAPES)
