@@ -371,6 +371,11 @@ def test_threadgroup_size_limit(sim):
         sim.dispatch("partial_barrier", [], grid=(1, 1, 1), tpg=(32, 64, 1))
 
 
+def test_grid_too_large(sim):
+    with pytest.raises(SimError, match=r"grid \(8388608, 1, 1\) threadgroups is too large"):
+        sim.dispatch("partial_barrier", [], grid=(1 << 23, 1, 1), tpg=(1024, 1, 1))
+
+
 def test_threadgroup_memory_limits(sim):
     with pytest.raises(SimError, match="40000 bytes of threadgroup variables .* 32768"):
         sim.run("big_static", [], grid=(1, 1, 1), tpg=(1, 1, 1))

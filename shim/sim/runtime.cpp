@@ -408,6 +408,20 @@ static bool validate(const camel_dispatch_desc *desc, const camel_sim_kernel_des
                   kMaxThreadsPerThreadgroup);
         return false;
     }
+    // thread_position_in_grid is a 32-bit uint on every axis.
+    uint64_t groups_total = 1;
+    for (int a = 0; a < 3; a++) {
+        uint64_t g = desc->grid[a];
+        uint64_t threads = desc->grid_is_threads ? g : g * tpg[a];
+        groups_total *= desc->grid_is_threads ? (g + tpg[a] - 1) / tpg[a] : g;
+        if (threads > 0xffffffffull || groups_total > 0xffffffffull) {
+            set_error("[dispatch] kernel '%s': the grid (%u, %u, %u) %s is too large: more "
+                      "than 2^32 - 1 threads along an axis or threadgroups in total",
+                      name, desc->grid[0], desc->grid[1], desc->grid[2],
+                      desc->grid_is_threads ? "threads" : "threadgroups");
+            return false;
+        }
+    }
     int needed = k->max_buffer_index + 1;
     if ((int)desc->nargs != needed) {
         set_error("[dispatch] kernel '%s' takes %d buffer argument%s ([[buffer(0)]] .. "
