@@ -5,6 +5,7 @@ address spaces and threadgroup declarations, the on-disk cache and sanitizers.
 Only meaningful on the simulator: on a Mac with the Metal shim these are skipped.
 """
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -326,3 +327,101 @@ def test_undefined_behaviour_sanitizer_names_the_metal_line(tmp_path):
         pytest.skip("no UBSan runtime (Debian: apt-get install libclang-rt-19-dev)")
     assert "result 8" in r.stdout, r.stderr
     assert "shaders/ub.metal:5:" in r.stderr and "shift exponent 40" in r.stderr
+
+
+# ---- the generated library description (shim/sim/sim_abi.h), read directly ---------------
+
+
+class _Param(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("kind", ctypes.c_int32),
+        ("index", ctypes.c_int32),
+        ("value_size", ctypes.c_uint32),
+        ("is_pointer", ctypes.c_int32),
+    ]
+
+
+class _Kernel(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("entry", ctypes.c_void_p),
+        ("nparams", ctypes.c_int32),
+        ("params", ctypes.POINTER(_Param)),
+        ("max_buffer_index", ctypes.c_int32),
+        ("needs_fibers", ctypes.c_int32),
+    ]
+
+
+class _Library(ctypes.Structure):
+    _fields_ = [
+        ("abi_version", ctypes.c_int32),
+        ("nkernels", ctypes.c_int32),
+        ("kernels", ctypes.POINTER(_Kernel)),
+    ]
+
+
+DESC_SRC = (
+    HEADER
+    + r"""
+struct Params { float scale; uint n; uint pad[2]; };
+inline float reduce(float v) { return simd_sum(v); }       // a SIMD op, one call away
+inline float twice(float v) { return reduce(v) * 2.0f; }   // ...and two calls away
+kernel void plain(device const float* x [[buffer(0)]], device float* y [[buffer(2)]],
+                  constant Params& p [[buffer(5)]], uint2 gid [[thread_position_in_grid]]) {
+    y[gid.x] = x[gid.x] * p.scale;
+}
+kernel void with_barrier(device float* x [[buffer(0)]], threadgroup float* tg [[threadgroup(1)]],
+                         ushort lid [[thread_index_in_simdgroup]]) {
+    tg[lid] = x[lid];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    x[lid] = tg[0];
+}
+kernel void indirect_simd(device float* x [[buffer(0)]], constant uint& n [[buffer(1)]],
+                          uint i [[thread_position_in_grid]]) {
+    x[i] = twice(x[i]);
+}
+"""
+)
+
+
+def test_library_description():
+    """Parameter kinds, indices, sizes and needs_fibers, as the runtime sees them."""
+    shim = ctypes.CDLL(metal._native()._name)
+    compile_ = shim.camel_sim_compile
+    compile_.restype = ctypes.c_int
+    compile_.argtypes = [ctypes.c_char_p, ctypes.c_char_p] + [ctypes.POINTER(ctypes.c_char_p)] * 2
+    so, log = ctypes.c_char_p(), ctypes.c_char_p()
+    assert compile_(DESC_SRC.encode(), b"desc.metal", ctypes.byref(so), ctypes.byref(log)) == 0
+    lib = ctypes.CDLL(so.value.decode())
+    lib.camel_sim_library.restype = ctypes.POINTER(_Library)
+    desc = lib.camel_sim_library().contents
+    assert desc.abi_version == 1 and desc.nkernels == 3
+    kernels = {}
+    for k in desc.kernels[: desc.nkernels]:
+        params = [
+            (p.name.decode(), p.kind, p.index, p.value_size, p.is_pointer)
+            for p in k.params[: k.nparams]
+        ]
+        kernels[k.name.decode()] = (params, k.max_buffer_index, k.needs_fibers)
+    BUF, TG, BUILTIN = 1, 2, 3
+    assert kernels["plain"] == (
+        [
+            ("x", BUF, 0, 0, 1),
+            ("y", BUF, 2, 0, 1),
+            ("p", BUF, 5, 16, 0),
+            ("gid", BUILTIN, -1, 0, 0),
+        ],
+        5,
+        0,
+    )
+    assert kernels["with_barrier"] == (
+        [("x", BUF, 0, 0, 1), ("tg", TG, 1, 0, 1), ("lid", BUILTIN, -1, 0, 0)],
+        0,
+        1,
+    )
+    assert kernels["indirect_simd"] == (
+        [("x", BUF, 0, 0, 1), ("n", BUF, 1, 4, 0), ("i", BUILTIN, -1, 0, 0)],
+        1,
+        1,
+    )
