@@ -99,7 +99,9 @@ def _not_yet(op, stage):
 
 def from_numpy(arr):
     """A new device storage holding a copy of `arr` (float32 or int32)."""
-    return DeviceArray.from_numpy(np.ascontiguousarray(arr))
+    # DeviceArray.from_numpy takes any layout; np.ascontiguousarray would turn a
+    # 0-d array (a loss, a full sum) into shape (1,).
+    return DeviceArray.from_numpy(arr)
 
 
 def to_numpy(x):
