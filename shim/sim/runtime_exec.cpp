@@ -105,6 +105,9 @@ struct Group {
     void *sched_sp;         // the worker's own stack while fibers run
     uint32_t n_done;        // threads that have returned
     uint32_t n_simd;        // threads waiting in a collective or simdgroup_barrier
+    uint32_t n_barrier;     // threads waiting at a threadgroup_barrier ...
+    uint32_t barrier_site;  // ... the first one's site
+    bool barrier_mixed;     // ... and whether another one waits at a different site
     bool failed;
     std::string error;
 };
@@ -363,6 +366,12 @@ static bool resolve_simd(Group &g) {
 // it when every thread of the group waits at the same one; otherwise the
 // kernel is wrong (on a GPU it would hang or read stale memory).
 static bool release_barrier(Group &g) {
+    if (g.n_done == 0 && !g.barrier_mixed) {  // the usual case: everybody is here
+        for (uint32_t i = 0; i < g.nthreads; i++) g.lanes[i].state = kReady;
+        g.n_barrier = 0;
+        return true;
+    }
+    // Something is wrong: count who waits where, for the message.
     uint32_t done = 0, waiting = 0, site = 0, other_site = 0, at_site = 0;
     bool mixed = false;
     for (uint32_t i = 0; i < g.nthreads; i++) {
@@ -395,8 +404,8 @@ static bool release_barrier(Group &g) {
                           "barrier (return early only after the last one)");
         return false;
     }
-    for (uint32_t i = 0; i < g.nthreads; i++) g.lanes[i].state = kReady;
-    return true;
+    group_fail(g, "simulator bug: barrier bookkeeping out of step");
+    return false;
 }
 
 static bool run_fibers(Group &g) {
@@ -425,7 +434,8 @@ static bool run_fibers(Group &g) {
                 size_t color = (i % 63) * 64;
                 l.sp = camel_fiber_init(stack_of(w, i), kStackSize - color, lane_main, &l);
             }
-    g.n_done = g.n_simd = 0;
+    g.n_done = g.n_simd = g.n_barrier = 0;
+    g.barrier_mixed = false;
     make_order(g);
     for (;;) {
         // A phase: run every ready fiber until it blocks or returns.
@@ -570,7 +580,13 @@ static inline void wait_as(const camel_sim_thread *t, LaneState state, uint32_t 
     Lane *self = &g.lanes[t->thread_index_in_threadgroup];
     self->state = state;
     self->site = site;
-    if (state != kAtBarrier) g.n_simd++;
+    if (state != kAtBarrier) {
+        g.n_simd++;
+    } else if (g.n_barrier++ == 0) {
+        g.barrier_site = site;
+    } else if (site != g.barrier_site) {
+        g.barrier_mixed = true;
+    }
     block(g, self);  // a failed group never resumes its fibers
 }
 
