@@ -11,7 +11,11 @@ Two measurements, each checked for equal results before it is timed:
    (4,) tensors: pure Python overhead of Tensor, Function and the tape.
    Goal: within 3x of PyTorch eager.
 
-Without PyTorch only camel's column is printed.
+Without PyTorch only camel's column is printed. Both libraries use all cores by
+default; on a machine shared with other jobs, threads fight and timings swing
+wildly. For steadier numbers pin both to one thread:
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python -m camel.bench cpu
 """
 
 import argparse
@@ -177,7 +181,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     print(f"machine: {machine()}")
-    versions = f"numpy {np.__version__}"
+    pinned = [k for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ]
+    threads = ", ".join(f"{k}={os.environ[k]}" for k in pinned)
+    versions = f"numpy {np.__version__}" + (f" ({threads})" if threads else "")
     if torch is not None:
         versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
     else:
