@@ -128,7 +128,8 @@ struct Worker {
     void *altstack = nullptr;
 };
 
-static thread_local Worker *tl_worker;
+// initial-exec: one instruction to read, no __tls_get_addr call (it is read at every barrier).
+static thread_local Worker *tl_worker __attribute__((tls_model("initial-exec")));
 
 static Worker *this_worker() {
     if (!tl_worker) {
@@ -575,9 +576,10 @@ static Group &group_of(const camel_sim_thread *t) { return *(Group *)t->group; }
 // its stack frame is part of every fiber's hot memory.
 static inline void wait_as(const camel_sim_thread *t, LaneState state, uint32_t site,
                            const char *what) {
-    Group &g = group_of(t);
+    (void)t;  // the worker knows its group, and the group its running lane
+    Group &g = tl_worker->group;
     if (__builtin_expect(!g.fibers, 0)) not_barrier_free(g, what);
-    Lane *self = &g.lanes[t->thread_index_in_threadgroup];
+    Lane *self = g.current;
     self->state = state;
     self->site = site;
     if (state != kAtBarrier) {
