@@ -586,6 +586,7 @@ def cross_entropy_backward(probs, targets, grad):
 # sweep fewer) is the default; CAMEL_LAYERNORM=1 picks version 1 (docs/stage4.md).
 LAYERNORM_FORWARD = {1: "layernorm_forward_v1", 2: "layernorm_forward_v2"}
 LAYERNORM_VERSION = 2
+_LN_ROWS_PER_BLOCK = 64  # layer_norm_backward: rows per partial sum of dweight and dbias
 
 
 def layer_norm(x, weight, bias, eps):
@@ -624,9 +625,23 @@ def layer_norm_backward(grad, x, weight, mean, rstd):
     fn(grad, x, weight, mean, rstd, dx, d, threadgroups=rows,
        threads_per_threadgroup=_row_threads(d), flops=12 * x.size,
        bytes=(5 * x.size + d + 2 * rows) * _F32)  # fmt: skip
-    fn = _kernel(_LN, "layernorm_backward_params")
-    _launch_1d(fn, (grad, x, mean, rstd, dweight, dbias, rows, d), d, 5 * x.size,
-               (2 * x.size + 2 * rows * d + 2 * d) * _F32)  # fmt: skip
+    nbytes = (2 * x.size + 2 * rows + 2 * d) * _F32
+    if rows <= _LN_ROWS_PER_BLOCK:  # one pass: one thread per column walks every row
+        fn = _kernel(_LN, "layernorm_backward_params")
+        _launch_1d(fn, (grad, x, mean, rstd, dweight, dbias, rows, d), d, 5 * x.size, nbytes)
+        return dx, dweight, dbias
+    # two passes: partial sums per block of rows, then the partials summed in block order
+    blocks = (rows + _LN_ROWS_PER_BLOCK - 1) // _LN_ROWS_PER_BLOCK
+    part_w, part_b = _empty((blocks, d)), _empty((blocks, d))
+    fn = _kernel(_LN, "layernorm_backward_params_blocked")
+    tx = min(d, 32)
+    tpg = (tx, builtins.max(1, min(blocks, _THREADS // tx)), 1)
+    fn(grad, x, mean, rstd, part_w, part_b, rows, d, _LN_ROWS_PER_BLOCK,
+       threads=(d, blocks, 1), threads_per_threadgroup=tpg,
+       flops=5 * x.size, bytes=nbytes + 2 * blocks * d * _F32)  # fmt: skip
+    fn = _kernel(_RED, "sum_axis_strided")
+    for part, out in ((part_w, dweight), (part_b, dbias)):
+        _launch_1d(fn, (part, out, blocks, d, d), d, blocks * d, (blocks + 1) * d * _F32)
     return dx, dweight, dbias
 
 

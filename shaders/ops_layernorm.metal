@@ -12,6 +12,11 @@
 //   layernorm_backward_params   dw[d] = sum_r grad[r, d] * xhat[r, d], db[d] = sum_r grad[r, d]:
 //                               a column reduction, one thread per column d, rows summed in
 //                               order (deterministic, no atomics)
+//   layernorm_backward_params_blocked   the same in two passes for many rows: one thread per
+//                               (column, block of rows) writes partial sums (blocks, D); the
+//                               host then sums the partials over blocks, in order, with
+//                               sum_axis_strided (ops_reduce.metal): D * blocks threads
+//                               instead of D, and still deterministic
 //   gelu_forward                out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 //   gelu_backward               dx = grad * gelu'(x)                 one thread per element
 //
@@ -202,6 +207,37 @@ kernel void layernorm_backward_params(device const float *grad [[buffer(0)]],
     }
     dw[d] = sw;
     db[d] = sb;
+}
+
+// grad, x (rows, D); mean, rstd (rows,); partial_w, partial_b (blocks, D). One thread per
+// (d, blk) (grid x = column, y = block) sums rows blk * rows_per_block ... in order.
+kernel void layernorm_backward_params_blocked(device const float *grad [[buffer(0)]],
+                                              device const float *x [[buffer(1)]],
+                                              device const float *mean [[buffer(2)]],
+                                              device const float *rstd [[buffer(3)]],
+                                              device float *partial_w [[buffer(4)]],
+                                              device float *partial_b [[buffer(5)]],
+                                              constant uint &rows [[buffer(6)]],
+                                              constant uint &D [[buffer(7)]],
+                                              constant uint &rows_per_block [[buffer(8)]],
+                                              uint2 pos [[thread_position_in_grid]])
+{
+    uint d = pos.x;
+    uint blk = pos.y;
+    uint first = blk * rows_per_block;
+    if (d >= D || first >= rows) {
+        return;
+    }
+    uint last = min(rows, first + rows_per_block);
+    float sw = 0.0f;
+    float sb = 0.0f;
+    for (uint r = first; r < last; r++) {
+        float g = grad[r * D + d];
+        sw += g * (x[r * D + d] - mean[r]) * rstd[r];
+        sb += g;
+    }
+    partial_w[blk * D + d] = sw;
+    partial_b[blk * D + d] = sb;
 }
 
 // GELU, tanh approximation (PyTorch's approximate="tanh"). precise::tanh: Metal's default

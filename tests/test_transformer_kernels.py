@@ -56,7 +56,9 @@ LN_SHAPES = [
     (1, 130, 33),
     (2, 17, 768),
     (1, 130, 64),
-]
+    (3, 130, 1),
+    (4, 64, 5),
+]  # rows > 64: dweight and dbias in two passes (partials per block of 64 rows, then their sum)
 
 
 @pytest.mark.parametrize("version", [1, 2])
