@@ -1,0 +1,360 @@
+"""Flash attention, host side: which kernel of shaders/ops_attention.metal runs, and how.
+
+    out = softmax(q · kᵀ / sqrt(D) [+ causal mask]) · v
+    q (B, H, T, D), k and v (B, H, S, D), out (B, H, T, D), lse (B, H, T); float32, "mps"
+
+`RUNGS` is the ladder table: rung -> kernel name, query rows per threadgroup (B_r), keys
+per block (B_c), columns of D per K/V chunk (DK), threads and threadgroup memory.
+`forward()` returns (out, lse) without ever allocating a (T, S) matrix; `backward()`
+recomputes P from lse, one thread per row (see shaders/ops_attention.metal).
+
+Selection (F.scaled_dot_product_attention on "mps"):
+    CAMEL_ATTENTION=flash        the default rung: v6 with the autotuner's tile shape
+    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v6, or flash_v6_64x32)
+    CAMEL_ATTENTION=naive        the Stage 5A path (four ops, a (T, S) matrix)
+Head dims 32, 64 and 128 are built; camel.functional falls back to naive for others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+SHADER = "ops_attention.metal"
+HEAD_DIMS = (32, 64, 128)
+_F32 = 4
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung (or one tile shape of v6): a kernel family and how to launch it."""
+
+    name: str  # "flash_v3" or "flash_v6_64x32"
+    version: int
+    what: str  # one line for --list and the lesson
+    br: int  # query rows per threadgroup (B_r): B_r / 8 SIMD groups
+    bc: int  # keys per block (B_c)
+    dk: dict  # head dim -> columns of D per K/V chunk
+    buffers: int = 1  # K/V chunk buffers (2: double buffering, v3+)
+
+    @property
+    def threads(self) -> int:
+        return self.br // 8 * 32
+
+    def kernel(self, d: int) -> str:
+        return f"flash_v{self.version}_{self.br}x{self.bc}_d{d}"
+
+    def tg_bytes(self, d: int) -> int:
+        """Threadgroup memory: K/V chunk buffers, the score tile, the diag(alpha) tiles."""
+        dk = self.dk.get(d, 32)
+        return _F32 * (self.buffers * self.bc * dk + self.br * self.bc + self.br * 8)
+
+    def grid(self, t: int, bh: int) -> tuple[int, int, int]:
+        return ((t + self.br - 1) // self.br, bh, 1)
+
+
+def _dk(d32, d64, d128):
+    return {32: d32, 64: d64, 128: d128}
+
+
+# The ladder. Keep every rung: the ladder is the lesson (docs/stage5b.md).
+RUNGS: dict[str, Rung] = {
+    r.name: r
+    for r in [
+        Rung("flash_v1", 1, "baseline: 64x64 tiles, K/V chunks of 32 columns, simdgroup_matrix",
+             64, 64, _dk(32, 32, 32)),
+        Rung("flash_v2", 2, "v1 + XOR-swizzled walk over the score tile (no bank conflicts)",
+             64, 64, _dk(32, 32, 32)),
+        Rung("flash_v3", 3, "v2 + double-buffered K/V chunks (global -> threadgroup)",
+             64, 64, _dk(16, 16, 16), 2),
+        Rung("flash_v4", 4, "v3 + interleaved fragments (independent multiplies in a row)",
+             64, 64, _dk(16, 16, 16), 2),
+        Rung("flash_v5", 5, "v4 + double-buffered fragments (threadgroup -> registers)",
+             64, 64, _dk(16, 16, 16), 2),
+        Rung("flash_v6_64x32", 6, "v5 + FMA-fused exp2 softmax, 64x32 tiles",
+             64, 32, _dk(32, 64, 64), 2),
+        Rung("flash_v6_64x64", 6, "v5 + FMA-fused exp2 softmax, 64x64 tiles",
+             64, 64, _dk(16, 16, 16), 2),
+        Rung("flash_v6_128x32", 6, "v5 + FMA-fused exp2 softmax, 128x32 tiles",
+             128, 32, _dk(32, 32, 32), 2),
+    ]
+}  # fmt: skip
+
+# v6's tile shapes, for the autotuner. (128, 64) is listed but never built: its score
+# tile alone is 128 * 64 * 4 = 32 KiB, the whole threadgroup memory (tg_bytes says 40 KiB).
+V6_SHAPES = [(64, 32), (64, 64), (128, 32), (128, 64)]
+V6_TOO_BIG = Rung("flash_v6_128x64", 6, "not built: over 32 KiB", 128, 64, _dk(16, 16, 16), 2)
+
+DEFAULT_V6 = "flash_v6_64x32"  # when the autotuner has no entry
+
+
+def names() -> list[str]:
+    """Every selectable name: the rungs, plus "flash_v6" (the tuned v6 shape)."""
+    return ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"] + [
+        n for n in RUNGS if n.startswith("flash_v6_")
+    ]
+
+
+def v6_candidates(d: int) -> list[Rung]:
+    """v6 tile shapes that fit this device's threadgroup memory for head dim d."""
+    out = []
+    for br, bc in V6_SHAPES:
+        rung = RUNGS.get(f"flash_v6_{br}x{bc}", V6_TOO_BIG)
+        if rung.name in RUNGS and rung.tg_bytes(d) <= _max_tg():
+            out.append(rung)
+    return out
+
+
+def get_rung(name: str, d: int = 64, t: int = 0, causal: bool = False) -> Rung:
+    """The rung for a name ("flash" and "flash_v6" mean v6 with the tuned shape);
+    ValueError listing the valid names."""
+    key = str(name).strip().lower()
+    if key in ("flash", "flash_v6"):
+        return RUNGS[_tuned(d, t, causal) or DEFAULT_V6]
+    if key in RUNGS:
+        return RUNGS[key]
+    raise ValueError(f"[flash] unknown rung {name!r}; valid: 'flash', {', '.join(names())}")
+
+
+_limits: int | None = None
+
+
+def _max_tg() -> int:
+    global _limits
+    if _limits is None:
+        from camel import metal
+
+        _limits = metal.device_info()["max_threadgroup_memory"]
+    return _limits
+
+
+# ---- autotuning v6's tile shape -----------------------------------------------------------
+
+_tuned_cache: dict | None = None
+
+
+def _tune_path():
+    from camel import autotune
+
+    return autotune.cache_dir() / "flash_autotune.json"
+
+
+def _tune_key(d: int, t: int, causal: bool) -> str:
+    from camel import autotune, metal
+
+    return f"{metal.device_name()}|d{d}|t{autotune._bucket(max(t, 1))}|{'causal' if causal else 'full'}"
+
+
+def _tuned(d: int, t: int, causal: bool) -> str | None:
+    global _tuned_cache
+    if _tuned_cache is None:
+        try:
+            _tuned_cache = json.loads(_tune_path().read_text())
+        except (OSError, ValueError):
+            _tuned_cache = {}
+    name = _tuned_cache.get(_tune_key(d, t, causal))
+    return name if name in RUNGS else None
+
+
+def tune(b: int, h: int, t: int, d: int, causal: bool, reps: int = 3, save: bool = True,
+         log=print) -> str:  # fmt: skip
+    """Time every v6 tile shape that fits on (b, h, t, d) inputs; remember the fastest
+    (checked against NumPy first) for this device, head dim, T class and mask."""
+    from camel import metal
+
+    global _tuned_cache
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((b, h, t, d), dtype=np.float32) for _ in range(3))
+    ref = reference_numpy(q, k, v, causal)[0]
+    qd, kd, vd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
+    best, best_ms = None, math.inf
+    for rung in v6_candidates(d):
+        out, _ = forward(qd, kd, vd, causal, rung=rung.name)
+        if not np.allclose(out.numpy(), ref, atol=2e-4, rtol=2e-3):
+            log(f"[flash] {rung.name} d{d} fails the NumPy check; not a candidate")
+            continue
+        metal.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            forward(qd, kd, vd, causal, rung=rung.name)
+        metal.synchronize()
+        ms = (time.perf_counter() - start) * 1e3 / reps
+        log(f"[flash] tune d{d} T{t} {'causal' if causal else 'full'}: {rung.name} {ms:.2f} ms")
+        if ms < best_ms:
+            best, best_ms = rung.name, ms
+    if best is not None:
+        _tuned(d, t, causal)  # loads the file once
+        _tuned_cache[_tune_key(d, t, causal)] = best
+        if save:
+            path = _tune_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_tuned_cache, indent=1, sort_keys=True))
+    return best
+
+
+# ---- forward and backward -----------------------------------------------------------------
+
+
+def _params(t: int, s: int, causal: bool, d: int) -> np.ndarray:
+    """The FlashParams struct: T, S, causal (uint32) and scale (float32)."""
+    p = np.zeros(4, dtype=np.uint32)
+    p[0], p[1], p[2] = t, s, int(bool(causal))
+    p[3:4] = np.array([1.0 / math.sqrt(d)], dtype=np.float32).view(np.uint32)
+    return p
+
+
+def check_shapes(q_shape, k_shape, v_shape) -> None:
+    """ValueError naming the shapes unless q (B, H, T, D), k and v (B, H, S, D) with a
+    supported D."""
+    ok = (
+        len(q_shape) == len(k_shape) == len(v_shape) == 4
+        and q_shape[:2] == k_shape[:2] == v_shape[:2]
+        and q_shape[3] == k_shape[3] == v_shape[3]
+        and k_shape[2] == v_shape[2]
+    )
+    if not ok:
+        raise ValueError(
+            f"[flash] expects q (B, H, T, D), k (B, H, S, D) and v (B, H, S, D), got shapes "
+            f"{tuple(q_shape)}, {tuple(k_shape)} and {tuple(v_shape)}"
+        )
+    if q_shape[3] not in HEAD_DIMS:
+        raise ValueError(
+            f"[flash] head dim D = {q_shape[3]} is not built; flash kernels exist for "
+            f"D in {HEAD_DIMS} (shapes {tuple(q_shape)}); use CAMEL_ATTENTION=naive"
+        )
+    if k_shape[2] == 0:
+        raise ValueError(f"[flash] no keys: k has shape {tuple(k_shape)}")
+
+
+def _contiguous16(x):
+    """x itself, or a copy if its byte offset is not 16-aligned (the kernels read float4)."""
+    if x.offset % 16 == 0:
+        return x
+    from camel import backend_mps
+
+    return backend_mps.copy(x)
+
+
+def forward(q, k, v, causal: bool = False, rung: str | None = None):
+    """(out, lse) for DeviceArrays q (B, H, T, D), k, v (B, H, S, D). rung: a name from
+    names() or "flash"; default: CAMEL_ATTENTION if it names a rung, else "flash"."""
+    from camel import metal
+
+    check_shapes(q.shape, k.shape, v.shape)
+    b, h, t, d = q.shape
+    s = k.shape[2]
+    if rung is None:
+        env = os.environ.get("CAMEL_ATTENTION", "flash").strip().lower()
+        rung = env if env.startswith("flash") else "flash"
+    r = get_rung(rung, d, t, causal)
+    out = metal.DeviceArray.empty((b, h, t, d), np.float32)
+    lse = metal.DeviceArray.empty((b, h, t), np.float32)
+    if t == 0 or b * h == 0:
+        return out, lse
+    if r.tg_bytes(d) > _max_tg():
+        raise RuntimeError(
+            f"[flash] {r.kernel(d)} needs {r.tg_bytes(d)} bytes of threadgroup memory; this "
+            f"device allows {_max_tg()}"
+        )
+    q, k, v = (_contiguous16(x) for x in (q, k, v))
+    fn = metal.kernel(SHADER, r.kernel(d))
+    keys = t * s / 2 if causal else t * s  # score entries computed, roughly
+    fn(q, k, v, out, lse, _params(t, s, causal, d),
+       threadgroups=r.grid(t, b * h), threads_per_threadgroup=(r.threads, 1, 1),
+       flops=int(4 * b * h * keys * d), bytes=_F32 * b * h * (2 * t * d + 2 * s * d + t))  # fmt: skip
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, causal: bool = False):
+    """(dq, dk, dv) recomputed from lse, one thread per row; no (T, S) buffer."""
+    from camel import metal
+
+    b, h, t, d = q.shape
+    s = k.shape[2]
+    if b * h == 0 or t == 0:  # no queries: no gradient reaches k and v
+        from camel import backend_mps
+
+        zeros = (backend_mps.full(x.shape, 0.0, "float32") for x in (k, v))
+        return (metal.DeviceArray.empty(q.shape, np.float32), *zeros)
+    dq = metal.DeviceArray.empty(q.shape, np.float32)
+    dk = metal.DeviceArray.empty(k.shape, np.float32)
+    dv = metal.DeviceArray.empty(v.shape, np.float32)
+    rows = b * h * t
+    delta = metal.DeviceArray.empty((b, h, t), np.float32)
+    p = _params(t, s, causal, d)
+    metal.kernel(SHADER, "flash_backward_delta")(
+        out, dout, delta, rows, d, threads=rows, threads_per_threadgroup=min(256, rows),
+        flops=2 * rows * d, bytes=_F32 * rows * (2 * d + 1))  # fmt: skip
+    work = (t * s // 2 if causal else t * s) * b * h
+    metal.kernel(SHADER, f"flash_backward_dq_d{d}")(
+        q, k, v, dout, lse, delta, dq, p, threads=(t, b * h, 1),
+        threads_per_threadgroup=(min(64, t), 1, 1), flops=6 * work * d,
+        bytes=_F32 * (b * h * t * 3 * d + work * 2 * d))  # fmt: skip
+    metal.kernel(SHADER, f"flash_backward_dkv_d{d}")(
+        q, k, v, dout, lse, delta, dk, dv, p, threads=(s, b * h, 1),
+        threads_per_threadgroup=(min(64, s), 1, 1), flops=8 * work * d,
+        bytes=_F32 * (b * h * s * 4 * d + work * 2 * d))  # fmt: skip
+    return dq, dk, dv
+
+
+def reference_numpy(q, k, v, causal=False):
+    """(out, lse) in NumPy (float64 inside), the CPU reference for the tests."""
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = q64 @ np.swapaxes(k64, -1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if causal:
+        t, s = scores.shape[-2:]
+        scores = np.where(np.tril(np.ones((t, s), bool)), scores, -np.inf)
+    m = scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores - m)
+    total = e.sum(axis=-1, keepdims=True)
+    out = (e / total) @ v64
+    lse = (m + np.log(total))[..., 0]
+    return out.astype(np.float32), lse.astype(np.float32)
+
+
+# ---- the autograd op ----------------------------------------------------------------------
+
+
+def _function():
+    from camel.autograd import Function
+
+    class FlashAttention(Function):
+        name = "flash_attention"
+
+        @staticmethod
+        def forward(ctx, q, k, v, causal, rung):  # (B, H, T, D), (B, H, S, D) x2
+            out, lse = forward(q, k, v, causal, rung)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.causal = causal
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, out, lse = ctx.saved_tensors
+            return backward(q, k, v, out, lse, _contiguous16(grad), ctx.causal)
+
+    return FlashAttention
+
+
+_FlashAttention = None
+
+
+def scaled_dot_product_attention(q, k, v, causal=False, rung=None):
+    """Flash attention on "mps" Tensors q (B, H, T, D), k, v (B, H, S, D) -> (B, H, T, D),
+    differentiable. rung: a name from names(); default from CAMEL_ATTENTION, else "flash"."""
+    global _FlashAttention
+    if _FlashAttention is None:
+        _FlashAttention = _function()
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.device != "mps":
+            raise ValueError(
+                f"[flash] flash attention runs on 'mps'; {name} is on {x.device!r} "
+                f"(shape {x.shape}); move it with .to('mps') or use CAMEL_ATTENTION=naive"
+            )
+    check_shapes(q.shape, k.shape, v.shape)
+    return _FlashAttention.apply(q, k, v, bool(causal), rung)

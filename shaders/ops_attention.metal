@@ -1,0 +1,499 @@
+// ops_attention.metal — the flash-attention ladder (Stage 5B):
+//
+//     O = softmax(Q·Kᵀ·scale [+ causal mask]) · V        scale = 1/sqrt(D)
+//
+// without ever writing the (T, S) score matrix to memory. Every rung computes the same
+// thing (FlashAttention-2 forward: one threadgroup per block of B_r query rows, a loop
+// over blocks of B_c keys, an online softmax with a running max m and sum l per query
+// row, the output rescaled incrementally); each one changes ONE idea:
+//   version 1 is the baseline: B_r = B_c = 64, K and V staged in threadgroup memory in
+//             chunks of DK columns of D, simdgroup_matrix for Q·Kᵀ and P·V
+//   version 2 XOR-swizzles the lanes' walk over the score tile (no bank conflicts)
+//   version 3 double-buffers the K/V chunks (global → threadgroup): the next chunk loads
+//             while this one is multiplied, one barrier per chunk instead of two
+//   version 4 interleaves fragments: consecutive simdgroup multiplies write different
+//             accumulators (independent), instead of a dependent chain into one
+//   version 5 double-buffers threadgroup → registers: the next 8x8 fragment is loaded
+//             before the current multiply is issued
+//   version 6 fuses the softmax arithmetic into FMAs (exp2 with the scale folded in) and
+//             comes in several (B_r, B_c) tile shapes for the autotuner
+// All rungs are instances of ONE template kernel, `flash_forward`, whose bool parameters
+// switch the ideas on; the instances are named `flash_v<rung>_<B_r>x<B_c>_d<D>`.
+//
+// Run and benchmark them:
+//   python -m camel.bench attention --list      # one rung per line
+//   python -m camel.bench attention             # validate every rung, then time
+//   CAMEL_ATTENTION=flash_v3 python examples/gpt_mini.py --device mps
+// The host side (grid, threadgroup size, threadgroup memory per rung) is the table in
+// camel/flash.py; the lesson is docs/stage5b.md.
+//
+// Layouts (every kernel): q (B, H, T, D), k and v (B, H, S, D), o (B, H, T, D), all
+// contiguous float32; lse (B, H, T) is the per-row log-sum-exp of the scaled, masked
+// scores (natural log), which the backward uses to recompute P without storing it.
+// D is 32, 64 or 128 (a template parameter: the fragments of Q and O live in registers).
+//
+// Why the chunks of D: threadgroup memory is 32 KiB. The score tile alone is
+// B_r·B_c·4 = 16 KiB for 64x64, so K and V (64·D·4 = 32 KiB each at D = 128) cannot sit
+// in threadgroup memory whole. They stream through a small buffer of B_c x DK floats
+// (DK = 32 in v1: 8 KiB), one chunk of DK columns of D at a time.
+
+#include <metal_stdlib>
+using namespace metal;
+
+// Sizes of one attention call, bound with setBytes as [[buffer(5)]] (camel/flash.py).
+struct FlashParams {
+    uint T;       // query rows per (batch, head)
+    uint S;       // key rows per (batch, head)
+    uint causal;  // 1: query t sees keys s <= t (top-left aligned, like PyTorch)
+    float scale;  // 1 / sqrt(D)
+};
+
+// Copy one chunk of K or V into threadgroup memory: rows c0 .. c0+BC-1 (keys), columns
+// d0 .. d0+DK-1 of D, as tile[key][d] (row stride DK). Keys >= S are zero-filled: the
+// scores there are masked anyway, and a zero V row adds nothing (threadgroup memory
+// starts as garbage — NaN on the simulator — and 0 * NaN is NaN).
+// One thread copies float4s; consecutive threads read consecutive float4s of one row.
+template <uint BC, uint DK, uint D, uint THREADS>
+inline void load_kv_chunk(device const float* src, uint S, uint c0, uint d0,
+                          threadgroup float* tile, uint t) {
+    threadgroup float4* tile4 = (threadgroup float4*)tile;
+    for (uint e = t; e < BC * DK / 4; e += THREADS) {
+        uint r = e / (DK / 4), c4 = e % (DK / 4);
+        uint key = c0 + r;
+        float4 val = float4(0.0f);
+        if (key < S) val = *((device const float4*)(src + key * D + d0) + c4);
+        tile4[e] = val;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// flash_forward: one threadgroup computes BR query rows of one (batch, head).
+// BR / 8 SIMD groups; SIMD group sg owns query rows row0 .. row0+7 (row0 = q0 + 8 sg):
+//   Qf[D/8]  its 8 x D rows of Q as 8x8 fragments (registers, loaded once)
+//   Of[D/8]  its 8 x D rows of the output accumulator (registers)
+//   Sf[BC/8] its 8 x BC scores of the current key block, then P (registers)
+//   s_sg     8 x BC floats of threadgroup memory where the lanes do the softmax
+//   diag     8 x 8 floats: diag(alpha), to rescale Of with one simdgroup multiply
+// In the softmax, lane = 4 r + qd works on row r (qd = 0..3 share a row): each lane
+// takes BC/4 scores of that row, and the row's max and sum meet with two shuffles.
+//
+// The work is a stream of chunks: per key block, NCHUNK chunks of K (S = Q·Kᵀ, one DK
+// slice of D each), then NCHUNK chunks of V (O += P·V, DK columns of O each). The
+// softmax runs after the last K chunk of a block.
+// Threadgroup (BR/8 * 32, 1, 1); grid (ceil(T / BR), B * H, 1).
+template <uint BR, uint BC, uint DK, uint D, bool SWIZZLE, bool DB_KV, bool INTERLEAVE,
+          bool DB_REG, bool FMA>
+kernel void flash_forward(device const float* q [[buffer(0)]],
+                          device const float* k [[buffer(1)]],
+                          device const float* v [[buffer(2)]],
+                          device float* o [[buffer(3)]],
+                          device float* lse [[buffer(4)]],
+                          constant FlashParams& p [[buffer(5)]],
+                          uint2 group [[threadgroup_position_in_grid]],
+                          uint t [[thread_index_in_threadgroup]],
+                          uint sg [[simdgroup_index_in_threadgroup]],
+                          uint lane [[thread_index_in_simdgroup]]) {
+    constexpr uint THREADS = BR / 8 * 32;
+    constexpr uint ND = D / 8;           // 8-wide fragments along D
+    constexpr uint NC = BC / 8;          // 8-wide fragments along a key block
+    constexpr uint NCHUNK = D / DK;      // chunks of K (or V) per key block
+    constexpr uint NBUF = DB_KV ? 2 : 1;  // v3+: two K/V chunk buffers
+    constexpr float LOG2E = 1.4426950408889634f;
+    constexpr float LN2 = 0.6931471805599453f;
+    threadgroup float4 kv4[NBUF * BC * DK / 4];  // K or V chunk(s), [key][d]
+    threadgroup float s_all[BR * BC];            // per SIMD group: 8 x BC scores / P
+    threadgroup float diag_all[BR * 8];          // per SIMD group: 8 x 8 diag(alpha)
+    threadgroup float* kv = (threadgroup float*)kv4;
+    threadgroup float* s_sg = s_all + sg * 8 * BC;
+    threadgroup float* diag = diag_all + sg * 64;
+
+    const uint T = p.T, S = p.S;
+    const uint bh = group.y;
+    q += bh * T * D;
+    k += bh * S * D;
+    v += bh * S * D;
+    o += bh * T * D;
+    lse += bh * T;
+    const uint q0 = group.x * BR;
+    const uint row0 = q0 + sg * 8;
+    const uint r = lane / 4, qd = lane % 4;  // softmax: this lane's row and quarter
+    const uint row = row0 + r;
+
+    // Q: 8 rows of this SIMD group, BC columns of D at a time through s_sg (rows >= T
+    // are zero), into registers. Only this SIMD group touches s_sg: simdgroup barriers.
+    simdgroup_float8x8 Qf[ND];
+    for (uint c0 = 0; c0 < D; c0 += BC) {
+        const uint w = min(BC, D - c0);
+        for (uint e = lane; e < 8 * w; e += 32) {
+            uint rr = e / w, cc = e % w;
+            s_sg[rr * BC + cc] = (row0 + rr < T) ? q[(row0 + rr) * D + c0 + cc] : 0.0f;
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint j = 0; j < w / 8; j++) simdgroup_load(Qf[c0 / 8 + j], s_sg + j * 8, BC);
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    for (uint e = lane; e < 64; e += 32) diag[e] = 0.0f;  // only the diagonal changes later
+
+    simdgroup_float8x8 Of[ND];
+    for (uint d = 0; d < ND; d++) Of[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    simdgroup_float8x8 Sf[NC];
+    float m = -INFINITY;  // running max of row `row` (scaled units; raw units in v6)
+    float l = 0.0f;       // running sum of exp(score - m) of row `row`
+
+    // Causal: keys past the tile's last query row are masked for every row of the tile,
+    // so those key blocks are skipped entirely.
+    const uint q_last = min(q0 + BR, T) - 1;
+    const uint kend = p.causal ? min(S, q_last + 1) : S;
+    const uint nblocks = (kend + BC - 1) / BC;
+    const uint nsteps = nblocks * 2 * NCHUNK;
+
+    if (DB_KV && nsteps > 0) {  // v3 prologue: chunk 0 (K of block 0, columns 0..DK-1)
+        load_kv_chunk<BC, DK, D, THREADS>(k, S, 0, 0, kv, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    for (uint g = 0; g < nsteps; g++) {
+        const uint kb = g / (2 * NCHUNK), i = g % (2 * NCHUNK);
+        const bool is_v = i >= NCHUNK;
+        const uint ch = i % NCHUNK;
+        const uint c0 = kb * BC;
+        threadgroup float* buf = kv + (DB_KV ? (g % 2) * BC * DK : 0);
+        if (DB_KV) {
+            // v3: start the next chunk into the other buffer; it was last read in step
+            // g - 1, which ended with a barrier.
+            if (g + 1 < nsteps) {
+                const uint g1 = g + 1, kb1 = g1 / (2 * NCHUNK), i1 = g1 % (2 * NCHUNK);
+                load_kv_chunk<BC, DK, D, THREADS>(i1 >= NCHUNK ? v : k, S, kb1 * BC,
+                                                  (i1 % NCHUNK) * DK,
+                                                  kv + (g1 % 2) * BC * DK, t);
+            }
+        } else {
+            load_kv_chunk<BC, DK, D, THREADS>(is_v ? v : k, S, c0, ch * DK, buf, t);
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+
+        if (!is_v) {
+            // S[:, j] += Q[:, chunk] · Kᵀ[chunk, j]: Kᵀ fragments are K's 8x8 blocks
+            // loaded with transpose_matrix = true.
+            if (ch == 0) {
+                for (uint j = 0; j < NC; j++) Sf[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+            }
+            const uint qf0 = ch * (DK / 8);
+            if (!INTERLEAVE) {
+                // v1-v3: j outer, dd inner: DK/8 multiplies in a chain into Sf[j]
+                for (uint j = 0; j < NC; j++) {
+                    for (uint dd = 0; dd < DK / 8; dd++) {
+                        simdgroup_float8x8 kt;
+                        simdgroup_load(kt, buf + j * 8 * DK + dd * 8, DK, ulong2(0, 0), true);
+                        simdgroup_multiply_accumulate(Sf[j], Qf[qf0 + dd], kt, Sf[j]);
+                    }
+                }
+            } else if (!DB_REG) {
+                // v4: dd outer, j inner: NC independent multiplies in a row
+                for (uint dd = 0; dd < DK / 8; dd++) {
+                    for (uint j = 0; j < NC; j++) {
+                        simdgroup_float8x8 kt;
+                        simdgroup_load(kt, buf + j * 8 * DK + dd * 8, DK, ulong2(0, 0), true);
+                        simdgroup_multiply_accumulate(Sf[j], Qf[qf0 + dd], kt, Sf[j]);
+                    }
+                }
+            } else {
+                // v5: as v4, with the fragment of step n + 1 loaded before multiply n
+                constexpr uint N = (DK / 8) * NC;
+                simdgroup_float8x8 cur, nxt;
+                simdgroup_load(cur, buf, DK, ulong2(0, 0), true);
+                for (uint n = 0; n < N; n++) {
+                    const uint dd = n / NC, j = n % NC;
+                    if (n + 1 < N) {
+                        const uint dd1 = (n + 1) / NC, j1 = (n + 1) % NC;
+                        simdgroup_load(nxt, buf + j1 * 8 * DK + dd1 * 8, DK, ulong2(0, 0), true);
+                    }
+                    simdgroup_multiply_accumulate(Sf[j], Qf[qf0 + dd], cur, Sf[j]);
+                    cur = nxt;
+                }
+            }
+        } else {
+            // O[:, chunk] += P · V[:, chunk]
+            const uint of0 = ch * (DK / 8);
+            if (!INTERLEAVE) {
+                // v1-v3: dd outer, j inner: NC multiplies in a chain into Of[dd]
+                for (uint dd = 0; dd < DK / 8; dd++) {
+                    for (uint j = 0; j < NC; j++) {
+                        simdgroup_float8x8 vf;
+                        simdgroup_load(vf, buf + j * 8 * DK + dd * 8, DK);
+                        simdgroup_multiply_accumulate(Of[of0 + dd], Sf[j], vf, Of[of0 + dd]);
+                    }
+                }
+            } else if (!DB_REG) {
+                // v4: j outer, dd inner: DK/8 independent multiplies in a row
+                for (uint j = 0; j < NC; j++) {
+                    for (uint dd = 0; dd < DK / 8; dd++) {
+                        simdgroup_float8x8 vf;
+                        simdgroup_load(vf, buf + j * 8 * DK + dd * 8, DK);
+                        simdgroup_multiply_accumulate(Of[of0 + dd], Sf[j], vf, Of[of0 + dd]);
+                    }
+                }
+            } else {
+                // v5: as v4, with the next V fragment loaded before the current multiply
+                constexpr uint N = (DK / 8) * NC;
+                simdgroup_float8x8 cur, nxt;
+                simdgroup_load(cur, buf, DK);
+                for (uint n = 0; n < N; n++) {
+                    const uint j = n / (DK / 8), dd = n % (DK / 8);
+                    if (n + 1 < N) {
+                        const uint j1 = (n + 1) / (DK / 8), dd1 = (n + 1) % (DK / 8);
+                        simdgroup_load(nxt, buf + j1 * 8 * DK + dd1 * 8, DK);
+                    }
+                    simdgroup_multiply_accumulate(Of[of0 + dd], Sf[j], cur, Of[of0 + dd]);
+                    cur = nxt;
+                }
+            }
+        }
+
+        if (i == NCHUNK - 1) {
+            // The block's scores are complete: online softmax on this SIMD group's 8 rows.
+            for (uint j = 0; j < NC; j++) simdgroup_store(Sf[j], s_sg + j * 8, BC);
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+            float sv[BC / 4];
+            float mx = -INFINITY;
+            for (uint n = 0; n < BC / 4; n++) {
+                // v1: lane (r, qd) reads column 4n + qd: at one n, the 8 rows hit the same
+                // 4 banks (row stride BC is a multiple of 32 floats): an 8-way conflict.
+                // v2: the XOR swizzle 4 (n ^ r) + qd sends the 8 rows to 8 different groups
+                // of 4 banks; each row still visits all its columns once.
+                const uint c = SWIZZLE ? 4 * (n ^ r) + qd : 4 * n + qd;
+                const uint col = c0 + c;
+                const bool visible = col < S && (p.causal == 0 || col <= row);
+                const float s = s_sg[r * BC + c];
+                sv[n] = visible ? (FMA ? s : s * p.scale) : -INFINITY;  // v6: raw units
+                mx = max(mx, sv[n]);
+            }
+            mx = max(mx, simd_shuffle_xor(mx, 1));  // the 4 lanes of the row agree
+            mx = max(mx, simd_shuffle_xor(mx, 2));
+            const float m_new = max(m, mx);
+            const float m_use = (m_new == -INFINITY) ? 0.0f : m_new;  // no visible key yet
+            float alpha, sum = 0.0f;
+            if (FMA) {
+                // v6: p = exp2(s * c - m * c) is one FMA and one exp2 per score
+                const float c2 = p.scale * LOG2E;
+                const float mc = m_use * c2;
+                alpha = exp2(m * c2 - mc);
+                for (uint n = 0; n < BC / 4; n++) {
+                    const uint c = SWIZZLE ? 4 * (n ^ r) + qd : 4 * n + qd;
+                    const float e = exp2(fma(sv[n], c2, -mc));
+                    s_sg[r * BC + c] = e;
+                    sum += e;
+                }
+            } else {
+                alpha = exp(m - m_use);
+                for (uint n = 0; n < BC / 4; n++) {
+                    const uint c = SWIZZLE ? 4 * (n ^ r) + qd : 4 * n + qd;
+                    const float e = exp(sv[n] - m_use);
+                    s_sg[r * BC + c] = e;
+                    sum += e;
+                }
+            }
+            sum += simd_shuffle_xor(sum, 1);
+            sum += simd_shuffle_xor(sum, 2);
+            l = l * alpha + sum;
+            m = m_new;
+            if (qd == 0) diag[r * 8 + r] = alpha;
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+            // O = diag(alpha) · O, then P into registers (in place of S)
+            simdgroup_float8x8 dg;
+            simdgroup_load(dg, diag, 8);
+            for (uint d = 0; d < ND; d++) {
+                simdgroup_float8x8 scaled;
+                simdgroup_multiply(scaled, dg, Of[d]);
+                Of[d] = scaled;
+            }
+            for (uint j = 0; j < NC; j++) simdgroup_load(Sf[j], s_sg + j * 8, BC);
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // chunk read (and next written)
+    }
+
+    // O /= l (rows with no visible key, padding rows only, get 0), then store.
+    if (qd == 0) diag[r * 8 + r] = l > 0.0f ? 1.0f / l : 0.0f;
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_float8x8 dg;
+    simdgroup_load(dg, diag, 8);
+    for (uint d = 0; d < ND; d++) {
+        simdgroup_float8x8 scaled;
+        simdgroup_multiply(scaled, dg, Of[d]);
+        Of[d] = scaled;
+    }
+    if (row0 + 8 <= T) {
+        for (uint d = 0; d < ND; d++) simdgroup_store(Of[d], o + row0 * D + d * 8, D);
+    } else if (row0 < T) {  // edge: through s_sg, only rows < T written
+        for (uint d = 0; d < ND; d++) {
+            simdgroup_store(Of[d], s_sg, 8);
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+            for (uint e = lane; e < 64; e += 32) {
+                if (row0 + e / 8 < T) o[(row0 + e / 8) * D + d * 8 + e % 8] = s_sg[e];
+            }
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+        }
+    }
+    if (qd == 0 && row < T) {
+        // log-sum-exp of the scaled scores: m + log(l) (v6 keeps m in raw units)
+        lse[row] = FMA ? (m * p.scale * LOG2E + log2(l)) * LN2 : m + log(l);
+    }
+}
+
+#define FLASH_FORWARD(NAME, BR, BC, DK, D, SW, DBKV, IL, DBR, FMA)                          \
+    template [[host_name(NAME)]] kernel void                                               \
+    flash_forward<BR, BC, DK, D, SW, DBKV, IL, DBR, FMA>(                                  \
+        device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
+        device const float* v [[buffer(2)]], device float* o [[buffer(3)]],                \
+        device float* lse [[buffer(4)]], constant FlashParams& p [[buffer(5)]],            \
+        uint2 group [[threadgroup_position_in_grid]],                                      \
+        uint t [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]], \
+        uint lane [[thread_index_in_simdgroup]]);
+
+// Each rung for D = 32, 64, 128. Threadgroup memory (floats): K/V chunks NBUF*BC*DK,
+// scores BR*BC, diag BR*8; the table in camel/flash.py repeats these numbers.
+#define FLASH_RUNG(V, BR, BC, DK32, DK64, DK128, SW, DBKV, IL, DBR, FMA)                    \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d32", BR, BC, DK32, 32, SW, DBKV, IL, DBR, FMA) \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d64", BR, BC, DK64, 64, SW, DBKV, IL, DBR, FMA) \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d128", BR, BC, DK128, 128, SW, DBKV, IL, DBR, FMA)
+
+// v1, v2: 64x64, DK 32: 8 + 16 + 2 = 26 KiB
+FLASH_RUNG(1, 64, 64, 32, 32, 32, false, false, false, false, false)
+FLASH_RUNG(2, 64, 64, 32, 32, 32, true, false, false, false, false)
+// v3-v5: 64x64, two chunk buffers of DK 16: 8 + 16 + 2 = 26 KiB
+FLASH_RUNG(3, 64, 64, 16, 16, 16, true, true, false, false, false)
+FLASH_RUNG(4, 64, 64, 16, 16, 16, true, true, true, false, false)
+FLASH_RUNG(5, 64, 64, 16, 16, 16, true, true, true, true, false)
+// v6: the autotuner's tile shapes. 64x32, DK up to 64: 16 + 8 + 2 = 26 KiB;
+// 64x64, DK 16: 26 KiB; 128x32, DK 32: 8 + 16 + 4 = 28 KiB.
+// 128x64 needs 32 KiB for the scores alone: over the limit, not built.
+FLASH_RUNG(6, 64, 32, 32, 64, 64, true, true, true, true, true)
+FLASH_RUNG(6, 64, 64, 16, 16, 16, true, true, true, true, true)
+FLASH_RUNG(6, 128, 32, 32, 32, 32, true, true, true, true, true)
+
+// ---------------------------------------------------------------------------------------
+// Backward: recomputation from the saved log-sum-exp, one thread per row, no (T, S)
+// buffer. With P = exp(scale·q·kᵀ - lse) rebuilt on the fly:
+//   delta_t = sum_d dO[t, d] · O[t, d]                              (flash_backward_delta)
+//   dP = dO·Vᵀ,  dS = P ∘ (dP - delta),  dQ = scale · dS·K               (flash_backward_dq)
+//   dV = Pᵀ·dO,  dK = scale · dSᵀ·Q                                      (flash_backward_dkv)
+// Every thread loops over all the rows of the other side; this is the memory-light
+// version, not a tiled one (see docs/stage5b.md).
+
+// delta[row] = dO[row, :] · O[row, :]. One thread per row of (B*H*T, D).
+kernel void flash_backward_delta(device const float* o [[buffer(0)]],
+                                 device const float* dout [[buffer(1)]],
+                                 device float* delta [[buffer(2)]],
+                                 constant uint& rows [[buffer(3)]],
+                                 constant uint& D [[buffer(4)]],
+                                 uint row [[thread_position_in_grid]]) {
+    if (row >= rows) return;
+    float acc = 0.0f;
+    for (uint d = 0; d < D; d++) acc = fma(o[row * D + d], dout[row * D + d], acc);
+    delta[row] = acc;
+}
+
+// dQ for query row t of (batch, head) bh: thread (t, bh). Keys s < S (s <= t if causal).
+template <uint D>
+kernel void flash_backward_dq(device const float* q [[buffer(0)]],
+                              device const float* k [[buffer(1)]],
+                              device const float* v [[buffer(2)]],
+                              device const float* dout [[buffer(3)]],
+                              device const float* lse [[buffer(4)]],
+                              device const float* delta [[buffer(5)]],
+                              device float* dq [[buffer(6)]],
+                              constant FlashParams& p [[buffer(7)]],
+                              uint2 gid [[thread_position_in_grid]]) {
+    const uint t = gid.x, bh = gid.y;
+    if (t >= p.T) return;
+    q += (bh * p.T + t) * D;
+    dout += (bh * p.T + t) * D;
+    k += bh * p.S * D;
+    v += bh * p.S * D;
+    float qr[D], dor[D], acc[D];
+    for (uint d = 0; d < D; d++) {
+        qr[d] = q[d];
+        dor[d] = dout[d];
+        acc[d] = 0.0f;
+    }
+    const float L = lse[bh * p.T + t], dl = delta[bh * p.T + t];
+    const uint send = p.causal ? min(p.S, t + 1) : p.S;
+    for (uint s = 0; s < send; s++) {
+        float qk = 0.0f, dp = 0.0f;
+        for (uint d = 0; d < D; d++) {
+            qk = fma(qr[d], k[s * D + d], qk);
+            dp = fma(dor[d], v[s * D + d], dp);
+        }
+        const float ds = exp(qk * p.scale - L) * (dp - dl);
+        for (uint d = 0; d < D; d++) acc[d] = fma(ds, k[s * D + d], acc[d]);
+    }
+    dq += (bh * p.T + t) * D;
+    for (uint d = 0; d < D; d++) dq[d] = acc[d] * p.scale;
+}
+
+// dK and dV for key row s of (batch, head) bh: thread (s, bh). Queries t < T (t >= s if
+// causal).
+template <uint D>
+kernel void flash_backward_dkv(device const float* q [[buffer(0)]],
+                               device const float* k [[buffer(1)]],
+                               device const float* v [[buffer(2)]],
+                               device const float* dout [[buffer(3)]],
+                               device const float* lse [[buffer(4)]],
+                               device const float* delta [[buffer(5)]],
+                               device float* dk [[buffer(6)]],
+                               device float* dv [[buffer(7)]],
+                               constant FlashParams& p [[buffer(8)]],
+                               uint2 gid [[thread_position_in_grid]]) {
+    const uint s = gid.x, bh = gid.y;
+    if (s >= p.S) return;
+    k += (bh * p.S + s) * D;
+    v += (bh * p.S + s) * D;
+    q += bh * p.T * D;
+    dout += bh * p.T * D;
+    lse += bh * p.T;
+    delta += bh * p.T;
+    float kr[D], vr[D], dka[D], dva[D];
+    for (uint d = 0; d < D; d++) {
+        kr[d] = k[d];
+        vr[d] = v[d];
+        dka[d] = 0.0f;
+        dva[d] = 0.0f;
+    }
+    for (uint t = p.causal ? s : 0; t < p.T; t++) {
+        float qk = 0.0f, dp = 0.0f;
+        for (uint d = 0; d < D; d++) {
+            qk = fma(q[t * D + d], kr[d], qk);
+            dp = fma(dout[t * D + d], vr[d], dp);
+        }
+        const float pr = exp(qk * p.scale - lse[t]);
+        const float ds = pr * (dp - delta[t]);
+        for (uint d = 0; d < D; d++) {
+            dva[d] = fma(pr, dout[t * D + d], dva[d]);
+            dka[d] = fma(ds, q[t * D + d], dka[d]);
+        }
+    }
+    dk += (bh * p.S + s) * D;
+    dv += (bh * p.S + s) * D;
+    for (uint d = 0; d < D; d++) {
+        dk[d] = dka[d] * p.scale;
+        dv[d] = dva[d];
+    }
+}
+
+#define FLASH_BACKWARD(D)                                                                   \
+    template [[host_name("flash_backward_dq_d" #D)]] kernel void flash_backward_dq<D>(      \
+        device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
+        device const float* v [[buffer(2)]], device const float* dout [[buffer(3)]],       \
+        device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],    \
+        device float* dq [[buffer(6)]], constant FlashParams& p [[buffer(7)]],             \
+        uint2 gid [[thread_position_in_grid]]);                                            \
+    template [[host_name("flash_backward_dkv_d" #D)]] kernel void flash_backward_dkv<D>(    \
+        device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
+        device const float* v [[buffer(2)]], device const float* dout [[buffer(3)]],       \
+        device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],    \
+        device float* dk [[buffer(6)]], device float* dv [[buffer(7)]],                    \
+        constant FlashParams& p [[buffer(8)]], uint2 gid [[thread_position_in_grid]]);
+
+FLASH_BACKWARD(32)
+FLASH_BACKWARD(64)
+FLASH_BACKWARD(128)
