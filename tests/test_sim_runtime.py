@@ -480,3 +480,16 @@ def test_workers_env(sim):
     env = dict(os.environ, CAMEL_SIM_WORKERS="3")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.stdout.strip() == "camel simulator (3 workers)", r.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_child_runs_alone(sim):
+    x = np.arange(256, dtype=np.float32)
+    (hi, _), (ho, out) = sim.buffer(x), sim.buffer(np.zeros(256, np.float32))
+    sim.run("reduce", [hi, ho], grid=(4, 1, 1), tpg=(64, 1, 1))  # the pool has started
+    pid = os.fork()
+    if pid == 0:  # the child has no helper threads: it must not wait for them
+        sim.run("scale", [hi, ho, np.float32(3).tobytes()], grid=(4, 1, 1), tpg=(64, 1, 1))
+        os._exit(0 if np.array_equal(out, 3 * x) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0

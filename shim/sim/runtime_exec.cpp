@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <new>
 #include <mutex>
 #include <thread>
 
@@ -797,9 +798,21 @@ static void helper_main() {
     }
 }
 
+// After fork() only the forking thread exists in the child: without this the
+// child would wait forever for helpers that are not there. It runs alone.
+static void pool_after_fork_in_child() {
+    new (&pool.mu) std::mutex();
+    new (&pool.wake) std::condition_variable();
+    new (&pool.done) std::condition_variable();
+    for (auto &t : pool.threads) new (&t) std::thread();  // forget the parent's threads
+    pool.threads.clear();
+    if (pool.workers > 1) pool.workers = 1;
+}
+
 void pool_start(int workers) {
     std::lock_guard<std::mutex> lock(pool.mu);
     if (pool.workers) return;
+    pthread_atfork(nullptr, nullptr, pool_after_fork_in_child);
     pool.workers = workers;
     // The calling thread is worker 0; the pool adds the others.
     for (int i = 1; i < workers; i++) pool.threads.emplace_back(helper_main);
