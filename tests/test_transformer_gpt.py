@@ -208,6 +208,29 @@ def test_attention_selection(gpt, monkeypatch):
         run_step(gpt, model, x, y, "mps")
 
 
+def test_flash_selection_and_fallback(gpt, monkeypatch):
+    """CAMEL_ATTENTION=flash runs Stage 5B's kernels where they exist (head dim 32 here) and
+    equals the naive path; for a head dim without flash kernels (8) it falls back to naive."""
+    _require_mps()
+    pytest.importorskip("camel.flash")
+    x, y = batch(seed=5)
+    for d_model, heads, expect_flash in [(64, 2, True), (C, H, False)]:  # D = 32, D = 8
+        camel.manual_seed(5)
+        model = gpt.GPT(V, d_model, 1, heads, max_seq_len=32)
+        monkeypatch.setenv("CAMEL_ATTENTION", "naive")
+        _, naive_loss, naive_grads = run_step(gpt, model, x, y, "mps")
+        monkeypatch.setenv("CAMEL_ATTENTION", "flash")
+        with camel.profile() as prof:
+            _, loss, grads = run_step(gpt, model, x, y, "mps")
+        names = {e.name for e in prof.events}
+        assert any(n.startswith("flash") for n in names) == expect_flash, sorted(names)
+        assert ("softmax_last_axis" in names) == (not expect_flash), sorted(names)
+        assert abs(loss - naive_loss) < 1e-5
+        for name, want in naive_grads.items():
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(grads[name], want, rtol=1e-3, atol=1e-5 * scale + 1e-7)
+
+
 @pytest.mark.parametrize("device", ["cpu", "mps"])
 def test_bad_input_names_the_values(gpt, device):
     if device == "mps":
