@@ -604,9 +604,9 @@ static void rt_simdgroup_barrier(const camel_sim_thread *t, uint32_t, uint32_t s
 static void rt_simd_collective(const camel_sim_thread *t, uint32_t site,
                                camel_sim_resolver resolve, const void *in, void *out,
                                const void *arg) {
-    Group &g = group_of(t);
+    Group &g = tl_worker->group;
     if (g.fibers) {
-        Lane *self = &g.lanes[t->thread_index_in_threadgroup];
+        Lane *self = g.current;
         self->resolver = resolve;
         self->in = in;
         self->out = out;
