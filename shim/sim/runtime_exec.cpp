@@ -116,7 +116,6 @@ struct Group {
 // Per worker thread: fiber stacks, threadgroup memory, crash recovery.
 struct Worker {
     Group group;
-    Group *group_ptr = &group;
     std::vector<Lane> lanes;
     std::vector<camel_sim_thread> threads;
     uint8_t *stacks = nullptr;  // nstacks * (kGuardSize + kStackSize)
@@ -287,7 +286,7 @@ static inline void block(Group &g, Lane *self) {
 
 static void lane_main(void *arg) {
     Lane *l = (Lane *)arg;
-    Group &g = *tl_worker->group_ptr;
+    Group &g = tl_worker->group;
     g.k->entry(g.d->bindings.data(), g.tg.data(), &g.threads[l - g.lanes]);
     l->state = kDone;
     g.n_done++;
