@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -147,7 +148,8 @@ def _tune_path():
 def _tune_key(d: int, t: int, causal: bool) -> str:
     from camel import autotune, metal
 
-    return f"{metal.device_name()}|d{d}|t{autotune._bucket(max(t, 1))}|{'causal' if causal else 'full'}"
+    mask = "causal" if causal else "full"
+    return f"{metal.device_name()}|d{d}|t{autotune._bucket(max(t, 1))}|{mask}"
 
 
 def _tuned(d: int, t: int, causal: bool) -> str | None:
@@ -264,9 +266,10 @@ def forward(q, k, v, causal: bool = False, rung: str | None = None):
     q, k, v = (_contiguous16(x) for x in (q, k, v))
     fn = metal.kernel(SHADER, r.kernel(d))
     keys = t * s / 2 if causal else t * s  # score entries computed, roughly
+    nbytes = _F32 * b * h * (2 * t * d + 2 * s * d + t)
     fn(q, k, v, out, lse, _params(t, s, causal, d),
        threadgroups=r.grid(t, b * h), threads_per_threadgroup=(r.threads, 1, 1),
-       flops=int(4 * b * h * keys * d), bytes=_F32 * b * h * (2 * t * d + 2 * s * d + t))  # fmt: skip
+       flops=int(4 * b * h * keys * d), bytes=nbytes)  # fmt: skip
     return out, lse
 
 
@@ -358,3 +361,48 @@ def scaled_dot_product_attention(q, k, v, causal=False, rung=None):
             )
     check_shapes(q.shape, k.shape, v.shape)
     return _FlashAttention.apply(q, k, v, bool(causal), rung)
+
+
+# ---- selection (called by F.scaled_dot_product_attention) ---------------------------------
+
+_noticed: set = set()
+
+
+def _notice(key: str, message: str) -> None:
+    """Print a message once per process (per key)."""
+    if key not in _noticed:
+        _noticed.add(key)
+        print(message, file=sys.stderr)
+
+
+def select(op: str, mode: str, q, k, v) -> str | None:
+    """Which flash rung F.scaled_dot_product_attention runs, or None for the naive path.
+
+    mode is CAMEL_ATTENTION, lower-cased ("" when unset):
+        ""        flash on "mps" where the head dim is built (32, 64, 128), else naive
+        "flash"   the same, with a one-time notice when it falls back to naive
+        a rung    ("flash_v3", "flash_v6_64x32", ...): forced; an error where it cannot run
+    ValueError for an unknown mode, listing the valid ones.
+    """
+    valid = ["naive", "flash", *names()]
+    if mode not in ("", "flash") and mode not in names():
+        listed = ", ".join(repr(n) for n in valid)
+        raise ValueError(f"[{op}] CAMEL_ATTENTION={mode!r} is unknown; valid: {listed}")
+    d = q.shape[-1]
+    shapes = f"q {q.shape}, k {k.shape}, v {v.shape}"
+    reason = None
+    if q.device != "mps":
+        reason = f"flash kernels run on 'mps'; the tensors are on {q.device!r}"
+    elif q.ndim != 4 or v.shape[-1] != d:
+        reason = f"flash needs q, k, v (B, H, T|S, D) with one D; got {shapes}"
+    elif k.shape[-2] == 0:
+        reason = f"there are no keys; {shapes}"
+    elif d not in HEAD_DIMS:
+        reason = f"head dim D = {d} has no flash kernel (built: {HEAD_DIMS}); {shapes}"
+    if reason is None:
+        return mode or "flash"
+    if mode.startswith("flash_"):
+        raise ValueError(f"[{op}] CAMEL_ATTENTION={mode} cannot run: {reason}")
+    if mode == "flash" or q.device == "mps":
+        _notice(reason, f"[{op}] note: using the naive path: {reason}")
+    return None

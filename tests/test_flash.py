@@ -1,0 +1,250 @@
+"""Flash attention (Stage 5B): every rung of shaders/ops_attention.metal equals NumPy and
+the naive "mps" path, forward (out and log-sum-exp) and backward, at awkward T, for
+D = 32, 64, 128, causal and not, in the simulator's three schedule orders; a long
+sequence runs without a (T, T) buffer; bad input names the shapes.
+
+Simulating simdgroup_matrix code is slow (~10 µs per 8x8 operation), so the grid is:
+every rung x T in {1, 17, 64, 130} x D x causal in the forward order, T in {17, 130} in
+the reverse and random orders, and T = 1000 for a few (rung, D, causal, order) picks.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import camel
+import camel.functional as F
+from camel import flash, metal
+
+
+def _mps_available():
+    try:
+        metal.device_name()
+    except Exception:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _mps_available(), reason="no Metal device or simulator")
+
+ORDERS = ["forward", "reverse", "random"]
+DIMS = [32, 64, 128]
+RUNGS = list(flash.RUNGS)
+
+
+def inputs(t, d, b=1, h=2, s=None, seed=0):
+    rng = np.random.default_rng(seed + 7 * t + d)
+    q = rng.standard_normal((b, h, t, d), dtype=np.float32)
+    k = rng.standard_normal((b, h, s or t, d), dtype=np.float32)
+    v = rng.standard_normal((b, h, s or t, d), dtype=np.float32)
+    return q, k, v
+
+
+_naive = {}
+
+
+def naive_mps(q, k, v, causal, monkeypatch):
+    """The Stage 5A path on "mps" (four ops with a (T, S) matrix), cached per input."""
+    key = (q.shape, k.shape, causal, q[0, 0, 0, 0])
+    if key not in _naive:
+        monkeypatch.setenv("CAMEL_ATTENTION", "naive")
+        qt, kt, vt = (camel.tensor(x, device="mps") for x in (q, k, v))
+        _naive[key] = F.scaled_dot_product_attention(qt, kt, vt, causal=causal).numpy().copy()
+    return _naive[key]
+
+
+def check_forward(rung, t, d, causal, order, monkeypatch, b=1, h=2):
+    monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+    q, k, v = inputs(t, d, b, h)
+    want, want_lse = flash.reference_numpy(q, k, v, causal)
+    qd, kd, vd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
+    out, lse = flash.forward(qd, kd, vd, causal, rung=rung)
+    got = out.numpy()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4, err_msg=f"{rung} out")
+    np.testing.assert_allclose(lse.numpy(), want_lse, atol=2e-5, rtol=1e-5, err_msg="lse")
+    naive = naive_mps(q, k, v, causal, monkeypatch)
+    np.testing.assert_allclose(got, naive, atol=2e-5, rtol=1e-4, err_msg=f"{rung} vs naive")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("t", [1, 17, 64, 130])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_forward_every_rung(rung, t, d, causal, monkeypatch):
+    check_forward(rung, t, d, causal, "forward", monkeypatch)
+
+
+@pytest.mark.parametrize("order", ["reverse", "random"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("t", [17, 130])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_forward_schedule_orders(rung, t, d, causal, order, monkeypatch):
+    check_forward(rung, t, d, causal, order, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "rung, d, causal, order",
+    [
+        ("flash_v1", 32, True, "forward"),
+        ("flash_v2", 64, True, "reverse"),
+        ("flash_v5", 32, False, "random"),
+        ("flash_v6_64x32", 128, True, "forward"),
+        ("flash_v6_128x32", 64, True, "random"),
+    ],
+)
+def test_forward_t1000(rung, d, causal, order, monkeypatch):
+    check_forward(rung, 1000, d, causal, order, monkeypatch, h=1)
+
+
+def test_keys_not_equal_queries(monkeypatch):
+    """S != T (cross attention), with edge tiles on both sides, causal top-left aligned."""
+    for causal in (False, True):
+        q, k, v = inputs(70, 64, s=33)
+        want, want_lse = flash.reference_numpy(q, k, v, causal)
+        qd, kd, vd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
+        out, lse = flash.forward(qd, kd, vd, causal, rung="flash_v5")
+        np.testing.assert_allclose(out.numpy(), want, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(lse.numpy(), want_lse, atol=2e-5, rtol=1e-5)
+
+
+def torch_grads(q, k, v, causal, dout):
+    torch = pytest.importorskip("torch")
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+    out.backward(torch.tensor(dout))
+    return [x.grad.numpy() for x in (tq, tk, tv)]
+
+
+def numpy_grads(q, k, v, causal, dout):
+    """dq, dk, dv of softmax(q kᵀ / sqrt(D)) v in float64 NumPy."""
+    q64, k64, v64, g = (np.asarray(x, np.float64) for x in (q, k, v, dout))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = q64 @ np.swapaxes(k64, -1, -2) * scale
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dv = np.swapaxes(p, -1, -2) @ g
+    dp = g @ np.swapaxes(v64, -1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    return ds @ k64 * scale, np.swapaxes(ds, -1, -2) @ q64 * scale, dv
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("t", [1, 17, 130])
+def test_backward(t, d, causal, order, monkeypatch):
+    """Autograd through flash.scaled_dot_product_attention equals NumPy, the naive path
+    on "mps" and (when installed) PyTorch."""
+    monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+    q, k, v = inputs(t, d, b=2, h=1)
+    dout = np.random.default_rng(t + d).standard_normal(q.shape, dtype=np.float32)
+
+    def run(mode):
+        monkeypatch.setenv("CAMEL_ATTENTION", mode)
+        ts = [camel.tensor(x, device="mps", requires_grad=True) for x in (q, k, v)]
+        out = F.scaled_dot_product_attention(*ts, causal=causal)
+        out.backward(camel.tensor(dout, device="mps"))
+        return out.numpy(), [x.grad.numpy() for x in ts]
+
+    out, grads = run("flash_v6_64x32")
+    naive_out, naive_grads = run("naive")
+    np.testing.assert_allclose(out, naive_out, atol=2e-5, rtol=1e-4)
+    refs = [numpy_grads(q, k, v, causal, dout), naive_grads]
+    try:
+        refs.append(torch_grads(q, k, v, causal, dout))
+    except pytest.skip.Exception:
+        pass
+    for ref in refs:
+        for name, got, want in zip("qkv", grads, ref, strict=True):
+            tol = 1e-4 * max(1.0, np.abs(want).max())
+            np.testing.assert_allclose(got, want, atol=tol, rtol=1e-3, err_msg=f"d{name}")
+
+
+def test_gradcheck_small():
+    """Finite differences through the flash kernels (forward and backward), T = 9, D = 32."""
+    q, k, v = (x * 0.5 for x in inputs(9, 32, b=1, h=1))
+    ts = [camel.tensor(x, device="mps", requires_grad=True) for x in (q, k, v)]
+
+    def fn(a, b, c):
+        return flash.scaled_dot_product_attention(a, b, c, causal=True, rung="flash_v2")
+
+    camel.gradcheck(fn, ts, eps=1e-2, atol=2e-3, rtol=2e-2)
+
+
+def test_long_sequence_memory():
+    """T = 2048: the forward allocates less than T·T·4 bytes beyond inputs and outputs
+    (the naive path would need 16 MiB for the scores of one head)."""
+    t, d = 2048, 32
+    q, k, v = inputs(t, d, b=1, h=1)
+    qd, kd, vd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
+    metal.synchronize()
+    metal.empty_cache()
+    metal.reset_peak_memory_stats()
+    base = metal.memory_stats()["peak_bytes"]
+    out, lse = flash.forward(qd, kd, vd, True, rung="flash_v6_64x32")
+    got = out.numpy()
+    extra = metal.memory_stats()["peak_bytes"] - base - out.size * 4 - lse.size * 4
+    assert extra < t * t * 4, f"flash forward used {extra} extra bytes at T = {t}"
+    rows = np.r_[0:3, 1000:1003, t - 3 : t]  # spot-check rows against NumPy
+    want, _ = flash.reference_numpy(q[:, :, rows], k, v, False)
+    mask = np.arange(t)[None, :] <= rows[:, None]
+    s = q[0, 0, rows] @ k[0, 0].T / math.sqrt(d)
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ v[0, 0]
+    np.testing.assert_allclose(got[0, 0, rows], want, atol=2e-5, rtol=1e-4)
+
+
+def test_rung_table():
+    """Every rung fits 32 KiB and exists in the shader; v6's 128x64 is over the limit and
+    not a candidate; unknown names list the valid ones."""
+    lib = metal.library(flash.SHADER)
+    for rung in flash.RUNGS.values():
+        for d in DIMS:
+            assert rung.tg_bytes(d) <= 32 * 1024, (rung.name, d)
+            assert rung.kernel(d) in lib.function_names
+    assert flash.V6_TOO_BIG.tg_bytes(64) > 32 * 1024
+    assert all(r.br * r.bc < 128 * 64 for r in flash.v6_candidates(64))
+    with pytest.raises(ValueError, match=r"unknown rung 'flash_v9'.*flash_v1"):
+        flash.get_rung("flash_v9")
+
+
+def test_bad_input_names_the_shapes(monkeypatch):
+    qd = metal.DeviceArray.from_numpy(np.zeros((1, 2, 5, 32), np.float32))
+    kd = metal.DeviceArray.from_numpy(np.zeros((1, 2, 6, 32), np.float32))
+    vd = metal.DeviceArray.from_numpy(np.zeros((1, 2, 7, 32), np.float32))
+    with pytest.raises(ValueError, match=r"\(1, 2, 5, 32\), \(1, 2, 6, 32\) and \(1, 2, 7, 32\)"):
+        flash.forward(qd, kd, vd)
+    odd = metal.DeviceArray.from_numpy(np.zeros((1, 1, 4, 48), np.float32))
+    with pytest.raises(ValueError, match=r"head dim D = 48 is not built"):
+        flash.forward(odd, odd, odd)
+
+
+def test_selection(monkeypatch, capsys):
+    """Unset: flash on mps for built head dims; unsupported D: naive with a one-time notice;
+    a forced rung with an unsupported D: an error; unknown names: an error listing rungs."""
+    q, k, v = inputs(9, 32, b=1, h=1)
+    ts = [camel.tensor(x, device="mps") for x in (q, k, v)]
+    monkeypatch.delenv("CAMEL_ATTENTION", raising=False)
+    with camel.profile() as prof:
+        F.scaled_dot_product_attention(*ts, causal=True).numpy()
+    assert any(e.name.startswith("flash_v6") for e in prof.events)
+    odd = [camel.tensor(np.ones((1, 1, 4, 8), np.float32), device="mps") for _ in range(3)]
+    for _ in range(2):
+        with camel.profile() as prof:
+            F.scaled_dot_product_attention(*odd).numpy()
+        assert not any(e.name.startswith("flash") for e in prof.events)
+    assert capsys.readouterr().err.count("head dim D = 8 has no flash kernel") == 1
+    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v3")
+    with pytest.raises(ValueError, match=r"flash_v3 cannot run: head dim D = 8"):
+        F.scaled_dot_product_attention(*odd)
+    with camel.profile() as prof:
+        F.scaled_dot_product_attention(*ts).numpy()
+    assert {e.name for e in prof.events} == {"flash_v3_64x64_d32"}
+    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v7")
+    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v7' is unknown.*'flash_v6'"):
+        F.scaled_dot_product_attention(*ts)
