@@ -581,27 +581,16 @@ def scaled_dot_product_attention(q, k, v, causal=False):
             f"[{op}] expects q (B, H, T, D), k (B, H, S, D), v (B, H, S, Dv), got shapes "
             f"{q.shape}, {k.shape} and {v.shape}"
         )
-    # CAMEL_ATTENTION picks the path: "naive" (default, the four ops below, Stage 5A) or
-    # "flash" / "flash_v3" / ... (camel/flash.py, Stage 5B: fused kernels, no (T, S) matrix in
-    # memory). Flash kernels exist on "mps" for some head dims; other inputs run naive.
-    mode = os.environ.get("CAMEL_ATTENTION", "naive").strip().lower()
-    if mode.startswith("flash"):
+    # CAMEL_ATTENTION picks the path: "naive" (the four ops below, Stage 5A), "flash" or one
+    # flash rung such as "flash_v3" (camel/flash.py, Stage 5B: fused kernels, no (T, S) matrix
+    # in memory). Unset: flash on "mps" where the head dim has flash kernels, else naive.
+    mode = os.environ.get("CAMEL_ATTENTION", "").strip().lower()
+    if mode != "naive":
         from camel import flash  # imported here: Stage 5B is optional
 
-        flash_ok = (
-            q.device == "mps"
-            and q.ndim == 4
-            and q.shape[-1] in flash.HEAD_DIMS
-            and v.shape[-1] == q.shape[-1]
-            and k.shape[-2] > 0
-        )
-        if flash_ok:
-            return flash.scaled_dot_product_attention(q, k, v, causal=causal)
-    elif mode != "naive":
-        raise ValueError(
-            f"[{op}] CAMEL_ATTENTION={mode!r} is unknown; valid: 'naive', 'flash' "
-            "(or a flash rung such as 'flash_v3')"
-        )
+        rung = flash.select(op, mode, q, k, v)  # None: naive; ValueError: unknown mode
+        if rung is not None:
+            return flash.scaled_dot_product_attention(q, k, v, causal=causal, rung=rung)
     scores = MatMul.apply(q, k, transpose_b=True)  # (B, H, T, S)
     scores = MulScalar.apply(scores, 1.0 / math.sqrt(q.shape[-1]))
     att = Softmax.apply(scores, causal)  # (B, H, T, S), each row sums to 1
