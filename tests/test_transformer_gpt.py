@@ -248,3 +248,36 @@ def test_bad_input_names_the_values(gpt, device):
         nn.MultiHeadAttention(30, 4)
     with pytest.raises(ValueError, match=r"d_model=30 is not divisible by n_heads=4"):
         gpt.GPT(V, 30, 1, 4, max_seq_len=8)
+
+
+def test_documented_config_sizes(gpt):
+    # the parameter counts in the gpt_mini.py docstring and docs/stage5a.md (vocabulary 84)
+    documented = {"gpu": 10_810_452, "cpu": 426_580, "tiny": 31_956}
+    for name, want in documented.items():
+        c = gpt.CONFIGS[name]
+        model = gpt.GPT(84, c["d_model"], c["n_layers"], c["n_heads"], c["max_seq_len"])
+        assert sum(p.numpy().size for p in model.parameters()) == want, name
+        assert c["seq_len"] <= c["max_seq_len"]
+
+
+@pytest.mark.parametrize("b, t, d_model, heads", [(1, 130, 33, 3), (2, 1, 12, 4), (3, 17, 16, 2)])
+def test_multi_head_attention_mps_matches_cpu(b, t, d_model, heads):
+    _require_mps()
+    camel.manual_seed(6)
+    mha = nn.MultiHeadAttention(d_model, heads)
+    x_np = np.random.default_rng(6).standard_normal((b, t, d_model)).astype(np.float32)
+    results = {}
+    for device in ("cpu", "mps"):
+        mha.to(device)
+        mha.zero_grad()
+        x = camel.tensor(x_np, requires_grad=True, device=device)
+        y = mha(x)
+        (y * y).sum().backward()
+        grads = {n: p.grad.numpy().copy() for n, p in mha.named_parameters()}
+        results[device] = (y.numpy().copy(), x.grad.numpy().copy(), grads)
+    (cy, cdx, cg), (my, mdx, mg) = results["cpu"], results["mps"]
+    np.testing.assert_allclose(my, cy, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mdx, cdx, rtol=1e-3, atol=1e-5 * np.abs(cdx).max())
+    for name in cg:
+        atol = 1e-5 * np.abs(cg[name]).max() + 1e-7
+        np.testing.assert_allclose(mg[name], cg[name], rtol=1e-3, atol=atol, err_msg=name)
