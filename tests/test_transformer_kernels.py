@@ -202,3 +202,18 @@ def test_head_permutes(mps, shape, dims):
     x = rand(*shape, seed=20)
     got = host(mps, mps.permute(mps.from_numpy(x), dims))
     np.testing.assert_array_equal(got, cpu.permute(x, dims))
+
+
+@pytest.mark.parametrize("rows, kernel", [(17, "layernorm_backward_params"),
+                                          (300, "layernorm_backward_params_blocked")])  # fmt: skip
+def test_layer_norm_param_grads_are_deterministic(mps, rows, kernel):
+    x, g = rand(rows, 40, seed=24, scale=3.0), rand(rows, 40, seed=25, scale=100.0)
+    w, b = rand(40, seed=26), rand(40, seed=27)
+    _, mean, rstd = cpu.layer_norm(x, w, b, 1e-5)
+    args = [mps.from_numpy(a) for a in (g, x, w, mean, rstd)]
+    with camel.profile() as prof:
+        first = [host(mps, a) for a in mps.layer_norm_backward(*args)[1:]]
+    assert kernel in {e.name for e in prof.events}
+    for _ in range(2):
+        again = [host(mps, a) for a in mps.layer_norm_backward(*args)[1:]]
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(first, again, strict=True))
