@@ -6,7 +6,8 @@
 //   embedding_forward         out[n, d] = weight[idx[n], d]         one thread per output element
 //   embedding_backward_link   one thread per vocabulary row v: walks idx in order and links
 //                             the positions that hold v into a list:
-//                             head[v] = first such n (or -1), next[n] = the following one (or -1)
+//                             head[v] = first such n (or -1), next_pos[n] = the following
+//                             one (or -1)
 //   embedding_backward_sum    dweight[v, d] = sum of grad[n, d] over v's list, in list order
 //                             one thread per (d, v)
 //
@@ -53,10 +54,10 @@ kernel void embedding_forward(device const int *idx [[buffer(0)]],
 
 // One thread per vocabulary row v: link the positions n with idx[n] == v, in order.
 // Each position is linked by exactly one thread (the one of its token), so no two
-// threads write the same next[n].
+// threads write the same next_pos[n].
 kernel void embedding_backward_link(device const int *idx [[buffer(0)]],
                                     device int *head [[buffer(1)]],
-                                    device int *next [[buffer(2)]],
+                                    device int *next_pos [[buffer(2)]],
                                     constant uint &V [[buffer(3)]],
                                     constant uint &N [[buffer(4)]],
                                     uint v [[thread_position_in_grid]])
@@ -71,13 +72,13 @@ kernel void embedding_backward_link(device const int *idx [[buffer(0)]],
             if (prev < 0) {
                 first = int(n);
             } else {
-                next[prev] = int(n);
+                next_pos[prev] = int(n);
             }
             prev = int(n);
         }
     }
     if (prev >= 0) {
-        next[prev] = -1;  // end of v's list
+        next_pos[prev] = -1;  // end of v's list
     }
     head[v] = first;
 }
@@ -86,7 +87,7 @@ kernel void embedding_backward_link(device const int *idx [[buffer(0)]],
 // position order and add up column d of those grad rows. Rows no position uses get 0.
 kernel void embedding_backward_sum(device const float *grad [[buffer(0)]],
                                    device const int *head [[buffer(1)]],
-                                   device const int *next [[buffer(2)]],
+                                   device const int *next_pos [[buffer(2)]],
                                    device float *dweight [[buffer(3)]],
                                    constant uint &V [[buffer(4)]],
                                    constant uint &D [[buffer(5)]],
@@ -98,7 +99,7 @@ kernel void embedding_backward_sum(device const float *grad [[buffer(0)]],
         return;
     }
     float acc = 0.0f;
-    for (int n = head[v]; n >= 0; n = next[n]) {
+    for (int n = head[v]; n >= 0; n = next_pos[n]) {
         acc += grad[uint(n) * D + d];
     }
     dweight[v * D + d] = acc;
