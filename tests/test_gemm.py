@@ -105,7 +105,7 @@ BATCHED = [
     ((2, 3, 8, 17), (2, 3, 8, 19), True, False),  # dV-style  pᵀ · dy
     ((4, 33, 20), (20, 31), False, False),  # 3-D @ 2-D: B broadcast (batch stride 0)
     ((4, 33, 20), (31, 20), False, True),  # x · Wᵀ over a batch
-    ((20, 33), (4, 20, 31), False, False),  # 2-D @ 3-D: A broadcast
+    ((33, 20), (4, 20, 31), False, False),  # 2-D @ 3-D: A broadcast
     ((2, 1, 9, 12), (3, 12, 10), False, False),  # broadcast batch dims (2, 1) x (3,)
     ((2, 64, 68), (2, 68, 36), False, False),  # float4-aligned strides
 ]
@@ -125,12 +125,13 @@ def test_batched(version, a_shape, b_shape, ta, tb, rng):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_schedule_orders(version, order, monkeypatch, rng):
     monkeypatch.setenv("CAMEL_SIM_ORDER", order)  # the runtime reads it per dispatch
-    for m, n, k in [(33, 31, 17), (64, 65, 63)]:
-        for ta, tb in [(False, False), (True, True)]:
+    for m, n, k in SHAPES:
+        for ta, tb in [(False, False), (True, False), (False, True)]:
             a, b = _operands(rng, *_stored(m, n, k, ta, tb))
             _check(version, a, b, ta, tb)
-    a, b = _operands(rng, (2, 2, 17, 8), (2, 2, 19, 8))
-    _check(version, a, b, False, True)
+    for a_shape, b_shape, ta, tb in BATCHED[:3]:
+        a, b = _operands(rng, a_shape, b_shape)
+        _check(version, a, b, ta, tb)
 
 
 # ---- misaligned storage: float4 paths must fall back ------------------------------------
@@ -239,14 +240,15 @@ def test_integer_operands():
 
 def test_forced_rung_over_device_limits(monkeypatch):
     """A device smaller than the rung: the error gives both sets of numbers."""
-    monkeypatch.setattr(gemm, "device_limits", lambda: (128, 8192))
+    monkeypatch.setattr(gemm, "device_limits", lambda: (256, 8192))
     a = metal.DeviceArray.from_numpy(np.ones((8, 8), np.float32))
     with pytest.raises(
-        RuntimeError, match=r"version 8 .* 256 threads and 16384 bytes.*128 threads and 8192"
+        RuntimeError, match=r"version 8 .* 256 threads and 16384 bytes.*256 threads and 8192 bytes"
     ):
         gemm.matmul(a, a, version="8")
     assert not gemm.fits(gemm.get_rung("8")) and gemm.fits(gemm.get_rung("2"))
-    assert "8" not in autotune.candidates()
+    assert not gemm.fits(gemm.get_rung("3"))  # 1024 threads
+    assert autotune.candidates() == ["1", "2", "5", "6", "7"]
 
 
 @pytest.mark.parametrize("version", ["1", "3", "5", "6", "10", "11"])
@@ -257,3 +259,88 @@ def test_k_zero_gives_zeros(version):
     out = metal.DeviceArray.from_numpy(np.full((4, 5), np.nan, np.float32))
     gemm.matmul(x, y, out=out, version=version)
     np.testing.assert_array_equal(out.numpy(), np.zeros((4, 5), np.float32))
+
+
+# ---- a missing barrier is caught (the schedule-order tests have teeth) -----------------
+
+
+def test_missing_barrier_is_caught(rng):
+    """v3 without its first barrier reads tiles before they are written: wrong results."""
+    src = (metal.SHADERS_DIR / gemm.SHADER).read_text()
+    barrier = "threadgroup_barrier(mem_flags::mem_threadgroup);  // tiles complete before use"
+    assert barrier in src
+    lib = metal.compile(src.replace(barrier, ""), "ops_matmul_no_barrier.metal")
+    a, b = _operands(rng, (64, 64), (64, 64))
+    p = gemm.plan(a.shape, b.shape)
+    out = metal.DeviceArray.empty((64, 64))
+    rung = gemm.get_rung("3")
+    lib.function(rung.kernel)(
+        metal.DeviceArray.from_numpy(a), metal.DeviceArray.from_numpy(b), out, p.params,
+        threadgroups=rung.grid(64, 64, 1), threads_per_threadgroup=rung.threads,
+    )  # fmt: skip
+    assert not np.allclose(out.numpy(), _reference(a, b), rtol=1e-3, atol=1e-3)
+
+
+# ---- the address sanitizer (a subprocess: ASan must be loaded before Python) ------------
+
+ASAN_SCRIPT = r"""
+import numpy as np
+from camel import gemm, metal
+
+def place(arr, at_end):
+    # copy arr into a buffer so its last byte is the storage's last byte (at_end), or at 0:
+    # a read or write just outside the matrix then lands in ASan's red zone
+    capacity = metal.Buffer(arr.nbytes + 64).capacity  # storage comes in size classes
+    buf = metal.Buffer(capacity)
+    assert buf.capacity == capacity
+    offset = capacity - arr.nbytes if at_end else 0
+    d = metal.DeviceArray(arr.shape, np.float32, buf, offset=offset)
+    d.numpy()[...] = arr
+    return d
+
+rng = np.random.default_rng(0)
+worst = 0.0
+cases = [((33, 17), (17, 31), 0, 0), ((17, 33), (31, 17), 1, 1), ((64, 68), (68, 36), 0, 0),
+         ((2, 3, 9, 8), (2, 3, 10, 8), 0, 1), ((4, 33, 20), (20, 31), 0, 0)]
+for v in gemm.versions():
+    for a_shape, b_shape, ta, tb in cases:
+        for at_end in (False, True):
+            a = rng.standard_normal(a_shape, dtype=np.float32)
+            b = rng.standard_normal(b_shape, dtype=np.float32)
+            want = np.matmul(np.swapaxes(a, -1, -2) if ta else a,
+                             np.swapaxes(b, -1, -2) if tb else b)
+            out = place(np.zeros(want.shape, np.float32), at_end)
+            gemm.matmul(place(a, at_end), place(b, at_end), transpose_a=bool(ta),
+                        transpose_b=bool(tb), out=out, version=v)
+            worst = max(worst, float(np.abs(out.numpy() - want).max()))
+print("max error", worst)
+print("ALL OK" if worst < 1e-3 else "MISMATCH")
+"""
+
+
+@pytest.mark.skipif(not metal.is_simulator(), reason="the sanitizer runs on the simulator")
+def test_every_rung_under_address_sanitizer():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    asan = None
+    for cc in ("clang-19", "clang-18", "clang-17", "clang-16", "clang"):
+        try:
+            r = subprocess.run([cc, "-print-file-name=libclang_rt.asan-x86_64.so"],
+                               capture_output=True, text=True)  # fmt: skip
+        except FileNotFoundError:
+            continue
+        if os.path.isabs(r.stdout.strip()) and os.path.exists(r.stdout.strip()):
+            asan = r.stdout.strip()
+            break
+    if asan is None:
+        pytest.skip("no ASan runtime (Debian: apt-get install libclang-rt-19-dev)")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, CAMEL_SIM_SANITIZE="address", LD_PRELOAD=asan,
+               ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(root))  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert "AddressSanitizer" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and "ALL OK" in r.stdout, (r.stdout, r.stderr[-3000:])
