@@ -582,10 +582,16 @@ def cross_entropy_backward(probs, targets, grad):
 # ---------------------------------------------------------------------------
 
 
-# The LayerNorm forward ladder (ops_layernorm.metal): version -> kernel. Version 2 (one
-# sweep fewer) is the default; CAMEL_LAYERNORM=1 picks version 1 (docs/stage4.md).
-LAYERNORM_FORWARD = {1: "layernorm_forward_v1", 2: "layernorm_forward_v2"}
-LAYERNORM_VERSION = 2
+# The LayerNorm forward ladder (ops_layernorm.metal): version -> kernel. Reads of x per
+# element: v1 three, v2 two, v3 one (the row in registers, D <= _LN_V3_MAX_D). Default
+# (None): v3 where it fits, else v2; CAMEL_LAYERNORM=1|2|3 forces one (docs/stage4.md).
+LAYERNORM_FORWARD = {
+    1: "layernorm_forward_v1",
+    2: "layernorm_forward_v2",
+    3: "layernorm_forward_v3",
+}
+LAYERNORM_VERSION = None
+_LN_V3_MAX_D = 4 * _THREADS  # 4 registers per thread (LN_PER_THREAD) x 256 threads
 _LN_ROWS_PER_BLOCK = 64  # layer_norm_backward: rows per partial sum of dweight and dbias
 
 
@@ -597,13 +603,20 @@ def layer_norm(x, weight, bias, eps):
     if rows == 0 or d == 0:
         return out, mean, rstd
     version = os.environ.get("CAMEL_LAYERNORM", LAYERNORM_VERSION)
+    if version is None:
+        version = 3 if d <= _LN_V3_MAX_D else 2
     if str(version) not in {str(v) for v in LAYERNORM_FORWARD}:
         raise ValueError(
             f"[layer_norm] unknown LayerNorm version {version!r} (CAMEL_LAYERNORM or "
             f"LAYERNORM_VERSION); valid: {sorted(LAYERNORM_FORWARD)}"
         )
     version = int(version)
-    sweeps = 4 - version  # reads of x: v1 three, v2 two
+    if version == 3 and d > _LN_V3_MAX_D:
+        raise ValueError(
+            f"[layer_norm] version 3 keeps a row in registers: D <= {_LN_V3_MAX_D}, got D = {d} "
+            f"(shape {x.shape}); use version 2"
+        )
+    sweeps = 4 - version  # reads of x: v1 three, v2 two, v3 one
     fn = _kernel(_LN, LAYERNORM_FORWARD[version])
     fn(x, weight, bias, out, mean, rstd, d, float(eps), threadgroups=rows,
        threads_per_threadgroup=_row_threads(d), flops=8 * x.size,

@@ -6,7 +6,10 @@
 //                               centred values, then out = (x - mean) * rstd * w + b
 //   layernorm_forward_v2        two sweeps: sum and sum of squares together (shifted by the
 //                               row's first element, see below), then the write sweep
-//     both: one threadgroup per row, also write mean[r] and rstd[r] = 1 / sqrt(var + eps)
+//   layernorm_forward_v3        ONE read: each thread keeps its (at most 4) columns of the row
+//                               in registers, so mean, variance and output need no re-read
+//                               (D <= 4 * threads per threadgroup, i.e. D <= 1024)
+//     all: one threadgroup per row, also write mean[r] and rstd[r] = 1 / sqrt(var + eps)
 //   layernorm_backward_dx       dx = rstd * (g - mean_D(g) - xhat * mean_D(g * xhat)),
 //                               g = grad * w: one threadgroup per row, two sweeps
 //   layernorm_backward_params   dw[d] = sum_r grad[r, d] * xhat[r, d], db[d] = sum_r grad[r, d]:
@@ -136,6 +139,60 @@ kernel void layernorm_forward_v2(device const float *x [[buffer(0)]],
 
     for (uint k = t; k < D; k += T) {
         outr[k] = (xr[k] - mean) * rstd * w[k] + b[k];
+    }
+    if (t == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
+// version 3: the row is read from device memory once. Thread t holds columns t, t + T,
+// t + 2T, t + 3T in a 4-float register array, so the centred variance (exact two-pass
+// numerics, no shift trick needed) costs no second read. Memory traffic: 8 bytes per
+// element (read x, write out), the minimum. Needs D <= 4 * T.
+constant uint LN_PER_THREAD = 4;
+
+kernel void layernorm_forward_v3(device const float *x [[buffer(0)]],
+                                 device const float *w [[buffer(1)]],
+                                 device const float *b [[buffer(2)]],
+                                 device float *out [[buffer(3)]],
+                                 device float *mean_out [[buffer(4)]],
+                                 device float *rstd_out [[buffer(5)]],
+                                 constant uint &D [[buffer(6)]],
+                                 constant float &eps [[buffer(7)]],
+                                 uint row [[threadgroup_position_in_grid]],
+                                 uint t [[thread_position_in_threadgroup]],
+                                 uint T [[threads_per_threadgroup]],
+                                 uint lane [[thread_index_in_simdgroup]],
+                                 uint simd_group [[simdgroup_index_in_threadgroup]],
+                                 uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    device const float *xr = x + row * D;
+    device float *outr = out + row * D;
+
+    float v[LN_PER_THREAD];  // this thread's columns; 0 past the end of the row
+    float s = 0.0f;
+    for (uint j = 0; j < LN_PER_THREAD; j++) {
+        uint k = t + j * T;
+        v[j] = k < D ? xr[k] : 0.0f;
+        s += v[j];
+    }
+    float mean = threadgroup_sum(s, partial, lane, simd_group, num_simd_groups) / float(D);
+
+    float ss = 0.0f;
+    for (uint j = 0; j < LN_PER_THREAD; j++) {
+        float c = t + j * T < D ? v[j] - mean : 0.0f;
+        ss += c * c;
+    }
+    float var = threadgroup_sum(ss, partial, lane, simd_group, num_simd_groups) / float(D);
+    float rstd = 1.0f / sqrt(var + eps);
+
+    for (uint j = 0; j < LN_PER_THREAD; j++) {
+        uint k = t + j * T;
+        if (k < D) {
+            outr[k] = (v[j] - mean) * rstd * w[k] + b[k];
+        }
     }
     if (t == 0) {
         mean_out[row] = mean;

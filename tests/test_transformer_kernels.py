@@ -61,7 +61,7 @@ LN_SHAPES = [
 ]  # rows > 64: dweight and dbias in two passes (partials per block of 64 rows, then their sum)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("shape", LN_SHAPES)
 def test_layer_norm_forward(mps, monkeypatch, version, shape):
     monkeypatch.setattr(mps, "LAYERNORM_VERSION", version)
@@ -75,8 +75,10 @@ def test_layer_norm_forward(mps, monkeypatch, version, shape):
     close(host(mps, out), want_out, rtol=1e-4, atol=1e-4)
 
 
-def test_layer_norm_v2_large_mean(mps):
-    # mean 1000, std 0.5: E[x^2] - E[x]^2 without a shift would lose the variance
+@pytest.mark.parametrize("version", [2, 3])
+def test_layer_norm_large_mean(mps, monkeypatch, version):
+    # mean 1000, std 0.5: E[x^2] - E[x]^2 without v2's shift would lose the variance
+    monkeypatch.setattr(mps, "LAYERNORM_VERSION", version)
     x = rand(3, 257, seed=4, scale=0.5, shift=1000.0)
     w, b = np.ones(257, np.float32), np.zeros(257, np.float32)
     out, _, rstd = mps.layer_norm(mps.from_numpy(x), mps.from_numpy(w), mps.from_numpy(b), 1e-5)
@@ -94,8 +96,22 @@ def test_layer_norm_version_from_environment(mps, monkeypatch):
     assert [e.name for e in prof.events] == ["layernorm_forward_v1"]
     close(out, cpu.layer_norm(x, w, b, 1e-5)[0], atol=1e-4)
     monkeypatch.setenv("CAMEL_LAYERNORM", "7")
-    with pytest.raises(ValueError, match=r"version '7' \(CAMEL_LAYERNORM.*valid: \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"version '7' \(CAMEL_LAYERNORM.*valid: \[1, 2, 3\]"):
         mps.layer_norm(*args, 1e-5)
+
+
+def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch):
+    # v3 holds at most 4 columns per thread (D <= 1024); wider rows take v2
+    for d, kernel in [(1024, "layernorm_forward_v3"), (1025, "layernorm_forward_v2")]:
+        x, w, b = rand(2, d, seed=28), rand(d, seed=29), rand(d, seed=30)
+        with camel.profile() as prof:
+            out = host(mps, mps.layer_norm(*[mps.from_numpy(a) for a in (x, w, b)], 1e-5)[0])
+        assert [e.name for e in prof.events] == [kernel]
+        close(out, cpu.layer_norm(x, w, b, 1e-5)[0], rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("CAMEL_LAYERNORM", "3")
+    x = mps.from_numpy(rand(2, 1025))
+    with pytest.raises(ValueError, match=r"D <= 1024, got D = 1025 \(shape \(2, 1025\)\)"):
+        mps.layer_norm(x, mps.from_numpy(rand(1025)), mps.from_numpy(rand(1025)), 1e-5)
 
 
 @pytest.mark.parametrize("shape", LN_SHAPES)
