@@ -25,7 +25,8 @@
 //
 // The optimisation of Stage 4 is "fewer passes over memory". LayerNorm is memory bound:
 // a row is read from device memory once per sweep. v1 reads it three times and writes it
-// once; v2 reads it twice. v2 gets the variance from the same sweep as the mean with
+// once; v2 reads it twice; v3 once (the row stays in registers). v2 gets the variance from
+// the same sweep as the mean with
 // var = E[(x - s)^2] - E[x - s]^2. The shift s (the row's first element) keeps the two
 // terms small: without it, a row with mean 1000 and std 1 subtracts two numbers near 1e6
 // and float32 keeps only ~0.1 of the variance. (Welford's algorithm is the other cure.)
