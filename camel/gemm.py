@@ -89,7 +89,7 @@ RUNGS: dict[str, Rung] = {
 # (public results: simdgroup_matrix kernels reach MPS), and on the simulator the rung that
 # is quickest to simulate (few threads per group, few barriers; measured in docs/stage3.md).
 DEFAULT_GPU = "11"
-DEFAULT_SIM = "5"
+DEFAULT_SIM = "9"
 
 
 def versions() -> list[str]:

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     sizes = (
         [int(s) for s in args.sizes.split(",")] if args.sizes else (SIM_SIZES if sim else GPU_SIZES)
     )
-    reps = args.reps or (1 if sim else 20)
+    reps = args.reps or (3 if sim else 20)
     print(f"[bench] matmul on {device}")
     if sim:
         print("[bench] SIMULATOR: kernels run on the CPU; times below are NOT GPU timings")
