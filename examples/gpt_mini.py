@@ -3,6 +3,8 @@
     python examples/gpt_mini.py                          # "cpu" config, a few minutes on a CPU
     python examples/gpt_mini.py --device mps             # "gpu" config on an Apple GPU,
                                                          # "tiny" on the Metal simulator
+    CAMEL_ATTENTION=naive python examples/gpt_mini.py --device mps   # Stage 5A attention
+                                                         # (unset: flash where it is built)
     python examples/gpt_mini.py --steps 200 --save ckpt.npz
     python examples/gpt_mini.py --load ckpt.npz --steps 0 --prompt "ROMEO:"   # sample only
     python examples/gpt_mini.py --data my_text.txt       # any plain-text file

@@ -59,6 +59,12 @@ def gpt():
     return load_gpt()
 
 
+@pytest.fixture(autouse=True)
+def naive_attention(monkeypatch):
+    """This file tests Stage 5A's path; the tests of the selection itself change it."""
+    monkeypatch.setenv("CAMEL_ATTENTION", "naive")
+
+
 def test_gpt_mini_mps_matches_cpu(gpt):
     _require_mps()
     camel.manual_seed(0)
@@ -200,9 +206,9 @@ def test_attention_selection(gpt, monkeypatch):
     camel.manual_seed(4)
     model = gpt.GPT(V, C, 1, H, max_seq_len=32)
     x, y = batch(seed=4)
-    default = run_step(gpt, model, x, y, "mps")[1]
-    monkeypatch.setenv("CAMEL_ATTENTION", "naive")
-    assert run_step(gpt, model, x, y, "mps")[1] == default
+    naive = run_step(gpt, model, x, y, "mps")[1]
+    monkeypatch.delenv("CAMEL_ATTENTION")  # unset: flash where built, else (D = 8 here) naive
+    assert run_step(gpt, model, x, y, "mps")[1] == naive
     monkeypatch.setenv("CAMEL_ATTENTION", "bogus")
     with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='bogus'.*'naive', 'flash'"):
         run_step(gpt, model, x, y, "mps")
