@@ -142,6 +142,7 @@ def generate(model, vocab, prompt, n_chars, temperature=0.8, top_k=20, rng=None,
 FAMILIES = [
     ("matmul", "matmul (Linear, attention scores and P @ V)"),
     ("softmax", "attention softmax (fused causal mask) and its backward"),
+    ("flash", "flash attention (Stage 5B), forward and backward"),
     ("cross_entropy", "loss"),
     ("layernorm", "LayerNorm"),
     ("gelu", "GELU"),
