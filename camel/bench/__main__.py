@@ -9,6 +9,7 @@ import sys
 
 # name -> module with main(argv); one line per benchmark
 BENCHMARKS = {
+    "attention": "camel.bench.attention",  # the flash-attention ladder vs naive attention
     "cpu": "camel.bench.cpu",  # camel vs PyTorch on the CPU: MLP Adam step, small-op host cost
     "matmul": "camel.bench.matmul",  # the GEMM ladder vs NumPy (validation) and MPS (speed)
     "sim": "camel.bench.sim",  # the Metal simulator: fiber switch, cached load, SGEMM, dispatch

@@ -1,0 +1,177 @@
+"""Benchmark the flash-attention ladder: ``python -m camel.bench attention [--list] [--tune]``.
+
+1. Validate every rung against NumPy (out and log-sum-exp) at awkward T (1, 17, 130),
+   D = 32, 64, 128, causal and not. A rung that fails is reported and not timed.
+2. For T in --seqs (512 ... 8192 on a GPU), D in --dims (64, 128), causal and not: time
+   the naive camel attention (Stage 5A: Q·Kᵀ, softmax, P·V with a (T, T) matrix) and each
+   rung after warm-up, synchronised, and print
+       rung | T | D | causal | ms | TFLOP/s | alloc MiB | % of naive
+   where % of naive = naive ms / rung ms (over 100%: faster than naive) and alloc MiB is
+   the GPU memory one call allocates at its peak beyond the inputs (outputs, temporaries:
+   the naive path's (T, T) scores and probabilities show up here).
+
+FLOPs count 4·T·T·D per (batch, head) (two matmuls), halved when causal, for every path.
+On the simulator (Linux) the times are CPU times of the simulator, NOT GPU timings; the
+default sizes are small (T = 256, 512, 1024, D = 64) and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from functools import partial
+
+import numpy as np
+
+GPU_SEQS = [512, 1024, 2048, 4096, 8192]
+SIM_SEQS = [256, 512, 1024]
+GPU_DIMS = [64, 128]
+SIM_DIMS = [64]
+
+
+def validate(rungs, log=print) -> list[str]:
+    """Check each rung against NumPy; return those that pass."""
+    from camel import flash, metal
+
+    rng = np.random.default_rng(0)
+    passed = []
+    for name in rungs:
+        worst = 0.0
+        for t in (1, 17, 130):
+            for d in flash.HEAD_DIMS:
+                for causal in (False, True):
+                    q, k, v = (rng.standard_normal((1, 2, t, d), dtype=np.float32) for _ in "qkv")
+                    want, want_lse = flash.reference_numpy(q, k, v, causal)
+                    dq, dk, dv = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
+                    out, lse = flash.forward(dq, dk, dv, causal, rung=name)
+                    err = np.abs(out.numpy() - want).max() / max(1.0, np.abs(want).max())
+                    worst = max(worst, err, np.abs(lse.numpy() - want_lse).max())
+        ok = worst < 1e-4
+        log(f"  validate {name:<16} {'ok  ' if ok else 'FAIL'} (max error {worst:.1e})")
+        if ok:
+            passed.append(name)
+    return passed
+
+
+def _naive(q, k, v, causal):
+    """The Stage 5A path (CAMEL_ATTENTION=naive) on "mps" Tensors."""
+    import camel.functional as F
+
+    old = os.environ.get("CAMEL_ATTENTION")
+    os.environ["CAMEL_ATTENTION"] = "naive"
+    try:
+        return F.scaled_dot_product_attention(q, k, v, causal=causal)
+    finally:
+        if old is None:
+            del os.environ["CAMEL_ATTENTION"]
+        else:
+            os.environ["CAMEL_ATTENTION"] = old
+
+
+def _time_and_peak(run, reps: int) -> tuple[float, int]:
+    """(ms per call, bytes one call allocates at its peak: outputs and temporaries)."""
+    from camel import autotune, metal
+
+    metal.synchronize()
+    metal.empty_cache()
+    metal.reset_peak_memory_stats()
+    base = metal.memory_stats()["peak_bytes"]
+    out = run()
+    metal.synchronize()
+    peak = metal.memory_stats()["peak_bytes"] - base
+    del out
+    return autotune.time_ms(run, reps, warmup=1), peak
+
+
+def run(rungs, seqs, dims, reps, log=print) -> list[tuple]:
+    """Rows (rung, T, D, causal, ms, tflops, peak_bytes, pct_of_naive)."""
+    import camel
+    from camel import flash, metal
+
+    rows = []
+    rng = np.random.default_rng(1)
+    for d in dims:
+        for t in seqs:
+            for causal in (False, True):
+                q, k, v = (rng.standard_normal((1, 1, t, d), dtype=np.float32) for _ in "qkv")
+                qd, kd, vd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
+                qt, kt, vt = (camel.Tensor._make(x, "mps") for x in (qd, kd, vd))
+                flops = 4.0 * t * t * d / (2 if causal else 1)
+
+                start = time.perf_counter()
+                naive_ms, naive_peak = _time_and_peak(partial(_naive, qt, kt, vt, causal), reps)
+                rows.append(("naive", t, d, causal, naive_ms, flops / naive_ms / 1e9,
+                             naive_peak, 100.0))  # fmt: skip
+                for name in rungs:
+                    if name == "flash_v6":
+                        name = flash.get_rung("flash", d, t, causal).name  # the tuned shape
+                    call = partial(flash.forward, qd, kd, vd, causal, rung=name)
+                    ms, peak = _time_and_peak(call, reps)
+                    rows.append((name, t, d, causal, ms, flops / ms / 1e9, peak,
+                                 100.0 * naive_ms / ms))  # fmt: skip
+                log(f"  T={t} D={d} {'causal' if causal else 'full'}: "
+                    f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    return rows
+
+
+def table(rows, simulator: bool, device: str) -> str:
+    where = (
+        f"{device}: simulator CPU time on this machine, NOT GPU timings"
+        if simulator
+        else f"{device}: GPU time per call (command-buffer timestamps)"
+    )
+    label = "sim TFLOP/s" if simulator else "TFLOP/s"
+    lines = [f"Measured on {where}. Batch 1, 1 head; alloc = GPU memory one call allocates "
+             "at its peak (outputs and temporaries).",
+             "", f"| rung | T | D | causal | ms | {label} | alloc MiB | % of naive |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, t, d, causal, ms, tflops, peak, pct in rows:
+        lines.append(f"| {name} | {t} | {d} | {'yes' if causal else 'no'} | {ms:.2f} | "
+                     f"{tflops:.5f} | {peak / 2**20:.2f} | {pct:.0f}% |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from camel import flash, metal
+
+    ap = argparse.ArgumentParser(prog="python -m camel.bench attention", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--list", action="store_true", help="print the rungs and exit")
+    ap.add_argument("--tune", action="store_true", help="autotune v6's tile shape first")
+    ap.add_argument("--seqs", help="comma-separated T (default depends on the device)")
+    ap.add_argument("--dims", help="comma-separated head dims D (default depends on the device)")
+    ap.add_argument("--rungs", help="comma-separated rung names (default: all)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for rung in flash.RUNGS.values():
+            print(f"{rung.name:<16} B_r={rung.br:<3} B_c={rung.bc:<3} {rung.what}")
+        print(f"{flash.V6_TOO_BIG.name:<16} {flash.V6_TOO_BIG.what}")
+        return 0
+    sim = metal.is_simulator()
+    device = metal.device_name()
+    rungs = args.rungs.split(",") if args.rungs else list(flash.RUNGS)
+    for name in rungs:
+        flash.get_rung(name)  # unknown names fail here, listing the valid ones
+    seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else (SIM_SEQS if sim else GPU_SEQS)
+    dims = [int(s) for s in args.dims.split(",")] if args.dims else (SIM_DIMS if sim else GPU_DIMS)
+    reps = args.reps or (1 if sim else 10)
+    print(f"[bench] attention on {device}")
+    if sim:
+        print("[bench] SIMULATOR: kernels run on the CPU; times below are NOT GPU timings")
+    print("[bench] validating against NumPy")
+    passed = validate(rungs)
+    if args.tune:
+        for d in dims:
+            for t in seqs:
+                for causal in (False, True):
+                    flash.tune(1, 1, t, d, causal)
+    rows = run(passed, seqs, dims, reps)
+    print()
+    print(table(rows, sim, device))
+    if len(passed) < len(rungs):
+        print(f"[bench] FAILED validation: {', '.join(r for r in rungs if r not in passed)}")
+        return 1
+    return 0
