@@ -344,3 +344,28 @@ def test_every_rung_under_address_sanitizer():
                        text=True, timeout=600)  # fmt: skip
     assert "AddressSanitizer" not in r.stderr, r.stderr[-3000:]
     assert r.returncode == 0 and "ALL OK" in r.stdout, (r.stdout, r.stderr[-3000:])
+
+
+# ---- through autograd: every rung in forward and backward of x @ W^T ---------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_autograd_matmul_every_rung(version, monkeypatch, rng):
+    """CAMEL_MATMUL=<v> drives forward and backward of a batched x·Wᵀ + a 4-D q·kᵀ on "mps"."""
+    camel = pytest.importorskip("camel")
+    pytest.importorskip("camel.backend_mps")
+    monkeypatch.setenv("CAMEL_MATMUL", version)
+    x = rng.standard_normal((3, 7, 20), dtype=np.float32)  # (B, T, in)
+    w = rng.standard_normal((12, 20), dtype=np.float32)  # (out, in)
+    q = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)  # (B, H, T, hs)
+    k = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
+    grads = {}
+    for device in ("cpu", "mps"):
+        ts = [camel.tensor(v, requires_grad=True, device=device) for v in (x, w, q, k)]
+        tx, tw, tq, tk = ts
+        y = tx @ tw.transpose(0, 1)  # (B, T, out)
+        att = tq @ tk.transpose(2, 3)  # (B, H, T, T)
+        (y.sum() + (att * att).sum()).backward()
+        grads[device] = [y.numpy(), att.numpy()] + [t.grad.numpy() for t in ts]
+    for got, want in zip(grads["mps"], grads["cpu"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
