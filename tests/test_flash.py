@@ -165,9 +165,10 @@ def test_backward(t, d, causal, order, monkeypatch):
 
 
 def test_gradcheck_small():
-    """Finite differences through the flash kernels (forward and backward), T = 9, D = 32."""
-    q, k, v = (x * 0.5 for x in inputs(9, 32, b=1, h=1))
-    ts = [camel.tensor(x, device="mps", requires_grad=True) for x in (q, k, v)]
+    """Finite differences through the flash kernels for dK (the gradient through dS, the
+    longest path), T = 5, D = 32, causal; dQ and dV are checked against NumPy above."""
+    q, k, v = (x * 0.5 for x in inputs(5, 32, b=1, h=1))
+    ts = [camel.tensor(x, device="mps", requires_grad=(i == 1)) for i, x in enumerate((q, k, v))]
 
     def fn(a, b, c):
         return flash.scaled_dot_product_attention(a, b, c, causal=True, rung="flash_v2")
