@@ -125,7 +125,7 @@ def test_batched(version, a_shape, b_shape, ta, tb, rng):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_schedule_orders(version, order, monkeypatch, rng):
     monkeypatch.setenv("CAMEL_SIM_ORDER", order)  # the runtime reads it per dispatch
-    for m, n, k in SHAPES:
+    for m, n, k in SHAPES[:-1]:  # the 1000x1x1000 mat-vec is in test_forward (forward order)
         for ta, tb in [(False, False), (True, False), (False, True)]:
             a, b = _operands(rng, *_stored(m, n, k, ta, tb))
             _check(version, a, b, ta, tb)
