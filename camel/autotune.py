@@ -101,19 +101,22 @@ def time_ms(run, reps: int = 10, warmup: int = 2) -> float:
     on the simulator wall time (see camel_command_buffer_time)."""
     from camel import metal
 
-    for _ in range(warmup):
-        run()
-    metal.synchronize()
-    reps = max(1, min(reps, 200))  # one command buffer holds up to 256 dispatches
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        run()
-    cb = metal.commit()
-    metal.synchronize()
-    wall = time.perf_counter() - t0
-    span = metal.command_buffer_time(cb) if cb else None
-    seconds = (span[1] - span[0]) if span and span[1] > span[0] else wall
-    return 1000.0 * seconds / reps
+    def timed(n: int) -> float:  # seconds for n calls in one command buffer
+        metal.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run()
+        cb = metal.commit()
+        metal.synchronize()
+        wall = time.perf_counter() - t0
+        span = metal.command_buffer_time(cb) if cb else None
+        return (span[1] - span[0]) if span and span[1] > span[0] else wall
+
+    one = max(timed(1) for _ in range(max(1, warmup)))  # warm-up, one call per command buffer
+    # Keep each command buffer well under the GPU watchdog (a naive rung at 4096^3 takes
+    # seconds) and within the 256 dispatches a command buffer holds.
+    reps = max(1, min(reps, 200, int(0.5 / max(one, 1e-9))))
+    return 1000.0 * timed(reps) / reps
 
 
 def check(version: str, a: np.ndarray, b: np.ndarray, **kw) -> float:
