@@ -293,11 +293,28 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None):
         )
     if p.m == 0 or p.n == 0 or p.batches == 0:
         return out
-    if version is None:
-        version = choose_version(p.m, p.n, p.k, p.batches)
-    rung = get_rung(version)
+    if version is None and not os.environ.get("CAMEL_MATMUL", "").strip():
+        # not forced: a default that does not fit this device gives way to the next rung down
+        rung = _fitting(choose_version(p.m, p.n, p.k, p.batches))
+    else:
+        rung = get_rung(version if version is not None else os.environ["CAMEL_MATMUL"])
     dispatch(rung, a, b, out, p)
     return out
+
+
+_fit_cache: dict[str, Rung] = {}
+
+
+def _fitting(version: str) -> Rung:
+    """The rung for `version`, or if it exceeds this device's limits the highest lower rung
+    that fits (only for defaults and tuned choices; a forced rung errors instead)."""
+    rung = _fit_cache.get(version)
+    if rung is None:
+        order = list(RUNGS)
+        below = order[: order.index(version) + 1][::-1]
+        rung = next((RUNGS[v] for v in below if fits(RUNGS[v])), RUNGS[version])
+        _fit_cache[version] = rung
+    return rung
 
 
 def dispatch(rung: Rung, a, b, out, p: Plan) -> None:

@@ -369,3 +369,17 @@ def test_autograd_matmul_every_rung(version, monkeypatch, rng):
         grads[device] = [y.numpy(), att.numpy()] + [t.grad.numpy() for t in ts]
     for got, want in zip(grads["mps"], grads["cpu"], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_default_rung_gives_way_on_a_small_device(monkeypatch, rng):
+    """Not forced: a default over the limits falls back to the highest rung that fits."""
+    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    monkeypatch.setattr(gemm, "device_limits", lambda: (256, 8192))
+    monkeypatch.setattr(gemm, "_fit_cache", {})
+    monkeypatch.setattr(gemm, "choose_version", lambda *shape: "11")
+    used = []
+    real = gemm.dispatch
+    monkeypatch.setattr(gemm, "dispatch", lambda r, *a: (used.append(r.version), real(r, *a)))
+    a, b = _operands(rng, (9, 10), (10, 11))
+    np.testing.assert_allclose(_run(None, a, b), _reference(a, b), rtol=1e-4, atol=1e-4)
+    assert used == ["7"]  # 8-11 need more than 8192 bytes of threadgroup memory
