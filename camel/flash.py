@@ -231,6 +231,12 @@ def check_shapes(q_shape, k_shape, v_shape) -> None:
         )
     if k_shape[2] == 0:
         raise ValueError(f"[flash] no keys: k has shape {tuple(k_shape)}")
+    b, h, t, d = q_shape
+    if b * h * max(t, k_shape[2]) * d >= 2**32:
+        raise ValueError(
+            f"[flash] shapes {tuple(q_shape)} and {tuple(k_shape)} are too large for the "
+            "kernels' 32-bit indexing (B*H*T*D must stay below 2**32)"
+        )
 
 
 def _contiguous16(x):
