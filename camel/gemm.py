@@ -79,9 +79,9 @@ RUNGS: dict[str, Rung] = {
         _blocktile("8", 128, 128, 16, 8, 8, "v6 as a template: 128x128x16 tiles, 8x8"),
         _blocktile("9", 128, 64, 16, 8, 4, "v6 as a template: 128x64x16 tiles, 8x4"),
         Rung("10", "matmul_v10_simdgroup", "simdgroup_matrix 8x8 tiles, 4 SIMD groups",
-             64, 64, (128, 1, 1), (64 + 64) * 16 * 4 + 4 * 64 * 4),
+             64, 64, (128, 1, 1), (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
         Rung("11", "matmul_v11_double_buffer", "v10 with double-buffered threadgroup tiles",
-             64, 64, (128, 1, 1), 2 * (64 + 64) * 16 * 4 + 4 * 64 * 4),
+             64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
     ]
 }  # fmt: skip
 

@@ -400,11 +400,17 @@ MATMUL_BLOCKTILE("matmul_v9_128x64x16_8x4", 128, 64, 16, 8, 4)    // 256 threads
 // one 8x8 matrix together (2 floats each) and multiply 8x8 matrices in hardware.
 // Per K step of 8 a SIMD group loads 4 fragments of op(A) and 4 of op(B) from threadgroup
 // memory and does 16 simdgroup_multiply_accumulate (16 x 512 FMAs).
-// As is (BM, BK) = As[m][k], Bs is (BK, BN) = Bs[k][n]; both zero-filled at edges.
+// As is (BM, BK) = As[m][k], Bs is (BK, BN) = Bs[k][n]; both zero-filled at edges, rows
+// padded (SG_LDA, SG_LDB) against bank conflicts.
 #define SG_BM 64u
 #define SG_BN 64u
 #define SG_BK 16u
 #define SG_THREADS 128u
+// Row strides of the threadgroup tiles, padded by 4 floats: with 16 (or 64) floats per row
+// the 8 rows an 8x8 simdgroup_load reads would start in only 2 of the 32 memory banks
+// (bank = word address % 32) and conflict; with 20 (or 68) they start in 8 different banks.
+#define SG_LDA (SG_BK + 4u)  // As[m][k] at As[m * SG_LDA + k]
+#define SG_LDB (SG_BN + 4u)  // Bs[k][n] at Bs[k * SG_LDB + n]
 
 // The 4 x 4 accumulators of one SIMD group (its 32 x 32 part of C).
 struct SgAcc {
@@ -412,20 +418,20 @@ struct SgAcc {
 };
 
 // Copy the (64, 16) tile of op(A) at (m0, k0) into As[m][k] and the (16, 64) tile of op(B)
-// at (k0, n0) into Bs[k][n], with float4 reads along the contiguous dimension.
+// at (k0, n0) into Bs[k][n] (padded rows), with float4 reads along the contiguous dimension.
 inline void load_tiles_sg(device const float* A, device const float* B,
                           constant MatmulParams& p, uint m0, uint n0, uint k0,
                           threadgroup float* As, threadgroup float* Bs, uint t) {
     bool v = p.vec4 != 0;
     if (p.trans_a) {  // A stored (K, M): contiguous along m -> As[m][k] is a transpose
-        load_tile_vec4<SG_BK, SG_BM, SG_THREADS>(A, p.lda, k0, m0, p.K, p.M, v, As, 1, SG_BK, t);
+        load_tile_vec4<SG_BK, SG_BM, SG_THREADS>(A, p.lda, k0, m0, p.K, p.M, v, As, 1, SG_LDA, t);
     } else {
-        load_tile_vec4<SG_BM, SG_BK, SG_THREADS>(A, p.lda, m0, k0, p.M, p.K, v, As, SG_BK, 1, t);
+        load_tile_vec4<SG_BM, SG_BK, SG_THREADS>(A, p.lda, m0, k0, p.M, p.K, v, As, SG_LDA, 1, t);
     }
     if (p.trans_b) {  // B stored (N, K): contiguous along k -> Bs[k][n] is a transpose
-        load_tile_vec4<SG_BN, SG_BK, SG_THREADS>(B, p.ldb, n0, k0, p.N, p.K, v, Bs, 1, SG_BN, t);
+        load_tile_vec4<SG_BN, SG_BK, SG_THREADS>(B, p.ldb, n0, k0, p.N, p.K, v, Bs, 1, SG_LDB, t);
     } else {
-        load_tile_vec4<SG_BK, SG_BN, SG_THREADS>(B, p.ldb, k0, n0, p.K, p.N, v, Bs, SG_BN, 1, t);
+        load_tile_vec4<SG_BK, SG_BN, SG_THREADS>(B, p.ldb, k0, n0, p.K, p.N, v, Bs, SG_LDB, 1, t);
     }
 }
 
@@ -435,10 +441,10 @@ inline void mma_tile_sg(threadgroup const float* As, threadgroup const float* Bs
     for (uint kk = 0; kk < SG_BK; kk += 8) {
         simdgroup_float8x8 a[4], b[4];
         for (uint i = 0; i < 4; i++) {
-            simdgroup_load(a[i], As + (wm + i * 8) * SG_BK + kk, SG_BK);
+            simdgroup_load(a[i], As + (wm + i * 8) * SG_LDA + kk, SG_LDA);
         }
         for (uint j = 0; j < 4; j++) {
-            simdgroup_load(b[j], Bs + kk * SG_BN + wn + j * 8, SG_BN);
+            simdgroup_load(b[j], Bs + kk * SG_LDB + wn + j * 8, SG_LDB);
         }
         for (uint i = 0; i < 4; i++) {
             for (uint j = 0; j < 4; j++) {
@@ -474,7 +480,7 @@ inline void store_acc_sg(thread SgAcc& acc, device float* C,
 }
 
 // Version 10: simdgroup_matrix tiling, one threadgroup buffer (two barriers per K step).
-// Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 8 KiB + 1 KiB scratch.
+// Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 9.25 KiB + 1 KiB scratch.
 kernel void matmul_v10_simdgroup(device const float* A [[buffer(0)]],
                                  device const float* B [[buffer(1)]],
                                  device float* C [[buffer(2)]],
@@ -483,11 +489,9 @@ kernel void matmul_v10_simdgroup(device const float* A [[buffer(0)]],
                                  uint t [[thread_index_in_threadgroup]],
                                  uint sg [[simdgroup_index_in_threadgroup]],
                                  uint lane [[thread_index_in_simdgroup]]) {
-    threadgroup float4 As4[SG_BM * SG_BK / 4];
-    threadgroup float4 Bs4[SG_BK * SG_BN / 4];
+    threadgroup float As[SG_BM * SG_LDA];
+    threadgroup float Bs[SG_BK * SG_LDB];
     threadgroup float scratch[4 * 64];
-    threadgroup float* As = (threadgroup float*)As4;
-    threadgroup float* Bs = (threadgroup float*)Bs4;
     A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
     B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
@@ -510,7 +514,7 @@ kernel void matmul_v10_simdgroup(device const float* A [[buffer(0)]],
 // SIMD groups multiply the tile in buffer (k step) % 2, the loads of the next K tile go to
 // the other buffer, so device-memory latency overlaps the matrix math, and one barrier per
 // K step suffices (the buffer being written was last read before the previous barrier).
-// Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 16 KiB + 1 KiB scratch.
+// Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 18.5 KiB + 1 KiB scratch.
 kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
                                      device const float* B [[buffer(1)]],
                                      device float* C [[buffer(2)]],
@@ -519,11 +523,9 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
                                      uint t [[thread_index_in_threadgroup]],
                                      uint sg [[simdgroup_index_in_threadgroup]],
                                      uint lane [[thread_index_in_simdgroup]]) {
-    threadgroup float4 As4[2 * SG_BM * SG_BK / 4];
-    threadgroup float4 Bs4[2 * SG_BK * SG_BN / 4];
+    threadgroup float As[2 * SG_BM * SG_LDA];  // buffer s at As + s * SG_BM * SG_LDA
+    threadgroup float Bs[2 * SG_BK * SG_LDB];
     threadgroup float scratch[4 * 64];
-    threadgroup float* As = (threadgroup float*)As4;  // buffer s at As + s * SG_BM * SG_BK
-    threadgroup float* Bs = (threadgroup float*)Bs4;
     A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
     B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
@@ -539,10 +541,10 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
     for (uint s = 0; s < steps; s++) {
         uint cur = s % 2, nxt = 1 - cur;
         if (s + 1 < steps) {  // prefetch the next tile into the other buffer
-            load_tiles_sg(A, B, p, m0, n0, (s + 1) * SG_BK, As + nxt * SG_BM * SG_BK,
-                          Bs + nxt * SG_BK * SG_BN, t);
+            load_tiles_sg(A, B, p, m0, n0, (s + 1) * SG_BK, As + nxt * SG_BM * SG_LDA,
+                          Bs + nxt * SG_BK * SG_LDB, t);
         }
-        mma_tile_sg(As + cur * SG_BM * SG_BK, Bs + cur * SG_BK * SG_BN, wm, wn, acc);
+        mma_tile_sg(As + cur * SG_BM * SG_LDA, Bs + cur * SG_BK * SG_LDB, wm, wn, acc);
         threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
     }
     store_acc_sg(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);

@@ -191,6 +191,9 @@ def test_table_names_exist_in_shader():
     names = set(metal.library(gemm.SHADER).function_names)
     for rung in gemm.RUNGS.values():
         assert rung.kernel in names
+        static = metal.kernel(gemm.SHADER, rung.kernel).static_threadgroup_memory
+        if static:  # Metal reports it (the simulator says 0): the table must agree
+            assert rung.tg_bytes <= static <= rung.tg_bytes + 64, (rung, static)
 
 
 def test_autotune_cache(tmp_path, monkeypatch):
