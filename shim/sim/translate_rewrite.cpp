@@ -640,6 +640,7 @@ struct Rewriter {
             if (x == ">") angle--;
             if (x == ">>") angle -= 2;
             if (x == "(" && angle <= 0) {
+                if (j == stmt) return std::string();  // (void)f(); is not a declaration
                 size_t n = j - 1;
                 if (n > stmt && (is(n, ">") || is(n, ">>"))) {  // f<float, 64>(
                     int d = 0;
