@@ -31,6 +31,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -340,6 +341,24 @@ std::string tidy_log(const std::string &log, const std::string &display, const s
 
 std::atomic<unsigned> g_counter{0};
 
+// half arithmetic: a GPU rounds every half operation to half; clang on x86
+// by default keeps half expressions in float and rounds once at the end.
+// -ffloat16-excess-precision=none (clang >= 17) rounds like the GPU. Probed
+// once per process, and only when something is compiled.
+bool half_rounding_flag(const std::string &cxx, const std::string &log_file) {
+    static std::mutex m;
+    static std::string probed;  // the compiler the answer is for
+    static bool answer = false;
+    std::lock_guard<std::mutex> lock(m);
+    if (probed != cxx) {
+        std::vector<std::string> probe = {cxx, "-Xclang", "-ffloat16-excess-precision=none",
+                                          "-fsyntax-only", "-x", "c++", "/dev/null"};
+        answer = run(probe, log_file) == 0;
+        probed = cxx;
+    }
+    return answer;
+}
+
 // Hash of what the compat headers and the ABI say (content, so edits count).
 void hash_headers(Hasher &h, const std::string &inc) {
     std::vector<std::string> names;
@@ -462,6 +481,8 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
                                    "-shared", "-fno-exceptions", "-fno-rtti", "-fvisibility=hidden",
                                    "-fno-math-errno", "-ffp-contract=on", "-nostdlib++",
                                    "-Wno-unused-value", "-Wno-unknown-pragmas", "-ferror-limit=20"};
+    if (half_rounding_flag(cxx, log_file))
+        cc.insert(cc.end(), {"-Xclang", "-ffloat16-excess-precision=none"});
     if (!sanitize.empty()) {
         cc.insert(cc.end(), {"-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g",
                              "-shared-libsan"});
