@@ -42,7 +42,8 @@ _EMB = "ops_embedding.metal"
 _LAYOUT = "ops_layout.metal"
 
 _THREADS = 256  # threads per threadgroup for one-thread-per-element kernels
-_MAX_PARTIALS = 1024  # threadgroups in pass 1 of a whole-tensor reduction
+_MAX_PARTIALS = 1024  # threadgroups in pass 1 of a whole-tensor reduction, at most
+_PER_THREAD = 16  # elements each thread of pass 1 adds, at least (fewer, fuller threadgroups)
 _F32 = 4  # bytes per float32 / int32 element
 
 
@@ -269,11 +270,19 @@ def _sum_rows(x2, out, rows, k, scale=1.0):
     )
 
 
+def _partial_groups(n):
+    """Threadgroups for pass 1 of a whole-tensor reduction of n elements: enough to fill
+    the GPU, few enough that each thread adds >= _PER_THREAD elements in its grid-stride
+    loop (a threadgroup's combine and its partial cost the same whatever it summed)."""
+    per_group = _THREADS * _PER_THREAD
+    return min(_MAX_PARTIALS, (n + per_group - 1) // per_group)
+
+
 def _sum_all(x, out, scale=1.0):
     """out (one element) = scale * sum of every element of x: two passes (partials, then one
     threadgroup sums them); one pass when a single threadgroup covers x."""
     n = x.size
-    groups = min(_MAX_PARTIALS, (n + _THREADS - 1) // _THREADS)
+    groups = _partial_groups(n)
     if groups <= 1:
         _sum_rows(x, out, 1, n, scale)
         return
@@ -335,7 +344,7 @@ def max(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
     nbytes = (x.size + 2 * values.size) * _F32
     if axis is None or inner == 1:
         rows = 1 if axis is None else outer
-        groups = min(_MAX_PARTIALS, (x.size + _THREADS - 1) // _THREADS)
+        groups = _partial_groups(x.size)
         if axis is None and groups > 1:
             _max_all(x, values, indices, groups)
         else:
