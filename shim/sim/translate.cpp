@@ -477,8 +477,10 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     if (!write_file(cpp_file, cpp)) return fail("[sim] cannot write " + cpp_file);
 
     // ---- 5. compile -----------------------------------------------------------
+    // No C++ runtime is needed: no exceptions, RTTI, static-init guards or libstdc++.
     std::vector<std::string> cc = {cxx, "-x", "c++-cpp-output", "-std=c++17", "-O2", "-fPIC",
-                                   "-shared", "-fno-exceptions", "-fno-rtti", "-fvisibility=hidden",
+                                   "-shared", "-fno-exceptions", "-fno-rtti",
+                                   "-fno-threadsafe-statics", "-fvisibility=hidden",
                                    "-fno-math-errno", "-ffp-contract=on", "-nostdlib++",
                                    "-Wno-unused-value", "-Wno-unknown-pragmas", "-ferror-limit=20"};
     if (half_rounding_flag(cxx, log_file))
