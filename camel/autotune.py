@@ -133,10 +133,11 @@ def check(version: str, a: np.ndarray, b: np.ndarray, **kw) -> float:
 
 
 def candidates() -> list[str]:
-    """Versions whose threadgroup size and memory fit this device (the others are skipped)."""
+    """Rungs and tuning variants whose threadgroup size and memory fit this device
+    (the others are skipped)."""
     from camel import gemm
 
-    return [v for v, rung in gemm.RUNGS.items() if gemm.fits(rung)]
+    return [v for v in gemm.all_versions() if gemm.fits(gemm.get_rung(v))]
 
 
 def tune(sizes, reps: int = 10, versions=None, save: bool = True, log=print) -> dict:

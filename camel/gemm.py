@@ -55,7 +55,13 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, what: str) -> Rung:
-    name = "matmul_v6_vec4" if version == "6" else f"matmul_v{version}_{bm}x{bn}x{bk}_{tm}x{tn}"
+    config = f"{bm}x{bn}x{bk}_{tm}x{tn}"
+    if version == "6":
+        name = "matmul_v6_vec4"
+    elif version == config:  # a tuning variant, not a rung
+        name = f"matmul_tile_{config}"
+    else:
+        name = f"matmul_v{version}_{config}"
     threads = (bm // tm) * (bn // tn)
     return Rung(version, name, what, bm, bn, (threads, 1, 1), (bm + bn) * bk * 4)
 
@@ -85,6 +91,18 @@ RUNGS: dict[str, Rung] = {
     ]
 }  # fmt: skip
 
+# Tuning variants: more instantiations of the v6-v9 template for the autotuner's grid search
+# (BM, BN in 32/64/128, BK in 8/16/32, TM, TN in 4/8). Their version is the config string:
+# CAMEL_MATMUL=64x64x16_4x4. Not part of the ladder (--list shows them after it).
+VARIANTS: dict[str, Rung] = {
+    r.version: r
+    for r in [
+        _blocktile(c, *map(int, c.replace("_", "x").split("x")), "tuning variant of v6-v9")
+        for c in ["32x32x8_4x4", "64x64x8_8x8", "64x64x16_4x4", "64x128x16_8x8",
+                  "128x128x8_8x4", "128x128x32_8x8"]
+    ]
+}  # fmt: skip
+
 # Defaults when the autotuner has no entry: the rung expected fastest on an Apple GPU
 # (public results: simdgroup_matrix kernels reach MPS), and on the simulator the rung that
 # is quickest to simulate (few threads per group, few barriers; measured in docs/stage3.md).
@@ -93,17 +111,25 @@ DEFAULT_SIM = "9"
 
 
 def versions() -> list[str]:
-    """Every version, in ladder order."""
+    """Every rung of the ladder, in order."""
     return list(RUNGS)
 
 
+def all_versions() -> list[str]:
+    """The ladder, then the tuning variants (the autotuner's candidates)."""
+    return list(RUNGS) + list(VARIANTS)
+
+
 def get_rung(version) -> Rung:
-    """The rung for a version ("7", 7 or "v7"); ValueError listing the valid ones."""
+    """The rung for a version ("7", 7, "v7" or a variant "64x64x16_4x4"); ValueError listing
+    the valid ones."""
     key = str(version).strip().lower().removeprefix("v")
-    rung = RUNGS.get(key)
+    rung = RUNGS.get(key) or VARIANTS.get(key)
     if rung is None:
-        valid = ", ".join(RUNGS)
-        raise ValueError(f"[matmul] unknown version {version!r}; valid versions: {valid}")
+        raise ValueError(
+            f"[matmul] unknown version {version!r}; valid versions: {', '.join(RUNGS)} "
+            f"(tuning variants: {', '.join(VARIANTS)})"
+        )
     return rung
 
 
@@ -122,7 +148,7 @@ def choose_version(m: int, n: int, k: int, batches: int = 1) -> str:
     from camel import autotune
 
     tuned = autotune.lookup(m, n, k)
-    if tuned is not None and tuned in RUNGS:
+    if tuned is not None and (tuned in RUNGS or tuned in VARIANTS):
         return tuned
     return default_version(m, n, k, batches)
 
@@ -311,8 +337,9 @@ def _fitting(version: str) -> Rung:
     rung = _fit_cache.get(version)
     if rung is None:
         order = list(RUNGS)
-        below = order[: order.index(version) + 1][::-1]
-        rung = next((RUNGS[v] for v in below if fits(RUNGS[v])), RUNGS[version])
+        top = order.index(version) if version in RUNGS else len(order) - 1
+        below = [version] + order[:top][::-1]
+        rung = next((get_rung(v) for v in below if fits(get_rung(v))), get_rung(version))
         _fit_cache[version] = rung
     return rung
 

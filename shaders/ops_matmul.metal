@@ -11,6 +11,7 @@
 //   versions 7-9 are version 6 with other tile sizes: template instantiations named
 //             matmul_v7_64x64x8_4x4, matmul_v8_128x128x16_8x8, matmul_v9_128x64x16_8x4
 //             (BMxBNxBK threadgroup tile _ TMxTN outputs per thread)
+//             (more instantiations, matmul_tile_*, are tuning variants for the autotuner)
 //   version 10 tiles over SIMD groups with simdgroup_matrix (8x8 hardware matrix ops):
 //             64x64x16 tiles, 4 SIMD groups of 32x32 each
 //   version 11 is version 10 with double buffering: the next K tile is loaded from device
@@ -391,6 +392,15 @@ MATMUL_BLOCKTILE("matmul_v6_vec4", 128, 128, 8, 8, 8)
 MATMUL_BLOCKTILE("matmul_v7_64x64x8_4x4", 64, 64, 8, 4, 4)        // 256 threads, 4 KiB
 MATMUL_BLOCKTILE("matmul_v8_128x128x16_8x8", 128, 128, 16, 8, 8)  // 256 threads, 16 KiB
 MATMUL_BLOCKTILE("matmul_v9_128x64x16_8x4", 128, 64, 16, 8, 4)    // 256 threads, 12 KiB
+
+// Tuning variants: more points of the same template for the autotuner's grid search
+// (camel/autotune.py); not rungs of the ladder. CAMEL_MATMUL=64x64x16_4x4 forces one.
+MATMUL_BLOCKTILE("matmul_tile_32x32x8_4x4", 32, 32, 8, 4, 4)        // 64 threads, 2 KiB
+MATMUL_BLOCKTILE("matmul_tile_64x64x8_8x8", 64, 64, 8, 8, 8)        // 64 threads, 4 KiB
+MATMUL_BLOCKTILE("matmul_tile_64x64x16_4x4", 64, 64, 16, 4, 4)      // 256 threads, 8 KiB
+MATMUL_BLOCKTILE("matmul_tile_64x128x16_8x8", 64, 128, 16, 8, 8)    // 128 threads, 12 KiB
+MATMUL_BLOCKTILE("matmul_tile_128x128x8_8x4", 128, 128, 8, 8, 4)    // 512 threads, 8 KiB
+MATMUL_BLOCKTILE("matmul_tile_128x128x32_8x8", 128, 128, 32, 8, 8)  // 256 threads, 32 KiB
 
 // ---------------------------------------------------------------------------------------
 // Versions 10-11: SIMD-group tiling on simdgroup_matrix.

@@ -118,6 +118,23 @@ def test_batched(version, a_shape, b_shape, ta, tb, rng):
     _check(version, a, b, ta, tb)
 
 
+# ---- tuning variants (the autotuner's extra template instantiations) ---------------------
+
+
+@pytest.mark.parametrize("variant", list(gemm.VARIANTS))
+def test_tuning_variants(variant, monkeypatch, rng):
+    for order in ("forward", "random"):
+        monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+        for m, n, k in [(1, 1, 1), (33, 31, 17), (130, 257, 66)]:
+            for ta, tb in [(False, False), (True, True)]:
+                a, b = _operands(rng, *_stored(m, n, k, ta, tb))
+                _check(variant, a, b, ta, tb)
+        a, b = _operands(rng, (2, 3, 17, 8), (2, 3, 19, 8))
+        _check(variant, a, b, False, True)
+    a, b = _operands(rng, (4, 64, 68), (68, 36))  # float4 paths, broadcast B
+    _check(variant, a, b)
+
+
 # ---- the simulator's schedule orders (exposes missing barriers) -------------------------
 
 
@@ -162,10 +179,10 @@ def test_camel_matmul_env_selects_rung(monkeypatch, rng):
         gemm, "dispatch", lambda rung, *a: (used.append(rung.version), real(rung, *a))
     )
     a, b = _operands(rng, (5, 6), (6, 7))
-    for v in ("3", "v7", "10"):
+    for v in ("3", "v7", "10", "64x64x16_4x4"):
         monkeypatch.setenv("CAMEL_MATMUL", v)
         np.testing.assert_allclose(_run(None, a, b), _reference(a, b), rtol=1e-4, atol=1e-4)
-    assert used == ["3", "7", "10"]
+    assert used == ["3", "7", "10", "64x64x16_4x4"]
 
 
 def test_camel_matmul_unknown_version(monkeypatch, rng):
@@ -183,13 +200,14 @@ def test_get_rung_lists_valid_versions():
 
 def test_table_fits_apple_limits():
     """Every rung fits Apple GPU limits: 1024 threads, 32 KiB threadgroup memory."""
-    for rung in gemm.RUNGS.values():
+    for v in gemm.all_versions():
+        rung = gemm.get_rung(v)
         assert rung.nthreads <= 1024 and rung.tg_bytes <= 32768, rung
 
 
 def test_table_names_exist_in_shader():
     names = set(metal.library(gemm.SHADER).function_names)
-    for rung in gemm.RUNGS.values():
+    for rung in [gemm.get_rung(v) for v in gemm.all_versions()]:
         assert rung.kernel in names
         static = metal.kernel(gemm.SHADER, rung.kernel).static_threadgroup_memory
         if static:  # Metal reports it (the simulator says 0): the table must agree
@@ -251,7 +269,9 @@ def test_forced_rung_over_device_limits(monkeypatch):
         gemm.matmul(a, a, version="8")
     assert not gemm.fits(gemm.get_rung("8")) and gemm.fits(gemm.get_rung("2"))
     assert not gemm.fits(gemm.get_rung("3"))  # 1024 threads
-    assert autotune.candidates() == ["1", "2", "5", "6", "7"]
+    assert autotune.candidates() == [
+        "1", "2", "5", "6", "7", "32x32x8_4x4", "64x64x8_8x8", "64x64x16_4x4"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("version", ["1", "3", "5", "6", "10", "11"])
@@ -305,7 +325,7 @@ rng = np.random.default_rng(0)
 worst = 0.0
 cases = [((33, 17), (17, 31), 0, 0), ((17, 33), (31, 17), 1, 1), ((64, 68), (68, 36), 0, 0),
          ((2, 3, 9, 8), (2, 3, 10, 8), 0, 1), ((4, 33, 20), (20, 31), 0, 0)]
-for v in gemm.versions():
+for v in gemm.all_versions():
     for a_shape, b_shape, ta, tb in cases:
         for at_end in (False, True):
             a = rng.standard_normal(a_shape, dtype=np.float32)

@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m camel.bench matmul", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--list", action="store_true", help="print the version names and exit")
-    ap.add_argument("--tune", action="store_true", help="autotune the sizes and cache winners")
+    ap.add_argument("--list-variants", action="store_true", help="print the tuning variants")
+    ap.add_argument("--tune", action="store_true", help="autotune rungs and variants; cache")
     ap.add_argument("--plot", metavar="PNG", help="write the ladder as a chart (matplotlib)")
     ap.add_argument("--sizes", help="comma-separated M=N=K sizes (default depends on device)")
     ap.add_argument("--versions", help="comma-separated versions (default: all)")
@@ -176,6 +177,10 @@ def main(argv=None) -> int:
     if args.list:
         for rung in gemm.RUNGS.values():
             print(f"{rung.version:>2} {rung.kernel}")
+        return 0
+    if args.list_variants:
+        for rung in gemm.VARIANTS.values():
+            print(f"{rung.version} {rung.kernel}")
         return 0
 
     sim = metal.is_simulator()
@@ -198,7 +203,8 @@ def main(argv=None) -> int:
     failed = [v for v in versions if v not in passed]
 
     if args.tune:
-        autotune.tune(sizes, reps=reps, versions=passed)
+        variants = [] if args.versions else validate(list(gemm.VARIANTS))
+        autotune.tune(sizes, reps=reps, versions=passed + variants)
         print(f"[bench] winners saved in {autotune.cache_path()}")
         return 1 if failed else 0
 
