@@ -493,6 +493,23 @@ def matmul(a, b):
     return _matmul_checked(a, b)
 
 
+def linear(x, weight, bias=None):
+    """x @ weight^T + bias, PyTorch's layout: x (..., in), weight (out, in), bias (out,).
+
+    The weight is read transposed by the matmul itself (transpose_b), so no transposed
+    copy of it is made, forward or backward."""
+    _check_float("linear", x, "x")
+    if x.ndim < 1 or weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"[linear] expects x (..., in) and weight (out, in), got shapes {x.shape} and "
+            f"{weight.shape}"
+        )
+    lead = x.shape[:-1]
+    y = _matmul_checked(reshape(x, (-1, x.shape[-1])), weight, transpose_b=True)  # (N, out)
+    y = reshape(y, lead + (weight.shape[0],))  # (..., out)
+    return y if bias is None else add(y, bias)
+
+
 # ---------------------------------------------------------------------------
 # layer norm and embedding
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 import camel
 from camel import nn
@@ -265,6 +266,18 @@ def test_linear_matches_torch(shape, bias, device):
     ty.backward(torch.from_numpy(g_np))
     assert_close(x.grad, tx.grad, what="grad x")
     _check_grads(lin, tlin)
+
+
+def test_linear_on_mps_reads_the_weight_transposed_without_copying_it():
+    if "mps" not in DEVICES:
+        pytest.skip("no mps device")
+    lin = nn.Linear(33, 7).to("mps")
+    x = camel.tensor(randn(5, 3, 33), requires_grad=True, device="mps")
+    with camel.profile() as prof:
+        lin(x).sum().backward()
+    names = [e.name for e in prof.events]
+    assert any(n.startswith("matmul") for n in names), names
+    assert not any("permute" in n or "transpose" in n for n in names), names
 
 
 @pytest.mark.parametrize("shape", [(3, 33), (2, 5, 31), (4, 1)])

@@ -2,6 +2,7 @@
 
 import math
 
+from .. import functional as F
 from .module import Module, Parameter, uniform
 
 
@@ -41,10 +42,8 @@ class Linear(Module):
                 f"[Linear] input shape {tuple(x.shape)} does not end in "
                 f"in_features={self.in_features} (weight {tuple(self.weight.shape)})"
             )
-        y = x @ self.weight.T  # (..., in) @ (in, out) -> (..., out)
-        if self.bias is not None:
-            y = y + self.bias  # bias (out,) broadcasts over the leading axes
-        return y
+        # (..., in) @ (in, out) -> (..., out); the bias (out,) broadcasts over the leading axes
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
