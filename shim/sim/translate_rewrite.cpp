@@ -81,7 +81,7 @@ struct Lexer {
         std::string d = s.substr(a, b - a);
         Token t{DIRECTIVE, d, d, line, user};
         size_t p = d.find_first_not_of(" \t#");
-        if (p != std::string::npos && is_digit(d[p]) && d.compare(0, 1, "#") == 0) {
+        if (p != std::string::npos && is_digit(d[p])) {
             int n = atoi(d.c_str() + p);
             size_t q1 = d.find('"'), q2 = d.rfind('"');
             if (q1 != std::string::npos && q2 > q1) {
