@@ -431,10 +431,20 @@ def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
       v = beta2 * v + (1 - beta2) * g^2
       param -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)"""
     g = grad + np.float32(weight_decay) * param if weight_decay != 0 else grad
-    m += np.float32(1 - beta1) * (g - m)  # torch: m.lerp_(g, 1 - beta1)
-    v *= np.float32(beta2)
-    v += np.float32(1 - beta2) * g * g
     bias1 = 1 - beta1**step
     bias2_sqrt = math.sqrt(1 - beta2**step)
-    denom = np.sqrt(v) / np.float32(bias2_sqrt) + np.float32(eps)
-    param -= np.float32(lr / bias1) * (m / denom)
+    # One scratch array `t` serves every intermediate: the step is memory-bound and a
+    # temporary per operation would double its cost.
+    t = np.subtract(g, m)
+    t *= np.float32(1 - beta1)
+    m += t  # torch: m.lerp_(g, 1 - beta1)
+    np.multiply(g, np.float32(1 - beta2), out=t)
+    t *= g
+    v *= np.float32(beta2)
+    v += t  # beta2 * v + (1 - beta2) * g^2
+    np.sqrt(v, out=t)
+    t /= np.float32(bias2_sqrt)
+    t += np.float32(eps)  # denom
+    np.divide(m, t, out=t)
+    t *= np.float32(lr / bias1)
+    param -= t
