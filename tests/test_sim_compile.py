@@ -84,6 +84,18 @@ def test_kernel_parameter_without_attribute_is_an_error():
     assert "bad.metal:4:" in msg and "'i' needs an attribute" in msg
 
 
+def test_buffer_slots_are_checked():
+    src = HEADER + (
+        "kernel void k(device float* a [[buffer(1)]],\n"
+        "              device float* b [[buffer(1)]],\n"
+        "              device float* c [[buffer(31)]]) {\n"
+        "}\n"
+    )
+    msg = _compile_error(src, "slots.metal")
+    assert "slots.metal:3: kernel 'k': parameters 'a' and 'b' are both [[buffer(1)]]" in msg
+    assert "[[buffer(31)]] is out of range; Metal has slots 0 to 30" in msg
+
+
 # ---- the portability guard: what Apple's compiler rejects ---------------------------------
 
 GUARD_CASES = [

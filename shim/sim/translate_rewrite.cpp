@@ -994,6 +994,22 @@ struct Rewriter {
                 if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index < 0) p.index = next_buffer++;
                 if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index < 0) p.index = next_tg++;
             }
+            // Metal's limits: 31 buffer slots, each bound once per kernel.
+            std::map<std::pair<int, int>, std::string> used;
+            for (auto &p : kn.params) {
+                if (p.kind == CAMEL_SIM_PARAM_BUILTIN) continue;
+                const char *what = p.kind == CAMEL_SIM_PARAM_BUFFER ? "buffer" : "threadgroup";
+                if (p.index > 30)
+                    error(kn.line, "kernel '" + kn.host_name + "' parameter '" + p.name + "': [[" +
+                                       what + "(" + std::to_string(p.index) +
+                                       ")]] is out of range; Metal has slots 0 to 30");
+                auto slot = std::make_pair(p.kind, p.index);
+                if (used.count(slot))
+                    error(kn.line, "kernel '" + kn.host_name + "': parameters '" + used[slot] +
+                                       "' and '" + p.name + "' are both [[" + what + "(" +
+                                       std::to_string(p.index) + ")]]");
+                used[slot] = p.name;
+            }
             g += "static void __camel_entry_" + n +
                  "(void *const *b, void *const *tg, const camel_sim_thread *t) {\n";
             // The current thread matters only to barriers, SIMD-group functions and
