@@ -84,6 +84,11 @@ def test_kernel_parameter_without_attribute_is_an_error():
     assert "bad.metal:4:" in msg and "'i' needs an attribute" in msg
 
 
+def test_kernel_must_return_void():
+    src = HEADER + "kernel float k(device float* a [[buffer(0)]]) {\n    return a[0];\n}\n"
+    assert "bad.metal:3: kernel 'k' must return void" in _compile_error(src)
+
+
 def test_buffer_slots_are_checked():
     src = HEADER + (
         "kernel void k(device float* a [[buffer(1)]],\n"

@@ -700,6 +700,10 @@ struct Rewriter {
         kn.qualified = qualify(outer, name);
         kn.line = S(name_at).line;
         kn.body_owner = name;
+        if (name_at == 0 || !is(name_at - 1, "void")) {
+            error(kn.line, "kernel '" + name + "' must return void (results go to buffers)");
+            return;
+        }
         if (!parse_params(paren_at, kn.params)) return;
         bool is_template = is(stmt, "template") && is(stmt + 1, "<");
         if (is_template) {
