@@ -204,6 +204,12 @@ template [[host_name("scale_f16_w4")]] [[kernel]] void scale_t<half, 4>(
     device const half*, device half*, constant Params&, uint2);
 
 namespace nested {
+template <typename T>
+kernel void fill_t(device T* y [[buffer(0)]], uint i [[thread_position_in_grid]]) { y[i] = T(i); }
+}
+template [[host_name("fill_u32")]] kernel void nested::fill_t<uint>(device uint*, uint);
+
+namespace nested {
 // reverse within a threadgroup: a threadgroup array, a barrier, ushort builtins
 kernel void reverse_tg(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
                        ushort lid [[thread_position_in_threadgroup]],
@@ -238,6 +244,7 @@ def rewrite_lib():
 
 def test_kernel_names(rewrite_lib):
     assert sorted(rewrite_lib.function_names) == [
+        "fill_u32",
         "reverse_tg",
         "scale_f16_w4",
         "scale_f32",
@@ -261,6 +268,12 @@ def test_template_instantiations(rewrite_lib, name, dtype, width):
     want = (x.astype(np.float32) * 3 + 0.5).astype(dtype) + table.astype(dtype)
     tol = 1e-6 if dtype == np.float32 else 1e-2
     np.testing.assert_allclose(y.numpy().astype(np.float32), want.astype(np.float32), rtol=tol)
+
+
+def test_template_instantiated_outside_its_namespace(rewrite_lib):
+    y = metal.DeviceArray.zeros(10, np.uint32)
+    rewrite_lib.function("fill_u32")(y, threads=10, threads_per_threadgroup=4)
+    np.testing.assert_array_equal(y.numpy(), np.arange(10))
 
 
 def test_threadgroup_array_and_ushort_builtins(rewrite_lib):

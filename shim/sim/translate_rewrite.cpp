@@ -726,7 +726,10 @@ struct Rewriter {
         size_t paren_at = 0, name_at = 0;
         std::string name = function_name(stmt, semi, &paren_at, &name_at);
         if (name.empty()) return;
-        std::string q = qualify(scopes, name);
+        std::string written = name;  // template ... void ns::f<float>(...): "ns::f"
+        for (size_t n = name_at; n >= stmt + 2 && is(n - 1, "::") && S(n - 2).kind == IDENT; n -= 2)
+            written = txt(n - 2) + "::" + written;
+        std::string q = qualify(scopes, written);
         auto it = kernel_templates.find(q);
         if (it == kernel_templates.end()) {
             if (kernel) error_at(stmt, "instantiation of '" + name + "', which is not a kernel template defined earlier in this file");
