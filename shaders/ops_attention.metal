@@ -208,7 +208,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                         simdgroup_load(nxt, buf + j1 * 8 * DK + dd1 * 8, DK, ulong2(0, 0), true);
                     }
                     simdgroup_multiply_accumulate(Sf[j], Qf[qf0 + dd], cur, Sf[j]);
-                    cur = nxt;
+                    if (n + 1 < N) cur = nxt;
                 }
             }
         } else {
@@ -244,7 +244,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                         simdgroup_load(nxt, buf + j1 * 8 * DK + dd1 * 8, DK);
                     }
                     simdgroup_multiply_accumulate(Of[of0 + dd], Sf[j], cur, Of[of0 + dd]);
-                    cur = nxt;
+                    if (n + 1 < N) cur = nxt;
                 }
             }
         }

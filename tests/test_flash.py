@@ -200,6 +200,19 @@ def test_long_sequence_memory():
     np.testing.assert_allclose(got[0, 0, rows], want, atol=2e-5, rtol=1e-4)
 
 
+def test_tune_picks_a_checked_v6_shape(monkeypatch, tmp_path):
+    """flash.tune times every v6 shape that fits and "flash" then uses the winner."""
+    monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(flash, "_tuned_cache", None)
+    lines = []
+    best = flash.tune(1, 1, 40, 32, causal=True, reps=1, log=lines.append)
+    assert best in {r.name for r in flash.v6_candidates(32)}
+    assert len(lines) == len(flash.v6_candidates(32)) == 3
+    assert (tmp_path / "flash_autotune.json").exists()
+    assert flash.get_rung("flash", 32, 40, True).name == best
+    assert flash.get_rung("flash", 32, 40, False).name == flash.DEFAULT_V6  # not tuned
+
+
 def test_rung_table():
     """Every rung fits 32 KiB and exists in the shader; v6's 128x64 is over the limit and
     not a candidate; unknown names list the valid ones."""
