@@ -279,8 +279,15 @@ def forward(q, k, v, causal: bool = False, rung: str | None = None):
     return out, lse
 
 
-def backward(q, k, v, out, lse, dout, causal: bool = False):
-    """(dq, dk, dv) recomputed from lse, one thread per row; no (T, S) buffer."""
+BACKWARD_KINDS = ("tiled", "rows")
+
+
+def backward(q, k, v, out, lse, dout, causal: bool = False, kind: str = "tiled"):
+    """(dq, dk, dv) recomputed from lse, one thread per row; no (T, S) buffer.
+    kind "rows": each thread reads the other side's rows from device memory itself;
+    "tiled" (default): 64 threads share those rows through threadgroup memory."""
+    if kind not in BACKWARD_KINDS:
+        raise ValueError(f"[flash] unknown backward kind {kind!r}; valid: {BACKWARD_KINDS}")
     from camel import metal
 
     b, h, t, d = q.shape
@@ -300,14 +307,20 @@ def backward(q, k, v, out, lse, dout, causal: bool = False):
         out, dout, delta, rows, d, threads=rows, threads_per_threadgroup=min(256, rows),
         flops=2 * rows * d, bytes=_F32 * rows * (2 * d + 1))  # fmt: skip
     work = (t * s // 2 if causal else t * s) * b * h
-    metal.kernel(SHADER, f"flash_backward_dq_d{d}")(
-        q, k, v, dout, lse, delta, dq, p, threads=(t, b * h, 1),
-        threads_per_threadgroup=(min(64, t), 1, 1), flops=6 * work * d,
-        bytes=_F32 * (b * h * t * 3 * d + work * 2 * d))  # fmt: skip
-    metal.kernel(SHADER, f"flash_backward_dkv_d{d}")(
-        q, k, v, dout, lse, delta, dk, dv, p, threads=(s, b * h, 1),
-        threads_per_threadgroup=(min(64, s), 1, 1), flops=8 * work * d,
-        bytes=_F32 * (b * h * s * 4 * d + work * 2 * d))  # fmt: skip
+    if kind == "rows":  # exactly t (s) threads per (batch, head), one per row
+        reads, suffix = work, ""  # rows of the other side read from device memory
+        dq_grid = {"threads": (t, b * h, 1), "threads_per_threadgroup": (min(64, t), 1, 1)}
+        dkv_grid = {"threads": (s, b * h, 1), "threads_per_threadgroup": (min(64, s), 1, 1)}
+    else:  # whole threadgroups of 64 (the kernels guard the tail)
+        reads, suffix = work // 64 + 1, "_tiled"
+        dq_grid = {"threadgroups": ((t + 63) // 64, b * h, 1), "threads_per_threadgroup": 64}
+        dkv_grid = {"threadgroups": ((s + 63) // 64, b * h, 1), "threads_per_threadgroup": 64}
+    metal.kernel(SHADER, f"flash_backward_dq{suffix}_d{d}")(
+        q, k, v, dout, lse, delta, dq, p, flops=6 * work * d,
+        bytes=_F32 * (b * h * t * 3 * d + reads * 2 * d), **dq_grid)  # fmt: skip
+    metal.kernel(SHADER, f"flash_backward_dkv{suffix}_d{d}")(
+        q, k, v, dout, lse, delta, dk, dv, p, flops=8 * work * d,
+        bytes=_F32 * (b * h * s * 4 * d + reads * 2 * d), **dkv_grid)  # fmt: skip
     return dq, dk, dv
 
 

@@ -377,8 +377,9 @@ FLASH_RUNG(6, 128, 32, 32, 32, 32, true, true, true, true, true)
 //   delta_t = sum_d dO[t, d] · O[t, d]                              (flash_backward_delta)
 //   dP = dO·Vᵀ,  dS = P ∘ (dP - delta),  dQ = scale · dS·K               (flash_backward_dq)
 //   dV = Pᵀ·dO,  dK = scale · dSᵀ·Q                                      (flash_backward_dkv)
-// Every thread loops over all the rows of the other side; this is the memory-light
-// version, not a tiled one (see docs/stage5b.md).
+// flash_backward_dq / _dkv: every thread reads all the rows of the other side from device
+// memory itself. flash_backward_dq_tiled / _dkv_tiled (the default): the same arithmetic,
+// with those rows shared through threadgroup memory (see docs/stage5b.md).
 
 // delta[row] = dO[row, :] · O[row, :]. One thread per row of (B*H*T, D).
 kernel void flash_backward_delta(device const float* o [[buffer(0)]],
@@ -480,6 +481,129 @@ kernel void flash_backward_dkv(device const float* q [[buffer(0)]],
     }
 }
 
+// The same two kernels, blockwise: a threadgroup of 64 threads owns 64 rows (one per
+// thread, as above), and the rows of the other side pass through threadgroup memory R = 16
+// at a time, read from device memory once per threadgroup instead of once per thread
+// (64x less device traffic). Threads past the end still copy and meet at the barriers.
+#define BW_ROWS 64u  // rows per threadgroup (one per thread)
+#define BW_R 16u     // rows of the other side staged per step
+
+template <uint D>
+kernel void flash_backward_dq_tiled(device const float* q [[buffer(0)]],
+                                    device const float* k [[buffer(1)]],
+                                    device const float* v [[buffer(2)]],
+                                    device const float* dout [[buffer(3)]],
+                                    device const float* lse [[buffer(4)]],
+                                    device const float* delta [[buffer(5)]],
+                                    device float* dq [[buffer(6)]],
+                                    constant FlashParams& p [[buffer(7)]],
+                                    uint2 group [[threadgroup_position_in_grid]],
+                                    uint tid [[thread_index_in_threadgroup]]) {
+    threadgroup float ks[BW_R * D], vs[BW_R * D];  // R rows of K and V
+    const uint bh = group.y, t = group.x * BW_ROWS + tid;
+    const bool live = t < p.T;
+    k += bh * p.S * D;
+    v += bh * p.S * D;
+    float qr[D], dor[D], acc[D];
+    for (uint d = 0; d < D; d++) {
+        qr[d] = live ? q[(bh * p.T + t) * D + d] : 0.0f;
+        dor[d] = live ? dout[(bh * p.T + t) * D + d] : 0.0f;
+        acc[d] = 0.0f;
+    }
+    const float L = live ? lse[bh * p.T + t] : 0.0f;
+    const float dl = live ? delta[bh * p.T + t] : 0.0f;
+    const uint last = min(group.x * BW_ROWS + BW_ROWS, p.T) - 1;  // last query of the group
+    const uint send = p.causal ? min(p.S, last + 1) : p.S;       // later keys: all masked
+    for (uint s0 = 0; s0 < send; s0 += BW_R) {
+        for (uint e = tid; e < BW_R * D; e += BW_ROWS) {
+            const uint key = s0 + e / D;
+            ks[e] = key < p.S ? k[key * D + e % D] : 0.0f;
+            vs[e] = key < p.S ? v[key * D + e % D] : 0.0f;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint r = 0; r < BW_R; r++) {
+            const uint s = s0 + r;
+            if (!live || s >= send || (p.causal && s > t)) continue;
+            float qk = 0.0f, dp = 0.0f;
+            for (uint d = 0; d < D; d++) {
+                qk = fma(qr[d], ks[r * D + d], qk);
+                dp = fma(dor[d], vs[r * D + d], dp);
+            }
+            const float ds = exp(qk * p.scale - L) * (dp - dl);
+            for (uint d = 0; d < D; d++) acc[d] = fma(ds, ks[r * D + d], acc[d]);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // rows read before the next copy
+    }
+    if (live) {
+        for (uint d = 0; d < D; d++) dq[(bh * p.T + t) * D + d] = acc[d] * p.scale;
+    }
+}
+
+template <uint D>
+kernel void flash_backward_dkv_tiled(device const float* q [[buffer(0)]],
+                                     device const float* k [[buffer(1)]],
+                                     device const float* v [[buffer(2)]],
+                                     device const float* dout [[buffer(3)]],
+                                     device const float* lse [[buffer(4)]],
+                                     device const float* delta [[buffer(5)]],
+                                     device float* dk [[buffer(6)]],
+                                     device float* dv [[buffer(7)]],
+                                     constant FlashParams& p [[buffer(8)]],
+                                     uint2 group [[threadgroup_position_in_grid]],
+                                     uint tid [[thread_index_in_threadgroup]]) {
+    threadgroup float qs[BW_R * D], dos[BW_R * D];  // R rows of Q and dO
+    threadgroup float ls[BW_R], dls[BW_R];          // their lse and delta
+    const uint bh = group.y, s = group.x * BW_ROWS + tid;
+    const bool live = s < p.S;
+    q += bh * p.T * D;
+    dout += bh * p.T * D;
+    lse += bh * p.T;
+    delta += bh * p.T;
+    float kr[D], vr[D], dka[D], dva[D];
+    for (uint d = 0; d < D; d++) {
+        kr[d] = live ? k[(bh * p.S + s) * D + d] : 0.0f;
+        vr[d] = live ? v[(bh * p.S + s) * D + d] : 0.0f;
+        dka[d] = 0.0f;
+        dva[d] = 0.0f;
+    }
+    // causal: queries before the group's first key see none of its keys
+    const uint t_first = p.causal ? min(group.x * BW_ROWS, p.T) : 0;
+    for (uint t0 = t_first; t0 < p.T; t0 += BW_R) {
+        for (uint e = tid; e < BW_R * D; e += BW_ROWS) {
+            const uint row = t0 + e / D;
+            qs[e] = row < p.T ? q[row * D + e % D] : 0.0f;
+            dos[e] = row < p.T ? dout[row * D + e % D] : 0.0f;
+        }
+        if (tid < BW_R) {
+            ls[tid] = t0 + tid < p.T ? lse[t0 + tid] : 0.0f;
+            dls[tid] = t0 + tid < p.T ? delta[t0 + tid] : 0.0f;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint r = 0; r < BW_R; r++) {
+            const uint t = t0 + r;
+            if (!live || t >= p.T || (p.causal && t < s)) continue;
+            float qk = 0.0f, dp = 0.0f;
+            for (uint d = 0; d < D; d++) {
+                qk = fma(qs[r * D + d], kr[d], qk);
+                dp = fma(dos[r * D + d], vr[d], dp);
+            }
+            const float pr = exp(qk * p.scale - ls[r]);
+            const float ds = pr * (dp - dls[r]);
+            for (uint d = 0; d < D; d++) {
+                dva[d] = fma(pr, dos[r * D + d], dva[d]);
+                dka[d] = fma(ds, qs[r * D + d], dka[d]);
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (live) {
+        for (uint d = 0; d < D; d++) {
+            dk[(bh * p.S + s) * D + d] = dka[d] * p.scale;
+            dv[(bh * p.S + s) * D + d] = dva[d];
+        }
+    }
+}
+
 #define FLASH_BACKWARD(D)                                                                   \
     template [[host_name("flash_backward_dq_d" #D)]] kernel void flash_backward_dq<D>(      \
         device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
@@ -494,6 +618,27 @@ kernel void flash_backward_dkv(device const float* q [[buffer(0)]],
         device float* dk [[buffer(6)]], device float* dv [[buffer(7)]],                    \
         constant FlashParams& p [[buffer(8)]], uint2 gid [[thread_position_in_grid]]);
 
+#define FLASH_BACKWARD_TILED(D)                                                             \
+    template [[host_name("flash_backward_dq_tiled_d" #D)]] kernel void                     \
+    flash_backward_dq_tiled<D>(                                                            \
+        device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
+        device const float* v [[buffer(2)]], device const float* dout [[buffer(3)]],       \
+        device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],    \
+        device float* dq [[buffer(6)]], constant FlashParams& p [[buffer(7)]],             \
+        uint2 group [[threadgroup_position_in_grid]],                                      \
+        uint tid [[thread_index_in_threadgroup]]);                                         \
+    template [[host_name("flash_backward_dkv_tiled_d" #D)]] kernel void                    \
+    flash_backward_dkv_tiled<D>(                                                           \
+        device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
+        device const float* v [[buffer(2)]], device const float* dout [[buffer(3)]],       \
+        device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],    \
+        device float* dk [[buffer(6)]], device float* dv [[buffer(7)]],                    \
+        constant FlashParams& p [[buffer(8)]], uint2 group [[threadgroup_position_in_grid]], \
+        uint tid [[thread_index_in_threadgroup]]);
+
 FLASH_BACKWARD(32)
 FLASH_BACKWARD(64)
 FLASH_BACKWARD(128)
+FLASH_BACKWARD_TILED(32)
+FLASH_BACKWARD_TILED(64)
+FLASH_BACKWARD_TILED(128)

@@ -164,6 +164,25 @@ def test_backward(t, d, causal, order, monkeypatch):
             np.testing.assert_allclose(got, want, atol=tol, rtol=1e-3, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("t, s", [(1, 1), (17, 17), (130, 70), (70, 130)])
+def test_backward_kinds_agree(t, s, d, causal, order, monkeypatch):
+    """The row-per-thread and the threadgroup-shared backward kernels equal NumPy."""
+    monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+    q, k, v = inputs(t, d, b=1, h=2, s=s)
+    dout = np.random.default_rng(t * s + d).standard_normal(q.shape, dtype=np.float32)
+    want = numpy_grads(q, k, v, causal, dout)
+    qd, kd, vd, gd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v, dout))
+    out, lse = flash.forward(qd, kd, vd, causal, rung="flash_v1")
+    for kind in flash.BACKWARD_KINDS:
+        grads = flash.backward(qd, kd, vd, out, lse, gd, causal, kind=kind)
+        for name, got, ref in zip("qkv", grads, want, strict=True):
+            tol = 1e-4 * max(1.0, np.abs(ref).max())
+            np.testing.assert_allclose(got.numpy(), ref, atol=tol, rtol=1e-3, err_msg=kind + name)
+
+
 def test_gradcheck_small():
     """Finite differences through the flash kernels for dK (the gradient through dS, the
     longest path), T = 5, D = 32, causal; dQ and dV are checked against NumPy above."""
