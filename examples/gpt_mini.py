@@ -19,6 +19,8 @@ Configs (--config; the default picks one for the device, any flag below override
     gpu        384      6     6          256     16  10.8 M   an Apple GPU ("mps" on a Mac)
     cpu        128      2     4           64     16  0.43 M   NumPy on the CPU
     tiny        32      2     4           32      4  0.03 M   the Metal simulator (CI, Linux)
+    long       256      4     4         1024      4  3.46 M   long context on an Apple GPU:
+                                                    head dim 64, so FlashAttention (Stage 5B)
 
 Every step prints the loss and the tokens per second (batch * seq_len per step).
 """
@@ -188,6 +190,8 @@ CONFIGS = {
                 batch_size=16, seq_len=64, steps=1500, lr=3e-3),
     "tiny": dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
                  batch_size=4, seq_len=32, steps=200, lr=3e-3),
+    "long": dict(d_model=256, n_layers=4, n_heads=4, max_seq_len=1024,
+                 batch_size=4, seq_len=1024, steps=1000, lr=1e-3),
 }  # fmt: skip
 
 
