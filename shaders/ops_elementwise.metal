@@ -14,8 +14,8 @@
 //   fill_float4 / fill_int4                  out[i] = value
 //   copy_uint / copy_uint4                   out[i] = in[i], bit for bit (float32 and int32 alike)
 //   permute_uint         out = in with its axes permuted (a materialised transpose, any
-//                        32-bit dtype, rank <= 8): one thread per output element. Needed by
-//                        Tensor.T (nn.Linear's x @ W.T); a tiled transpose is Stage 4-5A's.
+//                        32-bit dtype, rank <= 8): one thread per output element. Used by
+//                        Tensor.T, transpose and permute (attention's head split).
 //
 // The one optimisation of Stage 1 is float4 vectorisation. A "_float" kernel gives
 // each thread one element: one 4-byte load per operand. A "_float4" kernel gives
