@@ -9,7 +9,8 @@ Kernels of shaders/ops_reduce.metal through camel/backend_mps.py:
 1. Validate each against NumPy (backend_cpu) at awkward shapes: rows of 1, 33 and 10 000,
    4097 elements in all, a (4097, 3) leading-axis sum; max ties resolved to the first index.
 2. On an Apple GPU: time each after warm-up and print  op | shape | ms | GB/s
-   (bytes read + written per call / time). On the simulator: validation only (its times
+   (bytes read + written per call / time) and % of copy (copy_uint4 over the same
+   array: the measured copy bandwidth). On the simulator: validation only (its times
    are CPU times, not GPU timings); ``--time`` prints them anyway, labelled.
 """
 
@@ -42,6 +43,21 @@ def cases(shape, rng):
         ("sum axis 0 (bias grad)", lambda: mps.sum(dx, 0, False), cpu.sum(x, 0, False),
          (x.size + k) * f),
     ]  # fmt: skip
+
+
+def copy_gbs(n: int, reps: int) -> float:
+    """GB/s of copy_uint4 (Stage 1's float4 copy) over n floats: this device's measured
+    copy bandwidth at this size, the ceiling for a kernel that reads its input once."""
+    from camel import metal
+    from camel.autotune import time_ms
+
+    src = metal.DeviceArray.from_numpy(np.zeros(n, np.float32))
+    dst = metal.DeviceArray.empty((n,), np.float32)
+    fn = metal.kernel("ops_elementwise.metal", "copy_uint4")
+    threads = (n + 3) // 4
+    tpg = min(256, threads)
+    ms = time_ms(lambda: fn(src, dst, n, threads=threads, threads_per_threadgroup=tpg), reps)
+    return 2 * n * 4 / ms / 1e6
 
 
 def validate(log=print) -> bool:
@@ -82,10 +98,12 @@ def main(argv=None) -> int:
     unit = "sim GB/s" if sim else "GB/s"
     if sim:
         print("simulator CPU times: NOT GPU timings, only for comparing kernels here")
-    print(f"\n| op | shape | ms | {unit} |\n|---|---|---:|---:|")
+    print(f"\n| op | shape | ms | {unit} | % of copy |\n|---|---|---:|---:|---:|")
     rng = np.random.default_rng(1)
     for shape in SIM_SHAPES if sim else GPU_SHAPES:
+        copy = copy_gbs(shape[0] * shape[1], args.reps)
         for label, run, _want, nbytes in cases(shape, rng):
             ms = time_ms(run, args.reps)
-            print(f"| {label} | {shape} | {ms:.4f} | {nbytes / ms / 1e6:.1f} |")
+            gbs = nbytes / ms / 1e6
+            print(f"| {label} | {shape} | {ms:.4f} | {gbs:.1f} | {100 * gbs / copy:.0f}% |")
     return 0

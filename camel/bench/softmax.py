@@ -7,7 +7,8 @@ softmax backward (two sweeps), and the cross-entropy backward (one thread per el
 1. Validate each against NumPy (backend_cpu) at awkward shapes (rows of 1, 33, 10 000)
    and extreme logits (+-1e4, -inf entries): no NaN, equal to float32 tolerance.
 2. On an Apple GPU: time each after warm-up and print  op | (N, C) | ms | GB/s
-   (the compulsory bytes: read x once, write y once). On the simulator: validation only
+   (the compulsory bytes: read x once, write y once) and % of copy (copy_uint4 over
+   the same array: the measured copy bandwidth). On the simulator: validation only
    (its times are CPU times, not GPU timings); ``--time`` prints them anyway, labelled.
 """
 
@@ -47,6 +48,21 @@ def cases(shape, rng, extreme=False):
         ("cross_entropy_backward", lambda: mps.cross_entropy_backward(dprobs, dt, one),
          cpu.cross_entropy_backward(probs, t, np.array(1.0, np.float32)), 2 * x.size * f),
     ]  # fmt: skip
+
+
+def copy_gbs(n: int, reps: int) -> float:
+    """GB/s of copy_uint4 (Stage 1's float4 copy) over n floats: this device's measured
+    copy bandwidth at this size, the ceiling for a kernel that reads its input once."""
+    from camel import metal
+    from camel.autotune import time_ms
+
+    src = metal.DeviceArray.from_numpy(np.zeros(n, np.float32))
+    dst = metal.DeviceArray.empty((n,), np.float32)
+    fn = metal.kernel("ops_elementwise.metal", "copy_uint4")
+    threads = (n + 3) // 4
+    tpg = min(256, threads)
+    ms = time_ms(lambda: fn(src, dst, n, threads=threads, threads_per_threadgroup=tpg), reps)
+    return 2 * n * 4 / ms / 1e6
 
 
 def validate(log=print) -> bool:
@@ -95,10 +111,12 @@ def main(argv=None) -> int:
     unit = "sim GB/s" if sim else "GB/s"
     if sim:
         print("simulator CPU times: NOT GPU timings, only for comparing kernels here")
-    print(f"\n| op | (N, C) | ms | {unit} |\n|---|---|---:|---:|")
+    print(f"\n| op | (N, C) | ms | {unit} | % of copy |\n|---|---|---:|---:|---:|")
     rng = np.random.default_rng(1)
     for shape in SIM_SHAPES if sim else GPU_SHAPES:
+        copy = copy_gbs(shape[0] * shape[1], args.reps)
         for label, run, _want, nbytes in cases(shape, rng):
             ms = time_ms(run, args.reps)
-            print(f"| {label} | {shape} | {ms:.4f} | {nbytes / ms / 1e6:.1f} |")
+            gbs = nbytes / ms / 1e6
+            print(f"| {label} | {shape} | {ms:.4f} | {gbs:.1f} | {100 * gbs / copy:.0f}% |")
     return 0
