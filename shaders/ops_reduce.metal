@@ -42,8 +42,9 @@
 #include <metal_stdlib>
 using namespace metal;
 
-// "No index yet": larger than any real index, so a min over indices ignores it.
-constant uint NO_INDEX = 0xFFFFFFFFu;
+// "No index yet": larger than any real index, so a min over indices ignores it. A macro,
+// not a `constant` variable, so `cond ? index : NO_INDEX` never mixes address spaces.
+#define NO_INDEX 0xFFFFFFFFu
 
 // Sum of `value` over every thread of the threadgroup; every thread returns the total.
 // partial: threadgroup memory of at least 32 floats (one per SIMD group).

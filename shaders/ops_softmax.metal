@@ -77,7 +77,7 @@ kernel void softmax_last_axis(device const float *x [[buffer(0)]],
     threadgroup float partial[32];
     device const float *xr = x + row * K;
     device float *yr = y + row * K;
-    uint limit = causal_T == 0 ? K : min(K, row % causal_T + 1);  // columns this row sees
+    uint limit = causal_T == 0 ? uint(K) : min(uint(K), row % causal_T + 1);  // columns this row sees
 
     float m = -INFINITY;
     for (uint k = t; k < limit; k += T) {
