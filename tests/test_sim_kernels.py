@@ -470,3 +470,28 @@ def test_printf_in_kernel(capfd):
     run(lib.function("hello"), threads=3, threads_per_threadgroup=3)
     lines = sorted(capfd.readouterr().out.splitlines())
     assert lines == [f"thread {i} says hi" for i in range(3)]
+
+
+def test_printf_in_kernel_with_barriers_and_simd_functions(capfd):
+    # Fibers run printf on their own small stacks: a float conversion must fit there.
+    lib = M.compile(
+        textwrap.dedent("""
+        #include <metal_stdlib>
+        using namespace metal;
+        kernel void partials(device float *out [[buffer(0)]],
+                             uint i [[thread_position_in_grid]],
+                             uint lane [[thread_index_in_simdgroup]],
+                             uint sg [[simdgroup_index_in_threadgroup]]) {
+            threadgroup float partial[32];
+            float v = simd_sum(float(i));
+            if (lane == 0) { printf("group %u partial %f\\n", sg, v); partial[sg] = v; }
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            out[i] = partial[0];
+        }""")
+    )
+    out = M.DeviceArray.zeros((1024,))
+    run(lib.function("partials"), out, threadgroups=1, threads_per_threadgroup=1024)
+    lines = sorted(capfd.readouterr().out.splitlines())
+    expected = sorted(f"group {g} partial {sum(range(32 * g, 32 * g + 32)):.6f}" for g in range(32))
+    assert lines == expected
+    np.testing.assert_array_equal(out.numpy(), sum(range(32)))
