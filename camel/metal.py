@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import math
 import operator
 import os
 import struct
@@ -596,6 +597,8 @@ _DTYPES = (np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.uint32), np.dty
 
 
 def _check_dtype(dtype) -> np.dtype:
+    if dtype in _DTYPES and isinstance(dtype, np.dtype):  # the common case, no conversion
+        return dtype
     dt = np.dtype(dtype)
     if dt not in _DTYPES:
         names = ", ".join(d.name for d in _DTYPES)
@@ -604,6 +607,8 @@ def _check_dtype(dtype) -> np.dtype:
 
 
 def _shape_tuple(shape) -> tuple[int, ...]:
+    if type(shape) is tuple and all(type(s) is int and s >= 0 for s in shape):
+        return shape  # the common case: already a tuple of Python ints
     if isinstance(shape, (int, np.integer)):
         shape = (shape,)
     shape = tuple(int(s) for s in shape)
@@ -628,7 +633,7 @@ class DeviceArray:
     def __init__(self, shape, dtype, buffer: Buffer, offset: int = 0):
         self.shape = _shape_tuple(shape)
         self.dtype = _check_dtype(dtype)
-        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.size = math.prod(self.shape)
         self.nbytes = self.size * self.dtype.itemsize
         if offset < 0 or offset + self.nbytes > buffer.nbytes:
             raise ValueError(
@@ -648,14 +653,18 @@ class DeviceArray:
 
     @classmethod
     def empty(cls, shape, dtype=np.float32) -> DeviceArray:
+        # The hot path of every op's output: validate once, then fill the slots directly.
         shape, dt = _shape_tuple(shape), _check_dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        return cls(shape, dt, Buffer(nbytes))
+        out = cls.__new__(cls)
+        out.shape, out.dtype, out.size = shape, dt, math.prod(shape)
+        out.nbytes = out.size * dt.itemsize
+        out.buffer, out.offset = Buffer(out.nbytes), 0
+        return out
 
     @classmethod
     def zeros(cls, shape, dtype=np.float32) -> DeviceArray:
         shape, dt = _shape_tuple(shape), _check_dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        nbytes = math.prod(shape) * dt.itemsize
         out = cls(shape, dt, Buffer(nbytes, host_write=True))
         if nbytes:
             ctypes.memset(out.buffer.contents, 0, nbytes)
@@ -695,10 +704,10 @@ class DeviceArray:
         if dims.count(-1) > 1 or any(s < -1 for s in dims):
             raise ValueError(f"[DeviceArray] invalid shape {tuple(dims)} for reshape")
         if -1 in dims:
-            known = int(np.prod([s for s in dims if s != -1], dtype=np.int64))
+            known = math.prod(s for s in dims if s != -1)
             dims[dims.index(-1)] = self.size // known if known else 0
         new_shape = tuple(dims)
-        if int(np.prod(new_shape, dtype=np.int64)) != self.size:
+        if math.prod(new_shape) != self.size:
             raise ValueError(
                 f"[DeviceArray] cannot reshape {self.shape} ({self.size} elements) to {new_shape}"
             )
