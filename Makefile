@@ -26,9 +26,10 @@ shim:
 	$(MAKE) -C shim shim
 
 mlp: setup
-	$(PYTHON) examples/mlp.py --epochs 3
+	$(PYTHON) examples/mlp.py
 
 test: setup
+	$(MAKE) -C shim fiber-selftest
 	$(PYTHON) -m pytest -q
 
 test-orders: setup
