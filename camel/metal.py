@@ -61,6 +61,7 @@ __all__ = [
     "reset_peak_memory_stats",
     "empty_cache",
     "mps_matmul",
+    "mpsgraph_attention",
     "capture_begin",
     "capture_end",
 ]
@@ -168,11 +169,21 @@ def _declare(lib: ctypes.CDLL) -> None:
         "camel_completed_id": ([], u64),
         "camel_command_buffer_time": ([u64, dbl_p, dbl_p], i32),
         "camel_mps_matmul": ([vp, vp, vp, u32, u32, u32], u64),
+        "camel_mpsgraph_attention": (
+            [vp, vp, vp, vp, u32, u32, u32, ctypes.c_float, ctypes.c_int32],
+            u64,
+        ),
         "camel_capture_begin": ([ctypes.c_char_p], i32),
         "camel_capture_end": ([], i32),
     }
     for name, (argtypes, restype) in table.items():
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:  # a shim built before this function joined the ABI
+            raise MetalError(
+                f"[metal] {lib._name} has no {name}: it was built from older sources; "
+                f"rebuild it: make -C {_REPO_DIR / 'shim'} clean shim"
+            ) from None
         fn.argtypes = argtypes
         fn.restype = restype
 
@@ -1117,4 +1128,58 @@ def mps_matmul(a: DeviceArray, b: DeviceArray, c: DeviceArray) -> None:
                 cb,
                 2.0 * m * n * k,
                 4 * (m * k + k * n + m * n),
+            )
+
+
+def mpsgraph_attention(
+    q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, scale: float, causal=False
+) -> None:
+    """out = softmax(q @ kᵀ * scale + mask) @ v through MPSGraph's fused scaled-dot-product
+    attention (Metal on macOS 15+ only): the vendor attention the flash ladder compares
+    against. q, k, v, out: float32 DeviceArrays of one shape (..., T, D), e.g. (B, H, T, D),
+    at offset 0; the leading dimensions are the batch of heads. causal masks key j > query i.
+    Elsewhere (the simulator, older macOS) it raises MetalError saying why."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if not isinstance(x, DeviceArray):
+            raise TypeError(
+                f"[mpsgraph_attention] {name} must be a DeviceArray, got {type(x).__name__}"
+            )
+        if x.ndim < 2 or x.dtype != np.float32 or x.offset != 0:
+            raise ValueError(
+                f"[mpsgraph_attention] {name} must be a float32 DeviceArray of shape (..., T, D) "
+                f"at offset 0, got shape {x.shape} {x.dtype.name} offset {x.offset}"
+            )
+    if not q.shape == k.shape == v.shape == out.shape:
+        raise ValueError(
+            f"[mpsgraph_attention] q, k, v and out must have one shape (..., T, D), got "
+            f"{q.shape}, {k.shape}, {v.shape} and {out.shape}"
+        )
+    *heads, t, d = q.shape
+    bh = int(np.prod(heads, dtype=np.int64)) if heads else 1
+    if bh == 0 or t == 0 or d == 0:
+        raise ValueError(f"[mpsgraph_attention] empty shape {q.shape}: every size must be > 0")
+    if max(bh, t, d) > _U32_MAX:
+        raise ValueError(f"[mpsgraph_attention] shape {q.shape} does not fit 32-bit sizes")
+    scale = float(scale)
+    if not np.isfinite(scale):
+        raise ValueError(f"[mpsgraph_attention] scale must be finite, got {scale}")
+    blocks = [x.buffer._live() for x in (q, k, v, out)]
+    handles = [b.handle for b in blocks]
+    cb = _native().camel_mpsgraph_attention(*handles, bh, t, d, scale, int(bool(causal)))
+    if not cb:
+        raise _fail(f"MPSGraph attention of shape {q.shape} (causal={bool(causal)})")
+    for block in blocks:
+        block.last_use = cb
+    if _profilers:  # recorded like a dispatch; its "grid" is (B*H, T, D)
+        _c_commit()
+        keys = t * t / 2 if causal else t * t  # score entries, roughly
+        for p in _profilers:
+            p._add(
+                "mpsgraph_attention",
+                (bh, t, d),
+                (0, 0, 0),
+                False,
+                cb,
+                4.0 * bh * keys * d,
+                4 * 4 * bh * t * d,
             )

@@ -153,6 +153,17 @@ int camel_command_buffer_time(uint64_t id, double *start, double *end);
 uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c,
                           uint32_t m, uint32_t n, uint32_t k);
 
+/* out = softmax(Q·Kᵀ·scale + mask)·V in FP32 through MPSGraph's fused
+ * scaled-dot-product attention (macOS 15+): the vendor attention the flash
+ * ladder is measured against. q, k, v and out are contiguous
+ * (batch_heads, t, d) float32 at offset 0; causal != 0 masks key j > query i.
+ * Runs in order with the dispatches around it (in its own command buffer,
+ * after the open one is committed). Older macOS and the simulator report
+ * that it is unavailable. Returns the command buffer id or 0. */
+uint64_t camel_mpsgraph_attention(camel_buffer *q, camel_buffer *k, camel_buffer *v,
+                                  camel_buffer *out, uint32_t batch_heads, uint32_t t,
+                                  uint32_t d, float scale, int32_t causal);
+
 /* Begin/end a programmatic GPU capture to a .gputrace file (Metal only). */
 int camel_capture_begin(const char *path);
 int camel_capture_end(void);

@@ -12,7 +12,8 @@
  *   dispatch              validate, then encode into ONE open command buffer
  *   commit and wait       lazily: on synchronize, or every 256 dispatches
  *   timing and errors     a completed handler records GPUStartTime/GPUEndTime
- *   extras                MPS matrix multiply (the GEMM reference), GPU capture
+ *   extras                MPS matrix multiply (the GEMM reference), MPSGraph
+ *                         attention (the attention reference), GPU capture
  *
  * Memory management: ARC. Opaque handles handed to C are ObjC objects retained
  * with __bridge_retained and given back to ARC with CFBridgingRelease. Every
@@ -30,7 +31,9 @@
 #import <Foundation/Foundation.h>
 #import <Metal/Metal.h>
 #import <MetalPerformanceShaders/MetalPerformanceShaders.h>
+#import <MetalPerformanceShadersGraph/MetalPerformanceShadersGraph.h>
 
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -562,16 +565,22 @@ int camel_pipeline_info_get(camel_pipeline *handle, camel_pipeline_info *out) {
  * (setThreadgroupMemoryLength:atIndex:). */
 static uint64_t round_up_16(uint64_t n) { return (n + 15) & ~(uint64_t)15; }
 
-/* Record what a finished command buffer tells us. Runs on a Metal thread. */
-static void command_buffer_done(id<MTLCommandBuffer> cb, uint64_t cb_id,
-                                NSArray<NSString *> *kernels) {
+/* Record what a finished command buffer tells us. Runs on a Metal thread.
+ * `earlier` is nil, or a command buffer that MPS committed by itself before
+ * `cb` for the same camel id (MPSCommandBuffer's commitAndContinue, see the
+ * MPSGraph section): the id's time then starts there and its errors count. */
+static void command_buffer_done(id<MTLCommandBuffer> cb, id<MTLCommandBuffer> earlier,
+                                uint64_t cb_id, NSArray<NSString *> *kernels) {
     pthread_mutex_lock(&g_done_lock);
     camel_timing *t = &g_timings[cb_id % CAMEL_TIMING_RING];
     t->cb_id = cb_id;
     t->start = cb.GPUStartTime;
+    if (earlier != nil && earlier.GPUStartTime > 0.0 && earlier.GPUStartTime < t->start)
+        t->start = earlier.GPUStartTime;
     t->end = cb.GPUEndTime;
-    if (cb.status == MTLCommandBufferStatusError || cb.error != nil) {
-        NSString *what = cb.error ? cb.error.localizedDescription : @"unknown error";
+    NSError *error = cb.error ? cb.error : earlier.error;
+    if (cb.status == MTLCommandBufferStatusError || error != nil) {
+        NSString *what = error ? error.localizedDescription : @"unknown error";
         [g_failures appendFormat:@"%@[metal] command buffer #%llu (kernels: %@) failed: %@",
                                  g_failures.length ? @"\n" : @"", (unsigned long long)cb_id,
                                  [kernels componentsJoinedByString:@", "], what];
@@ -632,7 +641,7 @@ static uint64_t commit_locked(void) {
     NSArray *keep_alive = g_open_keep_alive; /* captured by the block until completion */
     [cb addCompletedHandler:^(id<MTLCommandBuffer> done) {
         (void)keep_alive;
-        command_buffer_done(done, cb_id, kernels);
+        command_buffer_done(done, nil, cb_id, kernels);
     }];
     pthread_mutex_lock(&g_done_lock);
     g_committed_count += 1;
@@ -986,6 +995,215 @@ uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c, uin
         if (++g_open_dispatches >= CAMEL_MAX_DISPATCHES_PER_COMMAND_BUFFER) commit_locked();
         pthread_mutex_unlock(&g_lock);
         return cb_id;
+    }
+}
+
+/* ---- MPSGraph: the vendor attention the flash ladder is measured against ---------- */
+
+/* MPSGraph (a graph compiler over MPS) has a fused scaled-dot-product attention
+ * op from macOS 15 on: softmax(scale * Q·Kᵀ + M)·V for Q, K, V of shape
+ * [B, H, N, D] and an additive mask M that broadcasts to [B, H, Nq, Nkv].
+ * SDKs before macOS 15 do not declare it, so we declare it ourselves with
+ * the signature from Apple's documentation; newer SDKs declare it already. */
+#if __MAC_OS_X_VERSION_MAX_ALLOWED < 150000
+@interface MPSGraph (CamelAttention)
+- (MPSGraphTensor *)scaledDotProductAttentionWithQueryTensor:(MPSGraphTensor *)queryTensor
+                                                   keyTensor:(MPSGraphTensor *)keyTensor
+                                                 valueTensor:(MPSGraphTensor *)valueTensor
+                                                  maskTensor:(MPSGraphTensor *)maskTensor
+                                                       scale:(float)scale
+                                                        name:(NSString *)name
+    API_AVAILABLE(macos(15.0));
+@end
+#endif
+
+/* One built graph per (batch_heads, T, D, scale, causal): placeholders in,
+ * attention out. MPSGraph compiles a graph on its first run and caches the
+ * result inside it, so keeping the graph keeps the compiled kernels. */
+@interface CamelAttentionGraph : NSObject
+@property(nonatomic, strong) MPSGraph *graph;
+@property(nonatomic, strong) MPSGraphTensor *q, *k, *v, *result;
+@end
+@implementation CamelAttentionGraph
+@end
+
+#define CAMEL_MAX_ATTENTION_GRAPHS 64
+static NSMutableDictionary<NSString *, CamelAttentionGraph *> *g_attention_graphs = nil;
+
+/* The graph for one shape, built on first use. Caller holds g_lock. May
+ * raise an Objective-C exception if MPSGraph rejects the shapes. */
+static CamelAttentionGraph *attention_graph_locked(uint32_t bh, uint32_t t, uint32_t d,
+                                                   float scale, int causal)
+    API_AVAILABLE(macos(15.0)) {
+    uint32_t scale_bits;
+    memcpy(&scale_bits, &scale, sizeof(scale_bits)); /* the exact float in the key */
+    NSString *key = [NSString stringWithFormat:@"%u %u %u %08x %d", bh, t, d, scale_bits, causal];
+    if (g_attention_graphs == nil) g_attention_graphs = [NSMutableDictionary dictionary];
+    CamelAttentionGraph *cached = g_attention_graphs[key];
+    if (cached != nil) return cached;
+
+    MPSGraph *graph = [[MPSGraph alloc] init];
+    /* Shared buffers need no synchronising blit after the run. */
+    graph.options = MPSGraphOptionsNone;
+    /* (B·H, T, D) as [B = 1, H = B·H, T, D], the rank the op documents. */
+    MPSShape *shape = @[ @1, @(bh), @(t), @(d) ];
+    MPSGraphTensor *q = [graph placeholderWithShape:shape dataType:MPSDataTypeFloat32 name:@"q"];
+    MPSGraphTensor *k = [graph placeholderWithShape:shape dataType:MPSDataTypeFloat32 name:@"k"];
+    MPSGraphTensor *v = [graph placeholderWithShape:shape dataType:MPSDataTypeFloat32 name:@"v"];
+    MPSGraphTensor *mask = nil; /* nil: no mask */
+    if (causal) {
+        /* Additive mask, one [T, T] plane broadcast over the heads: 0 where
+         * key j <= query i (band part keeps the lower triangle), -inf above. */
+        MPSShape *plane = @[ @1, @1, @(t), @(t) ];
+        MPSGraphTensor *ones = [graph constantWithScalar:1.0 shape:plane dataType:MPSDataTypeBool];
+        MPSGraphTensor *keep = [graph bandPartWithTensor:ones numLower:-1 numUpper:0 name:@"causal"];
+        MPSGraphTensor *zero = [graph constantWithScalar:0.0 shape:plane
+                                                dataType:MPSDataTypeFloat32];
+        MPSGraphTensor *minus_inf = [graph constantWithScalar:-INFINITY shape:plane
+                                                     dataType:MPSDataTypeFloat32];
+        mask = [graph selectWithPredicateTensor:keep
+                            truePredicateTensor:zero
+                           falsePredicateTensor:minus_inf
+                                           name:@"mask"];
+    }
+    MPSGraphTensor *result = [graph scaledDotProductAttentionWithQueryTensor:q
+                                                                   keyTensor:k
+                                                                 valueTensor:v
+                                                                  maskTensor:mask
+                                                                       scale:scale
+                                                                        name:@"sdpa"];
+    CamelAttentionGraph *entry = [[CamelAttentionGraph alloc] init];
+    entry.graph = graph;
+    entry.q = q;
+    entry.k = k;
+    entry.v = v;
+    entry.result = result;
+    /* A benchmark sweeps a few dozen shapes; past that, start over. */
+    if (g_attention_graphs.count >= CAMEL_MAX_ATTENTION_GRAPHS) [g_attention_graphs removeAllObjects];
+    g_attention_graphs[key] = entry;
+    return entry;
+}
+
+/* Validate, build (or find) the graph and encode it. */
+static uint64_t mpsgraph_attention(camel_buffer *q, camel_buffer *k, camel_buffer *v,
+                                   camel_buffer *out, uint32_t bh, uint32_t t, uint32_t d,
+                                   float scale, int causal) API_AVAILABLE(macos(15.0)) {
+    pthread_mutex_lock(&g_lock);
+    camel_buffer *handles[4] = {q, k, v, out};
+    const char *names[4] = {"q", "k", "v", "out"};
+    uint64_t need = (uint64_t)bh * t * d * 4;
+    for (int i = 0; i < 4; i++) {
+        if (!is_live(g_live_buffers, handles[i])) {
+            pthread_mutex_unlock(&g_lock);
+            set_error("[mpsgraph] %s is %p, not a live buffer", names[i], (void *)handles[i]);
+            return 0;
+        }
+        NSUInteger have = ((__bridge id<MTLBuffer>)handles[i]).length;
+        if (have < need) {
+            pthread_mutex_unlock(&g_lock);
+            set_error("[mpsgraph] %s of shape (%u, %u, %u) float32 needs %llu bytes, its buffer "
+                      "has %llu", names[i], bh, t, d, (unsigned long long)need,
+                      (unsigned long long)have);
+            return 0;
+        }
+    }
+    CamelAttentionGraph *g = nil;
+    @try {
+        g = attention_graph_locked(bh, t, d, scale, causal);
+    } @catch (NSException *e) {
+        pthread_mutex_unlock(&g_lock);
+        set_error("[mpsgraph] building attention for (%u, %u, %u) causal=%d failed: %s: %s", bh,
+                  t, d, causal, e.name.UTF8String, e.reason ? e.reason.UTF8String : "");
+        return 0;
+    }
+
+    /* MPSGraph encodes through an MPSCommandBuffer, which may commit the
+     * command buffer it wraps and carry on in a fresh one (commitAndContinue).
+     * So it never gets our open command buffer: we send that off first, and
+     * give MPSGraph a command buffer of its own on the same queue. The queue
+     * runs command buffers in commit order, so the attention still sees every
+     * dispatch before it and the dispatches after it see its result. */
+    commit_locked();
+    id<MTLCommandBuffer> first = [g_queue commandBuffer];
+    if (first == nil) {
+        pthread_mutex_unlock(&g_lock);
+        set_error("[mpsgraph] -[MTLCommandQueue commandBuffer] returned nil");
+        return 0;
+    }
+    MPSCommandBuffer *mcb = [MPSCommandBuffer commandBufferWithCommandBuffer:first];
+    /* Zero-copy views of our buffers as [1, B·H, T, D] float32 tensors. */
+    MPSShape *shape = @[ @1, @(bh), @(t), @(d) ];
+    MPSGraphTensorData *data[4];
+    for (int i = 0; i < 4; i++)
+        data[i] = [[MPSGraphTensorData alloc] initWithMTLBuffer:(__bridge id<MTLBuffer>)handles[i]
+                                                          shape:shape
+                                                       dataType:MPSDataTypeFloat32];
+    MPSGraphTensorDataDictionary *feeds = @{g.q : data[0], g.k : data[1], g.v : data[2]};
+    MPSGraphTensorDataDictionary *results = @{g.result : data[3]}; /* written in place */
+    @try {
+        [g.graph encodeToCommandBuffer:mcb
+                                 feeds:feeds
+                      targetOperations:nil
+                     resultsDictionary:results
+                   executionDescriptor:nil];
+    } @catch (NSException *e) {
+        pthread_mutex_unlock(&g_lock);
+        set_error("[mpsgraph] encoding attention for (%u, %u, %u) causal=%d failed: %s: %s", bh,
+                  t, d, causal, e.name.UTF8String, e.reason ? e.reason.UTF8String : "");
+        return 0;
+    }
+
+    /* The command buffer MPS left open: ours to finish, like commit_locked. */
+    id<MTLCommandBuffer> last = mcb.rootCommandBuffer;
+    id<MTLCommandBuffer> earlier = (last == first) ? nil : first; /* committed by MPS */
+    uint64_t cb_id = g_next_id++;
+    last.label = [NSString stringWithFormat:@"camel #%llu (MPSGraph attention)",
+                                            (unsigned long long)cb_id];
+    NSArray<NSString *> *kernels = @[ @"MPSGraph scaledDotProductAttention" ];
+    NSArray *keep_alive = @[ g, feeds, results ];
+    [last addCompletedHandler:^(id<MTLCommandBuffer> done) {
+        (void)keep_alive;
+        command_buffer_done(done, earlier, cb_id, kernels);
+    }];
+    pthread_mutex_lock(&g_done_lock);
+    g_committed_count += 1;
+    pthread_mutex_unlock(&g_done_lock);
+    [mcb commit];
+    g_last_committed = last;
+    pthread_mutex_unlock(&g_lock);
+    return cb_id;
+}
+
+uint64_t camel_mpsgraph_attention(camel_buffer *q, camel_buffer *k, camel_buffer *v,
+                                  camel_buffer *out, uint32_t batch_heads, uint32_t t,
+                                  uint32_t d, float scale, int32_t causal) {
+    @autoreleasepool {
+        clear_error();
+        if (need_device()) return 0;
+        if (batch_heads == 0 || t == 0 || d == 0) {
+            set_error("[mpsgraph] attention sizes must be positive, got batch_heads=%u T=%u D=%u",
+                      batch_heads, t, d);
+            return 0;
+        }
+        if (!isfinite(scale)) {
+            set_error("[mpsgraph] attention scale must be finite, got %g", (double)scale);
+            return 0;
+        }
+        if (!MPSSupportsMTLDevice(g_device)) {
+            set_error("[mpsgraph] MetalPerformanceShaders does not support %s",
+                      g_device.name.UTF8String);
+            return 0;
+        }
+        /* Both checks: the OS version, and that this MPSGraph really has it. */
+        SEL sdpa = @selector(scaledDotProductAttentionWithQueryTensor:keyTensor:valueTensor:
+                             maskTensor:scale:name:);
+        if (@available(macOS 15.0, *)) {
+            if ([MPSGraph instancesRespondToSelector:sdpa])
+                return mpsgraph_attention(q, k, v, out, batch_heads, t, d, scale, causal != 0);
+        }
+        set_error("[mpsgraph] MPSGraph scaled-dot-product attention needs macOS 15; this is %s",
+                  NSProcessInfo.processInfo.operatingSystemVersionString.UTF8String);
+        return 0;
     }
 }
 

@@ -5,10 +5,16 @@
 2. For T in --seqs (512 ... 8192 on a GPU), D in --dims (64, 128), causal and not: time
    the naive camel attention (Stage 5A: Q·Kᵀ, softmax, P·V with a (T, T) matrix) and each
    rung after warm-up, synchronised, and print
-       rung | T | D | causal | ms | TFLOP/s | alloc MiB | % of naive
-   where % of naive = naive ms / rung ms (over 100%: faster than naive) and alloc MiB is
-   the GPU memory one call allocates at its peak beyond the inputs (outputs, temporaries:
-   the naive path's (T, T) scores and probabilities show up here).
+       rung | T | D | causal | ms | TFLOP/s | alloc MiB | % of <reference>
+   where % of reference = reference ms / rung ms (over 100%: faster than the reference) and
+   alloc MiB is the GPU memory one call allocates at its peak beyond the inputs (outputs,
+   temporaries: the naive path's (T, T) scores and probabilities show up here).
+
+The reference ("kernel 0"): on a Mac with macOS 15+, MPSGraph's fused scaled-dot-product
+attention (camel.metal.mpsgraph_attention), validated like a rung first; its alloc counts
+only the output, as MPSGraph keeps its temporaries in its own heap. Where it is absent (older
+macOS, a failed validation, the simulator) the bench says why and naive camel attention is
+the reference.
 
 FLOPs count 4·T·T·D per (batch, head) (two matmuls), halved when causal, for every path.
 On the simulator (Linux) the times are CPU times of the simulator, NOT GPU timings; the
@@ -54,6 +60,60 @@ def validate(rungs, log=print) -> list[str]:
     return passed
 
 
+def validate_mpsgraph(log=print) -> str | None:
+    """Check MPSGraph attention against NumPy like a rung. None if it can be the reference,
+    else the reason it cannot (the simulator, macOS before 15, a wrong result)."""
+    from camel import flash, metal
+
+    if metal.is_simulator():
+        return "MPSGraph needs Metal on macOS 15+; this is the simulator"
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for t in (1, 17, 130):
+        for d in flash.HEAD_DIMS:
+            for causal in (False, True):
+                q, k, v = (rng.standard_normal((1, 2, t, d), dtype=np.float32) for _ in "qkv")
+                want = flash.reference_numpy(q, k, v, causal)[0]
+                dq, dk, dv = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
+                out = metal.DeviceArray.empty(q.shape, np.float32)
+                try:
+                    metal.mpsgraph_attention(dq, dk, dv, out, 1.0 / np.sqrt(d), causal)
+                except metal.MetalError as e:
+                    return str(e)
+                err = np.abs(out.numpy() - want).max() / max(1.0, np.abs(want).max())
+                worst = max(worst, float(err))
+    ok = worst < 1e-3  # a vendor kernel may round differently; still far below any bug
+    log(f"  validate {'mpsgraph':<16} {'ok  ' if ok else 'FAIL'} (max error {worst:.1e})")
+    return None if ok else f"MPSGraph attention FAILED validation (max error {worst:.1e})"
+
+
+def _mpsgraph(q, k, v, causal):
+    """MPSGraph's fused attention on DeviceArrays (B, H, T, D); a new output per call."""
+    from camel import metal
+
+    out = metal.DeviceArray.empty(q.shape, np.float32)
+    metal.mpsgraph_attention(q, k, v, out, 1.0 / np.sqrt(q.shape[-1]), causal)
+    return out
+
+
+def _time_mpsgraph(run, reps: int) -> float:
+    """ms per MPSGraph call. Each call runs in a command buffer of its own (MPSGraph encodes
+    into its own), so this is the mean GPU time of those command buffers (camel.profile);
+    wall time per call where the shim has no timestamps."""
+    import camel
+    from camel import metal
+
+    run()  # warm-up: builds and compiles the graph for this shape
+    metal.synchronize()
+    start = time.perf_counter()
+    with camel.profile() as prof:
+        for _ in range(reps):
+            run()
+    wall_ms = 1000.0 * (time.perf_counter() - start) / reps
+    times = [e.ms for e in prof.events if e.name == "mpsgraph_attention" and e.ms]
+    return sum(times) / len(times) if len(times) == reps else wall_ms
+
+
 def _naive(q, k, v, causal):
     """The Stage 5A path (CAMEL_ATTENTION=naive) on "mps" Tensors."""
     import camel.functional as F
@@ -69,8 +129,9 @@ def _naive(q, k, v, causal):
             os.environ["CAMEL_ATTENTION"] = old
 
 
-def _time_and_peak(run, reps: int) -> tuple[float, int]:
-    """(ms per call, bytes one call allocates at its peak: outputs and temporaries)."""
+def _time_and_peak(run, reps: int, timer=None) -> tuple[float, int]:
+    """(ms per call, bytes one call allocates at its peak: outputs and temporaries).
+    timer(run, reps) -> ms; default autotune.time_ms (all reps in one command buffer)."""
     from camel import autotune, metal
 
     metal.synchronize()
@@ -81,11 +142,14 @@ def _time_and_peak(run, reps: int) -> tuple[float, int]:
     metal.synchronize()
     peak = metal.memory_stats()["peak_bytes"] - base
     del out
+    if timer is not None:
+        return timer(run, reps), peak
     return autotune.time_ms(run, reps, warmup=1), peak
 
 
-def run(rungs, seqs, dims, reps, log=print) -> list[tuple]:
-    """Rows (rung, T, D, causal, ms, tflops, peak_bytes, pct_of_naive)."""
+def run(rungs, seqs, dims, reps, log=print, reference="naive") -> list[tuple]:
+    """Rows (rung, T, D, causal, ms, tflops, peak_bytes, pct_of_reference); reference is
+    "naive" or "mpsgraph" (then an "mpsgraph" row comes first in each case)."""
     import camel
     from camel import flash, metal
 
@@ -100,22 +164,29 @@ def run(rungs, seqs, dims, reps, log=print) -> list[tuple]:
                 flops = 4.0 * t * t * d / (2 if causal else 1)
 
                 start = time.perf_counter()
+                ref_ms = None
+                if reference == "mpsgraph":
+                    call = partial(_mpsgraph, qd, kd, vd, causal)
+                    ref_ms, ms_peak = _time_and_peak(call, reps, timer=_time_mpsgraph)
+                    rows.append(("mpsgraph", t, d, causal, ref_ms, flops / ref_ms / 1e9,
+                                 ms_peak, 100.0))  # fmt: skip
                 naive_ms, naive_peak = _time_and_peak(partial(_naive, qt, kt, vt, causal), reps)
+                ref_ms = ref_ms or naive_ms
                 rows.append(("naive", t, d, causal, naive_ms, flops / naive_ms / 1e9,
-                             naive_peak, 100.0))  # fmt: skip
+                             naive_peak, 100.0 * ref_ms / naive_ms))  # fmt: skip
                 for name in rungs:
                     if name == "flash_v6":
                         name = flash.get_rung("flash", d, t, causal).name  # the tuned shape
                     call = partial(flash.forward, qd, kd, vd, causal, rung=name)
                     ms, peak = _time_and_peak(call, reps)
                     rows.append((name, t, d, causal, ms, flops / ms / 1e9, peak,
-                                 100.0 * naive_ms / ms))  # fmt: skip
+                                 100.0 * ref_ms / ms))  # fmt: skip
                 log(f"  T={t} D={d} {'causal' if causal else 'full'}: "
                     f"{time.perf_counter() - start:.1f} s")  # fmt: skip
     return rows
 
 
-def table(rows, simulator: bool, device: str) -> str:
+def table(rows, simulator: bool, device: str, reference: str = "naive") -> str:
     where = (
         f"{device}: simulator CPU time on this machine, NOT GPU timings"
         if simulator
@@ -124,7 +195,7 @@ def table(rows, simulator: bool, device: str) -> str:
     label = "sim TFLOP/s" if simulator else "TFLOP/s"
     lines = [f"Measured on {where}. Batch 1, 1 head; alloc = GPU memory one call allocates "
              "at its peak (outputs and temporaries).",
-             "", f"| rung | T | D | causal | ms | {label} | alloc MiB | % of naive |",
+             "", f"| rung | T | D | causal | ms | {label} | alloc MiB | % of {reference} |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
     for name, t, d, causal, ms, tflops, peak, pct in rows:
         lines.append(f"| {name} | {t} | {d} | {'yes' if causal else 'no'} | {ms:.2f} | "
@@ -163,14 +234,20 @@ def main(argv=None) -> int:
         print("[bench] SIMULATOR: kernels run on the CPU; times below are NOT GPU timings")
     print("[bench] validating against NumPy")
     passed = validate(rungs)
+    absent = validate_mpsgraph()
+    reference = "naive" if absent else "mpsgraph"
+    if absent:
+        print(f"[bench] no MPSGraph row: {absent}; the reference is naive camel attention")
+    else:
+        print("[bench] reference: MPSGraph scaled-dot-product attention (macOS 15+)")
     if args.tune:
         for d in dims:
             for t in seqs:
                 for causal in (False, True):
                     flash.tune(1, 1, t, d, causal)
-    rows = run(passed, seqs, dims, reps)
+    rows = run(passed, seqs, dims, reps, reference=reference)
     print()
-    print(table(rows, sim, device))
+    print(table(rows, sim, device, reference))
     if len(passed) < len(rungs):
         print(f"[bench] FAILED validation: {', '.join(r for r in rungs if r not in passed)}")
         return 1

@@ -568,6 +568,14 @@ CAMEL_EXPORT uint64_t camel_mps_matmul(camel_buffer *, camel_buffer *, camel_buf
     return 0;
 }
 
+CAMEL_EXPORT uint64_t camel_mpsgraph_attention(camel_buffer *, camel_buffer *, camel_buffer *,
+                                               camel_buffer *, uint32_t, uint32_t, uint32_t,
+                                               float, int32_t) {
+    set_error("[sim] MPSGraph attention is not available on the simulator (it needs Metal on "
+              "macOS 15+)");
+    return 0;
+}
+
 CAMEL_EXPORT int camel_capture_begin(const char *) {
     set_error("[sim] GPU capture needs Metal (macOS)");
     return 1;
