@@ -32,6 +32,7 @@
 #import <Metal/Metal.h>
 #import <MetalPerformanceShaders/MetalPerformanceShaders.h>
 #import <MetalPerformanceShadersGraph/MetalPerformanceShadersGraph.h>
+#import <objc/message.h>
 
 #include <math.h>
 #include <pthread.h>
@@ -1001,21 +1002,22 @@ uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c, uin
 /* ---- MPSGraph: the vendor attention the flash ladder is measured against ---------- */
 
 /* MPSGraph (a graph compiler over MPS) has a fused scaled-dot-product attention
- * op from macOS 15 on: softmax(scale * Q·Kᵀ + M)·V for Q, K, V of shape
- * [B, H, N, D] and an additive mask M that broadcasts to [B, H, Nq, Nkv].
- * SDKs before macOS 15 do not declare it, so we declare it ourselves with
- * the signature from Apple's documentation; newer SDKs declare it already. */
-#if __MAC_OS_X_VERSION_MAX_ALLOWED < 150000
-@interface MPSGraph (CamelAttention)
-- (MPSGraphTensor *)scaledDotProductAttentionWithQueryTensor:(MPSGraphTensor *)queryTensor
-                                                   keyTensor:(MPSGraphTensor *)keyTensor
-                                                 valueTensor:(MPSGraphTensor *)valueTensor
-                                                  maskTensor:(MPSGraphTensor *)maskTensor
-                                                       scale:(float)scale
-                                                        name:(NSString *)name
-    API_AVAILABLE(macos(15.0));
-@end
-#endif
+ * op from macOS 15 on:
+ *   -[MPSGraph scaledDotProductAttentionWithQueryTensor:keyTensor:valueTensor:
+ *              maskTensor:scale:name:]
+ * computing softmax(scale * Q·Kᵀ + M)·V for Q, K, V of shape [B, H, N, D] and an
+ * additive mask M that broadcasts to [B, H, Nq, Nkv]. camel builds against the
+ * macOS 13 SDK, which does not declare it, so we look the method up at run time
+ * (instancesRespondToSelector:) and call it through objc_msgSend cast to its exact
+ * signature. (`@available` would need compiler-rt's __isPlatformVersionAtLeast,
+ * and a declaration of our own would clash with newer SDKs' availability marks.) */
+static SEL sdpa_selector(void) {
+    return @selector(scaledDotProductAttentionWithQueryTensor:keyTensor:valueTensor:
+                     maskTensor:scale:name:);
+}
+typedef MPSGraphTensor *(*SdpaMethod)(id graph, SEL cmd, MPSGraphTensor *query,
+                                      MPSGraphTensor *key, MPSGraphTensor *value,
+                                      MPSGraphTensor *mask, float scale, NSString *name);
 
 /* One built graph per (batch_heads, T, D, scale, causal): placeholders in,
  * attention out. MPSGraph compiles a graph on its first run and caches the
@@ -1033,8 +1035,7 @@ static NSMutableDictionary<NSString *, CamelAttentionGraph *> *g_attention_graph
 /* The graph for one shape, built on first use. Caller holds g_lock. May
  * raise an Objective-C exception if MPSGraph rejects the shapes. */
 static CamelAttentionGraph *attention_graph_locked(uint32_t bh, uint32_t t, uint32_t d,
-                                                   float scale, int causal)
-    API_AVAILABLE(macos(15.0)) {
+                                                   float scale, int causal) {
     uint32_t scale_bits;
     memcpy(&scale_bits, &scale, sizeof(scale_bits)); /* the exact float in the key */
     NSString *key = [NSString stringWithFormat:@"%u %u %u %08x %d", bh, t, d, scale_bits, causal];
@@ -1066,12 +1067,8 @@ static CamelAttentionGraph *attention_graph_locked(uint32_t bh, uint32_t t, uint
                            falsePredicateTensor:minus_inf
                                            name:@"mask"];
     }
-    MPSGraphTensor *result = [graph scaledDotProductAttentionWithQueryTensor:q
-                                                                   keyTensor:k
-                                                                 valueTensor:v
-                                                                  maskTensor:mask
-                                                                       scale:scale
-                                                                        name:@"sdpa"];
+    SdpaMethod sdpa = (SdpaMethod)objc_msgSend;
+    MPSGraphTensor *result = sdpa(graph, sdpa_selector(), q, k, v, mask, scale, @"sdpa");
     CamelAttentionGraph *entry = [[CamelAttentionGraph alloc] init];
     entry.graph = graph;
     entry.q = q;
@@ -1087,7 +1084,7 @@ static CamelAttentionGraph *attention_graph_locked(uint32_t bh, uint32_t t, uint
 /* Validate, build (or find) the graph and encode it. */
 static uint64_t mpsgraph_attention(camel_buffer *q, camel_buffer *k, camel_buffer *v,
                                    camel_buffer *out, uint32_t bh, uint32_t t, uint32_t d,
-                                   float scale, int causal) API_AVAILABLE(macos(15.0)) {
+                                   float scale, int causal) {
     pthread_mutex_lock(&g_lock);
     camel_buffer *handles[4] = {q, k, v, out};
     const char *names[4] = {"q", "k", "v", "out"};
@@ -1194,13 +1191,11 @@ uint64_t camel_mpsgraph_attention(camel_buffer *q, camel_buffer *k, camel_buffer
                       g_device.name.UTF8String);
             return 0;
         }
-        /* Both checks: the OS version, and that this MPSGraph really has it. */
-        SEL sdpa = @selector(scaledDotProductAttentionWithQueryTensor:keyTensor:valueTensor:
-                             maskTensor:scale:name:);
-        if (@available(macOS 15.0, *)) {
-            if ([MPSGraph instancesRespondToSelector:sdpa])
-                return mpsgraph_attention(q, k, v, out, batch_heads, t, d, scale, causal != 0);
-        }
+        /* Both checks: the OS version, and that this MPSGraph really has the method. */
+        NSOperatingSystemVersion macos15 = {15, 0, 0};
+        if ([NSProcessInfo.processInfo isOperatingSystemAtLeastVersion:macos15] &&
+            [MPSGraph instancesRespondToSelector:sdpa_selector()])
+            return mpsgraph_attention(q, k, v, out, batch_heads, t, d, scale, causal != 0);
         set_error("[mpsgraph] MPSGraph scaled-dot-product attention needs macOS 15; this is %s",
                   NSProcessInfo.processInfo.operatingSystemVersionString.UTF8String);
         return 0;
