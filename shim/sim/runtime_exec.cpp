@@ -55,7 +55,7 @@ const char *order_name(Order order) {
 
 enum LaneState : uint8_t {
     kReady,        // may run
-    kAtBarrier,    // waits in threadgroup_barrier
+    kAtBarrier,    // waits in threadgroup_barrier (until Group::ready_states lets it run)
     kAtSimdBarrier,// waits in simdgroup_barrier
     kAtCollective, // waits in a SIMD-group collective
     kDone,         // returned from the kernel
@@ -100,8 +100,10 @@ struct Group {
     uint32_t arena_top;     // first free byte
     std::vector<StaticVar> statics;
     std::vector<void *> tg; // [[threadgroup(i)]] addresses
-    std::vector<uint32_t> order;  // the order lanes run in this phase
-    uint32_t order_pos;
+    std::vector<uint32_t> order;  // the order threads run in (thread indices)
+    std::vector<Lane *> run;      // fibers: the same order as lanes
+    uint32_t run_pos;             // next entry of `run` this phase looks at
+    uint32_t ready_states;        // bit s set: a lane in state s may run this phase
     uint64_t rng;
     void *sched_sp;         // the worker's own stack while fibers run
     uint32_t n_done;        // threads that have returned
@@ -266,21 +268,34 @@ static inline void set_position(const Group &g, camel_sim_thread &t, uint32_t i)
 
 // ---- fibers: blocking and phases ------------------------------------------------
 
-// The next lane of this phase that is ready to run, or null.
-static Lane *next_ready(Group &g) {
-    while (g.order_pos < g.order.size()) {
-        Lane *l = &g.lanes[g.order[g.order_pos++]];
-        if (l->state == kReady) return l;
+// The next lane of this phase that may run, or null. Each lane is looked at
+// once per phase: one that blocks again waits for the next phase.
+static inline Lane *next_ready(Group &g) {
+    while (g.run_pos < g.nthreads) {
+        Lane *l = g.run[g.run_pos++];
+        if ((g.ready_states >> l->state) & 1) return l;
     }
     return nullptr;
 }
 
+// Cache lines of a switched-out fiber's stack that its next run touches first:
+// the registers camel_fiber_switch saved, then the kernel's own frame.
+constexpr int kHotStackLines = 4;
+
 // The current fiber stops; the next ready one runs. When none is left the
 // worker's scheduler (run_fibers) continues and ends the phase. Going
 // straight from fiber to fiber costs one switch per block instead of two.
+//
+// With 256 threads per group, the fibers' stacks do not fit in the L1 cache,
+// so every switch would wait for its stack to come from L2. Instead we ask for
+// the stack of the fiber *after* `next` now: it arrives while `next` runs.
 static inline void block(Group &g, Lane *self) {
     Lane *next = g.failed ? nullptr : next_ready(g);
     g.current = next;
+    if (g.run_pos < g.nthreads) {
+        const char *sp = (const char *)g.run[g.run_pos]->sp;
+        for (int i = 0; i < kHotStackLines; i++) __builtin_prefetch(sp + 64 * i);
+    }
     camel_fiber_switch(&self->sp, next ? next->sp : g.sched_sp);
 }
 
@@ -366,9 +381,14 @@ static bool resolve_simd(Group &g) {
 // End of a phase, step 2: nothing but threadgroup barriers is left. Release
 // it when every thread of the group waits at the same one; otherwise the
 // kernel is wrong (on a GPU it would hang or read stale memory).
+//
+// Releasing does not touch the lanes (256 cache lines): the next phase simply
+// lets lanes waiting at a threadgroup barrier run (ready_states). A lane that
+// reaches the next barrier during that phase is not looked at again before
+// the phase ends, so it waits there, as it should.
 static bool release_barrier(Group &g) {
     if (g.n_done == 0 && !g.barrier_mixed) {  // the usual case: everybody is here
-        for (uint32_t i = 0; i < g.nthreads; i++) g.lanes[i].state = kReady;
+        g.ready_states = 1u << kReady | 1u << kAtBarrier;
         g.n_barrier = 0;
         return true;
     }
@@ -409,6 +429,13 @@ static bool release_barrier(Group &g) {
     return false;
 }
 
+// g.run: the lanes in the order CAMEL_SIM_ORDER asks for.
+static void make_run_order(Group &g) {
+    make_order(g);
+    g.run.resize(g.nthreads);
+    for (uint32_t i = 0; i < g.nthreads; i++) g.run[i] = &g.lanes[g.order[i]];
+}
+
 static bool run_fibers(Group &g) {
     Worker *w = g.w;
     if (!ensure_stacks(w, g.nthreads)) {
@@ -437,11 +464,12 @@ static bool run_fibers(Group &g) {
             }
     g.n_done = g.n_simd = g.n_barrier = 0;
     g.barrier_mixed = false;
-    make_order(g);
+    g.ready_states = 1u << kReady;
+    make_run_order(g);
     for (;;) {
         // A phase: run every ready fiber until it blocks or returns.
-        if (g.d->order == kRandom) make_order(g);  // a new shuffle every phase
-        g.order_pos = 0;
+        if (g.d->order == kRandom) make_run_order(g);  // a new shuffle every phase
+        g.run_pos = 0;
         Lane *first = next_ready(g);
         if (first) {
             g.current = first;
@@ -453,7 +481,10 @@ static bool run_fibers(Group &g) {
         }
         if (g.n_done == g.nthreads) return true;
         if (g.n_simd > 0) {
-            if (resolve_simd(g)) continue;
+            if (resolve_simd(g)) {
+                g.ready_states = 1u << kReady;  // threadgroup barriers stay closed
+                continue;
+            }
         }
         // Everyone left waits at a threadgroup barrier.
         if (g.failed || !release_barrier(g)) {
