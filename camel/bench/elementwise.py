@@ -16,9 +16,9 @@ float4 copy (``copy_uint4``) is the reference bandwidth: a kernel that only move
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
+
+from camel.bench.bandwidth import parse_args, start
 
 VALIDATE_SIZES = [1, 3, 31, 33, 1000, 4097]
 GPU_SIZES = [1 << 16, 1 << 20, 1 << 24]
@@ -87,30 +87,14 @@ def time_all(sizes, reps, log=print) -> list[tuple]:
 
 
 def main(argv=None) -> int:
-    from camel import metal
+    def flags(parser):
+        parser.add_argument("--sizes", type=int, nargs="+", help="element counts to time")
 
-    parser = argparse.ArgumentParser(
-        prog="python -m camel.bench elementwise",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--sizes", type=int, nargs="+", help="element counts to time")
-    parser.add_argument("--reps", type=int, default=50, help="dispatches per timing")
-    parser.add_argument("--time", action="store_true", help="time on the simulator too")
-    args = parser.parse_args(argv)
-
-    sim = metal.is_simulator()
-    print(f"device: {metal.device_name()}" + (" (the Metal simulator on the CPU)" if sim else ""))
-    if not validate():
-        return 1
-    if sim and not args.time:
-        print("simulator: validation only. Its times are CPU times, not GPU timings;")
-        print("run this on a Mac for GB/s (or pass --time for simulator CPU times).")
-        return 0
-    sizes = args.sizes or (SIM_SIZES if sim else GPU_SIZES)
-    unit = "sim GB/s" if sim else "GB/s"
-    if sim:
-        print("simulator CPU times: NOT GPU timings, only for comparing versions here")
+    args = parse_args("python -m camel.bench elementwise", __doc__, 50, argv, add=flags)
+    code, unit = start(args, validate)
+    if code is not None:
+        return code
+    sizes = args.sizes or (SIM_SIZES if unit.startswith("sim") else GPU_SIZES)
     print(f"\n| kernel | n | ms | {unit} | % of copy |\n|---|---:|---:|---:|---:|")
     for name, n, ms, gbs, pct in time_all(sizes, args.reps):
         print(f"| {name} | {n} | {ms:.4f} | {gbs:.1f} | {pct:.0f}% |")

@@ -14,9 +14,9 @@ softmax backward (two sweeps), and the cross-entropy backward (one thread per el
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
+
+from camel.bench.bandwidth import copy_gbs, parse_args, start
 
 GPU_SHAPES = [(4096, 1024), (1024, 16384), (65536, 10)]
 SIM_SHAPES = [(256, 1000), (16, 10000)]
@@ -50,21 +50,6 @@ def cases(shape, rng, extreme=False):
     ]  # fmt: skip
 
 
-def copy_gbs(n: int, reps: int) -> float:
-    """GB/s of copy_uint4 (Stage 1's float4 copy) over n floats: this device's measured
-    copy bandwidth at this size, the ceiling for a kernel that reads its input once."""
-    from camel import metal
-    from camel.autotune import time_ms
-
-    src = metal.DeviceArray.from_numpy(np.zeros(n, np.float32))
-    dst = metal.DeviceArray.empty((n,), np.float32)
-    fn = metal.kernel("ops_elementwise.metal", "copy_uint4")
-    threads = (n + 3) // 4
-    tpg = min(256, threads)
-    ms = time_ms(lambda: fn(src, dst, n, threads=threads, threads_per_threadgroup=tpg), reps)
-    return 2 * n * 4 / ms / 1e6
-
-
 def validate(log=print) -> bool:
     rng = np.random.default_rng(0)
     ok = True
@@ -88,32 +73,15 @@ def validate(log=print) -> bool:
 
 
 def main(argv=None) -> int:
-    from camel import metal
     from camel.autotune import time_ms
 
-    parser = argparse.ArgumentParser(
-        prog="python -m camel.bench softmax",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--reps", type=int, default=20, help="calls per timing")
-    parser.add_argument("--time", action="store_true", help="time on the simulator too")
-    args = parser.parse_args(argv)
-
-    sim = metal.is_simulator()
-    print(f"device: {metal.device_name()}" + (" (the Metal simulator on the CPU)" if sim else ""))
-    if not validate():
-        return 1
-    if sim and not args.time:
-        print("simulator: validation only. Its times are CPU times, not GPU timings;")
-        print("run this on a Mac for GB/s (or pass --time for simulator CPU times).")
-        return 0
-    unit = "sim GB/s" if sim else "GB/s"
-    if sim:
-        print("simulator CPU times: NOT GPU timings, only for comparing kernels here")
+    args = parse_args("python -m camel.bench softmax", __doc__, reps=20, argv=argv)
+    code, unit = start(args, validate)
+    if code is not None:
+        return code
     print(f"\n| op | (N, C) | ms | {unit} | % of copy |\n|---|---|---:|---:|---:|")
     rng = np.random.default_rng(1)
-    for shape in SIM_SHAPES if sim else GPU_SHAPES:
+    for shape in SIM_SHAPES if unit.startswith("sim") else GPU_SHAPES:
         copy = copy_gbs(shape[0] * shape[1], args.reps)
         for label, run, _want, nbytes in cases(shape, rng):
             ms = time_ms(run, args.reps)

@@ -1,0 +1,53 @@
+"""What the memory-bound benchmarks (elementwise, reduce, softmax) share: the command
+line, the validate-first start, and copy_uint4's bandwidth as the yardstick."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def parse_args(prog: str, doc: str, reps: int, argv=None, add=None) -> argparse.Namespace:
+    """--reps and --time for every benchmark; `add(parser)` adds a benchmark's own flags."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reps", type=int, default=reps, help="calls per timing")
+    parser.add_argument("--time", action="store_true", help="time on the simulator too")
+    if add is not None:
+        add(parser)
+    return parser.parse_args(argv)
+
+
+def start(args, validate) -> tuple[int | None, str]:
+    """Name the device, validate, and decide whether to time.
+    Returns (exit code, None) to stop here, or (None, unit) with the GB/s column's name."""
+    from camel import metal
+
+    sim = metal.is_simulator()
+    print(f"device: {metal.device_name()}" + (" (the Metal simulator on the CPU)" if sim else ""))
+    if not validate():
+        return 1, ""
+    if sim and not args.time:
+        print("simulator: validation only. Its times are CPU times, not GPU timings;")
+        print("run this on a Mac for GB/s (or pass --time for simulator CPU times).")
+        return 0, ""
+    if sim:
+        print("simulator CPU times: NOT GPU timings, only for comparing kernels here")
+    return None, "sim GB/s" if sim else "GB/s"
+
+
+def copy_gbs(n: int, reps: int) -> float:
+    """GB/s of copy_uint4 (Stage 1's float4 copy) over n floats: this device's measured
+    copy bandwidth at this size, the ceiling for a kernel that reads its input once."""
+    from camel import metal
+    from camel.autotune import time_ms
+
+    src = metal.DeviceArray.from_numpy(np.zeros(n, np.float32))
+    dst = metal.DeviceArray.empty((n,), np.float32)
+    fn = metal.kernel("ops_elementwise.metal", "copy_uint4")
+    threads = (n + 3) // 4
+    tpg = min(256, threads)
+    ms = time_ms(lambda: fn(src, dst, n, threads=threads, threads_per_threadgroup=tpg), reps)
+    return 2 * n * 4 / ms / 1e6
