@@ -86,13 +86,6 @@ def _reduced_shape(shape, axis, keepdims):
     return shape[:axis] + shape[axis + 1 :]
 
 
-def _not_yet(op, stage):
-    raise NotImplementedError(
-        f"[mps] {op} has no Metal kernel yet: it arrives with {stage}. "
-        "Meanwhile run this op on 'cpu' (tensor.to('cpu'))."
-    )
-
-
 # ---------------------------------------------------------------------------
 # transfer and creation
 # ---------------------------------------------------------------------------

@@ -56,21 +56,24 @@ def rng():
     return np.random.default_rng(1234)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """An op whose Metal kernel belongs to a later stage raises NotImplementedError
-    ("[mps] gelu has no Metal kernel yet: it arrives with Stage 4 ..."). On "mps"
-    that is reported as a skip with that message (pytest -rs lists them), not as
-    a failure; every other error still fails the test."""
-    outcome = yield
-    report = outcome.get_result()
-    excinfo = call.excinfo
-    if (
-        report.failed
-        and "mps" in item.nodeid
-        and excinfo is not None
-        and excinfo.errisinstance(NotImplementedError)
-        and str(excinfo.value).startswith("[mps]")
-    ):
-        report.outcome = "skipped"
-        report.longrepr = (str(item.path), item.location[1], f"not yet on mps: {excinfo.value}")
+# ---- the Metal backend's kernel tests ------------------------------------------------
+
+ORDERS = ["forward", "reverse", "random"]  # the simulator's schedules (CAMEL_SIM_ORDER)
+
+
+def backend_mps_or_skip():
+    """camel.backend_mps with a working device, or skip the test saying why."""
+    try:
+        from camel import backend_mps, metal
+
+        metal.device_name()
+    except Exception as e:
+        pytest.skip(f"no 'mps' device here: {e}")
+    return backend_mps
+
+
+@pytest.fixture(params=ORDERS)
+def mps(request, monkeypatch):
+    """camel.backend_mps, once per simulator schedule order."""
+    monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
+    return backend_mps_or_skip()

@@ -8,31 +8,13 @@ The op tests at the end go through the Tensor API on "cpu" and "mps" alike.
 
 import numpy as np
 import pytest
+from conftest import backend_mps_or_skip
 
 import camel
 import camel.functional as F
 from camel import backend_cpu as cpu
 
 SIZES = [1, 3, 31, 32, 33, 1000, 4097]
-ORDERS = ["forward", "reverse", "random"]
-
-
-def _backend_mps():
-    try:
-        from camel import backend_mps, metal
-
-        metal.device_name()
-    except Exception as e:  # no shim built, or no device
-        pytest.skip(f"no 'mps' device here: {e}")
-    return backend_mps
-
-
-@pytest.fixture(params=ORDERS)
-def mps(request, monkeypatch):
-    """camel.backend_mps, with the simulator's schedule order set (the runtime reads
-    CAMEL_SIM_ORDER at every dispatch; a Metal GPU ignores it)."""
-    monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
-    return _backend_mps()
 
 
 def rand(*shape, seed=0):
@@ -154,7 +136,7 @@ def test_zero_size_is_fine(mps):
 @pytest.fixture(params=["cpu", "mps"])
 def device(request):
     if request.param == "mps":
-        _backend_mps()
+        backend_mps_or_skip()
     return request.param
 
 
@@ -193,7 +175,7 @@ def test_op_transpose(device):
 
 
 def test_mixed_devices_is_a_clear_error():
-    _backend_mps()
+    backend_mps_or_skip()
     a = camel.tensor(rand(3), device="cpu")
     b = camel.tensor(rand(3), device="mps")
     with pytest.raises(RuntimeError, match="different devices"):

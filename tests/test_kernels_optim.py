@@ -8,27 +8,9 @@ rounding (the GPU may fuse a multiply and an add into one FMA).
 
 import numpy as np
 import pytest
+from conftest import backend_mps_or_skip
 
 from camel import backend_cpu as cpu
-
-ORDERS = ["forward", "reverse", "random"]
-SIZES = [1, 33, 4097]
-
-
-def _backend_mps():
-    try:
-        from camel import backend_mps, metal
-
-        metal.device_name()
-    except Exception as e:
-        pytest.skip(f"no 'mps' device here: {e}")
-    return backend_mps
-
-
-@pytest.fixture(params=ORDERS)
-def mps(request, monkeypatch):
-    monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
-    return _backend_mps()
 
 
 def rand(n, seed):
@@ -37,6 +19,9 @@ def rand(n, seed):
 
 def close(got, want):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+SIZES = [1, 33, 4097]
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -75,7 +60,7 @@ def test_adam_steps(mps, n, weight_decay):
 
 def test_adam_matches_torch():
     torch = pytest.importorskip("torch")
-    mps = _backend_mps()
+    mps = backend_mps_or_skip()
     p0 = rand(33, 3)
     p_dev = mps.from_numpy(p0)
     m_dev, v_dev = mps.full((33,), 0.0, "float32"), mps.full((33,), 0.0, "float32")

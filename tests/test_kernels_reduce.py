@@ -8,28 +8,11 @@ maximum wins, as in np.argmax and camel/backend_cpu.py.
 
 import numpy as np
 import pytest
+from conftest import backend_mps_or_skip
 
 import camel
 import camel.functional as F
 from camel import backend_cpu as cpu
-
-ORDERS = ["forward", "reverse", "random"]
-
-
-def _backend_mps():
-    try:
-        from camel import backend_mps, metal
-
-        metal.device_name()
-    except Exception as e:
-        pytest.skip(f"no 'mps' device here: {e}")
-    return backend_mps
-
-
-@pytest.fixture(params=ORDERS)
-def mps(request, monkeypatch):
-    monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
-    return _backend_mps()
 
 
 def rand(*shape, seed=0):
@@ -69,7 +52,7 @@ def test_sum_all_two_passes(mps, n):
 def test_sum_all_grid_stride_many_elements_per_thread(monkeypatch):
     # More than 1024 threadgroups' worth: each thread of pass 1 visits several elements.
     monkeypatch.setenv("CAMEL_SIM_ORDER", "random")
-    mps = _backend_mps()
+    mps = backend_mps_or_skip()
     x = rand(3, 100_003, seed=2)
     got = host(mps, mps.sum(mps.from_numpy(x), None, True))
     assert got.shape == (1, 1)
@@ -184,7 +167,7 @@ def test_max_over_an_empty_axis_is_an_error(mps):
 @pytest.fixture(params=["cpu", "mps"])
 def device(request):
     if request.param == "mps":
-        _backend_mps()
+        backend_mps_or_skip()
     return request.param
 
 

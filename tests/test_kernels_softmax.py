@@ -8,28 +8,11 @@ and "mps" against PyTorch where it is installed.
 
 import numpy as np
 import pytest
+from conftest import backend_mps_or_skip
 
 import camel
 import camel.functional as F
 from camel import backend_cpu as cpu
-
-ORDERS = ["forward", "reverse", "random"]
-
-
-def _backend_mps():
-    try:
-        from camel import backend_mps, metal
-
-        metal.device_name()
-    except Exception as e:
-        pytest.skip(f"no 'mps' device here: {e}")
-    return backend_mps
-
-
-@pytest.fixture(params=ORDERS)
-def mps(request, monkeypatch):
-    monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
-    return _backend_mps()
 
 
 def rand(*shape, seed=0, scale=1.0):
@@ -142,7 +125,7 @@ def test_cross_entropy_out_of_range_target_is_a_clear_error(mps, bad):
 @pytest.fixture(params=["cpu", "mps"])
 def device(request):
     if request.param == "mps":
-        _backend_mps()
+        backend_mps_or_skip()
     return request.param
 
 

@@ -13,24 +13,6 @@ import pytest
 import camel
 from camel import backend_cpu as cpu
 
-ORDERS = ["forward", "reverse", "random"]
-
-
-def _backend_mps():
-    try:
-        from camel import backend_mps, metal
-
-        metal.device_name()
-    except Exception as e:
-        pytest.skip(f"no 'mps' device here: {e}")
-    return backend_mps
-
-
-@pytest.fixture(params=ORDERS)
-def mps(request, monkeypatch):
-    monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
-    return _backend_mps()
-
 
 def rand(*shape, seed=0, scale=1.0, shift=0.0):
     rng = np.random.default_rng(seed)
