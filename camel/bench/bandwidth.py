@@ -51,3 +51,18 @@ def copy_gbs(n: int, reps: int) -> float:
     tpg = min(256, threads)
     ms = time_ms(lambda: fn(src, dst, n, threads=threads, threads_per_threadgroup=tpg), reps)
     return 2 * n * 4 / ms / 1e6
+
+
+def time_cases(what: str, shapes, cases, reps: int, unit: str) -> None:
+    """Time every case at every shape and print  op | shape | ms | GB/s | % of copy.
+    cases(shape, rng) gives (label, run() -> DeviceArray, expected, bytes moved)."""
+    from camel.autotune import time_ms
+
+    print(f"\n| op | {what} | ms | {unit} | % of copy |\n|---|---|---:|---:|---:|")
+    rng = np.random.default_rng(1)
+    for shape in shapes:
+        copy = copy_gbs(shape[0] * shape[1], reps)
+        for label, run, _want, nbytes in cases(shape, rng):
+            ms = time_ms(run, reps)
+            gbs = nbytes / ms / 1e6
+            print(f"| {label} | {shape} | {ms:.4f} | {gbs:.1f} | {100 * gbs / copy:.0f}% |")

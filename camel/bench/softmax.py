@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from camel.bench.bandwidth import copy_gbs, parse_args, start
+from camel.bench.bandwidth import parse_args, start, time_cases
 
 GPU_SHAPES = [(4096, 1024), (1024, 16384), (65536, 10)]
 SIM_SHAPES = [(256, 1000), (16, 10000)]
@@ -73,18 +73,10 @@ def validate(log=print) -> bool:
 
 
 def main(argv=None) -> int:
-    from camel.autotune import time_ms
-
     args = parse_args("python -m camel.bench softmax", __doc__, reps=20, argv=argv)
     code, unit = start(args, validate)
     if code is not None:
         return code
-    print(f"\n| op | (N, C) | ms | {unit} | % of copy |\n|---|---|---:|---:|---:|")
-    rng = np.random.default_rng(1)
-    for shape in SIM_SHAPES if unit.startswith("sim") else GPU_SHAPES:
-        copy = copy_gbs(shape[0] * shape[1], args.reps)
-        for label, run, _want, nbytes in cases(shape, rng):
-            ms = time_ms(run, args.reps)
-            gbs = nbytes / ms / 1e6
-            print(f"| {label} | {shape} | {ms:.4f} | {gbs:.1f} | {100 * gbs / copy:.0f}% |")
+    shapes = SIM_SHAPES if unit.startswith("sim") else GPU_SHAPES
+    time_cases("(N, C)", shapes, cases, args.reps, unit)
     return 0
