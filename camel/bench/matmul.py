@@ -147,9 +147,10 @@ def plot(rows, path: str, simulator: bool) -> None:
         print("[bench] --plot needs matplotlib (pip install matplotlib); no chart written")
         return
     fig, ax = plt.subplots(figsize=(8, 5))
-    for v in dict.fromkeys(r[0] for r in rows):
+    for i, v in enumerate(dict.fromkeys(r[0] for r in rows)):
         pts = [(s, g) for (vv, s, _, g, _) in rows if vv == v]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"v{v}")
+        style = "-" if i < 10 else "--"  # the colour cycle has 10 colours: dash the rest
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"v{v}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("M = N = K")
     ax.set_ylabel("simulated GFLOP/s (CPU, not GPU)" if simulator else "GFLOP/s")
