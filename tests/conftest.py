@@ -77,3 +77,16 @@ def mps(request, monkeypatch):
     """camel.backend_mps, once per simulator schedule order."""
     monkeypatch.setenv("CAMEL_SIM_ORDER", request.param)
     return backend_mps_or_skip()
+
+
+def require_shim():
+    """Skip the calling test module when the shim cannot be built or loaded here; in CI
+    (CI set) that is an error instead, so a broken build never passes as skips."""
+    from camel import metal
+
+    try:
+        metal.device_name()  # loads the shim, building it once if needed
+    except metal.MetalError as e:  # pragma: no cover - only where the shim cannot be built
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the camel shim cannot be built or loaded: {e}", allow_module_level=True)

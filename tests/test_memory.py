@@ -1,20 +1,15 @@
 """ "mps" memory: zero-copy views, the buffer cache, the host-write hazard, memory stats."""
 
 import gc
-import os
 import weakref
 
 import numpy as np
 import pytest
+from conftest import require_shim
 
 from camel import metal
 
-try:
-    metal.device_name()  # loads the shim, building it once if needed
-except metal.MetalError as e:  # pragma: no cover - only where the shim cannot be built
-    if os.environ.get("CI"):
-        raise
-    pytest.skip(f"the camel shim cannot be built or loaded: {e}", allow_module_level=True)
+require_shim()
 
 SOURCE = """\
 #include <metal_stdlib>
