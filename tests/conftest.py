@@ -90,3 +90,21 @@ def require_shim():
         if os.environ.get("CI"):
             raise
         pytest.skip(f"the camel shim cannot be built or loaded: {e}", allow_module_level=True)
+
+
+def asan_runtime_or_skip():
+    """Path of clang's AddressSanitizer runtime, to LD_PRELOAD into a Python subprocess
+    running kernels built with CAMEL_SIM_SANITIZE=address; skips the test without it."""
+    import platform
+    import subprocess
+
+    name = f"libclang_rt.asan-{platform.machine()}.so"
+    for cc in ("clang-19", "clang-18", "clang-17", "clang-16", "clang"):
+        try:
+            r = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True)
+        except FileNotFoundError:
+            continue
+        path = r.stdout.strip()
+        if os.path.isabs(path) and os.path.exists(path):
+            return path
+    pytest.skip("no ASan runtime (Debian: apt-get install libclang-rt-19-dev)")

@@ -12,21 +12,13 @@ import math
 
 import numpy as np
 import pytest
+from conftest import require_shim
 
 import camel
 import camel.functional as F
 from camel import flash, metal
 
-
-def _mps_available():
-    try:
-        metal.device_name()
-    except Exception:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _mps_available(), reason="no Metal device or simulator")
+require_shim()
 
 ORDERS = ["forward", "reverse", "random"]
 DIMS = [32, 64, 128]

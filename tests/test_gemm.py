@@ -7,21 +7,14 @@ simulator's three schedule orders; plus the errors a learner will hit.
 
 import numpy as np
 import pytest
+from conftest import asan_runtime_or_skip, require_shim
 
 from camel import autotune, gemm
 
 metal = pytest.importorskip("camel.metal")
 
 
-def _device_ok():
-    try:
-        metal.device_name()
-    except Exception:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _device_ok(), reason="no shim (Metal or simulator) loads")
+require_shim()
 
 VERSIONS = gemm.versions()
 
@@ -348,18 +341,7 @@ def test_every_rung_under_address_sanitizer():
     import sys
     from pathlib import Path
 
-    asan = None
-    for cc in ("clang-19", "clang-18", "clang-17", "clang-16", "clang"):
-        try:
-            r = subprocess.run([cc, "-print-file-name=libclang_rt.asan-x86_64.so"],
-                               capture_output=True, text=True)  # fmt: skip
-        except FileNotFoundError:
-            continue
-        if os.path.isabs(r.stdout.strip()) and os.path.exists(r.stdout.strip()):
-            asan = r.stdout.strip()
-            break
-    if asan is None:
-        pytest.skip("no ASan runtime (Debian: apt-get install libclang-rt-19-dev)")
+    asan = asan_runtime_or_skip()
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, CAMEL_SIM_SANITIZE="address", LD_PRELOAD=asan,
                ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(root))  # fmt: skip

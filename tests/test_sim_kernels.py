@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import asan_runtime_or_skip
 
 M = pytest.importorskip("camel.metal")
 if not M.is_simulator():
@@ -432,24 +433,9 @@ print("no error")
 """
 
 
-def _asan_runtime():
-    for cc in ("clang-19", "clang-18", "clang-17", "clang-16", "clang"):
-        try:
-            r = subprocess.run([cc, "-print-file-name=libclang_rt.asan-x86_64.so"],
-                               capture_output=True, text=True)  # fmt: skip
-        except FileNotFoundError:
-            continue
-        path = r.stdout.strip()
-        if os.path.isabs(path) and os.path.exists(path):
-            return path
-    return None
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD recipe for Linux")
 def test_address_sanitizer_catches_out_of_bounds_write():
-    asan = _asan_runtime()
-    if asan is None:
-        pytest.skip("no ASan runtime (Debian: apt-get install libclang-rt-19-dev)")
+    asan = asan_runtime_or_skip()
     env = dict(os.environ, CAMEL_SIM_SANITIZE="address", LD_PRELOAD=asan,
                ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(ROOT))  # fmt: skip
     r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], env=env, capture_output=True,
