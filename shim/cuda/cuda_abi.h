@@ -1,0 +1,78 @@
+/*
+ * cuda_abi.h — the interface inside the CUDA shim between
+ *   the translator  (shim/cuda/translate_cuda.cpp + shim/cuda/include/: MSL in,
+ *                    one self-contained CUDA translation unit and PTX out)
+ *   and the runtime (shim/cuda/runtime.cpp: camel_shim.h over the CUDA driver
+ *                    API, loaded with dlopen("libcuda.so.1")).
+ *
+ * Every kernel of a .metal file becomes
+ *     extern "C" __global__ void camel_kernel_<n>(camel_cuda_args args);
+ * whose body computes Metal's builtins from threadIdx/blockIdx/blockDim and
+ * `args`, binds [[buffer(i)]] to args.buffers[i] and [[threadgroup(i)]] to
+ * dynamic shared memory at args.threadgroup_offset[i], then calls the kernel.
+ *
+ * Metal's dispatchThreads gives the edge threadgroups of a grid fewer threads;
+ * CUDA blocks are uniform. The runtime therefore launches a grid as up to
+ * eight uniform pieces (full groups, and the edge in x, y, z), each with the
+ * exact block size Metal would give, and `group_origin` says where the piece
+ * starts: threadgroup_position_in_grid = group_origin + blockIdx, and
+ * threads_per_threadgroup = blockDim (the edge size, as Metal reports).
+ */
+#ifndef CAMEL_CUDA_ABI_H
+#define CAMEL_CUDA_ABI_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CAMEL_CUDA_MAX_BUFFERS 31      /* [[buffer(0..30)]], as Metal */
+#define CAMEL_CUDA_MAX_THREADGROUP 31  /* [[threadgroup(0..30)]] */
+
+/* The one kernel parameter (by value, 420 bytes). */
+typedef struct camel_cuda_args {
+    void *buffers[CAMEL_CUDA_MAX_BUFFERS];       /* device address of [[buffer(i)]] (+ offset);
+                                                    setBytes data is staged in device memory */
+    uint32_t threadgroup_offset[CAMEL_CUDA_MAX_THREADGROUP]; /* byte offset of [[threadgroup(i)]]
+                                                    in the dynamic shared memory */
+    uint32_t group_origin[3];                    /* threadgroup position of blockIdx (0,0,0) */
+    uint32_t threadgroups_per_grid[3];           /* the whole dispatch, all pieces */
+    uint32_t threads_per_grid[3];                /* dispatchThreads: the exact grid;
+                                                    dispatchThreadgroups: groups * size */
+    uint32_t dispatch_threads_per_threadgroup[3];/* the requested (full) threadgroup size */
+} camel_cuda_args;
+
+/* Parameter kinds, as in the simulator (shim/sim/sim_abi.h). */
+enum camel_cuda_param_kind {
+    CAMEL_CUDA_PARAM_BUFFER = 1,
+    CAMEL_CUDA_PARAM_THREADGROUP = 2,
+    CAMEL_CUDA_PARAM_BUILTIN = 3,
+};
+
+/* The translator, exported by libcamel_cuda.so (usable without a GPU or driver). */
+
+/* MSL source -> the complete CUDA translation unit (what camel.metal.translate
+ * returns), plus a description of its kernels, one line each:
+ *     kernel <n> <host_name> <uses_barrier 0|1> <uses_simd 0|1>
+ *     param <n> <position> <name> <kind 1|2|3> <binding index> <is_pointer 0|1>
+ * Sizes of parameters bound by value or reference (setBytes must match) are in
+ * the module as  extern "C" __device__ const uint32_t camel_kernel_<n>_value_sizes[nparams]
+ * (0 for pointers and builtins), read by the runtime after the module loads.
+ * 0 on success; otherwise non-zero and a malloc'd message in *log naming the
+ * .metal line. Outputs are malloc'd; free them with camel_cuda_free. */
+int camel_cuda_translate(const char *source, const char *path, char **cuda_source,
+                         char **kernels, char **log);
+
+/* Translate and compile to PTX for sm_<arch> (80, 90, ...) with clang
+ * (-x cuda --cuda-device-only -nocudainc -nocudalib), cached on disk by the hash
+ * of source, path, arch, compiler and headers. *ptx: the PTX text; *kernels as above. */
+int camel_cuda_compile(const char *source, const char *path, int arch, char **ptx,
+                       char **kernels, char **log);
+
+void camel_cuda_free(void *p);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CAMEL_CUDA_ABI_H */
