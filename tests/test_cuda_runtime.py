@@ -160,7 +160,8 @@ def _piece_threads(pieces, tpg):
     for grid, block, origin in pieces:
         for b in itertools.product(*(range(n) for n in grid)):
             for t in itertools.product(*(range(n) for n in block)):
-                gid = tuple((o + bb) * tt + th for o, bb, tt, th in zip(origin, b, tpg, t, strict=True))
+                parts = zip(origin, b, tpg, t, strict=True)
+                gid = tuple((o + bb) * tt + th for o, bb, tt, th in parts)
                 yield gid, block
 
 
