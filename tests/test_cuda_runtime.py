@@ -451,3 +451,19 @@ def test_selection(fake, tmp_path):
         assert "no NVIDIA driver: cannot load libcuda.so.1" in r.stderr, r.stderr
         out = ok(run(empty, probe, CAMEL_SHIM=None))
         assert out.startswith("sim |")
+
+
+def test_device_cuda_is_an_alias_of_mps_there(fake):
+    out = ok(
+        run(
+            fake,
+            """
+            import camel
+            t = camel.tensor([1.0, 2.0, 3.0], device="cuda")
+            assert t.device == "mps" and t.to("cuda") is t and t.to("mps") is t
+            np.testing.assert_array_equal(t.numpy(), [1.0, 2.0, 3.0])
+            print(t.to("cpu").device)
+            """,
+        )
+    )
+    assert out.strip() == "cpu"
