@@ -121,9 +121,10 @@ std::string usable_cache_dir(std::string &err) {
 
 // The headers' own text, with every #include "..." replaced by the file it
 // names (once each, as #pragma once would), and #line markers so that
-// clang's messages name the header files. An #include inside
-// `#ifndef __CAMEL_CUDA__` (the simulator-only parts) is left as it is:
-// the compiler skips it.
+// clang's messages name the header files. `#ifdef __CAMEL_CUDA__` /
+// `#ifndef __CAMEL_CUDA__` blocks are resolved here (the macro is always
+// defined in a translation), so the simulator-only parts of the shared header
+// are left out, not just skipped by the compiler.
 bool inline_header(const std::string &path, std::set<std::string> &seen, std::string &out,
                    std::string &err) {
     std::string real = real_path(path);
@@ -134,8 +135,18 @@ bool inline_header(const std::string &path, std::set<std::string> &seen, std::st
         return false;
     }
     out += "#line 1 \"" + real + "\"\n";
-    std::vector<int> dead;  // per open #if: 1 inside #ifndef __CAMEL_CUDA__
+    struct Cond {
+        bool on_cuda;  // #ifdef/#ifndef __CAMEL_CUDA__ (resolved here), else copied
+        bool live;     // its current branch is compiled
+    };
+    std::vector<Cond> conds;
+    auto live = [&]() {
+        for (auto &c : conds)
+            if (!c.live) return false;
+        return true;
+    };
     int line = 0;
+    bool resync = false;  // lines were left out: the next copied line needs a #line
     for (size_t i = 0; i < text.size();) {
         size_t e = text.find('\n', i);
         if (e == std::string::npos) e = text.size();
@@ -145,27 +156,42 @@ bool inline_header(const std::string &path, std::set<std::string> &seen, std::st
         size_t p = l.find_first_not_of(" \t");
         std::string d = p != std::string::npos && l[p] == '#' ? l.substr(p + 1) : "";
         d.erase(0, std::min(d.find_first_not_of(" \t"), d.size()));
-        bool in_dead = std::find(dead.begin(), dead.end(), 1) != dead.end();
+        bool was_live = live();
         if (d.compare(0, 2, "if") == 0) {
-            dead.push_back(d.compare(0, 6, "ifndef") == 0 && d.find("__CAMEL_CUDA__") != std::string::npos);
-        } else if (d.compare(0, 5, "endif") == 0 && !dead.empty()) {
-            dead.pop_back();
-        } else if (d.compare(0, 4, "else") == 0 && !dead.empty()) {
-            dead.back() = 0;
-        }
-        if (d.compare(0, 11, "pragma once") == 0) {
-            out += "\n";
+            bool on_cuda = (d.compare(0, 5, "ifdef") == 0 || d.compare(0, 6, "ifndef") == 0) &&
+                           d.find("__CAMEL_CUDA__") != std::string::npos;
+            conds.push_back({on_cuda, on_cuda ? d.compare(0, 5, "ifdef") == 0 : true});
+            if (on_cuda || !was_live) {
+                resync = true;
+                continue;
+            }
+        } else if ((d.compare(0, 4, "else") == 0 || d.compare(0, 5, "endif") == 0) && !conds.empty()) {
+            Cond c = conds.back();
+            if (d[1] == 'l') conds.back().live = c.on_cuda ? !c.live : c.live;
+            else conds.pop_back();
+            if (c.on_cuda || !live() || (d[1] != 'l' && !was_live)) {
+                resync = true;
+                continue;
+            }
+        } else if (!was_live) {
+            resync = true;
             continue;
         }
-        if (!in_dead && d.compare(0, 7, "include") == 0) {
+        if (d.compare(0, 11, "pragma once") == 0) {
+            resync = true;
+            continue;
+        }
+        if (d.compare(0, 7, "include") == 0) {
             size_t q1 = d.find('"'), q2 = d.rfind('"');
             if (q1 != std::string::npos && q2 > q1) {
                 std::string inc = dirname_of(real) + "/" + d.substr(q1 + 1, q2 - q1 - 1);
                 if (!inline_header(inc, seen, out, err)) return false;
-                out += "#line " + std::to_string(line + 1) + " \"" + real + "\"\n";
+                resync = true;
                 continue;
             }
         }
+        if (resync) out += "#line " + std::to_string(line) + " \"" + real + "\"\n";
+        resync = false;
         out += l + "\n";
     }
     return true;
