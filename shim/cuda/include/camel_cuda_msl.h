@@ -131,3 +131,7 @@ inline __camel_thread __camel_thread_of(const camel_cuda_args &a) {
     t.quadgroups_per_threadgroup = (n + 3) / 4;
     return t;
 }
+
+// [[threadgroup(i)]] parameters: the launch's dynamic shared memory, at
+// args.threadgroup_offset[i] (the runtime keeps each offset 16-byte aligned).
+extern __shared__ __attribute__((aligned(16))) unsigned char __camel_threadgroup_memory[];
