@@ -467,3 +467,29 @@ def test_device_cuda_is_an_alias_of_mps_there(fake):
         )
     )
     assert out.strip() == "cpu"
+
+
+def test_translated_shaders_load_bind_and_check_value_sizes(fake):
+    """The translator's real PTX and kernel description through the runtime: entries
+    found, parameters bound, the value sizes read from the module and enforced."""
+    ok(
+        run(
+            fake,
+            """
+            fn = metal.kernel("ops_elementwise.metal", "add_float")
+            a, b, out = (metal.DeviceArray.empty(100) for _ in range(3))
+            fn(a, b, out, 100, threads=100, threads_per_threadgroup=64)
+            metal.synchronize()
+            launches = [l for l in log() if l.startswith("launch")]
+            assert launches == [
+                "launch camel_kernel_0 grid 1 1 1 block 64 1 1 smem 0 origin 0 0 0",
+                "launch camel_kernel_0 grid 1 1 1 block 36 1 1 smem 0 origin 1 0 0",
+            ], launches
+            try:  # n is a `constant uint &`: 4 bytes, from camel_kernel_0_value_sizes
+                fn(a, b, out, np.zeros(2, np.uint32), threads=100, threads_per_threadgroup=64)
+                raise SystemExit("no error")
+            except metal.DispatchError as e:
+                assert "is a 4-byte value, got 8 bytes" in str(e), e
+            """,
+        )
+    )

@@ -154,7 +154,7 @@ CUresult cuMemFreeHost(void *p) { free(p); return OK; }
 
 struct func { char name[64], behaviour[16]; int max_threads, smem, dyn_limit; };
 struct global { char name[96]; uint32_t values[64]; int n; };
-struct module { struct func funcs[16]; int nfuncs; struct global globals[16]; int nglobals; };
+struct module { struct func funcs[64]; int nfuncs; struct global globals[64]; int nglobals; };
 
 CUresult cuModuleLoadDataEx(struct module **out, const void *image, unsigned nopt, int *opts,
                             void **values) {
@@ -169,6 +169,39 @@ CUresult cuModuleLoadDataEx(struct module **out, const void *image, unsigned nop
     }
     struct module *m = calloc(1, sizeof *m);
     const char *line = text;
+    if (strstr(text, ".entry ")) {  /* real PTX from the translator: entries only record */
+        for (; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+            const char *e = strstr(line, ".entry ");
+            const char *g = strstr(line, "_value_sizes[");
+            const char *eol = strchr(line, '\n');
+            if (e && (!eol || e < eol) && m->nfuncs < 64) {
+                struct func *f = &m->funcs[m->nfuncs++];
+                sscanf(e + 7, "%63[A-Za-z0-9_]", f->name);
+                snprintf(f->behaviour, sizeof f->behaviour, "record");
+                f->max_threads = 1024;
+                f->dyn_limit = 48 * 1024;
+            } else if (g && (!eol || g < eol) && m->nglobals < 64) {
+                struct global *gl = &m->globals[m->nglobals++];
+                const char *start = g;
+                while (start > line && start[-1] != ' ') start--;
+                sscanf(start, "%95[A-Za-z0-9_]", gl->name);
+                int bytes = atoi(g + 13);
+                const char *p = strchr(g, '{');
+                uint8_t *out = (uint8_t *)gl->values;
+                memset(out, 0, sizeof gl->values);
+                for (int i = 0; p && i < bytes && i < 256; i++) {
+                    unsigned v;
+                    int used;
+                    if (sscanf(p + 1, " %u%n", &v, &used) != 1) break;
+                    out[i] = (uint8_t)v;
+                    p = strchr(p + 1 + used, ',');
+                }
+                gl->n = bytes / 4;
+            }
+        }
+        *out = m;
+        return OK;
+    }
     while (line && *line) {
         char w[16], a[96], b[96];
         if (sscanf(line, "%15s %95s %95s", w, a, b) >= 2) {
