@@ -476,7 +476,8 @@ def capture_end() -> None:
 # writes through a .numpy() view, Buffer.did_modify) marks the range, which the shim
 # uploads before the next dispatch that binds the buffer. A .numpy() view may be written
 # at any time, so while one is alive its buffer is uploaded before every dispatch that
-# uses it and refreshed by every synchronize(). _viewed counts the live views per block.
+# uses it and refreshed by every synchronize(), and when it dies its writes are marked
+# (unless a dispatch bound the buffer meanwhile). _viewed counts the live views per block.
 # On shared storage (Metal, simulator) none of this runs.
 
 _viewed: dict = {}  # _Block -> number of live .numpy() views of it
@@ -492,12 +493,23 @@ def _did_modify(block, offset: int, length: int) -> None:
         raise _fail(f"marking {length} bytes at offset {offset} of a buffer as host-written")
 
 
-def _view_gone(block) -> None:
-    n = _viewed.get(block, 0) - 1
+def _view_gone(block, last_use_then: int) -> None:
+    """The last array derived from a .numpy() view is gone. It may have been written
+    (`x.numpy()[...] = a` is the common spelling), so unless a dispatch has bound the
+    buffer since the view was made (then the device holds the newer data, as it would
+    on Metal), its contents go to the device before the next dispatch that uses it."""
+    if block not in _viewed:  # released by empty_cache() meanwhile
+        return
+    n = _viewed[block] - 1
     if n > 0:
         _viewed[block] = n
     else:
-        _viewed.pop(block, None)
+        del _viewed[block]
+    if block.last_use == last_use_then and not _shutting_down:
+        try:
+            _did_modify(block, 0, block.capacity)
+        except MetalError as e:  # a finaliser must not raise
+            print(f"[camel.metal] {e}", file=sys.stderr)
 
 
 def _upload_viewed(blocks) -> None:
@@ -599,6 +611,7 @@ def empty_cache() -> None:
             _stats["cached_bytes"] -= block.capacity
             _stats["cached_buffers"] -= 1
             _stats["live_bytes"] -= block.capacity
+            _viewed.pop(block, None)  # a view outliving an explicit release() aliases it
             if lib.camel_buffer_release(block.handle) != 0:
                 raise _fail("camel_buffer_release")
 
@@ -816,7 +829,7 @@ class DeviceArray:
         raw._camel_buffer = buffer  # the view's .base chain keeps the Buffer alive
         if track:
             _viewed[block] = _viewed.get(block, 0) + 1
-            weakref.finalize(raw, _view_gone, block)
+            weakref.finalize(raw, _view_gone, block, block.last_use)
         flat = np.frombuffer(raw, dtype=self.dtype, count=self.size, offset=self.offset)
         return flat.reshape(self.shape)
 

@@ -248,6 +248,14 @@ def test_setbytes_are_staged_and_mirrors_follow_the_rule(fake):
             fn(dx, dy, 1.0, 0.0, 37, threads=37, threads_per_threadgroup=32)
             metal.synchronize()  # refreshes live views
             np.testing.assert_array_equal(out_view, -x)
+            del view, out_view
+            dx.numpy()[:] = 3 * x  # a temporary view, written and dropped at once
+            fn(dx, dy, 1.0, 0.0, 37, threads=37, threads_per_threadgroup=32)
+            np.testing.assert_array_equal(dy.numpy(), 3 * x)
+            old = dy.numpy()  # read, then a kernel writes the buffer, then the view dies:
+            fn(dx, dy, 2.0, 0.0, 37, threads=37, threads_per_threadgroup=32)
+            del old  # ... the device's result stands (nothing to upload)
+            np.testing.assert_array_equal(dy.numpy(), 6 * x)
             lines = log()
             # each upload precedes the launch that reads it; downloads follow it
             first = lines.index(next(l for l in lines if l.startswith("launch")))
@@ -255,8 +263,8 @@ def test_setbytes_are_staged_and_mirrors_follow_the_rule(fake):
             assert lines[first + 1].startswith("launch")  # the edge piece: 5 threads
             assert lines[first + 2] == "dtoh 256", lines  # dy.numpy()
             # while views of dx and dy live, both are uploaded before the dispatch
-            last = len(lines) - 1 - lines[::-1].index(next(l for l in lines[::-1] if "launch" in l))
-            assert lines[last - 4 : last - 1] == ["htod 48", "htod 256", "htod 256"], lines
+            third = [i for i, l in enumerate(lines) if "block 32 1 1" in l][2]
+            assert lines[third - 3 : third] == ["htod 48", "htod 256", "htod 256"], lines
             """,
         )
     )

@@ -408,7 +408,7 @@ static bool init_locked() {
     char name[100] = {0};
     D.DeviceGetName(name, sizeof name - 1, S.device);
     snprintf(S.name, sizeof S.name, "%s (CUDA shim: MSL translated to PTX)", name);
-    int v = 0, major = 0, minor = 0;
+    int major = 0, minor = 0;
     auto attr = [](int a, int fallback) {
         int value = 0;
         return D.DeviceGetAttribute(&value, a, S.device) == CUDA_SUCCESS && value > 0 ? value
@@ -424,7 +424,6 @@ static bool init_locked() {
     major = attr(ATTR_CC_MAJOR, 8);
     minor = attr(ATTR_CC_MINOR, 0);
     S.arch = major * 10 + minor;
-    (void)v;
     size_t total = 0;
     if (D.DeviceTotalMem(&total, S.device) == CUDA_SUCCESS) S.total_mem = total;
     const char *sync = getenv("CAMEL_CUDA_SYNC");
@@ -1127,6 +1126,11 @@ static bool validate(const camel_dispatch_desc *desc, const camel_pipeline *p, u
             return false;
         }
     }
+    if (desc->nargs > CAMEL_CUDA_MAX_BUFFERS) {
+        set_error("[dispatch] kernel '%s': %u arguments, Metal binds at most %d", name,
+                  desc->nargs, CAMEL_CUDA_MAX_BUFFERS);
+        return false;
+    }
     int needed = k.max_buffer_index + 1;
     if ((int)desc->nargs != needed) {
         if (needed == 0)
@@ -1223,9 +1227,6 @@ static std::vector<Segment> segments(uint32_t grid, uint32_t tpg, bool is_thread
 
 // Metal's dispatchThreads as uniform CUDA launches: the full groups and the edges in
 // x, y and z, each launch with the exact block size Metal gives those groups.
-CAMEL_EXPORT uint32_t camel_cuda_split(const uint32_t grid[3], const uint32_t tpg[3],
-                                       int32_t grid_is_threads, const uint32_t max_grid[3],
-                                       uint32_t *out, uint32_t cap);
 
 static void split(const uint32_t grid[3], const uint32_t tpg[3], bool is_threads,
                   const uint32_t max_grid[3], std::vector<Piece> &pieces) {
