@@ -1240,8 +1240,9 @@ class Function:
 
 
 def mps_matmul(a: DeviceArray, b: DeviceArray, c: DeviceArray) -> None:
-    """c = a @ b in FP32 through MPSMatrixMultiplication (Metal only): the vendor GEMM the
-    benchmark ladder compares against. a (M, K), b (K, N), c (M, N), float32, offset 0."""
+    """c = a @ b in FP32 through the vendor GEMM the benchmark ladder compares against:
+    MPSMatrixMultiplication on Metal, cuBLAS SGEMM (TF32 off) on the CUDA shim; the
+    simulator has none. a (M, K), b (K, N), c (M, N), float32, offset 0."""
     for name, x in (("a", a), ("b", b), ("c", c)):
         if x.ndim != 2 or x.dtype != np.float32 or x.offset != 0:
             raise ValueError(
@@ -1256,7 +1257,7 @@ def mps_matmul(a: DeviceArray, b: DeviceArray, c: DeviceArray) -> None:
         _upload_viewed(blocks)
     cb = _native().camel_mps_matmul(blocks[0].handle, blocks[1].handle, blocks[2].handle, m, n, k)
     if not cb:
-        raise _fail("MPS matmul")
+        raise _fail("the vendor matmul (MPS on Metal, cuBLAS on the CUDA shim)")
     for block in blocks:
         block.last_use = cb
     if _profilers:  # recorded like a dispatch; its "grid" is (M, N, K)

@@ -446,6 +446,14 @@ static bool ready_locked(bool allow_dead = false) {
     return true;
 }
 
+// Calls that reach the driver from a thread that may not have the context yet.
+static void bind_thread() {
+    if (S.ready && !tl_ctx_current) {
+        D.CtxSetCurrent(S.ctx);
+        tl_ctx_current = true;
+    }
+}
+
 CAMEL_EXPORT int camel_init(void) {
     std::lock_guard<std::mutex> lock(S.mu);
     tl_error.clear();
@@ -545,7 +553,8 @@ static void note_failure(const CommandBuffer *cb, CUresult r, const char *when) 
         msg += ". The CUDA context is now unusable (a sticky error): every later GPU call "
                "fails, so restart the Python process. To find the faulting kernel, rerun with "
                "CAMEL_CUDA_SYNC=1 (each dispatch waits, so the error names it) or under "
-               "compute-sanitizer --tool memcheck";
+               "compute-sanitizer --tool memcheck (a message the kernel printed before it trapped, "
+               "e.g. simdgroup_matrix with a partial SIMD group, is on stdout)";
         if (S.dead.empty()) S.dead = msg;
     }
     if (S.failure.empty()) S.failure = msg;
@@ -738,6 +747,7 @@ CAMEL_EXPORT int camel_synchronize(void) {
 
 CAMEL_EXPORT uint64_t camel_completed_id(void) {
     std::lock_guard<std::mutex> lock(S.mu);
+    bind_thread();
     if (S.ready) reap(0);
     return S.completed_id;
 }
@@ -831,6 +841,7 @@ static bool live(camel_buffer *b, const char *what) {  // S.mu held
 CAMEL_EXPORT int camel_buffer_release(camel_buffer *b) {
     std::lock_guard<std::mutex> lock(S.mu);
     tl_error.clear();
+    bind_thread();
     if (!live(b, "camel_buffer_release")) return 1;
     b->released = true;
     buffer_unref(b);  // freed now, or when the last command buffer using it completes
@@ -1016,6 +1027,7 @@ CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *pa
 CAMEL_EXPORT void camel_library_release(camel_library *lib) {
     std::lock_guard<std::mutex> lock(S.mu);
     tl_error.clear();
+    bind_thread();
     if (lib) library_unref(lib);
 }
 
@@ -1067,6 +1079,7 @@ CAMEL_EXPORT camel_pipeline *camel_pipeline_new(camel_library *lib, const char *
 CAMEL_EXPORT void camel_pipeline_release(camel_pipeline *p) {
     std::lock_guard<std::mutex> lock(S.mu);
     tl_error.clear();
+    bind_thread();
     if (p) pipeline_unref(p);
 }
 
