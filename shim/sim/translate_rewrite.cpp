@@ -1078,7 +1078,8 @@ struct Rewriter {
                 sizes += std::string(j ? ", " : "") +
                          (by_value ? "(uint32_t)sizeof(__camel_remove_ref_t<" + P + ">)" : "0");
                 int index = p.kind == CAMEL_SIM_PARAM_BUILTIN ? -1 : p.index;
-                desc += "param " + n + " " + std::to_string(j) + " " + p.name + " " +
+                std::string name = p.name.empty() ? "-" : p.name;
+                desc += "param " + n + " " + std::to_string(j) + " " + name + " " +
                         std::to_string(p.kind) + " " + std::to_string(index) + " " +
                         (p.pointer ? "1" : "0") + "\n";
             }
