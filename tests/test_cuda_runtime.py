@@ -501,3 +501,25 @@ def test_translated_shaders_load_bind_and_check_value_sizes(fake):
             """,
         )
     )
+
+
+def test_command_buffers_commit_early_and_at_256(fake):
+    out = ok(
+        run(
+            fake,
+            """
+            L = load()
+            out = metal.DeviceArray.empty(4)
+            fn = L.function("heavy")  # records its launch, nothing more
+            ids = []
+            for _ in range(300):
+                fn(out, threads=32, threads_per_threadgroup=32)
+                ids.append(out.buffer.last_use)
+            sizes = [ids.count(i) for i in sorted(set(ids))]
+            print(sizes)
+            """,
+        )
+    )
+    # 16 encoded with the GPU idle: sent; 16 more with one queued: sent; then two are
+    # queued (the fake GPU runs only when waited on), so the third waits for the cap.
+    assert out.strip() == "[16, 16, 256, 12]"

@@ -245,7 +245,7 @@ static double now_seconds() {
 constexpr uint64_t kPinnedMirrorMax = 1 << 20;  // larger mirrors: lazily committed mmap pages
 constexpr uint32_t kMaxSetBytes = 4096;
 constexpr uint32_t kStagingChunk = 256 * 1024;  // > 31 * 4096: one dispatch always fits
-constexpr uint32_t kEagerCommit = 16;           // commit early when the GPU has gone idle
+constexpr uint32_t kEagerCommit = 16;           // commit early when the GPU runs dry
 
 struct camel_buffer {
     CUdeviceptr dptr;
@@ -1302,7 +1302,7 @@ static void maybe_commit_early() {  // S.mu held: keep the GPU fed while Python 
         commit_locked();
     } else if (cb->ndispatches >= kEagerCommit && cb->ndispatches % 8 == 0) {
         reap(0);
-        if (S.pending.empty()) commit_locked();
+        if (S.pending.size() < 2) commit_locked();  // at most one queued behind the running one
     }
 }
 
