@@ -232,6 +232,8 @@ def test_wrong_argument_count_names_the_kernel(lib):
         ([1.0, 2.0], r"\[axpb\] argument 2 \(list\)"),
         (np.zeros(2), r"\[axpb\] argument 2 is float64"),
         (np.zeros(2000, np.float32), r"\[axpb\] argument 2: a float32 array of 8000 bytes"),
+        # Apple: setBytes takes "smaller than 4 KB", so exactly 4096 bytes is already too many.
+        (np.zeros(1024, np.float32), r"argument 2: a float32 array of 4096 bytes .*\(1\.\.4095\)"),
     ],
 )
 def test_unsupported_argument_types_name_kernel_and_index(lib, bad, match):
