@@ -174,6 +174,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per size")
     ap.add_argument("--markdown", metavar="FILE", help="rewrite the table in FILE (make bench)")
     args = ap.parse_args(argv)
+    if args.plot:  # before the run, not after minutes of timing
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("[bench] --plot needs matplotlib, which is not installed: pip install "
+                  "matplotlib, or run without --plot", file=sys.stderr)  # fmt: skip
+            return 2
 
     if args.list:
         for rung in gemm.RUNGS.values():
