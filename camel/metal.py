@@ -749,7 +749,12 @@ def compile(source: str, path: str | None = None) -> Library:  # noqa: A001 (Met
     handle = lib.camel_library_new(source.encode("utf-8"), path.encode() if path else None)
     if not handle:
         log = _error_text()
-        raise CompileError(f"[metal] compiling {path or '<source>'} failed:\n{log}", log, path)
+        first = log.split("\n", 1)[0]
+        # Both shims open the log with their own header ("[sim] compiling x failed:",
+        # "[compile] x: compilation failed:"); a second one on top would only repeat it.
+        has_header = first.startswith("[") and "fail" in first
+        message = log if has_header else f"[metal] compiling {path or '<source>'} failed:\n{log}"
+        raise CompileError(message, log, path)
     return Library(handle, path)
 
 

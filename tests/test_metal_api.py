@@ -188,6 +188,12 @@ def test_compile_error_points_at_the_line():
     assert re.search(rf"broken\.metal:{line}\b", err.value.log), err.value.log
     assert "broken.metal" in str(err.value)
     assert err.value.path == "shaders/broken.metal"
+    # One header naming the file (the shim's), not one from camel.metal on top of it.
+    assert (
+        str(err.value).count("broken.metal failed")
+        + str(err.value).count("broken.metal: compilation failed")
+        == 1
+    ), str(err.value)
 
 
 def test_unknown_kernel_lists_the_available_ones(lib):
