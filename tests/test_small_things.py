@@ -65,3 +65,17 @@ def test_bench_cpu_claims_a_pytorch_check_only_when_it_ran_one(monkeypatch, caps
     out = capsys.readouterr().out
     assert "checked equal to PyTorch" not in out
     assert "PyTorch is not installed: nothing was checked against it" in out
+
+
+def test_bandwidth_benches_time_on_the_simulator_like_the_ladders(capsys):
+    # matmul and attention time on the simulator (labelled); the memory-bound benches do too.
+    from argparse import Namespace
+
+    from camel import metal
+    from camel.bench import bandwidth
+
+    if not metal.is_simulator():
+        return
+    code, unit = bandwidth.start(Namespace(time=False), validate=lambda: True)
+    assert (code, unit) == (None, "sim GB/s")
+    assert "NOT GPU timings" in capsys.readouterr().out

@@ -10,8 +10,8 @@ float4 copy (``copy_uint4``) is the reference bandwidth: a kernel that only move
    buffer of `--reps` dispatches) and print  kernel | n | ms | GB/s | % of copy,
    where "% of copy" compares with copy_uint4's bandwidth at the same size (this
    device's measured copy bandwidth).
-   On the simulator: validation only; the simulator's times are CPU times and say
-   nothing about a GPU (``--time`` prints them anyway, labelled as such).
+   On the simulator: timed the same way, labelled: the simulator's times are CPU
+   times that compare kernels here and say nothing about a GPU.
 """
 
 from __future__ import annotations
