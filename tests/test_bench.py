@@ -70,3 +70,18 @@ def test_matmul_bench_names_its_vendor_reference():
     assert matmul.vendor() == ("cuBLAS" if metal.shim_kind() == "cuda" else "MPS")
     rows = [("0 (MPS)", 64, 1.0, 0.5, 100.0), ("11", 64, 2.0, 0.25, 50.0)]
     assert "% of MPS" in matmul.table(rows, simulator=True, device="sim")
+
+
+def test_models_bench_runs_both_sides_and_compares_rates():
+    from camel.bench import models
+
+    rows = models.run(["mlp"], "tiny", steps=1, warmup=1, log=lambda *_: None)
+    sides = [r[1] for r in rows]
+    assert sides[0] == "camel mps"
+    name, side, ms, rate, unit, host = rows[0]
+    assert unit == "samples/s" and rate == pytest.approx(128 / (ms / 1000.0))
+    assert host is not None and 0.0 <= host <= 1.0
+    fake = [("mlp", "camel mps", 10.0, 100.0, "samples/s", 0.25),
+            ("mlp", "PyTorch cuda", 5.0, 200.0, "samples/s", None)]  # fmt: skip
+    text = models.table(fake, "dev", simulator=False, config="gpu")
+    assert "| mlp | camel mps | 10.0 | 100 samples/s | 0.50 | 25% |" in text
