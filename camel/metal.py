@@ -383,6 +383,12 @@ def is_simulator() -> bool:
     return _is_sim
 
 
+def shim_kind() -> str:
+    """'metal', 'sim' or 'cuda': which implementation of shim/camel_shim.h serves "mps"."""
+    _native()
+    return "sim" if _is_sim else "metal"
+
+
 def commit() -> int:
     """Send the open command buffer to the GPU without waiting. Returns its id (0: none open)."""
     return _native().camel_commit()

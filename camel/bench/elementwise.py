@@ -21,7 +21,7 @@ import numpy as np
 from camel.bench.bandwidth import parse_args, start
 
 VALIDATE_SIZES = [1, 3, 31, 33, 1000, 4097]
-GPU_SIZES = [1 << 16, 1 << 20, 1 << 24]
+GPU_SIZES = [1 << 16, 1 << 20, 1 << 24, 1 << 26]  # 256 KiB ... 256 MiB per array
 SIM_SIZES = [1 << 14, 1 << 18]
 SHADER = "ops_elementwise.metal"
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from camel.bench.bandwidth import parse_args, start, time_cases
 
-GPU_SHAPES = [(4096, 1024), (1024, 16384), (65536, 10)]
+GPU_SHAPES = [(4096, 1024), (1024, 16384), (65536, 10), (65536, 1024)]  # the last: 256 MiB
 SIM_SHAPES = [(256, 1000), (16, 10000)]
 
 
