@@ -1,11 +1,13 @@
 """camel.metal — the whole GPU host side in one file: the learner's lab bench.
 
 Python talks to the GPU through one small C ABI, shim/camel_shim.h, loaded with
-ctypes. Two libraries implement it:
+ctypes. Three libraries implement it:
 
     shim/build/libcamel_metal.dylib   Apple GPUs through Metal (macOS; the default there)
     shim/build/libcamel_sim.so        the Metal simulator: the same .metal files on the CPU
-                                      (the only choice on Linux; CAMEL_SHIM=sim on macOS)
+                                      (CAMEL_SHIM=sim; the Linux default without an NVIDIA GPU)
+    shim/build/libcamel_cuda.so       NVIDIA GPUs: the .metal files translated to PTX
+                                      (CAMEL_SHIM=cuda; the Linux default with a driver and GPU)
 
 CAMEL_SHIM_LIBRARY=/path/to/lib overrides the search (e.g. a sanitizer build).
 CAMEL_CAPTURE=run.gputrace captures the whole run for Xcode (Metal only).
@@ -19,8 +21,11 @@ restype silently truncates a 64-bit pointer to 32 bits). Everything above it
     fn(x, y, 2.0, n, threads=n, threads_per_threadgroup=256)
     camel.metal.synchronize()
 
-Memory: every buffer is shared storage (one address for CPU and GPU), so
-DeviceArray.numpy() is a zero-copy NumPy view of the buffer. Buffers are
+Memory: on Metal and the simulator every buffer is shared storage (one address for
+CPU and GPU), so DeviceArray.numpy() is a zero-copy NumPy view of the buffer. On the
+CUDA shim a buffer is device memory with a host mirror: .numpy() copies the device
+contents into the mirror and returns a view of it, and host writes through camel's
+API reach the GPU before the next dispatch that uses the buffer (docs/cuda.md). Buffers are
 recycled through a cache (see "Buffer cache" below) so a training loop in
 steady state allocates no new buffers.
 """
@@ -35,6 +40,7 @@ import os
 import struct
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +63,7 @@ __all__ = [
     "device_name",
     "device_info",
     "is_simulator",
+    "shim",
     "memory_stats",
     "reset_peak_memory_stats",
     "empty_cache",
@@ -66,7 +73,7 @@ __all__ = [
     "capture_end",
 ]
 
-ABI_VERSION = 1  # must equal CAMEL_SHIM_ABI_VERSION in shim/camel_shim.h
+ABI_VERSION = 2  # must equal CAMEL_SHIM_ABI_VERSION in shim/camel_shim.h
 MAX_BUFFER_ARGS = 31  # Metal's limit on [[buffer(i)]] slots
 MAX_THREADGROUP_ARGS = 31  # [[threadgroup(i)]] slots we preallocate
 MAX_SET_BYTES = 4095  # setBytes takes "smaller than 4 KB" (Apple); larger constants: a buffer
@@ -108,6 +115,7 @@ class _DeviceInfo(ctypes.Structure):
         ("max_threadgroup_memory", ctypes.c_uint32),
         ("simd_width", ctypes.c_uint32),
         ("recommended_working_set", ctypes.c_uint64),
+        ("host_mirrors", ctypes.c_int32),
     ]
 
 
@@ -156,6 +164,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "camel_device_info_get": ([ctypes.POINTER(_DeviceInfo)], i32),
         "camel_buffer_new": ([u64, ctypes.POINTER(vp)], vp),
         "camel_buffer_release": ([vp], i32),
+        "camel_buffer_sync_to_host": ([vp], i32),
+        "camel_buffer_did_modify": ([vp, u64, u64], i32),
         "camel_memory_info_get": ([ctypes.POINTER(_MemoryInfo)], i32),
         "camel_library_new": ([ctypes.c_char_p, ctypes.c_char_p], vp),
         "camel_library_release": ([vp], None),
@@ -192,28 +202,57 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 _lib: ctypes.CDLL | None = None  # set once by _native()
 _is_sim = False
+_shim_kind = ""  # "metal", "sim" or "cuda" once loaded
+_mirrors = False  # buffers have host mirrors (CUDA shim): copy at sync points
 _shutting_down = False
 
 
+def _cuda_device_present() -> bool:
+    """True when libcuda.so.1 loads and sees at least one device (the Linux default)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    try:
+        return (
+            cuda.cuInit(0) == 0
+            and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0
+            and (count.value > 0)
+        )
+    except AttributeError:
+        return False
+
+
 def _shim_choice() -> str:
-    """'metal' or 'sim', from the platform and $CAMEL_SHIM."""
+    """'metal', 'sim' or 'cuda', from the platform and $CAMEL_SHIM."""
     want = os.environ.get("CAMEL_SHIM", "").strip().lower()
-    if want not in ("", "metal", "sim"):
-        raise MetalError(f"[metal] CAMEL_SHIM must be 'metal' or 'sim', got {want!r}")
+    if want not in ("", "metal", "sim", "cuda"):
+        raise MetalError(f"[metal] CAMEL_SHIM must be 'metal', 'sim' or 'cuda', got {want!r}")
     if sys.platform == "darwin":
+        if want == "cuda":
+            raise MetalError(
+                "[metal] CAMEL_SHIM=cuda needs Linux with an NVIDIA GPU; on macOS use "
+                "CAMEL_SHIM=metal (the default) or CAMEL_SHIM=sim."
+            )
         return want or "metal"
     if want == "metal":
         raise MetalError(
             f"[metal] CAMEL_SHIM=metal needs macOS with an Apple GPU; this is {sys.platform}. "
-            "Here the Metal simulator is the only shim: unset CAMEL_SHIM or set CAMEL_SHIM=sim."
+            "Here use CAMEL_SHIM=cuda (an NVIDIA GPU) or CAMEL_SHIM=sim (the CPU simulator), "
+            "or unset CAMEL_SHIM."
         )
-    return "sim"
+    if want:
+        return want
+    return "cuda" if _cuda_device_present() else "sim"
 
 
 def _shim_candidates(choice: str) -> list[Path]:
     build = _REPO_DIR / "shim" / "build"
     if choice == "metal":
         return [build / "libcamel_metal.dylib"]
+    if choice == "cuda":
+        return [build / "libcamel_cuda.so"]
     return [build / "libcamel_sim.so", build / "libcamel_sim.dylib"]
 
 
@@ -244,7 +283,7 @@ def _build_shim() -> None:
 
 def _native() -> ctypes.CDLL:
     """The loaded, initialised shim; loads (and if needed builds) it on first use."""
-    global _lib, _is_sim
+    global _lib, _is_sim, _shim_kind, _mirrors
     if _lib is not None:
         return _lib
     choice = _shim_choice()
@@ -277,6 +316,8 @@ def _native() -> ctypes.CDLL:
         )
     if lib.camel_init() != 0:
         msg = _error_text(lib)
+        if choice == "cuda":  # no fallback: the user asked for the GPU (or it was probed)
+            raise MetalError(f"[metal] no CUDA device ({path.name}): {msg}")
         hint = (
             " Set CAMEL_SHIM=sim to run kernels on the CPU simulator instead."
             if choice == "metal"
@@ -287,6 +328,8 @@ def _native() -> ctypes.CDLL:
     if lib.camel_device_info_get(ctypes.byref(info)) != 0:
         raise MetalError(f"[metal] camel_device_info_get: {_error_text(lib)}")
     _is_sim = bool(info.is_simulator)
+    _mirrors = bool(info.host_mirrors)
+    _shim_kind = "sim" if _is_sim else ("cuda" if _mirrors else "metal")
     _lib = lib
     _bind_hot_functions(lib)
     _start_capture_from_env()
@@ -373,20 +416,22 @@ def device_info() -> dict:
 
 
 def device_name() -> str:
-    """'Apple M1 Max', or the simulator's name (it says 'simulator')."""
+    """'Apple M1 Max', 'NVIDIA H200 (CUDA shim: MSL translated to PTX)', or the
+    simulator's name (it says 'simulator')."""
     return device_info()["name"]
 
 
 def is_simulator() -> bool:
-    """True when kernels run on the CPU simulator (shim/sim), not an Apple GPU."""
+    """True when kernels run on the CPU simulator (shim/sim), not a GPU."""
     _native()
     return _is_sim
 
 
-def shim_kind() -> str:
-    """'metal', 'sim' or 'cuda': which implementation of shim/camel_shim.h serves "mps"."""
+def shim() -> str:
+    """Which shim runs the kernels: 'metal' (Apple GPU), 'cuda' (NVIDIA GPU, the MSL
+    translated to PTX) or 'sim' (the CPU simulator)."""
     _native()
-    return "sim" if _is_sim else "metal"
+    return _shim_kind
 
 
 def commit() -> int:
@@ -395,10 +440,15 @@ def commit() -> int:
 
 
 def synchronize() -> None:
-    """Commit, then wait until every dispatch so far has completed. Raises if one failed."""
+    """Commit, then wait until every dispatch so far has completed. Raises if one failed.
+    On the CUDA shim the NumPy views handed out by .numpy() that are still alive are
+    refreshed from the device too, so they read as on shared memory."""
     lib = _native()
     if lib.camel_synchronize() != 0:
         raise _fail("a command buffer failed")
+    if _viewed:
+        for block in list(_viewed):
+            _sync_to_host(block)
 
 
 def completed_id() -> int:
@@ -427,6 +477,57 @@ def capture_end() -> None:
     """Stop the capture (waits for the captured work first)."""
     if _native().camel_capture_end() != 0:
         raise _fail("cannot end the GPU capture")
+
+
+# ---- Host mirrors (the CUDA shim) ---------------------------------------------------
+#
+# On a discrete GPU a buffer is device memory plus a host mirror at `contents`. The rule
+# (docs/cuda.md): every host READ goes through DeviceArray.numpy() (which synchronises and
+# copies device -> mirror) and every host WRITE through camel's API (from_numpy, zeros,
+# writes through a .numpy() view, Buffer.did_modify) marks the range, which the shim
+# uploads before the next dispatch that binds the buffer. A .numpy() view may be written
+# at any time, so while one is alive its buffer is uploaded before every dispatch that
+# uses it and refreshed by every synchronize(), and when it dies its writes are marked
+# (unless a dispatch bound the buffer meanwhile). _viewed counts the live views per block.
+# On shared storage (Metal, simulator) none of this runs.
+
+_viewed: dict = {}  # _Block -> number of live .numpy() views of it
+
+
+def _sync_to_host(block) -> None:
+    if _lib.camel_buffer_sync_to_host(block.handle) != 0:
+        raise _fail(f"copying a {block.capacity}-byte buffer to the host")
+
+
+def _did_modify(block, offset: int, length: int) -> None:
+    if _lib.camel_buffer_did_modify(block.handle, offset, length) != 0:
+        raise _fail(f"marking {length} bytes at offset {offset} of a buffer as host-written")
+
+
+def _view_gone(block, last_use_then: int) -> None:
+    """The last array derived from a .numpy() view is gone. It may have been written
+    (`x.numpy()[...] = a` is the common spelling), so unless a dispatch has bound the
+    buffer since the view was made (then the device holds the newer data, as it would
+    on Metal), its contents go to the device before the next dispatch that uses it."""
+    if block not in _viewed:  # released by empty_cache() meanwhile
+        return
+    n = _viewed[block] - 1
+    if n > 0:
+        _viewed[block] = n
+    else:
+        del _viewed[block]
+    if block.last_use == last_use_then and not _shutting_down:
+        try:
+            _did_modify(block, 0, block.capacity)
+        except MetalError as e:  # a finaliser must not raise
+            print(f"[camel.metal] {e}", file=sys.stderr)
+
+
+def _upload_viewed(blocks) -> None:
+    """Before a dispatch: buffers with live host views may hold host writes."""
+    for block in blocks:
+        if block in _viewed:
+            _did_modify(block, 0, block.capacity)
 
 
 # ---- Buffer cache -------------------------------------------------------------------
@@ -521,6 +622,7 @@ def empty_cache() -> None:
             _stats["cached_bytes"] -= block.capacity
             _stats["cached_buffers"] -= 1
             _stats["live_bytes"] -= block.capacity
+            _viewed.pop(block, None)  # a view outliving an explicit release() aliases it
             if lib.camel_buffer_release(block.handle) != 0:
                 raise _fail("camel_buffer_release")
 
@@ -599,6 +701,22 @@ class Buffer:
     @property
     def released(self) -> bool:
         return self._block is None
+
+    def did_modify(self, offset: int = 0, length: int | None = None) -> None:
+        """Say the host wrote bytes [offset, offset + length) through `contents` (ctypes):
+        on the CUDA shim they reach the GPU before the next dispatch using the buffer.
+        A no-op on shared storage. DeviceArray.from_numpy/zeros/.numpy() do this for you."""
+        block = self._live()
+        length = self.nbytes - offset if length is None else length
+        if _mirrors:
+            _did_modify(block, offset, length)
+
+    def sync_to_host(self) -> None:
+        """Wait for the GPU work using this buffer, then make `contents` show the device's
+        data (CUDA shim: a copy into the host mirror; a no-op on shared storage)."""
+        block = self._live()
+        if _mirrors:
+            _sync_to_host(block)
 
     def release(self) -> None:
         block = self._block
@@ -696,6 +814,8 @@ class DeviceArray:
         out = cls(shape, dt, Buffer(nbytes, host_write=True))
         if nbytes:
             ctypes.memset(out.buffer.contents, 0, nbytes)
+            if _mirrors:
+                _did_modify(out.buffer._block, 0, nbytes)
         return out
 
     @classmethod
@@ -707,22 +827,34 @@ class DeviceArray:
         if arr.nbytes:
             # Host write: the block is idle (see the hazard note above the cache).
             np.copyto(out._host_view(), arr)
+            if _mirrors:
+                _did_modify(out.buffer._block, 0, arr.nbytes)
         return out
 
-    def _host_view(self) -> np.ndarray:
-        """A NumPy view of the storage without synchronising (internal)."""
+    def _host_view(self, track: bool = False) -> np.ndarray:
+        """A NumPy view of the storage without synchronising (internal). track=True
+        counts it in _viewed while any array derived from it is alive (CUDA shim)."""
         buffer = self.buffer
         block = buffer._live()
         raw = (ctypes.c_byte * block.capacity).from_address(block.contents)
         raw._camel_buffer = buffer  # the view's .base chain keeps the Buffer alive
+        if track:
+            _viewed[block] = _viewed.get(block, 0) + 1
+            weakref.finalize(raw, _view_gone, block, block.last_use)
         flat = np.frombuffer(raw, dtype=self.dtype, count=self.size, offset=self.offset)
         return flat.reshape(self.shape)
 
     def numpy(self) -> np.ndarray:
         """Synchronise, then return a zero-copy NumPy view of the buffer (writable).
-        The view keeps the buffer alive; writes through it are seen by later kernels."""
+        The view keeps the buffer alive; writes through it are seen by later kernels.
+        (CUDA shim: a view of the host mirror, refreshed from the device here and by
+        every synchronize() while the view lives; docs/cuda.md.)"""
         synchronize()
-        return self._host_view()
+        if not _mirrors:
+            return self._host_view()
+        block = self.buffer._live()
+        _sync_to_host(block)
+        return self._host_view(track=True)
 
     def reshape(self, *shape) -> DeviceArray:
         """The same buffer seen with a new shape (one dimension may be -1). No copy."""
@@ -1010,6 +1142,8 @@ class Function:
             raise
         _pack_u32_into(self._desc, _DESC_NARGS_OFFSET, nargs)
 
+        if _viewed:  # CUDA shim with live host views: they may hold host writes
+            _upload_viewed(used)
         cb = _c_dispatch(self._desc)  # the one native call
         if not cb:
             raise self._dispatch_error(grid3, tpg3, threadgroup_memory, nargs, grid_is_threads)
@@ -1134,6 +1268,8 @@ def mps_matmul(a: DeviceArray, b: DeviceArray, c: DeviceArray) -> None:
     if k != k2 or c.shape != (m, n):
         raise ValueError(f"[mps_matmul] shapes {a.shape} @ {b.shape} -> {c.shape} do not align")
     blocks = [x.buffer._live() for x in (a, b, c)]
+    if _viewed:
+        _upload_viewed(blocks)
     cb = _native().camel_mps_matmul(blocks[0].handle, blocks[1].handle, blocks[2].handle, m, n, k)
     if not cb:
         raise _fail("MPS matmul")
@@ -1187,6 +1323,8 @@ def mpsgraph_attention(
         raise ValueError(f"[mpsgraph_attention] scale must be finite, got {scale}")
     blocks = [x.buffer._live() for x in (q, k, v, out)]
     handles = [b.handle for b in blocks]
+    if _viewed:
+        _upload_viewed(blocks)
     cb = _native().camel_mpsgraph_attention(*handles, bh, t, d, scale, int(bool(causal)))
     if not cb:
         raise _fail(f"MPSGraph attention of shape {q.shape} (causal={bool(causal)})")
@@ -1205,3 +1343,82 @@ def mpsgraph_attention(
                 4.0 * bh * keys * d,
                 4 * 4 * bh * t * d,
             )
+
+
+# ---- MSL -> CUDA, to read (the CUDA shim's translator, shim/cuda/) ----------------
+_cuda_translator: ctypes.CDLL | None = None
+
+
+def _cuda_translator_lib() -> ctypes.CDLL:
+    """shim/build/libcamel_cuda.so (built with `make -C shim cuda` if missing)."""
+    global _cuda_translator
+    if _cuda_translator is None:
+        path = _REPO_DIR / "shim" / "build" / "libcamel_cuda.so"
+        if not path.exists():
+            proc = subprocess.run(
+                ["make", "-C", str(_REPO_DIR / "shim"), "cuda"], capture_output=True, text=True
+            )
+            if proc.returncode != 0 or not path.exists():
+                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+                raise MetalError(f"[translate] cannot build {path} (make -C shim cuda):\n{tail}")
+        lib = ctypes.CDLL(str(path))
+        out = ctypes.POINTER(ctypes.c_void_p)
+        lib.camel_cuda_translate.argtypes = [ctypes.c_char_p, ctypes.c_char_p, out, out, out]
+        lib.camel_cuda_translate.restype = ctypes.c_int
+        lib.camel_cuda_compile.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            out,
+            out,
+            out,
+        ]
+        lib.camel_cuda_compile.restype = ctypes.c_int
+        lib.camel_cuda_free.argtypes = [ctypes.c_void_p]
+        lib.camel_cuda_free.restype = None
+        _cuda_translator = lib
+    return _cuda_translator
+
+
+def _take_string(lib: ctypes.CDLL, p: ctypes.c_void_p) -> str:
+    if not p.value:
+        return ""
+    text = ctypes.string_at(p.value).decode("utf-8", "replace")
+    lib.camel_cuda_free(p)
+    return text
+
+
+def _cuda_call(name: str, source: str, path: str | None, *extra: int) -> tuple[str, str]:
+    lib = _cuda_translator_lib()
+    result, kernels, log = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    rc = getattr(lib, name)(
+        source.encode(),
+        (path or "program_source").encode(),
+        *extra,
+        ctypes.byref(result),
+        ctypes.byref(kernels),
+        ctypes.byref(log),
+    )
+    text, desc, message = (_take_string(lib, p) for p in (result, kernels, log))
+    if rc != 0:
+        message = message.strip() or f"[translate] {name} failed with no message"
+        raise CompileError(message, message, path)
+    return text, desc
+
+
+def translate(source: str, target: str = "cuda", path: str | None = None) -> str:
+    """The CUDA that the CUDA shim compiles an MSL source to, to read.
+
+    Args:
+        source: MSL, as in shaders/*.metal.
+        target: "cuda" (the only one).
+        path: the name used in messages and #line markers (default "program_source").
+
+    Returns the complete, self-contained translation unit: the MSL library for
+    CUDA, the kernels as rewritten, and one `extern "C" __global__
+    camel_kernel_<n>(camel_cuda_args)` wrapper per kernel. It compiles on its own:
+        clang++-19 -x cuda --cuda-device-only --cuda-gpu-arch=sm_90 -nocudainc -nocudalib -O3 -S
+    """
+    if target != "cuda":
+        raise ValueError(f"[translate] unknown target {target!r}; the only one is 'cuda'")
+    return _cuda_call("camel_cuda_translate", source, path)[0]

@@ -29,11 +29,37 @@ _INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 _backends = {}  # device -> backend module, filled on first use
 
 
+def canonical_device(device):
+    """The device name camel uses. 'cuda' is an alias of 'mps' on the CUDA shim (an NVIDIA
+    GPU running the same Metal kernels, translated to PTX), so PyTorch-style code runs
+    unchanged there; tensors then report device 'mps'. Elsewhere 'cuda' is an error that
+    says what to write."""
+    if device != "cuda":
+        return device
+    from camel import metal
+
+    try:
+        shim = metal.shim()
+        where = f"the {shim} shim ({metal.device_name()})"
+    except metal.MetalError as e:
+        shim, where = None, f"no GPU shim ({e})"
+    if shim == "cuda":
+        return "mps"
+    raise ValueError(
+        f"[tensor] device 'cuda' is an alias of 'mps' on the CUDA shim (NVIDIA GPUs run "
+        f"camel's Metal kernels translated to PTX); this process runs {where}: write "
+        "device='mps' for the GPU kernels here, or 'cpu'. On Linux with an NVIDIA driver, "
+        "CAMEL_SHIM=cuda selects the CUDA shim."
+    )
+
+
 def get_backend(device):
     """The backend module of a device: camel.backend_cpu or camel.backend_mps."""
     backend = _backends.get(device)
     if backend is not None:
         return backend
+    if device == "cuda":
+        return get_backend(canonical_device(device))
     if device == "cpu":
         from camel import backend_cpu
 
@@ -132,7 +158,7 @@ class Tensor:
                 f"[tensor] only float32 tensors can require gradients, got {storage.dtype}"
             )
         self.storage = storage
-        self.device = device
+        self.device = device if device != "cuda" else canonical_device(device)
         self.requires_grad = requires_grad
         self.grad = None
         self._ctx = ctx
@@ -197,6 +223,7 @@ class Tensor:
 
     def to(self, device):
         """This tensor on `device` (self when it is already there). Differentiable."""
+        device = canonical_device(device)
         if device == self.device:
             return self
         get_backend(device)  # a clear error for unknown / unavailable devices

@@ -1,9 +1,11 @@
 /*
  * camel_shim.h — the one C ABI between Python (camel/metal.py, via ctypes)
- * and the GPU. Two libraries implement it:
+ * and the GPU. Three libraries implement it:
  *
  *   shim/metal_shim.m   Apple GPUs through Metal (macOS, Apple Silicon)
  *   shim/sim/           the Metal simulator: the same .metal sources on the CPU
+ *   shim/cuda/          NVIDIA GPUs: the same .metal sources translated to PTX,
+ *                       run through the CUDA driver API
  *
  * Rules of the boundary
  *   - Plain C types and opaque handles only.
@@ -29,7 +31,7 @@
 extern "C" {
 #endif
 
-#define CAMEL_SHIM_ABI_VERSION 1
+#define CAMEL_SHIM_ABI_VERSION 2
 #define CAMEL_MAX_DISPATCHES_PER_COMMAND_BUFFER 256
 
 /* Opaque handles. */
@@ -53,6 +55,8 @@ typedef struct camel_device_info {
     uint32_t max_threadgroup_memory;     /* bytes; 32768 on Apple GPUs */
     uint32_t simd_width;                 /* 32 */
     uint64_t recommended_working_set;    /* bytes; 0 if unknown */
+    int32_t host_mirrors;                /* 1: buffers are device memory with a host
+                                            mirror (CUDA shim; see below); 0: shared */
 } camel_device_info;
 int camel_device_info_get(camel_device_info *out);
 
@@ -64,6 +68,18 @@ camel_buffer *camel_buffer_new(uint64_t nbytes, void **contents);
 /* Release the caller's reference. Freed once no pending command buffer
  * uses it. Releasing twice is an error the shim reports, not a crash. */
 int camel_buffer_release(camel_buffer *buffer);
+
+/* Discrete GPUs (the CUDA shim, host_mirrors = 1): a buffer is device memory and
+ * *contents a host mirror of it, synchronised only at these two calls, the analogues
+ * of Metal's managed storage (synchronizeResource:, didModifyRange:). Shared storage
+ * (Metal, simulator) needs neither: they are no-ops there.
+ *   sync_to_host  waits for the pending work that uses the buffer, then copies the
+ *                 device contents into the mirror (a host-modified range not yet
+ *                 uploaded is kept).
+ *   did_modify    the host wrote [offset, offset + length) of the mirror: it is
+ *                 copied to the device before the next command that binds the buffer. */
+int camel_buffer_sync_to_host(camel_buffer *buffer);
+int camel_buffer_did_modify(camel_buffer *buffer, uint64_t offset, uint64_t length);
 
 /* Live buffers and bytes currently allocated through this ABI. */
 typedef struct camel_memory_info {

@@ -1373,3 +1373,28 @@ int camel_capture_end(void) {
         return 0;
     }
 }
+
+/* ---- host mirrors (ABI 2) ------------------------------------------------------ */
+
+/* Every buffer here is MTLResourceStorageModeShared: the CPU and the GPU see one
+ * memory, so there is nothing to synchronise (the CUDA shim copies instead; these
+ * are the analogues of synchronizeResource: and didModifyRange: for managed storage). */
+int camel_buffer_sync_to_host(camel_buffer *buffer) {
+    clear_error();
+    if (buffer == NULL) {
+        set_error("[buffer] camel_buffer_sync_to_host: buffer is NULL");
+        return 1;
+    }
+    return 0;
+}
+
+int camel_buffer_did_modify(camel_buffer *buffer, uint64_t offset, uint64_t length) {
+    clear_error();
+    if (buffer == NULL) {
+        set_error("[buffer] camel_buffer_did_modify: buffer is NULL");
+        return 1;
+    }
+    (void)offset;
+    (void)length;
+    return 0;
+}

@@ -60,14 +60,14 @@ def test_attention_reference_is_sdpa_only_on_the_cuda_shim():
     from camel.bench import attention
 
     torch, why = attention.torch_cuda()
-    if metal.shim_kind() != "cuda":
+    if metal.shim() != "cuda":
         assert torch is None and "CUDA shim" in why
 
 
 def test_matmul_bench_names_its_vendor_reference():
     from camel.bench import matmul
 
-    assert matmul.vendor() == ("cuBLAS" if metal.shim_kind() == "cuda" else "MPS")
+    assert matmul.vendor() == ("cuBLAS" if metal.shim() == "cuda" else "MPS")
     rows = [("0 (MPS)", 64, 1.0, 0.5, 100.0), ("11", 64, 2.0, 0.25, 50.0)]
     assert "% of MPS" in matmul.table(rows, simulator=True, device="sim")
 

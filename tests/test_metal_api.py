@@ -76,7 +76,9 @@ def test_device_queries():
     assert info["max_threads_per_threadgroup"] >= 256
     assert info["max_threadgroup_memory"] >= 16384
     assert info["simd_width"] == 32
-    if sys.platform != "darwin":
+    if metal.shim() == "cuda":
+        assert name.endswith("(CUDA shim: MSL translated to PTX)") and not metal.is_simulator()
+    elif sys.platform != "darwin":
         assert metal.is_simulator()
         assert "sim" in name.lower()
 
@@ -283,9 +285,13 @@ def test_camel_shim_metal_on_linux_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CAMEL_SHIM", "metal")
     with pytest.raises(metal.MetalError, match="CAMEL_SHIM=sim"):
         metal._shim_choice()
-    monkeypatch.setenv("CAMEL_SHIM", "cuda")
-    with pytest.raises(metal.MetalError, match="'metal' or 'sim'"):
+    monkeypatch.setenv("CAMEL_SHIM", "vulkan")
+    with pytest.raises(metal.MetalError, match="'metal', 'sim' or 'cuda'"):
         metal._shim_choice()
+    monkeypatch.setenv("CAMEL_SHIM", "cuda")
+    assert metal._shim_choice() == "cuda"  # asked for: no probing, no fallback
+    monkeypatch.setenv("CAMEL_SHIM", "sim")
+    assert metal._shim_choice() == "sim"
 
 
 def test_shader_files_compile_once_per_process(tmp_path):

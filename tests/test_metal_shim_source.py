@@ -139,3 +139,17 @@ def test_simulator_implements_the_whole_abi():
     if not impl:
         pytest.skip("the simulator runtime defines no camel_* function yet")
     _compare(impl, "shim/sim/", allow_extra=True)
+
+
+def test_cuda_shim_implements_the_whole_abi():
+    sources = sorted((ROOT / "shim" / "cuda").glob("*.cpp"))
+    impl: dict = {}
+    for path in sources:
+        for name, sig in _signatures(path.read_text(), "{").items():
+            # camel_cuda_* is the translator <-> runtime interface (cuda_abi.h) and the
+            # runtime's test hooks; not part of camel_shim.h.
+            if name.startswith("camel_cuda_"):
+                continue
+            assert name not in impl, f"{name} is defined twice in shim/cuda/"
+            impl[name] = sig
+    _compare(impl, "shim/cuda/")

@@ -45,6 +45,15 @@ def test_simulator_says_mpsgraph_is_unavailable():
     metal.synchronize()  # the refused call left nothing broken behind
 
 
+@pytest.mark.skipif(metal.shim() != "cuda", reason="the CUDA shim's refusal")
+def test_cuda_shim_says_mpsgraph_is_unavailable():
+    _, (q, k, v) = _arrays((2, 5, 8))
+    out = metal.DeviceArray.empty((2, 5, 8), np.float32)
+    with pytest.raises(metal.MetalError, match=r"MPSGraph attention is not available on the CUDA"):
+        metal.mpsgraph_attention(q, k, v, out, 0.5, causal=True)
+    metal.synchronize()
+
+
 def test_bad_arguments_are_rejected_with_their_shapes():
     _, (q, k, v) = _arrays((3, 4))
     out = metal.DeviceArray.empty((3, 4), np.float32)
@@ -66,7 +75,7 @@ def test_bad_arguments_are_rejected_with_their_shapes():
         metal.mpsgraph_attention(empty, empty, empty, empty, 1.0)
 
 
-@pytest.mark.skipif(metal.is_simulator(), reason="MPSGraph needs Metal (macOS 15+)")
+@pytest.mark.skipif(metal.shim() != "metal", reason="MPSGraph needs Metal (macOS 15+)")
 @pytest.mark.parametrize("shape", [(1, 1, 1, 32), (2, 3, 17, 64), (1, 2, 130, 128)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_numpy_in_order_with_dispatches(shape, causal):
@@ -83,7 +92,7 @@ def test_matches_numpy_in_order_with_dispatches(shape, causal):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.skipif(metal.is_simulator(), reason="MPSGraph needs Metal (macOS 15+)")
+@pytest.mark.skipif(metal.shim() != "metal", reason="MPSGraph needs Metal (macOS 15+)")
 def test_profile_records_mpsgraph_attention():
     import camel
 

@@ -26,8 +26,8 @@ def test_int64_out_of_int32_range_raises():
 def test_unsupported_data_raises():
     with pytest.raises(TypeError, match="cannot make a tensor from dtype"):
         camel.tensor(["a", "b"])
-    with pytest.raises(ValueError, match="unknown device 'cuda'"):
-        camel.tensor([1.0], device="cuda")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        camel.tensor([1.0], device="tpu")
 
 
 def test_factories(device):
@@ -163,3 +163,22 @@ def test_reductions_methods(device):
     assert t.max(axis=-1).tolist() == [5.0, 4.0]
     assert t.max().item() == 5.0
     np.testing.assert_allclose(t.softmax().numpy().sum(-1), [1.0, 1.0], rtol=1e-6)
+
+
+def test_cuda_device_is_an_alias_of_mps_on_the_cuda_shim_only():
+    from camel import metal
+
+    try:
+        shim = metal.shim()
+    except metal.MetalError:
+        shim = None
+    if shim == "cuda":
+        t = camel.tensor([1.0, 2.0], device="cuda")
+        assert t.device == "mps" and t.to("cuda") is t
+        assert camel.zeros(3).to("cuda").device == "mps"
+    else:
+        with pytest.raises(ValueError, match=r"'cuda' is an alias of 'mps' on the CUDA shim.*"
+                           r"write device='mps'"):  # fmt: skip
+            camel.tensor([1.0], device="cuda")
+        with pytest.raises(ValueError, match="write device='mps'"):
+            camel.zeros(2).to("cuda")

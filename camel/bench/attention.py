@@ -121,8 +121,8 @@ def torch_cuda():
     """PyTorch with a CUDA GPU when camel itself runs on the CUDA shim, else (None, why)."""
     from camel import metal
 
-    if metal.shim_kind() != "cuda":
-        return None, f"PyTorch SDPA is the reference on the CUDA shim; this is {metal.shim_kind()}"
+    if metal.shim() != "cuda":
+        return None, f"PyTorch SDPA is the reference on the CUDA shim; this is {metal.shim()}"
     try:
         import torch
     except ImportError:
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
         reference = "naive" if absent else "torch_sdpa"
         what = "PyTorch scaled_dot_product_attention, FP32 (TF32 off), on the same GPU"
     else:
-        absent = validate_mpsgraph() if metal.shim_kind() != "cuda" else absent
+        absent = validate_mpsgraph() if metal.shim() != "cuda" else absent
         reference = "naive" if absent else "mpsgraph"
         what = "MPSGraph scaled-dot-product attention (macOS 15+)"
     if absent:

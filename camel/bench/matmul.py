@@ -62,7 +62,7 @@ def vendor() -> str:
     """The name of kernel 0, the vendor's matmul behind metal.mps_matmul on this shim."""
     from camel import metal
 
-    return "cuBLAS" if metal.shim_kind() == "cuda" else "MPS"
+    return "cuBLAS" if metal.shim() == "cuda" else "MPS"
 
 
 def time_mps(s: int, reps: int) -> float | None:

@@ -53,9 +53,9 @@ def _torch_device():
         return None, None, "PyTorch is not installed"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    if metal.shim_kind() == "cuda" and torch.cuda.is_available():
+    if metal.shim() == "cuda" and torch.cuda.is_available():
         return torch, "cuda", None
-    why = "camel is not on the CUDA shim" if metal.shim_kind() != "cuda" else "no CUDA PyTorch"
+    why = "camel is not on the CUDA shim" if metal.shim() != "cuda" else "no CUDA PyTorch"
     return torch, "cpu", why
 
 

@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from camel.tensor import Tensor, get_backend, get_rng
+from camel.tensor import Tensor, canonical_device, get_backend, get_rng
 
 # ----------------------------------------------------------------------------- Parameter
 
@@ -130,6 +130,7 @@ class Module:
         device at the first ``step()`` and does not move, so move the model before the
         first step, not in the middle of training.
         """
+        device = canonical_device(device)  # "cuda": an alias of "mps" on the CUDA shim
         get_backend(device)  # a clear error for an unknown or unavailable device
         for p in self.parameters():
             if p.device != device:

@@ -21,7 +21,11 @@
 #ifndef CAMEL_CUDA_ABI_H
 #define CAMEL_CUDA_ABI_H
 
+/* The translated kernels include this file with no C library: there
+ * camel_cuda_msl.h defines the fixed-width types first. */
+#ifndef __CAMEL_CUDA__
 #include <stdint.h>
+#endif
 
 #ifdef __cplusplus
 extern "C" {

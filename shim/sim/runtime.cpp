@@ -156,6 +156,34 @@ CAMEL_EXPORT int camel_buffer_release(camel_buffer *b) {
     return 0;
 }
 
+// Shared storage: the host and the kernels see the same memory, nothing to copy.
+// Only the handle is checked, so a misuse is reported here as on the CUDA shim.
+static int check_live(camel_buffer *b, const char *what) {
+    tl_error.clear();
+    std::lock_guard<std::mutex> lock(S.mu);
+    if (!S.buffers.count(b) || b->released) {
+        set_error("[sim] %s: %p is not a live buffer (released already?)", what, (void *)b);
+        return 1;
+    }
+    return 0;
+}
+
+CAMEL_EXPORT int camel_buffer_sync_to_host(camel_buffer *b) {
+    return check_live(b, "camel_buffer_sync_to_host");
+}
+
+CAMEL_EXPORT int camel_buffer_did_modify(camel_buffer *b, uint64_t offset, uint64_t length) {
+    if (check_live(b, "camel_buffer_did_modify")) return 1;
+    if (offset > b->nbytes || length > b->nbytes - offset) {
+        set_error("[sim] camel_buffer_did_modify: range %llu + %llu bytes is outside the "
+                  "%llu-byte buffer",
+                  (unsigned long long)offset, (unsigned long long)length,
+                  (unsigned long long)b->nbytes);
+        return 1;
+    }
+    return 0;
+}
+
 CAMEL_EXPORT int camel_memory_info_get(camel_memory_info *out) {
     // A query that cannot fail: keeps the last error readable.
     std::lock_guard<std::mutex> lock(S.mu);

@@ -39,7 +39,9 @@
 
 extern char **environ;
 
-namespace {
+// Not in an anonymous namespace: the CUDA translator shares these helpers
+// (declared in translate_internal.h).
+namespace camel_sim {
 
 // Bump when the generated code changes in a way the key would not notice.
 const char kTranslatorVersion[] = "camel-sim-translate 1";
@@ -90,29 +92,6 @@ bool mkdirs(const std::string &dir) {
     if (!mkdirs(dirname_of(dir))) return false;
     return mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST;
 }
-
-// Two independent 64-bit FNV-style hashes, as 32 hex digits.
-struct Hasher {
-    uint64_t a = 0xcbf29ce484222325ull, b = 0x84222325cbf29ce4ull;
-    void add(const void *data, size_t n) {
-        const unsigned char *p = (const unsigned char *)data;
-        for (size_t i = 0; i < n; i++) {
-            a = (a ^ p[i]) * 0x100000001b3ull;
-            b = (b ^ p[i]) * 0x9e3779b97f4a7c15ull;
-            b ^= b >> 29;
-        }
-    }
-    void add(const std::string &s) {
-        uint64_t n = s.size();
-        add(&n, sizeof n);  // length first, so "ab"+"c" differs from "a"+"bc"
-        add(s.data(), s.size());
-    }
-    std::string hex() {
-        char buf[40];
-        snprintf(buf, sizeof buf, "%016llx%016llx", (unsigned long long)a, (unsigned long long)b);
-        return buf;
-    }
-};
 
 // The compiler: $CAMEL_SIM_CXX, else the newest clang++-N on PATH.
 std::string find_in_path(const std::string &name) {
@@ -376,9 +355,10 @@ void hash_headers(Hasher &h, const std::string &inc) {
     if (read_file(inc + "/../sim_abi.h", content)) h.add(content);
 }
 
-}  // namespace
+}  // namespace camel_sim
 
 extern "C" int camel_sim_compile(const char *source, const char *path, char **so_path, char **log) {
+    using namespace camel_sim;
     *so_path = nullptr;
     *log = nullptr;
     std::string err;

@@ -2,12 +2,21 @@
 //   translate.cpp          the driver: find clang, preprocess, cache, compile
 //   translate_rewrite.cpp  the MSL -> C++ token rewrite, the portability
 //                          guard and the generated entry wrappers
+// Both are also part of the CUDA shim's translator (shim/cuda/translate_cuda.cpp),
+// which uses the rewrite with TARGET_CUDA and the driver's helpers below.
 #ifndef CAMEL_SIM_TRANSLATE_INTERNAL_H
 #define CAMEL_SIM_TRANSLATE_INTERNAL_H
 
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
 #include <string>
+#include <vector>
 
 namespace camel_sim {
+
+enum Target { TARGET_SIM, TARGET_CUDA };
 
 // Rewrite preprocessed MSL (`clang -E` output with line markers) into C++.
 //   main_file: the file name the line markers use for the .metal source
@@ -18,9 +27,55 @@ namespace camel_sim {
 bool rewrite_msl(const std::string &preprocessed, const std::string &main_file,
                  const std::string &display, std::string &out, std::string &errors);
 
+// The same for a target. TARGET_CUDA: the output holds only the user's code
+// (the caller puts the compat headers' text in front), closes the
+// force_cuda_host_device pragma, and ends with the __global__ entry wrappers;
+// `kernels` receives the description lines of shim/cuda/cuda_abi.h.
+bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::string &main_file,
+                     const std::string &display, std::string &out, std::string &errors,
+                     std::string &kernels);
+
 // Scan the raw source for #include of C/C++ standard-library headers.
 bool check_includes(const std::string &source, const std::string &display,
-                    std::string &errors);
+                    std::string &errors, const char *prefix = "[sim] ");
+
+// ---- helpers of translate.cpp, shared with the CUDA translator --------------
+char *dup_string(const std::string &s);
+bool file_exists(const std::string &p);
+bool read_file(const std::string &path, std::string &out);
+bool write_file(const std::string &path, const std::string &data);
+std::string dirname_of(const std::string &p);
+bool mkdirs(const std::string &dir);
+std::string find_in_path(const std::string &name);
+// Run argv with stdout+stderr going to log_path; the exit status or -1.
+int run(const std::vector<std::string> &argv, const std::string &log_path);
+void replace_all(std::string &s, const std::string &from, const std::string &to);
+// clang's log made readable for the author of the .metal file (see translate.cpp).
+std::string tidy_log(const std::string &log, const std::string &display, const std::string &source,
+                     const std::string &inc);
+
+// Two independent 64-bit FNV-style hashes, as 32 hex digits.
+struct Hasher {
+    uint64_t a = 0xcbf29ce484222325ull, b = 0x84222325cbf29ce4ull;
+    void add(const void *data, size_t n) {
+        const unsigned char *p = (const unsigned char *)data;
+        for (size_t i = 0; i < n; i++) {
+            a = (a ^ p[i]) * 0x100000001b3ull;
+            b = (b ^ p[i]) * 0x9e3779b97f4a7c15ull;
+            b ^= b >> 29;
+        }
+    }
+    void add(const std::string &s) {
+        uint64_t n = s.size();
+        add(&n, sizeof n);  // length first, so "ab"+"c" differs from "a"+"bc"
+        add(s.data(), s.size());
+    }
+    std::string hex() {
+        char buf[40];
+        snprintf(buf, sizeof buf, "%016llx%016llx", (unsigned long long)a, (unsigned long long)b);
+        return buf;
+    }
+};
 
 }  // namespace camel_sim
 

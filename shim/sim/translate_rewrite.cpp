@@ -22,6 +22,11 @@
 //   float4(a, b.xy)                __camel_make<float4>(a, b.xy)
 //   static_cast<float4>(i)         __camel_make<float4>(i)
 //   (float4)i                      __camel_conv<float4>() ->* i   (converts, like MSL)
+//
+// The CUDA shim (shim/cuda/translate_cuda.cpp) uses the same rewrite with
+// TARGET_CUDA; there a function-scope `threadgroup T x[N];` becomes
+// `__shared__ T x[N];` and the generated code is one __global__ entry wrapper
+// per kernel (see shim/cuda/cuda_abi.h) instead of the library description.
 #include "translate_internal.h"
 
 #include <cstdio>
@@ -336,6 +341,9 @@ struct FunctionInfo {
 struct Rewriter {
     std::vector<Token> &t;
     std::string display;
+    Target target = TARGET_SIM;
+    std::string prefix = "[sim] ";        // of every message
+    std::string shim = "the simulator";   // "... is not supported by the simulator"
     std::vector<size_t> sig;  // indices of significant tokens (not space/newline/directive)
     std::string errors;
     std::vector<Kernel> kernels;
@@ -358,7 +366,7 @@ struct Rewriter {
     bool is(size_t k, const char *s) { return k < sig.size() && t[sig[k]].text == s; }
 
     void error(int line, const std::string &msg) {
-        errors += "[sim] " + display + ":" + std::to_string(line) + ": " + msg + "\n";
+        errors += prefix + display + ":" + std::to_string(line) + ": " + msg + "\n";
     }
     void error_at(size_t k, const std::string &msg) { error(S(k).line, msg); }
 
@@ -437,7 +445,7 @@ struct Rewriter {
                 for (auto &a : attrs)
                     if (a.name == "vertex" || a.name == "fragment" || a.name == "visible" ||
                         a.name == "mesh" || a.name == "object")
-                        error_at(k, "[[" + a.name + "]] functions are not supported by the simulator (compute kernels only)");
+                        error_at(k, "[[" + a.name + "]] functions are not supported by " + shim + " (compute kernels only)");
                 k = e - 1;
                 continue;
             }
@@ -507,7 +515,7 @@ struct Rewriter {
             } else if (x == "kernel" && !in_function()) {
                 blank(k);
             } else if ((x == "vertex" || x == "fragment") && !in_function() && at_namespace()) {
-                error_at(k, "'" + x + "' functions are not supported by the simulator (compute kernels only)");
+                error_at(k, "'" + x + "' functions are not supported by " + shim + " (compute kernels only)");
             } else if (x == "static_cast" && is(k + 1, "<") && k + 2 < sig.size() &&
                        is_vector_type(txt(k + 2)) && is(k + 3, ">") && is(k + 4, "(")) {
                 tok.out = "__camel_make";  // static_cast<float4>(int4) converts in MSL
@@ -814,7 +822,7 @@ struct Rewriter {
                 p.builtin = at.name;
             } else if (at.name == "stage_in" || at.name == "texture" || at.name == "sampler") {
                 error(line, "kernel parameter '" + p.name + "': [[" + at.name +
-                                "]] is not supported by the simulator");
+                                "]] is not supported by " + shim);
                 return false;
             }
             if ((at.name == "buffer" || at.name == "threadgroup") &&
@@ -902,6 +910,11 @@ struct Rewriter {
             blank(k);
             return;
         }
+        if (target == TARGET_CUDA) {  // CUDA has the same thing: one allocation per declaration
+            S(k).out = "__shared__";
+            tg_storage.push_back(k);
+            return;
+        }
         std::string type;
         for (size_t j = k + 1; j < name_at; j++) type += txt(j) + " ";
         std::string text;
@@ -942,10 +955,14 @@ struct Rewriter {
     // Does a function (by name) reach a barrier or a SIMD-group op (fibers),
     // or declare threadgroup variables (tg), directly or through other user
     // functions? Both need the runtime's view of the current thread.
-    std::map<std::string, bool> memo[2];
-    bool uses(const std::string &name, bool want_tg, std::set<std::string> &visiting) {
-        auto m = memo[want_tg].find(name);
-        if (m != memo[want_tg].end()) return m->second;
+    enum { USES_FIBER_OP, USES_TG_VARS, USES_BARRIER, USES_SIMD };
+    static bool is_barrier(const std::string &id) { return id == "threadgroup_barrier"; }
+    static bool is_simd_op(const std::string &id) { return is_fiber_op(id) && !is_barrier(id); }
+    std::map<std::string, bool> memo[4];
+    bool uses(const std::string &name, int want, std::set<std::string> &visiting) {
+        bool want_tg = want == USES_TG_VARS;
+        auto m = memo[want].find(name);
+        if (m != memo[want].end()) return m->second;
         if (visiting.count(name)) return false;
         visiting.insert(name);
         bool found = false;
@@ -955,8 +972,12 @@ struct Rewriter {
                 for (size_t j = fi.body_begin + 1; j < fi.body_end && !found; j++) {
                     if (S(j).kind != IDENT) continue;
                     const std::string &x = txt(j);
-                    if (!want_tg && is_fiber_op(x)) found = true;
-                    else if (x != name && functions.count(x) && uses(x, want_tg, visiting)) found = true;
+                    bool op = want == USES_FIBER_OP ? is_fiber_op(x)
+                              : want == USES_BARRIER ? is_barrier(x)
+                              : want == USES_SIMD    ? is_simd_op(x)
+                                                     : false;
+                    if (op) found = true;
+                    else if (x != name && functions.count(x) && uses(x, want, visiting)) found = true;
                 }
                 if (want_tg)
                     for (size_t k : tg_storage)
@@ -964,19 +985,112 @@ struct Rewriter {
             }
         }
         visiting.erase(name);
-        memo[want_tg][name] = found;
+        memo[want][name] = found;
         return found;
     }
-    bool uses_fibers(const std::string &name) {
+    bool uses_op(const std::string &name, int want) {
         std::set<std::string> visiting;
-        return uses(name, false, visiting);
+        return uses(name, want, visiting);
     }
-    bool uses_threadgroup_vars(const std::string &name) {
-        std::set<std::string> visiting;
-        return uses(name, true, visiting);
-    }
+    bool uses_fibers(const std::string &name) { return uses_op(name, USES_FIBER_OP); }
+    bool uses_threadgroup_vars(const std::string &name) { return uses_op(name, USES_TG_VARS); }
 
     // ---- generated code -------------------------------------------------
+    // Parameters without an explicit [[buffer(i)]] / [[threadgroup(i)]] get the
+    // next free index; Metal's limits: 31 slots, each bound once per kernel.
+    void assign_indices(Kernel &kn) {
+        int next_buffer = 0, next_tg = 0;
+        for (auto &p : kn.params) {
+            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index >= next_buffer) next_buffer = p.index + 1;
+            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index >= next_tg) next_tg = p.index + 1;
+        }
+        for (auto &p : kn.params) {
+            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index < 0) p.index = next_buffer++;
+            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index < 0) p.index = next_tg++;
+        }
+        std::map<std::pair<int, int>, std::string> used;
+        for (auto &p : kn.params) {
+            if (p.kind == CAMEL_SIM_PARAM_BUILTIN) continue;
+            const char *what = p.kind == CAMEL_SIM_PARAM_BUFFER ? "buffer" : "threadgroup";
+            if (p.index > 30)
+                error(kn.line, "kernel '" + kn.host_name + "' parameter '" + p.name + "': [[" +
+                                   what + "(" + std::to_string(p.index) +
+                                   ")]] is out of range; Metal has slots 0 to 30");
+            auto slot = std::make_pair(p.kind, p.index);
+            if (used.count(slot))
+                error(kn.line, "kernel '" + kn.host_name + "': parameters '" + used[slot] +
+                                   "' and '" + p.name + "' are both [[" + what + "(" +
+                                   std::to_string(p.index) + ")]]");
+            used[slot] = p.name;
+        }
+    }
+
+    // The argument expression that binds parameter p (type P) in a wrapper.
+    std::string bind_arg(const Param &p, const std::string &P, const std::string &buffer,
+                         const std::string &tg, const std::string &thread) {
+        std::string i = std::to_string(p.index);
+        if (p.kind == CAMEL_SIM_PARAM_BUFFER) return "__camel_bind<" + P + ">(" + buffer + "[" + i + "])";
+        if (p.kind == CAMEL_SIM_PARAM_THREADGROUP) return "__camel_bind<" + P + ">(" + tg + "[" + i + "])";
+        const BuiltinInfo *bi = find_builtin(p.builtin);
+        if (!bi->field) return "__camel_builtin3<" + P + ">(__camel_zero3)";
+        if (bi->vector) return "__camel_builtin3<" + P + ">(" + thread + bi->field + ")";
+        return "__camel_builtin1<" + P + ">(" + thread + bi->field + ")";
+    }
+
+    // CUDA: one __global__ wrapper per kernel, and the description lines
+    // (both formats in shim/cuda/cuda_abi.h).
+    std::string generate_cuda(std::string &desc) {
+        std::string g = "\n#pragma clang force_cuda_host_device end\n";
+        g += "\n#line 1 \"<camel generated>\"\n";
+        g += "// Entry wrappers (shim/cuda/cuda_abi.h): Metal's builtins from the block and\n"
+             "// camel_cuda_args; [[buffer(i)]] is args.buffers[i], [[threadgroup(i)]] the\n"
+             "// dynamic shared memory at args.threadgroup_offset[i].\n";
+        g += "static __device__ const uint32_t __camel_zero3[3] = {0, 0, 0};\n";
+        std::set<std::string> names;
+        int count = 0;
+        for (size_t i = 0; i < kernels.size(); i++) {
+            Kernel &kn = kernels[i];
+            if (!names.insert(kn.host_name).second) {
+                error(kn.line, "two kernels are named '" + kn.host_name + "'");
+                continue;
+            }
+            assign_indices(kn);
+            std::string fn = kn.qualified + kn.targs;
+            std::string F = "decltype(" + fn + ")";
+            std::string n = std::to_string(count++);
+            bool barrier = uses_op(kn.body_owner, USES_BARRIER);
+            bool simd = uses_op(kn.body_owner, USES_SIMD);
+            desc += "kernel " + n + " " + kn.host_name + " " + (barrier ? "1" : "0") + " " +
+                    (simd ? "1" : "0") + "\n";
+            g += "\n// kernel " + n + ": " + kn.host_name +
+                 (kn.host_name != fn ? " (" + fn + ")" : std::string()) + "\n";
+            g += "extern \"C\" __global__ void camel_kernel_" + n + "(camel_cuda_args args) {\n";
+            g += "    const __camel_thread t = __camel_thread_of(args);\n";
+            g += "    (void)t;\n";
+            g += "    " + fn + "(";
+            std::string sizes;
+            for (size_t j = 0; j < kn.params.size(); j++) {
+                const Param &p = kn.params[j];
+                std::string P = "__camel_param_t<" + std::to_string(j) + ", " + F + ">";
+                g += std::string(j ? "," : "") + "\n        " +
+                     bind_arg(p, P, "args.buffers", "__camel_threadgroup_memory + args.threadgroup_offset", "t.");
+                bool by_value = p.kind == CAMEL_SIM_PARAM_BUFFER && !p.pointer;
+                sizes += std::string(j ? ", " : "") +
+                         (by_value ? "(uint32_t)sizeof(__camel_remove_ref_t<" + P + ">)" : "0");
+                int index = p.kind == CAMEL_SIM_PARAM_BUILTIN ? -1 : p.index;
+                desc += "param " + n + " " + std::to_string(j) + " " + p.name + " " +
+                        std::to_string(p.kind) + " " + std::to_string(index) + " " +
+                        (p.pointer ? "1" : "0") + "\n";
+            }
+            g += ");\n}\n";
+            // sizes of the parameters bound by value or reference, for setBytes checks
+            g += "extern \"C\" __device__ const uint32_t camel_kernel_" + n + "_value_sizes[" +
+                 std::to_string(kn.params.empty() ? 1 : kn.params.size()) + "] = {" +
+                 (kn.params.empty() ? std::string("0") : sizes) + "};\n";
+        }
+        return g;
+    }
+
     std::string generate() {
         std::string g = "\n# 1 \"<camel generated>\"\n";
         g += "// Entry wrappers and the library description (see shim/sim/sim_abi.h).\n";
@@ -991,32 +1105,7 @@ struct Rewriter {
             std::string fn = kn.qualified + kn.targs;
             std::string F = "decltype(" + fn + ")";
             std::string n = std::to_string(i);
-            // assign indices to parameters without an explicit one
-            int next_buffer = 0, next_tg = 0;
-            for (auto &p : kn.params) {
-                if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index >= next_buffer) next_buffer = p.index + 1;
-                if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index >= next_tg) next_tg = p.index + 1;
-            }
-            for (auto &p : kn.params) {
-                if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index < 0) p.index = next_buffer++;
-                if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index < 0) p.index = next_tg++;
-            }
-            // Metal's limits: 31 buffer slots, each bound once per kernel.
-            std::map<std::pair<int, int>, std::string> used;
-            for (auto &p : kn.params) {
-                if (p.kind == CAMEL_SIM_PARAM_BUILTIN) continue;
-                const char *what = p.kind == CAMEL_SIM_PARAM_BUFFER ? "buffer" : "threadgroup";
-                if (p.index > 30)
-                    error(kn.line, "kernel '" + kn.host_name + "' parameter '" + p.name + "': [[" +
-                                       what + "(" + std::to_string(p.index) +
-                                       ")]] is out of range; Metal has slots 0 to 30");
-                auto slot = std::make_pair(p.kind, p.index);
-                if (used.count(slot))
-                    error(kn.line, "kernel '" + kn.host_name + "': parameters '" + used[slot] +
-                                       "' and '" + p.name + "' are both [[" + what + "(" +
-                                       std::to_string(p.index) + ")]]");
-                used[slot] = p.name;
-            }
+            assign_indices(kn);
             g += "static void __camel_entry_" + n +
                  "(void *const *b, void *const *tg, const camel_sim_thread *t) {\n";
             // The current thread matters only to barriers, SIMD-group functions and
@@ -1029,20 +1118,7 @@ struct Rewriter {
                 const Param &p = kn.params[j];
                 std::string P = "__camel_param_t<" + std::to_string(j) + ", " + F + ">";
                 if (j) g += ",";
-                g += "\n        ";
-                if (p.kind == CAMEL_SIM_PARAM_BUFFER) {
-                    g += "__camel_bind<" + P + ">(b[" + std::to_string(p.index) + "])";
-                } else if (p.kind == CAMEL_SIM_PARAM_THREADGROUP) {
-                    g += "__camel_bind<" + P + ">(tg[" + std::to_string(p.index) + "])";
-                } else {
-                    const BuiltinInfo *bi = find_builtin(p.builtin);
-                    if (!bi->field)
-                        g += "__camel_builtin3<" + P + ">(__camel_zero3)";
-                    else if (bi->vector)
-                        g += "__camel_builtin3<" + P + ">(t->" + bi->field + ")";
-                    else
-                        g += "__camel_builtin1<" + P + ">(t->" + bi->field + ")";
-                }
+                g += "\n        " + bind_arg(p, P, "b", "tg", "t->");
             }
             g += ");\n}\n";
             if (!kn.params.empty()) {
@@ -1091,7 +1167,8 @@ struct Rewriter {
 
 }  // namespace
 
-bool check_includes(const std::string &source, const std::string &display, std::string &errors) {
+bool check_includes(const std::string &source, const std::string &display, std::string &errors,
+                    const char *prefix) {
     static const char *const allowed_prefix[] = {"metal_", "simd/", nullptr};
     int line = 1;
     size_t i = 0;
@@ -1111,7 +1188,7 @@ bool check_includes(const std::string &source, const std::string &display, std::
                     for (int k = 0; allowed_prefix[k]; k++)
                         if (name.compare(0, strlen(allowed_prefix[k]), allowed_prefix[k]) == 0) allowed = true;
                     if (!allowed) {
-                        errors += "[sim] " + display + ":" + std::to_string(line) + ": '#include <" +
+                        errors += prefix + display + ":" + std::to_string(line) + ": '#include <" +
                                   name + ">': Metal has no C or C++ standard library; include "
                                   "<metal_stdlib> and use its functions\n";
                         ok = false;
@@ -1125,14 +1202,36 @@ bool check_includes(const std::string &source, const std::string &display, std::
     return ok;
 }
 
+// A line marker `# 12 "file" 2` as `#line 12 "file"` (the flags refer to an
+// include stack the translated file does not have); other directives as they are.
+static std::string line_directive(const std::string &d) {
+    size_t p = d.find_first_not_of(" \t#");
+    size_t q2 = d.rfind('"');
+    if (p == std::string::npos || !is_digit(d[p]) || q2 == std::string::npos) return d;
+    return "#line " + d.substr(p, q2 + 1 - p);
+}
+
 bool rewrite_msl(const std::string &preprocessed, const std::string &main_file,
                  const std::string &display, std::string &out, std::string &errors) {
+    std::string unused;
+    return rewrite_msl_for(TARGET_SIM, preprocessed, main_file, display, out, errors, unused);
+}
+
+bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::string &main_file,
+                     const std::string &display, std::string &out, std::string &errors,
+                     std::string &kernels) {
     Lexer lx(preprocessed, main_file, display);
     lx.run();
     Rewriter rw(lx.toks, display);
+    rw.target = target;
+    if (target == TARGET_CUDA) {
+        rw.prefix = "[cuda] ";
+        rw.shim = "the CUDA shim";
+    }
     rw.run();
     rw.check_recursion();
-    std::string generated = rw.generate();
+    kernels.clear();
+    std::string generated = target == TARGET_CUDA ? rw.generate_cuda(kernels) : rw.generate();
     if (!rw.errors.empty()) {
         errors = rw.errors;
         return false;
@@ -1140,8 +1239,13 @@ bool rewrite_msl(const std::string &preprocessed, const std::string &main_file,
     out.clear();
     out.reserve(preprocessed.size() + generated.size() + 1024);
     for (auto &tok : lx.toks) {
+        // CUDA: the compat headers are not copied from the preprocessed text;
+        // the translator puts their own text in front (readable, with comments)
+        if (target == TARGET_CUDA && !tok.user) continue;
         if (tok.kind == NEWLINE || tok.kind == SPACE) {
             out += tok.text;
+        } else if (target == TARGET_CUDA && tok.kind == DIRECTIVE) {
+            out += line_directive(tok.out);  // a .cu file is not preprocessor output
         } else {
             out += tok.out;
         }

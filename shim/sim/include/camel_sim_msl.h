@@ -15,9 +15,14 @@
 // No C or C++ standard-library header is included except <stdint.h> (through
 // sim_abi.h): Metal has no standard library, and neither does a kernel here.
 #pragma once
+// The CUDA shim reuses this header (shim/cuda/include/camel_cuda_msl.h defines
+// __CAMEL_CUDA__): the types and most functions are shared; the parts that
+// call the simulator runtime are replaced by shim/cuda/include/camel_cuda_simd.h.
+#ifndef __CAMEL_CUDA__
 #include "../sim_abi.h"
 
 #define __METAL_SIM__ 1
+#endif
 
 // ---------------------------------------------------------------------------
 // Scalar and vector types (global, like the builtin types of MSL)
@@ -202,6 +207,7 @@ template <class V, class A> inline V operator->*(__camel_conv<V>, A a) { return 
 // ---------------------------------------------------------------------------
 // The runtime, and which simulated thread is running (set by the entry wrapper)
 // ---------------------------------------------------------------------------
+#ifndef __CAMEL_CUDA__
 inline const camel_sim_runtime *__camel_rt;
 inline thread_local const camel_sim_thread *__camel_cur;
 // A call site id for barriers and collectives: the caller's line and column,
@@ -222,6 +228,7 @@ template <class T> inline T *__camel_tg() {
     __camel_cur = t;
     return (T *)p;
 }
+#endif  // __CAMEL_CUDA__
 
 // Entry-wrapper helpers: a binding address as the declared parameter type,
 // and a builtin (uint3 in camel_sim_thread) as uint, ushort2, uint3, ...
@@ -245,6 +252,7 @@ template <class P> inline P __camel_builtin3(const uint32_t *v) {
 }
 template <class P> inline P __camel_builtin1(uint32_t v) { return (P)v; }
 
+#ifndef __CAMEL_CUDA__
 // printf inside a kernel goes through the runtime (one line at a time).
 extern "C++" inline int printf(const char *fmt, ...) {
     __builtin_va_list ap;
@@ -253,6 +261,7 @@ extern "C++" inline int printf(const char *fmt, ...) {
     __builtin_va_end(ap);
     return r;
 }
+#endif
 
 // ---------------------------------------------------------------------------
 // Constants
@@ -712,13 +721,22 @@ template <class T> struct atomic { T __value; };
 
 template <class T> inline void atomic_store_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
                                                      memory_order = memory_order_relaxed) {
+#ifdef __CAMEL_CUDA__  // NVPTX has no atomic store instruction: an exchange
+    T old;
+    __atomic_exchange(&o->__value, &v, &old, __ATOMIC_SEQ_CST);
+#else
     __atomic_store(&o->__value, &v, __ATOMIC_SEQ_CST);
+#endif
 }
 template <class T> inline T atomic_load_explicit(const volatile atomic<T> *o,
                                                  memory_order = memory_order_relaxed) {
+#ifdef __CAMEL_CUDA__  // a volatile load is a relaxed atomic load in PTX (ld.volatile)
+    return *(const volatile T *)&o->__value;
+#else
     T r;
     __atomic_load(&o->__value, &r, __ATOMIC_SEQ_CST);
     return r;
+#endif
 }
 template <class T> inline T atomic_exchange_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
                                                      memory_order = memory_order_relaxed) {
@@ -749,7 +767,11 @@ inline bool atomic_compare_exchange_strong_explicit(volatile atomic<T> *o, T *ex
 // Read-modify-write through a compare-exchange loop (works for float too).
 template <class T, class F> inline T __camel_atomic_rmw(volatile atomic<T> *o, F f) {
     T old, want;
+#ifdef __CAMEL_CUDA__
+    old = *(volatile T *)&o->__value;
+#else
     __atomic_load(&o->__value, &old, __ATOMIC_RELAXED);
+#endif
     do {
         want = f(old);
     } while (!__atomic_compare_exchange(&o->__value, &old, &want, true, __ATOMIC_SEQ_CST,
@@ -803,6 +825,11 @@ enum class mem_flags : uint {
     mem_object_data = 16,
 };
 inline constexpr mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((uint)a | (uint)b); }
+
+#ifdef __CAMEL_CUDA__
+// Barriers, SIMD-group and quad-group functions and simdgroup_matrix on warps.
+#include "../../cuda/include/camel_cuda_simd.h"
+#else
 
 inline void threadgroup_barrier(mem_flags f, __CAMEL_SITE) {
     const camel_sim_thread *t = __camel_cur;
@@ -1248,6 +1275,7 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, N, M> &d,
 
 #undef __CAMEL_SITE
 #undef __CAMEL_AT
+#endif  // __CAMEL_CUDA__
 }  // namespace metal
 
 // MSL's atomic_int & co., as metal::atomic_int and without metal::.

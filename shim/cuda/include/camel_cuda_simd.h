@@ -1,0 +1,330 @@
+// camel_cuda_simd.h — barriers, SIMD-group and quad-group functions and
+// simdgroup_matrix for MSL compiled as CUDA. Included by camel_sim_msl.h inside
+// namespace metal (after mem_flags) when __CAMEL_CUDA__ is defined.
+//
+// A Metal SIMD group is a CUDA warp: 32 lanes, formed from the same linear
+// thread index. The active lanes are __activemask() (a partial warp at the end
+// of a threadgroup, or after some threads returned). Every collective works
+// on them only, as Metal's do; a quad is the 4 lanes 4q..4q+3 of a warp.
+// All data exchange is shfl.sync.idx on 32-bit words, so any type works.
+#pragma once
+
+// ---------------------------------------------------------------------------
+// Barriers
+// ---------------------------------------------------------------------------
+inline void threadgroup_barrier(mem_flags) { __syncthreads(); }  // bar.sync 0
+inline void simdgroup_barrier(mem_flags) { __nvvm_bar_warp_sync(__nvvm_activemask()); }
+inline void atomic_thread_fence(mem_flags f, memory_order,
+                                thread_scope = thread_scope::thread_scope_device) {
+    if (((uint)f & (uint)mem_flags::mem_device) != 0) __nvvm_membar_gl();
+    else __nvvm_membar_cta();
+}
+
+// ---------------------------------------------------------------------------
+// One shuffle primitive: this lane receives `x` of lane `src` (0..31) among
+// the lanes in `members` (this lane's group: the warp, or its quad).
+// ---------------------------------------------------------------------------
+template <class T> inline T __camel_shfl(uint32_t members, T x, uint32_t src) {
+    constexpr int W = (sizeof(T) + 3) / 4;
+    struct Words { int w[W]; } in{}, out;
+    __builtin_memcpy(&in, &x, sizeof(T));
+    for (int i = 0; i < W; i++) out.w[i] = __nvvm_shfl_sync_idx_i32(members, in.w[i], (int)src, 0x1f);
+    T r;
+    __builtin_memcpy(&r, &out, sizeof(T));
+    return r;
+}
+
+// The lanes of this thread's group of G (32 or 4) that are active:
+// base = first lane of the group, me = this lane in the group, members =
+// the active lanes as a warp mask, in_group = the same shifted to bit 0.
+template <int G> struct __camel_group {
+    uint32_t base, me, members, in_group;
+    __camel_group() {
+        uint32_t lane = __camel_laneid(), active = __nvvm_activemask();
+        base = lane & ~(uint32_t)(G - 1);
+        me = lane - base;
+        uint32_t gm = G == 32 ? ~0u : (0xfu << base);
+        members = active & gm;
+        in_group = members >> base;
+    }
+    bool full() const { return in_group == (G == 32 ? ~0u : 0xfu); }
+};
+
+struct __camel_op_sum { template <class T> static T f(T a, T b) { return a + b; } static constexpr int unit = 0; };
+struct __camel_op_product { template <class T> static T f(T a, T b) { return a * b; } static constexpr int unit = 1; };
+struct __camel_op_min { template <class T> static T f(T a, T b) { return metal::min(a, b); } };
+struct __camel_op_max { template <class T> static T f(T a, T b) { return metal::max(a, b); } };
+struct __camel_op_and { template <class T> static T f(T a, T b) { return a & b; } };
+struct __camel_op_or { template <class T> static T f(T a, T b) { return a | b; } };
+struct __camel_op_xor { template <class T> static T f(T a, T b) { return a ^ b; } };
+
+// A reduction over the active lanes of the group; every active lane gets it.
+// Full group: a butterfly (lane l and l^k add the same two values, so all
+// lanes end equal). Partial group: the active lanes in order, one broadcast each.
+template <class Op, int G, class T> inline T __camel_reduce(T x) {
+    __camel_group<G> g;
+    if (g.full()) {
+        for (int k = G / 2; k >= 1; k /= 2) x = Op::f(x, __camel_shfl(g.members, x, (g.base + g.me) ^ k));
+        return x;
+    }
+    T acc = x;
+    bool first = true;
+    for (uint32_t m = g.in_group; m; m &= m - 1) {
+        T v = __camel_shfl(g.members, x, g.base + __builtin_ctz(m));
+        acc = first ? v : Op::f(acc, v);
+        first = false;
+    }
+    return acc;
+}
+// Prefix scans over the active lanes in lane order.
+template <class Op, int G, bool Inclusive, class T> inline T __camel_prefix(T x) {
+    __camel_group<G> g;
+    typedef typename __camel_vt<T>::elem E;
+    T acc = (T)(E)Op::unit;
+    for (uint32_t m = g.in_group; m; m &= m - 1) {
+        uint32_t l = __builtin_ctz(m);
+        T v = __camel_shfl(g.members, x, g.base + l);
+        if (l < g.me || (Inclusive && l == g.me)) acc = Op::f(acc, v);
+    }
+    return acc;
+}
+
+// Votes: bit i set when active lane i of the group passed true.
+struct simd_vote {
+    typedef ulong vote_t;
+    vote_t __bits;
+    vote_t __active;
+    explicit constexpr simd_vote(vote_t v = 0) : __bits(v), __active(~0ul >> 32) {}
+    constexpr simd_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
+    explicit constexpr operator vote_t() const { return __bits; }
+    constexpr bool all() const { return (__bits & __active) == __active; }
+    constexpr bool any() const { return __bits != 0; }
+};
+struct quad_vote {
+    typedef ushort vote_t;
+    vote_t __bits;
+    vote_t __active;
+    explicit constexpr quad_vote(vote_t v = 0) : __bits(v), __active(15) {}
+    constexpr quad_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
+    explicit constexpr operator vote_t() const { return __bits; }
+    constexpr bool all() const { return (__bits & __active) == __active; }
+    constexpr bool any() const { return __bits != 0; }
+};
+template <int G> inline void __camel_vote(bool b, uint32_t &bits, uint32_t &active) {
+    __camel_group<G> g;
+    bits = (__nvvm_vote_ballot_sync(g.members, b) & g.members) >> g.base;
+    active = g.in_group;
+}
+
+// Which lane of the group each shuffle reads (Metal's rules: shuffle_up and
+// shuffle_down leave the lanes with no source unchanged).
+template <int G> inline uint32_t __camel_src_up(uint32_t me, uint32_t d) { return me < d ? me : me - d; }
+template <int G> inline uint32_t __camel_src_down(uint32_t me, uint32_t d) { return me + d >= G ? me : me + d; }
+
+#define __CAMEL_GROUP_FUNCS(P, G)                                                                  \
+    template <class T> inline T P##_sum(T x) { return __camel_reduce<__camel_op_sum, G>(x); }    \
+    template <class T> inline T P##_product(T x) { return __camel_reduce<__camel_op_product, G>(x); } \
+    template <class T> inline T P##_min(T x) { return __camel_reduce<__camel_op_min, G>(x); }    \
+    template <class T> inline T P##_max(T x) { return __camel_reduce<__camel_op_max, G>(x); }    \
+    template <class T> inline T P##_and(T x) { return __camel_reduce<__camel_op_and, G>(x); }    \
+    template <class T> inline T P##_or(T x) { return __camel_reduce<__camel_op_or, G>(x); }      \
+    template <class T> inline T P##_xor(T x) { return __camel_reduce<__camel_op_xor, G>(x); }    \
+    template <class T> inline T P##_prefix_inclusive_sum(T x) {                                  \
+        return __camel_prefix<__camel_op_sum, G, true>(x);                                       \
+    }                                                                                            \
+    template <class T> inline T P##_prefix_exclusive_sum(T x) {                                  \
+        return __camel_prefix<__camel_op_sum, G, false>(x);                                      \
+    }                                                                                            \
+    template <class T> inline T P##_prefix_inclusive_product(T x) {                              \
+        return __camel_prefix<__camel_op_product, G, true>(x);                                   \
+    }                                                                                            \
+    template <class T> inline T P##_prefix_exclusive_product(T x) {                              \
+        return __camel_prefix<__camel_op_product, G, false>(x);                                  \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle(T x, ushort lane) {                                  \
+        __camel_group<G> g;                                                                      \
+        return __camel_shfl(g.members, x, g.base + (lane & (G - 1)));                            \
+    }                                                                                            \
+    template <class T> inline T P##_broadcast(T x, ushort lane) {                                \
+        __camel_group<G> g;                                                                      \
+        return __camel_shfl(g.members, x, g.base + (lane & (G - 1)));                            \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_up(T x, ushort delta) {                              \
+        __camel_group<G> g;                                                                      \
+        return __camel_shfl(g.members, x, g.base + __camel_src_up<G>(g.me, delta));              \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_down(T x, ushort delta) {                            \
+        __camel_group<G> g;                                                                      \
+        return __camel_shfl(g.members, x, g.base + __camel_src_down<G>(g.me, delta));            \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_xor(T x, ushort mask) {                              \
+        __camel_group<G> g;                                                                      \
+        return __camel_shfl(g.members, x, g.base + ((g.me ^ mask) & (G - 1)));                   \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_rotate_up(T x, ushort delta) {                       \
+        __camel_group<G> g;                                                                      \
+        return __camel_shfl(g.members, x, g.base + ((g.me + G - delta % G) % G));                \
+    }                                                                                            \
+    template <class T> inline T P##_shuffle_rotate_down(T x, ushort delta) {                     \
+        __camel_group<G> g;                                                                      \
+        return __camel_shfl(g.members, x, g.base + ((g.me + delta) % G));                        \
+    }                                                                                            \
+    template <class T> inline T P##_broadcast_first(T x) {                                       \
+        __camel_group<G> g;                                                                      \
+        return __camel_shfl(g.members, x, g.base + __builtin_ctz(g.in_group));                   \
+    }                                                                                            \
+    template <class T>                                                                           \
+    inline T P##_shuffle_and_fill_down(T data, __camel_identity_t<T> fill, ushort delta,         \
+                                       ushort modulo = 0) {                                      \
+        return __camel_fill<G, true>(data, fill, delta, modulo);                                 \
+    }                                                                                            \
+    template <class T>                                                                           \
+    inline T P##_shuffle_and_fill_up(T data, __camel_identity_t<T> fill, ushort delta,           \
+                                     ushort modulo = 0) {                                        \
+        return __camel_fill<G, false>(data, fill, delta, modulo);                                \
+    }                                                                                            \
+    inline bool P##_all(bool b) {                                                                \
+        uint32_t bits, active;                                                                   \
+        __camel_vote<G>(b, bits, active);                                                        \
+        return bits == active;                                                                   \
+    }                                                                                            \
+    inline bool P##_any(bool b) {                                                                \
+        uint32_t bits, active;                                                                   \
+        __camel_vote<G>(b, bits, active);                                                        \
+        return bits != 0;                                                                        \
+    }                                                                                            \
+    inline bool P##_is_first() {                                                                 \
+        __camel_group<G> g;                                                                      \
+        return (uint32_t)__builtin_ctz(g.in_group) == g.me;                                      \
+    }                                                                                            \
+    inline bool P##_is_helper_thread() { return false; }
+
+// simd_shuffle_and_fill_down(data, fill, delta[, modulo]): within segments of
+// `modulo` lanes (default: the whole group), lane l reads data from l + delta;
+// past the end of the segment it reads fill from l + delta - modulo.
+// _up mirrors it: l - delta, and before the start fill from l - delta + modulo.
+template <int G, bool Down, class T> inline T __camel_fill(T data, T fill, uint32_t delta, uint32_t modulo) {
+    __camel_group<G> g;
+    int m = modulo ? (int)modulo : G, d = (int)delta;
+    int seg = (int)g.me - (int)g.me % m, me = (int)g.me % m, src = Down ? me + d : me - d;
+    bool from_fill = Down ? src >= m : src < 0;
+    src = ((src % m) + m) % m + seg;
+    T a = __camel_shfl(g.members, data, g.base + src);
+    T b = __camel_shfl(g.members, fill, g.base + src);
+    return from_fill ? b : a;
+}
+
+__CAMEL_GROUP_FUNCS(simd, 32)
+__CAMEL_GROUP_FUNCS(quad, 4)
+#undef __CAMEL_GROUP_FUNCS
+
+inline simd_vote simd_ballot(bool b) {
+    uint32_t bits, active;
+    __camel_vote<32>(b, bits, active);
+    return simd_vote(bits, active);
+}
+inline quad_vote quad_ballot(bool b) {
+    uint32_t bits, active;
+    __camel_vote<4>(b, bits, active);
+    return quad_vote((ushort)bits, (ushort)active);
+}
+inline simd_vote simd_active_threads_mask() { return simd_ballot(true); }
+inline quad_vote quad_active_threads_mask() { return quad_ballot(true); }
+
+// ---------------------------------------------------------------------------
+// simdgroup_matrix<T, 8, 8>: an 8x8 tile spread over the warp's 32 lanes,
+// two elements per lane: lane l holds row l / 4, columns 2 (l % 4) and
+// 2 (l % 4) + 1. Loads and stores touch only the lane's own elements;
+// a multiply gathers the A row and B columns with shuffles and accumulates
+// in float with fma, in k order (exact FP32, no tensor cores). All 32 lanes
+// must be active, as on Apple GPUs; otherwise the kernel traps with a message.
+// ---------------------------------------------------------------------------
+template <class T, int Cols, int Rows> struct simdgroup_matrix {
+    static_assert(Cols == 8 && Rows == 8, "the CUDA shim implements simdgroup_matrix 8x8 only");
+    typedef T __pair __attribute__((ext_vector_type(2)));
+    __pair __e;  // this lane's two elements
+    simdgroup_matrix() = default;
+    // simdgroup_float8x8(x): x on the diagonal, 0 elsewhere.
+    explicit simdgroup_matrix(T diagonal) {
+        uint32_t l = __camel_laneid(), r = l / 4, c = 2 * (l % 4);
+        __e[0] = r == c ? diagonal : (T)0;
+        __e[1] = r == c + 1 ? diagonal : (T)0;
+    }
+    __pair &thread_elements() { return __e; }
+    const __pair &thread_elements() const { return __e; }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+
+template <class T, int C, int R> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
+    simdgroup_matrix<T, C, R> m;
+    m.__e[0] = v;
+    m.__e[1] = v;
+    return m;
+}
+
+inline void __camel_need_full_warp(const char *what) {
+    uint32_t active = __nvvm_activemask();
+    if (active != ~0u) {
+        printf("[cuda] %s needs all 32 threads of the SIMD group active, but the active mask is "
+               "0x%08x (threads that returned early or a threadgroup size that is not a multiple "
+               "of 32)\n",
+               what, active);
+        __builtin_trap();
+    }
+}
+
+template <class P, class T, int C, int R>
+inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_per_row = C,
+                           ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+    __camel_need_full_warp("simdgroup_load");
+    uint32_t l = __camel_laneid(), r = l / 4, c = 2 * (l % 4);
+    P *base = src + matrix_origin.y * elements_per_row + matrix_origin.x;
+    for (int j = 0; j < 2; j++)
+        d.__e[j] = (T)(transpose_matrix ? base[(c + j) * elements_per_row + r]
+                                        : base[r * elements_per_row + c + j]);
+}
+template <class P, class T, int C, int R>
+inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong elements_per_row = C,
+                            ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+    __camel_need_full_warp("simdgroup_store");
+    uint32_t l = __camel_laneid(), r = l / 4, c = 2 * (l % 4);
+    P *base = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
+    for (int j = 0; j < 2; j++) {
+        if (transpose_matrix)
+            base[(c + j) * elements_per_row + r] = (P)m.__e[j];
+        else
+            base[r * elements_per_row + c + j] = (P)m.__e[j];
+    }
+}
+
+// d = a * b + c (c may be null: d = a * b). d[r][c] = c[r][c] + sum_k a[r][k] b[k][c].
+template <class T>
+inline void __camel_mma(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matrix<T, 8, 8> &a,
+                        const simdgroup_matrix<T, 8, 8> &b, const simdgroup_matrix<T, 8, 8> *c) {
+    __camel_need_full_warp("simdgroup_multiply");
+    uint32_t l = __camel_laneid(), r = l / 4, q = l % 4;
+    float d0 = c ? (float)c->__e[0] : 0.0f, d1 = c ? (float)c->__e[1] : 0.0f;
+#pragma unroll
+    for (uint32_t k = 0; k < 8; k++) {
+        float ak = (float)__camel_shfl(~0u, a.__e[k % 2], 4 * r + k / 2);  // a[r][k]
+        float b0 = (float)__camel_shfl(~0u, b.__e[0], 4 * k + q);         // b[k][2q]
+        float b1 = (float)__camel_shfl(~0u, b.__e[1], 4 * k + q);         // b[k][2q + 1]
+        d0 = __builtin_fmaf(ak, b0, d0);
+        d1 = __builtin_fmaf(ak, b1, d1);
+    }
+    d.__e[0] = (T)d0;
+    d.__e[1] = (T)d1;
+}
+template <class T, int M, int N, int K>
+inline void simdgroup_multiply(simdgroup_matrix<T, N, M> &d, const simdgroup_matrix<T, K, M> &a,
+                               const simdgroup_matrix<T, N, K> &b) {
+    __camel_mma<T>(d, a, b, nullptr);
+}
+template <class T, int M, int N, int K>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, N, M> &d,
+                                          const simdgroup_matrix<T, K, M> &a,
+                                          const simdgroup_matrix<T, N, K> &b,
+                                          const simdgroup_matrix<T, N, M> &c) {
+    __camel_mma<T>(d, a, b, &c);
+}
