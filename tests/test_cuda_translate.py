@@ -84,6 +84,26 @@ def test_description_lines_of_a_few_kernels():
     assert "matmul_tile_64x64x8_8x8" in kernels
 
 
+def test_description_flags_count_calls_and_host_names_are_joined():
+    # a variable named like a SIMD-group function is not a call to one
+    src = """#include <metal_stdlib>
+using namespace metal;
+kernel void named_like_simd(device uint *out [[buffer(0)]],
+                            uint simd_group [[simdgroup_index_in_threadgroup]],
+                            uint i [[thread_position_in_grid]]) {
+    out[i] = simd_group;
+}
+"""
+    _, desc = compile_ptx(src, "flags.metal", 90)
+    assert desc.splitlines()[0] == "kernel 0 named_like_simd 0 0"
+    # [[host_name("flash_v" "1" ...)]] built by a macro: one name, literals joined
+    src = (ROOT / "shaders" / "ops_attention.metal").read_text()
+    _, desc = compile_ptx(src, "shaders/ops_attention.metal", 90)
+    names = [k[2] for k in kernel_lines(desc)]
+    assert "flash_v1_64x64_d64" in names and "flash_backward_dq_d64" in names, names
+    assert not any('"' in n for n in names)
+
+
 THREADGROUP_KERNEL = """#include <metal_stdlib>
 using namespace metal;
 

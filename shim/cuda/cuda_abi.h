@@ -60,11 +60,36 @@ enum camel_cuda_param_kind {
  * returns), plus a description of its kernels, one line each:
  *     kernel <n> <host_name> <uses_barrier 0|1> <uses_simd 0|1>
  *     param <n> <position> <name> <kind 1|2|3> <binding index> <is_pointer 0|1>
+ * n counts the kernels from 0 in source order (template instantiations where
+ * they are instantiated); the param lines of kernel n follow its kernel line,
+ * in parameter order. uses_barrier: the kernel reaches threadgroup_barrier
+ * (directly or through a helper); uses_simd: it reaches a SIMD-group or
+ * quad-group function or simdgroup_matrix (including simdgroup_barrier).
+ * binding index: [[buffer(i)]] / [[threadgroup(i)]] (assigned in order when
+ * omitted), -1 for builtins; an unnamed parameter's name is "-".
  * Sizes of parameters bound by value or reference (setBytes must match) are in
  * the module as  extern "C" __device__ const uint32_t camel_kernel_<n>_value_sizes[nparams]
- * (0 for pointers and builtins), read by the runtime after the module loads.
+ * (0 for pointers and builtins; one 0 for a kernel without parameters), in
+ * .const memory: cuModuleGetGlobal + cuMemcpyDtoH read it after the module loads.
  * 0 on success; otherwise non-zero and a malloc'd message in *log naming the
- * .metal line. Outputs are malloc'd; free them with camel_cuda_free. */
+ * .metal line. Outputs are malloc'd; free them with camel_cuda_free.
+ *
+ * What else the runtime must know (added with the translator):
+ *   - the PTX's only external symbol is vprintf (printf and the message of a
+ *     trapped simdgroup_matrix with a partial warp), which the driver provides
+ *   - [[threadgroup(i)]] memory is `extern __shared__` __camel_threadgroup_memory
+ *     (16-byte aligned): give each offset 16-byte aligned and sharedMemBytes =
+ *     the sum; static threadgroup arrays are ordinary __shared__ variables,
+ *     CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES; above 48 KiB in total the launch
+ *     needs CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+ *   - no __launch_bounds__: the most threads a kernel can take is
+ *     CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK (may be < 1024 for kernels with
+ *     many registers), Metal's maxTotalThreadsPerThreadgroup
+ *   - every CUDA thread of a launch is a Metal thread (no bounds check in the
+ *     wrapper): launch exactly the pieces described at the top
+ *   - SIMD-group functions act on __activemask(); simdgroup_matrix needs all 32
+ *     lanes and otherwise traps (the context is then unusable: CUDA_ERROR_LAUNCH_FAILED
+ *     or _ILLEGAL_INSTRUCTION, with the message on stdout through vprintf) */
 int camel_cuda_translate(const char *source, const char *path, char **cuda_source,
                          char **kernels, char **log);
 

@@ -972,9 +972,11 @@ struct Rewriter {
                 for (size_t j = fi.body_begin + 1; j < fi.body_end && !found; j++) {
                     if (S(j).kind != IDENT) continue;
                     const std::string &x = txt(j);
+                    // (CUDA's flags count calls only: a variable named simd_group is no SIMD op)
+                    bool call = is(j + 1, "(") || is(j + 1, "<");
                     bool op = want == USES_FIBER_OP ? is_fiber_op(x)
-                              : want == USES_BARRIER ? is_barrier(x)
-                              : want == USES_SIMD    ? is_simd_op(x)
+                              : want == USES_BARRIER ? is_barrier(x) && call
+                              : want == USES_SIMD    ? is_simd_op(x) && call
                                                      : false;
                     if (op) found = true;
                     else if (x != name && functions.count(x) && uses(x, want, visiting)) found = true;
@@ -1055,15 +1057,19 @@ struct Rewriter {
                 continue;
             }
             assign_indices(kn);
+            // [[host_name("flash_v" "1" "_d32")]] after macro expansion: the simulator
+            // writes the name into C++, which joins the literals; here we join them
+            std::string host;
+            for (char ch : kn.host_name)
+                if (ch != '"') host += ch;
             std::string fn = kn.qualified + kn.targs;
             std::string F = "decltype(" + fn + ")";
             std::string n = std::to_string(count++);
             bool barrier = uses_op(kn.body_owner, USES_BARRIER);
             bool simd = uses_op(kn.body_owner, USES_SIMD);
-            desc += "kernel " + n + " " + kn.host_name + " " + (barrier ? "1" : "0") + " " +
+            desc += "kernel " + n + " " + host + " " + (barrier ? "1" : "0") + " " +
                     (simd ? "1" : "0") + "\n";
-            g += "\n// kernel " + n + ": " + kn.host_name +
-                 (kn.host_name != fn ? " (" + fn + ")" : std::string()) + "\n";
+            g += "\n// kernel " + n + ": " + host + (host != fn ? " (" + fn + ")" : std::string()) + "\n";
             g += "extern \"C\" __global__ void camel_kernel_" + n + "(camel_cuda_args args) {\n";
             g += "    const __camel_thread t = __camel_thread_of(args);\n";
             g += "    (void)t;\n";
@@ -1078,7 +1084,8 @@ struct Rewriter {
                 sizes += std::string(j ? ", " : "") +
                          (by_value ? "(uint32_t)sizeof(__camel_remove_ref_t<" + P + ">)" : "0");
                 int index = p.kind == CAMEL_SIM_PARAM_BUILTIN ? -1 : p.index;
-                desc += "param " + n + " " + std::to_string(j) + " " + p.name + " " +
+                std::string name = p.name.empty() ? "-" : p.name;
+                desc += "param " + n + " " + std::to_string(j) + " " + name + " " +
                         std::to_string(p.kind) + " " + std::to_string(index) + " " +
                         (p.pointer ? "1" : "0") + "\n";
             }
