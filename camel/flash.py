@@ -423,5 +423,6 @@ def select(op: str, mode: str, q, k, v) -> str | None:
     if mode.startswith("flash_"):
         raise ValueError(f"[{op}] CAMEL_ATTENTION={mode} cannot run: {reason}")
     if mode == "flash" or q.device == "mps":
-        _notice(reason, f"[{op}] note: using the naive path: {reason}")
+        # Once per process, not per shape: generation grows T on every step.
+        _notice("naive", f"[{op}] note: using the naive path: {reason} (shown once)")
     return None

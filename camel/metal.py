@@ -76,7 +76,7 @@ __all__ = [
 ABI_VERSION = 2  # must equal CAMEL_SHIM_ABI_VERSION in shim/camel_shim.h
 MAX_BUFFER_ARGS = 31  # Metal's limit on [[buffer(i)]] slots
 MAX_THREADGROUP_ARGS = 31  # [[threadgroup(i)]] slots we preallocate
-MAX_SET_BYTES = 4096  # setBytes limit; larger constants belong in a buffer
+MAX_SET_BYTES = 4095  # setBytes takes "smaller than 4 KB" (Apple); larger constants: a buffer
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _REPO_DIR = _PACKAGE_DIR.parent
@@ -302,6 +302,7 @@ def _native() -> ctypes.CDLL:
                 f"[metal] `make shim` succeeded but did not produce {candidates[0]}; "
                 + ("try CAMEL_SHIM=sim" if choice == "metal" else "check shim/Makefile")
             )
+    _enable_capture(choice, os.environ)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
@@ -333,6 +334,14 @@ def _native() -> ctypes.CDLL:
     _bind_hot_functions(lib)
     _start_capture_from_env()
     return lib
+
+
+def _enable_capture(choice: str, environ) -> None:
+    """Metal allows a capture to a .gputrace file only when MTL_CAPTURE_ENABLED=1 is in the
+    environment as Metal loads, i.e. before the shim is loaded: set it when CAMEL_CAPTURE
+    asks for a capture (a value the user set is kept)."""
+    if choice == "metal" and environ.get("CAMEL_CAPTURE"):
+        environ.setdefault("MTL_CAPTURE_ENABLED", "1")
 
 
 def _start_capture_from_env() -> None:
@@ -457,7 +466,9 @@ def command_buffer_time(cb_id: int) -> tuple[float, float] | None:
 
 
 def capture_begin(path: str) -> None:
-    """Start a programmatic GPU capture to `path` (.gputrace; Metal only)."""
+    """Start a programmatic GPU capture to `path` (.gputrace; Metal only). Metal allows it
+    only in a process started with MTL_CAPTURE_ENABLED=1 (CAMEL_CAPTURE=path sets that
+    before the shim loads and captures the whole run)."""
     if _native().camel_capture_begin(str(path).encode()) != 0:
         raise _fail(f"cannot start a GPU capture to {path}")
 
@@ -876,7 +887,12 @@ def compile(source: str, path: str | None = None) -> Library:  # noqa: A001 (Met
     handle = lib.camel_library_new(source.encode("utf-8"), path.encode() if path else None)
     if not handle:
         log = _error_text()
-        raise CompileError(f"[metal] compiling {path or '<source>'} failed:\n{log}", log, path)
+        first = log.split("\n", 1)[0]
+        # Both shims open the log with their own header ("[sim] compiling x failed:",
+        # "[compile] x: compilation failed:"); a second one on top would only repeat it.
+        has_header = first.startswith("[") and "fail" in first
+        message = log if has_header else f"[metal] compiling {path or '<source>'} failed:\n{log}"
+        raise CompileError(message, log, path)
     return Library(handle, path)
 
 
@@ -1000,7 +1016,7 @@ class Function:
       DeviceArray / "mps" Tensor / Buffer   the buffer (at the array's byte offset)
       Python float (np.float64 is one)      4 bytes of float32   (setBytes)
       Python int                            4 bytes: int32 if negative, else uint32
-      NumPy scalar or array <= 4096 bytes   its bytes            (setBytes)
+      NumPy scalar or array <= 4095 bytes   its bytes            (setBytes)
     threadgroups= is dispatchThreadgroups; threads= is dispatchThreads (the last
     threadgroup in each dimension may be partial). An int stands for (n, 1, 1).
     threadgroup_memory[i] is the length of [[threadgroup(i)]] (rounded up to 16 bytes,

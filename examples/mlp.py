@@ -43,15 +43,21 @@ class MLP(nn.Module):
 
 
 def default_device():
-    """ "mps" when camel.metal finds a device (Metal or the simulator), else "cpu"."""
+    """ "mps" when camel.metal finds a device (Metal or the simulator), else "cpu",
+    saying why on stderr: a failed "mps" never turns silently into a CPU run."""
     if importlib.util.find_spec("camel.backend_mps") is None:
+        print('[mlp] no "mps" backend (camel/backend_mps.py); training on the CPU',
+              file=sys.stderr)  # fmt: skip
         return "cpu"
-    try:
-        import camel.metal
+    import camel.metal
 
+    try:
         camel.metal.device_name()
         return "mps"
-    except Exception:
+    except camel.metal.MetalError as e:
+        print(f'[mlp] "mps" is not available, training on the CPU instead: {e}\n'
+              "[mlp] pass --device cpu to skip this check, or fix the error above for mps",
+              file=sys.stderr)  # fmt: skip
         return "cpu"
 
 
@@ -65,6 +71,9 @@ def describe_device(device):
 
 
 def progress(epoch, epochs, done, total, loss, width=30):
+    """A progress bar redrawn in place, on a terminal only (a log gets the epoch lines)."""
+    if not sys.stdout.isatty():
+        return
     filled = width * done // total
     bar = "#" * filled + "." * (width - filled)
     print(f"\repoch {epoch}/{epochs} [{bar}] {done}/{total} loss {loss:.4f}", end="", flush=True)
@@ -124,10 +133,10 @@ def main(argv=None):
                 progress(epoch, args.epochs, i + 1, n_batches, total / count)
         acc = evaluate(model, data.test_images, data.test_labels, device)
         seconds = time.perf_counter() - start
-        print(
-            f"\repoch {epoch}/{args.epochs}: train loss {total / count:.4f}, "
-            f"test accuracy {100 * acc:.2f}% ({seconds:.1f} s)" + " " * 20
-        )
+        line = (f"epoch {epoch}/{args.epochs}: train loss {total / count:.4f}, "
+                f"test accuracy {100 * acc:.2f}% ({seconds:.1f} s)")  # fmt: skip
+        # On a terminal, overwrite the progress bar; in a log, one plain line.
+        print(f"\r{line}" + " " * 20 if sys.stdout.isatty() else line)
         history.append((total / count, acc))
     return history
 

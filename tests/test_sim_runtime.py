@@ -406,6 +406,17 @@ def test_argument_errors(sim):
     np.testing.assert_array_equal(out, 3 * x)
 
 
+def test_set_bytes_limit_is_below_4_kib(sim):
+    # Apple: setBytes takes "smaller than 4 KB"; what passes here must pass on Metal.
+    (ho, out) = sim.buffer(np.zeros(4, np.float32))
+    with pytest.raises(SimError, match=r"argument 0: 4096 bytes .* setBytes allows \(4095\)"):
+        sim.dispatch("scale", [bytes(4096), ho, bytes(4)], grid=(1, 1, 1), tpg=(4, 1, 1))
+    x = np.zeros(4095, np.uint8)
+    x[:16] = np.arange(4, dtype=np.float32).view(np.uint8)
+    sim.run("scale", [x.tobytes(), ho, np.float32(2).tobytes()], grid=(1, 1, 1), tpg=(4, 1, 1))
+    np.testing.assert_array_equal(out, 2 * np.arange(4, dtype=np.float32))
+
+
 def test_buffers_released_twice_and_after_release(sim):
     info = MemoryInfo()
     sim.lib.camel_memory_info_get(C.byref(info))

@@ -12,7 +12,9 @@ BENCHMARKS = {
     "attention": "camel.bench.attention",  # the flash-attention ladder vs naive attention
     "cpu": "camel.bench.cpu",  # camel vs PyTorch on the CPU: MLP Adam step, small-op host cost
     "elementwise": "camel.bench.elementwise",  # Stage 1: add/mul/relu float vs float4, GB/s
+    "layernorm": "camel.bench.layernorm",  # Stage 4: LayerNorm v1-v3, backward, GELU, GB/s
     "matmul": "camel.bench.matmul",  # the GEMM ladder vs NumPy (validation) and MPS (speed)
+    "models": "camel.bench.models",  # GPT-mini and MLP training steps vs PyTorch eager
     "reduce": "camel.bench.reduce",  # Stage 2: sum/max (SIMD-group reductions), GB/s
     "sim": "camel.bench.sim",  # the Metal simulator: fiber switch, cached load, SGEMM, dispatch
     "softmax": "camel.bench.softmax",  # Stage 2: softmax, log_softmax, cross-entropy, GB/s

@@ -12,11 +12,14 @@
 
 The reference ("kernel 0"): on a Mac with macOS 15+, MPSGraph's fused scaled-dot-product
 attention (camel.metal.mpsgraph_attention), validated like a rung first; its alloc counts
-only the output, as MPSGraph keeps its temporaries in its own heap. Where it is absent (older
-macOS, a failed validation, the simulator) the bench says why and naive camel attention is
-the reference.
+only the output, as MPSGraph keeps its temporaries in its own heap. On the CUDA shim it is
+PyTorch's scaled_dot_product_attention in FP32 (TF32 off) on the same GPU, when a CUDA
+PyTorch is importable, validated the same way and timed with CUDA events. Where neither is
+there (older macOS, no CUDA PyTorch, a failed validation, the simulator) the bench says why
+and naive camel attention is the reference.
 
-FLOPs count 4·T·T·D per (batch, head) (two matmuls), halved when causal, for every path.
+FLOPs count 4·T·T·D per (batch, head) (two matmuls), halved when causal, for every path;
+--heads H (default 16 on a GPU, 1 on the simulator) runs B = 1 with H heads per call.
 On the simulator (Linux) the times are CPU times of the simulator, NOT GPU timings; the
 default sizes are small (T = 256, 512, 1024, D = 64) and the table says so.
 """
@@ -114,6 +117,64 @@ def _time_mpsgraph(run, reps: int) -> float:
     return sum(times) / len(times) if len(times) == reps else wall_ms
 
 
+def torch_cuda():
+    """PyTorch with a CUDA GPU when camel itself runs on the CUDA shim, else (None, why)."""
+    from camel import metal
+
+    if metal.shim() != "cuda":
+        return None, f"PyTorch SDPA is the reference on the CUDA shim; this is {metal.shim()}"
+    try:
+        import torch
+    except ImportError:
+        return None, "PyTorch is not installed (pip install torch, a CUDA build)"
+    if not torch.cuda.is_available():
+        return None, f"PyTorch {torch.__version__} sees no CUDA GPU (a CPU-only build?)"
+    torch.backends.cuda.matmul.allow_tf32 = False  # FP32 like camel, no TF32 shortcuts
+    torch.backends.cudnn.allow_tf32 = False
+    return torch, None
+
+
+def validate_sdpa(torch, log=print) -> str | None:
+    """Check PyTorch's SDPA (FP32, CUDA) against NumPy like a rung; None if it is usable."""
+    from camel import flash
+
+    rng = np.random.default_rng(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    worst = 0.0
+    for t in (1, 17, 130):
+        for d in flash.HEAD_DIMS:
+            for causal in (False, True):
+                q, k, v = (rng.standard_normal((1, 2, t, d), dtype=np.float32) for _ in "qkv")
+                want = flash.reference_numpy(q, k, v, causal)[0]
+                tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
+                got = sdpa(tq, tk, tv, is_causal=causal).cpu().numpy()
+                worst = max(worst, float(np.abs(got - want).max() / max(1.0, np.abs(want).max())))
+    ok = worst < 1e-3
+    log(f"  validate {'torch_sdpa':<16} {'ok  ' if ok else 'FAIL'} (max error {worst:.1e})")
+    return None if ok else f"PyTorch SDPA FAILED validation (max error {worst:.1e})"
+
+
+def _time_sdpa(torch, q, k, v, causal, reps: int) -> tuple[float, int]:
+    """(ms per call, peak bytes one call allocates) of PyTorch's SDPA, by CUDA events."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
+    sdpa(tq, tk, tv, is_causal=causal)  # warm-up: picks and loads the kernel
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = sdpa(tq, tk, tv, is_causal=causal)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        sdpa(tq, tk, tv, is_causal=causal)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps, peak
+
+
 def _naive(q, k, v, causal):
     """The Stage 5A path (CAMEL_ATTENTION=naive) on "mps" Tensors."""
     import camel.functional as F
@@ -147,9 +208,9 @@ def _time_and_peak(run, reps: int, timer=None) -> tuple[float, int]:
     return autotune.time_ms(run, reps, warmup=1), peak
 
 
-def run(rungs, seqs, dims, reps, log=print, reference="naive") -> list[tuple]:
+def run(rungs, seqs, dims, reps, log=print, reference="naive", heads=1) -> list[tuple]:
     """Rows (rung, T, D, causal, ms, tflops, peak_bytes, pct_of_reference); reference is
-    "naive" or "mpsgraph" (then an "mpsgraph" row comes first in each case)."""
+    "naive", "mpsgraph" or "torch_sdpa" (then its row comes first in each case)."""
     import camel
     from camel import flash, metal
 
@@ -158,10 +219,11 @@ def run(rungs, seqs, dims, reps, log=print, reference="naive") -> list[tuple]:
     for d in dims:
         for t in seqs:
             for causal in (False, True):
-                q, k, v = (rng.standard_normal((1, 1, t, d), dtype=np.float32) for _ in "qkv")
+                shape = (1, heads, t, d)
+                q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in "qkv")
                 qd, kd, vd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
                 qt, kt, vt = (camel.Tensor._make(x, "mps") for x in (qd, kd, vd))
-                flops = 4.0 * t * t * d / (2 if causal else 1)
+                flops = heads * 4.0 * t * t * d / (2 if causal else 1)
 
                 start = time.perf_counter()
                 ref_ms = None
@@ -170,6 +232,11 @@ def run(rungs, seqs, dims, reps, log=print, reference="naive") -> list[tuple]:
                     ref_ms, ms_peak = _time_and_peak(call, reps, timer=_time_mpsgraph)
                     rows.append(("mpsgraph", t, d, causal, ref_ms, flops / ref_ms / 1e9,
                                  ms_peak, 100.0))  # fmt: skip
+                elif reference == "torch_sdpa":
+                    torch, _ = torch_cuda()
+                    ref_ms, ref_peak = _time_sdpa(torch, q, k, v, causal, reps)
+                    rows.append(("torch_sdpa", t, d, causal, ref_ms, flops / ref_ms / 1e9,
+                                 ref_peak, 100.0))  # fmt: skip
                 naive_ms, naive_peak = _time_and_peak(partial(_naive, qt, kt, vt, causal), reps)
                 ref_ms = ref_ms or naive_ms
                 rows.append(("naive", t, d, causal, naive_ms, flops / naive_ms / 1e9,
@@ -186,15 +253,15 @@ def run(rungs, seqs, dims, reps, log=print, reference="naive") -> list[tuple]:
     return rows
 
 
-def table(rows, simulator: bool, device: str, reference: str = "naive") -> str:
+def table(rows, simulator: bool, device: str, reference: str = "naive", heads: int = 1) -> str:
     where = (
         f"{device}: simulator CPU time on this machine, NOT GPU timings"
         if simulator
         else f"{device}: GPU time per call (command-buffer timestamps)"
     )
     label = "sim TFLOP/s" if simulator else "TFLOP/s"
-    lines = [f"Measured on {where}. Batch 1, 1 head; alloc = GPU memory one call allocates "
-             "at its peak (outputs and temporaries).",
+    lines = [f"Measured on {where}. Batch 1, {heads} head{'s' if heads > 1 else ''}; alloc = GPU "
+             "memory one call allocates at its peak (outputs and temporaries).",
              "", f"| rung | T | D | causal | ms | {label} | alloc MiB | % of {reference} |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
     for name, t, d, causal, ms, tflops, peak, pct in rows:
@@ -214,6 +281,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", help="comma-separated head dims D (default depends on the device)")
     ap.add_argument("--rungs", help="comma-separated rung names (default: all)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    ap.add_argument("--heads", type=int, default=None, help="heads per call (batch is 1)")
     args = ap.parse_args(argv)
 
     if args.list:
@@ -229,25 +297,35 @@ def main(argv=None) -> int:
     seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else (SIM_SEQS if sim else GPU_SEQS)
     dims = [int(s) for s in args.dims.split(",")] if args.dims else (SIM_DIMS if sim else GPU_DIMS)
     reps = args.reps or (1 if sim else 10)
+    heads = args.heads or (1 if sim else 16)
+    if heads < 1:
+        raise SystemExit(f"[bench] --heads must be at least 1, got {heads}")
     print(f"[bench] attention on {device}")
     if sim:
         print("[bench] SIMULATOR: kernels run on the CPU; times below are NOT GPU timings")
     print("[bench] validating against NumPy")
     passed = validate(rungs)
-    absent = validate_mpsgraph()
-    reference = "naive" if absent else "mpsgraph"
-    if absent:
-        print(f"[bench] no MPSGraph row: {absent}; the reference is naive camel attention")
+    torch, absent = torch_cuda()
+    if torch is not None:
+        absent = validate_sdpa(torch)
+        reference = "naive" if absent else "torch_sdpa"
+        what = "PyTorch scaled_dot_product_attention, FP32 (TF32 off), on the same GPU"
     else:
-        print("[bench] reference: MPSGraph scaled-dot-product attention (macOS 15+)")
+        absent = validate_mpsgraph() if metal.shim() != "cuda" else absent
+        reference = "naive" if absent else "mpsgraph"
+        what = "MPSGraph scaled-dot-product attention (macOS 15+)"
+    if absent:
+        print(f"[bench] no reference row: {absent}; the reference is naive camel attention")
+    else:
+        print(f"[bench] reference: {what}")
     if args.tune:
         for d in dims:
             for t in seqs:
                 for causal in (False, True):
                     flash.tune(1, 1, t, d, causal)
-    rows = run(passed, seqs, dims, reps, reference=reference)
+    rows = run(passed, seqs, dims, reps, reference=reference, heads=heads)
     print()
-    print(table(rows, sim, device, reference))
+    print(table(rows, sim, device, reference, heads))
     if len(passed) < len(rungs):
         print(f"[bench] FAILED validation: {', '.join(r for r in rungs if r not in passed)}")
         return 1

@@ -143,7 +143,8 @@ def mps_available():
     try:
         camel.metal.device_name()
         return True
-    except Exception:  # no shim, no device: the mps row is left out
+    except camel.metal.MetalError as e:  # no shim, no device: the mps row is left out, saying why
+        print(f"no mps row: {e}")
         return False
 
 
@@ -222,8 +223,12 @@ def main(argv=None):
                 verdict = ("ok" if c / t <= goal else "MISSED") if stat == "best" else ""
                 line += f" {t:7.3f} {r['unit']} {c / t:5.2f}x  <= {goal}x {verdict}"
             print(line)
-    print(
-        "\n(camel and torch calls interleaved; 'best' is the fairest figure on a busy machine,"
-        "\n the MLP losses were checked equal to PyTorch for 3 steps before timing)"
-    )
+    if torch is not None:
+        print(
+            "\n(camel and torch calls interleaved; 'best' is the fairest figure on a busy machine,"
+            "\n the MLP losses were checked equal to PyTorch for 3 steps before timing)"
+        )
+    else:
+        print("\n(PyTorch is not installed: nothing was checked against it and no goal applies;"
+              "\n pip install torch for the torch column and the MLP loss check)")  # fmt: skip
     return 0

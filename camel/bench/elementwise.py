@@ -10,8 +10,8 @@ float4 copy (``copy_uint4``) is the reference bandwidth: a kernel that only move
    buffer of `--reps` dispatches) and print  kernel | n | ms | GB/s | % of copy,
    where "% of copy" compares with copy_uint4's bandwidth at the same size (this
    device's measured copy bandwidth).
-   On the simulator: validation only; the simulator's times are CPU times and say
-   nothing about a GPU (``--time`` prints them anyway, labelled as such).
+   On the simulator: timed the same way, labelled: the simulator's times are CPU
+   times that compare kernels here and say nothing about a GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from camel.bench.bandwidth import parse_args, start
 
 VALIDATE_SIZES = [1, 3, 31, 33, 1000, 4097]
-GPU_SIZES = [1 << 16, 1 << 20, 1 << 24]
+GPU_SIZES = [1 << 16, 1 << 20, 1 << 24, 1 << 26]  # 256 KiB ... 256 MiB per array
 SIM_SIZES = [1 << 14, 1 << 18]
 SHADER = "ops_elementwise.metal"
 

@@ -4,7 +4,8 @@
    batched). A version that fails is reported and not timed.
 2. Time each version at M = N = K in --sizes (default 256 ... 4096 on a GPU) after warm-up,
    synchronised, and print   version | M=N=K | ms | GFLOP/s | % of MPS
-   with MPS (MPSMatrixMultiplication) as kernel 0 on a Mac.
+   with MPS (MPSMatrixMultiplication) as kernel 0 on a Mac, and cuBLAS (FP32 SGEMM,
+   TF32 off) on the CUDA shim.
 
 On the simulator (Linux) the times are CPU times of the simulator, NOT GPU timings, and
 the default sizes are small; the table says so. `--markdown FILE` rewrites the results
@@ -57,6 +58,13 @@ def validate(versions, log=print) -> list[str]:
     return passed
 
 
+def vendor() -> str:
+    """The name of kernel 0, the vendor's matmul behind metal.mps_matmul on this shim."""
+    from camel import metal
+
+    return "cuBLAS" if metal.shim() == "cuda" else "MPS"
+
+
 def time_mps(s: int, reps: int) -> float | None:
     """ms per MPS matmul at s^3, or None where MPS does not exist (the simulator)."""
     from camel import autotune, metal
@@ -76,7 +84,7 @@ def time_mps(s: int, reps: int) -> float | None:
     got = dc.numpy()
     want = a.astype(np.float64) @ b
     if np.abs(got - want).max() > 1e-3 * max(1.0, np.abs(want).max()):
-        print("  MPS result does not match NumPy; not used as the reference", file=sys.stderr)
+        print(f"  {vendor()} result does not match NumPy; not the reference", file=sys.stderr)
         return None
     return autotune.time_ms(lambda: metal.mps_matmul(da, db, dc), reps)
 
@@ -101,7 +109,7 @@ def run(versions, sizes, reps) -> tuple[list[tuple], bool]:
         mps_ms = time_mps(s, reps)
         if mps_ms is not None:
             have_mps = True
-            rows.append(("0 (MPS)", s, mps_ms, flops / mps_ms / 1e6, 100.0))
+            rows.append((f"0 ({vendor()})", s, mps_ms, flops / mps_ms / 1e6, 100.0))
         for v in versions:
             rung = gemm.get_rung(v)
             if not gemm.fits(rung):
@@ -121,7 +129,8 @@ def table(rows, simulator: bool, device: str) -> str:
         else f"{device}: GPU time per matmul (command-buffer timestamps)"
     )
     label = "sim GFLOP/s" if simulator else "GFLOP/s"
-    lines = [f"Measured on {where}.", "", f"| version | M=N=K | ms | {label} | % of MPS |"]
+    ref = "MPS" if simulator else vendor()
+    lines = [f"Measured on {where}.", "", f"| version | M=N=K | ms | {label} | % of {ref} |"]
     lines.append("|---|---:|---:|---:|---:|")
     for v, s, ms, gflops, pct in rows:
         pct_text = f"{pct:.0f}%" if pct is not None else "n/a"
@@ -178,6 +187,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per size")
     ap.add_argument("--markdown", metavar="FILE", help="rewrite the table in FILE (make bench)")
     args = ap.parse_args(argv)
+    if args.plot:  # before the run, not after minutes of timing
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("[bench] --plot needs matplotlib, which is not installed: pip install "
+                  "matplotlib, or run without --plot", file=sys.stderr)  # fmt: skip
+            return 2
 
     if args.list:
         for rung in gemm.RUNGS.values():

@@ -10,8 +10,8 @@ Kernels of shaders/ops_reduce.metal through camel/backend_mps.py:
    4097 elements in all, a (4097, 3) leading-axis sum; max ties resolved to the first index.
 2. On an Apple GPU: time each after warm-up and print  op | shape | ms | GB/s
    (bytes read + written per call / time) and % of copy (copy_uint4 over the same
-   array: the measured copy bandwidth). On the simulator: validation only (its times
-   are CPU times, not GPU timings); ``--time`` prints them anyway, labelled.
+   array: the measured copy bandwidth). On the simulator: timed the same way, labelled
+   (its times are CPU times, not GPU timings).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from camel.bench.bandwidth import parse_args, start, time_cases
 
-GPU_SHAPES = [(4096, 1024), (1024, 16384), (16384, 256)]
+GPU_SHAPES = [(4096, 1024), (1024, 16384), (16384, 256), (65536, 1024)]  # the last: 256 MiB
 SIM_SHAPES = [(256, 1024), (64, 10000)]
 
 

@@ -8,8 +8,8 @@ softmax backward (two sweeps), and the cross-entropy backward (one thread per el
    and extreme logits (+-1e4, -inf entries): no NaN, equal to float32 tolerance.
 2. On an Apple GPU: time each after warm-up and print  op | (N, C) | ms | GB/s
    (the compulsory bytes: read x once, write y once) and % of copy (copy_uint4 over
-   the same array: the measured copy bandwidth). On the simulator: validation only
-   (its times are CPU times, not GPU timings); ``--time`` prints them anyway, labelled.
+   the same array: the measured copy bandwidth). On the simulator: timed the same way,
+   labelled (its times are CPU times, not GPU timings).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from camel.bench.bandwidth import parse_args, start, time_cases
 
-GPU_SHAPES = [(4096, 1024), (1024, 16384), (65536, 10)]
+GPU_SHAPES = [(4096, 1024), (1024, 16384), (65536, 10), (65536, 1024)]  # the last: 256 MiB
 SIM_SHAPES = [(256, 1000), (16, 10000)]
 
 

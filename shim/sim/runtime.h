@@ -20,7 +20,7 @@
 constexpr uint32_t kMaxThreadsPerThreadgroup = 1024;
 constexpr uint32_t kMaxThreadgroupMemory = 32768;
 constexpr uint32_t kSimdWidth = 32;
-constexpr uint32_t kMaxSetBytes = 4096;
+constexpr uint32_t kMaxSetBytes = 4095;  // Apple: setBytes takes "smaller than 4 KB"
 
 struct camel_buffer {
     void *contents;

