@@ -243,7 +243,7 @@ static double now_seconds() {
 // ---- objects ----------------------------------------------------------------------------
 
 constexpr uint64_t kPinnedMirrorMax = 1 << 20;  // larger mirrors: lazily committed mmap pages
-constexpr uint32_t kMaxSetBytes = 4096;
+constexpr uint32_t kMaxSetBytes = 4095;  // as Metal: setBytes takes "smaller than 4 KB"
 constexpr uint32_t kStagingChunk = 256 * 1024;  // > 31 * 4096: one dispatch always fits
 constexpr uint32_t kEagerCommit = 16;           // commit early when the GPU runs dry
 
