@@ -407,11 +407,12 @@ def test_vendor_extras_say_what_is_missing(fake):
                 except metal.MetalError as e:
                     print(e)
             """,
-            CAMEL_CUBLAS=None,
+            CAMEL_CUBLAS="/nonexistent/libcublas.so.12",  # a real one must not meet the fake
         )
     )
     gemm, attention, capture = out.strip().split("\n")
-    assert "needs cuBLAS" in gemm and "libcublas.so.13/.12/.11" in gemm
+    assert "needs cuBLAS, and CAMEL_CUBLAS could not be loaded" in gemm
+    assert "/nonexistent/libcublas.so.12" in gemm
     assert "MPSGraph attention is not available on the CUDA shim" in attention
     assert "scaled_dot_product_attention" in attention
     assert "Nsight" in capture

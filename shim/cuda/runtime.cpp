@@ -1387,19 +1387,22 @@ static bool blas_ready() {  // S.mu held
     }
     B.tried = true;
     std::string tried;
-    const char *env = getenv("CAMEL_CUBLAS");
-    const char *names[] = {env, "libcublas.so.13", "libcublas.so.12", "libcublas.so.11",
-                           "/usr/local/cuda/lib64/libcublas.so.13",
-                           "/usr/local/cuda/lib64/libcublas.so.12", "libcublas.so"};
+    const char *env = getenv("CAMEL_CUBLAS");  // set: that library and no other
+    const char *names[] = {env && *env ? env : "libcublas.so.13",
+                           env && *env ? nullptr : "libcublas.so.12",
+                           env && *env ? nullptr : "libcublas.so.11",
+                           env && *env ? nullptr : "/usr/local/cuda/lib64/libcublas.so.13",
+                           env && *env ? nullptr : "/usr/local/cuda/lib64/libcublas.so.12"};
     for (const char *n : names) {
-        if (!n || !*n) continue;
+        if (!n) continue;
         B.dl = dlopen(n, RTLD_NOW | RTLD_LOCAL);
         if (B.dl) break;
         tried += std::string(tried.empty() ? "" : "; ") + dlerror();
     }
     if (!B.dl) {
-        B.error = "[cuda] camel_mps_matmul (the vendor GEMM, 'kernel 0') needs cuBLAS, and no "
-                  "libcublas.so.13/.12/.11 could be loaded (" + tried + "). Install it (the "
+        B.error = "[cuda] camel_mps_matmul (the vendor GEMM, 'kernel 0') needs cuBLAS, and " +
+                  std::string(env && *env ? "CAMEL_CUBLAS" : "no libcublas.so.13/.12/.11") +
+                  " could not be loaded (" + tried + "). Install it (the "
                   "CUDA toolkit, or pip install nvidia-cublas-cu12) and put its lib folder on "
                   "LD_LIBRARY_PATH, or set CAMEL_CUBLAS=/path/to/libcublas.so.N";
         tl_error = B.error;
