@@ -524,3 +524,12 @@ def test_command_buffers_commit_early_and_at_256(fake):
     # 16 encoded with the GPU idle: sent; 16 more with one queued: sent; then two are
     # queued (the fake GPU runs only when waited on), so the third waits for the cap.
     assert out.strip() == "[16, 16, 256, 12]"
+
+
+def test_set_bytes_limit_matches_the_other_shims():
+    import re
+
+    from camel import metal
+
+    source = (ROOT / "shim" / "cuda" / "runtime.cpp").read_text()
+    assert int(re.search(r"kMaxSetBytes = (\d+)", source).group(1)) == metal.MAX_SET_BYTES

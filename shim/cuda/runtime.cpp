@@ -843,6 +843,7 @@ CAMEL_EXPORT int camel_buffer_release(camel_buffer *b) {
     tl_error.clear();
     bind_thread();
     if (!live(b, "camel_buffer_release")) return 1;
+    if (S.ready) reap(0);  // retire finished command buffers: frees what they held now
     b->released = true;
     buffer_unref(b);  // freed now, or when the last command buffer using it completes
     return 0;
