@@ -1417,7 +1417,7 @@ def translate(source: str, target: str = "cuda", path: str | None = None) -> str
 
     Returns the complete, self-contained translation unit: the MSL library for
     CUDA, the kernels as rewritten, and one `extern "C" __global__
-    camel_kernel_<n>(camel_cuda_args)` wrapper per kernel. It compiles on its own:
+    camel_<kernel name>(camel_cuda_args)` wrapper per kernel. It compiles on its own:
         clang++-19 -x cuda --cuda-device-only --cuda-gpu-arch=sm_90 -nocudainc -nocudalib -O3 -S
     """
     if target != "cuda":

@@ -491,8 +491,8 @@ def test_translated_shaders_load_bind_and_check_value_sizes(fake):
             metal.synchronize()
             launches = [l for l in log() if l.startswith("launch")]
             assert launches == [
-                "launch camel_kernel_0 grid 1 1 1 block 64 1 1 smem 0 origin 0 0 0",
-                "launch camel_kernel_0 grid 1 1 1 block 36 1 1 smem 0 origin 1 0 0",
+                "launch camel_add_float grid 1 1 1 block 64 1 1 smem 0 origin 0 0 0",
+                "launch camel_add_float grid 1 1 1 block 36 1 1 smem 0 origin 1 0 0",
             ], launches
             try:  # n is a `constant uint &`: 4 bytes, from camel_kernel_0_value_sizes
                 fn(a, b, out, np.zeros(2, np.uint32), threads=100, threads_per_threadgroup=64)

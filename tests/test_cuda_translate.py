@@ -48,8 +48,9 @@ def test_every_shader_compiles_to_ptx(shader, arch):
     assert f".target sm_{arch}" in ptx
     kernels = kernel_lines(desc)
     assert kernels, f"no kernels found in {shader.name}"
-    entries = set(re.findall(r"\.entry (camel_kernel_\d+)\(", ptx))
-    assert entries == {f"camel_kernel_{k[1]}" for k in kernels}
+    entries = set(re.findall(r"\.entry (\w+)\(", ptx))
+    assert entries == {k[5] for k in kernels}  # named after the kernels, for ncu's reports
+    assert all(k[5] == f"camel_{k[2]}" for k in kernels)
     for k in kernels:  # the runtime reads these with cuModuleGetGlobal
         assert f"camel_kernel_{k[1]}_value_sizes" in ptx
     # everything is defined in the module: no libdevice, no libm (vprintf is the driver's)
@@ -63,7 +64,8 @@ def test_description_lines_of_a_few_kernels():
     lines = desc.splitlines()
     # sum_last_axis(x [[buffer(0)]], out [[buffer(1)]], constant uint &K [[buffer(2)]],
     #   constant float &scale [[buffer(3)]], row [[threadgroup_position_in_grid]], ...)
-    assert lines[0] == "kernel 0 sum_last_axis 1 1"  # threadgroup_sum: a barrier and simd_sum
+    # threadgroup_sum: a barrier and simd_sum; the entry is named after the kernel
+    assert lines[0] == "kernel 0 sum_last_axis 1 1 camel_sum_last_axis"
     assert lines[1:6] == [
         "param 0 0 x 1 0 1",
         "param 0 1 out 1 1 1",
@@ -72,14 +74,14 @@ def test_description_lines_of_a_few_kernels():
         "param 0 4 row 3 -1 0",
     ]
     kernels = {k[2]: k for k in kernel_lines(desc)}
-    assert kernels["sum_axis_strided"][3:] == ["0", "0"]  # no barrier, no SIMD-group function
+    assert kernels["sum_axis_strided"][3:5] == ["0", "0"]  # no barrier, no SIMD-group function
 
     src = (ROOT / "shaders" / "ops_matmul.metal").read_text()
     _, desc = compile_ptx(src, "shaders/ops_matmul.metal", 90)
     kernels = {k[2]: k for k in kernel_lines(desc)}
-    assert kernels["matmul_v1_naive"][3:] == ["0", "0"]
-    assert kernels["matmul_v3_tiled"][3:] == ["1", "0"]
-    assert kernels["matmul_v10_simdgroup"][3:] == ["1", "1"]  # simdgroup_matrix
+    assert kernels["matmul_v1_naive"][3:5] == ["0", "0"]
+    assert kernels["matmul_v3_tiled"][3:5] == ["1", "0"]
+    assert kernels["matmul_v10_simdgroup"][3:5] == ["1", "1"]  # simdgroup_matrix
     # the template instantiations keep their host names
     assert "matmul_tile_64x64x8_8x8" in kernels
 
@@ -95,7 +97,7 @@ kernel void named_like_simd(device uint *out [[buffer(0)]],
 }
 """
     _, desc = compile_ptx(src, "flags.metal", 90)
-    assert desc.splitlines()[0] == "kernel 0 named_like_simd 0 0"
+    assert desc.splitlines()[0] == "kernel 0 named_like_simd 0 0 camel_named_like_simd"
     # [[host_name("flash_v" "1" ...)]] built by a macro: one name, literals joined
     src = (ROOT / "shaders" / "ops_attention.metal").read_text()
     _, desc = compile_ptx(src, "shaders/ops_attention.metal", 90)
@@ -138,7 +140,7 @@ def test_translation_is_readable_and_self_contained(tmp_path):
     assert "__shared__ float partial[32];" in cuda  # one allocation per declaration
     assert "float s = simd_sum(x[i]);" in cuda
     # the entry wrapper and its bindings
-    assert 'extern "C" __global__ void camel_kernel_0(camel_cuda_args args)' in cuda
+    assert 'extern "C" __global__ void camel_tg_sum(camel_cuda_args args)' in cuda
     assert "args.buffers[0]" in cuda and "args.buffers[1]" in cuda
     assert "__camel_threadgroup_memory + args.threadgroup_offset[0]" in cuda
     assert "t.thread_index_in_simdgroup" in cuda
@@ -161,7 +163,7 @@ def test_translation_is_readable_and_self_contained(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         ptx = out.read_text()
-        assert ".entry camel_kernel_0(" in ptx
+        assert ".entry camel_tg_sum(" in ptx
         assert "bar.sync" in ptx and "shfl.sync" in ptx
 
 
@@ -204,7 +206,7 @@ kernel void nan_helpers(device const float *x [[buffer(0)]],
 
 def test_nan_helpers_and_uint_simd_min_compile():
     ptx, desc = compile_ptx(NAN_KERNEL, "nan.metal", 80)
-    assert kernel_lines(desc) == [["kernel", "0", "nan_helpers", "0", "1"]]
+    assert kernel_lines(desc) == [["kernel", "0", "nan_helpers", "0", "1", "camel_nan_helpers"]]
     assert "min.u32" in ptx  # simd_min on uint is an unsigned comparison
     assert "shfl.sync" in ptx
 

@@ -650,6 +650,10 @@ def _array(t, values):
     return values.astype(dtype).reshape(shape)
 
 
+# Exact cases whose expression multiplies then adds: a GPU shim may fuse them (above).
+MAY_FUSE = {"literal_float", "half_rounding"}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_builtin(lib, case):
     cid, expr, ref, tin, tout, kinds, tol = case
@@ -665,7 +669,11 @@ def test_builtin(lib, case):
     got = out.numpy()
     with np.errstate(all="ignore"):
         want = np.asarray(ref(a, b, c)).astype(out_dtype).reshape(got.shape)
-    if tol == 0:
+    if tol == 0 and cid in MAY_FUSE and metal.shim() != "sim":
+        # A GPU compiler may fuse a * b + c in one expression into one FMA (one rounding
+        # instead of two): the CUDA translation does (-ffp-contract=on), the simulator never.
+        np.testing.assert_array_max_ulp(got, want, maxulp=1)
+    elif tol == 0:
         np.testing.assert_array_equal(got, want, err_msg=f"{expr} with {tin} inputs")
     else:
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=f"{expr}")

@@ -6,7 +6,9 @@
  *                    API, loaded with dlopen("libcuda.so.1")).
  *
  * Every kernel of a .metal file becomes
- *     extern "C" __global__ void camel_kernel_<n>(camel_cuda_args args);
+ *     extern "C" __global__ void camel_<host_name>(camel_cuda_args args);
+ * (camel_kernel_<n> where the host name is not a C identifier), so profilers
+ * and compute-sanitizer name the kernel;
  * whose body computes Metal's builtins from threadIdx/blockIdx/blockDim and
  * `args`, binds [[buffer(i)]] to args.buffers[i] and [[threadgroup(i)]] to
  * dynamic shared memory at args.threadgroup_offset[i], then calls the kernel.
@@ -58,7 +60,7 @@ enum camel_cuda_param_kind {
 
 /* MSL source -> the complete CUDA translation unit (what camel.metal.translate
  * returns), plus a description of its kernels, one line each:
- *     kernel <n> <host_name> <uses_barrier 0|1> <uses_simd 0|1>
+ *     kernel <n> <host_name> <uses_barrier 0|1> <uses_simd 0|1> <entry symbol>
  *     param <n> <position> <name> <kind 1|2|3> <binding index> <is_pointer 0|1>
  * n counts the kernels from 0 in source order (template instantiations where
  * they are instantiated); the param lines of kernel n follow its kernel line,

@@ -271,7 +271,8 @@ struct Param {
 
 struct Kernel {
     int n;
-    std::string name;  // the MSL (host) name
+    std::string name;   // the MSL (host) name
+    std::string entry;  // the __global__ function in the PTX: camel_<name>
     bool uses_barrier = false, uses_simd = false;
     std::vector<Param> params;
     int max_buffer_index = -1;
@@ -922,10 +923,13 @@ static bool parse_kernels(const char *text, std::vector<Kernel> &out) {
         char word[16], name[256];
         int n, a, b, c, d, e;
         if (sscanf(l.c_str(), "%15s", word) != 1) continue;
-        if (!strcmp(word, "kernel") && sscanf(l.c_str(), "kernel %d %255s %d %d", &n, name, &a, &b) == 4) {
+        char entry[300] = "";
+        if (!strcmp(word, "kernel") &&
+            sscanf(l.c_str(), "kernel %d %255s %d %d %299s", &n, name, &a, &b, entry) >= 4) {
             Kernel k;
             k.n = n;
             k.name = name;
+            k.entry = entry[0] ? entry : "camel_kernel_" + std::to_string(n);
             k.uses_barrier = a;
             k.uses_simd = b;
             out.push_back(k);
@@ -1053,7 +1057,7 @@ CAMEL_EXPORT camel_pipeline *camel_pipeline_new(camel_library *lib, const char *
     if (!ready_locked()) return nullptr;
     for (const Kernel &k : lib->kernels) {
         if (k.name != name) continue;
-        std::string sym = "camel_kernel_" + std::to_string(k.n);
+        const std::string &sym = k.entry;
         CUfunction fn = nullptr;
         CUresult r = D.ModuleGetFunction(&fn, lib->module, sym.c_str());
         if (r != CUDA_SUCCESS) {

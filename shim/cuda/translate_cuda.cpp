@@ -247,7 +247,7 @@ int translate(const std::string &src, const char *path, const std::string &displ
            "// It holds, in order: the MSL library for CUDA (shim/cuda/include and the\n"
            "// simulator's shim/sim/include), your kernels as rewritten (address spaces\n"
            "// dropped, threadgroup arrays as __shared__, float4(a, b) as __camel_make),\n"
-           "// and one extern \"C\" __global__ camel_kernel_<n> wrapper per kernel.\n"
+           "// and one extern \"C\" __global__ camel_<kernel name> wrapper per kernel.\n"
            "#define __METAL_VERSION__ 310\n" +
            header + body;
     return 0;

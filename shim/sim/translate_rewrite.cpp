@@ -1067,10 +1067,15 @@ struct Rewriter {
             std::string n = std::to_string(count++);
             bool barrier = uses_op(kn.body_owner, USES_BARRIER);
             bool simd = uses_op(kn.body_owner, USES_SIMD);
+            // The entry carries the kernel's name, so ncu and compute-sanitizer reports say
+            // "camel_matmul_v10_simdgroup", not a number (a name C cannot spell: a number).
+            bool plain = !host.empty() && !isdigit((unsigned char)host[0]);
+            for (char ch : host) plain = plain && (isalnum((unsigned char)ch) || ch == '_');
+            std::string entry = plain ? "camel_" + host : "camel_kernel_" + n;
             desc += "kernel " + n + " " + host + " " + (barrier ? "1" : "0") + " " +
-                    (simd ? "1" : "0") + "\n";
+                    (simd ? "1" : "0") + " " + entry + "\n";
             g += "\n// kernel " + n + ": " + host + (host != fn ? " (" + fn + ")" : std::string()) + "\n";
-            g += "extern \"C\" __global__ void camel_kernel_" + n + "(camel_cuda_args args) {\n";
+            g += "extern \"C\" __global__ void " + entry + "(camel_cuda_args args) {\n";
             g += "    const __camel_thread t = __camel_thread_of(args);\n";
             g += "    (void)t;\n";
             g += "    " + fn + "(";

