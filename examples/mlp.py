@@ -66,7 +66,9 @@ def describe_device(device):
         return device
     import camel.metal
 
-    kind = "Metal simulator on the CPU" if camel.metal.is_simulator() else "Apple GPU"
+    kind = {"sim": "Metal simulator on the CPU", "cuda": "NVIDIA GPU"}.get(
+        camel.metal.shim(), "Apple GPU"
+    )
     return f"mps ({camel.metal.device_name()}, {kind})"
 
 
