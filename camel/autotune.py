@@ -97,20 +97,24 @@ def store(m: int, n: int, k: int, version: str) -> None:
 def time_ms(run, reps: int = 10, warmup: int = 2) -> float:
     """Milliseconds per call of run() (which encodes GPU work), after warm-up.
 
-    All reps go into one command buffer; on a Mac its GPU start/end timestamps are used,
-    on the simulator wall time (see camel_command_buffer_time)."""
+    The reps are encoded back to back and timed from the start of their first command
+    buffer to the end of their last: GPU timestamps on a Mac, CUDA events on the CUDA shim
+    (which may commit early, so the reps can span several command buffers), wall time on
+    the simulator (see camel_command_buffer_time)."""
     from camel import metal
 
-    def timed(n: int) -> float:  # seconds for n calls in one command buffer
+    def timed(n: int) -> float:  # seconds for n calls, first command buffer to last
         metal.synchronize()
+        first = metal.completed_id() + 1  # ids count up by one per command buffer
         t0 = time.perf_counter()
         for _ in range(n):
             run()
-        cb = metal.commit()
+        last = metal.commit() or metal.completed_id()
         metal.synchronize()
         wall = time.perf_counter() - t0
-        span = metal.command_buffer_time(cb) if cb else None
-        return (span[1] - span[0]) if span and span[1] > span[0] else wall
+        start = metal.command_buffer_time(first) if last >= first else None
+        end = metal.command_buffer_time(last) if start else None
+        return (end[1] - start[0]) if end and end[1] > start[0] else wall
 
     one = max(timed(1) for _ in range(max(1, warmup)))  # warm-up, one call per command buffer
     # Keep each command buffer well under the GPU watchdog (a naive rung at 4096^3 takes
