@@ -164,8 +164,9 @@ def relu(x):
 
 
 def relu_backward(x, grad):
-    """dx = grad where x > 0, else 0 (the gradient at exactly 0 is 0, like PyTorch)."""
-    return _c(np.where(x > 0, grad, np.float32(0)))
+    """dx = 0 where x <= 0, else grad (the gradient at exactly 0 is 0, and at NaN it is
+    grad, like PyTorch's threshold_backward)."""
+    return _c(np.where(x <= 0, np.float32(0), grad))
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # sqrt(2/pi)
@@ -213,7 +214,8 @@ def max(x, axis, keepdims):
     """Maximum over one axis (int >= 0) or everything (axis None).
     Returns (values, indices): indices (int32, same shape as values) is the
     position of the maximum along `axis` (for axis None: the flat index).
-    Ties: the FIRST maximum wins, like np.argmax. NaN is not handled."""
+    Ties: the FIRST maximum wins, like np.argmax. NaN is larger than every number: a
+    line with a NaN gives NaN and the index of its first NaN (np.argmax, torch.max)."""
     if axis is None:
         idx = int(np.argmax(x.reshape(-1)))
         shape = (1,) * x.ndim if keepdims else ()

@@ -211,7 +211,7 @@ def relu(x):
 
 
 def relu_backward(x, grad):
-    """dx = grad where x > 0, else 0."""
+    """dx = 0 where x <= 0, else grad (so a NaN passes grad, as PyTorch)."""
     out = _empty(x.shape, np.float32)
     n = x.size
     if n:
@@ -326,7 +326,8 @@ def sum_backward(grad, in_shape, axis):
 
 def max(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
     """(values, indices) of the maximum over one axis or everything; the first maximum
-    wins ties (np.argmax). For axis None the index is the flat index."""
+    wins ties (np.argmax), and a NaN beats every number (the first NaN's index, as
+    np.argmax and torch.max). For axis None the index is the flat index."""
     shape = _reduced_shape(x.shape, axis, keepdims)
     values, indices = _empty(shape), _empty(shape, np.int32)
     outer, k, inner = _split(x.shape, axis)

@@ -1,0 +1,190 @@
+"""NaN and ±inf through every op, forward and backward, on every device, against PyTorch.
+
+Metal's `max`, `fmax` and `simd_max` return the non-NaN operand, so a kernel written
+with them silently drops a NaN that NumPy and PyTorch propagate (relu of NaN gave 0,
+the max of a row with a NaN gave its largest number). Each case here puts NaN, +inf or
+-inf at a few positions of an input of an awkward size (the first element, one in the
+middle, the last one: the float4 kernels' scalar tail) and compares the outputs and
+the gradients with torch on the CPU: the same NaN positions, the same infinities (with
+their signs), the same finite values to float32 tolerance.
+
+Where camel's meaning differs from one torch function on purpose, the test says so:
+the full max() gives its whole gradient to the first maximum (torch's max() splits it
+among ties; camel follows max(dim)), and a causal softmax is torch's masked_fill(-inf)
+followed by softmax.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import DEVICES
+
+import camel
+import camel.functional as F
+from camel import optim
+
+torch = pytest.importorskip("torch")
+
+# NumPy warns on inf * 0 and inf - inf; here those are the point.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+
+SPECIALS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
+
+
+def with_specials(shape, value, positions, seed=0):
+    """Normal float32 samples of `shape` with `value` at the given flat positions."""
+    a = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    flat = a.reshape(-1)
+    for p in positions:
+        flat[p % flat.size] = value
+    return a
+
+
+def assert_same(got, want, what):
+    """Equal NaN positions, equal infinities, close finite values."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, equal_nan=True, err_msg=what)
+
+
+def run_case(device, camel_fn, torch_fn, arrays, grad_seed=1, check_grads=True):
+    """camel_fn and torch_fn on the same inputs: compare the output, then the gradient
+    of every input for one finite upstream gradient."""
+    xs = [camel.tensor(a, requires_grad=True, device=device) for a in arrays]
+    ts = [torch.tensor(a, requires_grad=True) for a in arrays]
+    out, tout = camel_fn(*xs), torch_fn(*ts)
+    assert_same(out.numpy(), tout.detach().numpy(), f"forward on {device}")
+    if not check_grads:
+        return
+    g = np.random.default_rng(grad_seed).standard_normal(tout.shape).astype(np.float32)
+    out.backward(camel.tensor(g, device=device))
+    tout.backward(torch.tensor(g))
+    for i, (x, t) in enumerate(zip(xs, ts, strict=True)):
+        assert_same(x.grad.numpy(), t.grad.numpy(), f"gradient of input {i} on {device}")
+
+
+def positions(shape):
+    """First element, one in the middle, the last one (the float4 tail)."""
+    n = math.prod(shape)
+    return [0, n // 2, n - 1]
+
+
+# ---------------------------------------------------------------------------
+# elementwise: relu, gelu
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (33,), (3, 257)])
+def test_relu(device, special, shape):
+    a = with_specials(shape, SPECIALS[special], positions(shape))
+    run_case(device, F.relu, torch.relu, [a])
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+def test_relu_unaligned_kernel(special):
+    # An operand that is not 16-byte aligned takes the one-element-per-thread kernels.
+    if "mps" not in DEVICES:
+        pytest.skip("no 'mps' device")
+    from camel import backend_mps
+    from camel.metal import DeviceArray
+
+    a = with_specials((34,), SPECIALS[special], [1, 17, 33])
+    g = np.random.default_rng(2).standard_normal(33).astype(np.float32)
+    x = DeviceArray.from_numpy(a)
+    x = DeviceArray((33,), np.float32, x.buffer, 4)  # elements 1..33, 4 bytes in
+    gd = DeviceArray.from_numpy(np.concatenate([[0], g]).astype(np.float32))
+    gd = DeviceArray((33,), np.float32, gd.buffer, 4)
+    t = torch.tensor(a[1:], requires_grad=True)
+    y = torch.relu(t)
+    y.backward(torch.tensor(g))
+    assert_same(backend_mps.relu(x).numpy(), y.detach().numpy(), "relu_float")
+    assert_same(backend_mps.relu_backward(x, gd).numpy(), t.grad.numpy(), "relu_backward_float")
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("shape", [(7,), (3, 33)])
+def test_gelu(device, special, shape):
+    a = with_specials(shape, SPECIALS[special], positions(shape))
+    run_case(device, F.gelu, lambda t: torch.nn.functional.gelu(t, approximate="tanh"), [a])
+
+
+# ---------------------------------------------------------------------------
+# reductions: sum, mean, max (values, indices, gradient)
+# ---------------------------------------------------------------------------
+
+# (shape, axis): the last axis (one threadgroup per row, rows of 33 and 300), a leading
+# axis (one thread per column), and everything (one pass, and two passes past 4096).
+REDUCTIONS = [((5, 33), 1), ((3, 300), 1), ((33, 5), 0), ((4, 7, 3), 1), ((7, 33), None),
+              ((5000,), None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("shape,axis", REDUCTIONS)
+def test_sum_and_mean(device, special, shape, axis):
+    a = with_specials(shape, SPECIALS[special], positions(shape))
+    dim = {} if axis is None else {"dim": axis}
+    run_case(device, lambda x: F.sum(x, axis), lambda t: t.sum(**dim), [a])
+    run_case(device, lambda x: F.mean(x, axis), lambda t: t.mean(**dim), [a])
+
+
+def _max_inputs(shape, axis, case):
+    """Inputs for max: two specials in one row/column (the first must win, and the two are
+    far apart so different threads see them), a row with one at its last element, the
+    rest finite. case "nan+inf": NaN after +inf in the same row (NaN still wins)."""
+    a = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    moved = np.moveaxis(a, 0 if axis is None else axis, -1)  # a view: writes go to a
+    lines = moved.reshape(-1, moved.shape[-1]) if axis is not None else a.reshape(1, -1)
+    k = lines.shape[-1]
+    first, second = (math.inf, math.nan) if case == "nan+inf" else (SPECIALS[case],) * 2
+    if axis is None:
+        flat = a.reshape(-1)
+        flat[k // 3], flat[k - 2] = first, second
+        return a
+    idx = np.ndindex(*moved.shape[:-1])
+    for n, pos in enumerate(idx):
+        line = moved[pos]
+        if n == 0:
+            line[k // 3], line[k - 1] = first, second
+        elif n == 1:
+            line[k - 1] = second
+    return a
+
+
+@pytest.mark.parametrize("case", ["nan", "+inf", "-inf", "nan+inf"])
+@pytest.mark.parametrize("shape,axis", REDUCTIONS)
+def test_max_values_indices_and_gradient(device, case, shape, axis):
+    a = _max_inputs(shape, axis, case)
+    be = camel.tensor(a, device=device).backend
+    values, indices = be.max(be.from_numpy(a), axis, False)
+    t = torch.tensor(a, requires_grad=True)
+    if axis is None:  # torch.max() splits the gradient among ties: follow max(dim) instead
+        want_v, want_i = t.max(), torch.argmax(t)
+        flat_t = t.reshape(-1)
+        chosen = flat_t[want_i]
+    else:
+        want_v, want_i = t.max(dim=axis)
+        chosen = want_v
+    assert_same(be.to_numpy(values), want_v.detach().numpy(), f"max values on {device}")
+    np.testing.assert_array_equal(be.to_numpy(indices), want_i.numpy(), f"argmax on {device}")
+
+    x = camel.tensor(a, requires_grad=True, device=device)
+    out = F.Max.apply(x, axis, False)  # the values only, whatever F.max returns
+    g = np.random.default_rng(4).standard_normal(tuple(chosen.shape)).astype(np.float32)
+    out.backward(camel.tensor(g, device=device))
+    chosen.backward(torch.tensor(g))
+    assert_same(x.grad.numpy(), t.grad.numpy(), f"max gradient on {device}")
+
+
+def test_max_all_minus_inf_rows(device):
+    # A row that is -inf everywhere: the value is -inf and the index 0, as torch.
+    a = np.full((3, 40), -math.inf, np.float32)
+    a[1, 5] = 2.0
+    be = camel.tensor(a, device=device).backend
+    for axis in (1, 0, None):
+        values, indices = be.max(be.from_numpy(a), axis, False)
+        t = torch.tensor(a)
+        want_v, want_i = (t.max(), torch.argmax(t)) if axis is None else t.max(dim=axis)
+        assert_same(be.to_numpy(values), want_v.numpy(), f"axis {axis}")
+        np.testing.assert_array_equal(be.to_numpy(indices), want_i.numpy(), f"axis {axis}")
