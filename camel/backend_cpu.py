@@ -52,7 +52,7 @@ The functions, grouped (shapes use ... for any leading dims)
   matmul
     matmul(a, b, transpose_a=False, transpose_b=False)
   softmax family (always over the last axis)
-    softmax(x, causal=False), softmax_backward(y, grad)
+    softmax(x, causal=False), softmax_backward(y, grad, causal=False)
     log_softmax(x), log_softmax_backward(y, grad)
     cross_entropy(logits, targets) -> (loss, probs)
     cross_entropy_backward(probs, targets, grad)
@@ -306,8 +306,9 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
 def softmax(x, causal=False):
     """Softmax over the last axis, numerically stable (subtract the row max).
     causal=True: x is (..., T, S) attention scores and row i only sees columns
-    j <= i (top-left aligned mask, like PyTorch's is_causal); masked entries
-    are exactly 0 in the output."""
+    j <= i (top-left aligned mask, like PyTorch's is_causal): masked_fill(-inf),
+    then softmax, so masked entries are 0 (NaN only in a row whose visible part
+    gives NaN, as in PyTorch)."""
     if causal:
         t, s = x.shape[-2], x.shape[-1]
         mask = np.triu(np.ones((t, s), dtype=bool), k=1)  # True where j > i
@@ -316,10 +317,15 @@ def softmax(x, causal=False):
     return (e / np.sum(e, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def softmax_backward(y, grad):
-    """y = softmax(x) (causal or not). dx = y * (grad - sum(grad * y, last axis))."""
+def softmax_backward(y, grad, causal=False):
+    """y = softmax(x, causal). dx = y * (grad - sum(grad * y, last axis)); with causal,
+    dx is exactly 0 at the masked positions (masked_fill's gradient), even in a NaN row."""
     dot = np.sum(grad * y, axis=-1, keepdims=True)
-    return (y * (grad - dot)).astype(np.float32)
+    dx = (y * (grad - dot)).astype(np.float32)
+    if causal:
+        t, s = y.shape[-2], y.shape[-1]
+        dx[..., np.triu(np.ones((t, s), dtype=bool), k=1)] = 0
+    return dx
 
 
 def log_softmax(x):

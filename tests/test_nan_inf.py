@@ -22,7 +22,6 @@ from conftest import DEVICES
 
 import camel
 import camel.functional as F
-from camel import optim
 
 torch = pytest.importorskip("torch")
 
@@ -188,3 +187,69 @@ def test_max_all_minus_inf_rows(device):
         want_v, want_i = (t.max(), torch.argmax(t)) if axis is None else t.max(dim=axis)
         assert_same(be.to_numpy(values), want_v.numpy(), f"axis {axis}")
         np.testing.assert_array_equal(be.to_numpy(indices), want_i.numpy(), f"axis {axis}")
+
+
+# ---------------------------------------------------------------------------
+# softmax family: softmax (plain and causal), log_softmax, cross_entropy
+# ---------------------------------------------------------------------------
+
+
+def _rows_with_specials(shape, value, seed=5):
+    """(rows, K): row 0 one special in the middle, row 1 two (first and last), row 2 all
+    special, the rest finite."""
+    a = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    k = shape[-1]
+    a[0, k // 2] = value
+    a[1, 0] = a[1, k - 1] = value
+    a[2, :] = value
+    return a
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("shape", [(4, 1), (4, 33), (5, 300)])
+def test_softmax_and_log_softmax(device, special, shape):
+    a = _rows_with_specials(shape, SPECIALS[special])
+    run_case(device, F.softmax, lambda t: torch.softmax(t, -1), [a])
+    run_case(device, F.log_softmax, lambda t: torch.log_softmax(t, -1), [a])
+
+
+def _torch_causal_softmax(t):
+    rows, cols = t.shape[-2:]
+    mask = torch.triu(torch.ones(rows, cols, dtype=torch.bool), 1)
+    return torch.softmax(t.masked_fill(mask, -math.inf), -1)
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("where", ["visible", "masked"])
+@pytest.mark.parametrize("shape", [(2, 5, 5), (1, 37, 37), (2, 3, 40)])
+def test_causal_softmax(device, special, where, shape):
+    # The causal softmax is masked_fill(-inf) then softmax: a special at a masked position
+    # changes nothing, one at a visible position acts as in a plain softmax; the gradient
+    # at every masked position is exactly 0 (masked_fill's backward).
+    a = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    t_rows = shape[-2]
+    for r in range(t_rows):
+        col = r // 2 if where == "visible" else r + 1 + r % 3
+        if col < shape[-1]:
+            a[0, r, col] = SPECIALS[special]
+    run_case(device, lambda x: F.Softmax.apply(x, True), _torch_causal_softmax, [a])
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("where", ["target", "other", "all"])
+@pytest.mark.parametrize("shape", [(3, 5), (4, 300)])
+def test_cross_entropy(device, special, where, shape):
+    n, c = shape
+    targets = (np.arange(n) * 7 % c).astype(np.int32)
+    a = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    if where == "target":
+        a[0, targets[0]] = SPECIALS[special]
+    elif where == "other":
+        a[0, (targets[0] + 1) % c] = SPECIALS[special]
+        a[n - 1, (targets[n - 1] + c - 1) % c] = SPECIALS[special]
+    else:
+        a[1, :] = SPECIALS[special]
+    tt = torch.tensor(targets.astype(np.int64))
+    run_case(device,
+             lambda x: F.cross_entropy(x, camel.tensor(targets, device=device)),
+             lambda t: torch.nn.functional.cross_entropy(t, tt), [a])  # fmt: skip
