@@ -22,6 +22,7 @@ from conftest import DEVICES
 
 import camel
 import camel.functional as F
+from camel import optim
 
 torch = pytest.importorskip("torch")
 
@@ -253,3 +254,138 @@ def test_cross_entropy(device, special, where, shape):
     run_case(device,
              lambda x: F.cross_entropy(x, camel.tensor(targets, device=device)),
              lambda t: torch.nn.functional.cross_entropy(t, tt), [a])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# layer_norm, matmul
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(4, 33), (70, 5), (3, 1100)])
+def test_layer_norm(device, special, version, shape, monkeypatch):
+    # versions: CAMEL_LAYERNORM picks the forward kernel on "mps" (v3 keeps a row in
+    # registers: D <= 1024); 70 rows take the blocked dweight / dbias reduction.
+    if version == 3 and shape[-1] > 1024:
+        pytest.skip("v3 needs D <= 1024")
+    monkeypatch.setenv("CAMEL_LAYERNORM", str(version))
+    d = shape[-1]
+    a = _rows_with_specials(shape, SPECIALS[special])
+    w = np.random.default_rng(8).standard_normal(d).astype(np.float32)
+    b = np.random.default_rng(9).standard_normal(d).astype(np.float32)
+    run_case(device, lambda x, w, b: F.layer_norm(x, w, b, 1e-5),
+             lambda x, w, b: torch.nn.functional.layer_norm(x, (d,), w, b, 1e-5),
+             [a, w, b])  # fmt: skip
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("where", ["a", "b"])
+@pytest.mark.parametrize("shapes", [((7, 33), (33, 31)), ((3, 257), (257, 2)),
+                                    ((2, 7, 33), (2, 33, 5)), ((2, 7, 33), (33, 31))])  # fmt: skip
+def test_matmul(device, special, where, shapes):
+    a = np.random.default_rng(10).standard_normal(shapes[0]).astype(np.float32)
+    b = np.random.default_rng(11).standard_normal(shapes[1]).astype(np.float32)
+    target = a if where == "a" else b
+    target.reshape(-1)[[1, target.size - 1]] = SPECIALS[special]
+    run_case(device, F.matmul, torch.matmul, [a, b])
+
+
+def _rungs():
+    from camel import gemm
+
+    return list(gemm.RUNGS)
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("version", _rungs())
+def test_matmul_every_rung(special, version, monkeypatch):
+    # Every rung of the GEMM ladder, tiles partly outside the matrix included (67 x 33 x 70).
+    if "mps" not in DEVICES:
+        pytest.skip("no 'mps' device")
+    monkeypatch.setenv("CAMEL_MATMUL", version)
+    a = np.random.default_rng(12).standard_normal((67, 33)).astype(np.float32)
+    b = np.random.default_rng(13).standard_normal((33, 70)).astype(np.float32)
+    a[3, 5], a[66, 32], b[0, 69] = SPECIALS[special], SPECIALS[special], SPECIALS[special]
+    run_case("mps", F.matmul, torch.matmul, [a, b])
+
+
+# ---------------------------------------------------------------------------
+# attention: the naive path (four ops) and flash (fused kernels), forward and backward
+# ---------------------------------------------------------------------------
+
+
+def _torch_attention(causal):
+    # PyTorch's attention written out (masked_fill(-inf), softmax, matmul): what camel's
+    # naive path computes. (torch's own CPU SDPA kernel drops a NaN in q.)
+    def fn(q, k, v):
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if causal:
+            t, n = s.shape[-2:]
+            s = s.masked_fill(torch.triu(torch.ones(t, n, dtype=torch.bool), 1), -math.inf)
+        return torch.softmax(s, -1) @ v
+
+    return fn
+
+
+def _attention_inputs(shape, which, special, pos):
+    q, k, v = (np.random.default_rng(20 + i).standard_normal(shape).astype(np.float32) * 0.5
+               for i in range(3))  # fmt: skip
+    dict(q=q, k=k, v=v)[which][0, 0, pos, 1] = SPECIALS[special]
+    return q, k, v
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["naive", "flash"])
+def test_attention(device, special, which, causal, mode, monkeypatch):
+    if mode == "flash" and device != "mps":
+        pytest.skip("flash attention runs on 'mps'")
+    monkeypatch.setenv("CAMEL_ATTENTION", mode)
+    shape = (1, 2, 37, 32)  # T = 37: one partial block of queries and keys
+    q, k, v = _attention_inputs(shape, which, special, pos=20)
+    run_case(device, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal),
+             _torch_attention(causal), [q, k, v])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# optimisers
+# ---------------------------------------------------------------------------
+
+OPTIMISERS = {
+    "sgd": (lambda p: optim.SGD(p, lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+    "sgd_wd": (lambda p: optim.SGD(p, lr=0.1, weight_decay=0.01),
+               lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01)),
+    "sgd_momentum": (lambda p: optim.SGD(p, lr=0.1, momentum=0.9),
+                     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+    "sgd_momentum_wd": (lambda p: optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+                        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01)),
+    "adam": (lambda p: optim.Adam(p, lr=0.01), lambda p: torch.optim.Adam(p, lr=0.01)),
+    "adam_wd": (lambda p: optim.Adam(p, lr=0.01, weight_decay=0.01),
+                lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("where", ["param", "grad"])
+@pytest.mark.parametrize("name", OPTIMISERS)
+def test_optimisers(device, special, where, name):
+    # Two steps; the special sits in the parameter (an inf parameter with weight decay 0
+    # must stay inf: PyTorch skips the decay term, so inf * 0 never appears) or in the
+    # first step's gradient.
+    make, make_torch = OPTIMISERS[name]
+    p0 = np.random.default_rng(30).standard_normal(37).astype(np.float32)
+    grads = [np.random.default_rng(31 + s).standard_normal(37).astype(np.float32)
+             for s in range(2)]  # fmt: skip
+    target = p0 if where == "param" else grads[0]
+    target[[0, 18, 36]] = SPECIALS[special]
+    p = camel.nn.Parameter(camel.tensor(p0, device=device))
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    opt, topt = make([p]), make_torch([tp])
+    for s, g in enumerate(grads):
+        p.grad = camel.tensor(g, device=device)
+        tp.grad = torch.tensor(g)
+        opt.step()
+        topt.step()
+        assert_same(p.numpy(), tp.detach().numpy(), f"{name} step {s + 1} on {device}")
