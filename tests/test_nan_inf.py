@@ -475,3 +475,36 @@ def test_flash_every_rung(rung, case):
     out, _ = flash.forward(qd.storage, kd.storage, vd.storage, causal, rung=rung)
     ts = [torch.tensor(a) for a in (q, k, v)]
     assert_same(out.numpy(), _torch_attention(causal)(*ts).numpy(), f"{rung} forward")
+
+
+@pytest.mark.parametrize("kind", ["rows", "tiled"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("special", SPECIALS)
+def test_flash_backward_kinds(kind, causal, which, special):
+    # Both backward kernels (one thread per row; rows shared through threadgroup memory),
+    # T = 70 (two threadgroups of 64 rows, the second partial), against the reference that
+    # the attention test uses (non-causal: no masked pairs, so it is torch's formula).
+    if "mps" not in DEVICES:
+        pytest.skip("no 'mps' device")
+    from camel import flash
+
+    shape = (1, 1, 70, 32)
+    q, k, v = _attention_inputs(shape, which, special, pos=41)
+    g = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    qd, kd, vd, gd = (camel.tensor(a, device="mps").storage for a in (q, k, v, g))
+    if causal:
+        want = _visible_pairs_attention(q, k, v, g)
+    else:
+        ts = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
+        out = _torch_attention(False)(*ts)
+        out.backward(torch.tensor(g))
+        want = [out.detach().numpy()] + [t.grad.numpy() for t in ts]
+    out, lse = flash.forward(qd, kd, vd, causal)
+    if not (causal and which == "v"):  # the forward gap of FLASH_CAUSAL_V_GAP
+        assert_same(out.numpy(), want[0], "forward")
+    # The backward from the reference's output, so a forward gap does not leak into it.
+    out_ref = camel.tensor(want[0].astype(np.float32), device="mps").storage
+    grads = flash.backward(qd, kd, vd, out_ref, lse, gd, causal, kind=kind)
+    for name, got, w in zip("qkv", grads, want[1:], strict=True):
+        assert_same(got.numpy(), w, f"{kind} d{name}")
