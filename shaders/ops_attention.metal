@@ -70,14 +70,16 @@ inline void load_kv_chunk(device const float* src, uint S, uint c0, uint d0,
     if (!finite) atomic_store_explicit(bad, 1u, memory_order_relaxed);
 }
 
-// f = diag(scale) · f for one 8x8 fragment of O, row r scaled by diag[9 r], without the
-// multiply (whose zeros turn a NaN or inf of one row into NaN in all 8): the fragment
-// goes through `scratch` (64 floats of threadgroup memory), is scaled, and comes back.
-inline void scale_rows_exact(thread simdgroup_float8x8& f, threadgroup const float* diag,
+// f = diag(scale) · f for one 8x8 fragment of O without the multiply (whose zeros turn a
+// NaN or inf of one row into NaN in all 8): the fragment goes through `scratch` (64 floats
+// of threadgroup memory); the lane scales element `lane` (row lane / 8) by lo and element
+// lane + 32 (row lane / 8 + 4) by hi.
+inline void scale_rows_exact(thread simdgroup_float8x8& f, float lo, float hi,
                              threadgroup float* scratch, uint lane) {
     simdgroup_store(f, scratch, 8);
     simdgroup_barrier(mem_flags::mem_threadgroup);
-    for (uint e = lane; e < 64; e += 32) scratch[e] *= diag[(e / 8) * 9];
+    scratch[lane] *= lo;
+    scratch[lane + 32] *= hi;
     simdgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_load(f, scratch, 8);
     simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -156,8 +158,11 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     // NaN and inf: O is rescaled by diag(alpha) · O, a multiply in which the 7 zeros of a
     // row of diag(alpha) meet the other rows of O; 0 * NaN and 0 * inf are NaN, so one row
     // holding a NaN or inf (or a NaN or inf alpha) would poison the SIMD group's 8 rows.
-    // Once that can happen (`exact`: a K/V chunk or a row's softmax had a non-finite
-    // value), this SIMD group scales O row by row through threadgroup memory instead.
+    // Likewise P · V multiplies the masked zeros of P with V. Once that can happen
+    // (`exact`: a K/V chunk or a row's softmax had a non-finite value), this SIMD group
+    // scales O row by row and adds P · V pair by pair, skipping masked pairs, through
+    // threadgroup memory (diag serves as the 8x8 scratch: its off-diagonal zeros are
+    // only needed by the fast multiply, never used again once `exact` is set).
     bool exact = false;
 
     simdgroup_float8x8 Of[ND];
@@ -240,7 +245,31 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
         } else {
             // O[:, chunk] += P · V[:, chunk]
             const uint of0 = ch * (DK / 8);
-            if (!INTERLEAVE) {
+            // This chunk was loaded before the last barrier: its flag is visible now.
+            const bool v_bad = atomic_load_explicit(&kv_bad, memory_order_relaxed) != 0;
+            exact = exact || simd_max(v_bad ? 1u : 0u) != 0;
+            if (exact) {
+                // P (in s_sg since the softmax) times V pair by pair: a masked pair adds
+                // nothing, even where V holds a NaN or inf.
+                for (uint dd = 0; dd < DK / 8; dd++) {
+                    simdgroup_store(Of[of0 + dd], diag, 8);
+                    simdgroup_barrier(mem_flags::mem_threadgroup);
+                    for (uint e = lane; e < 64; e += 32) {
+                        const uint rr = e / 8, qrow = row0 + rr;
+                        float acc = diag[e];
+                        for (uint c = 0; c < BC; c++) {
+                            const uint col = c0 + c;
+                            if (col < S && (p.causal == 0 || col <= qrow)) {
+                                acc = fma(s_sg[rr * BC + c], buf[c * DK + dd * 8 + e % 8], acc);
+                            }
+                        }
+                        diag[e] = acc;
+                    }
+                    simdgroup_barrier(mem_flags::mem_threadgroup);
+                    simdgroup_load(Of[of0 + dd], diag, 8);
+                    simdgroup_barrier(mem_flags::mem_threadgroup);
+                }
+            } else if (!INTERLEAVE) {
                 // v1-v3: dd outer, j inner: NC multiplies in a chain into Of[dd]
                 for (uint dd = 0; dd < DK / 8; dd++) {
                     for (uint j = 0; j < NC; j++) {
@@ -332,7 +361,9 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             for (uint j = 0; j < NC; j++) simdgroup_load(Sf[j], s_sg + j * 8, BC);
             simdgroup_barrier(mem_flags::mem_threadgroup);
             if (exact) {
-                for (uint d = 0; d < ND; d++) scale_rows_exact(Of[d], diag, s_sg, lane);
+                const float lo = diag[(lane / 8) * 9], hi = diag[(lane / 8 + 4) * 9];
+                simdgroup_barrier(mem_flags::mem_threadgroup);
+                for (uint d = 0; d < ND; d++) scale_rows_exact(Of[d], lo, hi, diag, lane);
             } else {
                 simdgroup_float8x8 dg;
                 simdgroup_load(dg, diag, 8);
@@ -356,7 +387,9 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     exact = exact || simd_max(bad_end ? 1u : 0u) != 0;
     simdgroup_barrier(mem_flags::mem_threadgroup);
     if (exact) {
-        for (uint d = 0; d < ND; d++) scale_rows_exact(Of[d], diag, s_sg, lane);
+        const float lo = diag[(lane / 8) * 9], hi = diag[(lane / 8 + 4) * 9];
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint d = 0; d < ND; d++) scale_rows_exact(Of[d], lo, hi, diag, lane);
     } else {
         simdgroup_float8x8 dg;
         simdgroup_load(dg, diag, 8);
