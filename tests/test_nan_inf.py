@@ -502,3 +502,23 @@ def test_flash_backward_kinds(kind, causal, which, special):
     grads = flash.backward(qd, kd, vd, out, lse, gd, causal, kind=kind)
     for name, got, w in zip("qkv", grads, want[1:], strict=True):
         assert_same(got.numpy(), w, f"{kind} d{name}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["naive", "flash"])
+def test_attention_row_of_minus_inf_scores(device, mode, causal, monkeypatch):
+    # Query row 5 scores -inf against every key: its softmax is NaN (PyTorch's softmax of
+    # all -inf), and only that row: flash's 1 / l is 1 / 0 there, not a padding row's 0.
+    if mode == "flash" and device != "mps":
+        pytest.skip("flash attention runs on 'mps'")
+    monkeypatch.setenv("CAMEL_ATTENTION", mode)
+    q, k, v = _attention_inputs((1, 1, 37, 32), "q", "nan", pos=0)
+    q[0, 0, 0, 1] = 0.5
+    k[..., 0] = np.abs(k[..., 0]) + 0.1
+    q[0, 0, 5, :] = 0.0
+    q[0, 0, 5, 0] = -math.inf
+    x = [camel.tensor(a, device=device) for a in (q, k, v)]
+    out = F.scaled_dot_product_attention(*x, causal=causal).numpy()
+    want = _torch_attention(causal)(*(torch.tensor(a) for a in (q, k, v))).numpy()
+    assert np.isnan(want[0, 0, 5]).all() and not np.isnan(np.delete(want, 5, axis=2)).any()
+    assert_same(out, want, f"{mode} forward")
