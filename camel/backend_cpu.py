@@ -52,7 +52,7 @@ The functions, grouped (shapes use ... for any leading dims)
   matmul
     matmul(a, b, transpose_a=False, transpose_b=False)
   softmax family (always over the last axis)
-    softmax(x, causal=False), softmax_backward(y, grad)
+    softmax(x, causal=False), softmax_backward(y, grad, causal=False)
     log_softmax(x), log_softmax_backward(y, grad)
     cross_entropy(logits, targets) -> (loss, probs)
     cross_entropy_backward(probs, targets, grad)
@@ -164,8 +164,9 @@ def relu(x):
 
 
 def relu_backward(x, grad):
-    """dx = grad where x > 0, else 0 (the gradient at exactly 0 is 0, like PyTorch)."""
-    return _c(np.where(x > 0, grad, np.float32(0)))
+    """dx = 0 where x <= 0, else grad (the gradient at exactly 0 is 0, and at NaN it is
+    grad, like PyTorch's threshold_backward)."""
+    return _c(np.where(x <= 0, np.float32(0), grad))
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # sqrt(2/pi)
@@ -213,7 +214,8 @@ def max(x, axis, keepdims):
     """Maximum over one axis (int >= 0) or everything (axis None).
     Returns (values, indices): indices (int32, same shape as values) is the
     position of the maximum along `axis` (for axis None: the flat index).
-    Ties: the FIRST maximum wins, like np.argmax. NaN is not handled."""
+    Ties: the FIRST maximum wins, like np.argmax. NaN is larger than every number: a
+    line with a NaN gives NaN and the index of its first NaN (np.argmax, torch.max)."""
     if axis is None:
         idx = int(np.argmax(x.reshape(-1)))
         shape = (1,) * x.ndim if keepdims else ()
@@ -304,8 +306,9 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
 def softmax(x, causal=False):
     """Softmax over the last axis, numerically stable (subtract the row max).
     causal=True: x is (..., T, S) attention scores and row i only sees columns
-    j <= i (top-left aligned mask, like PyTorch's is_causal); masked entries
-    are exactly 0 in the output."""
+    j <= i (top-left aligned mask, like PyTorch's is_causal): masked_fill(-inf),
+    then softmax, so masked entries are 0 (NaN only in a row whose visible part
+    gives NaN, as in PyTorch)."""
     if causal:
         t, s = x.shape[-2], x.shape[-1]
         mask = np.triu(np.ones((t, s), dtype=bool), k=1)  # True where j > i
@@ -314,10 +317,15 @@ def softmax(x, causal=False):
     return (e / np.sum(e, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def softmax_backward(y, grad):
-    """y = softmax(x) (causal or not). dx = y * (grad - sum(grad * y, last axis))."""
+def softmax_backward(y, grad, causal=False):
+    """y = softmax(x, causal). dx = y * (grad - sum(grad * y, last axis)); with causal,
+    dx is exactly 0 at the masked positions (masked_fill's gradient), even in a NaN row."""
     dot = np.sum(grad * y, axis=-1, keepdims=True)
-    return (y * (grad - dot)).astype(np.float32)
+    dx = (y * (grad - dot)).astype(np.float32)
+    if causal:
+        t, s = y.shape[-2], y.shape[-1]
+        dx[..., np.triu(np.ones((t, s), dtype=bool), k=1)] = 0
+    return dx
 
 
 def log_softmax(x):

@@ -211,7 +211,7 @@ def relu(x):
 
 
 def relu_backward(x, grad):
-    """dx = grad where x > 0, else 0."""
+    """dx = 0 where x <= 0, else grad (so a NaN passes grad, as PyTorch)."""
     out = _empty(x.shape, np.float32)
     n = x.size
     if n:
@@ -326,7 +326,8 @@ def sum_backward(grad, in_shape, axis):
 
 def max(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
     """(values, indices) of the maximum over one axis or everything; the first maximum
-    wins ties (np.argmax). For axis None the index is the flat index."""
+    wins ties (np.argmax), and a NaN beats every number (the first NaN's index, as
+    np.argmax and torch.max). For axis None the index is the flat index."""
     shape = _reduced_shape(x.shape, axis, keepdims)
     values, indices = _empty(shape), _empty(shape, np.int32)
     outer, k, inner = _split(x.shape, axis)
@@ -492,7 +493,8 @@ def _rows(x):
 
 def softmax(x, causal=False):
     """Softmax over the last axis (max subtracted first). causal: x is (..., T, S) and
-    row i sees columns j <= i; masked outputs are exactly 0."""
+    row i sees columns j <= i; masked outputs are 0 (NaN in a row whose visible part
+    gives NaN, as masked_fill(-inf) then softmax in PyTorch)."""
     y = _empty(x.shape)
     rows, k = _rows(x)
     if rows == 0 or k == 0:
@@ -504,9 +506,9 @@ def softmax(x, causal=False):
     return y
 
 
-def softmax_backward(y, grad):
-    """dx = y * (grad - sum(grad * y, last axis))."""
-    return _row_backward("softmax_backward", y, grad)
+def softmax_backward(y, grad, causal=False):
+    """dx = y * (grad - sum(grad * y, last axis)); causal: 0 at the masked positions."""
+    return _row_backward("softmax_backward", y, grad, y.shape[-2] if causal else 0)
 
 
 def log_softmax(x):
@@ -526,12 +528,12 @@ def log_softmax_backward(y, grad):
     return _row_backward("log_softmax_backward", y, grad)
 
 
-def _row_backward(name, y, grad):
+def _row_backward(name, y, grad, *extra):
     dx = _empty(y.shape)
     rows, k = _rows(y)
     if rows and k:
         fn = _kernel(_SOFT, name)
-        fn(y, grad, dx, k, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
+        fn(y, grad, dx, k, *extra, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
            flops=4 * y.size, bytes=3 * y.size * _F32)  # fmt: skip
     return dx
 

@@ -344,12 +344,13 @@ class Softmax(Function):
     def forward(ctx, x, causal=False):  # over the last axis; causal: x is (..., T, S)
         y = ctx.backend.softmax(x, causal)
         ctx.save_for_backward(y)
+        ctx.causal = causal  # the backward zeroes the masked positions, NaN rows included
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        return ctx.backend.softmax_backward(y, grad)
+        return ctx.backend.softmax_backward(y, grad, ctx.causal)
 
 
 class LogSoftmax(Function):

@@ -53,17 +53,36 @@ struct FlashParams {
 // scores there are masked anyway, and a zero V row adds nothing (threadgroup memory
 // starts as garbage — NaN on the simulator — and 0 * NaN is NaN).
 // One thread copies float4s; consecutive threads read consecutive float4s of one row.
+// A NaN or inf in the chunk sets *bad (see `exact` in flash_forward).
 template <uint BC, uint DK, uint D, uint THREADS>
 inline void load_kv_chunk(device const float* src, uint S, uint c0, uint d0,
-                          threadgroup float* tile, uint t) {
+                          threadgroup float* tile, uint t, threadgroup atomic_uint* bad) {
     threadgroup float4* tile4 = (threadgroup float4*)tile;
+    bool finite = true;
     for (uint e = t; e < BC * DK / 4; e += THREADS) {
         uint r = e / (DK / 4), c4 = e % (DK / 4);
         uint key = c0 + r;
         float4 val = float4(0.0f);
         if (key < S) val = *((device const float4*)(src + key * D + d0) + c4);
+        finite = finite && all(isfinite(val));
         tile4[e] = val;
     }
+    if (!finite) atomic_store_explicit(bad, 1u, memory_order_relaxed);
+}
+
+// f = diag(scale) · f for one 8x8 fragment of O without the multiply (whose zeros turn a
+// NaN or inf of one row into NaN in all 8): the fragment goes through `scratch` (64 floats
+// of threadgroup memory); the lane scales element `lane` (row lane / 8) by lo and element
+// lane + 32 (row lane / 8 + 4) by hi.
+inline void scale_rows_exact(thread simdgroup_float8x8& f, float lo, float hi,
+                             threadgroup float* scratch, uint lane) {
+    simdgroup_store(f, scratch, 8);
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    scratch[lane] *= lo;
+    scratch[lane + 32] *= hi;
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_load(f, scratch, 8);
+    simdgroup_barrier(mem_flags::mem_threadgroup);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -103,6 +122,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     threadgroup float4 kv4[NBUF * BC * DK / 4];  // K or V chunk(s), [key][d]
     threadgroup float s_all[BR * BC];            // per SIMD group: 8 x BC scores / P
     threadgroup float diag_all[BR * 8];          // per SIMD group: 8 x 8 diag(alpha)
+    threadgroup atomic_uint kv_bad;              // 1 once a K/V chunk held a NaN or inf
     threadgroup float* kv = (threadgroup float*)kv4;
     threadgroup float* s_sg = s_all + sg * 8 * BC;
     threadgroup float* diag = diag_all + sg * 64;
@@ -133,6 +153,17 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
         simdgroup_barrier(mem_flags::mem_threadgroup);
     }
     for (uint e = lane; e < 64; e += 32) diag[e] = 0.0f;  // only the diagonal changes later
+    if (t == 0) atomic_store_explicit(&kv_bad, 0u, memory_order_relaxed);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    // NaN and inf: O is rescaled by diag(alpha) · O, a multiply in which the 7 zeros of a
+    // row of diag(alpha) meet the other rows of O; 0 * NaN and 0 * inf are NaN, so one row
+    // holding a NaN or inf (or a NaN or inf alpha) would poison the SIMD group's 8 rows.
+    // Likewise P · V multiplies the masked zeros of P with V. Once that can happen
+    // (`exact`: a K/V chunk or a row's softmax had a non-finite value), this SIMD group
+    // scales O row by row and adds P · V pair by pair, skipping masked pairs, through
+    // threadgroup memory (diag serves as the 8x8 scratch: its off-diagonal zeros are
+    // only needed by the fast multiply, never used again once `exact` is set).
+    bool exact = false;
 
     simdgroup_float8x8 Of[ND];
     for (uint d = 0; d < ND; d++) Of[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
@@ -148,7 +179,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     const uint nsteps = nblocks * 2 * NCHUNK;
 
     if (DB_KV && nsteps > 0) {  // v3 prologue: chunk 0 (K of block 0, columns 0..DK-1)
-        load_kv_chunk<BC, DK, D, THREADS>(k, S, 0, 0, kv, t);
+        load_kv_chunk<BC, DK, D, THREADS>(k, S, 0, 0, kv, t, &kv_bad);
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     for (uint g = 0; g < nsteps; g++) {
@@ -164,10 +195,10 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 const uint g1 = g + 1, kb1 = g1 / (2 * NCHUNK), i1 = g1 % (2 * NCHUNK);
                 load_kv_chunk<BC, DK, D, THREADS>(i1 >= NCHUNK ? v : k, S, kb1 * BC,
                                                   (i1 % NCHUNK) * DK,
-                                                  kv + (g1 % 2) * BC * DK, t);
+                                                  kv + (g1 % 2) * BC * DK, t, &kv_bad);
             }
         } else {
-            load_kv_chunk<BC, DK, D, THREADS>(is_v ? v : k, S, c0, ch * DK, buf, t);
+            load_kv_chunk<BC, DK, D, THREADS>(is_v ? v : k, S, c0, ch * DK, buf, t, &kv_bad);
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
 
@@ -214,7 +245,31 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
         } else {
             // O[:, chunk] += P · V[:, chunk]
             const uint of0 = ch * (DK / 8);
-            if (!INTERLEAVE) {
+            // This chunk was loaded before the last barrier: its flag is visible now.
+            const bool v_bad = atomic_load_explicit(&kv_bad, memory_order_relaxed) != 0;
+            exact = exact || simd_max(v_bad ? 1u : 0u) != 0;
+            if (exact) {
+                // P (in s_sg since the softmax) times V pair by pair: a masked pair adds
+                // nothing, even where V holds a NaN or inf.
+                for (uint dd = 0; dd < DK / 8; dd++) {
+                    simdgroup_store(Of[of0 + dd], diag, 8);
+                    simdgroup_barrier(mem_flags::mem_threadgroup);
+                    for (uint e = lane; e < 64; e += 32) {
+                        const uint rr = e / 8, qrow = row0 + rr;
+                        float acc = diag[e];
+                        for (uint c = 0; c < BC; c++) {
+                            const uint col = c0 + c;
+                            if (col < S && (p.causal == 0 || col <= qrow)) {
+                                acc = fma(s_sg[rr * BC + c], buf[c * DK + dd * 8 + e % 8], acc);
+                            }
+                        }
+                        diag[e] = acc;
+                    }
+                    simdgroup_barrier(mem_flags::mem_threadgroup);
+                    simdgroup_load(Of[of0 + dd], diag, 8);
+                    simdgroup_barrier(mem_flags::mem_threadgroup);
+                }
+            } else if (!INTERLEAVE) {
                 // v1-v3: dd outer, j inner: NC multiplies in a chain into Of[dd]
                 for (uint dd = 0; dd < DK / 8; dd++) {
                     for (uint j = 0; j < NC; j++) {
@@ -297,30 +352,52 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             l = l * alpha + sum;
             m = m_new;
             if (qd == 0) diag[r * 8 + r] = alpha;
+            // Sticky and the same in all 32 lanes (simd_max), so the branch below is uniform.
+            const bool bad_here = !isfinite(sum) || !isfinite(alpha) ||
+                                  atomic_load_explicit(&kv_bad, memory_order_relaxed) != 0;
+            exact = exact || simd_max(bad_here ? 1u : 0u) != 0;
             simdgroup_barrier(mem_flags::mem_threadgroup);
-            // O = diag(alpha) · O, then P into registers (in place of S)
-            simdgroup_float8x8 dg;
-            simdgroup_load(dg, diag, 8);
-            for (uint d = 0; d < ND; d++) {
-                simdgroup_float8x8 scaled;
-                simdgroup_multiply(scaled, dg, Of[d]);
-                Of[d] = scaled;
-            }
+            // P into registers (in place of S), then O = diag(alpha) · O
             for (uint j = 0; j < NC; j++) simdgroup_load(Sf[j], s_sg + j * 8, BC);
             simdgroup_barrier(mem_flags::mem_threadgroup);
+            if (exact) {
+                const float lo = diag[(lane / 8) * 9], hi = diag[(lane / 8 + 4) * 9];
+                simdgroup_barrier(mem_flags::mem_threadgroup);
+                for (uint d = 0; d < ND; d++) scale_rows_exact(Of[d], lo, hi, diag, lane);
+            } else {
+                simdgroup_float8x8 dg;
+                simdgroup_load(dg, diag, 8);
+                for (uint d = 0; d < ND; d++) {
+                    simdgroup_float8x8 scaled;
+                    simdgroup_multiply(scaled, dg, Of[d]);
+                    Of[d] = scaled;
+                }
+            }
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);  // chunk read (and next written)
     }
 
-    // O /= l (rows with no visible key, padding rows only, get 0), then store.
-    if (qd == 0) diag[r * 8 + r] = l > 0.0f ? 1.0f / l : 0.0f;
+    // O /= l, then store. Padding rows (>= T) get 0. A real row always sees a key, so its
+    // l is 0 only when every score it sees is -inf: 0 * (1 / 0) = NaN, as PyTorch's softmax
+    // of all -inf; a NaN l gives NaN.
+    const float inv_l = row < T ? 1.0f / l : 0.0f;
+    if (qd == 0) diag[r * 8 + r] = inv_l;
+    const bool bad_end = !isfinite(inv_l) ||
+                         atomic_load_explicit(&kv_bad, memory_order_relaxed) != 0;
+    exact = exact || simd_max(bad_end ? 1u : 0u) != 0;
     simdgroup_barrier(mem_flags::mem_threadgroup);
-    simdgroup_float8x8 dg;
-    simdgroup_load(dg, diag, 8);
-    for (uint d = 0; d < ND; d++) {
-        simdgroup_float8x8 scaled;
-        simdgroup_multiply(scaled, dg, Of[d]);
-        Of[d] = scaled;
+    if (exact) {
+        const float lo = diag[(lane / 8) * 9], hi = diag[(lane / 8 + 4) * 9];
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint d = 0; d < ND; d++) scale_rows_exact(Of[d], lo, hi, diag, lane);
+    } else {
+        simdgroup_float8x8 dg;
+        simdgroup_load(dg, diag, 8);
+        for (uint d = 0; d < ND; d++) {
+            simdgroup_float8x8 scaled;
+            simdgroup_multiply(scaled, dg, Of[d]);
+            Of[d] = scaled;
+        }
     }
     if (row0 + 8 <= T) {
         for (uint d = 0; d < ND; d++) simdgroup_store(Of[d], o + row0 * D + d * 8, D);

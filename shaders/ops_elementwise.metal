@@ -9,8 +9,8 @@
 //   mul_broadcast_float / mul_broadcast_float4   out[i] = a[i] * b[i % m]
 //   add_scalar_float / add_scalar_float4     out[i] = a[i] + s
 //   mul_scalar_float / mul_scalar_float4     out[i] = a[i] * s     (neg is mul_scalar by -1)
-//   relu_float / relu_float4                 out[i] = max(x[i], 0)
-//   relu_backward_float / relu_backward_float4   dx[i] = x[i] > 0 ? dy[i] : 0
+//   relu_float / relu_float4                 out[i] = max(x[i], 0), NaN stays NaN
+//   relu_backward_float / relu_backward_float4   dx[i] = x[i] <= 0 ? 0 : dy[i]  (NaN passes dy)
 //   fill_float4 / fill_int4                  out[i] = value
 //   copy_uint / copy_uint4                   out[i] = in[i], bit for bit (float32 and int32 alike)
 //   permute_uint         out = in with its axes permuted (a materialised transpose, any
@@ -117,18 +117,21 @@ kernel void mul_scalar_float(device const float *a [[buffer(0)]],
     }
 }
 
-// One thread: out[i] = max(x[i], 0).
+// One thread: out[i] = max(x[i], 0). Metal's max returns the non-NaN operand, so a NaN
+// is kept by hand (NumPy and PyTorch propagate it).
 kernel void relu_float(device const float *x [[buffer(0)]],
                        device float *out [[buffer(1)]],
                        constant uint &n [[buffer(2)]],
                        uint i [[thread_position_in_grid]])
 {
     if (i < n) {
-        out[i] = max(x[i], 0.0f);
+        float v = x[i];
+        out[i] = isnan(v) ? v : max(v, 0.0f);
     }
 }
 
-// One thread: dx[i] = dy[i] where x[i] > 0, else 0 (the gradient at exactly 0 is 0).
+// One thread: dx[i] = 0 where x[i] <= 0, else dy[i] (the gradient at exactly 0 is 0; at
+// NaN it is dy, as PyTorch's threshold_backward).
 kernel void relu_backward_float(device const float *x [[buffer(0)]],
                                 device const float *dy [[buffer(1)]],
                                 device float *dx [[buffer(2)]],
@@ -136,7 +139,7 @@ kernel void relu_backward_float(device const float *x [[buffer(0)]],
                                 uint i [[thread_position_in_grid]])
 {
     if (i < n) {
-        dx[i] = x[i] > 0.0f ? dy[i] : 0.0f;
+        dx[i] = x[i] <= 0.0f ? 0.0f : dy[i];
     }
 }
 
@@ -262,7 +265,7 @@ kernel void mul_scalar_float4(device const float *a [[buffer(0)]],
     }
 }
 
-// One thread: out[4t .. 4t+3] = max(x, 0).
+// One thread: out[4t .. 4t+3] = max(x, 0), NaN kept (select(a, b, c) is c ? b : a).
 kernel void relu_float4(device const float *x [[buffer(0)]],
                         device float *out [[buffer(1)]],
                         constant uint &n [[buffer(2)]],
@@ -270,15 +273,17 @@ kernel void relu_float4(device const float *x [[buffer(0)]],
 {
     uint i = 4 * t;
     if (i + 3 < n) {
-        *((device float4 *)(out + i)) = max(*((device const float4 *)(x + i)), float4(0.0f));
+        float4 v = *((device const float4 *)(x + i));
+        *((device float4 *)(out + i)) = select(max(v, float4(0.0f)), v, isnan(v));
     } else {
         for (uint j = i; j < n; ++j) {
-            out[j] = max(x[j], 0.0f);
+            float v = x[j];
+            out[j] = isnan(v) ? v : max(v, 0.0f);
         }
     }
 }
 
-// One thread: dx[4t .. 4t+3] = x > 0 ? dy : 0, lane by lane (select(a, b, c) is c ? b : a).
+// One thread: dx[4t .. 4t+3] = x <= 0 ? 0 : dy, lane by lane (select(a, b, c) is c ? b : a).
 kernel void relu_backward_float4(device const float *x [[buffer(0)]],
                                  device const float *dy [[buffer(1)]],
                                  device float *dx [[buffer(2)]],
@@ -289,10 +294,10 @@ kernel void relu_backward_float4(device const float *x [[buffer(0)]],
     if (i + 3 < n) {
         float4 vx = *((device const float4 *)(x + i));
         float4 vdy = *((device const float4 *)(dy + i));
-        *((device float4 *)(dx + i)) = select(float4(0.0f), vdy, vx > 0.0f);
+        *((device float4 *)(dx + i)) = select(vdy, float4(0.0f), vx <= 0.0f);
     } else {
         for (uint j = i; j < n; ++j) {
-            dx[j] = x[j] > 0.0f ? dy[j] : 0.0f;
+            dx[j] = x[j] <= 0.0f ? 0.0f : dy[j];
         }
     }
 }

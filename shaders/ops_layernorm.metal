@@ -134,7 +134,10 @@ kernel void layernorm_forward_v2(device const float *x [[buffer(0)]],
     }
     float mean_d = threadgroup_sum(s, partial, lane, simd_group, num_simd_groups) / float(D);
     float mean_dd = threadgroup_sum(ss, partial, lane, simd_group, num_simd_groups) / float(D);
-    float var = max(mean_dd - mean_d * mean_d, 0.0f);  // rounding may leave a tiny negative
+    // Rounding may leave a tiny negative; an inf in the row gives inf - inf = NaN, which
+    // must stay NaN (as in PyTorch), but Metal's max would return the 0.
+    float var = mean_dd - mean_d * mean_d;
+    var = isnan(var) ? var : max(var, 0.0f);
     float mean = shift + mean_d;
     float rstd = 1.0f / sqrt(var + eps);
 

@@ -8,6 +8,9 @@
 //                       m = m + (1 - beta1) * (g - m);  v = beta2 * v + (1 - beta2) * g^2
 //                       param -= (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 //
+// weight_decay == 0 skips the decay term (g = grad), as PyTorch and the CPU reference do, so
+// an infinite parameter stays infinite instead of becoming NaN through inf * 0.
+//
 // These are torch.optim.SGD (dampening 0, no Nesterov) and torch.optim.Adam (L2 weight
 // decay, no amsgrad), written in the same order of operations as the CPU reference
 // (camel/backend_cpu.py: sgd_step, adam_step), so both backends agree to float32
@@ -26,6 +29,13 @@
 #include <metal_stdlib>
 using namespace metal;
 
+// g = grad + weight_decay * param, and just grad when weight_decay is 0, as PyTorch: an
+// infinite parameter must not turn into NaN through inf * 0.
+static inline float with_weight_decay(float grad, float param, float weight_decay)
+{
+    return weight_decay != 0.0f ? grad + weight_decay * param : grad;
+}
+
 // One thread: param[i] -= lr * (grad[i] + weight_decay * param[i]).
 kernel void sgd_step(device float *param [[buffer(0)]],
                      device const float *grad [[buffer(1)]],
@@ -36,7 +46,7 @@ kernel void sgd_step(device float *param [[buffer(0)]],
 {
     if (i < n) {
         float p = param[i];
-        float g = grad[i] + weight_decay * p;
+        float g = with_weight_decay(grad[i], p, weight_decay);
         param[i] = p - lr * g;
     }
 }
@@ -56,7 +66,7 @@ kernel void sgd_momentum_step(device float *param [[buffer(0)]],
 {
     if (i < n) {
         float p = param[i];
-        float g = grad[i] + weight_decay * p;
+        float g = with_weight_decay(grad[i], p, weight_decay);
         float buf = first_step != 0 ? g : momentum * momentum_buf[i] + g;
         momentum_buf[i] = buf;
         param[i] = p - lr * buf;
@@ -83,7 +93,7 @@ kernel void adam_step(device float *param [[buffer(0)]],
 {
     if (i < n) {
         float p = param[i];
-        float g = grad[i] + weight_decay * p;
+        float g = with_weight_decay(grad[i], p, weight_decay);
         float mi = m[i] + one_minus_beta1 * (g - m[i]);
         float vi = beta2 * v[i] + one_minus_beta2 * g * g;
         m[i] = mi;

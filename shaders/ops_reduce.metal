@@ -31,7 +31,12 @@
 // Ties in max: the first (smallest-index) maximum wins, like np.argmax and the CPU
 // reference (camel/backend_cpu.py). Every thread scans its indices in increasing order
 // keeping a strictly greater value, and every combine prefers the smaller index on
-// equal values. NaN is not handled (as in the CPU reference).
+// equal values.
+//
+// NaN: larger than every number, as np.argmax and torch.max (a line with a NaN gives
+// NaN and the index of its first NaN). Metal's max and simd_max return the non-NaN
+// operand, so the scans test isnan themselves and the combines first look for a NaN
+// (the smallest index holding one) before taking simd_max of the numbers.
 //
 // Sizes: element counts and indices are 32-bit (fewer than 2^32 elements).
 //
@@ -63,11 +68,14 @@ static inline float threadgroup_sum(float value, threadgroup float *partial, uin
     return total;
 }
 
-// Is (v, i) a better maximum than (best, best_index)? Larger value, or equal value at a
-// smaller index (the first maximum wins).
+// Is (v, i) a better maximum than (best, best_index)? NaN first (it beats any number),
+// then the larger value; on equal values (two NaNs included) the smaller index wins.
 static inline bool better_max(float v, uint i, float best, uint best_index)
 {
-    return v > best || (v == best && i < best_index);
+    if (isnan(v) != isnan(best)) {
+        return isnan(v);
+    }
+    return v > best || ((v == best || isnan(v)) && i < best_index);
 }
 
 // Maximum and its index over every thread of the threadgroup; every thread gets both.
@@ -77,8 +85,14 @@ static inline void threadgroup_argmax(thread float &value, thread uint &index,
                                       threadgroup uint *partial_index, uint lane,
                                       uint simd_group, uint num_simd_groups)
 {
-    float m = simd_max(value);
+    // A NaN wins: the smallest index holding one. Otherwise the max and its first index.
+    uint nan_i = simd_min(isnan(value) ? index : NO_INDEX);
+    float m = simd_max(value);  // ignores NaN
     uint i = simd_min(value == m ? index : NO_INDEX);  // first lane index holding the max
+    if (nan_i != NO_INDEX) {
+        m = NAN;
+        i = nan_i;
+    }
     if (lane == 0) {
         partial_value[simd_group] = m;
         partial_index[simd_group] = i;
@@ -86,8 +100,13 @@ static inline void threadgroup_argmax(thread float &value, thread uint &index,
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float v = lane < num_simd_groups ? partial_value[lane] : -INFINITY;
     uint vi = lane < num_simd_groups ? partial_index[lane] : NO_INDEX;
+    nan_i = simd_min(isnan(v) ? vi : NO_INDEX);
     m = simd_max(v);
     i = simd_min(v == m ? vi : NO_INDEX);
+    if (nan_i != NO_INDEX) {
+        m = NAN;
+        i = nan_i;
+    }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     value = m;
     index = i;
@@ -296,7 +315,7 @@ kernel void max_axis_strided(device const float *x [[buffer(0)]],
     uint best_index = 0;
     for (uint k = 1; k < K; ++k) {
         float v = column[k * inner];
-        if (v > best) {  // strictly greater: the first maximum wins
+        if (v > best || (isnan(v) && !isnan(best))) {  // the first maximum (or NaN) wins
             best = v;
             best_index = k;
         }

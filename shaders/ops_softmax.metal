@@ -4,9 +4,12 @@
 // Kernels (x is (rows, K) C-contiguous: any leading shape flattened to rows)
 //   softmax_last_axis         y[r, k] = exp(x[r, k] - m_r) / s_r        one threadgroup per row
 //                             (optional causal mask for attention scores (..., T, S):
-//                              row r sees columns k <= r % T; masked outputs are exactly 0)
+//                              row r sees columns k <= r % T; masked outputs are 0, or NaN
+//                              when the visible part's sum is NaN, as PyTorch's
+//                              masked_fill(-inf) then softmax)
 //   log_softmax_last_axis     y[r, k] = x[r, k] - m_r - log(s_r)
 //   softmax_backward          dx = y * (dy - sum_k(dy * y))               one threadgroup per row
+//                             (causal: dx = 0 at the masked positions, masked_fill's gradient)
 //   log_softmax_backward      dx = dy - exp(y) * sum_k(dy)                 one threadgroup per row
 //   cross_entropy_forward     loss_r = m_r + log(s_r) - x[r, target_r], probs = softmax(x)
 //                             (the mean over rows is sum_last_axis with scale 1/N, ops_reduce)
@@ -17,6 +20,8 @@
 // exp never overflows (logits of +-1e4 are fine) and s_r >= 1, so log(s_r) is finite.
 // A -inf entry gives exp(-inf) = 0 and contributes nothing; only a row that is -inf
 // everywhere gives NaN (as in NumPy and PyTorch: the softmax of nothing is undefined).
+// NaN and +inf: threadgroup_max uses Metal's max, which skips a NaN, but a NaN (or
+// +inf - +inf) still reaches s through exp, so the whole row is NaN, as in PyTorch.
 //
 // Thread mapping: one threadgroup of T threads (a multiple of 32) per row; thread t visits
 // columns t, t + T, t + 2T, ... (coalesced), and the row max and row sum are combined with
@@ -91,8 +96,10 @@ kernel void softmax_last_axis(device const float *x [[buffer(0)]],
     }
     s = threadgroup_sum(s, partial, lane, simd_group, num_simd_groups);
 
+    // A masked entry is exp(-inf - m) / s: 0, or NaN when s is NaN (PyTorch's result).
+    const float masked = isnan(s) ? s : 0.0f;
     for (uint k = t; k < K; k += T) {
-        yr[k] = k < limit ? exp(xr[k] - m) / s : 0.0f;
+        yr[k] = k < limit ? exp(xr[k] - m) / s : masked;
     }
 }
 
@@ -131,11 +138,13 @@ kernel void log_softmax_last_axis(device const float *x [[buffer(0)]],
 }
 
 // y = softmax(x), dy, dx (rows, K). Threadgroup r: dot = sum_k dy[r, k] * y[r, k], then
-// dx = y * (dy - dot). (Masked entries have y == 0, so dx is 0 there too.)
+// dx = y * (dy - dot). causal_T as in softmax_last_axis: dx = 0 at the masked positions
+// (not y * (dy - dot), which is NaN there when the row is NaN).
 kernel void softmax_backward(device const float *y [[buffer(0)]],
                              device const float *dy [[buffer(1)]],
                              device float *dx [[buffer(2)]],
                              constant uint &K [[buffer(3)]],
+                             constant uint &causal_T [[buffer(4)]],
                              uint row [[threadgroup_position_in_grid]],
                              uint t [[thread_position_in_threadgroup]],
                              uint T [[threads_per_threadgroup]],
@@ -150,8 +159,9 @@ kernel void softmax_backward(device const float *y [[buffer(0)]],
         dot += dy[base + k] * y[base + k];
     }
     dot = threadgroup_sum(dot, partial, lane, simd_group, num_simd_groups);
+    uint limit = causal_T == 0 ? uint(K) : min(uint(K), row % causal_T + 1);  // visible columns
     for (uint k = t; k < K; k += T) {
-        dx[base + k] = y[base + k] * (dy[base + k] - dot);
+        dx[base + k] = k < limit ? y[base + k] * (dy[base + k] - dot) : 0.0f;
     }
 }
 
