@@ -237,3 +237,43 @@ def test_wheel_tag_is_this_platform_and_any_python3(setup_py):
     python, abi, plat = cmd.get_tag()
     assert (python, abi) == ("py3", "none")
     assert plat != "any" and platform.machine().lower().replace("-", "_") in plat.lower()
+
+
+# ---- shim/Makefile on macOS, driven here with a stand-in xcrun ----------------------------
+
+FAKE_XCRUN = """#!/bin/sh
+# no command-line tools: xcrun's own words; else `--find clang` works and `-o OUT` writes OUT
+[ "$FAKE_CLT" = 1 ] || { echo "xcrun: error: invalid active developer path" >&2; exit 1; }
+[ "$1" = --find ] && { echo /usr/bin/clang; exit 0; }
+while [ $# -gt 0 ]; do [ "$1" = -o ] && { touch "$2"; exit 0; }; shift; done
+exit 1
+"""
+
+
+def make_shim_as_on_macos(tmp_path: Path, clt: bool) -> subprocess.CompletedProcess:
+    """`make -C shim shim` as macOS would run it, the simulator's compiler failing."""
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "xcrun").write_text(FAKE_XCRUN)
+    (bin_dir / "xcrun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_CLT": str(int(clt))}
+    build = tmp_path / "build"
+    args = ["make", "-C", str(REPO / "shim"), "UNAME=Darwin", f"BUILD={build}", "SIM_CXX=false"]
+    return subprocess.run([*args, "shim"], env=env, capture_output=True, text=True)
+
+
+def test_macos_shim_build_survives_a_failing_simulator(tmp_path):
+    r = make_shim_as_on_macos(tmp_path, clt=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "build" / "libcamel_metal.dylib").exists()
+    assert not (tmp_path / "build" / "libcamel_sim.so").exists()
+    assert "the simulator did not build" in r.stdout and "xcode-select --install" in r.stdout
+
+
+def test_macos_shim_build_without_command_line_tools_names_xcode_select(tmp_path):
+    r = make_shim_as_on_macos(tmp_path, clt=False)
+    assert r.returncode != 0
+    assert "xcode-select --install" in r.stdout
+    assert not (tmp_path / "build" / "libcamel_metal.dylib").exists()
