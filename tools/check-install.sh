@@ -20,11 +20,6 @@ trap 'rm -rf "$TMP"' EXIT
 PIP="-m pip install -q --disable-pip-version-check"
 mkdir "$TMP/elsewhere"
 
-# fresh_venv DIR: a venv made by $PYTHON, with setuptools for the PEP 517 hooks
-fresh_venv() {
-  "$PYTHON" -m venv "$1"
-  "$1/bin/python" $PIP setuptools wheel
-}
 
 smoke() {  # VENV WHAT
   echo "check-install: $2: using it from $TMP/elsewhere"
@@ -32,7 +27,8 @@ smoke() {  # VENV WHAT
 }
 
 echo "check-install: building an sdist, then a wheel from it"
-fresh_venv "$TMP/wheel-venv"
+"$PYTHON" -m venv "$TMP/wheel-venv"
+"$TMP/wheel-venv/bin/python" $PIP setuptools  # for its sdist hook (pip has no sdist command)
 "$TMP/wheel-venv/bin/python" -c \
   'import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))' \
   "$TMP/dist" >/dev/null
@@ -45,7 +41,7 @@ echo "check-install: installing $(basename "$wheel")"
 smoke "$TMP/wheel-venv" "the wheel"
 
 echo "check-install: pip install . (not editable)"
-fresh_venv "$TMP/dot-venv"
+"$PYTHON" -m venv "$TMP/dot-venv"
 "$TMP/dot-venv/bin/python" $PIP "$CHECKOUT"
 smoke "$TMP/dot-venv" "pip install ."
 
