@@ -26,7 +26,10 @@ from setuptools.command.develop import develop
 try:
     from setuptools.command.bdist_wheel import bdist_wheel
 except ImportError:  # setuptools < 70.1 keeps it in the wheel package
-    from wheel.bdist_wheel import bdist_wheel
+    try:
+        from wheel.bdist_wheel import bdist_wheel
+    except ImportError:  # no wheel package: this run makes an sdist, not a wheel
+        bdist_wheel = None
 
 HERE = Path(__file__).resolve().parent
 NATIVE_DIR = "camel/_native"  # where an installed camel keeps what this table names
@@ -121,22 +124,22 @@ class DevelopWithShim(develop):
         super().run()
 
 
-class PlatformWheel(bdist_wheel):
-    """The wheel holds a native library that ctypes loads (no CPython extension): it
-    works with any Python 3, on this platform only."""
+commands = {"build_py": BuildPyWithShim, "develop": DevelopWithShim}
 
-    def finalize_options(self):
-        super().finalize_options()
-        self.root_is_pure = False
+if bdist_wheel is not None:
 
-    def get_tag(self):
-        return ("py3", "none", super().get_tag()[2])
+    class PlatformWheel(bdist_wheel):
+        """The wheel holds a native library that ctypes loads (no CPython extension): it
+        works with any Python 3, on this platform only."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.root_is_pure = False
+
+        def get_tag(self):
+            return ("py3", "none", super().get_tag()[2])
+
+    commands["bdist_wheel"] = PlatformWheel
 
 
-setup(
-    cmdclass={
-        "build_py": BuildPyWithShim,
-        "develop": DevelopWithShim,
-        "bdist_wheel": PlatformWheel,
-    }
-)
+setup(cmdclass=commands)

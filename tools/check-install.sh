@@ -28,7 +28,8 @@ smoke() {  # VENV WHAT
 
 echo "check-install: building an sdist, then a wheel from it"
 "$PYTHON" -m venv "$TMP/wheel-venv"
-"$TMP/wheel-venv/bin/python" $PIP setuptools  # for its sdist hook (pip has no sdist command)
+# the build-system of pyproject.toml, for its sdist hook (pip has no sdist command)
+"$TMP/wheel-venv/bin/python" $PIP "setuptools>=64" wheel
 "$TMP/wheel-venv/bin/python" -c \
   'import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))' \
   "$TMP/dist" >/dev/null
