@@ -319,15 +319,21 @@ class Tensor:
 
     # -- reductions and activations -----------------------------------------------
 
-    def sum(self, axis=None, keepdims=False):
-        return F.sum(self, axis, keepdims)
+    # dim= / keepdim= (PyTorch) and axis= / keepdims= (NumPy) both work.
 
-    def mean(self, axis=None, keepdims=False):
-        return F.mean(self, axis, keepdims)
+    def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return F.sum(self, axis, keepdims, dim=dim, keepdim=keepdim)
 
-    def max(self, axis=None, keepdims=False):
-        """Maximum values (not (values, indices) like torch.max(dim))."""
-        return F.max(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return F.mean(self, axis, keepdims, dim=dim, keepdim=keepdim)
+
+    def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        """As in PyTorch: x.max() is a tensor; x.max(dim) is (values, indices)."""
+        return F.max(self, axis, keepdims, dim=dim, keepdim=keepdim)
+
+    def argmax(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        """int32 indices of the maximum along dim (flat index when dim is None)."""
+        return F.argmax(self, axis, keepdims, dim=dim, keepdim=keepdim)
 
     def relu(self):
         return F.relu(self)
@@ -335,11 +341,11 @@ class Tensor:
     def gelu(self):
         return F.gelu(self)
 
-    def softmax(self, axis=-1):
-        return F.softmax(self, axis)
+    def softmax(self, axis=None, *, dim=None):
+        return F.softmax(self, axis, dim=dim)
 
-    def log_softmax(self, axis=-1):
-        return F.log_softmax(self, axis)
+    def log_softmax(self, axis=None, *, dim=None):
+        return F.log_softmax(self, axis, dim=dim)
 
 
 # ---------------------------------------------------------------------------

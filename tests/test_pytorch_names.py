@@ -1,0 +1,129 @@
+"""PyTorch's names with PyTorch's meaning (issue 10, part 5), on every device:
+
+- dim= / keepdim= wherever axis= / keepdims= work; x.max(dim) is (values, indices);
+  argmax; size(), dim(), t(), numel(), unsqueeze / squeeze / flatten;
+- never a silently different meaning: == is an error (not identity), .numpy() of a
+  tensor the graph depends on is read-only;
+- where camel lacks a PyTorch name, the error says so and names what to use.
+
+Each case is checked against PyTorch (CPU) and NumPy.
+"""
+
+import numpy as np
+import pytest
+
+import camel
+import camel.functional as F
+
+torch = pytest.importorskip("torch")
+
+
+def _pair(rng, shape, device, requires_grad=False):
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x, camel.tensor(x, requires_grad=requires_grad, device=device)
+
+
+def _close(got, want, atol=1e-5):
+    want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
+    got = got.numpy() if isinstance(got, camel.Tensor) else np.asarray(got)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+
+
+# ---------------------------------------------------------------------------
+# dim= / keepdim=
+# ---------------------------------------------------------------------------
+
+REDUCTIONS = [
+    ("sum", dict(dim=1), dict(dim=1)),
+    ("sum", dict(dim=-1, keepdim=True), dict(dim=-1, keepdim=True)),
+    ("sum", dict(dim=(0, 2)), dict(dim=(0, 2))),
+    ("mean", dict(dim=0, keepdim=True), dict(dim=0, keepdim=True)),
+    ("mean", dict(dim=(1, 2)), dict(dim=(1, 2))),
+    ("softmax", dict(dim=1), dict(dim=1)),
+    ("log_softmax", dict(dim=0), dict(dim=0)),
+]
+
+
+@pytest.mark.parametrize("op, kw, tkw", REDUCTIONS)
+def test_dim_keepdim_tensor_methods(device, rng, op, kw, tkw):
+    x, t = _pair(rng, (3, 7, 33), device, requires_grad=True)
+    tx = torch.tensor(x, requires_grad=True)
+    got, want = getattr(t, op)(**kw), getattr(tx, op)(**tkw)
+    _close(got, want)
+    g = rng.standard_normal(want.shape).astype(np.float32)
+    got.backward(camel.tensor(g, device=device))
+    want.backward(torch.tensor(g))
+    _close(t.grad, tx.grad)
+
+
+@pytest.mark.parametrize("op, kw, tkw", REDUCTIONS)
+def test_dim_keepdim_functional(device, rng, op, kw, tkw):
+    x, t = _pair(rng, (3, 7, 33), device)
+    _close(getattr(F, op)(t, **kw), getattr(torch, op)(torch.tensor(x), **tkw))
+
+
+def test_axis_and_dim_together_is_an_error(device, rng):
+    _, t = _pair(rng, (2, 3), device)
+    with pytest.raises(TypeError, match=r"\[sum\] got both axis=0 and dim=1"):
+        t.sum(0, dim=1)
+    with pytest.raises(TypeError, match=r"\[mean\] got both keepdims and keepdim"):
+        t.mean(1, keepdims=True, keepdim=True)
+
+
+def test_numpy_names_still_work(device, rng):
+    x, t = _pair(rng, (4, 5), device)
+    _close(t.sum(axis=1, keepdims=True), x.sum(axis=1, keepdims=True))
+    _close(t.mean(axis=0), x.mean(axis=0))
+    _close(t.softmax(axis=0), torch.tensor(x).softmax(0))
+
+
+# ---------------------------------------------------------------------------
+# max(dim) -> (values, indices), argmax
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, dim, keepdim",
+    [((31, 7), 1, False), ((7, 3, 33), 0, True), ((2, 5, 257), -1, False), ((1,), 0, True)],
+)
+def test_max_dim_returns_values_and_indices(device, rng, shape, dim, keepdim):
+    x, t = _pair(rng, shape, device, requires_grad=True)
+    tx = torch.tensor(x, requires_grad=True)
+    got, want = t.max(dim, keepdim=keepdim), tx.max(dim, keepdim=keepdim)
+    values, indices = got  # unpacks like PyTorch's
+    assert type(got).__name__ == "MaxResult" and got.values is values
+    _close(values, want.values)
+    assert indices.dtype == np.int32
+    np.testing.assert_array_equal(indices.numpy(), want.indices.numpy())
+    values.sum().backward()
+    want.values.sum().backward()
+    _close(t.grad, tx.grad)
+
+
+def test_max_forms(device, rng):
+    x, t = _pair(rng, (6, 9), device)
+    tx = torch.tensor(x)
+    _close(t.max(), tx.max())  # no dim: one value, a tensor
+    _close(F.max(t, dim=0).values, torch.max(tx, dim=0).values)
+    _close(t.max(axis=1).values, tx.max(axis=1).values)  # torch takes axis= too
+    _, pred = t.max(1)  # the PyTorch idiom that silently unpacked values before
+    np.testing.assert_array_equal(pred.numpy(), tx.max(1).indices.numpy())
+
+
+def test_max_result_teaches(device, rng):
+    _, t = _pair(rng, (3, 4), device)
+    with pytest.raises(AttributeError, match=r"MaxResult has no 'sum'.*\.values\.sum"):
+        t.max(1).sum()
+    with pytest.raises(TypeError, match=r"\[max\] camel has no elementwise max\(a, b\)"):
+        t.max(t)
+
+
+@pytest.mark.parametrize("dim, keepdim", [(None, False), (None, True), (0, False), (-1, True)])
+def test_argmax(device, rng, dim, keepdim):
+    x, t = _pair(rng, (7, 33), device)
+    want = torch.tensor(x).argmax(dim=dim, keepdim=keepdim)
+    got = t.argmax(dim=dim, keepdim=keepdim)
+    assert got.dtype == np.int32 and got.shape == tuple(want.shape)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(F.argmax(t, 1).numpy(), np.argmax(x, 1))
