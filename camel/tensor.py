@@ -136,6 +136,7 @@ class Tensor:
         self.requires_grad = requires_grad
         self.grad = None
         self._ctx = ctx
+        self._saved_by = []  # weakrefs to graph nodes that saved this storage (autograd.py)
 
     @staticmethod
     def _make(storage, device, requires_grad=False, ctx=None):
@@ -172,6 +173,16 @@ class Tensor:
             n *= d
         return n
 
+    def size(self, dim=None):
+        """PyTorch's name for the shape: size() is the shape tuple, size(d) one entry."""
+        if dim is None:
+            return self.shape
+        return self.shape[F._normalize_axis("size", dim, self.ndim, self.shape)]
+
+    def dim(self):
+        """PyTorch's name for ndim."""
+        return self.ndim
+
     def __len__(self):
         if self.ndim == 0:
             raise TypeError("[tensor] len() of a 0-d tensor")
@@ -181,8 +192,46 @@ class Tensor:
 
     def numpy(self):
         """The data as an np.ndarray. On "cpu" this IS the storage (shared memory, like
-        PyTorch); on "mps" a zero-copy view of the Metal buffer after synchronising."""
-        return self.backend.to_numpy(self.storage)
+        PyTorch); on "mps" a zero-copy view of the Metal buffer after synchronising.
+
+        Read-only while the graph depends on the values (the tensor requires grad, or a
+        recorded op saved it for its backward): writing would change gradients silently.
+        t.detach().numpy().copy() is a private, writable copy."""
+        arr = self.backend.to_numpy(self.storage)
+        if self.requires_grad or self._is_saved_for_backward():
+            arr = arr.view(ReadOnlyArray)
+            arr.flags.writeable = False
+        return arr
+
+    def _is_saved_for_backward(self):
+        alive = [r for r in self._saved_by if r() is not None and not r().freed]
+        self._saved_by = alive
+        return bool(alive)
+
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(t) is t.numpy() (not an object array of 0-d tensors)."""
+        arr = self.numpy()
+        if dtype is not None and arr.dtype != np.dtype(dtype):
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
+
+    # NumPy's operators defer to Tensor's (ndarray * tensor gives camel's error, not an
+    # object array); np.exp(t) and other ufuncs raise TypeError.
+    __array_ufunc__ = None
+
+    def __bool__(self):
+        if self.numel() != 1:
+            raise RuntimeError(
+                f"[bool] the truth value of a tensor of shape {self.shape} is ambiguous: "
+                "only a one-element tensor converts (use .item() or compare on the host)"
+            )
+        return bool(self.item())
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
 
     def item(self):
         if self.numel() != 1:
@@ -201,6 +250,10 @@ class Tensor:
             return self
         get_backend(device)  # a clear error for unknown / unavailable devices
         return F.to_device(self, device)
+
+    def cpu(self):
+        """to("cpu"), as in PyTorch."""
+        return self.to("cpu")
 
     def detach(self):
         """The same storage, cut from the graph (requires_grad=False)."""
@@ -263,8 +316,44 @@ class Tensor:
         """Same as reshape (camel has no views: the result never aliases for writes)."""
         return self.reshape(*shape)
 
-    def transpose(self, d0, d1):
-        return F.transpose(self, d0, d1)
+    def contiguous(self):
+        """self: camel tensors are always dense and C-contiguous."""
+        return self
+
+    def unsqueeze(self, dim):
+        """A new axis of size 1 at dim (-ndim-1 <= dim <= ndim), as a reshape."""
+        dim = F._normalize_axis("unsqueeze", dim, self.ndim + 1, self.shape)
+        return self.reshape(self.shape[:dim] + (1,) + self.shape[dim:])
+
+    def squeeze(self, dim=None):
+        """Drop axes of size 1 (all of them, or dim if it has size 1), as a reshape."""
+        if dim is None:
+            return self.reshape(tuple(n for n in self.shape if n != 1))
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        drop = {F._normalize_axis("squeeze", d, self.ndim, self.shape) for d in dims}
+        return self.reshape(tuple(n for i, n in enumerate(self.shape) if n != 1 or i not in drop))
+
+    def flatten(self, start_dim=0, end_dim=-1):
+        """Axes start_dim..end_dim merged into one, as a reshape."""
+        if self.ndim == 0:
+            return self.reshape(1)
+        start = F._normalize_axis("flatten", start_dim, self.ndim, self.shape)
+        end = F._normalize_axis("flatten", end_dim, self.ndim, self.shape)
+        if start > end:
+            raise ValueError(f"[flatten] start_dim {start_dim} comes after end_dim {end_dim}")
+        return self.reshape(self.shape[:start] + (-1,) + self.shape[end + 1 :])
+
+    def transpose(self, dim0, dim1):
+        return F.transpose(self, dim0, dim1)
+
+    def t(self):
+        """PyTorch's t(): the transpose of a 2-D tensor; 0-D and 1-D come back as they are."""
+        if self.ndim > 2:
+            raise ValueError(
+                f"[t] expects a tensor with at most 2 dims, got shape {self.shape}: "
+                "use transpose(dim0, dim1) or permute(...)"
+            )
+        return self if self.ndim < 2 else F.transpose(self, 0, 1)
 
     def permute(self, *dims):
         return F.permute(self, _shape_arg(dims))
@@ -317,6 +406,42 @@ class Tensor:
     def __matmul__(self, other):
         return F.matmul(self, other)
 
+    def __pow__(self, other):
+        raise TypeError("[pow] camel has no power op: write x * x for x ** 2")
+
+    # -- comparisons: an error, never Python's identity ----------------------------
+    # PyTorch compares elementwise; camel has no comparison ops, so == raises instead
+    # of silently comparing identity. Hashing stays by identity: tensors still work
+    # as dict keys and in sets (autograd keys its dicts by id(), never by ==).
+
+    __hash__ = object.__hash__
+
+    def _compare(self, other, op):
+        if other is None:
+            return NotImplemented  # t == None is False, as in PyTorch
+        raise TypeError(
+            f"[{op}] camel tensors have no elementwise comparison ops: compare on the host, "
+            f"e.g. (pred.numpy() {op} y.numpy()).mean(); use `a is b` for identity"
+        )
+
+    def __eq__(self, other):
+        return self._compare(other, "==")
+
+    def __ne__(self, other):
+        return self._compare(other, "!=")
+
+    def __lt__(self, other):
+        return self._compare(other, "<")
+
+    def __le__(self, other):
+        return self._compare(other, "<=")
+
+    def __gt__(self, other):
+        return self._compare(other, ">")
+
+    def __ge__(self, other):
+        return self._compare(other, ">=")
+
     # -- reductions and activations -----------------------------------------------
 
     # dim= / keepdim= (PyTorch) and axis= / keepdims= (NumPy) both work.
@@ -346,6 +471,23 @@ class Tensor:
 
     def log_softmax(self, axis=None, *, dim=None):
         return F.log_softmax(self, axis, dim=dim)
+
+
+_READ_ONLY = (
+    "[numpy] this array is a read-only view of a tensor that the autograd graph depends "
+    "on (it requires grad, or an op saved it for backward): writing into it would change "
+    "gradients silently. Use t.detach().numpy().copy() for a writable copy."
+)
+
+
+class ReadOnlyArray(np.ndarray):
+    """What Tensor.numpy() returns while the graph needs the values: a plain read-only
+    ndarray whose item assignment explains itself. Copies of it are writable."""
+
+    def __setitem__(self, key, value):
+        if not self.flags.writeable:
+            raise ValueError(_READ_ONLY)
+        super().__setitem__(key, value)
 
 
 # ---------------------------------------------------------------------------

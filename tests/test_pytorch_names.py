@@ -127,3 +127,117 @@ def test_argmax(device, rng, dim, keepdim):
     assert got.dtype == np.int32 and got.shape == tuple(want.shape)
     np.testing.assert_array_equal(got.numpy(), want.numpy())
     np.testing.assert_array_equal(F.argmax(t, 1).numpy(), np.argmax(x, 1))
+
+
+# ---------------------------------------------------------------------------
+# shape names: size, dim, t, numel, unsqueeze / squeeze / flatten, contiguous, cpu
+# ---------------------------------------------------------------------------
+
+SHAPE_CASES = [
+    ("unsqueeze", (0,), (3, 5)),
+    ("unsqueeze", (-1,), (3, 5)),
+    ("unsqueeze", (2,), (3, 5)),
+    ("squeeze", (), (1, 3, 1, 5)),
+    ("squeeze", (0,), (1, 3, 1, 5)),
+    ("squeeze", (1,), (1, 3, 1, 5)),  # not size 1: unchanged, as in PyTorch
+    ("squeeze", (-2,), (1, 3, 1, 5)),
+    ("flatten", (), (2, 3, 5)),
+    ("flatten", (1,), (2, 3, 5, 7)),
+    ("flatten", (1, 2), (2, 3, 5, 7)),
+    ("flatten", (), ()),
+    ("t", (), (3, 5)),
+    ("t", (), (7,)),
+    ("contiguous", (), (3, 5)),
+]
+
+
+@pytest.mark.parametrize("op, args, shape", SHAPE_CASES)
+def test_shape_methods_match_torch(device, rng, op, args, shape):
+    x, t = _pair(rng, shape, device, requires_grad=True)
+    tx = torch.tensor(x, requires_grad=True)
+    got, want = getattr(t, op)(*args), getattr(tx, op)(*args)
+    _close(got, want)
+    g = rng.standard_normal(want.shape).astype(np.float32)
+    (got * camel.tensor(g, device=device)).sum().backward()
+    (want * torch.tensor(g)).sum().backward()
+    _close(t.grad, tx.grad)
+
+
+def test_size_dim_numel(device, rng):
+    x, t = _pair(rng, (2, 3, 5), device)
+    tx = torch.tensor(x)
+    assert t.size() == tuple(tx.size()) and t.size(1) == tx.size(1) == 3
+    assert t.size(-1) == tx.size(-1) and t.dim() == tx.dim() == 3
+    assert t.numel() == tx.numel() == 30
+    with pytest.raises(ValueError, match=r"\[size\] axis 3 does not exist"):
+        t.size(3)
+    with pytest.raises(ValueError, match=r"\[t\] expects a tensor with at most 2 dims"):
+        t.t()
+    assert t.cpu().device == "cpu" and np.array_equal(t.cpu().numpy(), x)
+
+
+# ---------------------------------------------------------------------------
+# never a silently different meaning
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["==", "!=", "<", "<=", ">", ">="])
+def test_comparisons_raise_not_identity(device, rng, op):
+    _, a = _pair(rng, (3,), device)
+    _, b = _pair(rng, (3,), device)
+    for other in (b, a, 0.5, np.zeros(3, np.float32)):
+        with pytest.raises(TypeError, match=r"no elementwise comparison.*\.numpy\(\)"):
+            eval(f"a {op} other")
+    assert (a == None) is False and (a != None) is True  # noqa: E711 (PyTorch's answer)
+
+
+def test_tensors_stay_hashable_by_identity(device, rng):
+    _, a = _pair(rng, (2,), device)
+    _, b = _pair(rng, (2,), device)
+    d = {a: 1, b: 2}
+    assert d[a] == 1 and d[b] == 2 and len({a, b, a}) == 2
+    assert hash(a) == object.__hash__(a)
+
+
+def test_bool_float_int_of_one_element(device):
+    assert bool(camel.tensor([0.0], device=device)) is False
+    assert bool(camel.tensor(2.0, device=device)) is True
+    assert float(camel.tensor([[2.5]], device=device)) == 2.5
+    assert int(camel.tensor([3], device=device)) == 3
+    with pytest.raises(RuntimeError, match=r"\[bool\] .*shape \(2,\) is ambiguous"):
+        bool(camel.tensor([1.0, 2.0], device=device))
+
+
+def test_numpy_interop_is_array_valued(device, rng):
+    x, t = _pair(rng, (2, 3), device)
+    a = np.asarray(t)
+    assert a.dtype == np.float32 and np.array_equal(a, x)
+    with pytest.raises(TypeError, match=r"\[mul\] b must be a camel Tensor"):
+        np.ones(3, np.float32) * t
+
+
+def test_numpy_of_a_tensor_that_requires_grad_is_read_only(device):
+    # the case: writing into w.numpy() changed a gradient from 2 to 20 silently
+    w = camel.tensor([3.0], requires_grad=True, device=device)
+    x = camel.tensor([2.0], device=device)
+    loss = (w * x).sum()
+    for t in (w, x, loss):  # w requires grad; x is saved by mul for its backward
+        with pytest.raises(ValueError, match=r"read-only .*\.detach\(\)\.numpy\(\)\.copy\(\)"):
+            t.numpy()[0] = 10.0
+        with pytest.raises(ValueError):
+            t.numpy()[...] += 1.0
+    loss.backward()
+    assert w.grad.item() == 2.0
+    x.numpy()[0] = 10.0  # the graph is gone: x is writable again, like any tensor
+    copy = w.detach().numpy().copy()
+    copy[0] = 5.0  # a private copy
+    assert w.item() == 3.0
+    assert np.array_equal(w.numpy() + 1, [4.0])  # results of arithmetic are ordinary arrays
+
+
+def test_numpy_of_a_tensor_outside_the_graph_is_writable(device):
+    x = camel.tensor([1.0, 2.0], device=device)
+    with camel.no_grad():
+        (x * x).sum()
+    x.numpy()[0] = 5.0
+    assert x.tolist() == [5.0, 2.0]
