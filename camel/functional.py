@@ -466,9 +466,14 @@ def log_softmax(x, axis=None, *, dim=None):
     return _last_axis_op("log_softmax", LogSoftmax.apply, x, axis)
 
 
-def cross_entropy(logits, targets):
+def cross_entropy(logits, targets, reduction="mean"):
     """Mean over N of -log softmax(logits)[n, targets[n]].
-    logits (N, C) float32, targets (N,) int32 class indices in [0, C). Returns shape ()."""
+    logits (N, C) float32, targets (N,) int32 class indices in [0, C). Returns shape ().
+    reduction (PyTorch's): "mean" (one fused op), "sum", or "none" for the (N,) losses."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(
+            f"[cross_entropy] reduction must be 'mean', 'sum' or 'none', got {reduction!r}"
+        )
     _check_float("cross_entropy", logits, "logits")
     _check_int("cross_entropy", targets, "targets")
     _check_same_device("cross_entropy", logits, targets)
@@ -482,7 +487,24 @@ def cross_entropy(logits, targets):
     n_classes = logits.shape[1]
     if targets.device == "cpu":  # on "mps" the fused kernel checks each target as it reads it
         _check_index_range("cross_entropy", targets, n_classes, f"target (C = {n_classes} classes)")
-    return CrossEntropy.apply(logits, targets)
+    if reduction == "none":
+        return _cross_entropy_rows(logits, targets)
+    loss = CrossEntropy.apply(logits, targets)
+    return loss if reduction == "mean" else MulScalar.apply(loss, float(logits.shape[0]))
+
+
+def _cross_entropy_rows(logits, targets):
+    # -log_softmax(logits)[n, targets[n]] for each n, from ops camel has: the (N, C)
+    # log-probabilities seen as a table of N * C one-element rows, and an embedding
+    # lookup of rows n * C + targets[n]. Reads the targets on the host.
+    n, c = logits.shape
+    t = targets.numpy()
+    if targets.device != "cpu":
+        _check_index_range("cross_entropy", targets, c, f"target (C = {c} classes)")
+    flat = np.arange(n, dtype=np.int32) * np.int32(c) + t
+    table = reshape(log_softmax(logits), (n * c, 1))
+    picked = embedding(Tensor(flat, device=logits.device), table)  # (N, 1)
+    return neg(reshape(picked, (n,)))
 
 
 # ---------------------------------------------------------------------------

@@ -246,3 +246,102 @@ def test_numpy_of_a_tensor_outside_the_graph_is_writable(device):
         (x * x).sum()
     x.numpy()[0] = 5.0
     assert x.tolist() == [5.0, 2.0]
+
+
+# ---------------------------------------------------------------------------
+# nn and optim habits: register_buffer, zero_grad(set_to_none=...), reduction=
+# ---------------------------------------------------------------------------
+
+
+class _Scaled(camel.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = camel.nn.Linear(3, 2)
+        self.register_buffer("scale", camel.tensor([2.0, 3.0]))
+        self.register_buffer("steps", camel.tensor([0]))  # an int32 buffer
+        self.register_buffer("cache", camel.tensor([1.0]), persistent=False)
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_register_buffer_like_torch(devices):
+    model = _Scaled()
+    outer = camel.nn.Sequential(model)
+    assert [n for n, _ in outer.named_buffers()] == ["0.scale", "0.steps", "0.cache"]
+    assert len(outer.buffers()) == 3
+    assert [n for n, _ in outer.named_parameters()] == ["0.lin.weight", "0.lin.bias"]
+    sd = outer.state_dict()
+    assert list(sd) == ["0.lin.weight", "0.lin.bias", "0.scale", "0.steps"]  # cache: not saved
+    # the same module in PyTorch has the same keys
+    tm = torch.nn.Sequential(torch.nn.Module())
+    tm[0].lin = torch.nn.Linear(3, 2)
+    tm[0].register_buffer("scale", torch.tensor([2.0, 3.0]))
+    tm[0].register_buffer("steps", torch.tensor([0]))
+    tm[0].register_buffer("cache", torch.tensor([1.0]), persistent=False)
+    assert sorted(sd) == sorted(tm.state_dict())
+    sd["0.scale"] = np.array([5.0, 7.0])
+    sd["0.steps"] = np.array([4])
+    outer.load_state_dict(sd)
+    assert model.scale.tolist() == [5.0, 7.0] and model.steps.dtype == np.int32
+    assert model.steps.tolist() == [4]
+    for device in devices:
+        outer.to(device)
+        assert {b.device for b in outer.buffers()} == {device}
+        x = camel.tensor(np.ones((4, 3), np.float32), device=device)
+        y = outer(x)
+        assert y.shape == (4, 2)
+        np.testing.assert_allclose(y.numpy(), (outer[0].lin(x) * model.scale).numpy())
+    assert not any(b.requires_grad for b in outer.buffers())
+
+
+def test_register_buffer_errors():
+    m = camel.nn.Linear(2, 2)
+    with pytest.raises(KeyError, match=r"\[register_buffer\] Linear: attribute 'weight'"):
+        m.register_buffer("weight", camel.tensor([1.0]))
+    with pytest.raises(TypeError, match=r"must be a camel Tensor or None, got ndarray"):
+        m.register_buffer("b", np.ones(2))
+    with pytest.raises(KeyError, match=r"without '\.'"):
+        m.register_buffer("a.b", camel.tensor([1.0]))
+    m.register_buffer("nothing", None)
+    assert m.buffers() == [] and "nothing" not in m.state_dict()
+
+
+@pytest.mark.parametrize("where", ["module", "optimizer"])
+def test_zero_grad_set_to_none(device, where):
+    model = camel.nn.Linear(3, 2)
+    model.to(device)
+    opt = camel.optim.SGD(model.parameters(), lr=0.1)
+    target = model if where == "module" else opt
+    model(camel.tensor(np.ones((2, 3), np.float32), device=device)).sum().backward()
+    target.zero_grad(set_to_none=False)
+    for p in model.parameters():
+        assert p.grad is not None and p.grad.device == device
+        assert np.array_equal(p.grad.numpy(), np.zeros(p.shape))
+    target.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    target.zero_grad(set_to_none=False)  # None stays None, as in PyTorch
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n, c", [(1, 1), (7, 33), (33, 5)])
+def test_cross_entropy_reduction(device, rng, reduction, n, c):
+    x, logits = _pair(rng, (n, c), device, requires_grad=True)
+    y = rng.integers(0, c, size=n)
+    tx = torch.tensor(x, requires_grad=True)
+    got = F.cross_entropy(logits, camel.tensor(y, device=device), reduction=reduction)
+    want = torch.nn.functional.cross_entropy(tx, torch.tensor(y), reduction=reduction)
+    _close(got, want)
+    g = rng.standard_normal(want.shape).astype(np.float32)
+    got.backward(camel.tensor(g, device=device))
+    want.backward(torch.tensor(g))
+    _close(logits.grad, tx.grad)
+
+
+def test_cross_entropy_reduction_errors(device):
+    logits = camel.tensor(np.zeros((2, 3), np.float32), device=device)
+    with pytest.raises(ValueError, match=r"reduction must be 'mean', 'sum' or 'none', got 'avg'"):
+        F.cross_entropy(logits, camel.tensor([0, 1], device=device), reduction="avg")
+    with pytest.raises(IndexError, match=r"\[cross_entropy\] target .* 3 at flat position 1"):
+        F.cross_entropy(logits, camel.tensor([0, 3], device=device), reduction="none")
