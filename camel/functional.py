@@ -116,10 +116,9 @@ def _broadcast_order(op, a, b):
         return a, b
     if _is_suffix(a.shape, b.shape):
         return b, a
-    raise ValueError(
-        f"[{op}] cannot broadcast shapes {a.shape} and {b.shape}: only a trailing suffix "
-        "is supported (one shape must end with the other, e.g. (B, T, C) and (C,) or (T, C))"
-    )
+    from camel import hints
+
+    raise ValueError(hints.broadcast(op, a.shape, b.shape))
 
 
 # ---------------------------------------------------------------------------
@@ -851,3 +850,9 @@ def to_device(x, device):
     """x copied to device ("cpu" or "mps"); the gradient is copied back."""
     _check_tensor("to", x)
     return ToDevice.apply(x, device)
+
+
+def __getattr__(name):  # a PyTorch name camel lacks: say what to use instead
+    from camel import hints
+
+    raise hints.missing("camel.functional", name)

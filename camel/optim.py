@@ -60,6 +60,12 @@ class Optimizer:
             )
 
 
+def __getattr__(name):  # a PyTorch name camel lacks: say what to use instead
+    from camel import hints
+
+    raise hints.missing("camel.optim", name)
+
+
 def _check_range(name, what, value, low, high=math.inf):
     if not low <= value < high:
         raise ValueError(f"[{name}] {what} must be in [{low}, {high}), got {value}")

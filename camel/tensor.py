@@ -13,12 +13,14 @@ C-contiguous; reshape, transpose and slicing return materialised results
 
 import importlib
 import numbers
+import warnings
 
 import numpy as np
 
 from camel import autograd
 
 DEVICES = ("cpu", "mps")
+float32, int32 = np.dtype("float32"), np.dtype("int32")  # camel's two dtypes
 _INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 
 # ---------------------------------------------------------------------------
@@ -68,11 +70,38 @@ def device_of(storage):
 # ---------------------------------------------------------------------------
 
 
-def _as_array(data):
+def _as_array(data, dtype=None, stacklevel=3):
     """Python scalars, (nested) lists and ndarrays -> a float32 or int32 ndarray.
     Floats become float32; ints (and int64 arrays) become int32 after a range check;
-    bools become float32 (0. / 1.)."""
+    bools become float32 (0. / 1.). float16 and unsigned (uint8 pixel) data convert with
+    a warning unless dtype ("float32" or "int32") says what to make."""
     arr = np.asarray(data)
+    if dtype is not None:
+        dtype = _check_dtype(dtype)
+        if dtype == np.float32 and arr.dtype.kind in "fbiu":
+            return arr.astype(np.float32)
+        if dtype == np.int32 and arr.dtype.kind == "b":
+            return arr.astype(np.int32)
+        if dtype == np.int32 and arr.dtype.kind == "f":
+            if not np.isfinite(arr).all():
+                raise ValueError("[tensor] dtype=int32 of data holding inf or NaN")
+            arr = np.trunc(arr).astype(np.float64)  # toward zero, as PyTorch converts
+            if arr.size and (arr.min() < _INT32_MIN or arr.max() > _INT32_MAX):
+                raise ValueError("[tensor] dtype=int32: a value does not fit in int32")
+            return arr.astype(np.int32)
+    elif arr.dtype == np.float16 or arr.dtype.kind == "u":
+        kind = "float32 data" if arr.dtype.kind == "f" else "int32 indices"
+        advice = (
+            "pass dtype=camel.float32 to say so"
+            if arr.dtype.kind == "f"
+            else "for pixel values pass dtype=camel.float32 (and scale them), for "
+            "indices dtype=camel.int32"
+        )
+        warnings.warn(
+            f"[tensor] {arr.dtype} data is stored as {kind} (camel holds float32 data and "
+            f"int32 indices); {advice}",
+            stacklevel=stacklevel,
+        )
     if arr.dtype == np.float32 or arr.dtype == np.int32:
         return arr
     if arr.dtype.kind == "f" or arr.dtype.kind == "b":
@@ -369,6 +398,11 @@ class Tensor:
     def __getitem__(self, key):
         return F.getitem(self, key)
 
+    def __getattr__(self, name):  # a PyTorch name camel lacks: say what to use instead
+        from camel import hints
+
+        raise hints.missing("camel.Tensor", name)
+
     # -- arithmetic -------------------------------------------------------------
 
     def __add__(self, other):
@@ -508,11 +542,14 @@ def get_rng():
     return _rng
 
 
-def tensor(data, requires_grad=False, device="cpu"):
-    """A new tensor holding a copy of `data` (scalar, nested list, ndarray or Tensor)."""
+def tensor(data, requires_grad=False, device="cpu", dtype=None):
+    """A new tensor holding a copy of `data` (scalar, nested list, ndarray or Tensor).
+    dtype: camel.float32 / "float32" or camel.int32 / "int32"; None keeps float data as
+    float32 and integers as int32 (float16 and uint8 data convert with a warning)."""
     if isinstance(data, Tensor):
         data = data.numpy()
-    return Tensor(data, requires_grad=requires_grad, device=device)
+    arr = _as_array(data, dtype)
+    return Tensor(arr, requires_grad=requires_grad, device=device)
 
 
 def _new(arr, requires_grad, device):

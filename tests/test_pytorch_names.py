@@ -345,3 +345,126 @@ def test_cross_entropy_reduction_errors(device):
         F.cross_entropy(logits, camel.tensor([0, 1], device=device), reduction="avg")
     with pytest.raises(IndexError, match=r"\[cross_entropy\] target .* 3 at flat position 1"):
         F.cross_entropy(logits, camel.tensor([0, 3], device=device), reduction="none")
+
+
+# ---------------------------------------------------------------------------
+# what camel lacks: the error says so and names what to use
+# ---------------------------------------------------------------------------
+
+MISSING = [
+    (lambda t: t.exp(), r"camel.Tensor has no 'exp': camel has no elementwise 'exp' op"),
+    (lambda t: t.add_(1.0), r"no in-place ops .* x = x \+ y"),
+    (lambda t: t.zero_(), r"no in-place ops"),
+    (lambda t: t.min(1), r"-\(-x\)\.max\(dim\)"),
+    (lambda t: t.data, r"t\.detach\(\)"),
+    (lambda t: t.cuda(), r"'cpu' and 'mps': use \.to\(device\)"),
+    (lambda t: t.float(), r"float32 data and int32 indices"),
+    (lambda t: t.masked_fill, r"causal=True"),
+    (lambda t: t.no_such_thing, r"camel.Tensor has no attribute 'no_such_thing' \(docs/api.md"),
+    (lambda t: F.mse_loss, r"camel.functional has no 'mse_loss': write it"),
+    (lambda t: F.dropout, r"no dropout"),
+    (lambda t: camel.nn.CrossEntropyLoss, r"camel.functional.cross_entropy"),
+    (lambda t: camel.nn.Conv2d, r"no convolutions"),
+    (lambda t: camel.nn.MultiheadAttention, r"camel.nn.MultiHeadAttention\(d_model, n_heads\)"),
+    (lambda t: camel.optim.AdamW, r"not AdamW's decoupled decay"),
+    (lambda t: camel.cat, r"no concatenation op"),
+    (lambda t: camel.softmax, r"camel.functional.softmax"),
+    (lambda t: camel.long, r"camel.int32"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(MISSING)))
+def test_missing_pytorch_names_say_what_to_use(device, case):
+    fn, pattern = MISSING[case]
+    t = camel.tensor([[1.0, 2.0]], device=device)
+    with pytest.raises(AttributeError, match=pattern):
+        fn(t)
+
+
+def test_missing_names_do_not_break_python_lookups():
+    t = camel.tensor([1.0])
+    assert not hasattr(t, "__array_interface__") and not hasattr(t, "_nothing")
+    assert hasattr(t, "size") and camel.float32 == np.float32 and camel.int32 == np.int32
+    from camel import bench  # a submodule import through the package's __getattr__
+
+    assert bench.__name__ == "camel.bench"
+
+
+# Shapes camel's trailing-suffix rule refuses; the message shows a way out that works.
+BROADCASTS = [
+    ((3, 4), (3, 1)),  # PyTorch stretches axis 1 of y
+    ((2, 5, 3), (2, 1, 3)),  # a middle axis
+    ((2, 5, 3), (1, 5, 3)),  # leading size-1 axes only
+    ((7, 1, 5), (7, 4, 5)),  # the bigger operand second
+    ((4, 5, 6), (4, 1, 1)),
+]
+
+
+def _run_hint(message, x, y):
+    expr = message.split(": ")[-1].split("; x is")[0]
+    return eval(expr, {}, {"x": x, "y": y})
+
+
+@pytest.mark.parametrize("a_shape, b_shape", BROADCASTS)
+@pytest.mark.parametrize("op", ["add", "mul"])
+def test_broadcast_error_shows_a_way_out_that_matches_torch(device, rng, a_shape, b_shape, op):
+    a, ta = _pair(rng, a_shape, device)
+    b, tb = _pair(rng, b_shape, device)
+    fn = getattr(F, op)
+    with pytest.raises(ValueError, match=rf"\[{op}\] cannot broadcast shapes") as err:
+        fn(ta, tb)
+    message = str(err.value)
+    assert "x is the" in message
+    big_first = (len(a_shape), np.prod(a_shape)) >= (len(b_shape), np.prod(b_shape))
+    x, y = (ta, tb) if big_first else (tb, ta)
+    want = getattr(torch, op)(torch.tensor(a), torch.tensor(b))
+    _close(_run_hint(message, x, y), want)
+
+
+def test_broadcast_error_when_even_torch_cannot(device, rng):
+    a, ta = _pair(rng, (3, 4), device)
+    b, tb = _pair(rng, (3,), device)
+    with pytest.raises(ValueError, match=r"Even PyTorch cannot: sizes 4 and 3") as err:
+        ta + tb
+    # the hint reads y as running along axis 0: x + y[:, None] in PyTorch
+    _close(_run_hint(str(err.value), ta, tb), torch.tensor(a) + torch.tensor(b)[:, None])
+    with pytest.raises(ValueError, match=r"PyTorch would stretch both operands to \(3, 4\)"):
+        camel.zeros(3, 1, device=device) * camel.zeros(1, 4, device=device)
+
+
+# ---------------------------------------------------------------------------
+# camel.tensor of float16 / uint8 data, and dtype=
+# ---------------------------------------------------------------------------
+
+
+def test_tensor_of_float16_or_uint8_warns_that_it_converts(device):
+    with pytest.warns(UserWarning, match=r"float16 data is stored as float32 .*dtype=camel"):
+        t = camel.tensor(np.array([0.5, 2.0], np.float16), device=device)
+    assert t.dtype == np.float32 and t.tolist() == [0.5, 2.0]
+    with pytest.warns(UserWarning, match=r"uint8 data is stored as int32 .*dtype=camel.float32"):
+        t = camel.tensor(np.array([0, 255], np.uint8), device=device)
+    assert t.dtype == np.int32 and t.tolist() == [0, 255]
+
+
+@pytest.mark.parametrize(
+    "data, dtype, want",
+    [
+        (np.array([0, 255], np.uint8), camel.float32, torch.float32),
+        (np.array([0.5, 2.0], np.float16), "float32", torch.float32),
+        ([1.7, -1.7, 0.2], camel.int32, torch.int32),
+        ([3, 4], np.float32, torch.float32),
+        ([True, False], "int32", torch.int32),
+    ],
+)
+def test_tensor_dtype_argument_converts_like_torch(device, data, dtype, want, recwarn):
+    t = camel.tensor(data, dtype=dtype, device=device)
+    expected = torch.tensor(np.asarray(data), dtype=want).numpy()
+    assert t.dtype == expected.dtype and np.array_equal(t.numpy(), expected)
+    assert not [w for w in recwarn if "[tensor]" in str(w.message)]  # said so: no warning
+
+
+def test_tensor_dtype_errors():
+    with pytest.raises(TypeError, match=r"camel supports dtypes float32 and int32, got float16"):
+        camel.tensor([1.0], dtype="float16")
+    with pytest.raises(ValueError, match=r"dtype=int32 of data holding inf or NaN"):
+        camel.tensor([np.nan], dtype=camel.int32)
