@@ -10,6 +10,7 @@ Each case is checked against PyTorch (CPU) and NumPy.
 """
 
 import operator
+import re
 
 import numpy as np
 import pytest
@@ -468,3 +469,36 @@ def test_tensor_dtype_errors():
         camel.tensor([1.0], dtype="float16")
     with pytest.raises(ValueError, match=r"dtype=int32 of data holding inf or NaN"):
         camel.tensor([np.nan], dtype=camel.int32)
+
+
+# ---------------------------------------------------------------------------
+# docs/api.md lists the whole public API
+# ---------------------------------------------------------------------------
+
+
+def _public(obj, module=None):
+    names = []
+    for name, value in vars(obj).items():
+        if name.startswith("_"):
+            continue
+        if module is not None and getattr(value, "__module__", None) != module:
+            continue  # imported helpers (np, math, ...)
+        if isinstance(value, type) and issubclass(value, camel.autograd.Function):
+            continue  # the ops' Function classes are internal: F.add is the API
+        if callable(value) or isinstance(value, property):
+            names.append(name)
+    return names
+
+
+def test_api_doc_lists_every_public_name():
+    from pathlib import Path
+
+    import camel.metal
+
+    doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    names = list(camel.__all__) + _public(camel.Tensor)
+    names += _public(F, "camel.functional") + list(camel.nn.__all__)
+    names += _public(camel.nn.Module) + ["SGD", "Adam", "step", "zero_grad"]
+    names += _public(camel.metal, "camel.metal")
+    missing = sorted({n for n in names if not re.search(rf"[`. ]{n}[`(]", doc)})
+    assert not missing, f"docs/api.md does not list {missing}"
