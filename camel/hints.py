@@ -42,7 +42,7 @@ TENSOR = {
     "mul": "use a * b (or camel.functional.mul)",
     "div": "use a / number (camel divides by Python numbers only)",
     "matmul": "use a @ b (or camel.functional.matmul)",
-    "min": "use -(-x).max(dim) (values and indices) or -(-x).max()",
+    "min": "negate twice: m = (-x).max(dim) gives -m.values and m.indices; -(-x).max() without dim",
     "argmin": "use (-x).argmax(dim)",
     "var": "no var/std op: F.layer_norm normalises over the last axis; for statistics use "
     "t.detach().numpy().var(axis)",
@@ -120,6 +120,22 @@ NN = {
 for _name in ("RNN", "LSTM", "GRU", "Transformer", "TransformerEncoderLayer"):
     NN[_name] = f"camel has no {_name}; examples/gpt_mini.py builds a transformer from layers"
 
+MODULE = {
+    "cuda": _DEVICES,
+    "half": _DTYPE,
+    "float": _DTYPE,
+    "double": _DTYPE,
+    "children": "use named_modules() (every module below, not only the direct children)",
+    "named_children": "use named_modules() (every module below, not only the direct children)",
+    "apply": "loop over model.modules()",
+    "register_parameter": "assign a Parameter as an attribute",
+    "add_module": "assign the module as an attribute",
+}
+
+OPTIMIZER = {
+    "param_groups": "camel has one group: read and set opt.lr (and the other settings) directly",
+}
+
 OPTIM = {
     "AdamW": "camel.optim.Adam(weight_decay=...) is Adam with L2 decay, not AdamW's "
     "decoupled decay",
@@ -157,6 +173,8 @@ _TABLES = {
     "camel.functional": FUNCTIONAL,
     "camel.nn": NN,
     "camel.optim": OPTIM,
+    "camel.nn.Module": MODULE,
+    "camel.optim.Optimizer": OPTIMIZER,
 }
 
 

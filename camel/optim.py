@@ -35,6 +35,11 @@ class Optimizer:
         self.name = name
         self.state = {}  # id(param) -> dict of state storages on the param's device
 
+    def __getattr__(self, name):  # a PyTorch name camel lacks: say what to use instead
+        from camel import hints
+
+        raise hints.missing("camel.optim.Optimizer", name)
+
     def zero_grad(self, set_to_none=True):
         """Forget every parameter's gradient: set to None (PyTorch's default), or with
         set_to_none=False fill the existing ones with zeros."""

@@ -356,7 +356,7 @@ MISSING = [
     (lambda t: t.exp(), r"camel.Tensor has no 'exp': camel has no elementwise 'exp' op"),
     (lambda t: t.add_(1.0), r"no in-place ops .* x = x \+ y"),
     (lambda t: t.zero_(), r"no in-place ops"),
-    (lambda t: t.min(1), r"-\(-x\)\.max\(dim\)"),
+    (lambda t: t.min(1), r"m = \(-x\)\.max\(dim\) gives -m\.values and m\.indices"),
     (lambda t: t.data, r"t\.detach\(\)"),
     (lambda t: t.cuda(), r"'cpu' and 'mps': use \.to\(device\)"),
     (lambda t: t.float(), r"float32 data and int32 indices"),
@@ -369,6 +369,10 @@ MISSING = [
     (lambda t: camel.nn.MultiheadAttention, r"camel.nn.MultiHeadAttention\(d_model, n_heads\)"),
     (lambda t: camel.optim.AdamW, r"not AdamW's decoupled decay"),
     (lambda t: camel.cat, r"no concatenation op"),
+    (lambda t: camel.nn.Linear(2, 2).cuda(), r"camel.nn.Module has no 'cuda'.*\.to\(device\)"),
+    (lambda t: camel.nn.Linear(2, 2).children(), r"named_modules\(\)"),
+    (lambda t: camel.nn.Linear(2, 2).nothing, r"camel.nn.Module has no attribute 'nothing'"),
+    (lambda t: camel.optim.SGD([camel.nn.Parameter([1.0])], lr=0.1).param_groups, r"opt\.lr"),
     (lambda t: camel.softmax, r"camel.functional.softmax"),
     (lambda t: camel.long, r"camel.int32"),
 ]
@@ -502,3 +506,13 @@ def test_api_doc_lists_every_public_name():
     names += _public(camel.metal, "camel.metal")
     missing = sorted({n for n in names if not re.search(rf"[`. ]{n}[`(]", doc)})
     assert not missing, f"docs/api.md does not list {missing}"
+
+
+def test_module_cpu_and_min_hint_is_right(devices, rng):
+    x, t = _pair(rng, (4, 6), devices[-1])
+    m = (-t).max(1)  # what the 'min' hint says to write
+    want = torch.tensor(x).min(1)
+    _close(-m.values, want.values)
+    np.testing.assert_array_equal(m.indices.numpy(), want.indices.numpy())
+    lin = camel.nn.Linear(2, 2).to(devices[-1])
+    assert lin.cpu() is lin and lin.weight.device == "cpu"

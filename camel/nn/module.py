@@ -74,6 +74,11 @@ class Module:
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"[{type(self).__name__}] subclasses must define forward()")
 
+    def __getattr__(self, name):  # a PyTorch name camel lacks: say what to use instead
+        from camel import hints
+
+        raise hints.missing("camel.nn.Module", name)
+
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
@@ -192,6 +197,10 @@ class Module:
             if b.device != device:
                 self._set_buffer(name, Tensor(b.detach(), device=device))
         return self
+
+    def cpu(self):
+        """to("cpu"), as in PyTorch."""
+        return self.to("cpu")
 
     # --- saving and loading -------------------------------------------------------------
 
