@@ -500,6 +500,8 @@ def _cross_entropy_rows(logits, targets):
     t = targets.numpy()
     if targets.device != "cpu":
         _check_index_range("cross_entropy", targets, c, f"target (C = {c} classes)")
+    if n * c > np.iinfo(np.int32).max:
+        raise ValueError(f"[cross_entropy] reduction='none' needs N * C < 2**31, got {n} * {c}")
     flat = np.arange(n, dtype=np.int32) * np.int32(c) + t
     table = reshape(log_softmax(logits), (n * c, 1))
     picked = embedding(Tensor(flat, device=logits.device), table)  # (N, 1)
