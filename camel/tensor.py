@@ -297,9 +297,21 @@ class Tensor:
         self.requires_grad = flag
         return self
 
-    def backward(self, grad=None):
+    def backward(self, grad=None, *, gradient=None, retain_graph=False, create_graph=False):
         """Compute d(self)/d(leaf) for every leaf with requires_grad and add it to leaf.grad.
-        grad defaults to 1 for a one-element tensor; pass it for anything else."""
+        grad (PyTorch: gradient=) defaults to 1 for a one-element tensor; pass it for
+        anything else. camel has no retain_graph or create_graph: they raise."""
+        if gradient is not None:
+            if grad is not None:
+                raise TypeError("[backward] got both grad and gradient: pass one")
+            grad = gradient
+        if retain_graph or create_graph:
+            what = "retain_graph" if retain_graph else "create_graph"
+            raise NotImplementedError(
+                f"[backward] camel has no {what}: a graph's saved tensors are freed by its "
+                "first backward and there are no higher-order gradients; recompute the "
+                "forward pass for a second backward"
+            )
         if not self.requires_grad:
             raise RuntimeError(
                 "[backward] this tensor does not require grad: no input of the computation "

@@ -375,6 +375,7 @@ MISSING = [
     (lambda t: camel.optim.SGD([camel.nn.Parameter([1.0])], lr=0.1).param_groups, r"opt\.lr"),
     (lambda t: camel.softmax, r"camel.functional.softmax"),
     (lambda t: camel.long, r"camel.int32"),
+    (lambda t: camel.inference_mode, r"camel.no_grad\(\)"),
 ]
 
 
@@ -516,3 +517,13 @@ def test_module_cpu_and_min_hint_is_right(devices, rng):
     np.testing.assert_array_equal(m.indices.numpy(), want.indices.numpy())
     lin = camel.nn.Linear(2, 2).to(devices[-1])
     assert lin.cpu() is lin and lin.weight.device == "cpu"
+
+
+def test_backward_takes_torch_keywords(device):
+    w = camel.tensor([1.0, 2.0], requires_grad=True, device=device)
+    (w * 3.0).backward(gradient=camel.tensor([1.0, 1.0], device=device))
+    assert w.grad.tolist() == [3.0, 3.0]
+    with pytest.raises(NotImplementedError, match=r"\[backward\] camel has no retain_graph"):
+        (w * 3.0).sum().backward(retain_graph=True)
+    with pytest.raises(NotImplementedError, match=r"no create_graph"):
+        (w * 3.0).sum().backward(create_graph=True)
