@@ -245,7 +245,9 @@ def broadcast(op, a_shape, b_shape):
                 f". If y runs along other axes of x: {hint}{where}" if hint else ""
             )
     if x_stretches:
-        outer = " (for mul, x (N, 1) times y (1, M) is the matmul x @ y)" if op == "mul" else ""
+        outer = (
+            "; for mul, (N, 1) times (1, M) is the matmul (N, 1) @ (1, M)" if op == "mul" else ""
+        )
         result = tuple(max(nx, ny) for nx, ny in zip(x, yp, strict=True))
         return (
             f"{head}. PyTorch would stretch both operands to {result}; camel stretches one{outer}"
