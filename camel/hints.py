@@ -195,7 +195,7 @@ def missing(where, name):
     if hint is None and where == "camel":
         from camel import functional
 
-        if name in vars(functional):
+        if getattr(vars(functional).get(name), "__module__", None) == "camel.functional":
             hint = f"use camel.functional.{name} (or the Tensor method)"
     if hint is None:
         return AttributeError(f"{where} has no attribute {name!r} ({_API})")
