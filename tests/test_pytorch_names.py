@@ -527,3 +527,14 @@ def test_backward_takes_torch_keywords(device):
         (w * 3.0).sum().backward(retain_graph=True)
     with pytest.raises(NotImplementedError, match=r"no create_graph"):
         (w * 3.0).sum().backward(create_graph=True)
+
+
+def test_a_shared_buffer_stays_shared_through_to(devices):
+    shared = camel.tensor([1.0, 2.0])
+    a, b = camel.nn.Module(), camel.nn.Module()
+    a.register_buffer("s", shared)
+    b.register_buffer("s", shared)
+    outer = camel.nn.Sequential(a, b)
+    outer.to(devices[-1])
+    assert a.s is b.s and a.s.device == devices[-1]
+    assert len(outer.buffers()) == 1 and outer.buffers()[0] is a.s

@@ -193,9 +193,14 @@ class Module:
                 p._replace_storage(p.numpy(), device)
                 if grad is not None:  # the gradient moves with its parameter
                     p.grad = Tensor(grad.numpy(), device=device)
-        for name, b in list(self.named_buffers()):  # buffers are replaced, as in PyTorch
-            if b.device != device:
-                self._set_buffer(name, Tensor(b.detach(), device=device))
+        moved = {}  # id(old buffer) -> its copy, so a buffer two modules share stays shared
+        for m in self.modules():  # buffers are replaced by copies, as in PyTorch
+            for name in vars(m).get("_buffers", {}):
+                b = getattr(m, name)
+                if b is not None and b.device != device:
+                    if id(b) not in moved:
+                        moved[id(b)] = Tensor(b.detach(), device=device)
+                    setattr(m, name, moved[id(b)])
         return self
 
     def cpu(self):
