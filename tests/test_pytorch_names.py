@@ -538,3 +538,13 @@ def test_a_shared_buffer_stays_shared_through_to(devices):
     outer.to(devices[-1])
     assert a.s is b.s and a.s.device == devices[-1]
     assert len(outer.buffers()) == 1 and outer.buffers()[0] is a.s
+
+
+def test_load_state_dict_reaches_every_owner_of_a_shared_buffer(device):
+    shared = camel.tensor([1.0, 2.0], device=device)
+    a, b = camel.nn.Module(), camel.nn.Module()
+    a.register_buffer("s", shared)
+    b.register_buffer("s", shared)
+    outer = camel.nn.Sequential(a, b)
+    outer.load_state_dict({"0.s": np.array([3.0, 4.0])})
+    assert a.s.tolist() == b.s.tolist() == [3.0, 4.0] and a.s.device == device

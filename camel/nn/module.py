@@ -153,11 +153,6 @@ class Module:
         """List of the buffers, in the order of ``named_buffers``."""
         return [b for _, b in self.named_buffers()]
 
-    def _set_buffer(self, dotted, tensor):
-        owner, _, name = dotted.rpartition(".")
-        module = dict(self.named_modules())[owner]
-        setattr(module, name, tensor)
-
     # --- modes and gradients -----------------------------------------------------------
 
     def train(self, mode: bool = True):
@@ -243,8 +238,8 @@ class Module:
                 )
             arrays[name] = value.astype(p.dtype)
         for name, p in own.items():
-            if name in buffers:
-                self._set_buffer(name, Tensor(arrays[name], device=p.device))
+            if name in buffers:  # new storage, same Tensor: every module sharing it sees it
+                p.storage = get_backend(p.device).from_numpy(np.ascontiguousarray(arrays[name]))
             else:
                 p._replace_storage(arrays[name], p.device)  # the same Parameter, new values
         return self
