@@ -36,6 +36,11 @@ def get_backend(device):
     backend = _backends.get(device)
     if backend is not None:
         return backend
+    if not isinstance(device, str):  # x.to(torch.float32) habits: dtypes are not devices
+        raise TypeError(
+            f"[tensor] a device is a string such as 'cpu' or 'mps', got {device!r}; camel has "
+            "no dtype conversion (make a new tensor: camel.tensor(t.numpy(), dtype=...))"
+        )
     if device == "cpu":
         from camel import backend_cpu
 

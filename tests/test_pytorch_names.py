@@ -548,3 +548,11 @@ def test_load_state_dict_reaches_every_owner_of_a_shared_buffer(device):
     outer = camel.nn.Sequential(a, b)
     outer.load_state_dict({"0.s": np.array([3.0, 4.0])})
     assert a.s.tolist() == b.s.tolist() == [3.0, 4.0] and a.s.device == device
+
+
+def test_to_a_dtype_says_devices_are_strings(device):
+    t = camel.tensor([1.0], device=device)
+    with pytest.raises(TypeError, match=r"a device is a string .* no dtype conversion"):
+        t.to(camel.float32)
+    with pytest.raises(TypeError, match=r"a device is a string"):
+        camel.nn.Linear(2, 2).to(camel.int32)
