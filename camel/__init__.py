@@ -11,6 +11,8 @@ functional.py (every op, forward and backward side by side), backend_cpu.py
 (the narrow waist every backend implements).
 """
 
+import importlib
+
 from camel import functional, metal, nn, optim
 from camel.autograd import is_grad_enabled, no_grad
 from camel.gradcheck import GradcheckError, gradcheck
@@ -18,7 +20,9 @@ from camel.profiler import profile
 from camel.tensor import (
     Tensor,
     arange,
+    float32,
     get_rng,
+    int32,
     manual_seed,
     ones,
     rand,
@@ -27,13 +31,21 @@ from camel.tensor import (
     zeros,
 )
 
+
+def __getattr__(name):  # a PyTorch name camel lacks: say what to use instead
+    hints = importlib.import_module("camel.hints")  # not `from camel import`: that recurses here
+    raise hints.missing("camel", name)
+
+
 __all__ = [
     "GradcheckError",
     "Tensor",
     "arange",
+    "float32",
     "functional",
     "get_rng",
     "gradcheck",
+    "int32",
     "is_grad_enabled",
     "manual_seed",
     "metal",

@@ -32,6 +32,8 @@ backward through the same graph raises.
 Not supported, on purpose: higher-order gradients, in-place ops.
 """
 
+import weakref
+
 _grad_enabled = True
 
 
@@ -132,6 +134,9 @@ class Function:
         out = cls.forward(ctx, *raw, **kwargs)  # a storage on the same backend
         if not needs_grad:
             return Tensor._make(out, device_of(out))  # no graph: ctx is dropped here
+        for t in tensors:  # an input this node saved: its numpy() turns read-only
+            if not t.requires_grad and any(s is t.storage for s in ctx._saved):
+                t._saved_by.append(weakref.ref(ctx))
         return Tensor._make(out, device_of(out), requires_grad=True, ctx=ctx)
 
 

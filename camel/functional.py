@@ -12,6 +12,7 @@ operand's shape must end the other's ((B, T, C) + (C,), (B, T, C) + (T, C));
 the smaller operand's gradient is summed back to its shape.
 """
 
+import collections
 import math
 import numbers
 import os
@@ -87,6 +88,19 @@ def _normalize_axis(op, axis, ndim, shape):
     return int(axis) % ndim
 
 
+def _pick(op, axis, dim, keepdims=False, keepdim=None):
+    """PyTorch's spelling (dim=, keepdim=) or NumPy's (axis=, keepdims=), not both."""
+    if dim is not None:
+        if axis is not None:
+            raise TypeError(f"[{op}] got both axis={axis!r} and dim={dim!r}: pass one")
+        axis = dim
+    if keepdim is not None:
+        if keepdims:
+            raise TypeError(f"[{op}] got both keepdims and keepdim: pass one")
+        keepdims = keepdim
+    return axis, bool(keepdims)
+
+
 def _is_number(x):
     return isinstance(x, numbers.Number) and not isinstance(x, bool)
 
@@ -102,10 +116,9 @@ def _broadcast_order(op, a, b):
         return a, b
     if _is_suffix(a.shape, b.shape):
         return b, a
-    raise ValueError(
-        f"[{op}] cannot broadcast shapes {a.shape} and {b.shape}: only a trailing suffix "
-        "is supported (one shape must end with the other, e.g. (B, T, C) and (C,) or (T, C))"
-    )
+    from camel import hints
+
+    raise ValueError(hints.broadcast(op, a.shape, b.shape))
 
 
 # ---------------------------------------------------------------------------
@@ -277,9 +290,11 @@ class Max(Function):
     name = "max"
 
     @staticmethod
-    def forward(ctx, x, axis, keepdims):  # axis: int >= 0 or None
+    def forward(ctx, x, axis, keepdims, indices_out=None):  # axis: int >= 0 or None
         values, indices = ctx.backend.max(x, axis, keepdims)
         ctx.save_for_backward(indices)
+        if indices_out is not None:  # max(x, dim) returns the indices too
+            indices_out.append(indices)
         ctx.in_shape, ctx.axis = x.shape, axis
         return values
 
@@ -300,9 +315,11 @@ def _axes(op, x, axis):
     return tuple(axes)
 
 
-def sum(x, axis=None, keepdims=False):
-    """Sum over all elements (axis None), one axis or a tuple of axes."""
+def sum(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    """Sum over all elements (axis None), one axis or a tuple of axes.
+    dim= / keepdim= are PyTorch's names for axis= / keepdims=."""
     _check_float("sum", x)
+    axis, keepdims = _pick("sum", axis, dim, keepdims, keepdim)
     axes = _axes("sum", x, axis)
     if axes is None or len(axes) == x.ndim:
         return Sum.apply(x, None, keepdims)
@@ -311,9 +328,10 @@ def sum(x, axis=None, keepdims=False):
     return x
 
 
-def mean(x, axis=None, keepdims=False):
-    """sum(x, axis) / (number of elements reduced)."""
+def mean(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    """sum(x, axis) / (number of elements reduced). dim= / keepdim= as in sum."""
     _check_float("mean", x)
+    axis, keepdims = _pick("mean", axis, dim, keepdims, keepdim)
     axes = _axes("mean", x, axis)
     count = 1
     for a in range(x.ndim) if axes is None else axes:
@@ -321,15 +339,53 @@ def mean(x, axis=None, keepdims=False):
     return MulScalar.apply(sum(x, axes, keepdims), 1.0 / count)
 
 
-def max(x, axis=None, keepdims=False):
-    """Maximum over all elements (axis None) or one axis. Returns the values only.
+class MaxResult(collections.namedtuple("MaxResult", ["values", "indices"])):
+    """What max(x, dim) returns, as in PyTorch: `values, indices = x.max(1)`.
+    values is float32 and differentiable; indices is int32 (PyTorch: int64)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"[max] MaxResult has no {name!r}: x.max(dim) returns (values, indices) as in "
+            f"PyTorch; use x.max(dim).values.{name} (or x.argmax(dim) for the indices)"
+        )
+
+
+def max(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    """PyTorch's meaning: max(x) is the largest element (a tensor); max(x, dim) is a
+    MaxResult(values, indices) along dim (dim= / axis=, keepdim= / keepdims=).
     The gradient flows to the first maximum when several are equal."""
     _check_float("max", x)
+    if isinstance(axis, Tensor) or isinstance(dim, Tensor):
+        raise TypeError(
+            "[max] camel has no elementwise max(a, b) of two tensors: use (a - b).relu() + b"
+        )
+    axis, keepdims = _pick("max", axis, dim, keepdims, keepdim)
     if axis is not None:
         axis = _normalize_axis("max", axis, x.ndim, x.shape)
     if x.numel() == 0:
         raise ValueError(f"[max] of an empty tensor (shape {x.shape})")
-    return Max.apply(x, axis, keepdims)
+    if axis is None:
+        return Max.apply(x, None, keepdims)
+    indices = []  # Max.forward appends its indices storage here
+    values = Max.apply(x, axis, keepdims, indices)
+    return MaxResult(values, Tensor._make(indices[0], x.device))
+
+
+def argmax(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
+    """int32 index of the maximum along dim (the first one on ties), as in PyTorch;
+    dim None: the index into the flattened tensor. Not differentiable."""
+    _check_float("argmax", x)
+    axis, keepdims = _pick("argmax", axis, dim, keepdims, keepdim)
+    if axis is not None:
+        axis = _normalize_axis("argmax", axis, x.ndim, x.shape)
+    if x.numel() == 0:
+        raise ValueError(f"[argmax] of an empty tensor (shape {x.shape})")
+    _, indices = x.backend.max(x.storage, axis, keepdims)
+    return Tensor._make(indices, x.device)
 
 
 # ---------------------------------------------------------------------------
@@ -393,21 +449,31 @@ def _last_axis_op(op, fn, x, axis):
     return transpose(fn(transpose(x, axis, -1)), axis, -1)
 
 
-def softmax(x, axis=-1):
-    """exp(x) / sum(exp(x)) along axis, computed stably (the max is subtracted first)."""
+def softmax(x, axis=None, *, dim=None):
+    """exp(x) / sum(exp(x)) along axis (default -1; dim= is PyTorch's name), computed
+    stably (the max is subtracted first)."""
     _check_float("softmax", x)
+    axis = _pick("softmax", axis, dim)[0]
+    axis = -1 if axis is None else axis
     return _last_axis_op("softmax", Softmax.apply, x, axis)
 
 
-def log_softmax(x, axis=-1):
-    """x - logsumexp(x) along axis, computed stably."""
+def log_softmax(x, axis=None, *, dim=None):
+    """x - logsumexp(x) along axis (default -1; dim= is PyTorch's name), computed stably."""
     _check_float("log_softmax", x)
+    axis = _pick("log_softmax", axis, dim)[0]
+    axis = -1 if axis is None else axis
     return _last_axis_op("log_softmax", LogSoftmax.apply, x, axis)
 
 
-def cross_entropy(logits, targets):
+def cross_entropy(logits, targets, reduction="mean"):
     """Mean over N of -log softmax(logits)[n, targets[n]].
-    logits (N, C) float32, targets (N,) int32 class indices in [0, C). Returns shape ()."""
+    logits (N, C) float32, targets (N,) int32 class indices in [0, C). Returns shape ().
+    reduction (PyTorch's): "mean" (one fused op), "sum", or "none" for the (N,) losses."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(
+            f"[cross_entropy] reduction must be 'mean', 'sum' or 'none', got {reduction!r}"
+        )
     _check_float("cross_entropy", logits, "logits")
     _check_int("cross_entropy", targets, "targets")
     _check_same_device("cross_entropy", logits, targets)
@@ -421,7 +487,26 @@ def cross_entropy(logits, targets):
     n_classes = logits.shape[1]
     if targets.device == "cpu":  # on "mps" the fused kernel checks each target as it reads it
         _check_index_range("cross_entropy", targets, n_classes, f"target (C = {n_classes} classes)")
-    return CrossEntropy.apply(logits, targets)
+    if reduction == "none":
+        return _cross_entropy_rows(logits, targets)
+    loss = CrossEntropy.apply(logits, targets)
+    return loss if reduction == "mean" else MulScalar.apply(loss, float(logits.shape[0]))
+
+
+def _cross_entropy_rows(logits, targets):
+    # -log_softmax(logits)[n, targets[n]] for each n, from ops camel has: the (N, C)
+    # log-probabilities seen as a table of N * C one-element rows, and an embedding
+    # lookup of rows n * C + targets[n]. Reads the targets on the host.
+    n, c = logits.shape
+    t = targets.numpy()
+    if targets.device != "cpu":
+        _check_index_range("cross_entropy", targets, c, f"target (C = {c} classes)")
+    if n * c > np.iinfo(np.int32).max:
+        raise ValueError(f"[cross_entropy] reduction='none' needs N * C < 2**31, got {n} * {c}")
+    flat = np.arange(n, dtype=np.int32) * np.int32(c) + t
+    table = reshape(log_softmax(logits), (n * c, 1))
+    picked = embedding(Tensor(flat, device=logits.device), table)  # (N, 1)
+    return neg(reshape(picked, (n,)))
 
 
 # ---------------------------------------------------------------------------
@@ -768,3 +853,9 @@ def to_device(x, device):
     """x copied to device ("cpu" or "mps"); the gradient is copied back."""
     _check_tensor("to", x)
     return ToDevice.apply(x, device)
+
+
+def __getattr__(name):  # a PyTorch name camel lacks: say what to use instead
+    from camel import hints
+
+    raise hints.missing("camel.functional", name)

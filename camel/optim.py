@@ -7,6 +7,7 @@ done in place on the parameter's storage by the backend of its device: NumPy on
 
 import math
 
+from camel.nn.module import zero_grads
 from camel.tensor import Tensor, device_of
 
 
@@ -34,10 +35,15 @@ class Optimizer:
         self.name = name
         self.state = {}  # id(param) -> dict of state storages on the param's device
 
-    def zero_grad(self):
-        """Forget every parameter's gradient (set to None, PyTorch's default)."""
-        for p in self.params:
-            p.grad = None
+    def __getattr__(self, name):  # a PyTorch name camel lacks: say what to use instead
+        from camel import hints
+
+        raise hints.missing("camel.optim.Optimizer", name)
+
+    def zero_grad(self, set_to_none=True):
+        """Forget every parameter's gradient: set to None (PyTorch's default), or with
+        set_to_none=False fill the existing ones with zeros."""
+        zero_grads(self.params, set_to_none)
 
     def _check_grad(self, name, i, p):
         g = p.grad
@@ -57,6 +63,12 @@ class Optimizer:
                 f"state is on {device_of(storage)}: the model was moved after the first step(); "
                 "move it before training, or make a new optimiser"
             )
+
+
+def __getattr__(name):  # a PyTorch name camel lacks: say what to use instead
+    from camel import hints
+
+    raise hints.missing("camel.optim", name)
 
 
 def _check_range(name, what, value, low, high=math.inf):

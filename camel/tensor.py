@@ -13,12 +13,14 @@ C-contiguous; reshape, transpose and slicing return materialised results
 
 import importlib
 import numbers
+import warnings
 
 import numpy as np
 
 from camel import autograd
 
 DEVICES = ("cpu", "mps")
+float32, int32 = np.dtype("float32"), np.dtype("int32")  # camel's two dtypes
 _INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 
 # ---------------------------------------------------------------------------
@@ -58,6 +60,11 @@ def get_backend(device):
     backend = _backends.get(device)
     if backend is not None:
         return backend
+    if not isinstance(device, str):  # x.to(torch.float32) habits: dtypes are not devices
+        raise TypeError(
+            f"[tensor] a device is a string such as 'cpu' or 'mps', got {device!r}; camel has "
+            "no dtype conversion (make a new tensor: camel.tensor(t.numpy(), dtype=...))"
+        )
     if device == "cuda":
         return get_backend(canonical_device(device))
     if device == "cpu":
@@ -94,11 +101,38 @@ def device_of(storage):
 # ---------------------------------------------------------------------------
 
 
-def _as_array(data):
+def _as_array(data, dtype=None, stacklevel=3):
     """Python scalars, (nested) lists and ndarrays -> a float32 or int32 ndarray.
     Floats become float32; ints (and int64 arrays) become int32 after a range check;
-    bools become float32 (0. / 1.)."""
+    bools become float32 (0. / 1.). float16 and unsigned (uint8 pixel) data convert with
+    a warning unless dtype ("float32" or "int32") says what to make."""
     arr = np.asarray(data)
+    if dtype is not None:
+        dtype = _check_dtype(dtype)
+        if dtype == np.float32 and arr.dtype.kind in "fbiu":
+            return arr.astype(np.float32)
+        if dtype == np.int32 and arr.dtype.kind == "b":
+            return arr.astype(np.int32)
+        if dtype == np.int32 and arr.dtype.kind == "f":
+            if not np.isfinite(arr).all():
+                raise ValueError("[tensor] dtype=int32 of data holding inf or NaN")
+            arr = np.trunc(arr).astype(np.float64)  # toward zero, as PyTorch converts
+            if arr.size and (arr.min() < _INT32_MIN or arr.max() > _INT32_MAX):
+                raise ValueError("[tensor] dtype=int32: a value does not fit in int32")
+            return arr.astype(np.int32)
+    elif arr.dtype == np.float16 or arr.dtype.kind == "u":
+        kind = "float32 data" if arr.dtype.kind == "f" else "int32 indices"
+        advice = (
+            "pass dtype=camel.float32 to say so"
+            if arr.dtype.kind == "f"
+            else "for pixel values pass dtype=camel.float32 (and scale them), for "
+            "indices dtype=camel.int32"
+        )
+        warnings.warn(
+            f"[tensor] {arr.dtype} data is stored as {kind} (camel holds float32 data and "
+            f"int32 indices); {advice}",
+            stacklevel=stacklevel,
+        )
     if arr.dtype == np.float32 or arr.dtype == np.int32:
         return arr
     if arr.dtype.kind == "f" or arr.dtype.kind == "b":
@@ -162,6 +196,7 @@ class Tensor:
         self.requires_grad = requires_grad
         self.grad = None
         self._ctx = ctx
+        self._saved_by = []  # weakrefs to graph nodes that saved this storage (autograd.py)
 
     @staticmethod
     def _make(storage, device, requires_grad=False, ctx=None):
@@ -198,6 +233,16 @@ class Tensor:
             n *= d
         return n
 
+    def size(self, dim=None):
+        """PyTorch's name for the shape: size() is the shape tuple, size(d) one entry."""
+        if dim is None:
+            return self.shape
+        return self.shape[F._normalize_axis("size", dim, self.ndim, self.shape)]
+
+    def dim(self):
+        """PyTorch's name for ndim."""
+        return self.ndim
+
     def __len__(self):
         if self.ndim == 0:
             raise TypeError("[tensor] len() of a 0-d tensor")
@@ -207,8 +252,46 @@ class Tensor:
 
     def numpy(self):
         """The data as an np.ndarray. On "cpu" this IS the storage (shared memory, like
-        PyTorch); on "mps" a zero-copy view of the Metal buffer after synchronising."""
-        return self.backend.to_numpy(self.storage)
+        PyTorch); on "mps" a zero-copy view of the Metal buffer after synchronising.
+
+        Read-only while the graph depends on the values (the tensor requires grad, or a
+        recorded op saved it for its backward): writing would change gradients silently.
+        t.detach().numpy().copy() is a private, writable copy."""
+        arr = self.backend.to_numpy(self.storage)
+        if self.requires_grad or self._is_saved_for_backward():
+            arr = arr.view(ReadOnlyArray)
+            arr.flags.writeable = False
+        return arr
+
+    def _is_saved_for_backward(self):
+        alive = [r for r in self._saved_by if r() is not None and not r().freed]
+        self._saved_by = alive
+        return bool(alive)
+
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(t) is t.numpy() (not an object array of 0-d tensors)."""
+        arr = self.numpy()
+        if dtype is not None and arr.dtype != np.dtype(dtype):
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
+
+    # NumPy's operators defer to Tensor's (ndarray * tensor gives camel's error, not an
+    # object array); np.exp(t) and other ufuncs raise TypeError.
+    __array_ufunc__ = None
+
+    def __bool__(self):
+        if self.numel() != 1:
+            raise RuntimeError(
+                f"[bool] the truth value of a tensor of shape {self.shape} is ambiguous: "
+                "only a one-element tensor converts (use .item() or compare on the host)"
+            )
+        return bool(self.item())
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
 
     def item(self):
         if self.numel() != 1:
@@ -229,6 +312,10 @@ class Tensor:
         get_backend(device)  # a clear error for unknown / unavailable devices
         return F.to_device(self, device)
 
+    def cpu(self):
+        """to("cpu"), as in PyTorch."""
+        return self.to("cpu")
+
     def detach(self):
         """The same storage, cut from the graph (requires_grad=False)."""
         return Tensor._make(self.storage, self.device)
@@ -242,9 +329,21 @@ class Tensor:
         self.requires_grad = flag
         return self
 
-    def backward(self, grad=None):
+    def backward(self, grad=None, *, gradient=None, retain_graph=False, create_graph=False):
         """Compute d(self)/d(leaf) for every leaf with requires_grad and add it to leaf.grad.
-        grad defaults to 1 for a one-element tensor; pass it for anything else."""
+        grad (PyTorch: gradient=) defaults to 1 for a one-element tensor; pass it for
+        anything else. camel has no retain_graph or create_graph: they raise."""
+        if gradient is not None:
+            if grad is not None:
+                raise TypeError("[backward] got both grad and gradient: pass one")
+            grad = gradient
+        if retain_graph or create_graph:
+            what = "retain_graph" if retain_graph else "create_graph"
+            raise NotImplementedError(
+                f"[backward] camel has no {what}: a graph's saved tensors are freed by its "
+                "first backward and there are no higher-order gradients; recompute the "
+                "forward pass for a second backward"
+            )
         if not self.requires_grad:
             raise RuntimeError(
                 "[backward] this tensor does not require grad: no input of the computation "
@@ -290,8 +389,44 @@ class Tensor:
         """Same as reshape (camel has no views: the result never aliases for writes)."""
         return self.reshape(*shape)
 
-    def transpose(self, d0, d1):
-        return F.transpose(self, d0, d1)
+    def contiguous(self):
+        """self: camel tensors are always dense and C-contiguous."""
+        return self
+
+    def unsqueeze(self, dim):
+        """A new axis of size 1 at dim (-ndim-1 <= dim <= ndim), as a reshape."""
+        dim = F._normalize_axis("unsqueeze", dim, self.ndim + 1, self.shape)
+        return self.reshape(self.shape[:dim] + (1,) + self.shape[dim:])
+
+    def squeeze(self, dim=None):
+        """Drop axes of size 1 (all of them, or dim if it has size 1), as a reshape."""
+        if dim is None:
+            return self.reshape(tuple(n for n in self.shape if n != 1))
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        drop = {F._normalize_axis("squeeze", d, self.ndim, self.shape) for d in dims}
+        return self.reshape(tuple(n for i, n in enumerate(self.shape) if n != 1 or i not in drop))
+
+    def flatten(self, start_dim=0, end_dim=-1):
+        """Axes start_dim..end_dim merged into one, as a reshape."""
+        if self.ndim == 0:
+            return self.reshape(1)
+        start = F._normalize_axis("flatten", start_dim, self.ndim, self.shape)
+        end = F._normalize_axis("flatten", end_dim, self.ndim, self.shape)
+        if start > end:
+            raise ValueError(f"[flatten] start_dim {start_dim} comes after end_dim {end_dim}")
+        return self.reshape(self.shape[:start] + (-1,) + self.shape[end + 1 :])
+
+    def transpose(self, dim0, dim1):
+        return F.transpose(self, dim0, dim1)
+
+    def t(self):
+        """PyTorch's t(): the transpose of a 2-D tensor; 0-D and 1-D come back as they are."""
+        if self.ndim > 2:
+            raise ValueError(
+                f"[t] expects a tensor with at most 2 dims, got shape {self.shape}: "
+                "use transpose(dim0, dim1) or permute(...)"
+            )
+        return self if self.ndim < 2 else F.transpose(self, 0, 1)
 
     def permute(self, *dims):
         return F.permute(self, _shape_arg(dims))
@@ -306,6 +441,11 @@ class Tensor:
 
     def __getitem__(self, key):
         return F.getitem(self, key)
+
+    def __getattr__(self, name):  # a PyTorch name camel lacks: say what to use instead
+        from camel import hints
+
+        raise hints.missing("camel.Tensor", name)
 
     # -- arithmetic -------------------------------------------------------------
 
@@ -344,17 +484,59 @@ class Tensor:
     def __matmul__(self, other):
         return F.matmul(self, other)
 
+    def __pow__(self, other):
+        raise TypeError("[pow] camel has no power op: write x * x for x ** 2")
+
+    # -- comparisons: an error, never Python's identity ----------------------------
+    # PyTorch compares elementwise; camel has no comparison ops, so == raises instead
+    # of silently comparing identity. Hashing stays by identity: tensors still work
+    # as dict keys and in sets (autograd keys its dicts by id(), never by ==).
+
+    __hash__ = object.__hash__
+
+    def _compare(self, other, op):
+        if other is None:
+            return NotImplemented  # t == None is False, as in PyTorch
+        raise TypeError(
+            f"[{op}] camel tensors have no elementwise comparison ops: compare on the host, "
+            f"e.g. (pred.numpy() {op} y.numpy()).mean(); use `a is b` for identity"
+        )
+
+    def __eq__(self, other):
+        return self._compare(other, "==")
+
+    def __ne__(self, other):
+        return self._compare(other, "!=")
+
+    def __lt__(self, other):
+        return self._compare(other, "<")
+
+    def __le__(self, other):
+        return self._compare(other, "<=")
+
+    def __gt__(self, other):
+        return self._compare(other, ">")
+
+    def __ge__(self, other):
+        return self._compare(other, ">=")
+
     # -- reductions and activations -----------------------------------------------
 
-    def sum(self, axis=None, keepdims=False):
-        return F.sum(self, axis, keepdims)
+    # dim= / keepdim= (PyTorch) and axis= / keepdims= (NumPy) both work.
 
-    def mean(self, axis=None, keepdims=False):
-        return F.mean(self, axis, keepdims)
+    def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return F.sum(self, axis, keepdims, dim=dim, keepdim=keepdim)
 
-    def max(self, axis=None, keepdims=False):
-        """Maximum values (not (values, indices) like torch.max(dim))."""
-        return F.max(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return F.mean(self, axis, keepdims, dim=dim, keepdim=keepdim)
+
+    def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        """As in PyTorch: x.max() is a tensor; x.max(dim) is (values, indices)."""
+        return F.max(self, axis, keepdims, dim=dim, keepdim=keepdim)
+
+    def argmax(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        """int32 indices of the maximum along dim (flat index when dim is None)."""
+        return F.argmax(self, axis, keepdims, dim=dim, keepdim=keepdim)
 
     def relu(self):
         return F.relu(self)
@@ -362,11 +544,28 @@ class Tensor:
     def gelu(self):
         return F.gelu(self)
 
-    def softmax(self, axis=-1):
-        return F.softmax(self, axis)
+    def softmax(self, axis=None, *, dim=None):
+        return F.softmax(self, axis, dim=dim)
 
-    def log_softmax(self, axis=-1):
-        return F.log_softmax(self, axis)
+    def log_softmax(self, axis=None, *, dim=None):
+        return F.log_softmax(self, axis, dim=dim)
+
+
+_READ_ONLY = (
+    "[numpy] this array is a read-only view of a tensor that the autograd graph depends "
+    "on (it requires grad, or an op saved it for backward): writing into it would change "
+    "gradients silently. Use t.detach().numpy().copy() for a writable copy."
+)
+
+
+class ReadOnlyArray(np.ndarray):
+    """What Tensor.numpy() returns while the graph needs the values: a plain read-only
+    ndarray whose item assignment explains itself. Copies of it are writable."""
+
+    def __setitem__(self, key, value):
+        if not self.flags.writeable:
+            raise ValueError(_READ_ONLY)
+        super().__setitem__(key, value)
 
 
 # ---------------------------------------------------------------------------
@@ -387,11 +586,14 @@ def get_rng():
     return _rng
 
 
-def tensor(data, requires_grad=False, device="cpu"):
-    """A new tensor holding a copy of `data` (scalar, nested list, ndarray or Tensor)."""
+def tensor(data, requires_grad=False, device="cpu", dtype=None):
+    """A new tensor holding a copy of `data` (scalar, nested list, ndarray or Tensor).
+    dtype: camel.float32 / "float32" or camel.int32 / "int32"; None keeps float data as
+    float32 and integers as int32 (float16 and uint8 data convert with a warning)."""
     if isinstance(data, Tensor):
         data = data.numpy()
-    return Tensor(data, requires_grad=requires_grad, device=device)
+    arr = _as_array(data, dtype)
+    return Tensor(arr, requires_grad=requires_grad, device=device)
 
 
 def _new(arr, requires_grad, device):

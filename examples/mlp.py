@@ -87,8 +87,8 @@ def evaluate(model, images, labels, device, batch_size=1000):
     correct = 0
     with camel.no_grad():
         for xb, yb in batches(images, labels, batch_size, shuffle=False):
-            logits = model(camel.tensor(xb, device=device)).numpy()
-            correct += int((logits.argmax(axis=1) == yb).sum())
+            pred = model(camel.tensor(xb, device=device)).argmax(dim=1)  # (N,) int32
+            correct += int((pred.numpy() == yb).sum())
     model.train()
     return correct / len(labels)
 

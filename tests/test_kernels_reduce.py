@@ -175,7 +175,7 @@ def test_op_sum_mean_max_backward(device):
     x_np = ties(5, 33, seed=12) + rand(5, 33, seed=13) * np.float32(0.01)
     x = camel.tensor(x_np, requires_grad=True, device=device)
     w = rand(5, seed=14)
-    loss = (x.sum(axis=1) * camel.tensor(w, device=device)).sum() + x.max(axis=-1).sum()
+    loss = (x.sum(axis=1) * camel.tensor(w, device=device)).sum() + x.max(axis=-1).values.sum()
     loss = loss + x.mean()
     loss.backward()
     onehot = np.zeros_like(x_np)

@@ -160,7 +160,8 @@ def test_reductions_methods(device):
     assert t.sum().item() == 15.0
     assert t.sum(axis=0).tolist() == [5.0, 5.0, 5.0]
     assert t.mean(axis=1, keepdims=True).shape == (2, 1)
-    assert t.max(axis=-1).tolist() == [5.0, 4.0]
+    assert t.max(axis=-1).values.tolist() == [5.0, 4.0]
+    assert t.max(axis=-1).indices.tolist() == [1, 0]
     assert t.max().item() == 5.0
     np.testing.assert_allclose(t.softmax().numpy().sum(-1), [1.0, 1.0], rtol=1e-6)
 

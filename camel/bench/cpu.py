@@ -87,8 +87,8 @@ def torch_mlp(model):
     for i, layer in enumerate(model.layers):
         lin = torch.nn.Linear(layer.in_features, layer.out_features)
         with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(layer.weight.numpy()))
-            lin.bias.copy_(torch.from_numpy(layer.bias.numpy()))
+            lin.weight.copy_(torch.from_numpy(layer.weight.detach().numpy()))
+            lin.bias.copy_(torch.from_numpy(layer.bias.detach().numpy()))
         mods.append(lin)
         if i + 1 < len(model.layers):
             mods.append(torch.nn.ReLU())

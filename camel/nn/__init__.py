@@ -11,6 +11,13 @@ from .layernorm import LayerNorm
 from .linear import Linear
 from .module import Module, ModuleList, Parameter, Sequential
 
+
+def __getattr__(name):  # a PyTorch name camel lacks: say what to use instead
+    from camel import hints
+
+    raise hints.missing("camel.nn", name)
+
+
 __all__ = [
     "Module",
     "Parameter",

@@ -34,6 +34,15 @@ class Parameter(Tensor):
         self.device = device
 
 
+def zero_grads(params, set_to_none=True):
+    """The body of Module.zero_grad and Optimizer.zero_grad."""
+    for p in params:
+        if set_to_none or p.grad is None:
+            p.grad = None
+        else:
+            p.grad = Tensor._make(p.backend.full(p.shape, 0.0, "float32"), p.device)
+
+
 def uniform(shape, bound):
     """float32 array of ``shape`` ~ U(-bound, bound), from camel's seeded generator."""
     return get_rng().uniform(-bound, bound, size=shape).astype(np.float32)
@@ -64,6 +73,11 @@ class Module:
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"[{type(self).__name__}] subclasses must define forward()")
+
+    def __getattr__(self, name):  # a PyTorch name camel lacks: say what to use instead
+        from camel import hints
+
+        raise hints.missing("camel.nn.Module", name)
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -102,6 +116,43 @@ class Module:
     def modules(self):
         return [m for _, m in self.named_modules()]
 
+    # --- buffers: tensors a module keeps but does not learn -----------------------------
+
+    def register_buffer(self, name, tensor, persistent=True):
+        """Keep ``tensor`` (a Tensor or None) as attribute ``name``: not a Parameter (no
+        gradient, the optimiser never sees it), but moved by ``to()`` and, when
+        ``persistent``, saved and loaded by ``state_dict()`` / ``load_state_dict()``.
+        Assigning ``self.name = t`` later keeps it a buffer, as in PyTorch."""
+        where = f"[register_buffer] {type(self).__name__}"
+        if not isinstance(name, str) or not name or "." in name:
+            raise KeyError(f"{where}: name must be a non-empty string without '.', got {name!r}")
+        buffers = vars(self).setdefault("_buffers", {})
+        if name not in buffers and name in vars(self):
+            raise KeyError(f"{where}: attribute {name!r} already exists and is not a buffer")
+        if isinstance(tensor, Parameter):
+            raise TypeError(f"{where}: {name!r} is a Parameter; assign it as an attribute")
+        if tensor is not None and not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"{where}: {name!r} must be a camel Tensor or None, got {type(tensor).__name__}"
+            )
+        buffers[name] = bool(persistent)
+        setattr(self, name, tensor)
+
+    def named_buffers(self, prefix="", persistent_only=False):
+        """Iterator of (dotted name, Tensor) for every buffer below self (None ones skipped)."""
+        seen = set()
+        for mod_name, m in self.named_modules(prefix):
+            for name, persistent in vars(m).get("_buffers", {}).items():
+                value = getattr(m, name)
+                if value is None or id(value) in seen or (persistent_only and not persistent):
+                    continue
+                seen.add(id(value))
+                yield (f"{mod_name}.{name}" if mod_name else name), value
+
+    def buffers(self):
+        """List of the buffers, in the order of ``named_buffers``."""
+        return [b for _, b in self.named_buffers()]
+
     # --- modes and gradients -----------------------------------------------------------
 
     def train(self, mode: bool = True):
@@ -114,10 +165,10 @@ class Module:
         """Evaluation mode (``train(False)``); returns self."""
         return self.train(False)
 
-    def zero_grad(self):
-        """Forget every parameter's gradient (set to None, PyTorch's default)."""
-        for p in self.parameters():
-            p.grad = None
+    def zero_grad(self, set_to_none=True):
+        """Forget every parameter's gradient: set to None (PyTorch's default), or with
+        set_to_none=False fill the existing ones with zeros."""
+        zero_grads(self.parameters(), set_to_none)
 
     # --- devices ------------------------------------------------------------------------
 
@@ -138,13 +189,29 @@ class Module:
                 p._replace_storage(p.numpy(), device)
                 if grad is not None:  # the gradient moves with its parameter
                     p.grad = Tensor(grad.numpy(), device=device)
+        moved = {}  # id(old buffer) -> its copy, so a buffer two modules share stays shared
+        for m in self.modules():  # buffers are replaced by copies, as in PyTorch
+            for name in vars(m).get("_buffers", {}):
+                b = getattr(m, name)
+                if b is not None and b.device != device:
+                    if id(b) not in moved:
+                        moved[id(b)] = Tensor(b.detach(), device=device)
+                    setattr(m, name, moved[id(b)])
         return self
+
+    def cpu(self):
+        """to("cpu"), as in PyTorch."""
+        return self.to("cpu")
 
     # --- saving and loading -------------------------------------------------------------
 
     def state_dict(self):
-        """OrderedDict of dotted name -> NumPy array (a copy) for every parameter."""
-        return OrderedDict((name, p.numpy().copy()) for name, p in self.named_parameters())
+        """OrderedDict of dotted name -> NumPy array (a copy) for every parameter, then
+        every persistent buffer."""
+        state = OrderedDict((name, p.numpy().copy()) for name, p in self.named_parameters())
+        for name, b in self.named_buffers(persistent_only=True):
+            state[name] = b.numpy().copy()
+        return state
 
     def load_state_dict(self, state):
         """Copy arrays from ``state`` (name -> array) into the parameters, in place.
@@ -153,6 +220,8 @@ class Module:
         other keys; otherwise nothing is loaded and the error names the keys and shapes.
         """
         own = OrderedDict(self.named_parameters())
+        buffers = OrderedDict(self.named_buffers(persistent_only=True))
+        own.update(buffers)
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if missing or unexpected:
@@ -168,9 +237,12 @@ class Module:
                     f"[load_state_dict] {name}: shape {tuple(value.shape)} in the state dict, "
                     f"{tuple(p.shape)} in the model"
                 )
-            arrays[name] = value.astype(np.float32)
+            arrays[name] = value.astype(p.dtype)
         for name, p in own.items():
-            p._replace_storage(arrays[name], p.device)  # the same Parameter, new values
+            if name in buffers:  # new storage, same Tensor: every module sharing it sees it
+                p.storage = get_backend(p.device).from_numpy(np.ascontiguousarray(arrays[name]))
+            else:
+                p._replace_storage(arrays[name], p.device)  # the same Parameter, new values
         return self
 
     # --- printing -----------------------------------------------------------------------
