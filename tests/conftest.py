@@ -108,3 +108,49 @@ def asan_runtime_or_skip():
         if os.path.isabs(path) and os.path.exists(path):
             return path
     pytest.skip("no ASan runtime (Debian: apt-get install libclang-rt-19-dev)")
+
+
+# ---- memory that is not zero: edge bugs change numbers ---------------------------------
+#
+# The simulator zero-fills new buffers, so a kernel that reads one element past its data
+# often meets a 0 (added or multiplied away) and no numeric test notices.
+
+SLACK = 256  # bytes of NaN on each side (a multiple of 16 keeps float4 alignment)
+
+
+def in_nan_slack(arr):
+    """(DeviceArray holding arr, DeviceArray of its whole buffer): arr sits SLACK bytes into
+    a buffer that is NaN everywhere else. slack_intact(whole, arr.nbytes) checks the NaN."""
+    from camel import metal
+
+    arr = np.ascontiguousarray(arr)
+    buf = metal.Buffer(arr.nbytes + 2 * SLACK, host_write=True)
+    whole = metal.DeviceArray((buf.nbytes // 4,), np.uint32, buf)
+    whole.numpy()[...] = 0xFFFFFFFF  # a NaN as float32, -1 as int32
+    d = metal.DeviceArray(arr.shape, arr.dtype, buf, offset=SLACK)
+    d.numpy()[...] = arr
+    return d, whole
+
+
+def slack_intact(whole, nbytes):
+    """True if nothing wrote into the slack around the array in_nan_slack placed."""
+    raw, n = whole.numpy(), SLACK // 4
+    return bool((raw[:n] == 0xFFFFFFFF).all() and (raw[n + nbytes // 4 :] == 0xFFFFFFFF).all())
+
+
+@pytest.fixture
+def poisoned_memory():
+    """Every buffer allocated during the test starts as 0xFF bytes (NaN floats, -1 ints)
+    instead of zeros: outputs a kernel forgets to write, and reads past the end of an
+    array's data into its size class's slack, show up as NaN."""
+    from camel import metal
+
+    metal.synchronize()
+    metal.empty_cache()  # later allocations come fresh from the shim, poisoned
+    metal.poison_byte = 0xFF
+    try:
+        yield
+    finally:
+        metal.poison_byte = None
+        metal.synchronize()
+        metal.empty_cache()  # no poisoned block is recycled into another test
