@@ -287,6 +287,18 @@ def test_rung_table():
         flash.get_rung("flash_v9")
 
 
+def test_v6_candidates_fit_the_limit(monkeypatch):
+    """A shape needing exactly the device's threadgroup memory is a candidate; one byte
+    less and it is not (at D = 128, 64x32 and 64x64 need 26 KiB, 128x32 28 KiB)."""
+    assert [flash.RUNGS[n].tg_bytes(128) for n in ("flash_v6_64x32", "flash_v6_128x32")] == [
+        26624, 28672
+    ]  # fmt: skip
+    for limit, names in ((28672, ["flash_v6_64x32", "flash_v6_64x64", "flash_v6_128x32"]),
+                         (28671, ["flash_v6_64x32", "flash_v6_64x64"])):  # fmt: skip
+        monkeypatch.setattr(flash, "_limits", limit)
+        assert [r.name for r in flash.v6_candidates(128)] == names, limit
+
+
 def test_bad_input_names_the_shapes(monkeypatch):
     qd = metal.DeviceArray.from_numpy(np.zeros((1, 2, 5, 32), np.float32))
     kd = metal.DeviceArray.from_numpy(np.zeros((1, 2, 6, 32), np.float32))

@@ -281,8 +281,9 @@ def test_autotune_cache(tmp_path, monkeypatch):
 
 def test_autotune_check_sees_a_wrong_rung(monkeypatch, rng):
     """check() measures a real error: a rung whose output is off fails it."""
-    a, b = _operands(rng, (33, 31), (31, 17))
-    assert autotune.check("7", a, b) < 1e-5
+    for ta, tb in [(False, False), (True, False), (False, True), (True, True)]:
+        a, b = _operands(rng, *_stored(33, 17, 31, ta, tb))  # bench matmul checks these
+        assert autotune.check("7", a, b, transpose_a=ta, transpose_b=tb) < 1e-5, (ta, tb)
     real_dispatch = gemm.dispatch
 
     def off_by_one(rung, x, y, out, p):
@@ -290,6 +291,7 @@ def test_autotune_check_sees_a_wrong_rung(monkeypatch, rng):
         out.numpy()[0, 0] += 1.0
 
     monkeypatch.setattr(gemm, "dispatch", off_by_one)
+    a, b = _operands(rng, (33, 31), (31, 17))
     assert autotune.check("7", a, b) > 1e-4
 
 
