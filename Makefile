@@ -4,6 +4,7 @@
 #   make test-orders  the suite again with the simulator's reverse and random schedules
 #   make shim         build the native layer (Metal on a Mac, the simulator elsewhere)
 #   make bench        the GEMM ladder benchmark (regenerates the table in docs/stage3.md)
+#   make mutants      plant the bugs in tools/mutants.txt one at a time: do the tests catch them?
 #   make clean
 PYTHON ?= python3
 
@@ -49,8 +50,12 @@ test-orders: setup
 bench: shim
 	$(PYTHON) -m camel.bench matmul --markdown docs/stage3.md
 
+# mutants: mutation testing, slow (minutes): see tools/mutants.py
+mutants: shim
+	$(PYTHON) tools/mutants.py
+
 clean:
 	$(MAKE) -C shim clean
 	rm -rf build *.egg-info .pytest_cache
 
-.PHONY: setup shim mlp test test-orders bench clean
+.PHONY: setup shim mlp test test-orders bench mutants clean

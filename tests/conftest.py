@@ -118,24 +118,35 @@ def asan_runtime_or_skip():
 SLACK = 256  # bytes of NaN on each side (a multiple of 16 keeps float4 alignment)
 
 
+_nan_payloads = iter(range(1, 1 << 22))  # each buffer's slack gets its own NaN bits
+
+
+class NanSlack:
+    """The NaN around an array placed by in_nan_slack. Its bits are this buffer's own
+    quiet NaN (0x7FC00000 | a counter): a value computed from another buffer's slack
+    and written here still changes them."""
+
+    def __init__(self, whole, pattern, nbytes):
+        self.whole, self.pattern, self.n = whole, pattern, nbytes // 4
+
+    def intact(self) -> bool:
+        raw, k = self.whole.numpy(), SLACK // 4
+        return bool((raw[:k] == self.pattern).all() and (raw[k + self.n :] == self.pattern).all())
+
+
 def in_nan_slack(arr):
-    """(DeviceArray holding arr, DeviceArray of its whole buffer): arr sits SLACK bytes into
-    a buffer that is NaN everywhere else. slack_intact(whole, arr.nbytes) checks the NaN."""
+    """(DeviceArray holding arr, NanSlack): arr sits SLACK bytes into a buffer that is NaN
+    everywhere else, so a read past its edges yields NaN and .intact() sees a write."""
     from camel import metal
 
     arr = np.ascontiguousarray(arr)
     buf = metal.Buffer(arr.nbytes + 2 * SLACK, host_write=True)
     whole = metal.DeviceArray((buf.nbytes // 4,), np.uint32, buf)
-    whole.numpy()[...] = 0xFFFFFFFF  # a NaN as float32, -1 as int32
+    pattern = 0x7FC00000 | next(_nan_payloads)
+    whole.numpy()[...] = pattern
     d = metal.DeviceArray(arr.shape, arr.dtype, buf, offset=SLACK)
     d.numpy()[...] = arr
-    return d, whole
-
-
-def slack_intact(whole, nbytes):
-    """True if nothing wrote into the slack around the array in_nan_slack placed."""
-    raw, n = whole.numpy(), SLACK // 4
-    return bool((raw[:n] == 0xFFFFFFFF).all() and (raw[n + nbytes // 4 :] == 0xFFFFFFFF).all())
+    return d, NanSlack(whole, pattern, arr.nbytes)
 
 
 @pytest.fixture
