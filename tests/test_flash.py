@@ -109,7 +109,7 @@ def test_edges_with_nan_slack(rung, causal, poisoned_memory):
     dq, dk, dv) starting as NaN: a read past the last query or key row, or a row left
     unwritten, turns a number into NaN. Forward with every rung, both backward kinds."""
     d = 32
-    for t, s in ((17, 33), (70, 9)):
+    for t, s in ((17, 33), (33, 40), (70, 9)):  # T = 33: the last query starts a key block
         q, k, v = inputs(t, d, b=1, h=2, s=s)
         placed = [in_nan_slack(x) for x in (q, k, v)]
         qd, kd, vd = (x for x, _ in placed)

@@ -17,8 +17,8 @@ The list marks two kinds of survivors that do not count against the score:
     pending: <why>      a real bug the tests cannot see yet (say what is missing)
 
 Before the mutants run, each distinct test selection runs once on the unmutated copy:
-a selection that fails or selects nothing there is reported, and its mutants cannot be
-killed by it (they count as survivors).
+one that selects no test there (older tests, --tests-from) is widened to its whole test
+files; one that fails there is reported, and its mutants count as survivors.
 """
 
 from __future__ import annotations
@@ -142,11 +142,18 @@ def main() -> int:
     copy = make_copy(args.tests_from)
     print(f"[mutants] {len(mutants)} mutants; a copy of the tree in {copy}")
     try:
-        baseline = {}
+        baseline, widened, ran = {}, {}, {}
         for tests in dict.fromkeys(m.tests for m in mutants):
-            baseline[tests], took = run_tests(copy, tests, args.timeout)
+            baseline[tests] = ran[tests] = run_tests(copy, tests, args.timeout)[0]
+            if baseline[tests] == "none":  # e.g. older tests: run the whole files instead
+                files = " ".join(shlex.quote(a) for a in shlex.split(tests) if a.endswith(".py"))
+                widened[tests] = files
+                if files not in ran:
+                    ran[files] = run_tests(copy, files, args.timeout)[0]
+                baseline[tests] = ran[files]
+                print(f"[mutants] {tests!r} selects no test here: running {files} instead")
             if baseline[tests] != "pass":
-                print(f"[mutants] unmutated: {tests} -> {baseline[tests]} ({took:.0f} s)")
+                print(f"[mutants] unmutated: {tests} -> {baseline[tests]}")
         results = []
         for i, m in enumerate(mutants, 1):
             path = copy / m.file
@@ -156,7 +163,7 @@ def main() -> int:
             try:
                 path.write_text(original[:at] + m.new + original[at + len(m.old) :])
                 if baseline[m.tests] == "pass":
-                    outcome, took = run_tests(copy, m.tests, args.timeout)
+                    outcome, took = run_tests(copy, widened.get(m.tests, m.tests), args.timeout)
                 else:
                     outcome, took = "pass", 0.0  # the selection cannot see any bug
             finally:
