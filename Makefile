@@ -5,6 +5,7 @@
 #   make shim         build the native layer (Metal on a Mac, the simulator elsewhere)
 #   make bench        the GEMM ladder benchmark (regenerates the table in docs/stage3.md)
 #   make check-install  a wheel and `pip install .` in fresh venvs, used from another directory
+#   make mutants      plant the bugs in tools/mutants.txt one at a time: do the tests catch them?
 #   make clean
 #
 # Everything runs in the project's virtual environment .venv, which `make setup` makes
@@ -61,8 +62,12 @@ bench: setup
 check-install: setup
 	PYTHON=$(PYTHON) tools/check-install.sh
 
+# mutants: mutation testing, slow (minutes): see tools/mutants.py
+mutants: setup
+	$(PYTHON) tools/mutants.py
+
 clean:
 	$(MAKE) -C shim clean
 	rm -rf build dist *.egg-info .pytest_cache camel/_native
 
-.PHONY: setup shim mlp test test-orders bench check-install clean
+.PHONY: setup shim mlp test test-orders bench check-install mutants clean

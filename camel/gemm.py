@@ -304,11 +304,11 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None):
                 f"[matmul] the {name} operand must be a DeviceArray (an 'mps' tensor's storage), "
                 f"got {type(x).__name__}"
             )
-    if a.dtype != np.float32 or b.dtype != np.float32:
-        raise TypeError(
-            f"[matmul] operands must be float32, got {a.dtype.name} {a.shape} and "
-            f"{b.dtype.name} {b.shape}"
-        )
+        if x.dtype != np.float32:  # each operand: the kernels read both as float
+            raise TypeError(
+                f"[matmul] the {name} operand must be float32, got {x.dtype.name} (operands "
+                f"{a.dtype.name} {a.shape} and {b.dtype.name} {b.shape})"
+            )
     p = plan(a.shape, b.shape, transpose_a, transpose_b, a.offset, b.offset,
              out.offset if out is not None else 0)  # fmt: skip
     if out is None:

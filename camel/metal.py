@@ -566,6 +566,10 @@ class _Block:
 
 
 _free: dict[int, list[_Block]] = {}  # size class -> idle blocks
+# Test hook: a byte every new block is filled with (0xFF makes each float32 a NaN and each
+# int32 -1), so a kernel that reads past its data or skips an output element changes a
+# number instead of meeting the shim's zeros. None: leave the shim's zeros.
+poison_byte: int | None = None
 _stats = {"live_bytes": 0, "peak_bytes": 0, "cached_bytes": 0, "cached_buffers": 0}
 
 
@@ -587,6 +591,8 @@ def _new_block(capacity: int) -> _Block:
             handle = lib.camel_buffer_new(capacity, ctypes.byref(contents))
         if not handle:
             raise _fail(f"cannot allocate a buffer of {capacity} bytes")
+    if poison_byte is not None:
+        ctypes.memset(contents.value, poison_byte, capacity)
     _stats["live_bytes"] += capacity
     _stats["peak_bytes"] = max(_stats["peak_bytes"], _stats["live_bytes"])
     return _Block(handle, capacity, contents.value)

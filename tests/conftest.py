@@ -132,3 +132,60 @@ def asan_runtime_or_skip():
         if os.path.isabs(path) and os.path.exists(path):
             return path
     pytest.skip("no ASan runtime (Debian: apt-get install libclang-rt-19-dev)")
+
+
+# ---- memory that is not zero: edge bugs change numbers ---------------------------------
+#
+# The simulator zero-fills new buffers, so a kernel that reads one element past its data
+# often meets a 0 (added or multiplied away) and no numeric test notices.
+
+SLACK = 256  # bytes of NaN on each side (a multiple of 16 keeps float4 alignment)
+
+
+_nan_payloads = iter(range(1, 1 << 22))  # each buffer's slack gets its own NaN bits
+
+
+class NanSlack:
+    """The NaN around an array placed by in_nan_slack. Its bits are this buffer's own
+    quiet NaN (0x7FC00000 | a counter): a value computed from another buffer's slack
+    and written here still changes them."""
+
+    def __init__(self, whole, pattern, nbytes):
+        self.whole, self.pattern, self.n = whole, pattern, nbytes // 4
+
+    def intact(self) -> bool:
+        raw, k = self.whole.numpy(), SLACK // 4
+        return bool((raw[:k] == self.pattern).all() and (raw[k + self.n :] == self.pattern).all())
+
+
+def in_nan_slack(arr):
+    """(DeviceArray holding arr, NanSlack): arr sits SLACK bytes into a buffer that is NaN
+    everywhere else, so a read past its edges yields NaN and .intact() sees a write."""
+    from camel import metal
+
+    arr = np.ascontiguousarray(arr)
+    buf = metal.Buffer(arr.nbytes + 2 * SLACK, host_write=True)
+    whole = metal.DeviceArray((buf.nbytes // 4,), np.uint32, buf)
+    pattern = 0x7FC00000 | next(_nan_payloads)
+    whole.numpy()[...] = pattern
+    d = metal.DeviceArray(arr.shape, arr.dtype, buf, offset=SLACK)
+    d.numpy()[...] = arr
+    return d, NanSlack(whole, pattern, arr.nbytes)
+
+
+@pytest.fixture
+def poisoned_memory():
+    """Every buffer allocated during the test starts as 0xFF bytes (NaN floats, -1 ints)
+    instead of zeros: outputs a kernel forgets to write, and reads past the end of an
+    array's data into its size class's slack, show up as NaN."""
+    from camel import metal
+
+    metal.synchronize()
+    metal.empty_cache()  # later allocations come fresh from the shim, poisoned
+    metal.poison_byte = 0xFF
+    try:
+        yield
+    finally:
+        metal.poison_byte = None
+        metal.synchronize()
+        metal.empty_cache()  # no poisoned block is recycled into another test

@@ -194,3 +194,44 @@ def test_to_device_is_differentiable(devices):
         (y * 3.0).sum().backward()
     np.testing.assert_allclose(x.grad.numpy(), [3.0 * len(devices)] * 2)
     assert x.grad.device == "cpu"
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_matmul_backward_every_transpose(ta, tb, batch, device, rng):
+    """op(A) @ op(B) with either operand stored transposed: the output and both gradients
+    (in the stored layouts) against NumPy. Every branch of MatMul.backward."""
+    m, k, n = 5, 3, 4  # all different: a wrong transpose cannot pass by shape luck
+    a = rng.standard_normal((*batch, k, m) if ta else (*batch, m, k)).astype(np.float32)
+    b = rng.standard_normal((*batch, n, k) if tb else (*batch, k, n)).astype(np.float32)
+    g = rng.standard_normal((*batch, m, n)).astype(np.float32)
+    ta_t, tb_t = (camel.tensor(x, requires_grad=True, device=device) for x in (a, b))
+    out = F._matmul_checked(ta_t, tb_t, transpose_a=ta, transpose_b=tb)
+    out.backward(camel.tensor(g, device=device))
+    op_a = np.swapaxes(a, -1, -2) if ta else a  # (..., M, K)
+    op_b = np.swapaxes(b, -1, -2) if tb else b  # (..., K, N)
+    d_op_a = g @ np.swapaxes(op_b, -1, -2)  # dL/d op(A)
+    d_op_b = np.swapaxes(op_a, -1, -2) @ g
+    np.testing.assert_allclose(out.numpy(), op_a @ op_b, rtol=1e-5, atol=1e-5)
+    want_da = np.swapaxes(d_op_a, -1, -2) if ta else d_op_a
+    want_db = np.swapaxes(d_op_b, -1, -2) if tb else d_op_b
+    np.testing.assert_allclose(ta_t.grad.numpy(), want_da, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tb_t.grad.numpy(), want_db, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_checks_every_input(device):
+    """A wrong gradient in the second or third input is caught and named, not only the
+    first input's."""
+
+    def wrong_in(position):
+        def fn(*xs):
+            parts = [(WrongSquare if i == position else Square).apply(x) for i, x in enumerate(xs)]
+            return parts[0].sum() + parts[1].sum() + parts[2].sum()
+
+        return fn
+
+    x, y, z = (camel.tensor(v, requires_grad=True, device=device) for v in
+               ([0.5, -1.5], [1.0, 2.0, 3.0], [0.25, -2.0, 1.5, 1.0]))  # fmt: skip
+    for position, shape in ((1, r"\(3,\)"), (2, r"\(4,\)")):
+        with pytest.raises(camel.GradcheckError, match=rf"input {position} \(shape {shape}\)"):
+            camel.gradcheck(wrong_in(position), [x, y, z])

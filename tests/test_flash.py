@@ -9,10 +9,11 @@ the reverse and random orders, and T = 1000 for a few (rung, D, causal, order) p
 """
 
 import math
+import types
 
 import numpy as np
 import pytest
-from conftest import require_shim
+from conftest import in_nan_slack, require_shim
 
 import camel
 import camel.functional as F
@@ -99,6 +100,36 @@ def test_keys_not_equal_queries(monkeypatch):
         out, lse = flash.forward(qd, kd, vd, causal, rung="flash_v5")
         np.testing.assert_allclose(out.numpy(), want, atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(lse.numpy(), want_lse, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rung", RUNGS)
+def test_edges_with_nan_slack(rung, causal, poisoned_memory):
+    """q, k, v surrounded by NaN and every fresh buffer (out, lse, the backward's delta,
+    dq, dk, dv) starting as NaN: a read past the last query or key row, or a row left
+    unwritten, turns a number into NaN. Forward with every rung, both backward kinds."""
+    d = 32
+    for t, s in ((17, 33), (33, 40), (70, 9)):  # T = 33: the last query starts a key block
+        q, k, v = inputs(t, d, b=1, h=2, s=s)
+        placed = [in_nan_slack(x) for x in (q, k, v)]
+        qd, kd, vd = (x for x, _ in placed)
+        want, want_lse = flash.reference_numpy(q, k, v, causal)
+        out, lse = flash.forward(qd, kd, vd, causal, rung=rung)
+        case = f"{rung} T={t} S={s} causal={causal}"
+        np.testing.assert_allclose(out.numpy(), want, atol=2e-5, rtol=1e-4, err_msg=case)
+        np.testing.assert_allclose(lse.numpy(), want_lse, atol=2e-5, rtol=1e-5, err_msg=case)
+        if rung != "flash_v1":
+            continue  # the backward kernels do not depend on the forward rung
+        dout = np.random.default_rng(t).standard_normal(q.shape, dtype=np.float32)
+        gd, _ = in_nan_slack(dout)
+        for kind in flash.BACKWARD_KINDS:
+            grads = flash.backward(qd, kd, vd, out, lse, gd, causal, kind=kind)
+            want_grads = numpy_grads(q, k, v, causal, dout)
+            for name, got, ref in zip("qkv", grads, want_grads, strict=True):
+                tol = 1e-4 * max(1.0, np.abs(ref).max())
+                np.testing.assert_allclose(got.numpy(), ref, atol=tol, rtol=1e-3,
+                                           err_msg=f"{case} {kind} d{name}")  # fmt: skip
+        assert all(slack.intact() for _, slack in placed), case
 
 
 def torch_grads(q, k, v, causal, dout):
@@ -201,8 +232,7 @@ def test_long_sequence_memory():
     got = out.numpy()
     extra = metal.memory_stats()["peak_bytes"] - base - out.size * 4 - lse.size * 4
     assert extra < t * t * 4, f"flash forward used {extra} extra bytes at T = {t}"
-    rows = np.r_[0:3, 1000:1003, t - 3 : t]  # spot-check rows against NumPy
-    want, _ = flash.reference_numpy(q[:, :, rows], k, v, False)
+    rows = np.r_[0:3, 1000:1003, t - 3 : t]  # spot-check rows against NumPy (causal)
     mask = np.arange(t)[None, :] <= rows[:, None]
     s = q[0, 0, rows] @ k[0, 0].T / math.sqrt(d)
     s = np.where(mask, s, -np.inf)
@@ -212,14 +242,33 @@ def test_long_sequence_memory():
 
 
 def test_tune_picks_a_checked_v6_shape(monkeypatch, tmp_path):
-    """flash.tune times every v6 shape that fits and "flash" then uses the winner."""
+    """flash.tune times the v6 shapes that pass the NumPy check, never one that fails it
+    (even the fastest), and "flash" then uses the winner (not the untuned default)."""
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(flash, "_tuned_cache", None)
+    assert [r.name for r in flash.v6_candidates(32)] == [
+        "flash_v6_64x32", "flash_v6_64x64", "flash_v6_128x32"
+    ]  # fmt: skip
+    # 64x64 computes wrong numbers and would be the fastest; 128x32 is the fastest good one.
+    cost = {"flash_v6_64x32": 2.0, "flash_v6_64x64": 0.1, "flash_v6_128x32": 1.0}
+    clock = [0.0]
+    real_forward = flash.forward
+
+    def forward(q, k, v, causal=False, rung=None):
+        clock[0] += cost[rung]
+        out, lse = real_forward(q, k, v, causal, rung)
+        if rung == "flash_v6_64x64":
+            out = metal.DeviceArray.from_numpy(out.numpy() + 1.0)
+        return out, lse
+
+    monkeypatch.setattr(flash, "forward", forward)
+    monkeypatch.setattr(flash, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     lines = []
     best = flash.tune(1, 1, 40, 32, causal=True, reps=1, log=lines.append)
-    assert best in {r.name for r in flash.v6_candidates(32)}
-    assert len(lines) == len(flash.v6_candidates(32)) == 3
-    assert (tmp_path / "flash_autotune.json").exists()
+    assert best == "flash_v6_128x32" != flash.DEFAULT_V6
+    assert any("flash_v6_64x64 d32 fails the NumPy check" in line for line in lines), lines
+    assert sum("tune d32" in line for line in lines) == 2  # the two good shapes were timed
+    monkeypatch.setattr(flash, "_tuned_cache", None)  # read back from the file
     assert flash.get_rung("flash", 32, 40, True).name == best
     assert flash.get_rung("flash", 32, 40, False).name == flash.DEFAULT_V6  # not tuned
 
@@ -236,6 +285,18 @@ def test_rung_table():
     assert all(r.br * r.bc < 128 * 64 for r in flash.v6_candidates(64))
     with pytest.raises(ValueError, match=r"unknown rung 'flash_v9'.*flash_v1"):
         flash.get_rung("flash_v9")
+
+
+def test_v6_candidates_fit_the_limit(monkeypatch):
+    """A shape needing exactly the device's threadgroup memory is a candidate; one byte
+    less and it is not (at D = 128, 64x32 and 64x64 need 26 KiB, 128x32 28 KiB)."""
+    assert [flash.RUNGS[n].tg_bytes(128) for n in ("flash_v6_64x32", "flash_v6_128x32")] == [
+        26624, 28672
+    ]  # fmt: skip
+    for limit, names in ((28672, ["flash_v6_64x32", "flash_v6_64x64", "flash_v6_128x32"]),
+                         (28671, ["flash_v6_64x32", "flash_v6_64x64"])):  # fmt: skip
+        monkeypatch.setattr(flash, "_limits", limit)
+        assert [r.name for r in flash.v6_candidates(128)] == names, limit
 
 
 def test_bad_input_names_the_shapes(monkeypatch):

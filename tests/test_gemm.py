@@ -7,7 +7,7 @@ simulator's three schedule orders; plus the errors a learner will hit.
 
 import numpy as np
 import pytest
-from conftest import asan_runtime_or_skip, require_shim
+from conftest import asan_runtime_or_skip, in_nan_slack, require_shim
 
 from camel import autotune, gemm
 
@@ -162,6 +162,42 @@ def test_unaligned_offsets(version, rng):
     np.testing.assert_allclose(out.numpy(), _reference(a, b), rtol=1e-4, atol=1e-3)
 
 
+# ---- edges that do not rely on zero-filled memory ------------------------------------
+#
+# A fresh simulator buffer is zero-filled, so a kernel that reads one element past a
+# matrix edge often multiplies it by a zero and nobody notices. Here every operand sits
+# inside a buffer whose slack before and after it is NaN: a stray read turns a result
+# into NaN, and a stray write changes the slack.
+
+NAN_CASES = [
+    # (A stored, B stored, transpose_a, transpose_b): edges in M, N and K, both layouts
+    ((33, 17), (17, 31), False, False),
+    ((17, 33), (31, 17), True, True),
+    ((65, 63), (63, 66), False, False),
+    ((63, 65), (63, 66), True, False),
+    ((65, 63), (66, 63), False, True),
+    ((130, 9), (9, 130), False, False),
+    ((2, 3, 9, 8), (2, 3, 10, 8), False, True),
+]
+
+
+@pytest.mark.parametrize("version", gemm.all_versions())
+def test_edges_with_nan_slack(version, rng, poisoned_memory):
+    """Every rung and variant: operands and output surrounded by NaN give NumPy's result
+    (no NaN read in) and leave the output's slack alone (no write outside C)."""
+    for a_shape, b_shape, ta, tb in NAN_CASES:
+        a, b = _operands(rng, a_shape, b_shape)
+        want = _reference(a, b, ta, tb)
+        da, slack_a = in_nan_slack(a)
+        db, slack_b = in_nan_slack(b)
+        out, slack_c = in_nan_slack(np.full(want.shape, np.nan, np.float32))  # all written?
+        gemm.matmul(da, db, transpose_a=ta, transpose_b=tb, out=out, version=version)
+        case = f"version {version}, {a_shape} x {b_shape}, ta={ta}, tb={tb}"
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4, err_msg=case)
+        assert slack_c.intact(), f"{case}: wrote outside C"
+        assert slack_a.intact() and slack_b.intact(), case
+
+
 # ---- selection: CAMEL_MATMUL, defaults, autotuner cache ---------------------------------
 
 
@@ -208,20 +244,55 @@ def test_table_names_exist_in_shader():
 
 
 def test_autotune_cache(tmp_path, monkeypatch):
+    """tune() times the candidates that pass the NumPy check, never one that fails it (even
+    the fastest), saves the winner, and choose_version() reads it back from the file."""
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    real_check = autotune.check
+    # Version 2 "computes wrong numbers" (its check error is 1), and is the fastest by far.
+    monkeypatch.setattr(autotune, "check", lambda v, *a, **kw: real_check(v, *a, **kw) + (v == "2"))
+    used = []
+    real_dispatch = gemm.dispatch
+    monkeypatch.setattr(
+        gemm, "dispatch", lambda rung, *a: (used.append(rung.version), real_dispatch(rung, *a))
+    )
+
+    def fake_time_ms(run, reps):  # the rung run() dispatches decides its time
+        used.clear()
+        run()
+        return {"2": 0.1, "5": 2.0, "7": 1.0}[used[-1]]
+
+    monkeypatch.setattr(autotune, "time_ms", fake_time_ms)
+    lines = []
     autotune.reset()
     try:
-        results = autotune.tune([48], reps=1, versions=["2", "5"], log=lambda *_: None)
+        results = autotune.tune([48], reps=1, versions=["2", "5", "7"], log=lines.append)
         winner, times = results[48]
-        assert set(times) == {"2", "5"} and winner in times
+        assert times == {"5": 2.0, "7": 1.0} and winner == "7"
+        assert any("version 2 fails the NumPy check" in line for line in lines), lines
         assert (tmp_path / autotune.CACHE_NAME).exists()
         autotune.reset()  # read back from the file
-        assert autotune.lookup(40, 33, 64) == winner  # same shape class 64x64x64
-        assert gemm.choose_version(40, 33, 64) == winner
+        assert autotune.lookup(40, 33, 64) == "7"  # same shape class 64x64x64
+        assert gemm.choose_version(40, 33, 64) == "7" != gemm.default_version(40, 33, 64)
         assert autotune.lookup(300, 300, 300) is None
     finally:
         autotune.reset()
+
+
+def test_autotune_check_sees_a_wrong_rung(monkeypatch, rng):
+    """check() measures a real error: a rung whose output is off fails it."""
+    for ta, tb in [(False, False), (True, False), (False, True), (True, True)]:
+        a, b = _operands(rng, *_stored(33, 17, 31, ta, tb))  # bench matmul checks these
+        assert autotune.check("7", a, b, transpose_a=ta, transpose_b=tb) < 1e-5, (ta, tb)
+    real_dispatch = gemm.dispatch
+
+    def off_by_one(rung, x, y, out, p):
+        real_dispatch(rung, x, y, out, p)
+        out.numpy()[0, 0] += 1.0
+
+    monkeypatch.setattr(gemm, "dispatch", off_by_one)
+    a, b = _operands(rng, (33, 31), (31, 17))
+    assert autotune.check("7", a, b) > 1e-4
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -245,10 +316,13 @@ def test_batch_dims_do_not_broadcast():
         gemm.plan((2, 2, 2, 3, 4), (4, 5))
 
 
-def test_integer_operands():
-    a = metal.DeviceArray.from_numpy(np.ones((3, 4), np.int32))
-    b = metal.DeviceArray.from_numpy(np.ones((4, 2), np.float32))
-    with pytest.raises(TypeError, match="float32, got int32"):
+@pytest.mark.parametrize("bad", ["first", "second"])
+def test_integer_operands(bad):
+    """Either operand int32 is refused, naming which (the kernels would read its bits as
+    floats)."""
+    a = metal.DeviceArray.from_numpy(np.ones((3, 4), np.int32 if bad == "first" else np.float32))
+    b = metal.DeviceArray.from_numpy(np.ones((4, 2), np.int32 if bad == "second" else np.float32))
+    with pytest.raises(TypeError, match=rf"the {bad} operand must be float32, got int32"):
         gemm.matmul(a, b)
 
 
@@ -376,15 +450,27 @@ def test_autograd_matmul_every_rung(version, monkeypatch, rng):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
-def test_default_rung_gives_way_on_a_small_device(monkeypatch, rng):
+# (device limits, the default rung) -> the highest rung at or below it that fits
+FALLBACKS = [
+    ((1024, 16384), "11", "10"),  # 11 needs 19968 bytes, 10 needs 10496: the next one down
+    ((512, 4096), "5", "4"),  # 5 needs 8192 bytes; 4 needs 512 threads and 4096 bytes
+    ((1024, 4096), "3", "2"),  # 3 needs 8192 bytes; 2 none
+    ((256, 8192), "11", "7"),  # 10 needs 10496 bytes, 9 12288, 8 16384; 7 needs 4096
+    ((256, 4096), "6", "2"),  # 6 and 5 need 8192 bytes, 4 512 threads, 3 1024 threads
+    ((1024, 32768), "9", "9"),  # fits: no fallback
+]
+
+
+@pytest.mark.parametrize("limits,default,expected", FALLBACKS)
+def test_default_rung_gives_way_on_a_small_device(limits, default, expected, monkeypatch, rng):
     """Not forced: a default over the limits falls back to the highest rung that fits."""
     monkeypatch.delenv("CAMEL_MATMUL", raising=False)
-    monkeypatch.setattr(gemm, "device_limits", lambda: (256, 8192))
+    monkeypatch.setattr(gemm, "device_limits", lambda: limits)
     monkeypatch.setattr(gemm, "_fit_cache", {})
-    monkeypatch.setattr(gemm, "choose_version", lambda *shape: "11")
+    monkeypatch.setattr(gemm, "choose_version", lambda *shape: default)
     used = []
     real = gemm.dispatch
     monkeypatch.setattr(gemm, "dispatch", lambda r, *a: (used.append(r.version), real(r, *a)))
     a, b = _operands(rng, (9, 10), (10, 11))
     np.testing.assert_allclose(_run(None, a, b), _reference(a, b), rtol=1e-4, atol=1e-4)
-    assert used == ["7"]  # 8-11 need more than 8192 bytes of threadgroup memory
+    assert used == [expected]

@@ -215,3 +215,47 @@ def test_layer_norm_param_grads_are_deterministic(mps, rows, kernel):
     for _ in range(2):
         again = [host(mps, a) for a in mps.layer_norm_backward(*args)[1:]]
         assert all(a.tobytes() == b.tobytes() for a, b in zip(first, again, strict=True))
+
+
+# A subprocess: without the kernel's guard a bad index reads gigabytes away and the
+# simulator crashes, which must fail this test, not end the whole run.
+BAD_INDEX_SCRIPT = r"""
+import numpy as np
+from camel import backend_mps, metal
+
+v, d = 5, 3
+weight = np.arange(v * d, dtype=np.float32).reshape(v, d) + 1.0
+slack = 256  # the rows before and after weight are NaN: a stray read shows
+buf = metal.Buffer(weight.nbytes + 2 * slack, host_write=True)
+metal.DeviceArray((buf.nbytes // 4,), np.float32, buf).numpy()[...] = np.nan
+w = metal.DeviceArray(weight.shape, np.float32, buf, offset=slack)
+w.numpy()[...] = weight
+idx = np.array([0, -1, v, v + 1, -v, 2**31 - 1, v - 1], np.int32)
+good = (idx >= 0) & (idx < v)
+out = backend_mps.embedding(metal.DeviceArray.from_numpy(idx), w).numpy()
+want = np.where(good[:, None], weight[np.clip(idx, 0, v - 1)], 0.0)
+g = np.arange(idx.size * d, dtype=np.float32).reshape(idx.size, d)
+dw = backend_mps.embedding_backward(
+    metal.DeviceArray.from_numpy(g), metal.DeviceArray.from_numpy(idx), v).numpy()
+want_dw = np.zeros((v, d), np.float32)
+np.add.at(want_dw, idx[good], g[good])
+print("forward", np.array_equal(out, want), "backward", np.array_equal(dw, want_dw))
+"""
+
+
+def test_embedding_bad_index_reads_a_zero_row():
+    """The kernels' own guarantee (camel/functional.py rejects bad indices before they
+    run): an index outside [0, V) gives a zero row forward and is left out backward, with
+    no read outside weight (its neighbours in the buffer are NaN)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("camel.backend_mps")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", BAD_INDEX_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, f"the embedding kernels crashed (exit {r.returncode}): {r.stderr}"
+    assert r.stdout.split() == ["forward", "True", "backward", "True"], (r.stdout, r.stderr)
