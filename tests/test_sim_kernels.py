@@ -337,6 +337,47 @@ def test_missing_barrier_is_caught_by_reverse_and_random(lib, monkeypatch):
     assert np.isnan(results["random", "shift_no_barrier"]).any()
 
 
+# A SIMD-group function synchronises the 32 lanes of its SIMD group, never the threadgroup:
+# each kernel writes t[lid], calls one, then reads t[63 - lid], which a thread of the *other*
+# SIMD group wrote. Only the `_barrier` variant is correct.
+SIMD_RACE_SRC = r"""
+#include <metal_stdlib>
+using namespace metal;
+#define PROBE(NAME, SYNC)                                                            \
+kernel void NAME(device float *out [[buffer(0)]], uint lid [[thread_index_in_threadgroup]]) { \
+    threadgroup float t[64];                                                         \
+    t[lid] = float(lid);                                                             \
+    float s = 0.0;                                                                   \
+    SYNC;                                                                            \
+    out[lid] = t[63 - lid] + s;                                                      \
+}
+PROBE(race_simd_sum, s = simd_sum(1.0) - 32.0)
+PROBE(race_simd_shuffle, s = simd_shuffle_down(float(lid), 1) * 0.0)
+PROBE(race_simdgroup_barrier, simdgroup_barrier(mem_flags::mem_threadgroup))
+PROBE(race_fixed, s = simd_sum(1.0) - 32.0; threadgroup_barrier(mem_flags::mem_threadgroup))
+"""
+
+
+@pytest.mark.parametrize("sync", ["simd_sum", "simd_shuffle", "simdgroup_barrier"])
+def test_simd_function_is_no_threadgroup_barrier(monkeypatch, sync):
+    lib = M.compile(SIMD_RACE_SRC, "simd_race.metal")
+    expect = np.arange(63, -1, -1, dtype=np.float32)
+    for order in ORDERS:
+        monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+        out = M.DeviceArray.zeros((64,))
+        run(lib.function("race_fixed"), out, threadgroups=1, threads_per_threadgroup=64)
+        np.testing.assert_array_equal(out.numpy(), expect)
+        run(lib.function(f"race_{sync}"), out, threadgroups=1, threads_per_threadgroup=64)
+        got = out.numpy()
+        # The SIMD group that runs first reads the other one's slots before they are written.
+        first = slice(0, 32) if order == "forward" else slice(32, 64)
+        if order != "random":
+            assert np.isnan(got[first]).all(), (order, got)
+            np.testing.assert_array_equal(np.delete(got, first), np.delete(expect, first))
+        else:
+            assert np.isnan(got).any(), got
+
+
 def test_partial_barrier_is_an_error(lib):
     out = M.DeviceArray.zeros((64,))
     lib.function("early_return")(out, threadgroups=2, threads_per_threadgroup=64)
