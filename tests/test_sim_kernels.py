@@ -407,6 +407,32 @@ def test_error_paths(lib):
         add(buf, x, x, threadgroups=1, threads_per_threadgroup=16)
 
 
+def test_numpy_array_for_a_written_parameter_is_refused(lib):
+    # setBytes copies: the kernel's writes to `out` would vanish without a word.
+    add = lib.function("add_f4")
+    x = dev(np.ones(64, np.float32))
+    with pytest.raises(M.MetalError, match=r"'add_f4' parameter 2 'out'.*written by the kernel"):
+        add(x, x, np.zeros(64, np.float32), threadgroups=1, threads_per_threadgroup=16)
+    # Read-only (const) parameters may still take a NumPy array.
+    out = M.DeviceArray.zeros((64,))
+    run(add, np.ones(64, np.float32), x, out, threadgroups=1, threads_per_threadgroup=16)
+    np.testing.assert_array_equal(out.numpy(), 2)
+
+
+def test_buffer_offset_must_be_aligned_to_the_element_type(lib):
+    # Metal: the offset of a buffer must be a multiple of the alignment of the type the
+    # kernel reads through it (16 for float4).
+    add = lib.function("add_f4")
+    x = M.DeviceArray.zeros((80,))
+    shifted = M.DeviceArray((64,), np.float32, x.buffer, offset=4)
+    with pytest.raises(
+        M.MetalError, match=r"'add_f4' parameter 0 'a'.*offset 4 is not a multiple of 16"
+    ):
+        add(shifted, x, x, threadgroups=1, threads_per_threadgroup=16)
+    aligned = M.DeviceArray((64,), np.float32, x.buffer, offset=16)
+    run(add, aligned, x, x, threadgroups=1, threads_per_threadgroup=16)
+
+
 GAPS_SRC = r"""
 #include <metal_stdlib>
 using namespace metal;

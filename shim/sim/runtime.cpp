@@ -464,6 +464,21 @@ static bool validate(const camel_dispatch_desc *desc, const camel_sim_kernel_des
                           name, j, prm.name, prm.index);
                 return false;
             }
+            if (prm.writable && !a.buffer) {
+                set_error("[dispatch] kernel '%s' parameter %d '%s' ([[buffer(%d)]]) is written "
+                          "by the kernel (not const), but was bound by setBytes (a copy of a "
+                          "NumPy array or a Python value), so its writes would be lost: pass a "
+                          "DeviceArray or Buffer, or declare the parameter const/constant",
+                          name, j, prm.name, prm.index);
+                return false;
+            }
+            if (a.buffer && prm.align > 1 && a.offset % prm.align != 0) {
+                set_error("[dispatch] kernel '%s' parameter %d '%s' ([[buffer(%d)]]): offset "
+                          "%llu is not a multiple of %u, the alignment of the type it points "
+                          "to (Metal requires it)",
+                          name, j, prm.name, prm.index, (unsigned long long)a.offset, prm.align);
+                return false;
+            }
             if (prm.is_pointer || prm.value_size == 0) continue;
             uint64_t have = a.buffer ? a.buffer->nbytes - a.offset : a.length;
             bool wrong = a.buffer ? have < prm.value_size : have != prm.value_size;
