@@ -433,6 +433,30 @@ def test_buffer_offset_must_be_aligned_to_the_element_type(lib):
     run(add, aligned, x, x, threadgroups=1, threads_per_threadgroup=16)
 
 
+OVERRUN_SRC = r"""
+#include <metal_stdlib>
+kernel void write_at(device float *out [[buffer(0)]], constant uint &i [[buffer(1)]]) {
+    out[i] = 1.0;
+}
+"""
+
+
+@pytest.mark.parametrize("n, past", [(1000, 4), (1000, 30), (1024, 0), (5, 3)])
+def test_write_past_the_end_is_reported_with_the_kernel(n, past):
+    # n floats live in a size class of more bytes (1000 floats: 4096); the kernel writes
+    # element n + past: into the slack, or past the allocation (1024 floats: 4096 exactly).
+    lib = M.compile(OVERRUN_SRC, "overrun.metal")
+    out = M.DeviceArray.zeros((n,))
+    used = -(-n * 4 // 16) * 16  # lengths are guarded from the next multiple of 16 bytes
+    index = used // 4 + past
+    lib.function("write_at")(out, np.uint32(index), threadgroups=1, threads_per_threadgroup=1)
+    with pytest.raises(M.MetalError, match=r"'write_at' wrote past the end of argument 0 \('out'"):
+        M.synchronize()
+    M.synchronize()  # reported once; the guard is re-armed
+    run(lib.function("write_at"), out, np.uint32(n - 1), threadgroups=1, threads_per_threadgroup=1)
+    assert out.numpy()[n - 1] == 1
+
+
 GAPS_SRC = r"""
 #include <metal_stdlib>
 using namespace metal;

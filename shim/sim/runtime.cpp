@@ -111,10 +111,72 @@ CAMEL_EXPORT int camel_device_info_get(camel_device_info *out) {
 
 // ---- buffers --------------------------------------------------------------------
 
+// Overrun detection. camel.metal hands out buffers of a size class (up to 25% larger
+// than asked), so the bytes past what the owner uses would hide a kernel writing past
+// its end. Under ASan (CAMEL_SIM_SANITIZE=address with the runtime preloaded) they are
+// poisoned: the first byte read or written there is reported with its .metal line.
+// Otherwise the first kSlackGuard of them, and a kRedZone past the allocation, hold a
+// pattern that commit_locked checks after every dispatch; a change fails the command
+// buffer naming the kernel and the argument.
+extern "C" void __asan_poison_memory_region(void const volatile *, size_t) __attribute__((weak));
+extern "C" void __asan_unpoison_memory_region(void const volatile *, size_t)
+    __attribute__((weak));
+constexpr uint64_t kSlackGuard = 256, kRedZone = 64;
+constexpr uint8_t kGuardByte = 0xa5;
+
+static bool asan_active() { return __asan_poison_memory_region != nullptr; }
+
+// [start, end) of the pattern-guarded bytes of b, in two pieces: slack and red zone.
+static void guard_ranges(const camel_buffer *b, uint64_t r[2][2]) {
+    uint64_t slack_end = b->used + kSlackGuard < b->nbytes ? b->used + kSlackGuard : b->nbytes;
+    r[0][0] = b->used;
+    r[0][1] = slack_end;
+    r[1][0] = b->nbytes;
+    r[1][1] = b->nbytes + kRedZone;
+}
+
+static void guard_arm(camel_buffer *b) {
+    uint8_t *p = (uint8_t *)b->contents;
+    if (asan_active()) {
+        __asan_unpoison_memory_region(p, b->used);
+        if (b->nbytes > b->used) __asan_poison_memory_region(p + b->used, b->nbytes - b->used);
+        return;
+    }
+    uint64_t r[2][2];
+    guard_ranges(b, r);
+    for (auto &g : r) memset(p + g[0], kGuardByte, g[1] - g[0]);
+}
+
+// Offset of the first guard byte a kernel changed, or UINT64_MAX; re-arms the guard.
+static uint64_t guard_check(camel_buffer *b) {
+    if (asan_active()) return UINT64_MAX;
+    const uint8_t *p = (const uint8_t *)b->contents;
+    uint64_t r[2][2];
+    guard_ranges(b, r);
+    for (auto &g : r)
+        for (uint64_t i = g[0]; i < g[1]; i++)
+            if (p[i] != kGuardByte) {
+                guard_arm(b);
+                return i;
+            }
+    return UINT64_MAX;
+}
+
+static void set_used(camel_buffer *b, uint64_t used) {  // S.mu held
+    b->used = used;
+    b->next_used = UINT64_MAX;
+    guard_arm(b);
+}
+
 static void buffer_unref(camel_buffer *b) {  // S.mu held
-    if (--b->refs > 0) return;
+    if (--b->refs > 0) {
+        // The last queued dispatch of the previous owner has run: guard the new length.
+        if (b->refs == 1 && b->next_used != UINT64_MAX) set_used(b, b->next_used);
+        return;
+    }
     S.allocated_bytes -= b->nbytes;
     S.buffers.erase(b);
+    if (asan_active()) __asan_unpoison_memory_region(b->contents, b->nbytes);
     free(b->contents);
     delete b;
 }
@@ -126,16 +188,18 @@ CAMEL_EXPORT camel_buffer *camel_buffer_new(uint64_t nbytes, void **contents) {
         set_error("[sim] camel_buffer_new: a buffer needs at least 1 byte, got 0");
         return nullptr;
     }
-    // Aligned like a Metal page; exactly nbytes long so that the address
-    // sanitizer (CAMEL_SIM_SANITIZE=address) sees a write one past the end.
+    // Aligned like a Metal page; exactly nbytes long under ASan, so that it sees a
+    // write one past the end; otherwise followed by the red zone.
     void *p = nullptr;
-    if (posix_memalign(&p, 16384, nbytes) != 0) {
+    uint64_t alloc = asan_active() ? nbytes : nbytes + kRedZone;
+    if (posix_memalign(&p, 16384, alloc) != 0) {
         set_error("[sim] camel_buffer_new: out of memory allocating %llu bytes",
                   (unsigned long long)nbytes);
         return nullptr;
     }
     memset(p, 0, nbytes);
-    camel_buffer *b = new camel_buffer{p, nbytes, 1, false};
+    camel_buffer *b = new camel_buffer{p, nbytes, 1, false, nbytes, UINT64_MAX};
+    guard_arm(b);
     std::lock_guard<std::mutex> lock(S.mu);
     S.buffers.insert(b);
     S.allocated_bytes += nbytes;
@@ -153,6 +217,25 @@ CAMEL_EXPORT int camel_buffer_release(camel_buffer *b) {
     }
     b->released = true;
     buffer_unref(b);  // freed now, or when the last queued dispatch using it has run
+    return 0;
+}
+
+// (sim only) The owner uses the first `used` bytes of b: guard the rest (see above).
+// camel.metal calls it whenever it hands out a cached buffer of a size class.
+CAMEL_EXPORT int camel_sim_buffer_set_length(camel_buffer *b, uint64_t used) {
+    tl_error.clear();
+    std::lock_guard<std::mutex> lock(S.mu);
+    if (!S.buffers.count(b) || b->released || used > b->nbytes) {
+        set_error("[sim] camel_sim_buffer_set_length: not a live buffer, or %llu > its %llu bytes",
+                  (unsigned long long)used, (unsigned long long)b->nbytes);
+        return 1;
+    }
+    if (b->refs == 1) {
+        set_used(b, used);
+    } else {  // queued dispatches of the previous owner may still use the old length
+        if (used > b->used) set_used(b, used);
+        b->next_used = used;
+    }
     return 0;
 }
 
@@ -297,6 +380,31 @@ static void dispatch_free(Dispatch *d) {  // S.mu held
     delete d;
 }
 
+// After a dispatch: did the kernel write past the end of a buffer it was given?
+static bool check_guards(const Dispatch &d, std::string &error) {
+    for (size_t i = 0; i < d.retained.size(); i++) {
+        camel_buffer *b = d.retained[i];
+        uint64_t at = guard_check(b);
+        if (at == UINT64_MAX) continue;
+        uint32_t arg = d.retained_arg[i];
+        const char *param = "?";
+        for (int j = 0; j < d.kernel->nparams; j++)
+            if (d.kernel->params[j].kind == CAMEL_SIM_PARAM_BUFFER &&
+                d.kernel->params[j].index == (int32_t)arg)
+                param = d.kernel->params[j].name;
+        char buf[512];
+        snprintf(buf, sizeof buf,
+                 "kernel '%s' wrote past the end of argument %u ('%s', [[buffer(%u)]]): byte "
+                 "%llu of a buffer of %llu bytes changed (%llu bytes past the end). Rerun with "
+                 "CAMEL_SIM_SANITIZE=address to find the line; memory past it may be damaged",
+                 d.kernel->name, arg, param, arg, (unsigned long long)at,
+                 (unsigned long long)b->used, (unsigned long long)(at - b->used));
+        error = buf;
+        return false;
+    }
+    return true;
+}
+
 // Run the open command buffer to completion (S.mu held).
 static uint64_t commit_locked() {
     if (!S.open_id) return 0;
@@ -312,11 +420,16 @@ static uint64_t commit_locked() {
         // After a failure the rest of the command buffer is skipped, as on a GPU.
         if (!failed && !sim::execute(*d, error)) {
             failed = true;
+        } else if (!failed) {
+            failed = !check_guards(*d, error);
+        }
+        if (failed && !error.empty()) {
             if (d->order == sim::kRandom)
                 error += " [CAMEL_SIM_ORDER=random; CAMEL_SIM_SEED=" + std::to_string(d->seed) +
                          " replays this schedule]";
             if (S.failure.empty())
                 S.failure = "[sim] command buffer " + std::to_string(id) + " failed: " + error;
+            error.clear();
         }
         dispatch_free(d);
     }
@@ -553,6 +666,7 @@ CAMEL_EXPORT uint64_t camel_dispatch(const camel_dispatch_desc *desc) {
         if (a.buffer) {
             a.buffer->refs++;  // kept alive until this dispatch has run
             d->retained.push_back(a.buffer);
+            d->retained_arg.push_back(i);
             d->bindings[i] = (uint8_t *)a.buffer->contents + a.offset;
         } else {
             if (a.bytes) memcpy(dst, a.bytes, a.length);
