@@ -6,13 +6,18 @@
 // of it, and a command buffer is a list of dispatches that camel_commit runs
 // on the worker pool (runtime_exec.cpp) before it returns.
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include <condition_variable>
+#include <deque>
 #include <mutex>
+#include <new>
+#include <thread>
 #include <unordered_set>
 
 #include "runtime.h"
@@ -63,6 +68,8 @@ static struct State {
     uint64_t seed_counter = 0;
 } S;
 
+static void async_after_fork_in_child();  // below, with the asynchronous mode
+
 // Timing of the most recent command buffers, indexed by id % kTimes.
 constexpr uint64_t kTimes = 65536;
 struct CbTime {
@@ -86,6 +93,7 @@ CAMEL_EXPORT int camel_init(void) {
         workers = w;
     }
     S.workers = workers;
+    pthread_atfork(nullptr, nullptr, async_after_fork_in_child);
     sim::pool_start(workers);
     sim::install_crash_handlers();
     S.ready = true;
@@ -405,23 +413,21 @@ static bool check_guards(const Dispatch &d, std::string &error) {
     return true;
 }
 
-// Run the open command buffer to completion (S.mu held).
-static uint64_t commit_locked() {
-    if (!S.open_id) return 0;
-    uint64_t id = S.open_id;
-    std::vector<Dispatch *> list;
-    list.swap(S.open);
-    S.open_id = 0;
+// Run command buffer `id` (S.mu held by `lock`; released while kernels run when
+// `unlock_to_run`, so the host keeps going: the asynchronous mode).
+static void run_command_buffer(uint64_t id, std::vector<Dispatch *> &list,
+                               std::unique_lock<std::mutex> &lock, bool unlock_to_run) {
     sim::install_crash_handlers();  // in case Python's faulthandler took them over
     double start = sim::now_seconds();
     bool failed = false;
     for (Dispatch *d : list) {
         std::string error;
         // After a failure the rest of the command buffer is skipped, as on a GPU.
-        if (!failed && !sim::execute(*d, error)) {
-            failed = true;
-        } else if (!failed) {
-            failed = !check_guards(*d, error);
+        if (!failed) {
+            if (unlock_to_run) lock.unlock();
+            bool ok = sim::execute(*d, error);
+            if (unlock_to_run) lock.lock();
+            failed = !ok || !check_guards(*d, error);
         }
         if (failed && !error.empty()) {
             if (d->order == sim::kRandom)
@@ -436,19 +442,79 @@ static uint64_t commit_locked() {
     double end = sim::now_seconds();
     cb_times[id % kTimes] = {id, start, end};
     S.completed_id = id;
+}
+
+// CAMEL_SIM_ASYNC=1: camel_commit hands the command buffer to a completion thread and
+// returns at once, as on a GPU, so camel_completed_id lags behind and a host write
+// racing a queued kernel can show. Read at every commit (tests switch it).
+static struct Async {
+    std::condition_variable work, idle;
+    std::deque<std::pair<uint64_t, std::vector<Dispatch *>>> queue;
+    bool running = false;  // the thread is running a command buffer
+    bool started = false;
+} &A = *new Async;  // never destroyed: the thread may still wait on it at exit
+
+static bool async_mode() {
+    const char *env = getenv("CAMEL_SIM_ASYNC");
+    return env && *env && strcmp(env, "0") != 0;
+}
+
+static void async_main() {
+    std::unique_lock<std::mutex> lock(S.mu);
+    for (;;) {
+        A.work.wait(lock, [] { return !A.queue.empty(); });
+        auto item = std::move(A.queue.front());
+        A.queue.pop_front();
+        A.running = true;
+        run_command_buffer(item.first, item.second, lock, true);
+        A.running = false;
+        if (A.queue.empty()) A.idle.notify_all();
+    }
+}
+
+static void async_after_fork_in_child() {  // the thread is not there any more
+    new (&A.work) std::condition_variable();
+    new (&A.idle) std::condition_variable();
+    A.queue.clear();
+    A.running = A.started = false;
+}
+
+static void wait_async(std::unique_lock<std::mutex> &lock) {
+    A.idle.wait(lock, [] { return A.queue.empty() && !A.running; });
+}
+
+// Commit the open command buffer (S.mu held): run it now, or queue it (CAMEL_SIM_ASYNC).
+static uint64_t commit_locked(std::unique_lock<std::mutex> &lock) {
+    if (!S.open_id) return 0;
+    uint64_t id = S.open_id;
+    std::vector<Dispatch *> list;
+    list.swap(S.open);
+    S.open_id = 0;
+    if (async_mode()) {
+        if (!A.started) {
+            A.started = true;
+            std::thread(async_main).detach();
+        }
+        A.queue.emplace_back(id, std::move(list));
+        A.work.notify_one();
+        return id;
+    }
+    wait_async(lock);  // command buffers complete in order
+    run_command_buffer(id, list, lock, false);
     return id;
 }
 
 CAMEL_EXPORT uint64_t camel_commit(void) {
     tl_error.clear();
-    std::lock_guard<std::mutex> lock(S.mu);
-    return commit_locked();
+    std::unique_lock<std::mutex> lock(S.mu);
+    return commit_locked(lock);
 }
 
 CAMEL_EXPORT int camel_synchronize(void) {
     tl_error.clear();
-    std::lock_guard<std::mutex> lock(S.mu);
-    commit_locked();  // runs synchronously, so everything committed has completed
+    std::unique_lock<std::mutex> lock(S.mu);
+    commit_locked(lock);
+    wait_async(lock);  // everything committed has completed
     if (!S.failure.empty()) {
         tl_error = S.failure;
         S.failure.clear();
@@ -637,7 +703,7 @@ CAMEL_EXPORT uint64_t camel_dispatch(const camel_dispatch_desc *desc) {
     const camel_sim_kernel_desc *k = p->kernel;
     sim::Order order;
     if (!read_order(&order)) return 0;
-    std::lock_guard<std::mutex> lock(S.mu);
+    std::unique_lock<std::mutex> lock(S.mu);
     if (!validate(desc, k, p)) return 0;
 
     auto *d = new Dispatch();
@@ -685,7 +751,7 @@ CAMEL_EXPORT uint64_t camel_dispatch(const camel_dispatch_desc *desc) {
     if (!S.open_id) S.open_id = S.next_id++;
     S.open.push_back(d);
     uint64_t id = S.open_id;
-    if (S.open.size() >= CAMEL_MAX_DISPATCHES_PER_COMMAND_BUFFER) commit_locked();
+    if (S.open.size() >= CAMEL_MAX_DISPATCHES_PER_COMMAND_BUFFER) commit_locked(lock);
     return id;
 }
 
