@@ -482,6 +482,18 @@ kernel void implicit_lockstep(device float *out [[buffer(0)]],
     tile[lane] = lane;
     out[lane] = tile[(lane + 1) % 32];
 }
+
+// Every thread adds 1 to one threadgroup float without an atomic: on a GPU updates get
+// lost; in the simulator a thread runs uninterrupted between blocking points, so each
+// += runs whole and the count is always right.
+kernel void lost_updates(device float *out [[buffer(0)]], uint lid [[thread_index_in_threadgroup]]) {
+    threadgroup float count;
+    if (lid == 0) count = 0.0;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    count += 1.0;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (lid == 0) out[0] = count;
+}
 """
 
 
@@ -508,6 +520,13 @@ def test_known_gap_implicit_lockstep(monkeypatch):
     run(lib.function("implicit_lockstep"), out, threadgroups=1, threads_per_threadgroup=32)
     got = out.numpy()
     assert np.isnan(got[:31]).all() and got[31] == 0  # lockstep would give 1, 2, ..., 31, 0
+
+
+def test_known_gap_non_atomic_update_is_never_lost(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    out = M.DeviceArray.zeros((1,))
+    run(lib.function("lost_updates"), out, threadgroups=1, threads_per_threadgroup=256)
+    assert out.numpy()[0] == 256  # a GPU may well give less
 
 
 ASAN_SCRIPT = """
