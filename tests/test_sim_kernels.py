@@ -486,7 +486,8 @@ kernel void implicit_lockstep(device float *out [[buffer(0)]],
 // Every thread adds 1 to one threadgroup float without an atomic: on a GPU updates get
 // lost; in the simulator a thread runs uninterrupted between blocking points, so each
 // += runs whole and the count is always right.
-kernel void lost_updates(device float *out [[buffer(0)]], uint lid [[thread_index_in_threadgroup]]) {
+kernel void lost_updates(device float *out [[buffer(0)]],
+                         uint lid [[thread_index_in_threadgroup]]) {
     threadgroup float count;
     if (lid == 0) count = 0.0;
     threadgroup_barrier(mem_flags::mem_threadgroup);
