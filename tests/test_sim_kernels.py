@@ -457,6 +457,21 @@ def test_write_past_the_end_is_reported_with_the_kernel(n, past):
     assert out.numpy()[n - 1] == 1
 
 
+def test_misaligned_float4_store_is_reported_as_misaligned():
+    lib = M.compile(
+        textwrap.dedent("""
+        #include <metal_stdlib>
+        using namespace metal;
+        kernel void misaligned(device float *p [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+            *(device float4 *)(p + 1) = float4(1.0);   // p + 1 is 4, not 16, bytes aligned
+        }""")
+    )
+    out = M.DeviceArray.zeros((16,))
+    lib.function("misaligned")(out, threads=1, threads_per_threadgroup=1)
+    with pytest.raises(M.MetalError, match=r"'misaligned'.*misaligned vector access"):
+        M.synchronize()
+
+
 GAPS_SRC = r"""
 #include <metal_stdlib>
 using namespace metal;

@@ -813,6 +813,14 @@ static void on_crash(int sig, siginfo_t *info, void *) {
         if (rel < (uintptr_t)w->nstacks * slot && rel % slot < kGuardSize)
             hint = "; this is a stack overflow: each simulated thread has a 64 KiB stack";
     }
+#ifdef SI_KERNEL
+    // x86-64 reports a general-protection fault with no address: in a kernel that is
+    // almost always a vector load or store (float4, ...) at a misaligned address.
+    if (sig == SIGSEGV && !*hint && info->si_code == SI_KERNEL && addr == 0)
+        hint = "; a misaligned vector access? A float4 (half4, int4, ...) load or store needs "
+               "an address that is a multiple of its size (16 for float4); the CPU reports no "
+               "address. Rerun with CAMEL_SIM_SANITIZE=undefined to find the line";
+#endif
     if (sig == SIGSEGV && !*hint)
         hint = "; an out-of-bounds index? Rerun with CAMEL_SIM_SANITIZE=address to find the line";
     unsigned lane = g.current ? g.threads[g.current - g.lanes].thread_index_in_threadgroup : 0;
