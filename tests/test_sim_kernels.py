@@ -442,6 +442,9 @@ kernel void write_at(device float *out [[buffer(0)]], constant uint &i [[buffer(
 
 
 @pytest.mark.parametrize("n, past", [(1000, 4), (1000, 30), (1024, 0), (5, 3)])
+@pytest.mark.skipif(
+    "address" in os.environ.get("CAMEL_SIM_SANITIZE", ""), reason="ASan reports it instead"
+)
 def test_write_past_the_end_is_reported_with_the_kernel(n, past):
     # n floats live in a size class of more bytes (1000 floats: 4096); the kernel writes
     # element n + past: into the slack, or past the allocation (1024 floats: 4096 exactly).
@@ -546,28 +549,32 @@ def test_known_gap_non_atomic_update_is_never_lost(order):
 
 
 ASAN_SCRIPT = """
-import numpy as np, camel.metal as M
+import sys, numpy as np, camel.metal as M
 lib = M.compile('''
 #include <metal_stdlib>
 kernel void oob(device float *out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
     out[i + 1] = 1.0;   // the last thread writes one past the end
 }''')
-out = M.DeviceArray.zeros((1024,))
-lib.function("oob")(out, threads=1024, threads_per_threadgroup=64)
+n = int(sys.argv[1])
+out = M.DeviceArray.zeros((n,))
+lib.function("oob")(out, threads=n, threads_per_threadgroup=64)
 M.synchronize()
 print("no error")
 """
 
 
+# 1024 floats fill their size class (4096 bytes): the write lands past the allocation.
+# 1000 floats live in a 4096-byte block too: the write lands in its poisoned slack.
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD recipe for Linux")
-def test_address_sanitizer_catches_out_of_bounds_write():
+@pytest.mark.parametrize("n, report", [(1024, "heap-buffer-overflow"), (1000, "use-after-poison")])
+def test_address_sanitizer_catches_out_of_bounds_write(n, report):
     asan = asan_runtime_or_skip()
     env = dict(os.environ, CAMEL_SIM_SANITIZE="address", LD_PRELOAD=asan,
                ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(ROOT))  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT, str(n)], env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
     assert "no error" not in r.stdout
-    assert "heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
+    assert report in r.stderr, r.stderr[-3000:]
     assert "WRITE of size 4" in r.stderr
 
 
