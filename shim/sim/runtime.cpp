@@ -66,7 +66,7 @@ static struct State {
     uint64_t completed_id = 0;
     std::string failure;  // first failure since the last camel_synchronize
     uint64_t seed_counter = 0;
-} S;
+} &S = *new State;  // never destroyed: the completion thread (CAMEL_SIM_ASYNC) may outlive exit
 
 static void async_after_fork_in_child();  // below, with the asynchronous mode
 
