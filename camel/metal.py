@@ -617,6 +617,23 @@ def _take_block(nbytes: int, host_write: bool) -> _Block:
     return _new_block(capacity)
 
 
+def _guard_slack(block: _Block, nbytes: int) -> None:
+    """On the simulator, tell the shim how much of the block is used, so a kernel writing
+    into the rest (ASan: touching it) is reported. Rounded up to 16 bytes: float4 kernels
+    may round a length up to 4 elements (see the size classes above)."""
+    global _set_length
+    if _set_length is None:
+        _set_length = getattr(_native(), "camel_sim_buffer_set_length", False)
+        if _set_length:
+            _set_length.restype = ctypes.c_int
+            _set_length.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    if _set_length and _set_length(block.handle, min(-(-nbytes // 16) * 16, block.capacity)):
+        raise _fail("camel_sim_buffer_set_length")
+
+
+_set_length = None  # the simulator's camel_sim_buffer_set_length; False on Metal
+
+
 def _give_back(block: _Block) -> None:
     _free.setdefault(block.capacity, []).append(block)
     _stats["cached_bytes"] += block.capacity
@@ -685,6 +702,7 @@ class Buffer:
         _native()
         self.nbytes = nbytes
         self._block = _take_block(max(nbytes, 1), host_write)
+        _guard_slack(self._block, nbytes)
 
     def _live(self) -> _Block:
         block = self._block

@@ -121,6 +121,7 @@ typedef struct camel_binding {
     int present;      /* the kernel declares this index */
     uint64_t size;    /* sizeof(T) of the pointee / reference */
     uint64_t align;   /* minimum offset alignment (buffers) */
+    int writable;     /* the kernel may write through it (not const/constant) */
     char name[64];    /* parameter name as written in the kernel */
 } camel_binding;
 
@@ -531,6 +532,7 @@ camel_pipeline *camel_pipeline_new(camel_library *handle, const char *name) {
                 /* Apple: align a device-buffer offset to its data type,
                  * which never needs more than 16 bytes. */
                 slot->align = b.bufferAlignment < 16 ? b.bufferAlignment : 16;
+                slot->writable = b.access != MTLBindingAccessReadOnly;
                 copy_name(slot->name, b.name);
                 if (i + 1 > pipeline->nbuffer_params) pipeline->nbuffer_params = (uint32_t)i + 1;
             } else if (binding.type == MTLBindingTypeThreadgroupMemory &&
@@ -912,6 +914,13 @@ static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
                 set_error("[dispatch] kernel '%s': argument %u ('%s') is %llu constant bytes; "
                           "setBytes takes 1..%d (use a buffer for more)", k, i, pname,
                           (unsigned long long)a->length, CAMEL_MAX_SET_BYTES);
+                return 1;
+            }
+            if (want->present && want->writable) {
+                set_error("[dispatch] kernel '%s': argument %u ('%s') is written by the kernel "
+                          "(not const), but was bound by setBytes (a copy of a NumPy array or "
+                          "a Python value), so its writes would be lost: pass a DeviceArray or "
+                          "Buffer, or declare the parameter const/constant", k, i, pname);
                 return 1;
             }
             if (want->present && a->length < want->size) {

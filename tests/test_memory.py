@@ -26,6 +26,15 @@ kernel void axpb(device const float *x [[buffer(0)]],
 """
 
 
+@pytest.fixture(autouse=True)
+def async_commit(monkeypatch):
+    """On the simulator, command buffers complete on a thread of their own here, as on a GPU
+    (CAMEL_SIM_ASYNC=1): completed_id lags behind commit, so host/GPU races can show."""
+    monkeypatch.setenv("CAMEL_SIM_ASYNC", "1")
+    yield
+    metal.synchronize()
+
+
 @pytest.fixture(scope="module")
 def axpb():
     return metal.compile(SOURCE, "tests/test_memory.metal").function("axpb")
@@ -160,6 +169,38 @@ def test_host_writes_never_take_a_buffer_a_pending_kernel_reads(axpb):
     del w
     again = metal.DeviceArray.from_numpy(new)
     assert again.buffer.handle == handle
+
+
+SPIN = """\
+#include <metal_stdlib>
+using namespace metal;
+// y[i] = x[i] + a value that takes a million dependent multiply-adds (~0.1 s in all)
+kernel void spin(device const float *x [[buffer(0)]], device float *y [[buffer(1)]],
+                 uint i [[thread_position_in_grid]]) {
+    float acc = 0.0f;
+    for (uint k = 0; k < 1000000; k++) acc = fma(acc, 0.5f, 1.0f);
+    y[i] = x[i] + acc;
+}
+"""
+
+
+def test_a_committed_kernel_still_running_keeps_its_buffers_from_host_writes():
+    spin = metal.compile(SPIN, "tests/spin.metal").function("spin")
+    metal.synchronize()
+    old, new = np.arange(64, dtype=np.float32), -np.ones(64, np.float32)
+    x, y = metal.DeviceArray.from_numpy(old), metal.DeviceArray.empty(64)
+    handle = x.buffer.handle
+    spin(x, y, threads=64, threads_per_threadgroup=64)
+    cb = metal.commit()
+    if metal.is_simulator():  # on a GPU it may be done already; the simulator is slower
+        assert metal.completed_id() < cb  # committed, still running
+    del x
+    z = metal.DeviceArray.from_numpy(new)  # a host write must not take X's buffer
+    assert z.buffer.handle != handle
+    metal.synchronize()
+    assert metal.completed_id() >= cb
+    np.testing.assert_array_equal(y.numpy(), old + 2)  # acc -> 2
+    np.testing.assert_array_equal(z.numpy(), new)
 
 
 def test_memory_stats_and_peak():

@@ -369,6 +369,8 @@ class _Param(ctypes.Structure):
         ("index", ctypes.c_int32),
         ("value_size", ctypes.c_uint32),
         ("is_pointer", ctypes.c_int32),
+        ("writable", ctypes.c_int32),
+        ("align", ctypes.c_uint32),
     ]
 
 
@@ -426,32 +428,32 @@ def test_library_description():
     lib = ctypes.CDLL(so.value.decode())
     lib.camel_sim_library.restype = ctypes.POINTER(_Library)
     desc = lib.camel_sim_library().contents
-    assert desc.abi_version == 1 and desc.nkernels == 3
+    assert desc.abi_version == 2 and desc.nkernels == 3
     kernels = {}
     for k in desc.kernels[: desc.nkernels]:
         params = [
-            (p.name.decode(), p.kind, p.index, p.value_size, p.is_pointer)
+            (p.name.decode(), p.kind, p.index, p.value_size, p.is_pointer, p.writable, p.align)
             for p in k.params[: k.nparams]
         ]
         kernels[k.name.decode()] = (params, k.max_buffer_index, k.needs_fibers)
     BUF, TG, BUILTIN = 1, 2, 3
     assert kernels["plain"] == (
         [
-            ("x", BUF, 0, 0, 1),
-            ("y", BUF, 2, 0, 1),
-            ("p", BUF, 5, 16, 0),
-            ("gid", BUILTIN, -1, 0, 0),
+            ("x", BUF, 0, 0, 1, 0, 4),  # const: may be a NumPy array (setBytes)
+            ("y", BUF, 2, 0, 1, 1, 4),  # written: must be a buffer
+            ("p", BUF, 5, 16, 0, 0, 4),
+            ("gid", BUILTIN, -1, 0, 0, 0, 0),
         ],
         5,
         0,
     )
     assert kernels["with_barrier"] == (
-        [("x", BUF, 0, 0, 1), ("tg", TG, 1, 0, 1), ("lid", BUILTIN, -1, 0, 0)],
+        [("x", BUF, 0, 0, 1, 1, 4), ("tg", TG, 1, 0, 1, 0, 0), ("lid", BUILTIN, -1, 0, 0, 0, 0)],
         0,
         1,
     )
     assert kernels["indirect_simd"] == (
-        [("x", BUF, 0, 0, 1), ("n", BUF, 1, 4, 0), ("i", BUILTIN, -1, 0, 0)],
+        [("x", BUF, 0, 0, 1, 1, 4), ("n", BUF, 1, 4, 0, 0, 4), ("i", BUILTIN, -1, 0, 0, 0, 0)],
         1,
         1,
     )

@@ -337,6 +337,47 @@ def test_missing_barrier_is_caught_by_reverse_and_random(lib, monkeypatch):
     assert np.isnan(results["random", "shift_no_barrier"]).any()
 
 
+# A SIMD-group function synchronises the 32 lanes of its SIMD group, never the threadgroup:
+# each kernel writes t[lid], calls one, then reads t[63 - lid], which a thread of the *other*
+# SIMD group wrote. Only the `_barrier` variant is correct.
+SIMD_RACE_SRC = r"""
+#include <metal_stdlib>
+using namespace metal;
+#define PROBE(NAME, SYNC)                                                            \
+kernel void NAME(device float *out [[buffer(0)]], uint lid [[thread_index_in_threadgroup]]) { \
+    threadgroup float t[64];                                                         \
+    t[lid] = float(lid);                                                             \
+    float s = 0.0;                                                                   \
+    SYNC;                                                                            \
+    out[lid] = t[63 - lid] + s;                                                      \
+}
+PROBE(race_simd_sum, s = simd_sum(1.0) - 32.0)
+PROBE(race_simd_shuffle, s = simd_shuffle_down(float(lid), 1) * 0.0)
+PROBE(race_simdgroup_barrier, simdgroup_barrier(mem_flags::mem_threadgroup))
+PROBE(race_fixed, s = simd_sum(1.0) - 32.0; threadgroup_barrier(mem_flags::mem_threadgroup))
+"""
+
+
+@pytest.mark.parametrize("sync", ["simd_sum", "simd_shuffle", "simdgroup_barrier"])
+def test_simd_function_is_no_threadgroup_barrier(monkeypatch, sync):
+    lib = M.compile(SIMD_RACE_SRC, "simd_race.metal")
+    expect = np.arange(63, -1, -1, dtype=np.float32)
+    for order in ORDERS:
+        monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+        out = M.DeviceArray.zeros((64,))
+        run(lib.function("race_fixed"), out, threadgroups=1, threads_per_threadgroup=64)
+        np.testing.assert_array_equal(out.numpy(), expect)
+        run(lib.function(f"race_{sync}"), out, threadgroups=1, threads_per_threadgroup=64)
+        got = out.numpy()
+        # The SIMD group that runs first reads the other one's slots before they are written.
+        first = slice(0, 32) if order == "forward" else slice(32, 64)
+        if order != "random":
+            assert np.isnan(got[first]).all(), (order, got)
+            np.testing.assert_array_equal(np.delete(got, first), np.delete(expect, first))
+        else:
+            assert np.isnan(got).any(), got
+
+
 def test_partial_barrier_is_an_error(lib):
     out = M.DeviceArray.zeros((64,))
     lib.function("early_return")(out, threadgroups=2, threads_per_threadgroup=64)
@@ -366,6 +407,74 @@ def test_error_paths(lib):
         add(buf, x, x, threadgroups=1, threads_per_threadgroup=16)
 
 
+def test_numpy_array_for_a_written_parameter_is_refused(lib):
+    # setBytes copies: the kernel's writes to `out` would vanish without a word.
+    add = lib.function("add_f4")
+    x = dev(np.ones(64, np.float32))
+    with pytest.raises(M.MetalError, match=r"'add_f4' parameter 2 'out'.*written by the kernel"):
+        add(x, x, np.zeros(64, np.float32), threadgroups=1, threads_per_threadgroup=16)
+    # Read-only (const) parameters may still take a NumPy array.
+    out = M.DeviceArray.zeros((64,))
+    run(add, np.ones(64, np.float32), x, out, threadgroups=1, threads_per_threadgroup=16)
+    np.testing.assert_array_equal(out.numpy(), 2)
+
+
+def test_buffer_offset_must_be_aligned_to_the_element_type(lib):
+    # Metal: the offset of a buffer must be a multiple of the alignment of the type the
+    # kernel reads through it (16 for float4).
+    add = lib.function("add_f4")
+    x = M.DeviceArray.zeros((80,))
+    shifted = M.DeviceArray((64,), np.float32, x.buffer, offset=4)
+    with pytest.raises(
+        M.MetalError, match=r"'add_f4' parameter 0 'a'.*offset 4 is not a multiple of 16"
+    ):
+        add(shifted, x, x, threadgroups=1, threads_per_threadgroup=16)
+    aligned = M.DeviceArray((64,), np.float32, x.buffer, offset=16)
+    run(add, aligned, x, x, threadgroups=1, threads_per_threadgroup=16)
+
+
+OVERRUN_SRC = r"""
+#include <metal_stdlib>
+kernel void write_at(device float *out [[buffer(0)]], constant uint &i [[buffer(1)]]) {
+    out[i] = 1.0;
+}
+"""
+
+
+@pytest.mark.parametrize("n, past", [(1000, 4), (1000, 30), (1024, 0), (5, 3)])
+@pytest.mark.skipif(
+    "address" in os.environ.get("CAMEL_SIM_SANITIZE", ""), reason="ASan reports it instead"
+)
+def test_write_past_the_end_is_reported_with_the_kernel(n, past):
+    # n floats live in a size class of more bytes (1000 floats: 4096); the kernel writes
+    # element n + past: into the slack, or past the allocation (1024 floats: 4096 exactly).
+    lib = M.compile(OVERRUN_SRC, "overrun.metal")
+    out = M.DeviceArray.zeros((n,))
+    used = -(-n * 4 // 16) * 16  # lengths are guarded from the next multiple of 16 bytes
+    index = used // 4 + past
+    lib.function("write_at")(out, np.uint32(index), threadgroups=1, threads_per_threadgroup=1)
+    with pytest.raises(M.MetalError, match=r"'write_at' wrote past the end of argument 0 \('out'"):
+        M.synchronize()
+    M.synchronize()  # reported once; the guard is re-armed
+    run(lib.function("write_at"), out, np.uint32(n - 1), threadgroups=1, threads_per_threadgroup=1)
+    assert out.numpy()[n - 1] == 1
+
+
+def test_misaligned_float4_store_is_reported_as_misaligned():
+    lib = M.compile(
+        textwrap.dedent("""
+        #include <metal_stdlib>
+        using namespace metal;
+        kernel void misaligned(device float *p [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+            *(device float4 *)(p + 1) = float4(1.0);   // p + 1 is 4, not 16, bytes aligned
+        }""")
+    )
+    out = M.DeviceArray.zeros((16,))
+    lib.function("misaligned")(out, threads=1, threads_per_threadgroup=1)
+    with pytest.raises(M.MetalError, match=r"'misaligned'.*misaligned vector access"):
+        M.synchronize()
+
+
 GAPS_SRC = r"""
 #include <metal_stdlib>
 using namespace metal;
@@ -390,6 +499,19 @@ kernel void implicit_lockstep(device float *out [[buffer(0)]],
     threadgroup float tile[32];
     tile[lane] = lane;
     out[lane] = tile[(lane + 1) % 32];
+}
+
+// Every thread adds 1 to one threadgroup float without an atomic: on a GPU updates get
+// lost; in the simulator a thread runs uninterrupted between blocking points, so each
+// += runs whole and the count is always right.
+kernel void lost_updates(device float *out [[buffer(0)]],
+                         uint lid [[thread_index_in_threadgroup]]) {
+    threadgroup float count;
+    if (lid == 0) count = 0.0;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    count += 1.0;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (lid == 0) out[0] = count;
 }
 """
 
@@ -419,29 +541,40 @@ def test_known_gap_implicit_lockstep(monkeypatch):
     assert np.isnan(got[:31]).all() and got[31] == 0  # lockstep would give 1, 2, ..., 31, 0
 
 
+def test_known_gap_non_atomic_update_is_never_lost(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    out = M.DeviceArray.zeros((1,))
+    run(lib.function("lost_updates"), out, threadgroups=1, threads_per_threadgroup=256)
+    assert out.numpy()[0] == 256  # a GPU may well give less
+
+
 ASAN_SCRIPT = """
-import numpy as np, camel.metal as M
+import sys, numpy as np, camel.metal as M
 lib = M.compile('''
 #include <metal_stdlib>
 kernel void oob(device float *out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
     out[i + 1] = 1.0;   // the last thread writes one past the end
 }''')
-out = M.DeviceArray.zeros((1024,))
-lib.function("oob")(out, threads=1024, threads_per_threadgroup=64)
+n = int(sys.argv[1])
+out = M.DeviceArray.zeros((n,))
+lib.function("oob")(out, threads=n, threads_per_threadgroup=64)
 M.synchronize()
 print("no error")
 """
 
 
+# 1024 floats fill their size class (4096 bytes): the write lands past the allocation.
+# 1000 floats live in a 4096-byte block too: the write lands in its poisoned slack.
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD recipe for Linux")
-def test_address_sanitizer_catches_out_of_bounds_write():
+@pytest.mark.parametrize("n, report", [(1024, "heap-buffer-overflow"), (1000, "use-after-poison")])
+def test_address_sanitizer_catches_out_of_bounds_write(n, report):
     asan = asan_runtime_or_skip()
     env = dict(os.environ, CAMEL_SIM_SANITIZE="address", LD_PRELOAD=asan,
                ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(ROOT))  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT, str(n)], env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
     assert "no error" not in r.stdout
-    assert "heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
+    assert report in r.stderr, r.stderr[-3000:]
     assert "WRITE of size 4" in r.stderr
 
 

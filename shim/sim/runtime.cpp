@@ -6,13 +6,18 @@
 // of it, and a command buffer is a list of dispatches that camel_commit runs
 // on the worker pool (runtime_exec.cpp) before it returns.
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include <condition_variable>
+#include <deque>
 #include <mutex>
+#include <new>
+#include <thread>
 #include <unordered_set>
 
 #include "runtime.h"
@@ -61,7 +66,9 @@ static struct State {
     uint64_t completed_id = 0;
     std::string failure;  // first failure since the last camel_synchronize
     uint64_t seed_counter = 0;
-} S;
+} &S = *new State;  // never destroyed: the completion thread (CAMEL_SIM_ASYNC) may outlive exit
+
+static void async_after_fork_in_child();  // below, with the asynchronous mode
 
 // Timing of the most recent command buffers, indexed by id % kTimes.
 constexpr uint64_t kTimes = 65536;
@@ -86,6 +93,7 @@ CAMEL_EXPORT int camel_init(void) {
         workers = w;
     }
     S.workers = workers;
+    pthread_atfork(nullptr, nullptr, async_after_fork_in_child);
     sim::pool_start(workers);
     sim::install_crash_handlers();
     S.ready = true;
@@ -111,10 +119,72 @@ CAMEL_EXPORT int camel_device_info_get(camel_device_info *out) {
 
 // ---- buffers --------------------------------------------------------------------
 
+// Overrun detection. camel.metal hands out buffers of a size class (up to 25% larger
+// than asked), so the bytes past what the owner uses would hide a kernel writing past
+// its end. Under ASan (CAMEL_SIM_SANITIZE=address with the runtime preloaded) they are
+// poisoned: the first byte read or written there is reported with its .metal line.
+// Otherwise the first kSlackGuard of them, and a kRedZone past the allocation, hold a
+// pattern that commit_locked checks after every dispatch; a change fails the command
+// buffer naming the kernel and the argument.
+extern "C" void __asan_poison_memory_region(void const volatile *, size_t) __attribute__((weak));
+extern "C" void __asan_unpoison_memory_region(void const volatile *, size_t)
+    __attribute__((weak));
+constexpr uint64_t kSlackGuard = 256, kRedZone = 64;
+constexpr uint8_t kGuardByte = 0xa5;
+
+static bool asan_active() { return __asan_poison_memory_region != nullptr; }
+
+// [start, end) of the pattern-guarded bytes of b, in two pieces: slack and red zone.
+static void guard_ranges(const camel_buffer *b, uint64_t r[2][2]) {
+    uint64_t slack_end = b->used + kSlackGuard < b->nbytes ? b->used + kSlackGuard : b->nbytes;
+    r[0][0] = b->used;
+    r[0][1] = slack_end;
+    r[1][0] = b->nbytes;
+    r[1][1] = b->nbytes + kRedZone;
+}
+
+static void guard_arm(camel_buffer *b) {
+    uint8_t *p = (uint8_t *)b->contents;
+    if (asan_active()) {
+        __asan_unpoison_memory_region(p, b->used);
+        if (b->nbytes > b->used) __asan_poison_memory_region(p + b->used, b->nbytes - b->used);
+        return;
+    }
+    uint64_t r[2][2];
+    guard_ranges(b, r);
+    for (auto &g : r) memset(p + g[0], kGuardByte, g[1] - g[0]);
+}
+
+// Offset of the first guard byte a kernel changed, or UINT64_MAX; re-arms the guard.
+static uint64_t guard_check(camel_buffer *b) {
+    if (asan_active()) return UINT64_MAX;
+    const uint8_t *p = (const uint8_t *)b->contents;
+    uint64_t r[2][2];
+    guard_ranges(b, r);
+    for (auto &g : r)
+        for (uint64_t i = g[0]; i < g[1]; i++)
+            if (p[i] != kGuardByte) {
+                guard_arm(b);
+                return i;
+            }
+    return UINT64_MAX;
+}
+
+static void set_used(camel_buffer *b, uint64_t used) {  // S.mu held
+    b->used = used;
+    b->next_used = UINT64_MAX;
+    guard_arm(b);
+}
+
 static void buffer_unref(camel_buffer *b) {  // S.mu held
-    if (--b->refs > 0) return;
+    if (--b->refs > 0) {
+        // The last queued dispatch of the previous owner has run: guard the new length.
+        if (b->refs == 1 && b->next_used != UINT64_MAX) set_used(b, b->next_used);
+        return;
+    }
     S.allocated_bytes -= b->nbytes;
     S.buffers.erase(b);
+    if (asan_active()) __asan_unpoison_memory_region(b->contents, b->nbytes);
     free(b->contents);
     delete b;
 }
@@ -126,16 +196,18 @@ CAMEL_EXPORT camel_buffer *camel_buffer_new(uint64_t nbytes, void **contents) {
         set_error("[sim] camel_buffer_new: a buffer needs at least 1 byte, got 0");
         return nullptr;
     }
-    // Aligned like a Metal page; exactly nbytes long so that the address
-    // sanitizer (CAMEL_SIM_SANITIZE=address) sees a write one past the end.
+    // Aligned like a Metal page; exactly nbytes long under ASan, so that it sees a
+    // write one past the end; otherwise followed by the red zone.
     void *p = nullptr;
-    if (posix_memalign(&p, 16384, nbytes) != 0) {
+    uint64_t alloc = asan_active() ? nbytes : nbytes + kRedZone;
+    if (posix_memalign(&p, 16384, alloc) != 0) {
         set_error("[sim] camel_buffer_new: out of memory allocating %llu bytes",
                   (unsigned long long)nbytes);
         return nullptr;
     }
     memset(p, 0, nbytes);
-    camel_buffer *b = new camel_buffer{p, nbytes, 1, false};
+    camel_buffer *b = new camel_buffer{p, nbytes, 1, false, nbytes, UINT64_MAX};
+    guard_arm(b);
     std::lock_guard<std::mutex> lock(S.mu);
     S.buffers.insert(b);
     S.allocated_bytes += nbytes;
@@ -180,6 +252,25 @@ CAMEL_EXPORT int camel_buffer_did_modify(camel_buffer *b, uint64_t offset, uint6
                   (unsigned long long)offset, (unsigned long long)length,
                   (unsigned long long)b->nbytes);
         return 1;
+    }
+    return 0;
+}
+
+// (sim only) The owner uses the first `used` bytes of b: guard the rest (see above).
+// camel.metal calls it whenever it hands out a cached buffer of a size class.
+CAMEL_EXPORT int camel_sim_buffer_set_length(camel_buffer *b, uint64_t used) {
+    tl_error.clear();
+    std::lock_guard<std::mutex> lock(S.mu);
+    if (!S.buffers.count(b) || b->released || used > b->nbytes) {
+        set_error("[sim] camel_sim_buffer_set_length: not a live buffer, or %llu > its %llu bytes",
+                  (unsigned long long)used, (unsigned long long)b->nbytes);
+        return 1;
+    }
+    if (b->refs == 1) {
+        set_used(b, used);
+    } else {  // queued dispatches of the previous owner may still use the old length
+        if (used > b->used) set_used(b, used);
+        b->next_used = used;
     }
     return 0;
 }
@@ -325,45 +416,133 @@ static void dispatch_free(Dispatch *d) {  // S.mu held
     delete d;
 }
 
-// Run the open command buffer to completion (S.mu held).
-static uint64_t commit_locked() {
-    if (!S.open_id) return 0;
-    uint64_t id = S.open_id;
-    std::vector<Dispatch *> list;
-    list.swap(S.open);
-    S.open_id = 0;
+// After a dispatch: did the kernel write past the end of a buffer it was given?
+static bool check_guards(const Dispatch &d, std::string &error) {
+    for (size_t i = 0; i < d.retained.size(); i++) {
+        camel_buffer *b = d.retained[i];
+        uint64_t at = guard_check(b);
+        if (at == UINT64_MAX) continue;
+        uint32_t arg = d.retained_arg[i];
+        const char *param = "?";
+        for (int j = 0; j < d.kernel->nparams; j++)
+            if (d.kernel->params[j].kind == CAMEL_SIM_PARAM_BUFFER &&
+                d.kernel->params[j].index == (int32_t)arg)
+                param = d.kernel->params[j].name;
+        char buf[512];
+        snprintf(buf, sizeof buf,
+                 "kernel '%s' wrote past the end of argument %u ('%s', [[buffer(%u)]]): byte "
+                 "%llu of a buffer of %llu bytes changed (%llu bytes past the end). Rerun with "
+                 "CAMEL_SIM_SANITIZE=address to find the line; memory past it may be damaged",
+                 d.kernel->name, arg, param, arg, (unsigned long long)at,
+                 (unsigned long long)b->used, (unsigned long long)(at - b->used));
+        error = buf;
+        return false;
+    }
+    return true;
+}
+
+// Run command buffer `id` (S.mu held by `lock`; released while kernels run when
+// `unlock_to_run`, so the host keeps going: the asynchronous mode).
+static void run_command_buffer(uint64_t id, std::vector<Dispatch *> &list,
+                               std::unique_lock<std::mutex> &lock, bool unlock_to_run) {
     sim::install_crash_handlers();  // in case Python's faulthandler took them over
     double start = sim::now_seconds();
     bool failed = false;
     for (Dispatch *d : list) {
         std::string error;
         // After a failure the rest of the command buffer is skipped, as on a GPU.
-        if (!failed && !sim::execute(*d, error)) {
-            failed = true;
+        if (!failed) {
+            if (unlock_to_run) lock.unlock();
+            bool ok = sim::execute(*d, error);
+            if (unlock_to_run) lock.lock();
+            failed = !ok || !check_guards(*d, error);
+        }
+        if (failed && !error.empty()) {
             if (d->order == sim::kRandom)
                 error += " [CAMEL_SIM_ORDER=random; CAMEL_SIM_SEED=" + std::to_string(d->seed) +
                          " replays this schedule]";
             if (S.failure.empty())
                 S.failure = "[sim] command buffer " + std::to_string(id) + " failed: " + error;
+            error.clear();
         }
         dispatch_free(d);
     }
     double end = sim::now_seconds();
     cb_times[id % kTimes] = {id, start, end};
     S.completed_id = id;
+}
+
+// CAMEL_SIM_ASYNC=1: camel_commit hands the command buffer to a completion thread and
+// returns at once, as on a GPU, so camel_completed_id lags behind and a host write
+// racing a queued kernel can show. Read at every commit (tests switch it).
+static struct Async {
+    std::condition_variable work, idle;
+    std::deque<std::pair<uint64_t, std::vector<Dispatch *>>> queue;
+    bool running = false;  // the thread is running a command buffer
+    bool started = false;
+} &A = *new Async;  // never destroyed: the thread may still wait on it at exit
+
+static bool async_mode() {
+    const char *env = getenv("CAMEL_SIM_ASYNC");
+    return env && *env && strcmp(env, "0") != 0;
+}
+
+static void async_main() {
+    std::unique_lock<std::mutex> lock(S.mu);
+    for (;;) {
+        A.work.wait(lock, [] { return !A.queue.empty(); });
+        auto item = std::move(A.queue.front());
+        A.queue.pop_front();
+        A.running = true;
+        run_command_buffer(item.first, item.second, lock, true);
+        A.running = false;
+        if (A.queue.empty()) A.idle.notify_all();
+    }
+}
+
+static void async_after_fork_in_child() {  // the thread is not there any more
+    new (&A.work) std::condition_variable();
+    new (&A.idle) std::condition_variable();
+    A.queue.clear();
+    A.running = A.started = false;
+}
+
+static void wait_async(std::unique_lock<std::mutex> &lock) {
+    A.idle.wait(lock, [] { return A.queue.empty() && !A.running; });
+}
+
+// Commit the open command buffer (S.mu held): run it now, or queue it (CAMEL_SIM_ASYNC).
+static uint64_t commit_locked(std::unique_lock<std::mutex> &lock) {
+    if (!S.open_id) return 0;
+    uint64_t id = S.open_id;
+    std::vector<Dispatch *> list;
+    list.swap(S.open);
+    S.open_id = 0;
+    if (async_mode()) {
+        if (!A.started) {
+            A.started = true;
+            std::thread(async_main).detach();
+        }
+        A.queue.emplace_back(id, std::move(list));
+        A.work.notify_one();
+        return id;
+    }
+    wait_async(lock);  // command buffers complete in order
+    run_command_buffer(id, list, lock, false);
     return id;
 }
 
 CAMEL_EXPORT uint64_t camel_commit(void) {
     tl_error.clear();
-    std::lock_guard<std::mutex> lock(S.mu);
-    return commit_locked();
+    std::unique_lock<std::mutex> lock(S.mu);
+    return commit_locked(lock);
 }
 
 CAMEL_EXPORT int camel_synchronize(void) {
     tl_error.clear();
-    std::lock_guard<std::mutex> lock(S.mu);
-    commit_locked();  // runs synchronously, so everything committed has completed
+    std::unique_lock<std::mutex> lock(S.mu);
+    commit_locked(lock);
+    wait_async(lock);  // everything committed has completed
     if (!S.failure.empty()) {
         tl_error = S.failure;
         S.failure.clear();
@@ -492,6 +671,21 @@ static bool validate(const camel_dispatch_desc *desc, const camel_sim_kernel_des
                           name, j, prm.name, prm.index);
                 return false;
             }
+            if (prm.writable && !a.buffer) {
+                set_error("[dispatch] kernel '%s' parameter %d '%s' ([[buffer(%d)]]) is written "
+                          "by the kernel (not const), but was bound by setBytes (a copy of a "
+                          "NumPy array or a Python value), so its writes would be lost: pass a "
+                          "DeviceArray or Buffer, or declare the parameter const/constant",
+                          name, j, prm.name, prm.index);
+                return false;
+            }
+            if (a.buffer && prm.align > 1 && a.offset % prm.align != 0) {
+                set_error("[dispatch] kernel '%s' parameter %d '%s' ([[buffer(%d)]]): offset "
+                          "%llu is not a multiple of %u, the alignment of the type it points "
+                          "to (Metal requires it)",
+                          name, j, prm.name, prm.index, (unsigned long long)a.offset, prm.align);
+                return false;
+            }
             if (prm.is_pointer || prm.value_size == 0) continue;
             uint64_t have = a.buffer ? a.buffer->nbytes - a.offset : a.length;
             bool wrong = a.buffer ? have < prm.value_size : have != prm.value_size;
@@ -537,7 +731,7 @@ CAMEL_EXPORT uint64_t camel_dispatch(const camel_dispatch_desc *desc) {
     const camel_sim_kernel_desc *k = p->kernel;
     sim::Order order;
     if (!read_order(&order)) return 0;
-    std::lock_guard<std::mutex> lock(S.mu);
+    std::unique_lock<std::mutex> lock(S.mu);
     if (!validate(desc, k, p)) return 0;
 
     auto *d = new Dispatch();
@@ -566,6 +760,7 @@ CAMEL_EXPORT uint64_t camel_dispatch(const camel_dispatch_desc *desc) {
         if (a.buffer) {
             a.buffer->refs++;  // kept alive until this dispatch has run
             d->retained.push_back(a.buffer);
+            d->retained_arg.push_back(i);
             d->bindings[i] = (uint8_t *)a.buffer->contents + a.offset;
         } else {
             if (a.bytes) memcpy(dst, a.bytes, a.length);
@@ -584,7 +779,7 @@ CAMEL_EXPORT uint64_t camel_dispatch(const camel_dispatch_desc *desc) {
     if (!S.open_id) S.open_id = S.next_id++;
     S.open.push_back(d);
     uint64_t id = S.open_id;
-    if (S.open.size() >= CAMEL_MAX_DISPATCHES_PER_COMMAND_BUFFER) commit_locked();
+    if (S.open.size() >= CAMEL_MAX_DISPATCHES_PER_COMMAND_BUFFER) commit_locked(lock);
     return id;
 }
 

@@ -27,6 +27,11 @@ struct camel_buffer {
     uint64_t nbytes;
     int refs;       // 1 for the caller's handle + 1 per queued dispatch that binds it
     bool released;  // the caller has called camel_buffer_release
+    // Bytes the owner uses (camel_sim_buffer_set_length; nbytes until then). What lies
+    // past it is guarded: poisoned for ASan, else a pattern checked after each dispatch
+    // (plus a red zone after nbytes; see guard_* in runtime.cpp).
+    uint64_t used;
+    uint64_t next_used;  // a new length asked for while queued dispatches still use it
 };
 
 struct camel_library {
@@ -59,6 +64,7 @@ struct Dispatch {
     const camel_sim_kernel_desc *kernel;
     std::vector<void *> bindings;          // address bound to [[buffer(i)]]
     std::vector<camel_buffer *> retained;  // buffers to release after the run
+    std::vector<uint32_t> retained_arg;    // ... and the argument each was bound to
     std::vector<uint32_t> tg_offsets;      // [[threadgroup(i)]] offset in the arena
     uint32_t tg_dynamic_bytes;             // sum of the lengths (rounded to 16)
     uint32_t groups[3];                    // threadgroups per grid

@@ -13,9 +13,12 @@
 // A kernel without barriers and SIMD ops (needs_fibers == 0) runs its
 // threads as a plain loop: thread 0 to completion, then thread 1, ...
 // Otherwise each thread is a fiber with its own 64 KiB stack, and the
-// threadgroup advances in *phases*: run every ready fiber until it blocks
-// (at a barrier or a collective) or returns; then resolve what they wait
-// for; repeat until every thread has returned.
+// threadgroup advances from barrier to barrier: run every thread in turn
+// until it blocks (at a threadgroup barrier or a SIMD-group collective) or
+// returns. As soon as every lane of a SIMD group waits in a collective, that
+// SIMD group alone is resolved and runs on, up to the next threadgroup
+// barrier, before any other thread runs: a collective synchronises its own
+// SIMD group, never the threadgroup.
 #include <dlfcn.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -102,12 +105,21 @@ struct Group {
     std::vector<void *> tg; // [[threadgroup(i)]] addresses
     std::vector<uint32_t> order;  // the order threads run in (thread indices)
     std::vector<Lane *> run;      // fibers: the same order as lanes
-    uint32_t run_pos;             // next entry of `run` this phase looks at
+    std::vector<Lane *> sg_run;   // the lanes of one SIMD group, in the same order
+    Lane *const *walk;            // the list being run now: run, or sg_run ...
+    uint32_t walk_n;              // ... its length
+    uint32_t walk_pos;            // ... and the next entry this pass looks at
+    bool in_simdgroup;            // walk is sg_run (finish_simdgroup runs)
+    int32_t full_simdgroup;       // a SIMD group whose every live lane waits in a collective
+    // Per SIMD group: lanes neither returned nor at the next threadgroup barrier
+    // ("live"), lanes waiting in a collective or simdgroup_barrier, lanes returned.
+    uint16_t sg_live[kMaxThreadsPerThreadgroup / kSimdWidth];
+    uint16_t sg_blocked[kMaxThreadsPerThreadgroup / kSimdWidth];
+    uint16_t sg_done[kMaxThreadsPerThreadgroup / kSimdWidth];
     uint32_t ready_states;        // bit s set: a lane in state s may run this phase
     uint64_t rng;
     void *sched_sp;         // the worker's own stack while fibers run
     uint32_t n_done;        // threads that have returned
-    uint32_t n_simd;        // threads waiting in a collective or simdgroup_barrier
     uint32_t n_barrier;     // threads waiting at a threadgroup_barrier ...
     uint32_t barrier_site;  // ... the first one's site
     bool barrier_mixed;     // ... and whether another one waits at a different site
@@ -268,14 +280,28 @@ static inline void set_position(const Group &g, camel_sim_thread &t, uint32_t i)
 
 // ---- fibers: blocking and phases ------------------------------------------------
 
-// The next lane of this phase that may run, or null. Each lane is looked at
-// once per phase: one that blocks again waits for the next phase.
+// The next lane of this pass that may run, or null. Each lane is looked at
+// once per pass: one that blocks again waits for the next pass.
 static inline Lane *next_ready(Group &g) {
-    while (g.run_pos < g.nthreads) {
-        Lane *l = g.run[g.run_pos++];
+    while (g.walk_pos < g.walk_n) {
+        Lane *l = g.walk[g.walk_pos++];
         if ((g.ready_states >> l->state) & 1) return l;
     }
     return nullptr;
+}
+
+// Bookkeeping when a lane stops (blocks or returns) in SIMD group s. In the
+// pass over the whole group, a SIMD group whose live lanes all wait in
+// collectives is finished before anything else runs (full_simdgroup).
+static inline void lane_stopped(Group &g, uint32_t s, LaneState state) {
+    if (state == kAtCollective || state == kAtSimdBarrier) {
+        g.sg_blocked[s]++;
+    } else {
+        g.sg_live[s]--;
+        if (state == kDone) g.sg_done[s]++;
+    }
+    if (!g.in_simdgroup && g.sg_blocked[s] != 0 && g.sg_blocked[s] == g.sg_live[s])
+        g.full_simdgroup = (int32_t)s;
 }
 
 // Cache lines of a switched-out fiber's stack that its next run touches first:
@@ -290,10 +316,10 @@ constexpr int kHotStackLines = 4;
 // so every switch would wait for its stack to come from L2. Instead we ask for
 // the stack of the fiber *after* `next` now: it arrives while `next` runs.
 static inline void block(Group &g, Lane *self) {
-    Lane *next = g.failed ? nullptr : next_ready(g);
+    Lane *next = g.failed || g.full_simdgroup >= 0 ? nullptr : next_ready(g);
     g.current = next;
-    if (g.run_pos < g.nthreads) {
-        const char *sp = (const char *)g.run[g.run_pos]->sp;
+    if (next && g.walk_pos < g.walk_n) {
+        const char *sp = (const char *)g.walk[g.walk_pos]->sp;
         for (int i = 0; i < kHotStackLines; i++) __builtin_prefetch(sp + 64 * i);
     }
     camel_fiber_switch(&self->sp, next ? next->sp : g.sched_sp);
@@ -302,14 +328,17 @@ static inline void block(Group &g, Lane *self) {
 static void lane_main(void *arg) {
     Lane *l = (Lane *)arg;
     Group &g = tl_worker->group;
-    g.k->entry(g.d->bindings.data(), g.tg.data(), &g.threads[l - g.lanes]);
+    uint32_t i = (uint32_t)(l - g.lanes);
+    g.k->entry(g.d->bindings.data(), g.tg.data(), &g.threads[i]);
     l->state = kDone;
     g.n_done++;
+    lane_stopped(g, i / kSimdWidth, kDone);
     block(g, l);  // never comes back: a done lane is never ready again
 }
 
-// End of a phase, step 1: every SIMD group resolves what its lanes wait for.
-// Returns true if any lane became ready.
+// SIMD group s (every live lane waits in a collective or at a
+// simdgroup_barrier) resolves what its lanes wait for. Returns true if any
+// lane became ready.
 //
 // Lanes of one SIMD group may wait at different places: after
 //     if (lane % 2 == 0) a = simd_sum(x);   // line 10
@@ -318,13 +347,14 @@ static void lane_main(void *arg) {
 // runs the `if` body for the even lanes while the odd ones wait where the
 // branches join, so line 11 runs with all 32 lanes. The simulator imitates
 // that: it resolves only the waiting point that comes first in the source
-// (the smallest site), the others wait for the next phase. The active mask is
+// (the smallest site), the others wait for the next pass. The active mask is
 // then exactly the lanes waiting there. (Loops defeat this rule: a lane in
 // iteration 2 and a lane in iteration 1 at the same line look alike. That is
 // one of the documented gaps.)
-static bool resolve_simd(Group &g) {
+static bool resolve_simdgroup(Group &g, uint32_t s) {
     bool woke = false;
-    for (uint32_t base = 0; base < g.nthreads && !g.failed; base += kSimdWidth) {
+    {
+        uint32_t base = s * kSimdWidth;
         uint32_t width = g.nthreads - base < kSimdWidth ? g.nthreads - base : kSimdWidth;
         uint32_t waiting = 0;  // lanes in a collective or simdgroup_barrier at the first site
         uint32_t site = UINT32_MAX;
@@ -342,7 +372,7 @@ static bool resolve_simd(Group &g) {
             Lane &l = g.lanes[base + __builtin_ctz(bits)];
             if (l.state == kAtSimdBarrier) {
                 l.state = kReady;
-                g.n_simd--;
+                g.sg_blocked[s]--;
                 waiting &= ~(1u << __builtin_ctz(bits));
                 woke = true;
             }
@@ -370,7 +400,7 @@ static bool resolve_simd(Group &g) {
             }
             for (uint32_t bits = mask; bits; bits &= bits - 1)
                 g.lanes[base + __builtin_ctz(bits)].state = kReady;
-            g.n_simd -= __builtin_popcount(mask);
+            g.sg_blocked[s] -= __builtin_popcount(mask);
             waiting &= ~mask;
             woke = true;
         }
@@ -436,6 +466,45 @@ static void make_run_order(Group &g) {
     for (uint32_t i = 0; i < g.nthreads; i++) g.run[i] = &g.lanes[g.order[i]];
 }
 
+static inline uint32_t simdgroup_width(const Group &g, uint32_t s) {
+    uint32_t left = g.nthreads - s * kSimdWidth;
+    return left < kSimdWidth ? left : kSimdWidth;
+}
+
+// Every live lane of SIMD group s waits in a collective: resolve it and run its
+// lanes (nobody else) until each has reached a threadgroup barrier or returned.
+// On a GPU the other SIMD groups may be anywhere meanwhile; running this one
+// ahead is one of the schedules a GPU may pick, and the one that exposes a
+// missing threadgroup_barrier next to a SIMD-group function.
+static void finish_simdgroup(Group &g, uint32_t s) {
+    g.sg_run.clear();
+    for (Lane *l : g.run)
+        if ((uint32_t)(l - g.lanes) / kSimdWidth == s) g.sg_run.push_back(l);
+    g.in_simdgroup = true;
+    while (g.sg_blocked[s] != 0 && !g.failed) {
+        if (!resolve_simdgroup(g, s)) {
+            if (!g.failed) group_fail(g, "simulator bug: a SIMD group waits but cannot resume");
+            break;
+        }
+        if (g.d->order == kRandom)
+            for (uint32_t i = (uint32_t)g.sg_run.size() - 1; i > 0; i--) {
+                uint32_t j = (uint32_t)(splitmix(g.rng) % (i + 1));
+                Lane *tmp = g.sg_run[i];
+                g.sg_run[i] = g.sg_run[j];
+                g.sg_run[j] = tmp;
+            }
+        g.walk = g.sg_run.data();
+        g.walk_n = (uint32_t)g.sg_run.size();
+        g.walk_pos = 0;
+        g.ready_states = 1u << kReady;  // threadgroup barriers stay closed
+        if (Lane *first = next_ready(g)) {
+            g.current = first;
+            camel_fiber_switch(&g.sched_sp, first->sp);
+        }
+    }
+    g.in_simdgroup = false;
+}
+
 static bool run_fibers(Group &g) {
     Worker *w = g.w;
     if (!ensure_stacks(w, g.nthreads)) {
@@ -462,35 +531,52 @@ static bool run_fibers(Group &g) {
                 size_t color = (i % 63) * 64;
                 l.sp = camel_fiber_init(stack_of(w, i), kStackSize - color, lane_main, &l);
             }
-    g.n_done = g.n_simd = g.n_barrier = 0;
+    g.n_done = g.n_barrier = 0;
     g.barrier_mixed = false;
-    g.ready_states = 1u << kReady;
+    g.full_simdgroup = -1;
+    g.in_simdgroup = false;
+    uint32_t nsg = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
+    for (uint32_t s = 0; s < nsg; s++) g.sg_blocked[s] = g.sg_done[s] = 0;
+    uint32_t pass_states = 1u << kReady;  // the first pass starts every thread
     make_run_order(g);
     for (;;) {
-        // A phase: run every ready fiber until it blocks or returns.
-        if (g.d->order == kRandom) make_run_order(g);  // a new shuffle every phase
-        g.run_pos = 0;
-        Lane *first = next_ready(g);
-        if (first) {
-            g.current = first;
-            camel_fiber_switch(&g.sched_sp, first->sp);
+        // One pass from barrier to barrier: every thread runs (in the order
+        // CAMEL_SIM_ORDER asks for) until it reaches the next threadgroup
+        // barrier or returns; a SIMD group that fills up in collectives on the
+        // way is finished first (finish_simdgroup).
+        if (g.d->order == kRandom) make_run_order(g);  // a new shuffle every pass
+        for (uint32_t s = 0; s < nsg; s++)
+            g.sg_live[s] = (uint16_t)(simdgroup_width(g, s) - g.sg_done[s]);
+        g.walk = g.run.data();
+        g.walk_n = g.nthreads;
+        g.walk_pos = 0;
+        g.ready_states = pass_states;
+        while (Lane *next = next_ready(g)) {
+            g.current = next;
+            camel_fiber_switch(&g.sched_sp, next->sp);
+            if (!g.failed && g.full_simdgroup >= 0) {
+                uint32_t s = (uint32_t)g.full_simdgroup;
+                g.full_simdgroup = -1;
+                uint32_t pos = g.walk_pos;
+                finish_simdgroup(g, s);
+                g.walk = g.run.data();
+                g.walk_n = g.nthreads;
+                g.walk_pos = pos;
+                g.ready_states = pass_states;
+            }
+            if (g.failed) break;
         }
         if (g.failed) {
             w->stacks_dirty = true;
             return false;
         }
         if (g.n_done == g.nthreads) return true;
-        if (g.n_simd > 0) {
-            if (resolve_simd(g)) {
-                g.ready_states = 1u << kReady;  // threadgroup barriers stay closed
-                continue;
-            }
-        }
         // Everyone left waits at a threadgroup barrier.
-        if (g.failed || !release_barrier(g)) {
+        if (!release_barrier(g)) {
             w->stacks_dirty = true;
             return false;
         }
+        pass_states = g.ready_states;
     }
 }
 
@@ -613,13 +699,14 @@ static inline void wait_as(const camel_sim_thread *t, LaneState state, uint32_t 
     Lane *self = g.current;
     self->state = state;
     self->site = site;
-    if (state != kAtBarrier) {
-        g.n_simd++;
-    } else if (g.n_barrier++ == 0) {
-        g.barrier_site = site;
-    } else if (site != g.barrier_site) {
-        g.barrier_mixed = true;
+    if (state == kAtBarrier) {
+        if (g.n_barrier++ == 0) {
+            g.barrier_site = site;
+        } else if (site != g.barrier_site) {
+            g.barrier_mixed = true;
+        }
     }
+    lane_stopped(g, (uint32_t)(self - g.lanes) / kSimdWidth, state);
     block(g, self);  // a failed group never resumes its fibers
 }
 
@@ -726,6 +813,14 @@ static void on_crash(int sig, siginfo_t *info, void *) {
         if (rel < (uintptr_t)w->nstacks * slot && rel % slot < kGuardSize)
             hint = "; this is a stack overflow: each simulated thread has a 64 KiB stack";
     }
+#ifdef SI_KERNEL
+    // x86-64 reports a general-protection fault with no address: in a kernel that is
+    // almost always a vector load or store (float4, ...) at a misaligned address.
+    if (sig == SIGSEGV && !*hint && info->si_code == SI_KERNEL && addr == 0)
+        hint = "; a misaligned vector access? A float4 (half4, int4, ...) load or store needs "
+               "an address that is a multiple of its size (16 for float4); the CPU reports no "
+               "address. Rerun with CAMEL_SIM_SANITIZE=undefined to find the line";
+#endif
     if (sig == SIGSEGV && !*hint)
         hint = "; an out-of-bounds index? Rerun with CAMEL_SIM_SANITIZE=address to find the line";
     unsigned lane = g.current ? g.threads[g.current - g.lanes].thread_index_in_threadgroup : 0;

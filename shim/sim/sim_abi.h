@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define CAMEL_SIM_ABI_VERSION 1
+#define CAMEL_SIM_ABI_VERSION 2
 
 /* What one simulated thread knows about itself. The runtime fills it; the
  * generated wrapper converts fields to the exact types the kernel declares
@@ -60,6 +60,10 @@ typedef struct camel_sim_param {
                                 sizeof the type (so setBytes of the wrong length
                                 is an error); 0 for pointers */
     int32_t is_pointer;      /* 1 for pointers */
+    int32_t writable;        /* buffer: 1 if the kernel may write through it (a pointer to,
+                                or reference of, a non-const type); 0 for const/constant */
+    uint32_t align;          /* buffer: alignof the type it points to (a bound offset must
+                                be a multiple, as Metal requires); 0 if unknown */
 } camel_sim_param;
 
 /* bindings[i] is the address bound to [[buffer(i)]] (buffer contents + offset,

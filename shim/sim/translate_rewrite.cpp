@@ -1141,8 +1141,16 @@ struct Rewriter {
                     std::string size = p.kind == CAMEL_SIM_PARAM_BUFFER && !p.pointer
                                            ? "(uint32_t)sizeof(__camel_remove_ref_t<" + P + ">)"
                                            : "0";
+                    // The type a buffer parameter binds: writable unless const (MSL `constant`
+                    // becomes const too), and its alignment (checked against the offset).
+                    std::string T = p.pointer ? "__camel_remove_ref_t<decltype(*" + P + "())>"
+                                              : "__camel_remove_ref_t<" + P + ">";
+                    std::string flags = p.kind == CAMEL_SIM_PARAM_BUFFER
+                                            ? "!__is_const(" + T + "), (uint32_t)alignof(" + T + ")"
+                                            : "0, 0";
                     g += "    {\"" + p.name + "\", " + std::to_string(p.kind) + ", " +
-                         std::to_string(p.index) + ", " + size + ", " + (p.pointer ? "1" : "0") + "},\n";
+                         std::to_string(p.index) + ", " + size + ", " + (p.pointer ? "1" : "0") +
+                         ", " + flags + "},\n";
                 }
                 g += "};\n";
             }
