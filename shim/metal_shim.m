@@ -532,7 +532,9 @@ camel_pipeline *camel_pipeline_new(camel_library *handle, const char *name) {
                 /* Apple: align a device-buffer offset to its data type,
                  * which never needs more than 16 bytes. */
                 slot->align = b.bufferAlignment < 16 ? b.bufferAlignment : 16;
-                slot->writable = b.access != MTLBindingAccessReadOnly;
+                /* 0 is read-only: MTLArgumentAccessReadOnly in the macOS 13 SDK,
+                 * MTLBindingAccessReadOnly (same value, new type) from macOS 14 */
+                slot->writable = (NSUInteger)b.access != 0;
                 copy_name(slot->name, b.name);
                 if (i + 1 > pipeline->nbuffer_params) pipeline->nbuffer_params = (uint32_t)i + 1;
             } else if (binding.type == MTLBindingTypeThreadgroupMemory &&
