@@ -3,6 +3,7 @@
 # (and a CUDA PyTorch for the references) but no clang: the device tool's H200.
 #
 #   tools/gpu/h200.sh setup smoke suite bench examples sanitize ncu   # any subset, in order
+#   (bench = matmul + the memory-bound benches + attention + models; matmul alone too)
 #
 # What it expects next to the checkout (copied in by the caller, not committed):
 #   .cuda-toolchain/*.deb   Debian's clang-19, libclang-cpp19, libllvm19, libclang-common-19-dev
@@ -55,9 +56,15 @@ stage_smoke() { python3 shim/cuda/tests/gpu_smoke.py; }
 
 stage_suite() { timeout 420 python3 -m pytest -q -p no:cacheprovider -ra; }
 
+stage_matmul() {
+  local plot=()
+  python3 -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/matmul.png")
+  timeout 300 python3 -m camel.bench matmul --sizes 1024,2048,4096 "${plot[@]}"
+}
+
 stage_bench() {
   local b=(timeout 300 python3 -m camel.bench)
-  "${b[@]}" matmul --sizes 1024,2048,4096
+  stage_matmul
   for name in elementwise reduce softmax layernorm; do "${b[@]}" $name; done
   "${b[@]}" attention --seqs 1024,4096,8192 --dims 64 --heads 16
   "${b[@]}" models --config gpu
@@ -71,24 +78,33 @@ stage_examples() {
 }
 
 stage_sanitize() {
-  for tool in memcheck racecheck synccheck; do
-    echo "== compute-sanitizer --tool $tool"
-    timeout 300 compute-sanitizer --tool $tool --target-processes all --print-limit 20 \
-      python3 -m pytest -q -p no:cacheprovider -x $KERNEL_TESTS 2>&1 | tail -40
+  # memcheck over every kernel test file; racecheck and synccheck (slower) over the kernels
+  # with threadgroup memory and barriers: reductions, softmax, LayerNorm, a tiled and a
+  # simdgroup GEMM rung, a flash rung
+  local cs=(compute-sanitizer --target-processes all --print-limit 20 --error-exitcode 9)
+  local py=(python3 -m pytest -q -p no:cacheprovider)
+  local shared="tests/test_kernels_reduce.py tests/test_kernels_softmax.py tests/test_transformer_kernels.py"
+  echo "== memcheck"
+  timeout 240 "${cs[@]}" --tool memcheck "${py[@]}" $KERNEL_TESTS 2>&1 | tail -25
+  for tool in racecheck synccheck; do
+    echo "== $tool"
+    timeout 100 "${cs[@]}" --tool $tool "${py[@]}" $shared 2>&1 | tail -12
+    timeout 60 "${cs[@]}" --tool $tool "${py[@]}" tests/test_gemm.py -k "v3 or v10" 2>&1 | tail -12
+    timeout 60 "${cs[@]}" --tool $tool "${py[@]}" tests/test_flash.py -k "flash_v3 and not order" 2>&1 | tail -12
   done
 }
 
 stage_ncu() {
   # The counters that explain each rung: coalescing (sectors per request), bank conflicts,
-  # occupancy, FLOP and DRAM throughput. One 2048^3 matmul per rung, the clocks left alone.
-  local metrics="gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active"
-  metrics+=",l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum"
-  metrics+=",l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
-  metrics+=",sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed"
-  timeout 400 ncu --clock-control none --metrics "$metrics" --csv --kernel-name regex:matmul \
-    python3 -m camel.bench matmul --sizes 2048 --reps 1
-  timeout 150 ncu --clock-control none --metrics "$metrics" --csv --kernel-name regex:flash \
-    python3 -m camel.bench attention --seqs 4096 --dims 64 --heads 16 --reps 1
+  # occupancy, FMA-pipe and DRAM throughput. One launch per rung (tools/gpu/ncu_ladder.py),
+  # the clocks left alone.
+  local m="gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active"
+  m+=",l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum"
+  m+=",l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
+  m+=",sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed"
+  m+=",launch__registers_per_thread,launch__occupancy_limit_registers"
+  timeout 300 ncu --clock-control none --metrics "$m" --csv --kernel-name regex:"matmul|flash" \
+    python3 tools/gpu/ncu_ladder.py
 }
 
 for stage in "$@"; do
