@@ -104,9 +104,12 @@ VARIANTS: dict[str, Rung] = {
 }  # fmt: skip
 
 # Defaults when the autotuner has no entry: the rung expected fastest on an Apple GPU
-# (public results: simdgroup_matrix kernels reach MPS), and on the simulator the rung that
-# is quickest to simulate (few threads per group, few barriers; measured in docs/stage3.md).
+# (public results: simdgroup_matrix kernels reach MPS; not yet measured on one), on the CUDA
+# shim the measured fastest rung (v9: 27 TFLOP/s at 4096^3 on an H200, where v11 gave 5.4:
+# docs/cuda.md), and on the simulator the rung that is quickest to simulate (few threads per
+# group, few barriers; measured in docs/stage3.md).
 DEFAULT_GPU = "11"
+DEFAULT_CUDA = "9"
 DEFAULT_SIM = "9"
 
 
@@ -137,7 +140,7 @@ def default_version(m: int, n: int, k: int, batches: int = 1) -> str:
     """The rung used when neither CAMEL_MATMUL nor the autotuner's cache says otherwise."""
     from camel import metal
 
-    return DEFAULT_SIM if metal.is_simulator() else DEFAULT_GPU
+    return {"sim": DEFAULT_SIM, "cuda": DEFAULT_CUDA}.get(metal.shim(), DEFAULT_GPU)
 
 
 def choose_version(m: int, n: int, k: int, batches: int = 1) -> str:

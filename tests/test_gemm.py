@@ -474,3 +474,12 @@ def test_default_rung_gives_way_on_a_small_device(limits, default, expected, mon
     a, b = _operands(rng, (9, 10), (10, 11))
     np.testing.assert_allclose(_run(None, a, b), _reference(a, b), rtol=1e-4, atol=1e-4)
     assert used == [expected]
+
+
+@pytest.mark.parametrize("shim, expected", [("metal", gemm.DEFAULT_GPU),
+                                            ("cuda", gemm.DEFAULT_CUDA),
+                                            ("sim", gemm.DEFAULT_SIM)])  # fmt: skip
+def test_default_rung_per_shim(shim, expected, monkeypatch):
+    """Each shim has its own default rung (the CUDA one measured on an H200)."""
+    monkeypatch.setattr(metal, "shim", lambda: shim)
+    assert gemm.default_version(64, 64, 64) == expected

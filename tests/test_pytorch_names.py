@@ -358,7 +358,7 @@ MISSING = [
     (lambda t: t.zero_(), r"no in-place ops"),
     (lambda t: t.min(1), r"m = \(-x\)\.max\(dim\) gives -m\.values and m\.indices"),
     (lambda t: t.data, r"t\.detach\(\)"),
-    (lambda t: t.cuda(), r"'cpu' and 'mps': use \.to\(device\)"),
+    (lambda t: t.cuda(), r"'cpu' and 'mps' .*: use \.to\(device\)"),
     (lambda t: t.float(), r"float32 data and int32 indices"),
     (lambda t: t.masked_fill, r"causal=True"),
     (lambda t: t.no_such_thing, r"camel.Tensor has no attribute 'no_such_thing' \(docs/api.md"),
