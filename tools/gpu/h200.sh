@@ -86,10 +86,18 @@ stage_examples() {
     --data .gpu-data/shakespeare.txt --sample-chars 200 --profile
 }
 
+stage_sanitize_gemm() {
+  for tool in racecheck synccheck; do
+    echo "== $tool"
+    timeout 150 compute-sanitizer --tool $tool --print-limit 20 --error-exitcode 9 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py 2>&1 | tail -12
+  done
+}
+
 stage_sanitize() {
   # memcheck over every kernel test file; racecheck and synccheck (slower) over the kernels
-  # with threadgroup memory and barriers: reductions, softmax, LayerNorm, a tiled and a
-  # simdgroup GEMM rung, a flash rung
+  # with threadgroup memory and barriers: reductions, softmax, LayerNorm, the GEMM ladder,
+  # a flash rung
   local cs=(compute-sanitizer --target-processes all --print-limit 20 --error-exitcode 9)
   local py=(python3 -m pytest -q -p no:cacheprovider)
   local shared="tests/test_kernels_reduce.py tests/test_kernels_softmax.py tests/test_transformer_kernels.py"
@@ -98,7 +106,7 @@ stage_sanitize() {
   for tool in racecheck synccheck; do
     echo "== $tool"
     timeout 100 "${cs[@]}" --tool $tool "${py[@]}" $shared 2>&1 | tail -12
-    timeout 60 "${cs[@]}" --tool $tool "${py[@]}" tests/test_gemm.py -k "v3 or v10" 2>&1 | tail -12
+    timeout 150 "${cs[@]}" --tool $tool "${py[@]}" tests/test_gemm.py 2>&1 | tail -12
     timeout 60 "${cs[@]}" --tool $tool "${py[@]}" tests/test_flash.py -k "flash_v3 and not order" 2>&1 | tail -12
   done
 }
