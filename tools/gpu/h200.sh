@@ -71,6 +71,10 @@ stage_bench() {
   "${b[@]}" models --config long --models gpt_mini
 }
 
+stage_membw() {
+  for name in elementwise reduce softmax layernorm; do timeout 120 python3 -m camel.bench $name; done
+}
+
 stage_models() {
   timeout 200 python3 -m camel.bench models --config gpu
   timeout 100 python3 -m camel.bench models --config long --models gpt_mini
