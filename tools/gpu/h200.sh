@@ -71,6 +71,14 @@ stage_bench() {
   "${b[@]}" models --config long --models gpt_mini
 }
 
+stage_tune() {  # every rung and tuning variant at 4096^3: ms each, fastest first
+  timeout 200 python3 -c "
+from camel import autotune
+winner, times = autotune.tune([4096], reps=10, save=False)[4096]
+for v, ms in sorted(times.items(), key=lambda kv: kv[1]):
+    print(f'{v:>16} {ms:8.3f} ms {2 * 4096**3 / ms / 1e9:7.2f} TFLOP/s')"
+}
+
 stage_membw() {
   for name in elementwise reduce softmax layernorm; do timeout 120 python3 -m camel.bench $name; done
 }
