@@ -22,12 +22,18 @@ FLOPs count 4·T·T·D per (batch, head) (two matmuls), halved when causal, for 
 --heads H (default 16 on a GPU, 1 on the simulator) runs B = 1 with H heads per call.
 On the simulator (Linux) the times are CPU times of the simulator, NOT GPU timings; the
 default sizes are small (T = 256, 512, 1024, D = 64) and the table says so.
+
+`--source flash_v3` prints one rung's kernel on its own, specialised for D (the first of
+--dims, default 64): the template's bool flags and sizes substituted, the branches they
+switch off removed (camel/bench/source.py). `--diff flash_v2 flash_v3` prints what changed
+from one rung to the next. Neither needs a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from functools import partial
 
@@ -270,6 +276,38 @@ def table(rows, simulator: bool, device: str, reference: str = "naive", heads: i
     return "\n".join(lines)
 
 
+def rung_source(name: str, d: int = 64) -> str:
+    """The specialised MSL of one flash rung at head dim d, as `--source` prints it
+    ("flash_v6" is v6's default tile shape: the tuned one depends on the device)."""
+    from camel import flash
+    from camel.bench import source
+
+    key = name.strip().lower()
+    key = flash.DEFAULT_V6 if key in ("flash", "flash_v6") else key
+    if key not in flash.RUNGS:
+        raise ValueError(f"[attention] unknown rung {name!r}; valid: {', '.join(flash.names())}")
+    if d not in flash.HEAD_DIMS:
+        raise ValueError(f"[attention] head dim {d} has no kernel; built: {flash.HEAD_DIMS}")
+    rung = flash.RUNGS[key]
+    header = f"// python -m camel.bench attention --source {key} --dims {d}: {rung.what}"
+    return source.specialise(flash.SHADER, rung.kernel(d), header)
+
+
+def print_source(name, pair, d: int) -> int:
+    from camel.bench import source
+
+    try:
+        if pair:
+            a, b = (rung_source(n, d) for n in pair)
+            print(source.diff(a, b, pair[0], pair[1]), end="")
+        else:
+            print(rung_source(name, d), end="")
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     from camel import flash, metal
 
@@ -282,7 +320,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rungs", help="comma-separated rung names (default: all)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
     ap.add_argument("--heads", type=int, default=None, help="heads per call (batch is 1)")
+    ap.add_argument("--source", metavar="RUNG", help="print RUNG's kernel, specialised, and exit")
+    ap.add_argument("--diff", nargs=2, metavar=("R1", "R2"), help="diff two rungs' kernels")
     args = ap.parse_args(argv)
+    if args.source or args.diff:
+        d = int(args.dims.split(",")[0]) if args.dims else 64
+        return print_source(args.source, args.diff, d)
 
     if args.list:
         for rung in flash.RUNGS.values():

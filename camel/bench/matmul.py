@@ -11,6 +11,10 @@ On the simulator (Linux) the times are CPU times of the simulator, NOT GPU timin
 the default sizes are small; the table says so. `--markdown FILE` rewrites the results
 table in FILE between the `<!-- bench:matmul -->` markers (`make bench` does this for
 docs/stage3.md).
+
+`--source 6` prints one rung's kernel on its own, specialised (template parameters
+substituted, constant branches removed: camel/bench/source.py); `--diff 5 6` prints what
+changed from one rung to the next. Neither needs a GPU.
 """
 
 from __future__ import annotations
@@ -175,6 +179,31 @@ def plot(rows, path: str, simulator: bool) -> None:
     print(f"[bench] wrote {path}")
 
 
+def rung_source(version) -> str:
+    """The specialised MSL of one rung (or tuning variant), as `--source` prints it."""
+    from camel import gemm
+    from camel.bench import source
+
+    rung = gemm.get_rung(version)
+    header = f"// python -m camel.bench matmul --source {rung.version}: {rung.what}"
+    return source.specialise(gemm.SHADER, rung.kernel, header)
+
+
+def print_source(version, pair) -> int:
+    from camel.bench import source
+
+    try:
+        if pair:
+            a, b = (rung_source(v) for v in pair)
+            print(source.diff(a, b, f"v{pair[0]}", f"v{pair[1]}"), end="")
+        else:
+            print(rung_source(version), end="")
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     from camel import autotune, gemm, metal
 
@@ -188,7 +217,11 @@ def main(argv=None) -> int:
     ap.add_argument("--versions", help="comma-separated versions (default: all)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per size")
     ap.add_argument("--markdown", metavar="FILE", help="rewrite the table in FILE (make bench)")
+    ap.add_argument("--source", metavar="V", help="print rung V's kernel, specialised, and exit")
+    ap.add_argument("--diff", nargs=2, metavar=("V1", "V2"), help="diff two rungs' kernels")
     args = ap.parse_args(argv)
+    if args.source or args.diff:
+        return print_source(args.source, args.diff)
     if args.plot:  # before the run, not after minutes of timing
         try:
             import matplotlib  # noqa: F401
