@@ -13,7 +13,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import in_nan_slack, require_shim
+from conftest import asan_runtime_or_skip, in_nan_slack, require_shim
 
 import camel
 import camel.functional as F
@@ -334,3 +334,51 @@ def test_selection(monkeypatch, capsys):
     monkeypatch.setenv("CAMEL_ATTENTION", "flash_v7")
     with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v7' is unknown.*'flash_v6'"):
         F.scaled_dot_product_attention(*ts)
+
+
+# ---- the address sanitizer (a subprocess: ASan must be loaded before Python) ------------
+
+ASAN_SCRIPT = r"""
+import numpy as np
+from camel import flash, metal
+
+def at_end(arr):
+    # arr at the very end of its storage: a read one row past it lands in ASan's red zone
+    # (one head, so "the next head" does not exist either)
+    capacity = metal.Buffer(arr.nbytes + 64).capacity
+    buf = metal.Buffer(capacity)
+    d = metal.DeviceArray(arr.shape, np.float32, buf, offset=capacity - arr.nbytes)
+    d.numpy()[...] = arr
+    return d
+
+rng = np.random.default_rng(0)
+worst = 0.0
+for name in flash.RUNGS:
+    for t, s, d in ((17, 33, 32), (33, 17, 64), (70, 9, 32)):
+        for causal in (False, True):
+            q = rng.standard_normal((1, 1, t, d), dtype=np.float32)
+            k, v = (rng.standard_normal((1, 1, s, d), dtype=np.float32) for _ in "kv")
+            want = flash.reference_numpy(q, k, v, causal)[0]
+            out, _ = flash.forward(at_end(q), at_end(k), at_end(v), causal, rung=name)
+            worst = max(worst, float(np.nanmax(np.abs(out.numpy() - want))))
+print("max error", worst)
+print("ALL OK" if worst < 1e-4 else "MISMATCH")
+"""
+
+
+@pytest.mark.skipif(not metal.is_simulator(), reason="the sanitizer runs on the simulator")
+def test_every_forward_rung_under_address_sanitizer():
+    """No rung reads a key past S or a query past T: inputs end where their storage ends."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    asan = asan_runtime_or_skip()
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, CAMEL_SIM_SANITIZE="address", LD_PRELOAD=asan,
+               ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(root))  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert "AddressSanitizer" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and "ALL OK" in r.stdout, (r.stdout, r.stderr[-3000:])
