@@ -232,6 +232,11 @@ def test_wheel_tag_is_this_platform_and_any_python3(setup_py):
     """The wheel carries a native library: never tagged py3-none-any."""
     from setuptools.dist import Distribution
 
+    if "PlatformWheel" not in setup_py:  # setup.py defines it only where bdist_wheel exists
+        pytest.skip(
+            "no bdist_wheel in this environment (setuptools < 70.1 and no wheel "
+            "package); pip builds wheels in an environment of its own"
+        )
     cmd = setup_py["PlatformWheel"](Distribution({"name": "camel", "version": "0"}))
     cmd.finalize_options()
     python, abi, plat = cmd.get_tag()
