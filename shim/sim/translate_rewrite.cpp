@@ -449,6 +449,9 @@ struct Rewriter {
                 k = e - 1;
                 continue;
             }
+            if (x == "[" && tok.user && lambda_at(k))
+                error_at(k, "lambda expressions are not supported by Metal (MSL: C++14 features "
+                            "Metal lacks); write a helper function");
             if (x == "(" || x == "[") paren++;
             if (x == ")" || x == "]") paren--;
 
@@ -487,7 +490,10 @@ struct Rewriter {
                 continue;
             }
             if (x == ";" && !in_function() && (scopes.empty() || scopes.back().kind != INIT)) {
-                if (at_namespace() && stmt < k && S(stmt).user) declaration_ends(stmt, k, scopes);
+                if (at_namespace() && stmt < k && S(stmt).user) {
+                    declaration_ends(stmt, k, scopes);
+                    program_scope_variable(stmt, k);
+                }
                 stmt = k + 1;
                 paren = 0;
                 continue;
@@ -503,6 +509,13 @@ struct Rewriter {
             // ---- the portability guard --------------------------------
             guard(k);
 
+            // ---- what Apple's compiler rejects and clang would accept -----
+            if (in_function()) atomic_in_thread_memory(k);
+            if (x.compare(0, 13, "memory_order_") == 0 && x != "memory_order_relaxed" &&
+                enclosing_call(k) != "atomic_thread_fence")
+                error_at(k, "'" + x + "': Metal's atomic functions support only "
+                            "memory_order_relaxed (MSL, \"Atomic Functions\")");
+
             // ---- address spaces -----------------------------------------
             if (x == "device" || x == "thread") {
                 blank(k);
@@ -511,7 +524,14 @@ struct Rewriter {
                 bool has_static = k > 0 && (is(k - 1, "static") || is(k - 1, "constexpr"));
                 tok.out = top && !has_static ? "static const" : "const   ";
             } else if (x == "threadgroup") {
-                threadgroup(k, in_function());
+                bool kernel_body = false;
+                for (auto &sc : scopes)
+                    if (sc.kind == FUNCTION) {
+                        std::vector<Attr> attrs;
+                        kernel_body = is_kernel_statement(sc.stmt_start, sc.open, attrs);
+                        break;
+                    }
+                threadgroup(k, in_function(), kernel_body);
             } else if (x == "kernel" && !in_function()) {
                 blank(k);
             } else if ((x == "vertex" || x == "fragment") && !in_function() && at_namespace()) {
@@ -530,6 +550,107 @@ struct Rewriter {
             }
         }
         return errors.empty();
+    }
+
+    // '[' at k opens a lambda's capture list if it cannot be a subscript.
+    bool lambda_at(size_t k) {
+        if (k == 0 || is(k + 1, "[")) return false;
+        const Token &p = S(k - 1);
+        if (p.kind == IDENT) return p.text == "return";
+        static const char *const before[] = {"=", "(", ",", "{", ";", "?", ":", "}", "&&", "||",
+                                             nullptr};
+        for (const char *const *b = before; *b; b++)
+            if (p.text == *b) {
+                size_t e = match(k);  // [captures] then ( or {
+                return is(e, "(") || is(e, "{");
+            }
+        return false;
+    }
+
+    // The function whose argument list holds token k ("" if none).
+    std::string enclosing_call(size_t k) {
+        int depth = 0;
+        for (size_t j = k; j-- > 0;) {
+            const std::string &x = txt(j);
+            if (x == ")" || x == "]" || x == "}") depth++;
+            if (x == "(" || x == "[" || x == "{") {
+                if (depth == 0) return x == "(" && j > 0 && S(j - 1).kind == IDENT ? txt(j - 1) : "";
+                depth--;
+            }
+            if (x == ";" && depth == 0) return "";
+        }
+        return "";
+    }
+
+    static bool is_atomic_type(const std::string &x) {
+        return x == "atomic" || x == "atomic_int" || x == "atomic_uint" || x == "atomic_float" ||
+               x == "atomic_bool" || x == "atomic_long" || x == "atomic_ulong";
+    }
+
+    // atomic_int a; in a function body: an atomic in thread memory.
+    void atomic_in_thread_memory(size_t k) {
+        if (!is_atomic_type(txt(k)) || k == 0) return;
+        size_t s = k;
+        while (s > 0 && (is(s - 1, "const") || is(s - 1, "volatile") || is(s - 1, "thread"))) s--;
+        if (s == 0 || !(is(s - 1, ";") || is(s - 1, "{") || is(s - 1, "}"))) return;
+        size_t n = k + 1;
+        if (is(n, "<")) n = match(n);
+        if (n < sig.size() && S(n).kind == IDENT)
+            error_at(k, "'" + txt(n) + "': atomic types live in device or threadgroup memory; "
+                        "Metal does not support atomics in thread memory");
+    }
+
+    // A declaration at namespace scope (stmt..semi) that defines a variable
+    // must be in the constant address space (MSL, "Program Scope Variables").
+    void program_scope_variable(size_t stmt, size_t semi) {
+        static const char *const skip[] = {"using", "typedef", "template", "static_assert",
+                                           "namespace", "extern", "friend", nullptr};
+        for (const char *const *w = skip; *w; w++)
+            if (is(stmt, *w)) return;
+        int depth = 0;
+        bool constant = false, threadgroup_seen = false, after_class = false;
+        size_t name_at = 0;
+        for (size_t j = stmt; j < semi; j++) {
+            const std::string &x = txt(j);
+            if (x == "[" && is(j + 1, "[") && depth == 0) {
+                std::vector<Attr> a;
+                j = parse_attributes(j, a) - 1;
+                continue;
+            }
+            if (depth == 0 && (x == "(" || x == "=")) break;  // a function, or the initializer
+            if (x == "(" || x == "[" || x == "{" || x == "<") depth++;
+            if (x == ")" || x == "]" || x == "}" || x == ">") {
+                depth--;
+                if (depth == 0 && x == "}") after_class = true;
+            }
+            if (x == ">>") depth -= 2;
+            if (depth != 0 || S(j).kind != IDENT) continue;
+            if (x == "constant" || x == "constexpr") constant = true;
+            if (x == "threadgroup") threadgroup_seen = true;
+            name_at = j;
+        }
+        if (is(stmt, "struct") || is(stmt, "class") || is(stmt, "union") || is(stmt, "enum")) {
+            // struct S;  struct S { ... };  are types; struct S { ... } s; declares s
+            bool var = false;
+            int d = 0;
+            for (size_t j = stmt; j < semi && !var; j++) {
+                if (is(j, "{")) d++;
+                if (is(j, "}")) d--;
+                if (d == 0 && is(j, "}") && j + 1 < semi && S(j + 1).kind == IDENT) var = true;
+            }
+            if (!var) return;
+        } else if (after_class) {
+            return;  // float x{1.0f}; (not told apart from other braces here)
+        }
+        if (name_at == 0 || constant) return;
+        if (threadgroup_seen) {
+            error_at(stmt, "threadgroup variable '" + txt(name_at) + "' at program scope: MSL allows "
+                           "threadgroup variables only inside a kernel function");
+        } else {
+            error_at(stmt, "program scope variable '" + txt(name_at) + "' must reside in the "
+                           "constant address space (MSL, \"Program Scope Variables\"): write "
+                           "constant " + txt(stmt) + " ...");
+        }
     }
 
     // '(' at k starts a C-style cast if it cannot be a call or a declarator.
@@ -713,6 +834,15 @@ struct Rewriter {
             return;
         }
         if (!parse_params(paren_at, kn.params)) return;
+        bool width = false, per_simd = false;
+        for (auto &p : kn.params) {
+            width = width || p.builtin == "thread_execution_width";
+            per_simd = per_simd || p.builtin == "threads_per_simdgroup";
+        }
+        if (width && per_simd)
+            error(kn.line, "kernel '" + name + "' declares both [[thread_execution_width]] and "
+                           "[[threads_per_simdgroup]]; MSL makes them aliases of one builtin, so "
+                           "a kernel may use only one (prefer threads_per_simdgroup)");
         bool is_template = is(stmt, "template") && is(stmt + 1, "<");
         if (is_template) {
             kernel_templates[kn.qualified] = kn.params;
@@ -850,15 +980,46 @@ struct Rewriter {
                             "reference (e.g. constant uint &n [[buffer(2)]])");
             return false;
         }
+        if (p.kind == CAMEL_SIM_PARAM_BUFFER && !space_buf) {
+            error(line, "kernel parameter '" + p.name +
+                            "': a [[buffer]] argument must be a pointer or reference in the device "
+                            "or constant address space (MSL: buffers are device or constant), e.g. "
+                            "device float *x [[buffer(0)]]");
+            return false;
+        }
+        if (p.kind == CAMEL_SIM_PARAM_BUILTIN && !check_builtin_type(a, b, p, line)) return false;
         params.push_back(p);
         return true;
+    }
+
+    // The type of a builtin parameter (MSL, "Attributes for kernel function
+    // input arguments"): uint or ushort, and for the grid/threadgroup positions
+    // and sizes also uint2/3 or ushort2/3.
+    bool check_builtin_type(size_t a, size_t b, const Param &p, int line) {
+        std::string type;
+        for (size_t j = a; j < b; j++) {
+            if (is(j, "[") && is(j + 1, "[")) break;
+            const std::string &x = txt(j);
+            if (S(j).kind != IDENT || x == p.name || x == "const" || x == "thread") continue;
+            type += (type.empty() ? "" : " ") + x;
+        }
+        const BuiltinInfo *bi = find_builtin(p.builtin);
+        bool scalar = type == "uint" || type == "ushort" || type == "uint32_t" || type == "uint16_t" ||
+                      type == "unsigned" || type == "unsigned int" || type == "unsigned short";
+        bool vec = type == "uint2" || type == "uint3" || type == "ushort2" || type == "ushort3";
+        if (scalar || (bi->vector && vec)) return true;
+        error(line, "kernel parameter '" + p.name + "': [[" + p.builtin + "]] cannot be declared as '" +
+                        type + "'; MSL declares it as " +
+                        (bi->vector ? "uint, uint2, uint3, ushort, ushort2 or ushort3"
+                                    : "uint or ushort (a scalar)"));
+        return false;
     }
 
     // threadgroup at k. In a function body at the start of a declaration that
     // declares storage (no * or &), it becomes a reference into the group's
     // threadgroup memory: threadgroup float tile[16][16];
     //   -> auto &tile = *__camel_tg<float[16][16]>();
-    void threadgroup(size_t k, bool in_function) {
+    void threadgroup(size_t k, bool in_function, bool kernel_body) {
         bool stmt_start = k > 0 && (is(k - 1, ";") || is(k - 1, "{") || is(k - 1, "}"));
         if (!in_function || !stmt_start) {
             blank(k);
@@ -910,6 +1071,14 @@ struct Rewriter {
             blank(k);
             return;
         }
+        if (!kernel_body)
+            error_at(k, "threadgroup variable '" + txt(name_at) + "' declared in a helper function: "
+                        "MSL allows threadgroup variables only in a kernel function's body; "
+                        "declare it in the kernel and pass a threadgroup pointer");
+        for (size_t j = k + 1; j < name_at; j++)
+            if (is(j, "atomic_float") || (is(j, "atomic") && is(j + 1, "<") && is(j + 2, "float")))
+                error_at(k, "threadgroup atomic_float '" + txt(name_at) + "': Metal supports "
+                            "atomic_float in device memory only");
         if (target == TARGET_CUDA) {  // CUDA has the same thing: one allocation per declaration
             S(k).out = "__shared__";
             tg_storage.push_back(k);
