@@ -706,7 +706,7 @@ struct Rewriter {
             error_at(k, "'virtual' functions are not supported by Metal");
         } else if (x == "typeid" || x == "dynamic_cast") {
             error_at(k, "'" + x + "' (run-time type information) is not supported by Metal");
-        } else if (x == "thread_local" || x == "noexcept") {
+        } else if (x == "thread_local" || x == "noexcept" || x == "register") {
             error_at(k, "'" + x + "' is not supported by Metal");
         } else if (x == "goto") {
             error_at(k, "'goto' is not supported by Metal");
