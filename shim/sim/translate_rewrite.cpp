@@ -617,7 +617,8 @@ struct Rewriter {
                 j = parse_attributes(j, a) - 1;
                 continue;
             }
-            if (depth == 0 && (x == "(" || x == "=")) break;  // a function, or the initializer
+            if (depth == 0 && x == "(") return;  // a function declaration
+            if (depth == 0 && x == "=") break;   // the initializer
             if (x == "(" || x == "[" || x == "{" || x == "<") depth++;
             if (x == ")" || x == "]" || x == "}" || x == ">") {
                 depth--;
