@@ -38,9 +38,93 @@ SPEC_SIMD = "MSL 6.9.2: SIMD-group functions take scalar or vector types"
 SPEC_MATRIX = "MSL 2.3/6.7: simdgroup_matrix is 8x8 of half or float"
 SPEC_ATOMIC = "MSL 2.5/6.15: atomic types, atomic_float operations, memory_order_relaxed only"
 SPEC_ARRAYS = "MSL 1.5.4 / C++14: array sizes are constant expressions"
+SPEC_SPACES = "MSL 4.0: address spaces; a pointer or reference does not change address space"
 SPEC_KERNEL = "MSL 5.1.3: kernel functions return void; 5.2.1 buffer slots 0..30"
 
 REJECT = [
+    # ---- address spaces: no conversion between device, constant, threadgroup, thread ----
+    (
+        "device_to_thread_pointer",
+        "void f(thread float* p) { p[0] = 1; }\n" + _kernel("    f(x); // <-\n"),
+        "argument 1 of 'f': cannot convert device memory to thread",
+        SPEC_SPACES,
+    ),
+    (
+        "threadgroup_to_device_pointer",
+        "void f(device float* p) { p[0] = 1; }\n"
+        + _kernel("    threadgroup float t[4];\n    f(t); // <-\n"),
+        "cannot convert threadgroup memory to device",
+        SPEC_SPACES,
+    ),
+    (
+        "device_to_threadgroup_pointer",
+        "void f(threadgroup float* p) { p[0] = 1; }\n" + _kernel("    f(x); // <-\n"),
+        "cannot convert device memory to threadgroup",
+        SPEC_SPACES,
+    ),
+    (
+        "local_address_to_device",
+        "void f(device float* p) { p[0] = 1; }\n"
+        + _kernel("    float v = 0;\n    f(&v); // <-\n    x[i] = v;\n"),
+        "cannot convert thread memory to device",
+        SPEC_SPACES,
+    ),
+    (
+        "constant_member_to_thread_reference",
+        "float g(thread float& r) { return r; }\n"
+        + _kernel(
+            "    x[i] = g(c.x); // <-\n",
+            "device float* x [[buffer(0)]], constant float4& c [[buffer(1)]],\n"
+            "              uint i [[thread_position_in_grid]]",
+        ),
+        "argument 1 of 'g': cannot convert constant memory to thread",
+        SPEC_SPACES,
+    ),
+    (
+        "threadgroup_to_device_reference",
+        "void f(device float& r) { r = 1; }\n"
+        + _kernel("    threadgroup float t;\n    f(t); // <-\n"),
+        "cannot convert threadgroup memory to device",
+        SPEC_SPACES,
+    ),
+    (
+        "constant_to_device_pointer",
+        "void f(device const float* p, device float* o) { o[0] = p[0]; }\n"
+        + _kernel(
+            "    f(c, x); // <-\n", "device float* x [[buffer(0)]], constant float* c [[buffer(1)]]"
+        ),
+        "cannot convert constant memory to device",
+        SPEC_SPACES,
+    ),
+    (
+        "declare_threadgroup_from_device",
+        _kernel("    threadgroup float* p = x; // <-\n    p[0] = 0;\n"),
+        "'p': cannot convert device memory to threadgroup",
+        SPEC_SPACES,
+    ),
+    (
+        "declare_device_reference_to_local",
+        _kernel("    float v = 1;\n    device float& r = v; // <-\n    x[i] = r;\n"),
+        "'r': cannot convert thread memory to device",
+        SPEC_SPACES,
+    ),
+    (
+        "declare_thread_pointer_from_constant",
+        _kernel(
+            "    thread const float* p = c; // <-\n    x[0] = p[0];\n",
+            "device float* x [[buffer(0)]], constant float* c [[buffer(1)]]",
+        ),
+        "'p': cannot convert constant memory to thread",
+        SPEC_SPACES,
+    ),
+    (
+        "device_member_to_threadgroup_reference",
+        "struct S { float a; };\n"
+        "void f(threadgroup float& r) { r = 1; }\n"
+        + _kernel("    f(s->a); // <-\n", "device S* s [[buffer(0)]]"),
+        "cannot convert device memory to threadgroup",
+        SPEC_SPACES,
+    ),
     # ---- program-scope variables ------------------------------------------------------
     (
         "global_float",
@@ -155,7 +239,8 @@ REJECT = [
         "vla_buffer_size",
         _kernel(
             "    float t[n]; // <-\n    t[0] = 1;\n    x[i] = t[0];\n",
-            "device float* x [[buffer(0)]], constant uint& n [[buffer(1)]], uint i [[thread_position_in_grid]]",
+            "device float* x [[buffer(0)]], constant uint& n "
+            "[[buffer(1)]], uint i [[thread_position_in_grid]]",
         ),
         "variable length array",
         SPEC_ARRAYS,
@@ -170,7 +255,8 @@ REJECT = [
         "vla_second_dim",
         _kernel(
             "    float t[4][n]; // <-\n    t[0][0] = 1;\n    x[i] = t[0][0];\n",
-            "device float* x [[buffer(0)]], constant uint& n [[buffer(1)]], uint i [[thread_position_in_grid]]",
+            "device float* x [[buffer(0)]], constant uint& n "
+            "[[buffer(1)]], uint i [[thread_position_in_grid]]",
         ),
         "variable length array",
         SPEC_ARRAYS,
@@ -216,7 +302,8 @@ REJECT = [
         "buffer_threadgroup_pointer",
         _kernel(
             "    x[i] = t[0];\n",
-            "device float* x [[buffer(0)]],\n              threadgroup float* t [[buffer(1)]], // <-\n"
+            "device float* x [[buffer(0)]],\n"
+            "              threadgroup float* t [[buffer(1)]], // <-\n"
             "              uint i [[thread_position_in_grid]]",
         ),
         "'t': a [[buffer]] argument must be",
@@ -280,7 +367,8 @@ REJECT = [
             "device float* x [[buffer(0)]],\n"
             "              uint2 t [[thread_index_in_threadgroup]] // <-\n",
         ),
-        "[[thread_index_in_threadgroup]] cannot be declared as 'uint2'; MSL declares it as uint or ushort",
+        "[[thread_index_in_threadgroup]] cannot be declared "
+        "as 'uint2'; MSL declares it as uint or ushort",
         SPEC_BUILTIN,
     ),
     (
@@ -346,7 +434,8 @@ REJECT = [
     (
         "width_and_simd_width",
         "kernel void k(device float* x [[buffer(0)]], // <-\n"
-        "              uint a [[thread_execution_width]],\n              uint b [[threads_per_simdgroup]]) {\n"
+        "              uint a [[thread_execution_width]],\n"
+        "              uint b [[threads_per_simdgroup]]) {\n"
         "    x[0] = a + b;\n}\n",
         "declares both [[thread_execution_width]] and [[threads_per_simdgroup]]",
         "MSL 5.2.3.6: the two are aliases of one builtin (Apple forum 708854)",
@@ -757,9 +846,32 @@ def _check_width(lib):
     np.testing.assert_array_equal(out.numpy(), [32] * 4)
 
 
+def _check_spaces(lib):
+    c = np.array([1, 2, 3, 4], np.float32)
+    y = _dev(X33)
+    lib.function("k")(y, c, threads=33, threads_per_threadgroup=11)
+    np.testing.assert_allclose(y.numpy(), X33 + 1 + 10 + 2)
+
+
 TABLE = np.array([1, 2, 4, 8], np.float32)
 
 ACCEPT = [
+    (
+        "address_spaces_that_match",
+        "void put(device float* p, float v) { p[0] = v; }\n"
+        "float get(thread const float& r) { return r; }\n"
+        "float first(threadgroup const float* t) { return t[0]; }\n"
+        "float read(constant float4& c) { return c.y; }\n"
+        "kernel void k(device float* x [[buffer(0)]], constant float4& c [[buffer(1)]],\n"
+        "              uint i [[thread_position_in_grid]], "
+        "uint lid [[thread_index_in_threadgroup]]) {\n"
+        "    threadgroup float t[1];\n    if (lid == 0) t[0] = 10;\n"
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
+        "    float v = c.x;\n    device float* q = x + i;\n"
+        "    float w = get(v) + first(t) + read(c);\n"
+        "    put(q, x[i] + w);\n}\n",
+        lambda lib: _check_spaces(lib),
+    ),
     (
         "constant_table",
         "constant float table[4] = {1, 2, 4, 8};\n" + _kernel("    x[i] = x[i] * table[i & 3];\n"),
@@ -796,7 +908,8 @@ ACCEPT = [
         "    for (uint s = n / 2; s > 0; s /= 2) {\n        if (lid < s) t[lid] += t[lid + s];\n"
         "        threadgroup_barrier(mem_flags::mem_threadgroup);\n    }\n    return t[0];\n}\n"
         "kernel void k(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],\n"
-        "              uint gid [[thread_position_in_grid]], ushort lid [[thread_position_in_threadgroup]],\n"
+        "              uint gid [[thread_position_in_grid]], "
+        "ushort lid [[thread_position_in_threadgroup]],\n"
         "              uint g [[threadgroup_position_in_grid]]) {\n    threadgroup float t[32];\n"
         "    t[lid] = x[gid];\n    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
         "    float s = group_sum(t, lid, 32);\n    if (lid == 0) out[g] = s;\n}\n",
@@ -805,9 +918,12 @@ ACCEPT = [
     (
         "threadgroup_in_kernel_template",
         "template <uint N>\nkernel void kt(device float* x [[buffer(0)]],\n"
-        "               uint i [[thread_position_in_grid]], uint lid [[thread_index_in_threadgroup]]) {\n"
-        "    threadgroup float t[N];\n    t[lid] = x[i];\n    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
-        '    x[i] = t[N - 1 - lid];\n}\ntemplate [[host_name("k")]] kernel void kt<11>(device float*, uint, uint);\n',
+        "               uint i [[thread_position_in_grid]], "
+        "uint lid [[thread_index_in_threadgroup]]) {\n"
+        "    threadgroup float t[N];\n    t[lid] = x[i];\n"
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
+        "    x[i] = t[N - 1 - lid];\n}\n"
+        'template [[host_name("k")]] kernel void kt<11>(device float*, uint, uint);\n',
         _check(lambda x: x.reshape(3, 11)[:, ::-1].ravel(), tg=11),
     ),
     (
@@ -828,15 +944,18 @@ ACCEPT = [
     (
         "device_atomic_float_add",
         "kernel void k(device const float* x [[buffer(0)]],\n"
-        "              device atomic_float* total [[buffer(1)]], uint i [[thread_position_in_grid]]) {\n"
+        "              device atomic_float* total "
+        "[[buffer(1)]], uint i [[thread_position_in_grid]]) {\n"
         "    atomic_fetch_add_explicit(total, x[i], memory_order_relaxed);\n}\n",
         _check_atomic_sum,
     ),
     (
         "threadgroup_atomic_int",
         "kernel void k(device uint* out [[buffer(0)]],\n"
-        "              uint lid [[thread_index_in_threadgroup]], uint g [[threadgroup_position_in_grid]]) {\n"
-        "    threadgroup atomic_uint count;\n    if (lid == 0) atomic_store_explicit(&count, 0u, memory_order_relaxed);\n"
+        "              uint lid [[thread_index_in_threadgroup]], "
+        "uint g [[threadgroup_position_in_grid]]) {\n"
+        "    threadgroup atomic_uint count;\n"
+        "    if (lid == 0) atomic_store_explicit(&count, 0u, memory_order_relaxed);\n"
         "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
         "    atomic_fetch_add_explicit(&count, 1u, memory_order_relaxed);\n"
         "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
@@ -892,7 +1011,8 @@ ACCEPT = [
         "kernel void k(device atomic_int* a [[buffer(0)]],\n"
         "              uint i [[thread_position_in_grid]]) {\n"
         "    int old = atomic_exchange_explicit(a + i, 5, memory_order_relaxed);\n"
-        "    int want = 5;\n    atomic_compare_exchange_weak_explicit(a + i, &want, old + 5, memory_order_relaxed,\n"
+        "    int want = 5;\n"
+        "    atomic_compare_exchange_weak_explicit(a + i, &want, old + 5, memory_order_relaxed,\n"
         "                                          memory_order_relaxed);\n}\n",
         lambda lib: np.testing.assert_array_equal(
             _run_1d(lib, np.arange(7, dtype=np.int32), tg=7), np.arange(7) + 5
@@ -903,7 +1023,8 @@ ACCEPT = [
         "struct Acc {\n    float s = 0;\n    void add(float v) { s += v; }\n};\n"
         "struct Out { float a, b; };\n"
         "kernel void k(device Out* o [[buffer(0)]], uint i [[thread_position_in_grid]]) {\n"
-        "    Acc acc;\n    acc.add(o[i].a);\n    acc.add(o[i].b);\n    Out r = {acc.s, o[i].a};\n    o[i] = r;\n}\n",
+        "    Acc acc;\n    acc.add(o[i].a);\n    acc.add(o[i].b);\n"
+        "    Out r = {acc.s, o[i].a};\n    o[i] = r;\n}\n",
         lambda lib: np.testing.assert_array_equal(
             _run_1d(lib, np.arange(10, dtype=np.float32), n=5, tg=5),
             np.array([[1, 0], [5, 2], [9, 4], [13, 6], [17, 8]], np.float32).ravel(),

@@ -336,6 +336,7 @@ struct Scope {
 struct FunctionInfo {
     size_t body_begin, body_end;  // sig indices, '{' .. '}'
     int line;
+    size_t stmt = 0;              // sig index of the statement that declares it
 };
 
 struct Rewriter {
@@ -476,7 +477,7 @@ struct Rewriter {
                 Scope s = scopes.back();
                 scopes.pop_back();
                 if (s.kind == FUNCTION) {
-                    if (tok.user) functions[s.name].push_back({s.open, k, S(s.open).line});
+                    if (tok.user) functions[s.name].push_back({s.open, k, S(s.open).line, s.stmt_start});
                     stmt = k + 1;
                     paren = 0;
                 } else if (s.kind == NAMESPACE) {
@@ -1122,6 +1123,220 @@ struct Rewriter {
         }
     }
 
+    // ---- address spaces (MSL 4: device, constant, threadgroup, thread) -----
+    // The rewrite erases address spaces, so clang cannot see a mismatch. A
+    // token-level check for the plain cases: a variable whose address space is
+    // written in its declaration (a pointer or reference with device, constant,
+    // threadgroup or thread; a local object, which is thread) passed as a bare
+    // name, &name or name.member / name->member to a parameter of a user
+    // function defined once (not a template, not overloaded) whose pointer or
+    // reference names another address space, or used to initialise such a
+    // pointer or reference. Expressions, templates and overloads are not checked.
+    struct Var {
+        std::string space;  // of what the name points or refers to, or of the object
+        bool indirect;      // a pointer or reference (else an object)
+        bool pointer;
+    };
+    static bool is_space(const std::string &x) {
+        return x == "device" || x == "constant" || x == "threadgroup" || x == "thread";
+    }
+
+    // A declaration at sig index j: [space] [const|volatile]* type [*|&] name.
+    // Returns the index of the name (0 if none) and fills v.
+    size_t parse_decl(size_t j, size_t end, Var &v) {
+        v = Var{"thread", false, false};
+        bool explicit_space = false;
+        size_t n = j;
+        while (n < end && (is_space(txt(n)) || is(n, "const") || is(n, "volatile"))) {
+            if (is_space(txt(n))) {
+                v.space = txt(n);
+                explicit_space = true;
+            }
+            n++;
+        }
+        if (n >= end || S(n).kind != IDENT) return 0;
+        n++;  // the type
+        while (n + 1 < end && is(n, "::") && S(n + 1).kind == IDENT) n += 2;
+        if (is(n, "<")) {  // template arguments, within this statement (else a comparison)
+            int d = 0;
+            size_t m = n;
+            for (; m < end; m++) {
+                if (is(m, "<")) d++;
+                if (is(m, ">")) d--;
+                if (is(m, ">>")) d -= 2;
+                if (is(m, ";") || is(m, "{") || is(m, "}") || is(m, "(") || is(m, ")") || d < 0)
+                    return 0;
+                if (d == 0) break;
+            }
+            if (m >= end) return 0;
+            n = m + 1;
+        }
+        while (n < end && (is_space(txt(n)) || is(n, "const") || is(n, "volatile"))) {
+            if (is_space(txt(n))) {
+                v.space = txt(n);
+                explicit_space = true;
+            }
+            n++;
+        }
+        if (is(n, "*") || is(n, "&")) {
+            v.indirect = true;
+            v.pointer = is(n, "*");
+            n++;
+            if (is(n, "*") || is(n, "&")) return 0;  // pointer to pointer: not checked
+            while (is(n, "const") || is(n, "volatile")) n++;
+            if (!explicit_space) return 0;  // a template or generic pointer: not checked
+        } else if (explicit_space && v.space != "thread" && v.space != "threadgroup") {
+            return 0;
+        }
+        if (n < end && S(n).kind == IDENT && (is(n + 1, ";") || is(n + 1, "=") || is(n + 1, ",") ||
+                                              is(n + 1, ")") || is(n + 1, "[") || is(n + 1, "{"))) {
+            if (is(n + 1, "[") && !is(n + 2, "[") && !v.indirect) {
+                v.indirect = v.pointer = true;  // an array: its name is a pointer into its space
+            }
+            return n;
+        }
+        return 0;
+    }
+
+    // What an argument expression a..b refers to: the address space of the
+    // memory it points or refers to, and whether it is a pointer value.
+    bool arg_space(size_t a, size_t b, const std::map<std::string, Var> &vars, std::string &space,
+                   bool &pointer) {
+        bool addr = is(a, "&");
+        if (addr) a++;
+        if (a >= b || S(a).kind != IDENT) return false;
+        auto it = vars.find(txt(a));
+        if (it == vars.end()) return false;
+        const Var &v = it->second;
+        if (a + 1 == b) {  // name
+            space = v.space;
+            pointer = addr || v.pointer;
+            return !(addr && v.pointer);  // &p: a pointer to a pointer, not checked
+        }
+        if (a + 3 == b && (is(a + 1, ".") || is(a + 1, "->")) && S(a + 2).kind == IDENT) {
+            if (is(a + 1, "->") != v.pointer) return false;
+            space = v.space;  // a member lives where its object lives
+            pointer = addr;
+            return true;
+        }
+        return false;
+    }
+
+    void mismatch(size_t at, const std::string &what, const std::string &from, const std::string &to) {
+        error_at(at, what + ": cannot convert " + from + " memory to " + to + " (MSL 4: pointers and "
+                     "references keep their address space; device, constant, threadgroup and "
+                     "thread memory do not convert into one another)");
+    }
+
+    void check_address_spaces() {
+        // parameters of the functions defined once, not templates
+        std::map<std::string, std::vector<Var>> sigs;
+        std::map<std::string, std::vector<bool>> checked;  // per parameter: has an explicit space
+        std::map<std::string, size_t> params_at;
+        for (auto &f : functions) {
+            if (f.second.size() != 1) continue;
+            const FunctionInfo &fi = f.second[0];
+            if (is(fi.stmt, "template")) continue;
+            size_t close = fi.body_begin;
+            while (close > fi.stmt && !is(close, ")")) close--;
+            if (!is(close, ")")) continue;
+            size_t open = close;
+            int depth = 0;
+            for (; open > fi.stmt; open--) {
+                if (is(open, ")")) depth++;
+                if (is(open, "(")) depth--;
+                if (depth == 0) break;
+            }
+            if (!is(open, "(") || S(open - 1).kind != IDENT || txt(open - 1) != f.first) continue;
+            params_at[f.first] = open;
+            std::vector<Var> ps;
+            std::vector<bool> ok;
+            size_t j = open + 1;
+            while (j < close) {
+                size_t e = j;
+                int d = 0;
+                while (e < close && !(d == 0 && is(e, ","))) {
+                    if (is(e, "(") || is(e, "<") || is(e, "[")) d++;
+                    if (is(e, ")") || is(e, ">") || is(e, "]")) d--;
+                    e++;
+                }
+                Var v;
+                size_t name = parse_decl(j, e + 1, v);
+                ps.push_back(v);
+                ok.push_back(name != 0 && v.indirect);
+                j = e + 1;
+            }
+            sigs[f.first] = ps;
+            checked[f.first] = ok;
+        }
+        for (auto &f : functions) {
+            for (auto &fi : f.second) {
+                std::map<std::string, Var> vars;
+                auto pa = params_at.find(f.first);
+                if (pa != params_at.end() && f.second.size() == 1) {
+                    size_t open = pa->second, close = match(open) - 1, j = open + 1;
+                    while (j < close) {  // the function's own parameters
+                        size_t e = j;
+                        int d = 0;
+                        while (e < close && !(d == 0 && is(e, ","))) {
+                            if (is(e, "(") || is(e, "<") || is(e, "[")) d++;
+                            if (is(e, ")") || is(e, ">") || is(e, "]")) d--;
+                            e++;
+                        }
+                        Var v;
+                        size_t name = parse_decl(j, e + 1, v);
+                        if (name && (v.indirect || v.space == "thread")) vars[txt(name)] = v;
+                        j = e + 1;
+                    }
+                }
+                for (size_t j = fi.body_begin + 1; j < fi.body_end; j++) {
+                    bool start = is(j - 1, ";") || is(j - 1, "{") || is(j - 1, "}") || is(j - 1, "(");
+                    if (start && S(j).kind == IDENT && !is(j, "return") && !is(j, "else") &&
+                        !is(j, "case") && !is(j, "typedef") && !is(j, "using")) {
+                        Var v;
+                        size_t name = parse_decl(j, fi.body_end, v);
+                        if (name) {
+                            vars[txt(name)] = v;
+                            if (v.indirect && is(name + 1, "=")) {  // T *p = q;  T &r = x.m;
+                                size_t e = name + 2;
+                                while (e < fi.body_end && !is(e, ";") && !is(e, ",")) e++;
+                                std::string sp;
+                                bool ptr = false;
+                                if (arg_space(name + 2, e, vars, sp, ptr) && ptr == v.pointer &&
+                                    sp != v.space)
+                                    mismatch(name, "'" + txt(name) + "'", sp, v.space);
+                            }
+                        }
+                    }
+                    // a call of a user function: f(a, b)
+                    if (S(j).kind != IDENT || !is(j + 1, "(") || (j > 0 && (is(j - 1, ".") ||
+                        is(j - 1, "->") || is(j - 1, "::"))))
+                        continue;
+                    auto sg = sigs.find(txt(j));
+                    if (sg == sigs.end()) continue;
+                    size_t close = match(j + 1) - 1, a = j + 2;
+                    for (size_t i = 0; a <= close && i < sg->second.size(); i++) {
+                        size_t e = a;
+                        int d = 0;
+                        while (e < close && !(d == 0 && is(e, ","))) {
+                            if (is(e, "(") || is(e, "<") || is(e, "[")) d++;
+                            if (is(e, ")") || is(e, ">") || is(e, "]")) d--;
+                            e++;
+                        }
+                        const Var &p = sg->second[i];
+                        std::string sp;
+                        bool ptr = false;
+                        if (checked[txt(j)][i] && arg_space(a, e, vars, sp, ptr) && ptr == p.pointer &&
+                            sp != p.space)
+                            mismatch(a, "argument " + std::to_string(i + 1) + " of '" + txt(j) + "'",
+                                     sp, p.space);
+                        a = e + 1;
+                    }
+                }
+            }
+        }
+    }
+
     // Does a function (by name) reach a barrier or a SIMD-group op (fibers),
     // or declare threadgroup variables (tg), directly or through other user
     // functions? Both need the runtime's view of the current thread.
@@ -1420,6 +1635,7 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
     }
     rw.run();
     rw.check_recursion();
+    rw.check_address_spaces();
     kernels.clear();
     std::string generated = target == TARGET_CUDA ? rw.generate_cuda(kernels) : rw.generate();
     if (!rw.errors.empty()) {
