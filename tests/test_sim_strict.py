@@ -471,6 +471,20 @@ REJECT = [
         "reductions take a scalar or vector type",
         SPEC_SIMD,
     ),
+    (
+        "simd_shuffle_struct",
+        "struct P { float a; };\n"
+        + _kernel("    P p = {x[i]};\n    P s = simd_shuffle_down(p, 1); // <-\n    x[i] = s.a;\n"),
+        "shuffles and broadcasts take a scalar or vector type",
+        SPEC_SIMD,
+    ),
+    (
+        "simd_broadcast_struct",
+        "struct P { float a; };\n"
+        + _kernel("    P p = {x[i]};\n    P s = simd_broadcast(p, 0); // <-\n    x[i] = s.a;\n"),
+        "shuffles and broadcasts take a scalar or vector type",
+        SPEC_SIMD,
+    ),
     # ---- simdgroup_matrix types and sizes -----------------------------------------------
     (
         "matrix_int",

@@ -941,6 +941,9 @@ enum __camel_shuffle_kind { __camel_idx, __camel_up, __camel_down, __camel_xor, 
                             __camel_rot_down, __camel_first };
 template <class T, int Kind, int G>
 int __camel_resolve_shuffle(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
+    static_assert(__is_arithmetic(typename __camel_vt<T>::elem),
+                  "MSL: SIMD-group and quad-group shuffles and broadcasts take a scalar or vector type, "
+                  "not a struct");
     T result[32];
     for (int l = 0; l < 32; l++) {
         if (!(mask & (1u << l))) continue;
