@@ -1076,3 +1076,51 @@ def test_strict_rejects(case):
 
 def test_enough_snippets():
     assert len(REJECT) >= 60 and len(ACCEPT) >= 15
+
+
+# ---- Apple's component headers: <metal_stdlib> is their union ---------------------------
+# (header, a statement using something it declares, NumPy's value of x for input x)
+COMPONENT_HEADERS = [
+    ("metal_math", "    x[i] = exp(x[i] * 0.1f);\n", lambda x: np.exp(x * 0.1)),
+    ("metal_common", "    x[i] = clamp(x[i], -2.0f, 3.0f);\n", lambda x: np.clip(x, -2, 3)),
+    (
+        "metal_integer",
+        "    x[i] = float(popcount(uint(i)));\n",
+        lambda x: np.array([bin(j).count("1") for j in range(x.size)], np.float32),
+    ),
+    (
+        "metal_relational",
+        "    x[i] = select(x[i], 0.0f, x[i] < 0);\n",
+        lambda x: np.where(x < 0, 0, x),
+    ),
+    ("metal_geometric", "    x[i] = dot(float2(x[i], 1), float2(2, 3));\n", lambda x: 2 * x + 3),
+    ("metal_limits", "    x[i] = min(x[i], numeric_limits<float>::max());\n", lambda x: x),
+    (
+        "metal_compute",
+        "    threadgroup_barrier(mem_flags::mem_none);\n    x[i] += 1;\n",
+        lambda x: x + 1,
+    ),
+    ("metal_simdgroup", "    x[i] = simd_sum(1.0f);\n", lambda x: np.float32([32] * 32 + [1])),
+    (
+        "metal_atomic",
+        "    x[i] = atomic_load_explicit((device atomic_float*)x + i, memory_order_relaxed);\n",
+        lambda x: x,
+    ),
+    (
+        "metal_simdgroup_matrix",
+        "    simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8, 8>(2.0f);\n"
+        "    (void)m;\n",
+        lambda x: x,
+    ),
+    ("metal_types", "    float4 v = float4(x[i]);\n    x[i] = v.w;\n", lambda x: x),
+]
+
+
+@pytest.mark.parametrize("case", COMPONENT_HEADERS, ids=[c[0] for c in COMPONENT_HEADERS])
+def test_component_headers(case):
+    header, body, want = case
+    src = f"#include <{header}>\nusing namespace metal;\n" + _kernel(body)
+    lib = metal.compile(src, "headers.metal")
+    y = _dev(X33)
+    lib.function("k")(y, threads=33, threads_per_threadgroup=32)
+    np.testing.assert_allclose(y.numpy(), want(X33), rtol=1e-6)
