@@ -228,12 +228,6 @@ REJECT = [
         "threadgroup atomic_float 's'",
         SPEC_ATOMIC,
     ),
-    (
-        "tg_initialiser",
-        _kernel("    threadgroup float t = 0.0f; // <-\n    x[i] = t;\n"),
-        "threadgroup variables cannot have initializers",
-        SPEC_TG,
-    ),
     # ---- variable-length arrays ---------------------------------------------------------
     (
         "vla_buffer_size",
@@ -708,9 +702,9 @@ REJECT = [
         SPEC_RESTRICT,
     ),
     (
-        "noexcept",
-        "inline float f(float v) noexcept { return v; } // <-\n" + _kernel("    x[i] = f(x[i]);\n"),
-        "'noexcept' is not supported",
+        "noexcept_operator",
+        _kernel("    bool b = noexcept(x[i] + 1); // <-\n    x[i] = b;\n"),
+        "the 'noexcept' operator is not supported by Metal",
         SPEC_RESTRICT,
     ),
     (
@@ -870,6 +864,14 @@ def _check_spaces(lib):
 TABLE = np.array([1, 2, 4, 8], np.float32)
 
 ACCEPT = [
+    (
+        "noexcept_specifier",
+        "struct Scale {\n    float s;\n"
+        "    float apply(float v) const noexcept { return s * v; }\n};\n"
+        "inline float twice(float v) noexcept { return 2 * v; }\n"
+        + _kernel("    Scale sc{3.0f};\n    x[i] = sc.apply(twice(x[i]));\n"),
+        _check(lambda x: 6 * x),
+    ),
     (
         "address_spaces_that_match",
         "void put(device float* p, float v) { p[0] = v; }\n"

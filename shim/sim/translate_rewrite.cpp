@@ -708,7 +708,12 @@ struct Rewriter {
             error_at(k, "'virtual' functions are not supported by Metal");
         } else if (x == "typeid" || x == "dynamic_cast") {
             error_at(k, "'" + x + "' (run-time type information) is not supported by Metal");
-        } else if (x == "thread_local" || x == "noexcept" || x == "register") {
+        } else if (x == "noexcept") {
+            // MSL lacks the noexcept operator; Apple accepts the specifier: f() const noexcept
+            bool specifier = k > 0 && (is(k - 1, ")") || is(k - 1, "const") || is(k - 1, "&") ||
+                                       is(k - 1, "&&") || is(k - 1, "volatile"));
+            if (!specifier) error_at(k, "the 'noexcept' operator is not supported by Metal");
+        } else if (x == "thread_local" || x == "register") {
             error_at(k, "'" + x + "' is not supported by Metal");
         } else if (x == "goto") {
             error_at(k, "'goto' is not supported by Metal");
