@@ -865,6 +865,19 @@ TABLE = np.array([1, 2, 4, 8], np.float32)
 
 ACCEPT = [
     (
+        "metal_func_helper_with_barrier",
+        "METAL_FUNC float neighbour(threadgroup float* t, uint lid) {\n"
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n    return t[(lid + 1) % 32];\n}\n"
+        "kernel void k(device float* x [[buffer(0)]], uint i [[thread_position_in_grid]],\n"
+        "              uint lid [[thread_index_in_threadgroup]]) {\n"
+        "    threadgroup float t[32];\n    t[lid] = x[i];\n    float v = neighbour(t, lid);\n"
+        "    x[i] = v;\n}\n",
+        lambda lib: np.testing.assert_array_equal(
+            _run_1d(lib, np.arange(64, dtype=np.float32)),
+            np.roll(np.arange(64, dtype=np.float32).reshape(2, 32), -1, axis=1).ravel(),
+        ),
+    ),
+    (
         "noexcept_specifier",
         "struct Scale {\n    float s;\n"
         "    float apply(float v) const noexcept { return s * v; }\n};\n"

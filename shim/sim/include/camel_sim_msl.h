@@ -266,6 +266,11 @@ extern "C++" inline int printf(const char *fmt, ...) {
 // ---------------------------------------------------------------------------
 // Constants
 // ---------------------------------------------------------------------------
+// Apple's headers define METAL_FUNC as inline + always_inline; plain inline here
+// (an always_inline helper would hide its barriers from the rewrite's analysis)
+#ifndef METAL_FUNC
+#define METAL_FUNC inline
+#endif
 #define MAXFLOAT 0x1.fffffep+127f
 #define HUGE_VALF __builtin_huge_valf()
 #define INFINITY __builtin_inff()
