@@ -1139,3 +1139,35 @@ def test_component_headers(case):
     y = _dev(X33)
     lib.function("k")(y, threads=33, threads_per_threadgroup=32)
     np.testing.assert_allclose(y.numpy(), want(X33), rtol=1e-6)
+
+
+# ---- kernel template instantiations -------------------------------------------------------
+SCALE_TEMPLATE = (
+    "namespace ns {\ntemplate <typename T>\n"
+    "kernel void scale(device T* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {\n"
+    "    x[i] = x[i] * T(2);\n}\n}\n"
+)
+
+
+def test_decltype_instantiation_registers_the_kernel():
+    src = HEADER + SCALE_TEMPLATE
+    for name, t in [("scale_f32", "float"), ("scale_f16", "half")]:
+        src += f'template [[host_name("{name}")]] [[kernel]] decltype(ns::scale<{t}>) ns::scale<{t}>;\n'
+    lib = metal.compile(src, "inst.metal")
+    assert sorted(lib.function_names) == ["scale_f16", "scale_f32"]
+    for name, dtype in [("scale_f32", np.float32), ("scale_f16", np.float16)]:
+        x = _dev(np.arange(7, dtype=dtype))
+        lib.function(name)(x, threads=7, threads_per_threadgroup=7)
+        np.testing.assert_array_equal(x.numpy(), 2 * np.arange(7, dtype=dtype))
+
+
+def test_instantiation_that_would_register_no_kernel_is_an_error():
+    # Apple accepts this typedef form; the simulator cannot see the parameters,
+    # so it says so instead of silently registering nothing
+    src = HEADER + SCALE_TEMPLATE + "typedef decltype(ns::scale<float>) scale_t;\n"
+    src += 'template [[host_name("scale_f32")]] kernel scale_t ns::scale<float>;\n'
+    with pytest.raises(metal.CompileError) as info:
+        metal.compile(src + f"// {uuid.uuid4().hex}\n", "inst.metal")
+    msg = str(info.value)
+    assert "inst.metal:10: this form of kernel instantiation is not supported" in msg, msg
+    assert "would register no kernel" in msg

@@ -870,6 +870,29 @@ struct Rewriter {
         bool kernel = is_kernel_statement(stmt, semi, attrs);
         size_t paren_at = 0, name_at = 0;
         std::string name = function_name(stmt, semi, &paren_at, &name_at);
+        if (name == "decltype") {
+            // template [[host_name("k")]] [[kernel]] decltype(f<float>) f<float>;
+            size_t close = match(paren_at);
+            if (close < semi && S(close).kind == IDENT) {
+                name_at = close;
+                name = txt(close);
+                paren_at = semi;
+                while (name_at + 2 < semi && is(name_at + 1, "::") && S(name_at + 2).kind == IDENT) {
+                    name_at += 2;
+                    name = txt(name_at);
+                }
+            }
+        }
+        bool host_named = false;
+        for (auto &a : attrs) host_named = host_named || a.name == "host_name";
+        if (name.empty() && (kernel || host_named)) {
+            // template [[host_name("k")]] kernel k_t k<float>;  would register nothing
+            error_at(stmt, "this form of kernel instantiation is not supported by " + shim +
+                               " (it would register no kernel); write template "
+                               "[[host_name(\"k\")]] [[kernel]] decltype(f<T>) f<T>; or repeat "
+                               "the signature: template [[host_name(\"k\")]] kernel void f<T>(...);");
+            return;
+        }
         if (name.empty()) return;
         std::string written = name;  // template ... void ns::f<float>(...): "ns::f"
         for (size_t n = name_at; n >= stmt + 2 && is(n - 1, "::") && S(n - 2).kind == IDENT; n -= 2)
