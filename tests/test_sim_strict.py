@@ -1152,7 +1152,8 @@ SCALE_TEMPLATE = (
 def test_decltype_instantiation_registers_the_kernel():
     src = HEADER + SCALE_TEMPLATE
     for name, t in [("scale_f32", "float"), ("scale_f16", "half")]:
-        src += f'template [[host_name("{name}")]] [[kernel]] decltype(ns::scale<{t}>) ns::scale<{t}>;\n'
+        src += f'template [[host_name("{name}")]] [[kernel]] '
+        src += f"decltype(ns::scale<{t}>) ns::scale<{t}>;\n"
     lib = metal.compile(src, "inst.metal")
     assert sorted(lib.function_names) == ["scale_f16", "scale_f32"]
     for name, dtype in [("scale_f32", np.float32), ("scale_f16", np.float16)]:
