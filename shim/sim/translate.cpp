@@ -462,7 +462,8 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
                                    "-shared", "-fno-exceptions", "-fno-rtti",
                                    "-fno-threadsafe-statics", "-fvisibility=hidden",
                                    "-fno-math-errno", "-ffp-contract=on", "-nostdlib++",
-                                   "-Wno-unused-value", "-Wno-unknown-pragmas", "-ferror-limit=20"};
+                                   "-Wno-unused-value", "-Wno-unknown-pragmas", "-ferror-limit=20",
+                                   "-Werror=vla"};  // MSL has no variable-length arrays
     if (half_rounding_flag(cxx, log_file))
         cc.insert(cc.end(), {"-Xclang", "-ffloat16-excess-precision=none"});
     if (!sanitize.empty()) {
@@ -488,6 +489,13 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     read_file(log_file, clang_log);
     replace_all(clang_log, cpp_file, display);
     clang_log = tidy_log(clang_log, display, src, inc);
+    // -Werror=vla: clang 18+ names the C++ extension, older clangs the array
+    for (const char *vla : {"variable length arrays in C++ are a Clang extension [-Werror,-Wvla-cxx-extension]",
+                            "variable length arrays are a C99 feature [-Werror,-Wvla-extension]",
+                            "variable length array used [-Werror,-Wvla]"})
+        replace_all(clang_log, vla,
+                    "variable length array: Metal does not support them, an array size must be "
+                    "a constant expression (use a fixed size, or threadgroup memory sized by the host)");
     if (rc != 0)
         return fail("[sim] compiling " + display + " failed:\n" +
                     (clang_log.empty() ? "could not run " + cxx : clang_log));

@@ -336,6 +336,7 @@ struct Scope {
 struct FunctionInfo {
     size_t body_begin, body_end;  // sig indices, '{' .. '}'
     int line;
+    size_t stmt = 0;              // sig index of the statement that declares it
 };
 
 struct Rewriter {
@@ -449,6 +450,9 @@ struct Rewriter {
                 k = e - 1;
                 continue;
             }
+            if (x == "[" && tok.user && lambda_at(k))
+                error_at(k, "lambda expressions are not supported by Metal (MSL: C++14 features "
+                            "Metal lacks); write a helper function");
             if (x == "(" || x == "[") paren++;
             if (x == ")" || x == "]") paren--;
 
@@ -473,7 +477,7 @@ struct Rewriter {
                 Scope s = scopes.back();
                 scopes.pop_back();
                 if (s.kind == FUNCTION) {
-                    if (tok.user) functions[s.name].push_back({s.open, k, S(s.open).line});
+                    if (tok.user) functions[s.name].push_back({s.open, k, S(s.open).line, s.stmt_start});
                     stmt = k + 1;
                     paren = 0;
                 } else if (s.kind == NAMESPACE) {
@@ -487,7 +491,10 @@ struct Rewriter {
                 continue;
             }
             if (x == ";" && !in_function() && (scopes.empty() || scopes.back().kind != INIT)) {
-                if (at_namespace() && stmt < k && S(stmt).user) declaration_ends(stmt, k, scopes);
+                if (at_namespace() && stmt < k && S(stmt).user) {
+                    declaration_ends(stmt, k, scopes);
+                    program_scope_variable(stmt, k);
+                }
                 stmt = k + 1;
                 paren = 0;
                 continue;
@@ -503,6 +510,13 @@ struct Rewriter {
             // ---- the portability guard --------------------------------
             guard(k);
 
+            // ---- what Apple's compiler rejects and clang would accept -----
+            if (in_function()) atomic_in_thread_memory(k);
+            if (x.compare(0, 13, "memory_order_") == 0 && x != "memory_order_relaxed" &&
+                enclosing_call(k) != "atomic_thread_fence")
+                error_at(k, "'" + x + "': Metal's atomic functions support only "
+                            "memory_order_relaxed (MSL, \"Atomic Functions\")");
+
             // ---- address spaces -----------------------------------------
             if (x == "device" || x == "thread") {
                 blank(k);
@@ -511,7 +525,14 @@ struct Rewriter {
                 bool has_static = k > 0 && (is(k - 1, "static") || is(k - 1, "constexpr"));
                 tok.out = top && !has_static ? "static const" : "const   ";
             } else if (x == "threadgroup") {
-                threadgroup(k, in_function());
+                bool kernel_body = false;
+                for (auto &sc : scopes)
+                    if (sc.kind == FUNCTION) {
+                        std::vector<Attr> attrs;
+                        kernel_body = is_kernel_statement(sc.stmt_start, sc.open, attrs);
+                        break;
+                    }
+                threadgroup(k, in_function(), kernel_body);
             } else if (x == "kernel" && !in_function()) {
                 blank(k);
             } else if ((x == "vertex" || x == "fragment") && !in_function() && at_namespace()) {
@@ -530,6 +551,108 @@ struct Rewriter {
             }
         }
         return errors.empty();
+    }
+
+    // '[' at k opens a lambda's capture list if it cannot be a subscript.
+    bool lambda_at(size_t k) {
+        if (k == 0 || is(k + 1, "[")) return false;
+        const Token &p = S(k - 1);
+        if (p.kind == IDENT) return p.text == "return";
+        static const char *const before[] = {"=", "(", ",", "{", ";", "?", ":", "}", "&&", "||",
+                                             nullptr};
+        for (const char *const *b = before; *b; b++)
+            if (p.text == *b) {
+                size_t e = match(k);  // [captures] then ( or {
+                return is(e, "(") || is(e, "{");
+            }
+        return false;
+    }
+
+    // The function whose argument list holds token k ("" if none).
+    std::string enclosing_call(size_t k) {
+        int depth = 0;
+        for (size_t j = k; j-- > 0;) {
+            const std::string &x = txt(j);
+            if (x == ")" || x == "]" || x == "}") depth++;
+            if (x == "(" || x == "[" || x == "{") {
+                if (depth == 0) return x == "(" && j > 0 && S(j - 1).kind == IDENT ? txt(j - 1) : "";
+                depth--;
+            }
+            if (x == ";" && depth == 0) return "";
+        }
+        return "";
+    }
+
+    static bool is_atomic_type(const std::string &x) {
+        return x == "atomic" || x == "atomic_int" || x == "atomic_uint" || x == "atomic_float" ||
+               x == "atomic_bool" || x == "atomic_long" || x == "atomic_ulong";
+    }
+
+    // atomic_int a; in a function body: an atomic in thread memory.
+    void atomic_in_thread_memory(size_t k) {
+        if (!is_atomic_type(txt(k)) || k == 0) return;
+        size_t s = k;
+        while (s > 0 && (is(s - 1, "const") || is(s - 1, "volatile") || is(s - 1, "thread"))) s--;
+        if (s == 0 || !(is(s - 1, ";") || is(s - 1, "{") || is(s - 1, "}"))) return;
+        size_t n = k + 1;
+        if (is(n, "<")) n = match(n);
+        if (n < sig.size() && S(n).kind == IDENT)
+            error_at(k, "'" + txt(n) + "': atomic types live in device or threadgroup memory; "
+                        "Metal does not support atomics in thread memory");
+    }
+
+    // A declaration at namespace scope (stmt..semi) that defines a variable
+    // must be in the constant address space (MSL, "Program Scope Variables").
+    void program_scope_variable(size_t stmt, size_t semi) {
+        static const char *const skip[] = {"using", "typedef", "template", "static_assert",
+                                           "namespace", "extern", "friend", nullptr};
+        for (const char *const *w = skip; *w; w++)
+            if (is(stmt, *w)) return;
+        int depth = 0;
+        bool constant = false, threadgroup_seen = false, after_class = false;
+        size_t name_at = 0;
+        for (size_t j = stmt; j < semi; j++) {
+            const std::string &x = txt(j);
+            if (x == "[" && is(j + 1, "[") && depth == 0) {
+                std::vector<Attr> a;
+                j = parse_attributes(j, a) - 1;
+                continue;
+            }
+            if (depth == 0 && x == "(") return;  // a function declaration
+            if (depth == 0 && x == "=") break;   // the initializer
+            if (x == "(" || x == "[" || x == "{" || x == "<") depth++;
+            if (x == ")" || x == "]" || x == "}" || x == ">") {
+                depth--;
+                if (depth == 0 && x == "}") after_class = true;
+            }
+            if (x == ">>") depth -= 2;
+            if (depth != 0 || S(j).kind != IDENT) continue;
+            if (x == "constant" || x == "constexpr") constant = true;
+            if (x == "threadgroup") threadgroup_seen = true;
+            name_at = j;
+        }
+        if (is(stmt, "struct") || is(stmt, "class") || is(stmt, "union") || is(stmt, "enum")) {
+            // struct S;  struct S { ... };  are types; struct S { ... } s; declares s
+            bool var = false;
+            int d = 0;
+            for (size_t j = stmt; j < semi && !var; j++) {
+                if (is(j, "{")) d++;
+                if (is(j, "}")) d--;
+                if (d == 0 && is(j, "}") && j + 1 < semi && S(j + 1).kind == IDENT) var = true;
+            }
+            if (!var) return;
+        } else if (after_class) {
+            return;  // float x{1.0f}; (not told apart from other braces here)
+        }
+        if (name_at == 0 || constant) return;
+        if (threadgroup_seen) {
+            error_at(stmt, "threadgroup variable '" + txt(name_at) + "' at program scope: MSL allows "
+                           "threadgroup variables only inside a kernel function");
+        } else {
+            error_at(stmt, "program scope variable '" + txt(name_at) + "' must reside in the "
+                           "constant address space (MSL, \"Program Scope Variables\"): write "
+                           "constant " + txt(stmt) + " ...");
+        }
     }
 
     // '(' at k starts a C-style cast if it cannot be a call or a declarator.
@@ -585,7 +708,12 @@ struct Rewriter {
             error_at(k, "'virtual' functions are not supported by Metal");
         } else if (x == "typeid" || x == "dynamic_cast") {
             error_at(k, "'" + x + "' (run-time type information) is not supported by Metal");
-        } else if (x == "thread_local" || x == "noexcept") {
+        } else if (x == "noexcept") {
+            // MSL lacks the noexcept operator; Apple accepts the specifier: f() const noexcept
+            bool specifier = k > 0 && (is(k - 1, ")") || is(k - 1, "const") || is(k - 1, "&") ||
+                                       is(k - 1, "&&") || is(k - 1, "volatile"));
+            if (!specifier) error_at(k, "the 'noexcept' operator is not supported by Metal");
+        } else if (x == "thread_local" || x == "register") {
             error_at(k, "'" + x + "' is not supported by Metal");
         } else if (x == "goto") {
             error_at(k, "'goto' is not supported by Metal");
@@ -713,6 +841,15 @@ struct Rewriter {
             return;
         }
         if (!parse_params(paren_at, kn.params)) return;
+        bool width = false, per_simd = false;
+        for (auto &p : kn.params) {
+            width = width || p.builtin == "thread_execution_width";
+            per_simd = per_simd || p.builtin == "threads_per_simdgroup";
+        }
+        if (width && per_simd)
+            error(kn.line, "kernel '" + name + "' declares both [[thread_execution_width]] and "
+                           "[[threads_per_simdgroup]]; MSL makes them aliases of one builtin, so "
+                           "a kernel may use only one (prefer threads_per_simdgroup)");
         bool is_template = is(stmt, "template") && is(stmt + 1, "<");
         if (is_template) {
             kernel_templates[kn.qualified] = kn.params;
@@ -733,6 +870,29 @@ struct Rewriter {
         bool kernel = is_kernel_statement(stmt, semi, attrs);
         size_t paren_at = 0, name_at = 0;
         std::string name = function_name(stmt, semi, &paren_at, &name_at);
+        if (name == "decltype") {
+            // template [[host_name("k")]] [[kernel]] decltype(f<float>) f<float>;
+            size_t close = match(paren_at);
+            if (close < semi && S(close).kind == IDENT) {
+                name_at = close;
+                name = txt(close);
+                paren_at = semi;
+                while (name_at + 2 < semi && is(name_at + 1, "::") && S(name_at + 2).kind == IDENT) {
+                    name_at += 2;
+                    name = txt(name_at);
+                }
+            }
+        }
+        bool host_named = false;
+        for (auto &a : attrs) host_named = host_named || a.name == "host_name";
+        if (name.empty() && (kernel || host_named)) {
+            // template [[host_name("k")]] kernel k_t k<float>;  would register nothing
+            error_at(stmt, "this form of kernel instantiation is not supported by " + shim +
+                               " (it would register no kernel); write template "
+                               "[[host_name(\"k\")]] [[kernel]] decltype(f<T>) f<T>; or repeat "
+                               "the signature: template [[host_name(\"k\")]] kernel void f<T>(...);");
+            return;
+        }
         if (name.empty()) return;
         std::string written = name;  // template ... void ns::f<float>(...): "ns::f"
         for (size_t n = name_at; n >= stmt + 2 && is(n - 1, "::") && S(n - 2).kind == IDENT; n -= 2)
@@ -850,15 +1010,46 @@ struct Rewriter {
                             "reference (e.g. constant uint &n [[buffer(2)]])");
             return false;
         }
+        if (p.kind == CAMEL_SIM_PARAM_BUFFER && !space_buf) {
+            error(line, "kernel parameter '" + p.name +
+                            "': a [[buffer]] argument must be a pointer or reference in the device "
+                            "or constant address space (MSL: buffers are device or constant), e.g. "
+                            "device float *x [[buffer(0)]]");
+            return false;
+        }
+        if (p.kind == CAMEL_SIM_PARAM_BUILTIN && !check_builtin_type(a, b, p, line)) return false;
         params.push_back(p);
         return true;
+    }
+
+    // The type of a builtin parameter (MSL, "Attributes for kernel function
+    // input arguments"): uint or ushort, and for the grid/threadgroup positions
+    // and sizes also uint2/3 or ushort2/3.
+    bool check_builtin_type(size_t a, size_t b, const Param &p, int line) {
+        std::string type;
+        for (size_t j = a; j < b; j++) {
+            if (is(j, "[") && is(j + 1, "[")) break;
+            const std::string &x = txt(j);
+            if (S(j).kind != IDENT || x == p.name || x == "const" || x == "thread") continue;
+            type += (type.empty() ? "" : " ") + x;
+        }
+        const BuiltinInfo *bi = find_builtin(p.builtin);
+        bool scalar = type == "uint" || type == "ushort" || type == "uint32_t" || type == "uint16_t" ||
+                      type == "unsigned" || type == "unsigned int" || type == "unsigned short";
+        bool vec = type == "uint2" || type == "uint3" || type == "ushort2" || type == "ushort3";
+        if (scalar || (bi->vector && vec)) return true;
+        error(line, "kernel parameter '" + p.name + "': [[" + p.builtin + "]] cannot be declared as '" +
+                        type + "'; MSL declares it as " +
+                        (bi->vector ? "uint, uint2, uint3, ushort, ushort2 or ushort3"
+                                    : "uint or ushort (a scalar)"));
+        return false;
     }
 
     // threadgroup at k. In a function body at the start of a declaration that
     // declares storage (no * or &), it becomes a reference into the group's
     // threadgroup memory: threadgroup float tile[16][16];
     //   -> auto &tile = *__camel_tg<float[16][16]>();
-    void threadgroup(size_t k, bool in_function) {
+    void threadgroup(size_t k, bool in_function, bool kernel_body) {
         bool stmt_start = k > 0 && (is(k - 1, ";") || is(k - 1, "{") || is(k - 1, "}"));
         if (!in_function || !stmt_start) {
             blank(k);
@@ -910,6 +1101,14 @@ struct Rewriter {
             blank(k);
             return;
         }
+        if (!kernel_body)
+            error_at(k, "threadgroup variable '" + txt(name_at) + "' declared in a helper function: "
+                        "MSL allows threadgroup variables only in a kernel function's body; "
+                        "declare it in the kernel and pass a threadgroup pointer");
+        for (size_t j = k + 1; j < name_at; j++)
+            if (is(j, "atomic_float") || (is(j, "atomic") && is(j + 1, "<") && is(j + 2, "float")))
+                error_at(k, "threadgroup atomic_float '" + txt(name_at) + "': Metal supports "
+                            "atomic_float in device memory only");
         if (target == TARGET_CUDA) {  // CUDA has the same thing: one allocation per declaration
             S(k).out = "__shared__";
             tg_storage.push_back(k);
@@ -946,6 +1145,220 @@ struct Rewriter {
                         error_at(j, "function '" + f.first +
                                         "' calls itself; recursion is not supported by Metal");
                         break;
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- address spaces (MSL 4: device, constant, threadgroup, thread) -----
+    // The rewrite erases address spaces, so clang cannot see a mismatch. A
+    // token-level check for the plain cases: a variable whose address space is
+    // written in its declaration (a pointer or reference with device, constant,
+    // threadgroup or thread; a local object, which is thread) passed as a bare
+    // name, &name or name.member / name->member to a parameter of a user
+    // function defined once (not a template, not overloaded) whose pointer or
+    // reference names another address space, or used to initialise such a
+    // pointer or reference. Expressions, templates and overloads are not checked.
+    struct Var {
+        std::string space;  // of what the name points or refers to, or of the object
+        bool indirect;      // a pointer or reference (else an object)
+        bool pointer;
+    };
+    static bool is_space(const std::string &x) {
+        return x == "device" || x == "constant" || x == "threadgroup" || x == "thread";
+    }
+
+    // A declaration at sig index j: [space] [const|volatile]* type [*|&] name.
+    // Returns the index of the name (0 if none) and fills v.
+    size_t parse_decl(size_t j, size_t end, Var &v) {
+        v = Var{"thread", false, false};
+        bool explicit_space = false;
+        size_t n = j;
+        while (n < end && (is_space(txt(n)) || is(n, "const") || is(n, "volatile"))) {
+            if (is_space(txt(n))) {
+                v.space = txt(n);
+                explicit_space = true;
+            }
+            n++;
+        }
+        if (n >= end || S(n).kind != IDENT) return 0;
+        n++;  // the type
+        while (n + 1 < end && is(n, "::") && S(n + 1).kind == IDENT) n += 2;
+        if (is(n, "<")) {  // template arguments, within this statement (else a comparison)
+            int d = 0;
+            size_t m = n;
+            for (; m < end; m++) {
+                if (is(m, "<")) d++;
+                if (is(m, ">")) d--;
+                if (is(m, ">>")) d -= 2;
+                if (is(m, ";") || is(m, "{") || is(m, "}") || is(m, "(") || is(m, ")") || d < 0)
+                    return 0;
+                if (d == 0) break;
+            }
+            if (m >= end) return 0;
+            n = m + 1;
+        }
+        while (n < end && (is_space(txt(n)) || is(n, "const") || is(n, "volatile"))) {
+            if (is_space(txt(n))) {
+                v.space = txt(n);
+                explicit_space = true;
+            }
+            n++;
+        }
+        if (is(n, "*") || is(n, "&")) {
+            v.indirect = true;
+            v.pointer = is(n, "*");
+            n++;
+            if (is(n, "*") || is(n, "&")) return 0;  // pointer to pointer: not checked
+            while (is(n, "const") || is(n, "volatile")) n++;
+            if (!explicit_space) return 0;  // a template or generic pointer: not checked
+        } else if (explicit_space && v.space != "thread" && v.space != "threadgroup") {
+            return 0;
+        }
+        if (n < end && S(n).kind == IDENT && (is(n + 1, ";") || is(n + 1, "=") || is(n + 1, ",") ||
+                                              is(n + 1, ")") || is(n + 1, "[") || is(n + 1, "{"))) {
+            if (is(n + 1, "[") && !is(n + 2, "[") && !v.indirect) {
+                v.indirect = v.pointer = true;  // an array: its name is a pointer into its space
+            }
+            return n;
+        }
+        return 0;
+    }
+
+    // What an argument expression a..b refers to: the address space of the
+    // memory it points or refers to, and whether it is a pointer value.
+    bool arg_space(size_t a, size_t b, const std::map<std::string, Var> &vars, std::string &space,
+                   bool &pointer) {
+        bool addr = is(a, "&");
+        if (addr) a++;
+        if (a >= b || S(a).kind != IDENT) return false;
+        auto it = vars.find(txt(a));
+        if (it == vars.end()) return false;
+        const Var &v = it->second;
+        if (a + 1 == b) {  // name
+            space = v.space;
+            pointer = addr || v.pointer;
+            return !(addr && v.pointer);  // &p: a pointer to a pointer, not checked
+        }
+        if (a + 3 == b && (is(a + 1, ".") || is(a + 1, "->")) && S(a + 2).kind == IDENT) {
+            if (is(a + 1, "->") != v.pointer) return false;
+            space = v.space;  // a member lives where its object lives
+            pointer = addr;
+            return true;
+        }
+        return false;
+    }
+
+    void mismatch(size_t at, const std::string &what, const std::string &from, const std::string &to) {
+        error_at(at, what + ": cannot convert " + from + " memory to " + to + " (MSL 4: pointers and "
+                     "references keep their address space; device, constant, threadgroup and "
+                     "thread memory do not convert into one another)");
+    }
+
+    void check_address_spaces() {
+        // parameters of the functions defined once, not templates
+        std::map<std::string, std::vector<Var>> sigs;
+        std::map<std::string, std::vector<bool>> checked;  // per parameter: has an explicit space
+        std::map<std::string, size_t> params_at;
+        for (auto &f : functions) {
+            if (f.second.size() != 1) continue;
+            const FunctionInfo &fi = f.second[0];
+            if (is(fi.stmt, "template")) continue;
+            size_t close = fi.body_begin;
+            while (close > fi.stmt && !is(close, ")")) close--;
+            if (!is(close, ")")) continue;
+            size_t open = close;
+            int depth = 0;
+            for (; open > fi.stmt; open--) {
+                if (is(open, ")")) depth++;
+                if (is(open, "(")) depth--;
+                if (depth == 0) break;
+            }
+            if (!is(open, "(") || S(open - 1).kind != IDENT || txt(open - 1) != f.first) continue;
+            params_at[f.first] = open;
+            std::vector<Var> ps;
+            std::vector<bool> ok;
+            size_t j = open + 1;
+            while (j < close) {
+                size_t e = j;
+                int d = 0;
+                while (e < close && !(d == 0 && is(e, ","))) {
+                    if (is(e, "(") || is(e, "<") || is(e, "[")) d++;
+                    if (is(e, ")") || is(e, ">") || is(e, "]")) d--;
+                    e++;
+                }
+                Var v;
+                size_t name = parse_decl(j, e + 1, v);
+                ps.push_back(v);
+                ok.push_back(name != 0 && v.indirect);
+                j = e + 1;
+            }
+            sigs[f.first] = ps;
+            checked[f.first] = ok;
+        }
+        for (auto &f : functions) {
+            for (auto &fi : f.second) {
+                std::map<std::string, Var> vars;
+                auto pa = params_at.find(f.first);
+                if (pa != params_at.end() && f.second.size() == 1) {
+                    size_t open = pa->second, close = match(open) - 1, j = open + 1;
+                    while (j < close) {  // the function's own parameters
+                        size_t e = j;
+                        int d = 0;
+                        while (e < close && !(d == 0 && is(e, ","))) {
+                            if (is(e, "(") || is(e, "<") || is(e, "[")) d++;
+                            if (is(e, ")") || is(e, ">") || is(e, "]")) d--;
+                            e++;
+                        }
+                        Var v;
+                        size_t name = parse_decl(j, e + 1, v);
+                        if (name && (v.indirect || v.space == "thread")) vars[txt(name)] = v;
+                        j = e + 1;
+                    }
+                }
+                for (size_t j = fi.body_begin + 1; j < fi.body_end; j++) {
+                    bool start = is(j - 1, ";") || is(j - 1, "{") || is(j - 1, "}") || is(j - 1, "(");
+                    if (start && S(j).kind == IDENT && !is(j, "return") && !is(j, "else") &&
+                        !is(j, "case") && !is(j, "typedef") && !is(j, "using")) {
+                        Var v;
+                        size_t name = parse_decl(j, fi.body_end, v);
+                        if (name) {
+                            vars[txt(name)] = v;
+                            if (v.indirect && is(name + 1, "=")) {  // T *p = q;  T &r = x.m;
+                                size_t e = name + 2;
+                                while (e < fi.body_end && !is(e, ";") && !is(e, ",")) e++;
+                                std::string sp;
+                                bool ptr = false;
+                                if (arg_space(name + 2, e, vars, sp, ptr) && ptr == v.pointer &&
+                                    sp != v.space)
+                                    mismatch(name, "'" + txt(name) + "'", sp, v.space);
+                            }
+                        }
+                    }
+                    // a call of a user function: f(a, b)
+                    if (S(j).kind != IDENT || !is(j + 1, "(") || (j > 0 && (is(j - 1, ".") ||
+                        is(j - 1, "->") || is(j - 1, "::"))))
+                        continue;
+                    auto sg = sigs.find(txt(j));
+                    if (sg == sigs.end()) continue;
+                    size_t close = match(j + 1) - 1, a = j + 2;
+                    for (size_t i = 0; a <= close && i < sg->second.size(); i++) {
+                        size_t e = a;
+                        int d = 0;
+                        while (e < close && !(d == 0 && is(e, ","))) {
+                            if (is(e, "(") || is(e, "<") || is(e, "[")) d++;
+                            if (is(e, ")") || is(e, ">") || is(e, "]")) d--;
+                            e++;
+                        }
+                        const Var &p = sg->second[i];
+                        std::string sp;
+                        bool ptr = false;
+                        if (checked[txt(j)][i] && arg_space(a, e, vars, sp, ptr) && ptr == p.pointer &&
+                            sp != p.space)
+                            mismatch(a, "argument " + std::to_string(i + 1) + " of '" + txt(j) + "'",
+                                     sp, p.space);
+                        a = e + 1;
                     }
                 }
             }
@@ -1250,6 +1663,7 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
     }
     rw.run();
     rw.check_recursion();
+    rw.check_address_spaces();
     kernels.clear();
     std::string generated = target == TARGET_CUDA ? rw.generate_cuda(kernels) : rw.generate();
     if (!rw.errors.empty()) {

@@ -266,6 +266,11 @@ extern "C++" inline int printf(const char *fmt, ...) {
 // ---------------------------------------------------------------------------
 // Constants
 // ---------------------------------------------------------------------------
+// Apple's headers define METAL_FUNC as inline + always_inline; plain inline here
+// (an always_inline helper would hide its barriers from the rewrite's analysis)
+#ifndef METAL_FUNC
+#define METAL_FUNC inline
+#endif
 #define MAXFLOAT 0x1.fffffep+127f
 #define HUGE_VALF __builtin_huge_valf()
 #define INFINITY __builtin_inff()
@@ -794,22 +799,37 @@ template <class T> inline T atomic_fetch_sub_explicit(volatile atomic<T> *o, __c
 }
 template <class T> inline T atomic_fetch_min_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
                                                       memory_order = memory_order_relaxed) {
+    static_assert(!__camel_is_float<T>::value,
+                  "MSL: atomic_float has no fetch_min/fetch_max (only load, store, exchange, "
+                  "compare_exchange, fetch_add and fetch_sub)");
     return __camel_atomic_rmw(o, [v](T x) { return v < x ? v : x; });
 }
 template <class T> inline T atomic_fetch_max_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
                                                       memory_order = memory_order_relaxed) {
+    static_assert(!__camel_is_float<T>::value,
+                  "MSL: atomic_float has no fetch_min/fetch_max (only load, store, exchange, "
+                  "compare_exchange, fetch_add and fetch_sub)");
     return __camel_atomic_rmw(o, [v](T x) { return x < v ? v : x; });
 }
 template <class T> inline T atomic_fetch_and_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
                                                       memory_order = memory_order_relaxed) {
+    static_assert(!__camel_is_float<T>::value,
+                  "MSL: atomic_float has no fetch_and/fetch_or/fetch_xor (only load, store, "
+                  "exchange, compare_exchange, fetch_add and fetch_sub)");
     return __atomic_fetch_and(&o->__value, v, __ATOMIC_SEQ_CST);
 }
 template <class T> inline T atomic_fetch_or_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
                                                      memory_order = memory_order_relaxed) {
+    static_assert(!__camel_is_float<T>::value,
+                  "MSL: atomic_float has no fetch_and/fetch_or/fetch_xor (only load, store, "
+                  "exchange, compare_exchange, fetch_add and fetch_sub)");
     return __atomic_fetch_or(&o->__value, v, __ATOMIC_SEQ_CST);
 }
 template <class T> inline T atomic_fetch_xor_explicit(volatile atomic<T> *o, __camel_identity_t<T> v,
                                                       memory_order = memory_order_relaxed) {
+    static_assert(!__camel_is_float<T>::value,
+                  "MSL: atomic_float has no fetch_and/fetch_or/fetch_xor (only load, store, "
+                  "exchange, compare_exchange, fetch_add and fetch_sub)");
     return __atomic_fetch_xor(&o->__value, v, __ATOMIC_SEQ_CST);
 }
 
@@ -890,6 +910,8 @@ struct __camel_op_xor { template <class T> static T f(T a, T b) { return a ^ b; 
 
 template <class T, class Op, int G>
 int __camel_resolve_reduce(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
+    static_assert(__is_arithmetic(typename __camel_vt<T>::elem),
+                  "MSL: SIMD-group and quad-group reductions take a scalar or vector type, not a struct");
     for (int base = 0; base < 32; base += G) {
         uint32_t m = (mask >> base) & __camel_group_mask<G>();
         if (!m) continue;
@@ -904,6 +926,8 @@ int __camel_resolve_reduce(camel_sim_lane *lanes, uint32_t mask, const void *, c
 }
 template <class T, class Op, int G, bool Inclusive>
 int __camel_resolve_prefix(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
+    static_assert(__is_arithmetic(typename __camel_vt<T>::elem),
+                  "MSL: SIMD-group and quad-group reductions take a scalar or vector type, not a struct");
     for (int base = 0; base < 32; base += G) {
         T acc = (T)(typename __camel_vt<T>::elem)Op::unit;
         for (int i = base; i < base + G; i++) {
@@ -922,6 +946,9 @@ enum __camel_shuffle_kind { __camel_idx, __camel_up, __camel_down, __camel_xor, 
                             __camel_rot_down, __camel_first };
 template <class T, int Kind, int G>
 int __camel_resolve_shuffle(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
+    static_assert(__is_arithmetic(typename __camel_vt<T>::elem),
+                  "MSL: SIMD-group and quad-group shuffles and broadcasts take a scalar or vector type, "
+                  "not a struct");
     T result[32];
     for (int l = 0; l < 32; l++) {
         if (!(mask & (1u << l))) continue;
@@ -1147,6 +1174,9 @@ inline quad_vote quad_active_threads_mask(__CAMEL_SITE) { return __camel_vote4(t
 // Elements are row-major: e[row * Cols + col].
 // ---------------------------------------------------------------------------
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
+    static_assert(__camel_same<T, float>::value || __camel_same<T, half>::value,
+                  "MSL: simdgroup_matrix elements are float or half");
+    static_assert(Cols == 8 && Rows == 8, "MSL: simdgroup_matrix is 8x8 (simdgroup_float8x8, simdgroup_half8x8)");
     T __e[Rows * Cols];
     simdgroup_matrix() = default;
     // simdgroup_float8x8(x): x on the diagonal, 0 elsewhere.
@@ -1216,6 +1246,9 @@ template <class P, class T, int C, int R>
 inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_per_row = C,
                            ulong2 matrix_origin = 0, bool transpose_matrix = false,
                            __CAMEL_SITE) {
+    static_assert(__camel_same<__remove_cv(P), T>::value,
+                  "MSL: simdgroup_load/simdgroup_store need a pointer to the matrix's element type "
+                  "(a half matrix for half data, a float matrix for float data)");
     __camel_mat_io<T, P> io{src, elements_per_row, matrix_origin, transpose_matrix, nullptr};
     const camel_sim_thread *t = __camel_cur;
     __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_load<T, C, R, P>, &io, &d, nullptr);
@@ -1225,6 +1258,9 @@ template <class P, class T, int C, int R>
 inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong elements_per_row = C,
                             ulong2 matrix_origin = 0, bool transpose_matrix = false,
                             __CAMEL_SITE) {
+    static_assert(__camel_same<__remove_cv(P), T>::value,
+                  "MSL: simdgroup_load/simdgroup_store need a pointer to the matrix's element type "
+                  "(a half matrix for half data, a float matrix for float data)");
     __camel_mat_io<T, P> io{dst, elements_per_row, matrix_origin, transpose_matrix, &m};
     char unused;
     const camel_sim_thread *t = __camel_cur;
