@@ -275,3 +275,24 @@ def test_gpu_smoke_kernels_compile():
 
 def np_prod(t):
     return t[0] * t[1] * t[2]
+
+
+COMPONENT_HEADERS = ["metal_atomic", "metal_common", "metal_compute", "metal_geometric",
+                     "metal_integer", "metal_limits", "metal_math", "metal_relational",
+                     "metal_simdgroup", "metal_simdgroup_matrix", "metal_types"]  # fmt: skip
+
+
+@pytest.mark.parametrize("header", COMPONENT_HEADERS)
+def test_apple_component_headers_and_metal_func_translate(header):
+    """Real-world MSL includes Apple's component headers and marks helpers METAL_FUNC;
+    the CUDA translation takes both, as the simulator does."""
+    src = f"""#include <{header}>
+using namespace metal;
+METAL_FUNC float twice(float x) {{ return 2.0f * x; }}
+kernel void k(device float *x [[buffer(0)]], uint i [[thread_position_in_grid]]) {{
+    x[i] = twice(x[i]);
+}}
+"""
+    ptx, desc = compile_ptx(src, f"{header}.metal", 80)
+    assert kernel_lines(desc) == [["kernel", "0", "k", "0", "0", "camel_k"]]
+    assert ".entry camel_k(" in ptx
