@@ -1169,6 +1169,18 @@ struct Rewriter {
         return x == "device" || x == "constant" || x == "threadgroup" || x == "thread";
     }
 
+    // The end of the comma-separated item that starts at j in a list ending before
+    // `close` (a parameter or an argument): the next top-level comma, or close.
+    size_t item_end(size_t j, size_t close) {
+        int depth = 0;
+        while (j < close && !(depth == 0 && is(j, ","))) {
+            if (is(j, "(") || is(j, "<") || is(j, "[")) depth++;
+            if (is(j, ")") || is(j, ">") || is(j, "]")) depth--;
+            j++;
+        }
+        return j;
+    }
+
     // A declaration at sig index j: [space] [const|volatile]* type [*|&] name.
     // Returns the index of the name (0 if none) and fills v.
     size_t parse_decl(size_t j, size_t end, Var &v) {
@@ -1281,13 +1293,7 @@ struct Rewriter {
             std::vector<bool> ok;
             size_t j = open + 1;
             while (j < close) {
-                size_t e = j;
-                int d = 0;
-                while (e < close && !(d == 0 && is(e, ","))) {
-                    if (is(e, "(") || is(e, "<") || is(e, "[")) d++;
-                    if (is(e, ")") || is(e, ">") || is(e, "]")) d--;
-                    e++;
-                }
+                size_t e = item_end(j, close);
                 Var v;
                 size_t name = parse_decl(j, e + 1, v);
                 ps.push_back(v);
@@ -1304,13 +1310,7 @@ struct Rewriter {
                 if (pa != params_at.end() && f.second.size() == 1) {
                     size_t open = pa->second, close = match(open) - 1, j = open + 1;
                     while (j < close) {  // the function's own parameters
-                        size_t e = j;
-                        int d = 0;
-                        while (e < close && !(d == 0 && is(e, ","))) {
-                            if (is(e, "(") || is(e, "<") || is(e, "[")) d++;
-                            if (is(e, ")") || is(e, ">") || is(e, "]")) d--;
-                            e++;
-                        }
+                        size_t e = item_end(j, close);
                         Var v;
                         size_t name = parse_decl(j, e + 1, v);
                         if (name && (v.indirect || v.space == "thread")) vars[txt(name)] = v;
@@ -1344,13 +1344,7 @@ struct Rewriter {
                     if (sg == sigs.end()) continue;
                     size_t close = match(j + 1) - 1, a = j + 2;
                     for (size_t i = 0; a <= close && i < sg->second.size(); i++) {
-                        size_t e = a;
-                        int d = 0;
-                        while (e < close && !(d == 0 && is(e, ","))) {
-                            if (is(e, "(") || is(e, "<") || is(e, "[")) d++;
-                            if (is(e, ")") || is(e, ">") || is(e, "]")) d--;
-                            e++;
-                        }
+                        size_t e = item_end(a, close);
                         const Var &p = sg->second[i];
                         std::string sp;
                         bool ptr = false;
