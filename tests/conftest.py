@@ -134,6 +134,20 @@ def asan_runtime_or_skip():
     pytest.skip("no ASan runtime (Debian: apt-get install libclang-rt-19-dev)")
 
 
+def run_under_asan(script: str, *args: str, timeout: int = 600):
+    """Run `python -c script args` with the simulator's kernels built under ASan (the runtime
+    must be loaded before Python, hence a subprocess). Skips without the runtime."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, CAMEL_SIM_SANITIZE="address", LD_PRELOAD=asan_runtime_or_skip(),
+               ASAN_OPTIONS="detect_leaks=0",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))  # fmt: skip
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
 # ---- memory that is not zero: edge bugs change numbers ---------------------------------
 #
 # The simulator zero-fills new buffers, so a kernel that reads one element past its data

@@ -7,7 +7,7 @@ simulator's three schedule orders; plus the errors a learner will hit.
 
 import numpy as np
 import pytest
-from conftest import asan_runtime_or_skip, in_nan_slack, require_shim
+from conftest import in_nan_slack, require_shim, run_under_asan
 
 from camel import autotune, gemm
 
@@ -410,17 +410,7 @@ print("ALL OK" if worst < 1e-3 else "MISMATCH")
 
 @pytest.mark.skipif(not metal.is_simulator(), reason="the sanitizer runs on the simulator")
 def test_every_rung_under_address_sanitizer():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    asan = asan_runtime_or_skip()
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, CAMEL_SIM_SANITIZE="address", LD_PRELOAD=asan,
-               ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(root))  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
+    r = run_under_asan(ASAN_SCRIPT)
     assert "AddressSanitizer" not in r.stderr, r.stderr[-3000:]
     assert r.returncode == 0 and "ALL OK" in r.stdout, (r.stdout, r.stderr[-3000:])
 

@@ -5,14 +5,13 @@ every error path, and the documented known gaps (docs/simulator.md).
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import asan_runtime_or_skip
+from conftest import run_under_asan
 
 M = pytest.importorskip("camel.metal")
 if not M.is_simulator():
@@ -568,11 +567,7 @@ print("no error")
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD recipe for Linux")
 @pytest.mark.parametrize("n, report", [(1024, "heap-buffer-overflow"), (1000, "use-after-poison")])
 def test_address_sanitizer_catches_out_of_bounds_write(n, report):
-    asan = asan_runtime_or_skip()
-    env = dict(os.environ, CAMEL_SIM_SANITIZE="address", LD_PRELOAD=asan,
-               ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(ROOT))  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT, str(n)], env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = run_under_asan(ASAN_SCRIPT, str(n), timeout=300)
     assert "no error" not in r.stdout
     assert report in r.stderr, r.stderr[-3000:]
     assert "WRITE of size 4" in r.stderr
