@@ -89,27 +89,7 @@ template <class Op, int G, bool Inclusive, class T> inline T __camel_prefix(T x)
     return acc;
 }
 
-// Votes: bit i set when active lane i of the group passed true.
-struct simd_vote {
-    typedef ulong vote_t;
-    vote_t __bits;
-    vote_t __active;
-    explicit constexpr simd_vote(vote_t v = 0) : __bits(v), __active(~0ul >> 32) {}
-    constexpr simd_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
-    explicit constexpr operator vote_t() const { return __bits; }
-    constexpr bool all() const { return (__bits & __active) == __active; }
-    constexpr bool any() const { return __bits != 0; }
-};
-struct quad_vote {
-    typedef ushort vote_t;
-    vote_t __bits;
-    vote_t __active;
-    explicit constexpr quad_vote(vote_t v = 0) : __bits(v), __active(15) {}
-    constexpr quad_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
-    explicit constexpr operator vote_t() const { return __bits; }
-    constexpr bool all() const { return (__bits & __active) == __active; }
-    constexpr bool any() const { return __bits != 0; }
-};
+// simd_vote and quad_vote: the simulator's header, shared.
 template <int G> inline void __camel_vote(bool b, uint32_t &bits, uint32_t &active) {
     __camel_group<G> g;
     bits = (__nvvm_vote_ballot_sync(g.members, b) & g.members) >> g.base;

@@ -846,6 +846,28 @@ enum class mem_flags : uint {
 };
 inline constexpr mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((uint)a | (uint)b); }
 
+// Votes: bit i set when active lane i passed true (the simulator and the CUDA shim).
+struct simd_vote {
+    typedef ulong vote_t;
+    vote_t __bits;
+    vote_t __active;
+    explicit constexpr simd_vote(vote_t v = 0) : __bits(v), __active(~0ul >> 32) {}
+    constexpr simd_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
+    explicit constexpr operator vote_t() const { return __bits; }
+    constexpr bool all() const { return (__bits & __active) == __active; }
+    constexpr bool any() const { return __bits != 0; }
+};
+struct quad_vote {
+    typedef ushort vote_t;
+    vote_t __bits;
+    vote_t __active;
+    explicit constexpr quad_vote(vote_t v = 0) : __bits(v), __active(15) {}
+    constexpr quad_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
+    explicit constexpr operator vote_t() const { return __bits; }
+    constexpr bool all() const { return (__bits & __active) == __active; }
+    constexpr bool any() const { return __bits != 0; }
+};
+
 #ifdef __CAMEL_CUDA__
 // Barriers, SIMD-group and quad-group functions and simdgroup_matrix on warps.
 #include "../../cuda/include/camel_cuda_simd.h"
@@ -976,27 +998,6 @@ int __camel_resolve_shuffle(camel_sim_lane *lanes, uint32_t mask, const void *, 
     return 0;
 }
 
-// Votes: bit i set when active lane i passed true.
-struct simd_vote {
-    typedef ulong vote_t;
-    vote_t __bits;
-    vote_t __active;
-    explicit constexpr simd_vote(vote_t v = 0) : __bits(v), __active(~0ul >> 32) {}
-    constexpr simd_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
-    explicit constexpr operator vote_t() const { return __bits; }
-    constexpr bool all() const { return (__bits & __active) == __active; }
-    constexpr bool any() const { return __bits != 0; }
-};
-struct quad_vote {
-    typedef ushort vote_t;
-    vote_t __bits;
-    vote_t __active;
-    explicit constexpr quad_vote(vote_t v = 0) : __bits(v), __active(15) {}
-    constexpr quad_vote(vote_t v, vote_t active) : __bits(v), __active(active) {}
-    explicit constexpr operator vote_t() const { return __bits; }
-    constexpr bool all() const { return (__bits & __active) == __active; }
-    constexpr bool any() const { return __bits != 0; }
-};
 template <int G>
 int __camel_resolve_vote(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
     for (int base = 0; base < 32; base += G) {
