@@ -1448,6 +1448,9 @@ def translate(source: str, target: str = "cuda", path: str | None = None) -> str
     CUDA, the kernels as rewritten, and one `extern "C" __global__
     camel_<kernel name>(camel_cuda_args)` wrapper per kernel. It compiles on its own:
         clang++-19 -x cuda --cuda-device-only --cuda-gpu-arch=sm_90 -nocudainc -nocudalib -O3 -S
+    (camel adds -mllvm -unroll-threshold=5000 -mllvm -inline-threshold=5000; the header of
+    the translation says why). CAMEL_CUDA_MATRIX=fp32 at translation time selects exact FP32
+    simdgroup_matrix multiplies instead of the tensor cores (docs/cuda.md).
     """
     if target != "cuda":
         raise ValueError(f"[translate] unknown target {target!r}; the only one is 'cuda'")

@@ -211,6 +211,44 @@ def test_nan_helpers_and_uint_simd_min_compile():
     assert "shfl.sync" in ptx
 
 
+def entry_bodies(ptx):
+    """{entry name: its PTX body}."""
+    parts = re.split(r"\n(?=\.visible \.(?:entry|func))", ptx)
+    entries = [p for p in parts if p.startswith(".visible .entry")]
+    return {re.search(r"\.entry (\w+)\(", p).group(1): p for p in entries}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_gemm_register_arrays_stay_in_registers(arch):
+    # v5-v11 keep their accumulators in arrays: loops unrolled and helpers inlined, or
+    # the arrays live in local memory and every K step reloads them (ld.local)
+    src = (ROOT / "shaders" / "ops_matmul.metal").read_text()
+    bodies = entry_bodies(compile_ptx(src, "shaders/ops_matmul.metal", arch)[0])
+    rungs = [n for n in bodies if re.match(r"camel_matmul_v([5-9]|1[01])_", n)]
+    assert len(rungs) == 7, sorted(bodies)
+    spilled = {n: bodies[n].count("ld.local") for n in rungs if "ld.local" in bodies[n]}
+    assert not spilled, f"register arrays in local memory: {spilled}"
+    for n in rungs:  # nothing called but printf (a trap's message)
+        callees = re.findall(r"call(?:\.uni)?\s*(?:\(\w+\),\s*)?(\w+),", bodies[n])
+        assert set(callees) <= {"vprintf"}, (n, callees)
+
+
+def test_simdgroup_matrix_modes(monkeypatch):
+    src = (ROOT / "shaders" / "ops_matmul.metal").read_text()
+    v10 = "camel_matmul_v10_simdgroup"
+    # tensor cores by default: 16 multiplies per K step of 8, twice (BK = 16), 2 mma each
+    tc = entry_bodies(compile_ptx(src, "shaders/ops_matmul.metal", 90)[0])[v10]
+    assert tc.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == 64
+    assert "cvt.rna.tf32.f32" in tc
+    monkeypatch.setenv("CAMEL_CUDA_MATRIX", "fp32")
+    assert "#define CAMEL_CUDA_MATRIX_FP32 1" in metal.translate(src, target="cuda")
+    exact = entry_bodies(compile_ptx(src, "shaders/ops_matmul.metal", 90)[0])[v10]
+    assert "mma.sync" not in exact and exact.count("fma.rn.f32") >= 16 * 16 * 2
+    monkeypatch.setenv("CAMEL_CUDA_MATRIX", "tf64")
+    with pytest.raises(metal.MetalError, match=r"CAMEL_CUDA_MATRIX=tf64 .*tf32x3.*fp32"):
+        compile_ptx(src, "shaders/ops_matmul.metal", 90)
+
+
 def test_cache_hit_returns_the_same_ptx():
     a = compile_ptx(THREADGROUP_KERNEL, "cache.metal", 90)
     b = compile_ptx(THREADGROUP_KERNEL, "cache.metal", 90)

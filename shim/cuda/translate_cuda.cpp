@@ -197,6 +197,22 @@ bool inline_header(const std::string &path, std::set<std::string> &seen, std::st
     return true;
 }
 
+// How simdgroup_matrix multiplies (camel_cuda_simd.h): CAMEL_CUDA_MATRIX=tf32x3
+// (the default: tensor cores, 3xTF32) or fp32 (exact FMA on the CUDA cores).
+// Returns the line the translation starts with, or false with err set.
+bool matrix_mode_define(std::string &define, std::string &err) {
+    const char *m = getenv("CAMEL_CUDA_MATRIX");
+    std::string mode = m ? m : "";
+    if (mode.empty() || mode == "tf32x3") define = "";
+    else if (mode == "fp32") define = "#define CAMEL_CUDA_MATRIX_FP32 1\n";
+    else {
+        err = "[cuda] CAMEL_CUDA_MATRIX=" + mode + " is not a simdgroup_matrix mode: use tf32x3 "
+              "(tensor cores, 3xTF32, the default) or fp32 (exact FP32 fma on the CUDA cores)";
+        return false;
+    }
+    return true;
+}
+
 std::atomic<unsigned> g_counter{0};
 
 std::string temp_base(const std::string &dir, const std::string &key) {
@@ -238,18 +254,20 @@ int translate(const std::string &src, const char *path, const std::string &displ
     }
     cleanup();
     if (!rewrite_msl_for(TARGET_CUDA, preprocessed, src_file, display, body, err, kernels)) return 1;
-    std::string header;
+    std::string header, mode;
+    if (!matrix_mode_define(mode, err)) return 1;
     std::set<std::string> seen;
     if (!inline_header(inc + "/metal_stdlib", seen, header, err)) return 1;
     cuda = "// " + display + ": Metal Shading Language translated to CUDA by camel\n"
            "// (shim/cuda/translate_cuda.cpp). Self-contained; compile it with\n"
            "//   clang++-19 -x cuda --cuda-device-only --cuda-gpu-arch=sm_90 -nocudainc -nocudalib -O3 -S\n"
+           "//     -mllvm -unroll-threshold=5000 -mllvm -inline-threshold=5000 (as camel does)\n"
            "// It holds, in order: the MSL library for CUDA (shim/cuda/include and the\n"
            "// simulator's shim/sim/include), your kernels as rewritten (address spaces\n"
            "// dropped, threadgroup arrays as __shared__, float4(a, b) as __camel_make),\n"
            "// and one extern \"C\" __global__ camel_<kernel name> wrapper per kernel.\n"
            "#define __METAL_VERSION__ 310\n" +
-           header + body;
+           mode + header + body;
     return 0;
 }
 
@@ -332,6 +350,12 @@ extern "C" int camel_cuda_compile(const char *source, const char *path, int arch
     h.add(src);
     h.add(s.display);
     h.add(std::to_string(arch));
+    std::string mode;
+    if (!matrix_mode_define(mode, err)) {
+        *log = dup_string(err);
+        return 1;
+    }
+    h.add(mode);
     std::string cxx_real = real_path(s.cxx);
     struct stat st;
     h.add(cxx_real);
@@ -380,9 +404,16 @@ extern "C" int camel_cuda_compile(const char *source, const char *path, int arch
     }
     // fp-contract=on as the simulator (fma only within an expression);
     // no fast math: IEEE division and square root, denormals kept.
+    // The unroll and inline thresholds: a kernel's register arrays (GEMM v5-v11's
+    // accumulators, simdgroup_matrix fragments) stay in registers only when the
+    // loops over them are unrolled and the helpers that take them by reference
+    // are inlined; with clang's defaults v5-v11 keep them in local (device)
+    // memory and load them back every K step (seen as ld.local in the PTX).
     std::vector<std::string> cc = {s.cxx, "-x", "cuda", "--cuda-device-only",
                                    "--cuda-gpu-arch=sm_" + std::to_string(arch), "-nocudainc",
-                                   "-nocudalib", "-O3", "-S", "-std=c++17", "-ffp-contract=on",
+                                   "-nocudalib", "-O3", "-mllvm", "-unroll-threshold=5000",
+                                   "-mllvm", "-inline-threshold=5000", "-S", "-std=c++17",
+                                   "-ffp-contract=on",
                                    "-Wno-unknown-cuda-version", "-Wno-unused-value",
                                    "-Wno-unknown-pragmas", "-ferror-limit=20", cu_file, "-o",
                                    ptx_file};

@@ -1485,7 +1485,9 @@ struct Rewriter {
             g += "extern \"C\" __global__ void " + entry + "(camel_cuda_args args) {\n";
             g += "    const __camel_thread t = __camel_thread_of(args);\n";
             g += "    (void)t;\n";
-            g += "    " + fn + "(";
+            // inlined, so the kernel's loops are unrolled and its arrays kept in
+            // registers within the entry (a called function gets neither for big bodies)
+            g += "    [[clang::always_inline]] " + fn + "(";
             std::string sizes;
             for (size_t j = 0; j < kn.params.size(); j++) {
                 const Param &p = kn.params[j];

@@ -214,23 +214,50 @@ inline quad_vote quad_active_threads_mask() { return quad_ballot(true); }
 // ---------------------------------------------------------------------------
 // simdgroup_matrix<T, 8, 8>: an 8x8 tile spread over the warp's 32 lanes,
 // two elements per lane: lane l holds row l / 4, columns 2 (l % 4) and
-// 2 (l % 4) + 1. Loads and stores touch only the lane's own elements;
-// a multiply gathers the A row and B columns with shuffles and accumulates
-// in float with fma, in k order (exact FP32, no tensor cores). All 32 lanes
-// must be active, as on Apple GPUs; otherwise the kernel traps with a message.
+// 2 (l % 4) + 1 (__e). That is the accumulator layout of the tensor cores'
+// mma.m16n8k8 (rows 0-7), so a multiply needs no shuffles for C, D or A (A's
+// columns 2q and 2q + 1 go in as the instruction's k slots q and q + 4: the
+// order in which k is summed does not matter). B is needed transposed (column
+// l / 4, rows 2 (l % 4) and 2 (l % 4) + 1): simdgroup_load and the
+// constructors keep that too (__t); a matrix computed by a multiply does not,
+// and a multiply that uses it as B gathers it with 4 shuffles.
+//
+// Two ways to multiply (CAMEL_CUDA_MATRIX at compile time, see
+// camel_cuda_matrix_mode in translate_cuda.cpp):
+//   tf32x3 (default, sm_80+): on the tensor cores. Each operand is split into
+//     a TF32 "big" part and the TF32 rounding of the rest ("small"); the
+//     products big*big + small*big + big*small (CUTLASS's 3xTF32) carry about
+//     21 bits of each operand, close to FP32; the small*small term is dropped.
+//     Two mma.m16n8k8: rows 0-7 of the instruction accumulate c + big*big,
+//     rows 8-15 the two cross terms, added at the end. An operand that is not
+//     finite (or a big part that overflowed) anywhere in the warp takes the
+//     exact path instead, so inf and NaN come out as FP32 gives them (the
+//     cross terms would make inf * 0 = NaN).
+//   fp32 (CAMEL_CUDA_MATRIX_FP32): exact FP32 fma on the CUDA cores, in k
+//     order, A's row and B's columns gathered with 24 shuffles.
+// All 32 lanes must be active, as on Apple GPUs; otherwise the kernel traps
+// with a message.
 // ---------------------------------------------------------------------------
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
     static_assert(Cols == 8 && Rows == 8, "the CUDA shim implements simdgroup_matrix 8x8 only");
     typedef T __pair __attribute__((ext_vector_type(2)));
-    __pair __e;  // this lane's two elements
+    __pair __e;         // this lane's two elements: row l / 4, columns 2 (l % 4), + 1
+    __pair __t;         // if __t_ok: column l / 4, rows 2 (l % 4), + 1 (for use as B)
+    bool __t_ok = false;
     simdgroup_matrix() = default;
-    // simdgroup_float8x8(x): x on the diagonal, 0 elsewhere.
+    // simdgroup_float8x8(x): x on the diagonal, 0 elsewhere (symmetric: __t = __e).
     explicit simdgroup_matrix(T diagonal) {
         uint32_t l = __camel_laneid(), r = l / 4, c = 2 * (l % 4);
         __e[0] = r == c ? diagonal : (T)0;
         __e[1] = r == c + 1 ? diagonal : (T)0;
+        __t = __e;
+        __t_ok = true;
     }
-    __pair &thread_elements() { return __e; }
+    // A reference the kernel may write through: the transposed copy is stale then.
+    __pair &thread_elements() {
+        __t_ok = false;
+        return __e;
+    }
     const __pair &thread_elements() const { return __e; }
 };
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
@@ -238,8 +265,9 @@ typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 
 template <class T, int C, int R> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
     simdgroup_matrix<T, C, R> m;
-    m.__e[0] = v;
-    m.__e[1] = v;
+    m.__e[0] = m.__e[1] = v;
+    m.__t = m.__e;
+    m.__t_ok = true;
     return m;
 }
 
@@ -254,15 +282,25 @@ inline void __camel_need_full_warp(const char *what) {
     }
 }
 
+// Element (i, j) of the 8x8 tile at base: row i, column j (of the transpose
+// when transpose_matrix, as Metal's simdgroup_load/store).
+template <class P>
+inline P *__camel_tile_at(P *base, ulong elements_per_row, bool transpose, uint32_t i, uint32_t j) {
+    return transpose ? base + j * elements_per_row + i : base + i * elements_per_row + j;
+}
+
 template <class P, class T, int C, int R>
 inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_per_row = C,
                            ulong2 matrix_origin = 0, bool transpose_matrix = false) {
     __camel_need_full_warp("simdgroup_load");
     uint32_t l = __camel_laneid(), r = l / 4, c = 2 * (l % 4);
     P *base = src + matrix_origin.y * elements_per_row + matrix_origin.x;
-    for (int j = 0; j < 2; j++)
-        d.__e[j] = (T)(transpose_matrix ? base[(c + j) * elements_per_row + r]
-                                        : base[r * elements_per_row + c + j]);
+    for (uint32_t j = 0; j < 2; j++) {
+        d.__e[j] = (T)*__camel_tile_at(base, elements_per_row, transpose_matrix, r, c + j);
+        // two more loads; the compiler drops them where the matrix is never a B operand
+        d.__t[j] = (T)*__camel_tile_at(base, elements_per_row, transpose_matrix, c + j, r);
+    }
+    d.__t_ok = true;
 }
 template <class P, class T, int C, int R>
 inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong elements_per_row = C,
@@ -270,19 +308,31 @@ inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong el
     __camel_need_full_warp("simdgroup_store");
     uint32_t l = __camel_laneid(), r = l / 4, c = 2 * (l % 4);
     P *base = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
-    for (int j = 0; j < 2; j++) {
-        if (transpose_matrix)
-            base[(c + j) * elements_per_row + r] = (P)m.__e[j];
-        else
-            base[r * elements_per_row + c + j] = (P)m.__e[j];
+    for (uint32_t j = 0; j < 2; j++)
+        *__camel_tile_at(base, elements_per_row, transpose_matrix, r, c + j) = (P)m.__e[j];
+}
+
+// B's transposed pair for this lane, B[2q][r] and B[2q + 1][r] (r = l / 4,
+// q = l % 4): kept by a load, else gathered. B[k][n] lives in lane 4k + n/2,
+// element n % 2; both elements are shuffled and this lane keeps one.
+template <class T> inline void __camel_b_column_pair(const simdgroup_matrix<T, 8, 8> &b, float (&out)[2]) {
+    if (b.__t_ok) {
+        out[0] = (float)b.__t[0];
+        out[1] = (float)b.__t[1];
+        return;
+    }
+    uint32_t l = __camel_laneid(), r = l / 4, q = l % 4;
+    for (uint32_t j = 0; j < 2; j++) {
+        uint32_t src = 4 * (2 * q + j) + r / 2;
+        float e0 = (float)__camel_shfl(~0u, b.__e[0], src), e1 = (float)__camel_shfl(~0u, b.__e[1], src);
+        out[j] = r % 2 ? e1 : e0;
     }
 }
 
-// d = a * b + c (c may be null: d = a * b). d[r][c] = c[r][c] + sum_k a[r][k] b[k][c].
+// d = a * b + c exactly in FP32 (c may be null: d = a * b). d[r][c] = c[r][c] + sum_k a[r][k] b[k][c].
 template <class T>
-inline void __camel_mma(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matrix<T, 8, 8> &a,
-                        const simdgroup_matrix<T, 8, 8> &b, const simdgroup_matrix<T, 8, 8> *c) {
-    __camel_need_full_warp("simdgroup_multiply");
+inline void __camel_mma_fp32(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matrix<T, 8, 8> &a,
+                             const simdgroup_matrix<T, 8, 8> &b, const simdgroup_matrix<T, 8, 8> *c) {
     uint32_t l = __camel_laneid(), r = l / 4, q = l % 4;
     float d0 = c ? (float)c->__e[0] : 0.0f, d1 = c ? (float)c->__e[1] : 0.0f;
 #pragma unroll
@@ -295,6 +345,62 @@ inline void __camel_mma(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matrix<T, 
     }
     d.__e[0] = (T)d0;
     d.__e[1] = (T)d1;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(CAMEL_CUDA_MATRIX_FP32)
+#define __CAMEL_MATRIX_TF32X3 1
+// x rounded to TF32 (10 mantissa bits, round to nearest, ties away), as the
+// tensor cores read it: the bits of a float.
+inline uint32_t __camel_tf32(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+// One mma.m16n8k8 on TF32 operands with an FP32 accumulator: d = a b + c, a
+// 16x8 (rows g, g + 8 and k slots q, q + 4 of lane 4g + q), b 8x8 (k slots q,
+// q + 4 of column g), c and d 16x8 (row g, columns 2q, 2q + 1, then row g + 8).
+inline void __camel_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                             const float (&c)[4]) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+inline bool __camel_finite_tf32(uint32_t x) { return (x & 0x7f800000u) != 0x7f800000u; }
+#endif
+
+template <class T>
+inline void __camel_mma(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matrix<T, 8, 8> &a,
+                        const simdgroup_matrix<T, 8, 8> &b, const simdgroup_matrix<T, 8, 8> *c) {
+    __camel_need_full_warp("simdgroup_multiply");
+#ifdef __CAMEL_MATRIX_TF32X3
+    float a0 = (float)a.__e[0], a1 = (float)a.__e[1];  // a[r][2q], a[r][2q + 1]: k slots q, q + 4
+    float bt[2];
+    __camel_b_column_pair(b, bt);  // b[2q][r], b[2q + 1][r]: the same k slots
+    uint32_t abig[2] = {__camel_tf32(a0), __camel_tf32(a1)};
+    uint32_t bbig[2] = {__camel_tf32(bt[0]), __camel_tf32(bt[1])};
+    bool finite = __camel_finite_tf32(abig[0]) && __camel_finite_tf32(abig[1]) &&
+                  __camel_finite_tf32(bbig[0]) && __camel_finite_tf32(bbig[1]);
+    if (__nvvm_vote_all_sync(~0u, finite)) {
+        uint32_t asmall[2] = {__camel_tf32(a0 - __builtin_bit_cast(float, abig[0])),
+                              __camel_tf32(a1 - __builtin_bit_cast(float, abig[1]))};
+        uint32_t bsmall[2] = {__camel_tf32(bt[0] - __builtin_bit_cast(float, bbig[0])),
+                              __camel_tf32(bt[1] - __builtin_bit_cast(float, bbig[1]))};
+        float c4[4] = {c ? (float)c->__e[0] : 0.0f, c ? (float)c->__e[1] : 0.0f, 0.0f, 0.0f};
+        float d4[4];
+        // rows 0-7: c + big * big; rows 8-15: small * big
+        __camel_mma_tf32(d4, {abig[0], asmall[0], abig[1], asmall[1]}, bbig, c4);
+        // rows 8-15: + big * small
+        __camel_mma_tf32(d4, {0u, abig[0], 0u, abig[1]}, bsmall, d4);
+        d.__e[0] = (T)(d4[0] + d4[2]);
+        d.__e[1] = (T)(d4[1] + d4[3]);
+        d.__t_ok = false;
+        return;
+    }
+#endif
+    __camel_mma_fp32(d, a, b, c);
+    d.__t_ok = false;
 }
 template <class T, int M, int N, int K>
 inline void simdgroup_multiply(simdgroup_matrix<T, N, M> &d, const simdgroup_matrix<T, K, M> &a,
