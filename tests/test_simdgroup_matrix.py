@@ -139,6 +139,7 @@ def test_inf_and_nan_as_fp32_gives_them(lib, order):
     b = rng.standard_normal((k, 8)).astype(np.float32)
     a[1, 3] = np.inf  # row 1: +-inf wherever b[3] is nonzero
     b[3, 5] = 0.0  # ... and inf * 0 = NaN at column 5
+    b[3, 1], b[3, 4] = 1.0, -2.5  # TF32 holds these exactly: inf times their "small" 0
     a[4, 0], a[4, 9] = np.inf, -np.inf  # row 4: inf - inf where signs of b[0], b[9] agree
     b[7, 2] = np.nan  # column 2: NaN everywhere
     b[12, 6] = np.inf  # column 6: +-inf (row 1 and row 4 aside)

@@ -229,10 +229,8 @@ inline quad_vote quad_active_threads_mask() { return quad_ballot(true); }
 //     products big*big + small*big + big*small (CUTLASS's 3xTF32) carry about
 //     21 bits of each operand, close to FP32; the small*small term is dropped.
 //     Two mma.m16n8k8: rows 0-7 of the instruction accumulate c + big*big,
-//     rows 8-15 the two cross terms, added at the end. An operand that is not
-//     finite (or a big part that overflowed) anywhere in the warp takes the
-//     exact path instead, so inf and NaN come out as FP32 gives them (the
-//     cross terms would make inf * 0 = NaN).
+//     rows 8-15 the two cross terms, added at the end where the first part is
+//     finite (where it is not, an inf or NaN operand made it so, as in FP32).
 //   fp32 (CAMEL_CUDA_MATRIX_FP32): exact FP32 fma on the CUDA cores, in k
 //     order, A's row and B's columns gathered with 24 shuffles.
 // All 32 lanes must be active, as on Apple GPUs; otherwise the kernel traps
@@ -349,12 +347,16 @@ inline void __camel_mma_fp32(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matri
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(CAMEL_CUDA_MATRIX_FP32)
 #define __CAMEL_MATRIX_TF32X3 1
-// x rounded to TF32 (10 mantissa bits, round to nearest, ties away), as the
-// tensor cores read it: the bits of a float.
-inline uint32_t __camel_tf32(float x) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
+// x split for the tensor cores, which read the 19 high bits of a float (TF32:
+// 10 mantissa bits): big = x truncated to them (never overflows; inf and NaN
+// stay inf and NaN), small = the TF32 rounding of the exact rest x - big, and 0
+// for inf and NaN (a NaN there would reach rows 0-7 through 0 * small).
+inline void __camel_split_tf32(float x, uint32_t &big, uint32_t &small) {
+    uint32_t bits = __builtin_bit_cast(uint32_t, x);
+    big = x != x ? bits : bits & 0xffffe000u;
+    float rest = x - __builtin_bit_cast(float, big);
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(small) : "f"(rest));
+    small = isfinite(x) ? small : 0u;
 }
 // One mma.m16n8k8 on TF32 operands with an FP32 accumulator: d = a b + c, a
 // 16x8 (rows g, g + 8 and k slots q, q + 4 of lane 4g + q), b 8x8 (k slots q,
@@ -367,39 +369,39 @@ inline void __camel_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
                    "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
-inline bool __camel_finite_tf32(uint32_t x) { return (x & 0x7f800000u) != 0x7f800000u; }
+// The warp check of a multiply without a branch (a branch between two
+// multiplies would keep their mma from overlapping): a partial warp traps.
+inline void __camel_trap_unless_full_warp() {
+    asm volatile("{ .reg .pred p; setp.ne.u32 p, %0, -1; @p trap; }" ::"r"(__nvvm_activemask()));
+}
 #endif
 
 template <class T>
 inline void __camel_mma(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matrix<T, 8, 8> &a,
                         const simdgroup_matrix<T, 8, 8> &b, const simdgroup_matrix<T, 8, 8> *c) {
-    __camel_need_full_warp("simdgroup_multiply");
 #ifdef __CAMEL_MATRIX_TF32X3
-    float a0 = (float)a.__e[0], a1 = (float)a.__e[1];  // a[r][2q], a[r][2q + 1]: k slots q, q + 4
+    __camel_trap_unless_full_warp();
     float bt[2];
-    __camel_b_column_pair(b, bt);  // b[2q][r], b[2q + 1][r]: the same k slots
-    uint32_t abig[2] = {__camel_tf32(a0), __camel_tf32(a1)};
-    uint32_t bbig[2] = {__camel_tf32(bt[0]), __camel_tf32(bt[1])};
-    bool finite = __camel_finite_tf32(abig[0]) && __camel_finite_tf32(abig[1]) &&
-                  __camel_finite_tf32(bbig[0]) && __camel_finite_tf32(bbig[1]);
-    if (__nvvm_vote_all_sync(~0u, finite)) {
-        uint32_t asmall[2] = {__camel_tf32(a0 - __builtin_bit_cast(float, abig[0])),
-                              __camel_tf32(a1 - __builtin_bit_cast(float, abig[1]))};
-        uint32_t bsmall[2] = {__camel_tf32(bt[0] - __builtin_bit_cast(float, bbig[0])),
-                              __camel_tf32(bt[1] - __builtin_bit_cast(float, bbig[1]))};
-        float c4[4] = {c ? (float)c->__e[0] : 0.0f, c ? (float)c->__e[1] : 0.0f, 0.0f, 0.0f};
-        float d4[4];
-        // rows 0-7: c + big * big; rows 8-15: small * big
-        __camel_mma_tf32(d4, {abig[0], asmall[0], abig[1], asmall[1]}, bbig, c4);
-        // rows 8-15: + big * small
-        __camel_mma_tf32(d4, {0u, abig[0], 0u, abig[1]}, bsmall, d4);
-        d.__e[0] = (T)(d4[0] + d4[2]);
-        d.__e[1] = (T)(d4[1] + d4[3]);
-        d.__t_ok = false;
-        return;
-    }
-#endif
+    __camel_b_column_pair(b, bt);  // b[2q][r], b[2q + 1][r]: the k slots q, q + 4
+    uint32_t abig[2], asmall[2], bbig[2], bsmall[2];
+    __camel_split_tf32((float)a.__e[0], abig[0], asmall[0]);  // a[r][2q]: k slot q
+    __camel_split_tf32((float)a.__e[1], abig[1], asmall[1]);  // a[r][2q + 1]: k slot q + 4
+    __camel_split_tf32(bt[0], bbig[0], bsmall[0]);
+    __camel_split_tf32(bt[1], bbig[1], bsmall[1]);
+    float c4[4] = {c ? (float)c->__e[0] : 0.0f, c ? (float)c->__e[1] : 0.0f, 0.0f, 0.0f};
+    float d4[4];
+    // rows 0-7: c + big * big; rows 8-15: small * big
+    __camel_mma_tf32(d4, {abig[0], asmall[0], abig[1], asmall[1]}, bbig, c4);
+    // rows 8-15: + big * small
+    __camel_mma_tf32(d4, {0u, abig[0], 0u, abig[1]}, bsmall, d4);
+    // An inf or NaN operand makes its row's and column's FP32 result inf or NaN, and
+    // c + big * big is that already; the cross terms would turn inf * 0 into NaN there.
+    d.__e[0] = (T)(isfinite(d4[0]) ? d4[0] + d4[2] : d4[0]);
+    d.__e[1] = (T)(isfinite(d4[1]) ? d4[1] + d4[3] : d4[1]);
+#else
+    __camel_need_full_warp("simdgroup_multiply");
     __camel_mma_fp32(d, a, b, c);
+#endif
     d.__t_ok = false;
 }
 template <class T, int M, int N, int K>
