@@ -75,11 +75,16 @@ def peaks_for(device: str) -> Peaks | None:
 
 
 def device_peaks() -> Peaks | None:
-    """This process's device: CAMEL_PEAKS="<TFLOP/s>,<GB/s>" if set, else `peaks_for`;
-    None on the simulator (its times are CPU times: no roofline)."""
+    """This process's device (see `peaks`)."""
     from camel import metal
 
-    if metal.is_simulator():
+    return peaks(metal.device_name(), metal.is_simulator())
+
+
+def peaks(device: str, simulator: bool) -> Peaks | None:
+    """CAMEL_PEAKS="<TFLOP/s>,<GB/s>" if set, else `peaks_for(device)`; None on the
+    simulator (its times are CPU times: no roofline)."""
+    if simulator:
         return None
     given = os.environ.get("CAMEL_PEAKS", "").strip()
     if given:
@@ -89,8 +94,8 @@ def device_peaks() -> Peaks | None:
             raise SystemExit(
                 f'[bench] CAMEL_PEAKS must be "<FP32 TFLOP/s>,<GB/s>", e.g. "2.6,68"; got {given!r}'
             ) from None
-        return Peaks(metal.device_name(), tflops, gbs, "CAMEL_PEAKS")
-    return peaks_for(metal.device_name())
+        return Peaks(device, tflops, gbs, "CAMEL_PEAKS")
+    return peaks_for(device)
 
 
 def bound_ms(flops: float, nbytes: float, peaks: Peaks) -> float:
