@@ -118,3 +118,12 @@ def test_command_line(capsys):
     assert bank_calc.main(["--stride", "33"]) == 0
     assert "conflict-free" in capsys.readouterr().out
     assert bank_calc.main(["nope"]) == 2
+
+
+def test_what_if_padding_v9():
+    # the stage 3 exercise: As rows of BM + 4 = 132 floats halve v9's store conflicts
+    # (bank = m + 4 (k % 8): two k of a lane group meet), and leave the float4 reads alone
+    acc = bank_calc.gemm_accesses(pad=4)
+    assert _find(acc, "matmul_v9 pad 4", "store As").degree == 2
+    assert _find(acc, "matmul_v9 pad 4", "read Bs4").degree == 1
+    assert _find(acc, "matmul_v9", "store As").degree == 4  # unpadded still listed

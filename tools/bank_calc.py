@@ -3,6 +3,7 @@
     python tools/bank_calc.py                  # every kernel's threadgroup accesses
     python tools/bank_calc.py gemm flash       # some families: gemm, flash, reduce
     python tools/bank_calc.py --stride 33      # one SIMD group reading a float column
+    python tools/bank_calc.py gemm --pad 4     # what if v6-v9's tiles had padded rows
 
 For each threadgroup-memory access of a kernel (one instruction of one SIMD group, 32
 lanes), it prints the n-way conflict: how many times the access is replayed because lanes
@@ -165,28 +166,31 @@ def gemm_v5():
     ]  # fmt: skip
 
 
-def gemm_blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int):
+def gemm_blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, pad: int = 0):
     # matmul_blocktile_vec4<BM, BN, BK, TM, TN> (v6-v9): As[k][m] (A transposed on the way
-    # in), Bs[k][n]; float4 reads reg_m = As4[(k·BM + tr·TM)/4 + i], reg_n likewise
+    # in), Bs[k][n]; float4 reads reg_m = As4[(k·BM + tr·TM)/4 + i], reg_n likewise.
+    # pad > 0: what-if row strides BM + pad and BN + pad (not built; the reads at one k
+    # shift all lanes alike, so only the stores change)
     threads = (bm // tm) * (bn // tn)
-    name = f"matmul_v{version}"
+    name = f"matmul_v{version}" + (f" pad {pad}" if pad else "")
+    lda, ldb = bm + pad, bn + pad
     cols = bn // tn
 
     def st_a(t_list):
-        return max((_load_tile_vec4(t_list, bm, bk, 1, bm, q) for q in range(4)),
+        return max((_load_tile_vec4(t_list, bm, bk, 1, lda, q) for q in range(4)),
                    key=lambda w: conflict(w)[0])  # fmt: skip
 
     def st_b(t_list):
-        return max((_load_tile_vec4(t_list, bk, bn, bn, 1, q) for q in range(4)),
+        return max((_load_tile_vec4(t_list, bk, bn, ldb, 1, q) for q in range(4)),
                    key=lambda w: conflict(w)[0])  # fmt: skip
 
     return [
-        Access(name, f"store As[k·{bm} + m] (transposing A; 4 scalar stores)", "st",
+        Access(name, f"store As[k·{lda} + m] (transposing A; 4 scalar stores)", "st",
                worst_over_simd_groups(st_a, threads)),
-        Access(name, f"store Bs[k·{bn} + n] (4 scalar stores)", "st",
+        Access(name, f"store Bs[k·{ldb} + n] (4 scalar stores)", "st",
                worst_over_simd_groups(st_b, threads)),
-        Access(name, f"store Bs[k·{bn} + n] if merged into one float4 store", "st",
-               worst_over_simd_groups(lambda ts: _load_tile_vec4(ts, bk, bn, bn, 1), threads),
+        Access(name, f"store Bs[k·{ldb} + n] if merged into one float4 store", "st",
+               worst_over_simd_groups(lambda ts: _load_tile_vec4(ts, bk, bn, ldb, 1), threads),
                16, note="the compiler may merge"),
         Access(name, f"read As4: float4 at tr·{tm}", "ld",
                worst_over_simd_groups(lambda ts: [(e // cols) * tm for e in ts], threads), 16),
@@ -231,12 +235,16 @@ def gemm_simdgroup(version: str = "10", lda: int = 20, ldb: int = 68):
     ]  # fmt: skip
 
 
-def gemm_accesses():
-    from_rungs = [("6", 128, 128, 8, 8, 8), ("7", 64, 64, 8, 4, 4),
-                  ("8", 128, 128, 16, 8, 8), ("9", 128, 64, 16, 8, 4)]  # fmt: skip
+BLOCKTILE_RUNGS = {"6": (128, 128, 8, 8, 8), "7": (64, 64, 8, 4, 4),
+                   "8": (128, 128, 16, 8, 8), "9": (128, 64, 16, 8, 4)}  # fmt: skip
+
+
+def gemm_accesses(pad: int = 0):
     out = gemm_v3() + gemm_v4() + gemm_v5()
-    for args in from_rungs:
-        out += gemm_blocktile(*args)
+    for v, sizes in BLOCKTILE_RUNGS.items():
+        out += gemm_blocktile(v, *sizes)
+        if pad:
+            out += gemm_blocktile(v, *sizes, pad=pad)
     return out + gemm_simdgroup("10", 20, 68) + gemm_simdgroup("10 unpadded", 16, 64)
 
 
@@ -315,6 +323,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("families", nargs="*", help=f"any of {', '.join(FAMILIES)} (default: all)")
     ap.add_argument("--stride", type=int, help="one SIMD group reading a column at this stride")
+    ap.add_argument("--pad", type=int, default=0,
+                    help="also show v6-v9 with tile rows padded by PAD floats")  # fmt: skip
     args = ap.parse_args(argv)
     if args.stride is not None:
         n, _ = conflict(column(args.stride))
@@ -329,7 +339,7 @@ def main(argv=None) -> int:
     print("Bank model: 32 banks of 4 bytes (NVIDIA's, documented; for Apple GPUs an assumption).")
     accesses = []
     for f in args.families or list(FAMILIES):
-        accesses += FAMILIES[f]()
+        accesses += FAMILIES[f](args.pad) if f == "gemm" else FAMILIES[f]()
     print(table(accesses))
     return 0
 
