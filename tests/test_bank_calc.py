@@ -105,6 +105,9 @@ def test_flash_score_store_padding_in_the_cuda_layout():
     acc = bank_calc.flash_accesses()
     assert _find(acc, "flash (B_c = 64)", "scores, stride 64").degree == 8
     assert _find(acc, "flash (B_c = 64)", "scores, padded stride 68").degree == 2
+    # V fragments, row stride DK: 8 rows 32 floats apart share 4 banks; 16 apart, 8 banks
+    assert _find(acc, "flash (B_c = 64)", "V chunk: simdgroup_load, DK = 32").degree == 8
+    assert _find(acc, "flash (B_c = 64)", "V chunk: simdgroup_load, DK = 16").degree == 4
 
 
 def test_reductions_have_no_conflicts():

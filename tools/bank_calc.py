@@ -285,6 +285,10 @@ def flash_accesses(bc: int = 64):
         Access(tag, "K chunk: simdgroup_load transposed, DK = 16 (v3-v5)", "ld",
                _worst(_sg_frag(0, 16, 0, True), _sg_frag(0, 16, 1, True)),
                note="CUDA shim layout"),
+        Access(tag, "V chunk: simdgroup_load, DK = 32 (v1, v2)", "ld",
+               _worst(_sg_frag(0, 32, 0), _sg_frag(0, 32, 1)), note="CUDA shim layout"),
+        Access(tag, "V chunk: simdgroup_load, DK = 16 (v3-v5)", "ld",
+               _worst(_sg_frag(0, 16, 0), _sg_frag(0, 16, 1)), note="CUDA shim layout"),
         Access(tag, "K/V chunk store tile4[e] (float4, consecutive e)", "st",
                [4 * lane for lane in range(LANES)], 16),
     ]  # fmt: skip
