@@ -114,3 +114,28 @@ def test_memory_bench_prints_the_column(capsys):
     assert cells
     if metal.is_simulator():
         assert set(cells) == {"n/a"} and "n/a (the simulator" in out
+
+
+@pytest.mark.parametrize(
+    "doc, table", [("stage3.md", lambda: roofline.gemm_table(4096)),
+                   ("stage5b.md", lambda: roofline.flash_table(4096, 64))],
+)  # fmt: skip
+def test_lessons_quote_the_generated_tables(doc, table):
+    # the lessons paste `python -m camel.bench roofline`; a row there must be a row the
+    # generator prints today (a rung added since may be missing, none may be stale)
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / doc).read_text()
+    generated = table().splitlines()
+    header = generated[2]
+    assert header in text, f"docs/{doc} lost the table; paste `python -m camel.bench roofline`"
+    start = text.index(header)
+    quoted = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        quoted.append(line)
+    assert quoted and all(line in generated for line in quoted), (
+        f"docs/{doc} quotes rows the generator no longer prints; rerun "
+        "`python -m camel.bench roofline` and paste its table"
+    )
