@@ -15,9 +15,10 @@ Where each peak comes from (open them):
                 CUDA shim, 4,142 GB/s read + write at 256 MiB (docs/cuda.md), below the
                 data-sheet 4.8 TB/s, so 100 % means "as fast as camel's own copy".
   Apple M1      2.6 TFLOP/s FP32 (philipturner/metal-benchmarks: 2617 GOPS32 for 8 cores),
-                68 GB/s (Apple's LPDDR4X figure for the M1; M1 Max is "almost 6x" it)
+                ~68 GB/s (Apple: the M1 Max's 400 GB/s is "nearly 6x that of M1")
   Apple M1 Max  10.6 TFLOP/s (metal-benchmarks: 10617 GOPS32 for 32 cores), 400 GB/s
-                (Apple's announcement of the M1 Pro/Max)
+                (https://www.apple.com/newsroom/2021/10/introducing-m1-pro-and-m1-max-the-
+                most-powerful-chips-apple-has-ever-built/)
 No Apple GPU was measured for camel: the Apple rows of the tables below are predictions
 from counts and peaks, not measurements.
 
