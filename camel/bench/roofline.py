@@ -265,9 +265,15 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:,.2f}"
 
 
+def _g(x: float) -> str:
+    """Giga-units for a sentence: 137, 2.15, 0.268."""
+    v = x / 1e9
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def gemm_table(n: int = 4096) -> str:
     lines = [
-        f"GEMM at M = N = K = {n}: {2 * n**3 / 1e9:,.0f} GFLOP; compulsory device bytes "
+        f"GEMM at M = N = K = {n}: {_g(2 * n**3)} GFLOP; compulsory device bytes "
         f"{_gb(F32 * 3 * n * n)} GB (A, B read once, C written once). Predicted = "
         "roofline GFLOP/s from these counts (not measured).",
         "",
@@ -289,7 +295,7 @@ def flash_table(t: int = 4096, d: int = 64, heads: int = 16) -> str:
     rows = flash_rows(t, d, heads)
     lines = [
         f"Attention forward, B = 1, H = {heads}, T = {t}, D = {d}, full (not causal): "
-        f"{rows[0]['flops'] / 1e9:,.0f} GFLOP (4·T²·D per head). Predicted = roofline "
+        f"{_g(rows[0]['flops'])} GFLOP (4·T²·D per head). Predicted = roofline "
         "TFLOP/s from these counts (not measured).",
         "",
         "| path | tile | threads | tg KiB | device GB | tg B/FMA | rescale work (of P·V)"
