@@ -130,3 +130,11 @@ def test_what_if_padding_v9():
     assert _find(acc, "matmul_v9 pad 4", "store As").degree == 2
     assert _find(acc, "matmul_v9 pad 4", "read Bs4").degree == 1
     assert _find(acc, "matmul_v9", "store As").degree == 4  # unpadded still listed
+
+
+def test_v11_second_buffer_banks_like_v10():
+    # the second buffer starts 64·20 and 16·68 floats on, multiples of 32: the same banks
+    acc = bank_calc.gemm_accesses()
+    v10 = [a.degree for a in acc if a.kernel == "matmul_v10"]
+    v11 = [a.degree for a in acc if a.kernel == "matmul_v11 (buffer 1)"]
+    assert v10 and v10 == v11

@@ -213,25 +213,31 @@ def _worst(*word_lists):
     return max(word_lists, key=lambda w: conflict(w)[0])
 
 
-def gemm_simdgroup(version: str = "10", lda: int = 20, ldb: int = 68):
+def gemm_simdgroup(version: str = "10", lda: int = 20, ldb: int = 68, buffer: int = 0):
     # matmul_v10_simdgroup / v11: As[m·SG_LDA + k] (BK = 16), Bs[k·SG_LDB + n] (BN = 64);
-    # SG_LDA = 20, SG_LDB = 68 are the padded strides (16 and 64 unpadded)
-    name = f"matmul_v{version}"
+    # SG_LDA = 20, SG_LDB = 68 are the padded strides (16 and 64 unpadded). v11's second
+    # buffer starts SG_BM·SG_LDA and SG_BK·SG_LDB floats on: a shift all lanes share.
+    name = f"matmul_v{version}" + (f" (buffer {buffer})" if buffer else "")
     padded = "padded" if (lda, ldb) == (20, 68) else "unpadded"
+    a0, b0 = buffer * 64 * lda, buffer * 16 * ldb
     t = list(lanes(0))
+
+    def shift(words, by):
+        return [w + by for w in words]
+
     return [
         Access(name, f"store As, row stride {lda} ({padded})", "st",
-               _worst(*(_load_tile_vec4(t, 64, 16, lda, 1, q) for q in range(4)))),
+               _worst(*(shift(_load_tile_vec4(t, 64, 16, lda, 1, q), a0) for q in range(4)))),
         Access(name, f"store Bs, row stride {ldb} ({padded})", "st",
-               _worst(*(_load_tile_vec4(t, 16, 64, ldb, 1, q) for q in range(4)))),
+               _worst(*(shift(_load_tile_vec4(t, 16, 64, ldb, 1, q), b0) for q in range(4)))),
         Access(name, f"store As, stride {lda}, if merged into one float4 store", "st",
-               _load_tile_vec4(t, 64, 16, lda, 1), 16, note="the compiler may merge"),
+               shift(_load_tile_vec4(t, 64, 16, lda, 1), a0), 16, note="the compiler may merge"),
         Access(name, f"store Bs, stride {ldb}, if merged into one float4 store", "st",
-               _load_tile_vec4(t, 16, 64, ldb, 1), 16, note="the compiler may merge"),
+               shift(_load_tile_vec4(t, 16, 64, ldb, 1), b0), 16, note="the compiler may merge"),
         Access(name, f"simdgroup_load A fragment, stride {lda}", "ld",
-               _worst(_sg_frag(0, lda, 0), _sg_frag(0, lda, 1)), note="CUDA shim layout"),
+               _worst(_sg_frag(a0, lda, 0), _sg_frag(a0, lda, 1)), note="CUDA shim layout"),
         Access(name, f"simdgroup_load B fragment, stride {ldb}", "ld",
-               _worst(_sg_frag(0, ldb, 0), _sg_frag(0, ldb, 1)), note="CUDA shim layout"),
+               _worst(_sg_frag(b0, ldb, 0), _sg_frag(b0, ldb, 1)), note="CUDA shim layout"),
     ]  # fmt: skip
 
 
@@ -245,7 +251,12 @@ def gemm_accesses(pad: int = 0):
         out += gemm_blocktile(v, *sizes)
         if pad:
             out += gemm_blocktile(v, *sizes, pad=pad)
-    return out + gemm_simdgroup("10", 20, 68) + gemm_simdgroup("10 unpadded", 16, 64)
+    return (
+        out
+        + gemm_simdgroup("10", 20, 68)
+        + gemm_simdgroup("11", 20, 68, buffer=1)
+        + gemm_simdgroup("10 unpadded", 16, 64)
+    )
 
 
 # ---- flash attention (shaders/ops_attention.metal) ------------------------------------------
@@ -300,9 +311,9 @@ def flash_accesses(bc: int = 64):
 def reduce_accesses(threads: int = 256):
     nsg = threads // LANES
     return [
-        Access("threadgroup_sum", "lane 0 of each SIMD group: partial[simd_group] = v", "st",
+        Access("threadgroup_sum/_max", "lane 0 of each SIMD group: partial[simd_group] = v", "st",
                [0] + [None] * (LANES - 1), note="one lane per SIMD group"),
-        Access("threadgroup_sum", "partial[lane] for lane < SIMD groups", "ld",
+        Access("threadgroup_sum/_max", "partial[lane] for lane < SIMD groups", "ld",
                [lane if lane < nsg else None for lane in range(LANES)]),
         Access("tree (textbook)", "buf[t] += buf[t + s]", "ld",
                [lane + threads // 2 for lane in range(LANES)]),
