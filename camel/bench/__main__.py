@@ -16,6 +16,7 @@ BENCHMARKS = {
     "matmul": "camel.bench.matmul",  # the GEMM ladder vs NumPy (validation) and MPS (speed)
     "models": "camel.bench.models",  # GPT-mini and MLP training steps vs PyTorch eager
     "reduce": "camel.bench.reduce",  # Stage 2: sum/max (SIMD-group reductions), GB/s
+    "roofline": "camel.bench.roofline",  # per-rung FLOPs, bytes, predicted bounds (no GPU)
     "sim": "camel.bench.sim",  # the Metal simulator: fiber switch, cached load, SGEMM, dispatch
     "softmax": "camel.bench.softmax",  # Stage 2: softmax, log_softmax, cross-entropy, GB/s
 }

@@ -265,15 +265,19 @@ def table(rows, simulator: bool, device: str, reference: str = "naive", heads: i
         if simulator
         else f"{device}: GPU time per call (command-buffer timestamps)"
     )
+    from camel.bench import roofline
+
     label = "sim TFLOP/s" if simulator else "TFLOP/s"
+    peaks = roofline.peaks(device, simulator)
     lines = [f"Measured on {where}. Batch 1, {heads} head{'s' if heads > 1 else ''}; alloc = GPU "
              "memory one call allocates at its peak (outputs and temporaries).",
-             "", f"| rung | T | D | causal | ms | {label} | alloc MiB | % of {reference} |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+             "", f"| rung | T | D | causal | ms | {label} | alloc MiB | % of {reference} "
+             "| % of roofline |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, t, d, causal, ms, tflops, peak, pct in rows:
+        roof = roofline.percent(tflops * 1e9 * ms, 16.0 * heads * t * d, ms, peaks)  # q,k,v,o
         lines.append(f"| {name} | {t} | {d} | {'yes' if causal else 'no'} | {ms:.2f} | "
-                     f"{tflops:.5f} | {peak / 2**20:.2f} | {pct:.0f}% |")  # fmt: skip
-    return "\n".join(lines)
+                     f"{tflops:.5f} | {peak / 2**20:.2f} | {pct:.0f}% | {roof} |")  # fmt: skip
+    return "\n".join(lines + ["", roofline.note(peaks)])
 
 
 def rung_source(name: str, d: int = 64) -> str:

@@ -57,12 +57,18 @@ def time_cases(what: str, shapes, cases, reps: int, unit: str) -> None:
     """Time every case at every shape and print  op | shape | ms | GB/s | % of copy.
     cases(shape, rng) gives (label, run() -> DeviceArray, expected, bytes moved)."""
     from camel.autotune import time_ms
+    from camel.bench import roofline
 
-    print(f"\n| op | {what} | ms | {unit} | % of copy |\n|---|---|---:|---:|---:|")
+    peaks = roofline.device_peaks()
+    print(f"\n| op | {what} | ms | {unit} | % of copy | % of roofline |"
+          "\n|---|---|---:|---:|---:|---:|")  # fmt: skip
     rng = np.random.default_rng(1)
     for shape in shapes:
         copy = copy_gbs(shape[0] * shape[1], reps)
         for label, run, _want, nbytes in cases(shape, rng):
             ms = time_ms(run, reps)
             gbs = nbytes / ms / 1e6
-            print(f"| {label} | {shape} | {ms:.4f} | {gbs:.1f} | {100 * gbs / copy:.0f}% |")
+            roof = roofline.percent(0.0, nbytes, ms, peaks)  # memory-bound: bytes / bandwidth
+            pct = f"{100 * gbs / copy:.0f}%"
+            print(f"| {label} | {shape} | {ms:.4f} | {gbs:.1f} | {pct} | {roof} |")
+    print("\n" + roofline.note(peaks))

@@ -95,7 +95,13 @@ def main(argv=None) -> int:
     if code is not None:
         return code
     sizes = args.sizes or (SIM_SIZES if unit.startswith("sim") else GPU_SIZES)
-    print(f"\n| kernel | n | ms | {unit} | % of copy |\n|---|---:|---:|---:|---:|")
+    from camel.bench import roofline
+
+    peaks = roofline.device_peaks()
+    print(f"\n| kernel | n | ms | {unit} | % of copy | % of roofline |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, n, ms, gbs, pct in time_all(sizes, args.reps):
-        print(f"| {name} | {n} | {ms:.4f} | {gbs:.1f} | {pct:.0f}% |")
+        roof = roofline.percent(0.0, gbs * ms * 1e6, ms, peaks)  # memory-bound
+        print(f"| {name} | {n} | {ms:.4f} | {gbs:.1f} | {pct:.0f}% | {roof} |")
+    print("\n" + roofline.note(peaks))
     return 0

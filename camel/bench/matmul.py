@@ -134,14 +134,19 @@ def table(rows, simulator: bool, device: str) -> str:
         if simulator
         else f"{device}: GPU time per matmul (command-buffer timestamps)"
     )
+    from camel.bench import roofline
+
     label = "sim GFLOP/s" if simulator else "GFLOP/s"
     ref = "MPS" if simulator else vendor()
-    lines = [f"Measured on {where}.", "", f"| version | M=N=K | ms | {label} | % of {ref} |"]
-    lines.append("|---|---:|---:|---:|---:|")
+    peaks = roofline.peaks(device, simulator)
+    lines = [f"Measured on {where}.", "",
+             f"| version | M=N=K | ms | {label} | % of {ref} | % of roofline |"]  # fmt: skip
+    lines.append("|---|---:|---:|---:|---:|---:|")
     for v, s, ms, gflops, pct in rows:
         pct_text = f"{pct:.0f}%" if pct is not None else "n/a"
-        lines.append(f"| {v} | {s} | {ms:.3f} | {gflops:.2f} | {pct_text} |")
-    return "\n".join(lines)
+        roof = roofline.percent(2.0 * s**3, 12.0 * s * s, ms, peaks)  # A, B read; C written
+        lines.append(f"| {v} | {s} | {ms:.3f} | {gflops:.2f} | {pct_text} | {roof} |")
+    return "\n".join(lines + ["", roofline.note(peaks)])
 
 
 def write_markdown(path: str, text: str) -> None:

@@ -1,0 +1,140 @@
+"""tools/bank_calc.py: the conflict model on patterns with known answers, and each kernel's
+pattern against what the code's index arithmetic gives and what ncu counted on the H200
+(docs/cuda.md: which of a rung's loads and stores conflict)."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bank_calc.py"
+_spec = importlib.util.spec_from_file_location("bank_calc", _PATH)
+bank_calc = importlib.util.module_from_spec(_spec)
+sys.modules["bank_calc"] = bank_calc  # dataclasses look their module up there
+_spec.loader.exec_module(bank_calc)
+
+
+def degree(words, width=4):
+    return bank_calc.conflict(words, width)[0]
+
+
+@pytest.mark.parametrize(
+    "stride, want",
+    [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32), (33, 1), (64, 32), (68, 4), (17, 1)],
+)
+def test_column_reads_of_a_float_tile(stride, want):
+    # word lane·stride lands in bank (lane·stride) % 32: gcd(stride, 32) lanes share a bank
+    assert degree(bank_calc.column(stride)) == want
+
+
+def test_broadcast_and_consecutive_are_free():
+    assert degree(bank_calc.broadcast()) == 1
+    assert degree(bank_calc.row()) == 1
+    # 8 lanes of a phase reading consecutive float4s cover the 32 banks once
+    assert degree([4 * lane for lane in range(32)], width=16) == 1
+    # float4s 8 floats apart: two lanes of a phase per group of 4 banks
+    assert degree([8 * lane for lane in range(32)], width=16) == 2
+
+
+def test_inactive_lanes_do_not_count():
+    assert degree([0] + [None] * 31) == 1
+    assert degree([None] * 32) == 1
+
+
+def _find(accesses, kernel, text):
+    hits = [a for a in accesses if a.kernel == kernel and text in a.what]
+    assert len(hits) == 1, (kernel, text, [a.what for a in accesses if a.kernel == kernel])
+    return hits[0]
+
+
+def test_gemm_v3_transposed_store_is_a_stride_32_column():
+    acc = bank_calc.gemm_accesses()
+    assert _find(acc, "matmul_v3", "A transposed").degree == 32
+    assert _find(acc, "matmul_v3", "not transposed").degree == 1
+    assert _find(acc, "matmul_v3", "read As").degree == 1  # one row per SIMD group: broadcast
+
+
+@pytest.mark.parametrize(
+    "rung, ld, st",
+    # the direction of ncu's shared-memory conflict counts at 2048^3 (docs/cuda.md, ld / st):
+    # v5 67 M / 0.2 M, v7 5 k / 18 M, v9 16 k / 19 M, v6 36 M / 9.0 M, v8 34 M / 8.5 M
+    [("matmul_v5", 4, 1), ("matmul_v7", 1, 4), ("matmul_v9", 1, 4), ("matmul_v6", 2, 4),
+     ("matmul_v8", 2, 4)],
+)  # fmt: skip
+def test_gemm_rungs_conflict_where_ncu_counted_them(rung, ld, st):
+    acc = [a for a in bank_calc.gemm_accesses() if a.kernel == rung]
+    assert max(a.degree for a in acc if a.op == "ld") == ld
+    assert max(a.degree for a in acc if a.op == "st" and a.width == 4) == st
+
+
+def test_v9_conflicts_are_its_transposing_store():
+    acc = bank_calc.gemm_accesses()
+    # As[k][m] is written 4 floats per thread, BM = 128 floats apart: bank = m % 32
+    assert _find(acc, "matmul_v9", "store As").degree == 4
+    assert _find(acc, "matmul_v9", "read As4").degree == 1
+    assert _find(acc, "matmul_v9", "read Bs4").degree == 1
+
+
+def test_v10_padding_spreads_the_fragment_loads():
+    acc = bank_calc.gemm_accesses()
+    padded = _find(acc, "matmul_v10", "simdgroup_load B fragment").degree
+    unpadded = _find(acc, "matmul_v10 unpadded", "simdgroup_load B fragment").degree
+    assert (unpadded, padded) == (8, 2)
+    assert _find(acc, "matmul_v10 unpadded", "simdgroup_load A fragment").degree == 4
+    assert _find(acc, "matmul_v10", "simdgroup_load A fragment").degree == 2
+
+
+def test_flash_score_tile_walks():
+    # v1: 8 rows at stride 64 read the same 4 columns: 8-way; the swizzle and a padded
+    # stride of 68 (row r starts 4r banks on) both make it conflict-free
+    assert degree(bank_calc.flash_walk(64, 64, swizzle=False)) == 8
+    assert degree(bank_calc.flash_walk(64, 64, swizzle=True)) == 1
+    assert degree(bank_calc.flash_walk(68, 64, swizzle=False)) == 1
+    assert degree(bank_calc.flash_walk(32, 32, swizzle=False)) == 8  # v6 64x32: same problem
+    assert degree(bank_calc.flash_walk(32, 32, swizzle=True)) == 1
+    # broken on purpose (the stage 5B exercise): 4 (n ^ (r & 1)) + qd uses 2 groups: 4-way
+    words = []
+    for lane in range(32):
+        r, qd = lane // 4, lane % 4
+        words.append(r * 64 + 4 * (0 ^ (r & 1)) + qd)
+    assert degree(words) == 4
+
+
+def test_flash_score_store_padding_in_the_cuda_layout():
+    acc = bank_calc.flash_accesses()
+    assert _find(acc, "flash (B_c = 64)", "scores, stride 64").degree == 8
+    assert _find(acc, "flash (B_c = 64)", "scores, padded stride 68").degree == 2
+    # V fragments, row stride DK: 8 rows 32 floats apart share 4 banks; 16 apart, 8 banks
+    assert _find(acc, "flash (B_c = 64)", "V chunk: simdgroup_load, DK = 32").degree == 8
+    assert _find(acc, "flash (B_c = 64)", "V chunk: simdgroup_load, DK = 16").degree == 4
+
+
+def test_reductions_have_no_conflicts():
+    assert all(a.degree == 1 for a in bank_calc.reduce_accesses())
+
+
+def test_command_line(capsys):
+    assert bank_calc.main([]) == 0
+    out = capsys.readouterr().out
+    assert "assumption" in out and "| matmul_v9 |" in out and "| flash (B_c = 64) |" in out
+    assert bank_calc.main(["--stride", "33"]) == 0
+    assert "conflict-free" in capsys.readouterr().out
+    assert bank_calc.main(["nope"]) == 2
+
+
+def test_what_if_padding_v9():
+    # the stage 3 exercise: As rows of BM + 4 = 132 floats halve v9's store conflicts
+    # (bank = m + 4 (k % 8): two k of a lane group meet), and leave the float4 reads alone
+    acc = bank_calc.gemm_accesses(pad=4)
+    assert _find(acc, "matmul_v9 pad 4", "store As").degree == 2
+    assert _find(acc, "matmul_v9 pad 4", "read Bs4").degree == 1
+    assert _find(acc, "matmul_v9", "store As").degree == 4  # unpadded still listed
+
+
+def test_v11_second_buffer_banks_like_v10():
+    # the second buffer starts 64·20 and 16·68 floats on, multiples of 32: the same banks
+    acc = bank_calc.gemm_accesses()
+    v10 = [a.degree for a in acc if a.kernel == "matmul_v10"]
+    v11 = [a.degree for a in acc if a.kernel == "matmul_v11 (buffer 1)"]
+    assert v10 and v10 == v11

@@ -1,0 +1,363 @@
+"""Threadgroup-memory bank conflicts of camel's kernels, computed on any machine.
+
+    python tools/bank_calc.py                  # every kernel's threadgroup accesses
+    python tools/bank_calc.py gemm flash       # some families: gemm, flash, reduce
+    python tools/bank_calc.py --stride 33      # one SIMD group reading a float column
+    python tools/bank_calc.py gemm --pad 4     # what if v6-v9's tiles had padded rows
+
+For each threadgroup-memory access of a kernel (one instruction of one SIMD group, 32
+lanes), it prints the n-way conflict: how many times the access is replayed because lanes
+hit different words of one bank (n = 1: conflict-free). The addresses come from the same
+index arithmetic as the kernels in shaders/*.metal (the comment on each pattern says
+which line); nothing runs on a GPU.
+
+The bank model, and how far to trust it:
+  * NVIDIA documents it: 32 banks of 4 bytes; word w is in bank w % 32; lanes reading the
+    same word share it (broadcast); 8- and 16-byte accesses are served in phases of 16 and
+    8 lanes. `ncu` counts the extra replays as l1tex__data_bank_conflicts_pipe_lsu_mem_
+    shared_op_ld / _st (the columns in docs/cuda.md).
+  * For Apple GPUs it is an ASSUMPTION. Apple documents no bank layout
+    (philipturner/metal-benchmarks lists Apple's bank size and count as "TBD"); the
+    indirect evidence is that MLX pads its threadgroup tiles by 16 bytes a row, which only
+    helps if rows a power of two apart collide. Read the Apple column as "what happens if
+    Apple's threadgroup memory is banked like NVIDIA's".
+  * simdgroup_load / simdgroup_store: which lane touches which element is not in the Metal
+    specification. The patterns here use the CUDA shim's layout (lane l holds row l / 4,
+    columns 2 (l % 4) and +1, docs/cuda.md), i.e. they are right for the H200 runs and an
+    illustration for Apple GPUs, where one simdgroup_load may be one wide access.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+LANES = 32
+BANKS = 32
+BANK_BYTES = 4
+
+
+def conflict(words, width: int = 4, banks: int = BANKS, bank_bytes: int = BANK_BYTES):
+    """(n-way, replays / phases) of one access: `words` = the first 4-byte word each lane
+    touches (None: an inactive lane), `width` = bytes per lane (4, 8 or 16).
+    A phase serves 128 bytes' worth of lanes (32 at 4 B, 16 at 8 B, 8 at 16 B); within a
+    phase a bank holding k different touched words costs k passes (same word: broadcast)."""
+    per_word = width // bank_bytes
+    lanes_per_phase = max(1, min(len(words), banks * bank_bytes // width))
+    worst, passes, phases = 1, 0, 0
+    for p0 in range(0, len(words), lanes_per_phase):
+        touched: dict[int, set[int]] = {}
+        for w in words[p0 : p0 + lanes_per_phase]:
+            if w is None:
+                continue
+            for i in range(per_word):
+                touched.setdefault((w + i) % banks, set()).add(w + i)
+        if not touched:
+            continue
+        degree = max(len(s) for s in touched.values())
+        worst, passes, phases = max(worst, degree), passes + degree, phases + 1
+    return worst, (passes / phases if phases else 1.0)
+
+
+@dataclass
+class Access:
+    kernel: str
+    what: str  # which access, in the kernel's words
+    op: str  # "ld" or "st"
+    words: list  # per lane: the first word index it touches (None: inactive)
+    width: int = 4  # bytes per lane
+    note: str = ""
+
+    @property
+    def degree(self) -> int:
+        return conflict(self.words, self.width)[0]
+
+
+def lanes(sg: int = 0) -> range:
+    """Thread indices in the threadgroup of SIMD group sg's 32 lanes."""
+    return range(sg * LANES, (sg + 1) * LANES)
+
+
+def worst_over_simd_groups(make, threads: int, *args):
+    """make(t_list, *args) -> words; the worst n-way over all SIMD groups of a threadgroup."""
+    best = None
+    for sg in range(max(1, threads // LANES)):
+        words = make(list(lanes(sg)), *args)
+        best = words if best is None or conflict(words)[0] > conflict(best)[0] else best
+    return best
+
+
+# ---- patterns every lesson uses -------------------------------------------------------------
+
+
+def column(stride: int) -> list[int]:
+    """32 lanes reading one float each down a column of a row-major tile: word lane·stride."""
+    return [lane * stride for lane in range(LANES)]
+
+
+def row() -> list[int]:
+    """32 lanes reading 32 consecutive floats."""
+    return list(range(LANES))
+
+
+def broadcast() -> list[int]:
+    """32 lanes reading the same float."""
+    return [0] * LANES
+
+
+# ---- GEMM (shaders/ops_matmul.metal) --------------------------------------------------------
+
+
+def _load_tile_scalar(t_list, R, S, T, dr, ds, contiguous_s=True):
+    """load_tile<R, S, T>: element e = t (first iteration) goes to dst[r·dr + s·ds]."""
+    out = []
+    for e in t_list:
+        r, s = (e // S, e % S) if contiguous_s else (e % R, e // R)
+        out.append(r * dr + s * ds)
+    return out
+
+
+def _load_tile_vec4(t_list, R, S, dr, ds, q=0):
+    """load_tile_vec4<R, S, T>: float4 e = t lands as 4 scalar stores d[q·ds], d = r·dr + s·ds."""
+    out = []
+    for e in t_list:
+        r, s = e // (S // 4), (e % (S // 4)) * 4
+        out.append(r * dr + s * ds + q * ds)
+    return out
+
+
+def gemm_v3():
+    # matmul_v3_tiled: thread t = ty·32 + tx; As[row·32 + k], Bs[k·32 + col], k = 0
+    t = list(lanes(0))
+    return [
+        Access("matmul_v3", "store As / Bs (A not transposed)", "st",
+               _load_tile_scalar(t, 32, 32, 1024, 32, 1)),
+        Access("matmul_v3", "store As, A transposed (trans_a: r = e % 32)", "st",
+               _load_tile_scalar(t, 32, 32, 1024, 32, 1, contiguous_s=False),
+               note="a column write at stride 32"),
+        Access("matmul_v3", "read As[row·32 + k] (row = t / 32: one per SIMD group)", "ld",
+               [(e // 32) * 32 for e in t]),
+        Access("matmul_v3", "read Bs[k·32 + col]", "ld", [e % 32 for e in t]),
+    ]  # fmt: skip
+
+
+def gemm_v4():
+    # matmul_v4_blocktile1d: BM = BN = 64, BK = 8, TM = 8, 512 threads; c = t % 64, r = t / 64
+    t = list(lanes(0))
+    return [
+        Access("matmul_v4", "store As[m·8 + k]", "st", _load_tile_scalar(t, 64, 8, 512, 8, 1)),
+        Access("matmul_v4", "store Bs[k·64 + n]", "st", _load_tile_scalar(t, 8, 64, 512, 64, 1)),
+        Access("matmul_v4", "read As[(r·8 + i)·8 + k]", "ld", [((e // 64) * 8) * 8 for e in t]),
+        Access("matmul_v4", "read Bs[k·64 + c]", "ld", [e % 64 for e in t]),
+    ]  # fmt: skip
+
+
+def gemm_v5():
+    # matmul_v5_blocktile2d: 128x128x8, 8x8 per thread; tc = t % 16, tr = t / 16
+    t = list(lanes(0))
+    return [
+        Access("matmul_v5", "store As[m·8 + k]", "st", _load_tile_scalar(t, 128, 8, 256, 8, 1)),
+        Access("matmul_v5", "store Bs[k·128 + n]", "st",
+               _load_tile_scalar(t, 8, 128, 256, 128, 1)),
+        Access("matmul_v5", "read As[(tr·8 + i)·8 + k]", "ld", [(e // 16) * 64 for e in t]),
+        Access("matmul_v5", "read Bs[k·128 + tc·8 + j]", "ld", [(e % 16) * 8 for e in t],
+               note="8 floats apart: 4 lanes per bank"),
+    ]  # fmt: skip
+
+
+def gemm_blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, pad: int = 0):
+    # matmul_blocktile_vec4<BM, BN, BK, TM, TN> (v6-v9): As[k][m] (A transposed on the way
+    # in), Bs[k][n]; float4 reads reg_m = As4[(k·BM + tr·TM)/4 + i], reg_n likewise.
+    # pad > 0: what-if row strides BM + pad and BN + pad (not built; the reads at one k
+    # shift all lanes alike, so only the stores change)
+    threads = (bm // tm) * (bn // tn)
+    name = f"matmul_v{version}" + (f" pad {pad}" if pad else "")
+    lda, ldb = bm + pad, bn + pad
+    cols = bn // tn
+
+    def st_a(t_list):
+        return max((_load_tile_vec4(t_list, bm, bk, 1, lda, q) for q in range(4)),
+                   key=lambda w: conflict(w)[0])  # fmt: skip
+
+    def st_b(t_list):
+        return max((_load_tile_vec4(t_list, bk, bn, ldb, 1, q) for q in range(4)),
+                   key=lambda w: conflict(w)[0])  # fmt: skip
+
+    return [
+        Access(name, f"store As[k·{lda} + m] (transposing A; 4 scalar stores)", "st",
+               worst_over_simd_groups(st_a, threads)),
+        Access(name, f"store Bs[k·{ldb} + n] (4 scalar stores)", "st",
+               worst_over_simd_groups(st_b, threads)),
+        Access(name, f"store Bs[k·{ldb} + n] if merged into one float4 store", "st",
+               worst_over_simd_groups(lambda ts: _load_tile_vec4(ts, bk, bn, ldb, 1), threads),
+               16, note="the compiler may merge"),
+        Access(name, f"read As4: float4 at tr·{tm}", "ld",
+               worst_over_simd_groups(lambda ts: [(e // cols) * tm for e in ts], threads), 16),
+        Access(name, f"read Bs4: float4 at tc·{tn}", "ld",
+               worst_over_simd_groups(lambda ts: [(e % cols) * tn for e in ts], threads), 16),
+    ]  # fmt: skip
+
+
+def _sg_frag(base: int, ld: int, j: int, transpose: bool = False) -> list[int]:
+    """simdgroup_load/store of an 8x8 fragment at `base`, row stride ld, element j of 2, in
+    the CUDA shim's layout: lane l has row l / 4, column 2 (l % 4) + j."""
+    out = []
+    for lane in range(LANES):
+        r, c = lane // 4, 2 * (lane % 4) + j
+        out.append(base + (c * ld + r if transpose else r * ld + c))
+    return out
+
+
+def _worst(*word_lists):
+    return max(word_lists, key=lambda w: conflict(w)[0])
+
+
+def gemm_simdgroup(version: str = "10", lda: int = 20, ldb: int = 68, buffer: int = 0):
+    # matmul_v10_simdgroup / v11: As[m·SG_LDA + k] (BK = 16), Bs[k·SG_LDB + n] (BN = 64);
+    # SG_LDA = 20, SG_LDB = 68 are the padded strides (16 and 64 unpadded). v11's second
+    # buffer starts SG_BM·SG_LDA and SG_BK·SG_LDB floats on: a shift all lanes share.
+    name = f"matmul_v{version}" + (f" (buffer {buffer})" if buffer else "")
+    padded = "padded" if (lda, ldb) == (20, 68) else "unpadded"
+    a0, b0 = buffer * 64 * lda, buffer * 16 * ldb
+    t = list(lanes(0))
+
+    def shift(words, by):
+        return [w + by for w in words]
+
+    return [
+        Access(name, f"store As, row stride {lda} ({padded})", "st",
+               _worst(*(shift(_load_tile_vec4(t, 64, 16, lda, 1, q), a0) for q in range(4)))),
+        Access(name, f"store Bs, row stride {ldb} ({padded})", "st",
+               _worst(*(shift(_load_tile_vec4(t, 16, 64, ldb, 1, q), b0) for q in range(4)))),
+        Access(name, f"store As, stride {lda}, if merged into one float4 store", "st",
+               shift(_load_tile_vec4(t, 64, 16, lda, 1), a0), 16, note="the compiler may merge"),
+        Access(name, f"store Bs, stride {ldb}, if merged into one float4 store", "st",
+               shift(_load_tile_vec4(t, 16, 64, ldb, 1), b0), 16, note="the compiler may merge"),
+        Access(name, f"simdgroup_load A fragment, stride {lda}", "ld",
+               _worst(_sg_frag(a0, lda, 0), _sg_frag(a0, lda, 1)), note="CUDA shim layout"),
+        Access(name, f"simdgroup_load B fragment, stride {ldb}", "ld",
+               _worst(_sg_frag(b0, ldb, 0), _sg_frag(b0, ldb, 1)), note="CUDA shim layout"),
+    ]  # fmt: skip
+
+
+BLOCKTILE_RUNGS = {"6": (128, 128, 8, 8, 8), "7": (64, 64, 8, 4, 4),
+                   "8": (128, 128, 16, 8, 8), "9": (128, 64, 16, 8, 4)}  # fmt: skip
+
+
+def gemm_accesses(pad: int = 0):
+    out = gemm_v3() + gemm_v4() + gemm_v5()
+    for v, sizes in BLOCKTILE_RUNGS.items():
+        out += gemm_blocktile(v, *sizes)
+        if pad:
+            out += gemm_blocktile(v, *sizes, pad=pad)
+    return (
+        out
+        + gemm_simdgroup("10", 20, 68)
+        + gemm_simdgroup("11", 20, 68, buffer=1)
+        + gemm_simdgroup("10 unpadded", 16, 64)
+    )
+
+
+# ---- flash attention (shaders/ops_attention.metal) ------------------------------------------
+
+
+def flash_walk(ld: int, bc: int, swizzle: bool, n: int | None = None) -> list[int]:
+    """The softmax's lanes on the score tile: lane 4r + qd reads s_sg[r·ld + c] with
+    c = 4n + qd (v1) or 4 (n ^ r) + qd (v2+); the worst step n unless n is given."""
+    steps = range(bc // 4) if n is None else [n]
+    lists = []
+    for step in steps:
+        words = []
+        for lane in range(LANES):
+            r, qd = lane // 4, lane % 4
+            c = 4 * (step ^ r) + qd if swizzle else 4 * step + qd
+            words.append(r * ld + c)
+        lists.append(words)
+    return _worst(*lists)
+
+
+def flash_accesses(bc: int = 64):
+    tag = f"flash (B_c = {bc})"
+    return [
+        Access(tag, "softmax walk, stride B_c, no swizzle (v1)", "ld",
+               flash_walk(bc, bc, False)),
+        Access(tag, "softmax walk, stride B_c, XOR swizzle (v2-v6)", "ld",
+               flash_walk(bc, bc, True)),
+        Access(tag, f"softmax walk, padded stride {bc + 4}, no swizzle", "ld",
+               flash_walk(bc + 4, bc, False), note="the padding not built yet"),
+        Access(tag, f"simdgroup_store of scores, stride {bc}", "st",
+               _worst(_sg_frag(0, bc, 0), _sg_frag(0, bc, 1)), note="CUDA shim layout"),
+        Access(tag, f"simdgroup_store of scores, padded stride {bc + 4}", "st",
+               _worst(_sg_frag(0, bc + 4, 0), _sg_frag(0, bc + 4, 1)), note="CUDA shim layout"),
+        Access(tag, "K chunk: simdgroup_load transposed, DK = 32 (v1, v2)", "ld",
+               _worst(_sg_frag(0, 32, 0, True), _sg_frag(0, 32, 1, True)),
+               note="CUDA shim layout"),
+        Access(tag, "K chunk: simdgroup_load transposed, DK = 16 (v3-v5)", "ld",
+               _worst(_sg_frag(0, 16, 0, True), _sg_frag(0, 16, 1, True)),
+               note="CUDA shim layout"),
+        Access(tag, "V chunk: simdgroup_load, DK = 32 (v1, v2)", "ld",
+               _worst(_sg_frag(0, 32, 0), _sg_frag(0, 32, 1)), note="CUDA shim layout"),
+        Access(tag, "V chunk: simdgroup_load, DK = 16 (v3-v5)", "ld",
+               _worst(_sg_frag(0, 16, 0), _sg_frag(0, 16, 1)), note="CUDA shim layout"),
+        Access(tag, "K/V chunk store tile4[e] (float4, consecutive e)", "st",
+               [4 * lane for lane in range(LANES)], 16),
+    ]  # fmt: skip
+
+
+# ---- reductions (ops_reduce, ops_softmax, ops_layernorm: threadgroup_sum / _max) ------------
+
+
+def reduce_accesses(threads: int = 256):
+    nsg = threads // LANES
+    return [
+        Access("threadgroup_sum/_max", "lane 0 of each SIMD group: partial[simd_group] = v", "st",
+               [0] + [None] * (LANES - 1), note="one lane per SIMD group"),
+        Access("threadgroup_sum/_max", "partial[lane] for lane < SIMD groups", "ld",
+               [lane if lane < nsg else None for lane in range(LANES)]),
+        Access("tree (textbook)", "buf[t] += buf[t + s]", "ld",
+               [lane + threads // 2 for lane in range(LANES)]),
+    ]  # fmt: skip
+
+
+FAMILIES = {"gemm": gemm_accesses, "flash": flash_accesses, "reduce": reduce_accesses}
+
+
+def table(accesses) -> str:
+    lines = ["| kernel | access | ld/st | bytes/lane | n-way | passes/phase | note |",
+             "|---|---|---|---:|---:|---:|---|"]  # fmt: skip
+    for a in accesses:
+        n, passes = conflict(a.words, a.width)
+        lines.append(f"| {a.kernel} | {a.what} | {a.op} | {a.width} | {n} | {passes:.2f} | "
+                     f"{a.note} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python tools/bank_calc.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("families", nargs="*", help=f"any of {', '.join(FAMILIES)} (default: all)")
+    ap.add_argument("--stride", type=int, help="one SIMD group reading a column at this stride")
+    ap.add_argument("--pad", type=int, default=0,
+                    help="also show v6-v9 with tile rows padded by PAD floats")  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.stride is not None:
+        n, _ = conflict(column(args.stride))
+        print(f"32 lanes reading floats {args.stride} apart: {n}-way "
+              f"({'conflict-free' if n == 1 else f'{n} passes instead of 1'})")  # fmt: skip
+        return 0
+    unknown = [f for f in args.families if f not in FAMILIES]
+    if unknown:
+        print(f"[bank_calc] unknown family {unknown[0]!r}; valid: {', '.join(FAMILIES)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    print("Bank model: 32 banks of 4 bytes (NVIDIA's, documented; for Apple GPUs an assumption).")
+    accesses = []
+    for f in args.families or list(FAMILIES):
+        accesses += FAMILIES[f](args.pad) if f == "gemm" else FAMILIES[f]()
+    print(table(accesses))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
