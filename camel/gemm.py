@@ -88,6 +88,8 @@ RUNGS: dict[str, Rung] = {
              64, 64, (128, 1, 1), (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
         Rung("11", "matmul_v11_double_buffer", "v10 with double-buffered threadgroup tiles",
              64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
+        Rung("12", "matmul_v12_register_prefetch", "v11 with the next tile staged in registers",
+             64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
     ]
 }  # fmt: skip
 

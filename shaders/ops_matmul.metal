@@ -16,6 +16,9 @@
 //             64x64x16 tiles, 4 SIMD groups of 32x32 each
 //   version 11 is version 10 with double buffering: the next K tile is loaded from device
 //             memory while the current one is multiplied, one barrier per K step
+//   version 12 is version 11 with the next K tile staged in registers: its device loads are
+//             issued before the multiplies and written to threadgroup memory after them,
+//             so the multiplies do not wait for device memory
 //
 // Run and benchmark them:
 //   python -m camel.bench matmul --list          # one version per line
@@ -555,6 +558,125 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
                           Bs + nxt * SG_BK * SG_LDB, t);
         }
         mma_tile_sg(As + cur * SG_BM * SG_LDA, Bs + cur * SG_BK * SG_LDB, wm, wn, acc);
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
+    }
+    store_acc_sg(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
+}
+
+// Version 12: version 11 with register-staged prefetch. In v11 a thread loads the next tile
+// from device memory and writes it to threadgroup memory in one statement, so it waits for
+// device memory before it can start its multiplies. Here the load is split: fetch_tile
+// issues the device reads into registers (SgStage) before the multiplies and stash_tile
+// writes them to the other buffer after them; the multiplies run while the reads are in
+// flight. Same tiles, buffers and barrier as v11 (one per K step), plus 8 float4 registers.
+// Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 18.5 KiB + 1 KiB scratch.
+
+// One thread's share of a (R, S) tile stored row-major with S contiguous (float4 e of the
+// tile is element (e / (S/4), 4 (e % (S/4))); thread t holds e = t, t + T, ...).
+template <uint R, uint S, uint T> struct TileShare {
+    float4 v[(R * S / 4 + T - 1) / T];
+};
+
+// The device reads of a (R, S) tile at (r0, s0) of X (rows x cols, row stride ld) into
+// registers, zeros outside X.
+template <uint R, uint S, uint T>
+inline void fetch_tile(device const float* X, uint ld, uint r0, uint s0, uint rows, uint cols,
+                       bool vec4, uint t, thread TileShare<R, S, T>& share) {
+    for (uint i = 0; i < (R * S / 4 + T - 1) / T; i++) {
+        uint e = t + i * T;
+        uint gr = r0 + e / (S / 4), gs = s0 + (e % (S / 4)) * 4;
+        float4 v = float4(0.0f);
+        if (e < R * S / 4) {
+            if (vec4 && gr < rows && gs + 3 < cols) {
+                v = *((device const float4*)(X + gr * ld + gs));
+            } else if (gr < rows) {
+                for (uint q = 0; q < 4; q++) {
+                    if (gs + q < cols) v[q] = X[gr * ld + gs + q];
+                }
+            }
+        }
+        share.v[i] = v;
+    }
+}
+
+// Write a fetched tile to threadgroup memory: element (r, s) at dst[r * dr + s * ds].
+template <uint R, uint S, uint T>
+inline void stash_tile(thread const TileShare<R, S, T>& share, threadgroup float* dst, uint dr,
+                       uint ds, uint t) {
+    for (uint i = 0; i < (R * S / 4 + T - 1) / T; i++) {
+        uint e = t + i * T;
+        if (e >= R * S / 4) break;
+        threadgroup float* d = dst + (e / (S / 4)) * dr + (e % (S / 4)) * 4 * ds;
+        float4 v = share.v[i];
+        d[0] = v.x;
+        d[ds] = v.y;
+        d[2 * ds] = v.z;
+        d[3 * ds] = v.w;
+    }
+}
+
+// The A and B tiles of one K step of v12, in flight between fetch and stash. The stored
+// layout decides the tile's shape: (BK, BM) when A is stored (K, M), else (BM, BK).
+struct SgStage {
+    TileShare<SG_BM, SG_BK, SG_THREADS> a;   // A stored (M, K): rows m
+    TileShare<SG_BK, SG_BM, SG_THREADS> at;  // A stored (K, M): rows k
+    TileShare<SG_BK, SG_BN, SG_THREADS> b;   // B stored (K, N): rows k
+    TileShare<SG_BN, SG_BK, SG_THREADS> bt;  // B stored (N, K): rows n
+};
+
+inline void fetch_tiles_sg(device const float* A, device const float* B,
+                           constant MatmulParams& p, uint m0, uint n0, uint k0, uint t,
+                           thread SgStage& st) {
+    bool v = p.vec4 != 0;
+    if (p.trans_a) fetch_tile(A, p.lda, k0, m0, p.K, p.M, v, t, st.at);
+    else fetch_tile(A, p.lda, m0, k0, p.M, p.K, v, t, st.a);
+    if (p.trans_b) fetch_tile(B, p.ldb, n0, k0, p.N, p.K, v, t, st.bt);
+    else fetch_tile(B, p.ldb, k0, n0, p.K, p.N, v, t, st.b);
+}
+
+// As[m][k] and Bs[k][n] with the padded strides of v10, whatever the stored layout.
+inline void stash_tiles_sg(thread const SgStage& st, constant MatmulParams& p,
+                           threadgroup float* As, threadgroup float* Bs, uint t) {
+    if (p.trans_a) stash_tile(st.at, As, 1, SG_LDA, t);
+    else stash_tile(st.a, As, SG_LDA, 1, t);
+    if (p.trans_b) stash_tile(st.bt, Bs, 1, SG_LDB, t);
+    else stash_tile(st.b, Bs, SG_LDB, 1, t);
+}
+
+kernel void matmul_v12_register_prefetch(device const float* A [[buffer(0)]],
+                                         device const float* B [[buffer(1)]],
+                                         device float* C [[buffer(2)]],
+                                         constant MatmulParams& p [[buffer(3)]],
+                                         uint3 group [[threadgroup_position_in_grid]],
+                                         uint t [[thread_index_in_threadgroup]],
+                                         uint sg [[simdgroup_index_in_threadgroup]],
+                                         uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup float As[2 * SG_BM * SG_LDA];  // buffer s at As + s * SG_BM * SG_LDA
+    threadgroup float Bs[2 * SG_BK * SG_LDB];
+    threadgroup float scratch[4 * 64];
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    uint m0 = group.y * SG_BM, n0 = group.x * SG_BN;
+    uint wm = (sg / 2) * 32, wn = (sg % 2) * 32;
+    SgAcc acc;
+    for (uint i = 0; i < 4; i++) {
+        for (uint j = 0; j < 4; j++) acc.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+    uint steps = (p.K + SG_BK - 1) / SG_BK;
+    SgStage st;
+    if (steps > 0) {  // prologue: tile 0 into buffer 0
+        fetch_tiles_sg(A, B, p, m0, n0, 0, t, st);
+        stash_tiles_sg(st, p, As, Bs, t);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint s = 0; s < steps; s++) {
+        uint cur = s % 2, nxt = 1 - cur;
+        bool more = s + 1 < steps;
+        if (more) fetch_tiles_sg(A, B, p, m0, n0, (s + 1) * SG_BK, t, st);  // reads in flight
+        mma_tile_sg(As + cur * SG_BM * SG_LDA, Bs + cur * SG_BK * SG_LDB, wm, wn, acc);
+        // the other buffer was last read before the previous barrier: free to overwrite
+        if (more) stash_tiles_sg(st, p, As + nxt * SG_BM * SG_LDA, Bs + nxt * SG_BK * SG_LDB, t);
         threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
     }
     store_acc_sg(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);

@@ -215,14 +215,14 @@ def test_camel_matmul_env_selects_rung(monkeypatch, rng):
 
 
 def test_camel_matmul_unknown_version(monkeypatch, rng):
-    monkeypatch.setenv("CAMEL_MATMUL", "12")
+    monkeypatch.setenv("CAMEL_MATMUL", "13")
     a, b = _operands(rng, (2, 3), (3, 4))
-    with pytest.raises(ValueError, match=r"unknown version '12'.*1, 2, 3.*11"):
+    with pytest.raises(ValueError, match=r"unknown version '13'.*1, 2, 3.*12"):
         _run(None, a, b)
 
 
 def test_get_rung_lists_valid_versions():
-    with pytest.raises(ValueError, match="valid versions: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"):
+    with pytest.raises(ValueError, match="valid versions: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"):
         gemm.get_rung("fast")
     assert gemm.get_rung(8).kernel == "matmul_v8_128x128x16_8x8"
 

@@ -148,7 +148,7 @@ def _gemm_tg_traffic(v: str, rung) -> tuple[float, float]:
         return 2.0 * F32, write  # As and Bs: 2 loads per FMA
     if v == "4":
         return (8 + 1) / 8 * F32, write  # 8 As + 1 Bs loads per 8 FMAs (TM = 8)
-    if v in ("10", "11"):
+    if v in ("10", "11", "12"):
         # per K step of 8 a SIMD group loads 8 fragments of 64 floats for 16 × 512 FMAs
         return 8 * 64 * F32 / (16 * 512), write
     tm, tn = _tmtn(v, rung)

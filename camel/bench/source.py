@@ -112,7 +112,7 @@ def parse(text: str) -> list[Item]:
             j += 1
         body = "\n".join(lines[start : j + 1])
         code = re.sub(r"//[^\n]*", "", body)
-        if m := re.match(r"\s*struct\s+(\w+)", code):
+        if m := re.match(r"\s*(?:template\s*<[^>]*>\s*)?struct\s+(\w+)", code):
             kind, name = "struct", m.group(1)
         elif re.match(r"\s*using\b", code):
             kind, name = "preamble", code.strip()
