@@ -66,6 +66,17 @@ def _blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, what: 
     return Rung(version, name, what, bm, bn, (threads, 1, 1), (bm + bn) * bk * 4)
 
 
+def _sgtile(version: str, bm: int, bn: int, fm: int, fn: int, what: str) -> Rung:
+    """v12's template (matmul_sg_prefetch): BM x BN tiles, BK = 16, SIMD groups of
+    (8 FM) x (8 FN); two padded tile buffers and 64 floats of scratch a SIMD group."""
+    name = (
+        "matmul_v12_register_prefetch" if version == "12" else f"matmul_sgtile_{bm}x{bn}_{fm}x{fn}"
+    )
+    simdgroups = (bm // (8 * fm)) * (bn // (8 * fn))
+    tg_bytes = (2 * (bm * 20 + 16 * (bn + 4)) + 64 * simdgroups) * 4
+    return Rung(version, name, what, bm, bn, (32 * simdgroups, 1, 1), tg_bytes)
+
+
 # The ladder. Keep every rung: the ladder is the lesson (docs/stage3.md).
 RUNGS: dict[str, Rung] = {
     r.version: r
@@ -88,20 +99,24 @@ RUNGS: dict[str, Rung] = {
              64, 64, (128, 1, 1), (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
         Rung("11", "matmul_v11_double_buffer", "v10 with double-buffered threadgroup tiles",
              64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
-        Rung("12", "matmul_v12_register_prefetch", "v11 with the next tile staged in registers",
-             64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
+        _sgtile("12", 64, 64, 4, 4, "v11 with the next tile staged in registers"),
     ]
 }  # fmt: skip
 
 # Tuning variants: more instantiations of the v6-v9 template for the autotuner's grid search
-# (BM, BN in 32/64/128, BK in 8/16/32, TM, TN in 4/8). Their version is the config string:
-# CAMEL_MATMUL=64x64x16_4x4. Not part of the ladder (--list shows them after it).
+# (BM, BN in 32/64/128, BK in 8/16/32, TM, TN in 4/8) and of v12's (sg_BMxBN_FMxFN). Their
+# version is the config string: CAMEL_MATMUL=64x64x16_4x4. Not part of the ladder (--list
+# shows them after it).
 VARIANTS: dict[str, Rung] = {
     r.version: r
     for r in [
         _blocktile(c, *map(int, c.replace("_", "x").split("x")), "tuning variant of v6-v9")
         for c in ["32x32x8_4x4", "64x64x8_8x8", "64x64x16_4x4", "64x128x16_8x8",
                   "128x128x8_8x4", "128x128x32_8x8"]
+    ] + [
+        _sgtile("sg_128x64_4x4", 128, 64, 4, 4, "tuning variant of v12: 8 SIMD groups of 32x32"),
+        _sgtile("sg_128x64_8x4", 128, 64, 8, 4, "tuning variant of v12: 4 SIMD groups of 64x32"),
+        _sgtile("sg_64x128_4x8", 64, 128, 4, 8, "tuning variant of v12: 4 SIMD groups of 32x64"),
     ]
 }  # fmt: skip
 

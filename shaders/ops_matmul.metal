@@ -566,23 +566,29 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
 // Version 12: version 11 with register-staged prefetch. In v11 a thread loads the next tile
 // from device memory and writes it to threadgroup memory in one statement, so it waits for
 // device memory before it can start its multiplies. Here the load is split: fetch_tile
-// issues the device reads into registers (SgStage) before the multiplies and stash_tile
-// writes them to the other buffer after them; the multiplies run while the reads are in
-// flight. Same tiles, buffers and barrier as v11 (one per K step), plus 8 float4 registers.
-// Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 18.5 KiB + 1 KiB scratch.
+// issues the device reads into registers before the multiplies and stash_tile writes them
+// to the other buffer after them; the multiplies run while the reads are in flight. Same
+// buffers and barrier as v11 (one per K step).
+// A template over the tile shape, as v6-v9: a threadgroup computes a BM x BN tile of C
+// with BK = 16; each SIMD group owns an (8 FM) x (8 FN) part of it as FM x FN accumulators.
+// v12 is <64, 64, 4, 4> (v11's shape: 4 SIMD groups of 32 x 32); more instantiations
+// (matmul_sgtile_*) are tuning variants. Threadgroup (32 x SIMD groups, 1, 1); grid
+// (ceil(N/BN), ceil(M/BM), batches); v12: 128 threads, 18.5 KiB + 1 KiB scratch
+// (2 (BM (BK + 4) + BK (BN + 4)) floats + 64 a SIMD group).
 
-// One thread's share of a (R, S) tile stored row-major with S contiguous (float4 e of the
-// tile is element (e / (S/4), 4 (e % (S/4))); thread t holds e = t, t + T, ...).
-template <uint R, uint S, uint T> struct TileShare {
-    float4 v[(R * S / 4 + T - 1) / T];
+// One thread's share of a tile being staged: float4 e of an (R, S) tile stored row-major
+// with S contiguous is element (e / (S/4), 4 (e % (S/4))); thread t holds e = t, t + T, ...
+template <uint N> struct TileShare {
+    float4 v[N];
 };
+template <uint R, uint S, uint T> constexpr uint share_size() { return (R * S / 4 + T - 1) / T; }
 
 // The device reads of a (R, S) tile at (r0, s0) of X (rows x cols, row stride ld) into
 // registers, zeros outside X.
 template <uint R, uint S, uint T>
 inline void fetch_tile(device const float* X, uint ld, uint r0, uint s0, uint rows, uint cols,
-                       bool vec4, uint t, thread TileShare<R, S, T>& share) {
-    for (uint i = 0; i < (R * S / 4 + T - 1) / T; i++) {
+                       bool vec4, uint t, thread TileShare<share_size<R, S, T>()>& share) {
+    for (uint i = 0; i < share_size<R, S, T>(); i++) {
         uint e = t + i * T;
         uint gr = r0 + e / (S / 4), gs = s0 + (e % (S / 4)) * 4;
         float4 v = float4(0.0f);
@@ -599,11 +605,11 @@ inline void fetch_tile(device const float* X, uint ld, uint r0, uint s0, uint ro
     }
 }
 
-// Write a fetched tile to threadgroup memory: element (r, s) at dst[r * dr + s * ds].
+// Write a fetched (R, S) tile to threadgroup memory: element (r, s) at dst[r * dr + s * ds].
 template <uint R, uint S, uint T>
-inline void stash_tile(thread const TileShare<R, S, T>& share, threadgroup float* dst, uint dr,
-                       uint ds, uint t) {
-    for (uint i = 0; i < (R * S / 4 + T - 1) / T; i++) {
+inline void stash_tile(thread const TileShare<share_size<R, S, T>()>& share,
+                       threadgroup float* dst, uint dr, uint ds, uint t) {
+    for (uint i = 0; i < share_size<R, S, T>(); i++) {
         uint e = t + i * T;
         if (e >= R * S / 4) break;
         threadgroup float* d = dst + (e / (S / 4)) * dr + (e % (S / 4)) * 4 * ds;
@@ -615,69 +621,134 @@ inline void stash_tile(thread const TileShare<R, S, T>& share, threadgroup float
     }
 }
 
-// The A and B tiles of one K step of v12, in flight between fetch and stash. The stored
-// layout decides the tile's shape: (BK, BM) when A is stored (K, M), else (BM, BK).
-struct SgStage {
-    TileShare<SG_BM, SG_BK, SG_THREADS> a;   // A stored (M, K): rows m
-    TileShare<SG_BK, SG_BM, SG_THREADS> at;  // A stored (K, M): rows k
-    TileShare<SG_BK, SG_BN, SG_THREADS> b;   // B stored (K, N): rows k
-    TileShare<SG_BN, SG_BK, SG_THREADS> bt;  // B stored (N, K): rows n
+// The A (BM x BK) and B (BK x BN) tiles at K offset k0, fetched in whichever orientation
+// they are stored (the same number of floats either way).
+template <uint BM, uint BN, uint BK, uint T>
+inline void fetch_tiles(device const float* A, device const float* B, constant MatmulParams& p,
+                        uint m0, uint n0, uint k0, uint t,
+                        thread TileShare<share_size<BM, BK, T>()>& a,
+                        thread TileShare<share_size<BK, BN, T>()>& b) {
+    bool v = p.vec4 != 0;
+    if (p.trans_a) fetch_tile<BK, BM, T>(A, p.lda, k0, m0, p.K, p.M, v, t, a);
+    else fetch_tile<BM, BK, T>(A, p.lda, m0, k0, p.M, p.K, v, t, a);
+    if (p.trans_b) fetch_tile<BN, BK, T>(B, p.ldb, n0, k0, p.N, p.K, v, t, b);
+    else fetch_tile<BK, BN, T>(B, p.ldb, k0, n0, p.K, p.N, v, t, b);
+}
+
+// ... written as As[m][k] (row stride LDA) and Bs[k][n] (row stride LDB).
+template <uint BM, uint BN, uint BK, uint T, uint LDA, uint LDB>
+inline void stash_tiles(thread const TileShare<share_size<BM, BK, T>()>& a,
+                        thread const TileShare<share_size<BK, BN, T>()>& b,
+                        constant MatmulParams& p, threadgroup float* As, threadgroup float* Bs,
+                        uint t) {
+    if (p.trans_a) stash_tile<BK, BM, T>(a, As, 1, LDA, t);
+    else stash_tile<BM, BK, T>(a, As, LDA, 1, t);
+    if (p.trans_b) stash_tile<BN, BK, T>(b, Bs, 1, LDB, t);
+    else stash_tile<BK, BN, T>(b, Bs, LDB, 1, t);
+}
+
+// The accumulators of one SIMD group: its (8 FM) x (8 FN) part of C.
+template <uint FM, uint FN> struct SgAccs {
+    simdgroup_float8x8 m[FM][FN];
 };
 
-inline void fetch_tiles_sg(device const float* A, device const float* B,
-                           constant MatmulParams& p, uint m0, uint n0, uint k0, uint t,
-                           thread SgStage& st) {
-    bool v = p.vec4 != 0;
-    if (p.trans_a) fetch_tile(A, p.lda, k0, m0, p.K, p.M, v, t, st.at);
-    else fetch_tile(A, p.lda, m0, k0, p.M, p.K, v, t, st.a);
-    if (p.trans_b) fetch_tile(B, p.ldb, n0, k0, p.N, p.K, v, t, st.bt);
-    else fetch_tile(B, p.ldb, k0, n0, p.K, p.N, v, t, st.b);
+// acc[i][j] += A fragment i · B fragment j over the BK columns of one tile (as mma_tile_sg).
+template <uint FM, uint FN, uint BK, uint LDA, uint LDB>
+inline void mma_tiles(threadgroup const float* As, threadgroup const float* Bs, uint wm,
+                      uint wn, thread SgAccs<FM, FN>& acc) {
+    for (uint kk = 0; kk < BK; kk += 8) {
+        simdgroup_float8x8 a[FM], b[FN];
+        for (uint i = 0; i < FM; i++) simdgroup_load(a[i], As + (wm + i * 8) * LDA + kk, LDA);
+        for (uint j = 0; j < FN; j++) simdgroup_load(b[j], Bs + kk * LDB + wn + j * 8, LDB);
+        for (uint i = 0; i < FM; i++) {
+            for (uint j = 0; j < FN; j++) {
+                simdgroup_multiply_accumulate(acc.m[i][j], a[i], b[j], acc.m[i][j]);
+            }
+        }
+    }
 }
 
-// As[m][k] and Bs[k][n] with the padded strides of v10, whatever the stored layout.
-inline void stash_tiles_sg(thread const SgStage& st, constant MatmulParams& p,
-                           threadgroup float* As, threadgroup float* Bs, uint t) {
-    if (p.trans_a) stash_tile(st.at, As, 1, SG_LDA, t);
-    else stash_tile(st.a, As, SG_LDA, 1, t);
-    if (p.trans_b) stash_tile(st.bt, Bs, 1, SG_LDB, t);
-    else stash_tile(st.b, Bs, SG_LDB, 1, t);
+// Store the accumulators at C(m0 + wm + 8 i, n0 + wn + 8 j), as store_acc_sg.
+template <uint FM, uint FN>
+inline void store_accs(thread SgAccs<FM, FN>& acc, device float* C, constant MatmulParams& p,
+                       uint m0, uint n0, uint wm, uint wn, threadgroup float* scratch, uint lane) {
+    for (uint i = 0; i < FM; i++) {
+        for (uint j = 0; j < FN; j++) {
+            uint m = m0 + wm + i * 8, n = n0 + wn + j * 8;
+            if (m >= p.M || n >= p.N) continue;  // the same for all 32 lanes
+            if (m + 8 <= p.M && n + 8 <= p.N) {
+                simdgroup_store(acc.m[i][j], C + m * p.ldc + n, p.ldc);
+            } else {
+                simdgroup_store(acc.m[i][j], scratch, 8);
+                simdgroup_barrier(mem_flags::mem_threadgroup);
+                for (uint e = lane; e < 64; e += 32) {
+                    uint r = e / 8, c = e % 8;
+                    if (m + r < p.M && n + c < p.N) C[(m + r) * p.ldc + n + c] = scratch[e];
+                }
+                simdgroup_barrier(mem_flags::mem_threadgroup);  // reads done before reuse
+            }
+        }
+    }
 }
 
-kernel void matmul_v12_register_prefetch(device const float* A [[buffer(0)]],
-                                         device const float* B [[buffer(1)]],
-                                         device float* C [[buffer(2)]],
-                                         constant MatmulParams& p [[buffer(3)]],
-                                         uint3 group [[threadgroup_position_in_grid]],
-                                         uint t [[thread_index_in_threadgroup]],
-                                         uint sg [[simdgroup_index_in_threadgroup]],
-                                         uint lane [[thread_index_in_simdgroup]]) {
-    threadgroup float As[2 * SG_BM * SG_LDA];  // buffer s at As + s * SG_BM * SG_LDA
-    threadgroup float Bs[2 * SG_BK * SG_LDB];
-    threadgroup float scratch[4 * 64];
+template <uint BM, uint BN, uint FM, uint FN>
+kernel void matmul_sg_prefetch(device const float* A [[buffer(0)]],
+                               device const float* B [[buffer(1)]],
+                               device float* C [[buffer(2)]],
+                               constant MatmulParams& p [[buffer(3)]],
+                               uint3 group [[threadgroup_position_in_grid]],
+                               uint t [[thread_index_in_threadgroup]],
+                               uint sg [[simdgroup_index_in_threadgroup]],
+                               uint lane [[thread_index_in_simdgroup]]) {
+    constexpr uint BK = 16;
+    constexpr uint LDA = BK + 4, LDB = BN + 4;  // padded as v10's (bank conflicts)
+    constexpr uint SGN = BN / (8 * FN);         // SIMD groups along N
+    constexpr uint T = 32 * (BM / (8 * FM)) * SGN;
+    threadgroup float As[2 * BM * LDA];  // buffer s at As + s * BM * LDA
+    threadgroup float Bs[2 * BK * LDB];
+    threadgroup float scratch[T / 32 * 64];
     A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
     B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
-    uint m0 = group.y * SG_BM, n0 = group.x * SG_BN;
-    uint wm = (sg / 2) * 32, wn = (sg % 2) * 32;
-    SgAcc acc;
-    for (uint i = 0; i < 4; i++) {
-        for (uint j = 0; j < 4; j++) acc.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    const uint m0 = group.y * BM, n0 = group.x * BN;
+    const uint wm = (sg / SGN) * 8 * FM, wn = (sg % SGN) * 8 * FN;  // this SIMD group's part
+    SgAccs<FM, FN> acc;
+    for (uint i = 0; i < FM; i++) {
+        for (uint j = 0; j < FN; j++) acc.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    uint steps = (p.K + SG_BK - 1) / SG_BK;
-    SgStage st;
+    const uint steps = (p.K + BK - 1) / BK;
+    TileShare<share_size<BM, BK, T>()> a;  // the next tiles, in flight
+    TileShare<share_size<BK, BN, T>()> b;
     if (steps > 0) {  // prologue: tile 0 into buffer 0
-        fetch_tiles_sg(A, B, p, m0, n0, 0, t, st);
-        stash_tiles_sg(st, p, As, Bs, t);
+        fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, 0, t, a, b);
+        stash_tiles<BM, BN, BK, T, LDA, LDB>(a, b, p, As, Bs, t);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint s = 0; s < steps; s++) {
-        uint cur = s % 2, nxt = 1 - cur;
-        bool more = s + 1 < steps;
-        if (more) fetch_tiles_sg(A, B, p, m0, n0, (s + 1) * SG_BK, t, st);  // reads in flight
-        mma_tile_sg(As + cur * SG_BM * SG_LDA, Bs + cur * SG_BK * SG_LDB, wm, wn, acc);
+        const uint cur = s % 2, nxt = 1 - cur;
+        const bool more = s + 1 < steps;
+        if (more) fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, (s + 1) * BK, t, a, b);
+        mma_tiles<FM, FN, BK, LDA, LDB>(As + cur * BM * LDA, Bs + cur * BK * LDB, wm, wn, acc);
         // the other buffer was last read before the previous barrier: free to overwrite
-        if (more) stash_tiles_sg(st, p, As + nxt * SG_BM * SG_LDA, Bs + nxt * SG_BK * SG_LDB, t);
+        if (more) {
+            stash_tiles<BM, BN, BK, T, LDA, LDB>(a, b, p, As + nxt * BM * LDA,
+                                                 Bs + nxt * BK * LDB, t);
+        }
         threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
     }
-    store_acc_sg(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
+    store_accs(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
 }
+
+#define MATMUL_SG_PREFETCH(NAME, BM, BN, FM, FN)                                         \
+    template [[host_name(NAME)]] kernel void matmul_sg_prefetch<BM, BN, FM, FN>(          \
+        device const float* A [[buffer(0)]], device const float* B [[buffer(1)]],       \
+        device float* C [[buffer(2)]], constant MatmulParams& p [[buffer(3)]],          \
+        uint3 group [[threadgroup_position_in_grid]], uint t [[thread_index_in_threadgroup]], \
+        uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]);
+
+// Version 12: v11's shape, 64 x 64 tiles, 4 SIMD groups of 32 x 32.
+MATMUL_SG_PREFETCH("matmul_v12_register_prefetch", 64, 64, 4, 4)
+// Tuning variants (camel/gemm.py): 8 SIMD groups of 32 x 32, or 4 of 64 x 32 or 32 x 64.
+MATMUL_SG_PREFETCH("matmul_sgtile_128x64_4x4", 128, 64, 4, 4)  // 256 threads, 30.5 KiB
+MATMUL_SG_PREFETCH("matmul_sgtile_128x64_8x4", 128, 64, 8, 4)  // 128 threads, 29.5 KiB
+MATMUL_SG_PREFETCH("matmul_sgtile_64x128_4x8", 64, 128, 4, 8)  // 128 threads, 27.5 KiB

@@ -148,9 +148,12 @@ def _gemm_tg_traffic(v: str, rung) -> tuple[float, float]:
         return 2.0 * F32, write  # As and Bs: 2 loads per FMA
     if v == "4":
         return (8 + 1) / 8 * F32, write  # 8 As + 1 Bs loads per 8 FMAs (TM = 8)
-    if v in ("10", "11", "12"):
+    if v in ("10", "11"):
         # per K step of 8 a SIMD group loads 8 fragments of 64 floats for 16 × 512 FMAs
         return 8 * 64 * F32 / (16 * 512), write
+    if v == "12" or v.startswith("sg_"):  # FM + FN fragments for FM·FN multiplies
+        fm, fn = (4, 4) if v == "12" else map(int, v.rsplit("_", 1)[-1].split("x"))
+        return (fm + fn) * 64 * F32 / (fm * fn * 512), write
     tm, tn = _tmtn(v, rung)
     return F32 * (tm + tn) / (tm * tn), write  # an outer product: TM + TN loads, TM·TN FMAs
 
