@@ -377,6 +377,115 @@ def test_simd_function_is_no_threadgroup_barrier(monkeypatch, sync):
             assert np.isnan(got).any(), got
 
 
+# The lanes of one SIMD group do not run in lockstep around simdgroup_matrix operations:
+# simdgroup_store writes the calling lane's two elements when that lane gets there and
+# waits for nobody, simdgroup_load reads the calling lane's two. Each probe moves 8x8
+# matrices through threadgroup memory; a lane touches elements that other lanes hold.
+# Only the `_fixed` variants (with the simdgroup_barrier) are correct. Each race shows in
+# every order: which lane needs which lane's store goes round in cycles, so no order of
+# whole lanes gets every read after its write.
+LANE_RACE_SRC = r"""
+#include <metal_stdlib>
+using namespace metal;
+#define BARRIER simdgroup_barrier(mem_flags::mem_threadgroup)
+
+// store, then read elements lane and lane + 32 (held by other lanes): read-after-write
+#define STORE_READ(NAME, SYNC)                                                           \
+kernel void NAME(device const float *x [[buffer(0)]], device float *out [[buffer(1)]],    \
+                 ushort lane [[thread_index_in_simdgroup]]) {                             \
+    threadgroup float t[64];                                                              \
+    simdgroup_float8x8 m;                                                                 \
+    simdgroup_load(m, x);                                                                 \
+    simdgroup_store(m, t, 8);                                                             \
+    SYNC;                                                                                 \
+    out[lane] = t[lane];                                                                  \
+    out[lane + 32] = t[lane + 32];                                                        \
+}
+STORE_READ(store_read_race, )
+STORE_READ(store_read_fixed, BARRIER)
+
+// store, then load back transposed: read-after-write through simdgroup_load
+#define STORE_LOAD(NAME, SYNC)                                                           \
+kernel void NAME(device const float *x [[buffer(0)]], device float *out [[buffer(1)]]) { \
+    threadgroup float t[64];                                                              \
+    simdgroup_float8x8 m;                                                                 \
+    simdgroup_load(m, x);                                                                 \
+    simdgroup_store(m, t, 8);                                                             \
+    SYNC;                                                                                 \
+    simdgroup_load(m, t, 8, ulong2(0, 0), true);                                          \
+    simdgroup_store(m, out);                                                              \
+}
+STORE_LOAD(store_load_race, )
+STORE_LOAD(store_load_fixed, BARRIER)
+
+// two matrices through one scratch, as GEMM v10/v11's edge store: without the second
+// barrier a lane stores matrix 1 over elements other lanes have not read yet (write after read)
+#define REUSE(NAME, SYNC)                                                                \
+kernel void NAME(device const float *x [[buffer(0)]], device float *out [[buffer(1)]],    \
+                 ushort lane [[thread_index_in_simdgroup]]) {                             \
+    threadgroup float t[64];                                                              \
+    for (uint k = 0; k < 2; k++) {                                                        \
+        simdgroup_float8x8 m;                                                             \
+        simdgroup_load(m, x + 64 * k);                                                    \
+        simdgroup_store(m, t, 8);                                                         \
+        BARRIER;                                                                          \
+        out[64 * k + lane] = t[lane];                                                     \
+        out[64 * k + lane + 32] = t[lane + 32];                                           \
+        SYNC;                                                                             \
+    }                                                                                     \
+}
+REUSE(reuse_race, )
+REUSE(reuse_fixed, BARRIER)
+"""
+
+
+def _owner(row, col):
+    """The lane that holds element (row, col) of an 8x8 simdgroup_matrix on Apple GPUs
+    (the layout in shim/sim/include/camel_sim_msl.h, spelt independently)."""
+    for lane in range(32):
+        q = lane // 4
+        if (q & 4) + (lane // 2) % 4 == row and (q & 2) * 2 + (lane % 2) * 2 in (col, col - 1):
+            return lane
+    raise AssertionError((row, col))
+
+
+@pytest.mark.parametrize("probe", ["store_read", "store_load", "reuse"])
+def test_simdgroup_matrix_lanes_do_not_run_in_lockstep(monkeypatch, probe):
+    lib = M.compile(LANE_RACE_SRC, "lane_race.metal")
+    x = np.arange(1, 129, dtype=np.float32).reshape(2, 8, 8)
+    n = 128 if probe == "reuse" else 64
+    expect = {"store_read": x[0], "store_load": x[0].T, "reuse": x}[probe].reshape(-1)
+    # Who reads each output element, and whose store it needs (forward order runs lane 0
+    # ahead of the others, reverse order lane 31).
+    e = np.arange(n)
+    if probe == "store_load":  # out[r][c] is t[c][r], loaded by the lane that holds (r, c)
+        reader = np.array([_owner(i // 8, i % 8) for i in range(64)])
+        writer = np.array([_owner(i % 8, i // 8) for i in range(64)])
+    else:  # out[e] = t[e % 64], read by lane e % 32
+        reader = e % 32
+        writer = np.array([_owner((i % 64) // 8, i % 8) for i in e])
+    for order in ORDERS:
+        monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+        out = M.DeviceArray.zeros((n,))
+        run(lib.function(f"{probe}_fixed"), dev(x), out, threadgroups=1, threads_per_threadgroup=32)
+        np.testing.assert_array_equal(out.numpy(), expect, err_msg=order)
+        run(lib.function(f"{probe}_race"), dev(x), out, threadgroups=1, threads_per_threadgroup=32)
+        got = out.numpy()
+        if probe == "reuse":  # the writer ran ahead into matrix 1 and overwrote its slot
+            ahead = (writer < reader) if order == "forward" else (writer > reader)
+            bad = ahead & (e < 64)
+            wrong = got != expect
+        else:  # the reader ran before the writer had stored: NaN
+            bad = (writer > reader) if order == "forward" else (writer < reader)
+            wrong = np.isnan(got)
+        if order == "random":
+            assert wrong.any(), got
+        else:
+            assert bad.any() and (~bad).any()
+            np.testing.assert_array_equal(wrong, bad, err_msg=f"{order}: {got}")
+            np.testing.assert_array_equal(got[~bad], expect[~bad], err_msg=order)
+
+
 def test_partial_barrier_is_an_error(lib):
     out = M.DeviceArray.zeros((64,))
     lib.function("early_return")(out, threadgroups=2, threads_per_threadgroup=64)
