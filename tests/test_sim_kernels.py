@@ -621,6 +621,54 @@ kernel void lost_updates(device float *out [[buffer(0)]],
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (lid == 0) out[0] = count;
 }
+
+// Lanes store a simdgroup_matrix and read elements other lanes hold, with a simd_sum
+// in between but no simdgroup_barrier. Metal orders memory only at barriers, so on a GPU
+// this is a race; here the simd_sum lets no lane on before every lane has stored.
+kernel void collective_orders_memory(device const float *x [[buffer(0)]],
+                                     device float *out [[buffer(1)]],
+                                     ushort lane [[thread_index_in_simdgroup]]) {
+    threadgroup float t[64];
+    simdgroup_float8x8 m;
+    simdgroup_load(m, x);
+    simdgroup_store(m, t, 8);
+    float s = simd_sum(1.0) - 32.0;
+    out[lane] = t[lane] + s;
+    out[lane + 32] = t[lane + 32] + s;
+}
+
+// A store and a load of one block in the same layout with no barrier in between: each
+// lane touches only its own two elements here. Metal does not say which lane moves which
+// element, so portable code puts a simdgroup_barrier between them.
+kernel void same_layout_no_barrier(device const float *x [[buffer(0)]],
+                                   device float *out [[buffer(1)]]) {
+    threadgroup float t[64];
+    simdgroup_float8x8 a, b;
+    simdgroup_load(a, x);
+    simdgroup_store(a, t, 8);
+    simdgroup_load(b, t, 8);
+    simdgroup_store(b, out);
+}
+
+// Half the lanes return before a simdgroup_store: undefined on a GPU (it needs all 32);
+// here no error, and the missing lanes' elements are simply not written.
+kernel void store_after_return(device float *out [[buffer(0)]],
+                               ushort lane [[thread_index_in_simdgroup]]) {
+    simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);
+    if (lane >= 16) return;
+    simdgroup_store(m, out);
+}
+
+// Lanes pass different pointers to one simdgroup_load (Apple requires the arguments to
+// be the same in every lane; the result is undefined): here each lane loads its own two
+// elements from its own pointer.
+kernel void non_uniform_load(device const float *x [[buffer(0)]],
+                             device float *out [[buffer(1)]],
+                             ushort lane [[thread_index_in_simdgroup]]) {
+    simdgroup_float8x8 m;
+    simdgroup_load(m, x + (lane % 2) * 64);
+    simdgroup_store(m, out);
+}
 """
 
 
@@ -654,6 +702,41 @@ def test_known_gap_non_atomic_update_is_never_lost(order):
     out = M.DeviceArray.zeros((1,))
     run(lib.function("lost_updates"), out, threadgroups=1, threads_per_threadgroup=256)
     assert out.numpy()[0] == 256  # a GPU may well give less
+
+
+def test_known_gap_collectives_order_memory_inside_a_simd_group(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    x = np.arange(64, dtype=np.float32)
+    out = M.DeviceArray.zeros((64,))
+    run(lib.function("collective_orders_memory"), dev(x), out, threadgroups=1,
+        threads_per_threadgroup=32)  # fmt: skip
+    np.testing.assert_array_equal(out.numpy(), x)  # a GPU may read stale elements
+
+
+def test_known_gap_load_and_store_of_one_block_need_no_barrier_here(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    x = np.arange(64, dtype=np.float32)
+    out = M.DeviceArray.zeros((64,))
+    run(lib.function("same_layout_no_barrier"), dev(x), out, threadgroups=1,
+        threads_per_threadgroup=32)  # fmt: skip
+    np.testing.assert_array_equal(out.numpy(), x)
+
+
+def test_known_gap_simdgroup_store_after_an_early_return_is_no_error(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    out = M.DeviceArray.zeros((8, 8))
+    run(lib.function("store_after_return"), out, threadgroups=1, threads_per_threadgroup=32)
+    want = np.array([[_owner(r, c) < 16 for c in range(8)] for r in range(8)], np.float32)
+    np.testing.assert_array_equal(out.numpy(), want)  # rows 0-3 written, rows 4-7 not
+
+
+def test_known_gap_non_uniform_simdgroup_load_is_no_error(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    x = np.arange(128, dtype=np.float32).reshape(2, 8, 8)
+    out = M.DeviceArray.zeros((8, 8))
+    run(lib.function("non_uniform_load"), dev(x), out, threadgroups=1, threads_per_threadgroup=32)
+    odd = np.array([[_owner(r, c) % 2 for c in range(8)] for r in range(8)])
+    np.testing.assert_array_equal(out.numpy(), np.where(odd == 1, x[1], x[0]))
 
 
 ASAN_SCRIPT = """
