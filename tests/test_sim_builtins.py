@@ -1054,6 +1054,170 @@ def test_simdgroup_matrix_needs_full_simdgroup(matrix):
         metal.synchronize()
 
 
+# ---- simdgroup_matrix element layout, and MLX-style kernels built on thread_elements() ---
+#
+# Apple GPUs spread an 8x8 simdgroup_matrix over the 32 lanes, two elements per lane, and
+# thread_elements() gives a lane its two. MLX's steel GEMM and attention kernels rely on
+# the layout: they load and store fragments element by element. Lane l holds row
+# (q & 4) + (l / 2) % 4 with q = l / 4, columns c0 and c0 + 1 with c0 = (q & 2) * 2 +
+# (l % 2) * 2. The kernels below spell it once (frag_coord); NumPy spells it again here.
+
+
+def _frag_coord(lane):
+    q = lane // 4
+    return (q & 4) + (lane // 2) % 4, (q & 2) * 2 + (lane % 2) * 2  # (row, first column)
+
+
+FRAGMENTS = r"""
+#include <metal_stdlib>
+#include <metal_simdgroup_matrix>
+using namespace metal;
+
+// Where this lane's two elements of an 8x8 fragment are: row .y, columns .x and .x + 1.
+METAL_FUNC ushort2 frag_coord(ushort lane) {
+    const ushort quad = lane / 4;
+    return ushort2((quad & 2) * 2 + (lane % 2) * 2, (quad & 4) + (lane / 2) % 4);
+}
+
+// What each lane holds after simdgroup_load (plain, transposed) and how simdgroup_store
+// lays out what lanes put into thread_elements(); the diagonal constructor and a half
+// matrix through the same path.
+kernel void frag_layout(device const float* src [[buffer(0)]],
+                        device float2* plain [[buffer(1)]],
+                        device float2* transposed [[buffer(2)]],
+                        device float* stored [[buffer(3)]],
+                        device float* diagonal [[buffer(4)]],
+                        device const half* hsrc [[buffer(5)]],
+                        device half* hstored [[buffer(6)]],
+                        ushort lane [[thread_index_in_simdgroup]]) {
+    simdgroup_float8x8 m;
+    simdgroup_load(m, src);
+    plain[lane] = float2(m.thread_elements()[0], m.thread_elements()[1]);
+    simdgroup_load(m, src, 8, ulong2(0, 0), true);
+    transposed[lane] = reinterpret_cast<thread float2&>(m.thread_elements());
+    m.thread_elements()[0] = 100.0f * lane;
+    m.thread_elements()[1] = 100.0f * lane + 1.0f;
+    simdgroup_store(m, stored);
+    simdgroup_float8x8 d = simdgroup_float8x8(2.5f);
+    simdgroup_store(d, diagonal);
+    simdgroup_half8x8 h;
+    simdgroup_load(h, hsrc);
+    h.thread_elements() *= 2.0h;
+    simdgroup_store(h, hstored);
+}
+
+// C (M x N) = A (M x K) · B (K x N), all row-major, any sizes. A threadgroup of 4 SIMD
+// groups (2 x 2) computes a 32 x 32 tile of C, each SIMD group a 16 x 16 part held as
+// 2 x 2 fragments. In the style of MLX's steel GEMM: every lane reads its own fragment
+// elements out of threadgroup memory into thread_elements() (no simdgroup_load) and
+// writes its results to C itself with bounds checks (no simdgroup_store, no scratch).
+struct FragDims {
+    uint M, N, K;
+};
+#define FT_M 32
+#define FT_N 32
+#define FT_K 16
+kernel void gemm_thread_elements(device const float* A [[buffer(0)]],
+                                 device const float* B [[buffer(1)]],
+                                 device float* C [[buffer(2)]],
+                                 constant FragDims& d [[buffer(3)]],
+                                 uint2 group [[threadgroup_position_in_grid]],
+                                 ushort tid [[thread_index_in_threadgroup]],
+                                 ushort sg [[simdgroup_index_in_threadgroup]],
+                                 ushort lane [[thread_index_in_simdgroup]]) {
+    threadgroup float As[FT_M][FT_K + 1];  // +1: rows start in different banks
+    threadgroup float Bs[FT_K][FT_N + 2];  // +2: keeps a lane's float pair 8-byte aligned
+    const uint m0 = group.y * FT_M, n0 = group.x * FT_N;
+    const uint wm = (sg / 2) * 16, wn = (sg % 2) * 16;  // this SIMD group's part
+    const ushort2 at = frag_coord(lane);
+    simdgroup_float8x8 acc[2][2];
+    for (uint i = 0; i < 2; i++)
+        for (uint j = 0; j < 2; j++) acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    for (uint k0 = 0; k0 < d.K; k0 += FT_K) {
+        for (uint e = tid; e < FT_M * FT_K; e += 128) {
+            const uint r = e / FT_K, c = e % FT_K;
+            As[r][c] = (m0 + r < d.M && k0 + c < d.K) ? A[(m0 + r) * d.K + k0 + c] : 0.0f;
+        }
+        for (uint e = tid; e < FT_K * FT_N; e += 128) {
+            const uint r = e / FT_N, c = e % FT_N;
+            Bs[r][c] = (k0 + r < d.K && n0 + c < d.N) ? B[(k0 + r) * d.N + n0 + c] : 0.0f;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint kk = 0; kk < FT_K; kk += 8) {
+            simdgroup_float8x8 a[2], b[2];
+            for (uint i = 0; i < 2; i++) {
+                threadgroup const float* p = &As[wm + i * 8 + at.y][kk + at.x];
+                a[i].thread_elements()[0] = p[0];
+                a[i].thread_elements()[1] = p[1];
+            }
+            for (uint j = 0; j < 2; j++) {
+                threadgroup const float* p = &Bs[kk + at.y][wn + j * 8 + at.x];
+                b[j].thread_elements() = float2(p[0], p[1]);
+            }
+            for (uint i = 0; i < 2; i++)
+                for (uint j = 0; j < 2; j++)
+                    simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // tiles read before the next load
+    }
+    for (uint i = 0; i < 2; i++) {
+        for (uint j = 0; j < 2; j++) {
+            const uint r = m0 + wm + i * 8 + at.y, c = n0 + wn + j * 8 + at.x;
+            const float2 v = acc[i][j].thread_elements();
+            if (r < d.M && c < d.N) C[r * d.N + c] = v.x;
+            if (r < d.M && c + 1 < d.N) C[r * d.N + c + 1] = v.y;
+        }
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def fragments():
+    return metal.compile(FRAGMENTS, "test_simdgroup_fragments.metal")
+
+
+def test_simdgroup_matrix_lane_layout(fragments):
+    src = np.arange(64, dtype=np.float32).reshape(8, 8)
+    hsrc = (np.arange(64) / 8).astype(np.float16).reshape(8, 8)
+    plain, transposed = (metal.DeviceArray.zeros((32, 2), np.float32) for _ in range(2))
+    stored, diagonal = (metal.DeviceArray.zeros((8, 8), np.float32) for _ in range(2))
+    hstored = metal.DeviceArray.zeros((8, 8), np.float16)
+    fragments.function("frag_layout")(
+        _dev(src), plain, transposed, stored, diagonal, _dev(hsrc), hstored,
+        threadgroups=1, threads_per_threadgroup=32,
+    )  # fmt: skip
+    want_plain, want_t = np.zeros((32, 2), np.float32), np.zeros((32, 2), np.float32)
+    want_stored = np.zeros((8, 8), np.float32)
+    for lane in range(32):
+        r, c = _frag_coord(lane)
+        want_plain[lane] = src[r, c : c + 2]
+        want_t[lane] = src.T[r, c : c + 2]
+        want_stored[r, c : c + 2] = [100 * lane, 100 * lane + 1]
+    np.testing.assert_array_equal(plain.numpy(), want_plain)
+    np.testing.assert_array_equal(transposed.numpy(), want_t)
+    np.testing.assert_array_equal(stored.numpy(), want_stored)
+    np.testing.assert_array_equal(diagonal.numpy(), 2.5 * np.eye(8, dtype=np.float32))
+    np.testing.assert_array_equal(hstored.numpy(), hsrc * np.float16(2))
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "random"])
+@pytest.mark.parametrize("m,n,k", [(8, 8, 8), (37, 29, 45), (64, 70, 17), (1, 3, 2)])
+def test_mlx_style_gemm_through_thread_elements(fragments, monkeypatch, order, m, n, k):
+    monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+    rng = np.random.default_rng(m * 1000 + n * 10 + k)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    c = metal.DeviceArray.from_numpy(np.full((m, n), np.nan, np.float32))  # every one written
+    dims = np.array([m, n, k], np.uint32)
+    grid = ((n + 31) // 32, (m + 31) // 32, 1)
+    fragments.function("gemm_thread_elements")(
+        _dev(a), _dev(b), c, dims, threadgroups=grid, threads_per_threadgroup=128
+    )
+    metal.synchronize()
+    np.testing.assert_allclose(c.numpy(), a @ b, rtol=1e-5, atol=1e-4)
+
+
 def test_fused_multiply_add_tolerance_is_tight_and_enough():
     """MAY_FUSE's bound holds for a true FMA (one rounding, computed in float64 here) and is
     no looser than one ulp of the largest term."""

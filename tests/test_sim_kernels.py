@@ -377,6 +377,115 @@ def test_simd_function_is_no_threadgroup_barrier(monkeypatch, sync):
             assert np.isnan(got).any(), got
 
 
+# The lanes of one SIMD group do not run in lockstep around simdgroup_matrix operations:
+# simdgroup_store writes the calling lane's two elements when that lane gets there and
+# waits for nobody, simdgroup_load reads the calling lane's two. Each probe moves 8x8
+# matrices through threadgroup memory; a lane touches elements that other lanes hold.
+# Only the `_fixed` variants (with the simdgroup_barrier) are correct. Each race shows in
+# every order: which lane needs which lane's store goes round in cycles, so no order of
+# whole lanes gets every read after its write.
+LANE_RACE_SRC = r"""
+#include <metal_stdlib>
+using namespace metal;
+#define BARRIER simdgroup_barrier(mem_flags::mem_threadgroup)
+
+// store, then read elements lane and lane + 32 (held by other lanes): read-after-write
+#define STORE_READ(NAME, SYNC)                                                           \
+kernel void NAME(device const float *x [[buffer(0)]], device float *out [[buffer(1)]],    \
+                 ushort lane [[thread_index_in_simdgroup]]) {                             \
+    threadgroup float t[64];                                                              \
+    simdgroup_float8x8 m;                                                                 \
+    simdgroup_load(m, x);                                                                 \
+    simdgroup_store(m, t, 8);                                                             \
+    SYNC;                                                                                 \
+    out[lane] = t[lane];                                                                  \
+    out[lane + 32] = t[lane + 32];                                                        \
+}
+STORE_READ(store_read_race, )
+STORE_READ(store_read_fixed, BARRIER)
+
+// store, then load back transposed: read-after-write through simdgroup_load
+#define STORE_LOAD(NAME, SYNC)                                                           \
+kernel void NAME(device const float *x [[buffer(0)]], device float *out [[buffer(1)]]) { \
+    threadgroup float t[64];                                                              \
+    simdgroup_float8x8 m;                                                                 \
+    simdgroup_load(m, x);                                                                 \
+    simdgroup_store(m, t, 8);                                                             \
+    SYNC;                                                                                 \
+    simdgroup_load(m, t, 8, ulong2(0, 0), true);                                          \
+    simdgroup_store(m, out);                                                              \
+}
+STORE_LOAD(store_load_race, )
+STORE_LOAD(store_load_fixed, BARRIER)
+
+// two matrices through one scratch, as GEMM v10/v11's edge store: without the second
+// barrier a lane stores matrix 1 over elements other lanes have not read yet (write after read)
+#define REUSE(NAME, SYNC)                                                                \
+kernel void NAME(device const float *x [[buffer(0)]], device float *out [[buffer(1)]],    \
+                 ushort lane [[thread_index_in_simdgroup]]) {                             \
+    threadgroup float t[64];                                                              \
+    for (uint k = 0; k < 2; k++) {                                                        \
+        simdgroup_float8x8 m;                                                             \
+        simdgroup_load(m, x + 64 * k);                                                    \
+        simdgroup_store(m, t, 8);                                                         \
+        BARRIER;                                                                          \
+        out[64 * k + lane] = t[lane];                                                     \
+        out[64 * k + lane + 32] = t[lane + 32];                                           \
+        SYNC;                                                                             \
+    }                                                                                     \
+}
+REUSE(reuse_race, )
+REUSE(reuse_fixed, BARRIER)
+"""
+
+
+def _owner(row, col):
+    """The lane that holds element (row, col) of an 8x8 simdgroup_matrix on Apple GPUs
+    (the layout in shim/sim/include/camel_sim_msl.h, spelt independently)."""
+    for lane in range(32):
+        q = lane // 4
+        if (q & 4) + (lane // 2) % 4 == row and (q & 2) * 2 + (lane % 2) * 2 in (col, col - 1):
+            return lane
+    raise AssertionError((row, col))
+
+
+@pytest.mark.parametrize("probe", ["store_read", "store_load", "reuse"])
+def test_simdgroup_matrix_lanes_do_not_run_in_lockstep(monkeypatch, probe):
+    lib = M.compile(LANE_RACE_SRC, "lane_race.metal")
+    x = np.arange(1, 129, dtype=np.float32).reshape(2, 8, 8)
+    n = 128 if probe == "reuse" else 64
+    expect = {"store_read": x[0], "store_load": x[0].T, "reuse": x}[probe].reshape(-1)
+    # Who reads each output element, and whose store it needs (forward order runs lane 0
+    # ahead of the others, reverse order lane 31).
+    e = np.arange(n)
+    if probe == "store_load":  # out[r][c] is t[c][r], loaded by the lane that holds (r, c)
+        reader = np.array([_owner(i // 8, i % 8) for i in range(64)])
+        writer = np.array([_owner(i % 8, i // 8) for i in range(64)])
+    else:  # out[e] = t[e % 64], read by lane e % 32
+        reader = e % 32
+        writer = np.array([_owner((i % 64) // 8, i % 8) for i in e])
+    for order in ORDERS:
+        monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+        out = M.DeviceArray.zeros((n,))
+        run(lib.function(f"{probe}_fixed"), dev(x), out, threadgroups=1, threads_per_threadgroup=32)
+        np.testing.assert_array_equal(out.numpy(), expect, err_msg=order)
+        run(lib.function(f"{probe}_race"), dev(x), out, threadgroups=1, threads_per_threadgroup=32)
+        got = out.numpy()
+        if probe == "reuse":  # the writer ran ahead into matrix 1 and overwrote its slot
+            ahead = (writer < reader) if order == "forward" else (writer > reader)
+            bad = ahead & (e < 64)
+            wrong = got != expect
+        else:  # the reader ran before the writer had stored: NaN
+            bad = (writer > reader) if order == "forward" else (writer < reader)
+            wrong = np.isnan(got)
+        if order == "random":
+            assert wrong.any(), got
+        else:
+            assert bad.any() and (~bad).any()
+            np.testing.assert_array_equal(wrong, bad, err_msg=f"{order}: {got}")
+            np.testing.assert_array_equal(got[~bad], expect[~bad], err_msg=order)
+
+
 def test_partial_barrier_is_an_error(lib):
     out = M.DeviceArray.zeros((64,))
     lib.function("early_return")(out, threadgroups=2, threads_per_threadgroup=64)
@@ -512,6 +621,54 @@ kernel void lost_updates(device float *out [[buffer(0)]],
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (lid == 0) out[0] = count;
 }
+
+// Lanes store a simdgroup_matrix and read elements other lanes hold, with a simd_sum
+// in between but no simdgroup_barrier. Metal orders memory only at barriers, so on a GPU
+// this is a race; here the simd_sum lets no lane on before every lane has stored.
+kernel void collective_orders_memory(device const float *x [[buffer(0)]],
+                                     device float *out [[buffer(1)]],
+                                     ushort lane [[thread_index_in_simdgroup]]) {
+    threadgroup float t[64];
+    simdgroup_float8x8 m;
+    simdgroup_load(m, x);
+    simdgroup_store(m, t, 8);
+    float s = simd_sum(1.0) - 32.0;
+    out[lane] = t[lane] + s;
+    out[lane + 32] = t[lane + 32] + s;
+}
+
+// A store and a load of one block in the same layout with no barrier in between: each
+// lane touches only its own two elements here. Metal does not say which lane moves which
+// element, so portable code puts a simdgroup_barrier between them.
+kernel void same_layout_no_barrier(device const float *x [[buffer(0)]],
+                                   device float *out [[buffer(1)]]) {
+    threadgroup float t[64];
+    simdgroup_float8x8 a, b;
+    simdgroup_load(a, x);
+    simdgroup_store(a, t, 8);
+    simdgroup_load(b, t, 8);
+    simdgroup_store(b, out);
+}
+
+// Half the lanes return before a simdgroup_store: undefined on a GPU (it needs all 32);
+// here no error, and the missing lanes' elements are simply not written.
+kernel void store_after_return(device float *out [[buffer(0)]],
+                               ushort lane [[thread_index_in_simdgroup]]) {
+    simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);
+    if (lane >= 16) return;
+    simdgroup_store(m, out);
+}
+
+// Lanes pass different pointers to one simdgroup_load (Apple requires the arguments to
+// be the same in every lane; the result is undefined): here each lane loads its own two
+// elements from its own pointer.
+kernel void non_uniform_load(device const float *x [[buffer(0)]],
+                             device float *out [[buffer(1)]],
+                             ushort lane [[thread_index_in_simdgroup]]) {
+    simdgroup_float8x8 m;
+    simdgroup_load(m, x + (lane % 2) * 64);
+    simdgroup_store(m, out);
+}
 """
 
 
@@ -545,6 +702,41 @@ def test_known_gap_non_atomic_update_is_never_lost(order):
     out = M.DeviceArray.zeros((1,))
     run(lib.function("lost_updates"), out, threadgroups=1, threads_per_threadgroup=256)
     assert out.numpy()[0] == 256  # a GPU may well give less
+
+
+def test_known_gap_collectives_order_memory_inside_a_simd_group(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    x = np.arange(64, dtype=np.float32)
+    out = M.DeviceArray.zeros((64,))
+    run(lib.function("collective_orders_memory"), dev(x), out, threadgroups=1,
+        threads_per_threadgroup=32)  # fmt: skip
+    np.testing.assert_array_equal(out.numpy(), x)  # a GPU may read stale elements
+
+
+def test_known_gap_load_and_store_of_one_block_need_no_barrier_here(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    x = np.arange(64, dtype=np.float32)
+    out = M.DeviceArray.zeros((64,))
+    run(lib.function("same_layout_no_barrier"), dev(x), out, threadgroups=1,
+        threads_per_threadgroup=32)  # fmt: skip
+    np.testing.assert_array_equal(out.numpy(), x)
+
+
+def test_known_gap_simdgroup_store_after_an_early_return_is_no_error(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    out = M.DeviceArray.zeros((8, 8))
+    run(lib.function("store_after_return"), out, threadgroups=1, threads_per_threadgroup=32)
+    want = np.array([[_owner(r, c) < 16 for c in range(8)] for r in range(8)], np.float32)
+    np.testing.assert_array_equal(out.numpy(), want)  # rows 0-3 written, rows 4-7 not
+
+
+def test_known_gap_non_uniform_simdgroup_load_is_no_error(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    x = np.arange(128, dtype=np.float32).reshape(2, 8, 8)
+    out = M.DeviceArray.zeros((8, 8))
+    run(lib.function("non_uniform_load"), dev(x), out, threadgroups=1, threads_per_threadgroup=32)
+    odd = np.array([[_owner(r, c) % 2 for c in range(8)] for r in range(8)])
+    np.testing.assert_array_equal(out.numpy(), np.where(odd == 1, x[1], x[0]))
 
 
 ASAN_SCRIPT = """

@@ -1168,30 +1168,49 @@ inline simd_vote simd_active_threads_mask(__CAMEL_SITE) {
 inline quad_vote quad_active_threads_mask(__CAMEL_SITE) { return __camel_vote4(true, __CAMEL_AT); }
 
 // ---------------------------------------------------------------------------
-// simdgroup_matrix<T, Cols, Rows>: an 8x8 tile owned by a whole SIMD group.
-// On the GPU its 64 elements are spread over the 32 lanes; here every lane
-// keeps a full copy, and loads, stores and multiplies are collectives
-// resolved once for the SIMD group, which must have all 32 lanes active.
-// Elements are row-major: e[row * Cols + col].
+// simdgroup_matrix<T, Cols, Rows>: an 8x8 tile spread over the 32 lanes of a
+// SIMD group, two elements per lane, in the layout of Apple GPUs (the one
+// MLX's steel kernels rely on through thread_elements()): lane l holds row
+//     (q & 4) + (l / 2) % 4,  q = l / 4,
+// columns col0 and col0 + 1, col0 = (q & 2) * 2 + (l % 2) * 2. So lanes
+// 0, 1, 8, 9 hold row 0; lanes 16, 17, 24, 25 row 4.
+//
+// As on the GPU, each lane loads and stores only its own two elements, when
+// it gets there: simdgroup_load and simdgroup_store do not wait for the other
+// lanes (they synchronise nothing, so a lane that reads what another lane
+// stored needs a simdgroup_barrier in between). A multiply needs every lane's
+// elements: it is a collective, resolved once all 32 lanes have reached it.
 // ---------------------------------------------------------------------------
+struct __camel_frag {
+    uint32_t row, col;  // this lane's elements: (row, col) and (row, col + 1)
+};
+inline __camel_frag __camel_frag_of(uint32_t lane) {
+    uint32_t q = lane / 4;
+    return {(q & 4) + (lane / 2) % 4, (q & 2) * 2 + (lane % 2) * 2};
+}
+
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
     static_assert(__camel_same<T, float>::value || __camel_same<T, half>::value,
                   "MSL: simdgroup_matrix elements are float or half");
     static_assert(Cols == 8 && Rows == 8, "MSL: simdgroup_matrix is 8x8 (simdgroup_float8x8, simdgroup_half8x8)");
-    T __e[Rows * Cols];
+    vec<T, 2> __v;  // this lane's two elements (see __camel_frag_of)
     simdgroup_matrix() = default;
     // simdgroup_float8x8(x): x on the diagonal, 0 elsewhere.
     explicit simdgroup_matrix(T diagonal) {
-        for (int r = 0; r < Rows; r++)
-            for (int c = 0; c < Cols; c++) __e[r * Cols + c] = r == c ? diagonal : (T)0;
+        __camel_frag f = __camel_frag_of(__camel_cur->thread_index_in_simdgroup);
+        __v[0] = f.row == f.col ? diagonal : (T)0;
+        __v[1] = f.row == f.col + 1 ? diagonal : (T)0;
     }
+    // The calling lane's two elements, (row, col0) and (row, col0 + 1).
+    vec<T, 2> &thread_elements() { return __v; }
+    const vec<T, 2> &thread_elements() const { return __v; }
 };
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 
 template <class T, int C, int R> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
     simdgroup_matrix<T, C, R> m;
-    for (int i = 0; i < R * C; i++) m.__e[i] = v;
+    m.__v = v;
     return m;
 }
 
@@ -1206,68 +1225,54 @@ inline int __camel_need_full_simdgroup(uint32_t mask, const char *what, const ch
     *error = buf;
     return 1;
 }
-
-template <class T, class P> struct __camel_mat_io {
-    P *ptr;
-    ulong elements_per_row;
-    ulong2 origin;
-    bool transpose;
-    const void *matrix;  // store: the matrix to write
-};
-template <class T, int C, int R, class P>
-int __camel_resolve_mat_load(camel_sim_lane *lanes, uint32_t mask, const void *, const char **error) {
-    if (__camel_need_full_simdgroup(mask, "simdgroup_load", error)) return 1;
-    const __camel_mat_io<T, P> *io = (const __camel_mat_io<T, P> *)lanes[0].in;
-    simdgroup_matrix<T, C, R> m;
-    P *base = io->ptr + io->origin.y * io->elements_per_row + io->origin.x;
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++)
-            m.__e[r * C + c] = (T)(io->transpose ? base[c * io->elements_per_row + r]
-                                                 : base[r * io->elements_per_row + c]);
-    for (int l = 0; l < 32; l++) *(simdgroup_matrix<T, C, R> *)lanes[l].out = m;
-    return 0;
-}
-template <class T, int C, int R, class P>
-int __camel_resolve_mat_store(camel_sim_lane *lanes, uint32_t mask, const void *, const char **error) {
-    if (__camel_need_full_simdgroup(mask, "simdgroup_store", error)) return 1;
-    const __camel_mat_io<T, P> *io = (const __camel_mat_io<T, P> *)lanes[0].in;
-    const simdgroup_matrix<T, C, R> *m = (const simdgroup_matrix<T, C, R> *)io->matrix;
-    P *base = io->ptr + io->origin.y * io->elements_per_row + io->origin.x;
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {
-            if (io->transpose)
-                base[c * io->elements_per_row + r] = (P)m->__e[r * C + c];
-            else
-                base[r * io->elements_per_row + c] = (P)m->__e[r * C + c];
-        }
-    return 0;
+// Loads and stores do not meet the other lanes, so they can only see a SIMD
+// group that is short by construction (a lane that returned early goes unseen).
+inline void __camel_need_whole_simdgroup(const camel_sim_thread *t, const char *what) {
+    uint32_t n = t->threads_per_threadgroup[0] * t->threads_per_threadgroup[1] *
+                 t->threads_per_threadgroup[2];
+    uint32_t have = n - t->simdgroup_index_in_threadgroup * 32;
+    if (have >= 32) return;
+    static thread_local char buf[200];
+    __builtin_snprintf(buf, sizeof buf,
+                       "%s needs all 32 threads of the SIMD group active, but SIMD group %u has "
+                       "only %u (a threadgroup size that is not a multiple of 32)",
+                       what, t->simdgroup_index_in_threadgroup, have);
+    __camel_rt->fail(t, buf);
 }
 
 template <class P, class T, int C, int R>
 inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_per_row = C,
-                           ulong2 matrix_origin = 0, bool transpose_matrix = false,
-                           __CAMEL_SITE) {
+                           ulong2 matrix_origin = 0, bool transpose_matrix = false) {
     static_assert(__camel_same<__remove_cv(P), T>::value,
                   "MSL: simdgroup_load/simdgroup_store need a pointer to the matrix's element type "
                   "(a half matrix for half data, a float matrix for float data)");
-    __camel_mat_io<T, P> io{src, elements_per_row, matrix_origin, transpose_matrix, nullptr};
     const camel_sim_thread *t = __camel_cur;
-    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_load<T, C, R, P>, &io, &d, nullptr);
-    __camel_cur = t;
+    __camel_need_whole_simdgroup(t, "simdgroup_load");
+    __camel_frag f = __camel_frag_of(t->thread_index_in_simdgroup);
+    P *base = src + matrix_origin.y * elements_per_row + matrix_origin.x;
+    for (uint32_t j = 0; j < 2; j++) {
+        uint32_t c = f.col + j;
+        d.__v[j] = (T)(transpose_matrix ? base[c * elements_per_row + f.row]
+                                        : base[f.row * elements_per_row + c]);
+    }
 }
 template <class P, class T, int C, int R>
 inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong elements_per_row = C,
-                            ulong2 matrix_origin = 0, bool transpose_matrix = false,
-                            __CAMEL_SITE) {
+                            ulong2 matrix_origin = 0, bool transpose_matrix = false) {
     static_assert(__camel_same<__remove_cv(P), T>::value,
                   "MSL: simdgroup_load/simdgroup_store need a pointer to the matrix's element type "
                   "(a half matrix for half data, a float matrix for float data)");
-    __camel_mat_io<T, P> io{dst, elements_per_row, matrix_origin, transpose_matrix, &m};
-    char unused;
     const camel_sim_thread *t = __camel_cur;
-    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_store<T, C, R, P>, &io, &unused,
-                                nullptr);
-    __camel_cur = t;
+    __camel_need_whole_simdgroup(t, "simdgroup_store");
+    __camel_frag f = __camel_frag_of(t->thread_index_in_simdgroup);
+    P *base = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
+    for (uint32_t j = 0; j < 2; j++) {
+        uint32_t c = f.col + j;
+        if (transpose_matrix)
+            base[c * elements_per_row + f.row] = (P)m.__v[j];
+        else
+            base[f.row * elements_per_row + c] = (P)m.__v[j];
+    }
 }
 
 template <class T, int M, int N, int K> struct __camel_mat_mul_in {
@@ -1275,18 +1280,31 @@ template <class T, int M, int N, int K> struct __camel_mat_mul_in {
     const simdgroup_matrix<T, N, K> *b;  // K rows, N columns
     const simdgroup_matrix<T, N, M> *c;  // M rows, N columns, or null
 };
+// Every lane hands over pointers to its own parts of a, b (and c): gather the
+// three matrices whole, then give each lane its two elements of the result
+// (d may be c: nothing is written before everything is read).
 template <class T, int M, int N, int K>
 int __camel_resolve_mat_mul(camel_sim_lane *lanes, uint32_t mask, const void *, const char **error) {
     if (__camel_need_full_simdgroup(mask, "simdgroup_multiply", error)) return 1;
-    const __camel_mat_mul_in<T, M, N, K> *in = (const __camel_mat_mul_in<T, M, N, K> *)lanes[0].in;
-    simdgroup_matrix<T, N, M> d;
-    for (int r = 0; r < M; r++)
-        for (int c = 0; c < N; c++) {
-            float s = in->c ? (float)in->c->__e[r * N + c] : 0.0f;
-            for (int k = 0; k < K; k++) s += (float)in->a->__e[r * K + k] * (float)in->b->__e[k * N + c];
-            d.__e[r * N + c] = (T)s;
+    float a[M][K], b[K][N], c[M][N];
+    for (uint32_t l = 0; l < 32; l++) {
+        const __camel_mat_mul_in<T, M, N, K> *in = (const __camel_mat_mul_in<T, M, N, K> *)lanes[l].in;
+        __camel_frag f = __camel_frag_of(l);
+        for (uint32_t j = 0; j < 2; j++) {
+            a[f.row][f.col + j] = (float)in->a->__v[j];
+            b[f.row][f.col + j] = (float)in->b->__v[j];
+            c[f.row][f.col + j] = in->c ? (float)in->c->__v[j] : 0.0f;
         }
-    for (int l = 0; l < 32; l++) *(simdgroup_matrix<T, N, M> *)lanes[l].out = d;
+    }
+    for (uint32_t l = 0; l < 32; l++) {
+        __camel_frag f = __camel_frag_of(l);
+        simdgroup_matrix<T, N, M> *d = (simdgroup_matrix<T, N, M> *)lanes[l].out;
+        for (uint32_t j = 0; j < 2; j++) {
+            float s = c[f.row][f.col + j];
+            for (int k = 0; k < K; k++) s += a[f.row][k] * b[k][f.col + j];
+            d->__v[j] = (T)s;
+        }
+    }
     return 0;
 }
 // d = a * b
