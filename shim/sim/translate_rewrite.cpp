@@ -1510,10 +1510,99 @@ struct Rewriter {
         return g;
     }
 
+    // A builtin that differs between the threads of a group, as an expression of the
+    // group entry's loop variables x, y, z (position in the group) and i (linear index);
+    // "" for one that every thread of the group shares.
+    static std::string varying_builtin(const BuiltinInfo *bi, const std::string &P) {
+        std::string f = bi->field ? bi->field : "";
+        if (f == "thread_position_in_grid") return "__camel_xyz<" + P + ">(ox + x, oy + y, oz + z)";
+        if (f == "thread_position_in_threadgroup") return "__camel_xyz<" + P + ">(x, y, z)";
+        if (f == "thread_index_in_threadgroup") return "(" + P + ")i";
+        if (f == "thread_index_in_simdgroup") return "(" + P + ")(i % 32u)";
+        if (f == "simdgroup_index_in_threadgroup") return "(" + P + ")(i / 32u)";
+        if (f == "thread_index_in_quadgroup") return "(" + P + ")(i % 4u)";
+        if (f == "quadgroup_index_in_threadgroup") return "(" + P + ")(i / 4u)";
+        return "";
+    }
+
+    bool has_group_entry(const Kernel &kn) {
+        return !uses_fibers(kn.body_owner) && !uses_threadgroup_vars(kn.body_owner);
+    }
+
+    // The group entry of a barrier-free kernel (no barrier, SIMD-group function or
+    // `threadgroup` variable): the whole threadgroup as loops over its threads, with the
+    // bindings and shared builtins loaded once and the thread's builtins computed from the
+    // loop variables, so clang can inline the kernel and vectorise across threads (PoCL's
+    // work-item loops). The threads still run one after the other in CAMEL_SIM_ORDER's
+    // order: the loops count up (forward), down (reverse), or follow the runtime's list
+    // (random); a vectorised loop computes what that order computes.
+    std::string group_entry(const Kernel &kn, const std::string &fn, const std::string &F,
+                            const std::string &n) {
+        std::string g = "static void __camel_group_" + n +
+                        "(void *const *b, void *const *tg, const camel_sim_group *g) {\n";
+        g += "    (void)b; (void)tg;\n";
+        std::string args;
+        for (size_t j = 0; j < kn.params.size(); j++) {
+            const Param &p = kn.params[j];
+            std::string P = "__camel_param_t<" + std::to_string(j) + ", " + F + ">";
+            std::string a = "__a" + std::to_string(j);
+            std::string expr = p.kind == CAMEL_SIM_PARAM_BUILTIN
+                                   ? varying_builtin(find_builtin(p.builtin), P)
+                                   : std::string();
+            if (expr.empty()) {
+                g += "    " + P + " " + a + " = " + bind_arg(p, P, "b", "tg", "g->") + ";\n";
+                expr = a;
+            }
+            args += std::string(j ? "," : "") + "\n            " + expr;
+        }
+        g += "    const uint32_t sx = g->threads_per_threadgroup[0], sy = g->threads_per_threadgroup[1],\n"
+             "                   sz = g->threads_per_threadgroup[2];\n"
+             "    const uint32_t ox = g->origin[0], oy = g->origin[1], oz = g->origin[2];\n"
+             "    (void)ox; (void)oy; (void)oz;\n";
+        g += "    auto thread = [&](uint32_t x, uint32_t y, uint32_t z, uint32_t i)\n"
+             "                      __attribute__((always_inline, flatten)) {\n"
+             "        (void)x; (void)y; (void)z; (void)i;\n"
+             "        " + fn + "(" + args + ");\n"
+             "    };\n";
+        g += "    if (g->order == CAMEL_SIM_GROUP_FORWARD) {\n"
+             "        for (uint32_t z = 0; z < sz; z++)\n"
+             "            for (uint32_t y = 0; y < sy; y++) {\n"
+             "                uint32_t row = (z * sy + y) * sx;\n"
+             "                for (uint32_t x = 0; x < sx; x++) thread(x, y, z, row + x);\n"
+             "            }\n"
+             "    } else if (g->order == CAMEL_SIM_GROUP_REVERSE) {\n"
+             "        for (uint32_t z = sz; z-- > 0;)\n"
+             "            for (uint32_t y = sy; y-- > 0;) {\n"
+             "                uint32_t row = (z * sy + y) * sx;\n"
+             "                for (uint32_t x = sx; x-- > 0;) thread(x, y, z, row + x);\n"
+             "            }\n"
+             "    } else {\n"
+             "        for (uint32_t k = 0, count = sx * sy * sz; k < count; k++) {\n"
+             "            uint32_t i = g->order_list[k], yz = i / sx;\n"
+             "            thread(i % sx, yz % sy, yz / sy, i);\n"
+             "        }\n"
+             "    }\n"
+             "}\n";
+        return g;
+    }
+
     std::string generate() {
         std::string g = "\n# 1 \"<camel generated>\"\n";
         g += "// Entry wrappers and the library description (see shim/sim/sim_abi.h).\n";
         g += "static const uint32_t __camel_zero3[3] = {0, 0, 0};\n";
+        g += "// A thread's position (uint, ushort2, uint3, ...) from its coordinates.\n"
+             "template <class P> static inline P __camel_xyz(uint32_t x, uint32_t y, uint32_t z) {\n"
+             "    if constexpr (__camel_vt<P>::n == 1) {\n"
+             "        return (P)x;\n"
+             "    } else {\n"
+             "        typedef typename __camel_vt<P>::elem E;\n"
+             "        P r{};\n"
+             "        r[0] = (E)x;\n"
+             "        r[1] = (E)y;\n"
+             "        if constexpr (__camel_vt<P>::n > 2) r[2] = (E)z;\n"
+             "        return r;\n"
+             "    }\n"
+             "}\n";
         std::set<std::string> names;
         for (size_t i = 0; i < kernels.size(); i++) {
             Kernel &kn = kernels[i];
@@ -1540,6 +1629,7 @@ struct Rewriter {
                 g += "\n        " + bind_arg(p, P, "b", "tg", "t->");
             }
             g += ");\n}\n";
+            if (has_group_entry(kn)) g += group_entry(kn, fn, F, n);
             if (!kn.params.empty()) {
                 g += "static const camel_sim_param __camel_params_" + n + "[] = {\n";
                 for (size_t j = 0; j < kn.params.size(); j++) {
@@ -1576,10 +1666,11 @@ struct Rewriter {
             g += "    {\"" + kn.host_name + "\", __camel_entry_" + n + ", " +
                  std::to_string(kn.params.size()) + ", " +
                  (kn.params.empty() ? std::string("nullptr") : "__camel_params_" + n) + ", " +
-                 std::to_string(max_buffer) + ", " + (fibers ? "1" : "0") + "},\n";
+                 std::to_string(max_buffer) + ", " + (fibers ? "1" : "0") + ", " +
+                 (has_group_entry(kn) ? "__camel_group_" + n : std::string("nullptr")) + "},\n";
             count++;
         }
-        if (count == 0) g += "    {nullptr, nullptr, 0, nullptr, -1, 0},\n";
+        if (count == 0) g += "    {nullptr, nullptr, 0, nullptr, -1, 0, nullptr},\n";
         g += "};\n";
         g += "static const camel_sim_library_desc __camel_library = {" +
              std::to_string(CAMEL_SIM_ABI_VERSION) + ", " + std::to_string(count) +
