@@ -585,6 +585,10 @@ static bool run_fibers(Group &g) {
     }
 }
 
+// CAMEL_SIM_REGIONS=0: kernels with barriers run on fibers even where the translator
+// generated barrier regions (read at every dispatch, before the workers start).
+static bool regions_on = true;
+
 // A barrier-free kernel with a group entry (the translator generates one when the kernel
 // has no `threadgroup` variable either): the library runs the whole threadgroup itself, as
 // loops over its threads, in the order CAMEL_SIM_ORDER asks for (camel_sim_group).
@@ -603,6 +607,14 @@ static bool run_group_entry(Group &g) {
     gr.threads_per_simdgroup = kSimdWidth;
     gr.quadgroups_per_threadgroup = (g.nthreads + 3) / 4;
     gr.order_list = nullptr;
+    gr.seed = g.rng;
+    // Thread 0 with the group's fields, for the kernel's calls into the runtime
+    // (threadgroup variables, failures).
+    fill_group_fields(g, g.threads[0]);
+    set_position(g, g.threads[0], 0, 0, 0, 0);
+    g.lanes[0].static_cursor = 0;
+    g.current = &g.lanes[0];
+    gr.thread = &g.threads[0];
     if (d.order == kForward) {
         gr.order = CAMEL_SIM_GROUP_FORWARD;
     } else if (d.order == kReverse) {
@@ -621,7 +633,8 @@ static bool run_group_entry(Group &g) {
 // A kernel without barriers and SIMD ops: one thread after the other on the
 // worker's own stack, in the order CAMEL_SIM_ORDER asks for.
 static bool run_plain(Group &g) {
-    if (g.k->group_entry && !g.w->replaying) return run_group_entry(g);
+    if (g.k->group_entry && !g.w->replaying && (regions_on || !g.k->needs_fibers))
+        return run_group_entry(g);
     Lane &l = g.lanes[0];
     camel_sim_thread &t = g.threads[0];
     g.current = &l;
@@ -677,7 +690,9 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
         g.size[a] = d.grid_is_threads && left < d.tpg[a] ? left : d.tpg[a];
         g.nthreads *= g.size[a];
     }
-    g.fibers = d.kernel->needs_fibers != 0;
+    // A kernel with barriers and a group entry runs its barrier regions as loops; the
+    // fibers run it when CAMEL_SIM_REGIONS=0, and to name the thread after a crash.
+    g.fibers = d.kernel->needs_fibers != 0 && !(d.kernel->group_entry && regions_on && !w->replaying);
     uint32_t nlanes = g.fibers ? g.nthreads : 1;
     if (w->lanes.size() < nlanes) {
         w->lanes.resize(nlanes);
@@ -1003,6 +1018,8 @@ void pool_start(int workers) {
 int pool_workers() { return pool.workers; }
 
 bool execute(const Dispatch &d, std::string &error) {
+    const char *regions = getenv("CAMEL_SIM_REGIONS");
+    regions_on = !(regions && !strcmp(regions, "0"));
     Job job;
     job.d = &d;
     job.ngroups = d.groups[0] * d.groups[1] * d.groups[2];

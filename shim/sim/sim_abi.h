@@ -91,10 +91,14 @@ typedef struct camel_sim_group {
     uint32_t quadgroups_per_threadgroup;
     int32_t order;                          /* camel_sim_group_order */
     const uint32_t *order_list;             /* CAMEL_SIM_GROUP_LIST: thread indices */
+    uint64_t seed;                          /* CAMEL_SIM_GROUP_LIST: for a new shuffle per pass */
+    const camel_sim_thread *thread;         /* thread 0, for calls into the runtime */
 } camel_sim_group;
 
-/* Runs every thread of one threadgroup, one after the other in g->order, as loops
- * inside the kernel's library (so the compiler can vectorise across threads). */
+/* Runs every thread of one threadgroup in g->order, as loops inside the kernel's
+ * library (so the compiler can vectorise across threads): a barrier-free kernel's
+ * threads one after the other, or a kernel's barrier regions (the code between two
+ * barriers) one after the other, each a loop over the threads. */
 typedef void (*camel_sim_group_entry)(void *const *bindings, void *const *tg,
                                       const camel_sim_group *g);
 
@@ -106,8 +110,9 @@ typedef struct camel_sim_kernel_desc {
     int32_t max_buffer_index;  /* highest [[buffer(i)]] used, -1 if none */
     int32_t needs_fibers;      /* 1 if the kernel may reach a barrier or a SIMD-group op;
                                   0 lets the runtime run threads as a plain loop */
-    camel_sim_group_entry group_entry;  /* null, or (barrier-free kernels without
-                                           `threadgroup` variables) the whole group at once */
+    camel_sim_group_entry group_entry;  /* null, or the whole group at once: a barrier-free
+                                           kernel without `threadgroup` variables, or one
+                                           whose barriers split it into regions */
 } camel_sim_kernel_desc;
 
 typedef struct camel_sim_library_desc {
