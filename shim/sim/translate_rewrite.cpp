@@ -1887,8 +1887,10 @@ struct Rewriter {
     }
 
     // The region function of kernel kn, or "" when it must keep the fibers.
+    // CAMEL_SIM_VERBOSE=1 says, per kernel with barriers, which way it runs and why.
     std::string no_region(const Kernel &kn, const char *why) {
-        if (getenv("CAMEL_SIM_VERBOSE")) fprintf(stderr, "[sim] %s: fibers (%s)\n", kn.host_name.c_str(), why);
+        if (getenv("CAMEL_SIM_VERBOSE"))
+            fprintf(stderr, "[sim] %s: fibers (%s)\n", kn.host_name.c_str(), why);
         return "";
     }
     std::string region_entry(const Kernel &kn, const std::string &F, const std::string &n) {
@@ -2029,6 +2031,7 @@ struct Rewriter {
         if (!param_init.empty()) g += region_loop(param_init, builtins);
         g += region_items(items, rg, builtins);
         g += "}\n";
+        if (getenv("CAMEL_SIM_VERBOSE")) fprintf(stderr, "[sim] %s: barrier regions\n", kn.host_name.c_str());
         if (!tparams.empty())
             g += "static void __camel_group_" + n +
                  "(void *const *b, void *const *tg, const camel_sim_group *g) {\n    " + fname +
