@@ -382,6 +382,7 @@ class _Kernel(ctypes.Structure):
         ("params", ctypes.POINTER(_Param)),
         ("max_buffer_index", ctypes.c_int32),
         ("needs_fibers", ctypes.c_int32),
+        ("group_entry", ctypes.c_void_p),
     ]
 
 
@@ -428,14 +429,18 @@ def test_library_description():
     lib = ctypes.CDLL(so.value.decode())
     lib.camel_sim_library.restype = ctypes.POINTER(_Library)
     desc = lib.camel_sim_library().contents
-    assert desc.abi_version == 2 and desc.nkernels == 3
-    kernels = {}
+    assert desc.abi_version == 3 and desc.nkernels == 3
+    kernels, group_entries = {}, {}
     for k in desc.kernels[: desc.nkernels]:
         params = [
             (p.name.decode(), p.kind, p.index, p.value_size, p.is_pointer, p.writable, p.align)
             for p in k.params[: k.nparams]
         ]
         kernels[k.name.decode()] = (params, k.max_buffer_index, k.needs_fibers)
+        group_entries[k.name.decode()] = bool(k.group_entry)
+    # The barrier-free kernel runs a threadgroup as a loop, the one with a barrier as two
+    # barrier regions; the SIMD-group function keeps the fibers.
+    assert group_entries == {"plain": True, "with_barrier": True, "indirect_simd": False}
     BUF, TG, BUILTIN = 1, 2, 3
     assert kernels["plain"] == (
         [

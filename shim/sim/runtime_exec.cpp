@@ -123,6 +123,7 @@ struct Group {
     uint32_t n_barrier;     // threads waiting at a threadgroup_barrier ...
     uint32_t barrier_site;  // ... the first one's site
     bool barrier_mixed;     // ... and whether another one waits at a different site
+    bool in_group_entry;    // the kernel's group entry runs (no thread index known)
     bool failed;
     std::string error;
 };
@@ -136,6 +137,10 @@ struct Worker {
     uint32_t nstacks = 0;
     uint8_t *arena = nullptr;
     bool stacks_dirty = false;  // a fiber was abandoned mid-run
+    // A crash in a group entry: the threadgroup runs again, one thread at a time
+    // (run_plain's own loop), so that the message can name the thread.
+    bool replaying = false;
+    uint32_t group_index = 0;  // the threadgroup being run
     sigjmp_buf crash_jmp;
     volatile sig_atomic_t in_kernel = 0;
     char crash_msg[512];
@@ -580,9 +585,56 @@ static bool run_fibers(Group &g) {
     }
 }
 
+// CAMEL_SIM_REGIONS=0: kernels with barriers run on fibers even where the translator
+// generated barrier regions (read at every dispatch, before the workers start).
+static bool regions_on = true;
+
+// A barrier-free kernel with a group entry (the translator generates one when the kernel
+// has no `threadgroup` variable either): the library runs the whole threadgroup itself, as
+// loops over its threads, in the order CAMEL_SIM_ORDER asks for (camel_sim_group).
+static bool run_group_entry(Group &g) {
+    const Dispatch &d = *g.d;
+    camel_sim_group gr;
+    for (int a = 0; a < 3; a++) {
+        gr.threadgroup_position_in_grid[a] = g.gid[a];
+        gr.threads_per_threadgroup[a] = g.size[a];
+        gr.dispatch_threads_per_threadgroup[a] = d.tpg[a];
+        gr.threadgroups_per_grid[a] = d.groups[a];
+        gr.threads_per_grid[a] = d.threads[a];
+        gr.origin[a] = g.origin[a];
+    }
+    gr.simdgroups_per_threadgroup = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
+    gr.threads_per_simdgroup = kSimdWidth;
+    gr.quadgroups_per_threadgroup = (g.nthreads + 3) / 4;
+    gr.order_list = nullptr;
+    gr.seed = g.rng;
+    // Thread 0 with the group's fields, for the kernel's calls into the runtime
+    // (threadgroup variables, failures).
+    fill_group_fields(g, g.threads[0]);
+    set_position(g, g.threads[0], 0, 0, 0, 0);
+    g.lanes[0].static_cursor = 0;
+    g.current = &g.lanes[0];
+    gr.thread = &g.threads[0];
+    if (d.order == kForward) {
+        gr.order = CAMEL_SIM_GROUP_FORWARD;
+    } else if (d.order == kReverse) {
+        gr.order = CAMEL_SIM_GROUP_REVERSE;
+    } else {
+        make_order(g);
+        gr.order = CAMEL_SIM_GROUP_LIST;
+        gr.order_list = g.order.data();
+    }
+    g.in_group_entry = true;
+    g.k->group_entry(d.bindings.data(), g.tg.data(), &gr);
+    g.in_group_entry = false;
+    return true;
+}
+
 // A kernel without barriers and SIMD ops: one thread after the other on the
 // worker's own stack, in the order CAMEL_SIM_ORDER asks for.
 static bool run_plain(Group &g) {
+    if (g.k->group_entry && !g.w->replaying && (regions_on || !g.k->needs_fibers))
+        return run_group_entry(g);
     Lane &l = g.lanes[0];
     camel_sim_thread &t = g.threads[0];
     g.current = &l;
@@ -626,6 +678,7 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
     g.d = &d;
     g.k = d.kernel;
     g.w = w;
+    w->group_index = index;
     g.gid[0] = index % d.groups[0];
     g.gid[1] = (index / d.groups[0]) % d.groups[1];
     g.gid[2] = index / (d.groups[0] * d.groups[1]);
@@ -637,7 +690,9 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
         g.size[a] = d.grid_is_threads && left < d.tpg[a] ? left : d.tpg[a];
         g.nthreads *= g.size[a];
     }
-    g.fibers = d.kernel->needs_fibers != 0;
+    // A kernel with barriers and a group entry runs its barrier regions as loops; the
+    // fibers run it when CAMEL_SIM_REGIONS=0, and to name the thread after a crash.
+    g.fibers = d.kernel->needs_fibers != 0 && !(d.kernel->group_entry && regions_on && !w->replaying);
     uint32_t nlanes = g.fibers ? g.nthreads : 1;
     if (w->lanes.size() < nlanes) {
         w->lanes.resize(nlanes);
@@ -646,6 +701,7 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
     g.lanes = w->lanes.data();
     g.threads = w->threads.data();
     g.failed = false;
+    g.in_group_entry = false;
     g.rng = d.seed ^ (0x9e3779b97f4a7c15ull * (index + 1));
 
     // Threadgroup memory: [[threadgroup(i)]] buffers first, then the kernel's
@@ -823,12 +879,16 @@ static void on_crash(int sig, siginfo_t *info, void *) {
 #endif
     if (sig == SIGSEGV && !*hint)
         hint = "; an out-of-bounds index? Rerun with CAMEL_SIM_SANITIZE=address to find the line";
-    unsigned lane = g.current ? g.threads[g.current - g.lanes].thread_index_in_threadgroup : 0;
+    char thread[32] = "";  // a group entry runs its threads itself: no index known here
+    if (!g.in_group_entry)
+        snprintf(thread, sizeof thread, ", thread %u",
+                 g.current ? g.threads[g.current - g.lanes].thread_index_in_threadgroup : 0);
     snprintf(w->crash_msg, sizeof w->crash_msg,
-             "kernel '%s', threadgroup (%u, %u, %u), thread %u: crashed with %s at %p)%s. "
+             "kernel '%s', threadgroup (%u, %u, %u)%s: crashed with %s at %p)%s. "
              "Memory the kernel wrote may be damaged; restart Python to be safe.",
-             g.k ? g.k->name : "?", g.gid[0], g.gid[1], g.gid[2], lane, what, (void *)addr, hint);
-    siglongjmp(w->crash_jmp, 1);
+             g.k ? g.k->name : "?", g.gid[0], g.gid[1], g.gid[2], thread, what, (void *)addr,
+             hint);
+    siglongjmp(w->crash_jmp, g.in_group_entry ? 3 : 1);
 }
 
 // Installed by camel_init, and again before a command buffer runs if someone (e.g.
@@ -874,6 +934,17 @@ static void job_fail(Job &job, const std::string &msg) {
 static void run_part(Job &job) {
     Worker *w = this_worker();
     int jumped = sigsetjmp(w->crash_jmp, 1);
+    if (jumped == 3) {
+        // A crash in a group entry, which knows no thread index: run the threadgroup again,
+        // one thread at a time. It crashes again (jumped == 1), now naming the thread; if it
+        // does not, the first message stands.
+        w->group.in_group_entry = false;
+        w->replaying = true;
+        w->in_kernel = 1;
+        run_group(w, *job.d, w->group_index);
+        jumped = 1;
+    }
+    w->replaying = false;
     if (jumped) {  // 1: a crash signal; 2: a failure in a plain-loop kernel
         w->in_kernel = 0;
         w->stacks_dirty = true;
@@ -947,6 +1018,8 @@ void pool_start(int workers) {
 int pool_workers() { return pool.workers; }
 
 bool execute(const Dispatch &d, std::string &error) {
+    const char *regions = getenv("CAMEL_SIM_REGIONS");
+    regions_on = !(regions && !strcmp(regions, "0"));
     Job job;
     job.d = &d;
     job.ngroups = d.groups[0] * d.groups[1] * d.groups[2];

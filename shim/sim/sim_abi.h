@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define CAMEL_SIM_ABI_VERSION 2
+#define CAMEL_SIM_ABI_VERSION 3
 
 /* What one simulated thread knows about itself. The runtime fills it; the
  * generated wrapper converts fields to the exact types the kernel declares
@@ -71,6 +71,37 @@ typedef struct camel_sim_param {
 typedef void (*camel_sim_entry)(void *const *bindings, void *const *tg,
                                 const camel_sim_thread *thread);
 
+/* What all threads of one threadgroup know alike, and the order to run them in:
+ * the argument of a group entry. The field names are those of camel_sim_thread. */
+enum camel_sim_group_order {
+    CAMEL_SIM_GROUP_FORWARD = 0,  /* thread index 0, 1, 2, ... */
+    CAMEL_SIM_GROUP_REVERSE = 1,  /* ..., 2, 1, 0 */
+    CAMEL_SIM_GROUP_LIST = 2,     /* order_list[0], order_list[1], ... */
+};
+
+typedef struct camel_sim_group {
+    uint32_t threadgroup_position_in_grid[3];
+    uint32_t threads_per_threadgroup[3];    /* this group's size (smaller at a partial edge) */
+    uint32_t dispatch_threads_per_threadgroup[3];
+    uint32_t threadgroups_per_grid[3];
+    uint32_t threads_per_grid[3];
+    uint32_t origin[3];                     /* thread_position_in_grid of thread (0, 0, 0) */
+    uint32_t simdgroups_per_threadgroup;
+    uint32_t threads_per_simdgroup;
+    uint32_t quadgroups_per_threadgroup;
+    int32_t order;                          /* camel_sim_group_order */
+    const uint32_t *order_list;             /* CAMEL_SIM_GROUP_LIST: thread indices */
+    uint64_t seed;                          /* CAMEL_SIM_GROUP_LIST: for a new shuffle per pass */
+    const camel_sim_thread *thread;         /* thread 0, for calls into the runtime */
+} camel_sim_group;
+
+/* Runs every thread of one threadgroup in g->order, as loops inside the kernel's
+ * library (so the compiler can vectorise across threads): a barrier-free kernel's
+ * threads one after the other, or a kernel's barrier regions (the code between two
+ * barriers) one after the other, each a loop over the threads. */
+typedef void (*camel_sim_group_entry)(void *const *bindings, void *const *tg,
+                                      const camel_sim_group *g);
+
 typedef struct camel_sim_kernel_desc {
     const char *name;          /* host name: [[host_name("...")]] or the function name */
     camel_sim_entry entry;
@@ -79,6 +110,9 @@ typedef struct camel_sim_kernel_desc {
     int32_t max_buffer_index;  /* highest [[buffer(i)]] used, -1 if none */
     int32_t needs_fibers;      /* 1 if the kernel may reach a barrier or a SIMD-group op;
                                   0 lets the runtime run threads as a plain loop */
+    camel_sim_group_entry group_entry;  /* null, or the whole group at once: a barrier-free
+                                           kernel without `threadgroup` variables, or one
+                                           whose barriers split it into regions */
 } camel_sim_kernel_desc;
 
 typedef struct camel_sim_library_desc {

@@ -469,6 +469,9 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     if (!sanitize.empty()) {
         cc.insert(cc.end(), {"-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g",
                              "-shared-libsan"});
+        // One thread's access at a time, as the kernel wrote it: a vectorised group entry
+        // would report "WRITE of size 16" for four threads' floats.
+        cc.insert(cc.end(), {"-fno-vectorize", "-fno-slp-vectorize"});
         // -shared-libsan makes the library need libclang_rt.<san>-<arch>.so;
         // record where clang keeps it so dlopen finds it (RUNPATH)
 #if defined(__x86_64__)

@@ -30,6 +30,7 @@
 #include "translate_internal.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <set>
@@ -1512,10 +1513,661 @@ struct Rewriter {
         return g;
     }
 
+    // A builtin that differs between the threads of a group, as an expression of the
+    // group entry's loop variables x, y, z (position in the group) and i (linear index);
+    // "" for one that every thread of the group shares.
+    // (`v` prefixes the names: "" in group entries, "__camel_" in region functions, where
+    // the kernel's own code shares the scope.)
+    static std::string varying_builtin(const BuiltinInfo *bi, const std::string &P,
+                                       const std::string &v = "") {
+        std::string f = bi->field ? bi->field : "";
+        std::string x = v + "x", y = v + "y", z = v + "z", i = v + "i";
+        if (f == "thread_position_in_grid")
+            return "__camel_xyz<" + P + ">(" + v + "ox + " + x + ", " + v + "oy + " + y + ", " + v +
+                   "oz + " + z + ")";
+        if (f == "thread_position_in_threadgroup")
+            return "__camel_xyz<" + P + ">(" + x + ", " + y + ", " + z + ")";
+        if (f == "thread_index_in_threadgroup") return "(" + P + ")" + i;
+        if (f == "thread_index_in_simdgroup") return "(" + P + ")(" + i + " % 32u)";
+        if (f == "simdgroup_index_in_threadgroup") return "(" + P + ")(" + i + " / 32u)";
+        if (f == "thread_index_in_quadgroup") return "(" + P + ")(" + i + " % 4u)";
+        if (f == "quadgroup_index_in_threadgroup") return "(" + P + ")(" + i + " / 4u)";
+        return "";
+    }
+
+    // ---- barrier regions (the simulator only) -------------------------------
+    // A kernel whose barriers all sit at the top level of its body, or at the top level
+    // of `for` loops there, runs a threadgroup as PoCL does: the code between two
+    // barriers (a region) is a loop over the threads, and a barrier is where one loop
+    // ends and the next begins. What one thread keeps across a barrier (a local declared
+    // in one region and used in another) lives in an array indexed by the thread. A
+    // loop around barriers is entered when every thread's condition holds; when only
+    // some threads' does, that is the error the fibers report as a partial barrier.
+    // Anything else (a barrier under an `if`, `return`, `break`, a SIMD-group function,
+    // a template kernel, a parameter the kernel assigns to, ...) keeps the fibers.
+    struct RItem {
+        enum Kind { STMT, BARRIER, LOOP } kind = STMT;
+        size_t a = 0, b = 0;  // sig range of the statement (past its ';' or '}')
+        size_t init_a = 0, init_b = 0, cond_a = 0, cond_b = 0, incr_a = 0, incr_b = 0;
+        std::vector<RItem> body;
+        int line = 0;  // LOOP: line of its first barrier
+    };
+    struct RDecl {  // one declarator of a local declaration
+        std::string qual, type, ptrs, name, dims;  // qual: "const " or "constexpr "
+        size_t init_a = 0, init_b = 0;  // sig range of the initialiser, empty if none
+    };
+
+    // Index past the statement starting at j (npos if it does not end before b).
+    size_t stmt_end(size_t j, size_t b) {
+        const size_t npos = std::string::npos;
+        if (j >= b) return npos;
+        if (is(j, "{")) return match(j);
+        if (is(j, ";")) return j + 1;
+        if (is(j, "if")) {
+            if (!is(j + 1, "(")) return npos;
+            size_t k = stmt_end(match(j + 1), b);
+            if (k != npos && k < b && is(k, "else")) k = stmt_end(k + 1, b);
+            return k;
+        }
+        if (is(j, "for") || is(j, "while") || is(j, "switch")) {
+            if (!is(j + 1, "(")) return npos;
+            return stmt_end(match(j + 1), b);
+        }
+        if (is(j, "do")) {
+            size_t k = stmt_end(j + 1, b);
+            if (k == npos || !is(k, "while") || !is(k + 1, "(")) return npos;
+            k = match(k + 1);
+            return is(k, ";") ? k + 1 : npos;
+        }
+        for (size_t k = j; k < b; k++) {
+            if (is(k, "(") || is(k, "[") || is(k, "{")) {
+                k = match(k) - 1;
+            } else if (is(k, ";")) {
+                return k + 1;
+            }
+        }
+        return npos;
+    }
+
+    bool has_barrier(size_t a, size_t b) {
+        for (size_t k = a; k < b; k++)
+            if (is(k, "threadgroup_barrier")) return true;
+        return false;
+    }
+
+    bool parse_regions(size_t a, size_t b, std::vector<RItem> &out, bool top,
+                       const std::set<size_t> &tg_decls) {
+        for (size_t j = a; j < b;) {
+            size_t e = stmt_end(j, b);
+            if (e == std::string::npos || e > b) return false;
+            RItem it;
+            it.a = j;
+            it.b = e;
+            it.line = S(j).line;
+            if (tg_decls.count(j) && !top) return false;
+            if (is(j, "threadgroup_barrier")) {
+                if (!is(j + 1, "(") || match(j + 1) + 1 != e) return false;
+                it.kind = RItem::BARRIER;
+            } else if (is(j, "for") && has_barrier(j, e)) {
+                size_t open = j + 1, close = match(open) - 1, s1 = 0, s2 = 0;
+                for (size_t k = open + 1; k < close; k++) {
+                    if (is(k, "(") || is(k, "[") || is(k, "{")) k = match(k) - 1;
+                    else if (is(k, ";")) (s1 ? s2 : s1) = k;
+                }
+                if (!s1 || !s2 || s2 == s1 + 1 || !is(close + 1, "{") || match(close + 1) != e)
+                    return false;  // for (;;) needs a break; a body without braces
+                it.kind = RItem::LOOP;
+                it.init_a = open + 1, it.init_b = s1 + 1;  // with its ';'
+                it.cond_a = s1 + 1, it.cond_b = s2;
+                it.incr_a = s2 + 1, it.incr_b = close;
+                if (has_barrier(it.init_a, it.incr_b)) return false;
+                if (!parse_regions(close + 2, e - 1, it.body, false, tg_decls)) return false;
+                for (auto &x : it.body)
+                    if (x.kind == RItem::BARRIER && !it.line) it.line = x.line;
+                if (!it.line) it.line = it.body.empty() ? 0 : it.body[0].line;
+                for (size_t k = close + 2; k < e - 1; k++)  // breaks and continues that
+                    if (is(k, "break") || is(k, "continue")) return false;  // bind to it
+            } else if (has_barrier(j, e)) {
+                return false;  // under an if, a while, a block, ...
+            }
+            out.push_back(it);
+            j = e;
+        }
+        return true;
+    }
+
+    // A local declaration `T a = x, *b, c[4];` in [a, b) (b past the ';'): 1 (out holds
+    // its declarators), 0 (not a declaration: an expression, a call, a loop, ...) or -1 (a
+    // declaration this parser does not take apart: references, T x(1), T x{1}, ...).
+    int parse_local_decl(size_t a, size_t b, std::vector<RDecl> &out, bool &is_const,
+                         bool &is_constexpr) {
+        size_t j = a;
+        is_const = is_constexpr = false;
+        while (is(j, "const") || is(j, "constexpr")) {
+            (is(j, "const") ? is_const : is_constexpr) = true;
+            j++;
+        }
+        static const std::set<std::string> keywords = {
+            "return", "if", "for", "while", "do", "switch", "case", "default", "break",
+            "continue", "else", "sizeof", "threadgroup_barrier", "goto"};
+        if (j >= b || S(j).kind != IDENT || keywords.count(txt(j))) return is_const || is_constexpr ? -1 : 0;
+        // The type and the first name: identifiers, ::, template arguments and *s up to
+        // the first = , ; or [. Two names in a row make it a declaration.
+        size_t type_a = j, k = j;
+        bool decl = false;
+        while (k < b && (S(k).kind == IDENT || is(k, "::") || is(k, "*") || is(k, "&") || is(k, "<"))) {
+            if (k > type_a && S(k).kind == IDENT && (S(k - 1).kind == IDENT || is(k - 1, "*") ||
+                                                     is(k - 1, "&") || is(k - 1, ">")))
+                decl = true;
+            k = is(k, "<") ? match(k) : k + 1;
+        }
+        if (!decl) return is_const || is_constexpr ? -1 : 0;
+        size_t name_at = k - 1;
+        if (S(name_at).kind != IDENT) return -1;
+        size_t type_b = name_at;
+        while (type_b > type_a && is(type_b - 1, "*")) type_b--;
+        std::string type;
+        for (size_t q = type_a; q < type_b; q++) {
+            if (is(q, "&") || is(q, "auto")) return -1;
+            std::string o = S(q).out;
+            if (o.find_first_not_of(' ') == std::string::npos) continue;  // device, thread, ...
+            type += (type.empty() ? "" : " ") + o;
+        }
+        if (type.empty()) return -1;
+        j = type_b;
+        for (;;) {
+            RDecl d;
+            d.qual = is_constexpr ? "constexpr " : is_const ? "const " : "";
+            d.type = type;
+            while (is(j, "*")) {
+                d.ptrs += "*";
+                j++;
+            }
+            if (j >= b || S(j).kind != IDENT) return -1;
+            d.name = txt(j++);
+            while (is(j, "[")) {
+                size_t e = match(j);
+                for (size_t q = j; q < e; q++) d.dims += S(q).out;
+                j = e;
+            }
+            if (is(j, "=")) {
+                d.init_a = ++j;
+                while (j < b && !is(j, ",") && !is(j, ";")) {
+                    if (is(j, "(") || is(j, "[") || is(j, "{")) j = match(j);
+                    else j++;
+                }
+                d.init_b = j;
+            } else if (!is(j, ",") && !is(j, ";")) {
+                return -1;  // T x(1); T x{1}; ...
+            }
+            out.push_back(d);
+            if (is(j, ";")) return j + 1 == b ? 1 : -1;
+            j++;  // ','
+        }
+    }
+
+    bool is_assign_op(size_t k) {
+        static const std::set<std::string> ops = {"=",  "+=", "-=", "*=",  "/=",  "%=", "&=",
+                                                  "|=", "^=", "<<=", ">>=", "++", "--"};
+        return k < sig.size() && ops.count(txt(k));
+    }
+
+    // Is the name at k assigned to, incremented or has its address taken (k: its use)?
+    // `parts`: also through its components (a builtin's gid.x = ...); a pointer's
+    // p[i] = ... writes memory, not the pointer.
+    bool modified_at(size_t k, size_t end, bool parts) {
+        if (k > 0 && (is(k - 1, "++") || is(k - 1, "--") || is(k - 1, "&"))) return true;
+        size_t j = k + 1;
+        while (parts) {  // name.x, name[i], name->y
+            if (j < end && (is(j, ".") || is(j, "->")) && j + 1 < end && S(j + 1).kind == IDENT) {
+                j += 2;
+            } else if (j < end && is(j, "[")) {
+                j = match(j);
+            } else {
+                break;
+            }
+        }
+        return is_assign_op(j);
+    }
+
+    struct RegionGen {
+        std::map<std::string, int> region_of_decl;   // local name -> the region declaring it
+        std::map<std::string, std::set<int>> used_in;  // local name -> regions using it
+        std::map<std::string, RDecl> decls;
+        std::set<std::string> hoisted, group_consts;
+        std::map<size_t, std::vector<RDecl>> decl_at;  // statement start -> its declarators
+        std::map<size_t, bool> decl_const;
+        std::set<size_t> tg;  // threadgroup variable declarations (at group scope)
+        int region = 0;
+        bool ok = true;
+    };
+
+    // First walk: number the regions, find the declarations and where names are used.
+    void region_scan(const std::vector<RItem> &items, RegionGen &rg, const std::set<size_t> &tg,
+                     const std::set<std::string> &params) {
+        auto note_uses = [&](size_t a, size_t b) {
+            for (size_t k = a; k < b; k++)
+                if (S(k).kind == IDENT && !(k > 0 && (is(k - 1, ".") || is(k - 1, "->") ||
+                                                     is(k - 1, "::"))))
+                    rg.used_in[txt(k)].insert(rg.region);
+        };
+        auto stmt = [&](size_t a, size_t b) {
+            std::vector<RDecl> ds;
+            bool c = false, ce = false;
+            int kind = tg.count(a) ? 0 : parse_local_decl(a, b, ds, c, ce);
+            if (kind < 0) rg.ok = false;
+            if (kind > 0) {
+                for (auto &d : ds) {
+                    if (rg.decls.count(d.name) || params.count(d.name)) rg.ok = false;
+                    rg.decls[d.name] = d;
+                    rg.region_of_decl[d.name] = rg.region;
+                    // constexpr is the same for every thread; so is a const of constants
+                    bool constant = (c || ce) && d.dims.empty() && d.ptrs.empty();
+                    for (size_t k = d.init_a; k < d.init_b && !ce; k++)
+                        if (S(k).kind == IDENT && !rg.group_consts.count(txt(k))) constant = false;
+                    if (constant && d.init_a < d.init_b) rg.group_consts.insert(d.name);
+                }
+                rg.decl_at[a] = ds;
+                rg.decl_const[a] = c || ce;
+                for (auto &d : ds) note_uses(d.init_a, d.init_b);
+                for (auto &d : ds) rg.used_in[d.name].insert(rg.region);
+            } else {
+                note_uses(a, b);
+            }
+        };
+        for (auto &it : items) {
+            if (it.kind == RItem::STMT) {
+                stmt(it.a, it.b);
+            } else if (it.kind == RItem::BARRIER) {
+                rg.region++;
+            } else {
+                rg.region++;
+                stmt(it.init_a, it.init_b);
+                rg.region++;
+                note_uses(it.cond_a, it.cond_b);
+                rg.region++;
+                region_scan(it.body, rg, tg, params);
+                rg.region++;
+                note_uses(it.incr_a, it.incr_b);
+                rg.region++;
+            }
+        }
+    }
+
+    // Text of [a, b) as the kernel wrote it (rewritten), with hoisted names indexed by the
+    // thread, newlines kept so the lines stay put.
+    std::string region_text(size_t a, size_t b, const RegionGen &rg) {
+        std::string s;
+        for (size_t k = a; k < b; k++) {
+            if (k > a)
+                for (size_t r = sig[k - 1] + 1; r < sig[k]; r++)
+                    if (t[r].kind == NEWLINE || t[r].kind == SPACE) s += t[r].text;
+            const std::string &x = txt(k);
+            bool member = k > 0 && (is(k - 1, ".") || is(k - 1, "->") || is(k - 1, "::"));
+            if (S(k).kind == IDENT && !member && rg.hoisted.count(x))
+                s += x + "[__camel_i]";
+            else
+                s += S(k).out;
+        }
+        return s;
+    }
+
+    // A statement inside a region: declarations of hoisted names become assignments.
+    std::string region_stmt(size_t a, size_t b, RegionGen &rg) {
+        auto d = rg.decl_at.find(a);
+        if (d == rg.decl_at.end()) return region_text(a, b, rg);
+        bool plain = true;  // no declarator moves: the statement as written
+        for (auto &x : d->second)
+            plain = plain && !rg.hoisted.count(x.name) && !rg.group_consts.count(x.name);
+        if (plain) return region_text(a, b, rg);
+        std::string s;
+        for (auto &x : d->second) {
+            if (rg.group_consts.count(x.name)) continue;  // at group scope already
+            std::string init = x.init_a < x.init_b ? region_text(x.init_a, x.init_b, rg) : "";
+            if (rg.hoisted.count(x.name)) {
+                if (!init.empty()) s += x.name + "[__camel_i] = " + init + "; ";
+            } else {
+                s += x.type + " " + x.ptrs + x.name + x.dims + (init.empty() ? "" : " = " + init) +
+                     "; ";
+            }
+        }
+        return s;
+    }
+
+    std::string line_marker(size_t k) {
+        // the file of the last line marker before the token, with the token's line
+        size_t r = sig[k];
+        while (r > 0 && t[r].kind != DIRECTIVE) r--;
+        const std::string &d = t[r].out;
+        size_t q1 = d.find('"'), q2 = d.rfind('"');
+        std::string file = q1 != std::string::npos && q2 > q1 ? d.substr(q1, q2 - q1 + 1) : "\"?\"";
+        return "\n# " + std::to_string(S(k).line) + " " + file + "\n";
+    }
+
+    // One region: the statements run by every thread, in the group's order.
+    std::string region_loop(const std::string &body, const std::string &builtins) {
+        return "    __camel_each(__camel_g, __camel_list, &__camel_seed, [&](uint32_t __camel_x, uint32_t "
+               "__camel_y, uint32_t __camel_z, uint32_t __camel_i) __attribute__((always_inline)) "
+               "{\n        (void)__camel_x; (void)__camel_y; (void)__camel_z; (void)__camel_i;\n" +
+               builtins + body + "\n# 1 \"<camel generated>\"\n    });\n";
+    }
+
+    std::string region_items(const std::vector<RItem> &items, RegionGen &rg,
+                             const std::string &builtins) {
+        std::string g, pending;
+        auto flush = [&]() {
+            if (!pending.empty()) g += region_loop(pending, builtins);
+            pending.clear();
+        };
+        for (auto &it : items) {
+            if (it.kind == RItem::STMT) {
+                if (rg.tg.count(it.a)) continue;
+                std::string s = region_stmt(it.a, it.b, rg);
+                if (!s.empty()) pending += line_marker(it.a) + s;
+            } else if (it.kind == RItem::BARRIER) {
+                flush();
+            } else {
+                flush();
+                std::string init = region_stmt(it.init_a, it.init_b, rg);
+                if (!init.empty()) g += region_loop(line_marker(it.init_a) + init, builtins);
+                std::string line = std::to_string(it.line);
+                g += "    for (;;) {\n        uint32_t __camel_go = 0, __camel_stop = 0;\n";
+                g += region_loop(line_marker(it.cond_a) + "if (" + region_text(it.cond_a, it.cond_b, rg) +
+                                     ") __camel_go++; else __camel_stop = __camel_i;",
+                                 builtins);
+                g += "        if (__camel_go == 0) break;\n"
+                     "        if (__camel_go != __camel_n) __camel_diverged(__camel_g, __camel_stop, " +
+                     line + ", __camel_go, __camel_n);\n";
+                g += region_items(it.body, rg, builtins);
+                std::string incr = region_text(it.incr_a, it.incr_b, rg);
+                g += region_loop(line_marker(it.incr_a) + incr + ";", builtins);
+                g += "    }\n";
+            }
+        }
+        flush();
+        return g;
+    }
+
+    // The region function of kernel kn, or "" when it must keep the fibers.
+    // CAMEL_SIM_VERBOSE=1 says, per kernel with barriers, which way it runs and why.
+    std::string no_region(const Kernel &kn, const char *why) {
+        if (getenv("CAMEL_SIM_VERBOSE"))
+            fprintf(stderr, "[sim] %s: fibers (%s)\n", kn.host_name.c_str(), why);
+        return "";
+    }
+    std::string region_entry(const Kernel &kn, const std::string &F, const std::string &n) {
+        if (target != TARGET_SIM || kn.qualified.find("::") != std::string::npos)
+            return no_region(kn, "in a namespace");
+        if (!uses_op(kn.body_owner, USES_BARRIER) || uses_op(kn.body_owner, USES_SIMD))
+            return no_region(kn, "a SIMD-group function");
+        auto fit = functions.find(kn.body_owner);
+        if (fit == functions.end() || fit->second.size() != 1) return no_region(kn, "overloaded");
+        const FunctionInfo &fi = fit->second[0];
+        size_t a = fi.body_begin + 1, b = fi.body_end;
+        // A template kernel: the region function is a template with the same parameters.
+        std::string tparams;
+        if (!kn.targs.empty()) {
+            if (!is(fi.stmt, "template") || !is(fi.stmt + 1, "<"))
+                return no_region(kn, "a template without its parameter list");
+            for (size_t k = fi.stmt + 1, e = match(fi.stmt + 1); k < e; k++) tparams += S(k).out + " ";
+        }
+        std::set<std::string> params, builtin_params;
+        for (auto &p : kn.params) {
+            params.insert(p.name);
+            if (p.kind == CAMEL_SIM_PARAM_BUILTIN) builtin_params.insert(p.name);
+        }
+        std::set<std::string> modified;  // parameters the kernel assigns to: one per thread
+        for (size_t k = a; k < b; k++) {
+            if (!S(k).user) return no_region(kn, "code from a system header");
+            if (is(k, "return") || is(k, "goto") || is(k, "static"))
+                return no_region(kn, "return, goto or static in its body");
+            if (S(k).kind != IDENT) continue;
+            if (params.count(txt(k)) && !(k > 0 && (is(k - 1, ".") || is(k - 1, "->"))) &&
+                modified_at(k, b, builtin_params.count(txt(k)) != 0))
+                modified.insert(txt(k));
+            // a user function it calls must not reach a barrier itself
+            if (txt(k) != kn.body_owner && functions.count(txt(k)) && uses_fibers(txt(k)))
+                return no_region(kn, "a function it calls has a barrier");
+        }
+        std::set<size_t> tg;
+        for (size_t k : tg_storage)
+            if (k > fi.body_begin && k < fi.body_end) tg.insert(k);
+        std::vector<RItem> items;
+        if (!parse_regions(a, b, items, true, tg))
+            return no_region(kn, "a barrier outside the top level and its for loops");
+        RegionGen rg;
+        rg.tg = tg;
+        if (!kn.targs.empty())  // template parameters are constants too
+            for (size_t k = fi.stmt + 2, e = match(fi.stmt + 1); k + 1 < e; k++)
+                if (S(k).kind == IDENT && (is(k + 1, ",") || is(k + 1, ">") || is(k + 1, "=")))
+                    rg.group_consts.insert(txt(k));
+        region_scan(items, rg, tg, params);
+        if (!rg.ok) return no_region(kn, "a local declared twice, or in a form it cannot move");
+        for (auto &d : rg.decls) {
+            if (rg.group_consts.count(d.first)) continue;
+            auto &u = rg.used_in[d.first];
+            if (u.size() > 1) {
+                if (d.second.type.find("auto") != std::string::npos) return no_region(kn, "an auto variable lives across a barrier");
+                if (!d.second.dims.empty() && d.second.init_a < d.second.init_b) return no_region(kn, "an initialised array lives across a barrier");
+                rg.hoisted.insert(d.first);
+            }
+        }
+        // A hoisted name must not be declared again in a nested block (it would be indexed).
+        for (size_t k = a; k < b; k++) {
+            if (S(k).kind != IDENT || !rg.hoisted.count(txt(k))) continue;
+            bool declared_here = false;
+            for (auto &da : rg.decl_at)
+                for (size_t j = da.first; j < sig.size() && !is(j, ";") && j < b; j++)
+                    if (j == k) declared_here = true;
+            bool ptr_decl = k > 2 && (is(k - 1, "*") || is(k - 1, "&")) && S(k - 2).kind == IDENT &&
+                            (is(k - 3, ";") || is(k - 3, "{") || is(k - 3, "}"));
+            if (!declared_here && k > 0 && (S(k - 1).kind == IDENT || ptr_decl || is(k - 1, ">")))
+                return no_region(kn, "a name declared again in a nested block");
+        }
+
+        std::string fname = tparams.empty() ? "__camel_group_" + n : "__camel_regions_" + n;
+        std::string g = (tparams.empty() ? "" : "template " + tparams + "\n") + "static void " +
+                        fname +
+                        "(void *const *__camel_b, void *const *__camel_tgs, const camel_sim_group "
+                        "*__camel_g) {\n    __camel_cur = __camel_g->thread;\n";
+        std::string builtins, param_init, param_store;
+        for (size_t j = 0; j < kn.params.size(); j++) {
+            const Param &p = kn.params[j];
+            std::string P = "__camel_param_t<" + std::to_string(j) + ", " + F + ">";
+            std::string v = p.kind == CAMEL_SIM_PARAM_BUILTIN
+                                ? varying_builtin(find_builtin(p.builtin), P, "__camel_")
+                                : std::string();
+            if (p.name.empty()) continue;
+            std::string bound = bind_arg(p, P, "__camel_b", "__camel_tgs", "__camel_g->");
+            if (modified.count(p.name)) {  // one copy per thread, set before the first region
+                rg.hoisted.insert(p.name);
+                param_store += "    " + P + " (*" + p.name + ") = (" + P + " (*))__builtin_alloca(sizeof(" +
+                               P + ") * __camel_n);\n";
+                param_init += p.name + "[__camel_i] = " + (v.empty() ? bound : v) + "; ";
+            } else if (v.empty()) {
+                g += "    " + P + " " + p.name + " = " + bound + "; (void)" + p.name + ";\n";
+            } else {
+                builtins += "        const " + P + " " + p.name + " = " + v + "; (void)" + p.name + ";\n";
+            }
+        }
+        g += "    const uint32_t __camel_n = __camel_g->threads_per_threadgroup[0] *\n"
+             "        __camel_g->threads_per_threadgroup[1] * __camel_g->threads_per_threadgroup[2];\n"
+             "    const uint32_t __camel_ox = __camel_g->origin[0], __camel_oy = __camel_g->origin[1],\n"
+             "                   __camel_oz = __camel_g->origin[2];\n"
+             "    (void)__camel_ox; (void)__camel_oy; (void)__camel_oz;\n"
+             "    uint64_t __camel_seed = __camel_g->seed;\n"
+             "    uint32_t *__camel_list = nullptr;\n"
+             "    if (__camel_g->order == CAMEL_SIM_GROUP_LIST) {\n"
+             "        __camel_list = (uint32_t *)__builtin_alloca(4 * __camel_n);\n"
+             "        for (uint32_t __camel_k = 0; __camel_k < __camel_n; __camel_k++)\n"
+             "            __camel_list[__camel_k] = __camel_g->order_list[__camel_k];\n"
+             "    }\n";
+        // group scope: constants, threadgroup variables, and the per-thread arrays
+        for (auto &da : rg.decl_at)
+            for (auto &d : da.second)
+                if (rg.group_consts.count(d.name))
+                    g += line_marker(da.first) + d.qual + d.type + " " + d.name + " = " +
+                         region_text(d.init_a, d.init_b, rg) + ";";
+        for (size_t k : tg) {
+            g += line_marker(k) + S(k).out;
+        }
+        g += "\n# 1 \"<camel generated>\"\n";
+        for (auto &h : rg.hoisted) {
+            if (modified.count(h)) continue;  // a parameter: param_store
+            const RDecl &d = rg.decls[h];
+            std::string T = d.type + " " + d.ptrs;
+            // strip const: the array is written once per thread
+            std::string Tn;
+            for (size_t p = 0; p < T.size();) {
+                if (T.compare(p, 5, "const") == 0 && (p + 5 == T.size() || !is_ident_char(T[p + 5])) &&
+                    (p == 0 || !is_ident_char(T[p - 1]))) {
+                    p += 5;
+                } else {
+                    Tn += T[p++];
+                }
+            }
+            g += "    " + Tn + " (*" + h + ")" + d.dims + " = (" + Tn + " (*)" + d.dims +
+                 ")__builtin_alloca(sizeof(" + Tn + d.dims + ") * __camel_n);\n";
+        }
+        g += param_store;
+        if (!param_init.empty()) g += region_loop(param_init, builtins);
+        g += region_items(items, rg, builtins);
+        g += "}\n";
+        if (getenv("CAMEL_SIM_VERBOSE")) fprintf(stderr, "[sim] %s: barrier regions\n", kn.host_name.c_str());
+        if (!tparams.empty())
+            g += "static void __camel_group_" + n +
+                 "(void *const *b, void *const *tg, const camel_sim_group *g) {\n    " + fname +
+                 kn.targs + "(b, tg, g);\n}\n";
+        return g;
+    }
+
+    std::set<size_t> with_group_entry;  // kernels (by index) with a __camel_group_N
+
+    bool has_group_entry(const Kernel &kn) {
+        return !uses_fibers(kn.body_owner) && !uses_threadgroup_vars(kn.body_owner);
+    }
+
+    // The group entry of a barrier-free kernel (no barrier, SIMD-group function or
+    // `threadgroup` variable): the whole threadgroup as loops over its threads, with the
+    // bindings and shared builtins loaded once and the thread's builtins computed from the
+    // loop variables, so clang can inline the kernel and vectorise across threads (PoCL's
+    // work-item loops). The threads still run one after the other in CAMEL_SIM_ORDER's
+    // order: the loops count up (forward), down (reverse), or follow the runtime's list
+    // (random); a vectorised loop computes what that order computes.
+    std::string group_entry(const Kernel &kn, const std::string &fn, const std::string &F,
+                            const std::string &n) {
+        std::string g = "static void __camel_group_" + n +
+                        "(void *const *b, void *const *tg, const camel_sim_group *g) {\n";
+        g += "    (void)b; (void)tg;\n";
+        std::string args;
+        for (size_t j = 0; j < kn.params.size(); j++) {
+            const Param &p = kn.params[j];
+            std::string P = "__camel_param_t<" + std::to_string(j) + ", " + F + ">";
+            std::string a = "__a" + std::to_string(j);
+            std::string expr = p.kind == CAMEL_SIM_PARAM_BUILTIN
+                                   ? varying_builtin(find_builtin(p.builtin), P)
+                                   : std::string();
+            if (expr.empty()) {
+                g += "    " + P + " " + a + " = " + bind_arg(p, P, "b", "tg", "g->") + ";\n";
+                expr = a;
+            }
+            args += std::string(j ? "," : "") + "\n            " + expr;
+        }
+        g += "    const uint32_t sx = g->threads_per_threadgroup[0], sy = g->threads_per_threadgroup[1],\n"
+             "                   sz = g->threads_per_threadgroup[2];\n"
+             "    const uint32_t ox = g->origin[0], oy = g->origin[1], oz = g->origin[2];\n"
+             "    (void)ox; (void)oy; (void)oz;\n";
+        g += "    auto thread = [&](uint32_t x, uint32_t y, uint32_t z, uint32_t i)\n"
+             "                      __attribute__((always_inline, flatten)) {\n"
+             "        (void)x; (void)y; (void)z; (void)i;\n"
+             "        " + fn + "(" + args + ");\n"
+             "    };\n";
+        g += "    if (g->order == CAMEL_SIM_GROUP_FORWARD) {\n"
+             "        for (uint32_t z = 0; z < sz; z++)\n"
+             "            for (uint32_t y = 0; y < sy; y++) {\n"
+             "                uint32_t row = (z * sy + y) * sx;\n"
+             "                for (uint32_t x = 0; x < sx; x++) thread(x, y, z, row + x);\n"
+             "            }\n"
+             "    } else if (g->order == CAMEL_SIM_GROUP_REVERSE) {\n"
+             "        for (uint32_t z = sz; z-- > 0;)\n"
+             "            for (uint32_t y = sy; y-- > 0;) {\n"
+             "                uint32_t row = (z * sy + y) * sx;\n"
+             "                for (uint32_t x = sx; x-- > 0;) thread(x, y, z, row + x);\n"
+             "            }\n"
+             "    } else {\n"
+             "        for (uint32_t k = 0, count = sx * sy * sz; k < count; k++) {\n"
+             "            uint32_t i = g->order_list[k], yz = i / sx;\n"
+             "            thread(i % sx, yz % sy, yz / sy, i);\n"
+             "        }\n"
+             "    }\n"
+             "}\n";
+        return g;
+    }
+
     std::string generate() {
         std::string g = "\n# 1 \"<camel generated>\"\n";
         g += "// Entry wrappers and the library description (see shim/sim/sim_abi.h).\n";
         g += "static const uint32_t __camel_zero3[3] = {0, 0, 0};\n";
+        g += "// A thread's position (uint, ushort2, uint3, ...) from its coordinates.\n"
+             "template <class P> static inline P __camel_xyz(uint32_t x, uint32_t y, uint32_t z) {\n"
+             "    if constexpr (__camel_vt<P>::n == 1) {\n"
+             "        return (P)x;\n"
+             "    } else {\n"
+             "        typedef typename __camel_vt<P>::elem E;\n"
+             "        P r{};\n"
+             "        r[0] = (E)x;\n"
+             "        r[1] = (E)y;\n"
+             "        if constexpr (__camel_vt<P>::n > 2) r[2] = (E)z;\n"
+             "        return r;\n"
+             "    }\n"
+             "}\n";
+        g += "// Barrier regions: f(x, y, z, i) for every thread of the group, in its order (random:\n"
+             "// a new shuffle every pass, as the fibers do).\n"
+             "template <class F>\n"
+             "static inline __attribute__((always_inline)) void __camel_each(const camel_sim_group *g,\n"
+             "        uint32_t *list, uint64_t *seed, F &&f) {\n"
+             "    const uint32_t sx = g->threads_per_threadgroup[0], sy = g->threads_per_threadgroup[1],\n"
+             "                   sz = g->threads_per_threadgroup[2];\n"
+             "    if (g->order == CAMEL_SIM_GROUP_FORWARD) {\n"
+             "        for (uint32_t z = 0; z < sz; z++)\n"
+             "            for (uint32_t y = 0; y < sy; y++) {\n"
+             "                uint32_t row = (z * sy + y) * sx;\n"
+             "                for (uint32_t x = 0; x < sx; x++) f(x, y, z, row + x);\n"
+             "            }\n"
+             "    } else if (g->order == CAMEL_SIM_GROUP_REVERSE) {\n"
+             "        for (uint32_t z = sz; z-- > 0;)\n"
+             "            for (uint32_t y = sy; y-- > 0;) {\n"
+             "                uint32_t row = (z * sy + y) * sx;\n"
+             "                for (uint32_t x = sx; x-- > 0;) f(x, y, z, row + x);\n"
+             "            }\n"
+             "    } else {\n"
+             "        uint32_t n = sx * sy * sz;\n"
+             "        for (uint32_t k = n - 1; k > 0; k--) {\n"
+             "            uint64_t r = (*seed += 0x9e3779b97f4a7c15ull);\n"
+             "            r = (r ^ (r >> 30)) * 0xbf58476d1ce4e5b9ull;\n"
+             "            r = (r ^ (r >> 27)) * 0x94d049bb133111ebull;\n"
+             "            r ^= r >> 31;\n"
+             "            uint32_t j = (uint32_t)(r % (k + 1)), tmp = list[k];\n"
+             "            list[k] = list[j];\n"
+             "            list[j] = tmp;\n"
+             "        }\n"
+             "        for (uint32_t k = 0; k < n; k++) {\n"
+             "            uint32_t i = list[k], yz = i / sx;\n"
+             "            f(i % sx, yz % sy, yz / sy, i);\n"
+             "        }\n"
+             "    }\n"
+             "}\n"
+             "// Some threads go round a loop around a barrier again, the others do not.\n"
+             "[[maybe_unused]] static void __camel_diverged(const camel_sim_group *g, uint32_t thread,\n"
+             "        uint32_t line, uint32_t go, uint32_t n) {\n"
+             "    camel_sim_thread t = *g->thread;\n"
+             "    t.thread_index_in_threadgroup = thread;\n"
+             "    char msg[320];\n"
+             "    __builtin_snprintf(msg, sizeof msg, \"leaves the loop around the threadgroup_barrier at \"\n"
+             "        \"line %u while %u of the %u threads go round again; every thread of a \"\n"
+             "        \"threadgroup must reach every barrier\", line, go, n);\n"
+             "    __camel_rt->fail(&t, msg);\n"
+             "}\n";
         std::set<std::string> names;
         for (size_t i = 0; i < kernels.size(); i++) {
             Kernel &kn = kernels[i];
@@ -1542,6 +2194,14 @@ struct Rewriter {
                 g += "\n        " + bind_arg(p, P, "b", "tg", "t->");
             }
             g += ");\n}\n";
+            if (has_group_entry(kn)) {
+                g += group_entry(kn, fn, F, n);
+                with_group_entry.insert(i);
+            } else {
+                std::string region = region_entry(kn, F, n);
+                if (!region.empty()) with_group_entry.insert(i);
+                g += region;
+            }
             if (!kn.params.empty()) {
                 g += "static const camel_sim_param __camel_params_" + n + "[] = {\n";
                 for (size_t j = 0; j < kn.params.size(); j++) {
@@ -1578,10 +2238,12 @@ struct Rewriter {
             g += "    {\"" + kn.host_name + "\", __camel_entry_" + n + ", " +
                  std::to_string(kn.params.size()) + ", " +
                  (kn.params.empty() ? std::string("nullptr") : "__camel_params_" + n) + ", " +
-                 std::to_string(max_buffer) + ", " + (fibers ? "1" : "0") + "},\n";
+                 std::to_string(max_buffer) + ", " + (fibers ? "1" : "0") + ", " +
+                 (with_group_entry.count(i) ? "__camel_group_" + n : std::string("nullptr")) +
+                 "},\n";
             count++;
         }
-        if (count == 0) g += "    {nullptr, nullptr, 0, nullptr, -1, 0},\n";
+        if (count == 0) g += "    {nullptr, nullptr, 0, nullptr, -1, 0, nullptr},\n";
         g += "};\n";
         g += "static const camel_sim_library_desc __camel_library = {" +
              std::to_string(CAMEL_SIM_ABI_VERSION) + ", " + std::to_string(count) +
