@@ -47,6 +47,36 @@ _PER_THREAD = 16  # elements each thread of pass 1 adds, at least (fewer, fuller
 _F32 = 4  # bytes per float32 / int32 element
 
 
+# Memory-bound kernels, version 1 or 2. Version 1 is each op's lesson kernel (Stage 2's
+# one threadgroup per row, one thread per column); version 2 keeps a large GPU's memory busy:
+# a SIMD group per row with float4 loads, a column sum over blocks of rows in two passes
+# (shaders/ops_reduce.metal, "version 2"). Default (None): 2; CAMEL_MEMORY_KERNELS=1|2
+# forces one (the benches time both).
+MEMORY_KERNELS_VERSION = None
+_ROW_SIMD_GROUPS = 8  # SIMD groups in a threadgroup of a version-2 row kernel (256 threads)
+_ROW_SPAN = 1024  # floats of a row one SIMD group takes in version 2 (32 lanes x 8 float4s)
+
+
+def _memory_version():
+    version = str(os.environ.get("CAMEL_MEMORY_KERNELS", MEMORY_KERNELS_VERSION or 2))
+    if version not in ("1", "2"):
+        raise ValueError(
+            f"[mps] unknown memory-kernel version {version!r} (CAMEL_MEMORY_KERNELS or "
+            "MEMORY_KERNELS_VERSION); valid: 1 (the lesson kernels), 2"
+        )
+    return int(version)
+
+
+def _row_geometry(rows, k):
+    """(P, threadgroups) of a version-2 row kernel: P SIMD groups per row (1, 2, 4 or 8:
+    at most _ROW_SPAN floats each), _ROW_SIMD_GROUPS / P rows per threadgroup."""
+    p = 1
+    while p < _ROW_SIMD_GROUPS and p * _ROW_SPAN < k:
+        p *= 2
+    per_group = _ROW_SIMD_GROUPS // p
+    return p, (rows + per_group - 1) // per_group
+
+
 def _kernel(filename, name):
     return metal.kernel(filename, name)  # compiled once per process, then cached
 
@@ -249,7 +279,16 @@ def gelu_backward(x, grad):
 
 
 def _sum_rows(x2, out, rows, k, scale=1.0):
-    """out[r] = scale * sum of row r of x2 (rows, k): one threadgroup per row."""
+    """out[r] = scale * sum of row r of x2 (rows, k): version 2, a SIMD group per row;
+    version 1, one threadgroup per row."""
+    if _memory_version() == 2:
+        p, groups = _row_geometry(rows, k)
+        vec4 = int(k % 4 == 0 and _aligned(x2))
+        fn = _kernel(_RED, "sum_last_axis_v2")
+        fn(x2, out, rows, k, float(scale), p, vec4, threadgroups=groups,
+           threads_per_threadgroup=32 * _ROW_SIMD_GROUPS, flops=rows * k,
+           bytes=(rows * k + rows) * _F32)  # fmt: skip
+        return
     fn = _kernel(_RED, "sum_last_axis")
     fn(
         x2,
@@ -306,11 +345,43 @@ def sum(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
     elif inner == 1:
         _sum_rows(x, out, outer, k)
     else:
-        fn = _kernel(_RED, "sum_axis_strided")
-        n_out = outer * inner
-        nbytes = (x.size + n_out) * _F32
-        _launch_1d(fn, (x, out, k, inner, n_out), n_out, x.size, nbytes)
+        _sum_axis(x, out, outer, k, inner)
     return out
+
+
+_COL_GROUPS = 2048  # threadgroups pass 1 of the column sum aims for (~16 per SM of an H200)
+_COL_MIN_ROWS = 64  # rows per block at least: each of a threadgroup's 8 slices adds >= 8
+_COL_MAX_BLOCKS = 256  # blocks at most: pass 2 adds <= 256 partials per column
+
+
+def _sum_axis(x, out, outer, k, inner):
+    """out (outer, inner) = x (outer, k, inner) summed over k. Version 2: blocks of rows in
+    parallel, then their partials in block order (sum_axis_blocks, two dispatches unless one
+    block does); version 1: one thread per output walks its column (sum_axis_strided)."""
+    n_out = outer * inner
+    if _memory_version() == 1:
+        fn = _kernel(_RED, "sum_axis_strided")
+        _launch_1d(fn, (x, out, k, inner, n_out), n_out, x.size, (x.size + n_out) * _F32)
+        return
+    width = 4 if inner % 4 == 0 and _aligned(x, out) else 1
+    fn = _kernel(_RED, "sum_axis_blocks_float4" if width == 4 else "sum_axis_blocks_float")
+    inner_v = inner // width  # columns in float4s (or floats)
+    col_groups = (inner_v + 31) // 32
+    per_block = builtins.max(_COL_MIN_ROWS, -(-k * col_groups * outer // _COL_GROUPS))
+    blocks = builtins.min(_COL_MAX_BLOCKS, -(-k // per_block))
+    per_block = -(-k // blocks)
+    tpg = (32, 8, 1)
+    if blocks == 1:
+        fn(x, out, k, inner_v, k, threadgroups=(col_groups, 1, outer), threads_per_threadgroup=tpg,
+           flops=x.size, bytes=(x.size + n_out) * _F32)  # fmt: skip
+        return
+    partials = _empty((outer, blocks, inner))
+    fn(x, partials, k, inner_v, per_block, threadgroups=(col_groups, blocks, outer),
+       threads_per_threadgroup=tpg, flops=x.size,
+       bytes=(x.size + partials.size) * _F32)  # fmt: skip
+    fn(partials, out, blocks, inner_v, blocks, threadgroups=(col_groups, 1, outer),
+       threads_per_threadgroup=tpg, flops=partials.size,
+       bytes=(partials.size + n_out) * _F32)  # fmt: skip
 
 
 def sum_backward(grad, in_shape, axis):
@@ -341,6 +412,13 @@ def max(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
         groups = _partial_groups(x.size)
         if axis is None and groups > 1:
             _max_all(x, values, indices, groups)
+        elif _memory_version() == 2:
+            p, groups = _row_geometry(rows, k)
+            vec4 = int(k % 4 == 0 and _aligned(x))
+            fn = _kernel(_RED, "max_last_axis_v2")
+            fn(x, values, indices, rows, k, p, vec4, threadgroups=groups,
+               threads_per_threadgroup=32 * _ROW_SIMD_GROUPS, flops=x.size,
+               bytes=nbytes)  # fmt: skip
         else:
             fn = _kernel(_RED, "max_last_axis")
             tpg = _row_threads(k)
@@ -392,9 +470,7 @@ def sum_to_shape(grad, shape):
     if inner == 1:
         _sum_all(grad, out)
     else:
-        fn = _kernel(_RED, "sum_axis_strided")
-        nbytes = (grad.size + inner) * _F32
-        _launch_1d(fn, (grad, out, lead, inner, inner), inner, grad.size, nbytes)
+        _sum_axis(grad, out, 1, lead, inner)
     return out
 
 
