@@ -55,6 +55,7 @@ _F32 = 4  # bytes per float32 / int32 element
 MEMORY_KERNELS_VERSION = None
 _ROW_SIMD_GROUPS = 8  # SIMD groups in a threadgroup of a version-2 row kernel (256 threads)
 _ROW_SPAN = 1024  # floats of a row one SIMD group takes in version 2 (32 lanes x 8 float4s)
+_ROW_MAX_P = 16  # SIMD groups per row at most (a threadgroup of 512 for rows past 8192)
 
 
 def _memory_version():
@@ -68,13 +69,15 @@ def _memory_version():
 
 
 def _row_geometry(rows, k):
-    """(P, threadgroups) of a version-2 row kernel: P SIMD groups per row (1, 2, 4 or 8:
-    at most _ROW_SPAN floats each), _ROW_SIMD_GROUPS / P rows per threadgroup."""
+    """(P, threadgroups, threads per threadgroup) of a version-2 row kernel: P SIMD groups
+    per row (1, 2, 4, 8 or 16: at most _ROW_SPAN floats each while P <= 16), in threadgroups
+    of max(8, P) SIMD groups, so 8 / P rows per threadgroup (one for P = 16)."""
     p = 1
-    while p < _ROW_SIMD_GROUPS and p * _ROW_SPAN < k:
+    while p < _ROW_MAX_P and p * _ROW_SPAN < k:
         p *= 2
-    per_group = _ROW_SIMD_GROUPS // p
-    return p, (rows + per_group - 1) // per_group
+    simd_groups = builtins.max(_ROW_SIMD_GROUPS, p)
+    per_group = simd_groups // p
+    return p, (rows + per_group - 1) // per_group, 32 * simd_groups
 
 
 def _kernel(filename, name):
@@ -282,11 +285,11 @@ def _sum_rows(x2, out, rows, k, scale=1.0):
     """out[r] = scale * sum of row r of x2 (rows, k): version 2, a SIMD group per row;
     version 1, one threadgroup per row."""
     if _memory_version() == 2:
-        p, groups = _row_geometry(rows, k)
+        p, groups, tpg = _row_geometry(rows, k)
         vec4 = int(k % 4 == 0 and _aligned(x2))
         fn = _kernel(_RED, "sum_last_axis_v2")
         fn(x2, out, rows, k, float(scale), p, vec4, threadgroups=groups,
-           threads_per_threadgroup=32 * _ROW_SIMD_GROUPS, flops=rows * k,
+           threads_per_threadgroup=tpg, flops=rows * k,
            bytes=(rows * k + rows) * _F32)  # fmt: skip
         return
     fn = _kernel(_RED, "sum_last_axis")
@@ -413,11 +416,11 @@ def max(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
         if axis is None and groups > 1:
             _max_all(x, values, indices, groups)
         elif _memory_version() == 2:
-            p, groups = _row_geometry(rows, k)
+            p, groups, tpg = _row_geometry(rows, k)
             vec4 = int(k % 4 == 0 and _aligned(x))
             fn = _kernel(_RED, "max_last_axis_v2")
             fn(x, values, indices, rows, k, p, vec4, threadgroups=groups,
-               threads_per_threadgroup=32 * _ROW_SIMD_GROUPS, flops=x.size,
+               threads_per_threadgroup=tpg, flops=x.size,
                bytes=nbytes)  # fmt: skip
         else:
             fn = _kernel(_RED, "max_last_axis")
@@ -576,10 +579,28 @@ def softmax(x, causal=False):
     if rows == 0 or k == 0:
         return y
     causal_t = x.shape[-2] if causal else 0
+    if _softmax_v2("softmax_last_axis_v2", x, y, rows, k, causal_t):
+        return y
     fn = _kernel(_SOFT, "softmax_last_axis")
     fn(x, y, k, causal_t, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
        flops=5 * x.size, bytes=2 * x.size * _F32)  # fmt: skip
     return y
+
+
+def _softmax_v2(name, x, y, rows, k, causal_t):
+    """Version 2 of softmax / log_softmax (the row read once, held in registers by P SIMD
+    groups) when it applies: version 2 chosen, k <= 16 * _ROW_SPAN, and the kernel can run
+    the threadgroup size (512 threads for k > 8192). Returns whether it ran."""
+    if _memory_version() != 2 or k > _ROW_MAX_P * _ROW_SPAN:
+        return False
+    fn = _kernel(_SOFT, name)
+    p, groups, tpg = _row_geometry(rows, k)
+    if tpg > fn.max_total_threads_per_threadgroup:  # its registers allow fewer threads
+        return False
+    vec4 = int(k % 4 == 0 and _aligned(x, y))
+    fn(x, y, rows, k, causal_t, p, vec4, threadgroups=groups, threads_per_threadgroup=tpg,
+       flops=5 * x.size, bytes=2 * x.size * _F32)  # fmt: skip
+    return True
 
 
 def softmax_backward(y, grad, causal=False):
@@ -592,6 +613,8 @@ def log_softmax(x):
     y = _empty(x.shape)
     rows, k = _rows(x)
     if rows == 0 or k == 0:
+        return y
+    if _softmax_v2("log_softmax_last_axis_v2", x, y, rows, k, 0):
         return y
     fn = _kernel(_SOFT, "log_softmax_last_axis")
     fn(x, y, k, threadgroups=rows, threads_per_threadgroup=_row_threads(k),

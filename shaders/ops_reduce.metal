@@ -378,9 +378,9 @@ kernel void max_backward(device const float *grad [[buffer(0)]],
 // sum at 2 % — a (65536, 1024) bias gradient ran on 1024 threads). A memory-bound kernel
 // is fast when many bytes are on their way at once: many SIMD groups, each lane with
 // several 16-byte loads issued before it uses the first. Version 2:
-//   sum_last_axis_v2, max_last_axis_v2   one SIMD group per row (P = 2, 4 or 8 SIMD groups
-//       for rows longer than 1024 floats), 8 SIMD groups per threadgroup of 256. Lane l
-//       reads float4 number l, l + 32P, l + 64P, ... of its row, four loads in flight;
+//   sum_last_axis_v2, max_last_axis_v2   one SIMD group per row (P = 2, 4, 8 or 16 SIMD
+//       groups for rows longer than 1024 floats), threadgroups of max(8, P) SIMD groups. Lane
+//       l of part p reads float4 number 32 p + l, then + 32 P, ... of its row, four in flight;
 //       simd_sum / simd_max combine the lanes, and only a row shared by P > 1 SIMD groups
 //       goes through threadgroup memory.
 //   sum_axis_blocks_float4 / _float   the column sum (bias gradient, sum_to_shape, a middle
@@ -418,7 +418,7 @@ static inline float horizontal_sum(float4 v)
 }
 
 // Sum of `value` over the P SIMD groups sharing a row (consecutive SIMD groups; P = 1, 2,
-// 4 or 8, the same for the whole threadgroup, so every thread takes the same branch and
+// 4, 8 or 16, the same for the whole threadgroup, so every thread takes the same branch and
 // reaches the same barriers); every lane of them returns the total.
 // partial: one float per SIMD group of the threadgroup.
 static inline float row_sum(float value, threadgroup float *partial, uint P, uint lane,
@@ -442,10 +442,10 @@ static inline float row_sum(float value, threadgroup float *partial, uint P, uin
 }
 
 // x is (rows, K), out is (rows,): out[r] = scale * sum_k x[r, k], as sum_last_axis.
-// Threadgroups of 256 threads (8 SIMD groups); SIMD groups g*P .. g*P + P - 1 of a
-// threadgroup share row (threadgroup * 8 / P + g). vec4 = 1 when K % 4 == 0 and x is 16-byte
-// aligned (every row then starts aligned: read as K / 4 float4s); 0: floats.
-// Grid: ceil(rows / (8 / P)) threadgroups.
+// Threadgroups of S = max(8, P) SIMD groups (256 or 512 threads); SIMD groups g P ..
+// g P + P - 1 of threadgroup t share row t S / P + g (the host picks the fewest P in 1, 2,
+// 4, 8, 16 with K <= 1024 P). vec4 = 1 when K % 4 == 0 and x is 16-byte aligned (every row
+// then starts aligned: read as K / 4 float4s); 0: floats. Grid: ceil(rows P / S) threadgroups.
 kernel void sum_last_axis_v2(device const float *x [[buffer(0)]],
                              device float *out [[buffer(1)]],
                              constant uint &rows [[buffer(2)]],

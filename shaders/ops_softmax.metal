@@ -263,3 +263,162 @@ kernel void cross_entropy_backward(device const float *probs [[buffer(0)]],
     float onehot = k == targets[r] ? 1.0f : 0.0f;
     dx[i] = (probs[i] - onehot) * (grad[0] / float(N));
 }
+
+// ---------------------------------------------------------------------------
+// version 2 of softmax and log_softmax: the row in registers, read once
+// ---------------------------------------------------------------------------
+//
+// The kernels above read a row three times (max, sum, write) with one float per thread per
+// step: 36 % and 45 % of the copy bandwidth on an H200 (docs/cuda.md). Version 2 reads it
+// once and writes it once, the minimum (8 bytes per element): P SIMD groups share a row
+// (P = 1 up to 1024 floats, then 2, 4, 8, 16 up to 16384), in threadgroups of max(8, P)
+// SIMD groups (256 or 512 threads), and
+// lane l of part p keeps float4 number (32 p + l) + 32 P j, j = 0 .. 7, of its row in
+// registers (floats when K % 4 != 0 or x is not 16-byte aligned: 8 float4s or 32 floats a
+// lane). All 8 loads are issued before the first is used. The row max and sum are simd_max /
+// simd_sum, through threadgroup memory only when P > 1. Rows wider than 16384 floats take
+// version 1 (camel/backend_mps.py). The numerics are version 1's: the max skips NaN
+// (Metal's max), which still reaches s through exp; masked outputs are 0, or NaN when s is.
+
+constant uint ROW_REGS = 8;  // float4s of a row per lane: a SIMD group holds 1024 floats
+
+// Maximum (Metal's max: NaN skipped) or sum over the P SIMD groups sharing a row, as
+// row_sum in ops_reduce.metal; every lane of them returns it. partial: one float per SIMD group.
+static inline float row_combine(float value, bool is_max, threadgroup float *partial, uint P,
+                                uint lane, uint simd_group)
+{
+    value = is_max ? simd_max(value) : simd_sum(value);
+    if (P == 1) {
+        return value;  // the row is this SIMD group's: no threadgroup memory, no barrier
+    }
+    if (lane == 0) {
+        partial[simd_group] = value;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    uint first = simd_group - simd_group % P;
+    float total = partial[first];
+    for (uint s = 1; s < P; s++) {
+        total = is_max ? max(total, partial[first + s]) : total + partial[first + s];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // all read: partial may be reused
+    return total;
+}
+
+// The element index of component c of V number q (V = float: q; float4: 4 q + c).
+static inline uint element(float, uint q, uint) { return q; }
+static inline uint element(float4, uint q, uint c) { return 4 * q + c; }
+static inline float component(float v, uint) { return v; }
+static inline float component(float4 v, uint c) { return v[c]; }
+static inline void set_component(thread float &v, uint, float value) { v = value; }
+static inline void set_component(thread float4 &v, uint c, float value) { v[c] = value; }
+
+// One row of softmax (LOG false) or log_softmax (LOG true) with the row in registers.
+// V = float4 (N = ROW_REGS) or float (N = 4 ROW_REGS); xr, yr: the row as V's, n of them;
+// limit: the visible columns (K, or fewer under a causal mask; 0 for a SIMD group past the
+// last row, which loads nothing and joins the barriers).
+template <typename V, uint N, bool LOG>
+static inline void softmax_row(device const V *xr, device V *yr, uint n, uint limit,
+                               uint first, uint stride, threadgroup float *partial, uint P,
+                               uint lane, uint simd_group)
+{
+    constexpr uint W = sizeof(V) / sizeof(float);
+    V v[N];
+    #pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {  // N independent loads in flight
+        uint q = first + j * stride;
+        v[j] = q < n && element(V(), q, 0) < limit ? xr[q] : V(-INFINITY);
+    }
+    float m = -INFINITY;
+    #pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        #pragma clang loop unroll(full)
+        for (uint c = 0; c < W; c++) {
+            if (element(V(), q, c) < limit) {
+                m = max(m, component(v[j], c));
+            }
+        }
+    }
+    m = row_combine(m, true, partial, P, lane, simd_group);
+
+    float s = 0.0f;
+    #pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        #pragma clang loop unroll(full)
+        for (uint c = 0; c < W; c++) {
+            if (element(V(), q, c) < limit) {
+                float e = exp(component(v[j], c) - m);
+                s += e;
+                if (!LOG) {
+                    set_component(v[j], c, e);  // keep exp(x - m) for the write
+                }
+            }
+        }
+    }
+    s = row_combine(s, false, partial, P, lane, simd_group);
+
+    float log_s = log(s);
+    float inv_s = 1.0f / s;  // one division a lane, not one an element (<= 1 ulp more)
+    float masked = isnan(s) ? s : 0.0f;  // exp(-inf - m) / s: 0, or NaN when s is NaN
+    #pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        if (q < n && limit > 0) {
+            V out = v[j];
+            #pragma clang loop unroll(full)
+            for (uint c = 0; c < W; c++) {
+                float value = component(v[j], c);
+                float y = LOG ? (value - m) - log_s : value * inv_s;
+                set_component(out, c, element(V(), q, c) < limit ? y : masked);
+            }
+            yr[q] = out;
+        }
+    }
+}
+
+// x, y (rows, K). P SIMD groups per row (1, 2, 4, 8, 16: the host picks the fewest for
+// which K <= 1024 P) in threadgroups of S = max(8, P) SIMD groups, S / P rows each; vec4 = 1
+// when K % 4 == 0 and x, y are 16-byte aligned. causal_T as in softmax_last_axis (0: no
+// mask; LOG: always 0). Grid: ceil(rows P / S) threadgroups.
+template <bool LOG>
+kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
+                            device float *y [[buffer(1)]],
+                            constant uint &rows [[buffer(2)]],
+                            constant uint &K [[buffer(3)]],
+                            constant uint &causal_T [[buffer(4)]],
+                            constant uint &P [[buffer(5)]],
+                            constant uint &vec4 [[buffer(6)]],
+                            uint group [[threadgroup_position_in_grid]],
+                            uint lane [[thread_index_in_simdgroup]],
+                            uint simd_group [[simdgroup_index_in_threadgroup]],
+                            uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    uint limit = causal_T == 0 ? K : min(K, row % causal_T + 1);
+    limit = row < rows ? limit : 0;
+    uint base = row < rows ? row * K : 0;
+    if (vec4 != 0) {
+        softmax_row<float4, ROW_REGS, LOG>((device const float4 *)(x + base),
+                                           (device float4 *)(y + base), K / 4, limit, first,
+                                           32 * P, partial, P, lane, simd_group);
+    } else {
+        softmax_row<float, 4 * ROW_REGS, LOG>(x + base, y + base, K, limit, first, 32 * P,
+                                              partial, P, lane, simd_group);
+    }
+}
+
+#define SOFTMAX_ROWS_V2(NAME, LOG)                                                             \
+    template [[host_name(NAME)]] kernel void softmax_rows_v2<LOG>(                             \
+        device const float *x [[buffer(0)]], device float *y [[buffer(1)]],                    \
+        constant uint &rows [[buffer(2)]], constant uint &K [[buffer(3)]],                     \
+        constant uint &causal_T [[buffer(4)]], constant uint &P [[buffer(5)]],                 \
+        constant uint &vec4 [[buffer(6)]], uint group [[threadgroup_position_in_grid]],        \
+        uint lane [[thread_index_in_simdgroup]],                                               \
+        uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
+        uint num_simd_groups [[simdgroups_per_threadgroup]]);
+
+SOFTMAX_ROWS_V2("softmax_last_axis_v2", false)
+SOFTMAX_ROWS_V2("log_softmax_last_axis_v2", true)

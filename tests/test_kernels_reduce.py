@@ -30,8 +30,10 @@ def close(got, want, k=1):
 
 ROWS = [(1, 1), (3, 1), (2, 3), (4, 31), (5, 32), (3, 33), (2, 1000), (1, 4097), (2, 10000)]
 # Version 2's geometry: a SIMD group per row (8 rows per threadgroup: 17 leaves a partial
-# one), P = 2, 4, 8 SIMD groups per row past 1024, 2048, 4096 floats; K % 4 == 0 reads float4s.
-ROWS_V2 = [(17, 1024), (9, 1028), (5, 2048), (3, 3001), (7, 4096), (2, 4100)]
+# one), P = 2, 4, 8, 16 SIMD groups per row past 1024, 2048, 4096, 8192 floats (16: one row
+# per threadgroup of 512, at most 16 even past 16384); K % 4 == 0 reads float4s.
+ROWS_V2 = [(17, 1024), (9, 1028), (5, 2048), (3, 3001), (7, 4096), (2, 4100), (3, 8196),
+           (2, 16388), (1, 20001)]  # fmt: skip
 
 
 @pytest.fixture(params=[1, 2])
@@ -188,9 +190,9 @@ def test_max_with_minus_inf_entries(mps, version, k):
     np.testing.assert_array_equal(host(mps, indices), want_i)
 
 
-@pytest.mark.parametrize("k", [40, 1024, 3000, 8192])
+@pytest.mark.parametrize("k", [40, 1024, 3000, 8192, 12000])
 def test_max_nan_beats_inf_and_the_first_nan_wins(mps, version, k):
-    # Rows of many SIMD groups (k = 3000: 4, 8192: 8): the specials sit in different ones.
+    # Rows of many SIMD groups (k = 3000: 4, 8192: 8, 12000: 16): specials in different ones.
     x = rand(6, k, seed=19)
     x[0, k // 3], x[0, k - 1] = np.inf, np.nan  # NaN after +inf: NaN wins
     x[1, k - 2], x[1, 5] = np.nan, np.nan  # two NaNs: the first one's index
