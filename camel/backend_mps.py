@@ -737,6 +737,8 @@ def layer_norm_backward(grad, x, weight, mean, rstd):
         return dx, dweight, dbias
     if rows == 0:
         return dx, full((d,), 0.0, "float32"), full((d,), 0.0, "float32")
+    if _memory_version() == 2 and d <= _LN_V3_MAX_D:
+        return _layer_norm_backward_v2(grad, x, weight, mean, rstd, dx, rows, d)
     fn = _kernel(_LN, "layernorm_backward_dx")
     fn(grad, x, weight, mean, rstd, dx, d, threadgroups=rows,
        threads_per_threadgroup=_row_threads(d), flops=12 * x.size,
@@ -758,6 +760,25 @@ def layer_norm_backward(grad, x, weight, mean, rstd):
     fn = _kernel(_RED, "sum_axis_strided")
     for part, out in ((part_w, dweight), (part_b, dbias)):
         _launch_1d(fn, (part, out, blocks, d, d), d, blocks * d, (blocks + 1) * d * _F32)
+    return dx, dweight, dbias
+
+
+def _layer_norm_backward_v2(grad, x, weight, mean, rstd, dx, rows, d):
+    """One kernel reads grad and x once: dx, and per block of rows the partial dweight and
+    dbias (2, blocks, d); then sum_axis_blocks adds the blocks in order (deterministic)."""
+    per_block = builtins.max(8, builtins.min(64, -(-rows // 512)))  # rows per threadgroup
+    blocks = -(-rows // per_block)
+    partials = _empty((2, blocks, d))
+    vec4 = int(d % 4 == 0 and _aligned(grad, x, weight, dx))
+    fn = _kernel(_LN, "layernorm_backward_v2")
+    fn(grad, x, weight, mean, rstd, dx, partials, rows, d, per_block, vec4,
+       threadgroups=blocks, threads_per_threadgroup=256, flops=17 * x.size,
+       bytes=(3 * x.size + 2 * rows + 2 * blocks * d) * _F32)  # fmt: skip
+    sums = _empty((2, d))
+    _sum_axis(partials, sums, 2, blocks, d)
+    # dweight and dbias: views of the two rows of one buffer (one dispatch sums both)
+    dweight = DeviceArray((d,), np.float32, sums.buffer, sums.offset)
+    dbias = DeviceArray((d,), np.float32, sums.buffer, sums.offset + d * _F32)
     return dx, dweight, dbias
 
 

@@ -336,3 +336,143 @@ kernel void gelu_backward(device const float *x [[buffer(0)]],
     float dudx = GELU_C * (1.0f + 3.0f * GELU_A * v * v);
     dx[i] = grad[i] * (0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * dudx);
 }
+
+// ---------------------------------------------------------------------------
+// version 2 of the backward: one kernel, grad and x read once
+// ---------------------------------------------------------------------------
+//
+// layernorm_backward_dx reads grad and x twice (two sweeps), and the dweight / dbias kernels
+// read both again: 7 floats moved per element where 3 are compulsory (read grad and x, write
+// dx): 35 % of the copy bandwidth on an H200 (docs/cuda.md). layernorm_backward_v2 gives a
+// row to one SIMD group: lane l keeps float4 number l + 32 j (j = 0 .. 7; floats when
+// D % 4 != 0) of the row's grad and x in registers, so both row means and dx come from one
+// read. The lane owns the same columns in every row, so it also adds grad * xhat and grad
+// for its columns into register accumulators over all rows its SIMD group visits. At the
+// end the 8 SIMD groups of a threadgroup add their accumulators into threadgroup memory one
+// after another (a fixed order), and the threadgroup writes one partial row of dweight and
+// of dbias for its block of rows; the host adds the blocks' partials in block order with
+// sum_axis_blocks (ops_reduce.metal). Deterministic, no atomics. Needs D <= 1024.
+
+constant uint LN_BWD_SIMD_GROUPS = 8;  // SIMD groups per threadgroup (256 threads)
+
+static inline float horizontal_sum(float v)
+{
+    return v;
+}
+
+static inline float horizontal_sum(float4 v)
+{
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+template <typename V, uint N>
+static inline void layernorm_backward_rows(device const V *grad, device const V *x,
+                                           device const V *w, device const float *mean,
+                                           device const float *rstd, device V *dx,
+                                           threadgroup V *acc_w, threadgroup V *acc_b,
+                                           uint D, uint n, uint first_row,
+                                           uint last_row, uint lane, uint simd_group)
+{
+    V dw[N];
+    V db[N];
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        dw[j] = V(0.0f);
+        db[j] = V(0.0f);
+    }
+    for (uint row = first_row + simd_group; row < last_row; row += LN_BWD_SIMD_GROUPS) {
+        uint base = row * n;  // the row's first V
+        V g[N];
+        V xr[N];
+#pragma clang loop unroll(full)
+        for (uint j = 0; j < N; j++) {  // 2 N independent loads in flight
+            uint q = lane + 32 * j;
+            g[j] = q < n ? grad[base + q] : V(0.0f);
+            xr[j] = q < n ? x[base + q] : V(0.0f);
+        }
+        float m = mean[row];
+        float r = rstd[row];
+        float sg = 0.0f;
+        float sgx = 0.0f;
+#pragma clang loop unroll(full)
+        for (uint j = 0; j < N; j++) {
+            uint q = lane + 32 * j;
+            V wv = q < n ? w[q] : V(0.0f);  // 4 KiB shared by every row: from the cache
+            V gw = g[j] * wv;
+            xr[j] = q < n ? (xr[j] - m) * r : V(0.0f);  // xhat from here on
+            sg += horizontal_sum(gw);
+            sgx += horizontal_sum(gw * xr[j]);
+            dw[j] += g[j] * xr[j];
+            db[j] += g[j];
+            g[j] = gw;  // g * w from here on
+        }
+        float mean_g = simd_sum(sg) / float(D);
+        float mean_gx = simd_sum(sgx) / float(D);
+#pragma clang loop unroll(full)
+        for (uint j = 0; j < N; j++) {
+            uint q = lane + 32 * j;
+            if (q < n) {
+                dx[base + q] = r * (g[j] - mean_g - xr[j] * mean_gx);
+            }
+        }
+    }
+    // The SIMD groups add their column sums into threadgroup memory in order 0, 1, ... 7.
+    for (uint s = 0; s < LN_BWD_SIMD_GROUPS; s++) {
+        if (simd_group == s) {
+#pragma clang loop unroll(full)
+            for (uint j = 0; j < N; j++) {
+                uint q = lane + 32 * j;
+                if (q < n) {
+                    acc_w[q] = s == 0 ? dw[j] : acc_w[q] + dw[j];
+                    acc_b[q] = s == 0 ? db[j] : acc_b[q] + db[j];
+                }
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+}
+
+// grad, x, dx (rows, D); w (D,); mean, rstd (rows,); partials (2, blocks, D): [0] the
+// blocks' dweight, [1] their dbias. Threadgroup b (256 threads) takes rows b R .. b R + R - 1,
+// SIMD group s of it rows b R + s, b R + s + 8, ... vec4 = 1: D % 4 == 0 and every array
+// 16-byte aligned (rows read as float4s). Grid: blocks = ceil(rows / R) threadgroups.
+kernel void layernorm_backward_v2(device const float *grad [[buffer(0)]],
+                                  device const float *x [[buffer(1)]],
+                                  device const float *w [[buffer(2)]],
+                                  device const float *mean [[buffer(3)]],
+                                  device const float *rstd [[buffer(4)]],
+                                  device float *dx [[buffer(5)]],
+                                  device float *partials [[buffer(6)]],
+                                  constant uint &rows [[buffer(7)]],
+                                  constant uint &D [[buffer(8)]],
+                                  constant uint &R [[buffer(9)]],
+                                  constant uint &vec4 [[buffer(10)]],
+                                  uint block [[threadgroup_position_in_grid]],
+                                  uint blocks [[threadgroups_per_grid]],
+                                  uint t [[thread_position_in_threadgroup]],
+                                  uint T [[threads_per_threadgroup]],
+                                  uint lane [[thread_index_in_simdgroup]],
+                                  uint simd_group [[simdgroup_index_in_threadgroup]])
+{
+    threadgroup float4 acc_w[256];  // this block's column sums: D <= 1024 floats each
+    threadgroup float4 acc_b[256];
+    uint first_row = block * R;
+    uint last_row = min(rows, first_row + R);
+    if (vec4 != 0) {
+        layernorm_backward_rows<float4, 8>(
+            (device const float4 *)grad, (device const float4 *)x, (device const float4 *)w,
+            mean, rstd, (device float4 *)dx, acc_w, acc_b, D, D / 4, first_row, last_row,
+            lane, simd_group);
+    } else {
+        layernorm_backward_rows<float, 32>(grad, x, w, mean, rstd, dx,
+                                           (threadgroup float *)acc_w, (threadgroup float *)acc_b,
+                                           D, D, first_row, last_row, lane, simd_group);
+    }
+    // Every thread writes some of the block's partials: neighbouring threads, neighbouring floats.
+    threadgroup const float *sum_w = (threadgroup const float *)acc_w;
+    threadgroup const float *sum_b = (threadgroup const float *)acc_b;
+    for (uint d = t; d < D; d += T) {
+        partials[block * D + d] = sum_w[d];
+        partials[(blocks + block) * D + d] = sum_b[d];
+    }
+}

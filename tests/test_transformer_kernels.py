@@ -96,8 +96,15 @@ def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch):
         mps.layer_norm(x, mps.from_numpy(rand(1025)), mps.from_numpy(rand(1025)), 1e-5)
 
 
-@pytest.mark.parametrize("shape", LN_SHAPES)
-def test_layer_norm_backward(mps, shape):
+# layer_norm_backward v2 (a SIMD group per row, D <= 1024; D = 1025 takes version 1):
+# D % 4 == 0 reads float4s, else floats; rows per threadgroup block 8 .. 64 (5000 rows: 10).
+LN_BACKWARD_SHAPES = LN_SHAPES + [(3, 1024), (5, 1023), (2, 1025), (5000, 4), (33, 7, 96)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("shape", LN_BACKWARD_SHAPES)
+def test_layer_norm_backward(mps, monkeypatch, version, shape):
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
     d = shape[-1]
     x, g = rand(*shape, seed=5, scale=2.0, shift=-1.0), rand(*shape, seed=6)
     w, b = rand(d, seed=7), rand(d, seed=8)
@@ -202,9 +209,11 @@ def test_head_permutes(mps, shape, dims):
     np.testing.assert_array_equal(got, cpu.permute(x, dims))
 
 
-@pytest.mark.parametrize("rows, kernel", [(17, "layernorm_backward_params"),
-                                          (300, "layernorm_backward_params_blocked")])  # fmt: skip
-def test_layer_norm_param_grads_are_deterministic(mps, rows, kernel):
+@pytest.mark.parametrize("rows, kernel, version", [(17, "layernorm_backward_params", 1),
+                                                   (300, "layernorm_backward_params_blocked", 1),
+                                                   (3000, "layernorm_backward_v2", 2)])  # fmt: skip
+def test_layer_norm_param_grads_are_deterministic(mps, monkeypatch, rows, kernel, version):
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
     x, g = rand(rows, 40, seed=24, scale=3.0), rand(rows, 40, seed=25, scale=100.0)
     w, b = rand(40, seed=26), rand(40, seed=27)
     _, mean, rstd = cpu.layer_norm(x, w, b, 1e-5)

@@ -3,7 +3,9 @@
 Kernels of shaders/ops_layernorm.metal through camel/backend_mps.py:
   layer_norm v1, v2, v3   one threadgroup per row, reading x three times, twice, once
                           (CAMEL_LAYERNORM picks one; the default is v3 for D <= 1024)
-  layer_norm_backward     dx per row, then dweight and dbias as a column reduction
+  layer_norm_backward     v1: dx per row, then dweight and dbias as a column reduction;
+                          v2: one kernel reads grad and x once (D <= 1024), then the
+                          blocks' partial dweight and dbias are summed
   gelu, gelu_backward     one thread per element
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes ((1, 1), (3, 33), (5, 1000)).
@@ -20,7 +22,7 @@ import os
 
 import numpy as np
 
-from camel.bench.bandwidth import parse_args, start, time_cases
+from camel.bench.bandwidth import memory_version, parse_args, start, time_cases
 
 GPU_SHAPES = [(4096, 768), (16384, 1024), (65536, 1024)]  # 12, 64 and 256 MiB
 SIM_SHAPES = [(256, 384), (64, 1000)]
@@ -64,9 +66,10 @@ def cases(shape, rng):
         for v in (1, 2, 3)
         if v != 3 or d <= 1024
     ]
+    for v in (1, 2):  # v1: dx in two sweeps, then the column sums; v2: one read, fused
+        run = memory_version(v, lambda: mps.layer_norm_backward(dg, dx, dw, dmean, drstd)[0])
+        rows.append((f"layer_norm_backward v{v}", run, dx_want, 3 * x.size * f))
     return rows + [
-        ("layer_norm_backward",
-         lambda: mps.layer_norm_backward(dg, dx, dw, dmean, drstd)[0], dx_want, 3 * x.size * f),
         ("gelu", lambda: mps.gelu(dx), cpu.gelu(x), 2 * x.size * f),
         ("gelu_backward", lambda: mps.gelu_backward(dx, dg), cpu.gelu_backward(x, g),
          3 * x.size * f),
