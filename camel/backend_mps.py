@@ -696,6 +696,7 @@ LAYERNORM_FORWARD = {
 LAYERNORM_VERSION = None
 _LN_V3_MAX_D = 4 * _THREADS  # 4 registers per thread (LN_PER_THREAD) x 256 threads
 _LN_ROWS_PER_BLOCK = 64  # layer_norm_backward: rows per partial sum of dweight and dbias
+_LN_BWD_THREADS = 128  # layer_norm_backward v2's threadgroup: 4 SIMD groups (~160 registers each)
 
 
 def layer_norm(x, weight, bias, eps):
@@ -772,7 +773,7 @@ def _layer_norm_backward_v2(grad, x, weight, mean, rstd, dx, rows, d):
     vec4 = int(d % 4 == 0 and _aligned(grad, x, weight, dx))
     fn = _kernel(_LN, "layernorm_backward_v2")
     fn(grad, x, weight, mean, rstd, dx, partials, rows, d, per_block, vec4,
-       threadgroups=blocks, threads_per_threadgroup=256, flops=17 * x.size,
+       threadgroups=blocks, threads_per_threadgroup=_LN_BWD_THREADS, flops=17 * x.size,
        bytes=(3 * x.size + 2 * rows + 2 * blocks * d) * _F32)  # fmt: skip
     sums = _empty((2, d))
     _sum_axis(partials, sums, 2, blocks, d)

@@ -348,12 +348,10 @@ kernel void gelu_backward(device const float *x [[buffer(0)]],
 // D % 4 != 0) of the row's grad and x in registers, so both row means and dx come from one
 // read. The lane owns the same columns in every row, so it also adds grad * xhat and grad
 // for its columns into register accumulators over all rows its SIMD group visits. At the
-// end the 8 SIMD groups of a threadgroup add their accumulators into threadgroup memory one
+// end the S SIMD groups of a threadgroup add their accumulators into threadgroup memory one
 // after another (a fixed order), and the threadgroup writes one partial row of dweight and
 // of dbias for its block of rows; the host adds the blocks' partials in block order with
 // sum_axis_blocks (ops_reduce.metal). Deterministic, no atomics. Needs D <= 1024.
-
-constant uint LN_BWD_SIMD_GROUPS = 8;  // SIMD groups per threadgroup (256 threads)
 
 static inline float horizontal_sum(float v)
 {
@@ -371,7 +369,7 @@ static inline void layernorm_backward_rows(device const V *grad, device const V 
                                            device const float *rstd, device V *dx,
                                            threadgroup V *acc_w, threadgroup V *acc_b,
                                            uint D, uint n, uint first_row,
-                                           uint last_row, uint lane, uint simd_group)
+                                           uint last_row, uint lane, uint simd_group, uint S)
 {
     V dw[N];
     V db[N];
@@ -380,7 +378,7 @@ static inline void layernorm_backward_rows(device const V *grad, device const V 
         dw[j] = V(0.0f);
         db[j] = V(0.0f);
     }
-    for (uint row = first_row + simd_group; row < last_row; row += LN_BWD_SIMD_GROUPS) {
+    for (uint row = first_row + simd_group; row < last_row; row += S) {
         uint base = row * n;  // the row's first V
         V g[N];
         V xr[N];
@@ -416,8 +414,8 @@ static inline void layernorm_backward_rows(device const V *grad, device const V 
             }
         }
     }
-    // The SIMD groups add their column sums into threadgroup memory in order 0, 1, ... 7.
-    for (uint s = 0; s < LN_BWD_SIMD_GROUPS; s++) {
+    // The SIMD groups add their column sums into threadgroup memory in order 0, 1, ... S - 1.
+    for (uint s = 0; s < S; s++) {
         if (simd_group == s) {
 #pragma clang loop unroll(full)
             for (uint j = 0; j < N; j++) {
@@ -433,8 +431,10 @@ static inline void layernorm_backward_rows(device const V *grad, device const V 
 }
 
 // grad, x, dx (rows, D); w (D,); mean, rstd (rows,); partials (2, blocks, D): [0] the
-// blocks' dweight, [1] their dbias. Threadgroup b (256 threads) takes rows b R .. b R + R - 1,
-// SIMD group s of it rows b R + s, b R + s + 8, ... vec4 = 1: D % 4 == 0 and every array
+// blocks' dweight, [1] their dbias. Threadgroup b (S SIMD groups: the host's choice, 4 or 8)
+// takes rows b R .. b R + R - 1, SIMD group s of it rows b R + s, b R + s + S, ... (a lane
+// holds 64 floats of the row and 64 of column sums: few threadgroups fit a core, so small
+// ones waste less). vec4 = 1: D % 4 == 0 and every array
 // 16-byte aligned (rows read as float4s). Grid: blocks = ceil(rows / R) threadgroups.
 kernel void layernorm_backward_v2(device const float *grad [[buffer(0)]],
                                   device const float *x [[buffer(1)]],
@@ -452,7 +452,8 @@ kernel void layernorm_backward_v2(device const float *grad [[buffer(0)]],
                                   uint t [[thread_position_in_threadgroup]],
                                   uint T [[threads_per_threadgroup]],
                                   uint lane [[thread_index_in_simdgroup]],
-                                  uint simd_group [[simdgroup_index_in_threadgroup]])
+                                  uint simd_group [[simdgroup_index_in_threadgroup]],
+                                  uint S [[simdgroups_per_threadgroup]])
 {
     threadgroup float4 acc_w[256];  // this block's column sums: D <= 1024 floats each
     threadgroup float4 acc_b[256];
@@ -462,11 +463,11 @@ kernel void layernorm_backward_v2(device const float *grad [[buffer(0)]],
         layernorm_backward_rows<float4, 8>(
             (device const float4 *)grad, (device const float4 *)x, (device const float4 *)w,
             mean, rstd, (device float4 *)dx, acc_w, acc_b, D, D / 4, first_row, last_row,
-            lane, simd_group);
+            lane, simd_group, S);
     } else {
         layernorm_backward_rows<float, 32>(grad, x, w, mean, rstd, dx,
                                            (threadgroup float *)acc_w, (threadgroup float *)acc_b,
-                                           D, D, first_row, last_row, lane, simd_group);
+                                           D, D, first_row, last_row, lane, simd_group, S);
     }
     // Every thread writes some of the block's partials: neighbouring threads, neighbouring floats.
     threadgroup const float *sum_w = (threadgroup const float *)acc_w;
