@@ -257,22 +257,32 @@ def relu_backward(x, grad):
 
 
 def gelu(x):
-    """GELU, tanh approximation: one thread per element (ops_layernorm.metal)."""
+    """GELU, tanh approximation (ops_layernorm.metal): version 2, four elements per thread
+    (float4) as x * sigmoid(2u); version 1 (or unaligned data), one thread per element."""
     out = _empty(x.shape, np.float32)
     n = x.size
     if n:
-        fn = _kernel(_LN, "gelu_forward")
-        _launch_1d(fn, (x, out, n), n, 10 * n, 2 * n * _F32)
+        if _memory_version() == 2 and _aligned(x, out):
+            fn = _kernel(_LN, "gelu_forward_float4")
+            _launch_1d(fn, (x, out, n), (n + 3) // 4, 10 * n, 2 * n * _F32)
+        else:
+            fn = _kernel(_LN, "gelu_forward")
+            _launch_1d(fn, (x, out, n), n, 10 * n, 2 * n * _F32)
     return out
 
 
 def gelu_backward(x, grad):
-    """dx = grad * gelu'(x): one thread per element (ops_layernorm.metal)."""
+    """dx = grad * gelu'(x) (ops_layernorm.metal): version 2 float4, version 1 (or unaligned
+    data) one thread per element."""
     out = _empty(x.shape, np.float32)
     n = x.size
     if n:
-        fn = _kernel(_LN, "gelu_backward")
-        _launch_1d(fn, (x, grad, out, n), n, 16 * n, 3 * n * _F32)
+        if _memory_version() == 2 and _aligned(x, grad, out):
+            fn = _kernel(_LN, "gelu_backward_float4")
+            _launch_1d(fn, (x, grad, out, n), (n + 3) // 4, 16 * n, 3 * n * _F32)
+        else:
+            fn = _kernel(_LN, "gelu_backward")
+            _launch_1d(fn, (x, grad, out, n), n, 16 * n, 3 * n * _F32)
     return out
 
 

@@ -477,3 +477,77 @@ kernel void layernorm_backward_v2(device const float *grad [[buffer(0)]],
         partials[(blocks + block) * D + d] = sum_b[d];
     }
 }
+
+// ---------------------------------------------------------------------------
+// GELU, version 2: four elements per thread, and a cheaper form of the same function
+// ---------------------------------------------------------------------------
+//
+// gelu_forward / gelu_backward above give each thread one element (one 4-byte load per
+// operand, Stage 1's version 1) and call precise::tanh, which on the CUDA shim is a
+// branchy function whose two paths a SIMD group often takes both of: 41 % and 48 % of the
+// copy bandwidth on an H200 (docs/cuda.md). Version 2 moves four elements per thread as
+// float4s (Stage 1's version 2, with the same scalar tail) and uses the identity
+//     0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)) = sigmoid(2u),
+// so gelu(x) = x * s with s = 1 / (1 + exp(-2u)): one exp and one division, no branches,
+// and no cancellation in 1 + tanh(u) for negative u. The derivative:
+//     gelu'(x) = s + 2 x s (1 - s) du/dx,   s (1 - s) computed as s - s * s
+// (never 0 * inf: for u -> -inf, exp(-2u) = inf gives s = 0 and s - s * s = 0). NaN and
+// +-inf give what the tanh form gives (gelu(-inf) = -inf * 0 = NaN, as in PyTorch).
+
+static inline float gelu_sigmoid(float v)  // s = 0.5 (1 + tanh(u)) = sigmoid(2u)
+{
+    float u = GELU_C * (v + GELU_A * v * v * v);
+    return 1.0f / (1.0f + exp(-2.0f * u));
+}
+
+static inline float gelu_value(float v)
+{
+    return v * gelu_sigmoid(v);
+}
+
+static inline float gelu_derivative(float v)
+{
+    float s = gelu_sigmoid(v);
+    float dudx = GELU_C * (1.0f + 3.0f * GELU_A * v * v);
+    return s + 2.0f * v * (s - s * s) * dudx;
+}
+
+// One thread: out[4t .. 4t+3] = gelu(x[4t .. 4t+3]), one float4 load and store (the last
+// thread does the scalar tail). Grid: ceil(n / 4) threads.
+kernel void gelu_forward_float4(device const float *x [[buffer(0)]],
+                                device float *out [[buffer(1)]],
+                                constant uint &n [[buffer(2)]],
+                                uint t [[thread_position_in_grid]])
+{
+    uint i = 4 * t;
+    if (i + 3 < n) {
+        float4 v = *((device const float4 *)(x + i));
+        *((device float4 *)(out + i)) =
+            float4(gelu_value(v.x), gelu_value(v.y), gelu_value(v.z), gelu_value(v.w));
+    } else {
+        for (uint j = i; j < n; ++j) {
+            out[j] = gelu_value(x[j]);
+        }
+    }
+}
+
+// One thread: dx[4t .. 4t+3] = grad * gelu'(x), float4 loads of x and grad.
+kernel void gelu_backward_float4(device const float *x [[buffer(0)]],
+                                 device const float *grad [[buffer(1)]],
+                                 device float *dx [[buffer(2)]],
+                                 constant uint &n [[buffer(3)]],
+                                 uint t [[thread_position_in_grid]])
+{
+    uint i = 4 * t;
+    if (i + 3 < n) {
+        float4 v = *((device const float4 *)(x + i));
+        float4 g = *((device const float4 *)(grad + i));
+        *((device float4 *)(dx + i)) =
+            g * float4(gelu_derivative(v.x), gelu_derivative(v.y), gelu_derivative(v.z),
+                       gelu_derivative(v.w));
+    } else {
+        for (uint j = i; j < n; ++j) {
+            dx[j] = grad[j] * gelu_derivative(x[j]);
+        }
+    }
+}

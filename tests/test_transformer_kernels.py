@@ -119,8 +119,11 @@ def test_layer_norm_backward(mps, monkeypatch, version, shape):
     close(db, want_db, rtol=1e-4, atol=2e-6 * rows)
 
 
-@pytest.mark.parametrize("shape", [(1,), (17, 33), (130, 5), (3, 768)])
-def test_gelu_forward_backward(mps, shape):
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("shape", [(1,), (17, 33), (130, 5), (3, 768), (2,), (7,), (4, 1026)])
+def test_gelu_forward_backward(mps, monkeypatch, version, shape):
+    # version 2: float4s with a scalar tail (sizes 1, 2, 7, 561, 650: every remainder mod 4)
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
     x = rand(*shape, seed=9, scale=3.0)
     x.reshape(-1)[:1] = -30.0  # far tails: tanh saturates to -1
     x.reshape(-1)[-1:] = 30.0
@@ -128,6 +131,36 @@ def test_gelu_forward_backward(mps, shape):
     close(host(mps, mps.gelu(mps.from_numpy(x))), cpu.gelu(x))
     dx = mps.gelu_backward(mps.from_numpy(x), mps.from_numpy(g))
     close(host(mps, dx), cpu.gelu_backward(x, g), rtol=1e-4)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_gelu_against_float64_over_its_whole_range(mps, monkeypatch, version):
+    # Version 2 computes x * sigmoid(2u) instead of 0.5 x (1 + tanh(u)): the same function;
+    # both must be within float32 rounding of the float64 tanh form, tails included.
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
+    x = np.linspace(-40, 40, 20001, dtype=np.float32)
+    x64 = x.astype(np.float64)
+    u = 0.7978845608028654 * (x64 + 0.044715 * x64**3)
+    t = np.tanh(u)
+    want = 0.5 * x64 * (1 + t)
+    want_d = 0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * 0.7978845608028654 * (
+        1 + 3 * 0.044715 * x64**2
+    )
+    got = host(mps, mps.gelu(mps.from_numpy(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    ones = mps.from_numpy(np.ones_like(x))
+    got_d = host(mps, mps.gelu_backward(mps.from_numpy(x), ones))
+    np.testing.assert_allclose(got_d, want_d, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_unaligned_takes_the_scalar_kernels(mps):
+    from camel.metal import DeviceArray
+
+    x = rand(37, seed=28, scale=3.0)
+    whole = mps.from_numpy(np.concatenate([[0.0], x]).astype(np.float32))
+    dx = DeviceArray(x.shape, np.float32, whole.buffer, 4)
+    close(host(mps, mps.gelu(dx)), cpu.gelu(x))
+    close(host(mps, mps.gelu_backward(dx, dx)), cpu.gelu_backward(x, x), rtol=1e-4)
 
 
 @pytest.mark.parametrize("vocab, idx_shape, d", [(65, (1,), 1), (65, (2, 17), 33),

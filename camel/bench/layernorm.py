@@ -6,7 +6,7 @@ Kernels of shaders/ops_layernorm.metal through camel/backend_mps.py:
   layer_norm_backward     v1: dx per row, then dweight and dbias as a column reduction;
                           v2: one kernel reads grad and x once (D <= 1024), then the
                           blocks' partial dweight and dbias are summed
-  gelu, gelu_backward     one thread per element
+  gelu, gelu_backward     v1: one thread per element; v2: four (float4), as x * sigmoid(2u)
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes ((1, 1), (3, 33), (5, 1000)).
 2. On a GPU: time each after warm-up and print  op | (N, D) | ms | GB/s | % of copy, where
@@ -69,11 +69,13 @@ def cases(shape, rng):
     for v in (1, 2):  # v1: dx in two sweeps, then the column sums; v2: one read, fused
         run = memory_version(v, lambda: mps.layer_norm_backward(dg, dx, dw, dmean, drstd)[0])
         rows.append((f"layer_norm_backward v{v}", run, dx_want, 3 * x.size * f))
-    return rows + [
-        ("gelu", lambda: mps.gelu(dx), cpu.gelu(x), 2 * x.size * f),
-        ("gelu_backward", lambda: mps.gelu_backward(dx, dg), cpu.gelu_backward(x, g),
-         3 * x.size * f),
-    ]  # fmt: skip
+    for v in (1, 2):  # v1: one element per thread, tanh; v2: float4s, x * sigmoid(2u)
+        rows += [
+            (f"gelu v{v}", memory_version(v, lambda: mps.gelu(dx)), cpu.gelu(x), 2 * x.size * f),
+            (f"gelu_backward v{v}", memory_version(v, lambda: mps.gelu_backward(dx, dg)),
+             cpu.gelu_backward(x, g), 3 * x.size * f),
+        ]  # fmt: skip
+    return rows
 
 
 def validate(log=print) -> bool:
