@@ -684,9 +684,15 @@ def cross_entropy_backward(probs, targets, grad):
     """dlogits (N, C) = (probs - onehot(targets)) * grad / N; grad is a shape () storage."""
     n, c = probs.shape
     dx = _empty((n, c))
-    if n * c:
+    if n * c == 0:
+        return dx
+    nbytes = (2 * n * c + n) * _F32
+    if _memory_version() == 2 and c % 4 == 0 and _aligned(probs, dx):
+        fn = _kernel(_SOFT, "cross_entropy_backward_float4")  # one thread per float4
+        _launch_1d(fn, (probs, targets, grad, dx, n, c), n * c // 4, 3 * n * c, nbytes)
+    else:
         fn = _kernel(_SOFT, "cross_entropy_backward")
-        _launch_1d(fn, (probs, targets, grad, dx, n, c), n * c, 3 * n * c, 2 * n * c * _F32)
+        _launch_1d(fn, (probs, targets, grad, dx, n, c), n * c, 3 * n * c, nbytes)
     return dx
 
 

@@ -422,3 +422,28 @@ kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
 
 SOFTMAX_ROWS_V2("softmax_last_axis_v2", false)
 SOFTMAX_ROWS_V2("log_softmax_last_axis_v2", true)
+
+// probs, dx (N, K) with K % 4 == 0 and every array 16-byte aligned; targets (N,); grad one
+// float. Version 2 of cross_entropy_backward: one thread per float4, which never straddles
+// two rows (K % 4 == 0), so a thread looks up one target and computes grad / N once for four
+// elements (version 1: one thread, one division and one target load per element).
+// Grid: N * K / 4 threads.
+kernel void cross_entropy_backward_float4(device const float4 *probs [[buffer(0)]],
+                                          device const int *targets [[buffer(1)]],
+                                          device const float *grad [[buffer(2)]],
+                                          device float4 *dx [[buffer(3)]],
+                                          constant uint &N [[buffer(4)]],
+                                          constant uint &K [[buffer(5)]],
+                                          uint q [[thread_position_in_grid]])
+{
+    if (q >= N * (K / 4)) {
+        return;
+    }
+    uint i = 4 * q;  // the first of the thread's four elements
+    uint r = i / K;
+    int k = int(i - r * K);
+    int target = targets[r];
+    float4 onehot = float4(k == target ? 1.0f : 0.0f, k + 1 == target ? 1.0f : 0.0f,
+                           k + 2 == target ? 1.0f : 0.0f, k + 3 == target ? 1.0f : 0.0f);
+    dx[q] = (probs[q] - onehot) * (grad[0] / float(N));
+}

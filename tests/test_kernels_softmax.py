@@ -125,8 +125,10 @@ def test_softmax_unaligned_rows(mps, version):
     close(host(mps, mps.log_softmax(dx)), cpu.log_softmax(x))
 
 
-@pytest.mark.parametrize("n, c", [(1, 1), (16, 10), (33, 3), (5, 1000), (3, 10000), (1, 4097)])
-def test_cross_entropy_forward_backward(mps, n, c):
+@pytest.mark.parametrize(
+    "n, c", [(1, 1), (16, 10), (33, 3), (5, 1000), (3, 10000), (1, 4097), (7, 4), (9, 1024)]
+)
+def test_cross_entropy_forward_backward(mps, version, n, c):
     x = rand(n, c, seed=7, scale=2.0)
     t = np.random.default_rng(8).integers(0, c, size=n).astype(np.int32)
     dt = mps.from_numpy(t)
@@ -138,6 +140,17 @@ def test_cross_entropy_forward_backward(mps, n, c):
     g = np.array(2.5, dtype=np.float32)
     dx = mps.cross_entropy_backward(probs, dt, mps.from_numpy(g))
     close(host(mps, dx), cpu.cross_entropy_backward(want_probs, t, g))
+
+
+@pytest.mark.parametrize("n, c", [(9, 8), (12, 4), (5, 36)])
+def test_cross_entropy_backward_every_target_position(mps, version, n, c, poisoned_memory):
+    # targets at every column, so at each of a float4's four lanes and at the row's edges
+    probs = cpu.softmax(rand(n, c, seed=16))
+    t = (np.arange(n) * 5 % c).astype(np.int32)
+    t[0], t[-1] = 0, c - 1
+    g = np.array(-1.5, dtype=np.float32)
+    args = (mps.from_numpy(probs), mps.from_numpy(t), mps.from_numpy(g))
+    close(host(mps, mps.cross_entropy_backward(*args)), cpu.cross_entropy_backward(probs, t, g))
 
 
 def test_cross_entropy_extreme_logits(mps):
