@@ -37,8 +37,9 @@ ROWS_V2 = [(17, 1024), (9, 1028), (5, 2048), (3, 3001), (7, 4096), (2, 4100), (3
 
 
 @pytest.fixture(params=[1, 2])
-def version(request, monkeypatch):
-    """CAMEL_MEMORY_KERNELS: 1 the lesson kernels, 2 the ones that fill a big GPU."""
+def version(request, monkeypatch, poisoned_memory):
+    """CAMEL_MEMORY_KERNELS: 1 the lesson kernels, 2 the ones that fill a big GPU (on
+    poisoned memory: an output a kernel forgets to write is NaN, not a recycled answer)."""
     monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(request.param))
     return request.param
 

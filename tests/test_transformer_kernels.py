@@ -103,7 +103,7 @@ LN_BACKWARD_SHAPES = LN_SHAPES + [(3, 1024), (5, 1023), (2, 1025), (5000, 4), (3
 
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("shape", LN_BACKWARD_SHAPES)
-def test_layer_norm_backward(mps, monkeypatch, version, shape):
+def test_layer_norm_backward(mps, monkeypatch, version, shape, poisoned_memory):
     monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
     d = shape[-1]
     x, g = rand(*shape, seed=5, scale=2.0, shift=-1.0), rand(*shape, seed=6)
@@ -121,7 +121,7 @@ def test_layer_norm_backward(mps, monkeypatch, version, shape):
 
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("shape", [(1,), (17, 33), (130, 5), (3, 768), (2,), (7,), (4, 1026)])
-def test_gelu_forward_backward(mps, monkeypatch, version, shape):
+def test_gelu_forward_backward(mps, monkeypatch, version, shape, poisoned_memory):
     # version 2: float4s with a scalar tail (sizes 1, 2, 7, 561, 650: every remainder mod 4)
     monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
     x = rand(*shape, seed=9, scale=3.0)
