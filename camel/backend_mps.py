@@ -702,15 +702,19 @@ def cross_entropy_backward(probs, targets, grad):
 
 
 # The LayerNorm forward ladder (ops_layernorm.metal): version -> kernel. Reads of x per
-# element: v1 three, v2 two, v3 one (the row in registers, D <= _LN_V3_MAX_D). Default
-# (None): v3 where it fits, else v2; CAMEL_LAYERNORM=1|2|3 forces one (docs/stage4.md).
+# element: v1 three, v2 two, v3 and v4 one (the row in registers; v4 with a SIMD group per
+# row, D <= _LN_V4_MAX_D). Default (None): v4 where it fits, else v2 (with
+# CAMEL_MEMORY_KERNELS=1: v3 where it fits, else v2); CAMEL_LAYERNORM=1|2|3|4 forces one
+# (docs/stage4.md).
 LAYERNORM_FORWARD = {
     1: "layernorm_forward_v1",
     2: "layernorm_forward_v2",
     3: "layernorm_forward_v3",
+    4: "layernorm_forward_v4",
 }
 LAYERNORM_VERSION = None
 _LN_V3_MAX_D = 4 * _THREADS  # 4 registers per thread (LN_PER_THREAD) x 256 threads
+_LN_V4_MAX_D = _ROW_MAX_P * _ROW_SPAN  # 16 SIMD groups x 1024 floats
 _LN_ROWS_PER_BLOCK = 64  # layer_norm_backward: rows per partial sum of dweight and dbias
 _LN_BWD_THREADS = 128  # layer_norm_backward v2's threadgroup: 4 SIMD groups (~160 registers each)
 
@@ -723,7 +727,9 @@ def layer_norm(x, weight, bias, eps):
     if rows == 0 or d == 0:
         return out, mean, rstd
     version = os.environ.get("CAMEL_LAYERNORM", LAYERNORM_VERSION)
-    if version is None:
+    if version is None and _memory_version() == 2 and d <= _LN_V4_MAX_D:
+        version = 4
+    elif version is None:
         version = 3 if d <= _LN_V3_MAX_D else 2
     if str(version) not in {str(v) for v in LAYERNORM_FORWARD}:
         raise ValueError(
@@ -736,11 +742,22 @@ def layer_norm(x, weight, bias, eps):
             f"[layer_norm] version 3 keeps a row in registers: D <= {_LN_V3_MAX_D}, got D = {d} "
             f"(shape {x.shape}); use version 2"
         )
-    sweeps = 4 - version  # reads of x: v1 three, v2 two, v3 one
+    if version == 4 and d > _LN_V4_MAX_D:
+        raise ValueError(
+            f"[layer_norm] version 4 keeps a row in registers: D <= {_LN_V4_MAX_D}, got D = {d} "
+            f"(shape {x.shape}); use version 2"
+        )
+    sweeps = builtins.max(1, 4 - version)  # reads of x: v1 three, v2 two, v3 and v4 one
+    nbytes = ((sweeps + 1) * x.size + 2 * d + 2 * rows) * _F32
     fn = _kernel(_LN, LAYERNORM_FORWARD[version])
+    if version == 4:
+        p, groups, tpg = _row_geometry(rows, d)
+        vec4 = int(d % 4 == 0 and _aligned(x, weight, bias, out))
+        fn(x, weight, bias, out, mean, rstd, d, float(eps), rows, p, vec4, threadgroups=groups,
+           threads_per_threadgroup=tpg, flops=8 * x.size, bytes=nbytes)  # fmt: skip
+        return out, mean, rstd
     fn(x, weight, bias, out, mean, rstd, d, float(eps), threadgroups=rows,
-       threads_per_threadgroup=_row_threads(d), flops=8 * x.size,
-       bytes=((sweeps + 1) * x.size + 2 * d + 2 * rows) * _F32)  # fmt: skip
+       threads_per_threadgroup=_row_threads(d), flops=8 * x.size, bytes=nbytes)  # fmt: skip
     return out, mean, rstd
 
 

@@ -9,7 +9,10 @@
 //   layernorm_forward_v3        ONE read: each thread keeps its (at most 4) columns of the row
 //                               in registers, so mean, variance and output need no re-read
 //                               (D <= 4 * threads per threadgroup, i.e. D <= 1024)
-//     all: one threadgroup per row, also write mean[r] and rstd[r] = 1 / sqrt(var + eps)
+//   layernorm_forward_v4        v3's one read with a SIMD group per row (more for rows past
+//                               1024 floats, D <= 16384) and float4 loads: no threadgroup
+//                               memory, enough rows in flight to fill a large GPU
+//     all: also write mean[r] and rstd[r] = 1 / sqrt(var + eps); v1-v3 one threadgroup per row
 //   layernorm_backward_dx       dx = rstd * (g - mean_D(g) - xhat * mean_D(g * xhat)),
 //                               g = grad * w: one threadgroup per row, two sweeps
 //   layernorm_backward_params   dw[d] = sum_r grad[r, d] * xhat[r, d], db[d] = sum_r grad[r, d]:
@@ -20,8 +23,12 @@
 //                               host then sums the partials over blocks, in order, with
 //                               sum_axis_strided (ops_reduce.metal): D * blocks threads
 //                               instead of D, and still deterministic
+//   layernorm_backward_v2       dx, and per block of rows partial dw and db, from ONE read of
+//                               grad and x (a SIMD group per row, D <= 1024; see below)
 //   gelu_forward                out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 //   gelu_backward               dx = grad * gelu'(x)                 one thread per element
+//   gelu_forward_float4, gelu_backward_float4   the same, four elements per thread, as
+//                               x * sigmoid(2u) (see below)
 //
 // The optimisation of Stage 4 is "fewer passes over memory". LayerNorm is memory bound:
 // a row is read from device memory once per sweep. v1 reads it three times and writes it
@@ -204,6 +211,131 @@ kernel void layernorm_forward_v3(device const float *x [[buffer(0)]],
     }
 }
 
+// version 4: v3's one read with the geometry of a large GPU's row kernels. v3 gives a
+// row to a threadgroup of 256 threads that load one float each and combine through
+// threadgroup memory (70 % of the copy bandwidth on an H200, docs/cuda.md); v4 gives it
+// P SIMD groups (1 up to 1024 floats, then 2, 4, 8, 16 up to 16384) in threadgroups of
+// max(8, P) SIMD groups, and lane l of part p keeps float4 number (32 p + l) + 32 P j,
+// j = 0 .. 7, of the row in registers (floats when D % 4 != 0 or an array is not 16-byte
+// aligned). All 8 loads are issued before the first is used; the two row sums are
+// simd_sum, through threadgroup memory only when P > 1; w and b are read as float4s too
+// (every row reads the same D floats: from the cache). Numerics as v3 (centred variance).
+
+static inline float horizontal_sum(float v)
+{
+    return v;
+}
+
+static inline float horizontal_sum(float4 v)
+{
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// Sum over the P SIMD groups sharing a row (consecutive SIMD groups; P the same for the
+// whole threadgroup, so every thread reaches the same barriers); every lane returns it.
+static inline float row_sum(float value, threadgroup float *partial, uint P, uint lane,
+                            uint simd_group)
+{
+    value = simd_sum(value);
+    if (P == 1) {
+        return value;  // the row is this SIMD group's: no threadgroup memory, no barrier
+    }
+    if (lane == 0) {
+        partial[simd_group] = value;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    uint first = simd_group - simd_group % P;
+    float total = 0.0f;
+    for (uint s = 0; s < P; s++) {
+        total += partial[first + s];  // the same order in every lane
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // all read: partial may be reused
+    return total;
+}
+
+// One row of v4. V = float4 (N = 8) or float (N = 32); xr, outr the row as n V's; active:
+// false for a SIMD group past the last row (it loads and writes nothing, joins the barriers).
+template <typename V, uint N>
+static inline void layernorm_row_v4(device const V *xr, device const V *w, device const V *b,
+                                    device V *outr, uint n, uint D, float eps, bool active,
+                                    uint first, uint stride, threadgroup float *partial,
+                                    uint P, uint lane, uint simd_group, thread float &mean,
+                                    thread float &rstd)
+{
+    V v[N];
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {  // N independent loads in flight
+        uint q = first + j * stride;
+        v[j] = active && q < n ? xr[q] : V(0.0f);
+    }
+    float s = 0.0f;
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        s += horizontal_sum(v[j]);
+    }
+    mean = row_sum(s, partial, P, lane, simd_group) / float(D);
+
+    float ss = 0.0f;
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        V c = active && q < n ? v[j] - mean : V(0.0f);
+        ss += horizontal_sum(c * c);
+    }
+    float var = row_sum(ss, partial, P, lane, simd_group) / float(D);
+    rstd = 1.0f / sqrt(var + eps);
+
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        if (active && q < n) {
+            outr[q] = (v[j] - mean) * rstd * w[q] + b[q];
+        }
+    }
+}
+
+// x, out (rows, D); w, b (D,); mean, rstd (rows,). P SIMD groups per row (the host picks
+// the fewest of 1, 2, 4, 8, 16 with D <= 1024 P) in threadgroups of S = max(8, P) SIMD
+// groups, S / P rows each; vec4 = 1 when D % 4 == 0 and every array is 16-byte aligned.
+// Grid: ceil(rows P / S) threadgroups.
+kernel void layernorm_forward_v4(device const float *x [[buffer(0)]],
+                                 device const float *w [[buffer(1)]],
+                                 device const float *b [[buffer(2)]],
+                                 device float *out [[buffer(3)]],
+                                 device float *mean_out [[buffer(4)]],
+                                 device float *rstd_out [[buffer(5)]],
+                                 constant uint &D [[buffer(6)]],
+                                 constant float &eps [[buffer(7)]],
+                                 constant uint &rows [[buffer(8)]],
+                                 constant uint &P [[buffer(9)]],
+                                 constant uint &vec4 [[buffer(10)]],
+                                 uint group [[threadgroup_position_in_grid]],
+                                 uint lane [[thread_index_in_simdgroup]],
+                                 uint simd_group [[simdgroup_index_in_threadgroup]],
+                                 uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    bool active = row < rows;
+    uint base = active ? row * D : 0;
+    float mean;
+    float rstd;
+    if (vec4 != 0) {
+        layernorm_row_v4<float4, 8>((device const float4 *)(x + base), (device const float4 *)w,
+                                    (device const float4 *)b, (device float4 *)(out + base),
+                                    D / 4, D, eps, active, first, 32 * P, partial, P, lane,
+                                    simd_group, mean, rstd);
+    } else {
+        layernorm_row_v4<float, 32>(x + base, w, b, out + base, D, D, eps, active, first,
+                                    32 * P, partial, P, lane, simd_group, mean, rstd);
+    }
+    if (active && first == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
 // grad, x, dx (rows, D); w (D,); mean, rstd (rows,). Threadgroup r computes row r of dx.
 // Sweep 1 sums g = grad * w and g * xhat together; sweep 2 writes dx.
 kernel void layernorm_backward_dx(device const float *grad [[buffer(0)]],
@@ -353,15 +485,6 @@ kernel void gelu_backward(device const float *x [[buffer(0)]],
 // of dbias for its block of rows; the host adds the blocks' partials in block order with
 // sum_axis_blocks (ops_reduce.metal). Deterministic, no atomics. Needs D <= 1024.
 
-static inline float horizontal_sum(float v)
-{
-    return v;
-}
-
-static inline float horizontal_sum(float4 v)
-{
-    return (v.x + v.y) + (v.z + v.w);
-}
 
 template <typename V, uint N>
 static inline void layernorm_backward_rows(device const V *grad, device const V *x,

@@ -43,9 +43,14 @@ LN_SHAPES = [
 ]  # rows > 64: dweight and dbias in two passes (partials per block of 64 rows, then their sum)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+# v4's geometry: a SIMD group per row (8 rows per threadgroup: 17 leaves a partial one),
+# P = 2, 4, 8, 16 past 1024, 2048, 4096, 8192 floats; float4s when D % 4 == 0.
+LN_V4_SHAPES = [(17, 1024), (9, 1028), (3, 3001), (2, 8196), (1, 16384)]
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", LN_SHAPES)
-def test_layer_norm_forward(mps, monkeypatch, version, shape):
+def test_layer_norm_forward(mps, monkeypatch, version, shape, poisoned_memory):
     monkeypatch.setattr(mps, "LAYERNORM_VERSION", version)
     d = shape[-1]
     x = rand(*shape, seed=1, scale=2.0, shift=3.0)  # a non-zero mean tests the shift in v2
@@ -57,7 +62,31 @@ def test_layer_norm_forward(mps, monkeypatch, version, shape):
     close(host(mps, out), want_out, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("shape", LN_V4_SHAPES)
+def test_layer_norm_forward_v4_wide_rows(mps, monkeypatch, shape, poisoned_memory):
+    monkeypatch.setattr(mps, "LAYERNORM_VERSION", 4)
+    d = shape[-1]
+    x = rand(*shape, seed=31, scale=2.0, shift=3.0)
+    w, b = rand(d, seed=32), rand(d, seed=33)
+    out, mean, rstd = mps.layer_norm(mps.from_numpy(x), mps.from_numpy(w), mps.from_numpy(b), 1e-5)
+    want_out, want_mean, want_rstd = cpu.layer_norm(x, w, b, 1e-5)
+    close(host(mps, mean), want_mean)
+    close(host(mps, rstd), want_rstd, rtol=1e-4)
+    close(host(mps, out), want_out, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_v4_unaligned_takes_floats(mps, monkeypatch):
+    from camel.metal import DeviceArray
+
+    monkeypatch.setattr(mps, "LAYERNORM_VERSION", 4)
+    x, w, b = rand(5, 64, seed=34, shift=1.0), rand(64, seed=35), rand(64, seed=36)
+    whole = mps.from_numpy(np.concatenate([[0.0], x.reshape(-1)]).astype(np.float32))
+    dx = DeviceArray(x.shape, np.float32, whole.buffer, 4)
+    out = host(mps, mps.layer_norm(dx, mps.from_numpy(w), mps.from_numpy(b), 1e-5)[0])
+    close(out, cpu.layer_norm(x, w, b, 1e-5)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_layer_norm_large_mean(mps, monkeypatch, version):
     # mean 1000, std 0.5: E[x^2] - E[x]^2 without v2's shift would lose the variance
     monkeypatch.setattr(mps, "LAYERNORM_VERSION", version)
@@ -78,18 +107,27 @@ def test_layer_norm_version_from_environment(mps, monkeypatch):
     assert [e.name for e in prof.events] == ["layernorm_forward_v1"]
     close(out, cpu.layer_norm(x, w, b, 1e-5)[0], atol=1e-4)
     monkeypatch.setenv("CAMEL_LAYERNORM", "7")
-    with pytest.raises(ValueError, match=r"version '7' \(CAMEL_LAYERNORM.*valid: \[1, 2, 3\]"):
+    with pytest.raises(ValueError, match=r"version '7' \(CAMEL_LAYERNORM.*valid: \[1, 2, 3, 4\]"):
         mps.layer_norm(*args, 1e-5)
 
 
-def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch):
-    # v3 holds at most 4 columns per thread (D <= 1024); wider rows take v2
-    for d, kernel in [(1024, "layernorm_forward_v3"), (1025, "layernorm_forward_v2")]:
+@pytest.mark.parametrize("memory", ["1", "2"])
+def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch, memory):
+    # v4 holds rows of D <= 16384, v3 (the default with CAMEL_MEMORY_KERNELS=1) D <= 1024;
+    # wider rows take v2
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", memory)
+    picks = {"1": [(1024, "layernorm_forward_v3"), (1025, "layernorm_forward_v2")],
+             "2": [(1025, "layernorm_forward_v4"), (16385, "layernorm_forward_v2")]}  # fmt: skip
+    for d, kernel in picks[memory]:
         x, w, b = rand(2, d, seed=28), rand(d, seed=29), rand(d, seed=30)
         with camel.profile() as prof:
             out = host(mps, mps.layer_norm(*[mps.from_numpy(a) for a in (x, w, b)], 1e-5)[0])
         assert [e.name for e in prof.events] == [kernel]
         close(out, cpu.layer_norm(x, w, b, 1e-5)[0], rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("CAMEL_LAYERNORM", "4")
+    x = mps.from_numpy(rand(1, 16385))
+    with pytest.raises(ValueError, match=r"D <= 16384, got D = 16385 \(shape \(1, 16385\)\)"):
+        mps.layer_norm(x, mps.from_numpy(rand(16385)), mps.from_numpy(rand(16385)), 1e-5)
     monkeypatch.setenv("CAMEL_LAYERNORM", "3")
     x = mps.from_numpy(rand(2, 1025))
     with pytest.raises(ValueError, match=r"D <= 1024, got D = 1025 \(shape \(2, 1025\)\)"):

@@ -1,8 +1,9 @@
 """Benchmark Stage 4's LayerNorm and GELU: ``python -m camel.bench layernorm``.
 
 Kernels of shaders/ops_layernorm.metal through camel/backend_mps.py:
-  layer_norm v1, v2, v3   one threadgroup per row, reading x three times, twice, once
-                          (CAMEL_LAYERNORM picks one; the default is v3 for D <= 1024)
+  layer_norm v1 .. v4     v1-v3 one threadgroup per row, reading x three times, twice,
+                          once; v4 once, a SIMD group per row with float4s (CAMEL_LAYERNORM
+                          picks one; the default is v4 for D <= 16384)
   layer_norm_backward     v1: dx per row, then dweight and dbias as a column reduction;
                           v2: one kernel reads grad and x once (D <= 1024), then the
                           blocks' partial dweight and dbias are summed
@@ -63,8 +64,8 @@ def cases(shape, rng):
     f = 4
     rows = [
         (f"layer_norm v{v}", lambda v=v: _layer_norm(v)(dx, dw, db), want, 2 * x.size * f)
-        for v in (1, 2, 3)
-        if v != 3 or d <= 1024
+        for v in (1, 2, 3, 4)
+        if (v != 3 or d <= 1024) and (v != 4 or d <= 16384)
     ]
     for v in (1, 2):  # v1: dx in two sweeps, then the column sums; v2: one read, fused
         run = memory_version(v, lambda: mps.layer_norm_backward(dg, dx, dw, dmean, drstd)[0])
