@@ -68,16 +68,24 @@ def _memory_version():
     return int(version)
 
 
-def _row_geometry(rows, k):
-    """(P, threadgroups, threads per threadgroup) of a version-2 row kernel: P SIMD groups
-    per row (1, 2, 4, 8 or 16: at most _ROW_SPAN floats each while P <= 16), in threadgroups
-    of max(8, P) SIMD groups, so 8 / P rows per threadgroup (one for P = 16)."""
+def _row_geometry(rows, k, fn):
+    """(P, threadgroups, threads per threadgroup) of a version-2 row kernel fn: P SIMD groups
+    per row (1, 2, 4, 8 or 16: at most _ROW_SPAN floats each while P <= 16, and no more
+    SIMD groups than fn's registers allow in one threadgroup), in threadgroups of max(8, P)
+    SIMD groups, so 8 / P rows per threadgroup (one for P = 16). A kernel that holds the row
+    in registers needs P * _ROW_SPAN >= k (_row_fits)."""
+    max_p = builtins.min(_ROW_MAX_P, fn.max_total_threads_per_threadgroup // 32)
     p = 1
-    while p < _ROW_MAX_P and p * _ROW_SPAN < k:
+    while 2 * p <= max_p and p * _ROW_SPAN < k:
         p *= 2
-    simd_groups = builtins.max(_ROW_SIMD_GROUPS, p)
+    simd_groups = builtins.max(p, builtins.min(_ROW_SIMD_GROUPS, max_p) // p * p)  # P divides it
     per_group = simd_groups // p
     return p, (rows + per_group - 1) // per_group, 32 * simd_groups
+
+
+def _row_fits(fn, k):
+    """Can fn, a version-2 kernel holding a row in registers, take rows of k floats?"""
+    return _row_geometry(1, k, fn)[0] * _ROW_SPAN >= k
 
 
 def _kernel(filename, name):
@@ -295,9 +303,9 @@ def _sum_rows(x2, out, rows, k, scale=1.0):
     """out[r] = scale * sum of row r of x2 (rows, k): version 2, a SIMD group per row;
     version 1, one threadgroup per row."""
     if _memory_version() == 2:
-        p, groups, tpg = _row_geometry(rows, k)
-        vec4 = int(k % 4 == 0 and _aligned(x2))
         fn = _kernel(_RED, "sum_last_axis_v2")
+        p, groups, tpg = _row_geometry(rows, k, fn)
+        vec4 = int(k % 4 == 0 and _aligned(x2))
         fn(x2, out, rows, k, float(scale), p, vec4, threadgroups=groups,
            threads_per_threadgroup=tpg, flops=rows * k,
            bytes=(rows * k + rows) * _F32)  # fmt: skip
@@ -426,9 +434,9 @@ def max(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
         if axis is None and groups > 1:
             _max_all(x, values, indices, groups)
         elif _memory_version() == 2:
-            p, groups, tpg = _row_geometry(rows, k)
-            vec4 = int(k % 4 == 0 and _aligned(x))
             fn = _kernel(_RED, "max_last_axis_v2")
+            p, groups, tpg = _row_geometry(rows, k, fn)
+            vec4 = int(k % 4 == 0 and _aligned(x))
             fn(x, values, indices, rows, k, p, vec4, threadgroups=groups,
                threads_per_threadgroup=tpg, flops=x.size,
                bytes=nbytes)  # fmt: skip
@@ -604,9 +612,9 @@ def _softmax_v2(name, x, y, rows, k, causal_t):
     if _memory_version() != 2 or k > _ROW_MAX_P * _ROW_SPAN:
         return False
     fn = _kernel(_SOFT, name)
-    p, groups, tpg = _row_geometry(rows, k)
-    if tpg > fn.max_total_threads_per_threadgroup:  # its registers allow fewer threads
+    if not _row_fits(fn, k):  # its registers allow too few threads in a threadgroup
         return False
+    p, groups, tpg = _row_geometry(rows, k, fn)
     vec4 = int(k % 4 == 0 and _aligned(x, y))
     fn(x, y, rows, k, causal_t, p, vec4, threadgroups=groups, threads_per_threadgroup=tpg,
        flops=5 * x.size, bytes=2 * x.size * _F32)  # fmt: skip
@@ -727,7 +735,12 @@ def layer_norm(x, weight, bias, eps):
     if rows == 0 or d == 0:
         return out, mean, rstd
     version = os.environ.get("CAMEL_LAYERNORM", LAYERNORM_VERSION)
-    if version is None and _memory_version() == 2 and d <= _LN_V4_MAX_D:
+    if (
+        version is None
+        and _memory_version() == 2
+        and d <= _LN_V4_MAX_D
+        and _row_fits(_kernel(_LN, LAYERNORM_FORWARD[4]), d)
+    ):
         version = 4
     elif version is None:
         version = 3 if d <= _LN_V3_MAX_D else 2
@@ -751,7 +764,13 @@ def layer_norm(x, weight, bias, eps):
     nbytes = ((sweeps + 1) * x.size + 2 * d + 2 * rows) * _F32
     fn = _kernel(_LN, LAYERNORM_FORWARD[version])
     if version == 4:
-        p, groups, tpg = _row_geometry(rows, d)
+        if not _row_fits(fn, d):
+            limit = fn.max_total_threads_per_threadgroup
+            raise ValueError(
+                f"[layer_norm] version 4 holds a row of D = {d} in {-(-d // _ROW_SPAN)} SIMD "
+                f"groups of one threadgroup; this kernel allows {limit} threads; use version 2"
+            )
+        p, groups, tpg = _row_geometry(rows, d, fn)
         vec4 = int(d % 4 == 0 and _aligned(x, weight, bias, out))
         fn(x, weight, bias, out, mean, rstd, d, float(eps), rows, p, vec4, threadgroups=groups,
            threads_per_threadgroup=tpg, flops=8 * x.size, bytes=nbytes)  # fmt: skip

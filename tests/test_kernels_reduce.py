@@ -62,6 +62,27 @@ def test_sum_last_axis(mps, version, shape, keepdims):
     close(got, want, shape[1])
 
 
+class _Limit:
+    def __init__(self, threads):
+        self.max_total_threads_per_threadgroup = threads
+
+
+@pytest.mark.parametrize("limit", [1024, 512, 448, 256, 192, 64, 32])
+@pytest.mark.parametrize("k", [1, 1024, 1025, 3000, 8193, 16384, 50000])
+def test_row_geometry_fits_the_kernels_thread_limit(limit, k):
+    # A kernel whose registers allow fewer threads gets fewer SIMD groups per threadgroup,
+    # always a multiple of P (a threadgroup never holds part of a row of the next one).
+    from camel import backend_mps as mps
+
+    rows = 37
+    p, groups, tpg = mps._row_geometry(rows, k, _Limit(limit))
+    simd_groups = tpg // 32
+    assert tpg <= limit and simd_groups % p == 0 and p & (p - 1) == 0 and p <= 16
+    assert groups * (simd_groups // p) >= rows > (groups - 1) * (simd_groups // p)
+    most = 1 << (min(16, limit // 32).bit_length() - 1)  # SIMD groups a row may have
+    assert mps._row_fits(_Limit(limit), k) == (k <= 1024 * most)
+
+
 @pytest.mark.parametrize("shape", [(9, 1024), (3, 4096), (2, 36)])
 def test_sum_and_max_last_axis_unaligned(mps, version, shape):
     # K % 4 == 0 but the data starts 4 bytes into its buffer: the float loads, not float4.
