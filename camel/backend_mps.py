@@ -340,16 +340,15 @@ def _sum_all(x, out, scale=1.0):
         _sum_rows(x, out, 1, n, scale)
         return
     partials = _empty((groups,))
-    fn = _kernel(_RED, "sum_all_partials")
-    fn(
-        x,
-        partials,
-        n,
-        threadgroups=groups,
-        threads_per_threadgroup=_THREADS,
-        flops=n,
-        bytes=(n + groups) * _F32,
-    )
+    nbytes = (n + groups) * _F32
+    if _memory_version() == 2:  # float4 loads, four in flight
+        fn = _kernel(_RED, "sum_all_partials_v2")
+        fn(x, partials, n, int(_aligned(x)), threadgroups=groups,
+           threads_per_threadgroup=_THREADS, flops=n, bytes=nbytes)  # fmt: skip
+    else:
+        fn = _kernel(_RED, "sum_all_partials")
+        fn(x, partials, n, threadgroups=groups, threads_per_threadgroup=_THREADS, flops=n,
+           bytes=nbytes)  # fmt: skip
     _sum_rows(partials, out, 1, groups, scale)
 
 

@@ -383,6 +383,7 @@ kernel void max_backward(device const float *grad [[buffer(0)]],
 //       l of part p reads float4 number 32 p + l, then + 32 P, ... of its row, four in flight;
 //       simd_sum / simd_max combine the lanes, and only a row shared by P > 1 SIMD groups
 //       goes through threadgroup memory.
+//   sum_all_partials_v2   pass 1 of the whole-tensor sum with float4 loads, four in flight
 //   sum_axis_blocks_float4 / _float   the column sum (bias gradient, sum_to_shape, a middle
 //       axis) in two dispatches of one kernel: a threadgroup of 32 x 8 threads owns 32
 //       columns (float4s when inner % 4 == 0) and a block of rows; its 8 slices of threads
@@ -473,6 +474,41 @@ kernel void sum_last_axis_v2(device const float *x [[buffer(0)]],
     float total = row_sum(acc, partial, P, lane, simd_group);
     if (row < rows && first == 0) {
         out[row] = scale * total;
+    }
+}
+
+// Pass 1 of the whole-tensor sum, version 2: as sum_all_partials (thread t of group g starts
+// at g T + t and strides by G T over the whole tensor: each step of the grid reads G T
+// neighbouring float4s), with float4 loads (vec4 = 1: x 16-byte aligned) four in flight;
+// the last n % 4 elements are added by thread 0 of group 0. Pass 2 is sum_last_axis_v2
+// over the (1, G) partials.
+kernel void sum_all_partials_v2(device const float *x [[buffer(0)]],
+                                device float *partials [[buffer(1)]],
+                                constant uint &n [[buffer(2)]],
+                                constant uint &vec4 [[buffer(3)]],
+                                uint g [[threadgroup_position_in_grid]],
+                                uint G [[threadgroups_per_grid]],
+                                uint t [[thread_position_in_threadgroup]],
+                                uint T [[threads_per_threadgroup]],
+                                uint lane [[thread_index_in_simdgroup]],
+                                uint simd_group [[simdgroup_index_in_threadgroup]],
+                                uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    float acc;
+    if (vec4 != 0) {
+        acc = horizontal_sum(strided_sum((device const float4 *)x, n / 4, g * T + t, G * T));
+        if (g == 0 && t == 0) {
+            for (uint i = n / 4 * 4; i < n; i++) {
+                acc += x[i];
+            }
+        }
+    } else {
+        acc = strided_sum(x, n, g * T + t, G * T);
+    }
+    float total = threadgroup_sum(acc, partial, lane, simd_group, num_simd_groups);
+    if (t == 0) {
+        partials[g] = total;
     }
 }
 

@@ -95,22 +95,30 @@ def test_sum_and_max_last_axis_unaligned(mps, version, shape):
     np.testing.assert_array_equal(host(mps, indices), want_i)
 
 
-@pytest.mark.parametrize("n", [1, 3, 31, 32, 33, 1000, 4097, 70001])
-def test_sum_all_two_passes(mps, n):
+@pytest.mark.parametrize("n", [1, 3, 31, 32, 33, 1000, 4097, 70001, 70002, 70003, 70004])
+def test_sum_all_two_passes(mps, version, n):
     x = rand(n, seed=1)
     got = host(mps, mps.sum(mps.from_numpy(x), None, False))
     assert got.shape == ()
     close(got, np.sum(x, dtype=np.float64), n)
 
 
-def test_sum_all_grid_stride_many_elements_per_thread(monkeypatch):
+@pytest.mark.parametrize("memory", ["1", "2"])
+def test_sum_all_grid_stride_many_elements_per_thread(monkeypatch, memory):
     # More than 1024 threadgroups' worth: each thread of pass 1 visits several elements.
     monkeypatch.setenv("CAMEL_SIM_ORDER", "random")
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", memory)
     mps = backend_mps_or_skip()
     x = rand(3, 100_003, seed=2)
     got = host(mps, mps.sum(mps.from_numpy(x), None, True))
     assert got.shape == (1, 1)
     close(got, np.sum(x, dtype=np.float64).reshape(1, 1), x.size)
+
+
+def test_sum_all_unaligned(mps, version):
+    x = rand(70003, seed=21)
+    got = host(mps, mps.sum(unaligned(mps, x), None, False))
+    close(got, np.sum(x, dtype=np.float64), x.size)
 
 
 # Version 2's column sum: blocks of >= 64 rows (two passes past 64 rows), 32 columns per

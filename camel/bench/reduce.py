@@ -44,8 +44,9 @@ def cases(shape, rng):
             (f"max last axis v{v}", memory_version(v, lambda: mps.max(dt, 1, False)[1]),
              cpu.max(ties, 1, False)[1], (x.size + 2 * rows) * f),
         ]  # fmt: skip
-    out.append(("sum all (2 passes)", lambda: mps.sum(dx, None, False), cpu.sum(x, None, False),
-                x.size * f))  # fmt: skip
+    for v in (1, 2):  # v2: float4 loads in pass 1
+        run = memory_version(v, lambda: mps.sum(dx, None, False))
+        out.append((f"sum all (2 passes) v{v}", run, cpu.sum(x, None, False), x.size * f))
     col = x.sum(0, dtype=np.float64).astype(np.float32)  # v1 adds a long float32 chain
     for v in (1, 2):
         run = memory_version(v, lambda: mps.sum(dx, 0, False))
