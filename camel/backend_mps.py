@@ -622,7 +622,9 @@ def _softmax_v2(name, x, y, rows, k, causal_t):
 
 def softmax_backward(y, grad, causal=False):
     """dx = y * (grad - sum(grad * y, last axis)); causal: 0 at the masked positions."""
-    return _row_backward("softmax_backward", y, grad, y.shape[-2] if causal else 0)
+    causal_t = y.shape[-2] if causal else 0
+    dx = _softmax_backward_v2("softmax_backward_v2", y, grad, causal_t)
+    return dx if dx is not None else _row_backward("softmax_backward", y, grad, causal_t)
 
 
 def log_softmax(x):
@@ -641,7 +643,25 @@ def log_softmax(x):
 
 def log_softmax_backward(y, grad):
     """dx = grad - exp(y) * sum(grad, last axis)."""
-    return _row_backward("log_softmax_backward", y, grad)
+    dx = _softmax_backward_v2("log_softmax_backward_v2", y, grad, 0)
+    return dx if dx is not None else _row_backward("log_softmax_backward", y, grad)
+
+
+def _softmax_backward_v2(name, y, grad, causal_t):
+    """Version 2 of the softmax / log_softmax backward (y and dy read once, held in
+    registers) where it applies, as _softmax_v2; returns dx, or None (then version 1 runs)."""
+    rows, k = _rows(y)
+    if rows == 0 or k == 0 or _memory_version() != 2 or k > _ROW_MAX_P * _ROW_SPAN:
+        return None
+    fn = _kernel(_SOFT, name)
+    if not _row_fits(fn, k):
+        return None
+    dx = _empty(y.shape)
+    p, groups, tpg = _row_geometry(rows, k, fn)
+    vec4 = int(k % 4 == 0 and _aligned(y, grad, dx))
+    fn(y, grad, dx, rows, k, causal_t, p, vec4, threadgroups=groups, threads_per_threadgroup=tpg,
+       flops=4 * y.size, bytes=3 * y.size * _F32)  # fmt: skip
+    return dx
 
 
 def _row_backward(name, y, grad, *extra):

@@ -447,3 +447,104 @@ kernel void cross_entropy_backward_float4(device const float4 *probs [[buffer(0)
                            k + 2 == target ? 1.0f : 0.0f, k + 3 == target ? 1.0f : 0.0f);
     dx[q] = (probs[q] - onehot) * (grad[0] / float(N));
 }
+
+// ---------------------------------------------------------------------------
+// version 2 of the softmax and log_softmax backward: y and dy read once
+// ---------------------------------------------------------------------------
+//
+// The geometry of softmax_rows_v2: P SIMD groups per row, lane l of part p keeps float4
+// number (32 p + l) + 32 P j, j = 0 .. 7, of the row's y and dy in registers (floats when
+// K % 4 != 0 or an array is not 16-byte aligned), one row sum (simd_sum, threadgroup memory
+// only when P > 1), one write. The sums run over every column, as in version 1.
+
+// One row: LOG false: dot = sum_k dy y, dx = y (dy - dot) (0 at masked columns: k >= limit);
+// LOG true: s = sum_k dy, dx = dy - exp(y) s. n: the row's V's; active false for a SIMD
+// group past the last row.
+template <typename V, uint N, bool LOG>
+static inline void softmax_backward_row(device const V *yr, device const V *dyr, device V *dxr,
+                                        uint n, uint limit, bool active, uint first,
+                                        uint stride, threadgroup float *partial, uint P,
+                                        uint lane, uint simd_group)
+{
+    constexpr uint W = sizeof(V) / sizeof(float);
+    V y[N];
+    V dy[N];
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {  // 2 N independent loads in flight
+        uint q = first + j * stride;
+        bool in_row = active && q < n;
+        y[j] = in_row ? yr[q] : V(0.0f);
+        dy[j] = in_row ? dyr[q] : V(0.0f);
+    }
+    float s = 0.0f;
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+#pragma clang loop unroll(full)
+        for (uint c = 0; c < W; c++) {
+            s += LOG ? component(dy[j], c) : component(dy[j], c) * component(y[j], c);
+        }
+    }
+    s = row_combine(s, false, partial, P, lane, simd_group);
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        if (active && q < n) {
+            V out = y[j];
+#pragma clang loop unroll(full)
+            for (uint c = 0; c < W; c++) {
+                float yc = component(y[j], c);
+                float dyc = component(dy[j], c);
+                float d = LOG ? dyc - exp(yc) * s : yc * (dyc - s);
+                set_component(out, c, LOG || element(V(), q, c) < limit ? d : 0.0f);
+            }
+            dxr[q] = out;
+        }
+    }
+}
+
+// y, dy, dx (rows, K); geometry as softmax_rows_v2 (vec4 = 1: K % 4 == 0 and the three
+// arrays 16-byte aligned). causal_T as in softmax_backward (LOG: always 0).
+template <bool LOG>
+kernel void softmax_backward_rows_v2(device const float *y [[buffer(0)]],
+                                     device const float *dy [[buffer(1)]],
+                                     device float *dx [[buffer(2)]],
+                                     constant uint &rows [[buffer(3)]],
+                                     constant uint &K [[buffer(4)]],
+                                     constant uint &causal_T [[buffer(5)]],
+                                     constant uint &P [[buffer(6)]],
+                                     constant uint &vec4 [[buffer(7)]],
+                                     uint group [[threadgroup_position_in_grid]],
+                                     uint lane [[thread_index_in_simdgroup]],
+                                     uint simd_group [[simdgroup_index_in_threadgroup]],
+                                     uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    bool active = row < rows;
+    uint limit = causal_T == 0 ? K : min(K, row % causal_T + 1);
+    uint base = active ? row * K : 0;
+    if (vec4 != 0) {
+        softmax_backward_row<float4, ROW_REGS, LOG>(
+            (device const float4 *)(y + base), (device const float4 *)(dy + base),
+            (device float4 *)(dx + base), K / 4, limit, active, first, 32 * P, partial, P, lane,
+            simd_group);
+    } else {
+        softmax_backward_row<float, 4 * ROW_REGS, LOG>(y + base, dy + base, dx + base, K, limit,
+                                                       active, first, 32 * P, partial, P, lane,
+                                                       simd_group);
+    }
+}
+
+#define SOFTMAX_BACKWARD_ROWS_V2(NAME, LOG)                                                    \
+    template [[host_name(NAME)]] kernel void softmax_backward_rows_v2<LOG>(                    \
+        device const float *y [[buffer(0)]], device const float *dy [[buffer(1)]],             \
+        device float *dx [[buffer(2)]], constant uint &rows [[buffer(3)]],                     \
+        constant uint &K [[buffer(4)]], constant uint &causal_T [[buffer(5)]],                 \
+        constant uint &P [[buffer(6)]], constant uint &vec4 [[buffer(7)]],                     \
+        uint group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],  \
+        uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
+        uint num_simd_groups [[simdgroups_per_threadgroup]]);
+
+SOFTMAX_BACKWARD_ROWS_V2("softmax_backward_v2", false)
+SOFTMAX_BACKWARD_ROWS_V2("log_softmax_backward_v2", true)

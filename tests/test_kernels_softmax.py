@@ -94,6 +94,29 @@ def test_causal_softmax(mps, version, shape):
     close(got, cpu.softmax(x, causal=True))
     masked = np.triu(np.ones(shape[-2:], dtype=bool), k=1)  # column j > row i
     assert np.all(got[..., masked] == 0.0)
+    g = rand(*shape, seed=17)
+    dx = host(mps, mps.softmax_backward(mps.from_numpy(got), mps.from_numpy(g), causal=True))
+    close(dx, cpu.softmax_backward(got, g, causal=True))
+    assert np.all(dx[..., masked] == 0.0)
+
+
+@pytest.mark.parametrize("k", [40, 1024, 3000, 5000, 12000])
+def test_softmax_backward_nan_and_inf(mps, version, k):
+    # The row sum reaches every column: a NaN or inf in y or dy makes that row's dx NaN
+    # (as NumPy), wherever the SIMD group holding it is.
+    y = cpu.softmax(rand(5, k, seed=18))
+    g = rand(5, k, seed=19)
+    g[0, k - 1] = np.nan
+    g[1, k // 2] = np.inf
+    y[2, 0] = np.nan
+    with np.errstate(invalid="ignore"):
+        want = cpu.softmax_backward(y, g)
+        want_log = cpu.log_softmax_backward(y, g)
+    dy, dg = mps.from_numpy(y), mps.from_numpy(g)
+    got = host(mps, mps.softmax_backward(dy, dg))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, equal_nan=True)
+    got = host(mps, mps.log_softmax_backward(dy, dg))
+    np.testing.assert_allclose(got, want_log, rtol=2e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("k", [40, 1024, 3000, 5000, 12000])

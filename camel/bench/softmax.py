@@ -3,7 +3,8 @@
 Kernels of shaders/ops_softmax.metal through camel/backend_mps.py: softmax and
 log_softmax forward (v1: one threadgroup per row, three sweeps over the row: max, sum of
 exp, write; v2: the row read once into the registers of one SIMD group, or 2-16 for rows
-past 1024 floats, up to 16384), softmax backward (two sweeps), and the cross-entropy
+past 1024 floats, up to 16384), softmax backward (v1: two sweeps; v2: y and dy read once
+into registers, as the forward v2), and the cross-entropy
 backward (v1: one thread per element; v2: one per float4 when C % 4 == 0).
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes (rows of 1, 33, 10 000)
@@ -50,8 +51,9 @@ def cases(shape, rng, extreme=False):
              cpu.log_softmax(x), 2 * x.size * f),
         ]  # fmt: skip
     return forward + [
-        ("softmax_backward", lambda: mps.softmax_backward(dy, dg), cpu.softmax_backward(y, g),
-         3 * x.size * f),
+        (f"softmax_backward v{v}", memory_version(v, lambda: mps.softmax_backward(dy, dg)),
+         cpu.softmax_backward(y, g), 3 * x.size * f)
+        for v in (1, 2)  # v1: two sweeps, one threadgroup per row; v2: y, dy in registers
     ] + [
         (f"cross_entropy_backward v{v}",
          memory_version(v, lambda: mps.cross_entropy_backward(dprobs, dt, one)),
