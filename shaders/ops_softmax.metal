@@ -280,7 +280,8 @@ kernel void cross_entropy_backward(device const float *probs [[buffer(0)]],
 // version 1 (camel/backend_mps.py). The numerics are version 1's: the max skips NaN
 // (Metal's max), which still reaches s through exp; masked outputs are 0, or NaN when s is.
 
-constant uint ROW_REGS = 8;  // float4s of a row per lane: a SIMD group holds 1024 floats
+// float4s of a row per lane (a SIMD group holds 1024 floats); a macro: a template argument
+#define ROW_REGS 8
 
 // Maximum (Metal's max: NaN skipped) or sum over the P SIMD groups sharing a row, as
 // row_sum in ops_reduce.metal; every lane of them returns it. partial: one float per SIMD group.
