@@ -58,14 +58,29 @@ _ROW_SPAN = 1024  # floats of a row one SIMD group takes in version 2 (32 lanes 
 _ROW_MAX_P = 16  # SIMD groups per row at most (a threadgroup of 512 for rows past 8192)
 
 
-def _memory_version():
+_V2_MAX_ELEMENTS = 2**32 - 2**20  # version-2 kernels index in 32 bits (with some headroom)
+
+
+def _memory_version(op="mps", n=0):
+    """The memory-kernel version for op on an array of n elements; version 2 refuses arrays
+    its 32-bit indices cannot address."""
     version = str(os.environ.get("CAMEL_MEMORY_KERNELS", MEMORY_KERNELS_VERSION or 2))
     if version not in ("1", "2"):
         raise ValueError(
             f"[mps] unknown memory-kernel version {version!r} (CAMEL_MEMORY_KERNELS or "
             "MEMORY_KERNELS_VERSION); valid: 1 (the lesson kernels), 2"
         )
+    if version == "2":
+        _check_32bit_indices(op, n)
     return int(version)
+
+
+def _check_32bit_indices(op, n):
+    if n > _V2_MAX_ELEMENTS:
+        raise ValueError(
+            f"[{op}] {n} elements: camel's memory-bound kernels index with 32-bit integers, "
+            f"at most {_V2_MAX_ELEMENTS} elements an array; split the tensor"
+        )
 
 
 def _row_geometry(rows, k, fn):
@@ -270,7 +285,7 @@ def gelu(x):
     out = _empty(x.shape, np.float32)
     n = x.size
     if n:
-        if _memory_version() == 2 and _aligned(x, out):
+        if _memory_version("gelu", n) == 2 and _aligned(x, out):
             fn = _kernel(_LN, "gelu_forward_float4")
             _launch_1d(fn, (x, out, n), (n + 3) // 4, 10 * n, 2 * n * _F32)
         else:
@@ -285,7 +300,7 @@ def gelu_backward(x, grad):
     out = _empty(x.shape, np.float32)
     n = x.size
     if n:
-        if _memory_version() == 2 and _aligned(x, grad, out):
+        if _memory_version("gelu_backward", n) == 2 and _aligned(x, grad, out):
             fn = _kernel(_LN, "gelu_backward_float4")
             _launch_1d(fn, (x, grad, out, n), (n + 3) // 4, 16 * n, 3 * n * _F32)
         else:
@@ -302,7 +317,7 @@ def gelu_backward(x, grad):
 def _sum_rows(x2, out, rows, k, scale=1.0):
     """out[r] = scale * sum of row r of x2 (rows, k): version 2, a SIMD group per row;
     version 1, one threadgroup per row."""
-    if _memory_version() == 2:
+    if _memory_version("sum", rows * k) == 2:
         fn = _kernel(_RED, "sum_last_axis_v2")
         p, groups, tpg = _row_geometry(rows, k, fn)
         vec4 = int(k % 4 == 0 and _aligned(x2))
@@ -341,7 +356,7 @@ def _sum_all(x, out, scale=1.0):
         return
     partials = _empty((groups,))
     nbytes = (n + groups) * _F32
-    if _memory_version() == 2:  # float4 loads, four in flight
+    if _memory_version("sum", n) == 2:  # float4 loads, four in flight
         fn = _kernel(_RED, "sum_all_partials_v2")
         fn(x, partials, n, int(_aligned(x)), threadgroups=groups,
            threads_per_threadgroup=_THREADS, flops=n, bytes=nbytes)  # fmt: skip
@@ -379,7 +394,7 @@ def _sum_axis(x, out, outer, k, inner):
     parallel, then their partials in block order (sum_axis_blocks, two dispatches unless one
     block does); version 1: one thread per output walks its column (sum_axis_strided)."""
     n_out = outer * inner
-    if _memory_version() == 1:
+    if _memory_version("sum", x.size) == 1:
         fn = _kernel(_RED, "sum_axis_strided")
         _launch_1d(fn, (x, out, k, inner, n_out), n_out, x.size, (x.size + n_out) * _F32)
         return
@@ -432,7 +447,7 @@ def max(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
         groups = _partial_groups(x.size)
         if axis is None and groups > 1:
             _max_all(x, values, indices, groups)
-        elif _memory_version() == 2:
+        elif _memory_version("max", x.size) == 2:
             fn = _kernel(_RED, "max_last_axis_v2")
             p, groups, tpg = _row_geometry(rows, k, fn)
             vec4 = int(k % 4 == 0 and _aligned(x))
@@ -608,7 +623,7 @@ def _softmax_v2(name, x, y, rows, k, causal_t):
     """Version 2 of softmax / log_softmax (the row read once, held in registers by P SIMD
     groups) when it applies: version 2 chosen, k <= 16 * _ROW_SPAN, and the kernel can run
     the threadgroup size (512 threads for k > 8192). Returns whether it ran."""
-    if _memory_version() != 2 or k > _ROW_MAX_P * _ROW_SPAN:
+    if _memory_version(name, x.size) != 2 or k > _ROW_MAX_P * _ROW_SPAN:
         return False
     fn = _kernel(_SOFT, name)
     if not _row_fits(fn, k):  # its registers allow too few threads in a threadgroup
@@ -651,7 +666,7 @@ def _softmax_backward_v2(name, y, grad, causal_t):
     """Version 2 of the softmax / log_softmax backward (y and dy read once, held in
     registers) where it applies, as _softmax_v2; returns dx, or None (then version 1 runs)."""
     rows, k = _rows(y)
-    if rows == 0 or k == 0 or _memory_version() != 2 or k > _ROW_MAX_P * _ROW_SPAN:
+    if rows == 0 or k == 0 or _memory_version(name, y.size) != 2 or k > _ROW_MAX_P * _ROW_SPAN:
         return None
     fn = _kernel(_SOFT, name)
     if not _row_fits(fn, k):
@@ -714,7 +729,7 @@ def cross_entropy_backward(probs, targets, grad):
     if n * c == 0:
         return dx
     nbytes = (2 * n * c + n) * _F32
-    if _memory_version() == 2 and c % 4 == 0 and _aligned(probs, dx):
+    if _memory_version("cross_entropy_backward", n * c) == 2 and c % 4 == 0 and _aligned(probs, dx):
         fn = _kernel(_SOFT, "cross_entropy_backward_float4")  # one thread per float4
         _launch_1d(fn, (probs, targets, grad, dx, n, c), n * c // 4, 3 * n * c, nbytes)
     else:
@@ -756,7 +771,7 @@ def layer_norm(x, weight, bias, eps):
     version = os.environ.get("CAMEL_LAYERNORM", LAYERNORM_VERSION)
     if (
         version is None
-        and _memory_version() == 2
+        and _memory_version("layer_norm", x.size) == 2
         and d <= _LN_V4_MAX_D
         and _row_fits(_kernel(_LN, LAYERNORM_FORWARD[4]), d)
     ):
@@ -783,6 +798,7 @@ def layer_norm(x, weight, bias, eps):
     nbytes = ((sweeps + 1) * x.size + 2 * d + 2 * rows) * _F32
     fn = _kernel(_LN, LAYERNORM_FORWARD[version])
     if version == 4:
+        _check_32bit_indices("layer_norm", x.size)
         if not _row_fits(fn, d):
             limit = fn.max_total_threads_per_threadgroup
             raise ValueError(
@@ -809,7 +825,7 @@ def layer_norm_backward(grad, x, weight, mean, rstd):
         return dx, dweight, dbias
     if rows == 0:
         return dx, full((d,), 0.0, "float32"), full((d,), 0.0, "float32")
-    if _memory_version() == 2 and d <= _LN_V3_MAX_D:
+    if _memory_version("layer_norm_backward", x.size) == 2 and d <= _LN_V3_MAX_D:
         return _layer_norm_backward_v2(grad, x, weight, mean, rstd, dx, rows, d)
     fn = _kernel(_LN, "layernorm_backward_dx")
     fn(grad, x, weight, mean, rstd, dx, d, threadgroups=rows,

@@ -290,3 +290,18 @@ def test_op_reduction_over_missing_axis_is_a_clear_error(device):
     x = camel.tensor(rand(2, 3), device=device)
     with pytest.raises((ValueError, IndexError), match="axis"):
         F.sum(x, axis=2)
+
+
+@pytest.mark.parametrize("axis", [1, 0, None])
+def test_version_2_refuses_arrays_its_32_bit_indices_cannot_address(monkeypatch, axis):
+    # The limit (about 2^32 elements, 16 GiB of float32) is real on a large GPU; lowered here.
+    mps = backend_mps_or_skip()
+    monkeypatch.setattr(mps, "_V2_MAX_ELEMENTS", 100)
+    x = mps.from_numpy(rand(2, 60))
+    with pytest.raises(ValueError, match=r"\[sum\] 120 elements: .*32-bit integers, at most 100"):
+        mps.sum(x, axis, False)
+    for op in (mps.softmax, mps.log_softmax, mps.gelu):
+        with pytest.raises(ValueError, match=r"120 elements"):
+            op(x)
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", "1")  # the lesson kernels: no such check
+    close(host(mps, mps.sum(x, axis, False)), cpu.sum(rand(2, 60), axis, False), 120)
