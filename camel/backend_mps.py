@@ -708,10 +708,18 @@ def cross_entropy(logits, targets):
         return full((), float("nan"), "float32"), probs  # the mean of nothing, as NumPy
     row_loss = _empty((n,))
     error = DeviceArray.zeros((3,), np.int32)
-    fn = _kernel(_SOFT, "cross_entropy_forward")
-    fn(logits, targets, row_loss, probs, error, c, threadgroups=n,
-       threads_per_threadgroup=_row_threads(c), flops=5 * n * c,
-       bytes=(2 * n * c + 2 * n) * _F32)  # fmt: skip
+    nbytes = (2 * n * c + 2 * n) * _F32
+    fn = _kernel(_SOFT, "cross_entropy_forward_v2")
+    v2 = _memory_version("cross_entropy", n * c) == 2 and c <= _ROW_MAX_P * _ROW_SPAN
+    if v2 and _row_fits(fn, c):  # the row read once, in registers
+        p, groups, tpg = _row_geometry(n, c, fn)
+        vec4 = int(c % 4 == 0 and _aligned(logits, probs))
+        fn(logits, targets, row_loss, probs, error, n, c, p, vec4, threadgroups=groups,
+           threads_per_threadgroup=tpg, flops=5 * n * c, bytes=nbytes)  # fmt: skip
+    else:
+        fn = _kernel(_SOFT, "cross_entropy_forward")
+        fn(logits, targets, row_loss, probs, error, c, threadgroups=n,
+           threads_per_threadgroup=_row_threads(c), flops=5 * n * c, bytes=nbytes)  # fmt: skip
     count, row, value = (int(v) for v in error.numpy())  # synchronises
     if count:
         raise IndexError(

@@ -316,9 +316,10 @@ static inline void set_component(thread float4 &v, uint c, float value) { v[c] =
 // One row of softmax (LOG false) or log_softmax (LOG true) with the row in registers.
 // V = float4 (N = ROW_REGS) or float (N = 4 ROW_REGS); xr, yr: the row as V's, n of them;
 // limit: the visible columns (K, or fewer under a causal mask; 0 for a SIMD group past the
-// last row, which loads nothing and joins the barriers).
+// last row, which loads nothing and joins the barriers). Returns (m, s): the row's max and
+// sum of exp(x - m), for the cross-entropy.
 template <typename V, uint N, bool LOG>
-static inline void softmax_row(device const V *xr, device V *yr, uint n, uint limit,
+static inline float2 softmax_row(device const V *xr, device V *yr, uint n, uint limit,
                                uint first, uint stride, threadgroup float *partial, uint P,
                                uint lane, uint simd_group)
 {
@@ -376,6 +377,7 @@ static inline void softmax_row(device const V *xr, device V *yr, uint n, uint li
             yr[q] = out;
         }
     }
+    return float2(m, s);
 }
 
 // x, y (rows, K). P SIMD groups per row (1, 2, 4, 8, 16: the host picks the fewest for
@@ -423,6 +425,54 @@ kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
 
 SOFTMAX_ROWS_V2("softmax_last_axis_v2", false)
 SOFTMAX_ROWS_V2("log_softmax_last_axis_v2", true)
+
+// logits, probs (N, K); targets, row_loss (N,); error as in cross_entropy_forward. Version 2
+// of the fused cross-entropy: the softmax of softmax_rows_v2 (the row read once into
+// registers, probs written once; geometry and vec4 as there), then lane 0 of the row's first
+// SIMD group checks the target and writes row_loss = m + log(s) - logits[r, target] (one
+// more load, from the cache). Grid: ceil(N P / S) threadgroups.
+kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
+                                     device const int *targets [[buffer(1)]],
+                                     device float *row_loss [[buffer(2)]],
+                                     device float *probs [[buffer(3)]],
+                                     device atomic_int *error [[buffer(4)]],
+                                     constant uint &rows [[buffer(5)]],
+                                     constant uint &K [[buffer(6)]],
+                                     constant uint &P [[buffer(7)]],
+                                     constant uint &vec4 [[buffer(8)]],
+                                     uint group [[threadgroup_position_in_grid]],
+                                     uint lane [[thread_index_in_simdgroup]],
+                                     uint simd_group [[simdgroup_index_in_threadgroup]],
+                                     uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    uint limit = row < rows ? K : 0;
+    uint base = row < rows ? row * K : 0;
+    float2 ms;
+    if (vec4 != 0) {
+        ms = softmax_row<float4, ROW_REGS, false>((device const float4 *)(logits + base),
+                                                  (device float4 *)(probs + base), K / 4, limit,
+                                                  first, 32 * P, partial, P, lane, simd_group);
+    } else {
+        ms = softmax_row<float, 4 * ROW_REGS, false>(logits + base, probs + base, K, limit, first,
+                                                     32 * P, partial, P, lane, simd_group);
+    }
+    if (row < rows && first == 0) {
+        int target = targets[row];
+        if (target < 0 || target >= int(K)) {
+            int seen_before = atomic_fetch_add_explicit(&error[0], 1, memory_order_relaxed);
+            if (seen_before == 0) {
+                atomic_store_explicit(&error[1], int(row), memory_order_relaxed);
+                atomic_store_explicit(&error[2], target, memory_order_relaxed);
+            }
+            row_loss[row] = 0.0f;
+        } else {
+            row_loss[row] = (ms.x + log(ms.y)) - logits[base + uint(target)];
+        }
+    }
+}
 
 // probs, dx (N, K) with K % 4 == 0 and every array 16-byte aligned; targets (N,); grad one
 // float. Version 2 of cross_entropy_backward: one thread per float4, which never straddles

@@ -150,8 +150,10 @@ def test_softmax_unaligned_rows(mps, version):
 
 
 @pytest.mark.parametrize(
-    "n, c", [(1, 1), (16, 10), (33, 3), (5, 1000), (3, 10000), (1, 4097), (7, 4), (9, 1024)]
-)
+    "n, c",
+    [(1, 1), (16, 10), (33, 3), (5, 1000), (3, 10000), (1, 4097), (7, 4), (9, 1024), (17, 65),
+     (2, 16384), (2, 16385)],
+)  # fmt: skip
 def test_cross_entropy_forward_backward(mps, version, n, c):
     x = rand(n, c, seed=7, scale=2.0)
     t = np.random.default_rng(8).integers(0, c, size=n).astype(np.int32)
@@ -177,7 +179,7 @@ def test_cross_entropy_backward_every_target_position(mps, version, n, c):
     close(host(mps, mps.cross_entropy_backward(*args)), cpu.cross_entropy_backward(probs, t, g))
 
 
-def test_cross_entropy_extreme_logits(mps):
+def test_cross_entropy_extreme_logits(mps, version):
     x = extreme((6, 50), seed=9)
     t = np.array([0, 3, 10, 49, 22, 0], dtype=np.int32)  # targets at finite logits
     x[np.arange(6), t] = np.where(np.isinf(x[np.arange(6), t]), 1.0, x[np.arange(6), t])
@@ -191,7 +193,7 @@ def test_cross_entropy_extreme_logits(mps):
 
 
 @pytest.mark.parametrize("bad", [10, 12, -1])
-def test_cross_entropy_out_of_range_target_is_a_clear_error(mps, bad):
+def test_cross_entropy_out_of_range_target_is_a_clear_error(mps, version, bad):
     x = rand(4, 10, seed=10)
     t = np.array([0, bad, 3, 9], dtype=np.int32)
     with pytest.raises(IndexError, match=rf"target {bad} \(row 1\).*10 classes"):

@@ -4,8 +4,8 @@ Kernels of shaders/ops_softmax.metal through camel/backend_mps.py: softmax and
 log_softmax forward (v1: one threadgroup per row, three sweeps over the row: max, sum of
 exp, write; v2: the row read once into the registers of one SIMD group, or 2-16 for rows
 past 1024 floats, up to 16384), softmax backward (v1: two sweeps; v2: y and dy read once
-into registers, as the forward v2), and the cross-entropy
-backward (v1: one thread per element; v2: one per float4 when C % 4 == 0).
+into registers, as the forward v2), the fused cross-entropy forward (v1, v2 as softmax),
+and its backward (v1: one thread per element; v2: one per float4 when C % 4 == 0).
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes (rows of 1, 33, 10 000)
    and extreme logits (+-1e4, -inf entries): no NaN, equal to float32 tolerance.
@@ -54,6 +54,10 @@ def cases(shape, rng, extreme=False):
         (f"softmax_backward v{v}", memory_version(v, lambda: mps.softmax_backward(dy, dg)),
          cpu.softmax_backward(y, g), 3 * x.size * f)
         for v in (1, 2)  # v1: two sweeps, one threadgroup per row; v2: y, dy in registers
+    ] + [
+        (f"cross_entropy (forward) v{v}",
+         memory_version(v, lambda: mps.cross_entropy(dx, dt)[1]), probs, 2 * x.size * f)
+        for v in (1, 2)  # probs (and the loss): v1 three sweeps; v2 the row in registers
     ] + [
         (f"cross_entropy_backward v{v}",
          memory_version(v, lambda: mps.cross_entropy_backward(dprobs, dt, one)),
