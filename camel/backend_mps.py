@@ -47,6 +47,62 @@ _PER_THREAD = 16  # elements each thread of pass 1 adds, at least (fewer, fuller
 _F32 = 4  # bytes per float32 / int32 element
 
 
+# Memory-bound kernels, version 1 or 2. Version 1 is each op's lesson kernel (Stage 2's
+# one threadgroup per row, one thread per column); version 2 keeps a large GPU's memory busy:
+# a SIMD group per row with float4 loads, a column sum over blocks of rows in two passes
+# (shaders/ops_reduce.metal, "version 2"). Default (None): 2; CAMEL_MEMORY_KERNELS=1|2
+# forces one (the benches time both).
+MEMORY_KERNELS_VERSION = None
+_ROW_SIMD_GROUPS = 8  # SIMD groups in a threadgroup of a version-2 row kernel (256 threads)
+_ROW_SPAN = 1024  # floats of a row one SIMD group takes in version 2 (32 lanes x 8 float4s)
+_ROW_MAX_P = 16  # SIMD groups per row at most (a threadgroup of 512 for rows past 8192)
+
+
+_V2_MAX_ELEMENTS = 2**32 - 2**20  # version-2 kernels index in 32 bits (with some headroom)
+
+
+def _memory_version(op="mps", n=0):
+    """The memory-kernel version for op on an array of n elements; version 2 refuses arrays
+    its 32-bit indices cannot address."""
+    version = str(os.environ.get("CAMEL_MEMORY_KERNELS", MEMORY_KERNELS_VERSION or 2))
+    if version not in ("1", "2"):
+        raise ValueError(
+            f"[mps] unknown memory-kernel version {version!r} (CAMEL_MEMORY_KERNELS or "
+            "MEMORY_KERNELS_VERSION); valid: 1 (the lesson kernels), 2"
+        )
+    if version == "2":
+        _check_32bit_indices(op, n)
+    return int(version)
+
+
+def _check_32bit_indices(op, n):
+    if n > _V2_MAX_ELEMENTS:
+        raise ValueError(
+            f"[{op}] {n} elements: camel's memory-bound kernels index with 32-bit integers, "
+            f"at most {_V2_MAX_ELEMENTS} elements an array; split the tensor"
+        )
+
+
+def _row_geometry(rows, k, fn):
+    """(P, threadgroups, threads per threadgroup) of a version-2 row kernel fn: P SIMD groups
+    per row (1, 2, 4, 8 or 16: at most _ROW_SPAN floats each while P <= 16, and no more
+    SIMD groups than fn's registers allow in one threadgroup), in threadgroups of max(8, P)
+    SIMD groups, so 8 / P rows per threadgroup (one for P = 16). A kernel that holds the row
+    in registers needs P * _ROW_SPAN >= k (_row_fits)."""
+    max_p = builtins.min(_ROW_MAX_P, fn.max_total_threads_per_threadgroup // 32)
+    p = 1
+    while 2 * p <= max_p and p * _ROW_SPAN < k:
+        p *= 2
+    simd_groups = builtins.max(p, builtins.min(_ROW_SIMD_GROUPS, max_p) // p * p)  # P divides it
+    per_group = simd_groups // p
+    return p, (rows + per_group - 1) // per_group, 32 * simd_groups
+
+
+def _row_fits(fn, k):
+    """Can fn, a version-2 kernel holding a row in registers, take rows of k floats?"""
+    return _row_geometry(1, k, fn)[0] * _ROW_SPAN >= k
+
+
 def _kernel(filename, name):
     return metal.kernel(filename, name)  # compiled once per process, then cached
 
@@ -224,22 +280,32 @@ def relu_backward(x, grad):
 
 
 def gelu(x):
-    """GELU, tanh approximation: one thread per element (ops_layernorm.metal)."""
+    """GELU, tanh approximation (ops_layernorm.metal): version 2, four elements per thread
+    (float4) as x * sigmoid(2u); version 1 (or unaligned data), one thread per element."""
     out = _empty(x.shape, np.float32)
     n = x.size
     if n:
-        fn = _kernel(_LN, "gelu_forward")
-        _launch_1d(fn, (x, out, n), n, 10 * n, 2 * n * _F32)
+        if _memory_version("gelu", n) == 2 and _aligned(x, out):
+            fn = _kernel(_LN, "gelu_forward_float4")
+            _launch_1d(fn, (x, out, n), (n + 3) // 4, 10 * n, 2 * n * _F32)
+        else:
+            fn = _kernel(_LN, "gelu_forward")
+            _launch_1d(fn, (x, out, n), n, 10 * n, 2 * n * _F32)
     return out
 
 
 def gelu_backward(x, grad):
-    """dx = grad * gelu'(x): one thread per element (ops_layernorm.metal)."""
+    """dx = grad * gelu'(x) (ops_layernorm.metal): version 2 float4, version 1 (or unaligned
+    data) one thread per element."""
     out = _empty(x.shape, np.float32)
     n = x.size
     if n:
-        fn = _kernel(_LN, "gelu_backward")
-        _launch_1d(fn, (x, grad, out, n), n, 16 * n, 3 * n * _F32)
+        if _memory_version("gelu_backward", n) == 2 and _aligned(x, grad, out):
+            fn = _kernel(_LN, "gelu_backward_float4")
+            _launch_1d(fn, (x, grad, out, n), (n + 3) // 4, 16 * n, 3 * n * _F32)
+        else:
+            fn = _kernel(_LN, "gelu_backward")
+            _launch_1d(fn, (x, grad, out, n), n, 16 * n, 3 * n * _F32)
     return out
 
 
@@ -249,7 +315,16 @@ def gelu_backward(x, grad):
 
 
 def _sum_rows(x2, out, rows, k, scale=1.0):
-    """out[r] = scale * sum of row r of x2 (rows, k): one threadgroup per row."""
+    """out[r] = scale * sum of row r of x2 (rows, k): version 2, a SIMD group per row;
+    version 1, one threadgroup per row."""
+    if _memory_version("sum", rows * k) == 2:
+        fn = _kernel(_RED, "sum_last_axis_v2")
+        p, groups, tpg = _row_geometry(rows, k, fn)
+        vec4 = int(k % 4 == 0 and _aligned(x2))
+        fn(x2, out, rows, k, float(scale), p, vec4, threadgroups=groups,
+           threads_per_threadgroup=tpg, flops=rows * k,
+           bytes=(rows * k + rows) * _F32)  # fmt: skip
+        return
     fn = _kernel(_RED, "sum_last_axis")
     fn(
         x2,
@@ -280,16 +355,15 @@ def _sum_all(x, out, scale=1.0):
         _sum_rows(x, out, 1, n, scale)
         return
     partials = _empty((groups,))
-    fn = _kernel(_RED, "sum_all_partials")
-    fn(
-        x,
-        partials,
-        n,
-        threadgroups=groups,
-        threads_per_threadgroup=_THREADS,
-        flops=n,
-        bytes=(n + groups) * _F32,
-    )
+    nbytes = (n + groups) * _F32
+    if _memory_version("sum", n) == 2:  # float4 loads, four in flight
+        fn = _kernel(_RED, "sum_all_partials_v2")
+        fn(x, partials, n, int(_aligned(x)), threadgroups=groups,
+           threads_per_threadgroup=_THREADS, flops=n, bytes=nbytes)  # fmt: skip
+    else:
+        fn = _kernel(_RED, "sum_all_partials")
+        fn(x, partials, n, threadgroups=groups, threads_per_threadgroup=_THREADS, flops=n,
+           bytes=nbytes)  # fmt: skip
     _sum_rows(partials, out, 1, groups, scale)
 
 
@@ -306,11 +380,43 @@ def sum(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
     elif inner == 1:
         _sum_rows(x, out, outer, k)
     else:
-        fn = _kernel(_RED, "sum_axis_strided")
-        n_out = outer * inner
-        nbytes = (x.size + n_out) * _F32
-        _launch_1d(fn, (x, out, k, inner, n_out), n_out, x.size, nbytes)
+        _sum_axis(x, out, outer, k, inner)
     return out
+
+
+_COL_GROUPS = 1024  # threadgroups pass 1 of the column sum aims for (one wave on an H200)
+_COL_MIN_ROWS = 64  # rows per block at least: each of a threadgroup's 8 slices adds >= 8
+_COL_MAX_BLOCKS = 256  # blocks at most: pass 2 adds <= 256 partials per column
+
+
+def _sum_axis(x, out, outer, k, inner):
+    """out (outer, inner) = x (outer, k, inner) summed over k. Version 2: blocks of rows in
+    parallel, then their partials in block order (sum_axis_blocks, two dispatches unless one
+    block does); version 1: one thread per output walks its column (sum_axis_strided)."""
+    n_out = outer * inner
+    if _memory_version("sum", x.size) == 1:
+        fn = _kernel(_RED, "sum_axis_strided")
+        _launch_1d(fn, (x, out, k, inner, n_out), n_out, x.size, (x.size + n_out) * _F32)
+        return
+    width = 4 if inner % 4 == 0 and _aligned(x, out) else 1
+    fn = _kernel(_RED, "sum_axis_blocks_float4" if width == 4 else "sum_axis_blocks_float")
+    inner_v = inner // width  # columns in float4s (or floats)
+    col_groups = (inner_v + 31) // 32
+    per_block = builtins.max(_COL_MIN_ROWS, -(-k * col_groups * outer // _COL_GROUPS))
+    blocks = builtins.min(_COL_MAX_BLOCKS, -(-k // per_block))
+    per_block = -(-k // blocks)
+    tpg = (32, 8, 1)
+    if blocks == 1:
+        fn(x, out, k, inner_v, k, threadgroups=(col_groups, 1, outer), threads_per_threadgroup=tpg,
+           flops=x.size, bytes=(x.size + n_out) * _F32)  # fmt: skip
+        return
+    partials = _empty((outer, blocks, inner))
+    fn(x, partials, k, inner_v, per_block, threadgroups=(col_groups, blocks, outer),
+       threads_per_threadgroup=tpg, flops=x.size,
+       bytes=(x.size + partials.size) * _F32)  # fmt: skip
+    fn(partials, out, blocks, inner_v, blocks, threadgroups=(col_groups, 1, outer),
+       threads_per_threadgroup=tpg, flops=partials.size,
+       bytes=(partials.size + n_out) * _F32)  # fmt: skip
 
 
 def sum_backward(grad, in_shape, axis):
@@ -341,6 +447,13 @@ def max(x, axis, keepdims):  # noqa: A001 (the backend contract's name)
         groups = _partial_groups(x.size)
         if axis is None and groups > 1:
             _max_all(x, values, indices, groups)
+        elif _memory_version("max", x.size) == 2:
+            fn = _kernel(_RED, "max_last_axis_v2")
+            p, groups, tpg = _row_geometry(rows, k, fn)
+            vec4 = int(k % 4 == 0 and _aligned(x))
+            fn(x, values, indices, rows, k, p, vec4, threadgroups=groups,
+               threads_per_threadgroup=tpg, flops=x.size,
+               bytes=nbytes)  # fmt: skip
         else:
             fn = _kernel(_RED, "max_last_axis")
             tpg = _row_threads(k)
@@ -392,9 +505,7 @@ def sum_to_shape(grad, shape):
     if inner == 1:
         _sum_all(grad, out)
     else:
-        fn = _kernel(_RED, "sum_axis_strided")
-        nbytes = (grad.size + inner) * _F32
-        _launch_1d(fn, (grad, out, lead, inner, inner), inner, grad.size, nbytes)
+        _sum_axis(grad, out, 1, lead, inner)
     return out
 
 
@@ -500,15 +611,35 @@ def softmax(x, causal=False):
     if rows == 0 or k == 0:
         return y
     causal_t = x.shape[-2] if causal else 0
+    if _softmax_v2("softmax_last_axis_v2", x, y, rows, k, causal_t):
+        return y
     fn = _kernel(_SOFT, "softmax_last_axis")
     fn(x, y, k, causal_t, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
        flops=5 * x.size, bytes=2 * x.size * _F32)  # fmt: skip
     return y
 
 
+def _softmax_v2(name, x, y, rows, k, causal_t):
+    """Version 2 of softmax / log_softmax (the row read once, held in registers by P SIMD
+    groups) when it applies: version 2 chosen, k <= 16 * _ROW_SPAN, and the kernel can run
+    the threadgroup size (512 threads for k > 8192). Returns whether it ran."""
+    if _memory_version(name, x.size) != 2 or k > _ROW_MAX_P * _ROW_SPAN:
+        return False
+    fn = _kernel(_SOFT, name)
+    if not _row_fits(fn, k):  # its registers allow too few threads in a threadgroup
+        return False
+    p, groups, tpg = _row_geometry(rows, k, fn)
+    vec4 = int(k % 4 == 0 and _aligned(x, y))
+    fn(x, y, rows, k, causal_t, p, vec4, threadgroups=groups, threads_per_threadgroup=tpg,
+       flops=5 * x.size, bytes=2 * x.size * _F32)  # fmt: skip
+    return True
+
+
 def softmax_backward(y, grad, causal=False):
     """dx = y * (grad - sum(grad * y, last axis)); causal: 0 at the masked positions."""
-    return _row_backward("softmax_backward", y, grad, y.shape[-2] if causal else 0)
+    causal_t = y.shape[-2] if causal else 0
+    dx = _softmax_backward_v2("softmax_backward_v2", y, grad, causal_t)
+    return dx if dx is not None else _row_backward("softmax_backward", y, grad, causal_t)
 
 
 def log_softmax(x):
@@ -516,6 +647,8 @@ def log_softmax(x):
     y = _empty(x.shape)
     rows, k = _rows(x)
     if rows == 0 or k == 0:
+        return y
+    if _softmax_v2("log_softmax_last_axis_v2", x, y, rows, k, 0):
         return y
     fn = _kernel(_SOFT, "log_softmax_last_axis")
     fn(x, y, k, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
@@ -525,7 +658,25 @@ def log_softmax(x):
 
 def log_softmax_backward(y, grad):
     """dx = grad - exp(y) * sum(grad, last axis)."""
-    return _row_backward("log_softmax_backward", y, grad)
+    dx = _softmax_backward_v2("log_softmax_backward_v2", y, grad, 0)
+    return dx if dx is not None else _row_backward("log_softmax_backward", y, grad)
+
+
+def _softmax_backward_v2(name, y, grad, causal_t):
+    """Version 2 of the softmax / log_softmax backward (y and dy read once, held in
+    registers) where it applies, as _softmax_v2; returns dx, or None (then version 1 runs)."""
+    rows, k = _rows(y)
+    if rows == 0 or k == 0 or _memory_version(name, y.size) != 2 or k > _ROW_MAX_P * _ROW_SPAN:
+        return None
+    fn = _kernel(_SOFT, name)
+    if not _row_fits(fn, k):
+        return None
+    dx = _empty(y.shape)
+    p, groups, tpg = _row_geometry(rows, k, fn)
+    vec4 = int(k % 4 == 0 and _aligned(y, grad, dx))
+    fn(y, grad, dx, rows, k, causal_t, p, vec4, threadgroups=groups, threads_per_threadgroup=tpg,
+       flops=4 * y.size, bytes=3 * y.size * _F32)  # fmt: skip
+    return dx
 
 
 def _row_backward(name, y, grad, *extra):
@@ -557,10 +708,18 @@ def cross_entropy(logits, targets):
         return full((), float("nan"), "float32"), probs  # the mean of nothing, as NumPy
     row_loss = _empty((n,))
     error = DeviceArray.zeros((3,), np.int32)
-    fn = _kernel(_SOFT, "cross_entropy_forward")
-    fn(logits, targets, row_loss, probs, error, c, threadgroups=n,
-       threads_per_threadgroup=_row_threads(c), flops=5 * n * c,
-       bytes=(2 * n * c + 2 * n) * _F32)  # fmt: skip
+    nbytes = (2 * n * c + 2 * n) * _F32
+    fn = _kernel(_SOFT, "cross_entropy_forward_v2")
+    v2 = _memory_version("cross_entropy", n * c) == 2 and c <= _ROW_MAX_P * _ROW_SPAN
+    if v2 and _row_fits(fn, c):  # the row read once, in registers
+        p, groups, tpg = _row_geometry(n, c, fn)
+        vec4 = int(c % 4 == 0 and _aligned(logits, probs))
+        fn(logits, targets, row_loss, probs, error, n, c, p, vec4, threadgroups=groups,
+           threads_per_threadgroup=tpg, flops=5 * n * c, bytes=nbytes)  # fmt: skip
+    else:
+        fn = _kernel(_SOFT, "cross_entropy_forward")
+        fn(logits, targets, row_loss, probs, error, c, threadgroups=n,
+           threads_per_threadgroup=_row_threads(c), flops=5 * n * c, bytes=nbytes)  # fmt: skip
     count, row, value = (int(v) for v in error.numpy())  # synchronises
     if count:
         raise IndexError(
@@ -575,9 +734,15 @@ def cross_entropy_backward(probs, targets, grad):
     """dlogits (N, C) = (probs - onehot(targets)) * grad / N; grad is a shape () storage."""
     n, c = probs.shape
     dx = _empty((n, c))
-    if n * c:
+    if n * c == 0:
+        return dx
+    nbytes = (2 * n * c + n) * _F32
+    if _memory_version("cross_entropy_backward", n * c) == 2 and c % 4 == 0 and _aligned(probs, dx):
+        fn = _kernel(_SOFT, "cross_entropy_backward_float4")  # one thread per float4
+        _launch_1d(fn, (probs, targets, grad, dx, n, c), n * c // 4, 3 * n * c, nbytes)
+    else:
         fn = _kernel(_SOFT, "cross_entropy_backward")
-        _launch_1d(fn, (probs, targets, grad, dx, n, c), n * c, 3 * n * c, 2 * n * c * _F32)
+        _launch_1d(fn, (probs, targets, grad, dx, n, c), n * c, 3 * n * c, nbytes)
     return dx
 
 
@@ -587,16 +752,21 @@ def cross_entropy_backward(probs, targets, grad):
 
 
 # The LayerNorm forward ladder (ops_layernorm.metal): version -> kernel. Reads of x per
-# element: v1 three, v2 two, v3 one (the row in registers, D <= _LN_V3_MAX_D). Default
-# (None): v3 where it fits, else v2; CAMEL_LAYERNORM=1|2|3 forces one (docs/stage4.md).
+# element: v1 three, v2 two, v3 and v4 one (the row in registers; v4 with a SIMD group per
+# row, D <= _LN_V4_MAX_D). Default (None): v4 where it fits, else v2 (with
+# CAMEL_MEMORY_KERNELS=1: v3 where it fits, else v2); CAMEL_LAYERNORM=1|2|3|4 forces one
+# (docs/stage4.md).
 LAYERNORM_FORWARD = {
     1: "layernorm_forward_v1",
     2: "layernorm_forward_v2",
     3: "layernorm_forward_v3",
+    4: "layernorm_forward_v4",
 }
 LAYERNORM_VERSION = None
 _LN_V3_MAX_D = 4 * _THREADS  # 4 registers per thread (LN_PER_THREAD) x 256 threads
+_LN_V4_MAX_D = _ROW_MAX_P * _ROW_SPAN  # 16 SIMD groups x 1024 floats
 _LN_ROWS_PER_BLOCK = 64  # layer_norm_backward: rows per partial sum of dweight and dbias
+_LN_BWD_THREADS = 128  # layer_norm_backward v2's threadgroup: 4 SIMD groups (~160 registers each)
 
 
 def layer_norm(x, weight, bias, eps):
@@ -607,7 +777,14 @@ def layer_norm(x, weight, bias, eps):
     if rows == 0 or d == 0:
         return out, mean, rstd
     version = os.environ.get("CAMEL_LAYERNORM", LAYERNORM_VERSION)
-    if version is None:
+    if (
+        version is None
+        and _memory_version("layer_norm", x.size) == 2
+        and d <= _LN_V4_MAX_D
+        and _row_fits(_kernel(_LN, LAYERNORM_FORWARD[4]), d)
+    ):
+        version = 4
+    elif version is None:
         version = 3 if d <= _LN_V3_MAX_D else 2
     if str(version) not in {str(v) for v in LAYERNORM_FORWARD}:
         raise ValueError(
@@ -620,11 +797,29 @@ def layer_norm(x, weight, bias, eps):
             f"[layer_norm] version 3 keeps a row in registers: D <= {_LN_V3_MAX_D}, got D = {d} "
             f"(shape {x.shape}); use version 2"
         )
-    sweeps = 4 - version  # reads of x: v1 three, v2 two, v3 one
+    if version == 4 and d > _LN_V4_MAX_D:
+        raise ValueError(
+            f"[layer_norm] version 4 keeps a row in registers: D <= {_LN_V4_MAX_D}, got D = {d} "
+            f"(shape {x.shape}); use version 2"
+        )
+    sweeps = builtins.max(1, 4 - version)  # reads of x: v1 three, v2 two, v3 and v4 one
+    nbytes = ((sweeps + 1) * x.size + 2 * d + 2 * rows) * _F32
     fn = _kernel(_LN, LAYERNORM_FORWARD[version])
+    if version == 4:
+        _check_32bit_indices("layer_norm", x.size)
+        if not _row_fits(fn, d):
+            limit = fn.max_total_threads_per_threadgroup
+            raise ValueError(
+                f"[layer_norm] version 4 holds a row of D = {d} in {-(-d // _ROW_SPAN)} SIMD "
+                f"groups of one threadgroup; this kernel allows {limit} threads; use version 2"
+            )
+        p, groups, tpg = _row_geometry(rows, d, fn)
+        vec4 = int(d % 4 == 0 and _aligned(x, weight, bias, out))
+        fn(x, weight, bias, out, mean, rstd, d, float(eps), rows, p, vec4, threadgroups=groups,
+           threads_per_threadgroup=tpg, flops=8 * x.size, bytes=nbytes)  # fmt: skip
+        return out, mean, rstd
     fn(x, weight, bias, out, mean, rstd, d, float(eps), threadgroups=rows,
-       threads_per_threadgroup=_row_threads(d), flops=8 * x.size,
-       bytes=((sweeps + 1) * x.size + 2 * d + 2 * rows) * _F32)  # fmt: skip
+       threads_per_threadgroup=_row_threads(d), flops=8 * x.size, bytes=nbytes)  # fmt: skip
     return out, mean, rstd
 
 
@@ -638,6 +833,8 @@ def layer_norm_backward(grad, x, weight, mean, rstd):
         return dx, dweight, dbias
     if rows == 0:
         return dx, full((d,), 0.0, "float32"), full((d,), 0.0, "float32")
+    if _memory_version("layer_norm_backward", x.size) == 2 and d <= _LN_V3_MAX_D:
+        return _layer_norm_backward_v2(grad, x, weight, mean, rstd, dx, rows, d)
     fn = _kernel(_LN, "layernorm_backward_dx")
     fn(grad, x, weight, mean, rstd, dx, d, threadgroups=rows,
        threads_per_threadgroup=_row_threads(d), flops=12 * x.size,
@@ -659,6 +856,25 @@ def layer_norm_backward(grad, x, weight, mean, rstd):
     fn = _kernel(_RED, "sum_axis_strided")
     for part, out in ((part_w, dweight), (part_b, dbias)):
         _launch_1d(fn, (part, out, blocks, d, d), d, blocks * d, (blocks + 1) * d * _F32)
+    return dx, dweight, dbias
+
+
+def _layer_norm_backward_v2(grad, x, weight, mean, rstd, dx, rows, d):
+    """One kernel reads grad and x once: dx, and per block of rows the partial dweight and
+    dbias (2, blocks, d); then sum_axis_blocks adds the blocks in order (deterministic)."""
+    per_block = builtins.max(8, builtins.min(64, -(-rows // 512)))  # rows per threadgroup
+    blocks = -(-rows // per_block)
+    partials = _empty((2, blocks, d))
+    vec4 = int(d % 4 == 0 and _aligned(grad, x, weight, dx))
+    fn = _kernel(_LN, "layernorm_backward_v2")
+    fn(grad, x, weight, mean, rstd, dx, partials, rows, d, per_block, vec4,
+       threadgroups=blocks, threads_per_threadgroup=_LN_BWD_THREADS, flops=17 * x.size,
+       bytes=(3 * x.size + 2 * rows + 2 * blocks * d) * _F32)  # fmt: skip
+    sums = _empty((2, d))
+    _sum_axis(partials, sums, 2, blocks, d)
+    # dweight and dbias: views of the two rows of one buffer (one dispatch sums both)
+    dweight = DeviceArray((d,), np.float32, sums.buffer, sums.offset)
+    dbias = DeviceArray((d,), np.float32, sums.buffer, sums.offset + d * _F32)
     return dx, dweight, dbias
 
 

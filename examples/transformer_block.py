@@ -15,8 +15,9 @@ is handed in as features: the one-hot codes of the previous characters side by s
                                           #          mlp = Linear(C, 4C), GELU, Linear(4C, C)
     logits = head(ln_f(h))                # (N, V)
 
-so every kernel of Stage 4 runs: layernorm_forward / _backward_dx / _backward_params,
-gelu_forward / _backward, plus the GEMMs, adds and the fused cross-entropy. Expected: the
+so every kernel of Stage 4 runs: layernorm_forward, layernorm_backward (_v2, or _dx and
+_backward_params with CAMEL_MEMORY_KERNELS=1), gelu_forward / _backward, plus the GEMMs,
+adds and the fused cross-entropy. Expected: the
 loss falls from ln(V) ~ 4.4 to below 2.5 in a few hundred steps.
 """
 

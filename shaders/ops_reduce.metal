@@ -78,14 +78,10 @@ static inline bool better_max(float v, uint i, float best, uint best_index)
     return v > best || ((v == best || isnan(v)) && i < best_index);
 }
 
-// Maximum and its index over every thread of the threadgroup; every thread gets both.
-// A thread that saw no element passes (-INFINITY, NO_INDEX).
-static inline void threadgroup_argmax(thread float &value, thread uint &index,
-                                      threadgroup float *partial_value,
-                                      threadgroup uint *partial_index, uint lane,
-                                      uint simd_group, uint num_simd_groups)
+// Maximum and its index over the 32 lanes of a SIMD group; every lane gets both.
+// A NaN wins: the smallest index holding one. Otherwise the max and its first index.
+static inline void simd_argmax(thread float &value, thread uint &index)
 {
-    // A NaN wins: the smallest index holding one. Otherwise the max and its first index.
     uint nan_i = simd_min(isnan(value) ? index : NO_INDEX);
     float m = simd_max(value);  // ignores NaN
     uint i = simd_min(value == m ? index : NO_INDEX);  // first lane index holding the max
@@ -93,6 +89,20 @@ static inline void threadgroup_argmax(thread float &value, thread uint &index,
         m = NAN;
         i = nan_i;
     }
+    value = m;
+    index = i;
+}
+
+// Maximum and its index over every thread of the threadgroup; every thread gets both.
+// A thread that saw no element passes (-INFINITY, NO_INDEX).
+static inline void threadgroup_argmax(thread float &value, thread uint &index,
+                                      threadgroup float *partial_value,
+                                      threadgroup uint *partial_index, uint lane,
+                                      uint simd_group, uint num_simd_groups)
+{
+    float m = value;
+    uint i = index;
+    simd_argmax(m, i);
     if (lane == 0) {
         partial_value[simd_group] = m;
         partial_index[simd_group] = i;
@@ -100,16 +110,10 @@ static inline void threadgroup_argmax(thread float &value, thread uint &index,
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float v = lane < num_simd_groups ? partial_value[lane] : -INFINITY;
     uint vi = lane < num_simd_groups ? partial_index[lane] : NO_INDEX;
-    nan_i = simd_min(isnan(v) ? vi : NO_INDEX);
-    m = simd_max(v);
-    i = simd_min(v == m ? vi : NO_INDEX);
-    if (nan_i != NO_INDEX) {
-        m = NAN;
-        i = nan_i;
-    }
+    simd_argmax(v, vi);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    value = m;
-    index = i;
+    value = v;
+    index = vi;
 }
 
 // ---------------------------------------------------------------------------
@@ -363,3 +367,313 @@ kernel void max_backward(device const float *grad [[buffer(0)]],
         dx[i] = uint(indices[src]) == k ? grad[src] : 0.0f;
     }
 }
+
+// ---------------------------------------------------------------------------
+// version 2: enough independent loads in flight to fill a large GPU
+// ---------------------------------------------------------------------------
+//
+// The kernels above are right and coalesced, but on a GPU with many cores they leave
+// most of its memory parallelism unused (measured on an H200, docs/cuda.md "Memory-bound
+// kernels": the row sum at 45 % of the copy bandwidth, the row max at 31 %, the column
+// sum at 2 % — a (65536, 1024) bias gradient ran on 1024 threads). A memory-bound kernel
+// is fast when many bytes are on their way at once: many SIMD groups, each lane with
+// several 16-byte loads issued before it uses the first. Version 2:
+//   sum_last_axis_v2, max_last_axis_v2   one SIMD group per row (P = 2, 4, 8 or 16 SIMD
+//       groups for rows longer than 1024 floats), threadgroups of max(8, P) SIMD groups. Lane
+//       l of part p reads float4 number 32 p + l, then + 32 P, ... of its row, four in flight;
+//       simd_sum / simd_max combine the lanes, and only a row shared by P > 1 SIMD groups
+//       goes through threadgroup memory.
+//   sum_all_partials_v2   pass 1 of the whole-tensor sum with float4 loads, four in flight
+//   sum_axis_blocks_float4 / _float   the column sum (bias gradient, sum_to_shape, a middle
+//       axis) in two dispatches of one kernel: a threadgroup of 32 x 8 threads owns 32
+//       columns (float4s when inner % 4 == 0) and a block of rows; its 8 slices of threads
+//       add every 8th row, then combine in threadgroup memory in slice order and write one
+//       partial per (block, column). The second dispatch adds the blocks' partials in
+//       block order. Deterministic, no atomics.
+// The host (camel/backend_mps.py) picks version 2 unless CAMEL_MEMORY_KERNELS=1.
+
+// Sum of p[first], p[first + stride], ... below n, in that order. Four loads are issued
+// before the first add: they do not depend on each other, so the GPU keeps all four in
+// flight. (The indices stay below 2^32: n + 3 * stride does, for n < 2^32 - 768.)
+template <typename V>
+static inline V strided_sum(device const V *p, uint n, uint first, uint stride)
+{
+    V acc = V(0.0f);
+    uint i = first;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        V a = p[i];
+        V b = p[i + stride];
+        V c = p[i + 2 * stride];
+        V d = p[i + 3 * stride];
+        acc += (a + b) + (c + d);
+    }
+    for (; i < n; i += stride) {
+        acc += p[i];
+    }
+    return acc;
+}
+
+static inline float horizontal_sum(float4 v)
+{
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// Sum of `value` over the P SIMD groups sharing a row (consecutive SIMD groups; P = 1, 2,
+// 4, 8 or 16, the same for the whole threadgroup, so every thread takes the same branch and
+// reaches the same barriers); every lane of them returns the total.
+// partial: one float per SIMD group of the threadgroup.
+static inline float row_sum(float value, threadgroup float *partial, uint P, uint lane,
+                            uint simd_group)
+{
+    value = simd_sum(value);
+    if (P == 1) {
+        return value;  // the row is this SIMD group's: no threadgroup memory, no barrier
+    }
+    if (lane == 0) {
+        partial[simd_group] = value;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    uint first = simd_group - simd_group % P;
+    float total = 0.0f;
+    for (uint s = 0; s < P; s++) {
+        total += partial[first + s];  // the same order in every lane
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // all read: partial may be reused
+    return total;
+}
+
+// x is (rows, K), out is (rows,): out[r] = scale * sum_k x[r, k], as sum_last_axis.
+// Threadgroups of S = max(8, P) SIMD groups (256 or 512 threads); SIMD groups g P ..
+// g P + P - 1 of threadgroup t share row t S / P + g (the host picks the fewest P in 1, 2,
+// 4, 8, 16 with K <= 1024 P). vec4 = 1 when K % 4 == 0 and x is 16-byte aligned (every row
+// then starts aligned: read as K / 4 float4s); 0: floats. Grid: ceil(rows P / S) threadgroups.
+kernel void sum_last_axis_v2(device const float *x [[buffer(0)]],
+                             device float *out [[buffer(1)]],
+                             constant uint &rows [[buffer(2)]],
+                             constant uint &K [[buffer(3)]],
+                             constant float &scale [[buffer(4)]],
+                             constant uint &P [[buffer(5)]],
+                             constant uint &vec4 [[buffer(6)]],
+                             uint group [[threadgroup_position_in_grid]],
+                             uint lane [[thread_index_in_simdgroup]],
+                             uint simd_group [[simdgroup_index_in_threadgroup]],
+                             uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;  // this lane's first float4 (or float)
+    float acc = 0.0f;
+    if (row < rows) {  // a SIMD group past the last row adds nothing but joins the barriers
+        device const float *xr = x + row * K;
+        if (vec4 != 0) {
+            acc = horizontal_sum(strided_sum((device const float4 *)xr, K / 4, first, 32 * P));
+        } else {
+            acc = strided_sum(xr, K, first, 32 * P);
+        }
+    }
+    float total = row_sum(acc, partial, P, lane, simd_group);
+    if (row < rows && first == 0) {
+        out[row] = scale * total;
+    }
+}
+
+// Pass 1 of the whole-tensor sum, version 2: as sum_all_partials (thread t of group g starts
+// at g T + t and strides by G T over the whole tensor: each step of the grid reads G T
+// neighbouring float4s), with float4 loads (vec4 = 1: x 16-byte aligned) four in flight;
+// the last n % 4 elements are added by thread 0 of group 0. Pass 2 is sum_last_axis_v2
+// over the (1, G) partials.
+kernel void sum_all_partials_v2(device const float *x [[buffer(0)]],
+                                device float *partials [[buffer(1)]],
+                                constant uint &n [[buffer(2)]],
+                                constant uint &vec4 [[buffer(3)]],
+                                uint g [[threadgroup_position_in_grid]],
+                                uint G [[threadgroups_per_grid]],
+                                uint t [[thread_position_in_threadgroup]],
+                                uint T [[threads_per_threadgroup]],
+                                uint lane [[thread_index_in_simdgroup]],
+                                uint simd_group [[simdgroup_index_in_threadgroup]],
+                                uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    float acc;
+    if (vec4 != 0) {
+        acc = horizontal_sum(strided_sum((device const float4 *)x, n / 4, g * T + t, G * T));
+        if (g == 0 && t == 0) {
+            for (uint i = n / 4 * 4; i < n; i++) {
+                acc += x[i];
+            }
+        }
+    } else {
+        acc = strided_sum(x, n, g * T + t, G * T);
+    }
+    float total = threadgroup_sum(acc, partial, lane, simd_group, num_simd_groups);
+    if (t == 0) {
+        partials[g] = total;
+    }
+}
+
+// One step of a lane's scan in increasing index order: v at index i replaces the best so
+// far when it is larger, a NaN (NaN beats every number), or the first element seen (a row
+// of -inf). Nothing replaces a NaN, and an equal value never replaces: the first wins.
+static inline void scan_max(float v, uint i, thread float &best, thread uint &best_index)
+{
+    if (!isnan(best) && (v > best || isnan(v) || best_index == NO_INDEX)) {
+        best = v;
+        best_index = i;
+    }
+}
+
+static inline void scan_max(float4 v, uint q, thread float &best, thread uint &best_index)
+{
+    scan_max(v.x, 4 * q, best, best_index);
+    scan_max(v.y, 4 * q + 1, best, best_index);
+    scan_max(v.z, 4 * q + 2, best, best_index);
+    scan_max(v.w, 4 * q + 3, best, best_index);
+}
+
+// The maximum of p[first], p[first + stride], ... below n and its element index (the first
+// one on ties, NaN first), four loads in flight as in strided_sum.
+template <typename V>
+static inline void strided_argmax(device const V *p, uint n, uint first, uint stride,
+                                  thread float &best, thread uint &best_index)
+{
+    uint i = first;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        V a = p[i];
+        V b = p[i + stride];
+        V c = p[i + 2 * stride];
+        V d = p[i + 3 * stride];
+        scan_max(a, i, best, best_index);
+        scan_max(b, i + stride, best, best_index);
+        scan_max(c, i + 2 * stride, best, best_index);
+        scan_max(d, i + 3 * stride, best, best_index);
+    }
+    for (; i < n; i += stride) {
+        scan_max(p[i], i, best, best_index);
+    }
+}
+
+// Maximum and index over the P SIMD groups sharing a row (as row_sum); every lane of them
+// gets both. The SIMD groups' indices interleave, so the combine prefers the smaller index.
+static inline void row_argmax(thread float &value, thread uint &index,
+                              threadgroup float *partial_value, threadgroup uint *partial_index,
+                              uint P, uint lane, uint simd_group)
+{
+    simd_argmax(value, index);
+    if (P == 1) {
+        return;
+    }
+    if (lane == 0) {
+        partial_value[simd_group] = value;
+        partial_index[simd_group] = index;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    uint first = simd_group - simd_group % P;
+    float best = -INFINITY;
+    uint best_index = NO_INDEX;
+    for (uint s = 0; s < P; s++) {
+        if (better_max(partial_value[first + s], partial_index[first + s], best, best_index)) {
+            best = partial_value[first + s];
+            best_index = partial_index[first + s];
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    value = best;
+    index = best_index;
+}
+
+// x is (rows, K); values and indices are (rows,): the maximum of each row and its first
+// index, as max_last_axis, with the geometry of sum_last_axis_v2.
+kernel void max_last_axis_v2(device const float *x [[buffer(0)]],
+                             device float *values [[buffer(1)]],
+                             device int *indices [[buffer(2)]],
+                             constant uint &rows [[buffer(3)]],
+                             constant uint &K [[buffer(4)]],
+                             constant uint &P [[buffer(5)]],
+                             constant uint &vec4 [[buffer(6)]],
+                             uint group [[threadgroup_position_in_grid]],
+                             uint lane [[thread_index_in_simdgroup]],
+                             uint simd_group [[simdgroup_index_in_threadgroup]],
+                             uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial_value[32];
+    threadgroup uint partial_index[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    float best = -INFINITY;
+    uint best_index = NO_INDEX;
+    if (row < rows) {
+        device const float *xr = x + row * K;
+        if (vec4 != 0) {
+            strided_argmax((device const float4 *)xr, K / 4, first, 32 * P, best, best_index);
+        } else {
+            strided_argmax(xr, K, first, 32 * P, best, best_index);
+        }
+    }
+    row_argmax(best, best_index, partial_value, partial_index, P, lane, simd_group);
+    if (row < rows && first == 0) {
+        values[row] = best;
+        indices[row] = int(best_index);
+    }
+}
+
+// The column sum. x is (outer, K, inner) and partials (outer, blocks, inner), in units of
+// V (float4 when the true inner % 4 == 0 and x is 16-byte aligned, else float).
+// Threadgroup (gx, b, o) has 32 x 8 threads: thread (c, s) adds column j = 32 gx + c over
+// the rows k = b R + s, b R + s + 8, ... below min(K, (b + 1) R), four rows in flight; the
+// 8 slices then add their sums in slice order and partials[o, b, j] gets the total.
+// Neighbouring threads read neighbouring columns: a slice reads 32 V's of a row at once.
+// With one block (blocks == 1, R >= K) it is the whole column sum; otherwise the host runs
+// it again on the partials, as (outer, blocks, inner) with R = blocks.
+// Grid: (ceil(inner / 32), blocks, outer) threadgroups of (32, 8, 1).
+constant uint COL_WIDTH = 32;  // columns per threadgroup
+constant uint COL_SLICES = 8;  // rows added side by side
+
+template <typename V>
+kernel void sum_axis_blocks(device const V *x [[buffer(0)]],
+                            device V *partials [[buffer(1)]],
+                            constant uint &K [[buffer(2)]],
+                            constant uint &inner [[buffer(3)]],
+                            constant uint &R [[buffer(4)]],
+                            uint3 group [[threadgroup_position_in_grid]],
+                            uint3 groups [[threadgroups_per_grid]],
+                            uint2 t [[thread_position_in_threadgroup]])
+{
+    threadgroup V slice_sum[COL_SLICES][COL_WIDTH];
+    uint j = group.x * COL_WIDTH + t.x;
+    uint end = min(K, group.y * R + R);
+    V acc = V(0.0f);
+    if (j < inner) {
+        device const V *column = x + group.z * K * inner + j;
+        uint k = group.y * R + t.y;
+        for (; k + 3 * COL_SLICES < end; k += 4 * COL_SLICES) {
+            V a = column[k * inner];
+            V b = column[(k + COL_SLICES) * inner];
+            V c = column[(k + 2 * COL_SLICES) * inner];
+            V d = column[(k + 3 * COL_SLICES) * inner];
+            acc += (a + b) + (c + d);
+        }
+        for (; k < end; k += COL_SLICES) {
+            acc += column[k * inner];
+        }
+    }
+    slice_sum[t.y][t.x] = acc;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (t.y == 0 && j < inner) {
+        V total = slice_sum[0][t.x];
+        for (uint s = 1; s < COL_SLICES; s++) {
+            total += slice_sum[s][t.x];
+        }
+        partials[(group.z * groups.y + group.y) * inner + j] = total;
+    }
+}
+
+#define SUM_AXIS_BLOCKS(NAME, V)                                                               \
+    template [[host_name(NAME)]] kernel void sum_axis_blocks<V>(                               \
+        device const V *x [[buffer(0)]], device V *partials [[buffer(1)]],                     \
+        constant uint &K [[buffer(2)]], constant uint &inner [[buffer(3)]],                    \
+        constant uint &R [[buffer(4)]], uint3 group [[threadgroup_position_in_grid]],          \
+        uint3 groups [[threadgroups_per_grid]], uint2 t [[thread_position_in_threadgroup]]);
+
+SUM_AXIS_BLOCKS("sum_axis_blocks_float4", float4)
+SUM_AXIS_BLOCKS("sum_axis_blocks_float", float)

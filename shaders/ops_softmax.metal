@@ -263,3 +263,339 @@ kernel void cross_entropy_backward(device const float *probs [[buffer(0)]],
     float onehot = k == targets[r] ? 1.0f : 0.0f;
     dx[i] = (probs[i] - onehot) * (grad[0] / float(N));
 }
+
+// ---------------------------------------------------------------------------
+// version 2 of softmax and log_softmax: the row in registers, read once
+// ---------------------------------------------------------------------------
+//
+// The kernels above read a row three times (max, sum, write) with one float per thread per
+// step: 36 % and 45 % of the copy bandwidth on an H200 (docs/cuda.md). Version 2 reads it
+// once and writes it once, the minimum (8 bytes per element): P SIMD groups share a row
+// (P = 1 up to 1024 floats, then 2, 4, 8, 16 up to 16384), in threadgroups of max(8, P)
+// SIMD groups (256 or 512 threads), and
+// lane l of part p keeps float4 number (32 p + l) + 32 P j, j = 0 .. 7, of its row in
+// registers (floats when K % 4 != 0 or x is not 16-byte aligned: 8 float4s or 32 floats a
+// lane). All 8 loads are issued before the first is used. The row max and sum are simd_max /
+// simd_sum, through threadgroup memory only when P > 1. Rows wider than 16384 floats take
+// version 1 (camel/backend_mps.py). The numerics are version 1's: the max skips NaN
+// (Metal's max), which still reaches s through exp; masked outputs are 0, or NaN when s is.
+
+// float4s of a row per lane (a SIMD group holds 1024 floats); a macro: a template argument
+#define ROW_REGS 8
+
+// Maximum (Metal's max: NaN skipped) or sum over the P SIMD groups sharing a row, as
+// row_sum in ops_reduce.metal; every lane of them returns it. partial: one float per SIMD group.
+static inline float row_combine(float value, bool is_max, threadgroup float *partial, uint P,
+                                uint lane, uint simd_group)
+{
+    value = is_max ? simd_max(value) : simd_sum(value);
+    if (P == 1) {
+        return value;  // the row is this SIMD group's: no threadgroup memory, no barrier
+    }
+    if (lane == 0) {
+        partial[simd_group] = value;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    uint first = simd_group - simd_group % P;
+    float total = partial[first];
+    for (uint s = 1; s < P; s++) {
+        total = is_max ? max(total, partial[first + s]) : total + partial[first + s];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // all read: partial may be reused
+    return total;
+}
+
+// The element index of component c of V number q (V = float: q; float4: 4 q + c).
+static inline uint element(float, uint q, uint) { return q; }
+static inline uint element(float4, uint q, uint c) { return 4 * q + c; }
+static inline float component(float v, uint) { return v; }
+static inline float component(float4 v, uint c) { return v[c]; }
+static inline void set_component(thread float &v, uint, float value) { v = value; }
+static inline void set_component(thread float4 &v, uint c, float value) { v[c] = value; }
+
+// One row of softmax (LOG false) or log_softmax (LOG true) with the row in registers.
+// V = float4 (N = ROW_REGS) or float (N = 4 ROW_REGS); xr, yr: the row as V's, n of them;
+// limit: the visible columns (K, or fewer under a causal mask; 0 for a SIMD group past the
+// last row, which loads nothing and joins the barriers). Returns (m, s): the row's max and
+// sum of exp(x - m), for the cross-entropy.
+template <typename V, uint N, bool LOG>
+static inline float2 softmax_row(device const V *xr, device V *yr, uint n, uint limit,
+                               uint first, uint stride, threadgroup float *partial, uint P,
+                               uint lane, uint simd_group)
+{
+    constexpr uint W = sizeof(V) / sizeof(float);
+    V v[N];
+    #pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {  // N independent loads in flight
+        uint q = first + j * stride;
+        v[j] = q < n && element(V(), q, 0) < limit ? xr[q] : V(-INFINITY);
+    }
+    float m = -INFINITY;
+    #pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        #pragma clang loop unroll(full)
+        for (uint c = 0; c < W; c++) {
+            if (element(V(), q, c) < limit) {
+                m = max(m, component(v[j], c));
+            }
+        }
+    }
+    m = row_combine(m, true, partial, P, lane, simd_group);
+
+    float s = 0.0f;
+    #pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        #pragma clang loop unroll(full)
+        for (uint c = 0; c < W; c++) {
+            if (element(V(), q, c) < limit) {
+                float e = exp(component(v[j], c) - m);
+                s += e;
+                if (!LOG) {
+                    set_component(v[j], c, e);  // keep exp(x - m) for the write
+                }
+            }
+        }
+    }
+    s = row_combine(s, false, partial, P, lane, simd_group);
+
+    float log_s = log(s);
+    float inv_s = 1.0f / s;  // one division a lane, not one an element (<= 1 ulp more)
+    float masked = isnan(s) ? s : 0.0f;  // exp(-inf - m) / s: 0, or NaN when s is NaN
+    #pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        if (q < n && limit > 0) {
+            V out = v[j];
+            #pragma clang loop unroll(full)
+            for (uint c = 0; c < W; c++) {
+                float value = component(v[j], c);
+                float y = LOG ? (value - m) - log_s : value * inv_s;
+                set_component(out, c, element(V(), q, c) < limit ? y : masked);
+            }
+            yr[q] = out;
+        }
+    }
+    return float2(m, s);
+}
+
+// x, y (rows, K). P SIMD groups per row (1, 2, 4, 8, 16: the host picks the fewest for
+// which K <= 1024 P) in threadgroups of S = max(8, P) SIMD groups, S / P rows each; vec4 = 1
+// when K % 4 == 0 and x, y are 16-byte aligned. causal_T as in softmax_last_axis (0: no
+// mask; LOG: always 0). Grid: ceil(rows P / S) threadgroups.
+template <bool LOG>
+kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
+                            device float *y [[buffer(1)]],
+                            constant uint &rows [[buffer(2)]],
+                            constant uint &K [[buffer(3)]],
+                            constant uint &causal_T [[buffer(4)]],
+                            constant uint &P [[buffer(5)]],
+                            constant uint &vec4 [[buffer(6)]],
+                            uint group [[threadgroup_position_in_grid]],
+                            uint lane [[thread_index_in_simdgroup]],
+                            uint simd_group [[simdgroup_index_in_threadgroup]],
+                            uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    uint limit = causal_T == 0 ? K : min(K, row % causal_T + 1);
+    limit = row < rows ? limit : 0;
+    uint base = row < rows ? row * K : 0;
+    if (vec4 != 0) {
+        softmax_row<float4, ROW_REGS, LOG>((device const float4 *)(x + base),
+                                           (device float4 *)(y + base), K / 4, limit, first,
+                                           32 * P, partial, P, lane, simd_group);
+    } else {
+        softmax_row<float, 4 * ROW_REGS, LOG>(x + base, y + base, K, limit, first, 32 * P,
+                                              partial, P, lane, simd_group);
+    }
+}
+
+#define SOFTMAX_ROWS_V2(NAME, LOG)                                                             \
+    template [[host_name(NAME)]] kernel void softmax_rows_v2<LOG>(                             \
+        device const float *x [[buffer(0)]], device float *y [[buffer(1)]],                    \
+        constant uint &rows [[buffer(2)]], constant uint &K [[buffer(3)]],                     \
+        constant uint &causal_T [[buffer(4)]], constant uint &P [[buffer(5)]],                 \
+        constant uint &vec4 [[buffer(6)]], uint group [[threadgroup_position_in_grid]],        \
+        uint lane [[thread_index_in_simdgroup]],                                               \
+        uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
+        uint num_simd_groups [[simdgroups_per_threadgroup]]);
+
+SOFTMAX_ROWS_V2("softmax_last_axis_v2", false)
+SOFTMAX_ROWS_V2("log_softmax_last_axis_v2", true)
+
+// logits, probs (N, K); targets, row_loss (N,); error as in cross_entropy_forward. Version 2
+// of the fused cross-entropy: the softmax of softmax_rows_v2 (the row read once into
+// registers, probs written once; geometry and vec4 as there), then lane 0 of the row's first
+// SIMD group checks the target and writes row_loss = m + log(s) - logits[r, target] (one
+// more load, from the cache). Grid: ceil(N P / S) threadgroups.
+kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
+                                     device const int *targets [[buffer(1)]],
+                                     device float *row_loss [[buffer(2)]],
+                                     device float *probs [[buffer(3)]],
+                                     device atomic_int *error [[buffer(4)]],
+                                     constant uint &rows [[buffer(5)]],
+                                     constant uint &K [[buffer(6)]],
+                                     constant uint &P [[buffer(7)]],
+                                     constant uint &vec4 [[buffer(8)]],
+                                     uint group [[threadgroup_position_in_grid]],
+                                     uint lane [[thread_index_in_simdgroup]],
+                                     uint simd_group [[simdgroup_index_in_threadgroup]],
+                                     uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    uint limit = row < rows ? K : 0;
+    uint base = row < rows ? row * K : 0;
+    float2 ms;
+    if (vec4 != 0) {
+        ms = softmax_row<float4, ROW_REGS, false>((device const float4 *)(logits + base),
+                                                  (device float4 *)(probs + base), K / 4, limit,
+                                                  first, 32 * P, partial, P, lane, simd_group);
+    } else {
+        ms = softmax_row<float, 4 * ROW_REGS, false>(logits + base, probs + base, K, limit, first,
+                                                     32 * P, partial, P, lane, simd_group);
+    }
+    if (row < rows && first == 0) {
+        int target = targets[row];
+        if (target < 0 || target >= int(K)) {
+            int seen_before = atomic_fetch_add_explicit(&error[0], 1, memory_order_relaxed);
+            if (seen_before == 0) {
+                atomic_store_explicit(&error[1], int(row), memory_order_relaxed);
+                atomic_store_explicit(&error[2], target, memory_order_relaxed);
+            }
+            row_loss[row] = 0.0f;
+        } else {
+            row_loss[row] = (ms.x + log(ms.y)) - logits[base + uint(target)];
+        }
+    }
+}
+
+// probs, dx (N, K) with K % 4 == 0 and every array 16-byte aligned; targets (N,); grad one
+// float. Version 2 of cross_entropy_backward: one thread per float4, which never straddles
+// two rows (K % 4 == 0), so a thread looks up one target and computes grad / N once for four
+// elements (version 1: one thread, one division and one target load per element).
+// Grid: N * K / 4 threads.
+kernel void cross_entropy_backward_float4(device const float4 *probs [[buffer(0)]],
+                                          device const int *targets [[buffer(1)]],
+                                          device const float *grad [[buffer(2)]],
+                                          device float4 *dx [[buffer(3)]],
+                                          constant uint &N [[buffer(4)]],
+                                          constant uint &K [[buffer(5)]],
+                                          uint q [[thread_position_in_grid]])
+{
+    if (q >= N * (K / 4)) {
+        return;
+    }
+    uint i = 4 * q;  // the first of the thread's four elements
+    uint r = i / K;
+    int k = int(i - r * K);
+    int target = targets[r];
+    float4 onehot = float4(k == target ? 1.0f : 0.0f, k + 1 == target ? 1.0f : 0.0f,
+                           k + 2 == target ? 1.0f : 0.0f, k + 3 == target ? 1.0f : 0.0f);
+    dx[q] = (probs[q] - onehot) * (grad[0] / float(N));
+}
+
+// ---------------------------------------------------------------------------
+// version 2 of the softmax and log_softmax backward: y and dy read once
+// ---------------------------------------------------------------------------
+//
+// The geometry of softmax_rows_v2: P SIMD groups per row, lane l of part p keeps float4
+// number (32 p + l) + 32 P j, j = 0 .. 7, of the row's y and dy in registers (floats when
+// K % 4 != 0 or an array is not 16-byte aligned), one row sum (simd_sum, threadgroup memory
+// only when P > 1), one write. The sums run over every column, as in version 1.
+
+// One row: LOG false: dot = sum_k dy y, dx = y (dy - dot) (0 at masked columns: k >= limit);
+// LOG true: s = sum_k dy, dx = dy - exp(y) s. n: the row's V's; active false for a SIMD
+// group past the last row.
+template <typename V, uint N, bool LOG>
+static inline void softmax_backward_row(device const V *yr, device const V *dyr, device V *dxr,
+                                        uint n, uint limit, bool active, uint first,
+                                        uint stride, threadgroup float *partial, uint P,
+                                        uint lane, uint simd_group)
+{
+    constexpr uint W = sizeof(V) / sizeof(float);
+    V y[N];
+    V dy[N];
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {  // 2 N independent loads in flight
+        uint q = first + j * stride;
+        bool in_row = active && q < n;
+        y[j] = in_row ? yr[q] : V(0.0f);
+        dy[j] = in_row ? dyr[q] : V(0.0f);
+    }
+    float s = 0.0f;
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+#pragma clang loop unroll(full)
+        for (uint c = 0; c < W; c++) {
+            s += LOG ? component(dy[j], c) : component(dy[j], c) * component(y[j], c);
+        }
+    }
+    s = row_combine(s, false, partial, P, lane, simd_group);
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
+        if (active && q < n) {
+            V out = y[j];
+#pragma clang loop unroll(full)
+            for (uint c = 0; c < W; c++) {
+                float yc = component(y[j], c);
+                float dyc = component(dy[j], c);
+                float d = LOG ? dyc - exp(yc) * s : yc * (dyc - s);
+                set_component(out, c, LOG || element(V(), q, c) < limit ? d : 0.0f);
+            }
+            dxr[q] = out;
+        }
+    }
+}
+
+// y, dy, dx (rows, K); geometry as softmax_rows_v2 (vec4 = 1: K % 4 == 0 and the three
+// arrays 16-byte aligned). causal_T as in softmax_backward (LOG: always 0).
+template <bool LOG>
+kernel void softmax_backward_rows_v2(device const float *y [[buffer(0)]],
+                                     device const float *dy [[buffer(1)]],
+                                     device float *dx [[buffer(2)]],
+                                     constant uint &rows [[buffer(3)]],
+                                     constant uint &K [[buffer(4)]],
+                                     constant uint &causal_T [[buffer(5)]],
+                                     constant uint &P [[buffer(6)]],
+                                     constant uint &vec4 [[buffer(7)]],
+                                     uint group [[threadgroup_position_in_grid]],
+                                     uint lane [[thread_index_in_simdgroup]],
+                                     uint simd_group [[simdgroup_index_in_threadgroup]],
+                                     uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    bool active = row < rows;
+    uint limit = causal_T == 0 ? K : min(K, row % causal_T + 1);
+    uint base = active ? row * K : 0;
+    if (vec4 != 0) {
+        softmax_backward_row<float4, ROW_REGS, LOG>(
+            (device const float4 *)(y + base), (device const float4 *)(dy + base),
+            (device float4 *)(dx + base), K / 4, limit, active, first, 32 * P, partial, P, lane,
+            simd_group);
+    } else {
+        softmax_backward_row<float, 4 * ROW_REGS, LOG>(y + base, dy + base, dx + base, K, limit,
+                                                       active, first, 32 * P, partial, P, lane,
+                                                       simd_group);
+    }
+}
+
+#define SOFTMAX_BACKWARD_ROWS_V2(NAME, LOG)                                                    \
+    template [[host_name(NAME)]] kernel void softmax_backward_rows_v2<LOG>(                    \
+        device const float *y [[buffer(0)]], device const float *dy [[buffer(1)]],             \
+        device float *dx [[buffer(2)]], constant uint &rows [[buffer(3)]],                     \
+        constant uint &K [[buffer(4)]], constant uint &causal_T [[buffer(5)]],                 \
+        constant uint &P [[buffer(6)]], constant uint &vec4 [[buffer(7)]],                     \
+        uint group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],  \
+        uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
+        uint num_simd_groups [[simdgroups_per_threadgroup]]);
+
+SOFTMAX_BACKWARD_ROWS_V2("softmax_backward_v2", false)
+SOFTMAX_BACKWARD_ROWS_V2("log_softmax_backward_v2", true)

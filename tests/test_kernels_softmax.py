@@ -30,6 +30,19 @@ def close(got, want):
 
 
 ROWS = [(1, 1), (3, 1), (2, 3), (4, 31), (5, 32), (3, 33), (2, 1000), (1, 4097), (2, 10000)]
+# Version 2's geometry: a SIMD group per row (8 rows per threadgroup: 17 leaves a partial
+# one), P = 2, 4, 8, 16 SIMD groups past 1024, 2048, 4096, 8192 floats (16: a threadgroup of
+# 512 for one row), float4s when K % 4 == 0; past 16384 floats version 1 runs.
+ROWS_V2 = [(17, 1024), (9, 1028), (5, 2048), (3, 3001), (7, 4096), (2, 8192), (2, 8193),
+           (1, 16384), (2, 16385)]  # fmt: skip
+
+
+@pytest.fixture(params=[1, 2])
+def version(request, monkeypatch, poisoned_memory):
+    """CAMEL_MEMORY_KERNELS: 1 the lesson kernels, 2 the row held in registers (on poisoned
+    memory: an output a kernel forgets to write is NaN, not a recycled answer)."""
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(request.param))
+    return request.param
 
 
 def extreme(shape, seed=0):
@@ -40,8 +53,8 @@ def extreme(shape, seed=0):
     return x
 
 
-@pytest.mark.parametrize("shape", ROWS)
-def test_softmax_and_backward(mps, shape):
+@pytest.mark.parametrize("shape", ROWS + ROWS_V2)
+def test_softmax_and_backward(mps, version, shape):
     x, g = rand(*shape, seed=1, scale=3.0), rand(*shape, seed=2)
     y = mps.softmax(mps.from_numpy(x))
     close(host(mps, y), cpu.softmax(x))
@@ -49,8 +62,8 @@ def test_softmax_and_backward(mps, shape):
     close(host(mps, dx), cpu.softmax_backward(cpu.softmax(x), g))
 
 
-@pytest.mark.parametrize("shape", ROWS)
-def test_log_softmax_and_backward(mps, shape):
+@pytest.mark.parametrize("shape", ROWS + ROWS_V2)
+def test_log_softmax_and_backward(mps, version, shape):
     x, g = rand(*shape, seed=3, scale=3.0), rand(*shape, seed=4)
     y = mps.log_softmax(mps.from_numpy(x))
     close(host(mps, y), cpu.log_softmax(x))
@@ -58,8 +71,8 @@ def test_log_softmax_and_backward(mps, shape):
     close(host(mps, dx), cpu.log_softmax_backward(cpu.log_softmax(x), g))
 
 
-@pytest.mark.parametrize("shape", [(3, 1000), (4, 33), (2, 3, 7)])
-def test_softmax_family_extreme_logits(mps, shape):
+@pytest.mark.parametrize("shape", [(3, 1000), (4, 33), (2, 3, 7), (3, 1024), (2, 5000)])
+def test_softmax_family_extreme_logits(mps, version, shape):
     x = extreme(shape, seed=5)
     with np.errstate(invalid="ignore", over="ignore"):
         want_p, want_l = cpu.softmax(x), cpu.log_softmax(x)
@@ -72,17 +85,76 @@ def test_softmax_family_extreme_logits(mps, shape):
     np.testing.assert_allclose(got_l[finite], want_l[finite], rtol=2e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 5), (3, 4, 6), (1, 1), (2, 33, 33)])
-def test_causal_softmax(mps, shape):
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 5), (3, 4, 6), (1, 1), (2, 33, 33), (1, 9, 1028), (1, 11, 2052), (3, 8)]
+)
+def test_causal_softmax(mps, version, shape):
     x = rand(*shape, seed=6)
     got = host(mps, mps.softmax(mps.from_numpy(x), causal=True))
     close(got, cpu.softmax(x, causal=True))
     masked = np.triu(np.ones(shape[-2:], dtype=bool), k=1)  # column j > row i
     assert np.all(got[..., masked] == 0.0)
+    g = rand(*shape, seed=17)
+    dx = host(mps, mps.softmax_backward(mps.from_numpy(got), mps.from_numpy(g), causal=True))
+    close(dx, cpu.softmax_backward(got, g, causal=True))
+    assert np.all(dx[..., masked] == 0.0)
 
 
-@pytest.mark.parametrize("n, c", [(1, 1), (16, 10), (33, 3), (5, 1000), (3, 10000), (1, 4097)])
-def test_cross_entropy_forward_backward(mps, n, c):
+@pytest.mark.parametrize("k", [40, 1024, 3000, 5000, 12000])
+def test_softmax_backward_nan_and_inf(mps, version, k):
+    # The row sum reaches every column: a NaN or inf in y or dy makes that row's dx NaN
+    # (as NumPy), wherever the SIMD group holding it is.
+    y = cpu.softmax(rand(5, k, seed=18))
+    g = rand(5, k, seed=19)
+    g[0, k - 1] = np.nan
+    g[1, k // 2] = np.inf
+    y[2, 0] = np.nan
+    with np.errstate(invalid="ignore"):
+        want = cpu.softmax_backward(y, g)
+        want_log = cpu.log_softmax_backward(y, g)
+    dy, dg = mps.from_numpy(y), mps.from_numpy(g)
+    got = host(mps, mps.softmax_backward(dy, dg))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, equal_nan=True)
+    got = host(mps, mps.log_softmax_backward(dy, dg))
+    np.testing.assert_allclose(got, want_log, rtol=2e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("k", [40, 1024, 3000, 5000, 12000])
+def test_softmax_family_nan_and_inf_rows(mps, version, k):
+    # NaN / +inf in one row make it NaN (as NumPy and PyTorch), -inf entries give 0 (or -inf),
+    # a row of -inf is NaN; in wide rows the specials sit in different SIMD groups.
+    x = rand(6, k, seed=14)
+    x[0, k // 2] = np.nan
+    x[1, k - 1] = np.inf
+    x[2, ::5] = -np.inf
+    x[3, :] = -np.inf
+    x[4, 0], x[4, k - 1] = np.nan, np.inf
+    dx = mps.from_numpy(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for got, want in [
+            (mps.softmax(dx), cpu.softmax(x)),
+            (mps.log_softmax(dx), cpu.log_softmax(x)),
+        ]:
+            np.testing.assert_allclose(host(mps, got), want, rtol=2e-5, atol=1e-6, equal_nan=True)
+
+
+def test_softmax_unaligned_rows(mps, version):
+    # K % 4 == 0 but x starts 4 bytes into its buffer: version 2 reads floats, not float4s.
+    from camel.metal import DeviceArray
+
+    x = rand(9, 1024, seed=15, scale=3.0)
+    whole = mps.from_numpy(np.concatenate([[0.0], x.reshape(-1)]).astype(np.float32))
+    dx = DeviceArray(x.shape, np.float32, whole.buffer, 4)
+    close(host(mps, mps.softmax(dx)), cpu.softmax(x))
+    close(host(mps, mps.log_softmax(dx)), cpu.log_softmax(x))
+
+
+@pytest.mark.parametrize(
+    "n, c",
+    [(1, 1), (16, 10), (33, 3), (5, 1000), (3, 10000), (1, 4097), (7, 4), (9, 1024), (17, 65),
+     (2, 16384), (2, 16385)],
+)  # fmt: skip
+def test_cross_entropy_forward_backward(mps, version, n, c):
     x = rand(n, c, seed=7, scale=2.0)
     t = np.random.default_rng(8).integers(0, c, size=n).astype(np.int32)
     dt = mps.from_numpy(t)
@@ -96,7 +168,18 @@ def test_cross_entropy_forward_backward(mps, n, c):
     close(host(mps, dx), cpu.cross_entropy_backward(want_probs, t, g))
 
 
-def test_cross_entropy_extreme_logits(mps):
+@pytest.mark.parametrize("n, c", [(9, 8), (12, 4), (5, 36)])
+def test_cross_entropy_backward_every_target_position(mps, version, n, c):
+    # targets at every column, so at each of a float4's four lanes and at the row's edges
+    probs = cpu.softmax(rand(n, c, seed=16))
+    t = (np.arange(n) * 5 % c).astype(np.int32)
+    t[0], t[-1] = 0, c - 1
+    g = np.array(-1.5, dtype=np.float32)
+    args = (mps.from_numpy(probs), mps.from_numpy(t), mps.from_numpy(g))
+    close(host(mps, mps.cross_entropy_backward(*args)), cpu.cross_entropy_backward(probs, t, g))
+
+
+def test_cross_entropy_extreme_logits(mps, version):
     x = extreme((6, 50), seed=9)
     t = np.array([0, 3, 10, 49, 22, 0], dtype=np.int32)  # targets at finite logits
     x[np.arange(6), t] = np.where(np.isinf(x[np.arange(6), t]), 1.0, x[np.arange(6), t])
@@ -110,7 +193,7 @@ def test_cross_entropy_extreme_logits(mps):
 
 
 @pytest.mark.parametrize("bad", [10, 12, -1])
-def test_cross_entropy_out_of_range_target_is_a_clear_error(mps, bad):
+def test_cross_entropy_out_of_range_target_is_a_clear_error(mps, version, bad):
     x = rand(4, 10, seed=10)
     t = np.array([0, bad, 3, 9], dtype=np.int32)
     with pytest.raises(IndexError, match=rf"target {bad} \(row 1\).*10 classes"):

@@ -262,7 +262,7 @@ def test_cross_entropy(device, special, where, shape):
 
 
 @pytest.mark.parametrize("special", SPECIALS)
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", [(4, 33), (70, 5), (3, 1100)])
 def test_layer_norm(device, special, version, shape, monkeypatch):
     # versions: CAMEL_LAYERNORM picks the forward kernel on "mps" (v3 keeps a row in

@@ -157,7 +157,7 @@ def test_training_step_on_mps_runs_only_kernels(gpt, monkeypatch):
         opt.step()
         loss.item()
     table = prof.table()
-    for kernel in ["layernorm_forward_v3", "layernorm_backward_dx", "layernorm_backward_params",
+    for kernel in ["layernorm_forward_v4", "layernorm_backward_v2", "sum_axis_blocks",
                    "gelu_forward", "gelu_backward", "embedding_forward", "embedding_backward_link",
                    "embedding_backward_sum", "softmax_last_axis", "softmax_backward",
                    "slice_uint", "slice_backward_float", "permute_uint", "adam_step"]:  # fmt: skip
@@ -230,7 +230,8 @@ def test_flash_selection_and_fallback(gpt, monkeypatch):
             _, loss, grads = run_step(gpt, model, x, y, "mps")
         names = {e.name for e in prof.events}
         assert any(n.startswith("flash") for n in names) == expect_flash, sorted(names)
-        assert ("softmax_last_axis" in names) == (not expect_flash), sorted(names)
+        softmax = any(n.startswith("softmax_last_axis") for n in names)  # v1 or v2
+        assert softmax == (not expect_flash), sorted(names)
         assert abs(loss - naive_loss) < 1e-5
         for name, want in naive_grads.items():
             scale = np.abs(want).max()

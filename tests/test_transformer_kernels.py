@@ -43,9 +43,14 @@ LN_SHAPES = [
 ]  # rows > 64: dweight and dbias in two passes (partials per block of 64 rows, then their sum)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+# v4's geometry: a SIMD group per row (8 rows per threadgroup: 17 leaves a partial one),
+# P = 2, 4, 8, 16 past 1024, 2048, 4096, 8192 floats; float4s when D % 4 == 0.
+LN_V4_SHAPES = [(17, 1024), (9, 1028), (3, 3001), (2, 8196), (1, 16384)]
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", LN_SHAPES)
-def test_layer_norm_forward(mps, monkeypatch, version, shape):
+def test_layer_norm_forward(mps, monkeypatch, version, shape, poisoned_memory):
     monkeypatch.setattr(mps, "LAYERNORM_VERSION", version)
     d = shape[-1]
     x = rand(*shape, seed=1, scale=2.0, shift=3.0)  # a non-zero mean tests the shift in v2
@@ -57,7 +62,31 @@ def test_layer_norm_forward(mps, monkeypatch, version, shape):
     close(host(mps, out), want_out, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("shape", LN_V4_SHAPES)
+def test_layer_norm_forward_v4_wide_rows(mps, monkeypatch, shape, poisoned_memory):
+    monkeypatch.setattr(mps, "LAYERNORM_VERSION", 4)
+    d = shape[-1]
+    x = rand(*shape, seed=31, scale=2.0, shift=3.0)
+    w, b = rand(d, seed=32), rand(d, seed=33)
+    out, mean, rstd = mps.layer_norm(mps.from_numpy(x), mps.from_numpy(w), mps.from_numpy(b), 1e-5)
+    want_out, want_mean, want_rstd = cpu.layer_norm(x, w, b, 1e-5)
+    close(host(mps, mean), want_mean)
+    close(host(mps, rstd), want_rstd, rtol=1e-4)
+    close(host(mps, out), want_out, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_v4_unaligned_takes_floats(mps, monkeypatch):
+    from camel.metal import DeviceArray
+
+    monkeypatch.setattr(mps, "LAYERNORM_VERSION", 4)
+    x, w, b = rand(5, 64, seed=34, shift=1.0), rand(64, seed=35), rand(64, seed=36)
+    whole = mps.from_numpy(np.concatenate([[0.0], x.reshape(-1)]).astype(np.float32))
+    dx = DeviceArray(x.shape, np.float32, whole.buffer, 4)
+    out = host(mps, mps.layer_norm(dx, mps.from_numpy(w), mps.from_numpy(b), 1e-5)[0])
+    close(out, cpu.layer_norm(x, w, b, 1e-5)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_layer_norm_large_mean(mps, monkeypatch, version):
     # mean 1000, std 0.5: E[x^2] - E[x]^2 without v2's shift would lose the variance
     monkeypatch.setattr(mps, "LAYERNORM_VERSION", version)
@@ -78,26 +107,42 @@ def test_layer_norm_version_from_environment(mps, monkeypatch):
     assert [e.name for e in prof.events] == ["layernorm_forward_v1"]
     close(out, cpu.layer_norm(x, w, b, 1e-5)[0], atol=1e-4)
     monkeypatch.setenv("CAMEL_LAYERNORM", "7")
-    with pytest.raises(ValueError, match=r"version '7' \(CAMEL_LAYERNORM.*valid: \[1, 2, 3\]"):
+    with pytest.raises(ValueError, match=r"version '7' \(CAMEL_LAYERNORM.*valid: \[1, 2, 3, 4\]"):
         mps.layer_norm(*args, 1e-5)
 
 
-def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch):
-    # v3 holds at most 4 columns per thread (D <= 1024); wider rows take v2
-    for d, kernel in [(1024, "layernorm_forward_v3"), (1025, "layernorm_forward_v2")]:
+@pytest.mark.parametrize("memory", ["1", "2"])
+def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch, memory):
+    # v4 holds rows of D <= 16384, v3 (the default with CAMEL_MEMORY_KERNELS=1) D <= 1024;
+    # wider rows take v2
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", memory)
+    picks = {"1": [(1024, "layernorm_forward_v3"), (1025, "layernorm_forward_v2")],
+             "2": [(1025, "layernorm_forward_v4"), (16385, "layernorm_forward_v2")]}  # fmt: skip
+    for d, kernel in picks[memory]:
         x, w, b = rand(2, d, seed=28), rand(d, seed=29), rand(d, seed=30)
         with camel.profile() as prof:
             out = host(mps, mps.layer_norm(*[mps.from_numpy(a) for a in (x, w, b)], 1e-5)[0])
         assert [e.name for e in prof.events] == [kernel]
         close(out, cpu.layer_norm(x, w, b, 1e-5)[0], rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("CAMEL_LAYERNORM", "4")
+    x = mps.from_numpy(rand(1, 16385))
+    with pytest.raises(ValueError, match=r"D <= 16384, got D = 16385 \(shape \(1, 16385\)\)"):
+        mps.layer_norm(x, mps.from_numpy(rand(16385)), mps.from_numpy(rand(16385)), 1e-5)
     monkeypatch.setenv("CAMEL_LAYERNORM", "3")
     x = mps.from_numpy(rand(2, 1025))
     with pytest.raises(ValueError, match=r"D <= 1024, got D = 1025 \(shape \(2, 1025\)\)"):
         mps.layer_norm(x, mps.from_numpy(rand(1025)), mps.from_numpy(rand(1025)), 1e-5)
 
 
-@pytest.mark.parametrize("shape", LN_SHAPES)
-def test_layer_norm_backward(mps, shape):
+# layer_norm_backward v2 (a SIMD group per row, D <= 1024; D = 1025 takes version 1):
+# D % 4 == 0 reads float4s, else floats; rows per threadgroup block 8 .. 64 (5000 rows: 10).
+LN_BACKWARD_SHAPES = LN_SHAPES + [(3, 1024), (5, 1023), (2, 1025), (5000, 4), (33, 7, 96)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("shape", LN_BACKWARD_SHAPES)
+def test_layer_norm_backward(mps, monkeypatch, version, shape, poisoned_memory):
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
     d = shape[-1]
     x, g = rand(*shape, seed=5, scale=2.0, shift=-1.0), rand(*shape, seed=6)
     w, b = rand(d, seed=7), rand(d, seed=8)
@@ -112,8 +157,11 @@ def test_layer_norm_backward(mps, shape):
     close(db, want_db, rtol=1e-4, atol=2e-6 * rows)
 
 
-@pytest.mark.parametrize("shape", [(1,), (17, 33), (130, 5), (3, 768)])
-def test_gelu_forward_backward(mps, shape):
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("shape", [(1,), (17, 33), (130, 5), (3, 768), (2,), (7,), (4, 1026)])
+def test_gelu_forward_backward(mps, monkeypatch, version, shape, poisoned_memory):
+    # version 2: float4s with a scalar tail (sizes 1, 2, 7, 561, 650: every remainder mod 4)
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
     x = rand(*shape, seed=9, scale=3.0)
     x.reshape(-1)[:1] = -30.0  # far tails: tanh saturates to -1
     x.reshape(-1)[-1:] = 30.0
@@ -121,6 +169,36 @@ def test_gelu_forward_backward(mps, shape):
     close(host(mps, mps.gelu(mps.from_numpy(x))), cpu.gelu(x))
     dx = mps.gelu_backward(mps.from_numpy(x), mps.from_numpy(g))
     close(host(mps, dx), cpu.gelu_backward(x, g), rtol=1e-4)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_gelu_against_float64_over_its_whole_range(mps, monkeypatch, version):
+    # Version 2 computes x * sigmoid(2u) instead of 0.5 x (1 + tanh(u)): the same function;
+    # both must be within float32 rounding of the float64 tanh form, tails included.
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
+    x = np.linspace(-40, 40, 20001, dtype=np.float32)
+    x64 = x.astype(np.float64)
+    u = 0.7978845608028654 * (x64 + 0.044715 * x64**3)
+    t = np.tanh(u)
+    want = 0.5 * x64 * (1 + t)
+    want_d = 0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * 0.7978845608028654 * (
+        1 + 3 * 0.044715 * x64**2
+    )
+    got = host(mps, mps.gelu(mps.from_numpy(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    ones = mps.from_numpy(np.ones_like(x))
+    got_d = host(mps, mps.gelu_backward(mps.from_numpy(x), ones))
+    np.testing.assert_allclose(got_d, want_d, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_unaligned_takes_the_scalar_kernels(mps):
+    from camel.metal import DeviceArray
+
+    x = rand(37, seed=28, scale=3.0)
+    whole = mps.from_numpy(np.concatenate([[0.0], x]).astype(np.float32))
+    dx = DeviceArray(x.shape, np.float32, whole.buffer, 4)
+    close(host(mps, mps.gelu(dx)), cpu.gelu(x))
+    close(host(mps, mps.gelu_backward(dx, dx)), cpu.gelu_backward(x, x), rtol=1e-4)
 
 
 @pytest.mark.parametrize("vocab, idx_shape, d", [(65, (1,), 1), (65, (2, 17), 33),
@@ -202,9 +280,11 @@ def test_head_permutes(mps, shape, dims):
     np.testing.assert_array_equal(got, cpu.permute(x, dims))
 
 
-@pytest.mark.parametrize("rows, kernel", [(17, "layernorm_backward_params"),
-                                          (300, "layernorm_backward_params_blocked")])  # fmt: skip
-def test_layer_norm_param_grads_are_deterministic(mps, rows, kernel):
+@pytest.mark.parametrize("rows, kernel, version", [(17, "layernorm_backward_params", 1),
+                                                   (300, "layernorm_backward_params_blocked", 1),
+                                                   (3000, "layernorm_backward_v2", 2)])  # fmt: skip
+def test_layer_norm_param_grads_are_deterministic(mps, monkeypatch, rows, kernel, version):
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
     x, g = rand(rows, 40, seed=24, scale=3.0), rand(rows, 40, seed=25, scale=100.0)
     w, b = rand(40, seed=26), rand(40, seed=27)
     _, mean, rstd = cpu.layer_norm(x, w, b, 1e-5)

@@ -72,3 +72,22 @@ def time_cases(what: str, shapes, cases, reps: int, unit: str) -> None:
             pct = f"{100 * gbs / copy:.0f}%"
             print(f"| {label} | {shape} | {ms:.4f} | {gbs:.1f} | {pct} | {roof} |")
     print("\n" + roofline.note(peaks))
+
+
+def memory_version(version: int, run):
+    """run() with CAMEL_MEMORY_KERNELS=version (1: the lesson kernels, 2: the ones that fill a
+    big GPU; camel/backend_mps.py) for that one call, so one run times both side by side."""
+    import os
+
+    def call():
+        old = os.environ.get("CAMEL_MEMORY_KERNELS")
+        os.environ["CAMEL_MEMORY_KERNELS"] = str(version)
+        try:
+            return run()
+        finally:
+            if old is None:
+                del os.environ["CAMEL_MEMORY_KERNELS"]
+            else:
+                os.environ["CAMEL_MEMORY_KERNELS"] = old
+
+    return call

@@ -1,10 +1,13 @@
 """Benchmark Stage 4's LayerNorm and GELU: ``python -m camel.bench layernorm``.
 
 Kernels of shaders/ops_layernorm.metal through camel/backend_mps.py:
-  layer_norm v1, v2, v3   one threadgroup per row, reading x three times, twice, once
-                          (CAMEL_LAYERNORM picks one; the default is v3 for D <= 1024)
-  layer_norm_backward     dx per row, then dweight and dbias as a column reduction
-  gelu, gelu_backward     one thread per element
+  layer_norm v1 .. v4     v1-v3 one threadgroup per row, reading x three times, twice,
+                          once; v4 once, a SIMD group per row with float4s (CAMEL_LAYERNORM
+                          picks one; the default is v4 for D <= 16384)
+  layer_norm_backward     v1: dx per row, then dweight and dbias as a column reduction;
+                          v2: one kernel reads grad and x once (D <= 1024), then the
+                          blocks' partial dweight and dbias are summed
+  gelu, gelu_backward     v1: one thread per element; v2: four (float4), as x * sigmoid(2u)
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes ((1, 1), (3, 33), (5, 1000)).
 2. On a GPU: time each after warm-up and print  op | (N, D) | ms | GB/s | % of copy, where
@@ -20,7 +23,7 @@ import os
 
 import numpy as np
 
-from camel.bench.bandwidth import parse_args, start, time_cases
+from camel.bench.bandwidth import memory_version, parse_args, start, time_cases
 
 GPU_SHAPES = [(4096, 768), (16384, 1024), (65536, 1024)]  # 12, 64 and 256 MiB
 SIM_SHAPES = [(256, 384), (64, 1000)]
@@ -61,16 +64,19 @@ def cases(shape, rng):
     f = 4
     rows = [
         (f"layer_norm v{v}", lambda v=v: _layer_norm(v)(dx, dw, db), want, 2 * x.size * f)
-        for v in (1, 2, 3)
-        if v != 3 or d <= 1024
+        for v in (1, 2, 3, 4)
+        if (v != 3 or d <= 1024) and (v != 4 or d <= 16384)
     ]
-    return rows + [
-        ("layer_norm_backward",
-         lambda: mps.layer_norm_backward(dg, dx, dw, dmean, drstd)[0], dx_want, 3 * x.size * f),
-        ("gelu", lambda: mps.gelu(dx), cpu.gelu(x), 2 * x.size * f),
-        ("gelu_backward", lambda: mps.gelu_backward(dx, dg), cpu.gelu_backward(x, g),
-         3 * x.size * f),
-    ]  # fmt: skip
+    for v in (1, 2):  # v1: dx in two sweeps, then the column sums; v2: one read, fused
+        run = memory_version(v, lambda: mps.layer_norm_backward(dg, dx, dw, dmean, drstd)[0])
+        rows.append((f"layer_norm_backward v{v}", run, dx_want, 3 * x.size * f))
+    for v in (1, 2):  # v1: one element per thread, tanh; v2: float4s, x * sigmoid(2u)
+        rows += [
+            (f"gelu v{v}", memory_version(v, lambda: mps.gelu(dx)), cpu.gelu(x), 2 * x.size * f),
+            (f"gelu_backward v{v}", memory_version(v, lambda: mps.gelu_backward(dx, dg)),
+             cpu.gelu_backward(x, g), 3 * x.size * f),
+        ]  # fmt: skip
+    return rows
 
 
 def validate(log=print) -> bool:

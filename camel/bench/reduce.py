@@ -1,10 +1,12 @@
 """Benchmark Stage 2's reductions: ``python -m camel.bench reduce``.
 
 Kernels of shaders/ops_reduce.metal through camel/backend_mps.py:
-  sum / max over the last axis   one threadgroup per row, simd_sum / simd_max, one exchange
-                                 through threadgroup memory
+  sum / max over the last axis   v1: one threadgroup per row, simd_sum / simd_max, one
+                                 exchange through threadgroup memory; v2: one SIMD group per
+                                 row (more for rows past 1024), float4 loads
   sum over everything            two passes: threadgroup partials, then one threadgroup
-  sum over the leading axis      one thread per column (the bias gradient)
+  sum over the leading axis      v1: one thread per column (the bias gradient); v2: blocks of
+                                 rows in parallel, then the blocks' partials (two passes)
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes: rows of 1, 33 and 10 000,
    4097 elements in all, a (4097, 3) leading-axis sum; max ties resolved to the first index.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from camel.bench.bandwidth import parse_args, start, time_cases
+from camel.bench.bandwidth import memory_version, parse_args, start, time_cases
 
 GPU_SHAPES = [(4096, 1024), (1024, 16384), (16384, 256), (65536, 1024)]  # the last: 256 MiB
 SIM_SHAPES = [(256, 1024), (64, 10000)]
@@ -34,15 +36,22 @@ def cases(shape, rng):
     dx, dt = mps.from_numpy(x), mps.from_numpy(ties)
     rows, k = shape
     f = 4
-    return [
-        ("sum last axis", lambda: mps.sum(dx, 1, False), cpu.sum(x, 1, False), (x.size + rows) * f),
-        ("max last axis", lambda: mps.max(dt, 1, False)[1], cpu.max(ties, 1, False)[1],
-         (x.size + 2 * rows) * f),
-        ("sum all (2 passes)", lambda: mps.sum(dx, None, False), cpu.sum(x, None, False),
-         x.size * f),
-        ("sum axis 0 (bias grad)", lambda: mps.sum(dx, 0, False), cpu.sum(x, 0, False),
-         (x.size + k) * f),
-    ]  # fmt: skip
+    out = []
+    for v in (1, 2):  # v1: the lesson kernels; v2: a SIMD group per row, blocked column sum
+        out += [
+            (f"sum last axis v{v}", memory_version(v, lambda: mps.sum(dx, 1, False)),
+             cpu.sum(x, 1, False), (x.size + rows) * f),
+            (f"max last axis v{v}", memory_version(v, lambda: mps.max(dt, 1, False)[1]),
+             cpu.max(ties, 1, False)[1], (x.size + 2 * rows) * f),
+        ]  # fmt: skip
+    for v in (1, 2):  # v2: float4 loads in pass 1
+        run = memory_version(v, lambda: mps.sum(dx, None, False))
+        out.append((f"sum all (2 passes) v{v}", run, cpu.sum(x, None, False), x.size * f))
+    col = x.sum(0, dtype=np.float64).astype(np.float32)  # v1 adds a long float32 chain
+    for v in (1, 2):
+        run = memory_version(v, lambda: mps.sum(dx, 0, False))
+        out.append((f"sum axis 0 (bias grad) v{v}", run, col, (x.size + k) * f))
+    return out
 
 
 def validate(log=print) -> bool:

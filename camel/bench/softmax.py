@@ -1,8 +1,11 @@
 """Benchmark Stage 2's softmax family: ``python -m camel.bench softmax``.
 
-Kernels of shaders/ops_softmax.metal through camel/backend_mps.py, one threadgroup per
-row: softmax and log_softmax forward (three sweeps over the row: max, sum of exp, write),
-softmax backward (two sweeps), and the cross-entropy backward (one thread per element).
+Kernels of shaders/ops_softmax.metal through camel/backend_mps.py: softmax and
+log_softmax forward (v1: one threadgroup per row, three sweeps over the row: max, sum of
+exp, write; v2: the row read once into the registers of one SIMD group, or 2-16 for rows
+past 1024 floats, up to 16384), softmax backward (v1: two sweeps; v2: y and dy read once
+into registers, as the forward v2), the fused cross-entropy forward (v1, v2 as softmax),
+and its backward (v1: one thread per element; v2: one per float4 when C % 4 == 0).
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes (rows of 1, 33, 10 000)
    and extreme logits (+-1e4, -inf entries): no NaN, equal to float32 tolerance.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from camel.bench.bandwidth import parse_args, start, time_cases
+from camel.bench.bandwidth import memory_version, parse_args, start, time_cases
 
 GPU_SHAPES = [(4096, 1024), (1024, 16384), (65536, 10), (65536, 1024)]  # the last: 256 MiB
 SIM_SHAPES = [(256, 1000), (16, 10000)]
@@ -40,13 +43,26 @@ def cases(shape, rng, extreme=False):
     dy, dprobs = mps.from_numpy(y), mps.from_numpy(probs)
     one = mps.from_numpy(np.array(1.0, np.float32))
     f = 4
-    return [
-        ("softmax", lambda: mps.softmax(dx), y, 2 * x.size * f),
-        ("log_softmax", lambda: mps.log_softmax(dx), cpu.log_softmax(x), 2 * x.size * f),
-        ("softmax_backward", lambda: mps.softmax_backward(dy, dg), cpu.softmax_backward(y, g),
-         3 * x.size * f),
-        ("cross_entropy_backward", lambda: mps.cross_entropy_backward(dprobs, dt, one),
-         cpu.cross_entropy_backward(probs, t, np.array(1.0, np.float32)), 2 * x.size * f),
+    forward = []
+    for v in (1, 2):  # v1: three sweeps, one threadgroup per row; v2: the row in registers
+        forward += [
+            (f"softmax v{v}", memory_version(v, lambda: mps.softmax(dx)), y, 2 * x.size * f),
+            (f"log_softmax v{v}", memory_version(v, lambda: mps.log_softmax(dx)),
+             cpu.log_softmax(x), 2 * x.size * f),
+        ]  # fmt: skip
+    return forward + [
+        (f"softmax_backward v{v}", memory_version(v, lambda: mps.softmax_backward(dy, dg)),
+         cpu.softmax_backward(y, g), 3 * x.size * f)
+        for v in (1, 2)  # v1: two sweeps, one threadgroup per row; v2: y, dy in registers
+    ] + [
+        (f"cross_entropy (forward) v{v}",
+         memory_version(v, lambda: mps.cross_entropy(dx, dt)[1]), probs, 2 * x.size * f)
+        for v in (1, 2)  # probs (and the loss): v1 three sweeps; v2 the row in registers
+    ] + [
+        (f"cross_entropy_backward v{v}",
+         memory_version(v, lambda: mps.cross_entropy_backward(dprobs, dt, one)),
+         cpu.cross_entropy_backward(probs, t, np.array(1.0, np.float32)), 2 * x.size * f)
+        for v in (1, 2)  # v1: one thread per element; v2: one per float4 (C % 4 == 0)
     ]  # fmt: skip
 
 
