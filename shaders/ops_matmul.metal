@@ -271,6 +271,21 @@ kernel void matmul_v5_blocktile2d(device const float* A [[buffer(0)]],
     }
 }
 
+// X[gr][gs .. gs + 3] of X (rows x cols, row stride ld) as a float4, zeros outside X: one
+// float4 read when vec4 (16-byte aligned) and all four are inside, else one float each.
+inline float4 read_float4(device const float* X, uint ld, uint gr, uint gs, uint rows,
+                          uint cols, bool vec4) {
+    float4 v = float4(0.0f);
+    if (vec4 && gr < rows && gs + 3 < cols) {
+        v = *((device const float4*)(X + gr * ld + gs));
+    } else if (gr < rows) {
+        for (uint q = 0; q < 4; q++) {
+            if (gs + q < cols) v[q] = X[gr * ld + gs + q];
+        }
+    }
+    return v;
+}
+
 // ---------------------------------------------------------------------------------------
 // float4 tile loader shared by versions 6-11.
 // Copies the R x S tile of X at (r0, s0), where X is contiguous along s
@@ -286,14 +301,7 @@ inline void load_tile_vec4(device const float* X, uint ld, uint r0, uint s0, uin
         uint r = e / (S / 4);
         uint s = (e % (S / 4)) * 4;
         uint gr = r0 + r, gs = s0 + s;
-        float4 v = float4(0.0f);
-        if (vec4 && gr < rows && gs + 3 < cols) {
-            v = *((device const float4*)(X + gr * ld + gs));
-        } else if (gr < rows) {
-            for (uint q = 0; q < 4; q++) {
-                if (gs + q < cols) v[q] = X[gr * ld + gs + q];
-            }
-        }
+        float4 v = read_float4(X, ld, gr, gs, rows, cols, vec4);
         threadgroup float* d = dst + r * dr + s * ds;
         d[0] = v.x;
         d[ds] = v.y;
@@ -425,11 +433,6 @@ MATMUL_BLOCKTILE("matmul_tile_128x128x32_8x8", 128, 128, 32, 8, 8)  // 256 threa
 #define SG_LDA (SG_BK + 4u)  // As[m][k] at As[m * SG_LDA + k]
 #define SG_LDB (SG_BN + 4u)  // Bs[k][n] at Bs[k * SG_LDB + n]
 
-// The 4 x 4 accumulators of one SIMD group (its 32 x 32 part of C).
-struct SgAcc {
-    simdgroup_float8x8 m[4][4];
-};
-
 // Copy the (64, 16) tile of op(A) at (m0, k0) into As[m][k] and the (16, 64) tile of op(B)
 // at (k0, n0) into Bs[k][n] (padded rows), with float4 reads along the contiguous dimension.
 inline void load_tiles_sg(device const float* A, device const float* B,
@@ -448,33 +451,36 @@ inline void load_tiles_sg(device const float* A, device const float* B,
     }
 }
 
-// acc[i][j] += op(A) fragment i · op(B) fragment j over the BK columns of one tile.
-inline void mma_tile_sg(threadgroup const float* As, threadgroup const float* Bs, uint wm,
-                        uint wn, thread SgAcc& acc) {
-    for (uint kk = 0; kk < SG_BK; kk += 8) {
-        simdgroup_float8x8 a[4], b[4];
-        for (uint i = 0; i < 4; i++) {
-            simdgroup_load(a[i], As + (wm + i * 8) * SG_LDA + kk, SG_LDA);
-        }
-        for (uint j = 0; j < 4; j++) {
-            simdgroup_load(b[j], Bs + kk * SG_LDB + wn + j * 8, SG_LDB);
-        }
-        for (uint i = 0; i < 4; i++) {
-            for (uint j = 0; j < 4; j++) {
+// The accumulators of one SIMD group: its (8 FM) x (8 FN) part of C.
+template <uint FM, uint FN> struct SgAccs {
+    simdgroup_float8x8 m[FM][FN];
+};
+
+// acc[i][j] += op(A) fragment i · op(B) fragment j over the BK columns of one tile
+// (As[m][k] and Bs[k][n] with row strides LDA and LDB).
+template <uint FM, uint FN, uint BK, uint LDA, uint LDB>
+inline void mma_tiles(threadgroup const float* As, threadgroup const float* Bs, uint wm,
+                      uint wn, thread SgAccs<FM, FN>& acc) {
+    for (uint kk = 0; kk < BK; kk += 8) {
+        simdgroup_float8x8 a[FM], b[FN];
+        for (uint i = 0; i < FM; i++) simdgroup_load(a[i], As + (wm + i * 8) * LDA + kk, LDA);
+        for (uint j = 0; j < FN; j++) simdgroup_load(b[j], Bs + kk * LDB + wn + j * 8, LDB);
+        for (uint i = 0; i < FM; i++) {
+            for (uint j = 0; j < FN; j++) {
                 simdgroup_multiply_accumulate(acc.m[i][j], a[i], b[j], acc.m[i][j]);
             }
         }
     }
 }
 
-// Store the 4 x 4 accumulators of one SIMD group at C(m, n), m = m0 + wm + i*8,
+// Store the accumulators of one SIMD group at C(m, n), m = m0 + wm + i*8,
 // n = n0 + wn + j*8: straight to device memory when the 8x8 block is inside C,
 // otherwise through a 64-float scratch in threadgroup memory with per-element checks.
-inline void store_acc_sg(thread SgAcc& acc, device float* C,
-                         constant MatmulParams& p, uint m0, uint n0, uint wm, uint wn,
-                         threadgroup float* scratch, uint lane) {
-    for (uint i = 0; i < 4; i++) {
-        for (uint j = 0; j < 4; j++) {
+template <uint FM, uint FN>
+inline void store_accs(thread SgAccs<FM, FN>& acc, device float* C, constant MatmulParams& p,
+                       uint m0, uint n0, uint wm, uint wn, threadgroup float* scratch, uint lane) {
+    for (uint i = 0; i < FM; i++) {
+        for (uint j = 0; j < FN; j++) {
             uint m = m0 + wm + i * 8, n = n0 + wn + j * 8;
             if (m >= p.M || n >= p.N) continue;  // the same for all 32 lanes
             if (m + 8 <= p.M && n + 8 <= p.N) {
@@ -510,17 +516,17 @@ kernel void matmul_v10_simdgroup(device const float* A [[buffer(0)]],
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
     uint m0 = group.y * SG_BM, n0 = group.x * SG_BN;
     uint wm = (sg / 2) * 32, wn = (sg % 2) * 32;  // this SIMD group's quarter of the tile
-    SgAcc acc;
+    SgAccs<4, 4> acc;  // its 32 x 32 part of C
     for (uint i = 0; i < 4; i++) {
         for (uint j = 0; j < 4; j++) acc.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
     for (uint k0 = 0; k0 < p.K; k0 += SG_BK) {
         load_tiles_sg(A, B, p, m0, n0, k0, As, Bs, t);
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        mma_tile_sg(As, Bs, wm, wn, acc);
+        mma_tiles<4, 4, SG_BK, SG_LDA, SG_LDB>(As, Bs, wm, wn, acc);
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    store_acc_sg(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
+    store_accs(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
 }
 
 // Version 11: version 10 with double buffering. Two copies of the As/Bs tiles: while the
@@ -544,7 +550,7 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
     uint m0 = group.y * SG_BM, n0 = group.x * SG_BN;
     uint wm = (sg / 2) * 32, wn = (sg % 2) * 32;
-    SgAcc acc;
+    SgAccs<4, 4> acc;  // its 32 x 32 part of C
     for (uint i = 0; i < 4; i++) {
         for (uint j = 0; j < 4; j++) acc.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
@@ -557,10 +563,11 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
             load_tiles_sg(A, B, p, m0, n0, (s + 1) * SG_BK, As + nxt * SG_BM * SG_LDA,
                           Bs + nxt * SG_BK * SG_LDB, t);
         }
-        mma_tile_sg(As + cur * SG_BM * SG_LDA, Bs + cur * SG_BK * SG_LDB, wm, wn, acc);
+        mma_tiles<4, 4, SG_BK, SG_LDA, SG_LDB>(As + cur * SG_BM * SG_LDA, Bs + cur * SG_BK * SG_LDB,
+                                               wm, wn, acc);
         threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
     }
-    store_acc_sg(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
+    store_accs(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
 }
 
 // Version 12: version 11 with register-staged prefetch. In v11 a thread loads the next tile
@@ -591,17 +598,7 @@ inline void fetch_tile(device const float* X, uint ld, uint r0, uint s0, uint ro
     for (uint i = 0; i < share_size<R, S, T>(); i++) {
         uint e = t + i * T;
         uint gr = r0 + e / (S / 4), gs = s0 + (e % (S / 4)) * 4;
-        float4 v = float4(0.0f);
-        if (e < R * S / 4) {
-            if (vec4 && gr < rows && gs + 3 < cols) {
-                v = *((device const float4*)(X + gr * ld + gs));
-            } else if (gr < rows) {
-                for (uint q = 0; q < 4; q++) {
-                    if (gs + q < cols) v[q] = X[gr * ld + gs + q];
-                }
-            }
-        }
-        share.v[i] = v;
+        share.v[i] = e < R * S / 4 ? read_float4(X, ld, gr, gs, rows, cols, vec4) : float4(0.0f);
     }
 }
 
@@ -645,50 +642,6 @@ inline void stash_tiles(thread const TileShare<share_size<BM, BK, T>()>& a,
     else stash_tile<BM, BK, T>(a, As, LDA, 1, t);
     if (p.trans_b) stash_tile<BN, BK, T>(b, Bs, 1, LDB, t);
     else stash_tile<BK, BN, T>(b, Bs, LDB, 1, t);
-}
-
-// The accumulators of one SIMD group: its (8 FM) x (8 FN) part of C.
-template <uint FM, uint FN> struct SgAccs {
-    simdgroup_float8x8 m[FM][FN];
-};
-
-// acc[i][j] += A fragment i · B fragment j over the BK columns of one tile (as mma_tile_sg).
-template <uint FM, uint FN, uint BK, uint LDA, uint LDB>
-inline void mma_tiles(threadgroup const float* As, threadgroup const float* Bs, uint wm,
-                      uint wn, thread SgAccs<FM, FN>& acc) {
-    for (uint kk = 0; kk < BK; kk += 8) {
-        simdgroup_float8x8 a[FM], b[FN];
-        for (uint i = 0; i < FM; i++) simdgroup_load(a[i], As + (wm + i * 8) * LDA + kk, LDA);
-        for (uint j = 0; j < FN; j++) simdgroup_load(b[j], Bs + kk * LDB + wn + j * 8, LDB);
-        for (uint i = 0; i < FM; i++) {
-            for (uint j = 0; j < FN; j++) {
-                simdgroup_multiply_accumulate(acc.m[i][j], a[i], b[j], acc.m[i][j]);
-            }
-        }
-    }
-}
-
-// Store the accumulators at C(m0 + wm + 8 i, n0 + wn + 8 j), as store_acc_sg.
-template <uint FM, uint FN>
-inline void store_accs(thread SgAccs<FM, FN>& acc, device float* C, constant MatmulParams& p,
-                       uint m0, uint n0, uint wm, uint wn, threadgroup float* scratch, uint lane) {
-    for (uint i = 0; i < FM; i++) {
-        for (uint j = 0; j < FN; j++) {
-            uint m = m0 + wm + i * 8, n = n0 + wn + j * 8;
-            if (m >= p.M || n >= p.N) continue;  // the same for all 32 lanes
-            if (m + 8 <= p.M && n + 8 <= p.N) {
-                simdgroup_store(acc.m[i][j], C + m * p.ldc + n, p.ldc);
-            } else {
-                simdgroup_store(acc.m[i][j], scratch, 8);
-                simdgroup_barrier(mem_flags::mem_threadgroup);
-                for (uint e = lane; e < 64; e += 32) {
-                    uint r = e / 8, c = e % 8;
-                    if (m + r < p.M && n + c < p.N) C[(m + r) * p.ldc + n + c] = scratch[e];
-                }
-                simdgroup_barrier(mem_flags::mem_threadgroup);  // reads done before reuse
-            }
-        }
-    }
 }
 
 template <uint BM, uint BN, uint FM, uint FN>

@@ -74,20 +74,26 @@ def time_cases(what: str, shapes, cases, reps: int, unit: str) -> None:
     print("\n" + roofline.note(peaks))
 
 
-def memory_version(version: int, run):
-    """run() with CAMEL_MEMORY_KERNELS=version (1: the lesson kernels, 2: the ones that fill a
-    big GPU; camel/backend_mps.py) for that one call, so one run times both side by side."""
+def with_env(name: str, value, run):
+    """run() with the environment variable `name` set to `value` for that one call, so one
+    bench run can time two kernel versions side by side."""
     import os
 
-    def call():
-        old = os.environ.get("CAMEL_MEMORY_KERNELS")
-        os.environ["CAMEL_MEMORY_KERNELS"] = str(version)
+    def call(*args):
+        old = os.environ.get(name)
+        os.environ[name] = str(value)
         try:
-            return run()
+            return run(*args)
         finally:
             if old is None:
-                del os.environ["CAMEL_MEMORY_KERNELS"]
+                del os.environ[name]
             else:
-                os.environ["CAMEL_MEMORY_KERNELS"] = old
+                os.environ[name] = old
 
     return call
+
+
+def memory_version(version: int, run):
+    """run() with CAMEL_MEMORY_KERNELS=version (1: the lesson kernels, 2: the ones that fill a
+    big GPU; camel/backend_mps.py) for that one call."""
+    return with_env("CAMEL_MEMORY_KERNELS", version, run)

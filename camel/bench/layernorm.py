@@ -19,11 +19,9 @@ Kernels of shaders/ops_layernorm.metal through camel/backend_mps.py:
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from camel.bench.bandwidth import memory_version, parse_args, start, time_cases
+from camel.bench.bandwidth import memory_version, parse_args, start, time_cases, with_env
 
 GPU_SHAPES = [(4096, 768), (16384, 1024), (65536, 1024)]  # 12, 64 and 256 MiB
 SIM_SHAPES = [(256, 384), (64, 1000)]
@@ -33,18 +31,7 @@ def _layer_norm(version: int):
     """backend_mps.layer_norm with CAMEL_LAYERNORM=version for this one call."""
     from camel import backend_mps as mps
 
-    def run(x, w, b):
-        old = os.environ.get("CAMEL_LAYERNORM")
-        os.environ["CAMEL_LAYERNORM"] = str(version)
-        try:
-            return mps.layer_norm(x, w, b, 1e-5)[0]
-        finally:
-            if old is None:
-                del os.environ["CAMEL_LAYERNORM"]
-            else:
-                os.environ["CAMEL_LAYERNORM"] = old
-
-    return run
+    return with_env("CAMEL_LAYERNORM", version, lambda x, w, b: mps.layer_norm(x, w, b, 1e-5)[0])
 
 
 def cases(shape, rng):

@@ -243,8 +243,9 @@ static void make_order(Group &g) {
         }
 }
 
-// What every thread of the group knows alike (set once per threadgroup).
-static void fill_group_fields(const Group &g, camel_sim_thread &t) {
+// What every thread of the group knows alike (set once per threadgroup), into a
+// camel_sim_thread or a group entry's camel_sim_group: the same field names.
+template <class Fields> static void fill_shared_fields(const Group &g, Fields &t) {
     const Dispatch &d = *g.d;
     for (int a = 0; a < 3; a++) {
         t.threadgroup_position_in_grid[a] = g.gid[a];
@@ -256,6 +257,9 @@ static void fill_group_fields(const Group &g, camel_sim_thread &t) {
     t.simdgroups_per_threadgroup = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
     t.threads_per_simdgroup = kSimdWidth;
     t.quadgroups_per_threadgroup = (g.nthreads + 3) / 4;
+}
+static void fill_group_fields(const Group &g, camel_sim_thread &t) {
+    fill_shared_fields(g, t);
     t.group = (void *)&g;
 }
 
@@ -595,17 +599,8 @@ static bool regions_on = true;
 static bool run_group_entry(Group &g) {
     const Dispatch &d = *g.d;
     camel_sim_group gr;
-    for (int a = 0; a < 3; a++) {
-        gr.threadgroup_position_in_grid[a] = g.gid[a];
-        gr.threads_per_threadgroup[a] = g.size[a];
-        gr.dispatch_threads_per_threadgroup[a] = d.tpg[a];
-        gr.threadgroups_per_grid[a] = d.groups[a];
-        gr.threads_per_grid[a] = d.threads[a];
-        gr.origin[a] = g.origin[a];
-    }
-    gr.simdgroups_per_threadgroup = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
-    gr.threads_per_simdgroup = kSimdWidth;
-    gr.quadgroups_per_threadgroup = (g.nthreads + 3) / 4;
+    fill_shared_fields(g, gr);
+    for (int a = 0; a < 3; a++) gr.origin[a] = g.origin[a];
     gr.order_list = nullptr;
     gr.seed = g.rng;
     // Thread 0 with the group's fields, for the kernel's calls into the runtime
