@@ -66,6 +66,15 @@ def _blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, what: 
     return Rung(version, name, what, bm, bn, (threads, 1, 1), (bm + bn) * bk * 4)
 
 
+def _pftile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, what: str) -> Rung:
+    """v13's template (matmul_blocktile_prefetch): v6-v9's thread tiles, two tile buffers
+    with rows padded by 4 floats, the next tile staged in registers."""
+    config = f"{bm}x{bn}x{bk}_{tm}x{tn}"
+    name = f"matmul_v13_prefetch_{config}" if version == "13" else f"matmul_pftile_{config}"
+    threads = (bm // tm) * (bn // tn)
+    return Rung(version, name, what, bm, bn, (threads, 1, 1), 2 * bk * (bm + 4 + bn + 4) * 4)
+
+
 def _sgtile(version: str, bm: int, bn: int, fm: int, fn: int, what: str) -> Rung:
     """v12's template (matmul_sg_prefetch): BM x BN tiles, BK = 16, SIMD groups of
     (8 FM) x (8 FN); two padded tile buffers and 64 floats of scratch a SIMD group."""
@@ -100,13 +109,14 @@ RUNGS: dict[str, Rung] = {
         Rung("11", "matmul_v11_double_buffer", "v10 with double-buffered threadgroup tiles",
              64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
         _sgtile("12", 64, 64, 4, 4, "v11 with the next tile staged in registers"),
+        _pftile("13", 128, 64, 16, 8, 4, "v9 with the next tile staged in registers"),
     ]
 }  # fmt: skip
 
 # Tuning variants: more instantiations of the v6-v9 template for the autotuner's grid search
-# (BM, BN in 32/64/128, BK in 8/16/32, TM, TN in 4/8) and of v12's (sg_BMxBN_FMxFN). Their
-# version is the config string: CAMEL_MATMUL=64x64x16_4x4. Not part of the ladder (--list
-# shows them after it).
+# (BM, BN in 32/64/128, BK in 8/16/32, TM, TN in 4/8), of v12's (sg_BMxBN_FMxFN) and of
+# v13's (pf_BMxBNxBK_TMxTN). Their version is the config string: CAMEL_MATMUL=64x64x16_4x4.
+# Not part of the ladder (--list shows them after it).
 VARIANTS: dict[str, Rung] = {
     r.version: r
     for r in [
@@ -117,6 +127,9 @@ VARIANTS: dict[str, Rung] = {
         _sgtile("sg_128x64_4x4", 128, 64, 4, 4, "tuning variant of v12: 8 SIMD groups of 32x32"),
         _sgtile("sg_128x64_8x4", 128, 64, 8, 4, "tuning variant of v12: 4 SIMD groups of 64x32"),
         _sgtile("sg_64x128_4x8", 64, 128, 4, 8, "tuning variant of v12: 4 SIMD groups of 32x64"),
+    ] + [
+        _pftile(f"pf_{c}", *map(int, c.replace("_", "x").split("x")), "tuning variant of v13")
+        for c in ["128x128x8_8x8", "128x64x8_8x4", "64x64x16_4x4"]
     ]
 }  # fmt: skip
 

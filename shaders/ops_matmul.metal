@@ -19,6 +19,9 @@
 //   version 12 is version 11 with the next K tile staged in registers: its device loads are
 //             issued before the multiplies and written to threadgroup memory after them,
 //             so the multiplies do not wait for device memory
+//   version 13 is version 9 with the same register-staged prefetch (two padded tile buffers,
+//             one barrier per K step): matmul_v13_prefetch_128x64x16_8x4 (more
+//             instantiations, matmul_pftile_*, are its tuning variants)
 //
 // Run and benchmark them:
 //   python -m camel.bench matmul --list          # one version per line
@@ -330,6 +333,27 @@ inline void load_tiles_km(device const float* A, device const float* B,
     }
 }
 
+// A thread's TM x TN block of C at (m, n), acc row-major: float4 stores when the row
+// segment is inside and aligned, else one float each (versions 6-9 and 13).
+template <uint TM, uint TN>
+inline void store_thread_block(thread const float* acc, device float* C,
+                               constant MatmulParams& p, uint m, uint n) {
+    for (uint i = 0; i < TM && m + i < p.M; i++) {
+        for (uint j = 0; j < TN; j += 4) {
+            float4 v = float4(acc[i * TN + j], acc[i * TN + j + 1], acc[i * TN + j + 2],
+                              acc[i * TN + j + 3]);
+            device float* c = C + (m + i) * p.ldc + n + j;
+            if (p.vec4 && n + j + 3 < p.N) {
+                *((device float4*)c) = v;
+            } else {
+                for (uint q = 0; q < 4; q++) {
+                    if (n + j + q < p.N) c[q] = v[q];
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Versions 6-9: 2-D blocktiling with float4 loads, as a template over the tile sizes.
 // A threadgroup of (BM/TM) * (BN/TN) threads computes a BM x BN tile of C; thread t
@@ -372,23 +396,7 @@ kernel void matmul_blocktile_vec4(device const float* A [[buffer(0)]],
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    // Write the TM x TN block: float4 stores when the row segment is inside and aligned.
-    for (uint i = 0; i < TM; i++) {
-        uint m = m0 + tr * TM + i;
-        if (m >= p.M) break;
-        for (uint j = 0; j < TN; j += 4) {
-            uint n = n0 + tc * TN + j;
-            float4 v = float4(acc[i * TN + j], acc[i * TN + j + 1], acc[i * TN + j + 2],
-                              acc[i * TN + j + 3]);
-            if (p.vec4 && n + 3 < p.N) {
-                *((device float4*)(C + m * p.ldc + n)) = v;
-            } else {
-                for (uint q = 0; q < 4; q++) {
-                    if (n + q < p.N) C[m * p.ldc + n + q] = v[q];
-                }
-            }
-        }
-    }
+    store_thread_block<TM, TN>(acc, C, p, m0 + tr * TM, n0 + tc * TN);
 }
 
 #define MATMUL_BLOCKTILE(NAME, BM, BN, BK, TM, TN)                                         \
@@ -705,3 +713,98 @@ MATMUL_SG_PREFETCH("matmul_v12_register_prefetch", 64, 64, 4, 4)
 MATMUL_SG_PREFETCH("matmul_sgtile_128x64_4x4", 128, 64, 4, 4)  // 256 threads, 30.5 KiB
 MATMUL_SG_PREFETCH("matmul_sgtile_128x64_8x4", 128, 64, 8, 4)  // 128 threads, 29.5 KiB
 MATMUL_SG_PREFETCH("matmul_sgtile_64x128_4x8", 64, 128, 4, 8)  // 128 threads, 27.5 KiB
+
+// ---------------------------------------------------------------------------------------
+// Version 13: version 9's thread tiles with version 12's register-staged prefetch.
+// v6-v9 load a tile, wait at a barrier, multiply, wait again: while the device reads are in
+// flight a thread has nothing to do but wait (only other threadgroups on the core can use
+// the time). Here, as in v12, a K step issues the device reads of the next tile into
+// registers (fetch_tiles), multiplies the current tile, then writes the fetched one to the
+// other of two buffers (stash): one barrier per K step instead of two.
+// The tiles are stored as in v6-v9, As[k][m] and Bs[k][n], with each row padded by 4
+// floats: the transposed store of a (BM, BK) tile of A (thread t writes column 4 (t % 4) ..
+// of row t / 4 into As[k][m], a stride of BM floats between its four stores) hits
+// 8 banks with BM = 128 (bank = m mod 32 for every k); with a stride of BM + 4 it hits 16.
+// The padding keeps rows 16-byte aligned, so the reads stay float4 reads.
+// Thread t computes the TM x TN block at rows tr TM, columns tc TN as in v6-v9.
+// Threadgroup ((BM/TM)(BN/TN), 1, 1); grid (ceil(N/BN), ceil(M/BM), batches);
+// threadgroup memory 2 BK (BM + 4 + BN + 4) floats (v13: 12.5 KiB x 2 = 25 KiB).
+template <uint BM, uint BN, uint BK, uint T, uint LDA, uint LDB>
+inline void stash_tiles_km(thread const TileShare<share_size<BM, BK, T>()>& a,
+                           thread const TileShare<share_size<BK, BN, T>()>& b,
+                           constant MatmulParams& p, threadgroup float* As, threadgroup float* Bs,
+                           uint t) {
+    if (p.trans_a) stash_tile<BK, BM, T>(a, As, LDA, 1, t);  // A stored (K, M)
+    else stash_tile<BM, BK, T>(a, As, 1, LDA, t);            // (M, K): transposed here
+    if (p.trans_b) stash_tile<BN, BK, T>(b, Bs, 1, LDB, t);  // B stored (N, K): transposed
+    else stash_tile<BK, BN, T>(b, Bs, LDB, 1, t);
+}
+
+template <uint BM, uint BN, uint BK, uint TM, uint TN>
+kernel void matmul_blocktile_prefetch(device const float* A [[buffer(0)]],
+                                      device const float* B [[buffer(1)]],
+                                      device float* C [[buffer(2)]],
+                                      constant MatmulParams& p [[buffer(3)]],
+                                      uint3 group [[threadgroup_position_in_grid]],
+                                      uint t [[thread_index_in_threadgroup]]) {
+    constexpr uint T = (BM / TM) * (BN / TN);
+    constexpr uint LDA = BM + 4, LDB = BN + 4;  // padded rows (bank conflicts, see above)
+    // float4 arrays so that float4 reads from them are 16-byte aligned; buffer s of As
+    // starts at As4 + s * BK * LDA / 4
+    threadgroup float4 As4[2 * BK * LDA / 4];
+    threadgroup float4 Bs4[2 * BK * LDB / 4];
+    threadgroup float* As = (threadgroup float*)As4;
+    threadgroup float* Bs = (threadgroup float*)Bs4;
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    const uint m0 = group.y * BM, n0 = group.x * BN;
+    const uint tc = t % (BN / TN), tr = t / (BN / TN);
+    float acc[TM * TN];
+    for (uint i = 0; i < TM * TN; i++) acc[i] = 0.0f;
+    float4 reg_m[TM / 4], reg_n[TN / 4];
+    const uint steps = (p.K + BK - 1) / BK;
+    TileShare<share_size<BM, BK, T>()> a;  // the next tiles, in flight
+    TileShare<share_size<BK, BN, T>()> b;
+    if (steps > 0) {  // prologue: tile 0 into buffer 0
+        fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, 0, t, a, b);
+        stash_tiles_km<BM, BN, BK, T, LDA, LDB>(a, b, p, As, Bs, t);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint s = 0; s < steps; s++) {
+        const uint cur = s % 2, nxt = 1 - cur;
+        const bool more = s + 1 < steps;
+        if (more) fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, (s + 1) * BK, t, a, b);
+        threadgroup const float4* as = As4 + cur * BK * LDA / 4;
+        threadgroup const float4* bs = Bs4 + cur * BK * LDB / 4;
+        for (uint k = 0; k < BK; k++) {
+            for (uint i = 0; i < TM / 4; i++) reg_m[i] = as[(k * LDA + tr * TM) / 4 + i];
+            for (uint j = 0; j < TN / 4; j++) reg_n[j] = bs[(k * LDB + tc * TN) / 4 + j];
+            for (uint i = 0; i < TM; i++) {
+                float x = reg_m[i / 4][i % 4];
+                for (uint j = 0; j < TN; j++) acc[i * TN + j] += x * reg_n[j / 4][j % 4];
+            }
+        }
+        // the other buffer was last read before the previous barrier: free to overwrite
+        if (more) {
+            stash_tiles_km<BM, BN, BK, T, LDA, LDB>(a, b, p, As + nxt * BK * LDA,
+                                                    Bs + nxt * BK * LDB, t);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
+    }
+    store_thread_block<TM, TN>(acc, C, p, m0 + tr * TM, n0 + tc * TN);
+}
+
+#define MATMUL_BLOCKTILE_PREFETCH(NAME, BM, BN, BK, TM, TN)                                 \
+    template [[host_name(NAME)]] kernel void matmul_blocktile_prefetch<BM, BN, BK, TM, TN>( \
+        device const float* A [[buffer(0)]], device const float* B [[buffer(1)]],         \
+        device float* C [[buffer(2)]], constant MatmulParams& p [[buffer(3)]],            \
+        uint3 group [[threadgroup_position_in_grid]], uint t [[thread_index_in_threadgroup]]);
+
+// Version 13: v9's shape, 128 x 64 x 16 tiles, 8 x 4 per thread, 256 threads, 25 KiB.
+MATMUL_BLOCKTILE_PREFETCH("matmul_v13_prefetch_128x64x16_8x4", 128, 64, 16, 8, 4)
+// Tuning variants (camel/gemm.py): v6's shape, a shallower K step, 64 x 64 (v8's shape,
+// 128 x 128 x 16, would need 33 KiB: over Apple's 32 KiB).
+MATMUL_BLOCKTILE_PREFETCH("matmul_pftile_128x128x8_8x8", 128, 128, 8, 8, 8)    // 256 thr, 16.5 KiB
+MATMUL_BLOCKTILE_PREFETCH("matmul_pftile_128x64x8_8x4", 128, 64, 8, 8, 4)      // 256 thr, 12.5 KiB
+MATMUL_BLOCKTILE_PREFETCH("matmul_pftile_64x64x16_4x4", 64, 64, 16, 4, 4)      // 256 thr, 17 KiB
