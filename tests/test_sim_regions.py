@@ -74,6 +74,21 @@ template [[host_name("busy_64")]] kernel void busy<64>(device const float *x [[b
     device float *out [[buffer(1)]], constant uint &cols [[buffer(2)]],
     uint row [[threadgroup_position_in_grid]], uint lid [[thread_index_in_threadgroup]]);
 
+// The second barrier of a tile loop left out: iteration 1's writes race iteration 0's
+// reads of the other threads' slots. A region loop would finish every thread's iteration 0
+// before any starts iteration 1, as if the barrier were there: this loop keeps the fibers.
+kernel void loop_missing_end_barrier(device float *out [[buffer(0)]],
+                                     uint lid [[thread_index_in_threadgroup]]) {
+    threadgroup float t[64];
+    float acc = 0.0;
+    for (uint i = 0; i < 2; i++) {
+        t[lid] = float(lid + 64 * i);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        acc += t[63 - lid];
+    }
+    out[lid] = acc;
+}
+
 kernel void crash_after_barrier(device float *out [[buffer(0)]],
                                 uint lid [[thread_index_in_threadgroup]]) {
     threadgroup float t[64];
@@ -111,6 +126,21 @@ def test_a_missing_barrier_shows_in_reverse_and_random_order(lib, monkeypatch, r
             assert np.isnan(got[1:]).all()
         else:
             assert np.isnan(got).any() and not np.isnan(got).all()
+
+
+def test_a_loop_missing_its_closing_barrier_shows_the_race(lib, monkeypatch):
+    lid = np.arange(64)
+    race_free = (63 - lid) + (127 - lid)  # what the missing barrier would give
+    for order in ORDERS:
+        monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+        out = M.DeviceArray.zeros((64,))
+        run(lib.function("loop_missing_end_barrier"), out, threadgroups=1,
+            threads_per_threadgroup=64)  # fmt: skip
+        stale = out.numpy() != race_free  # read a slot already overwritten by iteration 1
+        if order == "forward":  # threads 32-63 read slots 31-0, written again by then
+            np.testing.assert_array_equal(stale, lid >= 32)
+        elif order == "reverse":
+            np.testing.assert_array_equal(stale, lid < 32)
 
 
 def test_a_loop_whose_trip_count_differs_is_an_error(lib, monkeypatch):
@@ -166,3 +196,4 @@ def test_verbose_says_which_kernels_keep_the_fibers(monkeypatch, tmp_path, capfd
     err = capfd.readouterr().err
     assert "[sim] busy_64b: barrier regions" in err
     assert "[sim] uneven_loop: barrier regions" in err
+    assert "[sim] loop_missing_end_barrier: fibers" in err

@@ -1543,6 +1543,7 @@ struct Rewriter {
     // in one region and used in another) lives in an array indexed by the thread. A
     // loop around barriers is entered when every thread's condition holds; when only
     // some threads' does, that is the error the fibers report as a partial barrier.
+    // A loop around barriers must end with one (its back edge acts as a barrier).
     // Anything else (a barrier under an `if`, `return`, `break`, a SIMD-group function,
     // a template kernel, a parameter the kernel assigns to, ...) keeps the fibers.
     struct RItem {
@@ -1627,6 +1628,12 @@ struct Rewriter {
                 if (!it.line) it.line = it.body.empty() ? 0 : it.body[0].line;
                 for (size_t k = close + 2; k < e - 1; k++)  // breaks and continues that
                     if (is(k, "break") || is(k, "continue")) return false;  // bind to it
+                // Every thread finishes an iteration before any starts the next one, so
+                // the loop's back edge acts as a barrier. Unless the body ends with one, that
+                // barrier is not in the code, and a race across the back edge (the next
+                // iteration's writes against this one's reads: v6-v9 without their second
+                // barrier) would be hidden: the fibers run such a loop.
+                if (it.body.empty() || it.body.back().kind != RItem::BARRIER) return false;
             } else if (has_barrier(j, e)) {
                 return false;  // under an if, a while, a block, ...
             }
@@ -1934,7 +1941,8 @@ struct Rewriter {
             if (k > fi.body_begin && k < fi.body_end) tg.insert(k);
         std::vector<RItem> items;
         if (!parse_regions(a, b, items, true, tg))
-            return no_region(kn, "a barrier outside the top level and its for loops");
+            return no_region(kn, "a barrier outside the top level and its for loops, or a loop "
+                                 "around barriers that does not end with one");
         RegionGen rg;
         rg.tg = tg;
         if (!kn.targs.empty())  // template parameters are constants too
