@@ -170,18 +170,19 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     const uint q0 = group.x * BR;
     const uint row0 = q0 + sg * 8;
     const uint r = lane / 4, qd = lane % 4;  // softmax: this lane's row and quarter
-    const FragLane fl = frag_lane(lane);     // v7: this lane's elements of a fragment
-    const uint row = row0 + (REG_SOFTMAX ? fl.row : r);
-    const bool row_first = REG_SOFTMAX ? fl.col == 0 : qd == 0;  // one lane per row
+    // v7: this lane's row is where its elements of a fragment sit (frag_lane)
+    const uint row = row0 + (REG_SOFTMAX ? frag_lane(lane).row : r);
+    const bool row_first = REG_SOFTMAX ? frag_lane(lane).col == 0 : qd == 0;  // one lane per row
 
     // Q: 8 rows of this SIMD group, BC columns of D at a time through s_sg (rows >= T
     // are zero), into registers. Only this SIMD group touches s_sg: simdgroup barriers.
     // v7: each lane reads its own two elements of every fragment from device memory.
     simdgroup_float8x8 Qf[ND];
     if (REG_SOFTMAX) {
+        const uint at = row * D + frag_lane(lane).col;
         for (uint d = 0; d < ND; d++) {
             for (uint e = 0; e < 2; e++) {
-                Qf[d].thread_elements()[e] = row < T ? q[row * D + d * 8 + fl.col + e] : 0.0f;
+                Qf[d].thread_elements()[e] = row < T ? q[at + d * 8 + e] : 0.0f;
             }
         }
     } else {
@@ -297,6 +298,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             if (exact && REG_SOFTMAX) {
                 // v7: P times V pair by pair, skipping masked pairs; P[row][c] comes from
                 // the lane of the row that holds it (lane ^ mask, element i)
+                const FragLane fl = frag_lane(lane);
                 for (uint dd = 0; dd < DK / 8; dd++) {
                     float acc[2] = {Of[of0 + dd].thread_elements()[0],
                                     Of[of0 + dd].thread_elements()[1]};
@@ -318,7 +320,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                     }
                     for (uint e = 0; e < 2; e++) Of[of0 + dd].thread_elements()[e] = acc[e];
                 }
-            } else if (exact) {
+            } else if (exact && !REG_SOFTMAX) {
                 // P (in s_sg since the softmax) times V pair by pair: a masked pair adds
                 // nothing, even where V holds a NaN or inf.
                 for (uint dd = 0; dd < DK / 8; dd++) {
@@ -377,6 +379,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
         if (i == NCHUNK - 1 && REG_SOFTMAX) {
             // v7: the block's scores are complete; the online softmax runs where they are.
             // Lane (row, col) holds scores (row, 8 j + col + e) of the block, j < NC, e < 2.
+            const FragLane fl = frag_lane(lane);
             float mx = -INFINITY;
             for (uint j = 0; j < NC; j++) {
                 for (uint e = 0; e < 2; e++) {
@@ -410,7 +413,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             m = m_new;
             // O = diag(alpha) · O without a multiply: this lane's elements are in its row
             for (uint d = 0; d < ND; d++) Of[d].thread_elements() *= alpha;
-        } else if (i == NCHUNK - 1) {
+        } else if (i == NCHUNK - 1 && !REG_SOFTMAX) {
             // The block's scores are complete: online softmax on this SIMD group's 8 rows.
             for (uint j = 0; j < NC; j++) simdgroup_store(Sf[j], s_sg + j * 8, BC);
             simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -491,10 +494,9 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
         // v7: each lane scales and stores its own elements (rows < T), no tile between
         for (uint d = 0; d < ND; d++) Of[d].thread_elements() *= inv_l;
         if (row < T) {
+            const uint at = row * D + frag_lane(lane).col;
             for (uint d = 0; d < ND; d++) {
-                for (uint e = 0; e < 2; e++) {
-                    o[row * D + d * 8 + fl.col + e] = Of[d].thread_elements()[e];
-                }
+                for (uint e = 0; e < 2; e++) o[at + d * 8 + e] = Of[d].thread_elements()[e];
             }
         }
     } else {
