@@ -8,13 +8,17 @@
 // row, the output rescaled incrementally); each one changes ONE idea:
 //   version 1 is the baseline: B_r = B_c = 64, K and V staged in threadgroup memory in
 //             chunks of DK columns of D, simdgroup_matrix for Q·Kᵀ and P·V
-//   version 2 XOR-swizzles the lanes' walk over the score tile (no bank conflicts)
-//   version 3 double-buffers the K/V chunks (global → threadgroup): the next chunk loads
-//             while this one is multiplied, one barrier per chunk instead of two
+//   version 2 XOR-swizzles the lanes' walk over the score tile (no conflicts in that walk
+//             under the assumed bank model, docs/stage5b.md)
+//   version 3 keeps two K/V chunk buffers: chunk g + 1 is copied into the other buffer
+//             before chunk g is multiplied, one barrier per chunk instead of two; with no
+//             asynchronous copy a thread still waits for its own loads, and the chunks are
+//             half as wide, so the barriers per key block stay the same
 //   version 4 interleaves fragments: consecutive simdgroup multiplies write different
 //             accumulators (independent), instead of a dependent chain into one
-//   version 5 double-buffers threadgroup → registers: the next 8x8 fragment is loaded
-//             before the current multiply is issued
+//   version 5 double-buffers threadgroup → registers in the source: the next 8x8
+//             fragment's load is written before the current multiply (the compiler
+//             schedules both; check the compiled code before crediting it)
 //   version 6 fuses the softmax arithmetic into FMAs (exp2 with the scale folded in) and
 //             comes in several (B_r, B_c) tile shapes for the autotuner
 //   version 7 does the softmax in registers, on the lanes' own elements of the score
@@ -421,7 +425,8 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             float mx = -INFINITY;
             for (uint n = 0; n < BC / 4; n++) {
                 // v1: lane (r, qd) reads column 4n + qd: at one n, the 8 rows hit the same
-                // 4 banks (row stride BC is a multiple of 32 floats): an 8-way conflict.
+                // 4 banks (row stride BC is a multiple of 32 floats): an 8-way conflict,
+                // if Apple's banks are NVIDIA's 32 of 4 bytes (an assumption, stage5b.md).
                 // v2: the XOR swizzle 4 (n ^ r) + qd sends the 8 rows to 8 different groups
                 // of 4 banks; each row still visits all its columns once.
                 const uint c = SWIZZLE ? 4 * (n ^ r) + qd : 4 * n + qd;
