@@ -101,9 +101,11 @@ DEFAULT_V6 = "flash_v6_64x32"  # when the autotuner has no entry
 
 def names() -> list[str]:
     """Every selectable name: the rungs, plus "flash_v6" (the tuned v6 shape)."""
-    return ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"] + [
-        n for n in RUNGS if n.startswith("flash_v6_")
-    ] + ["flash_v7"]
+    return (
+        ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"]
+        + [n for n in RUNGS if n.startswith("flash_v6_")]
+        + ["flash_v7"]
+    )
 
 
 def v6_candidates(d: int) -> list[Rung]:

@@ -194,9 +194,10 @@ def gemm_rows(n: int = 4096) -> list[dict]:
 def flash_rows(t: int = 4096, d: int = 64, heads: int = 16) -> list[dict]:
     """One dict per flash rung (full attention, B = 1): FLOPs 4·T²·D per head (the benches'
     count); executed matrix FMAs add the diag(alpha) rescale (ND per key block and SIMD
-    group; none in v7, which scales in registers); device bytes: Q read and O, lse written once, K and V read once per query
-    block; tg bytes per FMA from fragment loads, the softmax's trip through threadgroup
-    memory and the K/V chunk stores. Also the naive path (Stage 5A) at the same size."""
+    group; none in v7, which scales in registers); device bytes: Q read and O, lse
+    written once, K and V read once per query block; tg bytes per FMA from fragment loads,
+    the softmax's trip through threadgroup memory (not in v7) and the K/V chunk stores.
+    Also the naive path (Stage 5A) at the same size."""
     from camel import flash
 
     rows = []
