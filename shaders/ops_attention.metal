@@ -14,8 +14,9 @@
 //             before chunk g is multiplied, one barrier per chunk instead of two; with no
 //             asynchronous copy a thread still waits for its own loads, and the chunks are
 //             half as wide, so the barriers per key block stay the same
-//   version 4 interleaves fragments: consecutive simdgroup multiplies write different
-//             accumulators (independent), instead of a dependent chain into one
+//   version 4 interleaves fragments in the source: consecutive simdgroup multiplies write
+//             different accumulators (independent), instead of a dependent chain into one
+//             (after unrolling the compiler may schedule either order; check the compiled code)
 //   version 5 double-buffers threadgroup → registers in the source: the next 8x8
 //             fragment's load is written before the current multiply (the compiler
 //             schedules both; check the compiled code before crediting it)
@@ -279,7 +280,8 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                     }
                 }
             } else {
-                // v5: as v4, with the fragment of step n + 1 loaded before multiply n
+                // v5: as v4, with the fragment of step n + 1 loaded before multiply n (in the
+                // source; the compiler may hoist v4's loads the same way)
                 constexpr uint N = (DK / 8) * NC;
                 simdgroup_float8x8 cur, nxt;
                 simdgroup_load(cur, buf, DK, ulong2(0, 0), true);
