@@ -10,7 +10,7 @@ recomputes P from lse, one thread per row (see shaders/ops_attention.metal).
 
 Selection (F.scaled_dot_product_attention on "mps"):
     CAMEL_ATTENTION=flash        the default rung: v6 with the autotuner's tile shape
-    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v6, or flash_v6_64x32)
+    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v7, or flash_v6_64x32)
     CAMEL_ATTENTION=naive        the Stage 5A path (four ops, a (T, S) matrix)
 Head dims 32, 64 and 128 are built; camel.functional falls back to naive for others.
 """
@@ -42,6 +42,7 @@ class Rung:
     bc: int  # keys per block (B_c)
     dk: dict  # head dim -> columns of D per K/V chunk
     buffers: int = 1  # K/V chunk buffers (2: double buffering, v3+)
+    reg_softmax: bool = False  # v7: softmax in registers, no score or diag(alpha) tile
 
     @property
     def threads(self) -> int:
@@ -51,9 +52,11 @@ class Rung:
         return f"flash_v{self.version}_{self.br}x{self.bc}_d{d}"
 
     def tg_bytes(self, d: int) -> int:
-        """Threadgroup memory: K/V chunk buffers, the score tile, the diag(alpha) tiles."""
+        """Threadgroup memory: K/V chunk buffers, the score tile, the diag(alpha) tiles
+        (v7: no tiles, but 4-float placeholders, as Metal has no empty arrays)."""
         dk = self.dk.get(d, 32)
-        return _F32 * (self.buffers * self.bc * dk + self.br * self.bc + self.br * 8)
+        tiles = 4 + 4 if self.reg_softmax else self.br * self.bc + self.br * 8
+        return _F32 * (self.buffers * self.bc * dk + tiles)
 
     def grid(self, t: int, bh: int) -> tuple[int, int, int]:
         return ((t + self.br - 1) // self.br, bh, 1)
@@ -83,6 +86,8 @@ RUNGS: dict[str, Rung] = {
              64, 64, _dk(16, 16, 16), 2),
         Rung("flash_v6_128x32", 6, "v5 + FMA-fused exp2 softmax, 128x32 tiles",
              128, 32, _dk(32, 32, 32), 2),
+        Rung("flash_v7", 7, "v6_64x32 + softmax in registers (thread_elements), no score tile",
+             64, 32, _dk(32, 64, 64), 2, reg_softmax=True),
     ]
 }  # fmt: skip
 
@@ -96,9 +101,11 @@ DEFAULT_V6 = "flash_v6_64x32"  # when the autotuner has no entry
 
 def names() -> list[str]:
     """Every selectable name: the rungs, plus "flash_v6" (the tuned v6 shape)."""
-    return ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"] + [
-        n for n in RUNGS if n.startswith("flash_v6_")
-    ]
+    return (
+        ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"]
+        + [n for n in RUNGS if n.startswith("flash_v6_")]
+        + ["flash_v7"]
+    )
 
 
 def v6_candidates(d: int) -> list[Rung]:

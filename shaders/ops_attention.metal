@@ -8,15 +8,23 @@
 // row, the output rescaled incrementally); each one changes ONE idea:
 //   version 1 is the baseline: B_r = B_c = 64, K and V staged in threadgroup memory in
 //             chunks of DK columns of D, simdgroup_matrix for Q·Kᵀ and P·V
-//   version 2 XOR-swizzles the lanes' walk over the score tile (no bank conflicts)
-//   version 3 double-buffers the K/V chunks (global → threadgroup): the next chunk loads
-//             while this one is multiplied, one barrier per chunk instead of two
-//   version 4 interleaves fragments: consecutive simdgroup multiplies write different
-//             accumulators (independent), instead of a dependent chain into one
-//   version 5 double-buffers threadgroup → registers: the next 8x8 fragment is loaded
-//             before the current multiply is issued
+//   version 2 XOR-swizzles the lanes' walk over the score tile (no conflicts in that walk
+//             under the assumed bank model, docs/stage5b.md)
+//   version 3 keeps two K/V chunk buffers: chunk g + 1 is copied into the other buffer
+//             before chunk g is multiplied, one barrier per chunk instead of two; with no
+//             asynchronous copy a thread still waits for its own loads, and the chunks are
+//             half as wide, so the barriers per key block stay the same
+//   version 4 interleaves fragments in the source: consecutive simdgroup multiplies write
+//             different accumulators (independent), instead of a dependent chain into one
+//             (after unrolling the compiler may schedule either order; check the compiled code)
+//   version 5 double-buffers threadgroup → registers in the source: the next 8x8
+//             fragment's load is written before the current multiply (the compiler
+//             schedules both; check the compiled code before crediting it)
 //   version 6 fuses the softmax arithmetic into FMAs (exp2 with the scale folded in) and
 //             comes in several (B_r, B_c) tile shapes for the autotuner
+//   version 7 does the softmax in registers, on the lanes' own elements of the score
+//             fragments (thread_elements()): no score tile and no diag(alpha) tile in
+//             threadgroup memory, O rescaled element by element instead of by a multiply
 // All rungs are instances of ONE template kernel, `flash_forward`, whose bool parameters
 // switch the ideas on; the instances are named `flash_v<rung>_<B_r>x<B_c>_d<D>`.
 //
@@ -85,6 +93,30 @@ inline void scale_rows_exact(thread simdgroup_float8x8& f, float lo, float hi,
     simdgroup_barrier(mem_flags::mem_threadgroup);
 }
 
+// Where a lane's two elements of an 8x8 simdgroup_matrix sit (v7): thread_elements()[i]
+// of lane `lane` is element (row, col + i), and the 4 lanes lane ^ m, m in {0, x1, x2,
+// x1 ^ x2}, hold the 4 pairs of one row. The Metal Shading Language Specification does not
+// say which elements a lane holds; this is the layout of Apple GPUs that MLX's kernels
+// (steel/attn) rely on, and the simulator's (docs/simulator.md). The CUDA shim keeps the
+// tensor cores' own layout instead (shim/cuda/include/camel_cuda_simd.h), so it gets its
+// own branch; tests/test_flash.py checks both against their headers.
+struct FragLane {
+    uint row;     // 0..7
+    uint col;     // 0, 2, 4 or 6
+    uint x1, x2;  // XOR masks from this lane to the other lanes of its row
+};
+inline FragLane frag_lane(uint lane) {
+#ifdef __CAMEL_CUDA__
+    // mma.m16n8k8's accumulator: row lane / 4, columns 2 (lane % 4), + 1 (lane bits 4-2
+    // are the row, bits 1-0 the column pair)
+    return FragLane{lane / 4, 2 * (lane % 4), 1, 2};
+#else
+    // Apple: lane bits 4, 2, 1 are the row, bits 3 and 0 the column pair
+    const uint q = lane / 4;
+    return FragLane{(q & 4) + (lane / 2) % 4, (q & 2) * 2 + (lane % 2) * 2, 1, 8};
+#endif
+}
+
 // ---------------------------------------------------------------------------------------
 // flash_forward: one threadgroup computes BR query rows of one (batch, head).
 // BR / 8 SIMD groups; SIMD group sg owns query rows row0 .. row0+7 (row0 = q0 + 8 sg):
@@ -95,13 +127,16 @@ inline void scale_rows_exact(thread simdgroup_float8x8& f, float lo, float hi,
 //   diag     8 x 8 floats: diag(alpha), to rescale Of with one simdgroup multiply
 // In the softmax, lane = 4 r + qd works on row r (qd = 0..3 share a row): each lane
 // takes BC/4 scores of that row, and the row's max and sum meet with two shuffles.
+// v7 (REG_SOFTMAX) has neither s_sg nor diag: each lane works on the 2 elements per
+// fragment it already holds (frag_lane), 2 NC scores of its row, and scales its own
+// elements of Of; the row's max and sum meet the same way, over frag_lane's masks.
 //
 // The work is a stream of chunks: per key block, NCHUNK chunks of K (S = Q·Kᵀ, one DK
 // slice of D each), then NCHUNK chunks of V (O += P·V, DK columns of O each). The
 // softmax runs after the last K chunk of a block.
 // Threadgroup (BR/8 * 32, 1, 1); grid (ceil(T / BR), B * H, 1).
 template <uint BR, uint BC, uint DK, uint D, bool SWIZZLE, bool DB_KV, bool INTERLEAVE,
-          bool DB_REG, bool FMA>
+          bool DB_REG, bool FMA, bool REG_SOFTMAX>
 kernel void flash_forward(device const float* q [[buffer(0)]],
                           device const float* k [[buffer(1)]],
                           device const float* v [[buffer(2)]],
@@ -119,13 +154,16 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     constexpr uint NBUF = DB_KV ? 2 : 1;  // v3+: two K/V chunk buffers
     constexpr float LOG2E = 1.4426950408889634f;
     constexpr float LN2 = 0.6931471805599453f;
+    // v7 uses neither the score tile nor diag: 4 floats each, as Metal has no empty arrays
+    constexpr uint S_FLOATS = REG_SOFTMAX ? 4 : BR * BC;
+    constexpr uint DIAG_FLOATS = REG_SOFTMAX ? 4 : BR * 8;
     threadgroup float4 kv4[NBUF * BC * DK / 4];  // K or V chunk(s), [key][d]
-    threadgroup float s_all[BR * BC];            // per SIMD group: 8 x BC scores / P
-    threadgroup float diag_all[BR * 8];          // per SIMD group: 8 x 8 diag(alpha)
+    threadgroup float s_all[S_FLOATS];           // per SIMD group: 8 x BC scores / P
+    threadgroup float diag_all[DIAG_FLOATS];     // per SIMD group: 8 x 8 diag(alpha)
     threadgroup atomic_uint kv_bad;              // 1 once a K/V chunk held a NaN or inf
     threadgroup float* kv = (threadgroup float*)kv4;
-    threadgroup float* s_sg = s_all + sg * 8 * BC;
-    threadgroup float* diag = diag_all + sg * 64;
+    threadgroup float* s_sg = s_all + (REG_SOFTMAX ? 0 : sg * 8 * BC);
+    threadgroup float* diag = diag_all + (REG_SOFTMAX ? 0 : sg * 64);
 
     const uint T = p.T, S = p.S;
     const uint bh = group.y;
@@ -137,22 +175,34 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     const uint q0 = group.x * BR;
     const uint row0 = q0 + sg * 8;
     const uint r = lane / 4, qd = lane % 4;  // softmax: this lane's row and quarter
-    const uint row = row0 + r;
+    // v7: this lane's row is where its elements of a fragment sit (frag_lane)
+    const uint row = row0 + (REG_SOFTMAX ? frag_lane(lane).row : r);
+    const bool row_first = REG_SOFTMAX ? frag_lane(lane).col == 0 : qd == 0;  // one lane per row
 
     // Q: 8 rows of this SIMD group, BC columns of D at a time through s_sg (rows >= T
     // are zero), into registers. Only this SIMD group touches s_sg: simdgroup barriers.
+    // v7: each lane reads its own two elements of every fragment from device memory.
     simdgroup_float8x8 Qf[ND];
-    for (uint c0 = 0; c0 < D; c0 += BC) {
-        const uint w = min(BC, D - c0);
-        for (uint e = lane; e < 8 * w; e += 32) {
-            uint rr = e / w, cc = e % w;
-            s_sg[rr * BC + cc] = (row0 + rr < T) ? q[(row0 + rr) * D + c0 + cc] : 0.0f;
+    if (REG_SOFTMAX) {
+        const uint at = row * D + frag_lane(lane).col;
+        for (uint d = 0; d < ND; d++) {
+            for (uint e = 0; e < 2; e++) {
+                Qf[d].thread_elements()[e] = row < T ? q[at + d * 8 + e] : 0.0f;
+            }
         }
-        simdgroup_barrier(mem_flags::mem_threadgroup);
-        for (uint j = 0; j < w / 8; j++) simdgroup_load(Qf[c0 / 8 + j], s_sg + j * 8, BC);
-        simdgroup_barrier(mem_flags::mem_threadgroup);
+    } else {
+        for (uint c0 = 0; c0 < D; c0 += BC) {
+            const uint w = min(BC, D - c0);
+            for (uint e = lane; e < 8 * w; e += 32) {
+                uint rr = e / w, cc = e % w;
+                s_sg[rr * BC + cc] = (row0 + rr < T) ? q[(row0 + rr) * D + c0 + cc] : 0.0f;
+            }
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+            for (uint j = 0; j < w / 8; j++) simdgroup_load(Qf[c0 / 8 + j], s_sg + j * 8, BC);
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+        }
+        for (uint e = lane; e < 64; e += 32) diag[e] = 0.0f;  // only the diagonal changes later
     }
-    for (uint e = lane; e < 64; e += 32) diag[e] = 0.0f;  // only the diagonal changes later
     if (t == 0) atomic_store_explicit(&kv_bad, 0u, memory_order_relaxed);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     // NaN and inf: O is rescaled by diag(alpha) · O, a multiply in which the 7 zeros of a
@@ -163,6 +213,8 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     // scales O row by row and adds P · V pair by pair, skipping masked pairs, through
     // threadgroup memory (diag serves as the 8x8 scratch: its off-diagonal zeros are
     // only needed by the fast multiply, never used again once `exact` is set).
+    // v7 scales each lane's own elements of O, so only P · V needs `exact`: there a lane
+    // gathers its row of P from the row's 4 lanes with shuffles (no threadgroup memory).
     bool exact = false;
 
     simdgroup_float8x8 Of[ND];
@@ -228,7 +280,8 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                     }
                 }
             } else {
-                // v5: as v4, with the fragment of step n + 1 loaded before multiply n
+                // v5: as v4, with the fragment of step n + 1 loaded before multiply n (in the
+                // source; the compiler may hoist v4's loads the same way)
                 constexpr uint N = (DK / 8) * NC;
                 simdgroup_float8x8 cur, nxt;
                 simdgroup_load(cur, buf, DK, ulong2(0, 0), true);
@@ -248,7 +301,32 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             // This chunk was loaded before the last barrier: its flag is visible now.
             const bool v_bad = atomic_load_explicit(&kv_bad, memory_order_relaxed) != 0;
             exact = exact || simd_max(v_bad ? 1u : 0u) != 0;
-            if (exact) {
+            if (exact && REG_SOFTMAX) {
+                // v7: P times V pair by pair, skipping masked pairs; P[row][c] comes from
+                // the lane of the row that holds it (lane ^ mask, element i)
+                const FragLane fl = frag_lane(lane);
+                for (uint dd = 0; dd < DK / 8; dd++) {
+                    float acc[2] = {Of[of0 + dd].thread_elements()[0],
+                                    Of[of0 + dd].thread_elements()[1]};
+                    for (uint j = 0; j < NC; j++) {
+                        for (uint mi = 0; mi < 4; mi++) {
+                            const uint mask = (mi & 1 ? fl.x1 : 0) ^ (mi & 2 ? fl.x2 : 0);
+                            const uint col_of = frag_lane(lane ^ mask).col;
+                            for (uint i = 0; i < 2; i++) {
+                                const float pv = simd_shuffle_xor(Sf[j].thread_elements()[i],
+                                                                  ushort(mask));
+                                const uint c = j * 8 + col_of + i, col = c0 + c;
+                                if (col < S && (p.causal == 0 || col <= row)) {
+                                    for (uint e = 0; e < 2; e++) {
+                                        acc[e] = fma(pv, buf[c * DK + dd * 8 + fl.col + e], acc[e]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    for (uint e = 0; e < 2; e++) Of[of0 + dd].thread_elements()[e] = acc[e];
+                }
+            } else if (exact && !REG_SOFTMAX) {
                 // P (in s_sg since the softmax) times V pair by pair: a masked pair adds
                 // nothing, even where V holds a NaN or inf.
                 for (uint dd = 0; dd < DK / 8; dd++) {
@@ -304,7 +382,44 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             }
         }
 
-        if (i == NCHUNK - 1) {
+        if (i == NCHUNK - 1 && REG_SOFTMAX) {
+            // v7: the block's scores are complete; the online softmax runs where they are.
+            // Lane (row, col) holds scores (row, 8 j + col + e) of the block, j < NC, e < 2.
+            const FragLane fl = frag_lane(lane);
+            float mx = -INFINITY;
+            for (uint j = 0; j < NC; j++) {
+                for (uint e = 0; e < 2; e++) {
+                    const uint col = c0 + j * 8 + fl.col + e;
+                    const bool visible = col < S && (p.causal == 0 || col <= row);
+                    const float s = Sf[j].thread_elements()[e];
+                    const float sv = visible ? (FMA ? s : s * p.scale) : -INFINITY;
+                    Sf[j].thread_elements()[e] = sv;
+                    mx = max(mx, sv);
+                }
+            }
+            mx = max(mx, simd_shuffle_xor(mx, ushort(fl.x1)));  // the 4 lanes of the row agree
+            mx = max(mx, simd_shuffle_xor(mx, ushort(fl.x2)));
+            const float m_new = max(m, mx);
+            const float m_use = (m_new == -INFINITY) ? 0.0f : m_new;  // no visible key yet
+            const float c2 = p.scale * LOG2E;
+            const float mc = m_use * c2;
+            const float alpha = FMA ? exp2(m * c2 - mc) : exp(m - m_use);
+            float sum = 0.0f;
+            for (uint j = 0; j < NC; j++) {
+                for (uint e = 0; e < 2; e++) {
+                    const float sv = Sf[j].thread_elements()[e];
+                    const float pe = FMA ? exp2(fma(sv, c2, -mc)) : exp(sv - m_use);
+                    Sf[j].thread_elements()[e] = pe;  // P, in place of S
+                    sum += pe;
+                }
+            }
+            sum += simd_shuffle_xor(sum, ushort(fl.x1));
+            sum += simd_shuffle_xor(sum, ushort(fl.x2));
+            l = l * alpha + sum;
+            m = m_new;
+            // O = diag(alpha) · O without a multiply: this lane's elements are in its row
+            for (uint d = 0; d < ND; d++) Of[d].thread_elements() *= alpha;
+        } else if (i == NCHUNK - 1 && !REG_SOFTMAX) {
             // The block's scores are complete: online softmax on this SIMD group's 8 rows.
             for (uint j = 0; j < NC; j++) simdgroup_store(Sf[j], s_sg + j * 8, BC);
             simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -312,7 +427,8 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             float mx = -INFINITY;
             for (uint n = 0; n < BC / 4; n++) {
                 // v1: lane (r, qd) reads column 4n + qd: at one n, the 8 rows hit the same
-                // 4 banks (row stride BC is a multiple of 32 floats): an 8-way conflict.
+                // 4 banks (row stride BC is a multiple of 32 floats): an 8-way conflict,
+                // if Apple's banks are NVIDIA's 32 of 4 bytes (an assumption, stage5b.md).
                 // v2: the XOR swizzle 4 (n ^ r) + qd sends the 8 rows to 8 different groups
                 // of 4 banks; each row still visits all its columns once.
                 const uint c = SWIZZLE ? 4 * (n ^ r) + qd : 4 * n + qd;
@@ -381,45 +497,56 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     // l is 0 only when every score it sees is -inf: 0 * (1 / 0) = NaN, as PyTorch's softmax
     // of all -inf; a NaN l gives NaN.
     const float inv_l = row < T ? 1.0f / l : 0.0f;
-    if (qd == 0) diag[r * 8 + r] = inv_l;
-    const bool bad_end = !isfinite(inv_l) ||
-                         atomic_load_explicit(&kv_bad, memory_order_relaxed) != 0;
-    exact = exact || simd_max(bad_end ? 1u : 0u) != 0;
-    simdgroup_barrier(mem_flags::mem_threadgroup);
-    if (exact) {
-        const float lo = diag[(lane / 8) * 9], hi = diag[(lane / 8 + 4) * 9];
-        simdgroup_barrier(mem_flags::mem_threadgroup);
-        for (uint d = 0; d < ND; d++) scale_rows_exact(Of[d], lo, hi, diag, lane);
-    } else {
-        simdgroup_float8x8 dg;
-        simdgroup_load(dg, diag, 8);
-        for (uint d = 0; d < ND; d++) {
-            simdgroup_float8x8 scaled;
-            simdgroup_multiply(scaled, dg, Of[d]);
-            Of[d] = scaled;
-        }
-    }
-    if (row0 + 8 <= T) {
-        for (uint d = 0; d < ND; d++) simdgroup_store(Of[d], o + row0 * D + d * 8, D);
-    } else if (row0 < T) {  // edge: through s_sg, only rows < T written
-        for (uint d = 0; d < ND; d++) {
-            simdgroup_store(Of[d], s_sg, 8);
-            simdgroup_barrier(mem_flags::mem_threadgroup);
-            for (uint e = lane; e < 64; e += 32) {
-                if (row0 + e / 8 < T) o[(row0 + e / 8) * D + d * 8 + e % 8] = s_sg[e];
+    if (REG_SOFTMAX) {
+        // v7: each lane scales and stores its own elements (rows < T), no tile between
+        for (uint d = 0; d < ND; d++) Of[d].thread_elements() *= inv_l;
+        if (row < T) {
+            const uint at = row * D + frag_lane(lane).col;
+            for (uint d = 0; d < ND; d++) {
+                for (uint e = 0; e < 2; e++) o[at + d * 8 + e] = Of[d].thread_elements()[e];
             }
+        }
+    } else {
+        if (qd == 0) diag[r * 8 + r] = inv_l;
+        const bool bad_end = !isfinite(inv_l) ||
+                             atomic_load_explicit(&kv_bad, memory_order_relaxed) != 0;
+        exact = exact || simd_max(bad_end ? 1u : 0u) != 0;
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        if (exact) {
+            const float lo = diag[(lane / 8) * 9], hi = diag[(lane / 8 + 4) * 9];
             simdgroup_barrier(mem_flags::mem_threadgroup);
+            for (uint d = 0; d < ND; d++) scale_rows_exact(Of[d], lo, hi, diag, lane);
+        } else {
+            simdgroup_float8x8 dg;
+            simdgroup_load(dg, diag, 8);
+            for (uint d = 0; d < ND; d++) {
+                simdgroup_float8x8 scaled;
+                simdgroup_multiply(scaled, dg, Of[d]);
+                Of[d] = scaled;
+            }
+        }
+        if (row0 + 8 <= T) {
+            for (uint d = 0; d < ND; d++) simdgroup_store(Of[d], o + row0 * D + d * 8, D);
+        } else if (row0 < T) {  // edge: through s_sg, only rows < T written
+            for (uint d = 0; d < ND; d++) {
+                simdgroup_store(Of[d], s_sg, 8);
+                simdgroup_barrier(mem_flags::mem_threadgroup);
+                for (uint e = lane; e < 64; e += 32) {
+                    if (row0 + e / 8 < T) o[(row0 + e / 8) * D + d * 8 + e % 8] = s_sg[e];
+                }
+                simdgroup_barrier(mem_flags::mem_threadgroup);
+            }
         }
     }
-    if (qd == 0 && row < T) {
+    if (row_first && row < T) {
         // log-sum-exp of the scaled scores: m + log(l) (v6 keeps m in raw units)
         lse[row] = FMA ? (m * p.scale * LOG2E + log2(l)) * LN2 : m + log(l);
     }
 }
 
-#define FLASH_FORWARD(NAME, BR, BC, DK, D, SW, DBKV, IL, DBR, FMA)                          \
+#define FLASH_FORWARD(NAME, BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG)                     \
     template [[host_name(NAME)]] kernel void                                               \
-    flash_forward<BR, BC, DK, D, SW, DBKV, IL, DBR, FMA>(                                  \
+    flash_forward<BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG>(                             \
         device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
         device const float* v [[buffer(2)]], device float* o [[buffer(3)]],                \
         device float* lse [[buffer(4)]], constant FlashParams& p [[buffer(5)]],            \
@@ -429,24 +556,27 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
 
 // Each rung for D = 32, 64, 128. Threadgroup memory (floats): K/V chunks NBUF*BC*DK,
 // scores BR*BC, diag BR*8; the table in camel/flash.py repeats these numbers.
-#define FLASH_RUNG(V, BR, BC, DK32, DK64, DK128, SW, DBKV, IL, DBR, FMA)                    \
-    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d32", BR, BC, DK32, 32, SW, DBKV, IL, DBR, FMA) \
-    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d64", BR, BC, DK64, 64, SW, DBKV, IL, DBR, FMA) \
-    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d128", BR, BC, DK128, 128, SW, DBKV, IL, DBR, FMA)
+#define FLASH_RUNG(V, BR, BC, DK32, DK64, DK128, SW, DBKV, IL, DBR, FMA, REG)                \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d32", BR, BC, DK32, 32, SW, DBKV, IL, DBR, FMA, REG) \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d64", BR, BC, DK64, 64, SW, DBKV, IL, DBR, FMA, REG) \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d128", BR, BC, DK128, 128, SW, DBKV, IL, DBR, FMA, REG)
 
 // v1, v2: 64x64, DK 32: 8 + 16 + 2 = 26 KiB
-FLASH_RUNG(1, 64, 64, 32, 32, 32, false, false, false, false, false)
-FLASH_RUNG(2, 64, 64, 32, 32, 32, true, false, false, false, false)
+FLASH_RUNG(1, 64, 64, 32, 32, 32, false, false, false, false, false, false)
+FLASH_RUNG(2, 64, 64, 32, 32, 32, true, false, false, false, false, false)
 // v3-v5: 64x64, two chunk buffers of DK 16: 8 + 16 + 2 = 26 KiB
-FLASH_RUNG(3, 64, 64, 16, 16, 16, true, true, false, false, false)
-FLASH_RUNG(4, 64, 64, 16, 16, 16, true, true, true, false, false)
-FLASH_RUNG(5, 64, 64, 16, 16, 16, true, true, true, true, false)
+FLASH_RUNG(3, 64, 64, 16, 16, 16, true, true, false, false, false, false)
+FLASH_RUNG(4, 64, 64, 16, 16, 16, true, true, true, false, false, false)
+FLASH_RUNG(5, 64, 64, 16, 16, 16, true, true, true, true, false, false)
 // v6: the autotuner's tile shapes. 64x32, DK up to 64: 16 + 8 + 2 = 26 KiB;
 // 64x64, DK 16: 26 KiB; 128x32, DK 32: 8 + 16 + 4 = 28 KiB.
 // 128x64 needs 32 KiB for the scores alone: over the limit, not built.
-FLASH_RUNG(6, 64, 32, 32, 64, 64, true, true, true, true, true)
-FLASH_RUNG(6, 64, 64, 16, 16, 16, true, true, true, true, true)
-FLASH_RUNG(6, 128, 32, 32, 32, 32, true, true, true, true, true)
+FLASH_RUNG(6, 64, 32, 32, 64, 64, true, true, true, true, true, false)
+FLASH_RUNG(6, 64, 64, 16, 16, 16, true, true, true, true, true, false)
+FLASH_RUNG(6, 128, 32, 32, 32, 32, true, true, true, true, true, false)
+// v7: v6's 64x32 tile with the softmax in registers: only the two K/V chunk buffers,
+// DK 32 / 64 / 64: 8 / 16 / 16 KiB (+ 32 bytes of placeholders for the unused tiles).
+FLASH_RUNG(7, 64, 32, 32, 64, 64, true, true, true, true, true, true)
 
 // ---------------------------------------------------------------------------------------
 // Backward: recomputation from the saved log-sum-exp, one thread per row, no (T, S)

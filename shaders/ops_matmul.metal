@@ -12,10 +12,12 @@
 //             matmul_v7_64x64x8_4x4, matmul_v8_128x128x16_8x8, matmul_v9_128x64x16_8x4
 //             (BMxBNxBK threadgroup tile _ TMxTN outputs per thread)
 //             (more instantiations, matmul_tile_*, are tuning variants for the autotuner)
-//   version 10 tiles over SIMD groups with simdgroup_matrix (8x8 hardware matrix ops):
-//             64x64x16 tiles, 4 SIMD groups of 32x32 each
-//   version 11 is version 10 with double buffering: the next K tile is loaded from device
-//             memory while the current one is multiplied, one barrier per K step
+//   version 10 tiles over SIMD groups with simdgroup_matrix (8x8 matrix operations that
+//             run on the ordinary FP32 ALUs, per public measurements; the gain is fewer
+//             registers and threadgroup loads per FMA): 64x64x16 tiles, 4 SIMD groups of 32x32
+//   version 11 is version 10 with two tile buffers: the next K tile goes to the other
+//             buffer, one barrier per K step; each thread still waits for its own device
+//             loads before it multiplies (no asynchronous copy), and 2x the tile memory
 //   version 12 is version 11 with the next K tile staged in registers: its device loads are
 //             issued before the multiplies and written to threadgroup memory after them,
 //             so the multiplies do not wait for device memory
@@ -426,7 +428,9 @@ MATMUL_BLOCKTILE("matmul_tile_128x128x32_8x8", 128, 128, 32, 8, 8)  // 256 threa
 // A threadgroup of 4 SIMD groups (128 threads) computes a 64 x 64 tile of C. SIMD group
 // sg = 0..3 owns the 32 x 32 quarter at rows m0 + (sg / 2) * 32, columns n0 + (sg % 2) * 32
 // as 4 x 4 accumulators of type simdgroup_float8x8: the 32 threads of the SIMD group hold
-// one 8x8 matrix together (2 floats each) and multiply 8x8 matrices in hardware.
+// one 8x8 matrix together (2 floats each) and multiply 8x8 matrices with one operation
+// (on Apple GPUs it runs on the FP32 ALUs; metal-benchmarks measures about 102 matrix FMAs
+// per core-cycle against 128 scalar on M1: the gain is in registers and loads, not FLOPs).
 // Per K step of 8 a SIMD group loads 4 fragments of op(A) and 4 of op(B) from threadgroup
 // memory and does 16 simdgroup_multiply_accumulate (16 x 512 FMAs).
 // As is (BM, BK) = As[m][k], Bs is (BK, BN) = Bs[k][n]; both zero-filled at edges, rows
@@ -435,9 +439,11 @@ MATMUL_BLOCKTILE("matmul_tile_128x128x32_8x8", 128, 128, 32, 8, 8)  // 256 threa
 #define SG_BN 64u
 #define SG_BK 16u
 #define SG_THREADS 128u
-// Row strides of the threadgroup tiles, padded by 4 floats: with 16 (or 64) floats per row
-// the 8 rows an 8x8 simdgroup_load reads would start in only 2 of the 32 memory banks
-// (bank = word address % 32) and conflict; with 20 (or 68) they start in 8 different banks.
+// Row strides of the threadgroup tiles, padded by 4 floats. Under the bank model that
+// docs/stage3.md states as an assumption for Apple GPUs (32 banks of 4 bytes, bank = word
+// address % 32, as on NVIDIA; Apple does not document its banks, MLX pads by 16 bytes as
+// if it had them): with 16 (or 64) floats per row the 8 rows an 8x8 simdgroup_load reads
+// start in only 2 of the 32 banks and conflict; with 20 (or 68) in 8 different ones.
 #define SG_LDA (SG_BK + 4u)  // As[m][k] at As[m * SG_LDA + k]
 #define SG_LDB (SG_BN + 4u)  // Bs[k][n] at Bs[k * SG_LDB + n]
 
@@ -537,10 +543,13 @@ kernel void matmul_v10_simdgroup(device const float* A [[buffer(0)]],
     store_accs(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
 }
 
-// Version 11: version 10 with double buffering. Two copies of the As/Bs tiles: while the
-// SIMD groups multiply the tile in buffer (k step) % 2, the loads of the next K tile go to
-// the other buffer, so device-memory latency overlaps the matrix math, and one barrier per
-// K step suffices (the buffer being written was last read before the previous barrier).
+// Version 11: version 10 with two copies of the As/Bs tiles: while the SIMD groups
+// multiply the tile in buffer (k step) % 2, the next K tile is copied into the other
+// buffer, and one barrier per K step suffices (the buffer being written was last read
+// before the previous barrier). The copy is plain loads and stores, no asynchronous copy:
+// each thread waits for its device loads before its multiplies, so only other SIMD groups
+// and threadgroups can hide that latency, and the second buffer costs occupancy (v12
+// stages the next tile in registers instead).
 // Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 18.5 KiB + 1 KiB scratch.
 kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
                                      device const float* B [[buffer(1)]],

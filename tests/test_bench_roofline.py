@@ -69,6 +69,13 @@ def test_flash_rescale_costs_one_nc_th_of_pv():
     rows = {r["name"]: r for r in roofline.flash_rows(4096, 64, 16)}
     assert rows["flash_v1"]["rescale"] == pytest.approx(0.125)  # B_c = 64
     assert rows["flash_v6_64x32"]["rescale"] == pytest.approx(0.25)  # B_c = 32
+    # v7: the same tile as v6_64x32, rescaled in registers, no score tile: no rescale
+    # multiplies, 4 * 8 * B_c * 4 threadgroup bytes fewer per SIMD group and key block,
+    # 16 KiB instead of 26 at D = 64, so 3 threadgroups fit a core's ~60 KB instead of 2
+    v6, v7 = rows["flash_v6_64x32"], rows["flash_v7"]
+    assert v7["rescale"] == 0 and v7["fma_exec"] == v6["fma_exec"] * 16 / 18
+    assert v7["tg_per_fma"] < v6["tg_per_fma"] and v7["dev_bytes"] == v6["dev_bytes"]
+    assert (v6["tg_per_core"], v7["tg_per_core"]) == (2, 3)
     assert rows["flash_v1"]["flops"] == 16 * 4.0 * 4096**2 * 64
     # the naive path moves its (T, T) matrices: several times flash's bytes
     assert rows["naive"]["dev_bytes"] > 4 * rows["flash_v1"]["dev_bytes"]

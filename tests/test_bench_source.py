@@ -78,11 +78,12 @@ def test_template_rung_is_specialised():
     assert "matmul_v10" not in text and "simdgroup" not in text  # and nothing else
 
 
-@pytest.mark.parametrize("name", ["flash_v1", "flash_v3", "flash_v5", "flash_v6_64x32"])
+@pytest.mark.parametrize("name", ["flash_v1", "flash_v3", "flash_v5", "flash_v6_64x32",
+                                  "flash_v7"])  # fmt: skip
 def test_flash_rung_has_no_flags_left(name):
     text = bench_attention.rung_source(name, 64)
     body = text[text.index("kernel void") :]
-    for flag in ("SWIZZLE", "DB_KV", "INTERLEAVE", "DB_REG", "FMA ?", "(FMA)"):
+    for flag in ("SWIZZLE", "DB_KV", "INTERLEAVE", "DB_REG", "FMA ?", "(FMA)", "REG_SOFTMAX"):
         assert flag not in body.split("//")[0], flag
     code = "\n".join(line.split("//")[0] for line in body.split("\n"))
     for dead in ("true ?", "false ?", "(false", "(true", "!false", "!true"):
@@ -91,7 +92,11 @@ def test_flash_rung_has_no_flags_left(name):
     assert f"kernel void {rung.kernel(64)}(" in text
     # the double-buffer prologue exists exactly where DB_KV is on
     assert ("v3 prologue" in text) == (rung.buffers == 2)
-    assert ("exp2(fma(" in text) == (rung.version == 6)
+    assert ("exp2(fma(" in text) == (rung.version >= 6)
+    # v7: no score tile, no diag(alpha) multiply, and no helper only those needed
+    for tile_code in ("simdgroup_store(Sf[j]", "simdgroup_multiply(scaled", "scale_rows_exact"):
+        assert (tile_code in text) == (not rung.reg_softmax), (name, tile_code)
+    assert ("thread_elements()" in text) == rung.reg_softmax
 
 
 def test_diffs_show_one_idea_per_rung(capsys):
@@ -140,7 +145,7 @@ def test_printed_matmul_rung_computes_the_same(monkeypatch, version):
 
 
 @pytest.mark.parametrize("name", ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5",
-                                  "flash_v6_64x32", "flash_v6_128x32"])  # fmt: skip
+                                  "flash_v6_64x32", "flash_v6_128x32", "flash_v7"])  # fmt: skip
 def test_printed_flash_rung_computes_the_same(monkeypatch, name):
     d = 32
     rung = flash.RUNGS[name]

@@ -9,7 +9,10 @@ the reverse and random orders, and T = 1000 for a few (rung, D, causal, order) p
 """
 
 import math
+import shutil
+import subprocess
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +88,8 @@ def test_forward_schedule_orders(rung, t, d, causal, order, monkeypatch):
         ("flash_v5", 32, False, "random"),
         ("flash_v6_64x32", 128, True, "forward"),
         ("flash_v6_128x32", 64, True, "random"),
+        ("flash_v7", 128, True, "reverse"),
+        ("flash_v7", 32, False, "random"),
     ],
 )
 def test_forward_t1000(rung, d, causal, order, monkeypatch):
@@ -159,9 +164,11 @@ def numpy_grads(q, k, v, causal, dout):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("t", [1, 17, 130])
-def test_backward(t, d, causal, order, monkeypatch):
+@pytest.mark.parametrize("rung", ["flash_v6_64x32", "flash_v7"])
+def test_backward(rung, t, d, causal, order, monkeypatch):
     """Autograd through flash.scaled_dot_product_attention equals NumPy, the naive path
-    on "mps" and (when installed) PyTorch."""
+    on "mps" and (when installed) PyTorch; the backward reads the forward rung's out and
+    lse (v7 writes lse from another lane of each row than v1-v6)."""
     monkeypatch.setenv("CAMEL_SIM_ORDER", order)
     q, k, v = inputs(t, d, b=2, h=1)
     dout = np.random.default_rng(t + d).standard_normal(q.shape, dtype=np.float32)
@@ -173,7 +180,7 @@ def test_backward(t, d, causal, order, monkeypatch):
         out.backward(camel.tensor(dout, device="mps"))
         return out.numpy(), [x.grad.numpy() for x in ts]
 
-    out, grads = run("flash_v6_64x32")
+    out, grads = run(rung)
     naive_out, naive_grads = run("naive")
     np.testing.assert_allclose(out, naive_out, atol=2e-5, rtol=1e-4)
     refs = [numpy_grads(q, k, v, causal, dout), naive_grads]
@@ -283,7 +290,7 @@ def test_rung_table():
             assert rung.kernel(d) in lib.function_names
     assert flash.V6_TOO_BIG.tg_bytes(64) > 32 * 1024
     assert all(r.br * r.bc < 128 * 64 for r in flash.v6_candidates(64))
-    with pytest.raises(ValueError, match=r"unknown rung 'flash_v9'.*flash_v1"):
+    with pytest.raises(ValueError, match=r"unknown rung 'flash_v9'.*flash_v1.*flash_v7"):
         flash.get_rung("flash_v9")
 
 
@@ -331,8 +338,8 @@ def test_selection(monkeypatch, capsys):
     with camel.profile() as prof:
         F.scaled_dot_product_attention(*ts).numpy()
     assert {e.name for e in prof.events} == {"flash_v3_64x64_d32"}
-    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v7")
-    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v7' is unknown.*'flash_v6'"):
+    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v9")
+    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v9' is unknown.*'flash_v7'"):
         F.scaled_dot_product_attention(*ts)
 
 
@@ -372,3 +379,140 @@ def test_every_forward_rung_under_address_sanitizer():
     r = run_under_asan(ASAN_SCRIPT)
     assert "AddressSanitizer" not in r.stderr, r.stderr[-3000:]
     assert r.returncode == 0 and "ALL OK" in r.stdout, (r.stdout, r.stderr[-3000:])
+
+
+# ---- v7's frag_lane: where a lane's thread_elements() sit, on each shim -----------------
+#
+# v7 does its softmax on the two elements each lane holds of a score fragment, so it must
+# know their (row, column): shaders/ops_attention.metal's frag_lane says, with one branch
+# for Apple GPUs and the simulator and one (#ifdef __CAMEL_CUDA__) for the CUDA shim,
+# whose simdgroup_matrix keeps the tensor cores' layout. Both branches are checked against
+# the shim that implements them: the simulator's (or a Mac's, or a GPU's) by running a
+# kernel, the CUDA header's by compiling it for this CPU.
+
+
+def _frag_lane_source() -> str:
+    """FragLane and frag_lane, exactly as shaders/ops_attention.metal has them."""
+    from camel.bench import source
+
+    items = source.parse((source.SHADERS / flash.SHADER).read_text())
+    return "\n\n".join(it.text for it in items if it.name in ("FragLane", "frag_lane"))
+
+
+FRAG_PROBE = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+%s
+
+// Per lane: its elements of a loaded fragment, of a product, where frag_lane puts them,
+// and frag_lane's masks; and a fragment that each lane fills where frag_lane says, stored.
+kernel void frag_lane_probe(device const float* src [[buffer(0)]],
+                            device float* out [[buffer(1)]],
+                            device float* stored [[buffer(2)]],
+                            ushort lane [[thread_index_in_simdgroup]]) {
+    const FragLane f = frag_lane(lane);
+    simdgroup_float8x8 m, prod, w;
+    simdgroup_float8x8 eye = simdgroup_float8x8(1.0f);
+    simdgroup_load(m, src, 8);
+    simdgroup_multiply(prod, eye, m);
+    for (uint i = 0; i < 2; i++) {
+        out[lane * 8 + i] = m.thread_elements()[i];
+        out[lane * 8 + 2 + i] = prod.thread_elements()[i];
+        out[lane * 8 + 4 + i] = float(8 * f.row + f.col + i);
+        w.thread_elements()[i] = float(8 * f.row + f.col + i);
+    }
+    out[lane * 8 + 6] = float(f.x1);
+    out[lane * 8 + 7] = float(f.x2);
+    simdgroup_store(w, stored, 8);
+}
+"""
+
+
+def _check_frag_positions(pos, x1, x2):
+    """pos[lane] = 8 row + col of the lane's first element: the 32 lanes cover the 64
+    elements in pairs, and lane ^ m (m in 0, x1, x2, x1 ^ x2) are the 4 lanes of its row."""
+    assert sorted(pos) == list(range(0, 64, 2)), pos
+    for lane in range(32):
+        row = [pos[lane ^ m] // 8 for m in (0, x1[lane], x2[lane], x1[lane] ^ x2[lane])]
+        cols = sorted(pos[lane ^ m] % 8 for m in (0, x1[lane], x2[lane], x1[lane] ^ x2[lane]))
+        assert len(set(row)) == 1 and cols == [0, 2, 4, 6], (lane, row, cols)
+
+
+def test_frag_lane_is_this_shims_layout():
+    """On the shim in use (the simulator here, the CUDA shim on an NVIDIA GPU, Metal on a
+    Mac): frag_lane names the elements simdgroup_load gives a lane, a multiply leaves in
+    it, and simdgroup_store writes from it."""
+    lib = metal.compile(FRAG_PROBE % _frag_lane_source(), "frag_lane_probe.metal")
+    src = np.arange(64, dtype=np.float32)
+    out = metal.DeviceArray.zeros((32, 8), np.float32)
+    stored = metal.DeviceArray.zeros((64,), np.float32)
+    lib.function("frag_lane_probe")(metal.DeviceArray.from_numpy(src), out, stored,
+                                    threadgroups=1, threads_per_threadgroup=32)  # fmt: skip
+    got = out.numpy()
+    np.testing.assert_array_equal(got[:, 0:2], got[:, 4:6], err_msg="simdgroup_load")
+    np.testing.assert_array_equal(got[:, 2:4], got[:, 4:6], err_msg="simdgroup_multiply")
+    np.testing.assert_array_equal(stored.numpy(), src, err_msg="simdgroup_store")
+    _check_frag_positions(got[:, 4].astype(int), got[:, 6].astype(int), got[:, 7].astype(int))
+
+
+CLANG = shutil.which("clang++-19")
+CUDA_INCLUDE = Path(__file__).resolve().parents[1] / "shim" / "cuda" / "include"
+
+# The CUDA shim's headers compiled for this CPU: the NVPTX builtins they call become
+# stubs (one lane at a time: g_lane; the loads and stores need no other lane), so the
+# header's own simdgroup_load and simdgroup_store run here, lane by lane.
+CUDA_HOST_PROBE = r"""
+static unsigned g_lane;
+inline unsigned __nvvm_read_ptx_sreg_laneid() { return g_lane; }
+inline unsigned __nvvm_activemask() { return ~0u; }
+inline void __syncthreads() {}
+inline void __nvvm_bar_warp_sync(unsigned) {}
+inline void __nvvm_membar_gl() {}
+inline void __nvvm_membar_cta() {}
+inline unsigned __nvvm_vote_ballot_sync(unsigned, bool) { return 0; }
+inline int __nvvm_shfl_sync_idx_i32(unsigned, int, int, int) { return 0; }
+#define SREG(n) inline unsigned __nvvm_read_ptx_sreg_##n() { return 0; }
+SREG(tid_x) SREG(tid_y) SREG(tid_z) SREG(ctaid_x) SREG(ctaid_y) SREG(ctaid_z)
+SREG(ntid_x) SREG(ntid_y) SREG(ntid_z)
+#include "camel_cuda_msl.h"
+using namespace metal;
+
+%s
+
+int main() {
+    float src[64], stored[64];
+    for (int i = 0; i < 64; i++) src[i] = i, stored[i] = -1;
+    for (g_lane = 0; g_lane < 32; g_lane++) {
+        const FragLane f = frag_lane(g_lane);
+        simdgroup_float8x8 m, w;
+        simdgroup_load(m, src, 8);
+        for (unsigned i = 0; i < 2; i++) w.thread_elements()[i] = 8 * f.row + f.col + i;
+        simdgroup_store(w, stored, 8);
+        __builtin_printf("lane %%u loaded %%g %%g at %%u %%u masks %%u %%u\n", g_lane,
+                         m.thread_elements()[0], m.thread_elements()[1],
+                         8 * f.row + f.col, 8 * f.row + f.col + 1, f.x1, f.x2);
+    }
+    for (int i = 0; i < 64; i++) __builtin_printf("stored %%d %%g\n", i, stored[i]);
+}
+"""
+
+
+@pytest.mark.skipif(CLANG is None, reason="clang++-19 is not installed")
+def test_frag_lane_cuda_branch_is_the_cuda_headers_layout(tmp_path):
+    """frag_lane's __CAMEL_CUDA__ branch against shim/cuda/include/camel_cuda_simd.h's own
+    simdgroup_load and simdgroup_store, compiled for the host (no GPU needed)."""
+    probe = tmp_path / "frag_lane_cuda.cpp"
+    probe.write_text(CUDA_HOST_PROBE % _frag_lane_source())
+    exe = tmp_path / "frag_lane_cuda"
+    build = subprocess.run([CLANG, "-std=c++17", "-w", "-I", str(CUDA_INCLUDE), str(probe),
+                            "-o", str(exe)], capture_output=True, text=True)  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    lanes = [ln.split() for ln in lines.splitlines() if ln.startswith("lane ")]
+    stored = [float(ln.split()[2]) for ln in lines.splitlines() if ln.startswith("stored ")]
+    assert len(lanes) == 32 and stored == list(range(64)), lines
+    for w in lanes:
+        assert (float(w[3]), float(w[4])) == (float(w[6]), float(w[7])), w  # load
+    pos = [int(w[6]) for w in lanes]
+    _check_frag_positions(pos, [int(w[9]) for w in lanes], [int(w[10]) for w in lanes])

@@ -669,6 +669,20 @@ kernel void non_uniform_load(device const float *x [[buffer(0)]],
     simdgroup_load(m, x + (lane % 2) * 64);
     simdgroup_store(m, out);
 }
+
+// The barrier at the end of the loop body is missing: thread t + 1 may write its slot for
+// the next step before thread t has read this step's value there.
+kernel void loop_without_end_barrier(device float *out [[buffer(0)]],
+                                     uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float slot[64];
+    float acc = 0.0f;
+    for (uint step = 0; step < 4; step++) {
+        slot[t] = float(100 * step + t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        acc += slot[(t + 1) % 64];
+    }
+    out[t] = acc;
+}
 """
 
 
@@ -801,3 +815,21 @@ def test_printf_in_kernel_with_barriers_and_simd_functions(capfd):
     expected = sorted(f"group {g} partial {sum(range(32 * g, 32 * g + 32)):.6f}" for g in range(32))
     assert lines == expected
     np.testing.assert_array_equal(out.numpy(), sum(range(32)))
+
+
+def test_known_gap_barrier_regions_enter_a_loop_together(monkeypatch):
+    # Run as barrier regions (the default for such a kernel), all threads enter each trip
+    # of the loop together, as if the missing barrier were there; on fibers (forward
+    # order) thread 63 reads slot 0 after thread 0 wrote the next step's value.
+    monkeypatch.setenv("CAMEL_SIM_ORDER", "forward")
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    want = np.array([sum(100 * s + (t + 1) % 64 for s in range(4)) for t in range(64)])
+    got = {}
+    for regions in ("1", "0"):
+        monkeypatch.setenv("CAMEL_SIM_REGIONS", regions)
+        out = M.DeviceArray.zeros((64,))
+        run(lib.function("loop_without_end_barrier"), out, threadgroups=1,
+            threads_per_threadgroup=64)  # fmt: skip
+        got[regions] = out.numpy().copy()
+    np.testing.assert_array_equal(got["1"], want)  # the gap: a GPU may not give this
+    assert got["0"][63] != want[63]  # the race, on fibers

@@ -194,9 +194,10 @@ def gemm_rows(n: int = 4096) -> list[dict]:
 def flash_rows(t: int = 4096, d: int = 64, heads: int = 16) -> list[dict]:
     """One dict per flash rung (full attention, B = 1): FLOPs 4·T²·D per head (the benches'
     count); executed matrix FMAs add the diag(alpha) rescale (ND per key block and SIMD
-    group); device bytes: Q read and O, lse written once, K and V read once per query
-    block; tg bytes per FMA from fragment loads, the softmax's trip through threadgroup
-    memory and the K/V chunk stores. Also the naive path (Stage 5A) at the same size."""
+    group; none in v7, which scales in registers); device bytes: Q read and O, lse
+    written once, K and V read once per query block; tg bytes per FMA from fragment loads,
+    the softmax's trip through threadgroup memory (not in v7) and the K/V chunk stores.
+    Also the naive path (Stage 5A) at the same size."""
     from camel import flash
 
     rows = []
@@ -207,18 +208,20 @@ def flash_rows(t: int = 4096, d: int = 64, heads: int = 16) -> list[dict]:
         nc = bc // 8
         sgs = br // 8
         blocks = t // bc
-        # per SIMD group and key block: S (NC·ND) + P·V (NC·ND) + rescale (ND) multiplies
-        mma = 2 * nc * nd + nd
+        # per SIMD group and key block: S (NC·ND) + P·V (NC·ND) + rescale (ND) multiplies;
+        # v7 rescales in registers (no multiply) and keeps S and P there (no tile trips)
+        reg = rung.reg_softmax
+        mma = 2 * nc * nd + (0 if reg else nd)
         fma_exec = heads * (t // br) * blocks * sgs * mma * 512
         frag_loads = 2 * nc * nd * 64 * F32  # K and V fragments
-        softmax = 4 * 8 * bc * F32  # store S, lanes read and write P, load P back
+        softmax = 0 if reg else 4 * 8 * bc * F32  # store S, lanes read/write P, load P back
         chunk_stores = 2 * bc * d * F32  # K and V of one block into threadgroup memory
         tg = (sgs * (frag_loads + softmax) + chunk_stores) / (sgs * mma * 512)
         dev = F32 * heads * (2 * t * d + t + (t // br) * 2 * t * d)
         m1, m1max = _predict(flops, dev)
         tg_bytes = rung.tg_bytes(d)
         rows.append(dict(name=name, tile=f"{br}x{bc}", threads=br // 8 * 32, flops=flops,
-                         fma_exec=fma_exec, rescale=1 / nc, dev_bytes=dev,
+                         fma_exec=fma_exec, rescale=0.0 if reg else 1 / nc, dev_bytes=dev,
                          tg_per_fma=tg, tg_bytes=tg_bytes,
                          tg_per_core=_tg_per_core(tg_bytes, br // 8 * 32), m1=m1,
                          m1max=m1max))  # fmt: skip
@@ -309,7 +312,7 @@ def flash_table(t: int = 4096, d: int = 64, heads: int = 16) -> str:
         if r["name"] == "naive":
             tg_kib = tg_fma = rescale = "-"
         else:
-            tg_kib = f"{r['tg_bytes'] / 1024:g}"
+            tg_kib = f"{r['tg_bytes'] / 1024:.3g}"
             tg_fma = f"{r['tg_per_fma']:.2f}"
             rescale = f"+{100 * r['rescale']:.1f} %"
         lines.append(

@@ -348,8 +348,8 @@ def fold_constexpr(text: str, known: dict[str, int]) -> str:
         expr = m.group(3)
         names = set(_WORD.findall(expr)) - {"true", "false", "u", "U"}
         names = {n for n in names if not re.fullmatch(r"\d+[uU]?", n)}
-        if not names or not names <= known.keys():
-            return m.group(0)
+        if not names or not names <= known.keys() or "?" in expr:
+            return m.group(0)  # a ternary is fold_ternaries' (its text in a note would not be)
         value = _eval_const(_substitute(expr, {n: str(known[n]) for n in names}))
         if value is None or isinstance(value, bool):
             return m.group(0)
@@ -433,31 +433,33 @@ def specialise(shader: str, host_name: str, header: str = "") -> str:
         kernels = sorted(set(inst) | {it.name for it in items if "kernel" in it.code()})
         raise ValueError(f"[source] no kernel {host_name!r} in {shader}; kernels: {kernels}")
 
-    # what the kernel uses, transitively
-    wanted, todo = {root.name}, [root]
+    root_body = root.text
+    if subs:
+        root_body = re.sub(r"^\s*template\s*<[^>]*>\s*\n?", "", root_body, count=1)
+        root_body = _rename(root_body, template, host_name)
+        # bool flags become literals (and their dead branches go); sizes become
+        # constants at the top of the body, so the code keeps its names and types
+        flags = {n: v for n, v in subs.items() if v in ("true", "false")}
+        sizes = {n: v for n, v in subs.items() if n not in flags}
+        root_body = _in_code(root_body, partial(_substitute, subs=flags))
+        brace = root_body.index("{", root_body.index(host_name)) + 1
+        decl = "".join(f"\n    constexpr {types[n]} {n} = {v};  // template parameter"
+                       for n, v in sizes.items())  # fmt: skip
+        root_body = root_body[:brace] + decl + root_body[brace:]
+        known = {n: int(v.rstrip("uU")) for n, v in sizes.items() if v.isdigit()}
+        root_body = fold_ifs(fold_ternaries(fold_constexpr(root_body, known)))
+
+    # what the specialised kernel still uses, transitively (dead branches' helpers go too)
+    wanted, todo = {root.name}, [re.sub(r"//[^\n]*", "", root_body)]
     while todo:
-        for w in set(_WORD.findall(todo.pop().code())):
+        for w in set(_WORD.findall(todo.pop())):
             if w in by_name and w not in wanted:
                 wanted.add(w)
-                todo.append(by_name[w])
+                todo.append(by_name[w].code())
     out = []
     for it in items:
         if it.kind == "preamble" or (it.name in wanted and by_name.get(it.name) is it):
-            body = it.text
-            if it is root and subs:
-                body = re.sub(r"^\s*template\s*<[^>]*>\s*\n?", "", body, count=1)
-                body = _rename(body, template, host_name)
-                # bool flags become literals (and their dead branches go); sizes become
-                # constants at the top of the body, so the code keeps its names and types
-                flags = {n: v for n, v in subs.items() if v in ("true", "false")}
-                sizes = {n: v for n, v in subs.items() if n not in flags}
-                body = _in_code(body, partial(_substitute, subs=flags))
-                brace = body.index("{", body.index(host_name)) + 1
-                decl = "".join(f"\n    constexpr {types[n]} {n} = {v};  // template parameter"
-                               for n, v in sizes.items())  # fmt: skip
-                body = body[:brace] + decl + body[brace:]
-                known = {n: int(v.rstrip("uU")) for n, v in sizes.items() if v.isdigit()}
-                body = fold_ifs(fold_ternaries(fold_constexpr(body, known)))
+            body = root_body if it is root else it.text
             out.append((it.comment + "\n" if it.comment else "") + body)
     note = f"// {host_name}: {title}, from shaders/{shader}"
     if subs:
