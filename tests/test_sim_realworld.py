@@ -57,8 +57,12 @@ def test_typedef_instantiation_registers_the_kernel():
 
 
 def test_default_template_arguments():
-    src = SCALE + 'template [[host_name("three")]] kernel void ns::scale<float>(device float*, uint);\n'
-    src += 'template [[host_name("seven")]] [[kernel]] decltype(ns::scale<float, 7>) ns::scale<float, 7>;\n'
+    src = (
+        SCALE
+        + 'template [[host_name("three")]] kernel void ns::scale<float>(device float*, uint);\n'
+    )
+    src += 'template [[host_name("seven")]] [[kernel]] decltype(ns::scale<float, 7>)'
+    src += " ns::scale<float, 7>;\n"
     lib = _compile(src)
     for name, k in [("three", 3), ("seven", 7)]:
         x = _dev(X)
@@ -113,14 +117,16 @@ def test_type_traits():
         "T halve(T v) { return v / 2; }\n"
         "template <typename T, typename = enable_if_t<is_integral_v<T>>, typename = void>\n"
         "T halve(T v) { return v >> 1; }\n"
-        "template <typename T> struct Acc { using type = conditional_t<is_same_v<T, half>, float, T>; };\n"
-        "static_assert(is_same_v<Acc<half>::type, float> && is_same<Acc<int>::type, int>::value, \"\");\n"
+        "template <typename T> struct Acc { using type = conditional_t<is_same_v<T,"
+        " half>, float, T>; };\n"
+        "static_assert(is_same_v<Acc<half>::type, float> && is_same<Acc<int>::type,"
+        ' int>::value, "");\n'
         "static_assert(is_signed_v<int> && is_unsigned_v<uint> && !is_signed_v<uint> &&\n"
         "              is_floating_point_v<half> && is_arithmetic_v<const float> &&\n"
         "              !is_integral_v<float> && is_convertible_v<int, float> &&\n"
         "              is_same_v<remove_cv_t<const volatile int>, int> &&\n"
         "              is_same_v<make_unsigned_t<int>, uint> && is_vector_v<float4> &&\n"
-        "              vec_elements<half3>::value == 3 && !is_vector_v<float>, \"\");\n"
+        '              vec_elements<half3>::value == 3 && !is_vector_v<float>, "");\n'
         "kernel void k(device float* x [[buffer(0)]], device int* y [[buffer(1)]],\n"
         "              uint i [[thread_position_in_grid]]) {\n"
         "    x[i] = halve(x[i]);\n    y[i] = halve(y[i]);\n}\n"
@@ -147,13 +153,21 @@ def test_matrix_types():
     n = 7
     m = rng.integers(-3, 4, (n, 4, 4)).astype(np.float32)  # m[i][c] is column c
     v = rng.integers(-3, 4, (n, 4)).astype(np.float32)
-    dv, dd, dh = _dev(v), metal.DeviceArray.zeros(n, np.float32), metal.DeviceArray.zeros((n, 4), np.float16)
+    dv, dd, dh = (
+        _dev(v),
+        metal.DeviceArray.zeros(n, np.float32),
+        metal.DeviceArray.zeros((n, 4), np.float16),
+    )
     _run(lib, "k", _dev(m), dv, dd, dh, n=n, tg=n)
     A = np.transpose(m, (0, 2, 1))  # as row-major matrices: A[i][row][col]
     B = A @ np.transpose(A, (0, 2, 1)) + np.eye(4, dtype=np.float32)
     want_v = np.einsum("nrc,nc->nr", B, v) + np.einsum("nr,nrc->nc", v, A) - m[:, 2]
     np.testing.assert_allclose(dv.numpy(), want_v, rtol=1e-6)
-    want_d = np.linalg.det(A) + np.linalg.det(A[:, :3, :3]) + np.linalg.det(2 * np.array([[1, 3], [2, 4]]))
+    want_d = (
+        np.linalg.det(A)
+        + np.linalg.det(A[:, :3, :3])
+        + np.linalg.det(2 * np.array([[1, 3], [2, 4]]))
+    )
     np.testing.assert_allclose(dd.numpy(), want_d, rtol=1e-5, atol=1e-3)
     np.testing.assert_array_equal(dh.numpy(), m[:, 0].astype(np.float16))
 
@@ -164,7 +178,8 @@ def test_uniform_and_numeric_limits_of_int8():
         "              uint i [[thread_position_in_grid]]) {\n"
         "    uniform<uint> count = make_uniform(n);\n    uniform<float> s = 2.0f;\n"
         "    if (i < count) x[i] = x[i] * s + numeric_limits<int8_t>::max() +\n"
-        "                          numeric_limits<int8_t>::min() + numeric_limits<uint8_t>::max();\n}\n"
+        "                          numeric_limits<int8_t>::min() +"
+        " numeric_limits<uint8_t>::max();\n}\n"
     )
     x = _dev(X)
     _run(lib, "k", x, np.uint32(30), n=37)
@@ -178,7 +193,8 @@ def test_make_filled_simdgroup_matrix_with_one_size():
         "kernel void k(device float* out [[buffer(0)]]) {\n"
         "    simdgroup_float8x8 a = make_filled_simdgroup_matrix<float, 8>(1.5f);\n"
         "    simdgroup_float8x8 b = make_filled_simdgroup_matrix<float, 8, 8>(2.0f);\n"
-        "    simdgroup_float8x8 c;\n    simdgroup_multiply(c, a, b);\n    simdgroup_store(c, out);\n}\n"
+        "    simdgroup_float8x8 c;\n    simdgroup_multiply(c, a, b);\n   "
+        " simdgroup_store(c, out);\n}\n"
     )
     out = metal.DeviceArray.zeros((8, 8), np.float32)
     _run(lib, "k", out, n=32)
@@ -214,7 +230,9 @@ def test_braced_lists_as_vector_and_struct_arguments():
     )
     x = _dev(X)
     _run(lib, "k", x, n=37)
-    np.testing.assert_allclose(x.numpy(), (1 + X) * (X + 3) + X + 0.5 + np.arange(37) + 1, rtol=1e-6)
+    np.testing.assert_allclose(
+        x.numpy(), (1 + X) * (X + 3) + X + 0.5 + np.arange(37) + 1, rtol=1e-6
+    )
 
 
 def test_vector_construction_through_typedefs_and_template_parameters():
@@ -239,7 +257,8 @@ def test_vector_construction_through_typedefs_and_template_parameters():
 
 def test_out_of_class_constant_static_member():
     lib = _compile(
-        "struct Cfg {\n    static constant float scale;\n    static constant constexpr int bias = 3;\n};\n"
+        "struct Cfg {\n    static constant float scale;\n    static constant constexpr"
+        " int bias = 3;\n};\n"
         "constant float Cfg::scale = 2.5f;\n"
         "kernel void k(device float* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {\n"
         "    x[i] = x[i] * Cfg::scale + Cfg::bias;\n}\n"
@@ -284,7 +303,8 @@ def test_address_space_overloads_constructors_and_specialisations():
         "    Loader(const device float* q) : v(q[1]) {}\n"
         "    Loader(const threadgroup float* q) : v(q[1]) {}\n};\n"
         "kernel void k(device float* x [[buffer(0)]], device float* y [[buffer(1)]],\n"
-        "              uint i [[thread_position_in_grid]], uint lid [[thread_index_in_threadgroup]]) {\n"
+        "              uint i [[thread_position_in_grid]], uint lid"
+        " [[thread_index_in_threadgroup]]) {\n"
         "    threadgroup float t[32];\n    t[lid] = 2 * x[i];\n"
         "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
         "    Loader a(x), b(t);\n"
@@ -309,4 +329,176 @@ def test_address_space_overloads_with_different_bodies_are_an_error():
     with pytest.raises(metal.CompileError) as info:
         _compile(src, "spaces.metal")
     msg = str(info.value)
-    assert "spaces.metal:4: this definition differs from the one at line 3 only in address spaces" in msg, msg
+    assert (
+        "spaces.metal:4: this definition differs from the one at line 3 only in address spaces"
+        in msg
+    ), msg
+
+
+# ---- kernels in the style of public projects (their constructs, written anew) ---------------
+# llama.cpp's ggml-metal style: an args struct in a constant buffer, a templated kernel
+# instantiated per type through a typedef with host_name, one SIMD group per row reduced
+# with simd_sum, the row's partial sums across SIMD groups through threadgroup memory.
+GGML_STYLE = """
+typedef struct {
+    int32_t ne00;   // row length
+    int32_t ne01;   // rows
+    uint64_t nb01;  // bytes between rows
+    float eps;
+} rms_norm_args;
+
+template <typename T>
+kernel void kernel_rms_norm(constant rms_norm_args & args [[buffer(0)]],
+                            device const char * src [[buffer(1)]],
+                            device char * dst [[buffer(2)]],
+                            threadgroup float * shared [[threadgroup(0)]],
+                            uint row [[threadgroup_position_in_grid]],
+                            ushort tid [[thread_position_in_threadgroup]],
+                            ushort ntg [[threads_per_threadgroup]],
+                            ushort sg [[simdgroup_index_in_threadgroup]],
+                            ushort lane [[thread_index_in_simdgroup]]) {
+    device const T * x = (device const T *) (src + row * args.nb01);
+    float sum = 0.0f;
+    for (int i = tid; i < args.ne00; i += ntg) {
+        sum += float(x[i]) * float(x[i]);
+    }
+    sum = simd_sum(sum);
+    if (lane == 0) shared[sg] = sum;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (sg == 0) {
+        float part = lane < (ntg + 31) / 32 ? shared[lane] : 0.0f;
+        part = simd_sum(part);
+        if (lane == 0) shared[0] = part;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const float scale = 1.0f / sqrt(shared[0] / args.ne00 + args.eps);
+    for (int i = tid; i < args.ne00; i += ntg) {
+        ((device T *) dst)[row * args.ne00 + i] = T(float(x[i]) * scale);
+    }
+}
+
+typedef decltype(kernel_rms_norm<float>) kernel_rms_norm_t;
+template [[host_name("kernel_rms_norm_f32")]] kernel kernel_rms_norm_t kernel_rms_norm<float>;
+template [[host_name("kernel_rms_norm_f16")]] kernel kernel_rms_norm_t kernel_rms_norm<half>;
+"""
+
+
+@pytest.mark.parametrize("dtype,name", [(np.float32, "f32"), (np.float16, "f16")])
+def test_ggml_style_rms_norm(dtype, name):
+    lib = _compile(GGML_STYLE, "ggml_style.metal")
+    rows, cols, pad = 5, 333, 7  # rows padded in memory: nb01 > ne00 * sizeof(T)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((rows, cols + pad)).astype(dtype)
+    args = np.zeros(
+        1, [("ne00", "<i4"), ("ne01", "<i4"), ("nb01", "<u8"), ("eps", "<f4"), ("_", "<i4")]
+    )
+    args[0] = (cols, rows, (cols + pad) * x.itemsize, 1e-5, 0)
+    out = metal.DeviceArray.zeros((rows, cols), dtype)
+    src = _dev(x.view(np.float16) if dtype == np.float16 else x)
+    fn = lib.function(f"kernel_rms_norm_{name}")
+    fn(
+        args.view(np.uint8),
+        src,
+        out,
+        threadgroups=rows,
+        threads_per_threadgroup=96,
+        threadgroup_memory=[32 * 4],
+    )
+    xf = x[:, :cols].astype(np.float32)
+    want = xf / np.sqrt((xf * xf).mean(axis=1, keepdims=True) + 1e-5)
+    tol = 1e-5 if dtype == np.float32 else 2e-3
+    np.testing.assert_allclose(out.numpy().astype(np.float32), want, rtol=tol, atol=tol)
+
+
+# MLX's steel style: METAL_FUNC helpers, traits choosing the accumulator type, a tile
+# struct whose fragments are simdgroup_matrix objects read through thread_elements(),
+# loads from device memory into threadgroup memory, and kernels instantiated with
+# [[host_name]] through decltype and a default template argument.
+MLX_STYLE = """
+template <typename T>
+struct AccumHelper {
+    using acc_t = conditional_t<is_same_v<T, half> || is_same_v<T, bfloat>, float, T>;
+};
+
+template <typename T, short TM, short TN>
+struct Frags {
+    simdgroup_matrix<T, 8, 8> m[TM][TN];
+    METAL_FUNC void fill(T v) {
+        for (short i = 0; i < TM; i++)
+            for (short j = 0; j < TN; j++) m[i][j] = make_filled_simdgroup_matrix<T, 8>(v);
+    }
+};
+
+template <typename T, typename U>
+METAL_FUNC void load_tile(threadgroup U* dst, const device T* src, int ld, int rows, int cols,
+                          int r0, int c0, ushort tid, ushort ntg) {
+    for (int e = tid; e < 16 * 16; e += ntg) {
+        int r = e / 16, c = e % 16;
+        bool in = r0 + r < rows && c0 + c < cols;
+        dst[r * 16 + c] = in ? static_cast<U>(src[(r0 + r) * ld + c0 + c]) : U(0);
+    }
+}
+
+// C = A * B for a (M, K) x (K, N) problem: one 16x16 tile of C per threadgroup of 4
+// SIMD groups, each owning one 8x8 fragment.
+template <typename T, typename AccT = typename AccumHelper<T>::acc_t>
+[[kernel]] void steel_gemm(const device T* A [[buffer(0)]], const device T* B [[buffer(1)]],
+                           device T* C [[buffer(2)]], constant int3& mnk [[buffer(3)]],
+                           uint2 tg [[threadgroup_position_in_grid]],
+                           ushort tid [[thread_index_in_threadgroup]],
+                           ushort sg [[simdgroup_index_in_threadgroup]],
+                           ushort lane [[thread_index_in_simdgroup]]) {
+    static_assert(is_floating_point_v<AccT>, "accumulate in a floating type");
+    threadgroup AccT As[16 * 16];
+    threadgroup AccT Bs[16 * 16];
+    const int M = mnk.x, N = mnk.y, K = mnk.z;
+    const int row0 = tg.y * 16, col0 = tg.x * 16;
+    const short fr = (sg / 2) * 8, fc = (sg % 2) * 8;
+    Frags<AccT, 1, 1> acc;
+    acc.fill(AccT(0));
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        load_tile(As, A, K, M, K, row0, k0, tid, 128);
+        load_tile(Bs, B, N, K, N, k0, col0, tid, 128);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (short kk = 0; kk < 16; kk += 8) {
+            simdgroup_matrix<AccT, 8, 8> a, b;
+            simdgroup_load(a, As + fr * 16 + kk, 16);
+            simdgroup_load(b, Bs + kk * 16 + fc, 16);
+            simdgroup_multiply_accumulate(acc.m[0][0], a, b, acc.m[0][0]);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    // each lane stores its own two elements (Apple's lane layout)
+    const short q = lane / 4;
+    const short r = (q & 4) + (lane / 2) % 4, c = (q & 2) * 2 + (lane % 2) * 2;
+    vec<AccT, 2> v = acc.m[0][0].thread_elements();
+    for (short j = 0; j < 2; j++) {
+        int gr = row0 + fr + r, gc = col0 + fc + c + j;
+        if (gr < M && gc < N) C[gr * N + gc] = static_cast<T>(v[j]);
+    }
+}
+
+template [[host_name("steel_gemm_f32")]] [[kernel]] decltype(steel_gemm<float>) steel_gemm<float>;
+template [[host_name("steel_gemm_f16")]] [[kernel]] decltype(steel_gemm<half>) steel_gemm<half>;
+"""
+
+
+@pytest.mark.parametrize("dtype,name", [(np.float32, "f32"), (np.float16, "f16")])
+def test_mlx_style_steel_gemm(dtype, name):
+    lib = _compile(MLX_STYLE, "mlx_style.metal")
+    M, N, K = 37, 29, 41
+    rng = np.random.default_rng(5)
+    a = rng.integers(-4, 5, (M, K)).astype(dtype)
+    b = rng.integers(-4, 5, (K, N)).astype(dtype)
+    c = metal.DeviceArray.zeros((M, N), dtype)
+    mnk = np.array([M, N, K, 0], np.int32)  # int3: 16 bytes
+    lib.function(f"steel_gemm_{name}")(
+        _dev(a),
+        _dev(b),
+        c,
+        mnk,
+        threadgroups=((N + 15) // 16, (M + 15) // 16),
+        threads_per_threadgroup=128,
+    )
+    want = (a.astype(np.float32) @ b.astype(np.float32)).astype(dtype)  # exact: small integers
+    np.testing.assert_array_equal(c.numpy(), want)
