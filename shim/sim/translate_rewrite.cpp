@@ -22,6 +22,11 @@
 //   float4(a, b.xy)                __camel_make<float4>(a, b.xy)
 //   static_cast<float4>(i)         __camel_make<float4>(i)
 //   (float4)i                      __camel_conv<float4>() ->* i   (converts, like MSL)
+//   vec4_t(a, b), (vec4_t)i        the same for typedefs of vector types
+//   T(a, b), (T)v                  __camel_construct<T>(a, b), __camel_cast<T>() ->* v
+//                                  (T a template type parameter)
+//   f({a, b})                      f(__camel_list(a, b))  (a braced vector argument)
+//   address-space overloads        a second definition that erases to the same code dropped
 //
 // The CUDA shim (shim/cuda/translate_cuda.cpp) uses the same rewrite with
 // TARGET_CUDA; there a function-scope `threadgroup T x[N];` becomes
