@@ -1679,7 +1679,7 @@ struct Rewriter {
             std::string host;
             for (char ch : kn.host_name)
                 if (ch != '"') host += ch;
-            std::string fn = kn.qualified + kn.targs;
+            std::string fn = "::" + kn.qualified + kn.targs;  // ::matrix, not metal::matrix
             std::string F = "decltype(" + fn + ")";
             std::string n = std::to_string(count++);
             bool barrier = uses_op(kn.body_owner, USES_BARRIER);
@@ -2384,7 +2384,7 @@ struct Rewriter {
                 error(kn.line, "two kernels are named '" + kn.host_name + "'");
                 continue;
             }
-            std::string fn = kn.qualified + kn.targs;
+            std::string fn = "::" + kn.qualified + kn.targs;  // ::matrix, not metal::matrix
             std::string F = "decltype(" + fn + ")";
             std::string n = std::to_string(i);
             assign_indices(kn);
