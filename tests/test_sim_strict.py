@@ -1162,13 +1162,13 @@ def test_decltype_instantiation_registers_the_kernel():
         np.testing.assert_array_equal(x.numpy(), 2 * np.arange(7, dtype=dtype))
 
 
-def test_instantiation_that_would_register_no_kernel_is_an_error():
-    # Apple accepts this typedef form; the simulator cannot see the parameters,
-    # so it says so instead of silently registering nothing
+def test_typedef_instantiation_registers_the_kernel():
+    # Apple accepts this typedef form (llama.cpp uses it); it once registered no kernel,
+    # silently, then was an error: now it registers the kernel
     src = HEADER + SCALE_TEMPLATE + "typedef decltype(ns::scale<float>) scale_t;\n"
     src += 'template [[host_name("scale_f32")]] kernel scale_t ns::scale<float>;\n'
-    with pytest.raises(metal.CompileError) as info:
-        metal.compile(src + f"// {uuid.uuid4().hex}\n", "inst.metal")
-    msg = str(info.value)
-    assert "inst.metal:10: this form of kernel instantiation is not supported" in msg, msg
-    assert "would register no kernel" in msg
+    lib = metal.compile(src + f"// {uuid.uuid4().hex}\n", "inst.metal")
+    assert lib.function_names == ["scale_f32"]
+    x = _dev(np.arange(9, dtype=np.float32))
+    lib.function("scale_f32")(x, threads=9, threads_per_threadgroup=9)
+    np.testing.assert_array_equal(x.numpy(), 2 * np.arange(9, dtype=np.float32))

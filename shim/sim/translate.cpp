@@ -322,7 +322,8 @@ std::atomic<unsigned> g_counter{0};
 
 // half arithmetic: a GPU rounds every half operation to half; clang on x86
 // by default keeps half expressions in float and rounds once at the end.
-// -ffloat16-excess-precision=none (clang >= 17) rounds like the GPU. Probed
+// -ffloat16-excess-precision=none (clang >= 17) rounds like the GPU (and the
+// bfloat16 twin for bfloat). Probed
 // once per process, and only when something is compiled.
 bool half_rounding_flag(const std::string &cxx, const std::string &log_file) {
     static std::mutex m;
@@ -331,6 +332,7 @@ bool half_rounding_flag(const std::string &cxx, const std::string &log_file) {
     std::lock_guard<std::mutex> lock(m);
     if (probed != cxx) {
         std::vector<std::string> probe = {cxx, "-Xclang", "-ffloat16-excess-precision=none",
+                                          "-Xclang", "-fbfloat16-excess-precision=none",
                                           "-fsyntax-only", "-x", "c++", "/dev/null"};
         answer = run(probe, log_file) == 0;
         probed = cxx;
@@ -465,7 +467,8 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
                                    "-Wno-unused-value", "-Wno-unknown-pragmas", "-ferror-limit=20",
                                    "-Werror=vla"};  // MSL has no variable-length arrays
     if (half_rounding_flag(cxx, log_file))
-        cc.insert(cc.end(), {"-Xclang", "-ffloat16-excess-precision=none"});
+        cc.insert(cc.end(), {"-Xclang", "-ffloat16-excess-precision=none", "-Xclang",
+                             "-fbfloat16-excess-precision=none"});  // bfloat likewise
     if (!sanitize.empty()) {
         cc.insert(cc.end(), {"-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g",
                              "-shared-libsan"});

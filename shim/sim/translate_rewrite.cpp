@@ -22,6 +22,11 @@
 //   float4(a, b.xy)                __camel_make<float4>(a, b.xy)
 //   static_cast<float4>(i)         __camel_make<float4>(i)
 //   (float4)i                      __camel_conv<float4>() ->* i   (converts, like MSL)
+//   vec4_t(a, b), (vec4_t)i        the same for typedefs of vector types
+//   T(a, b), (T)v                  __camel_construct<T>(a, b), __camel_cast<T>() ->* v
+//                                  (T a template type parameter)
+//   f({a, b})                      f(__camel_list(a, b))  (a braced vector argument)
+//   address-space overloads        a second definition that erases to the same code dropped
 //
 // The CUDA shim (shim/cuda/translate_cuda.cpp) uses the same rewrite with
 // TARGET_CUDA; there a function-scope `threadgroup T x[N];` becomes
@@ -295,7 +300,7 @@ const BuiltinInfo *find_builtin(const std::string &name) {
 // MSL vector type names that may be used as constructors: float4(a, b).
 bool is_vector_type(const std::string &id) {
     static const char *const bases[] = {"float", "half", "int", "uint", "short", "ushort", "char",
-                                        "uchar", "long", "ulong", "bool", nullptr};
+                                        "uchar", "long", "ulong", "bool", "bfloat", nullptr};
     std::string s = id;
     if (s.compare(0, 7, "packed_") == 0) s = s.substr(7);
     if (s.size() < 2) return false;
@@ -353,6 +358,45 @@ struct Rewriter {
     std::map<std::string, int> kernel_template_line;
     std::map<std::string, std::vector<FunctionInfo>> functions;   // user function bodies by name
     std::vector<size_t> tg_storage;  // sig indices of threadgroup variable declarations
+    struct Definition {
+        size_t stmt, open, close;  // sig indices: the statement, its '{' and its '}'
+        size_t parent;             // the '{' of the enclosing namespace or class (-1: none)
+        bool is_class;
+    };
+    std::vector<Definition> definitions;  // functions and classes, at namespace or class scope
+    // Names that may stand for a vector type: aliases of one (typedef float4 vec4_t;
+    // using f2 = float2;) and template type parameters (template <typename T>).
+    // T(a, b) and (T)v construct and convert through them as through float4.
+    std::set<std::string> vector_aliases, type_params;
+
+    bool names_vector_type(const std::string &x) { return is_vector_type(x) || vector_aliases.count(x); }
+
+    // The type names of the user's code, collected before the rewrite.
+    void collect_type_names() {
+        for (size_t k = 0; k + 2 < sig.size(); k++) {
+            if (!S(k).user) continue;
+            if (is(k, "template") && is(k + 1, "<")) {
+                size_t e = match(k + 1) - 1;  // the closing '>'
+                for (size_t j = k + 2; j + 1 <= e; j++) {
+                    bool starts = is(j - 1, "<") || is(j - 1, ",");
+                    if (starts && (is(j, "typename") || is(j, "class")) && S(j + 1).kind == IDENT &&
+                        (is(j + 2, ",") || is(j + 2, "=") || j + 2 == e))
+                        type_params.insert(txt(j + 1));
+                }
+            }
+            // typedef float4 name;  typedef metal::float4 name;  using name = float4;
+            size_t v = k + 1;
+            if (is(k, "typedef")) {
+                if (is(v, "metal") && is(v + 1, "::")) v += 2;
+                if (names_vector_type(txt(v)) && S(v + 1).kind == IDENT && is(v + 2, ";"))
+                    vector_aliases.insert(txt(v + 1));
+            } else if (is(k, "using") && S(k + 1).kind == IDENT && is(k + 2, "=")) {
+                v = k + 3;
+                if (is(v, "metal") && is(v + 1, "::")) v += 2;
+                if (names_vector_type(txt(v)) && is(v + 1, ";")) vector_aliases.insert(txt(k + 1));
+            }
+        }
+    }
 
     Rewriter(std::vector<Token> &toks, const std::string &disp) : t(toks), display(disp) {
         for (size_t i = 0; i < t.size(); i++)
@@ -422,6 +466,7 @@ struct Rewriter {
 
     // ---- the main pass --------------------------------------------------
     bool run() {
+        collect_type_names();
         std::vector<Scope> scopes;
         size_t stmt = 0;  // start of the current statement at namespace/class scope
         int paren = 0;    // parenthesis depth in the current statement
@@ -457,6 +502,7 @@ struct Rewriter {
             if (x == "(" || x == "[") paren++;
             if (x == ")" || x == "]") paren--;
 
+            if (x == "{" && tok.user && in_function()) braced_argument(k);
             if (x == "{") {
                 ScopeKind kind = BLOCK;
                 std::string name;
@@ -477,6 +523,10 @@ struct Rewriter {
                 if (scopes.empty()) continue;
                 Scope s = scopes.back();
                 scopes.pop_back();
+                if ((s.kind == FUNCTION || s.kind == CLASS) && tok.user && S(s.stmt_start).user)
+                    definitions.push_back({s.stmt_start, s.open, k,
+                                           scopes.empty() ? (size_t)-1 : scopes.back().open,
+                                           s.kind == CLASS});
                 if (s.kind == FUNCTION) {
                     if (tok.user) functions[s.name].push_back({s.open, k, S(s.open).line, s.stmt_start});
                     stmt = k + 1;
@@ -524,6 +574,8 @@ struct Rewriter {
             } else if (x == "constant") {
                 bool top = at_namespace() && !in_function() && paren == 0;
                 bool has_static = k > 0 && (is(k - 1, "static") || is(k - 1, "constexpr"));
+                // constant float S::k = 1;  defines a static member: no second 'static'
+                if (top && !has_static) has_static = defines_member(k);
                 tok.out = top && !has_static ? "static const" : "const   ";
             } else if (x == "threadgroup") {
                 bool kernel_body = false;
@@ -541,17 +593,75 @@ struct Rewriter {
             } else if (x == "static_cast" && is(k + 1, "<") && k + 2 < sig.size() &&
                        is_vector_type(txt(k + 2)) && is(k + 3, ">") && is(k + 4, "(")) {
                 tok.out = "__camel_make";  // static_cast<float4>(int4) converts in MSL
-            } else if (is_vector_type(x) && is(k + 1, "(") && !(k > 0 && is(k - 1, "operator"))) {
+            } else if (names_vector_type(x) && is(k + 1, "(") && !(k > 0 && is(k - 1, "operator"))) {
                 tok.out = "__camel_make<" + x + ">";
-            } else if (is_vector_type(x) && k > 0 && is(k - 1, "(") && is(k + 1, ")") &&
+            } else if (names_vector_type(x) && k > 0 && is(k - 1, "(") && is(k + 1, ")") &&
                        cast_context(k - 1) && operand_start(k + 2)) {
                 // (float4)x: a conversion in MSL, a bit cast in clang
                 S(k - 1).out = "";
                 tok.out = "__camel_conv<" + x + ">() ->*";
                 S(k + 1).out = "";
+            } else if (type_params.count(x) && in_function() && !(k > 0 && (is(k - 1, "::") ||
+                       is(k - 1, ".") || is(k - 1, "->")))) {
+                // T(a, b) and (T)v with T = float4: what float4 would do; any other T
+                // is constructed or cast as written (__camel_construct, __camel_cast)
+                if (is(k + 1, "(") && !(k > 0 && is(k - 1, "operator"))) {
+                    tok.out = "__camel_construct<" + x + ">";
+                } else if (k > 0 && is(k - 1, "(") && is(k + 1, ")") && cast_context(k - 1) &&
+                           operand_start(k + 2)) {
+                    S(k - 1).out = "";
+                    tok.out = "__camel_cast<" + x + ">() ->*";
+                    S(k + 1).out = "";
+                }
             }
         }
         return errors.empty();
+    }
+
+    // f({1.0f, 2.0f}) with a vector parameter: clang converts no braced list to a
+    // vector argument, so a flat list in a call's arguments becomes
+    // __camel_list(1.0f, 2.0f), which converts to any vector of that many components.
+    void braced_argument(size_t k) {
+        if (!(is(k - 1, "(") || is(k - 1, ","))) return;
+        size_t close = match(k) - 1;
+        if (close <= k + 1 || !is(close, "}")) return;
+        for (size_t j = k + 1; j < close; j++)
+            if (is(j, "{") || is(j, ";")) return;
+        int depth = 0;  // the bracket around the argument: the '(' of a call
+        for (size_t j = k; j-- > 0;) {
+            const std::string &y = txt(j);
+            if (y == ")" || y == "]" || y == "}") depth++;
+            if (y == "(" || y == "[" || y == "{") {
+                if (depth-- > 0) continue;
+                if (y != "(" || j == 0) return;
+                const Token &callee = S(j - 1);
+                static const char *const not_calls[] = {"if", "while", "for", "switch", "return",
+                                                        "sizeof", "alignof", "decltype", nullptr};
+                for (const char *const *w = not_calls; *w; w++)
+                    if (callee.text == *w) return;
+                if (!(callee.kind == IDENT || callee.text == ">") || names_vector_type(callee.text))
+                    return;
+                break;
+            }
+            if (y == ";") return;
+        }
+        S(k).out = "__camel_list(";
+        S(close).out = ")";
+    }
+
+    // Does the declaration starting at k name a qualified declarator (S::k = ...)?
+    bool defines_member(size_t k) {
+        int depth = 0;
+        for (size_t j = k + 1; j + 2 < sig.size(); j++) {
+            const std::string &y = txt(j);
+            if (y == "<" || y == "(") depth++;
+            if (y == ">" || y == ")") depth--;
+            if (y == ";" || y == "=" || y == "{") return false;
+            if (depth == 0 && S(j).kind == IDENT && is(j + 1, "::") && S(j + 2).kind == IDENT &&
+                (is(j + 3, "=") || is(j + 3, ";") || is(j + 3, "[") || is(j + 3, "{")))
+                return true;
+        }
+        return false;
     }
 
     // '[' at k opens a lambda's capture list if it cannot be a subscript.
@@ -732,6 +842,10 @@ struct Rewriter {
                 return NAMESPACE;
             }
             if (x == "extern" && j + 1 < k && S(j + 1).kind == STRING && j + 2 == k) return NAMESPACE;
+            if (x == "template" && is(j + 1, "<")) {  // template <int N = 4>: not an initializer
+                j = match(j + 1) - 1;
+                continue;
+            }
             if (x == "[" && is(j + 1, "[")) {  // skip attributes
                 std::vector<Attr> a;
                 j = parse_attributes(j, a) - 1;
@@ -887,6 +1001,28 @@ struct Rewriter {
         bool host_named = false;
         for (auto &a : attrs) host_named = host_named || a.name == "host_name";
         if (name.empty() && (kernel || host_named)) {
+            // template [[host_name("k")]] kernel k_t ns::k<float>;  (k_t: a typedef of the
+            // function type): the instantiated name is the template-id that ends the statement
+            size_t open = 0;
+            if (is(semi - 1, ">") || is(semi - 1, ">>")) {
+                int d = 0;
+                for (size_t j = semi; j-- > stmt;) {
+                    if (is(j, ">")) d++;
+                    if (is(j, ">>")) d += 2;
+                    if (is(j, "<")) d--;
+                    if (d == 0) {
+                        open = j;
+                        break;
+                    }
+                }
+            }
+            if (open > stmt + 1 && is(open, "<") && S(open - 1).kind == IDENT) {
+                name_at = open - 1;
+                name = txt(name_at);
+                paren_at = semi;
+            }
+        }
+        if (name.empty() && (kernel || host_named)) {
             // template [[host_name("k")]] kernel k_t k<float>;  would register nothing
             error_at(stmt, "this form of kernel instantiation is not supported by " + shim +
                                " (it would register no kernel); write template "
@@ -901,7 +1037,10 @@ struct Rewriter {
         std::string q = qualify(scopes, written);
         auto it = kernel_templates.find(q);
         if (it == kernel_templates.end()) {
-            if (kernel) error_at(stmt, "instantiation of '" + name + "', which is not a kernel template defined earlier in this file");
+            // [[host_name]] promises a kernel: instantiating a helper would register none
+            if (kernel || host_named)
+                error_at(stmt, "instantiation of '" + name + "', which is not a kernel template "
+                               "defined earlier in this file, so it registers no kernel");
             return;
         }
         Kernel kn;
@@ -1132,6 +1271,70 @@ struct Rewriter {
     }
 
     // ---- after the pass -------------------------------------------------
+    // The rewritten text of sig tokens a..b-1 (address spaces blanked away).
+    std::string out_text(size_t a, size_t b) {
+        std::string r;
+        for (size_t j = a; j < b && j < sig.size(); j++) {
+            const std::string &o = S(j).out;
+            if (o.find_first_not_of(' ') == std::string::npos) continue;
+            r += o;
+            r += ' ';
+        }
+        return r;
+    }
+
+    // Address-space overloads: float f(device float*) and float f(threadgroup float*),
+    // a constructor per address space, or partial specialisations S<device T*> and
+    // S<threadgroup T*> are one definition twice once address spaces are erased. A
+    // later copy that is the same code is dropped (one flat memory runs it the same);
+    // copies that differ cannot be told apart here, which is an error naming both.
+    void merge_address_space_overloads() {
+        std::map<std::pair<size_t, std::string>, size_t> first;  // (scope, header) -> definition
+        for (size_t d = 0; d < definitions.size(); d++) {
+            const Definition &df = definitions[d];
+            size_t head_end = df.open;
+            if (!df.is_class) {
+                size_t paren_at = 0;
+                function_name(df.stmt, df.open, &paren_at);
+                if (!paren_at) continue;
+                head_end = match(paren_at);
+            } else {
+                bool specialisation = false;
+                for (size_t j = df.stmt; j < df.open; j++)
+                    if ((is(j, "struct") || is(j, "class") || is(j, "union")) && is(j + 2, "<"))
+                        specialisation = true;
+                if (!specialisation) continue;
+            }
+            bool spaces = false;  // only definitions that wrote an address space can collide
+            for (size_t j = df.stmt; j < head_end; j++) spaces = spaces || is_space(txt(j));
+            if (!spaces) continue;
+            auto key = std::make_pair(df.parent, out_text(df.stmt, head_end));
+            auto it = first.find(key);
+            if (it == first.end()) {
+                first[key] = d;
+                continue;
+            }
+            const Definition &keep = definitions[it->second];
+            size_t keep_head = keep.open;
+            if (!keep.is_class) {
+                size_t paren_at = 0;
+                function_name(keep.stmt, keep.open, &paren_at);
+                keep_head = match(paren_at);
+            }
+            if (out_text(keep_head, keep.close + 1) == out_text(head_end, df.close + 1)) {
+                blank_range(df.stmt, df.close + 1);
+                if (df.is_class && is(df.close + 1, ";")) blank(df.close + 1);
+            } else {
+                error(S(df.stmt).line,
+                      "this definition differs from the one at line " +
+                          std::to_string(S(keep.stmt).line) + " only in address spaces, and "
+                          "its body is different: " + shim + " has one address space, so it "
+                          "cannot choose between them (make the bodies the same, or give the "
+                          "overloads different names)");
+            }
+        }
+    }
+
     // Recursion: a user function whose body calls a function of the same name.
     // Overloads (float4 relu(float4) calling float relu(float)) cannot be told
     // apart without types, so a name defined more than once is not checked;
@@ -1363,10 +1566,10 @@ struct Rewriter {
     // Does a function (by name) reach a barrier or a SIMD-group op (fibers),
     // or declare threadgroup variables (tg), directly or through other user
     // functions? Both need the runtime's view of the current thread.
-    enum { USES_FIBER_OP, USES_TG_VARS, USES_BARRIER, USES_SIMD };
+    enum { USES_FIBER_OP, USES_TG_VARS, USES_BARRIER, USES_SIMD, USES_ASSERT };
     static bool is_barrier(const std::string &id) { return id == "threadgroup_barrier"; }
     static bool is_simd_op(const std::string &id) { return is_fiber_op(id) && !is_barrier(id); }
-    std::map<std::string, bool> memo[4];
+    std::map<std::string, bool> memo[5];
     bool uses(const std::string &name, int want, std::set<std::string> &visiting) {
         bool want_tg = want == USES_TG_VARS;
         auto m = memo[want].find(name);
@@ -1385,6 +1588,7 @@ struct Rewriter {
                     bool op = want == USES_FIBER_OP ? is_fiber_op(x)
                               : want == USES_BARRIER ? is_barrier(x) && call
                               : want == USES_SIMD    ? is_simd_op(x) && call
+                              : want == USES_ASSERT  ? x == "__camel_assert_failed"  // assert()
                                                      : false;
                     if (op) found = true;
                     else if (x != name && functions.count(x) && uses(x, want, visiting)) found = true;
@@ -1404,6 +1608,11 @@ struct Rewriter {
     }
     bool uses_fibers(const std::string &name) { return uses_op(name, USES_FIBER_OP); }
     bool uses_threadgroup_vars(const std::string &name) { return uses_op(name, USES_TG_VARS); }
+    // The runtime's view of the current thread (__camel_cur): barriers, SIMD-group
+    // functions, threadgroup variables, and a failing assert() (which names the thread).
+    bool needs_current_thread(const std::string &name) {
+        return uses_fibers(name) || uses_threadgroup_vars(name) || uses_op(name, USES_ASSERT);
+    }
 
     // ---- generated code -------------------------------------------------
     // Parameters without an explicit [[buffer(i)]] / [[threadgroup(i)]] get the
@@ -1470,7 +1679,7 @@ struct Rewriter {
             std::string host;
             for (char ch : kn.host_name)
                 if (ch != '"') host += ch;
-            std::string fn = kn.qualified + kn.targs;
+            std::string fn = "::" + kn.qualified + kn.targs;  // ::matrix, not metal::matrix
             std::string F = "decltype(" + fn + ")";
             std::string n = std::to_string(count++);
             bool barrier = uses_op(kn.body_owner, USES_BARRIER);
@@ -2052,7 +2261,7 @@ struct Rewriter {
     std::set<size_t> with_group_entry;  // kernels (by index) with a __camel_group_N
 
     bool has_group_entry(const Kernel &kn) {
-        return !uses_fibers(kn.body_owner) && !uses_threadgroup_vars(kn.body_owner);
+        return !needs_current_thread(kn.body_owner);
     }
 
     // The group entry of a barrier-free kernel (no barrier, SIMD-group function or
@@ -2183,7 +2392,7 @@ struct Rewriter {
                 error(kn.line, "two kernels are named '" + kn.host_name + "'");
                 continue;
             }
-            std::string fn = kn.qualified + kn.targs;
+            std::string fn = "::" + kn.qualified + kn.targs;  // ::matrix, not metal::matrix
             std::string F = "decltype(" + fn + ")";
             std::string n = std::to_string(i);
             assign_indices(kn);
@@ -2191,7 +2400,7 @@ struct Rewriter {
                  "(void *const *b, void *const *tg, const camel_sim_thread *t) {\n";
             // The current thread matters only to barriers, SIMD-group functions and
             // threadgroup variables; a kernel without them skips the TLS store.
-            if (uses_fibers(kn.body_owner) || uses_threadgroup_vars(kn.body_owner))
+            if (needs_current_thread(kn.body_owner))
                 g += "    __camel_cur = t;\n";
             g += "    (void)b; (void)tg; (void)t;\n";
             g += "    " + fn + "(";
@@ -2321,6 +2530,14 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
                      std::string &kernels) {
     Lexer lx(preprocessed, main_file, display);
     lx.run();
+    // __FILE__ (assert's message) names the temporary copy: name the .metal file instead
+    std::string quoted = "\"" + main_file + "\"";
+    for (Token &tk : lx.toks)
+        if (tk.kind == STRING && tk.user && tk.text == quoted) {
+            tk.out = "\"";
+            for (char c : display) tk.out += (c == '"' || c == '\\') ? std::string("\\") + c : std::string(1, c);
+            tk.out += "\"";
+        }
     Rewriter rw(lx.toks, display);
     rw.target = target;
     if (target == TARGET_CUDA) {
@@ -2330,6 +2547,7 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
     rw.run();
     rw.check_recursion();
     rw.check_address_spaces();
+    rw.merge_address_space_overloads();
     kernels.clear();
     std::string generated = target == TARGET_CUDA ? rw.generate_cuda(kernels) : rw.generate();
     if (!rw.errors.empty()) {

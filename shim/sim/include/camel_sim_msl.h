@@ -203,6 +203,21 @@ template <class V, class... A> inline V __camel_make(A... a) {
 // __camel_conv<float4>() ->* x, which has the same precedence as a cast.
 template <class V> struct __camel_conv {};
 template <class V, class A> inline V operator->*(__camel_conv<V>, A a) { return __camel_make<V>(a); }
+// T(a, b) and (T)v with T a template type parameter become __camel_construct<T>(a, b)
+// and __camel_cast<T>() ->* v: for a vector or scalar T what float4(a, b) and
+// (float4)v do (construct, convert); any other T (a struct, a pointer) as written.
+template <class V, class... A> inline V __camel_construct(A &&...a) {
+    if constexpr ((__is_class(V) || __is_union(V)) && !__camel_is_boolvec<V>::value)
+        return V(static_cast<A &&>(a)...);
+    else if constexpr (sizeof...(A) == 0)
+        return V();
+    else
+        return __camel_make<V>(a...);
+}
+template <class V> struct __camel_cast {};
+template <class V, class A> inline V operator->*(__camel_cast<V>, A &&a) {
+    return __camel_construct<V>(static_cast<A &&>(a));
+}
 
 // ---------------------------------------------------------------------------
 // The runtime, and which simulated thread is running (set by the entry wrapper)
@@ -261,6 +276,18 @@ extern "C++" inline int printf(const char *fmt, ...) {
     __builtin_va_end(ap);
     return r;
 }
+// assert(e): Apple checks it under shader validation and reports a failed command
+// buffer; the simulator always checks it (unless NDEBUG) and fails the dispatch.
+inline void __camel_assert_failed(const char *expr, const char *file, unsigned line) {
+    static thread_local char buf[300];
+    __builtin_snprintf(buf, sizeof buf, "%s:%u: assertion failed: %s", file, line, expr);
+    __camel_rt->fail(__camel_cur, buf);
+}
+#ifdef NDEBUG
+#define assert(e) ((void)0)
+#else
+#define assert(e) ((e) ? (void)0 : __camel_assert_failed(#e, __FILE__, __LINE__))
+#endif
 #endif
 
 // ---------------------------------------------------------------------------
@@ -334,6 +361,8 @@ __CAMEL_USING_VEC(half) __CAMEL_USING_VEC(float)
 #undef __CAMEL_USING_VEC
 using ::__camel_make;  // metal::float4(x) is rewritten to metal::__camel_make<float4>(x)
 using ::__camel_conv;
+using ::__camel_construct;
+using ::__camel_cast;
 
 // Lists of the vector types, for functions defined once per type.
 #define __CAMEL_FVECS(M) M(float2) M(float3) M(float4) M(half2) M(half3) M(half4)
@@ -597,6 +626,7 @@ template <class T> inline T __camel_rotate(T v, T i) {
     inline T clz(T x) { return __camel_clz(x); }                                     \
     inline T ctz(T x) { return __camel_ctz(x); }                                     \
     inline T mulhi(T a, T b) { return __camel_mulhi(a, b); }                         \
+    inline T madhi(T a, T b, T c) { return (T)(__camel_mulhi(a, b) + c); }           \
     inline T reverse_bits(T x) { return __camel_reverse_bits(x); }                   \
     inline T rotate(T v, T i) { return __camel_rotate(v, i); }                       \
     inline T hadd(T a, T b) { return (T)(((long long)a + (long long)b) >> 1); }      \
@@ -611,7 +641,8 @@ __CAMEL_ISCALARS(__CAMEL_INT_FN)
 #define __CAMEL_INT_FN_V(V)                                                           \
     __CAMEL_INT_FN_V1(V, popcount) __CAMEL_INT_FN_V1(V, clz) __CAMEL_INT_FN_V1(V, ctz) \
     __CAMEL_INT_FN_V1(V, reverse_bits) __CAMEL_BINARY_V(V, mulhi)                    \
-    __CAMEL_BINARY_V(V, rotate) __CAMEL_BINARY_V(V, hadd) __CAMEL_BINARY_V(V, rhadd)
+    __CAMEL_BINARY_V(V, rotate) __CAMEL_BINARY_V(V, hadd) __CAMEL_BINARY_V(V, rhadd)    \
+    __CAMEL_TERNARY_V(V, madhi)
 __CAMEL_IVECS(__CAMEL_INT_FN_V)
 inline uint extract_bits(uint x, uint offset, uint bits) {
     return bits == 0 ? 0u : bits >= 32 ? x : (x >> offset) & ((1u << bits) - 1u);
@@ -646,6 +677,7 @@ template <class T> struct numeric_limits;
     };
 __CAMEL_LIMITS_INT(char, (char)-128, (char)127)
 __CAMEL_LIMITS_INT(uchar, (uchar)0, (uchar)255)
+__CAMEL_LIMITS_INT(signed char, (signed char)-128, (signed char)127)  // int8_t
 __CAMEL_LIMITS_INT(short, (short)-32768, (short)32767)
 __CAMEL_LIMITS_INT(ushort, (ushort)0, (ushort)65535)
 __CAMEL_LIMITS_INT(int, INT_MIN, INT_MAX)
@@ -1208,7 +1240,8 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 
-template <class T, int C, int R> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
+// make_filled_simdgroup_matrix<float, 8>(v): Rows defaults to Cols
+template <class T, int C, int R = C> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
     simdgroup_matrix<T, C, R> m;
     m.__v = v;
     return m;
@@ -1331,7 +1364,22 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, N, M> &d,
 #undef __CAMEL_SITE
 #undef __CAMEL_AT
 #endif  // __CAMEL_CUDA__
+
+#include "camel_sim_types.h"  // traits, matrices, uniform<T>, bfloat
 }  // namespace metal
+#define __CAMEL_USING_MATRICES(T)                                                              \
+    using metal::T##2x2; using metal::T##2x3; using metal::T##2x4; using metal::T##3x2;        \
+    using metal::T##3x3; using metal::T##3x4; using metal::T##4x2; using metal::T##4x3;        \
+    using metal::T##4x4;
+__CAMEL_USING_MATRICES(float)
+__CAMEL_USING_MATRICES(half)
+#undef __CAMEL_USING_MATRICES
+#ifdef __HAVE_BFLOAT__
+using metal::bfloat;
+using metal::bfloat2;
+using metal::bfloat3;
+using metal::bfloat4;
+#endif
 
 // MSL's atomic_int & co., as metal::atomic_int and without metal::.
 namespace metal {
