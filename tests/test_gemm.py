@@ -215,9 +215,9 @@ def test_camel_matmul_env_selects_rung(monkeypatch, rng):
 
 
 def test_camel_matmul_unknown_version(monkeypatch, rng):
-    monkeypatch.setenv("CAMEL_MATMUL", "13")
+    monkeypatch.setenv("CAMEL_MATMUL", "14")
     a, b = _operands(rng, (2, 3), (3, 4))
-    with pytest.raises(ValueError, match=r"unknown version '13'.*1, 2, 3.*12"):
+    with pytest.raises(ValueError, match=r"unknown version '14'.*1, 2, 3.*13"):
         _run(None, a, b)
 
 
