@@ -713,9 +713,14 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
     g.k = d.kernel;
     g.w = w;
     w->group_index = index;
-    g.gid[0] = index % d.groups[0];
-    g.gid[1] = (index / d.groups[0]) % d.groups[1];
-    g.gid[2] = index / (d.groups[0] * d.groups[1]);
+    if (d.groups[1] == 1 && d.groups[2] == 1) {  // a 1-D grid: no divisions (~20% of a
+        g.gid[0] = index;                          // small barrier-free group's time)
+        g.gid[1] = g.gid[2] = 0;
+    } else {
+        g.gid[0] = index % d.groups[0];
+        g.gid[1] = (index / d.groups[0]) % d.groups[1];
+        g.gid[2] = index / (d.groups[0] * d.groups[1]);
+    }
     g.nthreads = 1;
     for (int a = 0; a < 3; a++) {
         g.origin[a] = g.gid[a] * d.tpg[a];
