@@ -1735,6 +1735,10 @@ struct Rewriter {
         std::map<std::string, std::set<int>> used_in;  // local name -> regions using it
         std::map<std::string, RDecl> decls;
         std::set<std::string> hoisted, group_consts;
+        // Loops around barriers that every thread runs alike (by the loop's start): see
+        // uniform_loop. Their variables (uniform_vars) are one per group, not per thread.
+        std::set<size_t> uniform_loops;
+        std::set<std::string> uniform_vars;
         std::map<size_t, std::vector<RDecl>> decl_at;  // statement start -> its declarators
         std::map<size_t, bool> decl_const;
         std::set<size_t> tg;  // threadgroup variable declarations (at group scope)
@@ -1783,6 +1787,7 @@ struct Rewriter {
             } else {
                 rg.region++;
                 stmt(it.init_a, it.init_b);
+                uniform_loop(it, rg);
                 rg.region++;
                 note_uses(it.cond_a, it.cond_b);
                 rg.region++;
@@ -1792,6 +1797,34 @@ struct Rewriter {
                 rg.region++;
             }
         }
+    }
+
+    // A loop around a barrier whose trip is the same for every thread, as row_sum's tree
+    // `for (uint k = 128; k > 0; k >>= 1)`: one variable declared in its init from
+    // constants, a condition and an increment of that variable and constants, the variable
+    // not written in the body. It runs as a plain loop around its regions, with one k for
+    // the group: no per-thread copy of k, no condition evaluated by every thread (all
+    // threads agree by construction, so there is no divergence to report).
+    void uniform_loop(const RItem &it, RegionGen &rg) {
+        auto d = rg.decl_at.find(it.init_a);
+        if (d == rg.decl_at.end() || d->second.size() != 1) return;
+        const RDecl &v = d->second[0];
+        if (!v.dims.empty() || !v.ptrs.empty() || v.init_a >= v.init_b) return;
+        auto constants_and = [&](size_t a, size_t b, const std::string &var) {
+            for (size_t k = a; k < b; k++)
+                if (S(k).kind == IDENT && txt(k) != var && !rg.group_consts.count(txt(k)))
+                    return false;
+            return true;
+        };
+        if (!constants_and(v.init_a, v.init_b, "") || !constants_and(it.cond_a, it.cond_b, v.name) ||
+            !constants_and(it.incr_a, it.incr_b, v.name))
+            return;
+        for (size_t k = it.incr_b + 2; k + 1 < it.b; k++)  // the body, inside its braces
+            if (S(k).kind == IDENT && txt(k) == v.name && !(k > 0 && (is(k - 1, ".") || is(k - 1, "->"))) &&
+                modified_at(k, it.b, true))
+                return;
+        rg.uniform_loops.insert(it.a);
+        rg.uniform_vars.insert(v.name);
     }
 
     // Text of [a, b) as the kernel wrote it (rewritten), with hoisted names indexed by the
@@ -1866,6 +1899,13 @@ struct Rewriter {
                 if (!s.empty()) pending += line_marker(it.a) + s;
             } else if (it.kind == RItem::BARRIER) {
                 flush();
+            } else if (rg.uniform_loops.count(it.a)) {
+                flush();
+                g += line_marker(it.init_a) + "    for (" + region_text(it.init_a, it.init_b, rg) + " " +
+                     region_text(it.cond_a, it.cond_b, rg) + "; " + region_text(it.incr_a, it.incr_b, rg) +
+                     ") {\n# 1 \"<camel generated>\"\n";
+                g += region_items(it.body, rg, builtins);
+                g += "    }\n";
             } else {
                 flush();
                 std::string init = region_stmt(it.init_a, it.init_b, rg);
@@ -1944,7 +1984,7 @@ struct Rewriter {
         region_scan(items, rg, tg, params);
         if (!rg.ok) return no_region(kn, "a local declared twice, or in a form it cannot move");
         for (auto &d : rg.decls) {
-            if (rg.group_consts.count(d.first)) continue;
+            if (rg.group_consts.count(d.first) || rg.uniform_vars.count(d.first)) continue;
             auto &u = rg.used_in[d.first];
             if (u.size() > 1) {
                 if (d.second.type.find("auto") != std::string::npos) return no_region(kn, "an auto variable lives across a barrier");
