@@ -713,8 +713,8 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
     g.k = d.kernel;
     g.w = w;
     w->group_index = index;
-    if (d.groups[1] == 1 && d.groups[2] == 1) {  // a 1-D grid: no divisions (~20% of a
-        g.gid[0] = index;                          // small barrier-free group's time)
+    if (d.groups[1] == 1 && d.groups[2] == 1) {  // a 1-D grid: no divisions (tens of
+        g.gid[0] = index;                          // cycles each, per threadgroup)
         g.gid[1] = g.gid[2] = 0;
     } else {
         g.gid[0] = index % d.groups[0];
