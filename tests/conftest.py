@@ -9,8 +9,14 @@ CAMEL_TEST_DEVICES=cpu (or cpu,mps) overrides the choice.
 import importlib.util
 import os
 
-import numpy as np
-import pytest
+# NumPy's OpenBLAS threads spin for a while after every matrix product, on the cores the
+# simulator's workers need: on a 2-core machine a third of test_flash.py's CPU time went to
+# that spinning. One BLAS thread is plenty for the tests' reference results. (Set before
+# NumPy is imported; an explicit OPENBLAS_NUM_THREADS wins.)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _mps_available():

@@ -56,6 +56,12 @@ kernel void builtins_per_thread(device uint *out [[buffer(0)]], BUILTINS) {
     (void)unused;
     WRITE_BUILTINS
 }
+// And on fibers (a SIMD-group function), whose threads keep their fields from one
+// threadgroup to the next of the same shape and move only their positions.
+kernel void builtins_fibers(device uint *out [[buffer(0)]], BUILTINS) {
+    simdgroup_barrier(mem_flags::mem_none);
+    WRITE_BUILTINS
+}
 
 kernel void crash_at(device float *out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
     out[i == 37 ? (1ul << 40) : i] = 1.0;   // thread 37 writes far out of bounds
@@ -120,15 +126,21 @@ def test_builtins_match_the_per_thread_path(lib, monkeypatch, order, tpg, grid):
         kw = {"threadgroups": groups}
         shape = tuple(g * t for g, t in zip(groups, tpg, strict=True))
     results = []
-    for name in ("builtins", "builtins_per_thread"):
+    for name in ("builtins", "builtins_per_thread", "builtins_fibers"):
         out = M.DeviceArray.zeros((int(np.prod(shape)) * 24,), np.uint32)
         run(lib.function(name), out, threads_per_threadgroup=tpg, **kw)
         results.append(out.numpy().reshape(shape[::-1] + (24,)))
     np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[2], results[1], err_msg="fibers")
     got = results[0]
     z, y, x = np.indices(shape[::-1])
     np.testing.assert_array_equal(got[..., 0], x)  # a sanity check of the reference itself
     np.testing.assert_array_equal(got[..., 3:6], np.stack([x, y, z], -1) % tpg)
+    np.testing.assert_array_equal(got[..., 6:9], np.stack([x, y, z], -1) // tpg)
+    # this group's size: smaller in the partial edge groups of threads=
+    size = np.minimum(tpg, np.array(shape) - np.stack([x, y, z], -1) // tpg * tpg)
+    packed = size[..., 0] * 10000 + size[..., 1] * 100 + size[..., 2]
+    np.testing.assert_array_equal(got[..., 9], packed)
     np.testing.assert_array_equal(got[..., 21], x)
 
 

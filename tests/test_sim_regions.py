@@ -89,6 +89,52 @@ kernel void loop_missing_end_barrier(device float *out [[buffer(0)]],
     out[lid] = acc;
 }
 
+// A loop every thread runs alike (k from constants, k not written in the body): its k is
+// one for the group. Each round every thread takes its right neighbour's value, so after
+// the rounds thread i holds x[(i + 6) % 64]; without the second barrier a thread reads a
+// slot its neighbour has already overwritten in this round, in whichever order.
+kernel void shift_rounds(device const float *x [[buffer(0)]], device float *out [[buffer(1)]],
+                         uint lid [[thread_index_in_threadgroup]]) {
+    threadgroup float t[64];
+    t[lid] = x[lid];
+    for (uint k = 0; k < 6; k++) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        float v = t[(lid + 1) % 64];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        t[lid] = v;
+    }
+    out[lid] = t[lid];
+}
+kernel void shift_rounds_missing_barrier(device const float *x [[buffer(0)]],
+                                         device float *out [[buffer(1)]],
+                                         uint lid [[thread_index_in_threadgroup]]) {
+    threadgroup float t[64];
+    t[lid] = x[lid];
+    for (uint k = 0; k < 6; k++) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        float v = t[(lid + 1) % 64];
+        t[lid] = v;
+    }
+    out[lid] = t[lid];
+}
+
+// The body writes k: every thread has its own k (were it one for the group, the 64
+// threads' k += 1 would add 64 and end the loop after one round). k runs 1, 4, 10, 22, 46:
+// five rounds, each doubling t.
+kernel void loop_writes_k(device float *out [[buffer(0)]],
+                          uint lid [[thread_index_in_threadgroup]]) {
+    threadgroup float t[64];
+    t[lid] = 1.0;
+    for (uint k = 1; k < 64; k *= 2) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        float v = t[(lid + k) % 64];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        t[lid] += v;
+        k += 1;
+    }
+    out[lid] = t[lid];
+}
+
 kernel void crash_after_barrier(device float *out [[buffer(0)]],
                                 uint lid [[thread_index_in_threadgroup]]) {
     threadgroup float t[64];
@@ -141,6 +187,25 @@ def test_a_loop_missing_its_closing_barrier_shows_the_race(lib, monkeypatch):
             np.testing.assert_array_equal(stale, lid >= 32)
         elif order == "reverse":
             np.testing.assert_array_equal(stale, lid < 32)
+
+
+@pytest.mark.parametrize("regions", ["1", "0"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_loop_every_thread_runs_alike_keeps_its_barriers(lib, monkeypatch, regions, order):
+    monkeypatch.setenv("CAMEL_SIM_REGIONS", regions)
+    monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+    x = np.arange(1, 65, dtype=np.float32)
+    got = {}
+    for name in ("shift_rounds", "shift_rounds_missing_barrier"):
+        out = M.DeviceArray.zeros((64,))
+        run(lib.function(name), M.DeviceArray.from_numpy(x), out,
+            threadgroups=1, threads_per_threadgroup=64)  # fmt: skip
+        got[name] = out.numpy()
+    np.testing.assert_array_equal(got["shift_rounds"], np.roll(x, -6))
+    assert (got["shift_rounds_missing_barrier"] != np.roll(x, -6)).any()
+    out = M.DeviceArray.zeros((64,))
+    run(lib.function("loop_writes_k"), out, threadgroups=1, threads_per_threadgroup=64)
+    np.testing.assert_array_equal(out.numpy(), np.full(64, 32, np.float32))
 
 
 def test_a_loop_whose_trip_count_differs_is_an_error(lib, monkeypatch):
@@ -197,3 +262,4 @@ def test_verbose_says_which_kernels_keep_the_fibers(monkeypatch, tmp_path, capfd
     assert "[sim] busy_64b: barrier regions" in err
     assert "[sim] uneven_loop: barrier regions" in err
     assert "[sim] loop_missing_end_barrier: fibers" in err
+    assert "[sim] shift_rounds: barrier regions" in err  # its body begins with a barrier

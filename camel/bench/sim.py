@@ -5,6 +5,8 @@ What it measures (each result is validated against NumPy before it is timed):
   cached library     camel_library_new of a source already in the on-disk kernel cache
   SGEMM 256^3        a tiled GEMM with 16x16 threadgroups and two barriers per tile step
   float4 add         4 M floats, barrier-free (a plain loop per threadgroup), vs NumPy
+  fibers             a threadgroup_barrier per thread, a simd_sum per lane (kernels the
+                     barrier regions cannot take run on fibers)
   dispatch overhead  the host cost of one dispatch through camel.metal (encode only, and
                      encode + run + wait for a one-thread kernel)
 
@@ -57,6 +59,34 @@ kernel void add_f4(device const float4 *a [[buffer(0)]], device const float4 *b 
 
 kernel void noop(device float *x [[buffer(0)]], uint i [[thread_position_in_grid]]) {
     if (i == 1u << 30) x[0] = 1.0;
+}
+
+// Barriers in a while loop (not barrier regions: this runs on fibers). Each round every
+// thread takes its right neighbour's value: after n rounds, thread i holds (i + n) % size.
+kernel void fiber_barriers(device float *out [[buffer(0)]], constant uint &n [[buffer(1)]],
+                           uint lid [[thread_position_in_threadgroup]],
+                           uint group [[threadgroup_position_in_grid]],
+                           uint size [[threads_per_threadgroup]]) {
+    threadgroup float t[1024];
+    t[lid] = float(lid);
+    uint k = 0;
+    while (k < n) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        float v = t[(lid + 1) % size];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        t[lid] = v;
+        k++;
+    }
+    out[group * size + lid] = t[lid];
+}
+
+// n simd_sums in a row; the lanes of a SIMD group start with 0..31, so every sum is 496
+// and s stays 496 / 32 = 15.5.
+kernel void fiber_simd_sums(device float *out [[buffer(0)]], constant uint &n [[buffer(1)]],
+                            uint i [[thread_position_in_grid]]) {
+    float s = float(i % 32);
+    for (uint k = 0; k < n; k++) s = simd_sum(s) * (1.0f / 32.0f);
+    out[i] = s;
 }
 """
 
@@ -170,7 +200,36 @@ def main(argv=None) -> int:
         )
     )
 
-    # 5. Host overhead of one dispatch through camel.metal.
+    # 5. Fibers: a barrier per thread, a simd_sum per lane (256 groups of 256 threads;
+    # CPU time of all workers, per thread and call).
+    groups, size, calls = 256, 256, 32
+    workers = int(os.environ["CAMEL_SIM_WORKERS"])
+    out = M.DeviceArray.zeros((groups * size,))
+    n_calls = np.uint32(calls)
+    barriers = library.function("fiber_barriers")
+    sums = library.function("fiber_simd_sums")
+
+    def barrier_run():
+        barriers(out, n_calls, threadgroups=groups, threads_per_threadgroup=size)
+        M.synchronize()
+
+    def simd_run():
+        sums(out, n_calls, threads=groups * size, threads_per_threadgroup=size)
+        M.synchronize()
+
+    barrier_run()
+    want = np.tile((np.arange(size) + calls) % size, groups).astype(np.float32)
+    np.testing.assert_array_equal(out.numpy(), want)
+    ns = best_ms(barrier_run, args.repeat) * 1e6 * workers / (groups * size * 2 * calls)
+    rows.append(
+        ("fibers: threadgroup_barrier", f"{ns:.1f} ns per thread and barrier", "report", "")
+    )
+    simd_run()
+    np.testing.assert_array_equal(out.numpy(), np.full(groups * size, 15.5, np.float32))
+    ns = best_ms(simd_run, args.repeat) * 1e6 * workers / (groups * size * calls)
+    rows.append(("fibers: simd_sum", f"{ns:.1f} ns per lane per call", "report", ""))
+
+    # 6. Host overhead of one dispatch through camel.metal.
     noop = library.function("noop")
     count = 2000
 

@@ -105,6 +105,8 @@ struct Group {
     std::vector<void *> tg; // [[threadgroup(i)]] addresses
     std::vector<uint32_t> order;  // the order threads run in (thread indices)
     std::vector<Lane *> run;      // fibers: the same order as lanes
+    std::vector<Lane *> by_simdgroup;  // run cut by SIMD group: SIMD group s's lanes (in run's
+    std::vector<uint32_t> sg_begin;    // order) are by_simdgroup[sg_begin[s] .. sg_begin[s+1])
     std::vector<Lane *> sg_run;   // the lanes of one SIMD group, in the same order
     Lane *const *walk;            // the list being run now: run, or sg_run ...
     uint32_t walk_n;              // ... its length
@@ -137,6 +139,13 @@ struct Worker {
     uint32_t nstacks = 0;
     uint8_t *arena = nullptr;
     bool stacks_dirty = false;  // a fiber was abandoned mid-run
+    // The threadgroup state of the previous fiber group, kept for the next one: threads[]
+    // and the run order are set up for threadgroups of size fibers_size of dispatch
+    // fibers_job (0: for none), so a threadgroup of the same shape only moves the threads'
+    // positions (forward and reverse order; random order shuffles at every pass anyway).
+    uint64_t job_id = 0;  // the dispatch being run (execute counts them)
+    uint64_t fibers_job = 0;
+    uint32_t fibers_size[3] = {0, 0, 0};
     // A crash in a group entry: the threadgroup runs again, one thread at a time
     // (run_plain's own loop), so that the message can name the thread.
     bool replaying = false;
@@ -468,11 +477,25 @@ static bool release_barrier(Group &g) {
     return false;
 }
 
-// g.run: the lanes in the order CAMEL_SIM_ORDER asks for.
+// g.run: the lanes in the order CAMEL_SIM_ORDER asks for; g.by_simdgroup: the same cut by
+// SIMD group (counted once here, not looked for by finish_simdgroup in all of g.run).
 static void make_run_order(Group &g) {
     make_order(g);
-    g.run.resize(g.nthreads);
-    for (uint32_t i = 0; i < g.nthreads; i++) g.run[i] = &g.lanes[g.order[i]];
+    uint32_t n = g.nthreads, nsg = (n + kSimdWidth - 1) / kSimdWidth;
+    g.run.resize(n);
+    g.by_simdgroup.resize(n);
+    g.sg_begin.assign(nsg + 1, 0);
+    for (uint32_t i = 0; i < n; i++) {
+        g.run[i] = &g.lanes[g.order[i]];
+        g.sg_begin[g.order[i] / kSimdWidth + 1]++;
+    }
+    for (uint32_t s = 0; s < nsg; s++) g.sg_begin[s + 1] += g.sg_begin[s];
+    uint32_t fill[kMaxThreadsPerThreadgroup / kSimdWidth];  // each SIMD group's next slot
+    for (uint32_t s = 0; s < nsg; s++) fill[s] = g.sg_begin[s];
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t s = (uint32_t)(g.run[i] - g.lanes) / kSimdWidth;
+        g.by_simdgroup[fill[s]++] = g.run[i];
+    }
 }
 
 static inline uint32_t simdgroup_width(const Group &g, uint32_t s) {
@@ -486,9 +509,8 @@ static inline uint32_t simdgroup_width(const Group &g, uint32_t s) {
 // ahead is one of the schedules a GPU may pick, and the one that exposes a
 // missing threadgroup_barrier next to a SIMD-group function.
 static void finish_simdgroup(Group &g, uint32_t s) {
-    g.sg_run.clear();
-    for (Lane *l : g.run)
-        if ((uint32_t)(l - g.lanes) / kSimdWidth == s) g.sg_run.push_back(l);
+    g.sg_run.assign(g.by_simdgroup.begin() + g.sg_begin[s],
+                    g.by_simdgroup.begin() + g.sg_begin[s + 1]);
     g.in_simdgroup = true;
     while (g.sg_blocked[s] != 0 && !g.failed) {
         if (!resolve_simdgroup(g, s)) {
@@ -523,6 +545,10 @@ static bool run_fibers(Group &g) {
     if (w->stacks_dirty && __asan_unpoison_memory_region)
         __asan_unpoison_memory_region(w->stacks, (size_t)w->nstacks * (kGuardSize + kStackSize));
     w->stacks_dirty = false;
+    // A threadgroup shaped like the previous one on this worker (the usual case) keeps its
+    // threads' fields and run order: only the positions in the grid move.
+    bool same_shape = w->fibers_job == w->job_id && w->fibers_size[0] == g.size[0] &&
+                      w->fibers_size[1] == g.size[1] && w->fibers_size[2] == g.size[2];
     camel_sim_thread common;
     fill_group_fields(g, common);
     uint32_t i = 0;
@@ -530,8 +556,17 @@ static bool run_fibers(Group &g) {
         for (uint32_t y = 0; y < g.size[1]; y++)
             for (uint32_t x = 0; x < g.size[0]; x++, i++) {
                 Lane &l = g.lanes[i];
-                g.threads[i] = common;
-                set_position(g, g.threads[i], x, y, z, i);
+                camel_sim_thread &t = g.threads[i];
+                if (same_shape) {
+                    for (int a = 0; a < 3; a++)
+                        t.threadgroup_position_in_grid[a] = g.gid[a];
+                    t.thread_position_in_grid[0] = g.origin[0] + x;
+                    t.thread_position_in_grid[1] = g.origin[1] + y;
+                    t.thread_position_in_grid[2] = g.origin[2] + z;
+                } else {
+                    t = common;
+                    set_position(g, t, x, y, z, i);
+                }
                 l.state = kReady;
                 l.static_cursor = 0;
                 // Stack tops 68 KiB apart would all fall into the same cache
@@ -547,7 +582,9 @@ static bool run_fibers(Group &g) {
     uint32_t nsg = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
     for (uint32_t s = 0; s < nsg; s++) g.sg_blocked[s] = g.sg_done[s] = 0;
     uint32_t pass_states = 1u << kReady;  // the first pass starts every thread
-    make_run_order(g);
+    if (!same_shape || g.d->order == kRandom) make_run_order(g);
+    w->fibers_job = w->job_id;
+    for (int a = 0; a < 3; a++) w->fibers_size[a] = g.size[a];
     for (;;) {
         // One pass from barrier to barrier: every thread runs (in the order
         // CAMEL_SIM_ORDER asks for) until it reaches the next threadgroup
@@ -598,6 +635,7 @@ static bool regions_on = true;
 // loops over its threads, in the order CAMEL_SIM_ORDER asks for (camel_sim_group).
 static bool run_group_entry(Group &g) {
     const Dispatch &d = *g.d;
+    g.w->fibers_job = 0;  // threads[0] and the order change here
     camel_sim_group gr;
     fill_shared_fields(g, gr);
     for (int a = 0; a < 3; a++) gr.origin[a] = g.origin[a];
@@ -633,6 +671,7 @@ static bool run_plain(Group &g) {
     Lane &l = g.lanes[0];
     camel_sim_thread &t = g.threads[0];
     g.current = &l;
+    g.w->fibers_job = 0;  // threads[0] and the order change here
     fill_group_fields(g, t);
     void *const *bindings = g.d->bindings.data();
     void *const *tg = g.tg.data();
@@ -674,9 +713,14 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
     g.k = d.kernel;
     g.w = w;
     w->group_index = index;
-    g.gid[0] = index % d.groups[0];
-    g.gid[1] = (index / d.groups[0]) % d.groups[1];
-    g.gid[2] = index / (d.groups[0] * d.groups[1]);
+    if (d.groups[1] == 1 && d.groups[2] == 1) {  // a 1-D grid: no divisions (tens of
+        g.gid[0] = index;                          // cycles each, per threadgroup)
+        g.gid[1] = g.gid[2] = 0;
+    } else {
+        g.gid[0] = index % d.groups[0];
+        g.gid[1] = (index / d.groups[0]) % d.groups[1];
+        g.gid[2] = index / (d.groups[0] * d.groups[1]);
+    }
     g.nthreads = 1;
     for (int a = 0; a < 3; a++) {
         g.origin[a] = g.gid[a] * d.tpg[a];
@@ -907,13 +951,18 @@ void install_crash_handlers() {
 
 // ---- the worker pool ---------------------------------------------------------------
 
-// One dispatch being run: workers take threadgroups off `next`.
+// One dispatch being run: workers take threadgroups off `next`, `chunk` at a time.
+// Taking one at a time made the two workers fight over `next`'s cache line after every
+// threadgroup (a small barrier-free group costs less than that fight); `next` and `failed`
+// live on lines of their own for the same reason.
 struct Job {
     const Dispatch *d;
+    uint64_t id;  // a number no other dispatch of this process has
     uint32_t ngroups;
-    std::atomic<uint32_t> next{0};
-    std::atomic<bool> failed{false};
-    std::mutex mu;
+    uint32_t chunk;
+    alignas(64) std::atomic<uint32_t> next{0};
+    alignas(64) std::atomic<bool> failed{false};
+    alignas(64) std::mutex mu;
     std::string error;
 };
 
@@ -928,6 +977,7 @@ static void job_fail(Job &job, const std::string &msg) {
 // What one worker (or the calling thread) does for a job.
 static void run_part(Job &job) {
     Worker *w = this_worker();
+    w->job_id = job.id;
     int jumped = sigsetjmp(w->crash_jmp, 1);
     if (jumped == 3) {
         // A crash in a group entry, which knows no thread index: run the threadgroup again,
@@ -948,12 +998,15 @@ static void run_part(Job &job) {
     }
     w->in_kernel = 1;
     while (!job.failed.load(std::memory_order_relaxed)) {
-        uint32_t i = job.next.fetch_add(1, std::memory_order_relaxed);
-        if (i >= job.ngroups) break;
-        if (!run_group(w, *job.d, i)) {
-            job_fail(job, w->group.error);
-            break;
-        }
+        uint32_t first = job.next.fetch_add(job.chunk, std::memory_order_relaxed);
+        if (first >= job.ngroups) break;
+        uint32_t last = job.ngroups - first < job.chunk ? job.ngroups : first + job.chunk;
+        for (uint32_t i = first; i < last && !job.failed.load(std::memory_order_relaxed); i++)
+            if (!run_group(w, *job.d, i)) {
+                job_fail(job, w->group.error);
+                w->in_kernel = 0;
+                return;
+            }
     }
     w->in_kernel = 0;
 }
@@ -1015,10 +1068,16 @@ int pool_workers() { return pool.workers; }
 bool execute(const Dispatch &d, std::string &error) {
     const char *regions = getenv("CAMEL_SIM_REGIONS");
     regions_on = !(regions && !strcmp(regions, "0"));
+    static std::atomic<uint64_t> jobs{0};
     Job job;
     job.d = &d;
+    job.id = ++jobs;
     job.ngroups = d.groups[0] * d.groups[1] * d.groups[2];
     if (job.ngroups == 0) return true;
+    // About 64 chunks per worker: few enough claims to be cheap, small enough that
+    // the last chunks still balance the workers.
+    job.chunk = job.ngroups / (64 * (uint32_t)(pool.workers > 1 ? pool.workers : 1));
+    if (job.chunk < 1) job.chunk = 1;
     int helpers = pool.workers - 1;
     if (helpers > (int)job.ngroups - 1) helpers = (int)job.ngroups - 1;
     if (helpers > 0) {

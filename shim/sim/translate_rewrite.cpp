@@ -1752,7 +1752,7 @@ struct Rewriter {
     // in one region and used in another) lives in an array indexed by the thread. A
     // loop around barriers is entered when every thread's condition holds; when only
     // some threads' does, that is the error the fibers report as a partial barrier.
-    // A loop around barriers must end with one (its back edge acts as a barrier).
+    // A loop around barriers must end or begin with one (its back edge acts as one).
     // Anything else (a barrier under an `if`, `return`, `break`, a SIMD-group function,
     // a template kernel, a parameter the kernel assigns to, ...) keeps the fibers.
     struct RItem {
@@ -1838,11 +1838,13 @@ struct Rewriter {
                 for (size_t k = close + 2; k < e - 1; k++)  // breaks and continues that
                     if (is(k, "break") || is(k, "continue")) return false;  // bind to it
                 // Every thread finishes an iteration before any starts the next one, so
-                // the loop's back edge acts as a barrier. Unless the body ends with one, that
-                // barrier is not in the code, and a race across the back edge (the next
-                // iteration's writes against this one's reads: v6-v9 without their second
-                // barrier) would be hidden: the fibers run such a loop.
-                if (it.body.empty() || it.body.back().kind != RItem::BARRIER) return false;
+                // the loop's back edge acts as a barrier. Unless the body ends or begins
+                // with one, that barrier is not in the code, and a race across the back
+                // edge (the next iteration's writes against this one's reads: v6-v9
+                // without their second barrier) would be hidden: the fibers run such a loop.
+                if (it.body.empty() || (it.body.back().kind != RItem::BARRIER &&
+                                        it.body.front().kind != RItem::BARRIER))
+                    return false;
             } else if (has_barrier(j, e)) {
                 return false;  // under an if, a while, a block, ...
             }
@@ -1951,6 +1953,10 @@ struct Rewriter {
         std::map<std::string, std::set<int>> used_in;  // local name -> regions using it
         std::map<std::string, RDecl> decls;
         std::set<std::string> hoisted, group_consts;
+        // Loops around barriers that every thread runs alike (by the loop's start): see
+        // uniform_loop. Their variables (uniform_vars) are one per group, not per thread.
+        std::set<size_t> uniform_loops;
+        std::set<std::string> uniform_vars;
         std::map<size_t, std::vector<RDecl>> decl_at;  // statement start -> its declarators
         std::map<size_t, bool> decl_const;
         std::set<size_t> tg;  // threadgroup variable declarations (at group scope)
@@ -1999,6 +2005,7 @@ struct Rewriter {
             } else {
                 rg.region++;
                 stmt(it.init_a, it.init_b);
+                uniform_loop(it, rg);
                 rg.region++;
                 note_uses(it.cond_a, it.cond_b);
                 rg.region++;
@@ -2008,6 +2015,34 @@ struct Rewriter {
                 rg.region++;
             }
         }
+    }
+
+    // A loop around a barrier whose trip is the same for every thread, as row_sum's tree
+    // `for (uint k = 128; k > 0; k >>= 1)`: one variable declared in its init from
+    // constants, a condition and an increment of that variable and constants, the variable
+    // not written in the body. It runs as a plain loop around its regions, with one k for
+    // the group: no per-thread copy of k, no condition evaluated by every thread (all
+    // threads agree by construction, so there is no divergence to report).
+    void uniform_loop(const RItem &it, RegionGen &rg) {
+        auto d = rg.decl_at.find(it.init_a);
+        if (d == rg.decl_at.end() || d->second.size() != 1) return;
+        const RDecl &v = d->second[0];
+        if (!v.dims.empty() || !v.ptrs.empty() || v.init_a >= v.init_b) return;
+        auto constants_and = [&](size_t a, size_t b, const std::string &var) {
+            for (size_t k = a; k < b; k++)
+                if (S(k).kind == IDENT && txt(k) != var && !rg.group_consts.count(txt(k)))
+                    return false;
+            return true;
+        };
+        if (!constants_and(v.init_a, v.init_b, "") || !constants_and(it.cond_a, it.cond_b, v.name) ||
+            !constants_and(it.incr_a, it.incr_b, v.name))
+            return;
+        for (size_t k = it.incr_b + 2; k + 1 < it.b; k++)  // the body, inside its braces
+            if (S(k).kind == IDENT && txt(k) == v.name && !(k > 0 && (is(k - 1, ".") || is(k - 1, "->"))) &&
+                modified_at(k, it.b, true))
+                return;
+        rg.uniform_loops.insert(it.a);
+        rg.uniform_vars.insert(v.name);
     }
 
     // Text of [a, b) as the kernel wrote it (rewritten), with hoisted names indexed by the
@@ -2082,6 +2117,13 @@ struct Rewriter {
                 if (!s.empty()) pending += line_marker(it.a) + s;
             } else if (it.kind == RItem::BARRIER) {
                 flush();
+            } else if (rg.uniform_loops.count(it.a)) {
+                flush();
+                g += line_marker(it.init_a) + "    for (" + region_text(it.init_a, it.init_b, rg) + " " +
+                     region_text(it.cond_a, it.cond_b, rg) + "; " + region_text(it.incr_a, it.incr_b, rg) +
+                     ") {\n# 1 \"<camel generated>\"\n";
+                g += region_items(it.body, rg, builtins);
+                g += "    }\n";
             } else {
                 flush();
                 std::string init = region_stmt(it.init_a, it.init_b, rg);
@@ -2151,7 +2193,7 @@ struct Rewriter {
         std::vector<RItem> items;
         if (!parse_regions(a, b, items, true, tg))
             return no_region(kn, "a barrier outside the top level and its for loops, or a loop "
-                                 "around barriers that does not end with one");
+                                 "around barriers that neither begins nor ends with one");
         RegionGen rg;
         rg.tg = tg;
         if (!kn.targs.empty())  // template parameters are constants too
@@ -2161,7 +2203,7 @@ struct Rewriter {
         region_scan(items, rg, tg, params);
         if (!rg.ok) return no_region(kn, "a local declared twice, or in a form it cannot move");
         for (auto &d : rg.decls) {
-            if (rg.group_consts.count(d.first)) continue;
+            if (rg.group_consts.count(d.first) || rg.uniform_vars.count(d.first)) continue;
             auto &u = rg.used_in[d.first];
             if (u.size() > 1) {
                 if (d.second.type.find("auto") != std::string::npos) return no_region(kn, "an auto variable lives across a barrier");
