@@ -50,6 +50,9 @@ struct camel_pipeline {
     // this when a threadgroup first runs (the translated kernel asks for them
     // as it goes), so it reads 0 before the first dispatch has run.
     std::atomic<uint32_t> static_tg_bytes{0};
+    // The kernel calls simdgroup_load/simdgroup_store: its threadgroups keep a copy of
+    // threadgroup memory from the start, to see what was written since a barrier.
+    std::atomic<bool> uses_blocks{false};
 };
 
 namespace sim {
