@@ -1243,6 +1243,14 @@ inline void __camel_need_whole_simdgroup(const camel_sim_thread *t, const char *
     __camel_rt->fail(t, buf);
 }
 
+// A library whose kernels call simdgroup_load/store says so as it loads (the runtime
+// reads this through dlsym), so that their threadgroups keep a copy of threadgroup memory
+// from the start: the first instantiation of either sets it.
+extern "C" __attribute__((visibility("default"))) inline int camel_sim_uses_blocks = 0;
+template <class = void> struct __camel_uses_blocks {
+    static inline const bool mark = (camel_sim_uses_blocks = 1, true);
+};
+
 template <class P, class T, int C, int R>
 inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_per_row = C,
                            ulong2 matrix_origin = 0, bool transpose_matrix = false,
@@ -1254,6 +1262,7 @@ inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_
     __camel_need_whole_simdgroup(t, "simdgroup_load");
     __camel_frag f = __camel_frag_of(t->thread_index_in_simdgroup);
     P *base = src + matrix_origin.y * elements_per_row + matrix_origin.x;
+    (void)__camel_uses_blocks<>::mark;
     __camel_rt->simdgroup_block(t, __CAMEL_AT, 0, (void *)base, elements_per_row * sizeof(P),
                                 sizeof(P), nullptr, nullptr);
     for (uint32_t j = 0; j < 2; j++) {
@@ -1282,6 +1291,7 @@ inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong el
         index[j] = transpose_matrix ? c * 8 + f.row : f.row * 8 + c;
         values[j] = m.__v[j];
     }
+    (void)__camel_uses_blocks<>::mark;
     __camel_rt->simdgroup_block(t, __CAMEL_AT, 1, (void *)base, elements_per_row * sizeof(P),
                                 sizeof(P), index, values);
 }
