@@ -841,6 +841,35 @@ kernel void lost_updates(device float *out [[buffer(0)]],
     if (lid == 0) out[0] = count;
 }
 
+// Lanes write t with plain stores, meet in a simd_sum, and read each other's slot with no
+// simdgroup_barrier: a race on a GPU (the simd_sum orders no memory). The simulator cannot
+// see plain loads and stores one by one, and the simd_sum lets no lane on before every lane
+// has stored, so every lane reads its neighbour's value.
+kernel void collective_orders_plain_memory(device float *out [[buffer(0)]],
+                                           ushort lane [[thread_index_in_simdgroup]]) {
+    threadgroup float t[32];
+    t[lane] = lane;
+    float s = simd_sum(1.0) - 32.0;
+    out[lane] = t[lane ^ 1] + s;
+}
+
+// Lanes read t, meet in a simd_sum, then the SIMD group stores a block over t with no
+// simdgroup_barrier: a race on a GPU; here every read is done before the store begins.
+kernel void read_collective_store(device const float *x [[buffer(0)]],
+                                  device float *out [[buffer(1)]],
+                                  ushort lane [[thread_index_in_simdgroup]]) {
+    threadgroup float t[64];
+    t[lane] = x[lane];
+    t[lane + 32] = x[lane + 32];
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    float a = t[(lane + 1) % 32], b = t[lane + 32];
+    float s = simd_sum(1.0) - 32.0;
+    simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    simdgroup_store(m, t, 8);
+    out[lane] = a + s;
+    out[lane + 32] = b;
+}
+
 // Half the lanes return before a simdgroup_store: undefined on a GPU (it needs all 32);
 // here no error, and the missing lanes' elements are NaN (the store's mark until it lands).
 kernel void store_after_return(device float *out [[buffer(0)]],
@@ -893,6 +922,24 @@ def test_known_gap_non_atomic_update_is_never_lost(order):
     out = M.DeviceArray.zeros((1,))
     run(lib.function("lost_updates"), out, threadgroups=1, threads_per_threadgroup=256)
     assert out.numpy()[0] == 256  # a GPU may well give less
+
+
+def test_known_gap_collectives_order_plain_memory_inside_a_simd_group(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    out = M.DeviceArray.zeros((32,))
+    run(lib.function("collective_orders_plain_memory"), out, threadgroups=1,
+        threads_per_threadgroup=32)  # fmt: skip
+    np.testing.assert_array_equal(out.numpy(), np.arange(32) ^ 1)  # a GPU may read stale slots
+
+
+def test_known_gap_reads_then_a_collective_then_a_block_store(order):
+    lib = M.compile(GAPS_SRC, "gaps.metal")
+    x = np.arange(64, dtype=np.float32) + 1
+    out = M.DeviceArray.zeros((64,))
+    run(lib.function("read_collective_store"), dev(x), out, threadgroups=1,
+        threads_per_threadgroup=32)  # fmt: skip
+    # every lane read before the store began; a GPU may store over a slot not yet read
+    np.testing.assert_array_equal(out.numpy(), np.concatenate([np.roll(x[:32], -1), x[32:]]))
 
 
 def test_known_gap_simdgroup_store_after_an_early_return_is_no_error(order):
