@@ -398,6 +398,30 @@ static inline uint8_t *block_row(const BlockAccess &a, uint32_t i) {
     return a.base + i * a.row_bytes;
 }
 
+// One element (float or half) as bits, and back: fixed-size copies the compiler inlines.
+static inline uint32_t get_elem(const uint8_t *p, uint32_t elem) {
+    if (elem == 4) {
+        uint32_t v;
+        memcpy(&v, p, 4);
+        return v;
+    }
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+static inline void put_elem(uint8_t *p, uint32_t elem, uint32_t v) {
+    if (elem == 4) {
+        memcpy(p, &v, 4);
+    } else {
+        uint16_t h = (uint16_t)v;
+        memcpy(p, &h, 2);
+    }
+}
+// Do 8 elements (one row of a block) differ?
+static inline bool row_differs(const uint8_t *p, const uint8_t *q, uint32_t elem) {
+    return elem == 4 ? memcmp(p, q, 32) != 0 : memcmp(p, q, 16) != 0;
+}
+
 static bool blocks_overlap(const BlockAccess &a, const BlockAccess &b) {
     uintptr_t a0 = (uintptr_t)a.base, b0 = (uintptr_t)b.base;
     uintptr_t a1 = a0 + 7 * a.row_bytes + 8 * a.elem, b1 = b0 + 7 * b.row_bytes + 8 * b.elem;
@@ -420,9 +444,10 @@ static int block_changed(const Group &g, const BlockAccess &a) {
         const uint8_t *p = block_row(a, i);
         if (p < g.arena || p + n > g.arena + g.snap_top) continue;  // device memory
         const uint8_t *q = g.snap + (p - g.arena);
-        if (memcmp(p, q, n) == 0) continue;
+        if (!row_differs(p, q, a.elem)) continue;
         for (uint32_t j = 0; j < 8; j++)
-            if (memcmp(p + j * a.elem, q + j * a.elem, a.elem)) return (int)(i * 8 + j);
+            if (get_elem(p + j * a.elem, a.elem) != get_elem(q + j * a.elem, a.elem))
+                return (int)(i * 8 + j);
     }
     return -1;
 }
@@ -524,14 +549,14 @@ static bool end_block_epoch(Group &g, uint32_t s) {
         for (uint32_t e = 0; e < 64; e++) {
             uint8_t *p = block_row(a, e / 8) + (e % 8) * a.elem;
             bool in_arena = p >= g.arena && p + a.elem <= g.arena + g.snap_top;
-            if (in_arena && memcmp(p, &nan, a.elem) != 0) {
+            if (in_arena && get_elem(p, a.elem) != nan) {
                 group_fail(g, "SIMD group " + std::to_string(s) + ": a thread wrote " +
                                   element_str(g, a, (int)e) + " after simdgroup_store at " +
                                   site_str(a.site) + " stored it, before the SIMD group's "
                                   "next barrier." + race_advice(g, s));
                 return false;
             }
-            if ((a.have >> e) & 1) memcpy(p, &a.values[e], a.elem);
+            if ((a.have >> e) & 1) put_elem(p, a.elem, a.values[e]);
         }
     }
     log.clear();
@@ -1044,16 +1069,44 @@ static void *rt_threadgroup_static(const camel_sim_thread *t, uint64_t size, uin
     return g.arena + offset;
 }
 
+// The first lane of SIMD group s at its k-th block access since the barrier (or a lane
+// whose arguments differ from the first one's): check the access and log it; a store
+// writes NaN over the block. The log entry, or null when the lanes disagree.
+static __attribute__((noinline)) BlockAccess *start_block(Group &g, uint32_t s, size_t k,
+                                                          uint32_t site, int32_t store,
+                                                          void *block, uint64_t row_bytes,
+                                                          uint32_t elem) {
+    if (!g.blocks) start_blocks(g);
+    std::vector<BlockAccess> &log = g.sg_log[s];
+    BlockAccess a;
+    a.base = (uint8_t *)block;
+    a.row_bytes = row_bytes;
+    a.elem = elem;
+    a.store = store != 0;
+    a.site = site;
+    a.have = 0;
+    bool fresh = k == log.size();
+    if (block_race_fails(g, s, a, fresh ? SIZE_MAX : k)) abandon(g);
+    // Not fresh: lanes disagree about the block (Apple requires the same arguments in
+    // every lane; undefined there): this lane's own elements, as it asks.
+    if (!fresh) return nullptr;
+    if (a.store) {
+        uint32_t nan = nan_bits(elem);
+        for (uint32_t e = 0; e < 64; e++) put_elem(block_row(a, e / 8) + (e % 8) * elem, elem, nan);
+    }
+    log.push_back(a);
+    return &log.back();
+}
+
 // One lane's part of a simdgroup_load (store == 0) or simdgroup_store: see "blocks" above.
 static void rt_simdgroup_block(const camel_sim_thread *, uint32_t site, int32_t store,
                                void *block, uint64_t row_bytes, uint32_t elem,
                                const uint32_t *index, const void *values) {
     Group &g = tl_worker->group;
     BlockAccess *entry = nullptr;
-    if (g.fibers) {
+    if (__builtin_expect(g.fibers, 1)) {
         Lane *self = g.current;
         uint32_t s = (uint32_t)(self - g.lanes) / kSimdWidth;
-        if (!g.blocks) start_blocks(g);
         if (self->blk_epoch != g.sg_epoch[s]) {
             self->blk_epoch = g.sg_epoch[s];
             self->blk_op = 0;
@@ -1066,37 +1119,16 @@ static void rt_simdgroup_block(const camel_sim_thread *, uint32_t site, int32_t 
                 e.store == (store != 0))
                 entry = &e;
         }
-        if (!entry) {
-            BlockAccess a;
-            a.base = (uint8_t *)block;
-            a.row_bytes = row_bytes;
-            a.elem = elem;
-            a.store = store != 0;
-            a.site = site;
-            a.have = 0;
-            bool fresh = k == log.size();  // the first lane here: the access starts
-            if (block_race_fails(g, s, a, fresh ? SIZE_MAX : k)) abandon(g);
-            if (fresh) {
-                if (a.store) {
-                    uint32_t nan = nan_bits(elem);
-                    for (uint32_t e = 0; e < 64; e++)
-                        memcpy(block_row(a, e / 8) + (e % 8) * elem, &nan, elem);
-                }
-                log.push_back(a);
-                entry = &log.back();
-            }
-            // else: lanes disagree about the block (Apple requires the same arguments in
-            // every lane; undefined there): this lane's own elements, as it asks
-        }
+        if (!entry) entry = start_block(g, s, k, site, store, block, row_bytes, elem);
     }
     if (!store) return;
     for (uint32_t j = 0; j < 2; j++) {
-        const uint8_t *v = (const uint8_t *)values + j * elem;
+        uint32_t v = get_elem((const uint8_t *)values + j * elem, elem);
         if (entry) {
-            memcpy(&entry->values[index[j]], v, elem);
+            entry->values[index[j]] = v;
             entry->have |= 1ull << index[j];
         } else {
-            memcpy((uint8_t *)block + (index[j] / 8) * row_bytes + (index[j] % 8) * elem, v, elem);
+            put_elem((uint8_t *)block + (index[j] / 8) * row_bytes + (index[j] % 8) * elem, elem, v);
         }
     }
 }
