@@ -635,8 +635,8 @@ COLLECTIVES = {"simd_sum": 0, "simd_shuffle_xor": 1, "simd_ballot": 2, "simdgrou
 
 @pytest.mark.parametrize("collective", COLLECTIVES)
 def test_writes_then_a_collective_then_a_block_load_is_an_error(order, collective):
-    # A library of its own, so that the race is the first dispatch of a new pipeline.
-    lib = M.compile(BLOCK_RACE_SRC + f"// {order} {collective}\n", "block_race.metal")
+    # A library of its own: in the first order the race is the first dispatch of its kernel.
+    lib = M.compile(BLOCK_RACE_SRC + f"// {collective}\n", "block_race.metal")
     x = np.arange(64, dtype=np.float32) + 1
     how = COLLECTIVES[collective]
     load = line_of(BLOCK_RACE_SRC, "the load after the writes")
