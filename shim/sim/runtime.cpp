@@ -316,7 +316,9 @@ CAMEL_EXPORT camel_library *camel_sim_library_load(const char *so_path) {
         return nullptr;
     }
     bind(&sim::runtime_table);
-    return new camel_library{dl, desc, 1, so_path};
+    // Set while the library loaded if a kernel calls simdgroup_load/store (the compat header).
+    const int *blocks = (const int *)dlsym(dl, "camel_sim_uses_blocks");
+    return new camel_library{dl, desc, 1, so_path, blocks && *blocks};
 }
 
 CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *path) {
@@ -373,6 +375,7 @@ CAMEL_EXPORT camel_pipeline *camel_pipeline_new(camel_library *lib, const char *
         p->kernel = k;
         p->refs = 1;
         p->max_tg_index = -1;
+        p->uses_blocks.store(lib->uses_blocks);
         for (int j = 0; j < k->nparams; j++)
             if (k->params[j].kind == CAMEL_SIM_PARAM_THREADGROUP && k->params[j].index > p->max_tg_index)
                 p->max_tg_index = k->params[j].index;

@@ -39,6 +39,7 @@ struct camel_library {
     const camel_sim_library_desc *desc;
     int refs;  // 1 for the caller + 1 per live pipeline
     std::string so_path;
+    bool uses_blocks;  // some kernel calls simdgroup_load/store (camel_pipeline::uses_blocks)
 };
 
 struct camel_pipeline {
@@ -50,6 +51,9 @@ struct camel_pipeline {
     // this when a threadgroup first runs (the translated kernel asks for them
     // as it goes), so it reads 0 before the first dispatch has run.
     std::atomic<uint32_t> static_tg_bytes{0};
+    // The kernel (its library) calls simdgroup_load/simdgroup_store: its threadgroups keep
+    // a copy of threadgroup memory from the start, to see what was written since a barrier.
+    std::atomic<bool> uses_blocks{false};
 };
 
 namespace sim {

@@ -76,6 +76,23 @@ struct alignas(64) Lane {
     const void *in;
     void *out;
     const void *arg;
+    // simdgroup_load/store calls since its SIMD group's last barrier (valid while
+    // blk_epoch equals the SIMD group's epoch): the k-th call of every lane is one access.
+    uint32_t blk_epoch;
+    uint32_t blk_op;
+};
+
+// One simdgroup_load or simdgroup_store of an 8x8 block, by a SIMD group as a whole: 8 rows
+// of 8 elements of `elem` bytes at base, row_bytes apart (the same footprint transposed or
+// not). A store's values wait here until the SIMD group's next barrier.
+struct BlockAccess {
+    uint8_t *base;
+    uint64_t row_bytes;
+    uint32_t elem;
+    bool store;
+    uint32_t site;
+    uint64_t have;         // store: the elements (row * 8 + column) a lane has handed over
+    uint32_t values[64];   // store: their bits
 };
 
 // A kernel-scope `threadgroup T x[N];` — placed once per threadgroup.
@@ -118,6 +135,17 @@ struct Group {
     uint16_t sg_live[kMaxThreadsPerThreadgroup / kSimdWidth];
     uint16_t sg_blocked[kMaxThreadsPerThreadgroup / kSimdWidth];
     uint16_t sg_done[kMaxThreadsPerThreadgroup / kSimdWidth];
+    // simdgroup_load/store tracking (the section "blocks" below), per SIMD group: the
+    // blocks accessed since its last barrier, which barrier that was (site; kind 0: the
+    // start, 1: simdgroup_barrier, 2: threadgroup_barrier), the last collective since.
+    std::vector<BlockAccess> sg_log[kMaxThreadsPerThreadgroup / kSimdWidth];
+    uint32_t sg_epoch[kMaxThreadsPerThreadgroup / kSimdWidth];
+    uint32_t sg_sync_site[kMaxThreadsPerThreadgroup / kSimdWidth];
+    uint8_t sg_sync_kind[kMaxThreadsPerThreadgroup / kSimdWidth];
+    uint32_t sg_collective[kMaxThreadsPerThreadgroup / kSimdWidth];
+    bool blocks;                  // the kernel uses them: snap is kept up to date
+    uint8_t *snap;                // threadgroup memory as of the latest barrier
+    uint32_t snap_top;            // ... bytes of it
     uint32_t ready_states;        // bit s set: a lane in state s may run this phase
     uint64_t rng;
     void *sched_sp;         // the worker's own stack while fibers run
@@ -138,6 +166,7 @@ struct Worker {
     uint8_t *stacks = nullptr;  // nstacks * (kGuardSize + kStackSize)
     uint32_t nstacks = 0;
     uint8_t *arena = nullptr;
+    uint8_t *snap = nullptr;    // Group::snap
     bool stacks_dirty = false;  // a fiber was abandoned mid-run
     // The threadgroup state of the previous fiber group, kept for the next one: threads[]
     // and the run order are set up for threadgroups of size fibers_size of dispatch
@@ -163,6 +192,7 @@ static Worker *this_worker() {
     if (!tl_worker) {
         Worker *w = new Worker();
         w->arena = (uint8_t *)aligned_alloc(64, kMaxThreadgroupMemory);
+        w->snap = (uint8_t *)aligned_alloc(64, kMaxThreadgroupMemory);
         // The crash handler runs on its own stack so a fiber's stack overflow
         // (a hit on its guard page) can still be reported.
         stack_t old;
@@ -354,6 +384,210 @@ static void lane_main(void *arg) {
     block(g, l);  // never comes back: a done lane is never ready again
 }
 
+// ---- blocks: simdgroup_load and simdgroup_store ---------------------------------
+//
+// Metal does not say which lane of a SIMD group reads or writes which element of an 8x8
+// block, and it orders memory only at barriers (a shuffle, a reduction, a ballot or a
+// multiply exchanges values; it orders no memory). So a simdgroup_load or simdgroup_store
+// is an access by the SIMD group as a whole, and it races with any other access of the
+// block's words since the SIMD group's last barrier (simdgroup_barrier or
+// threadgroup_barrier), except read with read. The simulator shows these races whatever
+// order the lanes run in:
+//   - each SIMD group logs the blocks it loaded and stored since its last barrier; a new
+//     access that overlaps a logged one (one of them a store) is an error;
+//   - `snap` is a copy of threadgroup memory as of the latest barrier: a block that differs
+//     from it was written since (by a plain store of any thread), an error for a load or a
+//     store of the block, checked when the access starts and again at the next barrier;
+//   - a store writes NaN over the whole block at once and its values at the SIMD group's
+//     next barrier, so a plain read in between (by any lane) reads NaN.
+// Plain reads are invisible here (nothing sees them); the rest is a few comparisons per
+// access and a copy of threadgroup memory per barrier, in kernels that use blocks.
+
+static inline uint8_t *block_row(const BlockAccess &a, uint32_t i) {
+    return a.base + i * a.row_bytes;
+}
+
+// One element (float or half) as bits, and back: fixed-size copies the compiler inlines.
+static inline uint32_t get_elem(const uint8_t *p, uint32_t elem) {
+    if (elem == 4) {
+        uint32_t v;
+        memcpy(&v, p, 4);
+        return v;
+    }
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+static inline void put_elem(uint8_t *p, uint32_t elem, uint32_t v) {
+    if (elem == 4) {
+        memcpy(p, &v, 4);
+    } else {
+        uint16_t h = (uint16_t)v;
+        memcpy(p, &h, 2);
+    }
+}
+// Do 8 elements (one row of a block) differ?
+static inline bool row_differs(const uint8_t *p, const uint8_t *q, uint32_t elem) {
+    return elem == 4 ? memcmp(p, q, 32) != 0 : memcmp(p, q, 16) != 0;
+}
+
+static bool blocks_overlap(const BlockAccess &a, const BlockAccess &b) {
+    uintptr_t a0 = (uintptr_t)a.base, b0 = (uintptr_t)b.base;
+    uintptr_t a1 = a0 + 7 * a.row_bytes + 8 * a.elem, b1 = b0 + 7 * b.row_bytes + 8 * b.elem;
+    if (a1 <= b0 || b1 <= a0) return false;
+    for (uint32_t i = 0; i < 8; i++) {
+        uintptr_t lo = (uintptr_t)block_row(a, i), hi = lo + 8 * a.elem;
+        for (uint32_t j = 0; j < 8; j++) {
+            uintptr_t blo = (uintptr_t)block_row(b, j);
+            if (lo < blo + 8 * b.elem && blo < hi) return true;
+        }
+    }
+    return false;
+}
+
+// The first element (row * 8 + column) of block a in threadgroup memory whose bytes differ
+// from the copy taken at the latest barrier, or -1.
+static int block_changed(const Group &g, const BlockAccess &a) {
+    uint32_t n = 8 * a.elem;
+    for (uint32_t i = 0; i < 8; i++) {
+        const uint8_t *p = block_row(a, i);
+        if (p < g.arena || p + n > g.arena + g.snap_top) continue;  // device memory
+        const uint8_t *q = g.snap + (p - g.arena);
+        if (!row_differs(p, q, a.elem)) continue;
+        for (uint32_t j = 0; j < 8; j++)
+            if (get_elem(p + j * a.elem, a.elem) != get_elem(q + j * a.elem, a.elem))
+                return (int)(i * 8 + j);
+    }
+    return -1;
+}
+
+static inline uint32_t nan_bits(uint32_t elem) { return elem == 2 ? 0x7e00u : kPoison; }
+
+static void take_snapshot(Group &g) {
+    memcpy(g.snap, g.arena, g.arena_top);
+    g.snap_top = g.arena_top;
+}
+
+// The first block access of a threadgroup whose kernel was not known to use them: from now
+// on (later threadgroups: from their start) threadgroup memory is copied at every barrier.
+static void start_blocks(Group &g) {
+    g.blocks = true;
+    g.d->pipeline->uses_blocks.store(true, std::memory_order_relaxed);
+    take_snapshot(g);
+}
+
+// "element [2][5] (threadgroup memory, byte 1044)": where element e of block a lies.
+static std::string element_str(const Group &g, const BlockAccess &a, int e) {
+    const uint8_t *p = block_row(a, (uint32_t)e / 8) + (e % 8) * a.elem;
+    char buf[128];
+    if (p >= g.arena && p < g.arena + kMaxThreadgroupMemory)
+        snprintf(buf, sizeof buf, "element [%d][%d] of the block (threadgroup memory, byte %u)",
+                 e / 8, e % 8, (unsigned)(p - g.arena));
+    else
+        snprintf(buf, sizeof buf, "element [%d][%d] of the block (device memory)", e / 8, e % 8);
+    return buf;
+}
+
+static const char *access_name(const BlockAccess &a) {
+    return a.store ? "simdgroup_store" : "simdgroup_load";
+}
+
+// "SIMD group 1's last barrier (the simdgroup_barrier at line 310)"
+static std::string since_str(const Group &g, uint32_t s) {
+    std::string r = "SIMD group " + std::to_string(s) + "'s last barrier (";
+    if (g.sg_sync_kind[s] == 0) return r + "none since the kernel started)";
+    r += g.sg_sync_kind[s] == 1 ? "the simdgroup_barrier at " : "the threadgroup_barrier at ";
+    return r + site_str(g.sg_sync_site[s]) + ")";
+}
+
+static std::string race_advice(const Group &g, uint32_t s) {
+    std::string r;
+    if (g.sg_collective[s])
+        r = " The SIMD-group function at " + site_str(g.sg_collective[s]) +
+            " since that barrier exchanges values but does not order memory.";
+    return r + " Metal does not say which lane moves which element of a block: put "
+               "simdgroup_barrier(mem_flags::mem_threadgroup) between the two accesses "
+               "(threadgroup_barrier if another SIMD group makes one of them).";
+}
+
+// Does access a (by SIMD group s; `skip`: the log entry it stands for, if any) race with
+// what came since the SIMD group's last barrier? The message, or "".
+static std::string block_race(const Group &g, uint32_t s, const BlockAccess &a, size_t skip) {
+    const std::vector<BlockAccess> &log = g.sg_log[s];
+    for (size_t i = 0; i < log.size(); i++) {
+        const BlockAccess &b = log[i];
+        if (i == skip || (!a.store && !b.store) || !blocks_overlap(a, b)) continue;
+        return "SIMD group " + std::to_string(s) + ": " + access_name(a) + " at " +
+               site_str(a.site) + (a.store ? " writes" : " reads") + " a block that " +
+               access_name(b) + " at " + site_str(b.site) + (b.store ? " wrote" : " read") +
+               " since " + since_str(g, s) + "." + race_advice(g, s);
+    }
+    int e = block_changed(g, a);
+    if (e >= 0)
+        return "SIMD group " + std::to_string(s) + ": " + access_name(a) + " at " +
+               site_str(a.site) + (a.store ? " writes" : " reads") + " " + element_str(g, a, e) +
+               ", which a thread wrote since " + since_str(g, s) + "." + race_advice(g, s);
+    return "";
+}
+
+static bool block_race_fails(Group &g, uint32_t s, const BlockAccess &a, size_t skip) {
+    std::string race = block_race(g, s, a, skip);
+    if (race.empty()) return false;
+    group_fail(g, race);
+    return true;
+}
+
+// SIMD group s has reached a barrier (every lane of it at once): the blocks it loaded must
+// not have been written since, its stores land now, and a new log starts. false: a race.
+static bool end_block_epoch(Group &g, uint32_t s) {
+    std::vector<BlockAccess> &log = g.sg_log[s];
+    for (const BlockAccess &a : log) {
+        if (a.store) continue;
+        int e = block_changed(g, a);
+        if (e >= 0) {
+            group_fail(g, "SIMD group " + std::to_string(s) + ": a thread wrote " +
+                              element_str(g, a, e) + " that simdgroup_load at " +
+                              site_str(a.site) + " read since " + since_str(g, s) +
+                              ", before the SIMD group's next barrier." + race_advice(g, s));
+            return false;
+        }
+    }
+    for (const BlockAccess &a : log) {
+        if (!a.store) continue;
+        uint32_t nan = nan_bits(a.elem);
+        for (uint32_t e = 0; e < 64; e++) {
+            uint8_t *p = block_row(a, e / 8) + (e % 8) * a.elem;
+            bool in_arena = p >= g.arena && p + a.elem <= g.arena + g.snap_top;
+            if (in_arena && get_elem(p, a.elem) != nan) {
+                group_fail(g, "SIMD group " + std::to_string(s) + ": a thread wrote " +
+                                  element_str(g, a, (int)e) + " after simdgroup_store at " +
+                                  site_str(a.site) + " stored it, before the SIMD group's "
+                                  "next barrier." + race_advice(g, s));
+                return false;
+            }
+            if ((a.have >> e) & 1) put_elem(p, a.elem, a.values[e]);
+        }
+    }
+    log.clear();
+    return true;
+}
+
+// A barrier of SIMD group s (kind 1) or of the whole threadgroup (kind 2, s ignored) is
+// released at `site`: a new epoch for the SIMD groups it orders.
+static bool blocks_barrier(Group &g, uint32_t s, uint8_t kind, uint32_t site) {
+    uint32_t first = s, last = s + 1;
+    if (kind == 2) first = 0, last = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
+    for (uint32_t i = first; i < last; i++) {
+        if (g.blocks && !end_block_epoch(g, i)) return false;
+        g.sg_epoch[i]++;
+        g.sg_sync_kind[i] = kind;
+        g.sg_sync_site[i] = site;
+        g.sg_collective[i] = 0;
+    }
+    if (g.blocks) take_snapshot(g);
+    return true;
+}
+
 // SIMD group s (every live lane waits in a collective or at a
 // simdgroup_barrier) resolves what its lanes wait for. Returns true if any
 // lane became ready.
@@ -386,15 +620,17 @@ static bool resolve_simdgroup(Group &g, uint32_t s) {
             if (l.site == site) waiting |= 1u << i;
         }
         // simdgroup_barrier: every lane that will arrive this phase has arrived.
+        bool barrier = false;
         for (uint32_t bits = waiting; bits; bits &= bits - 1) {
             Lane &l = g.lanes[base + __builtin_ctz(bits)];
             if (l.state == kAtSimdBarrier) {
                 l.state = kReady;
                 g.sg_blocked[s]--;
                 waiting &= ~(1u << __builtin_ctz(bits));
-                woke = true;
+                woke = barrier = true;
             }
         }
+        if (barrier && !blocks_barrier(g, s, 1, site)) return false;
         // Collectives: lanes at this site with the same resolver form one.
         while (waiting) {
             Lane &lead = g.lanes[base + __builtin_ctz(waiting)];
@@ -410,6 +646,7 @@ static bool resolve_simdgroup(Group &g, uint32_t s) {
                 }
             }
             const char *err = nullptr;
+            g.sg_collective[s] = lead.site;  // for messages: it orders no memory
             if (lead.resolver(io, mask, lead.arg, &err) != 0) {
                 group_fail(g, "SIMD group " + std::to_string(base / kSimdWidth) +
                                   ", collective at " + site_str(lead.site) + ": " +
@@ -569,6 +806,8 @@ static bool run_fibers(Group &g) {
                 }
                 l.state = kReady;
                 l.static_cursor = 0;
+                l.blk_epoch = 0;
+                l.blk_op = 0;
                 // Stack tops 68 KiB apart would all fall into the same cache
                 // sets; shifting each by a different multiple of 64 bytes
                 // spreads the hot top-of-stack lines over the cache.
@@ -580,7 +819,14 @@ static bool run_fibers(Group &g) {
     g.full_simdgroup = -1;
     g.in_simdgroup = false;
     uint32_t nsg = (g.nthreads + kSimdWidth - 1) / kSimdWidth;
-    for (uint32_t s = 0; s < nsg; s++) g.sg_blocked[s] = g.sg_done[s] = 0;
+    for (uint32_t s = 0; s < nsg; s++) {
+        g.sg_blocked[s] = g.sg_done[s] = 0;
+        g.sg_log[s].clear();
+        g.sg_epoch[s] = g.sg_sync_kind[s] = 0;
+        g.sg_sync_site[s] = g.sg_collective[s] = 0;
+    }
+    g.blocks = g.d->pipeline->uses_blocks.load(std::memory_order_relaxed);
+    if (g.blocks) take_snapshot(g);
     uint32_t pass_states = 1u << kReady;  // the first pass starts every thread
     if (!same_shape || g.d->order == kRandom) make_run_order(g);
     w->fibers_job = w->job_id;
@@ -616,9 +862,13 @@ static bool run_fibers(Group &g) {
             w->stacks_dirty = true;
             return false;
         }
-        if (g.n_done == g.nthreads) return true;
+        if (g.n_done == g.nthreads) {  // the last blocks stored land now
+            for (uint32_t s = 0; s < nsg && g.blocks; s++)
+                if (!end_block_epoch(g, s)) return false;
+            return true;
+        }
         // Everyone left waits at a threadgroup barrier.
-        if (!release_barrier(g)) {
+        if (!release_barrier(g) || !blocks_barrier(g, 0, 2, g.barrier_site)) {
             w->stacks_dirty = true;
             return false;
         }
@@ -753,6 +1003,8 @@ static bool run_group(Worker *w, const Dispatch &d, uint32_t index) {
     for (size_t i = 0; i < d.tg_offsets.size(); i++) g.tg[i] = g.arena + d.tg_offsets[i];
     g.arena_top = d.tg_dynamic_bytes;
     g.statics.clear();
+    g.blocks = false;  // run_fibers decides
+    g.snap = w->snap;
 
     bool ok = g.fibers ? run_fibers(g) : run_plain(g);
     uint32_t static_bytes = g.arena_top - d.tg_dynamic_bytes;
@@ -854,7 +1106,75 @@ static void *rt_threadgroup_static(const camel_sim_thread *t, uint64_t size, uin
     for (uint64_t i = 0; i < (size + 3) / 4; i++) words[i] = kPoison;
     g.statics.push_back({size, (uint32_t)offset});
     g.arena_top = (uint32_t)(offset + size);
+    if (g.blocks) {  // nobody has written it yet: the copy as of the last barrier is NaN too
+        memcpy(g.snap + g.snap_top, g.arena + g.snap_top, g.arena_top - g.snap_top);
+        g.snap_top = g.arena_top;
+    }
     return g.arena + offset;
+}
+
+// The first lane of SIMD group s at its k-th block access since the barrier (or a lane
+// whose arguments differ from the first one's): check the access and log it; a store
+// writes NaN over the block. The log entry, or null when the lanes disagree.
+static __attribute__((noinline)) BlockAccess *start_block(Group &g, uint32_t s, size_t k,
+                                                          uint32_t site, int32_t store,
+                                                          void *block, uint64_t row_bytes,
+                                                          uint32_t elem) {
+    if (!g.blocks) start_blocks(g);
+    std::vector<BlockAccess> &log = g.sg_log[s];
+    BlockAccess a;
+    a.base = (uint8_t *)block;
+    a.row_bytes = row_bytes;
+    a.elem = elem;
+    a.store = store != 0;
+    a.site = site;
+    a.have = 0;
+    bool fresh = k == log.size();
+    if (block_race_fails(g, s, a, fresh ? SIZE_MAX : k)) abandon(g);
+    // Not fresh: lanes disagree about the block (Apple requires the same arguments in
+    // every lane; undefined there): this lane's own elements, as it asks.
+    if (!fresh) return nullptr;
+    if (a.store) {
+        uint32_t nan = nan_bits(elem);
+        for (uint32_t e = 0; e < 64; e++) put_elem(block_row(a, e / 8) + (e % 8) * elem, elem, nan);
+    }
+    log.push_back(a);
+    return &log.back();
+}
+
+// One lane's part of a simdgroup_load (store == 0) or simdgroup_store: see "blocks" above.
+static void rt_simdgroup_block(const camel_sim_thread *, uint32_t site, int32_t store,
+                               void *block, uint64_t row_bytes, uint32_t elem,
+                               const uint32_t *index, const void *values) {
+    Group &g = tl_worker->group;
+    BlockAccess *entry = nullptr;
+    if (__builtin_expect(g.fibers, 1)) {
+        Lane *self = g.current;
+        uint32_t s = (uint32_t)(self - g.lanes) / kSimdWidth;
+        if (self->blk_epoch != g.sg_epoch[s]) {
+            self->blk_epoch = g.sg_epoch[s];
+            self->blk_op = 0;
+        }
+        std::vector<BlockAccess> &log = g.sg_log[s];
+        size_t k = self->blk_op++;
+        if (k < log.size()) {  // an earlier lane has started this access: checked then
+            BlockAccess &e = log[k];
+            if (e.base == block && e.row_bytes == row_bytes && e.elem == elem &&
+                e.store == (store != 0))
+                entry = &e;
+        }
+        if (!entry) entry = start_block(g, s, k, site, store, block, row_bytes, elem);
+    }
+    if (!store) return;
+    for (uint32_t j = 0; j < 2; j++) {
+        uint32_t v = get_elem((const uint8_t *)values + j * elem, elem);
+        if (entry) {
+            entry->values[index[j]] = v;
+            entry->have |= 1ull << index[j];
+        } else {
+            put_elem((uint8_t *)block + (index[j] / 8) * row_bytes + (index[j] % 8) * elem, elem, v);
+        }
+    }
 }
 
 static void rt_fail(const camel_sim_thread *t, const char *message) {
@@ -874,6 +1194,7 @@ static int rt_vprintf(const char *fmt, __builtin_va_list ap) {
 const camel_sim_runtime runtime_table = {
     CAMEL_SIM_ABI_VERSION, rt_threadgroup_barrier, rt_simdgroup_barrier, rt_simd_collective,
     rt_threadgroup_static, rt_fail,                rt_vprintf,
+    rt_simdgroup_block,
 };
 
 // ---- crashes inside kernels -------------------------------------------------------

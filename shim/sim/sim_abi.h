@@ -158,6 +158,17 @@ typedef struct camel_sim_runtime {
     void (*fail)(const camel_sim_thread *t, const char *message);
     /* printf inside kernels goes through here so output is not interleaved. */
     int (*vprintf)(const char *fmt, __builtin_va_list ap);
+    /* simdgroup_load (store = 0) or simdgroup_store (store = 1) of one 8x8 block, called by
+     * each lane: the block is 8 rows of 8 elements of elem_size bytes at `block`, row_bytes
+     * apart. Metal does not say which lane moves which element, so the runtime treats the
+     * block as accessed by the SIMD group as a whole and fails the kernel when that races
+     * with another access since the SIMD group's last barrier. A store hands over the lane's
+     * two elements (index[j] = row * 8 + column within the block, values[j]); the runtime
+     * writes them at the SIMD group's next barrier, and the block reads NaN until then. A
+     * load reads its two elements itself, after this call. */
+    void (*simdgroup_block)(const camel_sim_thread *t, uint32_t site, int32_t store,
+                            void *block, uint64_t row_bytes, uint32_t elem_size,
+                            const uint32_t *index, const void *values);
 } camel_sim_runtime;
 
 #ifdef __cplusplus

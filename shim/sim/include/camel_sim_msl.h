@@ -1207,11 +1207,14 @@ inline quad_vote quad_active_threads_mask(__CAMEL_SITE) { return __camel_vote4(t
 // columns col0 and col0 + 1, col0 = (q & 2) * 2 + (l % 2) * 2. So lanes
 // 0, 1, 8, 9 hold row 0; lanes 16, 17, 24, 25 row 4.
 //
-// As on the GPU, each lane loads and stores only its own two elements, when
-// it gets there: simdgroup_load and simdgroup_store do not wait for the other
-// lanes (they synchronise nothing, so a lane that reads what another lane
-// stored needs a simdgroup_barrier in between). A multiply needs every lane's
-// elements: it is a collective, resolved once all 32 lanes have reached it.
+// Each lane loads its own two elements when it gets there: simdgroup_load and
+// simdgroup_store wait for no other lane (they synchronise nothing). Metal does not
+// say which lane moves which element, so the runtime treats every load and store as
+// the SIMD group's access of the whole block (simdgroup_block in sim_abi.h): it
+// reports one that races with another access since the last barrier, and a store's
+// values land at the SIMD group's next barrier (the block reads NaN until then). A
+// multiply needs every lane's elements: it is a collective, resolved once all 32
+// lanes have reached it.
 // ---------------------------------------------------------------------------
 struct __camel_frag {
     uint32_t row, col;  // this lane's elements: (row, col) and (row, col + 1)
@@ -1273,9 +1276,18 @@ inline void __camel_need_whole_simdgroup(const camel_sim_thread *t, const char *
     __camel_rt->fail(t, buf);
 }
 
+// A library whose kernels call simdgroup_load/store says so as it loads (the runtime
+// reads this through dlsym), so that their threadgroups keep a copy of threadgroup memory
+// from the start: the first instantiation of either sets it.
+extern "C" __attribute__((visibility("default"))) inline int camel_sim_uses_blocks = 0;
+template <class = void> struct __camel_uses_blocks {
+    static inline const bool mark = (camel_sim_uses_blocks = 1, true);
+};
+
 template <class P, class T, int C, int R>
 inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_per_row = C,
-                           ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+                           ulong2 matrix_origin = 0, bool transpose_matrix = false,
+                           __CAMEL_SITE) {
     static_assert(__camel_same<__remove_cv(P), T>::value,
                   "MSL: simdgroup_load/simdgroup_store need a pointer to the matrix's element type "
                   "(a half matrix for half data, a float matrix for float data)");
@@ -1283,6 +1295,9 @@ inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_
     __camel_need_whole_simdgroup(t, "simdgroup_load");
     __camel_frag f = __camel_frag_of(t->thread_index_in_simdgroup);
     P *base = src + matrix_origin.y * elements_per_row + matrix_origin.x;
+    (void)__camel_uses_blocks<>::mark;
+    __camel_rt->simdgroup_block(t, __CAMEL_AT, 0, (void *)base, elements_per_row * sizeof(P),
+                                sizeof(P), nullptr, nullptr);
     for (uint32_t j = 0; j < 2; j++) {
         uint32_t c = f.col + j;
         d.__v[j] = (T)(transpose_matrix ? base[c * elements_per_row + f.row]
@@ -1291,7 +1306,8 @@ inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_
 }
 template <class P, class T, int C, int R>
 inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong elements_per_row = C,
-                            ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+                            ulong2 matrix_origin = 0, bool transpose_matrix = false,
+                            __CAMEL_SITE) {
     static_assert(__camel_same<__remove_cv(P), T>::value,
                   "MSL: simdgroup_load/simdgroup_store need a pointer to the matrix's element type "
                   "(a half matrix for half data, a float matrix for float data)");
@@ -1299,13 +1315,18 @@ inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong el
     __camel_need_whole_simdgroup(t, "simdgroup_store");
     __camel_frag f = __camel_frag_of(t->thread_index_in_simdgroup);
     P *base = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
+    // This lane's two elements: where they go in the block (memory row * 8 + column) and
+    // their values; the runtime writes them at the SIMD group's next barrier.
+    uint32_t index[2];
+    T values[2];
     for (uint32_t j = 0; j < 2; j++) {
         uint32_t c = f.col + j;
-        if (transpose_matrix)
-            base[c * elements_per_row + f.row] = (P)m.__v[j];
-        else
-            base[f.row * elements_per_row + c] = (P)m.__v[j];
+        index[j] = transpose_matrix ? c * 8 + f.row : f.row * 8 + c;
+        values[j] = m.__v[j];
     }
+    (void)__camel_uses_blocks<>::mark;
+    __camel_rt->simdgroup_block(t, __CAMEL_AT, 1, (void *)base, elements_per_row * sizeof(P),
+                                sizeof(P), index, values);
 }
 
 template <class T, int M, int N, int K> struct __camel_mat_mul_in {
