@@ -649,16 +649,19 @@ inline void fetch_tiles(device const float* A, device const float* B, constant M
     else fetch_tile<BK, BN, T>(B, p.ldb, k0, n0, p.K, p.N, v, t, b);
 }
 
-// ... written as As[m][k] (row stride LDA) and Bs[k][n] (row stride LDB).
-template <uint BM, uint BN, uint BK, uint T, uint LDA, uint LDB>
+// ... written to threadgroup memory: element (m, k) of op(A) at As[m * AM + k * AK] and
+// (k, n) of op(B) at Bs[k * BKS + n * BNS], whichever way each was fetched. v12 stores
+// As[m][k] and Bs[k][n] (AM = LDA, AK = 1; BKS = LDB, BNS = 1), v13 As[k][m] (AM = 1,
+// AK = LDA).
+template <uint BM, uint BN, uint BK, uint T, uint AM, uint AK, uint BKS, uint BNS>
 inline void stash_tiles(thread const TileShare<share_size<BM, BK, T>()>& a,
                         thread const TileShare<share_size<BK, BN, T>()>& b,
                         constant MatmulParams& p, threadgroup float* As, threadgroup float* Bs,
                         uint t) {
-    if (p.trans_a) stash_tile<BK, BM, T>(a, As, 1, LDA, t);
-    else stash_tile<BM, BK, T>(a, As, LDA, 1, t);
-    if (p.trans_b) stash_tile<BN, BK, T>(b, Bs, 1, LDB, t);
-    else stash_tile<BK, BN, T>(b, Bs, LDB, 1, t);
+    if (p.trans_a) stash_tile<BK, BM, T>(a, As, AK, AM, t);  // A stored (K, M)
+    else stash_tile<BM, BK, T>(a, As, AM, AK, t);
+    if (p.trans_b) stash_tile<BN, BK, T>(b, Bs, BNS, BKS, t);  // B stored (N, K)
+    else stash_tile<BK, BN, T>(b, Bs, BKS, BNS, t);
 }
 
 template <uint BM, uint BN, uint FM, uint FN>
@@ -691,7 +694,7 @@ kernel void matmul_sg_prefetch(device const float* A [[buffer(0)]],
     TileShare<share_size<BK, BN, T>()> b;
     if (steps > 0) {  // prologue: tile 0 into buffer 0
         fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, 0, t, a, b);
-        stash_tiles<BM, BN, BK, T, LDA, LDB>(a, b, p, As, Bs, t);
+        stash_tiles<BM, BN, BK, T, LDA, 1, LDB, 1>(a, b, p, As, Bs, t);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint s = 0; s < steps; s++) {
@@ -701,8 +704,8 @@ kernel void matmul_sg_prefetch(device const float* A [[buffer(0)]],
         mma_tiles<FM, FN, BK, LDA, LDB>(As + cur * BM * LDA, Bs + cur * BK * LDB, wm, wn, acc);
         // the other buffer was last read before the previous barrier: free to overwrite
         if (more) {
-            stash_tiles<BM, BN, BK, T, LDA, LDB>(a, b, p, As + nxt * BM * LDA,
-                                                 Bs + nxt * BK * LDB, t);
+            stash_tiles<BM, BN, BK, T, LDA, 1, LDB, 1>(a, b, p, As + nxt * BM * LDA,
+                                                       Bs + nxt * BK * LDB, t);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
     }
@@ -729,7 +732,7 @@ MATMUL_SG_PREFETCH("matmul_sgtile_64x128_4x8", 64, 128, 4, 8)  // 128 threads, 2
 // flight a thread has nothing to do but wait (only other threadgroups on the core can use
 // the time). Here, as in v12, a K step issues the device reads of the next tile into
 // registers (fetch_tiles), multiplies the current tile, then writes the fetched one to the
-// other of two buffers (stash): one barrier per K step instead of two.
+// other of two buffers (stash_tiles, As transposed): one barrier per K step instead of two.
 // The tiles are stored as in v6-v9, As[k][m] and Bs[k][n], with each row padded by 4
 // floats: the transposed store of a (BM, BK) tile of A (thread t writes column 4 (t % 4) ..
 // of row t / 4 into As[k][m], a stride of BM floats between its four stores) hits
@@ -738,17 +741,6 @@ MATMUL_SG_PREFETCH("matmul_sgtile_64x128_4x8", 64, 128, 4, 8)  // 128 threads, 2
 // Thread t computes the TM x TN block at rows tr TM, columns tc TN as in v6-v9.
 // Threadgroup ((BM/TM)(BN/TN), 1, 1); grid (ceil(N/BN), ceil(M/BM), batches);
 // threadgroup memory 2 BK (BM + 4 + BN + 4) floats (v13: 12.5 KiB x 2 = 25 KiB).
-template <uint BM, uint BN, uint BK, uint T, uint LDA, uint LDB>
-inline void stash_tiles_km(thread const TileShare<share_size<BM, BK, T>()>& a,
-                           thread const TileShare<share_size<BK, BN, T>()>& b,
-                           constant MatmulParams& p, threadgroup float* As, threadgroup float* Bs,
-                           uint t) {
-    if (p.trans_a) stash_tile<BK, BM, T>(a, As, LDA, 1, t);  // A stored (K, M)
-    else stash_tile<BM, BK, T>(a, As, 1, LDA, t);            // (M, K): transposed here
-    if (p.trans_b) stash_tile<BN, BK, T>(b, Bs, 1, LDB, t);  // B stored (N, K): transposed
-    else stash_tile<BK, BN, T>(b, Bs, LDB, 1, t);
-}
-
 template <uint BM, uint BN, uint BK, uint TM, uint TN>
 kernel void matmul_blocktile_prefetch(device const float* A [[buffer(0)]],
                                       device const float* B [[buffer(1)]],
@@ -777,7 +769,7 @@ kernel void matmul_blocktile_prefetch(device const float* A [[buffer(0)]],
     TileShare<share_size<BK, BN, T>()> b;
     if (steps > 0) {  // prologue: tile 0 into buffer 0
         fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, 0, t, a, b);
-        stash_tiles_km<BM, BN, BK, T, LDA, LDB>(a, b, p, As, Bs, t);
+        stash_tiles<BM, BN, BK, T, 1, LDA, LDB, 1>(a, b, p, As, Bs, t);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint s = 0; s < steps; s++) {
@@ -796,8 +788,8 @@ kernel void matmul_blocktile_prefetch(device const float* A [[buffer(0)]],
         }
         // the other buffer was last read before the previous barrier: free to overwrite
         if (more) {
-            stash_tiles_km<BM, BN, BK, T, LDA, LDB>(a, b, p, As + nxt * BK * LDA,
-                                                    Bs + nxt * BK * LDB, t);
+            stash_tiles<BM, BN, BK, T, 1, LDA, LDB, 1>(a, b, p, As + nxt * BK * LDA,
+                                                       Bs + nxt * BK * LDB, t);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
     }
