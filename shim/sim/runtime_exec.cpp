@@ -302,6 +302,14 @@ static void fill_group_fields(const Group &g, camel_sim_thread &t) {
     t.group = (void *)&g;
 }
 
+// Where the thread at (x, y, z) of threadgroup g lies in the grid.
+static inline void set_grid_position(const Group &g, camel_sim_thread &t, uint32_t x,
+                                     uint32_t y, uint32_t z) {
+    t.thread_position_in_grid[0] = g.origin[0] + x;
+    t.thread_position_in_grid[1] = g.origin[1] + y;
+    t.thread_position_in_grid[2] = g.origin[2] + z;
+}
+
 // What one thread knows about itself: its position (x, y, z) in the group and
 // its linear index i = x + y * size.x + z * size.x * size.y. No divisions:
 // this runs once per simulated thread, millions of times per second.
@@ -310,9 +318,7 @@ static inline void set_position(const Group &g, camel_sim_thread &t, uint32_t x,
     t.thread_position_in_threadgroup[0] = x;
     t.thread_position_in_threadgroup[1] = y;
     t.thread_position_in_threadgroup[2] = z;
-    t.thread_position_in_grid[0] = g.origin[0] + x;
-    t.thread_position_in_grid[1] = g.origin[1] + y;
-    t.thread_position_in_grid[2] = g.origin[2] + z;
+    set_grid_position(g, t, x, y, z);
     t.thread_index_in_threadgroup = i;
     t.thread_index_in_simdgroup = i % kSimdWidth;
     t.simdgroup_index_in_threadgroup = i / kSimdWidth;
@@ -794,12 +800,9 @@ static bool run_fibers(Group &g) {
             for (uint32_t x = 0; x < g.size[0]; x++, i++) {
                 Lane &l = g.lanes[i];
                 camel_sim_thread &t = g.threads[i];
-                if (same_shape) {
-                    for (int a = 0; a < 3; a++)
-                        t.threadgroup_position_in_grid[a] = g.gid[a];
-                    t.thread_position_in_grid[0] = g.origin[0] + x;
-                    t.thread_position_in_grid[1] = g.origin[1] + y;
-                    t.thread_position_in_grid[2] = g.origin[2] + z;
+                if (same_shape) {  // what differs from the last threadgroup's thread i
+                    for (int a = 0; a < 3; a++) t.threadgroup_position_in_grid[a] = g.gid[a];
+                    set_grid_position(g, t, x, y, z);
                 } else {
                     t = common;
                     set_position(g, t, x, y, z, i);
