@@ -39,6 +39,9 @@ inline float scale(float x, int n) {
     int a = n / 2;
     return x * pow2(a) * pow2(n - a);
 }
+// x * 2^n by adding n to x's exponent field: exact, and two integer operations, when x
+// and the result are normal (the callers check the range first).
+inline float scale_normal(float x, int n) { return as_float(as_u32(x) + ((u32)n << 23)); }
 inline double pow2d(int n) { return as_double((u64)(n + 1023) << 52); }
 inline double scaled(double x, int n) {
     int a = n / 2;
@@ -46,11 +49,10 @@ inline double scaled(double x, int n) {
 }
 
 // exp(x) = 2^k exp(r), x = k ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor
-// series to r^7 (truncation below 0.05 ulp).
+// series to r^7 (truncation below 0.05 ulp). For |x| <= 86.5, k is in [-125, 125] and
+// exp(r) in [0.7, 1.42], so 2^k exp(r) is normal and scale_normal is exact: the common
+// case costs no range checks before it (a softmax's exp is most of its instructions).
 inline float expf(float x) {
-    if (x != x) return x;
-    if (x > 88.72283935546875f) return inf();
-    if (x < -103.97208404541015625f) return 0.0f;
     float k = __builtin_rintf(x * 1.44269502162933349609375f);
     float r = __builtin_fmaf(k, -0.693147182464599609375f, x);  // ln2, high part
     r = __builtin_fmaf(k, 1.904654323148236e-09f, r);            // ln2, low part
@@ -62,14 +64,16 @@ inline float expf(float x) {
     p = __builtin_fmaf(p, r, 0.5f);
     p = __builtin_fmaf(p, r, 1.0f);
     p = __builtin_fmaf(p, r, 1.0f);
-    return scale(p, (int)k);
+    if (__builtin_fabsf(x) <= 86.5f) return scale_normal(p, (int)k);
+    if (x != x) return x;
+    if (x > 88.72283935546875f) return inf();
+    if (x < -103.97208404541015625f) return 0.0f;
+    return scale(p, (int)k);  // a subnormal result (or near overflow): rounded once
 }
 
-// exp2(x) = 2^k 2^r, k = rint(x), r = x - k exact, 2^r = exp(r ln2) by series.
+// exp2(x) = 2^k 2^r, k = rint(x), r = x - k exact, 2^r = exp(r ln2) by series; the
+// range checks after the common case |x| <= 125, as in expf.
 inline float exp2f(float x) {
-    if (x != x) return x;
-    if (x >= 128.0f) return inf();
-    if (x < -150.0f) return 0.0f;
     float k = __builtin_rintf(x);
     float r = x - k;
     float p = 1.3215486790144307e-06f;
@@ -81,6 +85,10 @@ inline float exp2f(float x) {
     p = __builtin_fmaf(p, r, 2.402265069591007e-01f);
     p = __builtin_fmaf(p, r, 6.931471805599453e-01f);
     p = __builtin_fmaf(p, r, 1.0f);
+    if (__builtin_fabsf(x) <= 125.0f) return scale_normal(p, (int)k);
+    if (x != x) return x;
+    if (x >= 128.0f) return inf();
+    if (x < -150.0f) return 0.0f;
     return scale(p, (int)k);
 }
 

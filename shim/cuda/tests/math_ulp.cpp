@@ -93,7 +93,8 @@ static double d_exp2(double x) { return exp2(x); }
 
 int main() {
     const float inf = __builtin_inff(), nan = __builtin_nanf("");
-    const float sp_exp[] = {0.0f, -0.0f, 1.0f, -1.0f, inf, -inf, nan, 88.7f, 88.73f, -87.3f, -103.9f, -104.0f, 1e-30f};
+    const float sp_exp[] = {0.0f, -0.0f, 1.0f, -1.0f, inf, -inf, nan, 88.7f, 88.73f, -87.3f, -103.9f, -104.0f, 1e-30f,
+                            86.5f, -86.5f, 86.6f, -86.6f, -87.2f, 125.0f, -125.0f, -125.5f, -126.0f};
     const float sp_log[] = {0.0f, -0.0f, 1.0f, -1.0f, inf, -inf, nan, 1e-45f, 1e-40f, 3.4e38f, 2.0f, 0.5f};
     const float sp_tanh[] = {0.0f, -0.0f, inf, -inf, nan, 1e-30f, -1e-30f, 0.55f, 9.1f, 20.0f, -20.0f};
     const float sp_trig[] = {0.0f, -0.0f, inf, -inf, nan, 1.5707964f, 3.1415927f, 1e-30f};
