@@ -148,30 +148,63 @@ def tune(sizes, reps: int = 10, versions=None, save: bool = True, log=print) -> 
     """Time every candidate on square M = N = K = s for each s in sizes; save the winners.
 
     Returns {size: (winner, {version: ms})}. Rungs that fail the NumPy check are skipped."""
+    return {s: _tune_class([(s, s, s, False, False, 1)], reps, versions, save, log) for s in sizes}
+
+
+def tune_shapes(shapes, reps: int = 10, versions=None, save: bool = True, log=print) -> dict:
+    """Tune the shapes a model uses: shapes are (m, n, k, transpose_a, transpose_b, batches)
+    as gemm.recording() collects them. The shapes of one shape class share one winner, the
+    candidate with the least time summed over them. Returns {class: (winner, {version: ms})}."""
+    classes: dict[str, list] = {}
+    for shape in dict.fromkeys(tuple(s) for s in shapes):  # each distinct shape once, in order
+        classes.setdefault(shape_class(*shape[:3]), []).append(shape)
+    return {c: _tune_class(group, reps, versions, save, log) for c, group in classes.items()}
+
+
+def _operands(rng, m, n, k, transpose_a, transpose_b, batches):
+    """Random stored operands for one GEMM shape (batch dims only when batches > 1)."""
+    lead = (batches,) if batches > 1 else ()
+    a = rng.standard_normal((*lead, *((k, m) if transpose_a else (m, k))), dtype=np.float32)
+    b = rng.standard_normal((*lead, *((n, k) if transpose_b else (k, n))), dtype=np.float32)
+    return a, b
+
+
+def _tune_class(group, reps, versions, save, log) -> tuple[str, dict]:
+    """Winner and {version: ms} (summed over the group's shapes) for shapes of one class."""
     from camel import gemm, metal
 
     rng = np.random.default_rng(0)
-    results = {}
-    pool = [gemm.get_rung(v).version for v in versions] if versions else candidates()
-    for s in sizes:
-        a = rng.standard_normal((s, s), dtype=np.float32)
-        b = rng.standard_normal((s, s), dtype=np.float32)
+    runs = []
+    for m, n, k, ta, tb, batches in group:
+        a, b = _operands(rng, m, n, k, ta, tb, batches)
         da, db = metal.DeviceArray.from_numpy(a), metal.DeviceArray.from_numpy(b)
-        out = metal.DeviceArray.empty((s, s), np.float32)
-        times = {}
-        for v in pool:
-            if check(v, a[:33, :31], b[:31, :17]) > 1e-4:
-                log(f"[autotune] version {v} fails the NumPy check; skipped")
-                continue
+        out = metal.DeviceArray.empty((*a.shape[:-2], m, n), np.float32)
+        runs.append((da, db, ta, tb, out))
+    pool = [gemm.get_rung(v).version for v in versions] if versions else candidates()
+    flags = sorted({(ta, tb) for _, _, _, ta, tb, _ in group})
+    small = np.random.default_rng(1)
+    times = {}
+    for v in pool:
+        if any(
+            check(v, *_operands(small, 33, 17, 31, ta, tb, 1), transpose_a=ta, transpose_b=tb)
+            > 1e-4
+            for ta, tb in flags
+        ):
+            log(f"[autotune] version {v} fails the NumPy check; skipped")
+            continue
+        total = 0.0
+        for da, db, ta, tb, out in runs:
 
-            def run(v=v, da=da, db=db, out=out):
-                gemm.matmul(da, db, out=out, version=v)
+            def run(v=v, da=da, db=db, ta=ta, tb=tb, out=out):
+                gemm.matmul(da, db, ta, tb, out=out, version=v)
 
-            times[v] = time_ms(run, reps)
-        winner = min(times, key=times.get)
-        results[s] = (winner, times)
-        log(f"[autotune] {s}^3 on {metal.device_name()}: version {winner} "
-            f"({times[winner]:.3f} ms)")  # fmt: skip
-        if save:
-            store(s, s, s, winner)
-    return results
+            total += time_ms(run, reps)
+        times[v] = total
+    winner = min(times, key=times.get)
+    m, n, k = group[0][:3]
+    shapes = ", ".join(f"{s[0]}x{s[1]}x{s[2]}" + ("" if s[5] == 1 else f" x{s[5]}") for s in group)
+    log(f"[autotune] {shapes} on {metal.device_name()}: version {winner} "
+        f"({times[winner]:.3f} ms)")  # fmt: skip
+    if save:
+        store(m, n, k, winner)
+    return winner, times

@@ -19,6 +19,7 @@ dimension of size 1 or missing (a 2-D operand) is broadcast with stride 0.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -352,6 +353,8 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None):
         )
     if p.m == 0 or p.n == 0 or p.batches == 0:
         return out
+    if _recorded is not None:
+        _recorded.append((p.m, p.n, p.k, bool(transpose_a), bool(transpose_b), p.batches))
     if version is None and not os.environ.get("CAMEL_MATMUL", "").strip():
         # not forced: a default that does not fit this device gives way to the next rung down
         rung = _fitting(choose_version(p.m, p.n, p.k, p.batches))
@@ -359,6 +362,22 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None):
         rung = get_rung(version if version is not None else os.environ["CAMEL_MATMUL"])
     dispatch(rung, a, b, out, p)
     return out
+
+
+_recorded: list | None = None  # the shapes matmul() sees inside recording()
+
+
+@contextmanager
+def recording():
+    """Collect the shape of every matmul() call made inside the block: a list of
+    (m, n, k, transpose_a, transpose_b, batches), one per call, for the autotuner
+    (autotune.tune_shapes) to tune a model's own shapes."""
+    global _recorded
+    outer, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
 
 
 _fit_cache: dict[str, Rung] = {}

@@ -279,6 +279,57 @@ def test_autotune_cache(tmp_path, monkeypatch):
         autotune.reset()
 
 
+def test_recording_sees_a_linear_layers_three_gemms(rng):
+    """gemm.recording() lists each matmul() call's (m, n, k, transpose_a, transpose_b,
+    batches): a Linear's forward and backward give three shapes (x Wᵀ, dy W, dyᵀ x)."""
+    import camel
+    from camel import nn
+
+    layer = nn.Linear(24, 40).to("mps")
+    x = camel.tensor(rng.standard_normal((2, 7, 24), dtype=np.float32), device="mps",
+                     requires_grad=True)  # fmt: skip
+    with gemm.recording() as shapes:
+        layer(x).sum().backward()
+    assert sorted(shapes) == sorted([(14, 40, 24, False, True, 1), (14, 24, 40, False, False, 1),
+                                     (40, 24, 14, True, False, 1)]), shapes  # fmt: skip
+    with gemm.recording() as outside:
+        pass
+    layer(x)
+    assert outside == []  # nothing recorded after the block
+
+
+def test_autotune_shapes_sums_a_class(tmp_path, monkeypatch):
+    """tune_shapes() gives the shapes of one class one winner: the version with the least
+    time summed over them (not the fastest on one), saved for the class."""
+    monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    used = []
+    real_dispatch = gemm.dispatch
+    monkeypatch.setattr(
+        gemm,
+        "dispatch",
+        lambda rung, *a: (used.append((rung.version, a[-1].m)), real_dispatch(rung, *a)),
+    )
+    # at m = 40 version 5 wins by 0.5; at m = 48 version 7 wins by 2: 7 has the smaller sum
+    cost = {("5", 40): 1.0, ("7", 40): 1.5, ("5", 48): 4.0, ("7", 48): 2.0}
+
+    def fake_time_ms(run, reps):
+        used.clear()
+        run()
+        return cost[used[-1]]
+
+    monkeypatch.setattr(autotune, "time_ms", fake_time_ms)
+    autotune.reset()
+    try:
+        shapes = [(40, 33, 64, False, True, 1), (48, 60, 50, True, False, 1)] * 2
+        results = autotune.tune_shapes(shapes, reps=1, versions=["5", "7"], log=lambda _: None)
+        assert results == {"64x64x64": ("7", {"5": 5.0, "7": 3.5})}
+        autotune.reset()
+        assert autotune.lookup(40, 33, 64) == "7"
+    finally:
+        autotune.reset()
+
+
 def test_autotune_check_sees_a_wrong_rung(monkeypatch, rng):
     """check() measures a real error: a rung whose output is off fails it."""
     for ta, tb in [(False, False), (True, False), (False, True), (True, True)]:

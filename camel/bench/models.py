@@ -14,6 +14,9 @@ uploaded each step, forward, backward, Adam, `loss.item()`), side by side in one
 Each side runs --warmup steps (kernel compiles, caches), then --steps timed steps (wall
 time). "host share" estimates how much of a camel step the GPU is idle: 1 - (GPU time
 of the step's dispatches, from camel.profile) / (wall time of an unprofiled step).
+--tune first records the GEMM shapes of one camel step and autotunes them
+(camel/autotune.py: every rung and tuning variant, the winner per shape class cached), so
+the timed steps use the fastest rung per shape instead of the one default rung.
 The weights start differently on the two sides (only speed is compared here;
 tests/test_transformer_gpt.py checks that the two compute the same thing).
 On the simulator the camel times are CPU times of the simulator, NOT GPU timings.
@@ -200,8 +203,21 @@ def mlp_torch(torch, device: str, batch: int, rng):
 # ---- the run ---------------------------------------------------------------------------
 
 
-def run(models, config: str, steps: int, warmup: int, log=print) -> list[tuple]:
-    """Rows (model, side, per-step ms, rate, unit, host share or None)."""
+def _tune_step(step, log) -> None:
+    """Autotune the GEMM shapes of one camel training step (recorded while it runs) and
+    save the winners, so the timed steps use them (gemm.choose_version looks them up)."""
+    from camel import autotune, gemm
+
+    with gemm.recording() as shapes:
+        step()
+    log(f"[bench] tuning the {len(set(shapes))} GEMM shapes of a step")
+    autotune.tune_shapes(shapes, reps=5, log=log)
+
+
+def run(models, config: str, steps: int, warmup: int, tune: bool = False,
+        log=print) -> list[tuple]:  # fmt: skip
+    """Rows (model, side, per-step ms, rate, unit, host share or None); tune: autotune the
+    camel side's GEMM shapes first."""
     from camel import metal
 
     gm_configs = _example("gpt_mini").CONFIGS
@@ -228,6 +244,8 @@ def run(models, config: str, steps: int, warmup: int, log=print) -> list[tuple]:
                 )
         else:
             raise SystemExit(f"[bench] unknown model {name!r}; valid: gpt_mini, mlp")
+        if tune:
+            _tune_step(sides[0][1], log)
         for side, step in sides:
             if side.startswith("camel"):
                 sec = _timed(step, warmup, steps, metal.synchronize)
@@ -263,12 +281,14 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="GPT-mini config (default: gpu; tiny on sim)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    tune_help = "autotune the GEMM shapes of camel's step first (winners cached)"
+    ap.add_argument("--tune", action="store_true", help=tune_help)
     args = ap.parse_args(argv)
     sim = metal.is_simulator()
     config = args.config or ("tiny" if sim else "gpu")
     steps = args.steps or (3 if sim else 20)
     print(f"[bench] models on {metal.device_name()}")
-    rows = run(args.models.split(","), config, steps, args.warmup)
+    rows = run(args.models.split(","), config, steps, args.warmup, args.tune)
     print()
     print(table(rows, metal.device_name(), sim, config))
     return 0

@@ -88,6 +88,15 @@ stage_models() {
   timeout 100 python3 -m camel.bench models --config long --models gpt_mini
 }
 
+stage_models_tuned() {  # GPT-mini with the default rung, with its GEMM shapes tuned, and naive
+  local b=(python3 -m camel.bench models --models gpt_mini)
+  echo "== default rung"; timeout 80 "${b[@]}" --config gpu
+  echo "== tuned"; timeout 150 "${b[@]}" --config gpu --tune
+  echo "== tuned, naive attention"; CAMEL_ATTENTION=naive timeout 80 "${b[@]}" --config gpu
+  echo "== long, tuned"; timeout 100 "${b[@]}" --config long --tune
+  echo "== long, tuned, naive attention"; CAMEL_ATTENTION=naive timeout 80 "${b[@]}" --config long
+}
+
 stage_attention() {
   timeout 200 python3 -m camel.bench attention --seqs 1024,4096,8192 --dims 64 --heads 16
 }
@@ -134,6 +143,17 @@ stage_ncu() {
   m+=",launch__registers_per_thread,launch__occupancy_limit_registers"
   timeout 300 ncu --clock-control none --metrics "$m" --csv --kernel-name regex:"matmul|flash" \
     python3 tools/gpu/ncu_ladder.py
+}
+
+stage_ncu_detail() {
+  # Why a kernel misses its goal: issue slots, warp stalls, occupancy and memory sections
+  # for one launch of each kernel that tools/gpu/ncu_detail.py runs (docs/cuda.md).
+  local s=""
+  for sec in SpeedOfLight LaunchStats Occupancy SchedulerStats WarpStateStats InstructionStats \
+             ComputeWorkloadAnalysis MemoryWorkloadAnalysis; do s+=" --section $sec"; done
+  timeout 400 ncu --clock-control none $s --kernel-name \
+    regex:"softmax_last_axis_v2|log_softmax_last_axis_v2|softmax_backward_v2|cross_entropy_forward_v2|layernorm_forward_v4|layernorm_backward_v2|matmul_v9|flash_v7" \
+    python3 tools/gpu/ncu_detail.py
 }
 
 for stage in "$@"; do

@@ -1,0 +1,35 @@
+"""One launch of each kernel that misses its H200 goal, for `ncu`'s detailed sections
+(tools/gpu/h200.sh ncu_detail): the memory-bound kernels under 70 % of the copy bandwidth
+(softmax / log_softmax / cross-entropy forward, LayerNorm backward) next to two that reach
+it (softmax backward, LayerNorm forward v4), the best GEMM rung at 4096^3 and the best flash
+rung at T = 4096. The report's sections (issue slots, warp stalls, occupancy, memory) say
+whether each is bound by memory, by instruction issue or by latency."""
+
+import numpy as np
+
+from camel import backend_mps as mps
+from camel import flash, gemm, metal
+
+rng = np.random.default_rng(0)
+n, d = 65536, 1024  # 256 MiB, the bench's largest shape
+x = mps.from_numpy(rng.standard_normal((n, d), dtype=np.float32))
+g = mps.from_numpy(rng.standard_normal((n, d), dtype=np.float32))
+t = mps.from_numpy(rng.integers(0, d, n).astype(np.int32))
+w = mps.from_numpy(rng.standard_normal(d, dtype=np.float32))
+b = mps.from_numpy(rng.standard_normal(d, dtype=np.float32))
+y = mps.softmax(x)
+mps.log_softmax(x)
+mps.softmax_backward(y, g)
+mps.cross_entropy(x, t)
+_, mean, rstd = mps.layer_norm(x, w, b, 1e-5)
+mps.layer_norm_backward(g, x, w, mean, rstd)
+metal.synchronize()
+a, bb = (metal.DeviceArray.from_numpy(rng.standard_normal((4096, 4096), dtype=np.float32))
+         for _ in "ab")  # fmt: skip
+gemm.matmul(a, bb, version="9")
+metal.synchronize()
+q, k, v = (metal.DeviceArray.from_numpy(rng.standard_normal((1, 16, 4096, 64), dtype=np.float32))
+           for _ in "qkv")  # fmt: skip
+flash.forward(q, k, v, True, rung="flash_v7")
+metal.synchronize()
+print("one launch per kernel done")
