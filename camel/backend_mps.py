@@ -767,6 +767,13 @@ _LN_V3_MAX_D = 4 * _THREADS  # 4 registers per thread (LN_PER_THREAD) x 256 thre
 _LN_V4_MAX_D = _ROW_MAX_P * _ROW_SPAN  # 16 SIMD groups x 1024 floats
 _LN_ROWS_PER_BLOCK = 64  # layer_norm_backward: rows per partial sum of dweight and dbias
 _LN_BWD_THREADS = 128  # layer_norm_backward v2's threadgroup: 4 SIMD groups (~160 registers each)
+# layer_norm_backward: v1 dx in two sweeps then the column sums, v2 one read (a SIMD group
+# per row, D <= 1024), v3 one read with a row shared by P SIMD groups (D <= 2048).
+# Default (None): v2 where it fits, else v1 (CAMEL_MEMORY_KERNELS=1: v1);
+# CAMEL_LAYERNORM_BACKWARD=1|2|3 forces one.
+LAYERNORM_BACKWARD_VERSION = None
+_LN_BWD_V3_MAX_D = 2048  # 8 SIMD groups x 256 floats
+_LN_BWD_V3_SPAN = 256  # floats of a row one SIMD group takes in v3 (32 lanes x 2 float4s)
 
 
 def layer_norm(x, weight, bias, eps):
@@ -833,8 +840,26 @@ def layer_norm_backward(grad, x, weight, mean, rstd):
         return dx, dweight, dbias
     if rows == 0:
         return dx, full((d,), 0.0, "float32"), full((d,), 0.0, "float32")
-    if _memory_version("layer_norm_backward", x.size) == 2 and d <= _LN_V3_MAX_D:
-        return _layer_norm_backward_v2(grad, x, weight, mean, rstd, dx, rows, d)
+    version = os.environ.get("CAMEL_LAYERNORM_BACKWARD", LAYERNORM_BACKWARD_VERSION)
+    if version is None:
+        fused = _memory_version("layer_norm_backward", x.size) == 2 and d <= _LN_V3_MAX_D
+        version = 2 if fused else 1
+    limits = {"1": None, "2": _LN_V3_MAX_D, "3": _LN_BWD_V3_MAX_D}
+    if str(version) not in limits:
+        raise ValueError(
+            f"[layer_norm_backward] unknown version {version!r} (CAMEL_LAYERNORM_BACKWARD or "
+            f"LAYERNORM_BACKWARD_VERSION); valid: 1, 2, 3"
+        )
+    version, limit = int(version), limits[str(version)]
+    if limit is not None and d > limit:
+        raise ValueError(
+            f"[layer_norm_backward] version {version} keeps a row in registers: D <= {limit}, "
+            f"got D = {d} (shape {x.shape}); use version 1"
+        )
+    if version > 1:
+        _check_32bit_indices("layer_norm_backward", x.size)
+        fused = _layer_norm_backward_v2 if version == 2 else _layer_norm_backward_v3
+        return fused(grad, x, weight, mean, rstd, dx, rows, d)
     fn = _kernel(_LN, "layernorm_backward_dx")
     fn(grad, x, weight, mean, rstd, dx, d, threadgroups=rows,
        threads_per_threadgroup=_row_threads(d), flops=12 * x.size,
@@ -873,6 +898,28 @@ def _layer_norm_backward_v2(grad, x, weight, mean, rstd, dx, rows, d):
     sums = _empty((2, d))
     _sum_axis(partials, sums, 2, blocks, d)
     # dweight and dbias: views of the two rows of one buffer (one dispatch sums both)
+    dweight = DeviceArray((d,), np.float32, sums.buffer, sums.offset)
+    dbias = DeviceArray((d,), np.float32, sums.buffer, sums.offset + d * _F32)
+    return dx, dweight, dbias
+
+
+def _layer_norm_backward_v3(grad, x, weight, mean, rstd, dx, rows, d):
+    """v2's one read with a row shared by P SIMD groups (P * 256 >= D): a quarter of v2's
+    registers a lane; the blocks' partial dweight and dbias summed as in v2."""
+    p = 1
+    while p * _LN_BWD_V3_SPAN < d:
+        p *= 2
+    simd_groups = builtins.max(p, 4)  # a multiple of P
+    per_block = builtins.max(8, builtins.min(64, -(-rows // 512)))  # rows per threadgroup
+    blocks = -(-rows // per_block)
+    partials = _empty((2, blocks, d))
+    vec4 = d % 4 == 0 and _aligned(grad, x, weight, dx)
+    fn = _kernel(_LN, "layernorm_backward_v3" if vec4 else "layernorm_backward_v3_float")
+    fn(grad, x, weight, mean, rstd, dx, partials, rows, d, per_block, p,
+       threadgroups=blocks, threads_per_threadgroup=32 * simd_groups, flops=17 * x.size,
+       bytes=(3 * x.size + 2 * rows + 2 * blocks * d) * _F32)  # fmt: skip
+    sums = _empty((2, d))
+    _sum_axis(partials, sums, 2, blocks, d)
     dweight = DeviceArray((d,), np.float32, sums.buffer, sums.offset)
     dbias = DeviceArray((d,), np.float32, sums.buffer, sums.offset + d * _F32)
     return dx, dweight, dbias

@@ -25,6 +25,8 @@
 //                               instead of D, and still deterministic
 //   layernorm_backward_v2       dx, and per block of rows partial dw and db, from ONE read of
 //                               grad and x (a SIMD group per row, D <= 1024; see below)
+//   layernorm_backward_v3       v2 with a row shared by 1 to 8 SIMD groups: a quarter of
+//                               the registers a lane, D <= 2048 (see below)
 //   gelu_forward                out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 //   gelu_backward               dx = grad * gelu'(x)                 one thread per element
 //   gelu_forward_float4, gelu_backward_float4   the same, four elements per thread, as
@@ -600,6 +602,167 @@ kernel void layernorm_backward_v2(device const float *grad [[buffer(0)]],
         partials[(blocks + block) * D + d] = sum_b[d];
     }
 }
+
+// ---------------------------------------------------------------------------
+// version 3 of the backward: v2 with a row shared by P SIMD groups
+// ---------------------------------------------------------------------------
+//
+// v2's lane holds 8 float4s of grad, 8 of x and 16 of column sums: 255 registers and spills
+// for sm_90 (ptxas -v), so few SIMD groups run at once and the spills go to memory: 53 % of
+// the copy bandwidth on an H200 (docs/cuda.md). v3 gives a lane a quarter of that: P SIMD
+// groups share a row (P = 1 for D <= 256, 2, 4, 8 up to 2048), lane l of part p keeps
+// float4 number (32 p + l) + 32 P j, j = 0, 1, of the row's grad and x (floats when
+// D % 4 != 0: 8 a lane), and the P parts add their two row sums through threadgroup memory (two barriers a
+// row, none when P = 1). Everything else is v2's: column sums in registers over the rows the
+// SIMD group visits, added into threadgroup memory in a fixed order, one partial row of
+// dweight and of dbias per threadgroup. Deterministic, no atomics. Needs D <= 2048.
+
+template <typename V, uint N>
+static inline void layernorm_backward_rows_shared(
+    device const V *grad, device const V *x, device const V *w, device const float *mean,
+    device const float *rstd, device V *dx, threadgroup V *acc_w, threadgroup V *acc_b,
+    threadgroup float2 *partial, uint D, uint n, uint P, uint first_row, uint last_row,
+    uint lane, uint simd_group, uint S)
+{
+    V dw[N];
+    V db[N];
+#pragma clang loop unroll(full)
+    for (uint j = 0; j < N; j++) {
+        dw[j] = V(0.0f);
+        db[j] = V(0.0f);
+    }
+    uint first = (simd_group % P) * 32 + lane;  // the lane's first V of a row
+    uint stride = 32 * P;
+    // Every SIMD group runs the same number of iterations (the barriers inside need all):
+    // S / P rows per iteration, SIMD group s on row row0 + s / P.
+    for (uint row0 = first_row; row0 < last_row; row0 += S / P) {
+        uint row = row0 + simd_group / P;
+        bool active = row < last_row;
+        uint base = active ? row * n : 0;  // the row's first V
+        V g[N];
+        V xr[N];
+#pragma clang loop unroll(full)
+        for (uint j = 0; j < N; j++) {  // 2 N independent loads in flight
+            uint q = first + j * stride;
+            g[j] = active && q < n ? grad[base + q] : V(0.0f);
+            xr[j] = active && q < n ? x[base + q] : V(0.0f);
+        }
+        float m = active ? mean[row] : 0.0f;
+        float r = active ? rstd[row] : 0.0f;
+        float2 sums = float2(0.0f);  // (sum g w, sum g w xhat) over the lane's columns
+#pragma clang loop unroll(full)
+        for (uint j = 0; j < N; j++) {
+            uint q = first + j * stride;
+            V wv = q < n ? w[q] : V(0.0f);  // shared by every row: from the cache
+            V gw = g[j] * wv;
+            xr[j] = active && q < n ? (xr[j] - m) * r : V(0.0f);  // xhat from here on
+            sums.x += horizontal_sum(gw);
+            sums.y += horizontal_sum(gw * xr[j]);
+            dw[j] += g[j] * xr[j];
+            db[j] += g[j];
+            g[j] = gw;  // g * w from here on
+        }
+        sums = float2(simd_sum(sums.x), simd_sum(sums.y));
+        if (P > 1) {  // the row's P parts meet in threadgroup memory
+            if (lane == 0) {
+                partial[simd_group] = sums;
+            }
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            uint part0 = simd_group - simd_group % P;
+            sums = partial[part0];
+            for (uint p = 1; p < P; p++) {
+                sums += partial[part0 + p];
+            }
+            threadgroup_barrier(mem_flags::mem_threadgroup);  // all read: reused next row
+        }
+        float mean_g = sums.x / float(D);
+        float mean_gx = sums.y / float(D);
+#pragma clang loop unroll(full)
+        for (uint j = 0; j < N; j++) {
+            uint q = first + j * stride;
+            if (active && q < n) {
+                dx[base + q] = r * (g[j] - mean_g - xr[j] * mean_gx);
+            }
+        }
+    }
+    // The SIMD groups add their column sums into threadgroup memory in order 0, 1, ... S - 1
+    // (the first P of them, one per part, start the sums of their columns).
+    for (uint s = 0; s < S; s++) {
+        if (simd_group == s) {
+#pragma clang loop unroll(full)
+            for (uint j = 0; j < N; j++) {
+                uint q = first + j * stride;
+                if (q < n) {
+                    acc_w[q] = s < P ? dw[j] : acc_w[q] + dw[j];
+                    acc_b[q] = s < P ? db[j] : acc_b[q] + db[j];
+                }
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+}
+
+// grad, x, dx (rows, D); w (D,); mean, rstd (rows,); partials (2, blocks, D) as in v2.
+// Threadgroup b (S SIMD groups, a multiple of P) takes rows b R .. b R + R - 1, S / P of
+// them at a time; P = 1, 2, 4 or 8 SIMD groups per row (the host: the fewest with
+// D <= 256 P). Two instantiations: "layernorm_backward_v3" (V = float4, N = 2: D % 4 == 0
+// and every array 16-byte aligned) and "layernorm_backward_v3_float" (V = float, N = 8),
+// two kernels so that the float path's registers do not count against the float4 one's
+// (94 against 146 registers in one kernel, ptxas -v for sm_90).
+// Grid: blocks = ceil(rows / R) threadgroups.
+template <typename V, uint N>
+kernel void layernorm_backward_v3(device const float *grad [[buffer(0)]],
+                                  device const float *x [[buffer(1)]],
+                                  device const float *w [[buffer(2)]],
+                                  device const float *mean [[buffer(3)]],
+                                  device const float *rstd [[buffer(4)]],
+                                  device float *dx [[buffer(5)]],
+                                  device float *partials [[buffer(6)]],
+                                  constant uint &rows [[buffer(7)]],
+                                  constant uint &D [[buffer(8)]],
+                                  constant uint &R [[buffer(9)]],
+                                  constant uint &P [[buffer(10)]],
+                                  uint block [[threadgroup_position_in_grid]],
+                                  uint blocks [[threadgroups_per_grid]],
+                                  uint t [[thread_position_in_threadgroup]],
+                                  uint T [[threads_per_threadgroup]],
+                                  uint lane [[thread_index_in_simdgroup]],
+                                  uint simd_group [[simdgroup_index_in_threadgroup]],
+                                  uint S [[simdgroups_per_threadgroup]])
+{
+    constexpr uint W = sizeof(V) / sizeof(float);
+    threadgroup V acc_w[2048 / W];  // this block's column sums: D <= 2048 floats each
+    threadgroup V acc_b[2048 / W];
+    threadgroup float2 partial[32];  // one (sum g w, sum g w xhat) per SIMD group
+    uint first_row = block * R;
+    uint last_row = min(rows, first_row + R);
+    layernorm_backward_rows_shared<V, N>(
+        (device const V *)grad, (device const V *)x, (device const V *)w, mean, rstd,
+        (device V *)dx, acc_w, acc_b, partial, D, D / W, P, first_row, last_row, lane,
+        simd_group, S);
+    threadgroup const float *sum_w = (threadgroup const float *)acc_w;
+    threadgroup const float *sum_b = (threadgroup const float *)acc_b;
+    for (uint d = t; d < D; d += T) {
+        partials[block * D + d] = sum_w[d];
+        partials[(blocks + block) * D + d] = sum_b[d];
+    }
+}
+
+#define LAYERNORM_BACKWARD_V3(NAME, V, N)                                                      \
+    template [[host_name(NAME)]] kernel void layernorm_backward_v3<V, N>(                      \
+        device const float *grad [[buffer(0)]], device const float *x [[buffer(1)]],           \
+        device const float *w [[buffer(2)]], device const float *mean [[buffer(3)]],           \
+        device const float *rstd [[buffer(4)]], device float *dx [[buffer(5)]],                \
+        device float *partials [[buffer(6)]], constant uint &rows [[buffer(7)]],               \
+        constant uint &D [[buffer(8)]], constant uint &R [[buffer(9)]],                        \
+        constant uint &P [[buffer(10)]], uint block [[threadgroup_position_in_grid]],          \
+        uint blocks [[threadgroups_per_grid]], uint t [[thread_position_in_threadgroup]],      \
+        uint T [[threads_per_threadgroup]], uint lane [[thread_index_in_simdgroup]],           \
+        uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
+        uint S [[simdgroups_per_threadgroup]]);
+
+LAYERNORM_BACKWARD_V3("layernorm_backward_v3", float4, 2)
+LAYERNORM_BACKWARD_V3("layernorm_backward_v3_float", float, 8)
 
 // ---------------------------------------------------------------------------
 // GELU, version 2: four elements per thread, and a cheaper form of the same function

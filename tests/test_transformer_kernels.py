@@ -134,15 +134,40 @@ def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch, memo
         mps.layer_norm(x, mps.from_numpy(rand(1025)), mps.from_numpy(rand(1025)), 1e-5)
 
 
+def test_layer_norm_backward_version_limits(mps, monkeypatch):
+    x = mps.from_numpy(rand(2, 2049))
+    args = [x, x, mps.from_numpy(rand(2049)), mps.from_numpy(rand(2)), mps.from_numpy(rand(2))]
+    monkeypatch.setenv("CAMEL_LAYERNORM_BACKWARD", "3")
+    with pytest.raises(ValueError, match=r"version 3 .* D <= 2048, got D = 2049 \(shape"):
+        mps.layer_norm_backward(*args)
+    monkeypatch.setenv("CAMEL_LAYERNORM_BACKWARD", "4")
+    with pytest.raises(ValueError, match=r"unknown version '4' .*valid: 1, 2, 3"):
+        mps.layer_norm_backward(*args)
+
+
 # layer_norm_backward v2 (a SIMD group per row, D <= 1024; D = 1025 takes version 1):
 # D % 4 == 0 reads float4s, else floats; rows per threadgroup block 8 .. 64 (5000 rows: 10).
 LN_BACKWARD_SHAPES = LN_SHAPES + [(3, 1024), (5, 1023), (2, 1025), (5000, 4), (33, 7, 96)]
 
 
-@pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("shape", LN_BACKWARD_SHAPES)
+# layer_norm_backward v3 (CAMEL_LAYERNORM_BACKWARD=3: P = 1, 2, 4, 8 SIMD groups per row,
+# D <= 2048; the float kernel when D % 4 != 0): the shapes above and rows past v2's 1024.
+LN_BACKWARD_V3_SHAPES = LN_BACKWARD_SHAPES + [(3, 257), (9, 512), (4, 1536), (3, 2047), (2, 2048)]
+
+
+def _ln_backward_version(monkeypatch, version):
+    """1, 2: CAMEL_MEMORY_KERNELS picks v1 or the default v2; 3: CAMEL_LAYERNORM_BACKWARD."""
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(min(version, 2)))
+    if version == 3:
+        monkeypatch.setenv("CAMEL_LAYERNORM_BACKWARD", "3")
+
+
+@pytest.mark.parametrize(
+    "version, shape",
+    [(v, s) for v in (1, 2) for s in LN_BACKWARD_SHAPES] + [(3, s) for s in LN_BACKWARD_V3_SHAPES],
+)
 def test_layer_norm_backward(mps, monkeypatch, version, shape, poisoned_memory):
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
+    _ln_backward_version(monkeypatch, version)
     d = shape[-1]
     x, g = rand(*shape, seed=5, scale=2.0, shift=-1.0), rand(*shape, seed=6)
     w, b = rand(d, seed=7), rand(d, seed=8)
@@ -282,9 +307,10 @@ def test_head_permutes(mps, shape, dims):
 
 @pytest.mark.parametrize("rows, kernel, version", [(17, "layernorm_backward_params", 1),
                                                    (300, "layernorm_backward_params_blocked", 1),
-                                                   (3000, "layernorm_backward_v2", 2)])  # fmt: skip
+                                                   (3000, "layernorm_backward_v2", 2),
+                                                   (3000, "layernorm_backward_v3", 3)])  # fmt: skip
 def test_layer_norm_param_grads_are_deterministic(mps, monkeypatch, rows, kernel, version):
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
+    _ln_backward_version(monkeypatch, version)
     x, g = rand(rows, 40, seed=24, scale=3.0), rand(rows, 40, seed=25, scale=100.0)
     w, b = rand(40, seed=26), rand(40, seed=27)
     _, mean, rstd = cpu.layer_norm(x, w, b, 1e-5)

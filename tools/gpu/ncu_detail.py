@@ -5,6 +5,8 @@ it (softmax backward, LayerNorm forward v4), the best GEMM rung at 4096^3 and th
 rung at T = 4096. The report's sections (issue slots, warp stalls, occupancy, memory) say
 whether each is bound by memory, by instruction issue or by latency."""
 
+import os
+
 import numpy as np
 
 from camel import backend_mps as mps
@@ -23,6 +25,9 @@ mps.softmax_backward(y, g)
 mps.cross_entropy(x, t)
 _, mean, rstd = mps.layer_norm(x, w, b, 1e-5)
 mps.layer_norm_backward(g, x, w, mean, rstd)
+os.environ["CAMEL_LAYERNORM_BACKWARD"] = "3"  # v3 next to the default
+mps.layer_norm_backward(g, x, w, mean, rstd)
+del os.environ["CAMEL_LAYERNORM_BACKWARD"]
 metal.synchronize()
 a, bb = (metal.DeviceArray.from_numpy(rng.standard_normal((4096, 4096), dtype=np.float32))
          for _ in "ab")  # fmt: skip
