@@ -14,7 +14,8 @@ uploaded each step, forward, backward, Adam, `loss.item()`), side by side in one
 Each side runs --warmup steps (kernel compiles, caches), then --steps timed steps (wall
 time). "host share" estimates how much of a camel step the GPU is idle: 1 - (GPU time
 of the step's dispatches, from camel.profile) / (wall time of an unprofiled step).
---tune first records the GEMM shapes of one camel step and autotunes them
+--profile prints camel.profile's kernel table of one camel step first. --tune first
+records the GEMM shapes of one camel step and autotunes them
 (camel/autotune.py: every rung and tuning variant, the winner per shape class cached), so
 the timed steps use the fastest rung per shape instead of the one default rung.
 The weights start differently on the two sides (only speed is compared here;
@@ -214,10 +215,21 @@ def _tune_step(step, log) -> None:
     autotune.tune_shapes(shapes, reps=5, log=log)
 
 
+def _profile_step(step, log) -> None:
+    """camel.profile's table of one camel step: GPU time per kernel (each dispatch in a
+    command buffer of its own, so the total exceeds an unprofiled step's GPU time)."""
+    import camel
+
+    step()  # compiles and caches first
+    with camel.profile() as prof:
+        step()
+    log(prof.table())
+
+
 def run(models, config: str, steps: int, warmup: int, tune: bool = False,
-        log=print) -> list[tuple]:  # fmt: skip
+        profile: bool = False, log=print) -> list[tuple]:  # fmt: skip
     """Rows (model, side, per-step ms, rate, unit, host share or None); tune: autotune the
-    camel side's GEMM shapes first."""
+    camel side's GEMM shapes first; profile: print the kernels of one camel step."""
     from camel import metal
 
     gm_configs = _example("gpt_mini").CONFIGS
@@ -246,6 +258,8 @@ def run(models, config: str, steps: int, warmup: int, tune: bool = False,
             raise SystemExit(f"[bench] unknown model {name!r}; valid: gpt_mini, mlp")
         if tune:
             _tune_step(sides[0][1], log)
+        if profile:
+            _profile_step(sides[0][1], log)
         for side, step in sides:
             if side.startswith("camel"):
                 sec = _timed(step, warmup, steps, metal.synchronize)
@@ -283,12 +297,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     tune_help = "autotune the GEMM shapes of camel's step first (winners cached)"
     ap.add_argument("--tune", action="store_true", help=tune_help)
+    ap.add_argument("--profile", action="store_true", help="print one camel step's kernels")
     args = ap.parse_args(argv)
     sim = metal.is_simulator()
     config = args.config or ("tiny" if sim else "gpu")
     steps = args.steps or (3 if sim else 20)
     print(f"[bench] models on {metal.device_name()}")
-    rows = run(args.models.split(","), config, steps, args.warmup, args.tune)
+    rows = run(args.models.split(","), config, steps, args.warmup, args.tune, args.profile)
     print()
     print(table(rows, metal.device_name(), sim, config))
     return 0
