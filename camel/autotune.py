@@ -169,6 +169,18 @@ def _operands(rng, m, n, k, transpose_a, transpose_b, batches):
     return a, b
 
 
+def _passes(version: str, flags) -> bool:
+    """The version matches NumPy at an awkward size with each pair of transpose flags
+    (K = 64 for a split-K version, which needs K % (4 S) == 0; else 31)."""
+    rng = np.random.default_rng(1)
+    k = 64 if "/k" in version else 31
+    return all(
+        check(version, *_operands(rng, 33, 17, k, ta, tb, 1), transpose_a=ta, transpose_b=tb)
+        <= 1e-4
+        for ta, tb in flags
+    )
+
+
 def _tune_class(group, reps, versions, save, log) -> tuple[str, dict]:
     """Winner and {version: ms} (summed over the group's shapes) for shapes of one class."""
     from camel import gemm, metal
@@ -180,16 +192,16 @@ def _tune_class(group, reps, versions, save, log) -> tuple[str, dict]:
         da, db = metal.DeviceArray.from_numpy(a), metal.DeviceArray.from_numpy(b)
         out = metal.DeviceArray.empty((*a.shape[:-2], m, n), np.float32)
         runs.append((da, db, ta, tb, out))
-    pool = [gemm.get_rung(v).version for v in versions] if versions else candidates()
+    if versions:
+        pool = [str(v) for v in versions]
+    else:  # the rungs, then the split-K versions every shape of the group allows
+        splits = [set(gemm.split_candidates(m, n, k, bt)) for m, n, k, _, _, bt in group]
+        pool = candidates() + [v for v in gemm.split_candidates(*group[0][:3], group[0][5])
+                               if all(v in ok for ok in splits)]  # fmt: skip
     flags = sorted({(ta, tb) for _, _, _, ta, tb, _ in group})
-    small = np.random.default_rng(1)
     times = {}
     for v in pool:
-        if any(
-            check(v, *_operands(small, 33, 17, 31, ta, tb, 1), transpose_a=ta, transpose_b=tb)
-            > 1e-4
-            for ta, tb in flags
-        ):
+        if not _passes(v, flags):
             log(f"[autotune] version {v} fails the NumPy check; skipped")
             continue
         total = 0.0

@@ -11,6 +11,12 @@ setBytes) and dispatches the chosen rung:
     otherwise                the autotuner's winner for this device and shape class
                              (camel/autotune.py, ~/.cache/camel/), else `default_version()`
 
+Split-K: a version "<rung>/k<S>" (e.g. "9/k4", chosen by the autotuner or CAMEL_MATMUL)
+runs the rung on S slices of K as a batch of S products into an (S, M, N) buffer, then sums
+the S partial products (sum_axis_blocks, ops_reduce.metal): S times the threadgroups for a
+small M x N with a long K (a weight gradient dW = Xᵀ·dY over many tokens), which alone
+would leave most of a large GPU idle. 2-D products with K % (4 S) == 0 only.
+
 Transposed operands (backward: dW = Xᵀ·dY, dX = dY·Wᵀ) are read in place by every rung;
 no transpose pass. Batches: up to 2 batch dimensions (3-D and 4-D matmul); a batch
 dimension of size 1 or missing (a 2-D operand) is broadcast with stride 0.
@@ -167,6 +173,39 @@ def get_rung(version) -> Rung:
     return rung
 
 
+# Split-K (see the top of this file): the rungs the autotuner tries with K split S ways.
+SPLIT_RUNGS = ["9", "7", "64x64x16_4x4"]
+SPLITS = [2, 4, 8]
+_MIN_SLICE = 256  # the autotuner splits no slice of K shorter than this
+
+
+def parse_version(version) -> tuple[Rung, int]:
+    """(rung, S) for a version with an optional split-K suffix: "9" -> (v9, 1),
+    "9/k4" -> (v9, 4). ValueError naming the valid forms."""
+    text = str(version).strip().lower()
+    base, sep, split = text.partition("/k")
+    if sep and not (split.isdigit() and int(split) >= 1):
+        raise ValueError(
+            f"[matmul] version {version!r}: a split-K suffix is /k<S> with S >= 1, e.g. '9/k4'"
+        )
+    return get_rung(base), int(split) if sep else 1
+
+
+def can_split(m: int, n: int, k: int, batches: int, split: int) -> bool:
+    """True if a 2-D product's K divides into `split` slices of a multiple of 4 floats."""
+    return split == 1 or (batches == 1 and k % (4 * split) == 0)
+
+
+def split_candidates(m: int, n: int, k: int, batches: int) -> list[str]:
+    """The split-K versions the autotuner tries for this shape (slices >= _MIN_SLICE)."""
+    return [
+        f"{v}/k{s}"
+        for v in SPLIT_RUNGS
+        for s in SPLITS
+        if can_split(m, n, k, batches, s) and k // s >= _MIN_SLICE
+    ]
+
+
 def default_version(m: int, n: int, k: int, batches: int = 1) -> str:
     """The rung used when neither CAMEL_MATMUL nor the autotuner's cache says otherwise."""
     from camel import metal
@@ -178,12 +217,18 @@ def choose_version(m: int, n: int, k: int, batches: int = 1) -> str:
     """CAMEL_MATMUL if set, else the tuned winner for this device and shape, else the default."""
     forced = os.environ.get("CAMEL_MATMUL", "").strip()
     if forced:
-        return get_rung(forced).version
+        rung, split = parse_version(forced)
+        return rung.version if split == 1 else f"{rung.version}/k{split}"
     from camel import autotune
 
     tuned = autotune.lookup(m, n, k)
-    if tuned is not None and (tuned in RUNGS or tuned in VARIANTS):
-        return tuned
+    if tuned is not None:
+        try:
+            _, split = parse_version(tuned)
+        except ValueError:  # a cache entry from another camel version
+            split = 0
+        if split and can_split(m, n, k, batches, split):  # a shape of the class may not split
+            return tuned
     return default_version(m, n, k, batches)
 
 
@@ -357,10 +402,20 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None):
         _recorded.append((p.m, p.n, p.k, bool(transpose_a), bool(transpose_b), p.batches))
     if version is None and not os.environ.get("CAMEL_MATMUL", "").strip():
         # not forced: a default that does not fit this device gives way to the next rung down
-        rung = _fitting(choose_version(p.m, p.n, p.k, p.batches))
+        rung, split = parse_version(choose_version(p.m, p.n, p.k, p.batches))
+        rung = _fitting(rung.version)
     else:
-        rung = get_rung(version if version is not None else os.environ["CAMEL_MATMUL"])
-    dispatch(rung, a, b, out, p)
+        rung, split = parse_version(version if version is not None else os.environ["CAMEL_MATMUL"])
+        if not can_split(p.m, p.n, p.k, p.batches, split):
+            raise ValueError(
+                f"[matmul] version {rung.version}/k{split} splits K: it needs a 2-D product "
+                f"with K a multiple of {4 * split}; got M, N, K = {p.m}, {p.n}, {p.k} with "
+                f"{p.batches} batches"
+            )
+    if split > 1:
+        dispatch_split_k(rung, a, b, out, p, split)
+    else:
+        dispatch(rung, a, b, out, p)
     return out
 
 
@@ -394,6 +449,34 @@ def _fitting(version: str) -> Rung:
         rung = next((get_rung(v) for v in below if fits(get_rung(v))), get_rung(version))
         _fit_cache[version] = rung
     return rung
+
+
+def dispatch_split_k(rung: Rung, a, b, out, p: Plan, split: int) -> None:
+    """out = the sum over s of op(A)[:, slice s] · op(B)[slice s, :], K cut into `split`
+    slices: the rung runs once as a batch of `split` products (the batch strides step from
+    one slice of K to the next), then one column sum adds the partial products in order."""
+    from camel import metal
+
+    m, n, ks = p.m, p.n, p.k // split
+    transpose_a, transpose_b = bool(p.params[6]), bool(p.params[7])
+    params = p.params.copy()
+    params[2] = ks
+    params[8] = 1  # one batch dimension: the slices
+    params[9:15] = [ks * m if transpose_a else ks, 0,  # A's slice: rows of Aᵀ, or columns
+                    ks if transpose_b else ks * n, 0,  # B's slice: columns of Bᵀ, or rows
+                    m * n, 0]  # fmt: skip
+    partial = metal.DeviceArray.empty((split, m, n), np.float32)
+    dispatch(rung, a, b, partial, Plan(m, n, ks, (split,), params))
+    # out (m n) = partial (split, m n) summed over the split: one threadgroup per 32 float4s
+    # (or floats) of a row, each adding the `split` rows in order (deterministic)
+    width = 4 if (m * n) % 4 == 0 and out.offset % 16 == 0 else 1
+    fn = metal.kernel(
+        "ops_reduce.metal", "sum_axis_blocks_float4" if width == 4 else "sum_axis_blocks_float"
+    )
+    inner = m * n // width
+    fn(partial, out, split, inner, split, threadgroups=(_cdiv(inner, 32), 1, 1),
+       threads_per_threadgroup=(32, 8, 1), flops=split * m * n,
+       bytes=(split + 1) * m * n * 4)  # fmt: skip
 
 
 def dispatch(rung: Rung, a, b, out, p: Plan) -> None:

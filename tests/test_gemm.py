@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import in_nan_slack, require_shim, run_under_asan
 
+import camel
 from camel import autotune, gemm
 
 metal = pytest.importorskip("camel.metal")
@@ -102,6 +103,56 @@ BATCHED = [
     ((2, 1, 9, 12), (3, 12, 10), False, False),  # broadcast batch dims (2, 1) x (3,)
     ((2, 64, 68), (2, 68, 36), False, False),  # float4-aligned strides
 ]
+
+
+# ---- split-K: a rung on slices of K as a batch, then the sum of the partial products ------
+
+
+@pytest.mark.parametrize("version", ["9/k2", "7/k4", "64x64x16_4x4/k8", "2/k3"])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 96), (33, 31, 96), (130, 67, 192)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_split_k(version, m, n, k, ta, tb, rng):
+    a, b = _operands(rng, *_stored(m, n, k, ta, tb))
+    _check(version, a, b, ta, tb)
+
+
+def test_split_k_runs_one_batch_and_one_sum(rng):
+    """A split version dispatches its rung once, with S threadgroups along z, and one sum."""
+    a, b = _operands(rng, (40, 256), (256, 24))
+    with camel.profile() as prof:
+        _check("9/k4", a, b)
+    names = [e.name for e in prof.events]
+    assert names == [gemm.get_rung("9").kernel, "sum_axis_blocks_float4"], names
+    assert prof.events[0].grid[2] == 4
+
+
+def test_split_k_bad_input_and_fallback(rng, tmp_path, monkeypatch):
+    da, db = (metal.DeviceArray.from_numpy(x) for x in _operands(rng, (8, 30), (30, 8)))
+    with pytest.raises(
+        ValueError, match=r"9/k4 splits K: .* K a multiple of 16; got M, N, K = 8, 8, 30"
+    ):
+        gemm.matmul(da, db, version="9/k4")
+    with pytest.raises(ValueError, match=r"split-K suffix is /k<S>"):
+        gemm.matmul(da, db, version="9/kx")
+    # a tuned split for a shape class whose shape cannot split: the default rung instead
+    monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    autotune.reset()
+    try:
+        autotune.store(8, 8, 30, "9/k4")
+        assert gemm.choose_version(8, 8, 30) == gemm.default_version(8, 8, 30)
+        assert gemm.choose_version(8, 8, 32) == "9/k4"  # same class, K splits
+    finally:
+        autotune.reset()
+
+
+def test_split_candidates_only_for_long_k():
+    assert gemm.split_candidates(384, 1152, 4096, 1) == [
+        f"{v}/k{s}" for v in gemm.SPLIT_RUNGS for s in (2, 4, 8)
+    ]
+    assert gemm.split_candidates(384, 1152, 512, 1) == [f"{v}/k2" for v in gemm.SPLIT_RUNGS]
+    assert gemm.split_candidates(384, 1152, 4096, 3) == []  # batched: no split
+    assert gemm.split_candidates(384, 1152, 4094, 1) == []  # K % 8 != 0
 
 
 @pytest.mark.parametrize("version", VERSIONS)
