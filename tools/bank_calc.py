@@ -2,6 +2,8 @@
 
     python tools/bank_calc.py                  # every kernel's threadgroup accesses
     python tools/bank_calc.py gemm flash       # some families: gemm, flash, reduce
+                                               # (flash: the score tile, then v6 64x32
+                                               # against v8, its padded-row twin)
     python tools/bank_calc.py --stride 33      # one SIMD group reading a float column
     python tools/bank_calc.py gemm --pad 4     # what if v6-v9's tiles had padded rows
 
@@ -285,7 +287,7 @@ def flash_accesses(bc: int = 64):
         Access(tag, "softmax walk, stride B_c, XOR swizzle (v2-v6)", "ld",
                flash_walk(bc, bc, True)),
         Access(tag, f"softmax walk, padded stride {bc + 4}, no swizzle", "ld",
-               flash_walk(bc + 4, bc, False), note="the padding not built yet"),
+               flash_walk(bc + 4, bc, False), note="v8 does this at B_c = 32"),
         Access(tag, f"simdgroup_store of scores, stride {bc}", "st",
                _worst(_sg_frag(0, bc, 0), _sg_frag(0, bc, 1)), note="CUDA shim layout"),
         Access(tag, f"simdgroup_store of scores, padded stride {bc + 4}", "st",
@@ -305,6 +307,73 @@ def flash_accesses(bc: int = 64):
     ]  # fmt: skip
 
 
+def _chunk_store(dk: int, ld: int, buffer: int = 0) -> list[int]:
+    """load_kv_chunk: float4 e = t lands at row e / (DK/4), float column 4 (e % (DK/4)),
+    row stride ld; the second chunk buffer starts 32 ld floats on (B_c = 32)."""
+    return [(e // (dk // 4)) * ld + (e % (dk // 4)) * 4 + buffer * 32 * ld for e in lanes(0)]
+
+
+def flash_rung_accesses(name: str, bc: int = 32, pad: int = 0, swizzle: bool = True,
+                        dks=(32, 64)):  # fmt: skip
+    """One 64 x B_c rung's threadgroup accesses: the score tile at row stride B_c + pad, the
+    K/V chunks at DK + pad (DK = 32 for D = 32, 64 for D = 64 and 128), diag(alpha) at 8.
+    The CUDA shim's simdgroup_load also reads the transposed pair of a fragment that is a
+    B operand (K in S = Q·Kᵀ, V in O += P·V; shim/cuda/include/camel_cuda_simd.h), so a
+    K or V fragment load is two accesses; P and diag(alpha) are A operands: one."""
+    sld = bc + pad
+    walk = "XOR swizzle" if swizzle else "no swizzle"
+    out = [
+        Access(name, f"softmax walk, stride {sld}, {walk}", "ld", flash_walk(sld, bc, swizzle),
+               note="the lanes' writes of P: the same words"),
+        Access(name, f"simdgroup_store of scores, stride {sld}", "st",
+               _worst(_sg_frag(0, sld, 0), _sg_frag(0, sld, 1)), note="CUDA shim layout"),
+        Access(name, f"simdgroup_load of P, stride {sld}", "ld",
+               _worst(_sg_frag(0, sld, 0), _sg_frag(0, sld, 1)), note="CUDA shim layout"),
+        Access(name, "simdgroup_load of diag(alpha), stride 8", "ld",
+               _worst(_sg_frag(0, 8, 0), _sg_frag(0, 8, 1)), note="CUDA shim layout"),
+    ]  # fmt: skip
+    for dk in dks:
+        ld = dk + pad
+        out += [
+            Access(name, f"K chunk: simdgroup_load transposed, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0, True), _sg_frag(0, ld, 1, True)),
+                   note="CUDA shim layout"),
+            Access(name, f"K chunk: the B operand's second pair, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)), note="CUDA shim only"),
+            Access(name, f"V chunk: simdgroup_load, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)), note="CUDA shim layout"),
+            Access(name, f"V chunk: the B operand's second pair, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0, True), _sg_frag(0, ld, 1, True)),
+                   note="CUDA shim only"),
+            Access(name, f"K/V chunk store (float4), DK = {dk}, stride {ld}", "st",
+                   _chunk_store(dk, ld), 16),
+            Access(name, f"K/V chunk store (float4), DK = {dk}, stride {ld}, second buffer", "st",
+                   _chunk_store(dk, ld, buffer=1), 16, note=f"starts 32·{ld} floats on"),
+        ]  # fmt: skip
+    return out
+
+
+def flash_v8_accesses():
+    """v8 against the rung it pads (v6 64x32), and the two paddings v8 does not do: the
+    swizzle on top of the padded stride, and diag(alpha) at a padded stride of 12."""
+    what_if = [
+        Access("flash_v8 what-if", "softmax walk, stride 36, XOR swizzle as well", "ld",
+               flash_walk(36, 32, True), note="why v8 drops the swizzle"),
+        Access("flash_v8 what-if", "simdgroup_load of diag(alpha), stride 12", "ld",
+               _worst(_sg_frag(0, 12, 0), _sg_frag(0, 12, 1)), note="why diag stays at 8"),
+    ]  # fmt: skip
+    return (flash_rung_accesses("flash_v6_64x32") + flash_rung_accesses("flash_v8", pad=4,
+            swizzle=False) + what_if)  # fmt: skip
+
+
+def fragment_floor(strides=range(8, 129)) -> int:
+    """The fewest passes any row stride gives one simdgroup_load element of a fragment in
+    the CUDA shim's layout (32 words: rows 0-7 one stride apart, columns 0, 2, 4, 6 + j):
+    2, because for an even stride all 32 words are even (16 banks) and for an odd one the
+    four even rows cannot spread over the 16 even banks."""
+    return min(conflict(_worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)))[0] for ld in strides)
+
+
 # ---- reductions (ops_reduce, ops_softmax, ops_layernorm: threadgroup_sum / _max) ------------
 
 
@@ -320,7 +389,11 @@ def reduce_accesses(threads: int = 256):
     ]  # fmt: skip
 
 
-FAMILIES = {"gemm": gemm_accesses, "flash": flash_accesses, "reduce": reduce_accesses}
+FAMILIES = {
+    "gemm": gemm_accesses,
+    "flash": lambda: flash_accesses() + flash_v8_accesses(),
+    "reduce": reduce_accesses,
+}
 
 
 def table(accesses) -> str:
