@@ -159,6 +159,20 @@ def test_flash_v8_what_ifs_and_the_floor():
         assert [x % 32 for x in a] == [x % 32 for x in b]
 
 
+def test_flash_v8_block_totals():
+    # per SIMD group and key block at D = 64: v6 64x32's load conflicts are mostly its K and
+    # V fragments (64 accesses of each of 4 patterns: 3 + 7 + 7 + 3 extra passes) plus P's
+    # 8 x 7 and diag's 2 x 1; v8 keeps 8 x 1 (P), 2 (diag) and 64 + 64 (one 2-way pattern
+    # each of K and V). Stores: the score tile's 8 x 7 against 8 x 1.
+    v6 = bank_calc.flash_block_passes(pad=0, swizzle=True, d=64)
+    v8 = bank_calc.flash_block_passes(pad=4, swizzle=False, d=64)
+    assert v6 == {"ld": (1612, 56 + 2 + 64 * (3 + 7 + 7 + 3)), "st": (77, 56)}
+    assert v8 == {"ld": (412, 8 + 2 + 64 + 64), "st": (29, 8)}
+    # the same rung with the swizzle kept on top of the padding: the walk turns 8-way
+    both = bank_calc.flash_block_passes(pad=4, swizzle=True, d=64)
+    assert both["ld"][1] - v8["ld"][1] == 8 * 7 and both["st"][1] - v8["st"][1] == 8 * 7
+
+
 def test_reductions_have_no_conflicts():
     assert all(a.degree == 1 for a in bank_calc.reduce_accesses())
 
@@ -168,6 +182,7 @@ def test_command_line(capsys):
     out = capsys.readouterr().out
     assert "assumption" in out and "| matmul_v9 |" in out and "| flash (B_c = 64) |" in out
     assert "| flash_v8 | softmax walk, stride 36, no swizzle | ld | 4 | 1 |" in out
+    assert "| flash_v8 | 64 | 412 (138) | 29 (8) |" in out
     assert bank_calc.main(["--stride", "33"]) == 0
     assert "conflict-free" in capsys.readouterr().out
     assert bank_calc.main(["nope"]) == 2

@@ -366,6 +366,50 @@ def flash_v8_accesses():
             swizzle=False) + what_if)  # fmt: skip
 
 
+def flash_block_passes(pad: int, swizzle: bool, d: int = 64, bc: int = 32, br: int = 64):
+    """Per SIMD group and key block of a 64 x B_c rung (v6 64x32: pad 0, swizzle; v8: pad 4,
+    no swizzle) at head dim d: {"ld": (passes, conflicts), "st": (...)}, conflicts being
+    the passes beyond one per access (what ncu's bank-conflict counters add up). Counted:
+    the score store, the lanes' walk (read, then write P), the load of P, diag(alpha) (its
+    diagonal written, the tile loaded), every K and V fragment (two accesses each in the
+    CUDA shim, see flash_rung_accesses) and this SIMD group's share of the float4 chunk
+    stores. Not counted: Q's one-time load, the NaN/inf path."""
+    dk = 32 if d == 32 else 64  # the v6 64x32 / v8 table: DK 32 / 64 / 64
+    sld, kld, nc = bc + pad, dk + pad, bc // 8
+    frags = nc * d // 8  # K fragments per block; as many V fragments
+    diag_write = [9 * (lane // 4) if lane % 4 == 0 else None for lane in range(LANES)]
+    stores_per_thread = 2 * bc * d // 4 // (br // 8 * LANES)  # K and V, float4 each
+    ops = [  # (ld/st, accesses, words, bytes per lane)
+        ("st", 2 * nc, _worst(_sg_frag(0, sld, 0), _sg_frag(0, sld, 1)), 4),
+        ("ld", bc // 4, flash_walk(sld, bc, swizzle), 4),
+        ("st", bc // 4, flash_walk(sld, bc, swizzle), 4),
+        ("ld", 2 * nc, _worst(_sg_frag(0, sld, 0), _sg_frag(0, sld, 1)), 4),
+        ("st", 1, diag_write, 4),
+        ("ld", 2, _worst(_sg_frag(0, 8, 0), _sg_frag(0, 8, 1)), 4),
+        ("st", stores_per_thread, _chunk_store(dk, kld), 16),
+    ]
+    for tr in (True, False):  # K's own pair and V's B pair; then K's B pair and V's own
+        words = _worst(_sg_frag(0, kld, 0, tr), _sg_frag(0, kld, 1, tr))
+        ops += [("ld", 2 * frags, words, 4)] * 2
+    out = {"ld": [0, 0], "st": [0, 0]}
+    for op, count, words, width in ops:
+        n = conflict(words, width)[0]
+        out[op][0] += count * n
+        out[op][1] += count * (n - 1)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def flash_passes_table() -> str:
+    lines = ["Per SIMD group and key block (B_c = 32), the model above: passes (conflicts).",
+             "", "| rung | D | loads | stores |", "|---|---:|---:|---:|"]  # fmt: skip
+    for name, pad, swizzle in (("flash_v6_64x32", 0, True), ("flash_v8", 4, False)):
+        for d in (32, 64, 128):
+            c = flash_block_passes(pad, swizzle, d)
+            lines.append(f"| {name} | {d} | {c['ld'][0]} ({c['ld'][1]}) | "
+                         f"{c['st'][0]} ({c['st'][1]}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def fragment_floor(strides=range(8, 129)) -> int:
     """The fewest passes any row stride gives one simdgroup_load element of a fragment in
     the CUDA shim's layout (32 words: rows 0-7 one stride apart, columns 0, 2, 4, 6 + j):
@@ -429,6 +473,9 @@ def main(argv=None) -> int:
     for f in args.families or list(FAMILIES):
         accesses += FAMILIES[f](args.pad) if f == "gemm" else FAMILIES[f]()
     print(table(accesses))
+    if "flash" in (args.families or list(FAMILIES)):
+        print()
+        print(flash_passes_table())
     return 0
 
 
