@@ -317,9 +317,12 @@ def flash_rung_accesses(name: str, bc: int = 32, pad: int = 0, swizzle: bool = T
                         dks=(32, 64)):  # fmt: skip
     """One 64 x B_c rung's threadgroup accesses: the score tile at row stride B_c + pad, the
     K/V chunks at DK + pad (DK = 32 for D = 32, 64 for D = 64 and 128), diag(alpha) at 8.
-    The CUDA shim's simdgroup_load also reads the transposed pair of a fragment that is a
-    B operand (K in S = Q·Kᵀ, V in O += P·V; shim/cuda/include/camel_cuda_simd.h), so a
-    K or V fragment load is two accesses; P and diag(alpha) are A operands: one."""
+    K (in S = Q·Kᵀ) and V (in O += P·V) are B operands. The CUDA shim's simdgroup_load
+    fetches a fragment's elements and their transposed pair (shim/cuda/include/
+    camel_cuda_simd.h); its default tf32x3 multiply reads a B operand only through that
+    pair, the fp32 mode (CAMEL_CUDA_MATRIX=fp32) only through the elements, and the
+    compiler drops the loads nobody reads. So each K and V fragment is listed twice, once
+    per mode; P and diag(alpha) are A operands, read as their elements in both."""
     sld = bc + pad
     walk = "XOR swizzle" if swizzle else "no swizzle"
     out = [
@@ -337,14 +340,16 @@ def flash_rung_accesses(name: str, bc: int = 32, pad: int = 0, swizzle: bool = T
         out += [
             Access(name, f"K chunk: simdgroup_load transposed, DK = {dk}, stride {ld}", "ld",
                    _worst(_sg_frag(0, ld, 0, True), _sg_frag(0, ld, 1, True)),
-                   note="CUDA shim layout"),
-            Access(name, f"K chunk: the B operand's second pair, DK = {dk}, stride {ld}", "ld",
-                   _worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)), note="CUDA shim only"),
+                   note="CUDA shim layout; what fp32 mode reads"),
+            Access(name, f"K chunk: the B operand's pair, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)),
+                   note="what the default tf32x3 multiply reads"),
             Access(name, f"V chunk: simdgroup_load, DK = {dk}, stride {ld}", "ld",
-                   _worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)), note="CUDA shim layout"),
-            Access(name, f"V chunk: the B operand's second pair, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)),
+                   note="CUDA shim layout; what fp32 mode reads"),
+            Access(name, f"V chunk: the B operand's pair, DK = {dk}, stride {ld}", "ld",
                    _worst(_sg_frag(0, ld, 0, True), _sg_frag(0, ld, 1, True)),
-                   note="CUDA shim only"),
+                   note="what the default tf32x3 multiply reads"),
             Access(name, f"K/V chunk store (float4), DK = {dk}, stride {ld}", "st",
                    _chunk_store(dk, ld), 16),
             Access(name, f"K/V chunk store (float4), DK = {dk}, stride {ld}, second buffer", "st",
@@ -366,31 +371,38 @@ def flash_v8_accesses():
             swizzle=False) + what_if)  # fmt: skip
 
 
-def flash_block_passes(pad: int, swizzle: bool, d: int = 64, bc: int = 32, br: int = 64):
-    """Per SIMD group and key block of a 64 x B_c rung (v6 64x32: pad 0, swizzle; v8: pad 4,
-    no swizzle) at head dim d: {"ld": (passes, conflicts), "st": (...)}, conflicts being
-    the passes beyond one per access (what ncu's bank-conflict counters add up). Counted:
-    the score store, the lanes' walk (read, then write P), the load of P, diag(alpha) (its
-    diagonal written, the tile loaded), every K and V fragment (two accesses each in the
-    CUDA shim, see flash_rung_accesses) and this SIMD group's share of the float4 chunk
-    stores. Not counted: Q's one-time load, the NaN/inf path."""
-    dk = 32 if d == 32 else 64  # the v6 64x32 / v8 table: DK 32 / 64 / 64
+def flash_block_passes(pad: int, swizzle: bool, d: int = 64, bc: int = 32, dk: int = 0,
+                       br: int = 64, mode: str = "tf32x3"):  # fmt: skip
+    """Per SIMD group and key block of a B_r x B_c rung at head dim d (v6 64x32: pad 0,
+    swizzle; v8: pad 4, no swizzle; dk 0: v6 64x32's and v8's, 32 / 64 / 64): {"ld":
+    (passes, conflicts), "st": (...)}, conflicts being the passes beyond one per access
+    (what ncu's bank-conflict counters add up). Counted: the score store, the lanes' walk
+    (read, then write P), the load of P, diag(alpha) (its diagonal written, the tile
+    loaded), every K and V fragment as `mode` reads it (see flash_rung_accesses: tf32x3,
+    the CUDA shim's default, or fp32) and this SIMD group's share of the float4 chunk
+    stores. Not counted: Q's one-time load, the NaN/inf path. Every access is 4 bytes a
+    lane, as the translation's PTX has them; ptxas may merge pairs into 8-byte ones."""
+    dk = dk or (32 if d == 32 else 64)
     sld, kld, nc = bc + pad, dk + pad, bc // 8
     frags = nc * d // 8  # K fragments per block; as many V fragments
     diag_write = [9 * (lane // 4) if lane % 4 == 0 else None for lane in range(LANES)]
     stores_per_thread = 2 * bc * d // 4 // (br // 8 * LANES)  # K and V, float4 each
+    k_tr = mode == "fp32"  # tf32x3 reads K's B pair: row-wise; V's: column-wise
+
+    def frag(ld, tr=False):
+        return _worst(_sg_frag(0, ld, 0, tr), _sg_frag(0, ld, 1, tr))
+
     ops = [  # (ld/st, accesses, words, bytes per lane)
-        ("st", 2 * nc, _worst(_sg_frag(0, sld, 0), _sg_frag(0, sld, 1)), 4),
+        ("st", 2 * nc, frag(sld), 4),
         ("ld", bc // 4, flash_walk(sld, bc, swizzle), 4),
         ("st", bc // 4, flash_walk(sld, bc, swizzle), 4),
-        ("ld", 2 * nc, _worst(_sg_frag(0, sld, 0), _sg_frag(0, sld, 1)), 4),
+        ("ld", 2 * nc, frag(sld), 4),
         ("st", 1, diag_write, 4),
-        ("ld", 2, _worst(_sg_frag(0, 8, 0), _sg_frag(0, 8, 1)), 4),
+        ("ld", 2, frag(8), 4),
         ("st", stores_per_thread, _chunk_store(dk, kld), 16),
+        ("ld", 2 * frags, frag(kld, k_tr), 4),  # K
+        ("ld", 2 * frags, frag(kld, not k_tr), 4),  # V
     ]
-    for tr in (True, False):  # K's own pair and V's B pair; then K's B pair and V's own
-        words = _worst(_sg_frag(0, kld, 0, tr), _sg_frag(0, kld, 1, tr))
-        ops += [("ld", 2 * frags, words, 4)] * 2
     out = {"ld": [0, 0], "st": [0, 0]}
     for op, count, words, width in ops:
         n = conflict(words, width)[0]
@@ -399,14 +411,29 @@ def flash_block_passes(pad: int, swizzle: bool, d: int = 64, bc: int = 32, br: i
     return {k: tuple(v) for k, v in out.items()}
 
 
+def flash_pairs(t: int, br: int, bc: int, heads: int, causal: bool) -> int:
+    """(SIMD group, key block) pairs of one forward call, B = 1, T = S = t: a causal
+    threadgroup stops at the block holding its last query row."""
+    blocks = 0
+    for q0 in range(0, t, br):
+        kend = min(t, q0 + br) if causal else t
+        blocks += (kend + bc - 1) // bc
+    return heads * blocks * (br // 8)
+
+
 def flash_passes_table() -> str:
-    lines = ["Per SIMD group and key block (B_c = 32), the model above: passes (conflicts).",
-             "", "| rung | D | loads | stores |", "|---|---:|---:|---:|"]  # fmt: skip
+    pairs = flash_pairs(4096, 64, 32, 16, True)
+    lines = ["Per SIMD group and key block (B_c = 32), the model above, K and V as the CUDA "
+             "shim's default tf32x3 multiply reads them: passes (conflicts); and the "
+             f"conflicts of T = 4096 causal, H = 16 ({pairs:,} such pairs).",
+             "", "| rung | D | loads | stores | load / store conflicts at T = 4096 |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
     for name, pad, swizzle in (("flash_v6_64x32", 0, True), ("flash_v8", 4, False)):
         for d in (32, 64, 128):
             c = flash_block_passes(pad, swizzle, d)
             lines.append(f"| {name} | {d} | {c['ld'][0]} ({c['ld'][1]}) | "
-                         f"{c['st'][0]} ({c['st'][1]}) |")  # fmt: skip
+                         f"{c['st'][0]} ({c['st'][1]}) | {c['ld'][1] * pairs / 1e6:.0f} M / "
+                         f"{c['st'][1] * pairs / 1e6:.0f} M |")  # fmt: skip
     return "\n".join(lines)
 
 
