@@ -26,7 +26,10 @@ The bank model, and how far to trust it:
   * simdgroup_load / simdgroup_store: which lane touches which element is not in the Metal
     specification. The patterns here use the CUDA shim's layout (lane l holds row l / 4,
     columns 2 (l % 4) and +1, docs/cuda.md), i.e. they are right for the H200 runs and an
-    illustration for Apple GPUs, where one simdgroup_load may be one wide access.
+    illustration for Apple GPUs, where one simdgroup_load may be one wide access. The
+    shim's default tf32x3 multiply reads a B operand through its transposed pair (the
+    flash rows list both patterns). Every access is taken as 4 bytes a lane, as the PTX
+    has them; ptxas merges some adjacent pairs into 8-byte LDS.64/STS.64, not followed.
 """
 
 from __future__ import annotations
