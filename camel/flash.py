@@ -10,7 +10,7 @@ recomputes P from lse, one thread per row (see shaders/ops_attention.metal).
 
 Selection (F.scaled_dot_product_attention on "mps"):
     CAMEL_ATTENTION=flash        the default rung: v6 with the autotuner's tile shape
-    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v7, or flash_v6_64x32)
+    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v8, or flash_v6_64x32)
     CAMEL_ATTENTION=naive        the Stage 5A path (four ops, a (T, S) matrix)
 Head dims 32, 64 and 128 are built; camel.functional falls back to naive for others.
 """
@@ -43,6 +43,7 @@ class Rung:
     dk: dict  # head dim -> columns of D per K/V chunk
     buffers: int = 1  # K/V chunk buffers (2: double buffering, v3+)
     reg_softmax: bool = False  # v7: softmax in registers, no score or diag(alpha) tile
+    pad: int = 0  # v8: floats added to each row of the score tile and of the K/V chunks
 
     @property
     def threads(self) -> int:
@@ -53,9 +54,11 @@ class Rung:
 
     def tg_bytes(self, d: int) -> int:
         """Threadgroup memory: K/V chunk buffers, the score tile, the diag(alpha) tiles
-        (v7: no tiles, but 4-float placeholders, as Metal has no empty arrays)."""
-        dk = self.dk.get(d, 32)
-        tiles = 4 + 4 if self.reg_softmax else self.br * self.bc + self.br * 8
+        (v7: no tiles, but 4-float placeholders, as Metal has no empty arrays; v8: rows of
+        the chunks and the score tile `pad` floats longer)."""
+        dk = self.dk.get(d, 32) + self.pad
+        sld = self.bc + self.pad
+        tiles = 4 + 4 if self.reg_softmax else self.br * sld + self.br * 8
         return _F32 * (self.buffers * self.bc * dk + tiles)
 
     def grid(self, t: int, bh: int) -> tuple[int, int, int]:
@@ -88,6 +91,8 @@ RUNGS: dict[str, Rung] = {
              128, 32, _dk(32, 32, 32), 2),
         Rung("flash_v7", 7, "v6_64x32 + softmax in registers (thread_elements), no score tile",
              64, 32, _dk(32, 64, 64), 2, reg_softmax=True),
+        Rung("flash_v8", 8, "v6_64x32 with padded rows (+4 floats) instead of the swizzle",
+             64, 32, _dk(32, 64, 64), 2, pad=4),
     ]
 }  # fmt: skip
 
@@ -104,7 +109,7 @@ def names() -> list[str]:
     return (
         ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"]
         + [n for n in RUNGS if n.startswith("flash_v6_")]
-        + ["flash_v7"]
+        + ["flash_v7", "flash_v8"]
     )
 
 

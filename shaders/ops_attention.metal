@@ -25,6 +25,10 @@
 //   version 7 does the softmax in registers, on the lanes' own elements of the score
 //             fragments (thread_elements()): no score tile and no diag(alpha) tile in
 //             threadgroup memory, O rescaled element by element instead of by a multiply
+//   version 8 is v6's 64x32 tile with padded rows instead of the XOR swizzle: the score
+//             tile's rows are B_c + 4 floats apart and the K/V chunks' DK + 4, so the
+//             lanes' plain walk, the simdgroup_store/load of the scores and the K/V
+//             fragment loads spread over the banks (tools/bank_calc.py; docs/stage5b.md)
 // All rungs are instances of ONE template kernel, `flash_forward`, whose bool parameters
 // switch the ideas on; the instances are named `flash_v<rung>_<B_r>x<B_c>_d<D>`.
 //
@@ -57,12 +61,14 @@ struct FlashParams {
 };
 
 // Copy one chunk of K or V into threadgroup memory: rows c0 .. c0+BC-1 (keys), columns
-// d0 .. d0+DK-1 of D, as tile[key][d] (row stride DK). Keys >= S are zero-filled: the
+// d0 .. d0+DK-1 of D, as tile[key][d] (row stride LD: DK, or DK + 4 in v8, whose padded
+// rows spread the fragment loads over the banks; LD is a multiple of 4, so each row
+// starts on a float4). Keys >= S are zero-filled: the
 // scores there are masked anyway, and a zero V row adds nothing (threadgroup memory
 // starts as garbage — NaN on the simulator — and 0 * NaN is NaN).
 // One thread copies float4s; consecutive threads read consecutive float4s of one row.
 // A NaN or inf in the chunk sets *bad (see `exact` in flash_forward).
-template <uint BC, uint DK, uint D, uint THREADS>
+template <uint BC, uint DK, uint D, uint THREADS, uint LD>
 inline void load_kv_chunk(device const float* src, uint S, uint c0, uint d0,
                           threadgroup float* tile, uint t, threadgroup atomic_uint* bad) {
     threadgroup float4* tile4 = (threadgroup float4*)tile;
@@ -73,7 +79,7 @@ inline void load_kv_chunk(device const float* src, uint S, uint c0, uint d0,
         float4 val = float4(0.0f);
         if (key < S) val = *((device const float4*)(src + key * D + d0) + c4);
         finite = finite && all(isfinite(val));
-        tile4[e] = val;
+        tile4[r * (LD / 4) + c4] = val;
     }
     if (!finite) atomic_store_explicit(bad, 1u, memory_order_relaxed);
 }
@@ -123,7 +129,8 @@ inline FragLane frag_lane(uint lane) {
 //   Qf[D/8]  its 8 x D rows of Q as 8x8 fragments (registers, loaded once)
 //   Of[D/8]  its 8 x D rows of the output accumulator (registers)
 //   Sf[BC/8] its 8 x BC scores of the current key block, then P (registers)
-//   s_sg     8 x BC floats of threadgroup memory where the lanes do the softmax
+//   s_sg     8 x BC floats of threadgroup memory where the lanes do the softmax (row
+//            stride SLD: BC, or BC + 4 in v8)
 //   diag     8 x 8 floats: diag(alpha), to rescale Of with one simdgroup multiply
 // In the softmax, lane = 4 r + qd works on row r (qd = 0..3 share a row): each lane
 // takes BC/4 scores of that row, and the row's max and sum meet with two shuffles.
@@ -132,11 +139,12 @@ inline FragLane frag_lane(uint lane) {
 // elements of Of; the row's max and sum meet the same way, over frag_lane's masks.
 //
 // The work is a stream of chunks: per key block, NCHUNK chunks of K (S = Q·Kᵀ, one DK
-// slice of D each), then NCHUNK chunks of V (O += P·V, DK columns of O each). The
-// softmax runs after the last K chunk of a block.
+// slice of D each), then NCHUNK chunks of V (O += P·V, DK columns of O each), each a
+// BC x DK tile at row stride KLD (DK, or DK + 4 in v8). The softmax runs after the last
+// K chunk of a block.
 // Threadgroup (BR/8 * 32, 1, 1); grid (ceil(T / BR), B * H, 1).
 template <uint BR, uint BC, uint DK, uint D, bool SWIZZLE, bool DB_KV, bool INTERLEAVE,
-          bool DB_REG, bool FMA, bool REG_SOFTMAX>
+          bool DB_REG, bool FMA, bool REG_SOFTMAX, bool PAD>
 kernel void flash_forward(device const float* q [[buffer(0)]],
                           device const float* k [[buffer(1)]],
                           device const float* v [[buffer(2)]],
@@ -154,15 +162,20 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     constexpr uint NBUF = DB_KV ? 2 : 1;  // v3+: two K/V chunk buffers
     constexpr float LOG2E = 1.4426950408889634f;
     constexpr float LN2 = 0.6931471805599453f;
+    // v8: rows padded by 4 floats. 8 rows of SLD = BC + 4 floats start 4 banks apart
+    // (if the banks are 32 of 4 bytes, docs/stage5b.md), and so do the rows of a K/V
+    // fragment at KLD = DK + 4. diag stays 8 x 8: no stride does better for its load.
+    constexpr uint SLD = PAD ? BC + 4 : BC;  // row stride of the score tile
+    constexpr uint KLD = PAD ? DK + 4 : DK;  // row stride of a K/V chunk
     // v7 uses neither the score tile nor diag: 4 floats each, as Metal has no empty arrays
-    constexpr uint S_FLOATS = REG_SOFTMAX ? 4 : BR * BC;
+    constexpr uint S_FLOATS = REG_SOFTMAX ? 4 : BR * SLD;
     constexpr uint DIAG_FLOATS = REG_SOFTMAX ? 4 : BR * 8;
-    threadgroup float4 kv4[NBUF * BC * DK / 4];  // K or V chunk(s), [key][d]
-    threadgroup float s_all[S_FLOATS];           // per SIMD group: 8 x BC scores / P
-    threadgroup float diag_all[DIAG_FLOATS];     // per SIMD group: 8 x 8 diag(alpha)
-    threadgroup atomic_uint kv_bad;              // 1 once a K/V chunk held a NaN or inf
+    threadgroup float4 kv4[NBUF * BC * KLD / 4];  // K or V chunk(s), [key][d]
+    threadgroup float s_all[S_FLOATS];            // per SIMD group: 8 x BC scores / P
+    threadgroup float diag_all[DIAG_FLOATS];      // per SIMD group: 8 x 8 diag(alpha)
+    threadgroup atomic_uint kv_bad;               // 1 once a K/V chunk held a NaN or inf
     threadgroup float* kv = (threadgroup float*)kv4;
-    threadgroup float* s_sg = s_all + (REG_SOFTMAX ? 0 : sg * 8 * BC);
+    threadgroup float* s_sg = s_all + (REG_SOFTMAX ? 0 : sg * 8 * SLD);
     threadgroup float* diag = diag_all + (REG_SOFTMAX ? 0 : sg * 64);
 
     const uint T = p.T, S = p.S;
@@ -195,10 +208,10 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             const uint w = min(BC, D - c0);
             for (uint e = lane; e < 8 * w; e += 32) {
                 uint rr = e / w, cc = e % w;
-                s_sg[rr * BC + cc] = (row0 + rr < T) ? q[(row0 + rr) * D + c0 + cc] : 0.0f;
+                s_sg[rr * SLD + cc] = (row0 + rr < T) ? q[(row0 + rr) * D + c0 + cc] : 0.0f;
             }
             simdgroup_barrier(mem_flags::mem_threadgroup);
-            for (uint j = 0; j < w / 8; j++) simdgroup_load(Qf[c0 / 8 + j], s_sg + j * 8, BC);
+            for (uint j = 0; j < w / 8; j++) simdgroup_load(Qf[c0 / 8 + j], s_sg + j * 8, SLD);
             simdgroup_barrier(mem_flags::mem_threadgroup);
         }
         for (uint e = lane; e < 64; e += 32) diag[e] = 0.0f;  // only the diagonal changes later
@@ -231,7 +244,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     const uint nsteps = nblocks * 2 * NCHUNK;
 
     if (DB_KV && nsteps > 0) {  // v3 prologue: chunk 0 (K of block 0, columns 0..DK-1)
-        load_kv_chunk<BC, DK, D, THREADS>(k, S, 0, 0, kv, t, &kv_bad);
+        load_kv_chunk<BC, DK, D, THREADS, KLD>(k, S, 0, 0, kv, t, &kv_bad);
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     for (uint g = 0; g < nsteps; g++) {
@@ -239,18 +252,19 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
         const bool is_v = i >= NCHUNK;
         const uint ch = i % NCHUNK;
         const uint c0 = kb * BC;
-        threadgroup float* buf = kv + (DB_KV ? (g % 2) * BC * DK : 0);
+        threadgroup float* buf = kv + (DB_KV ? (g % 2) * BC * KLD : 0);
         if (DB_KV) {
             // v3: start the next chunk into the other buffer; it was last read in step
             // g - 1, which ended with a barrier.
             if (g + 1 < nsteps) {
                 const uint g1 = g + 1, kb1 = g1 / (2 * NCHUNK), i1 = g1 % (2 * NCHUNK);
-                load_kv_chunk<BC, DK, D, THREADS>(i1 >= NCHUNK ? v : k, S, kb1 * BC,
-                                                  (i1 % NCHUNK) * DK,
-                                                  kv + (g1 % 2) * BC * DK, t, &kv_bad);
+                load_kv_chunk<BC, DK, D, THREADS, KLD>(i1 >= NCHUNK ? v : k, S, kb1 * BC,
+                                                       (i1 % NCHUNK) * DK,
+                                                       kv + (g1 % 2) * BC * KLD, t, &kv_bad);
             }
         } else {
-            load_kv_chunk<BC, DK, D, THREADS>(is_v ? v : k, S, c0, ch * DK, buf, t, &kv_bad);
+            load_kv_chunk<BC, DK, D, THREADS, KLD>(is_v ? v : k, S, c0, ch * DK, buf, t,
+                                                   &kv_bad);
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
 
@@ -266,7 +280,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 for (uint j = 0; j < NC; j++) {
                     for (uint dd = 0; dd < DK / 8; dd++) {
                         simdgroup_float8x8 kt;
-                        simdgroup_load(kt, buf + j * 8 * DK + dd * 8, DK, ulong2(0, 0), true);
+                        simdgroup_load(kt, buf + j * 8 * KLD + dd * 8, KLD, ulong2(0, 0), true);
                         simdgroup_multiply_accumulate(Sf[j], Qf[qf0 + dd], kt, Sf[j]);
                     }
                 }
@@ -275,7 +289,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 for (uint dd = 0; dd < DK / 8; dd++) {
                     for (uint j = 0; j < NC; j++) {
                         simdgroup_float8x8 kt;
-                        simdgroup_load(kt, buf + j * 8 * DK + dd * 8, DK, ulong2(0, 0), true);
+                        simdgroup_load(kt, buf + j * 8 * KLD + dd * 8, KLD, ulong2(0, 0), true);
                         simdgroup_multiply_accumulate(Sf[j], Qf[qf0 + dd], kt, Sf[j]);
                     }
                 }
@@ -284,12 +298,13 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 // source; the compiler may hoist v4's loads the same way)
                 constexpr uint N = (DK / 8) * NC;
                 simdgroup_float8x8 cur, nxt;
-                simdgroup_load(cur, buf, DK, ulong2(0, 0), true);
+                simdgroup_load(cur, buf, KLD, ulong2(0, 0), true);
                 for (uint n = 0; n < N; n++) {
                     const uint dd = n / NC, j = n % NC;
                     if (n + 1 < N) {
                         const uint dd1 = (n + 1) / NC, j1 = (n + 1) % NC;
-                        simdgroup_load(nxt, buf + j1 * 8 * DK + dd1 * 8, DK, ulong2(0, 0), true);
+                        simdgroup_load(nxt, buf + j1 * 8 * KLD + dd1 * 8, KLD, ulong2(0, 0),
+                                       true);
                     }
                     simdgroup_multiply_accumulate(Sf[j], Qf[qf0 + dd], cur, Sf[j]);
                     if (n + 1 < N) cur = nxt;
@@ -318,7 +333,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                                 const uint c = j * 8 + col_of + i, col = c0 + c;
                                 if (col < S && (p.causal == 0 || col <= row)) {
                                     for (uint e = 0; e < 2; e++) {
-                                        acc[e] = fma(pv, buf[c * DK + dd * 8 + fl.col + e], acc[e]);
+                                        acc[e] = fma(pv, buf[c * KLD + dd * 8 + fl.col + e], acc[e]);
                                     }
                                 }
                             }
@@ -338,7 +353,8 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                         for (uint c = 0; c < BC; c++) {
                             const uint col = c0 + c;
                             if (col < S && (p.causal == 0 || col <= qrow)) {
-                                acc = fma(s_sg[rr * BC + c], buf[c * DK + dd * 8 + e % 8], acc);
+                                acc = fma(s_sg[rr * SLD + c], buf[c * KLD + dd * 8 + e % 8],
+                                          acc);
                             }
                         }
                         diag[e] = acc;
@@ -352,7 +368,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 for (uint dd = 0; dd < DK / 8; dd++) {
                     for (uint j = 0; j < NC; j++) {
                         simdgroup_float8x8 vf;
-                        simdgroup_load(vf, buf + j * 8 * DK + dd * 8, DK);
+                        simdgroup_load(vf, buf + j * 8 * KLD + dd * 8, KLD);
                         simdgroup_multiply_accumulate(Of[of0 + dd], Sf[j], vf, Of[of0 + dd]);
                     }
                 }
@@ -361,7 +377,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 for (uint j = 0; j < NC; j++) {
                     for (uint dd = 0; dd < DK / 8; dd++) {
                         simdgroup_float8x8 vf;
-                        simdgroup_load(vf, buf + j * 8 * DK + dd * 8, DK);
+                        simdgroup_load(vf, buf + j * 8 * KLD + dd * 8, KLD);
                         simdgroup_multiply_accumulate(Of[of0 + dd], Sf[j], vf, Of[of0 + dd]);
                     }
                 }
@@ -369,12 +385,12 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 // v5: as v4, with the next V fragment loaded before the current multiply
                 constexpr uint N = (DK / 8) * NC;
                 simdgroup_float8x8 cur, nxt;
-                simdgroup_load(cur, buf, DK);
+                simdgroup_load(cur, buf, KLD);
                 for (uint n = 0; n < N; n++) {
                     const uint j = n / (DK / 8), dd = n % (DK / 8);
                     if (n + 1 < N) {
                         const uint j1 = (n + 1) / (DK / 8), dd1 = (n + 1) % (DK / 8);
-                        simdgroup_load(nxt, buf + j1 * 8 * DK + dd1 * 8, DK);
+                        simdgroup_load(nxt, buf + j1 * 8 * KLD + dd1 * 8, KLD);
                     }
                     simdgroup_multiply_accumulate(Of[of0 + dd], Sf[j], cur, Of[of0 + dd]);
                     if (n + 1 < N) cur = nxt;
@@ -421,7 +437,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             for (uint d = 0; d < ND; d++) Of[d].thread_elements() *= alpha;
         } else if (i == NCHUNK - 1 && !REG_SOFTMAX) {
             // The block's scores are complete: online softmax on this SIMD group's 8 rows.
-            for (uint j = 0; j < NC; j++) simdgroup_store(Sf[j], s_sg + j * 8, BC);
+            for (uint j = 0; j < NC; j++) simdgroup_store(Sf[j], s_sg + j * 8, SLD);
             simdgroup_barrier(mem_flags::mem_threadgroup);
             float sv[BC / 4];
             float mx = -INFINITY;
@@ -431,10 +447,12 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 // if Apple's banks are NVIDIA's 32 of 4 bytes (an assumption, stage5b.md).
                 // v2: the XOR swizzle 4 (n ^ r) + qd sends the 8 rows to 8 different groups
                 // of 4 banks; each row still visits all its columns once.
+                // v8: the plain walk at row stride SLD = BC + 4: row r starts 4 r banks on,
+                // which does the same (the swizzle on top would undo it: 8-way at B_c 32).
                 const uint c = SWIZZLE ? 4 * (n ^ r) + qd : 4 * n + qd;
                 const uint col = c0 + c;
                 const bool visible = col < S && (p.causal == 0 || col <= row);
-                const float s = s_sg[r * BC + c];
+                const float s = s_sg[r * SLD + c];
                 sv[n] = visible ? (FMA ? s : s * p.scale) : -INFINITY;  // v6: raw units
                 mx = max(mx, sv[n]);
             }
@@ -451,7 +469,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 for (uint n = 0; n < BC / 4; n++) {
                     const uint c = SWIZZLE ? 4 * (n ^ r) + qd : 4 * n + qd;
                     const float e = exp2(fma(sv[n], c2, -mc));
-                    s_sg[r * BC + c] = e;
+                    s_sg[r * SLD + c] = e;
                     sum += e;
                 }
             } else {
@@ -459,7 +477,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 for (uint n = 0; n < BC / 4; n++) {
                     const uint c = SWIZZLE ? 4 * (n ^ r) + qd : 4 * n + qd;
                     const float e = exp(sv[n] - m_use);
-                    s_sg[r * BC + c] = e;
+                    s_sg[r * SLD + c] = e;
                     sum += e;
                 }
             }
@@ -474,7 +492,7 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
             exact = exact || simd_max(bad_here ? 1u : 0u) != 0;
             simdgroup_barrier(mem_flags::mem_threadgroup);
             // P into registers (in place of S), then O = diag(alpha) · O
-            for (uint j = 0; j < NC; j++) simdgroup_load(Sf[j], s_sg + j * 8, BC);
+            for (uint j = 0; j < NC; j++) simdgroup_load(Sf[j], s_sg + j * 8, SLD);
             simdgroup_barrier(mem_flags::mem_threadgroup);
             if (exact) {
                 const float lo = diag[(lane / 8) * 9], hi = diag[(lane / 8 + 4) * 9];
@@ -544,9 +562,9 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     }
 }
 
-#define FLASH_FORWARD(NAME, BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG)                     \
+#define FLASH_FORWARD(NAME, BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG, PAD)                \
     template [[host_name(NAME)]] kernel void                                               \
-    flash_forward<BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG>(                             \
+    flash_forward<BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG, PAD>(                        \
         device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
         device const float* v [[buffer(2)]], device float* o [[buffer(3)]],                \
         device float* lse [[buffer(4)]], constant FlashParams& p [[buffer(5)]],            \
@@ -554,29 +572,34 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
         uint t [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]], \
         uint lane [[thread_index_in_simdgroup]]);
 
-// Each rung for D = 32, 64, 128. Threadgroup memory (floats): K/V chunks NBUF*BC*DK,
-// scores BR*BC, diag BR*8; the table in camel/flash.py repeats these numbers.
-#define FLASH_RUNG(V, BR, BC, DK32, DK64, DK128, SW, DBKV, IL, DBR, FMA, REG)                \
-    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d32", BR, BC, DK32, 32, SW, DBKV, IL, DBR, FMA, REG) \
-    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d64", BR, BC, DK64, 64, SW, DBKV, IL, DBR, FMA, REG) \
-    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d128", BR, BC, DK128, 128, SW, DBKV, IL, DBR, FMA, REG)
+// Each rung for D = 32, 64, 128. Threadgroup memory (floats): K/V chunks NBUF*BC*KLD,
+// scores BR*SLD, diag BR*8 (KLD = DK and SLD = BC, + 4 each in v8); the table in
+// camel/flash.py repeats these numbers.
+#define FLASH_RUNG(V, BR, BC, DK32, DK64, DK128, SW, DBKV, IL, DBR, FMA, REG, PAD)            \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d32", BR, BC, DK32, 32, SW, DBKV, IL, DBR, FMA, REG, PAD) \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d64", BR, BC, DK64, 64, SW, DBKV, IL, DBR, FMA, REG, PAD) \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d128", BR, BC, DK128, 128, SW, DBKV, IL, DBR, FMA, REG, PAD)
 
 // v1, v2: 64x64, DK 32: 8 + 16 + 2 = 26 KiB
-FLASH_RUNG(1, 64, 64, 32, 32, 32, false, false, false, false, false, false)
-FLASH_RUNG(2, 64, 64, 32, 32, 32, true, false, false, false, false, false)
+FLASH_RUNG(1, 64, 64, 32, 32, 32, false, false, false, false, false, false, false)
+FLASH_RUNG(2, 64, 64, 32, 32, 32, true, false, false, false, false, false, false)
 // v3-v5: 64x64, two chunk buffers of DK 16: 8 + 16 + 2 = 26 KiB
-FLASH_RUNG(3, 64, 64, 16, 16, 16, true, true, false, false, false, false)
-FLASH_RUNG(4, 64, 64, 16, 16, 16, true, true, true, false, false, false)
-FLASH_RUNG(5, 64, 64, 16, 16, 16, true, true, true, true, false, false)
+FLASH_RUNG(3, 64, 64, 16, 16, 16, true, true, false, false, false, false, false)
+FLASH_RUNG(4, 64, 64, 16, 16, 16, true, true, true, false, false, false, false)
+FLASH_RUNG(5, 64, 64, 16, 16, 16, true, true, true, true, false, false, false)
 // v6: the autotuner's tile shapes. 64x32, DK up to 64: 16 + 8 + 2 = 26 KiB;
 // 64x64, DK 16: 26 KiB; 128x32, DK 32: 8 + 16 + 4 = 28 KiB.
 // 128x64 needs 32 KiB for the scores alone: over the limit, not built.
-FLASH_RUNG(6, 64, 32, 32, 64, 64, true, true, true, true, true, false)
-FLASH_RUNG(6, 64, 64, 16, 16, 16, true, true, true, true, true, false)
-FLASH_RUNG(6, 128, 32, 32, 32, 32, true, true, true, true, true, false)
+FLASH_RUNG(6, 64, 32, 32, 64, 64, true, true, true, true, true, false, false)
+FLASH_RUNG(6, 64, 64, 16, 16, 16, true, true, true, true, true, false, false)
+FLASH_RUNG(6, 128, 32, 32, 32, 32, true, true, true, true, true, false, false)
 // v7: v6's 64x32 tile with the softmax in registers: only the two K/V chunk buffers,
 // DK 32 / 64 / 64: 8 / 16 / 16 KiB (+ 32 bytes of placeholders for the unused tiles).
-FLASH_RUNG(7, 64, 32, 32, 64, 64, true, true, true, true, true, true)
+FLASH_RUNG(7, 64, 32, 32, 64, 64, true, true, true, true, true, true, false)
+// v8: v6's 64x32 tile, padded rows instead of the swizzle (SW off, PAD on). Chunks of
+// 32 x (DK + 4), two of them: 9 / 17 / 17 KiB; scores 64 x 36: 9 KiB; diag 2 KiB:
+// 20 / 28 / 28 KiB for D = 32 / 64 / 128.
+FLASH_RUNG(8, 64, 32, 32, 64, 64, false, true, true, true, true, false, true)
 
 // ---------------------------------------------------------------------------------------
 // Backward: recomputation from the saved log-sum-exp, one thread per row, no (T, S)

@@ -110,6 +110,86 @@ def test_flash_score_store_padding_in_the_cuda_layout():
     assert _find(acc, "flash (B_c = 64)", "V chunk: simdgroup_load, DK = 16").degree == 4
 
 
+def _degrees(name):
+    """{access text: n-way} of one rung in flash_v8_accesses (v6 64x32, v8, the what-ifs)."""
+    return {a.what: a.degree for a in bank_calc.flash_v8_accesses() if a.kernel == name}
+
+
+@pytest.mark.parametrize("dk", [32, 64])  # D = 32, and D = 64 and 128
+def test_flash_v8_padding_against_v6(dk):
+    # v6 64x32: swizzled walk conflict-free, score tile 8-way (stride 32), K fragments
+    # 4-way / 8-way (their two pairs in the CUDA shim), V 8-way / 4-way
+    v6, v8 = _degrees("flash_v6_64x32"), _degrees("flash_v8")
+    ld6, ld8 = dk, dk + 4
+    want6 = {"softmax walk, stride 32, XOR swizzle": 1,
+             "simdgroup_store of scores, stride 32": 8, "simdgroup_load of P, stride 32": 8,
+             f"K chunk: simdgroup_load transposed, DK = {dk}, stride {ld6}": 4,
+             f"K chunk: the B operand's pair, DK = {dk}, stride {ld6}": 8,
+             f"V chunk: simdgroup_load, DK = {dk}, stride {ld6}": 8,
+             f"V chunk: the B operand's pair, DK = {dk}, stride {ld6}": 4,
+             f"K/V chunk store (float4), DK = {dk}, stride {ld6}": 1,
+             f"K/V chunk store (float4), DK = {dk}, stride {ld6}, second buffer": 1,
+             "simdgroup_load of diag(alpha), stride 8": 2}  # fmt: skip
+    # v8: rows of 36 (scores) and DK + 4 (chunks) start 4 banks apart: the plain walk and
+    # the transposed reads conflict-free, the row-wise fragment reads at the floor of 2
+    want8 = {"softmax walk, stride 36, no swizzle": 1,
+             "simdgroup_store of scores, stride 36": 2, "simdgroup_load of P, stride 36": 2,
+             f"K chunk: simdgroup_load transposed, DK = {dk}, stride {ld8}": 1,
+             f"K chunk: the B operand's pair, DK = {dk}, stride {ld8}": 2,
+             f"V chunk: simdgroup_load, DK = {dk}, stride {ld8}": 2,
+             f"V chunk: the B operand's pair, DK = {dk}, stride {ld8}": 1,
+             f"K/V chunk store (float4), DK = {dk}, stride {ld8}": 1,
+             f"K/V chunk store (float4), DK = {dk}, stride {ld8}, second buffer": 1,
+             "simdgroup_load of diag(alpha), stride 8": 2}  # fmt: skip
+    assert {k: v6[k] for k in want6} == want6
+    assert {k: v8[k] for k in want8} == want8
+
+
+def test_flash_v8_what_ifs_and_the_floor():
+    # no row stride does better than 2-way for a fragment's row-wise read in the CUDA layout,
+    # so v8's 2-way loads are the floor and diag(alpha) (2-way at stride 8) gains nothing
+    # from padding; the swizzle on top of stride 36 sends all 8 rows to the same banks
+    assert bank_calc.fragment_floor() == 2
+    what_if = _degrees("flash_v8 what-if")
+    assert what_if == {"softmax walk, stride 36, XOR swizzle as well": 8,
+                       "simdgroup_load of diag(alpha), stride 12": 2}  # fmt: skip
+    # the second chunk buffer starts 32 (DK + 4) floats on, a multiple of 32: same banks
+    for dk in (32, 64):
+        a, b = bank_calc._chunk_store(dk, dk + 4), bank_calc._chunk_store(dk, dk + 4, 1)
+        assert [x % 32 for x in a] == [x % 32 for x in b]
+
+
+def test_flash_v8_block_totals():
+    # per SIMD group and key block at D = 64, K and V as the default tf32x3 multiply reads
+    # them: v6 64x32's load conflicts are mostly its K and V fragments (64 accesses each,
+    # 8-way and 4-way: 7 + 3 extra passes) plus P's 8 x 7 and diag's 2 x 1; v8 keeps P's
+    # 8 x 1, diag's 2 and K's 64 x 1 (V's become 1-way). Stores: the scores' 8 x 7 vs 8 x 1.
+    v6 = bank_calc.flash_block_passes(pad=0, swizzle=True, d=64)
+    v8 = bank_calc.flash_block_passes(pad=4, swizzle=False, d=64)
+    assert v6 == {"ld": (844, 56 + 2 + 64 * (7 + 3)), "st": (77, 56)}
+    assert v8 == {"ld": (220, 8 + 2 + 64), "st": (29, 8)}
+    # fp32 mode reads the other pattern of each: the same totals, K and V swapped
+    assert bank_calc.flash_block_passes(pad=4, swizzle=False, d=64, mode="fp32") == v8
+    # the same rung with the swizzle kept on top of the padding: the walk turns 8-way
+    both = bank_calc.flash_block_passes(pad=4, swizzle=True, d=64)
+    assert both["ld"][1] - v8["ld"][1] == 8 * 7 and both["st"][1] - v8["st"][1] == 8 * 7
+
+
+def test_flash_model_against_ncu_on_the_h200():
+    # docs/cuda.md: ncu on the H200 (CUDA shim), T = 4096, D = 64, causal, H = 16: shared
+    # load conflicts 384 M (v1) and 218 M (v3). The model, times the (SIMD group, key
+    # block) pairs of that call, comes within 10 % of both (401 M, 235 M); its stores do
+    # not (60 M, 30 M against 43 M, 13 M: ptxas merges some 4-byte pairs, docs/stage5b.md)
+    pairs = bank_calc.flash_pairs(4096, 64, 64, 16, causal=True)
+    assert pairs == 16 * (64 * 65 // 2) * 8
+    v1 = bank_calc.flash_block_passes(pad=0, swizzle=False, d=64, bc=64, dk=32)
+    v3 = bank_calc.flash_block_passes(pad=0, swizzle=True, d=64, bc=64, dk=16)
+    assert abs(v1["ld"][1] * pairs / 384e6 - 1) < 0.1
+    assert abs(v3["ld"][1] * pairs / 218e6 - 1) < 0.1
+    assert bank_calc.flash_pairs(4096, 64, 32, 16, causal=True) == 2 * pairs
+    assert bank_calc.flash_pairs(100, 64, 32, 1, causal=False) == 2 * 4 * 8
+
+
 def test_reductions_have_no_conflicts():
     assert all(a.degree == 1 for a in bank_calc.reduce_accesses())
 
@@ -118,6 +198,8 @@ def test_command_line(capsys):
     assert bank_calc.main([]) == 0
     out = capsys.readouterr().out
     assert "assumption" in out and "| matmul_v9 |" in out and "| flash (B_c = 64) |" in out
+    assert "| flash_v8 | softmax walk, stride 36, no swizzle | ld | 4 | 1 |" in out
+    assert "| flash_v8 | 64 | 220 (74) | 29 (8) | 39 M / 4 M |" in out
     assert bank_calc.main(["--stride", "33"]) == 0
     assert "conflict-free" in capsys.readouterr().out
     assert bank_calc.main(["nope"]) == 2

@@ -76,6 +76,12 @@ def test_flash_rescale_costs_one_nc_th_of_pv():
     assert v7["rescale"] == 0 and v7["fma_exec"] == v6["fma_exec"] * 16 / 18
     assert v7["tg_per_fma"] < v6["tg_per_fma"] and v7["dev_bytes"] == v6["dev_bytes"]
     assert (v6["tg_per_core"], v7["tg_per_core"]) == (2, 3)
+    # v8: v6_64x32's work and traffic at other addresses; the padding costs 2 KiB (28 KiB
+    # at D = 64), still 2 threadgroups a core
+    v8 = rows["flash_v8"]
+    for key in ("fma_exec", "rescale", "tg_per_fma", "dev_bytes", "tg_per_core"):
+        assert v8[key] == v6[key], key
+    assert (v6["tg_bytes"], v8["tg_bytes"]) == (26624, 28672)
     assert rows["flash_v1"]["flops"] == 16 * 4.0 * 4096**2 * 64
     # the naive path moves its (T, T) matrices: several times flash's bytes
     assert rows["naive"]["dev_bytes"] > 4 * rows["flash_v1"]["dev_bytes"]

@@ -79,11 +79,12 @@ def test_template_rung_is_specialised():
 
 
 @pytest.mark.parametrize("name", ["flash_v1", "flash_v3", "flash_v5", "flash_v6_64x32",
-                                  "flash_v7"])  # fmt: skip
+                                  "flash_v7", "flash_v8"])  # fmt: skip
 def test_flash_rung_has_no_flags_left(name):
     text = bench_attention.rung_source(name, 64)
     body = text[text.index("kernel void") :]
-    for flag in ("SWIZZLE", "DB_KV", "INTERLEAVE", "DB_REG", "FMA ?", "(FMA)", "REG_SOFTMAX"):
+    for flag in ("SWIZZLE", "DB_KV", "INTERLEAVE", "DB_REG", "FMA ?", "(FMA)", "REG_SOFTMAX",
+                 "PAD ?"):  # fmt: skip
         assert flag not in body.split("//")[0], flag
     code = "\n".join(line.split("//")[0] for line in body.split("\n"))
     for dead in ("true ?", "false ?", "(false", "(true", "!false", "!true"):
@@ -97,6 +98,51 @@ def test_flash_rung_has_no_flags_left(name):
     for tile_code in ("simdgroup_store(Sf[j]", "simdgroup_multiply(scaled", "scale_rows_exact"):
         assert (tile_code in text) == (not rung.reg_softmax), (name, tile_code)
     assert ("thread_elements()" in text) == rung.reg_softmax
+
+
+def _code(text: str) -> str:
+    return "\n".join(line.split("//")[0] for line in text.split("\n"))
+
+
+@pytest.mark.parametrize("name", [n for n in flash.RUNGS if not flash.RUNGS[n].reg_softmax])
+def test_flash_tiles_are_read_at_their_named_strides(name):
+    """Every access of the score tile and of a K/V chunk uses the row stride SLD or KLD
+    (v8 pads them, the others' are B_c and DK), so no access keeps an unpadded stride
+    while the others are padded: that would compute the same numbers, at the old banks."""
+    import re
+
+    whole = _code(bench_attention.rung_source(name, 64))
+    assert "tile4[r * (LD / 4) + c4]" in whole  # load_kv_chunk stores at the stride it gets
+    code = whole[whole.index("kernel void") :]
+    access = r"simdgroup_(?:load|store)\(\w+(?:\[[^\]]*\])?, ((?:s_sg|buf)[^;]*?)\);"
+    calls = re.findall(access, code)
+    assert len(calls) >= 6, calls
+    for args in calls:
+        if args == "s_sg, 8":  # the 8x8 scratch of an edge tile's output: not the score tile
+            continue
+        stride = args.split(",")[1].strip()
+        assert stride == ("SLD" if args.startswith("s_sg") else "KLD"), args
+    assert not re.search(r"s_sg\[[^\]]*\* BC\b", code) and "s_sg[r * SLD + c]" in code
+    assert not re.search(r"buf\[[^\]]*\* DK\b", code)
+    calls = code.count("load_kv_chunk<")
+    assert calls >= 1 and code.count("load_kv_chunk<BC, DK, D, THREADS, KLD>") == calls
+    padded = flash.RUNGS[name].pad == 4
+    assert ("constexpr uint SLD = BC + 4;" in code) == padded
+    assert ("constexpr uint KLD = DK + 4;" in code) == padded
+
+
+def test_v8_diff_is_the_strides_and_the_walk(capsys):
+    """v6 64x32 -> v8: the two strides padded and the swizzle gone, nothing else."""
+    assert bench_attention.main(["--diff", "flash_v6_64x32", "flash_v8"]) == 0
+    out = capsys.readouterr().out
+    changed = [ln[1:].strip() for ln in out.splitlines()[2:] if ln[:1] in "+-"]
+    code = sorted(ln for ln in changed if not ln.startswith(("//", "kernel void")))
+    assert code == sorted(["constexpr uint SLD = BC;  // row stride of the score tile",
+                           "constexpr uint KLD = DK;  // row stride of a K/V chunk",
+                           "constexpr uint SLD = BC + 4;  // row stride of the score tile",
+                           "constexpr uint KLD = DK + 4;  // row stride of a K/V chunk"]
+                          + ["const uint c = 4 * (n ^ r) + qd;"] * 2
+                          + ["const uint c = 4 * n + qd;"] * 2), code  # fmt: skip
 
 
 def test_diffs_show_one_idea_per_rung(capsys):
@@ -145,7 +191,8 @@ def test_printed_matmul_rung_computes_the_same(monkeypatch, version):
 
 
 @pytest.mark.parametrize("name", ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5",
-                                  "flash_v6_64x32", "flash_v6_128x32", "flash_v7"])  # fmt: skip
+                                  "flash_v6_64x32", "flash_v6_128x32", "flash_v7",
+                                  "flash_v8"])  # fmt: skip
 def test_printed_flash_rung_computes_the_same(monkeypatch, name):
     d = 32
     rung = flash.RUNGS[name]

@@ -90,6 +90,8 @@ def test_forward_schedule_orders(rung, t, d, causal, order, monkeypatch):
         ("flash_v6_128x32", 64, True, "random"),
         ("flash_v7", 128, True, "reverse"),
         ("flash_v7", 32, False, "random"),
+        ("flash_v8", 64, True, "random"),
+        ("flash_v8", 128, False, "reverse"),
     ],
 )
 def test_forward_t1000(rung, d, causal, order, monkeypatch):
@@ -290,8 +292,39 @@ def test_rung_table():
             assert rung.kernel(d) in lib.function_names
     assert flash.V6_TOO_BIG.tg_bytes(64) > 32 * 1024
     assert all(r.br * r.bc < 128 * 64 for r in flash.v6_candidates(64))
-    with pytest.raises(ValueError, match=r"unknown rung 'flash_v9'.*flash_v1.*flash_v7"):
+    with pytest.raises(ValueError, match=r"unknown rung 'flash_v9'.*flash_v1.*flash_v8"):
         flash.get_rung("flash_v9")
+
+
+@pytest.mark.skipif(shutil.which("clang++-19") is None, reason="clang++-19 is not installed")
+def test_rung_table_bytes_are_the_shaders_arrays():
+    """Each rung's tg_bytes is what its kernel declares (K/V chunks, score tile, diag), read
+    from the CUDA translation's PTX: one .shared array each, named after the instance of
+    flash_forward (the simulator reports no static threadgroup memory). v8's padded rows
+    are there: 20 / 28 / 28 KiB for D = 32 / 64 / 128 against v6 64x32's 18 / 26 / 26."""
+    import re
+
+    src = (Path(__file__).resolve().parents[1] / "shaders" / flash.SHADER).read_text()
+    ptx, _ = metal._cuda_call("camel_cuda_compile", src, f"shaders/{flash.SHADER}", 90)
+    arrays = {}  # mangled flash_forward instance -> {array: bytes}
+    for inst, name, size in re.findall(
+        r"\.shared \.align \d+ \.b8 (_ZZ13flash_forward\w+?E)\d+(\w+)\[(\d+)\]", ptx
+    ):
+        arrays.setdefault(inst, {})[name] = int(size)
+    entries = re.split(r"\n(?=\.visible \.entry)", ptx)[1:]
+    for rung in flash.RUNGS.values():
+        for d in DIMS:
+            head = f".visible .entry camel_{rung.kernel(d)}("
+            body = next(e for e in entries if e.startswith(head))
+            inst = re.search(r"_ZZ13flash_forward\w+?E(?=\d+kv4)", body).group(0)
+            got = arrays[inst]
+            # v7's two placeholders of 4 floats are never used: the compiler drops them
+            unused = 32 if rung.reg_softmax else 0
+            declared = sum(got.get(a, 0) for a in ("kv4", "s_all", "diag_all"))
+            assert declared == rung.tg_bytes(d) - unused, (rung.name, d, got)
+    v6, v8 = flash.RUNGS["flash_v6_64x32"], flash.RUNGS["flash_v8"]
+    assert [v8.tg_bytes(d) for d in DIMS] == [20480, 28672, 28672]
+    assert [v6.tg_bytes(d) for d in DIMS] == [18432, 26624, 26624]
 
 
 def test_v6_candidates_fit_the_limit(monkeypatch):
@@ -339,7 +372,7 @@ def test_selection(monkeypatch, capsys):
         F.scaled_dot_product_attention(*ts).numpy()
     assert {e.name for e in prof.events} == {"flash_v3_64x64_d32"}
     monkeypatch.setenv("CAMEL_ATTENTION", "flash_v9")
-    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v9' is unknown.*'flash_v7'"):
+    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v9' is unknown.*'flash_v8'"):
         F.scaled_dot_product_attention(*ts)
 
 

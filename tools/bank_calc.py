@@ -2,6 +2,8 @@
 
     python tools/bank_calc.py                  # every kernel's threadgroup accesses
     python tools/bank_calc.py gemm flash       # some families: gemm, flash, reduce
+                                               # (flash: the score tile, then v6 64x32
+                                               # against v8, its padded-row twin)
     python tools/bank_calc.py --stride 33      # one SIMD group reading a float column
     python tools/bank_calc.py gemm --pad 4     # what if v6-v9's tiles had padded rows
 
@@ -24,7 +26,10 @@ The bank model, and how far to trust it:
   * simdgroup_load / simdgroup_store: which lane touches which element is not in the Metal
     specification. The patterns here use the CUDA shim's layout (lane l holds row l / 4,
     columns 2 (l % 4) and +1, docs/cuda.md), i.e. they are right for the H200 runs and an
-    illustration for Apple GPUs, where one simdgroup_load may be one wide access.
+    illustration for Apple GPUs, where one simdgroup_load may be one wide access. The
+    shim's default tf32x3 multiply reads a B operand through its transposed pair (the
+    flash rows list both patterns). Every access is taken as 4 bytes a lane, as the PTX
+    has them; ptxas merges some adjacent pairs into 8-byte LDS.64/STS.64, not followed.
 """
 
 from __future__ import annotations
@@ -285,7 +290,7 @@ def flash_accesses(bc: int = 64):
         Access(tag, "softmax walk, stride B_c, XOR swizzle (v2-v6)", "ld",
                flash_walk(bc, bc, True)),
         Access(tag, f"softmax walk, padded stride {bc + 4}, no swizzle", "ld",
-               flash_walk(bc + 4, bc, False), note="the padding not built yet"),
+               flash_walk(bc + 4, bc, False), note="v8 does this at B_c = 32"),
         Access(tag, f"simdgroup_store of scores, stride {bc}", "st",
                _worst(_sg_frag(0, bc, 0), _sg_frag(0, bc, 1)), note="CUDA shim layout"),
         Access(tag, f"simdgroup_store of scores, padded stride {bc + 4}", "st",
@@ -305,6 +310,144 @@ def flash_accesses(bc: int = 64):
     ]  # fmt: skip
 
 
+def _chunk_store(dk: int, ld: int, buffer: int = 0) -> list[int]:
+    """load_kv_chunk: float4 e = t lands at row e / (DK/4), float column 4 (e % (DK/4)),
+    row stride ld; the second chunk buffer starts 32 ld floats on (B_c = 32)."""
+    return [(e // (dk // 4)) * ld + (e % (dk // 4)) * 4 + buffer * 32 * ld for e in lanes(0)]
+
+
+def flash_rung_accesses(name: str, bc: int = 32, pad: int = 0, swizzle: bool = True,
+                        dks=(32, 64)):  # fmt: skip
+    """One 64 x B_c rung's threadgroup accesses: the score tile at row stride B_c + pad, the
+    K/V chunks at DK + pad (DK = 32 for D = 32, 64 for D = 64 and 128), diag(alpha) at 8.
+    K (in S = Q·Kᵀ) and V (in O += P·V) are B operands. The CUDA shim's simdgroup_load
+    fetches a fragment's elements and their transposed pair (shim/cuda/include/
+    camel_cuda_simd.h); its default tf32x3 multiply reads a B operand only through that
+    pair, the fp32 mode (CAMEL_CUDA_MATRIX=fp32) only through the elements, and the
+    compiler drops the loads nobody reads. So each K and V fragment is listed twice, once
+    per mode; P and diag(alpha) are A operands, read as their elements in both."""
+    sld = bc + pad
+    walk = "XOR swizzle" if swizzle else "no swizzle"
+    out = [
+        Access(name, f"softmax walk, stride {sld}, {walk}", "ld", flash_walk(sld, bc, swizzle),
+               note="the lanes' writes of P: the same words"),
+        Access(name, f"simdgroup_store of scores, stride {sld}", "st",
+               _worst(_sg_frag(0, sld, 0), _sg_frag(0, sld, 1)), note="CUDA shim layout"),
+        Access(name, f"simdgroup_load of P, stride {sld}", "ld",
+               _worst(_sg_frag(0, sld, 0), _sg_frag(0, sld, 1)), note="CUDA shim layout"),
+        Access(name, "simdgroup_load of diag(alpha), stride 8", "ld",
+               _worst(_sg_frag(0, 8, 0), _sg_frag(0, 8, 1)), note="CUDA shim layout"),
+    ]  # fmt: skip
+    for dk in dks:
+        ld = dk + pad
+        out += [
+            Access(name, f"K chunk: simdgroup_load transposed, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0, True), _sg_frag(0, ld, 1, True)),
+                   note="CUDA shim layout; what fp32 mode reads"),
+            Access(name, f"K chunk: the B operand's pair, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)),
+                   note="what the default tf32x3 multiply reads"),
+            Access(name, f"V chunk: simdgroup_load, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)),
+                   note="CUDA shim layout; what fp32 mode reads"),
+            Access(name, f"V chunk: the B operand's pair, DK = {dk}, stride {ld}", "ld",
+                   _worst(_sg_frag(0, ld, 0, True), _sg_frag(0, ld, 1, True)),
+                   note="what the default tf32x3 multiply reads"),
+            Access(name, f"K/V chunk store (float4), DK = {dk}, stride {ld}", "st",
+                   _chunk_store(dk, ld), 16),
+            Access(name, f"K/V chunk store (float4), DK = {dk}, stride {ld}, second buffer", "st",
+                   _chunk_store(dk, ld, buffer=1), 16, note=f"starts 32·{ld} floats on"),
+        ]  # fmt: skip
+    return out
+
+
+def flash_v8_accesses():
+    """v8 against the rung it pads (v6 64x32), and the two paddings v8 does not do: the
+    swizzle on top of the padded stride, and diag(alpha) at a padded stride of 12."""
+    what_if = [
+        Access("flash_v8 what-if", "softmax walk, stride 36, XOR swizzle as well", "ld",
+               flash_walk(36, 32, True), note="why v8 drops the swizzle"),
+        Access("flash_v8 what-if", "simdgroup_load of diag(alpha), stride 12", "ld",
+               _worst(_sg_frag(0, 12, 0), _sg_frag(0, 12, 1)), note="why diag stays at 8"),
+    ]  # fmt: skip
+    return (flash_rung_accesses("flash_v6_64x32") + flash_rung_accesses("flash_v8", pad=4,
+            swizzle=False) + what_if)  # fmt: skip
+
+
+def flash_block_passes(pad: int, swizzle: bool, d: int = 64, bc: int = 32, dk: int = 0,
+                       br: int = 64, mode: str = "tf32x3"):  # fmt: skip
+    """Per SIMD group and key block of a B_r x B_c rung at head dim d (v6 64x32: pad 0,
+    swizzle; v8: pad 4, no swizzle; dk 0: v6 64x32's and v8's, 32 / 64 / 64): {"ld":
+    (passes, conflicts), "st": (...)}, conflicts being the passes beyond one per access
+    (what ncu's bank-conflict counters add up). Counted: the score store, the lanes' walk
+    (read, then write P), the load of P, diag(alpha) (its diagonal written, the tile
+    loaded), every K and V fragment as `mode` reads it (see flash_rung_accesses: tf32x3,
+    the CUDA shim's default, or fp32) and this SIMD group's share of the float4 chunk
+    stores. Not counted: Q's one-time load, the NaN/inf path. Every access is 4 bytes a
+    lane, as the translation's PTX has them; ptxas may merge pairs into 8-byte ones."""
+    dk = dk or (32 if d == 32 else 64)
+    sld, kld, nc = bc + pad, dk + pad, bc // 8
+    frags = nc * d // 8  # K fragments per block; as many V fragments
+    diag_write = [9 * (lane // 4) if lane % 4 == 0 else None for lane in range(LANES)]
+    stores_per_thread = 2 * bc * d // 4 // (br // 8 * LANES)  # K and V, float4 each
+    k_tr = mode == "fp32"  # tf32x3 reads K's B pair: row-wise; V's: column-wise
+
+    def frag(ld, tr=False):
+        return _worst(_sg_frag(0, ld, 0, tr), _sg_frag(0, ld, 1, tr))
+
+    ops = [  # (ld/st, accesses, words, bytes per lane)
+        ("st", 2 * nc, frag(sld), 4),
+        ("ld", bc // 4, flash_walk(sld, bc, swizzle), 4),
+        ("st", bc // 4, flash_walk(sld, bc, swizzle), 4),
+        ("ld", 2 * nc, frag(sld), 4),
+        ("st", 1, diag_write, 4),
+        ("ld", 2, frag(8), 4),
+        ("st", stores_per_thread, _chunk_store(dk, kld), 16),
+        ("ld", 2 * frags, frag(kld, k_tr), 4),  # K
+        ("ld", 2 * frags, frag(kld, not k_tr), 4),  # V
+    ]
+    out = {"ld": [0, 0], "st": [0, 0]}
+    for op, count, words, width in ops:
+        n = conflict(words, width)[0]
+        out[op][0] += count * n
+        out[op][1] += count * (n - 1)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def flash_pairs(t: int, br: int, bc: int, heads: int, causal: bool) -> int:
+    """(SIMD group, key block) pairs of one forward call, B = 1, T = S = t: a causal
+    threadgroup stops at the block holding its last query row."""
+    blocks = 0
+    for q0 in range(0, t, br):
+        kend = min(t, q0 + br) if causal else t
+        blocks += (kend + bc - 1) // bc
+    return heads * blocks * (br // 8)
+
+
+def flash_passes_table() -> str:
+    pairs = flash_pairs(4096, 64, 32, 16, True)
+    lines = ["Per SIMD group and key block (B_c = 32), the model above, K and V as the CUDA "
+             "shim's default tf32x3 multiply reads them: passes (conflicts); and the "
+             f"conflicts of T = 4096 causal, H = 16 ({pairs:,} such pairs).",
+             "", "| rung | D | loads | stores | load / store conflicts at T = 4096 |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, pad, swizzle in (("flash_v6_64x32", 0, True), ("flash_v8", 4, False)):
+        for d in (32, 64, 128):
+            c = flash_block_passes(pad, swizzle, d)
+            lines.append(f"| {name} | {d} | {c['ld'][0]} ({c['ld'][1]}) | "
+                         f"{c['st'][0]} ({c['st'][1]}) | {c['ld'][1] * pairs / 1e6:.0f} M / "
+                         f"{c['st'][1] * pairs / 1e6:.0f} M |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def fragment_floor(strides=range(8, 129)) -> int:
+    """The fewest passes any row stride gives one simdgroup_load element of a fragment in
+    the CUDA shim's layout (32 words: rows 0-7 one stride apart, columns 0, 2, 4, 6 + j):
+    2, because for an even stride all 32 words are even (16 banks) and for an odd one the
+    four even rows cannot spread over the 16 even banks."""
+    return min(conflict(_worst(_sg_frag(0, ld, 0), _sg_frag(0, ld, 1)))[0] for ld in strides)
+
+
 # ---- reductions (ops_reduce, ops_softmax, ops_layernorm: threadgroup_sum / _max) ------------
 
 
@@ -320,7 +463,11 @@ def reduce_accesses(threads: int = 256):
     ]  # fmt: skip
 
 
-FAMILIES = {"gemm": gemm_accesses, "flash": flash_accesses, "reduce": reduce_accesses}
+FAMILIES = {
+    "gemm": gemm_accesses,
+    "flash": lambda: flash_accesses() + flash_v8_accesses(),
+    "reduce": reduce_accesses,
+}
 
 
 def table(accesses) -> str:
@@ -356,6 +503,9 @@ def main(argv=None) -> int:
     for f in args.families or list(FAMILIES):
         accesses += FAMILIES[f](args.pad) if f == "gemm" else FAMILIES[f]()
     print(table(accesses))
+    if "flash" in (args.families or list(FAMILIES)):
+        print()
+        print(flash_passes_table())
     return 0
 
 
