@@ -94,7 +94,7 @@ stage_models_tuned() {  # GPT-mini with the default rung, with its GEMM shapes t
   echo "== tuned"; timeout 150 "${b[@]}" --config gpu --tune --profile
   echo "== tuned, naive attention"; CAMEL_ATTENTION=naive timeout 80 "${b[@]}" --config gpu
   echo "== long, tuned"; timeout 100 "${b[@]}" --config long --tune
-  echo "== long, tuned, naive attention"; CAMEL_ATTENTION=naive timeout 80 "${b[@]}" --config long
+
 }
 
 stage_attention() {
