@@ -90,11 +90,10 @@ stage_models() {
 
 stage_models_tuned() {  # GPT-mini with the default rung, with its GEMM shapes tuned, and naive
   local b=(python3 -m camel.bench models --models gpt_mini)
-  echo "== default rung"; timeout 80 "${b[@]}" --config gpu --profile
-  echo "== tuned"; timeout 150 "${b[@]}" --config gpu --tune --profile
-  echo "== tuned, naive attention"; CAMEL_ATTENTION=naive timeout 80 "${b[@]}" --config gpu
-  echo "== long, tuned"; timeout 100 "${b[@]}" --config long --tune
-
+  echo "== default rung"; timeout 60 "${b[@]}" --config gpu --profile
+  echo "== tuned"; timeout 120 "${b[@]}" --config gpu --tune --profile
+  echo "== tuned, naive attention"; CAMEL_ATTENTION=naive timeout 50 "${b[@]}" --config gpu
+  echo "== long, tuned"; timeout 70 "${b[@]}" --config long --tune
 }
 
 stage_attention() {
