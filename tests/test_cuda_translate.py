@@ -249,6 +249,32 @@ def test_simdgroup_matrix_modes(monkeypatch):
         compile_ptx(src, "shaders/ops_matmul.metal", 90)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_threadgroup_initialisers_are_dropped(arch):
+    # Apple accepts them (MLX: `= {0}`, Skia: `{{}}`); CUDA rejects any initialiser on a
+    # __shared__ variable, and Metal promises no value: the translation drops them
+    src = """#include <metal_stdlib>
+using namespace metal;
+struct Scratch { float v[64]; };
+kernel void k(device float *out [[buffer(0)]], uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float partial[2] = {0};
+    threadgroup Scratch s{{}}, u{};
+    s.v[t] = float(t);
+    u.v[t] = 2.0f;
+    partial[t % 2] = 1.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[t] = s.v[63 - t] + partial[0] + u.v[t ^ 1];
+}
+"""
+    cuda = metal.translate(src, target="cuda")
+    body = cuda[cuda.index("void k(") :]
+    assert re.search(r"__shared__ float partial\[2\]\s*;", body), body
+    assert re.search(r"__shared__ Scratch s\s*,\s*u\s*;", body), body
+    ptx, desc = compile_ptx(src, "tg_init.metal", arch)
+    assert [k[2] for k in kernel_lines(desc)] == ["k"]
+    assert re.search(r"\.shared \.align \d+ \.b8 \w*partial\w*\[8\]", ptx), ptx
+
+
 def test_cache_hit_returns_the_same_ptx():
     a = compile_ptx(THREADGROUP_KERNEL, "cache.metal", 90)
     b = compile_ptx(THREADGROUP_KERNEL, "cache.metal", 90)

@@ -201,6 +201,78 @@ def test_make_filled_simdgroup_matrix_with_one_size():
     np.testing.assert_array_equal(out.numpy(), np.full((8, 8), 1.5 * 2 * 8, np.float32))
 
 
+# ---- threadgroup initialisers ----------------------------------------------------------------
+# Apple's compiler accepts them: MLX's layer_norm.metal ships `threadgroup float
+# local_buffer[SIMD_SIZE] = {0};`, Skia's SkSL emits `threadgroup Threadgroups
+# _threadgroups{{}};`. Both then write the memory before reading it (MLX zeroes the buffer
+# from SIMD group 0 and calls threadgroup_barrier): nothing promises the initialiser's
+# value. The simulator drops it, so the variable starts as NaN like all threadgroup memory.
+TG_INIT = """
+struct Scratch { float v[64]; };
+
+kernel void reverse_sum(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                        device float* before [[buffer(2)]],
+                        uint gid [[threadgroup_position_in_grid]],
+                        uint lid [[thread_index_in_threadgroup]],
+                        uint sg [[simdgroup_index_in_threadgroup]],
+                        uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup float partial[2] = {0};     // MLX's form
+    threadgroup Scratch s{{}};              // Skia's form
+    threadgroup int unused = 7, more[3]{};
+    (void)unused; (void)more;
+    if (lid == 0) before[gid] = partial[1];  // the initialiser set nothing: NaN here
+    if (sg == 0) partial[lane % 2] = 0.0f;   // written before it is read, as MLX does
+    s.v[lid] = x[gid * 64 + lid];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float r = s.v[63 - lid];                 // one copy per threadgroup, not per thread
+    float t = simd_sum(r);
+    if (lane == 0) partial[sg] = t;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[gid * 64 + lid] = r + partial[0] + partial[1];
+}
+"""
+
+
+def test_threadgroup_initialisers_compile_and_set_no_value():
+    lib = _compile(TG_INIT, "tg_init.metal")
+    groups = 3
+    x = np.arange(groups * 64, dtype=np.float32).reshape(groups, 64) * 0.5 - 7
+    out = metal.DeviceArray.zeros((groups, 64), np.float32)
+    before = metal.DeviceArray.zeros(groups, np.float32)
+    lib.function("reverse_sum")(
+        _dev(x), out, before, threadgroups=groups, threads_per_threadgroup=64
+    )
+    want = x[:, ::-1] + x.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-6)
+    assert np.isnan(before.numpy()).all(), before.numpy()
+
+
+@pytest.mark.parametrize(
+    "where,src,words",
+    [
+        (
+            "program scope",
+            "threadgroup float t[4] = {0};\n"
+            "kernel void k(device float* x [[buffer(0)]]) { x[0] = t[0]; }\n",
+            "threadgroup variable 't' at program scope",
+        ),
+        (
+            "a helper",
+            "float h(float v) {\n    threadgroup float t[4] = {0};\n    t[0] = v;\n"
+            "    return t[0];\n}\n"
+            "kernel void k(device float* x [[buffer(0)]]) { x[0] = h(x[0]); }\n",
+            "threadgroup variable 't' declared in a helper function",
+        ),
+    ],
+)
+def test_threadgroup_initialisers_stay_rejected_outside_a_kernel(where, src, words):
+    # Apple: "program scope variable must reside in constant address space" (its message
+    # in Tint's MSL test logs); MSL 4.4: threadgroup variables in a kernel's scope only
+    with pytest.raises(metal.CompileError) as info:
+        _compile(src, "tg_init_bad.metal")
+    assert words in str(info.value), str(info.value)
+
+
 # ---- functions and expressions ---------------------------------------------------------------
 def test_madhi():
     lib = _compile(
