@@ -283,6 +283,19 @@ def test_cache_hit_returns_the_same_ptx():
     assert ".target sm_80" in c[0]
 
 
+def test_editing_an_included_header_recompiles_the_ptx(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "k.h").write_text("#define K 3.0f\n")
+    src = (
+        '#include <metal_stdlib>\n#include "k.h"\nusing namespace metal;\n'
+        "kernel void k(device float *x [[buffer(0)]]) { x[0] = K; }\n"
+    )
+    path = str(tmp_path / "k.metal")
+    assert "1077936128" in compile_ptx(src, path, 90)[0]  # the bits of 3.0f
+    (tmp_path / "k.h").write_text("#define K 7.0f\n")
+    assert "1088421888" in compile_ptx(src, path, 90)[0]  # 7.0f, not the cached 3.0f
+
+
 BOUNDS = {  # ulp; Metal with fast math off allows 4 for exp/log, 5 or more for the others
     "exp": 2.0,
     "exp2": 2.0,

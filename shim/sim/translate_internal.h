@@ -54,6 +54,15 @@ void replace_all(std::string &s, const std::string &from, const std::string &to)
 std::string tidy_log(const std::string &log, const std::string &display, const std::string &source,
                      const std::string &inc);
 
+// Project headers in the cache key (translate.cpp): the headers in clang's -MMD
+// output but `source`; `key` extended by their paths and contents (key itself for
+// none); the list recorded for a key in <dir>/<key>.deps, and writing it (through tmp).
+std::vector<std::string> read_deps(const std::string &dep_file, const std::string &source);
+std::string key_with_headers(const std::string &key, const std::vector<std::string> &headers);
+bool recorded_headers(const std::string &dir, const std::string &key, std::vector<std::string> &out);
+void record_headers(const std::string &dir, const std::string &key, const std::vector<std::string> &headers,
+                    const std::string &tmp);
+
 // Two independent 64-bit FNV-style hashes, as 32 hex digits.
 struct Hasher {
     uint64_t a = 0xcbf29ce484222325ull, b = 0x84222325cbf29ce4ull;
