@@ -296,6 +296,29 @@ def test_editing_an_included_header_recompiles_the_ptx(tmp_path, monkeypatch):
     assert "1088421888" in compile_ptx(src, path, 90)[0]  # 7.0f, not the cached 3.0f
 
 
+def test_project_headers_through_an_include_path(tmp_path, monkeypatch):
+    # MLX's layout: `#include <mlx/...>` with the repository root on the include path
+    (tmp_path / "mlx" / "kernels").mkdir(parents=True)
+    (tmp_path / "mlx" / "kernels" / "utils.h").write_text(
+        '#pragma once\n#include "mlx/kernels/scale.h"\n'
+        "METAL_FUNC float twice(float v) { return SCALE * v; }\n"
+    )
+    (tmp_path / "mlx" / "kernels" / "scale.h").write_text("#define SCALE 2.0f\n")
+    src = (
+        "#include <metal_stdlib>\n#include <mlx/kernels/utils.h>\nusing namespace metal;\n"
+        "kernel void k(device float *x [[buffer(0)]]) { x[0] = twice(x[0]); }\n"
+    )
+    cuda = metal.translate(src, path="k.metal", include_dirs=[tmp_path])
+    assert "SCALE" not in cuda and "float twice(float v) { return 2.0f * v; }" in cuda
+    monkeypatch.setenv("CAMEL_INCLUDE_PATH", str(tmp_path))
+    for arch in (80, 90):
+        ptx, desc = compile_ptx(src, "k.metal", arch)
+        assert [k[2] for k in kernel_lines(desc)] == ["k"]
+    monkeypatch.delenv("CAMEL_INCLUDE_PATH")
+    with pytest.raises(metal.CompileError, match=r"k.metal:2: '#include <mlx/kernels/utils.h>'"):
+        compile_ptx(src, "k.metal", 90)
+
+
 BOUNDS = {  # ulp; Metal with fast math off allows 4 for exp/log, 5 or more for the others
     "exp": 2.0,
     "exp2": 2.0,

@@ -273,6 +273,74 @@ def test_threadgroup_initialisers_stay_rejected_outside_a_kernel(where, src, wor
     assert words in str(info.value), str(info.value)
 
 
+# ---- project headers through an include path --------------------------------------------------
+# MLX builds its kernels with the repository root on the include path: a kernel does
+# `#include <mlx/backend/metal/kernels/utils.h>`, and that header includes its neighbours
+# by the same root, with angle brackets or quotes.
+def _mlx_tree(root):
+    kdir = root / "mlx" / "backend" / "metal" / "kernels"
+    (kdir / "steel").mkdir(parents=True)
+    (kdir / "defines.h").write_text("#pragma once\n#define ROW_SIZE 16\n")
+    (kdir / "steel" / "ops.h").write_text(
+        "#pragma once\n#include <metal_stdlib>\n"
+        "template <typename T> METAL_FUNC T axpb(T x, T a, T b) { return metal::fma(a, x, b); }\n"
+    )
+    (kdir / "utils.h").write_text(
+        "#pragma once\n#include <metal_simdgroup>\n"
+        '#include "mlx/backend/metal/kernels/defines.h"\n'
+        "#include <mlx/backend/metal/kernels/steel/ops.h>\n"
+        "template <typename T> METAL_FUNC T row_sum(T v) { return metal::simd_sum(v); }\n"
+    )
+    (root / "kernels").mkdir()
+    return root / "kernels" / "affine.metal"
+
+
+AFFINE = """#include <mlx/backend/metal/kernels/utils.h>
+using namespace metal;
+template <typename T>
+[[kernel]] void affine(device T* x [[buffer(0)]], device T* s [[buffer(1)]],
+                       uint i [[thread_position_in_grid]],
+                       uint lane [[thread_index_in_simdgroup]]) {
+    x[i] = axpb(x[i], T(2), T(ROW_SIZE));
+    T total = row_sum(x[i]);
+    if (lane == 0) s[i / 32] = total;
+}
+template [[host_name("affine_f32")]] [[kernel]] decltype(affine<float>) affine<float>;
+"""
+
+
+def test_project_headers_through_an_include_path(tmp_path, monkeypatch):
+    path = _mlx_tree(tmp_path)
+    x0 = np.arange(64, dtype=np.float32) * 0.25 - 3
+    want = 2 * x0 + 16
+
+    def run(lib):
+        x, s = _dev(x0), metal.DeviceArray.zeros(2, np.float32)
+        lib.function("affine_f32")(x, s, threads=64, threads_per_threadgroup=64)
+        np.testing.assert_array_equal(x.numpy(), want)
+        np.testing.assert_allclose(s.numpy(), want.reshape(2, 32).sum(axis=1), rtol=1e-6)
+
+    run(metal.compile(AFFINE, str(path), include_dirs=[tmp_path]))
+    monkeypatch.setenv("CAMEL_INCLUDE_PATH", str(tmp_path))  # the same, for every compile
+    run(metal.compile(AFFINE + "// env\n", str(path)))
+
+
+def test_include_path_errors_name_the_header(tmp_path):
+    path = _mlx_tree(tmp_path)
+    with pytest.raises(metal.CompileError) as info:  # no include path: not found, not "C++"
+        metal.compile(AFFINE, str(path))
+    msg = str(info.value)
+    assert "affine.metal:1: '#include <mlx/backend/metal/kernels/utils.h>': not found" in msg
+    assert "in the include path" in msg and "include_dirs=" in msg, msg
+    # a project header that pulls in the C++ standard library is refused, naming its line
+    ops = tmp_path / "mlx" / "backend" / "metal" / "kernels" / "steel" / "ops.h"
+    ops.write_text("#pragma once\n#include <metal_stdlib>\n#include <vector>\n")
+    with pytest.raises(metal.CompileError) as info:
+        metal.compile(AFFINE, str(path), include_dirs=[tmp_path])
+    msg = str(info.value)
+    assert f"{ops}:3: includes " in msg and "standard-library header" in msg, msg
+
+
 # ---- functions and expressions ---------------------------------------------------------------
 def test_madhi():
     lib = _compile(

@@ -17,6 +17,7 @@
 // Environment:
 //   CAMEL_CUDA_CXX      compiler (default: clang++-19, clang++-18, clang++-17, clang++)
 //   CAMEL_CUDA_INCLUDE  directory of the CUDA <metal_stdlib> (default: next to this library)
+//   CAMEL_INCLUDE_PATH  ':'-separated directories searched for project headers (as the simulator)
 //   CAMEL_CUDA_VERBOSE  1: print cache hits and compiler commands to stderr
 //   XDG_CACHE_HOME      cache root (default ~/.cache); PTX goes to camel/cuda/
 #include <dirent.h>
@@ -226,7 +227,9 @@ int translate(const std::string &src, const char *path, const std::string &displ
               const std::string &cxx, const std::string &inc, const std::string &tmp,
               std::string &cuda, std::string &kernels, std::vector<std::string> &headers,
               std::string &err) {
-    if (!check_includes(src, display, err, "[cuda] ")) return 1;
+    std::string include_env;
+    std::vector<std::string> dirs = include_dirs(path, include_env);
+    if (!check_includes(src, display, err, dirs, "[cuda] ")) return 1;
     std::string src_file = tmp + ".metal", pre_file = tmp + ".pre", log_file = tmp + ".log";
     std::string dep_file = tmp + ".d";
     auto cleanup = [&]() {
@@ -241,7 +244,7 @@ int translate(const std::string &src, const char *path, const std::string &displ
     }
     std::vector<std::string> pre = {cxx, "-E", "-x", "c++", "-std=c++17", "-isystem", inc,
                                     "-D__METAL_VERSION__=310", "-D__CAMEL_CUDA__=1"};
-    if (path && *path) pre.push_back("-I" + dirname_of(path));  // #include "common.h" next to the file
+    for (const std::string &d : dirs) pre.push_back("-I" + d);  // the file's directory, CAMEL_INCLUDE_PATH
     pre.insert(pre.end(), {"-MMD", "-MF", dep_file, src_file, "-o", pre_file});
     int rc = run(pre, log_file);
     std::string clang_log, preprocessed, body;
@@ -259,6 +262,7 @@ int translate(const std::string &src, const char *path, const std::string &displ
         return 1;
     }
     cleanup();
+    if (!check_system_headers(preprocessed, inc, display, src_file, err, "[cuda] ")) return 1;
     if (!rewrite_msl_for(TARGET_CUDA, preprocessed, src_file, display, body, err, kernels)) return 1;
     std::string header, mode;
     if (!matrix_mode_define(mode, err)) return 1;
@@ -376,6 +380,8 @@ extern "C" int camel_cuda_compile(const char *source, const char *path, int arch
         h.add(&st.st_mtime, sizeof st.st_mtime);
     }
     hash_headers(h, s.inc);
+    std::string include_env;
+    for (const std::string &d : include_dirs(path, include_env)) h.add(d);  // where headers are found
     std::string key = h.hex();
     std::string dir = usable_cache_dir(err);
     if (dir.empty()) {

@@ -14,6 +14,8 @@
 // Environment:
 //   CAMEL_SIM_CXX       compiler to use (default: clang++-19 ... clang++-16, clang++)
 //   CAMEL_SIM_INCLUDE   directory of the compat <metal_stdlib>
+//   CAMEL_INCLUDE_PATH  ':'-separated directories searched for project headers
+//                       (#include <mlx/...> or "..."), after the source's own
 //   CAMEL_SIM_SANITIZE  address,undefined: build kernels with ASan/UBSan
 //   CAMEL_SIM_VERBOSE   1: print cache hits and compiler commands to stderr
 //   XDG_CACHE_HOME      cache root (default ~/.cache); kernels go to camel/sim/
@@ -359,6 +361,22 @@ void hash_headers(Hasher &h, const std::string &inc) {
     if (read_file(inc + "/../sim_abi.h", content)) h.add(content);
 }
 
+std::vector<std::string> include_dirs(const char *path, std::string &env) {
+    std::vector<std::string> dirs;
+    if (path && *path) dirs.push_back(dirname_of(path));  // #include "common.h" next to the file
+    const char *v = getenv("CAMEL_INCLUDE_PATH");
+    env = v ? v : "";
+    for (size_t i = 0; i < env.size();) {
+        size_t e = env.find(':', i);
+        if (e == std::string::npos) e = env.size();
+        std::string d = env.substr(i, e - i);
+        char real[4096];
+        if (!d.empty()) dirs.push_back(realpath(d.c_str(), real) ? real : d);
+        i = e + 1;
+    }
+    return dirs;
+}
+
 // ---- project headers in the cache key ------------------------------------
 // The key hashes the source, not what it includes. So each compile has clang list
 // the project headers it read (-MMD: the compat headers, system headers, are left
@@ -493,6 +511,9 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
         h.add(&st.st_mtime, sizeof st.st_mtime);
     }
     hash_headers(h, inc);
+    std::string include_env;
+    std::vector<std::string> dirs = include_dirs(path, include_env);
+    for (const std::string &d : dirs) h.add(d);  // where a header is found is part of the key
     std::string key = h.hex();
     std::string dir = usable_cache_dir(err);
     if (dir.empty()) {
@@ -509,7 +530,7 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     }
 
     // ---- 2. portability guard on the raw source ---------------------------
-    if (!camel_sim::check_includes(src, display, err)) {
+    if (!camel_sim::check_includes(src, display, err, dirs)) {
         *log = dup_string(err);
         return 1;
     }
@@ -537,7 +558,7 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     // ---- 3. preprocess ------------------------------------------------------
     std::vector<std::string> pre = {cxx, "-E", "-x", "c++", "-std=c++17", "-isystem", inc,
                                     "-D__METAL_VERSION__=310", "-D__METAL_SIM__=1"};
-    if (path && *path) pre.push_back("-I" + dirname_of(path));  // #include "common.h" next to the file
+    for (const std::string &d : dirs) pre.push_back("-I" + d);  // the file's directory, CAMEL_INCLUDE_PATH
     pre.insert(pre.end(), {"-MMD", "-MF", dep_file, src_file, "-o", pre_file});  // -MMD: the headers read
     int rc = run(pre, log_file);
     std::string clang_log;
@@ -551,6 +572,7 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     // ---- 4. rewrite ---------------------------------------------------------
     std::string preprocessed, cpp;
     if (!read_file(pre_file, preprocessed)) return fail("[sim] cannot read " + pre_file);
+    if (!camel_sim::check_system_headers(preprocessed, inc, display, src_file, err)) return fail(err);
     if (!camel_sim::rewrite_msl(preprocessed, src_file, display, cpp, err)) return fail(err);
     if (!write_file(cpp_file, cpp)) return fail("[sim] cannot write " + cpp_file);
 

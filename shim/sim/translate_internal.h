@@ -35,9 +35,22 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
                      const std::string &display, std::string &out, std::string &errors,
                      std::string &kernels);
 
-// Scan the raw source for #include of C/C++ standard-library headers.
-bool check_includes(const std::string &source, const std::string &display,
-                    std::string &errors, const char *prefix = "[sim] ");
+// Scan the raw source for #include of C/C++ standard-library headers: an
+// `#include <name>` must be one of Metal's (<metal_*>, <simd/...>) or a project
+// header found in one of `dirs` (the include path, see include_dirs()).
+bool check_includes(const std::string &source, const std::string &display, std::string &errors,
+                    const std::vector<std::string> &dirs, const char *prefix = "[sim] ");
+
+// The same for what the source's headers include, from the preprocessed text: a
+// system header (not one of the compat headers under `inc`) entered from a user file.
+bool check_system_headers(const std::string &preprocessed, const std::string &inc,
+                          const std::string &display, const std::string &main_file,
+                          std::string &errors, const char *prefix = "[sim] ");
+
+// The include path of a compile: the directory of `path` (if given), then the
+// directories of $CAMEL_INCLUDE_PATH (':'-separated, made absolute), in clang's
+// search order. `env` receives the variable's value (it goes into the cache key).
+std::vector<std::string> include_dirs(const char *path, std::string &env);
 
 // ---- helpers of translate.cpp, shared with the CUDA translator --------------
 char *dup_string(const std::string &s);

@@ -2538,11 +2538,13 @@ struct Rewriter {
 }  // namespace
 
 bool check_includes(const std::string &source, const std::string &display, std::string &errors,
-                    const char *prefix) {
+                    const std::vector<std::string> &dirs, const char *prefix) {
     static const char *const allowed_prefix[] = {"metal_", "simd/", nullptr};
     int line = 1;
     size_t i = 0;
     bool ok = true;
+    std::string searched;  // for the message
+    for (const std::string &d : dirs) searched += (searched.empty() ? "" : ", ") + d;
     while (i <= source.size()) {
         size_t e = source.find('\n', i);
         if (e == std::string::npos) e = source.size();
@@ -2557,16 +2559,76 @@ bool check_includes(const std::string &source, const std::string &display, std::
                     bool allowed = false;
                     for (int k = 0; allowed_prefix[k]; k++)
                         if (name.compare(0, strlen(allowed_prefix[k]), allowed_prefix[k]) == 0) allowed = true;
-                    if (!allowed) {
-                        errors += prefix + display + ":" + std::to_string(line) + ": '#include <" +
-                                  name + ">': Metal has no C or C++ standard library; include "
+                    for (const std::string &d : dirs)  // a project header in the include path
+                        if (!allowed && file_exists(d + "/" + name)) allowed = true;
+                    std::string where = prefix + display + ":" + std::to_string(line) + ": '#include <" + name + ">': ";
+                    if (allowed) {
+                    } else if (name.find('/') == std::string::npos) {
+                        errors += where + "Metal has no C or C++ standard library; include "
                                   "<metal_stdlib> and use its functions\n";
+                        ok = false;
+                    } else {
+                        errors += where + "not found in the include path (" +
+                                  (searched.empty() ? std::string("empty") : searched) +
+                                  "); for a project header, pass the directory it is relative to: "
+                                  "camel.metal.compile(..., include_dirs=[dir]) or CAMEL_INCLUDE_PATH\n";
                         ok = false;
                     }
                 }
             }
         }
         line++;
+        i = e + 1;
+    }
+    return ok;
+}
+
+// Headers from outside the project (the system's C/C++ library) that a project
+// header pulled in: clang -E's line markers (`# 1 "file" 1 3` enters a system
+// header) show which file included which. Entering a system header that is not
+// one of ours (under `inc`) from a user file is the standard library.
+bool check_system_headers(const std::string &pre, const std::string &inc, const std::string &display,
+                          const std::string &main_file, std::string &errors, const char *prefix) {
+    struct File {
+        std::string name;
+        bool system;
+        int line;  // the line the next marker follows
+    };
+    std::vector<File> stack = {{main_file, false, 0}};
+    bool ok = true;
+    for (size_t i = 0; i < pre.size();) {
+        size_t e = pre.find('\n', i);
+        if (e == std::string::npos) e = pre.size();
+        if (pre[i] == '#' && i + 1 < e && pre[i + 1] == ' ') {
+            std::string l = pre.substr(i, e - i);
+            size_t q1 = l.find('"'), q2 = l.rfind('"');
+            if (q1 != std::string::npos && q2 > q1) {
+                int n = atoi(l.c_str() + 2);
+                std::string file = l.substr(q1 + 1, q2 - q1 - 1), flags = l.substr(q2 + 1);
+                bool enter = flags.find(" 1") != std::string::npos;
+                bool leave = flags.find(" 2") != std::string::npos;
+                bool system = flags.find(" 3") != std::string::npos;
+                if (file.empty() || file[0] == '<') {  // <built-in>, <command line>
+                } else if (enter) {
+                    const File &from = stack.back();
+                    bool ours = file.compare(0, inc.size() + 1, inc + "/") == 0;
+                    if (system && !ours && !from.system) {
+                        std::string who = from.name == main_file ? display : from.name;
+                        errors += prefix + who + ":" + std::to_string(from.line) + ": includes " +
+                                  file + ", a C or C++ standard-library header (Metal has none); "
+                                  "include <metal_stdlib> and use its functions\n";
+                        ok = false;
+                    }
+                    stack.push_back({file, system, n});
+                } else {  // leaving for `file` (the includer), or a new line number in it
+                    if (leave)
+                        while (stack.size() > 1 && stack.back().name != file) stack.pop_back();
+                    stack.back().line = n;
+                }
+            }
+        } else {
+            stack.back().line++;
+        }
         i = e + 1;
     }
     return ok;
