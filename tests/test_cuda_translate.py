@@ -16,6 +16,7 @@ shim/cuda/tests/gpu_smoke.py, run on a machine with an NVIDIA GPU.
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,21 @@ kernel void k(device float *out [[buffer(0)]], uint t [[thread_index_in_threadgr
     ptx, desc = compile_ptx(src, "tg_init.metal", arch)
     assert [k[2] for k in kernel_lines(desc)] == ["k"]
     assert re.search(r"\.shared \.align \d+ \.b8 \w*partial\w*\[8\]", ptx), ptx
+
+
+@pytest.mark.parametrize("mode", ["tf32x3", "fp32"])
+def test_mixed_simdgroup_matrix_operands_compile(mode, monkeypatch):
+    # llama.cpp's forms: half tiles into a float accumulator, a float tile times a half one
+    monkeypatch.setenv("CAMEL_CUDA_MATRIX", mode)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_sim_realworld import HEADER, MIXED_MMA
+
+    for arch in (80, 90):
+        ptx, desc = compile_ptx(HEADER + MIXED_MMA, "mixed_mma.metal", arch)
+        body = entry_bodies(ptx)["camel_mixed"]
+        mma = body.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")
+        assert mma == (10 if mode == "tf32x3" else 0), mma  # 5 multiplies, 2 mma each
+        assert "cvt.f32.f16" in body  # the half operands, widened
 
 
 def test_cache_hit_returns_the_same_ptx():

@@ -341,6 +341,56 @@ def test_include_path_errors_name_the_header(tmp_path):
     assert f"{ops}:3: includes " in msg and "standard-library header" in msg, msg
 
 
+# llama.cpp's kernel_mul_mm and flash attention: half tiles multiplied into a float
+# accumulator (d = a * b + c, a and b simdgroup_half8x8, c and d simdgroup_float8x8), a
+# float tile times a half one, and simdgroup_multiply of half tiles into a float one.
+MIXED_MMA = """
+kernel void mixed(device const half* A [[buffer(0)]], device const half* B [[buffer(1)]],
+                  device const float* C [[buffer(2)]], device float* D [[buffer(3)]],
+                  device float* E [[buffer(4)]], device float* F [[buffer(5)]],
+                  ushort lane [[thread_index_in_simdgroup]]) {
+    simdgroup_float8x8 acc;
+    simdgroup_load(acc, C, 8);
+    for (short k = 0; k < 24; k += 8) {             // (8, 24) x (24, 8): three K steps
+        simdgroup_half8x8 a, b;
+        simdgroup_load(a, A + k, 24);
+        simdgroup_load(b, B + k * 8, 8);
+        simdgroup_multiply_accumulate(acc, a, b, acc);
+    }
+    simdgroup_store(acc, D, 8);
+    simdgroup_half8x8 a0, b0;
+    simdgroup_load(a0, A, 24);
+    simdgroup_load(b0, B, 8);
+    simdgroup_float8x8 p;
+    simdgroup_multiply(p, a0, b0);                  // half x half -> float
+    simdgroup_float8x8 q = make_filled_simdgroup_matrix<float, 8>(0.5f);
+    simdgroup_multiply_accumulate(q, p, b0, q);     // float x half + float
+    simdgroup_store(p, E, 8);
+    simdgroup_store(q, F, 8);
+}
+"""
+
+
+def test_half_operands_float_accumulator_multiply_accumulate():
+    lib = _compile(MIXED_MMA, "mixed_mma.metal")
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((8, 24)).astype(np.float16)  # half-rounded inputs
+    b = rng.standard_normal((24, 8)).astype(np.float16)
+    c = rng.standard_normal((8, 8)).astype(np.float32)
+    d, e, f = (metal.DeviceArray.zeros((8, 8), np.float32) for _ in range(3))
+    lib.function("mixed")(
+        _dev(a), _dev(b), _dev(c), d, e, f, threads=32, threads_per_threadgroup=32
+    )
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    want_d = c + a64 @ b64  # every half product is exact in float; float sums
+    want_e = a64[:, :8] @ b64[:8]
+    want_f = 0.5 + want_e.astype(np.float32).astype(np.float64) @ b64[:8]
+    # float accumulation: within a few float ulps (a half accumulator is ~1e-3 off)
+    for got, want in [(d, want_d), (e, want_e), (f, want_f)]:
+        err = np.abs(got.numpy() - want).max() / np.abs(want).max()
+        assert err < 1e-6, err
+
+
 # ---- functions and expressions ---------------------------------------------------------------
 def test_madhi():
     lib = _compile(
