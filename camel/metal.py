@@ -909,11 +909,51 @@ class DeviceArray:
 # ---- libraries, kernels, dispatch -------------------------------------------------------
 
 
-def compile(source: str, path: str | None = None) -> Library:  # noqa: A001 (Metal's word)
-    """Compile MSL source into a Library. `path` names the source in messages.
+class _IncludePath:
+    """CAMEL_INCLUDE_PATH with `dirs` in front, for the duration of one compile: the
+    simulator's and the CUDA shim's compilers read it (the C ABI takes a source and a
+    name only). Apple's runtime compiler (newLibraryWithSource:) has no include path."""
+
+    def __init__(self, dirs, shim_compiles=True):
+        self.dirs = None if dirs is None else [str(Path(d).resolve()) for d in dirs]
+        self.shim_compiles = shim_compiles  # False: camel's CUDA translator, on any machine
+
+    def __enter__(self):
+        if self.dirs is None:
+            return
+        if self.shim_compiles and shim() == "metal":
+            raise ValueError(
+                "[metal] include_dirs: Metal's runtime compiler (newLibraryWithSource:) has no "
+                "include path; include_dirs works on the simulator and the CUDA shim only"
+            )
+        for d in self.dirs:
+            if not Path(d).is_dir():
+                raise ValueError(f"[metal] include_dirs: {d!r} is not a directory")
+        self.saved = os.environ.get("CAMEL_INCLUDE_PATH")
+        os.environ["CAMEL_INCLUDE_PATH"] = os.pathsep.join(
+            self.dirs + ([self.saved] if self.saved else [])
+        )
+
+    def __exit__(self, *exc):
+        if self.dirs is None:
+            return
+        if self.saved is None:
+            os.environ.pop("CAMEL_INCLUDE_PATH", None)
+        else:
+            os.environ["CAMEL_INCLUDE_PATH"] = self.saved
+
+
+def compile(  # noqa: A001 (Metal's word)
+    source: str, path: str | None = None, include_dirs: list[str] | None = None
+) -> Library:
+    """Compile MSL source into a Library. `path` names the source in messages; a
+    quoted #include is looked for next to it first. `include_dirs` are searched for
+    project headers, `#include <mlx/kernels/utils.h>` or `"..."`, as `-I` does for
+    Apple's offline compiler (simulator and CUDA shim; CAMEL_INCLUDE_PATH does the same).
     Raises CompileError whose .log is the compiler log (line numbers into the source)."""
     lib = _native()
-    handle = lib.camel_library_new(source.encode("utf-8"), path.encode() if path else None)
+    with _IncludePath(include_dirs):
+        handle = lib.camel_library_new(source.encode("utf-8"), path.encode() if path else None)
     if not handle:
         log = _error_text()
         first = log.split("\n", 1)[0]
@@ -1436,13 +1476,19 @@ def _cuda_call(name: str, source: str, path: str | None, *extra: int) -> tuple[s
     return text, desc
 
 
-def translate(source: str, target: str = "cuda", path: str | None = None) -> str:
+def translate(
+    source: str,
+    target: str = "cuda",
+    path: str | None = None,
+    include_dirs: list[str] | None = None,
+) -> str:
     """The CUDA that the CUDA shim compiles an MSL source to, to read.
 
     Args:
         source: MSL, as in shaders/*.metal.
         target: "cuda" (the only one).
         path: the name used in messages and #line markers (default "program_source").
+        include_dirs: directories searched for project headers, as for compile().
 
     Returns the complete, self-contained translation unit: the MSL library for
     CUDA, the kernels as rewritten, and one `extern "C" __global__
@@ -1454,4 +1500,5 @@ def translate(source: str, target: str = "cuda", path: str | None = None) -> str
     """
     if target != "cuda":
         raise ValueError(f"[translate] unknown target {target!r}; the only one is 'cuda'")
-    return _cuda_call("camel_cuda_translate", source, path)[0]
+    with _IncludePath(include_dirs, shim_compiles=False):
+        return _cuda_call("camel_cuda_translate", source, path)[0]

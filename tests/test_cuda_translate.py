@@ -16,6 +16,7 @@ shim/cuda/tests/gpu_smoke.py, run on a machine with an NVIDIA GPU.
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,12 +250,89 @@ def test_simdgroup_matrix_modes(monkeypatch):
         compile_ptx(src, "shaders/ops_matmul.metal", 90)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_threadgroup_initialisers_are_dropped(arch):
+    # Apple accepts them (MLX: `= {0}`, Skia: `{{}}`); CUDA rejects any initialiser on a
+    # __shared__ variable, and Metal promises no value: the translation drops them
+    src = """#include <metal_stdlib>
+using namespace metal;
+struct Scratch { float v[64]; };
+kernel void k(device float *out [[buffer(0)]], uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float partial[2] = {0};
+    threadgroup Scratch s{{}}, u{};
+    s.v[t] = float(t);
+    u.v[t] = 2.0f;
+    partial[t % 2] = 1.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[t] = s.v[63 - t] + partial[0] + u.v[t ^ 1];
+}
+"""
+    cuda = metal.translate(src, target="cuda")
+    body = cuda[cuda.index("void k(") :]
+    assert re.search(r"__shared__ float partial\[2\]\s*;", body), body
+    assert re.search(r"__shared__ Scratch s\s*,\s*u\s*;", body), body
+    ptx, desc = compile_ptx(src, "tg_init.metal", arch)
+    assert [k[2] for k in kernel_lines(desc)] == ["k"]
+    assert re.search(r"\.shared \.align \d+ \.b8 \w*partial\w*\[8\]", ptx), ptx
+
+
+@pytest.mark.parametrize("mode", ["tf32x3", "fp32"])
+def test_mixed_simdgroup_matrix_operands_compile(mode, monkeypatch):
+    # llama.cpp's forms: half tiles into a float accumulator, a float tile times a half one
+    monkeypatch.setenv("CAMEL_CUDA_MATRIX", mode)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_sim_realworld import HEADER, MIXED_MMA
+
+    for arch in (80, 90):
+        ptx, desc = compile_ptx(HEADER + MIXED_MMA, "mixed_mma.metal", arch)
+        body = entry_bodies(ptx)["camel_mixed"]
+        mma = body.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")
+        assert mma == (10 if mode == "tf32x3" else 0), mma  # 5 multiplies, 2 mma each
+        assert "cvt.f32.f16" in body  # the half operands, widened
+
+
 def test_cache_hit_returns_the_same_ptx():
     a = compile_ptx(THREADGROUP_KERNEL, "cache.metal", 90)
     b = compile_ptx(THREADGROUP_KERNEL, "cache.metal", 90)
     assert a == b
     c = compile_ptx(THREADGROUP_KERNEL, "cache.metal", 80)
     assert ".target sm_80" in c[0]
+
+
+def test_editing_an_included_header_recompiles_the_ptx(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "k.h").write_text("#define K 3.0f\n")
+    src = (
+        '#include <metal_stdlib>\n#include "k.h"\nusing namespace metal;\n'
+        "kernel void k(device float *x [[buffer(0)]]) { x[0] = K; }\n"
+    )
+    path = str(tmp_path / "k.metal")
+    assert "1077936128" in compile_ptx(src, path, 90)[0]  # the bits of 3.0f
+    (tmp_path / "k.h").write_text("#define K 7.0f\n")
+    assert "1088421888" in compile_ptx(src, path, 90)[0]  # 7.0f, not the cached 3.0f
+
+
+def test_project_headers_through_an_include_path(tmp_path, monkeypatch):
+    # MLX's layout: `#include <mlx/...>` with the repository root on the include path
+    (tmp_path / "mlx" / "kernels").mkdir(parents=True)
+    (tmp_path / "mlx" / "kernels" / "utils.h").write_text(
+        '#pragma once\n#include "mlx/kernels/scale.h"\n'
+        "METAL_FUNC float twice(float v) { return SCALE * v; }\n"
+    )
+    (tmp_path / "mlx" / "kernels" / "scale.h").write_text("#define SCALE 2.0f\n")
+    src = (
+        "#include <metal_stdlib>\n#include <mlx/kernels/utils.h>\nusing namespace metal;\n"
+        "kernel void k(device float *x [[buffer(0)]]) { x[0] = twice(x[0]); }\n"
+    )
+    cuda = metal.translate(src, path="k.metal", include_dirs=[tmp_path])
+    assert "SCALE" not in cuda and "float twice(float v) { return 2.0f * v; }" in cuda
+    monkeypatch.setenv("CAMEL_INCLUDE_PATH", str(tmp_path))
+    for arch in (80, 90):
+        ptx, desc = compile_ptx(src, "k.metal", arch)
+        assert [k[2] for k in kernel_lines(desc)] == ["k"]
+    monkeypatch.delenv("CAMEL_INCLUDE_PATH")
+    with pytest.raises(metal.CompileError, match=r"k.metal:2: '#include <mlx/kernels/utils.h>'"):
+        compile_ptx(src, "k.metal", 90)
 
 
 BOUNDS = {  # ulp; Metal with fast math off allows 4 for exp/log, 5 or more for the others

@@ -318,6 +318,44 @@ def test_cache_hit_does_not_rerun_clang(tmp_path, monkeypatch, capfd):
     assert len(list((tmp_path / "camel" / "sim").glob("*.so"))) == 2
 
 
+def test_editing_an_included_header_recompiles(tmp_path, monkeypatch, capfd):
+    # the key covers the project headers the source includes, transitively: an edited
+    # header is a new library, not the stale one
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CAMEL_SIM_VERBOSE", "1")
+    proj = tmp_path / "proj"
+    (proj / "inner").mkdir(parents=True)
+    (proj / "scale.h").write_text(
+        '#include "inner/bias.h"\ninline float f(float v) { return 2 * v + BIAS; }\n'
+    )
+    bias = proj / "inner" / "bias.h"
+    bias.write_text("#define BIAS 1.0f\n")
+    src = _fresh(
+        HEADER + '#include "scale.h"\n'
+        "kernel void k(device float* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {\n"
+        "    x[i] = f(x[i]);\n}\n"
+    )
+    x0 = np.arange(37, dtype=np.float32) - 5
+
+    def run():
+        x = _dev(x0)
+        metal.compile(src, str(proj / "main.metal")).function("k")(
+            x, threads=37, threads_per_threadgroup=32
+        )
+        return x.numpy()
+
+    np.testing.assert_array_equal(run(), 2 * x0 + 1)
+    assert "[sim] compiling" in capfd.readouterr().err
+    np.testing.assert_array_equal(run(), 2 * x0 + 1)
+    assert "[sim] cache hit" in capfd.readouterr().err
+    bias.write_text("#define BIAS 5.0f\n")  # the nested header, same length of text
+    np.testing.assert_array_equal(run(), 2 * x0 + 5)
+    assert "[sim] compiling" in capfd.readouterr().err
+    bias.write_text("#define BIAS 1.0f\n")  # back as it was: that library is still there
+    np.testing.assert_array_equal(run(), 2 * x0 + 1)
+    assert "[sim] cache hit" in capfd.readouterr().err
+
+
 def test_sanitizer_flags_are_a_separate_cache_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     src = _fresh(HEADER + "kernel void k(device float* x [[buffer(0)]]) { x[0] = 1.0; }\n")

@@ -201,6 +201,196 @@ def test_make_filled_simdgroup_matrix_with_one_size():
     np.testing.assert_array_equal(out.numpy(), np.full((8, 8), 1.5 * 2 * 8, np.float32))
 
 
+# ---- threadgroup initialisers ----------------------------------------------------------------
+# Apple's compiler accepts them: MLX's layer_norm.metal ships `threadgroup float
+# local_buffer[SIMD_SIZE] = {0};`, Skia's SkSL emits `threadgroup Threadgroups
+# _threadgroups{{}};`. Both then write the memory before reading it (MLX zeroes the buffer
+# from SIMD group 0 and calls threadgroup_barrier): nothing promises the initialiser's
+# value. The simulator drops it, so the variable starts as NaN like all threadgroup memory.
+TG_INIT = """
+struct Scratch { float v[64]; };
+
+kernel void reverse_sum(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                        device float* before [[buffer(2)]],
+                        uint gid [[threadgroup_position_in_grid]],
+                        uint lid [[thread_index_in_threadgroup]],
+                        uint sg [[simdgroup_index_in_threadgroup]],
+                        uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup float partial[2] = {0};     // MLX's form
+    threadgroup Scratch s{{}};              // Skia's form
+    threadgroup int unused = 7, more[3]{};
+    (void)unused; (void)more;
+    if (lid == 0) before[gid] = partial[1];  // the initialiser set nothing: NaN here
+    if (sg == 0) partial[lane % 2] = 0.0f;   // written before it is read, as MLX does
+    s.v[lid] = x[gid * 64 + lid];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float r = s.v[63 - lid];                 // one copy per threadgroup, not per thread
+    float t = simd_sum(r);
+    if (lane == 0) partial[sg] = t;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[gid * 64 + lid] = r + partial[0] + partial[1];
+}
+"""
+
+
+def test_threadgroup_initialisers_compile_and_set_no_value():
+    lib = _compile(TG_INIT, "tg_init.metal")
+    groups = 3
+    x = np.arange(groups * 64, dtype=np.float32).reshape(groups, 64) * 0.5 - 7
+    out = metal.DeviceArray.zeros((groups, 64), np.float32)
+    before = metal.DeviceArray.zeros(groups, np.float32)
+    lib.function("reverse_sum")(
+        _dev(x), out, before, threadgroups=groups, threads_per_threadgroup=64
+    )
+    want = x[:, ::-1] + x.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-6)
+    assert np.isnan(before.numpy()).all(), before.numpy()
+
+
+@pytest.mark.parametrize(
+    "where,src,words",
+    [
+        (
+            "program scope",
+            "threadgroup float t[4] = {0};\n"
+            "kernel void k(device float* x [[buffer(0)]]) { x[0] = t[0]; }\n",
+            "threadgroup variable 't' at program scope",
+        ),
+        (
+            "a helper",
+            "float h(float v) {\n    threadgroup float t[4] = {0};\n    t[0] = v;\n"
+            "    return t[0];\n}\n"
+            "kernel void k(device float* x [[buffer(0)]]) { x[0] = h(x[0]); }\n",
+            "threadgroup variable 't' declared in a helper function",
+        ),
+    ],
+)
+def test_threadgroup_initialisers_stay_rejected_outside_a_kernel(where, src, words):
+    # Apple: "program scope variable must reside in constant address space" (its message
+    # in Tint's MSL test logs); MSL 4.4: threadgroup variables in a kernel's scope only
+    with pytest.raises(metal.CompileError) as info:
+        _compile(src, "tg_init_bad.metal")
+    assert words in str(info.value), str(info.value)
+
+
+# ---- project headers through an include path --------------------------------------------------
+# MLX builds its kernels with the repository root on the include path: a kernel does
+# `#include <mlx/backend/metal/kernels/utils.h>`, and that header includes its neighbours
+# by the same root, with angle brackets or quotes.
+def _mlx_tree(root):
+    kdir = root / "mlx" / "backend" / "metal" / "kernels"
+    (kdir / "steel").mkdir(parents=True)
+    (kdir / "defines.h").write_text("#pragma once\n#define ROW_SIZE 16\n")
+    (kdir / "steel" / "ops.h").write_text(
+        "#pragma once\n#include <metal_stdlib>\n"
+        "template <typename T> METAL_FUNC T axpb(T x, T a, T b) { return metal::fma(a, x, b); }\n"
+    )
+    (kdir / "utils.h").write_text(
+        "#pragma once\n#include <metal_simdgroup>\n"
+        '#include "mlx/backend/metal/kernels/defines.h"\n'
+        "#include <mlx/backend/metal/kernels/steel/ops.h>\n"
+        "template <typename T> METAL_FUNC T row_sum(T v) { return metal::simd_sum(v); }\n"
+    )
+    (root / "kernels").mkdir()
+    return root / "kernels" / "affine.metal"
+
+
+AFFINE = """#include <mlx/backend/metal/kernels/utils.h>
+using namespace metal;
+template <typename T>
+[[kernel]] void affine(device T* x [[buffer(0)]], device T* s [[buffer(1)]],
+                       uint i [[thread_position_in_grid]],
+                       uint lane [[thread_index_in_simdgroup]]) {
+    x[i] = axpb(x[i], T(2), T(ROW_SIZE));
+    T total = row_sum(x[i]);
+    if (lane == 0) s[i / 32] = total;
+}
+template [[host_name("affine_f32")]] [[kernel]] decltype(affine<float>) affine<float>;
+"""
+
+
+def test_project_headers_through_an_include_path(tmp_path, monkeypatch):
+    path = _mlx_tree(tmp_path)
+    x0 = np.arange(64, dtype=np.float32) * 0.25 - 3
+    want = 2 * x0 + 16
+
+    def run(lib):
+        x, s = _dev(x0), metal.DeviceArray.zeros(2, np.float32)
+        lib.function("affine_f32")(x, s, threads=64, threads_per_threadgroup=64)
+        np.testing.assert_array_equal(x.numpy(), want)
+        np.testing.assert_allclose(s.numpy(), want.reshape(2, 32).sum(axis=1), rtol=1e-6)
+
+    run(metal.compile(AFFINE, str(path), include_dirs=[tmp_path]))
+    monkeypatch.setenv("CAMEL_INCLUDE_PATH", str(tmp_path))  # the same, for every compile
+    run(metal.compile(AFFINE + "// env\n", str(path)))
+
+
+def test_include_path_errors_name_the_header(tmp_path):
+    path = _mlx_tree(tmp_path)
+    with pytest.raises(metal.CompileError) as info:  # no include path: not found, not "C++"
+        metal.compile(AFFINE, str(path))
+    msg = str(info.value)
+    assert "affine.metal:1: '#include <mlx/backend/metal/kernels/utils.h>': not found" in msg
+    assert "in the include path" in msg and "include_dirs=" in msg, msg
+    # a project header that pulls in the C++ standard library is refused, naming its line
+    ops = tmp_path / "mlx" / "backend" / "metal" / "kernels" / "steel" / "ops.h"
+    ops.write_text("#pragma once\n#include <metal_stdlib>\n#include <vector>\n")
+    with pytest.raises(metal.CompileError) as info:
+        metal.compile(AFFINE, str(path), include_dirs=[tmp_path])
+    msg = str(info.value)
+    assert f"{ops}:3: includes " in msg and "standard-library header" in msg, msg
+
+
+# llama.cpp's kernel_mul_mm and flash attention: half tiles multiplied into a float
+# accumulator (d = a * b + c, a and b simdgroup_half8x8, c and d simdgroup_float8x8), a
+# float tile times a half one, and simdgroup_multiply of half tiles into a float one.
+MIXED_MMA = """
+kernel void mixed(device const half* A [[buffer(0)]], device const half* B [[buffer(1)]],
+                  device const float* C [[buffer(2)]], device float* D [[buffer(3)]],
+                  device float* E [[buffer(4)]], device float* F [[buffer(5)]],
+                  ushort lane [[thread_index_in_simdgroup]]) {
+    simdgroup_float8x8 acc;
+    simdgroup_load(acc, C, 8);
+    for (short k = 0; k < 24; k += 8) {             // (8, 24) x (24, 8): three K steps
+        simdgroup_half8x8 a, b;
+        simdgroup_load(a, A + k, 24);
+        simdgroup_load(b, B + k * 8, 8);
+        simdgroup_multiply_accumulate(acc, a, b, acc);
+    }
+    simdgroup_store(acc, D, 8);
+    simdgroup_half8x8 a0, b0;
+    simdgroup_load(a0, A, 24);
+    simdgroup_load(b0, B, 8);
+    simdgroup_float8x8 p;
+    simdgroup_multiply(p, a0, b0);                  // half x half -> float
+    simdgroup_float8x8 q = make_filled_simdgroup_matrix<float, 8>(0.5f);
+    simdgroup_multiply_accumulate(q, p, b0, q);     // float x half + float
+    simdgroup_store(p, E, 8);
+    simdgroup_store(q, F, 8);
+}
+"""
+
+
+def test_half_operands_float_accumulator_multiply_accumulate():
+    lib = _compile(MIXED_MMA, "mixed_mma.metal")
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((8, 24)).astype(np.float16)  # half-rounded inputs
+    b = rng.standard_normal((24, 8)).astype(np.float16)
+    c = rng.standard_normal((8, 8)).astype(np.float32)
+    d, e, f = (metal.DeviceArray.zeros((8, 8), np.float32) for _ in range(3))
+    lib.function("mixed")(
+        _dev(a), _dev(b), _dev(c), d, e, f, threads=32, threads_per_threadgroup=32
+    )
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    want_d = c + a64 @ b64  # every half product is exact in float; float sums
+    want_e = a64[:, :8] @ b64[:8]
+    want_f = 0.5 + want_e.astype(np.float32).astype(np.float64) @ b64[:8]
+    # float accumulation: within a few float ulps (a half accumulator is ~1e-3 off)
+    for got, want in [(d, want_d), (e, want_e), (f, want_f)]:
+        err = np.abs(got.numpy() - want).max() / np.abs(want).max()
+        assert err < 1e-6, err
+
+
 # ---- functions and expressions ---------------------------------------------------------------
 def test_madhi():
     lib = _compile(

@@ -11,11 +11,13 @@
 //   camel_cuda_compile    the above, then clang -x cuda --cuda-device-only -S
 //                         -> PTX for sm_<arch>, cached on disk: key = hash of the
 //                         source, its path, the arch, the compiler (path, size,
-//                         mtime), the headers' contents and this library
+//                         mtime), the headers' contents, this library and the
+//                         project headers it included (<key>.deps, as the simulator)
 //
 // Environment:
 //   CAMEL_CUDA_CXX      compiler (default: clang++-19, clang++-18, clang++-17, clang++)
 //   CAMEL_CUDA_INCLUDE  directory of the CUDA <metal_stdlib> (default: next to this library)
+//   CAMEL_INCLUDE_PATH  ':'-separated directories searched for project headers (as the simulator)
 //   CAMEL_CUDA_VERBOSE  1: print cache hits and compiler commands to stderr
 //   XDG_CACHE_HOME      cache root (default ~/.cache); PTX goes to camel/cuda/
 #include <dirent.h>
@@ -219,16 +221,22 @@ std::string temp_base(const std::string &dir, const std::string &key) {
     return dir + "/" + key + ".tmp." + std::to_string(getpid()) + "." + std::to_string(g_counter++);
 }
 
-// MSL -> CUDA (steps 1-4 above). `tmp` is a path prefix for scratch files.
+// MSL -> CUDA (steps 1-4 above). `tmp` is a path prefix for scratch files; `headers`
+// receives the project headers the source included (clang -MMD, for the cache key).
 int translate(const std::string &src, const char *path, const std::string &display,
               const std::string &cxx, const std::string &inc, const std::string &tmp,
-              std::string &cuda, std::string &kernels, std::string &err) {
-    if (!check_includes(src, display, err, "[cuda] ")) return 1;
+              std::string &cuda, std::string &kernels, std::vector<std::string> &headers,
+              std::string &err) {
+    std::string include_env;
+    std::vector<std::string> dirs = include_dirs(path, include_env);
+    if (!check_includes(src, display, err, dirs, "[cuda] ")) return 1;
     std::string src_file = tmp + ".metal", pre_file = tmp + ".pre", log_file = tmp + ".log";
+    std::string dep_file = tmp + ".d";
     auto cleanup = [&]() {
         unlink(src_file.c_str());
         unlink(pre_file.c_str());
         unlink(log_file.c_str());
+        unlink(dep_file.c_str());
     };
     if (!write_file(src_file, src)) {
         err = "[cuda] cannot write " + src_file + ": " + strerror(errno);
@@ -236,10 +244,11 @@ int translate(const std::string &src, const char *path, const std::string &displ
     }
     std::vector<std::string> pre = {cxx, "-E", "-x", "c++", "-std=c++17", "-isystem", inc,
                                     "-D__METAL_VERSION__=310", "-D__CAMEL_CUDA__=1"};
-    if (path && *path) pre.push_back("-I" + dirname_of(path));  // #include "common.h" next to the file
-    pre.insert(pre.end(), {src_file, "-o", pre_file});
+    for (const std::string &d : dirs) pre.push_back("-I" + d);  // the file's directory, CAMEL_INCLUDE_PATH
+    pre.insert(pre.end(), {"-MMD", "-MF", dep_file, src_file, "-o", pre_file});
     int rc = run(pre, log_file);
     std::string clang_log, preprocessed, body;
+    headers = read_deps(dep_file, src_file);
     read_file(log_file, clang_log);
     replace_all(clang_log, src_file, display);
     if (rc != 0) {
@@ -253,6 +262,7 @@ int translate(const std::string &src, const char *path, const std::string &displ
         return 1;
     }
     cleanup();
+    if (!check_system_headers(preprocessed, inc, display, src_file, err, "[cuda] ")) return 1;
     if (!rewrite_msl_for(TARGET_CUDA, preprocessed, src_file, display, body, err, kernels)) return 1;
     std::string header, mode;
     if (!matrix_mode_define(mode, err)) return 1;
@@ -311,6 +321,7 @@ extern "C" int camel_cuda_translate(const char *source, const char *path, char *
     *kernels = nullptr;
     *log = nullptr;
     std::string err, cuda, desc;
+    std::vector<std::string> headers;
     Setup s;
     if (!setup(path, s, err)) {
         *log = dup_string(err);
@@ -318,7 +329,7 @@ extern "C" int camel_cuda_translate(const char *source, const char *path, char *
     }
     const char *tmpdir = getenv("TMPDIR");
     std::string tmp = temp_base(tmpdir && *tmpdir ? tmpdir : "/tmp", "camel-cuda-translate");
-    if (translate(source ? source : "", path, s.display, s.cxx, s.inc, tmp, cuda, desc, err)) {
+    if (translate(source ? source : "", path, s.display, s.cxx, s.inc, tmp, cuda, desc, headers, err)) {
         *log = dup_string(err);
         return 1;
     }
@@ -369,13 +380,19 @@ extern "C" int camel_cuda_compile(const char *source, const char *path, int arch
         h.add(&st.st_mtime, sizeof st.st_mtime);
     }
     hash_headers(h, s.inc);
+    std::string include_env;
+    for (const std::string &d : include_dirs(path, include_env)) h.add(d);  // where headers are found
     std::string key = h.hex();
     std::string dir = usable_cache_dir(err);
     if (dir.empty()) {
         *log = dup_string(err);
         return 1;
     }
-    std::string base = dir + "/" + key + ".sm_" + std::to_string(arch);
+    // the project headers the last compile of this key read count too (translate.cpp)
+    std::vector<std::string> headers;
+    recorded_headers(dir, key, headers);
+    std::string sm = ".sm_" + std::to_string(arch);
+    std::string base = dir + "/" + key_with_headers(key, headers) + sm;
     std::string ptx_text, desc;
     if (read_file(base + ".ptx", ptx_text) && read_file(base + ".kernels", desc)) {
         if (verbose()) fprintf(stderr, "[cuda] cache hit %s -> %s.ptx\n", s.display.c_str(), base.c_str());
@@ -385,10 +402,11 @@ extern "C" int camel_cuda_compile(const char *source, const char *path, int arch
     }
 
     std::string tmp = temp_base(dir, key), cuda;
-    if (translate(src, path, s.display, s.cxx, s.inc, tmp, cuda, desc, err)) {
+    if (translate(src, path, s.display, s.cxx, s.inc, tmp, cuda, desc, headers, err)) {
         *log = dup_string(err);
         return 1;
     }
+    base = dir + "/" + key_with_headers(key, headers) + sm;
     std::string cu_file = tmp + ".cu", ptx_file = tmp + ".ptx", log_file = tmp + ".log",
                 desc_file = tmp + ".kernels";
     auto cleanup = [&]() {
@@ -439,6 +457,7 @@ extern "C" int camel_cuda_compile(const char *source, const char *path, int arch
         cleanup();
         return 1;
     }
+    record_headers(dir, key, headers, tmp + ".deps");
     cleanup();
     *ptx = dup_string(ptx_text);
     *kernels = dup_string(desc);

@@ -2,7 +2,9 @@
 //
 //   1. look in the on-disk cache: key = hash of the source, its path, the
 //      flags (CAMEL_SIM_SANITIZE), the compiler (path, size, mtime), the
-//      compat headers' contents and this library; a hit costs a hash and a stat
+//      compat headers' contents and this library, and of the project headers
+//      the last compile of that key read (<key>.deps, from clang -MMD); a hit
+//      costs a hash, reading those headers and a stat
 //   2. portability guard on the raw source (#include <vector> ...)
 //   3. clang -E against the compat headers (shim/sim/include, as system headers)
 //   4. the token rewrite (translate_rewrite.cpp): MSL -> C++ plus entry wrappers
@@ -12,6 +14,8 @@
 // Environment:
 //   CAMEL_SIM_CXX       compiler to use (default: clang++-19 ... clang++-16, clang++)
 //   CAMEL_SIM_INCLUDE   directory of the compat <metal_stdlib>
+//   CAMEL_INCLUDE_PATH  ':'-separated directories searched for project headers
+//                       (#include <mlx/...> or "..."), after the source's own
 //   CAMEL_SIM_SANITIZE  address,undefined: build kernels with ASan/UBSan
 //   CAMEL_SIM_VERBOSE   1: print cache hits and compiler commands to stderr
 //   XDG_CACHE_HOME      cache root (default ~/.cache); kernels go to camel/sim/
@@ -357,6 +361,110 @@ void hash_headers(Hasher &h, const std::string &inc) {
     if (read_file(inc + "/../sim_abi.h", content)) h.add(content);
 }
 
+std::vector<std::string> include_dirs(const char *path, std::string &env) {
+    std::vector<std::string> dirs;
+    if (path && *path) dirs.push_back(dirname_of(path));  // #include "common.h" next to the file
+    const char *v = getenv("CAMEL_INCLUDE_PATH");
+    env = v ? v : "";
+    for (size_t i = 0; i < env.size();) {
+        size_t e = env.find(':', i);
+        if (e == std::string::npos) e = env.size();
+        std::string d = env.substr(i, e - i);
+        char real[4096];
+        if (!d.empty()) dirs.push_back(realpath(d.c_str(), real) ? real : d);
+        i = e + 1;
+    }
+    return dirs;
+}
+
+// ---- project headers in the cache key ------------------------------------
+// The key hashes the source, not what it includes. So each compile has clang list
+// the project headers it read (-MMD: the compat headers, system headers, are left
+// out) and records them in <cache>/<key>.deps, one absolute path a line; the library
+// is then stored under a second key that also hashes those headers' contents. A
+// lookup reads <key>.deps (if any) and hashes the headers as they are now, so an
+// edited header makes a new key. A source that includes no project header has no
+// .deps and its library is <key>.so, as before.
+
+// The headers in clang's dependency file ("out: src.metal a.h \\\n  b\\ c.h"),
+// without `source` itself, as absolute paths.
+std::vector<std::string> read_deps(const std::string &dep_file, const std::string &source) {
+    std::vector<std::string> out;
+    std::string text;
+    if (!read_file(dep_file, text)) return out;
+    size_t colon = text.find(": ");
+    if (colon == std::string::npos) return out;
+    std::string cur;
+    auto flush = [&]() {
+        if (!cur.empty() && cur != source) {
+            char real[4096];
+            out.push_back(realpath(cur.c_str(), real) ? real : cur);
+        }
+        cur.clear();
+    };
+    for (size_t i = colon + 2; i < text.size(); i++) {
+        char c = text[i];
+        if (c == '\\' && i + 1 < text.size() && (text[i + 1] == '\n' || text[i + 1] == '\r')) {
+            flush();  // a continuation line
+            i++;
+        } else if (c == '\\' && i + 1 < text.size() && (text[i + 1] == ' ' || text[i + 1] == '#')) {
+            cur += text[++i];
+        } else if (c == '$' && i + 1 < text.size() && text[i + 1] == '$') {
+            cur += text[++i];
+        } else if (c == ' ' || c == '\t' || c == '\n' || c == '\r') {
+            flush();
+        } else {
+            cur += c;
+        }
+    }
+    flush();
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+    return out;
+}
+
+// key, extended by each header's path and content (a missing one counts as missing).
+std::string key_with_headers(const std::string &key, const std::vector<std::string> &headers) {
+    if (headers.empty()) return key;
+    Hasher h;
+    h.add(key);
+    std::string content;
+    for (const std::string &p : headers) {
+        h.add(p);
+        if (read_file(p, content)) h.add(content);
+        else h.add(std::string("\0missing", 8));
+    }
+    return h.hex();
+}
+
+// The headers the last compile of `key` read: <dir>/<key>.deps. False if there is none.
+bool recorded_headers(const std::string &dir, const std::string &key, std::vector<std::string> &out) {
+    std::string text;
+    out.clear();
+    if (!read_file(dir + "/" + key + ".deps", text)) return false;
+    for (size_t i = 0; i < text.size();) {
+        size_t e = text.find('\n', i);
+        if (e == std::string::npos) e = text.size();
+        if (e > i) out.push_back(text.substr(i, e - i));
+        i = e + 1;
+    }
+    return true;
+}
+
+// Record them (or, for none, remove a stale record); written to `tmp` and renamed.
+void record_headers(const std::string &dir, const std::string &key, const std::vector<std::string> &headers,
+                    const std::string &tmp) {
+    std::string deps = dir + "/" + key + ".deps";
+    if (headers.empty()) {
+        unlink(deps.c_str());
+        return;
+    }
+    std::string text;
+    for (const std::string &p : headers) text += p + "\n";
+    if (write_file(tmp, text)) rename(tmp.c_str(), deps.c_str());
+    unlink(tmp.c_str());
+}
+
 }  // namespace camel_sim
 
 extern "C" int camel_sim_compile(const char *source, const char *path, char **so_path, char **log) {
@@ -403,13 +511,18 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
         h.add(&st.st_mtime, sizeof st.st_mtime);
     }
     hash_headers(h, inc);
+    std::string include_env;
+    std::vector<std::string> dirs = include_dirs(path, include_env);
+    for (const std::string &d : dirs) h.add(d);  // where a header is found is part of the key
     std::string key = h.hex();
     std::string dir = usable_cache_dir(err);
     if (dir.empty()) {
         *log = dup_string(err);
         return 1;
     }
-    std::string so = dir + "/" + key + ".so";
+    std::vector<std::string> headers;
+    recorded_headers(dir, key, headers);
+    std::string so = dir + "/" + key_with_headers(key, headers) + ".so";
     if (file_exists(so)) {
         if (verbose()) fprintf(stderr, "[sim] cache hit %s -> %s\n", display.c_str(), so.c_str());
         *so_path = dup_string(so);
@@ -417,7 +530,7 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     }
 
     // ---- 2. portability guard on the raw source ---------------------------
-    if (!camel_sim::check_includes(src, display, err)) {
+    if (!camel_sim::check_includes(src, display, err, dirs)) {
         *log = dup_string(err);
         return 1;
     }
@@ -426,10 +539,11 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     std::string tmp = dir + "/" + key + ".tmp." + std::to_string(getpid()) + "." +
                       std::to_string(g_counter++);
     std::string src_file = tmp + ".metal", pre_file = tmp + ".pre", log_file = tmp + ".log";
-    std::string cpp_file = tmp + ".ii", so_tmp = tmp + ".so";
+    std::string cpp_file = tmp + ".ii", so_tmp = tmp + ".so", dep_file = tmp + ".d";
     auto cleanup = [&]() {
         unlink(src_file.c_str());
         unlink(pre_file.c_str());
+        unlink(dep_file.c_str());
         unlink(log_file.c_str());
         unlink(cpp_file.c_str());
         unlink(so_tmp.c_str());
@@ -444,17 +558,21 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     // ---- 3. preprocess ------------------------------------------------------
     std::vector<std::string> pre = {cxx, "-E", "-x", "c++", "-std=c++17", "-isystem", inc,
                                     "-D__METAL_VERSION__=310", "-D__METAL_SIM__=1"};
-    if (path && *path) pre.push_back("-I" + dirname_of(path));  // #include "common.h" next to the file
-    pre.insert(pre.end(), {src_file, "-o", pre_file});
+    for (const std::string &d : dirs) pre.push_back("-I" + d);  // the file's directory, CAMEL_INCLUDE_PATH
+    pre.insert(pre.end(), {"-MMD", "-MF", dep_file, src_file, "-o", pre_file});  // -MMD: the headers read
     int rc = run(pre, log_file);
     std::string clang_log;
     read_file(log_file, clang_log);
     replace_all(clang_log, src_file, display);
     if (rc != 0) return fail(clang_log.empty() ? "[sim] could not run " + cxx : clang_log);
+    headers = read_deps(dep_file, src_file);
+    std::string lib_key = key_with_headers(key, headers);
+    so = dir + "/" + lib_key + ".so";
 
     // ---- 4. rewrite ---------------------------------------------------------
     std::string preprocessed, cpp;
     if (!read_file(pre_file, preprocessed)) return fail("[sim] cannot read " + pre_file);
+    if (!camel_sim::check_system_headers(preprocessed, inc, display, src_file, err)) return fail(err);
     if (!camel_sim::rewrite_msl(preprocessed, src_file, display, cpp, err)) return fail(err);
     if (!write_file(cpp_file, cpp)) return fail("[sim] cannot write " + cpp_file);
 
@@ -507,9 +625,10 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
                     (clang_log.empty() ? "could not run " + cxx : clang_log));
 
     // keep the translated C++ next to the library, for the curious
-    rename(cpp_file.c_str(), (dir + "/" + key + ".cpp").c_str());
+    rename(cpp_file.c_str(), (dir + "/" + lib_key + ".cpp").c_str());
     if (rename(so_tmp.c_str(), so.c_str()) != 0)
         return fail("[sim] cannot rename " + so_tmp + " to " + so + ": " + strerror(errno));
+    record_headers(dir, key, headers, tmp + ".deps");  // after the library: a reader finds both
     cleanup();
     *so_path = dup_string(so);
     return 0;

@@ -35,9 +35,22 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
                      const std::string &display, std::string &out, std::string &errors,
                      std::string &kernels);
 
-// Scan the raw source for #include of C/C++ standard-library headers.
-bool check_includes(const std::string &source, const std::string &display,
-                    std::string &errors, const char *prefix = "[sim] ");
+// Scan the raw source for #include of C/C++ standard-library headers: an
+// `#include <name>` must be one of Metal's (<metal_*>, <simd/...>) or a project
+// header found in one of `dirs` (the include path, see include_dirs()).
+bool check_includes(const std::string &source, const std::string &display, std::string &errors,
+                    const std::vector<std::string> &dirs, const char *prefix = "[sim] ");
+
+// The same for what the source's headers include, from the preprocessed text: a
+// system header (not one of the compat headers under `inc`) entered from a user file.
+bool check_system_headers(const std::string &preprocessed, const std::string &inc,
+                          const std::string &display, const std::string &main_file,
+                          std::string &errors, const char *prefix = "[sim] ");
+
+// The include path of a compile: the directory of `path` (if given), then the
+// directories of $CAMEL_INCLUDE_PATH (':'-separated, made absolute), in clang's
+// search order. `env` receives the variable's value (it goes into the cache key).
+std::vector<std::string> include_dirs(const char *path, std::string &env);
 
 // ---- helpers of translate.cpp, shared with the CUDA translator --------------
 char *dup_string(const std::string &s);
@@ -53,6 +66,15 @@ void replace_all(std::string &s, const std::string &from, const std::string &to)
 // clang's log made readable for the author of the .metal file (see translate.cpp).
 std::string tidy_log(const std::string &log, const std::string &display, const std::string &source,
                      const std::string &inc);
+
+// Project headers in the cache key (translate.cpp): the headers in clang's -MMD
+// output but `source`; `key` extended by their paths and contents (key itself for
+// none); the list recorded for a key in <dir>/<key>.deps, and writing it (through tmp).
+std::vector<std::string> read_deps(const std::string &dep_file, const std::string &source);
+std::string key_with_headers(const std::string &key, const std::vector<std::string> &headers);
+bool recorded_headers(const std::string &dir, const std::string &key, std::vector<std::string> &out);
+void record_headers(const std::string &dir, const std::string &key, const std::vector<std::string> &headers,
+                    const std::string &tmp);
 
 // Two independent 64-bit FNV-style hashes, as 32 hex digits.
 struct Hasher {

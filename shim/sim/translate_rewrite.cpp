@@ -1185,10 +1185,23 @@ struct Rewriter {
         return false;
     }
 
+    // A '{' at j in a declaration opens a braced initialiser (`x{}`, `a[4]{}`), not a
+    // class body (`struct { float v; } s`, `struct S { ... } s`).
+    bool braced_init(size_t j) {
+        auto tag = [&](size_t i) {
+            return is(i, "struct") || is(i, "class") || is(i, "union") || is(i, "enum");
+        };
+        if (j < 2) return false;
+        if (is(j - 1, "]")) return true;
+        return S(j - 1).kind == IDENT && !tag(j - 1) && !tag(j - 2);
+    }
+
     // threadgroup at k. In a function body at the start of a declaration that
     // declares storage (no * or &), it becomes a reference into the group's
     // threadgroup memory: threadgroup float tile[16][16];
     //   -> auto &tile = *__camel_tg<float[16][16]>();
+    // An initialiser (`= {0}`, `{}`; MLX and Skia's SkSL ship them) sets no value:
+    // it is dropped, and the variable starts as all threadgroup memory does (NaN).
     void threadgroup(size_t k, bool in_function, bool kernel_body) {
         bool stmt_start = k > 0 && (is(k - 1, ";") || is(k - 1, "{") || is(k - 1, "}"));
         if (!in_function || !stmt_start) {
@@ -1206,13 +1219,17 @@ struct Rewriter {
             end++;
         }
         // split into declarators at top-level commas; the type is what comes
-        // before the first declarator's name
+        // before the first declarator's name. inits[d]: where declarator d's
+        // initialiser (`= v`, `= {0}`, `{}`) begins, its end if it has none.
         std::vector<std::pair<size_t, size_t>> decls;
-        size_t a = k + 1;
+        std::vector<size_t> inits;
+        size_t a = k + 1, init_at = 0;
         depth = 0;
         int angle = 0;
         for (size_t j = k + 1; j <= end; j++) {
             const std::string &x = txt(j);
+            if (depth == 0 && angle <= 0 && !init_at && (x == "=" || (x == "{" && braced_init(j))))
+                init_at = j;
             if (x == "(" || x == "[" || x == "{") depth++;
             if (x == ")" || x == "]" || x == "}") depth--;
             if (depth == 0 && x == "<") angle++;
@@ -1220,16 +1237,17 @@ struct Rewriter {
             if (depth == 0 && x == ">>") angle -= 2;
             if (j == end || (x == "," && depth == 0 && angle <= 0)) {
                 decls.push_back({a, j});
+                inits.push_back(init_at ? init_at : j);
                 a = j + 1;
+                init_at = 0;
             }
-            if (depth == 0 && angle <= 0 && (x == "*" || x == "&" || x == "=")) {
-                if (x == "=") error_at(j, "threadgroup variables cannot have initializers in Metal");
+            if (depth == 0 && angle <= 0 && !init_at && (x == "*" || x == "&")) {
                 blank(k);  // a pointer or reference to threadgroup memory
                 return;
             }
         }
-        // first declarator: type tokens, then the name, then [dims]
-        size_t first_end = decls[0].second;
+        // first declarator: type tokens, then the name, then [dims], then {}
+        size_t first_end = inits[0];
         size_t name_at = first_end;
         for (size_t j = k + 1; j < first_end; j++)
             if (is(j, "[")) {
@@ -1251,6 +1269,8 @@ struct Rewriter {
                             "atomic_float in device memory only");
         if (target == TARGET_CUDA) {  // CUDA has the same thing: one allocation per declaration
             S(k).out = "__shared__";
+            for (size_t d = 0; d < decls.size(); d++)  // CUDA rejects any __shared__ initialiser
+                for (size_t j = inits[d]; j < decls[d].second; j++) S(j).out = "";
             tg_storage.push_back(k);
             return;
         }
@@ -1258,7 +1278,7 @@ struct Rewriter {
         for (size_t j = k + 1; j < name_at; j++) type += txt(j) + " ";
         std::string text;
         for (size_t d = 0; d < decls.size(); d++) {
-            size_t da = d == 0 ? name_at : decls[d].first, db = decls[d].second;
+            size_t da = d == 0 ? name_at : decls[d].first, db = inits[d];
             std::string name = txt(da), dims;
             for (size_t j = da + 1; j < db; j++) dims += txt(j);
             text += "auto &" + name + " = *__camel_tg<" + type + dims + ">();";
@@ -2518,11 +2538,13 @@ struct Rewriter {
 }  // namespace
 
 bool check_includes(const std::string &source, const std::string &display, std::string &errors,
-                    const char *prefix) {
+                    const std::vector<std::string> &dirs, const char *prefix) {
     static const char *const allowed_prefix[] = {"metal_", "simd/", nullptr};
     int line = 1;
     size_t i = 0;
     bool ok = true;
+    std::string searched;  // for the message
+    for (const std::string &d : dirs) searched += (searched.empty() ? "" : ", ") + d;
     while (i <= source.size()) {
         size_t e = source.find('\n', i);
         if (e == std::string::npos) e = source.size();
@@ -2537,16 +2559,76 @@ bool check_includes(const std::string &source, const std::string &display, std::
                     bool allowed = false;
                     for (int k = 0; allowed_prefix[k]; k++)
                         if (name.compare(0, strlen(allowed_prefix[k]), allowed_prefix[k]) == 0) allowed = true;
-                    if (!allowed) {
-                        errors += prefix + display + ":" + std::to_string(line) + ": '#include <" +
-                                  name + ">': Metal has no C or C++ standard library; include "
+                    for (const std::string &d : dirs)  // a project header in the include path
+                        if (!allowed && file_exists(d + "/" + name)) allowed = true;
+                    std::string where = prefix + display + ":" + std::to_string(line) + ": '#include <" + name + ">': ";
+                    if (allowed) {
+                    } else if (name.find('/') == std::string::npos) {
+                        errors += where + "Metal has no C or C++ standard library; include "
                                   "<metal_stdlib> and use its functions\n";
+                        ok = false;
+                    } else {
+                        errors += where + "not found in the include path (" +
+                                  (searched.empty() ? std::string("empty") : searched) +
+                                  "); for a project header, pass the directory it is relative to: "
+                                  "camel.metal.compile(..., include_dirs=[dir]) or CAMEL_INCLUDE_PATH\n";
                         ok = false;
                     }
                 }
             }
         }
         line++;
+        i = e + 1;
+    }
+    return ok;
+}
+
+// Headers from outside the project (the system's C/C++ library) that a project
+// header pulled in: clang -E's line markers (`# 1 "file" 1 3` enters a system
+// header) show which file included which. Entering a system header that is not
+// one of ours (under `inc`) from a user file is the standard library.
+bool check_system_headers(const std::string &pre, const std::string &inc, const std::string &display,
+                          const std::string &main_file, std::string &errors, const char *prefix) {
+    struct File {
+        std::string name;
+        bool system;
+        int line;  // the line the next marker follows
+    };
+    std::vector<File> stack = {{main_file, false, 0}};
+    bool ok = true;
+    for (size_t i = 0; i < pre.size();) {
+        size_t e = pre.find('\n', i);
+        if (e == std::string::npos) e = pre.size();
+        if (pre[i] == '#' && i + 1 < e && pre[i + 1] == ' ') {
+            std::string l = pre.substr(i, e - i);
+            size_t q1 = l.find('"'), q2 = l.rfind('"');
+            if (q1 != std::string::npos && q2 > q1) {
+                int n = atoi(l.c_str() + 2);
+                std::string file = l.substr(q1 + 1, q2 - q1 - 1), flags = l.substr(q2 + 1);
+                bool enter = flags.find(" 1") != std::string::npos;
+                bool leave = flags.find(" 2") != std::string::npos;
+                bool system = flags.find(" 3") != std::string::npos;
+                if (file.empty() || file[0] == '<') {  // <built-in>, <command line>
+                } else if (enter) {
+                    const File &from = stack.back();
+                    bool ours = file.compare(0, inc.size() + 1, inc + "/") == 0;
+                    if (system && !ours && !from.system) {
+                        std::string who = from.name == main_file ? display : from.name;
+                        errors += prefix + who + ":" + std::to_string(from.line) + ": includes " +
+                                  file + ", a C or C++ standard-library header (Metal has none); "
+                                  "include <metal_stdlib> and use its functions\n";
+                        ok = false;
+                    }
+                    stack.push_back({file, system, n});
+                } else {  // leaving for `file` (the includer), or a new line number in it
+                    if (leave)
+                        while (stack.size() > 1 && stack.back().name != file) stack.pop_back();
+                    stack.back().line = n;
+                }
+            }
+        } else {
+            stack.back().line++;
+        }
         i = e + 1;
     }
     return ok;

@@ -261,7 +261,8 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 
-template <class T, int C, int R> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
+// make_filled_simdgroup_matrix<float, 8>(v): Rows defaults to Cols, as in the simulator
+template <class T, int C, int R = C> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
     simdgroup_matrix<T, C, R> m;
     m.__e[0] = m.__e[1] = v;
     m.__t = m.__e;
@@ -328,9 +329,10 @@ template <class T> inline void __camel_b_column_pair(const simdgroup_matrix<T, 8
 }
 
 // d = a * b + c exactly in FP32 (c may be null: d = a * b). d[r][c] = c[r][c] + sum_k a[r][k] b[k][c].
-template <class T>
-inline void __camel_mma_fp32(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matrix<T, 8, 8> &a,
-                             const simdgroup_matrix<T, 8, 8> &b, const simdgroup_matrix<T, 8, 8> *c) {
+// The operands may differ in element type (half tiles into a float accumulator).
+template <class TD, class TA, class TB, class TC>
+inline void __camel_mma_fp32(simdgroup_matrix<TD, 8, 8> &d, const simdgroup_matrix<TA, 8, 8> &a,
+                             const simdgroup_matrix<TB, 8, 8> &b, const simdgroup_matrix<TC, 8, 8> *c) {
     uint32_t l = __camel_laneid(), r = l / 4, q = l % 4;
     float d0 = c ? (float)c->__e[0] : 0.0f, d1 = c ? (float)c->__e[1] : 0.0f;
 #pragma unroll
@@ -341,8 +343,8 @@ inline void __camel_mma_fp32(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matri
         d0 = __builtin_fmaf(ak, b0, d0);
         d1 = __builtin_fmaf(ak, b1, d1);
     }
-    d.__e[0] = (T)d0;
-    d.__e[1] = (T)d1;
+    d.__e[0] = (TD)d0;
+    d.__e[1] = (TD)d1;
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(CAMEL_CUDA_MATRIX_FP32)
@@ -376,9 +378,10 @@ inline void __camel_trap_unless_full_warp() {
 }
 #endif
 
-template <class T>
-inline void __camel_mma(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matrix<T, 8, 8> &a,
-                        const simdgroup_matrix<T, 8, 8> &b, const simdgroup_matrix<T, 8, 8> *c) {
+// (half operands are exact in TF32: their small parts are 0)
+template <class TD, class TA, class TB, class TC>
+inline void __camel_mma(simdgroup_matrix<TD, 8, 8> &d, const simdgroup_matrix<TA, 8, 8> &a,
+                        const simdgroup_matrix<TB, 8, 8> &b, const simdgroup_matrix<TC, 8, 8> *c) {
 #ifdef __CAMEL_MATRIX_TF32X3
     __camel_trap_unless_full_warp();
     float bt[2];
@@ -396,23 +399,25 @@ inline void __camel_mma(simdgroup_matrix<T, 8, 8> &d, const simdgroup_matrix<T, 
     __camel_mma_tf32(d4, {0u, abig[0], 0u, abig[1]}, bsmall, d4);
     // An inf or NaN operand makes its row's and column's FP32 result inf or NaN, and
     // c + big * big is that already; the cross terms would turn inf * 0 into NaN there.
-    d.__e[0] = (T)(isfinite(d4[0]) ? d4[0] + d4[2] : d4[0]);
-    d.__e[1] = (T)(isfinite(d4[1]) ? d4[1] + d4[3] : d4[1]);
+    d.__e[0] = (TD)(isfinite(d4[0]) ? d4[0] + d4[2] : d4[0]);
+    d.__e[1] = (TD)(isfinite(d4[1]) ? d4[1] + d4[3] : d4[1]);
 #else
     __camel_need_full_warp("simdgroup_multiply");
     __camel_mma_fp32(d, a, b, c);
 #endif
     d.__t_ok = false;
 }
-template <class T, int M, int N, int K>
-inline void simdgroup_multiply(simdgroup_matrix<T, N, M> &d, const simdgroup_matrix<T, K, M> &a,
-                               const simdgroup_matrix<T, N, K> &b) {
-    __camel_mma<T>(d, a, b, nullptr);
+// a and b of float or half each, as on Apple GPUs (llama.cpp: half tiles, float
+// accumulator); c and d of one type
+template <class TD, class TA, class TB, int M, int N, int K>
+inline void simdgroup_multiply(simdgroup_matrix<TD, N, M> &d, const simdgroup_matrix<TA, K, M> &a,
+                               const simdgroup_matrix<TB, N, K> &b) {
+    __camel_mma<TD, TA, TB, TD>(d, a, b, nullptr);
 }
-template <class T, int M, int N, int K>
+template <class T, class TA, class TB, int M, int N, int K>
 inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, N, M> &d,
-                                          const simdgroup_matrix<T, K, M> &a,
-                                          const simdgroup_matrix<T, N, K> &b,
+                                          const simdgroup_matrix<TA, K, M> &a,
+                                          const simdgroup_matrix<TB, N, K> &b,
                                           const simdgroup_matrix<T, N, M> &c) {
-    __camel_mma<T>(d, a, b, &c);
+    __camel_mma<T, TA, TB, T>(d, a, b, &c);
 }

@@ -1329,20 +1329,25 @@ inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong el
                                 sizeof(P), index, values);
 }
 
-template <class T, int M, int N, int K> struct __camel_mat_mul_in {
-    const simdgroup_matrix<T, K, M> *a;  // M rows, K columns
-    const simdgroup_matrix<T, N, K> *b;  // K rows, N columns
-    const simdgroup_matrix<T, N, M> *c;  // M rows, N columns, or null
+// The operands may differ in element type (float or half each): llama.cpp's kernels
+// multiply half tiles into a float accumulator (d = a * b + c, a and b half, c and d
+// float) and a float tile by a half one. Every product is formed and summed in float,
+// in k order, and rounded once to d's type.
+template <class TA, class TB, class TC, int M, int N, int K> struct __camel_mat_mul_in {
+    const simdgroup_matrix<TA, K, M> *a;  // M rows, K columns
+    const simdgroup_matrix<TB, N, K> *b;  // K rows, N columns
+    const simdgroup_matrix<TC, N, M> *c;  // M rows, N columns, or null
 };
 // Every lane hands over pointers to its own parts of a, b (and c): gather the
 // three matrices whole, then give each lane its two elements of the result
 // (d may be c: nothing is written before everything is read).
-template <class T, int M, int N, int K>
+template <class TD, class TA, class TB, class TC, int M, int N, int K>
 int __camel_resolve_mat_mul(camel_sim_lane *lanes, uint32_t mask, const void *, const char **error) {
     if (__camel_need_full_simdgroup(mask, "simdgroup_multiply", error)) return 1;
     float a[M][K], b[K][N], c[M][N];
     for (uint32_t l = 0; l < 32; l++) {
-        const __camel_mat_mul_in<T, M, N, K> *in = (const __camel_mat_mul_in<T, M, N, K> *)lanes[l].in;
+        const __camel_mat_mul_in<TA, TB, TC, M, N, K> *in =
+            (const __camel_mat_mul_in<TA, TB, TC, M, N, K> *)lanes[l].in;
         __camel_frag f = __camel_frag_of(l);
         for (uint32_t j = 0; j < 2; j++) {
             a[f.row][f.col + j] = (float)in->a->__v[j];
@@ -1352,33 +1357,35 @@ int __camel_resolve_mat_mul(camel_sim_lane *lanes, uint32_t mask, const void *, 
     }
     for (uint32_t l = 0; l < 32; l++) {
         __camel_frag f = __camel_frag_of(l);
-        simdgroup_matrix<T, N, M> *d = (simdgroup_matrix<T, N, M> *)lanes[l].out;
+        simdgroup_matrix<TD, N, M> *d = (simdgroup_matrix<TD, N, M> *)lanes[l].out;
         for (uint32_t j = 0; j < 2; j++) {
             float s = c[f.row][f.col + j];
             for (int k = 0; k < K; k++) s += a[f.row][k] * b[k][f.col + j];
-            d->__v[j] = (T)s;
+            d->__v[j] = (TD)s;
         }
     }
     return 0;
 }
 // d = a * b
-template <class T, int M, int N, int K>
-inline void simdgroup_multiply(simdgroup_matrix<T, N, M> &d, const simdgroup_matrix<T, K, M> &a,
-                               const simdgroup_matrix<T, N, K> &b, __CAMEL_SITE) {
-    __camel_mat_mul_in<T, M, N, K> in{&a, &b, nullptr};
+template <class TD, class TA, class TB, int M, int N, int K>
+inline void simdgroup_multiply(simdgroup_matrix<TD, N, M> &d, const simdgroup_matrix<TA, K, M> &a,
+                               const simdgroup_matrix<TB, N, K> &b, __CAMEL_SITE) {
+    __camel_mat_mul_in<TA, TB, TD, M, N, K> in{&a, &b, nullptr};
     const camel_sim_thread *t = __camel_cur;
-    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_mul<T, M, N, K>, &in, &d, nullptr);
+    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_mul<TD, TA, TB, TD, M, N, K>, &in,
+                                &d, nullptr);
     __camel_cur = t;
 }
-// d = a * b + c
-template <class T, int M, int N, int K>
+// d = a * b + c; c and d of one type (the accumulator)
+template <class T, class TA, class TB, int M, int N, int K>
 inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, N, M> &d,
-                                          const simdgroup_matrix<T, K, M> &a,
-                                          const simdgroup_matrix<T, N, K> &b,
+                                          const simdgroup_matrix<TA, K, M> &a,
+                                          const simdgroup_matrix<TB, N, K> &b,
                                           const simdgroup_matrix<T, N, M> &c, __CAMEL_SITE) {
-    __camel_mat_mul_in<T, M, N, K> in{&a, &b, &c};
+    __camel_mat_mul_in<TA, TB, T, M, N, K> in{&a, &b, &c};
     const camel_sim_thread *t = __camel_cur;
-    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_mul<T, M, N, K>, &in, &d, nullptr);
+    __camel_rt->simd_collective(t, __CAMEL_AT, __camel_resolve_mat_mul<T, TA, TB, T, M, N, K>, &in,
+                                &d, nullptr);
     __camel_cur = t;
 }
 
