@@ -140,11 +140,12 @@ VARIANTS: dict[str, Rung] = {
     ]
 }  # fmt: skip
 
-# Defaults when the autotuner has no entry: the rung expected fastest on an Apple GPU
-# (public results: simdgroup_matrix kernels reach MPS; not yet measured on one), on the CUDA
-# shim the measured fastest rung (v9: 27 TFLOP/s at 4096^3 on an H200, where v11 gave 5.4:
-# docs/cuda.md), and on the simulator the rung that is quickest to simulate (few threads per
-# group, few barriers; measured in docs/stage3.md).
+# Defaults when the autotuner has no entry. On an Apple GPU v11, a guess, not a measurement:
+# no Apple GPU has timed this ladder (gemm-metal's README has a tiled simdgroup_matrix kernel
+# fastest on M2 Pro/M3 chips; docs/stage3.md's v11 section gives no reason to expect v11 to
+# beat v10). On the CUDA shim the measured fastest rung (v9: 26.5 TFLOP/s at 4096^3 on an
+# H200, where v11 gave 14.5: docs/cuda.md). On the simulator the rung that is quickest to
+# simulate (few threads per group, few barriers; measured in docs/stage3.md).
 DEFAULT_GPU = "11"
 DEFAULT_CUDA = "9"
 DEFAULT_SIM = "9"

@@ -610,6 +610,9 @@ FLASH_RUNG(8, 64, 32, 32, 64, 64, false, true, true, true, true, false, true)
 // flash_backward_dq / _dkv: every thread reads all the rows of the other side from device
 // memory itself. flash_backward_dq_tiled / _dkv_tiled (the default): the same arithmetic,
 // with those rows shared through threadgroup memory (see docs/stage5b.md).
+// Light on device memory (no (T, S) buffer), heavy on registers: scalar code, no
+// simdgroup_matrix, and the dK/dV kernels keep 4·D floats a thread (kr, vr, dka, dva:
+// 512 at D = 128, more than a thread's registers), so expect spills at D = 128.
 
 // delta[row] = dO[row, :] · O[row, :]. One thread per row of (B*H*T, D).
 kernel void flash_backward_delta(device const float* o [[buffer(0)]],
