@@ -2074,9 +2074,13 @@ struct Rewriter {
     //   - a threadgroup pointer (a parameter, a local whose type or initialiser says
     //     threadgroup, an auto local from a threadgroup name, a struct or alias with a
     //     threadgroup member, the word itself, as in a cast) may be any threadgroup memory;
-    //   - device memory is all one (buffers may overlap): two pieces conflict through it
-    //     when one of them names a pointer or reference that can write it (not to const);
-    //   - moving a pointer (`C += offset;`, `p = q;`, `p++;`) touches nothing.
+    //   - device memory is all one (buffers may overlap), written through a pointer or
+    //     reference not to const;
+    //   - a read (`t[i]`, `p[i]`: every subscript, then no assignment, ++, --, call; not
+    //     under &, not passed whole) does not race with a read;
+    //   - setting a pointer (`C += offset;`, `T *p = (T *)As4;`, `p++;`) touches nothing.
+    // A loop every thread runs alike may run no round at all (the code before it meets the
+    // code after it) unless its start and bound are literals that say it runs one.
     enum { SH_TG_ARRAY = 1, SH_TG_PTR = 2, SH_DEV_READ = 4, SH_DEV_WRITE = 8 };
     struct Shared {
         std::map<std::string, int> kind;     // name -> SH_* bits
@@ -2275,9 +2279,10 @@ struct Rewriter {
 
     // What the tokens [a, b) of one piece touch, added to t.
     void touch_range(size_t a, size_t b, const Shared &sh, Touch &t) {
-        auto boundary = [&](size_t k) {
-            return is(k, ";") || is(k, "{") || is(k, "}") || is(k, "(") || is(k, ")") || is(k, ",");
+        auto starts = [&](size_t k) {  // a statement, or the body of an if or a for, begins
+            return k < a || is(k, ";") || is(k, "{") || is(k, "}") || is(k, ")");
         };
+        auto ends = [&](size_t k) { return is(k, ";") || is(k, ")"); };
         for (size_t k = a; k < b; k++) {
             if (k == a || is(k - 1, ";") || is(k - 1, "{") || is(k - 1, "}")) {
                 size_t past = pointer_move(k, b, sh);
@@ -2293,11 +2298,11 @@ struct Rewriter {
                 continue;
             auto f = sh.kind.find(txt(k));
             if (f == sh.kind.end()) continue;
-            if (sh.pointers.count(txt(k))) {  // p = q; p += n; p++; ++p;
-                bool moves = (is(k + 1, "=") || is(k + 1, "+=") || is(k + 1, "-=") || is(k + 1, "++") ||
-                              is(k + 1, "--")) && k > 0 && boundary(k - 1);
-                bool pre = k > 1 && (is(k - 1, "++") || is(k - 1, "--")) && boundary(k - 2);
-                if (moves || pre) continue;
+            if (sh.pointers.count(txt(k))) {  // p = q; p += n; p++; ++p; (q, n as they are)
+                bool assigns = (is(k + 1, "=") || is(k + 1, "+=") || is(k + 1, "-=")) && starts(k - 1);
+                bool steps = (is(k + 1, "++") || is(k + 1, "--")) && starts(k - 1) && ends(k + 2);
+                bool pre = k > 1 && (is(k - 1, "++") || is(k - 1, "--")) && starts(k - 2) && ends(k + 1);
+                if (assigns || steps || pre) continue;
             }
             bool pointer = sh.pointers.count(txt(k)) != 0;
             if (f->second & SH_TG_ARRAY) {
