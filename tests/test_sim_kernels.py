@@ -890,18 +890,6 @@ kernel void non_uniform_load(device const float *x [[buffer(0)]],
     simdgroup_store(m, out);
 }
 
-// No barrier between the write before the loop and the first read of a neighbour's slot.
-kernel void write_before_loop(device float *out [[buffer(0)]],
-                              uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float slot[64];
-    slot[t] = float(t);
-    float acc = 0.0f;
-    for (uint step = 0; step < 2; step++) {
-        acc += slot[(t + 1) % 64];
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-    }
-    out[t] = acc;
-}
 """
 
 
@@ -1034,20 +1022,3 @@ def test_printf_in_kernel_with_barriers_and_simd_functions(capfd):
     expected = sorted(f"group {g} partial {sum(range(32 * g, 32 * g + 32)):.6f}" for g in range(32))
     assert lines == expected
     np.testing.assert_array_equal(out.numpy(), sum(range(32)))
-
-
-def test_known_gap_barrier_regions_enter_a_loop_together(monkeypatch):
-    # As barrier regions (the default for such a kernel) every thread has done its write
-    # before any thread runs the loop's first stretch, as if a barrier were there; on the
-    # fibers (forward order) thread 0 reads slot 1 before thread 1 has written it.
-    monkeypatch.setenv("CAMEL_SIM_ORDER", "forward")
-    lib = M.compile(GAPS_SRC, "gaps.metal")
-    want = 2.0 * ((np.arange(64) + 1) % 64)
-    got = {}
-    for regions in ("1", "0"):
-        monkeypatch.setenv("CAMEL_SIM_REGIONS", regions)
-        out = M.DeviceArray.zeros((64,))
-        run(lib.function("write_before_loop"), out, threadgroups=1, threads_per_threadgroup=64)
-        got[regions] = out.numpy().copy()
-    np.testing.assert_array_equal(got["1"], want)  # the gap: a GPU may not give this
-    assert got["0"][0] != want[0]  # the race, on fibers

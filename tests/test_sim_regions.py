@@ -5,6 +5,8 @@ kernels on fibers. These tests check that the checking features still work: the 
 change what a missing barrier reads, a loop whose trip count differs between threads is an
 error, a crash names the thread, and every result equals the fibers' and NumPy's."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -135,6 +137,68 @@ kernel void loop_writes_k(device float *out [[buffer(0)]],
     out[lid] = t[lid];
 }
 
+// No barrier between the write before the loop and the loop's first read of a
+// neighbour's slot: a loop that ends with a barrier, run as regions, would have every
+// thread write before any reads, as if a barrier stood before the loop.
+kernel void write_before_loop(device float *out [[buffer(0)]],
+                              uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float slot[64];
+    slot[t] = float(t);
+    float acc = 0.0f;
+    for (uint step = 0; step < 2; step++) {
+        acc += slot[(t + 1) % 64];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    out[t] = acc;
+}
+
+// The same race through a pointer into the array, and through device memory.
+kernel void write_through_pointer_before_loop(device float *out [[buffer(0)]],
+                                              uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float slot[64];
+    threadgroup float *mine = slot + t;
+    *mine = float(t);
+    float acc = 0.0f;
+    for (uint step = 0; step < 2; step++) {
+        acc += slot[(t + 1) % 64];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    out[t] = acc;
+}
+kernel void write_device_before_loop(device float *out [[buffer(0)]],
+                                     uint t [[thread_index_in_threadgroup]]) {
+    out[t] = float(t);
+    float acc = 0.0f;
+    for (uint step = 0; step < 2; step++) {
+        acc += out[(t + 1) % 64];
+        threadgroup_barrier(mem_flags::mem_device);
+    }
+    out[64 + t] = acc;
+}
+
+// The mirror: no barrier between the loop's last write and the read after the loop. A
+// loop that begins with a barrier, run as regions, would have every thread finish its
+// last round before any goes on (here the trip count comes from a buffer: every thread
+// evaluates the condition).
+kernel void read_after_loop(device float *out [[buffer(0)]], constant uint &steps [[buffer(1)]],
+                            uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float slot[64];
+    for (uint step = 0; step < steps; step++) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        slot[t] = float(t + 64 * step);
+    }
+    out[t] = slot[(t + 1) % 64];
+}
+kernel void read_after_uniform_loop(device float *out [[buffer(0)]],
+                                    uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float slot[64];
+    for (uint step = 0; step < 2; step++) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        slot[t] = float(t + 64 * step);
+    }
+    out[t] = slot[(t + 1) % 64];
+}
+
 kernel void crash_after_barrier(device float *out [[buffer(0)]],
                                 uint lid [[thread_index_in_threadgroup]]) {
     threadgroup float t[64];
@@ -187,6 +251,35 @@ def test_a_loop_missing_its_closing_barrier_shows_the_race(lib, monkeypatch):
             np.testing.assert_array_equal(stale, lid >= 32)
         elif order == "reverse":
             np.testing.assert_array_equal(stale, lid < 32)
+
+
+# Thread t reads slot t + 1 with no barrier after thread t + 1 wrote it: in forward order
+# threads 0-62 read before their neighbour writes (the slot's start, NaN, or round 0's
+# value), in reverse order thread 63 does (slot 0).
+ENTRY = ["write_before_loop", "write_through_pointer_before_loop", "write_device_before_loop"]
+EXIT = ["read_after_loop", "read_after_uniform_loop"]
+
+
+@pytest.mark.parametrize("regions", ["1", "0"])
+@pytest.mark.parametrize("name", ENTRY + EXIT)
+def test_a_race_across_a_loops_entry_or_exit_shows(lib, monkeypatch, regions, name):
+    monkeypatch.setenv("CAMEL_SIM_REGIONS", regions)
+    lid = np.arange(64)
+    after = (lid + 1) % 64
+    race_free = 2.0 * after if name in ENTRY else after + 64.0
+    for order in ORDERS:
+        monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+        out = M.DeviceArray.from_numpy(np.full(128, np.nan, np.float32))
+        args = (out, np.uint32(2)) if name == "read_after_loop" else (out,)
+        run(lib.function(name), *args, threadgroups=1, threads_per_threadgroup=64)
+        got = out.numpy()[64:] if name == "write_device_before_loop" else out.numpy()[:64]
+        stale = got != race_free  # NaN != anything
+        if order == "forward":
+            np.testing.assert_array_equal(stale, lid < 63)
+        elif order == "reverse":
+            np.testing.assert_array_equal(stale, lid == 63)
+        else:
+            assert stale.any() and not stale.all()
 
 
 @pytest.mark.parametrize("regions", ["1", "0"])
@@ -263,3 +356,28 @@ def test_verbose_says_which_kernels_keep_the_fibers(monkeypatch, tmp_path, capfd
     assert "[sim] uneven_loop: barrier regions" in err
     assert "[sim] loop_missing_end_barrier: fibers" in err
     assert "[sim] shift_rounds: barrier regions" in err  # its body begins with a barrier
+    # after its loop it reads a thread's own slot, which the loop's last stretch writes
+    # (and reads others'): no race across the exit, so the regions show the missing barrier
+    assert "[sim] shift_rounds_missing_barrier: barrier regions" in err
+    for name in ENTRY + EXIT:  # the line numbers of the two stretches, as the fibers
+        assert re.search(rf"\[sim\] {name}: fibers \(no barrier between line \d+ and line \d+, "
+                         r"which both touch (threadgroup|device) memory", err), name  # fmt: skip
+
+
+def test_the_kernels_that_need_the_regions_keep_them(monkeypatch, tmp_path, capfd):
+    # the GEMM ladder's K loops and the reductions' trees: a thread's own slot, pointers
+    # set up before a loop, device memory on one side of a loop's entry only
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CAMEL_SIM_VERBOSE", "1")
+    for name in ("ops_matmul.metal", "ops_reduce.metal"):
+        M.compile((M.SHADERS_DIR / name).read_text(), name)
+    err = capfd.readouterr().err
+    got = set(re.findall(r"\[sim\] (\w+): barrier regions", err))
+    gemm = ["v3_tiled", "v4_blocktile1d", "v5_blocktile2d", "v6_vec4", "v7_64x64x8_4x4",
+            "v8_128x128x16_8x8", "v9_128x64x16_8x4", "v13_prefetch_128x64x16_8x4"]  # fmt: skip
+    tuning = [f"tile_{s}" for s in ("32x32x8_4x4", "64x64x16_4x4", "64x64x8_8x8", "64x128x16_8x8",
+                                    "128x128x8_8x4", "128x128x32_8x8")]  # fmt: skip
+    tuning += [f"pftile_{s}" for s in ("64x64x16_4x4", "128x64x8_8x4", "128x128x8_8x8")]
+    reductions = {"sum_axis_blocks_float", "sum_axis_blocks_float4"}
+    want = {f"matmul_{k}" for k in gemm + tuning} | reductions
+    assert got == want

@@ -252,6 +252,9 @@ struct Param {
     bool pointer = false;
     bool reference = false;
     std::string builtin;  // for CAMEL_SIM_PARAM_BUILTIN: the attribute name
+    std::string space;    // "device", "constant", "threadgroup" or ""
+    bool pointee_const = false;  // const before the '*' or '&': memory it cannot write
+    std::set<std::string> type_words;  // the identifiers of its type
 };
 
 struct Kernel {
@@ -1106,9 +1109,13 @@ struct Rewriter {
             if (depth == 0 && (x == "&" || x == "&&")) p.reference = true;
             if (x == "threadgroup") space_tg = true;
             if (x == "device" || x == "constant") space_buf = true;
+            if (depth == 0 && is_space(x)) p.space = x;
+            if (depth == 0 && x == "const" && !p.pointer && !p.reference) p.pointee_const = true;
             if (S(j).kind == IDENT && depth == 0) name_at = j;
         }
         p.name = name_at ? txt(name_at) : "";
+        for (size_t j = a; j < name_at; j++)
+            if (S(j).kind == IDENT) p.type_words.insert(txt(j));
         int line = S(a).line;
         for (auto &at : attrs) {
             if (at.name == "buffer") {
@@ -1772,7 +1779,9 @@ struct Rewriter {
     // in one region and used in another) lives in an array indexed by the thread. A
     // loop around barriers is entered when every thread's condition holds; when only
     // some threads' does, that is the error the fibers report as a partial barrier.
-    // A loop around barriers must end or begin with one (its back edge acts as one).
+    // A loop around barriers must end or begin with one (its back edge acts as one), and
+    // nowhere else may a region boundary with no barrier of the kernel's (a loop's entry
+    // or exit) hide a race through shared memory: walk_pieces.
     // Anything else (a barrier under an `if`, `return`, `break`, a SIMD-group function,
     // a template kernel, a parameter the kernel assigns to, ...) keeps the fibers.
     struct RItem {
@@ -2065,6 +2074,393 @@ struct Rewriter {
         rg.uniform_vars.insert(v.name);
     }
 
+    // ---- the barriers the regions add ----------------------------------------
+    // The region code runs a kernel as pieces, each one loop over the threads: the
+    // statements between two barriers or loop boundaries, and a loop's init, condition
+    // and increment (of a loop every thread runs alike, only its body). Every thread
+    // finishes a piece before any thread starts the next one, so where two pieces follow
+    // each other with no barrier of the kernel's between them (the code before a loop and
+    // the loop's first stretch, its last stretch and the code after it, the condition and
+    // either) the regions add a barrier that a GPU does not have. It hides a race when one
+    // thread's piece touches memory that another thread's later piece touches: the fibers
+    // run each thread from barrier to barrier, in the schedule's order, and show it. So
+    // the regions take a kernel only if no two pieces of one stretch between barriers (on
+    // any path) touch the same shared memory; then every schedule gives what it gives on
+    // the fibers. Touching is decided by name, erring towards "touches":
+    //   - a threadgroup array of the kernel is its own memory; `t[lid]` (lid the kernel's
+    //     thread_index_in_threadgroup, never assigned or declared again; a subscript per
+    //     dimension; not under &) is the thread's own element, which no other thread's
+    //     `t[lid]` is;
+    //   - a threadgroup pointer (a parameter, a local whose type or initialiser says
+    //     threadgroup, an auto local from a threadgroup name, a struct or alias with a
+    //     threadgroup member, the word itself, as in a cast) may be any threadgroup memory;
+    //   - device memory is all one (buffers may overlap), written through a pointer or
+    //     reference not to const;
+    //   - a read (`t[i]`, `p[i]`: every subscript, then no assignment, ++, --, call; not
+    //     under &, not passed whole) does not race with a read;
+    //   - setting a pointer (`C += offset;`, `T *p = (T *)As4;`, `p++;`) touches nothing.
+    // A loop every thread runs alike may run no round at all (the code before it meets the
+    // code after it) unless its start and bound are literals that say it runs one.
+    enum { SH_TG_ARRAY = 1, SH_TG_PTR = 2, SH_DEV_READ = 4, SH_DEV_WRITE = 8 };
+    struct Shared {
+        std::map<std::string, int> kind;     // name -> SH_* bits
+        std::map<std::string, size_t> dims;  // threadgroup array -> its dimensions
+        std::set<std::string> pointers;      // assigning one moves a pointer
+        std::string lid;                     // thread_index_in_threadgroup, "" if not usable
+    };
+    struct Use {  // lines of the first access and of the first that may write (0: none)
+        int any = 0, write = 0;
+        void add(int line, bool w) {
+            if (!any) any = line;
+            if (w && !write) write = line;
+        }
+        void add(const Use &u) {
+            if (!any) any = u.any;
+            if (!write) write = u.write;
+        }
+    };
+    struct Touch {
+        // threadgroup array -> its use as the thread's own element (t[lid]), and its other use
+        std::map<std::string, std::pair<Use, Use>> arrays;
+        Use tg_ptr, tg, dev;  // through threadgroup pointers; all threadgroup memory; device
+    };
+
+    // Statement bounds around sig index j inside (a, b): past the last ; { } ( before it,
+    // up to the next ; { } after it.
+    std::pair<size_t, size_t> stmt_around(size_t j, size_t a, size_t b) {
+        size_t s = j, e = j;
+        while (s > a && !is(s - 1, ";") && !is(s - 1, "{") && !is(s - 1, "}") && !is(s - 1, "("))
+            s--;
+        while (e < b && !is(e, ";") && !is(e, "{") && !is(e, "}")) e++;
+        return {s, e};
+    }
+
+    Shared shared_names(const Kernel &kn, size_t a, size_t b, const std::set<size_t> &tg,
+                        const std::set<std::string> &modified) {
+        Shared sh;
+        for (size_t k : tg) {  // threadgroup TYPE name[d]..., name2[d]...;
+            for (size_t j = k + 1; j < b && !is(j, ";"); j++) {
+                if (is(j, "<") || is(j, "[") || is(j, "(")) {
+                    j = match(j) - 1;
+                    continue;
+                }
+                if (S(j).kind != IDENT || !(is(j + 1, "[") || is(j + 1, ",") || is(j + 1, ";")))
+                    continue;
+                size_t d = 0;
+                for (size_t q = j + 1; is(q, "["); q = match(q)) d++;
+                sh.kind[txt(j)] |= SH_TG_ARRAY;
+                sh.dims[txt(j)] = d;
+            }
+        }
+        // Types that hold a pointer with an address space: structs with such a member,
+        // aliases of such a pointer (at any scope of the user's code).
+        std::set<std::string> holders;
+        auto holds = [&](size_t j) {
+            return is(j, "threadgroup") || is(j, "device") || holders.count(txt(j));
+        };
+        for (size_t n = ~(size_t)0; n != holders.size();) {  // until no new one: a struct of holders
+            n = holders.size();
+            for (auto &df : definitions) {
+                if (!df.is_class) continue;
+                bool spaces = false;
+                for (size_t j = df.open; j < df.close; j++) spaces = spaces || holds(j);
+                for (size_t j = df.stmt; j < df.open && spaces; j++)
+                    if ((is(j, "struct") || is(j, "class") || is(j, "union")) && S(j + 1).kind == IDENT)
+                        holders.insert(txt(j + 1));
+            }
+            for (size_t k = 0; k < sig.size(); k++) {
+                if (!S(k).user || !(is(k, "typedef") || (is(k, "using") && is(k + 2, "=")))) continue;
+                size_t e = k;
+                bool spaces = false;
+                for (; e < sig.size() && !is(e, ";"); e++) {
+                    spaces = spaces || holds(e);
+                    if (is(e, "{")) e = match(e) - 1;  // typedef struct { ... } name;
+                }
+                if (spaces) holders.insert(is(k, "using") ? txt(k + 1) : txt(e - 1));
+            }
+        }
+        for (auto &p : kn.params) {
+            if (p.name.empty()) continue;
+            int kind = 0;
+            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP || p.space == "threadgroup") kind |= SH_TG_PTR;
+            if (p.space == "device") kind |= SH_DEV_READ | (p.pointee_const ? 0 : SH_DEV_WRITE);
+            for (auto &w : p.type_words)
+                if (holders.count(w)) kind |= SH_TG_PTR | SH_DEV_READ | SH_DEV_WRITE;
+            if (kind) sh.kind[p.name] |= kind;
+            if (kind && p.pointer && !p.reference) sh.pointers.insert(p.name);
+            if (p.kind == CAMEL_SIM_PARAM_BUILTIN && p.builtin == "thread_index_in_threadgroup" &&
+                !modified.count(p.name))
+                sh.lid = p.name;
+        }
+        // Locals: the names a statement declares, when its type says threadgroup or device,
+        // names a holder, or is deduced (auto, decltype) from a shared name. Until nothing
+        // changes (an auto local from an auto local).
+        for (bool changed = true; changed;) {
+            changed = false;
+            for (size_t j = a; j < b; j++) {
+                bool space = is(j, "threadgroup") || is(j, "device");
+                bool deduced = is(j, "auto") || is(j, "decltype");
+                if (tg.count(j) || !(space || deduced || holders.count(txt(j)))) continue;
+                auto r = stmt_around(j, a, b);
+                int kind = is(j, "threadgroup") ? SH_TG_PTR : 0;
+                if (is(j, "device")) {
+                    kind |= SH_DEV_READ | SH_DEV_WRITE;
+                    for (size_t q = r.first; q < r.second && !is(q, "*") && !is(q, "&"); q++)
+                        if (is(q, "const")) kind &= ~SH_DEV_WRITE;  // device const float *p
+                }
+                if (holders.count(txt(j))) kind |= SH_TG_PTR | SH_DEV_READ | SH_DEV_WRITE;
+                for (size_t q = r.first; q < r.second && deduced; q++) {
+                    auto f = sh.kind.find(txt(q));
+                    if (f != sh.kind.end() && S(q).kind == IDENT)
+                        kind |= (f->second & SH_TG_ARRAY ? SH_TG_PTR : 0) | (f->second & ~SH_TG_ARRAY);
+                }
+                if (!kind) continue;
+                bool init = false;  // in a declarator's initialiser (after its =)
+                for (size_t q = r.first + 1; q < r.second; q++) {
+                    if (is(q, "(") || is(q, "[")) {
+                        q = match(q) - 1;
+                        continue;
+                    }
+                    if (is(q, "=") || is(q, ",")) init = is(q, "=");
+                    if (S(q).kind != IDENT || init) continue;
+                    bool declared = is(q - 1, "*") || is(q - 1, "&") || is(q - 1, "&&") ||
+                                    S(q - 1).kind == IDENT || is(q - 1, ">") ||
+                                    (is(q - 1, ")") && deduced);
+                    bool ends = is(q + 1, "=") || is(q + 1, ";") || is(q + 1, ",") || is(q + 1, "[") ||
+                                is(q + 1, ")") || is(q + 1, ":") || is(q + 1, "(") || q + 1 == r.second;
+                    if (!declared || !ends || (sh.kind.count(txt(q)) && sh.kind[txt(q)] & SH_TG_ARRAY))
+                        continue;
+                    int &have = sh.kind[txt(q)];
+                    if ((have | kind) != have) changed = true;
+                    have |= kind;
+                    if (is(q - 1, "*")) sh.pointers.insert(txt(q));
+                }
+            }
+        }
+        // lid must be the builtin wherever it is named: not declared again in a block
+        // (`uint lid`, `T *lid`, `const T &lid`; `a * lid` is no declaration)
+        for (size_t k = 2; k < b && !sh.lid.empty(); k++) {
+            if (k < a || txt(k) != sh.lid) continue;
+            bool ptr = (is(k - 1, "*") || is(k - 1, "&")) && S(k - 2).kind == IDENT &&
+                       (is(k - 3, ";") || is(k - 3, "{") || is(k - 3, "}") || is(k - 3, "(") ||
+                        S(k - 3).kind == IDENT);
+            if (S(k - 1).kind == IDENT || ptr) sh.lid.clear();
+        }
+        return sh;
+    }
+
+    // Is the statement from s (a statement start) to the next ';' within b one that only
+    // sets a pointer: `T *p = e;`, `p = e;`, `p += e;` (p a shared name's pointer) with e
+    // pointer arithmetic on shared names (no subscript, member, call or * on one)? Then
+    // it touches no shared memory: the index past its ';', else 0.
+    size_t pointer_move(size_t s, size_t b, const Shared &sh) {
+        size_t e = s, eq = 0;
+        for (; e < b && !is(e, ";"); e++) {
+            if (is(e, "(") || is(e, "[") || is(e, "{")) {
+                e = match(e) - 1;
+            } else if (is(e, ",")) {
+                return 0;  // more than one declarator or expression
+            } else if (!eq && (is(e, "=") || is(e, "+=") || is(e, "-="))) {
+                eq = e;
+            }
+        }
+        if (e >= b || !eq || S(eq - 1).kind != IDENT || !sh.pointers.count(txt(eq - 1))) return 0;
+        bool decl = eq >= s + 3 && is(eq - 2, "*") && is(eq, "=") &&
+                    (S(eq - 3).kind == IDENT || is(eq - 3, ">"));  // T *p = e; (not *p = e;)
+        if (eq - 1 != s && !decl) return 0;                    // p = e;
+        for (size_t q = eq + 1; q < e; q++) {
+            if (is(q, "*") && (is(q + 1, "(") || sh.kind.count(txt(q + 1)))) return 0;  // *p, *(p + 1)
+            if (is(q, "(") && q > 0 && (S(q - 1).kind == IDENT || is(q - 1, ">") || is(q - 1, "]"))) {
+                for (size_t r = q + 1; r + 1 < match(q); r++)  // a call (or T(x)) given a shared name
+                    if (S(r).kind == IDENT && sh.kind.count(txt(r))) return 0;
+                q = match(q) - 1;
+                continue;
+            }
+            if (S(q).kind == IDENT && sh.kind.count(txt(q)) &&
+                (is(q + 1, "[") || is(q + 1, "->") || is(q + 1, ".") || is(q + 1, "(")))
+                return 0;
+        }
+        return e + 1;
+    }
+
+    // Is the access at k (a shared name, `subs` subscripts after it) one that only reads:
+    // name[i]..., then members, then no assignment, ++, --, call; not under &, ++, --; not
+    // a whole argument (a callee may take it by reference)?
+    bool only_reads(size_t k, size_t subs) {
+        size_t j = k + 1, n = 0;
+        for (; is(j, "["); j = match(j)) n++;
+        if (n != subs) return false;
+        while ((is(j, ".") || is(j, "->")) && S(j + 1).kind == IDENT) j += 2;
+        if (is_assign_op(j) || is(j, "(") || is(j, "[")) return false;
+        if (k > 0 && (is(k - 1, "&") || is(k - 1, "++") || is(k - 1, "--"))) return false;
+        bool whole_arg = k > 0 && (is(k - 1, "(") || is(k - 1, ",")) && (is(j, ",") || is(j, ")"));
+        return !whole_arg;
+    }
+
+    // What the tokens [a, b) of one piece touch, added to t.
+    void touch_range(size_t a, size_t b, const Shared &sh, Touch &t) {
+        auto starts = [&](size_t k) {  // a statement, or the body of an if or a for, begins
+            return k < a || is(k, ";") || is(k, "{") || is(k, "}") || is(k, ")");
+        };
+        auto ends = [&](size_t k) { return is(k, ";") || is(k, ")"); };
+        for (size_t k = a; k < b; k++) {
+            if (k == a || is(k - 1, ";") || is(k - 1, "{") || is(k - 1, "}")) {
+                size_t past = pointer_move(k, b, sh);
+                if (past) {
+                    k = past - 1;
+                    continue;
+                }
+            }
+            int line = S(k).line;
+            if (is(k, "threadgroup")) t.tg_ptr.add(line, true), t.tg.add(line, true);  // a cast
+            if (is(k, "device")) t.dev.add(line, true);
+            if (S(k).kind != IDENT || (k > 0 && (is(k - 1, ".") || is(k - 1, "->") || is(k - 1, "::"))))
+                continue;
+            auto f = sh.kind.find(txt(k));
+            if (f == sh.kind.end()) continue;
+            if (sh.pointers.count(txt(k))) {  // p = q; p += n; p++; ++p; (q, n as they are)
+                bool assigns = (is(k + 1, "=") || is(k + 1, "+=") || is(k + 1, "-=")) && starts(k - 1);
+                bool steps = (is(k + 1, "++") || is(k + 1, "--")) && starts(k - 1) && ends(k + 2);
+                bool pre = k > 1 && (is(k - 1, "++") || is(k - 1, "--")) && starts(k - 2) && ends(k + 1);
+                if (assigns || steps || pre) continue;
+            }
+            bool pointer = sh.pointers.count(txt(k)) != 0;
+            if (f->second & SH_TG_ARRAY) {
+                auto d = sh.dims.find(txt(k));
+                size_t dims = d == sh.dims.end() ? 0 : d->second;
+                bool own = !sh.lid.empty() && dims > 0 && is(k + 1, "[") && txt(k + 2) == sh.lid &&
+                           is(k + 3, "]") && !(k > 0 && is(k - 1, "&"));
+                for (size_t j = k + 1, n = 0; own; j = match(j), n++)
+                    if (!is(j, "[")) {
+                        own = n == dims;  // every subscript: an element, not a row
+                        break;
+                    }
+                bool w = !only_reads(k, dims);
+                auto &use = t.arrays[txt(k)];
+                (own ? use.first : use.second).add(line, w);
+                t.tg.add(line, w);
+            }
+            if (f->second & SH_TG_PTR) {
+                bool w = !(pointer && only_reads(k, 1));
+                t.tg_ptr.add(line, w);
+                t.tg.add(line, w);
+            }
+            if (f->second & SH_DEV_READ)
+                t.dev.add(line, (f->second & SH_DEV_WRITE) && !only_reads(k, pointer ? 1 : 0));
+        }
+    }
+
+    // All of p into state (what the pieces of a stretch touched).
+    static void merge(Touch &state, const Touch &p) {
+        for (auto &x : p.arrays) {
+            auto &use = state.arrays[x.first];
+            use.first.add(x.second.first);
+            use.second.add(x.second.second);
+        }
+        state.tg_ptr.add(p.tg_ptr);
+        state.tg.add(p.tg);
+        state.dev.add(p.dev);
+    }
+
+    // Does piece p touch what an earlier piece of its stretch (state) touched, one of the
+    // two writing? Then why says where.
+    bool conflict(const Touch &state, const Touch &p, std::string &why) {
+        auto clash = [&](const Use &x, const Use &y, const std::string &what) {
+            if (!x.any || !y.any || !(x.write || y.write)) return false;
+            int l1 = y.write ? x.any : x.write, l2 = y.write ? y.write : y.any;
+            std::string a = std::to_string(std::min(l1, l2)), b = std::to_string(std::max(l1, l2));
+            why = (a == b ? "no barrier between two stretches of line " + a
+                          : "no barrier between line " + a + " and line " + b) +
+                  ", which both touch " + what + ", and the barrier regions would add one";
+            return true;
+        };
+        for (auto &x : p.arrays) {  // one thread's own element is no other thread's
+            auto have = state.arrays.find(x.first);
+            if (have == state.arrays.end()) continue;
+            const std::string what = "threadgroup memory '" + x.first + "'";
+            const Use &s_own = have->second.first, &s_other = have->second.second;
+            if (clash(s_other, x.second.second, what) || clash(s_other, x.second.first, what) ||
+                clash(s_own, x.second.second, what))
+                return true;
+        }
+        return clash(state.tg_ptr, p.tg, "threadgroup memory") ||
+               clash(state.tg, p.tg_ptr, "threadgroup memory") ||
+               clash(state.dev, p.dev, "device memory");
+    }
+
+    // Does a loop every thread runs alike go round at least once? Only said for a literal
+    // start and a comparison with a literal: `for (uint k = 0; k < 6; k++)`.
+    bool runs_once(const RItem &it, const RegionGen &rg) {
+        auto d = rg.decl_at.find(it.init_a);
+        if (d == rg.decl_at.end() || d->second.size() != 1) return false;
+        const RDecl &v = d->second[0];
+        if (v.init_b != v.init_a + 1 || S(v.init_a).kind != NUMBER || it.cond_b != it.cond_a + 3)
+            return false;
+        bool left = txt(it.cond_a) == v.name;  // k < 6, or 6 > k
+        size_t lit = left ? it.cond_a + 2 : it.cond_a;
+        if (S(lit).kind != NUMBER || txt(left ? it.cond_a : it.cond_a + 2) != v.name) return false;
+        long long k = strtoll(txt(v.init_a).c_str(), nullptr, 0);
+        long long n = strtoll(txt(lit).c_str(), nullptr, 0);
+        if (!left) std::swap(k, n);  // 6 > k: the test as written, the literal first
+        const std::string &op = txt(it.cond_a + 1);
+        if (op == "<") return k < n;
+        if (op == "<=") return k <= n;
+        if (op == ">") return k > n;
+        if (op == ">=") return k >= n;
+        return op == "!=" && k != n;
+    }
+
+    // Walks items the way region_items runs them; state: what the pieces since the last
+    // barrier touched, on any path. False (why says where) when a piece touches what an
+    // earlier piece of its stretch touched.
+    bool walk_pieces(const std::vector<RItem> &items, Touch &state, const Shared &sh,
+                     const RegionGen &rg, std::string &why) {
+        Touch cur;
+        auto piece = [&](Touch &p) {
+            if (conflict(state, p, why)) return false;
+            merge(state, p);
+            p = Touch();
+            return true;
+        };
+        auto part = [&](size_t a, size_t b) {
+            Touch p;
+            touch_range(a, b, sh, p);
+            return piece(p);
+        };
+        for (auto &it : items) {
+            if (it.kind == RItem::STMT) {
+                if (!rg.tg.count(it.a)) touch_range(it.a, it.b, sh, cur);
+                continue;
+            }
+            if (!piece(cur)) return false;
+            if (it.kind == RItem::BARRIER) {
+                state = Touch();
+                continue;
+            }
+            bool uniform = rg.uniform_loops.count(it.a) != 0;  // no init, cond, incr pieces
+            if (!uniform && !part(it.init_a, it.init_b)) return false;
+            // The loop is left after a condition fails, or, every thread running it alike,
+            // after the body; also before it when it may run no round at all.
+            Touch entry = state, exit = uniform && !runs_once(it, rg) ? state : Touch(), back;
+            // Twice: the first round's end (what the back edge carries) does not depend
+            // on its start, as the body has a barrier at its top level.
+            for (int round = 0; round < 2; round++) {
+                state = entry;
+                merge(state, back);
+                if (!uniform) {
+                    if (!part(it.cond_a, it.cond_b)) return false;
+                    merge(exit, state);  // the condition fails: the loop is left here
+                }
+                if (!walk_pieces(it.body, state, sh, rg, why)) return false;
+                if (!uniform && !part(it.incr_a, it.incr_b)) return false;
+                if (uniform) merge(exit, state);
+                back = state;
+            }
+            state = exit;
+        }
+        return piece(cur);
+    }
+
     // Text of [a, b) as the kernel wrote it (rewritten), with hoisted names indexed by the
     // thread, newlines kept so the lines stay put.
     std::string region_text(size_t a, size_t b, const RegionGen &rg) {
@@ -2230,6 +2626,12 @@ struct Rewriter {
                 if (!d.second.dims.empty() && d.second.init_a < d.second.init_b) return no_region(kn, "an initialised array lives across a barrier");
                 rg.hoisted.insert(d.first);
             }
+        }
+        {
+            Shared sh = shared_names(kn, a, b, tg, modified);
+            Touch state;
+            std::string why;
+            if (!walk_pieces(items, state, sh, rg, why)) return no_region(kn, why.c_str());
         }
         // A hoisted name must not be declared again in a nested block (it would be indexed).
         for (size_t k = a; k < b; k++) {
