@@ -406,11 +406,28 @@ def _notice(key: str, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+# The CUDA shim's default path: naive attention while its (B, H, T, S) scores take at most
+# this many bytes. On an H200 the naive path (GEMM and softmax kernels) beat every flash
+# rung at every T measured (T = 256 in GPT-mini's step, 1024 and 4096 causal or not:
+# docs/cuda.md); flash keeps its point where the scores (and their copy for the backward)
+# would not fit comfortably, which is where it was built to go.
+CUDA_NAIVE_MAX_SCORES = 256 << 20
+
+
+def _naive_is_faster(q, k) -> bool:
+    """True on the CUDA shim when the naive path's scores fit CUDA_NAIVE_MAX_SCORES."""
+    from camel import metal
+
+    b_h = q.shape[0] * q.shape[1]
+    return metal.shim() == "cuda" and 4 * b_h * q.shape[2] * k.shape[2] <= CUDA_NAIVE_MAX_SCORES
+
+
 def select(op: str, mode: str, q, k, v) -> str | None:
     """Which flash rung F.scaled_dot_product_attention runs, or None for the naive path.
 
     mode is CAMEL_ATTENTION, lower-cased ("" when unset):
-        ""        flash on "mps" where the head dim is built (32, 64, 128), else naive
+        ""        flash on "mps" where the head dim is built (32, 64, 128), else naive;
+                  on the CUDA shim naive while the scores fit CUDA_NAIVE_MAX_SCORES
         "flash"   the same, with a one-time notice when it falls back to naive
         a rung    ("flash_v3", "flash_v6_64x32", ...): forced; an error where it cannot run
     ValueError for an unknown mode, listing the valid ones.
@@ -430,6 +447,11 @@ def select(op: str, mode: str, q, k, v) -> str | None:
         reason = f"there are no keys; {shapes}"
     elif d not in HEAD_DIMS:
         reason = f"head dim D = {d} has no flash kernel (built: {HEAD_DIMS}); {shapes}"
+    if reason is None and mode == "" and _naive_is_faster(q, k):
+        _notice("cuda-naive", f"[{op}] note: using the naive path on the CUDA shim, where it "
+                f"is faster than every flash rung measured (docs/cuda.md), while the scores "
+                f"fit {CUDA_NAIVE_MAX_SCORES >> 20} MiB; {shapes} (shown once)")  # fmt: skip
+        return None
     if reason is None:
         return mode or "flash"
     if mode.startswith("flash_"):

@@ -376,6 +376,36 @@ def test_selection(monkeypatch, capsys):
         F.scaled_dot_product_attention(*ts)
 
 
+def test_cuda_shim_takes_the_naive_path_while_the_scores_fit(monkeypatch, capsys):
+    """On the CUDA shim (faked here: only the choice is tested) an unset CAMEL_ATTENTION
+    gives the naive path up to CUDA_NAIVE_MAX_SCORES bytes of scores, flash above; "flash"
+    and a rung still force flash; other shims keep flash."""
+    q, k, v = inputs(9, 32, b=1, h=2)
+    ts = [camel.tensor(x, device="mps") for x in (q, k, v)]
+    monkeypatch.delenv("CAMEL_ATTENTION", raising=False)
+    monkeypatch.setattr(metal, "shim", lambda: "cuda")
+    with camel.profile() as prof:
+        F.scaled_dot_product_attention(*ts, causal=True).numpy()
+    assert not any(e.name.startswith("flash") for e in prof.events)
+    assert "naive path on the CUDA shim" in capsys.readouterr().err
+    # 2 heads x 9 x 9 scores x 4 bytes = 648 bytes: a budget just below sends it to flash
+    monkeypatch.setattr(flash, "CUDA_NAIVE_MAX_SCORES", 647)
+    with camel.profile() as prof:
+        F.scaled_dot_product_attention(*ts, causal=True).numpy()
+    assert any(e.name.startswith("flash_v6") for e in prof.events)
+    monkeypatch.setattr(flash, "CUDA_NAIVE_MAX_SCORES", 648)
+    for mode in ("flash", "flash_v7"):
+        monkeypatch.setenv("CAMEL_ATTENTION", mode)
+        with camel.profile() as prof:
+            F.scaled_dot_product_attention(*ts, causal=True).numpy()
+        assert any(e.name.startswith("flash") for e in prof.events), mode
+    monkeypatch.delenv("CAMEL_ATTENTION")
+    monkeypatch.setattr(metal, "shim", lambda: "sim")
+    with camel.profile() as prof:
+        F.scaled_dot_product_attention(*ts, causal=True).numpy()
+    assert any(e.name.startswith("flash_v6") for e in prof.events)
+
+
 # ---- the address sanitizer (a subprocess: ASan must be loaded before Python) ------------
 
 ASAN_SCRIPT = r"""

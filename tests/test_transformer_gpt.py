@@ -157,7 +157,7 @@ def test_training_step_on_mps_runs_only_kernels(gpt, monkeypatch):
         opt.step()
         loss.item()
     table = prof.table()
-    for kernel in ["layernorm_forward_v4", "layernorm_backward_v2", "sum_axis_blocks",
+    for kernel in ["layernorm_forward_v4", "layernorm_backward_v3", "sum_axis_blocks",
                    "gelu_forward", "gelu_backward", "embedding_forward", "embedding_backward_link",
                    "embedding_backward_sum", "softmax_last_axis", "softmax_backward",
                    "slice_uint", "slice_backward_float", "permute_uint", "adam_step"]:  # fmt: skip

@@ -145,26 +145,37 @@ def test_layer_norm_backward_version_limits(mps, monkeypatch):
         mps.layer_norm_backward(*args)
 
 
-# layer_norm_backward v2 (a SIMD group per row, D <= 1024; D = 1025 takes version 1):
+# layer_norm_backward v2 (CAMEL_LAYERNORM_BACKWARD=2: a SIMD group per row, D <= 1024):
 # D % 4 == 0 reads float4s, else floats; rows per threadgroup block 8 .. 64 (5000 rows: 10).
 LN_BACKWARD_SHAPES = LN_SHAPES + [(3, 1024), (5, 1023), (2, 1025), (5000, 4), (33, 7, 96)]
 
 
-# layer_norm_backward v3 (CAMEL_LAYERNORM_BACKWARD=3: P = 1, 2, 4, 8 SIMD groups per row,
-# D <= 2048; the float kernel when D % 4 != 0): the shapes above and rows past v2's 1024.
-LN_BACKWARD_V3_SHAPES = LN_BACKWARD_SHAPES + [(3, 257), (9, 512), (4, 1536), (3, 2047), (2, 2048)]
+# layer_norm_backward v3 (the default: P = 1, 2, 4, 8 SIMD groups per row, D <= 2048; the
+# float kernel when D % 4 != 0; D = 2049 takes version 1): the shapes above and wider rows.
+LN_BACKWARD_V3_SHAPES = LN_BACKWARD_SHAPES + [
+    (3, 257),
+    (9, 512),
+    (4, 1536),
+    (3, 2047),
+    (2, 2048),
+    (2, 2049),
+]
 
 
 def _ln_backward_version(monkeypatch, version):
-    """1, 2: CAMEL_MEMORY_KERNELS picks v1 or the default v2; 3: CAMEL_LAYERNORM_BACKWARD."""
+    """1: CAMEL_MEMORY_KERNELS=1 (the lesson kernels); 2: CAMEL_LAYERNORM_BACKWARD=2; 3: the
+    default (v3 where D <= 2048)."""
     monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(min(version, 2)))
-    if version == 3:
-        monkeypatch.setenv("CAMEL_LAYERNORM_BACKWARD", "3")
+    monkeypatch.delenv("CAMEL_LAYERNORM_BACKWARD", raising=False)
+    if version == 2:
+        monkeypatch.setenv("CAMEL_LAYERNORM_BACKWARD", "2")
 
 
 @pytest.mark.parametrize(
     "version, shape",
-    [(v, s) for v in (1, 2) for s in LN_BACKWARD_SHAPES] + [(3, s) for s in LN_BACKWARD_V3_SHAPES],
+    [(1, s) for s in LN_BACKWARD_SHAPES]
+    + [(2, s) for s in LN_BACKWARD_SHAPES if s[-1] <= 1024]
+    + [(3, s) for s in LN_BACKWARD_V3_SHAPES],
 )
 def test_layer_norm_backward(mps, monkeypatch, version, shape, poisoned_memory):
     _ln_backward_version(monkeypatch, version)

@@ -7,7 +7,7 @@ Kernels of shaders/ops_layernorm.metal through camel/backend_mps.py:
   layer_norm_backward     v1: dx per row, then dweight and dbias as a column reduction;
                           v2: one kernel reads grad and x once (D <= 1024), then the
                           blocks' partial dweight and dbias are summed; v3: v2 with a row
-                          shared by P SIMD groups (D <= 2048; CAMEL_LAYERNORM_BACKWARD=3)
+                          shared by P SIMD groups (D <= 2048; the default)
   gelu, gelu_backward     v1: one thread per element; v2: four (float4), as x * sigmoid(2u)
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes ((1, 1), (3, 33), (5, 1000)).
@@ -55,13 +55,12 @@ def cases(shape, rng):
         for v in (1, 2, 3, 4)
         if (v != 3 or d <= 1024) and (v != 4 or d <= 16384)
     ]
-    for v in (1, 2):  # v1: dx in two sweeps, then the column sums; v2: one read, fused
-        run = memory_version(v, lambda: mps.layer_norm_backward(dg, dx, dw, dmean, drstd)[0])
-        rows.append((f"layer_norm_backward v{v}", run, dx_want, 3 * x.size * f))
-    if d <= 2048:  # v3: v2 with a row shared by P SIMD groups
-        run = with_env("CAMEL_LAYERNORM_BACKWARD", 3,
+    # v1: dx in two sweeps, then the column sums; v2: one read, fused (D <= 1024); v3: v2
+    # with a row shared by P SIMD groups (D <= 2048)
+    for v in [1] + [2] * (d <= 1024) + [3] * (d <= 2048):
+        run = with_env("CAMEL_LAYERNORM_BACKWARD", v,
                        lambda: mps.layer_norm_backward(dg, dx, dw, dmean, drstd)[0])  # fmt: skip
-        rows.append(("layer_norm_backward v3", run, dx_want, 3 * x.size * f))
+        rows.append((f"layer_norm_backward v{v}", run, dx_want, 3 * x.size * f))
     for v in (1, 2):  # v1: one element per thread, tanh; v2: float4s, x * sigmoid(2u)
         rows += [
             (f"gelu v{v}", memory_version(v, lambda: mps.gelu(dx)), cpu.gelu(x), 2 * x.size * f),
