@@ -73,6 +73,26 @@ def test_matmul_bench_names_its_vendor_reference():
     assert "% of MPS" in matmul.table(rows, simulator=True, device="sim")
 
 
+def test_models_bench_tune_and_profile(tmp_path, monkeypatch):
+    """--tune records the step's GEMM shapes and tunes them (winners saved for the timed
+    steps); --profile logs the kernel table of one camel step."""
+    from camel import autotune
+    from camel.bench import models
+
+    monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    tuned = []
+    monkeypatch.setattr(autotune, "tune_shapes", lambda shapes, **kw: tuned.append(shapes))
+    lines = []
+    models.run(["mlp"], "tiny", steps=1, warmup=1, tune=True, profile=True, log=lines.append)
+    # the MLP's Linear layers, batch 128: x Wᵀ forward, dyᵀ x for each weight gradient
+    assert len(tuned) == 1, tuned
+    for shape in [(128, 256, 784, False, True, 1), (128, 10, 256, False, True, 1),
+                  (256, 784, 128, True, False, 1), (10, 256, 128, True, False, 1)]:  # fmt: skip
+        assert shape in tuned[0], (shape, tuned)
+    assert any(line.startswith("camel.profile:") for line in lines), lines
+
+
 def test_models_bench_runs_both_sides_and_compares_rates():
     from camel.bench import models
 
