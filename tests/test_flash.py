@@ -356,6 +356,7 @@ def test_selection(monkeypatch, capsys):
     q, k, v = inputs(9, 32, b=1, h=1)
     ts = [camel.tensor(x, device="mps") for x in (q, k, v)]
     monkeypatch.delenv("CAMEL_ATTENTION", raising=False)
+    monkeypatch.setattr(flash, "CUDA_NAIVE_MAX_SCORES", -1)  # the CUDA shim's naive default off
     with camel.profile() as prof:
         F.scaled_dot_product_attention(*ts, causal=True).numpy()
     assert any(e.name.startswith("flash_v6") for e in prof.events)
