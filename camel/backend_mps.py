@@ -885,45 +885,51 @@ def layer_norm_backward(grad, x, weight, mean, rstd):
     return dx, dweight, dbias
 
 
+def _ln_backward_blocks(rows):
+    """(rows per threadgroup, threadgroups) of the fused backward kernels v2 and v3."""
+    per_block = builtins.max(8, builtins.min(64, -(-rows // 512)))
+    return per_block, -(-rows // per_block)
+
+
+def _ln_backward_param_sums(partials, blocks, d):
+    """dweight and dbias from the blocks' partials (2, blocks, d), added in block order by
+    sum_axis_blocks (deterministic): views of the two rows of one (2, d) buffer, so one
+    dispatch sums both."""
+    sums = _empty((2, d))
+    _sum_axis(partials, sums, 2, blocks, d)
+    dweight = DeviceArray((d,), np.float32, sums.buffer, sums.offset)
+    dbias = DeviceArray((d,), np.float32, sums.buffer, sums.offset + d * _F32)
+    return dweight, dbias
+
+
 def _layer_norm_backward_v2(grad, x, weight, mean, rstd, dx, rows, d):
     """One kernel reads grad and x once: dx, and per block of rows the partial dweight and
-    dbias (2, blocks, d); then sum_axis_blocks adds the blocks in order (deterministic)."""
-    per_block = builtins.max(8, builtins.min(64, -(-rows // 512)))  # rows per threadgroup
-    blocks = -(-rows // per_block)
+    dbias (2, blocks, d); then the blocks are added in order."""
+    per_block, blocks = _ln_backward_blocks(rows)
     partials = _empty((2, blocks, d))
     vec4 = int(d % 4 == 0 and _aligned(grad, x, weight, dx))
     fn = _kernel(_LN, "layernorm_backward_v2")
     fn(grad, x, weight, mean, rstd, dx, partials, rows, d, per_block, vec4,
        threadgroups=blocks, threads_per_threadgroup=_LN_BWD_THREADS, flops=17 * x.size,
        bytes=(3 * x.size + 2 * rows + 2 * blocks * d) * _F32)  # fmt: skip
-    sums = _empty((2, d))
-    _sum_axis(partials, sums, 2, blocks, d)
-    # dweight and dbias: views of the two rows of one buffer (one dispatch sums both)
-    dweight = DeviceArray((d,), np.float32, sums.buffer, sums.offset)
-    dbias = DeviceArray((d,), np.float32, sums.buffer, sums.offset + d * _F32)
-    return dx, dweight, dbias
+    return (dx, *_ln_backward_param_sums(partials, blocks, d))
 
 
 def _layer_norm_backward_v3(grad, x, weight, mean, rstd, dx, rows, d):
     """v2's one read with a row shared by P SIMD groups (P * 256 >= D): a quarter of v2's
-    registers a lane; the blocks' partial dweight and dbias summed as in v2."""
+    registers a lane; the blocks' partial dweight and dbias added as in v2."""
     p = 1
     while p * _LN_BWD_V3_SPAN < d:
         p *= 2
     simd_groups = builtins.max(p, 4)  # a multiple of P
-    per_block = builtins.max(8, builtins.min(64, -(-rows // 512)))  # rows per threadgroup
-    blocks = -(-rows // per_block)
+    per_block, blocks = _ln_backward_blocks(rows)
     partials = _empty((2, blocks, d))
     vec4 = d % 4 == 0 and _aligned(grad, x, weight, dx)
     fn = _kernel(_LN, "layernorm_backward_v3" if vec4 else "layernorm_backward_v3_float")
     fn(grad, x, weight, mean, rstd, dx, partials, rows, d, per_block, p,
        threadgroups=blocks, threads_per_threadgroup=32 * simd_groups, flops=17 * x.size,
        bytes=(3 * x.size + 2 * rows + 2 * blocks * d) * _F32)  # fmt: skip
-    sums = _empty((2, d))
-    _sum_axis(partials, sums, 2, blocks, d)
-    dweight = DeviceArray((d,), np.float32, sums.buffer, sums.offset)
-    dbias = DeviceArray((d,), np.float32, sums.buffer, sums.offset + d * _F32)
-    return dx, dweight, dbias
+    return (dx, *_ln_backward_param_sums(partials, blocks, d))
 
 
 def embedding(idx, weight):
