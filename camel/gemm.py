@@ -117,6 +117,8 @@ RUNGS: dict[str, Rung] = {
              64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
         _sgtile("12", 64, 64, 4, 4, "v11 with the next tile staged in registers"),
         _pftile("13", 128, 64, 16, 8, 4, "v9 with the next tile staged in registers"),
+        Rung("14", "matmul_v14_fetch_128x64x16_8x4", "v9 with a K step's reads issued together",
+             128, 64, (256, 1, 1), (128 + 64) * 16 * 4),
     ]
 }  # fmt: skip
 

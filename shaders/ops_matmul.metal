@@ -356,6 +356,23 @@ inline void store_thread_block(thread const float* acc, device float* C,
     }
 }
 
+// One K step of a thread's TM x TN block: for each k of the tile, TM values of As[k][m]
+// and TN of Bs[k][n] in float4 reads from threadgroup memory (rows LDA and LDB floats
+// apart), then TM x TN FMAs into acc (row-major). Versions 6-9, 13 and 14.
+template <uint BK, uint TM, uint TN, uint LDA, uint LDB>
+inline void thread_block_fma(threadgroup const float4* As4, threadgroup const float4* Bs4,
+                             uint tr, uint tc, thread float* acc) {
+    float4 reg_m[TM / 4], reg_n[TN / 4];
+    for (uint k = 0; k < BK; k++) {
+        for (uint i = 0; i < TM / 4; i++) reg_m[i] = As4[(k * LDA + tr * TM) / 4 + i];
+        for (uint j = 0; j < TN / 4; j++) reg_n[j] = Bs4[(k * LDB + tc * TN) / 4 + j];
+        for (uint i = 0; i < TM; i++) {
+            float a = reg_m[i / 4][i % 4];
+            for (uint j = 0; j < TN; j++) acc[i * TN + j] += a * reg_n[j / 4][j % 4];
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Versions 6-9: 2-D blocktiling with float4 loads, as a template over the tile sizes.
 // A threadgroup of (BM/TM) * (BN/TN) threads computes a BM x BN tile of C; thread t
@@ -384,18 +401,10 @@ kernel void matmul_blocktile_vec4(device const float* A [[buffer(0)]],
     uint tc = t % (BN / TN), tr = t / (BN / TN);
     float acc[TM * TN];
     for (uint i = 0; i < TM * TN; i++) acc[i] = 0.0f;
-    float4 reg_m[TM / 4], reg_n[TN / 4];
     for (uint k0 = 0; k0 < p.K; k0 += BK) {
         load_tiles_km<BM, BN, BK, THREADS>(A, B, p, m0, n0, k0, As, Bs, t);
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        for (uint k = 0; k < BK; k++) {
-            for (uint i = 0; i < TM / 4; i++) reg_m[i] = As4[(k * BM + tr * TM) / 4 + i];
-            for (uint j = 0; j < TN / 4; j++) reg_n[j] = Bs4[(k * BN + tc * TN) / 4 + j];
-            for (uint i = 0; i < TM; i++) {
-                float a = reg_m[i / 4][i % 4];
-                for (uint j = 0; j < TN; j++) acc[i * TN + j] += a * reg_n[j / 4][j % 4];
-            }
-        }
+        thread_block_fma<BK, TM, TN, BM, BN>(As4, Bs4, tr, tc, acc);
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     store_thread_block<TM, TN>(acc, C, p, m0 + tr * TM, n0 + tc * TN);
@@ -763,7 +772,6 @@ kernel void matmul_blocktile_prefetch(device const float* A [[buffer(0)]],
     const uint tc = t % (BN / TN), tr = t / (BN / TN);
     float acc[TM * TN];
     for (uint i = 0; i < TM * TN; i++) acc[i] = 0.0f;
-    float4 reg_m[TM / 4], reg_n[TN / 4];
     const uint steps = (p.K + BK - 1) / BK;
     TileShare<share_size<BM, BK, T>()> a;  // the next tiles, in flight
     TileShare<share_size<BK, BN, T>()> b;
@@ -776,16 +784,8 @@ kernel void matmul_blocktile_prefetch(device const float* A [[buffer(0)]],
         const uint cur = s % 2, nxt = 1 - cur;
         const bool more = s + 1 < steps;
         if (more) fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, (s + 1) * BK, t, a, b);
-        threadgroup const float4* as = As4 + cur * BK * LDA / 4;
-        threadgroup const float4* bs = Bs4 + cur * BK * LDB / 4;
-        for (uint k = 0; k < BK; k++) {
-            for (uint i = 0; i < TM / 4; i++) reg_m[i] = as[(k * LDA + tr * TM) / 4 + i];
-            for (uint j = 0; j < TN / 4; j++) reg_n[j] = bs[(k * LDB + tc * TN) / 4 + j];
-            for (uint i = 0; i < TM; i++) {
-                float x = reg_m[i / 4][i % 4];
-                for (uint j = 0; j < TN; j++) acc[i * TN + j] += x * reg_n[j / 4][j % 4];
-            }
-        }
+        thread_block_fma<BK, TM, TN, LDA, LDB>(As4 + cur * BK * LDA / 4, Bs4 + cur * BK * LDB / 4,
+                                               tr, tc, acc);
         // the other buffer was last read before the previous barrier: free to overwrite
         if (more) {
             stash_tiles<BM, BN, BK, T, 1, LDA, LDB, 1>(a, b, p, As + nxt * BK * LDA,
@@ -809,3 +809,54 @@ MATMUL_BLOCKTILE_PREFETCH("matmul_v13_prefetch_128x64x16_8x4", 128, 64, 16, 8, 4
 MATMUL_BLOCKTILE_PREFETCH("matmul_pftile_128x128x8_8x8", 128, 128, 8, 8, 8)    // 256 thr, 16.5 KiB
 MATMUL_BLOCKTILE_PREFETCH("matmul_pftile_128x64x8_8x4", 128, 64, 8, 8, 4)      // 256 thr, 12.5 KiB
 MATMUL_BLOCKTILE_PREFETCH("matmul_pftile_64x64x16_4x4", 64, 64, 16, 4, 4)      // 256 thr, 17 KiB
+
+// ---------------------------------------------------------------------------------------
+// Version 14: version 9 with a K step's device reads issued together.
+// v6-v9's tile loader (load_tile_vec4) stores each float4 into threadgroup memory right
+// after reading it, and the compiler keeps that order: in the SASS of v9 (ptxas for sm_90)
+// a thread's three tile reads of a K step are waited for one after the other, and under
+// ncu on an H200 a third of v9's stall cycles wait for them (docs/cuda.md). v13 issues them
+// together but doubles the threadgroup memory; here a K step first reads the whole tile
+// share of the thread into registers (fetch_tiles: 3 float4s at v9's shape), then writes
+// them (stash_tiles), so the reads are in flight together and the thread waits once. One
+// tile buffer, two barriers per K step and v9's 12 KiB, so as many threadgroups per core.
+// Tiles as v6-v9: As[k][m] (A transposed), Bs[k][n], rows unpadded.
+// Threadgroup ((BM/TM)(BN/TN), 1, 1); grid (ceil(N/BN), ceil(M/BM), batches).
+template <uint BM, uint BN, uint BK, uint TM, uint TN>
+kernel void matmul_blocktile_fetch(device const float* A [[buffer(0)]],
+                                   device const float* B [[buffer(1)]],
+                                   device float* C [[buffer(2)]],
+                                   constant MatmulParams& p [[buffer(3)]],
+                                   uint3 group [[threadgroup_position_in_grid]],
+                                   uint t [[thread_index_in_threadgroup]]) {
+    constexpr uint T = (BM / TM) * (BN / TN);
+    threadgroup float4 As4[BM * BK / 4];  // float4 arrays: 16-byte aligned float4 reads
+    threadgroup float4 Bs4[BK * BN / 4];
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    const uint m0 = group.y * BM, n0 = group.x * BN;
+    const uint tc = t % (BN / TN), tr = t / (BN / TN);
+    float acc[TM * TN];
+    for (uint i = 0; i < TM * TN; i++) acc[i] = 0.0f;
+    TileShare<share_size<BM, BK, T>()> a;  // this K step's tiles, read before any is stored
+    TileShare<share_size<BK, BN, T>()> b;
+    for (uint k0 = 0; k0 < p.K; k0 += BK) {
+        fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, k0, t, a, b);
+        stash_tiles<BM, BN, BK, T, 1, BM, BN, 1>(a, b, p, (threadgroup float*)As4,
+                                                 (threadgroup float*)Bs4, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        thread_block_fma<BK, TM, TN, BM, BN>(As4, Bs4, tr, tc, acc);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    store_thread_block<TM, TN>(acc, C, p, m0 + tr * TM, n0 + tc * TN);
+}
+
+#define MATMUL_BLOCKTILE_FETCH(NAME, BM, BN, BK, TM, TN)                                    \
+    template [[host_name(NAME)]] kernel void matmul_blocktile_fetch<BM, BN, BK, TM, TN>(    \
+        device const float* A [[buffer(0)]], device const float* B [[buffer(1)]],         \
+        device float* C [[buffer(2)]], constant MatmulParams& p [[buffer(3)]],            \
+        uint3 group [[threadgroup_position_in_grid]], uint t [[thread_index_in_threadgroup]]);
+
+// Version 14: v9's shape, 128 x 64 x 16 tiles, 8 x 4 per thread, 256 threads, 12 KiB.
+MATMUL_BLOCKTILE_FETCH("matmul_v14_fetch_128x64x16_8x4", 128, 64, 16, 8, 4)

@@ -266,9 +266,9 @@ def test_camel_matmul_env_selects_rung(monkeypatch, rng):
 
 
 def test_camel_matmul_unknown_version(monkeypatch, rng):
-    monkeypatch.setenv("CAMEL_MATMUL", "14")
+    monkeypatch.setenv("CAMEL_MATMUL", "15")
     a, b = _operands(rng, (2, 3), (3, 4))
-    with pytest.raises(ValueError, match=r"unknown version '14'.*1, 2, 3.*13"):
+    with pytest.raises(ValueError, match=r"unknown version '15'.*1, 2, 3.*14"):
         _run(None, a, b)
 
 
