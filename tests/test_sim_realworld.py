@@ -221,6 +221,7 @@ kernel void reverse_sum(device const float* x [[buffer(0)]], device float* out [
     threadgroup int unused = 7, more[3]{};
     (void)unused; (void)more;
     if (lid == 0) before[gid] = partial[1];  // the initialiser set nothing: NaN here
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // that read before anyone writes
     if (sg == 0) partial[lane % 2] = 0.0f;   // written before it is read, as MLX does
     s.v[lid] = x[gid * 64 + lid];
     threadgroup_barrier(mem_flags::mem_threadgroup);
