@@ -632,6 +632,26 @@ static std::string msl_spaces(std::string s) {
 
 // The check's errors that are address-space mismatches in the user's code, as MSL
 // spells them ("" for none). `inc`: the compat headers' directory (not user code).
+// The kind of a diagnostic line of clang's, "file:12:5: error: ..." -> "error" (or
+// "fatal error", "warning", "note"), its file in `file`; "" for any other line (a
+// source snippet, "In file included from ...", "3 errors generated.").
+static std::string diag_kind(const std::string &l, std::string &file) {
+    if (l.empty() || l[0] == ' ') return "";
+    for (size_t i = l.find(':'); i != std::string::npos; i = l.find(':', i + 1)) {
+        size_t j = i + 1;
+        while (j < l.size() && isdigit((unsigned char)l[j])) j++;
+        if (j == i + 1 || j >= l.size() || l[j] != ':') continue;
+        size_t k = j + 1;
+        while (k < l.size() && isdigit((unsigned char)l[k])) k++;
+        if (k == j + 1 || l.compare(k, 2, ": ") != 0) continue;
+        size_t e = l.find(": ", k + 2);
+        if (e == std::string::npos) return "";
+        file = l.substr(0, i);
+        return l.substr(k + 2, e - k - 2);
+    }
+    return "";
+}
+
 std::string typed_check_errors(const std::string &log, const std::string &inc, const std::string &display) {
     struct Group {
         std::string text;
@@ -644,26 +664,23 @@ std::string typed_check_errors(const std::string &log, const std::string &inc, c
         if (e == std::string::npos) e = log.size();
         std::string l = log.substr(i, e - i);
         i = e + 1;
-        size_t err = l.find(": error: "), note = l.find(": note: ");
-        bool header_line = l.compare(0, inc.size(), inc) == 0;
-        if (err != std::string::npos && l.find(':') < err) {
+        std::string file, kind = diag_kind(l, file);
+        bool header = file.compare(0, inc.size(), inc) == 0 || (!file.empty() && file[0] == '<');
+        if (kind == "error" || kind == "fatal error") {
             groups.push_back(Group());
-            groups.back().user = !header_line && l[0] != '<' && l.compare(0, 3, "In ") != 0;
+            groups.back().user = !header;
             in_error = true;
-        } else if (l.find(": warning: ") != std::string::npos) {
-            in_error = false;
-            continue;
-        } else if (l.compare(0, 21, "In file included from") == 0) {
-            continue;
-        } else if (!in_error || (note == std::string::npos && l.find(" | ") == std::string::npos)) {
-            if (l.find(" errors generated") != std::string::npos ||
-                l.find(" error generated") != std::string::npos)
-                in_error = false;
+        } else if (kind == "note") {
             if (!in_error) continue;
+        } else if (!kind.empty() || l.empty() || l[0] != ' ') {
+            in_error = false;  // a warning, or a line that is no part of a diagnostic
+            continue;
+        } else if (!in_error) {
+            continue;  // a snippet of something not kept
         }
         Group &g = groups.back();
         g.text += l + "\n";
-        if (err != std::string::npos || note != std::string::npos) g.keep = names_two_spaces(l, header_line, g.generic) || g.keep;
+        if (!kind.empty()) g.keep = names_two_spaces(l, header, g.generic) || g.keep;
     }
     std::string kept, audit;
     for (auto &g : groups) {
