@@ -71,11 +71,15 @@ void replace_all(std::string &s, const std::string &from, const std::string &to)
 std::string tidy_log(const std::string &log, const std::string &display, const std::string &source,
                      const std::string &inc);
 
-// The typed address-space check (translate.cpp): clang's command for the TARGET_CHECK
-// translation in `file`, and of that command's log the errors that are address-space
-// mismatches in the user's code, spelled as MSL ("" if none).
+// The typed address-space check (translate.cpp): its precompiled header in the cache
+// directory `dir` ("" if it cannot be built), clang's command for the TARGET_CHECK
+// translation in `file` (pch "": the header is included instead), and of that command's
+// log the errors that are address-space mismatches in the user's code, spelled as MSL
+// ("" if none).
+std::string typed_check_pch(const std::string &cxx, const std::string &inc, const std::string &dir,
+                            const std::string &key, const std::string &tmp);
 std::vector<std::string> typed_check_command(const std::string &cxx, const std::string &inc,
-                                             const std::string &file);
+                                             const std::string &file, const std::string &pch);
 std::string typed_check_errors(const std::string &log, const std::string &inc, const std::string &display);
 
 // Project headers in the cache key (translate.cpp): the headers in clang's -MMD
