@@ -125,6 +125,141 @@ REJECT = [
         "cannot convert device memory to threadgroup",
         SPEC_SPACES,
     ),
+    # ---- the same rule through expressions, templates, overloads, assignments, members
+    # and returns: clang's own type check (the simulator's typed check, C++ for OpenCL) ----
+    (
+        "expression_argument",
+        "void f(thread float* p) { p[0] = 1; }\n" + _kernel("    f(x + 1); // <-\n"),
+        "cannot pass pointer to address space 'device' as a pointer to address space 'thread'",
+        SPEC_SPACES,
+    ),
+    (
+        "conditional_argument",
+        "void f(thread float* p) { p[0] = 1; }\n" + _kernel("    f(i > 3 ? x : x + 1); // <-\n"),
+        "cannot pass pointer to address space 'device' as a pointer to address space 'thread'",
+        SPEC_SPACES,
+    ),
+    (
+        "conditional_of_two_spaces",
+        _kernel(
+            "    threadgroup float t[4];\n"
+            "    device float* p = i > 3 ? x : t; // <-\n    p[0] = 0;\n"
+        ),
+        "incompatible operand types ('device float *' and 'threadgroup float *')",
+        SPEC_SPACES,
+    ),
+    (
+        "cast_argument",
+        "void f(thread float* p) { p[0] = 1; }\n" + _kernel("    f((device float*)x); // <-\n"),
+        "cannot pass pointer to address space 'device' as a pointer to address space 'thread'",
+        SPEC_SPACES,
+    ),
+    (
+        "cast_between_spaces",
+        _kernel(
+            "    threadgroup float t[4];\n"
+            "    device float* p = (device float*)t; // <-\n    p[0] = 0;\n"
+        ),
+        "C-style cast from 'threadgroup float *' to 'device float *' converts between mismatching "
+        "address spaces",
+        SPEC_SPACES,
+    ),
+    (
+        "call_result_argument",
+        "device float* at(device float* p, uint j) { return p + j; }\n"
+        "void f(thread float* p) { p[0] = 1; }\n" + _kernel("    f(at(x, i)); // <-\n"),
+        "cannot pass pointer to address space 'device' as a pointer to address space 'thread'",
+        SPEC_SPACES,
+    ),
+    (
+        "template_argument",
+        "template <typename T> void f(thread T* p) { p[0] = 1; }\n" + _kernel("    f(x); // <-\n"),
+        "of 1st parameter does not match adjusted type 'device float *' of argument",
+        SPEC_SPACES,
+    ),
+    (
+        "template_explicit_argument",
+        "template <typename T> void f(threadgroup T* p) { p[0] = 1; }\n"
+        + _kernel("    f<float>(x); // <-\n"),
+        "cannot pass pointer to address space 'device' as a pointer to address space 'threadgroup'",
+        SPEC_SPACES,
+    ),
+    (
+        "overloaded_function",
+        "void f(thread float* p) { p[0] = 1; }\nvoid f(thread int* p) { p[0] = 1; }\n"
+        + _kernel("    f(x); // <-\n"),
+        "cannot pass pointer to address space 'device' as a pointer to address space 'thread'",
+        SPEC_SPACES,
+    ),
+    (
+        "program_constant_array_to_device",
+        "constant float table[4] = {1, 2, 4, 8};\n"
+        "float f(device const float* p) { return p[0]; }\n"
+        + _kernel("    x[i] = f(table); // <-\n"),
+        "no known conversion from 'const constant float[4]' to 'const device float *'",
+        SPEC_SPACES,
+    ),
+    (
+        "program_constant_array_to_thread",
+        "constant float table[4] = {1, 2, 4, 8};\n"
+        + _kernel("    thread const float* p = table; // <-\n    x[i] = p[0];\n"),
+        "of type 'const thread float *' with an lvalue of type 'const constant float[4]'",
+        SPEC_SPACES,
+    ),
+    (
+        "pointer_to_pointer",
+        "void f(thread float* thread* pp) { (*pp)[0] = 1; }\n" + _kernel("    f(&x); // <-\n"),
+        "no known conversion from 'device float *thread *' to 'thread float *thread *'",
+        SPEC_SPACES,
+    ),
+    (
+        "assignment_after_declaration",
+        _kernel(
+            "    float v = 0;\n    thread float* p = &v;\n    p = x; // <-\n    x[i] = p[0];\n"
+        ),
+        "assigning 'device float *' to 'thread float *' changes address space of pointer",
+        SPEC_SPACES,
+    ),
+    (
+        "struct_member_pointer",
+        "struct S { device float* p; };\n"
+        + _kernel("    threadgroup float t[4];\n    S s;\n    s.p = t; // <-\n    s.p[0] = 1;\n"),
+        "assigning to 'device float *' from incompatible type 'threadgroup float[4]'",
+        SPEC_SPACES,
+    ),
+    (
+        "struct_member_pointer_argument",
+        "struct S { device float* p; };\nvoid f(thread float* q) { q[0] = 1; }\n"
+        + _kernel("    S s;\n    s.p = x;\n    f(s.p); // <-\n"),
+        "cannot pass pointer to address space 'device' as a pointer to address space 'thread'",
+        SPEC_SPACES,
+    ),
+    (
+        "return_changes_space",
+        "thread float* g(device float* p) {\n    return p; // <-\n}\n"
+        + _kernel("    g(x)[0] = 1;\n"),
+        "cannot initialize return object of type 'thread float *' with an lvalue of type "
+        "'device float *'",
+        SPEC_SPACES,
+    ),
+    (
+        "reference_to_an_element",
+        "void f(thread float& r) { r = 1; }\n" + _kernel("    f(x[i]); // <-\n"),
+        "cannot bind reference in address space 'device' to object in address space 'thread'",
+        SPEC_SPACES,
+    ),
+    (
+        "member_function_of_another_space",
+        "struct S {\n    float a;\n    float get() const device { return a; }\n};\n"
+        + _kernel(
+            "    S loc = s[i];\n    x[i] = loc.get(); // <-\n",
+            "device float* x [[buffer(0)]], device S* s [[buffer(1)]],\n"
+            "              uint i [[thread_position_in_grid]]",
+        ),
+        "cannot initialize object parameter of type 'const device S' with an expression of type "
+        "'thread S'",
+        SPEC_SPACES,
+    ),
     # ---- program-scope variables ------------------------------------------------------
     (
         "global_float",
@@ -863,6 +998,14 @@ def _check_spaces(lib):
 
 TABLE = np.array([1, 2, 4, 8], np.float32)
 
+
+def _check_typed_spaces(lib):
+    y = _dev(X33)
+    lib.function("k")(y, np.array([2.0, 0.5], np.float32), threads=33, threads_per_threadgroup=11)
+    want = X33 * 2 + 0.5 + TABLE[np.arange(33) % 4] + 7 + 3
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-6)
+
+
 ACCEPT = [
     (
         "metal_func_helper_with_barrier",
@@ -900,6 +1043,33 @@ ACCEPT = [
         "    float w = get(v) + first(t) + read(c);\n"
         "    put(q, x[i] + w);\n}\n",
         lambda lib: _check_spaces(lib),
+    ),
+    (
+        # what the typed check must let through: spaces that match through expressions,
+        # member functions qualified with a space, overloads by space, templates, a copy of
+        # a constant struct, a program-scope constant array, a pointer to a pointer
+        "typed_spaces_that_match",
+        "struct Params {\n    float scale, offset;\n"
+        "    float scaled(float v) const constant { return v * scale; }\n};\n"
+        "struct Cursor {\n    device float* p;\n"
+        "    device float* at(uint j) const thread { return p + j; }\n};\n"
+        "constant float kTable[4] = {1, 2, 4, 8};\n"
+        "float look(constant float* t, uint j) { return t[j & 3]; }\n"
+        "template <typename T> T first(device const T* p) { return p[0]; }\n"
+        "float sum2(thread const float* v) { return v[0] + v[1]; }\n"
+        "float sum2(threadgroup const float* v) { return v[0] + v[1]; }\n"
+        "device float* advance(device float* p, uint n) { return p + n; }\n"
+        "kernel void k(device float* x [[buffer(0)]], constant Params& prm [[buffer(1)]],\n"
+        "              uint i [[thread_position_in_grid]], "
+        "uint lid [[thread_index_in_threadgroup]]) {\n"
+        "    threadgroup float t[2];\n    if (lid == 0) { t[0] = 1; t[1] = 2; }\n"
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
+        "    float loc[2] = {3, 4};\n    Params copy = prm;\n    Cursor c;\n    c.p = x;\n"
+        "    device float* q = (i & 1) ? advance(x, i) : c.at(i);\n"
+        "    device float* thread* pp = &q;\n    device float* r;\n    r = *pp;\n"
+        "    float v = r[0] * 0 + first(x) * 0 + x[i];\n"
+        "    x[i] = prm.scaled(v) + copy.offset + look(kTable, i) + sum2(loc) + sum2(t);\n}\n",
+        _check_typed_spaces,
     ),
     (
         "constant_table",
@@ -1091,6 +1261,21 @@ def test_strict_rejects(case):
 
 def test_enough_snippets():
     assert len(REJECT) >= 60 and len(ACCEPT) >= 15
+
+
+def test_typed_check_can_be_turned_off_and_keeps_its_own_cache_entry(monkeypatch):
+    # CAMEL_SIM_TYPED_CHECK=0 is the way out if the typed check ever rejects valid MSL; the
+    # library it builds must not be found from the cache by a later compile with the check on
+    src = HEADER + "void f(thread float* p) { p[0] = 1; }\n" + _kernel("    f(x + 1);\n")
+    src += f"// {uuid.uuid4().hex}\n"
+    with pytest.raises(metal.CompileError):
+        metal.compile(src, "bad.metal")
+    monkeypatch.setenv("CAMEL_SIM_TYPED_CHECK", "0")
+    metal.compile(src, "bad.metal")
+    monkeypatch.delenv("CAMEL_SIM_TYPED_CHECK")
+    with pytest.raises(metal.CompileError) as info:
+        metal.compile(src, "bad.metal")
+    assert "bad.metal:5:" in str(info.value) and "address space 'device'" in str(info.value)
 
 
 # ---- Apple's component headers: <metal_stdlib> is their union ---------------------------

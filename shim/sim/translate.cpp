@@ -8,6 +8,8 @@
 //   2. portability guard on the raw source (#include <vector> ...)
 //   3. clang -E against the compat headers (shim/sim/include, as system headers)
 //   4. the token rewrite (translate_rewrite.cpp): MSL -> C++ plus entry wrappers
+//   4b. the typed address-space check (typed_check_errors below), a second clang
+//      run beside step 5: the code as C++ for OpenCL, syntax only
 //   5. clang++ -O2 -shared -> <cache>/<key>.so, written to a temporary name
 //      and renamed, so parallel processes never see half a file
 //
@@ -18,6 +20,8 @@
 //                       (#include <mlx/...> or "..."), after the source's own
 //   CAMEL_SIM_SANITIZE  address,undefined: build kernels with ASan/UBSan
 //   CAMEL_SIM_VERBOSE   1: print cache hits and compiler commands to stderr
+//   CAMEL_SIM_TYPED_CHECK      0: no typed address-space check (step 4b)
+//   CAMEL_SIM_TYPED_CHECK_LOG  file: append the check's errors in user code, kept or not
 //   XDG_CACHE_HOME      cache root (default ~/.cache); kernels go to camel/sim/
 #include "translate.h"
 
@@ -25,6 +29,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -32,6 +37,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -214,9 +220,8 @@ bool sanitize_flags(std::string &value, std::string &err) {
     return true;
 }
 
-// Run argv with stdout+stderr going to log_path. Returns the exit status
-// (or -1 if it could not start).
-int run(const std::vector<std::string> &argv, const std::string &log_path) {
+// Start argv with stdout+stderr going to log_path: its pid, or -1.
+pid_t start(const std::vector<std::string> &argv, const std::string &log_path) {
     if (verbose()) {
         std::string cmd;
         for (auto &a : argv) cmd += a + " ";
@@ -232,12 +237,23 @@ int run(const std::vector<std::string> &argv, const std::string &log_path) {
     pid_t pid;
     int rc = posix_spawn(&pid, args[0], &fa, nullptr, args.data(), environ);
     posix_spawn_file_actions_destroy(&fa);
-    if (rc != 0) return -1;
+    return rc == 0 ? pid : -1;
+}
+
+// The exit status of a started process (or -1).
+int finish(pid_t pid) {
+    if (pid < 0) return -1;
     int status = 0;
     while (waitpid(pid, &status, 0) < 0) {
         if (errno != EINTR) return -1;
     }
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Run argv with stdout+stderr going to log_path. Returns the exit status
+// (or -1 if it could not start).
+int run(const std::vector<std::string> &argv, const std::string &log_path) {
+    return finish(start(argv, log_path));
 }
 
 void replace_all(std::string &s, const std::string &from, const std::string &to) {
@@ -465,6 +481,254 @@ void record_headers(const std::string &dir, const std::string &key, const std::v
     unlink(tmp.c_str());
 }
 
+// ---- the typed address-space check -------------------------------------------
+// The translation erases address spaces (a CPU has one), so the C++ compile cannot
+// see a pointer or reference that changes address space. The typed check compiles
+// the kernel's code a second time, syntax only, as C++ for OpenCL: the rewrite
+// (TARGET_CHECK) keeps device, constant, threadgroup and thread, which
+// include/camel_check_msl.h makes __global, __constant, __local and __private (every
+// local variable is __private there, as it is thread in MSL), and makes the
+// simulator's own header parse. Of clang's errors it keeps those that are such a
+// mismatch:
+//   - in the user's files (an error inside the compat header is not the kernel's);
+//   - explained by two address spaces: the message or a note names two (cannot pass
+//     pointer to address space 'A' as a pointer to address space 'B', cannot bind
+//     reference in address space 'A' to ...), or two types in it are the same but for
+//     the address space of what they point or refer to, in a message about a
+//     conversion (cannot initialize 'A' with 'B', assigning, comparisons, casts,
+//     returns, conflicting deductions) or about a ?: of two pointers;
+//   - and __generic takes no part: the header's unqualified pointers and references,
+//     an unqualified member function's `this` and the implicit copy constructor are
+//     __generic there, which takes any address space but __constant; in MSL they
+//     take (or are) what the code gives them, so such an error is not Metal's.
+// Any other error (an OpenCL rule that Metal does not have) is not the check's
+// business. It runs beside the C++ compile, and only matters when that succeeds.
+// CAMEL_SIM_TYPED_CHECK=0 turns it off; CAMEL_SIM_TYPED_CHECK_LOG=file appends every
+// error of the check's in the user's code to that file, kept or not (for auditing).
+
+// The language and include options of the check (and of its precompiled header).
+static std::vector<std::string> typed_check_flags(const std::string &cxx, const std::string &inc) {
+    return {cxx, "-x", "clcpp", "-cl-std=clc++1.0", "-cl-no-stdinc", "-fsyntax-only", "-w",
+            "-fno-color-diagnostics", "-isystem", inc, "-D__METAL_VERSION__=310", "-D__METAL_SIM__=1",
+            // the header has errors of its own (OpenCL rules it does not follow): kept in the PCH
+            "-Xclang", "-fallow-pch-with-compiler-errors"};
+}
+
+// The check's header, precompiled once per compiler and header contents (`key`) into
+// the cache directory: it is most of the check's time (0.1 s a compile, 0.01 s with the
+// PCH). "" when it cannot be built (the check then includes the header).
+std::string typed_check_pch(const std::string &cxx, const std::string &inc, const std::string &dir,
+                            const std::string &key, const std::string &tmp) {
+    std::string pch = dir + "/check-" + key + ".pch";
+    if (file_exists(pch)) return pch;
+    std::vector<std::string> argv = typed_check_flags(cxx, inc);
+    argv.insert(argv.end(), {"-Xclang", "-emit-pch", "-Xclang", "-o", "-Xclang", tmp + ".pch",
+                             inc + "/camel_check_msl.h"});
+    run(argv, tmp + ".pch.log");
+    unlink((tmp + ".pch.log").c_str());
+    if (!file_exists(tmp + ".pch") || rename((tmp + ".pch").c_str(), pch.c_str()) != 0) {
+        unlink((tmp + ".pch").c_str());
+        return "";
+    }
+    return pch;
+}
+
+std::vector<std::string> typed_check_command(const std::string &cxx, const std::string &inc,
+                                             const std::string &file, const std::string &pch) {
+    std::vector<std::string> argv = typed_check_flags(cxx, inc);
+    argv.push_back("-ferror-limit=0");
+    if (pch.empty()) argv.insert(argv.end(), {"-include", inc + "/camel_check_msl.h"});
+    else argv.insert(argv.end(), {"-Xclang", "-fno-validate-pch", "-include-pch", pch});  // keyed
+    argv.push_back(file);                                                                // by content
+    return argv;
+}
+
+// The strings between single quotes in a line of clang's ('float *', 'f').
+static std::vector<std::string> quoted(const std::string &l) {
+    std::vector<std::string> q;
+    for (size_t i = l.find('\''); i != std::string::npos; i = l.find('\'', i)) {
+        size_t e = l.find('\'', i + 1);
+        if (e == std::string::npos) break;
+        q.push_back(l.substr(i + 1, e - i - 1));
+        i = e + 1;
+    }
+    return q;
+}
+
+static bool is_space_word(const std::string &w) {
+    return w == "__global" || w == "__constant" || w == "__local" || w == "__private" ||
+           w == "__generic";
+}
+
+// A type of clang's as words, without its top-level __private (a local variable's
+// own space: 'float *__private', '__private float'); `bare` drops every address space
+// and cv-qualifier too.
+static std::string type_words(const std::string &t, bool bare) {
+    std::vector<std::string> w;
+    std::string cur;
+    for (char c : t + " ") {
+        bool word = isalnum((unsigned char)c) || c == '_';
+        if (word) {
+            cur += c;
+            continue;
+        }
+        if (!cur.empty()) w.push_back(cur);
+        cur.clear();
+        if (c != ' ') w.push_back(std::string(1, c));
+    }
+    // an array as the pointer it decays to: 'float[4]' -> 'float *', 'float[4][8]' -> 'float (*)[8]'
+    for (size_t i = 0; i + 2 < w.size(); i++)
+        if (w[i] == "[" && w[i + 2] == "]") {
+            bool more = i + 3 < w.size() && w[i + 3] == "[";
+            w.erase(w.begin() + i, w.begin() + i + 3);
+            if (more) w.insert(w.begin() + i, {"(", "*", ")"});
+            else w.insert(w.begin() + i, "*");
+            break;
+        }
+    bool indirect = false;
+    for (auto &x : w) indirect = indirect || x == "*" || x == "&";
+    if (!w.empty() && w.back() == "__private" && w.size() > 1 && w[w.size() - 2] == "*") w.pop_back();
+    std::string r;
+    for (auto &x : w) {
+        if (bare && (is_space_word(x) || x == "const" || x == "volatile")) continue;
+        if (!bare && !indirect && x == "__private") continue;
+        r += x + " ";
+    }
+    return r;
+}
+
+// Does this line of clang's say that two address spaces do not meet? `generic` is set
+// when __generic is one of them. Either it names two (cannot pass pointer to address
+// space 'A' as a pointer to address space 'B'), or it is about a conversion and two of
+// its types are the same but for the space of what they point or refer to. Not a
+// redefinition that the header's declarations clash with, nor a ?: of two objects (MSL
+// copies them: `c ? tg_struct : device_struct` is a value; of two pointers it is not).
+static bool names_two_spaces(const std::string &l, bool header_line, bool &generic) {
+    std::vector<std::string> spaces;
+    for (size_t i = l.find("address space '"); i != std::string::npos;
+         i = l.find("address space '", i + 1)) {
+        size_t a = i + 15, e = l.find('\'', a);
+        if (e != std::string::npos) spaces.push_back(l.substr(a, e - a));
+    }
+    if (spaces.size() >= 2) {
+        for (auto &x : spaces) generic = generic || x == "__generic";
+        return true;
+    }
+    if (header_line) return false;  // the compat header's signatures are not Apple's: their
+                                    // deductions (T * from a thread pointer) prove nothing
+    static const char *const conversions[] = {
+        "cannot initialize", "assigning", "no known conversion from", "cast from",
+        "comparison of distinct pointer types", "deduced conflicting types",
+        "does not match adjusted type", "cannot bind", "could not bind", "binding reference",
+        nullptr};
+    bool conversion = false;
+    for (const char *const *c = conversions; *c && !conversion; c++)
+        conversion = l.find(*c) != std::string::npos;
+    bool conditional = l.find("incompatible operand types") != std::string::npos ||
+                       l.find("conditional expression is ambiguous") != std::string::npos;
+    if (!conversion && !conditional) return false;
+    std::vector<std::string> q = quoted(l);
+    bool found = false;
+    for (size_t i = 0; i + 1 < q.size(); i++) {
+        const std::string &a = q[i], &b = q[i + 1];
+        std::string wa = type_words(a, false), wb = type_words(b, false);
+        if (type_words(a, true) != type_words(b, true) || wa == wb) continue;
+        if (conditional && (wa.find('*') == std::string::npos || wb.find('*') == std::string::npos))
+            continue;  // two objects: a value of their type, in MSL
+        if (a.find("__generic") != std::string::npos || b.find("__generic") != std::string::npos) {
+            generic = true;
+            continue;
+        }
+        found = true;
+    }
+    return found;
+}
+
+// clang's spelling of the address spaces as MSL's.
+static std::string msl_spaces(std::string s) {
+    replace_all(s, " *__private'", " *'");
+    replace_all(s, "*__private'", "*'");
+    replace_all(s, "'__private'", "'thread'");
+    replace_all(s, "__private ", "thread ");
+    replace_all(s, "__global", "device");
+    replace_all(s, "__constant", "constant");
+    replace_all(s, "__local", "threadgroup");
+    replace_all(s, "__generic", "generic");
+    replace_all(s, "__camel_half", "half");
+    replace_all(s, "__camel_kw_", "");
+    replace_all(s, "__camel_atomic_", "atomic_");
+    return s;
+}
+
+// The check's errors that are address-space mismatches in the user's code, as MSL
+// spells them ("" for none). `inc`: the compat headers' directory (not user code).
+// The kind of a diagnostic line of clang's, "file:12:5: error: ..." -> "error" (or
+// "fatal error", "warning", "note"), its file in `file`; "" for any other line (a
+// source snippet, "In file included from ...", "3 errors generated.").
+static std::string diag_kind(const std::string &l, std::string &file) {
+    if (l.empty() || l[0] == ' ') return "";
+    for (size_t i = l.find(':'); i != std::string::npos; i = l.find(':', i + 1)) {
+        size_t j = i + 1;
+        while (j < l.size() && isdigit((unsigned char)l[j])) j++;
+        if (j == i + 1 || j >= l.size() || l[j] != ':') continue;
+        size_t k = j + 1;
+        while (k < l.size() && isdigit((unsigned char)l[k])) k++;
+        if (k == j + 1 || l.compare(k, 2, ": ") != 0) continue;
+        size_t e = l.find(": ", k + 2);
+        if (e == std::string::npos) return "";
+        file = l.substr(0, i);
+        return l.substr(k + 2, e - k - 2);
+    }
+    return "";
+}
+
+std::string typed_check_errors(const std::string &log, const std::string &inc, const std::string &display) {
+    struct Group {
+        std::string text;
+        bool user = false, keep = false, generic = false;
+    };
+    std::vector<Group> groups;
+    bool in_error = false;
+    for (size_t i = 0; i < log.size();) {
+        size_t e = log.find('\n', i);
+        if (e == std::string::npos) e = log.size();
+        std::string l = log.substr(i, e - i);
+        i = e + 1;
+        std::string file, kind = diag_kind(l, file);
+        bool header = file.compare(0, inc.size(), inc) == 0 || (!file.empty() && file[0] == '<');
+        if (kind == "error" || kind == "fatal error") {
+            groups.push_back(Group());
+            groups.back().user = !header;
+            in_error = true;
+        } else if (kind == "note") {
+            if (!in_error) continue;
+        } else if (!kind.empty() || l.empty() || l[0] != ' ') {
+            in_error = false;  // a warning, or a line that is no part of a diagnostic
+            continue;
+        } else if (!in_error) {
+            continue;  // a snippet of something not kept
+        }
+        Group &g = groups.back();
+        g.text += l + "\n";
+        if (!kind.empty()) g.keep = names_two_spaces(l, header, g.generic) || g.keep;
+    }
+    std::string kept, audit;
+    for (auto &g : groups) {
+        if (!g.user) continue;
+        bool report = g.keep && !g.generic;
+        audit += std::string(report ? "REPORTED " : "IGNORED ") + g.text;
+        if (report) kept += g.text;
+    }
+    const char *audit_file = getenv("CAMEL_SIM_TYPED_CHECK_LOG");
+    if (audit_file && *audit_file && !audit.empty()) {
+        FILE *f = fopen(audit_file, "a");
+        if (f) {
+            fprintf(f, "==== %s\n%s", display.c_str(), audit.c_str());
+            fclose(f);
+        }
+    }
+    return msl_spaces(kept);
+}
 }  // namespace camel_sim
 
 extern "C" int camel_sim_compile(const char *source, const char *path, char **so_path, char **log) {
@@ -490,6 +754,8 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
         *log = dup_string(err);
         return 1;
     }
+    const char *typed_env = getenv("CAMEL_SIM_TYPED_CHECK");
+    bool typed = !(typed_env && strcmp(typed_env, "0") == 0);
 
     // ---- 1. the cache key ----------------------------------------------
     Hasher h;
@@ -497,6 +763,7 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     h.add(src);
     h.add(display);
     h.add(sanitize);
+    h.add(std::string(typed ? "typed-check" : "no-typed-check"));
     char real[4096];
     std::string cxx_real = realpath(cxx.c_str(), real) ? real : cxx;
     struct stat st;
@@ -511,6 +778,15 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
         h.add(&st.st_mtime, sizeof st.st_mtime);
     }
     hash_headers(h, inc);
+    Hasher hp;  // the typed check's precompiled header: the compiler and the headers
+    hp.add(std::string("typed-check-pch 1"));
+    hp.add(cxx_real);
+    if (stat(cxx_real.c_str(), &st) == 0) {
+        hp.add(&st.st_size, sizeof st.st_size);
+        hp.add(&st.st_mtime, sizeof st.st_mtime);
+    }
+    hash_headers(hp, inc);
+    std::string pch_key = hp.hex();
     std::string include_env;
     std::vector<std::string> dirs = include_dirs(path, include_env);
     for (const std::string &d : dirs) h.add(d);  // where a header is found is part of the key
@@ -540,7 +816,14 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
                       std::to_string(g_counter++);
     std::string src_file = tmp + ".metal", pre_file = tmp + ".pre", log_file = tmp + ".log";
     std::string cpp_file = tmp + ".ii", so_tmp = tmp + ".so", dep_file = tmp + ".d";
+    std::string check_file = tmp + ".check.ii", check_log = tmp + ".check.log";
+    pid_t check_pid = -1;
     auto cleanup = [&]() {
+        if (check_pid >= 0) kill(check_pid, SIGKILL);  // a check the compile's failure made moot:
+        finish(check_pid);                               // stopped, and waited for
+        check_pid = -1;
+        unlink(check_file.c_str());
+        unlink(check_log.c_str());
         unlink(src_file.c_str());
         unlink(pre_file.c_str());
         unlink(dep_file.c_str());
@@ -575,6 +858,17 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     if (!camel_sim::check_system_headers(preprocessed, inc, display, src_file, err)) return fail(err);
     if (!camel_sim::rewrite_msl(preprocessed, src_file, display, cpp, err)) return fail(err);
     if (!write_file(cpp_file, cpp)) return fail("[sim] cannot write " + cpp_file);
+
+    // ---- 4b. the typed address-space check, started beside the compile ------
+    if (typed) {
+        std::string check_src, unused;
+        if (camel_sim::rewrite_msl_for(TARGET_CHECK, preprocessed, src_file, display, check_src, err,
+                                       unused) &&
+            write_file(check_file, check_src))
+            check_pid = start(typed_check_command(cxx, inc, check_file,
+                                                  typed_check_pch(cxx, inc, dir, pch_key, tmp)),
+                              check_log);
+    }
 
     // ---- 5. compile -----------------------------------------------------------
     // No C++ runtime is needed: no exceptions, RTTI, static-init guards or libstdc++.
@@ -623,6 +917,20 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     if (rc != 0)
         return fail("[sim] compiling " + display + " failed:\n" +
                     (clang_log.empty() ? "could not run " + cxx : clang_log));
+    if (check_pid >= 0) {
+        int check_rc = finish(check_pid);
+        check_pid = -1;
+        std::string check_out;
+        if (check_rc != 0 && read_file(check_log, check_out)) {
+            replace_all(check_out, src_file, display);
+            std::string mismatches = typed_check_errors(check_out, inc, display);
+            if (!mismatches.empty())
+                return fail("[sim] " + display + ": a pointer or reference changes address space "
+                            "(MSL 4: device, constant, threadgroup and thread memory do not convert "
+                            "into one another; the simulator's typed check):\n" +
+                            tidy_log(mismatches, display, src, inc));
+        }
+    }
 
     // keep the translated C++ next to the library, for the curious
     rename(cpp_file.c_str(), (dir + "/" + lib_key + ".cpp").c_str());

@@ -16,7 +16,11 @@
 
 namespace camel_sim {
 
-enum Target { TARGET_SIM, TARGET_CUDA };
+// TARGET_CHECK: the typed address-space check (translate.cpp): the user's code only, for
+// a syntax-only pass of clang as C++ for OpenCL; device, constant, threadgroup and
+// thread are kept (include/camel_check_msl.h makes them OpenCL's address spaces), and
+// there are no entry wrappers.
+enum Target { TARGET_SIM, TARGET_CUDA, TARGET_CHECK };
 
 // Rewrite preprocessed MSL (`clang -E` output with line markers) into C++.
 //   main_file: the file name the line markers use for the .metal source
@@ -66,6 +70,17 @@ void replace_all(std::string &s, const std::string &from, const std::string &to)
 // clang's log made readable for the author of the .metal file (see translate.cpp).
 std::string tidy_log(const std::string &log, const std::string &display, const std::string &source,
                      const std::string &inc);
+
+// The typed address-space check (translate.cpp): its precompiled header in the cache
+// directory `dir` ("" if it cannot be built), clang's command for the TARGET_CHECK
+// translation in `file` (pch "": the header is included instead), and of that command's
+// log the errors that are address-space mismatches in the user's code, spelled as MSL
+// ("" if none).
+std::string typed_check_pch(const std::string &cxx, const std::string &inc, const std::string &dir,
+                            const std::string &key, const std::string &tmp);
+std::vector<std::string> typed_check_command(const std::string &cxx, const std::string &inc,
+                                             const std::string &file, const std::string &pch);
+std::string typed_check_errors(const std::string &log, const std::string &inc, const std::string &display);
 
 // Project headers in the cache key (translate.cpp): the headers in clang's -MMD
 // output but `source`; `key` extended by their paths and contents (key itself for

@@ -32,6 +32,9 @@
 // TARGET_CUDA; there a function-scope `threadgroup T x[N];` becomes
 // `__shared__ T x[N];` and the generated code is one __global__ entry wrapper
 // per kernel (see shim/cuda/cuda_abi.h) instead of the library description.
+// TARGET_CHECK is the input of the typed address-space check (translate.cpp): the
+// user's tokens only, device, thread and threadgroup kept, constant as `const constant`,
+// no entry wrappers and no merged address-space overloads.
 #include "translate_internal.h"
 
 #include <cstdio>
@@ -573,13 +576,14 @@ struct Rewriter {
 
             // ---- address spaces -----------------------------------------
             if (x == "device" || x == "thread") {
-                blank(k);
+                if (target != TARGET_CHECK) blank(k);  // the check keeps them (camel_check_msl.h)
             } else if (x == "constant") {
                 bool top = at_namespace() && !in_function() && paren == 0;
                 bool has_static = k > 0 && (is(k - 1, "static") || is(k - 1, "constexpr"));
                 // constant float S::k = 1;  defines a static member: no second 'static'
                 if (top && !has_static) has_static = defines_member(k);
                 tok.out = top && !has_static ? "static const" : "const   ";
+                if (target == TARGET_CHECK) tok.out = (top && !has_static ? "static const " : "const ") + x;
             } else if (x == "threadgroup") {
                 bool kernel_body = false;
                 for (auto &sc : scopes)
@@ -1211,6 +1215,9 @@ struct Rewriter {
     // it is dropped, and the variable starts as all threadgroup memory does (NaN).
     void threadgroup(size_t k, bool in_function, bool kernel_body) {
         bool stmt_start = k > 0 && (is(k - 1, ";") || is(k - 1, "{") || is(k - 1, "}"));
+        auto blank = [&](size_t j) {  // the qualifier of a pointer or reference: erased (the
+            if (target != TARGET_CHECK) this->blank(j);  // check keeps it)
+        };
         if (!in_function || !stmt_start) {
             blank(k);
             return;
@@ -1288,7 +1295,8 @@ struct Rewriter {
             size_t da = d == 0 ? name_at : decls[d].first, db = inits[d];
             std::string name = txt(da), dims;
             for (size_t j = da + 1; j < db; j++) dims += txt(j);
-            text += "auto &" + name + " = *__camel_tg<" + type + dims + ">();";
+            text += "auto &" + name + " = *__camel_tg<" + (target == TARGET_CHECK ? "threadgroup " : "") +
+                    type + dims + ">();";
         }
         // Replace k..end-1 (the ';' at end is dropped too: text has its own),
         // keeping the newlines in between so the lines stay put.
@@ -3071,11 +3079,18 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
         rw.shim = "the CUDA shim";
     }
     rw.run();
-    rw.check_recursion();
-    rw.check_address_spaces();
-    rw.merge_address_space_overloads();
     kernels.clear();
-    std::string generated = target == TARGET_CUDA ? rw.generate_cuda(kernels) : rw.generate();
+    std::string generated;
+    if (target == TARGET_CHECK) {
+        // the typed check: the rewrite's own checks ran in the translation; overloads that
+        // differ only in address spaces are real overloads here; no entry wrappers
+        rw.errors.clear();
+    } else {
+        rw.check_recursion();
+        rw.check_address_spaces();
+        rw.merge_address_space_overloads();
+        generated = target == TARGET_CUDA ? rw.generate_cuda(kernels) : rw.generate();
+    }
     if (!rw.errors.empty()) {
         errors = rw.errors;
         return false;
@@ -3085,10 +3100,10 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
     for (auto &tok : lx.toks) {
         // CUDA: the compat headers are not copied from the preprocessed text;
         // the translator puts their own text in front (readable, with comments)
-        if (target == TARGET_CUDA && !tok.user) continue;
+        if (target != TARGET_SIM && !tok.user) continue;
         if (tok.kind == NEWLINE || tok.kind == SPACE) {
             out += tok.text;
-        } else if (target == TARGET_CUDA && tok.kind == DIRECTIVE) {
+        } else if (target != TARGET_SIM && tok.kind == DIRECTIVE) {
             out += line_directive(tok.out);  // a .cu file is not preprocessor output
         } else {
             out += tok.out;
