@@ -778,15 +778,6 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
         h.add(&st.st_mtime, sizeof st.st_mtime);
     }
     hash_headers(h, inc);
-    Hasher hp;  // the typed check's precompiled header: the compiler and the headers
-    hp.add(std::string("typed-check-pch 1"));
-    hp.add(cxx_real);
-    if (stat(cxx_real.c_str(), &st) == 0) {
-        hp.add(&st.st_size, sizeof st.st_size);
-        hp.add(&st.st_mtime, sizeof st.st_mtime);
-    }
-    hash_headers(hp, inc);
-    std::string pch_key = hp.hex();
     std::string include_env;
     std::vector<std::string> dirs = include_dirs(path, include_env);
     for (const std::string &d : dirs) h.add(d);  // where a header is found is part of the key
@@ -861,7 +852,15 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
 
     // ---- 4b. the typed address-space check, started beside the compile ------
     if (typed) {
-        std::string check_src, unused;
+        Hasher hp;  // the key of the check's precompiled header: the compiler and the headers
+        hp.add(std::string("typed-check-pch 1"));
+        hp.add(cxx_real);
+        if (stat(cxx_real.c_str(), &st) == 0) {
+            hp.add(&st.st_size, sizeof st.st_size);
+            hp.add(&st.st_mtime, sizeof st.st_mtime);
+        }
+        hash_headers(hp, inc);
+        std::string pch_key = hp.hex(), check_src, unused;
         if (camel_sim::rewrite_msl_for(TARGET_CHECK, preprocessed, src_file, display, check_src, err,
                                        unused) &&
             write_file(check_file, check_src))
