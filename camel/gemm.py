@@ -145,11 +145,12 @@ VARIANTS: dict[str, Rung] = {
 # Defaults when the autotuner has no entry. On an Apple GPU v11, a guess, not a measurement:
 # no Apple GPU has timed this ladder (gemm-metal's README has a tiled simdgroup_matrix kernel
 # fastest on M2 Pro/M3 chips; docs/stage3.md's v11 section gives no reason to expect v11 to
-# beat v10). On the CUDA shim the measured fastest rung (v9: 26.5 TFLOP/s at 4096^3 on an
-# H200, where v11 gave 14.5: docs/cuda.md). On the simulator the rung that is quickest to
-# simulate (few threads per group, few barriers; measured in docs/stage3.md).
+# beat v10). On the CUDA shim the measured fastest rung for big products (v14: 28.4
+# TFLOP/s at 4096^3 on an H100, v9 27.1; v11 14.5 on an H200: docs/cuda.md), smaller tiles
+# or split-K for products with few tiles (cuda_default below). On the simulator the rung
+# that is quickest to simulate (few threads per group, few barriers; measured in docs/stage3.md).
 DEFAULT_GPU = "11"
-DEFAULT_CUDA = "9"
+DEFAULT_CUDA = "14"
 DEFAULT_SIM = "9"
 
 
@@ -213,7 +214,41 @@ def default_version(m: int, n: int, k: int, batches: int = 1) -> str:
     """The rung used when neither CAMEL_MATMUL nor the autotuner's cache says otherwise."""
     from camel import metal
 
-    return {"sim": DEFAULT_SIM, "cuda": DEFAULT_CUDA}.get(metal.shim(), DEFAULT_GPU)
+    shim = metal.shim()
+    if shim == "cuda":
+        return cuda_default(m, n, k, batches)
+    return DEFAULT_SIM if shim == "sim" else DEFAULT_GPU
+
+
+# The CUDA shim's untuned choice by shape. A big tile (DEFAULT_CUDA, 128x64) is the fastest
+# per FMA, but an H100/H200 has 132 SMs that each want two threadgroups at once: a product
+# with fewer big tiles than that leaves SMs idle. Smaller tiles (CUDA_SMALL_TILE, 64x64)
+# double the threadgroups; a long K over few tiles is split (split-K) until the grid fills
+# the GPU twice over. The thresholds follow the autotuner's winners for GPT-mini's shapes on
+# an H100 (docs/cuda.md, 2026-12-07); `bench models --tune` measures instead of guessing.
+CUDA_SMALL_TILE = "pf_64x64x16_4x4"
+CUDA_SPLIT_TILE = "64x64x16_4x4"
+CUDA_FULL_GRID = 2 * 132  # threadgroups that keep every SM of an H100/H200 busy
+
+
+def _tiles(version: str, m: int, n: int, batches: int) -> int:
+    gx, gy, gz = get_rung(version).grid(m, n, batches)
+    return gx * gy * gz
+
+
+def cuda_default(m: int, n: int, k: int, batches: int = 1) -> str:
+    """The CUDA shim's default version for an (M, N, K) product (see above)."""
+    if k >= _MIN_SLICE and _tiles(DEFAULT_CUDA, m, n, batches) >= 2 * CUDA_FULL_GRID:
+        return DEFAULT_CUDA  # enough big tiles, and a K long enough to amortise them
+    tiles = _tiles(CUDA_SPLIT_TILE, m, n, batches)
+    if tiles < CUDA_FULL_GRID:
+        splits = [s for s in SPLITS if can_split(m, n, k, batches, s) and k // s >= _MIN_SLICE]
+        for s in splits:
+            if tiles * s >= 2 * CUDA_FULL_GRID:
+                return f"{CUDA_SPLIT_TILE}/k{s}"
+        if splits:
+            return f"{CUDA_SPLIT_TILE}/k{splits[-1]}"
+    return CUDA_SMALL_TILE
 
 
 def choose_version(m: int, n: int, k: int, batches: int = 1) -> str:

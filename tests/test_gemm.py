@@ -572,6 +572,39 @@ def test_default_rung_gives_way_on_a_small_device(limits, default, expected, mon
                                             ("cuda", gemm.DEFAULT_CUDA),
                                             ("sim", gemm.DEFAULT_SIM)])  # fmt: skip
 def test_default_rung_per_shim(shim, expected, monkeypatch):
-    """Each shim has its own default rung (the CUDA one measured on an H200)."""
+    """Each shim has its own default rung (the CUDA one, for big products, measured)."""
     monkeypatch.setattr(metal, "shim", lambda: shim)
-    assert gemm.default_version(64, 64, 64) == expected
+    assert gemm.default_version(4096, 2048, 512) == expected
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((4096, 4096, 4096, 1), gemm.DEFAULT_CUDA),  # 512 big tiles: the big tile
+    ((4096, 1152, 384, 1), gemm.DEFAULT_CUDA),
+    ((2048, 2048, 128, 1), gemm.CUDA_SMALL_TILE),  # K too short to amortise a big tile
+    ((4096, 384, 1536, 1), gemm.CUDA_SMALL_TILE),  # 192 big tiles, 384 small ones
+    ((4096, 84, 384, 1), gemm.CUDA_SMALL_TILE),  # few tiles, but K too short to split
+    ((1024, 64, 1024, 16), gemm.CUDA_SMALL_TILE),  # a batch does not split
+    ((384, 1536, 4096, 1), gemm.CUDA_SPLIT_TILE + "/k4"),  # 144 tiles x 4 >= 528
+    ((84, 384, 4096, 1), gemm.CUDA_SPLIT_TILE + "/k8"),  # 12 tiles: the largest split
+    ((84, 384, 4100, 1), gemm.CUDA_SMALL_TILE),  # K % (4 S) != 0 for every S
+])  # fmt: skip
+def test_cuda_default_fills_the_gpu(shape, expected, monkeypatch):
+    """Untuned on the CUDA shim: big tiles where there are enough of them, else small tiles,
+    split K where few tiles have a long K (the autotuner's winners on an H100)."""
+    monkeypatch.setattr(metal, "shim", lambda: "cuda")
+    assert gemm.default_version(*shape) == expected
+
+
+def test_a_split_default_gives_the_product(rng, monkeypatch):
+    """The CUDA rule's split-K choice runs through matmul() (one batch of slices, one sum) and
+    matches NumPy, here on whatever shim runs the tests with the rule in force."""
+    monkeypatch.setattr(metal, "shim", lambda: "cuda")
+    monkeypatch.setattr(autotune, "lookup", lambda *shape: None)
+    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    assert gemm.default_version(40, 36, 2048) == gemm.CUDA_SPLIT_TILE + "/k8"
+    a, b = _operands(rng, (40, 2048), (2048, 36))
+    with camel.profile() as prof:
+        _check(None, a, b)
+    names = [e.name for e in prof.events]
+    assert names == [gemm.get_rung(gemm.CUDA_SPLIT_TILE).kernel, "sum_axis_blocks_float4"], names
+    assert prof.events[0].grid[2] == 8
