@@ -578,8 +578,8 @@ def test_default_rung_per_shim(shim, expected, monkeypatch):
 
 
 @pytest.mark.parametrize("shape, expected", [
-    ((4096, 4096, 4096, 1), gemm.DEFAULT_CUDA),  # 512 big tiles: the big tile
-    ((4096, 1152, 384, 1), gemm.DEFAULT_CUDA),
+    ((4096, 4096, 4096, 1), gemm.DEFAULT_CUDA),  # 2048 big tiles: the big tile
+    ((4096, 1152, 384, 1), gemm.DEFAULT_CUDA),  # 576 big tiles
     ((2048, 2048, 128, 1), gemm.CUDA_SMALL_TILE),  # K too short to amortise a big tile
     ((4096, 384, 1536, 1), gemm.CUDA_SMALL_TILE),  # 192 big tiles, 384 small ones
     ((4096, 84, 384, 1), gemm.CUDA_SMALL_TILE),  # few tiles, but K too short to split
