@@ -982,6 +982,7 @@ struct FcTok {
     size_t start, end;
     int line;
     std::string file;
+    bool system;  // in a system header (line marker flag 3): the compat headers
 };
 
 std::vector<FcTok> fc_scan(const std::string &s) {
@@ -989,7 +990,7 @@ std::vector<FcTok> fc_scan(const std::string &s) {
     size_t i = 0, n = s.size();
     int line = 1;
     std::string file;
-    bool line_start = true;
+    bool line_start = true, system = false;
     while (i < n) {
         char c = s[i];
         if (c == '\n') {
@@ -1010,7 +1011,10 @@ std::vector<FcTok> fc_scan(const std::string &s) {
             if (p != std::string::npos && isdigit((unsigned char)d[p])) {
                 int num = atoi(d.c_str() + p);
                 size_t q1 = d.find('"'), q2 = d.rfind('"');
-                if (q1 != std::string::npos && q2 > q1) file = d.substr(q1 + 1, q2 - q1 - 1);
+                if (q1 != std::string::npos && q2 > q1) {
+                    file = d.substr(q1 + 1, q2 - q1 - 1);
+                    system = (" " + d.substr(q2 + 1) + " ").find(" 3 ") != std::string::npos;
+                }
                 line = num - 1;  // the newline ending the marker makes it num
             }
             i = e;
@@ -1020,20 +1024,20 @@ std::vector<FcTok> fc_scan(const std::string &s) {
         size_t b = i;
         if (isalpha((unsigned char)c) || c == '_') {
             while (i < n && (isalnum((unsigned char)s[i]) || s[i] == '_')) i++;
-            out.push_back({FcTok::IDENT, b, i, line, file});
+            out.push_back({FcTok::IDENT, b, i, line, file, system});
         } else if (isdigit((unsigned char)c) || (c == '.' && i + 1 < n && isdigit((unsigned char)s[i + 1]))) {
             while (i < n && (isalnum((unsigned char)s[i]) || s[i] == '_' || s[i] == '.' || s[i] == '\'' ||
                              ((s[i] == '+' || s[i] == '-') && strchr("eEpP", s[i - 1]))))
                 i++;
-            out.push_back({FcTok::OTHER, b, i, line, file});
+            out.push_back({FcTok::OTHER, b, i, line, file, system});
         } else if (c == '"' || c == '\'') {
             i++;
             while (i < n && s[i] != c && s[i] != '\n') i += s[i] == '\\' ? 2 : 1;
             if (i < n && s[i] == c) i++;
-            out.push_back({FcTok::OTHER, b, i, line, file});
+            out.push_back({FcTok::OTHER, b, i, line, file, system});
         } else {
             i++;
-            out.push_back({FcTok::PUNCT, b, i, line, file});
+            out.push_back({FcTok::PUNCT, b, i, line, file, system});
         }
     }
     return out;
@@ -1130,7 +1134,7 @@ std::string constant_literal(const std::string &type, uint32_t code, uint32_t co
         }
         elems += (k ? ", " : "") + e;
     }
-    return components == 1 && code == 1 ? elems : type + "(" + elems + ")";
+    return components == 1 ? elems : type + "(" + elems + ")";  // elements are typed
 }
 
 std::string function_constant_lines(const std::vector<FunctionConstant> &found) {
@@ -1172,7 +1176,7 @@ bool specialize_function_constants(std::string &s, const std::string &main_file,
     std::vector<Decl> decls;
     bool ok = true;
     for (size_t k = 0; k < t.size(); k++) {
-        if (t[k].kind != FcTok::IDENT || text(k) != "function_constant") continue;
+        if (t[k].kind != FcTok::IDENT || t[k].system || text(k) != "function_constant") continue;
         if (!(k >= 2 && punct(k - 1, '[') && punct(k - 2, '['))) {
             err += prefix + where(k) + "error: [[..., function_constant(...)]] on a parameter or "
                    "struct member (an optional argument) is not supported by the simulator and the "
@@ -1265,7 +1269,7 @@ bool specialize_function_constants(std::string &s, const std::string &main_file,
             k = d.last;
             continue;
         }
-        if (t[k].kind != FcTok::IDENT) continue;
+        if (t[k].kind != FcTok::IDENT || t[k].system) continue;  // the user's code only
         std::string id = text(k);
         if (id == "is_function_constant_defined") {
             const Decl *d = nullptr;
