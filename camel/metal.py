@@ -1026,10 +1026,14 @@ _FLOAT_MAX = {"e": 65504.0, "f": float(np.finfo(np.float32).max)}
 
 
 def _constant_type(type_name: str) -> tuple[str, int]:
-    """("float", 2) for "float2"; ("int", 1) for "int"."""
+    """("float", 2) for "float2"; ("int", 1) for "int"; ("", 0) for a type camel has
+    no code for (the Metal shim lists it as "unsupported")."""
     if type_name in _CONSTANT_TYPES:
         return type_name, 1
-    return type_name[:-1], int(type_name[-1])
+    base, n = type_name[:-1], type_name[-1:]
+    if base in _CONSTANT_TYPES and base != "bool" and n in ("2", "3", "4"):
+        return base, int(n)
+    return "", 0
 
 
 def _constant_bytes(value, type_name: str, what: str) -> bytes:
@@ -1146,6 +1150,11 @@ class Library:
                 )
             what = f"[{kernel_name}] function constant {name!r} (index {index})"
             base, n = _constant_type(type_name)
+            if not base:
+                raise TypeError(
+                    f"{what} has type {type_name}; camel sets bool, char, uchar, short, ushort, "
+                    f"int, uint, half, float and their 2-4 vectors"
+                )
             data = _constant_bytes(value, type_name, what)
             values[index] = (index, _CONSTANT_TYPES[base][0], n, data)
         return tuple(sorted(values.values()))
