@@ -21,7 +21,7 @@ constant bool relu [[function_constant(2)]];
 constant half bias [[function_constant(3)]];
 constant float2 line_ab [[function_constant(7)]];
 constant ushort repeats [[function_constant(9)]];
-// Apple's pattern for a default: is_function_constant_defined
+// a default through is_function_constant_defined
 constant float alpha = is_function_constant_defined(alpha_given) ? alpha_given : 1.5f;
 constant bool has_bias = is_function_constant_defined(bias);
 
@@ -77,7 +77,7 @@ def test_the_library_lists_its_constants(lib):
         "line_ab": (7, "float2"),
         "repeats": (9, "ushort"),
     }
-    assert lib.function_names == ["fc_map", "fc_line", "fc_plain"]
+    assert sorted(lib.function_names) == ["fc_line", "fc_map", "fc_plain"]
 
 
 @pytest.mark.parametrize(
@@ -139,9 +139,12 @@ def test_a_kernel_without_constants_needs_no_values(lib):
 def test_a_used_constant_without_a_value_fails_the_pipeline(lib):
     # relu is used without is_function_constant_defined: required (Apple: the compiler
     # cannot compile the function); bias and alpha_given are guarded, optional
-    with pytest.raises(M.MetalError, match=r"fc_map.*function constant 'relu' \(index 2, bool\)"):
+    ours = M.shim() != "metal"  # Apple's compiler words its own message
+    match = r"fc_map.*function constant 'relu' \(index 2, bool\)" if ours else "fc_map"
+    with pytest.raises(M.MetalError, match=match):
         lib.function("fc_map", constants={"mode": 1})
-    with pytest.raises(M.MetalError, match=r"fc_line.*function constant '(line_ab|repeats)'"):
+    match = r"fc_line.*function constant '(line_ab|repeats)'" if ours else "fc_line"
+    with pytest.raises(M.MetalError, match=match):
         lib.function("fc_line", constants={"repeats": 2})
 
 
