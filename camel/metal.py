@@ -73,7 +73,7 @@ __all__ = [
     "capture_end",
 ]
 
-ABI_VERSION = 2  # must equal CAMEL_SHIM_ABI_VERSION in shim/camel_shim.h
+ABI_VERSION = 3  # must equal CAMEL_SHIM_ABI_VERSION in shim/camel_shim.h
 MAX_BUFFER_ARGS = 31  # Metal's limit on [[buffer(i)]] slots
 MAX_THREADGROUP_ARGS = 31  # [[threadgroup(i)]] slots we preallocate
 MAX_SET_BYTES = 4095  # setBytes takes "smaller than 4 KB" (Apple); larger constants: a buffer
@@ -136,6 +136,15 @@ class _PipelineInfo(ctypes.Structure):
     ]
 
 
+class _ConstantValue(ctypes.Structure):  # camel_constant_value
+    _fields_ = [
+        ("index", ctypes.c_uint32),
+        ("type", ctypes.c_uint32),
+        ("components", ctypes.c_uint32),
+        ("bytes", ctypes.c_uint8 * 16),
+    ]
+
+
 class _Arg(ctypes.Structure):
     _fields_ = [
         ("buffer", ctypes.c_void_p),
@@ -175,6 +184,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         "camel_library_new": ([ctypes.c_char_p, ctypes.c_char_p], vp),
         "camel_library_release": ([vp], None),
         "camel_library_function_names": ([vp, ctypes.c_char_p, u64], u64),
+        "camel_library_function_constants": ([vp, ctypes.c_char_p, u64], u64),
+        "camel_pipeline_new_with_constants": (
+            [vp, ctypes.c_char_p, ctypes.POINTER(_ConstantValue), u32],
+            vp,
+        ),
         "camel_pipeline_new": ([vp, ctypes.c_char_p], vp),
         "camel_pipeline_release": ([vp], None),
         "camel_pipeline_info_get": ([vp, ctypes.POINTER(_PipelineInfo)], i32),
@@ -962,7 +976,7 @@ def compile(  # noqa: A001 (Metal's word)
         has_header = first.startswith("[") and "fail" in first
         message = log if has_header else f"[metal] compiling {path or '<source>'} failed:\n{log}"
         raise CompileError(message, log, path)
-    return Library(handle, path)
+    return Library(handle, path, include_dirs)
 
 
 _shader_libraries: dict[str, Library] = {}
@@ -987,20 +1001,92 @@ def library(filename: str) -> Library:
     return lib
 
 
-def kernel(filename: str, name: str) -> Function:
+def kernel(filename: str, name: str, constants: dict | None = None) -> Function:
     """The kernel `name` from shaders/<filename>, compiled and cached per process:
-    camel.metal.kernel("ops_elementwise.metal", "add_float4")."""
-    return library(filename).function(name)
+    camel.metal.kernel("ops_elementwise.metal", "add_float4"). `constants` as for
+    Library.function."""
+    return library(filename).function(name, constants=constants)
+
+
+# Function-constant types (camel_constant_type): MSL name -> (code, struct format, bytes)
+_CONSTANT_TYPES = {
+    "bool": (1, "?", 1),
+    "char": (2, "b", 1),
+    "uchar": (3, "B", 1),
+    "short": (4, "h", 2),
+    "ushort": (5, "H", 2),
+    "int": (6, "i", 4),
+    "uint": (7, "I", 4),
+    "half": (8, "e", 2),
+    "float": (9, "f", 4),
+}
+_INT_RANGES = {"b": (-128, 127), "B": (0, 255), "h": (-32768, 32767), "H": (0, 65535)}
+_INT_RANGES |= {"i": (-(2**31), 2**31 - 1), "I": (0, 2**32 - 1)}
+_FLOAT_MAX = {"e": 65504.0, "f": float(np.finfo(np.float32).max)}
+
+
+def _constant_type(type_name: str) -> tuple[str, int]:
+    """("float", 2) for "float2"; ("int", 1) for "int"; ("", 0) for a type camel has
+    no code for (the Metal shim lists it as "unsupported")."""
+    if type_name in _CONSTANT_TYPES:
+        return type_name, 1
+    base, n = type_name[:-1], type_name[-1:]
+    if base in _CONSTANT_TYPES and base != "bool" and n in ("2", "3", "4"):
+        return base, int(n)
+    return "", 0
+
+
+def _constant_bytes(value, type_name: str, what: str) -> bytes:
+    """The little-endian bytes of `value` as the function constant's type, or a
+    TypeError/ValueError that names `what` (kernel and constant)."""
+    base, n = _constant_type(type_name)
+    _, fmt, _ = _CONSTANT_TYPES[base]
+    if n == 1:
+        items = [value]
+    else:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise TypeError(f"{what} is {type_name}: give {n} values (a tuple), got {value!r}")
+        items = list(value)
+        if len(items) != n:
+            raise ValueError(f"{what} is {type_name}: give {n} values, got {len(items)}: {value!r}")
+    out = b""
+    for v in items:
+        is_bool = isinstance(v, (bool, np.bool_))
+        if fmt == "?":
+            if not is_bool:
+                raise TypeError(f"{what} is bool: give True or False, got {v!r}")
+            out += b"\x01" if v else b"\x00"
+        elif fmt in _INT_RANGES:
+            if is_bool or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{what} is {type_name}: give an int, got {v!r}")
+            lo, hi = _INT_RANGES[fmt]
+            if not lo <= int(v) <= hi:
+                raise ValueError(f"{what}: {int(v)} is out of range for {base} ({lo} .. {hi})")
+            out += struct.pack("<" + fmt, int(v))
+        else:
+            if is_bool or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{what} is {type_name}: give a number, got {v!r}")
+            x = float(v)
+            if math.isfinite(x) and abs(x) > _FLOAT_MAX[fmt]:
+                raise ValueError(
+                    f"{what}: {x!r} is out of range for {base} (largest finite {_FLOAT_MAX[fmt]:g})"
+                )
+            out += struct.pack("<" + fmt, x)
+    return out
 
 
 class Library:
-    """A compiled MSL library. .path, .function_names, .function(name)."""
+    """A compiled MSL library. .path, .function_names, .function_constants
+    ({name: (index, MSL type)} of its [[function_constant(i)]] declarations),
+    .function(name, constants=...)."""
 
-    def __init__(self, handle: int, path: str | None):
+    def __init__(self, handle: int, path: str | None, include_dirs=None):
         self._handle = handle
         self.path = path
-        self._functions: dict[str, Function] = {}
+        self._include_dirs = include_dirs  # again for a specialisation (simulator, CUDA)
+        self._functions: dict = {}
         self.function_names = self._names()
+        self.function_constants = self._constants()
 
     def _names(self) -> list[str]:
         lib = _native()
@@ -1009,9 +1095,77 @@ class Library:
         lib.camel_library_function_names(self._handle, out, need + 1)
         return [n for n in out.value.decode().split("\n") if n]
 
-    def function(self, name: str) -> Function:
-        """The kernel `name` with its pipeline built (cached per library)."""
-        fn = self._functions.get(name)
+    def _constants(self) -> dict[str, tuple[int, str]]:
+        lib = _native()
+        need = lib.camel_library_function_constants(self._handle, None, 0)
+        out = ctypes.create_string_buffer(need + 1)
+        lib.camel_library_function_constants(self._handle, out, need + 1)
+        found = {}
+        for line in out.value.decode().split("\n"):
+            if line:
+                index, type_name, name = line.split(" ", 2)
+                found[name] = (int(index), type_name)
+        return found
+
+    def _constant_values(self, kernel_name: str, constants) -> tuple:
+        """((index, code, components, bytes), ...) sorted by index, from a dict keyed by
+        constant name or index; errors name the kernel and the constant."""
+        if not isinstance(constants, dict):
+            raise TypeError(
+                f"[{kernel_name}] constants= must be a dict {{name or index: value}}, "
+                f"got {type(constants).__name__}"
+            )
+        by_index = {index: (name, t) for name, (index, t) in self.function_constants.items()}
+        declared = (
+            ", ".join(f"{n} (index {i}, {t})" for n, (i, t) in self.function_constants.items())
+            or "none"
+        )
+        where = self.path or "this library"
+        values = {}
+        for key, value in constants.items():
+            if isinstance(key, str):
+                if key not in self.function_constants:
+                    raise ValueError(
+                        f"[{kernel_name}] no function constant named {key!r} in {where}; "
+                        f"it declares: {declared}"
+                    )
+                name, (index, type_name) = key, self.function_constants[key]
+            elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+                if int(key) not in by_index:
+                    raise ValueError(
+                        f"[{kernel_name}] no function constant with index {int(key)} in {where}; "
+                        f"it declares: {declared}"
+                    )
+                index = int(key)
+                name, type_name = by_index[index]
+            else:
+                raise TypeError(
+                    f"[{kernel_name}] a function constant is named by a str or an int index, "
+                    f"got {key!r}"
+                )
+            if index in values:
+                raise ValueError(
+                    f"[{kernel_name}] function constant {name!r} (index {index}) is given twice "
+                    f"(by name and by index)"
+                )
+            what = f"[{kernel_name}] function constant {name!r} (index {index})"
+            base, n = _constant_type(type_name)
+            if not base:
+                raise TypeError(
+                    f"{what} has type {type_name}; camel sets bool, char, uchar, short, ushort, "
+                    f"int, uint, half, float and their 2-4 vectors"
+                )
+            data = _constant_bytes(value, type_name, what)
+            values[index] = (index, _CONSTANT_TYPES[base][0], n, data)
+        return tuple(sorted(values.values()))
+
+    def function(self, name: str, constants: dict | None = None) -> Function:
+        """The kernel `name` with its pipeline built (cached per library and values).
+        constants={name or index: value} sets its function constants
+        (`constant T name [[function_constant(index)]];`), as MTLFunctionConstantValues
+        does; a constant left out is undefined (is_function_constant_defined is false)."""
+        values = () if not constants else self._constant_values(name, constants)
+        fn = self._functions.get((name, values))
         if fn is None:
             if name not in self.function_names:
                 where = self.path or "this library"
@@ -1019,8 +1173,8 @@ class Library:
                     f"[metal] no kernel named {name!r} in {where}; available kernels: "
                     + (", ".join(self.function_names) or "(none)")
                 )
-            fn = Function(self, name)
-            self._functions[name] = fn
+            fn = Function(self, name, values)
+            self._functions[(name, values)] = fn
         return fn
 
     def __getitem__(self, name: str) -> Function:
@@ -1094,9 +1248,20 @@ class Function:
     Each Function reuses one preallocated descriptor: dispatch from one thread.
     """
 
-    def __init__(self, library: Library, name: str):
+    def __init__(self, library: Library, name: str, constants: tuple = ()):
         lib = _native()
-        handle = lib.camel_pipeline_new(library._handle, name.encode())
+        if library.function_constants:
+            # a specialisation: the simulator and the CUDA shim compile it now
+            array = (_ConstantValue * max(1, len(constants)))()
+            for slot, (index, code, components, data) in zip(array, constants, strict=False):
+                slot.index, slot.type, slot.components = index, code, components
+                ctypes.memmove(slot.bytes, data, len(data))
+            with _IncludePath(library._include_dirs):
+                handle = lib.camel_pipeline_new_with_constants(
+                    library._handle, name.encode(), array, len(constants)
+                )
+        else:
+            handle = lib.camel_pipeline_new(library._handle, name.encode())
         if not handle:
             raise _fail(f"cannot build a pipeline for kernel {name!r} in {library.path}")
         info = _PipelineInfo()

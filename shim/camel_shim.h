@@ -31,7 +31,7 @@
 extern "C" {
 #endif
 
-#define CAMEL_SHIM_ABI_VERSION 2
+#define CAMEL_SHIM_ABI_VERSION 3
 #define CAMEL_MAX_DISPATCHES_PER_COMMAND_BUFFER 256
 
 /* Opaque handles. */
@@ -104,6 +104,47 @@ uint64_t camel_library_function_names(camel_library *library, char *out, uint64_
  * message lists the names there are) or the pipeline cannot be built. */
 camel_pipeline *camel_pipeline_new(camel_library *library, const char *name);
 void camel_pipeline_release(camel_pipeline *pipeline);
+
+/* ---- function constants (Metal: MTLFunctionConstantValues) ----------------
+ * `constant T name [[function_constant(index)]];` at program scope, T one of bool,
+ * char, uchar, short, ushort, int, uint, half, float or a 2-4 vector of them but bool.
+ * A library compiles with them unset (Apple does too); their values are given when a
+ * pipeline is made, as newFunctionWithName:constantValues:error: does. */
+enum camel_constant_type {
+    CAMEL_CONSTANT_BOOL = 1,
+    CAMEL_CONSTANT_CHAR = 2,
+    CAMEL_CONSTANT_UCHAR = 3,
+    CAMEL_CONSTANT_SHORT = 4,
+    CAMEL_CONSTANT_USHORT = 5,
+    CAMEL_CONSTANT_INT = 6,
+    CAMEL_CONSTANT_UINT = 7,
+    CAMEL_CONSTANT_HALF = 8,
+    CAMEL_CONSTANT_FLOAT = 9,
+};
+
+typedef struct camel_constant_value {
+    uint32_t index;      /* [[function_constant(index)]] */
+    uint32_t type;       /* enum camel_constant_type */
+    uint32_t components; /* 1 (scalar) .. 4 */
+    uint8_t bytes[16];   /* the value, little-endian, elements packed (bool: 1 byte, 0 or 1) */
+} camel_constant_value;
+
+/* The function constants the library declares, one a line, "index type name"
+ * (type as MSL spells it: "int", "float2"), into out as
+ * camel_library_function_names does. Returns the length needed. */
+uint64_t camel_library_function_constants(camel_library *library, char *out, uint64_t cap);
+
+/* camel_pipeline_new with values for function constants (values may be NULL when
+ * nvalues is 0). A value whose index no constant of the library has is ignored, as
+ * Metal ignores it; one of another type than the constant's is an error. A constant
+ * without a value is undefined (is_function_constant_defined is false): a kernel that
+ * uses it otherwise fails here, the message naming it. camel_pipeline_new on a kernel
+ * of a library with function constants is this call with no values. The simulator
+ * and the CUDA shim compile the specialised kernel at this call (cached on disk,
+ * reading CAMEL_INCLUDE_PATH again). */
+camel_pipeline *camel_pipeline_new_with_constants(camel_library *library, const char *name,
+                                                  const camel_constant_value *values,
+                                                  uint32_t nvalues);
 
 typedef struct camel_pipeline_info {
     uint32_t max_total_threads_per_threadgroup;

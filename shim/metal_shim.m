@@ -480,7 +480,78 @@ static void copy_name(char dst[64], NSString *name) {
     snprintf(dst, 64, "%s", name ? name.UTF8String : "?");
 }
 
+/* Function constants: camel_constant_type (+ components) <-> MTLDataType. The vector
+ * types follow their scalar in MTLDataType (MTLDataTypeFloat2 = MTLDataTypeFloat + 1). */
+static const struct {
+    uint32_t code;
+    MTLDataType type;
+    const char *msl;
+} kConstantTypes[] = {
+    {CAMEL_CONSTANT_BOOL, MTLDataTypeBool, "bool"},     {CAMEL_CONSTANT_CHAR, MTLDataTypeChar, "char"},
+    {CAMEL_CONSTANT_UCHAR, MTLDataTypeUChar, "uchar"},  {CAMEL_CONSTANT_SHORT, MTLDataTypeShort, "short"},
+    {CAMEL_CONSTANT_USHORT, MTLDataTypeUShort, "ushort"}, {CAMEL_CONSTANT_INT, MTLDataTypeInt, "int"},
+    {CAMEL_CONSTANT_UINT, MTLDataTypeUInt, "uint"},     {CAMEL_CONSTANT_HALF, MTLDataTypeHalf, "half"},
+    {CAMEL_CONSTANT_FLOAT, MTLDataTypeFloat, "float"},
+};
+
+/* "float2" for MTLDataTypeFloat2; "unsupported" for a type the ABI has no code for. */
+static NSString *constant_type_name(MTLDataType type) {
+    for (size_t i = 0; i < sizeof kConstantTypes / sizeof kConstantTypes[0]; i++) {
+        NSInteger n = (NSInteger)type - (NSInteger)kConstantTypes[i].type + 1;
+        if (n == 1) return @(kConstantTypes[i].msl);
+        if (n >= 2 && n <= 4 && kConstantTypes[i].code != CAMEL_CONSTANT_BOOL)
+            return [NSString stringWithFormat:@"%s%ld", kConstantTypes[i].msl, (long)n];
+    }
+    return @"unsupported";
+}
+
+/* The MTLDataType of a camel_constant_value, or MTLDataTypeNone. */
+static MTLDataType constant_data_type(const camel_constant_value *v) {
+    for (size_t i = 0; i < sizeof kConstantTypes / sizeof kConstantTypes[0]; i++)
+        if (kConstantTypes[i].code == v->type && v->components >= 1 && v->components <= 4 &&
+            (v->components == 1 || v->type != CAMEL_CONSTANT_BOOL))
+            return (MTLDataType)(kConstantTypes[i].type + (v->components - 1));
+    return MTLDataTypeNone;
+}
+
+uint64_t camel_library_function_constants(camel_library *handle, char *out, uint64_t cap) {
+    @autoreleasepool {
+        clear_error();
+        CamelLibrary *lib = live_library(handle, "compile");
+        if (lib == nil) {
+            if (out != NULL && cap > 0) out[0] = '\0';
+            return 0;
+        }
+        /* The union over the library's functions (MTLFunction.functionConstantsDictionary),
+         * by index. */
+        NSMutableDictionary<NSNumber *, NSString *> *lines = [NSMutableDictionary dictionary];
+        for (NSString *fname in lib.library.functionNames) {
+            id<MTLFunction> f = [lib.library newFunctionWithName:fname];
+            for (MTLFunctionConstant *c in f.functionConstantsDictionary.allValues)
+                lines[@(c.index)] = [NSString stringWithFormat:@"%lu %@ %@", (unsigned long)c.index,
+                                                               constant_type_name(c.type), c.name];
+        }
+        NSMutableString *text = [NSMutableString string];
+        for (NSNumber *index in [lines.allKeys sortedArrayUsingSelector:@selector(compare:)])
+            [text appendFormat:@"%@\n", lines[index]];
+        const char *joined = text.UTF8String;
+        uint64_t len = strlen(joined);
+        if (out != NULL && cap > 0) {
+            uint64_t n = len < cap - 1 ? len : cap - 1;
+            memcpy(out, joined, n);
+            out[n] = '\0';
+        }
+        return len;
+    }
+}
+
 camel_pipeline *camel_pipeline_new(camel_library *handle, const char *name) {
+    return camel_pipeline_new_with_constants(handle, name, NULL, 0);
+}
+
+camel_pipeline *camel_pipeline_new_with_constants(camel_library *handle, const char *name,
+                                                  const camel_constant_value *values,
+                                                  uint32_t nvalues) {
     @autoreleasepool {
         clear_error();
         CamelLibrary *lib = live_library(handle, "pipeline");
@@ -490,12 +561,48 @@ camel_pipeline *camel_pipeline_new(camel_library *handle, const char *name) {
             set_error("[pipeline] kernel name is NULL or not UTF-8");
             return NULL;
         }
+        if (nvalues > 0 && values == NULL) {
+            set_error("[pipeline] kernel '%s': %u function-constant values but values is NULL", name,
+                      nvalues);
+            return NULL;
+        }
         id<MTLFunction> function = [lib.library newFunctionWithName:kernel];
         if (function == nil) {
             NSString *names = [sorted_names(lib) componentsJoinedByString:@", "];
             set_error("[pipeline] %s has no kernel named '%s'; it has: %s", lib.path.UTF8String,
                       name, names.length ? names.UTF8String : "(no functions)");
             return NULL;
+        }
+        NSDictionary<NSString *, MTLFunctionConstant *> *declared = function.functionConstantsDictionary;
+        if (declared.count > 0) {
+            /* A specialised function (newFunctionWithName:constantValues:error:); a value
+             * for a constant this function lacks is ignored, as Metal ignores it. */
+            MTLFunctionConstantValues *constants = [[MTLFunctionConstantValues alloc] init];
+            for (uint32_t i = 0; i < nvalues; i++) {
+                MTLFunctionConstant *c = nil;
+                for (MTLFunctionConstant *d in declared.allValues)
+                    if (d.index == values[i].index) c = d;
+                if (c == nil) continue;
+                MTLDataType type = constant_data_type(&values[i]);
+                if (type != c.type) {
+                    set_error("[pipeline] kernel '%s': function constant '%s' (index %u) is %s, the "
+                              "value given is not (camel type %u, %u components)",
+                              name, c.name.UTF8String, values[i].index,
+                              constant_type_name(c.type).UTF8String, values[i].type,
+                              values[i].components);
+                    return NULL;
+                }
+                [constants setConstantValue:values[i].bytes type:type atIndex:values[i].index];
+            }
+            NSError *error = nil;
+            function = [lib.library newFunctionWithName:kernel constantValues:constants error:&error];
+            if (function == nil) {
+                set_error("[pipeline] cannot specialise kernel '%s' in %s with its function "
+                          "constants: %s",
+                          name, lib.path.UTF8String,
+                          error ? error.localizedDescription.UTF8String : "(no message)");
+                return NULL;
+            }
         }
         if (function.functionType != MTLFunctionTypeKernel) {
             set_error("[pipeline] '%s' in %s is not a kernel function", name, lib.path.UTF8String);

@@ -504,6 +504,60 @@ def test_translated_shaders_load_bind_and_check_value_sizes(fake):
     )
 
 
+def test_function_constants_specialise_the_kernel(fake):
+    """camel_pipeline_new_with_constants on the CUDA shim: the library lists its function
+    constants, each set of values is a PTX module of that kernel alone (the fake records
+    each module's entries), the values are in the translation, and a constant the kernel
+    uses without a value fails the pipeline with its name."""
+    ok(
+        run(
+            fake,
+            """
+            import glob, os
+            src = (
+                "#include <metal_stdlib>\\n"
+                "using namespace metal;\\n"
+                "constant int k [[function_constant(0)]];\\n"
+                "constant float scale [[function_constant(3)]];\\n"
+                "constant bool has_k = is_function_constant_defined(k);\\n"
+                "kernel void fc_scale(device float *y [[buffer(0)]],\\n"
+                "                     uint i [[thread_position_in_grid]]) {\\n"
+                "    y[i] = (has_k ? float(k) : -1.0f) * scale;\\n"
+                "}\\n"
+                "kernel void fc_plain(device float *y [[buffer(0)]],\\n"
+                "                     uint i [[thread_position_in_grid]]) {\\n"
+                "    y[i] = 1.0f;\\n"
+                "}\\n"
+            )
+            lib = metal.compile(src, "fc_cuda.metal")
+            want = {"k": (0, "int"), "scale": (3, "float")}
+            assert lib.function_constants == want, lib.function_constants
+            y = metal.DeviceArray.empty(40)
+            fn = lib.function("fc_scale", constants={"k": 7, "scale": 2.5})
+            fn(y, threads=40, threads_per_threadgroup=32)
+            lib.function("fc_scale", constants={3: -0.75})(y, threads=8, threads_per_threadgroup=8)
+            lib.function("fc_plain")(y, threads=8, threads_per_threadgroup=8)
+            metal.synchronize()
+            launches = [line.split()[1] for line in log() if line.startswith("launch")]
+            want = ["camel_fc_scale"] * 3 + ["camel_fc_plain"]
+            assert launches == want, launches
+            folder = os.environ["XDG_CACHE_HOME"] + "/camel/cuda/"
+            cached = [open(p).read() for p in glob.glob(folder + "*.cu")]
+            special = [c for c in cached if "camel_fc_scale(camel_cuda_args" in c]
+            special = [c for c in special if "camel_fc_plain(camel_cuda_args" not in c]
+            values = ("int k = int(7);", "float scale = 0x1.4p+1f;")
+            assert any(all(v in c for v in values) for c in special), len(special)
+            try:
+                lib.function("fc_scale", constants={"k": 1})
+                raise SystemExit("no error")
+            except metal.MetalError as e:
+                assert "kernel 'fc_scale' uses function constant 'scale' (index 3" in str(e), e
+            """,
+            XDG_CACHE_HOME=fake / "cache-fc",
+        )
+    )
+
+
 def test_command_buffers_commit_early_and_at_256(fake):
     out = ok(
         run(

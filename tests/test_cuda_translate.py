@@ -412,3 +412,43 @@ kernel void k(device float *x [[buffer(0)]], uint i [[thread_position_in_grid]])
     ptx, desc = compile_ptx(src, f"{header}.metal", 80)
     assert kernel_lines(desc) == [["kernel", "0", "k", "0", "0", "camel_k"]]
     assert ".entry camel_k(" in ptx
+
+
+FC_SRC = """
+#include <metal_stdlib>
+using namespace metal;
+constant int k [[function_constant(0)]];
+constant float scale [[function_constant(1)]];
+constant bool has_k = is_function_constant_defined(k);
+kernel void fc_axpb(device const float *x [[buffer(0)]], device float *y [[buffer(1)]],
+                    uint i [[thread_position_in_grid]]) {
+    y[i] = x[i] * scale + (has_k ? float(k) : 0.5f);
+}
+kernel void fc_other(device float *y [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+    y[i] = scale;
+}
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_function_constants_specialise_to_ptx(arch):
+    """camel_cuda_compile_specialised: one kernel's PTX with the values folded in
+    (2.5 = 0f40200000, 7 = 0f40E00000, 0.5 = 0f3F000000), the constants listed in the
+    description, and a used constant without a value an error naming it."""
+    ptx, desc = compile_ptx(FC_SRC, "fc.metal", arch)
+    assert "constant 0 int k\nconstant 1 float scale\n" in desc, desc
+    assert re.findall(r"\.entry (\w+)\(", ptx) == ["camel_fc_axpb", "camel_fc_other"]
+
+    def special(kernel, values):
+        return metal._cuda_call(
+            "camel_cuda_compile_specialised", FC_SRC, "fc.metal", arch, kernel, values
+        )
+
+    ptx, desc = special(b"fc_axpb", b"0 int(7)\n1 0x1.4p+1f\n")
+    assert f".target sm_{arch}" in ptx
+    assert re.findall(r"\.entry (\w+)\(", ptx) == ["camel_fc_axpb"], ptx
+    assert re.search(r"fma\.rn\.f32\s+%f\d+, %f\d+, 0f40200000, 0f40E00000;", ptx), ptx
+    ptx, _ = special(b"fc_axpb", b"1 0x1.4p+1f\n")  # k undefined: the default 0.5
+    assert re.search(r"fma\.rn\.f32\s+%f\d+, %f\d+, 0f40200000, 0f3F000000;", ptx), ptx
+    with pytest.raises(metal.CompileError, match=r"'fc_other' uses function constant 'scale'"):
+        special(b"fc_other", b"0 int(7)\n")

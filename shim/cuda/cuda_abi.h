@@ -101,6 +101,18 @@ int camel_cuda_translate(const char *source, const char *path, char **cuda_sourc
 int camel_cuda_compile(const char *source, const char *path, int arch, char **ptx,
                        char **kernels, char **log);
 
+/* camel_cuda_compile of one kernel with its function constants' values (a pipeline of
+ * camel_pipeline_new_with_constants): `values` holds a line "<index> <MSL expression>"
+ * per constant given a value (the simulator's constant_literal spells them); a constant
+ * without one is undefined (is_function_constant_defined false) and a use of it that the
+ * optimiser keeps is an error naming it. The PTX has only that kernel's entry, and the
+ * description (above) ends with a line per function constant the source declares:
+ *     constant <index> <type> <name>
+ * (camel_cuda_compile's description has these lines too). */
+int camel_cuda_compile_specialised(const char *source, const char *path, int arch,
+                                   const char *kernel, const char *values, char **ptx,
+                                   char **kernels, char **log);
+
 void camel_cuda_free(void *p);
 
 #ifdef __cplusplus

@@ -23,6 +23,7 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include <algorithm>
 #include <deque>
 #include <mutex>
 #include <string>
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "../camel_shim.h"
+#include "../sim/translate_internal.h"  // constant_literal (translate.cpp)
 #include "cuda_abi.h"
 
 #define CAMEL_EXPORT extern "C" __attribute__((visibility("default")))
@@ -43,6 +45,14 @@ extern "C" __attribute__((weak)) int camel_cuda_compile(const char *, const char
     return 1;
 }
 extern "C" __attribute__((weak)) void camel_cuda_free(void *p) { free(p); }
+extern "C" __attribute__((weak)) int camel_cuda_compile_specialised(const char *, const char *, int,
+                                                                    const char *, const char *,
+                                                                    char **ptx, char **kernels,
+                                                                    char **log) {
+    *ptx = *kernels = nullptr;
+    *log = strdup("[cuda] this build has no MSL-to-CUDA translator (shim/cuda/translate_cuda.cpp)");
+    return 1;
+}
 
 // ---- the few driver API types and functions we use (cuda.h, declared by hand) -----------
 
@@ -283,6 +293,10 @@ struct camel_library {
     std::vector<Kernel> kernels;
     std::string path;  // for messages
     int refs;          // 1 for the caller + 1 per live pipeline
+    // Function constants ("index type name" lines; "" for none). A library that has them
+    // keeps its source: each pipeline is a specialisation compiled from it.
+    std::string constants;
+    std::string source;
 };
 
 struct camel_pipeline {
@@ -914,7 +928,7 @@ CAMEL_EXPORT int camel_memory_info_get(camel_memory_info *out) {
 
 // The translator's kernel description: "kernel <n> <name> <barrier> <simd>" and
 // "param <n> <position> <name> <kind> <index> <is_pointer>" lines (cuda_abi.h).
-static bool parse_kernels(const char *text, std::vector<Kernel> &out) {
+static bool parse_kernels(const char *text, std::vector<Kernel> &out, std::string &constants) {
     const char *line = text ? text : "";
     while (*line) {
         const char *eol = strchr(line, '\n');
@@ -945,6 +959,8 @@ static bool parse_kernels(const char *text, std::vector<Kernel> &out) {
             }
             k->params.push_back(Param{a, name, c, d, e != 0, 0});
             if (c == CAMEL_CUDA_PARAM_BUFFER && d > k->max_buffer_index) k->max_buffer_index = d;
+        } else if (!strcmp(word, "constant") && l.size() > 9) {
+            constants += l.substr(9) + "\n";  // "<index> <type> <name>"
         } else {
             set_error("[cuda] kernel description: cannot read line '%s'", l.c_str());
             return false;
@@ -955,7 +971,8 @@ static bool parse_kernels(const char *text, std::vector<Kernel> &out) {
 
 static camel_library *load_locked(const char *ptx, const char *kernels, const char *path) {
     std::vector<Kernel> list;
-    if (!parse_kernels(kernels, list)) return nullptr;
+    std::string constants;
+    if (!parse_kernels(kernels, list, constants)) return nullptr;
     static char info_log[16384], error_log[16384];
     info_log[0] = error_log[0] = 0;
     int options[] = {JIT_INFO_LOG_BUFFER, JIT_INFO_LOG_BUFFER_SIZE_BYTES, JIT_ERROR_LOG_BUFFER,
@@ -974,7 +991,7 @@ static camel_library *load_locked(const char *ptx, const char *kernels, const ch
                   *error_log ? "" : info_log);
         return nullptr;
     }
-    auto *lib = new camel_library{module, std::move(list), path ? path : "", 1};
+    auto *lib = new camel_library{module, std::move(list), path ? path : "", 1, constants, {}};
     // Sizes of by-value/reference parameters, for the setBytes length check.
     for (Kernel &k : lib->kernels) {
         std::string sym = "camel_kernel_" + std::to_string(k.n) + "_value_sizes";
@@ -1026,6 +1043,7 @@ CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *pa
     camel_library *lib = load_locked(ptx, kernels, path);
     camel_cuda_free(ptx);
     camel_cuda_free(kernels);
+    if (lib && !lib->constants.empty()) lib->source = source;  // for the specialisations
     return lib;
 }
 
@@ -1051,10 +1069,98 @@ CAMEL_EXPORT uint64_t camel_library_function_names(camel_library *lib, char *out
     return names.size();
 }
 
+CAMEL_EXPORT uint64_t camel_library_function_constants(camel_library *lib, char *out, uint64_t cap) {
+    // A query that cannot fail: keeps the last error readable.
+    const std::string &s = lib->constants;
+    if (out && cap) {
+        uint64_t n = s.size() < cap - 1 ? s.size() : cap - 1;
+        memcpy(out, s.data(), n);
+        out[n] = 0;
+    }
+    return s.size();
+}
+
+static camel_pipeline *pipeline_of_locked(camel_library *lib, const char *name);
+
 CAMEL_EXPORT camel_pipeline *camel_pipeline_new(camel_library *lib, const char *name) {
+    if (!lib->constants.empty()) return camel_pipeline_new_with_constants(lib, name, nullptr, 0);
     std::lock_guard<std::mutex> lock(S.mu);
     tl_error.clear();
     if (!ready_locked()) return nullptr;
+    return pipeline_of_locked(lib, name);
+}
+
+CAMEL_EXPORT camel_pipeline *camel_pipeline_new_with_constants(camel_library *lib, const char *name,
+                                                              const camel_constant_value *values,
+                                                              uint32_t nvalues) {
+    {
+        std::lock_guard<std::mutex> lock(S.mu);
+        tl_error.clear();
+        if (!ready_locked()) return nullptr;
+        if (!name) {
+            set_error("[cuda] camel_pipeline_new_with_constants: name is NULL");
+            return nullptr;
+        }
+        if (nvalues && !values) {
+            set_error("[cuda] kernel '%s': %u function-constant values but values is NULL", name, nvalues);
+            return nullptr;
+        }
+        bool known = false;
+        for (const Kernel &k : lib->kernels) known = known || k.name == name;
+        if (lib->constants.empty() || !known) return pipeline_of_locked(lib, name);
+    }
+    // the declared constants, "index type name" lines
+    std::string text, spec;
+    std::vector<int> seen;
+    for (uint32_t i = 0; i < nvalues; i++) {
+        const std::string &c = lib->constants;
+        std::string type, cname;
+        for (size_t p = 0; p < c.size();) {
+            size_t e = c.find('\n', p);
+            if (e == std::string::npos) e = c.size();
+            std::string l = c.substr(p, e - p);
+            size_t a = l.find(' '), b = a == std::string::npos ? a : l.find(' ', a + 1);
+            if (b != std::string::npos && atoi(l.c_str()) == (int)values[i].index) {
+                type = l.substr(a + 1, b - a - 1);
+                cname = l.substr(b + 1);
+            }
+            p = e + 1;
+        }
+        if (type.empty()) continue;  // Metal ignores a value no constant of the function has
+        std::string err;
+        std::string lit = camel_sim::constant_literal(type, values[i].type, values[i].components,
+                                                      values[i].bytes, err);
+        bool dup = std::find(seen.begin(), seen.end(), (int)values[i].index) != seen.end();
+        if (lit.empty() || dup) {
+            set_error("[cuda] kernel '%s': function constant '%s' (index %u): %s", name, cname.c_str(),
+                      values[i].index, dup ? "two values for it" : err.c_str());
+            return nullptr;
+        }
+        seen.push_back((int)values[i].index);
+        spec += std::to_string(values[i].index) + " " + lit + "\n";
+    }
+    char *ptx = nullptr, *kernels = nullptr, *log = nullptr;
+    int rc = camel_cuda_compile_specialised(lib->source.c_str(), lib->path.empty() ? nullptr : lib->path.c_str(),
+                                            S.arch, name, spec.c_str(), &ptx, &kernels, &log);  // no lock: slow
+    std::lock_guard<std::mutex> lock(S.mu);
+    if (rc != 0) {
+        tl_error = log ? log : "[cuda] translation failed (no log)";
+        camel_cuda_free(log);
+        camel_cuda_free(ptx);
+        camel_cuda_free(kernels);
+        return nullptr;
+    }
+    camel_cuda_free(log);
+    camel_library *variant = load_locked(ptx, kernels, lib->path.c_str());
+    camel_cuda_free(ptx);
+    camel_cuda_free(kernels);
+    if (!variant) return nullptr;
+    camel_pipeline *p = pipeline_of_locked(variant, name);
+    library_unref(variant);  // the pipeline holds it
+    return p;
+}
+
+static camel_pipeline *pipeline_of_locked(camel_library *lib, const char *name) {
     for (const Kernel &k : lib->kernels) {
         if (k.name != name) continue;
         const std::string &sym = k.entry;

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -226,7 +227,7 @@ std::string temp_base(const std::string &dir, const std::string &key) {
 int translate(const std::string &src, const char *path, const std::string &display,
               const std::string &cxx, const std::string &inc, const std::string &tmp,
               std::string &cuda, std::string &kernels, std::vector<std::string> &headers,
-              std::string &err) {
+              std::string &err, const Specialisation *spec = nullptr) {
     std::string include_env;
     std::vector<std::string> dirs = include_dirs(path, include_env);
     if (!check_includes(src, display, err, dirs, "[cuda] ")) return 1;
@@ -263,7 +264,25 @@ int translate(const std::string &src, const char *path, const std::string &displ
     }
     cleanup();
     if (!check_system_headers(preprocessed, inc, display, src_file, err, "[cuda] ")) return 1;
-    if (!rewrite_msl_for(TARGET_CUDA, preprocessed, src_file, display, body, err, kernels)) return 1;
+    std::vector<FunctionConstant> constants;
+    if (!specialize_function_constants(preprocessed, src_file, display, spec ? &spec->values : nullptr,
+                                       constants, err, "[cuda] "))
+        return 1;
+    if (!rewrite_msl_for(TARGET_CUDA, preprocessed, src_file, display, body, err, kernels,
+                         spec ? spec->kernel : std::string()))
+        return 1;
+    for (const FunctionConstant &c : constants) {  // cuda_abi.h: "constant <index> <type> <name>"
+        kernels += "constant " + std::to_string(c.index) + " " + c.type + " " + c.name + "\n";
+        bool given = false;
+        for (auto &v : spec ? spec->values : std::vector<std::pair<int, std::string>>())
+            given = given || v.first == c.index;
+        // A constant without a value: defined, so the PTX loads (ptxas compiles the other
+        // kernels' unused functions too), never inlined, so a call the kernel's entry
+        // reaches shows in the PTX (missing_reached)
+        if (spec && !given)
+            body += "\n__host__ __device__ __attribute__((noinline)) " + c.type + " camel_fc_missing_" +
+                    std::to_string(c.index) + "_() { __builtin_trap(); __builtin_unreachable(); }\n";
+    }
     std::string header, mode;
     if (!matrix_mode_define(mode, err)) return 1;
     std::set<std::string> seen;
@@ -338,8 +357,116 @@ extern "C" int camel_cuda_translate(const char *source, const char *path, char *
     return 0;
 }
 
+static int compile_ptx(const char *source, const char *path, int arch, const Specialisation *spec,
+                       char **ptx, char **kernels, char **log);
+
 extern "C" int camel_cuda_compile(const char *source, const char *path, int arch, char **ptx,
                                   char **kernels, char **log) {
+    return compile_ptx(source, path, arch, nullptr, ptx, kernels, log);
+}
+
+extern "C" int camel_cuda_compile_specialised(const char *source, const char *path, int arch,
+                                              const char *kernel, const char *values, char **ptx,
+                                              char **kernels, char **log) {
+    Specialisation spec;
+    spec.kernel = kernel ? kernel : "";
+    for (const char *l = values ? values : ""; *l;) {  // "<index> <expression>\n"
+        const char *eol = strchr(l, '\n');
+        std::string line(l, eol ? eol - l : strlen(l));
+        l = eol ? eol + 1 : l + line.size();
+        size_t sp = line.find(' ');
+        if (sp != std::string::npos) spec.values.push_back({atoi(line.c_str()), line.substr(sp + 1)});
+    }
+    std::sort(spec.values.begin(), spec.values.end());
+    return compile_ptx(source, path, arch, &spec, ptx, kernels, log);
+}
+
+namespace {
+// The PTX of a specialisation still calls camel_fc_missing_<i>_: the kernel uses
+// constant i, which has no value. The message names it (from the description lines).
+// PTX keeps every function of external linkage (.visible), used or not: the calls
+// reachable from the kernel's entry decide. The constant of a camel_fc_missing_<i>_
+// that the entry reaches, or -1.
+int missing_reached(const std::string &ptx, const std::string &desc) {
+    std::string entry;  // "kernel <n> <host> <barrier> <simd> <entry>"
+    size_t k = desc.find("kernel ");
+    if (k != std::string::npos) {
+        std::string l = desc.substr(k, desc.find('\n', k) - k);
+        size_t sp = l.rfind(' ');
+        if (sp != std::string::npos) entry = l.substr(sp + 1);
+    }
+    auto ident = [](char c) { return isalnum((unsigned char)c) || c == '_' || c == '$'; };
+    std::map<std::string, std::string> body;  // function name -> its text
+    std::string current;
+    for (size_t i = 0; i < ptx.size();) {
+        size_t e = ptx.find('\n', i);
+        if (e == std::string::npos) e = ptx.size();
+        std::string l = ptx.substr(i, e - i);
+        i = e + 1;
+        l = l.substr(0, l.find("//"));  // "// .globl f  // -- Begin function f" names f
+        size_t f = l.find(".func");
+        if (f == std::string::npos) f = l.find(".entry");
+        if (f != std::string::npos && l.find_first_not_of(" \t") < f + 1) {
+            size_t p = l.find_first_of(" \t(", f);
+            while (p < l.size() && (l[p] == ' ' || l[p] == '\t')) p++;
+            if (p < l.size() && l[p] == '(') p = l.find(')', p) + 1;  // (.param ...) return value
+            while (p < l.size() && (l[p] == ' ' || l[p] == '\t')) p++;
+            size_t q = p;
+            while (q < l.size() && ident(l[q])) q++;
+            current = l.substr(p, q - p);
+            body[current];
+            continue;
+        }
+        if (!current.empty()) body[current] += l + "\n";
+    }
+    std::vector<std::string> todo = {entry};
+    std::set<std::string> seen = {entry};
+    while (!todo.empty()) {
+        std::string fn = todo.back();
+        todo.pop_back();
+        int m = missing_constant(fn);
+        if (m >= 0) return m;
+        const std::string &b = body[fn];
+        for (size_t i = 0; i < b.size();) {
+            if (!ident(b[i])) {
+                i++;
+                continue;
+            }
+            size_t j = i;
+            while (j < b.size() && ident(b[j])) j++;
+            std::string w = b.substr(i, j - i);
+            i = j;
+            if (body.count(w) && seen.insert(w).second) todo.push_back(w);
+        }
+    }
+    return -1;
+}
+
+bool missing_in_ptx(const std::string &ptx, const std::string &desc, const Specialisation *spec,
+                    std::string &err) {
+    int missing = spec && missing_constant(ptx) >= 0 ? missing_reached(ptx, desc) : -1;
+    if (missing < 0) return false;
+    std::string name = "#" + std::to_string(missing), type = "?";
+    std::string tag = "constant " + std::to_string(missing) + " ";
+    for (size_t p = desc.find(tag); p != std::string::npos; p = std::string::npos) {
+        size_t e = desc.find('\n', p);
+        std::string rest = desc.substr(p + tag.size(), e - p - tag.size());
+        size_t sp = rest.find(' ');
+        if (sp != std::string::npos) {
+            type = rest.substr(0, sp);
+            name = rest.substr(sp + 1);
+        }
+    }
+    err = "[cuda] kernel '" + spec->kernel + "' uses function constant '" + name + "' (index " +
+          std::to_string(missing) + ", " + type + "), which has no value: give it one when making "
+          "the pipeline, or guard its uses with is_function_constant_defined(" + name +
+          ") (Metal: newFunctionWithName:constantValues:error: fails the same way)";
+    return true;
+}
+}  // namespace
+
+static int compile_ptx(const char *source, const char *path, int arch, const Specialisation *spec,
+                       char **ptx, char **kernels, char **log) {
     *ptx = nullptr;
     *kernels = nullptr;
     *log = nullptr;
@@ -382,6 +509,14 @@ extern "C" int camel_cuda_compile(const char *source, const char *path, int arch
     hash_headers(h, s.inc);
     std::string include_env;
     for (const std::string &d : include_dirs(path, include_env)) h.add(d);  // where headers are found
+    if (spec) {  // a specialisation: one kernel, the function constants' values
+        h.add(std::string("specialised"));
+        h.add(spec->kernel);
+        for (auto &v : spec->values) {
+            h.add(std::to_string(v.first));
+            h.add(v.second);
+        }
+    }
     std::string key = h.hex();
     std::string dir = usable_cache_dir(err);
     if (dir.empty()) {
@@ -396,13 +531,17 @@ extern "C" int camel_cuda_compile(const char *source, const char *path, int arch
     std::string ptx_text, desc;
     if (read_file(base + ".ptx", ptx_text) && read_file(base + ".kernels", desc)) {
         if (verbose()) fprintf(stderr, "[cuda] cache hit %s -> %s.ptx\n", s.display.c_str(), base.c_str());
+        if (missing_in_ptx(ptx_text, desc, spec, err)) {
+            *log = dup_string(err);
+            return 1;
+        }
         *ptx = dup_string(ptx_text);
         *kernels = dup_string(desc);
         return 0;
     }
 
     std::string tmp = temp_base(dir, key), cuda;
-    if (translate(src, path, s.display, s.cxx, s.inc, tmp, cuda, desc, headers, err)) {
+    if (translate(src, path, s.display, s.cxx, s.inc, tmp, cuda, desc, headers, err, spec)) {
         *log = dup_string(err);
         return 1;
     }
@@ -459,6 +598,10 @@ extern "C" int camel_cuda_compile(const char *source, const char *path, int arch
     }
     record_headers(dir, key, headers, tmp + ".deps");
     cleanup();
+    if (missing_in_ptx(ptx_text, desc, spec, err)) {
+        *log = dup_string(err);
+        return 1;
+    }
     *ptx = dup_string(ptx_text);
     *kernels = dup_string(desc);
     return 0;

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -22,6 +23,7 @@
 
 #include "runtime.h"
 #include "translate.h"
+#include "translate_internal.h"
 
 #define CAMEL_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -318,7 +320,10 @@ CAMEL_EXPORT camel_library *camel_sim_library_load(const char *so_path) {
     bind(&sim::runtime_table);
     // Set while the library loaded if a kernel calls simdgroup_load/store (the compat header).
     const int *blocks = (const int *)dlsym(dl, "camel_sim_uses_blocks");
-    return new camel_library{dl, desc, 1, so_path, blocks && *blocks};
+    const char *constants = (const char *)dlsym(dl, "camel_sim_function_constants");
+    auto *lib = new camel_library{dl, desc, 1, so_path, blocks && *blocks, {}, {}, {}};
+    if (constants) lib->constants = constants;
+    return lib;
 }
 
 CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *path) {
@@ -339,6 +344,10 @@ CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *pa
     free(log);
     camel_library *lib = camel_sim_library_load(so_path);
     free(so_path);
+    if (lib && !lib->constants.empty()) {  // kept for the specialisations
+        lib->source = source;
+        lib->path = path ? path : "";
+    }
     return lib;
 }
 
@@ -364,8 +373,121 @@ CAMEL_EXPORT uint64_t camel_library_function_names(camel_library *lib, char *out
     return names.size();
 }
 
+CAMEL_EXPORT uint64_t camel_library_function_constants(camel_library *lib, char *out, uint64_t cap) {
+    // A query that cannot fail: keeps the last error readable.
+    const std::string &s = lib->constants;
+    if (out && cap) {
+        uint64_t n = s.size() < cap - 1 ? s.size() : cap - 1;
+        memcpy(out, s.data(), n);
+        out[n] = 0;
+    }
+    return s.size();
+}
+
+static camel_pipeline *pipeline_of(camel_library *lib, const char *name);
+
 CAMEL_EXPORT camel_pipeline *camel_pipeline_new(camel_library *lib, const char *name) {
     tl_error.clear();
+    if (!lib->constants.empty()) return camel_pipeline_new_with_constants(lib, name, nullptr, 0);
+    return pipeline_of(lib, name);
+}
+
+// The declared constants of a library: index -> (type, name)
+static std::vector<camel_sim::FunctionConstant> parse_constants(const std::string &lines) {
+    std::vector<camel_sim::FunctionConstant> out;
+    size_t i = 0;
+    while (i < lines.size()) {
+        size_t e = lines.find('\n', i);
+        if (e == std::string::npos) e = lines.size();
+        std::string l = lines.substr(i, e - i);
+        size_t a = l.find(' '), b = a == std::string::npos ? a : l.find(' ', a + 1);
+        if (b != std::string::npos) {
+            camel_sim::FunctionConstant c;
+            c.index = atoi(l.c_str());
+            c.type = l.substr(a + 1, b - a - 1);
+            c.name = l.substr(b + 1);
+            out.push_back(c);
+        }
+        i = e + 1;
+    }
+    return out;
+}
+
+CAMEL_EXPORT camel_pipeline *camel_pipeline_new_with_constants(camel_library *lib, const char *name,
+                                                              const camel_constant_value *values,
+                                                              uint32_t nvalues) {
+    tl_error.clear();
+    if (!name) {
+        set_error("[sim] camel_pipeline_new_with_constants: name is NULL");
+        return nullptr;
+    }
+    if (nvalues && !values) {
+        set_error("[sim] kernel '%s': %u function-constant values but values is NULL", name, nvalues);
+        return nullptr;
+    }
+    if (lib->constants.empty()) return pipeline_of(lib, name);  // Metal ignores unused values
+    bool known = false;
+    for (int i = 0; i < lib->desc->nkernels; i++) known = known || strcmp(lib->desc->kernels[i].name, name) == 0;
+    if (!known) return pipeline_of(lib, name);  // the message lists the kernels
+    std::vector<camel_sim::FunctionConstant> declared = parse_constants(lib->constants);
+    camel_sim::Specialisation spec;
+    spec.kernel = name;
+    for (uint32_t i = 0; i < nvalues; i++) {
+        const camel_sim::FunctionConstant *c = nullptr;
+        for (const auto &d : declared)
+            if (d.index == (int)values[i].index) c = &d;
+        if (!c) continue;  // Metal ignores a value no constant of the function has
+        std::string err;
+        std::string lit = camel_sim::constant_literal(c->type, values[i].type, values[i].components,
+                                                      values[i].bytes, err);
+        if (lit.empty()) {
+            set_error("[sim] kernel '%s': function constant '%s' (index %d): %s", name,
+                      c->name.c_str(), c->index, err.c_str());
+            return nullptr;
+        }
+        bool dup = false;
+        for (auto &v : spec.values) dup = dup || v.first == c->index;
+        if (dup) {
+            set_error("[sim] kernel '%s': two values for function constant '%s' (index %d)", name,
+                      c->name.c_str(), c->index);
+            return nullptr;
+        }
+        spec.values.push_back({c->index, lit});
+    }
+    std::sort(spec.values.begin(), spec.values.end());  // one cache entry per set of values
+    char *so_path = nullptr, *log = nullptr;
+    int rc = camel_sim::compile_library(lib->source.c_str(), lib->path.empty() ? nullptr : lib->path.c_str(),
+                                        &spec, &so_path, &log);
+    if (rc != 0) {
+        tl_error = std::string("[sim] kernel '") + name + "' with its function constants: " +
+                   (log ? log : "compilation failed (no log)");
+        free(log);
+        free(so_path);
+        return nullptr;
+    }
+    free(log);
+    camel_library *variant = camel_sim_library_load(so_path);
+    free(so_path);
+    if (!variant) {
+        int missing = camel_sim::missing_constant(tl_error);
+        for (const auto &d : declared)
+            if (d.index == missing) {
+                set_error("[sim] kernel '%s' uses function constant '%s' (index %d, %s), which has no "
+                          "value: give it one when making the pipeline, or guard its uses with "
+                          "is_function_constant_defined(%s) (Metal: newFunctionWithName:constantValues:"
+                          "error: fails the same way)",
+                          name, d.name.c_str(), d.index, d.type.c_str(), d.name.c_str());
+                break;
+            }
+        return nullptr;
+    }
+    camel_pipeline *p = pipeline_of(variant, name);
+    std::lock_guard<std::mutex> lock(S.mu);
+    library_unref(variant);  // the pipeline holds it
+    return p;
+}
+
+static camel_pipeline *pipeline_of(camel_library *lib, const char *name) {
     const camel_sim_library_desc *desc = lib->desc;
     for (int i = 0; i < desc->nkernels; i++) {
         const camel_sim_kernel_desc *k = &desc->kernels[i];

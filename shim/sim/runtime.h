@@ -40,6 +40,10 @@ struct camel_library {
     int refs;  // 1 for the caller + 1 per live pipeline
     std::string so_path;
     bool uses_blocks;  // some kernel calls simdgroup_load/store (camel_pipeline::uses_blocks)
+    // Function constants ("index type name" lines; "" for none). A library that has
+    // them keeps its source: each pipeline is a specialisation compiled from it.
+    std::string constants;
+    std::string source, path;
 };
 
 struct camel_pipeline {

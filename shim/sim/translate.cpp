@@ -732,6 +732,11 @@ std::string typed_check_errors(const std::string &log, const std::string &inc, c
 }  // namespace camel_sim
 
 extern "C" int camel_sim_compile(const char *source, const char *path, char **so_path, char **log) {
+    return camel_sim::compile_library(source, path, nullptr, so_path, log);
+}
+
+int camel_sim::compile_library(const char *source, const char *path, const Specialisation *spec,
+                               char **so_path, char **log) {
     using namespace camel_sim;
     *so_path = nullptr;
     *log = nullptr;
@@ -781,6 +786,14 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     std::string include_env;
     std::vector<std::string> dirs = include_dirs(path, include_env);
     for (const std::string &d : dirs) h.add(d);  // where a header is found is part of the key
+    if (spec) {  // a specialisation: one kernel, the function constants' values
+        h.add(std::string("specialised"));
+        h.add(spec->kernel);
+        for (auto &v : spec->values) {
+            h.add(std::to_string(v.first));
+            h.add(v.second);
+        }
+    }
     std::string key = h.hex();
     std::string dir = usable_cache_dir(err);
     if (dir.empty()) {
@@ -847,11 +860,25 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     std::string preprocessed, cpp;
     if (!read_file(pre_file, preprocessed)) return fail("[sim] cannot read " + pre_file);
     if (!camel_sim::check_system_headers(preprocessed, inc, display, src_file, err)) return fail(err);
-    if (!camel_sim::rewrite_msl(preprocessed, src_file, display, cpp, err)) return fail(err);
+    std::vector<FunctionConstant> constants;
+    if (!specialize_function_constants(preprocessed, src_file, display, spec ? &spec->values : nullptr,
+                                       constants, err))
+        return fail(err);
+    std::string unused_desc;
+    if (!camel_sim::rewrite_msl_for(TARGET_SIM, preprocessed, src_file, display, cpp, err, unused_desc,
+                                    spec ? spec->kernel : std::string()))
+        return fail(err);
+    if (!constants.empty()) {  // the runtime's list (camel_library_function_constants)
+        std::string lines = function_constant_lines(constants);
+        replace_all(lines, "\n", "\\n");
+        cpp += "\nextern \"C\" __attribute__((visibility(\"default\"))) const char "
+               "camel_sim_function_constants[] = \"" + lines + "\";\n";
+    }
     if (!write_file(cpp_file, cpp)) return fail("[sim] cannot write " + cpp_file);
 
     // ---- 4b. the typed address-space check, started beside the compile ------
-    if (typed) {
+    // (not for a specialisation: the library compile checked the same code)
+    if (typed && !spec) {
         Hasher hp;  // the key of the check's precompiled header: the compiler and the headers
         hp.add(std::string("typed-check-pch 1"));
         hp.add(cxx_real);
@@ -901,6 +928,8 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
             if (rt.find('/') != std::string::npos) cc.push_back("-Wl,-rpath," + dirname_of(rt));
         }
     }
+    if (spec)  // the other kernels' code goes, with the undefined constants only it uses
+        cc.insert(cc.end(), {"-ffunction-sections", "-fdata-sections", "-Wl,--gc-sections"});
     cc.insert(cc.end(), {cpp_file, "-o", so_tmp, "-lm"});
     rc = run(cc, log_file);
     read_file(log_file, clang_log);
@@ -940,3 +969,339 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
     *so_path = dup_string(so);
     return 0;
 }
+
+// ---- function constants ------------------------------------------------------------
+// A small scan of the preprocessed text (comments are gone; strings and character
+// literals are skipped; line markers give the file and line for messages).
+
+namespace camel_sim {
+namespace {
+
+struct FcTok {
+    enum Kind { IDENT, PUNCT, OTHER } kind;
+    size_t start, end;
+    int line;
+    std::string file;
+    bool system;  // in a system header (line marker flag 3): the compat headers
+};
+
+std::vector<FcTok> fc_scan(const std::string &s) {
+    std::vector<FcTok> out;
+    size_t i = 0, n = s.size();
+    int line = 1;
+    std::string file;
+    bool line_start = true, system = false;
+    while (i < n) {
+        char c = s[i];
+        if (c == '\n') {
+            line++;
+            line_start = true;
+            i++;
+            continue;
+        }
+        if (c == ' ' || c == '\t' || c == '\r' || c == '\f' || c == '\v') {
+            i++;
+            continue;
+        }
+        if (line_start && c == '#') {  // # 12 "file.metal" 1   (or #pragma ...)
+            size_t e = s.find('\n', i);
+            if (e == std::string::npos) e = n;
+            std::string d = s.substr(i, e - i);
+            size_t p = d.find_first_not_of(" \t#");
+            if (p != std::string::npos && isdigit((unsigned char)d[p])) {
+                int num = atoi(d.c_str() + p);
+                size_t q1 = d.find('"'), q2 = d.rfind('"');
+                if (q1 != std::string::npos && q2 > q1) {
+                    file = d.substr(q1 + 1, q2 - q1 - 1);
+                    system = (" " + d.substr(q2 + 1) + " ").find(" 3 ") != std::string::npos;
+                }
+                line = num - 1;  // the newline ending the marker makes it num
+            }
+            i = e;
+            continue;
+        }
+        line_start = false;
+        size_t b = i;
+        if (isalpha((unsigned char)c) || c == '_') {
+            while (i < n && (isalnum((unsigned char)s[i]) || s[i] == '_')) i++;
+            out.push_back({FcTok::IDENT, b, i, line, file, system});
+        } else if (isdigit((unsigned char)c) || (c == '.' && i + 1 < n && isdigit((unsigned char)s[i + 1]))) {
+            while (i < n && (isalnum((unsigned char)s[i]) || s[i] == '_' || s[i] == '.' || s[i] == '\'' ||
+                             ((s[i] == '+' || s[i] == '-') && strchr("eEpP", s[i - 1]))))
+                i++;
+            out.push_back({FcTok::OTHER, b, i, line, file, system});
+        } else if (c == '"' || c == '\'') {
+            i++;
+            while (i < n && s[i] != c && s[i] != '\n') i += s[i] == '\\' ? 2 : 1;
+            if (i < n && s[i] == c) i++;
+            out.push_back({FcTok::OTHER, b, i, line, file, system});
+        } else {
+            i++;
+            out.push_back({FcTok::PUNCT, b, i, line, file, system});
+        }
+    }
+    return out;
+}
+
+// MSL type name -> (camel_constant_type, components); false if not a function-constant type
+bool fc_type(const std::string &t, uint32_t &code, uint32_t &components) {
+    static const char *const bases[] = {nullptr, "bool", "char", "uchar", "short", "ushort",
+                                        "int",   "uint", "half", "float"};
+    for (uint32_t k = 1; k <= 9; k++) {
+        std::string b = bases[k];
+        if (t == b) {
+            code = k;
+            components = 1;
+            return true;
+        }
+        if (k != 1 && t.size() == b.size() + 1 && t.compare(0, b.size(), b) == 0 &&
+            t.back() >= '2' && t.back() <= '4') {
+            code = k;
+            components = (uint32_t)(t.back() - '0');
+            return true;
+        }
+    }
+    return false;
+}
+
+std::string fc_scalar_name(uint32_t code) {
+    static const char *const bases[] = {"?", "bool", "char", "uchar", "short", "ushort",
+                                        "int", "uint", "half", "float"};
+    return code >= 1 && code <= 9 ? bases[code] : "?";
+}
+
+float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    float f;
+    if (exp == 0) {
+        f = (float)man * (1.0f / 16777216.0f);  // subnormal: man * 2^-24
+        return sign ? -f : f;
+    }
+    uint32_t bits = exp == 31 ? sign | 0x7f800000u | (man << 13)
+                              : sign | ((exp - 15 + 127) << 23) | (man << 13);
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+std::string float_expr(float f) {
+    if (f != f) return "NAN";
+    if (f == __builtin_inff()) return "INFINITY";
+    if (f == -__builtin_inff()) return "(-INFINITY)";
+    char buf[64];
+    snprintf(buf, sizeof buf, "%af", (double)f);
+    return buf;
+}
+
+}  // namespace
+
+std::string constant_literal(const std::string &type, uint32_t code, uint32_t components,
+                             const uint8_t *bytes, std::string &err) {
+    uint32_t want_code = 0, want_n = 0;
+    if (!fc_type(type, want_code, want_n)) {
+        err = "type '" + type + "' is not a function-constant type";
+        return "";
+    }
+    if (code != want_code || components != want_n) {
+        std::string given = fc_scalar_name(code) + (components > 1 ? std::to_string(components) : "");
+        if (code < 1 || code > 9 || components < 1 || components > 4)
+            given = "(type " + std::to_string(code) + ", " + std::to_string(components) + " components)";
+        err = "the value given is " + given + ", the constant is " + type;
+        return "";
+    }
+    static const int size[] = {0, 1, 1, 1, 2, 2, 4, 4, 2, 4};
+    std::string elems;
+    for (uint32_t k = 0; k < components; k++) {
+        const uint8_t *p = bytes + k * size[code];
+        std::string e;
+        int16_t i16;
+        uint16_t u16;
+        int32_t i32;
+        uint32_t u32;
+        float f;
+        switch (code) {
+        case 1: e = p[0] ? "true" : "false"; break;
+        case 2: e = "char(" + std::to_string((int)(int8_t)p[0]) + ")"; break;
+        case 3: e = "uchar(" + std::to_string((unsigned)p[0]) + "u)"; break;
+        case 4: memcpy(&i16, p, 2); e = "short(" + std::to_string(i16) + ")"; break;
+        case 5: memcpy(&u16, p, 2); e = "ushort(" + std::to_string(u16) + "u)"; break;
+        case 6:
+            memcpy(&i32, p, 4);
+            e = i32 == INT32_MIN ? "int(-2147483647 - 1)" : "int(" + std::to_string(i32) + ")";
+            break;
+        case 7: memcpy(&u32, p, 4); e = "uint(" + std::to_string(u32) + "u)"; break;
+        case 8: memcpy(&u16, p, 2); e = "half(" + float_expr(half_to_float(u16)) + ")"; break;
+        default: memcpy(&f, p, 4); e = float_expr(f); break;
+        }
+        elems += (k ? ", " : "") + e;
+    }
+    return components == 1 ? elems : type + "(" + elems + ")";  // elements are typed
+}
+
+std::string function_constant_lines(const std::vector<FunctionConstant> &found) {
+    std::string s;
+    for (const FunctionConstant &c : found) s += std::to_string(c.index) + " " + c.type + " " + c.name + "\n";
+    return s;
+}
+
+int missing_constant(const std::string &text) {
+    size_t p = text.find("camel_fc_missing_");
+    if (p == std::string::npos) return -1;
+    p += strlen("camel_fc_missing_");
+    if (p >= text.size() || !isdigit((unsigned char)text[p])) return -1;
+    return atoi(text.c_str() + p);
+}
+
+bool specialize_function_constants(std::string &s, const std::string &main_file,
+                                   const std::string &display,
+                                   const std::vector<std::pair<int, std::string>> *values,
+                                   std::vector<FunctionConstant> &found, std::string &err,
+                                   const char *prefix) {
+    found.clear();
+    if (s.find("function_constant") == std::string::npos) return true;  // also is_..._defined
+    std::vector<FcTok> t = fc_scan(s);
+    auto text = [&](size_t k) { return s.substr(t[k].start, t[k].end - t[k].start); };
+    auto punct = [&](size_t k, char c) { return k < t.size() && t[k].kind == FcTok::PUNCT && s[t[k].start] == c; };
+    auto where = [&](size_t k) {
+        return (t[k].file == main_file || t[k].file.empty() ? display : t[k].file) + ":" +
+               std::to_string(t[k].line) + ": ";
+    };
+    const char *form = "write `constant T name [[function_constant(index)]];` at program scope, "
+                       "index an integer literal";
+    struct Decl {
+        size_t first, last;  // tokens: `constant` .. `;`
+        FunctionConstant fc;
+        std::string value;   // "" when none
+        bool defined;
+    };
+    std::vector<Decl> decls;
+    bool ok = true;
+    for (size_t k = 0; k < t.size(); k++) {
+        if (t[k].kind != FcTok::IDENT || t[k].system || text(k) != "function_constant") continue;
+        if (!(k >= 2 && punct(k - 1, '[') && punct(k - 2, '['))) {
+            err += prefix + where(k) + "error: [[..., function_constant(...)]] on a parameter or "
+                   "struct member (an optional argument) is not supported by the simulator and the "
+                   "CUDA shim; only program-scope function constants are\n";
+            ok = false;
+            continue;
+        }
+        size_t name_k = k - 3;
+        if (!(k >= 4 && t[name_k].kind == FcTok::IDENT && punct(k + 1, '(') && k + 6 < t.size() &&
+              t[k + 2].kind == FcTok::OTHER && isdigit((unsigned char)s[t[k + 2].start]) &&
+              punct(k + 3, ')') && punct(k + 4, ']') && punct(k + 5, ']') && punct(k + 6, ';'))) {
+            err += prefix + where(k) + "error: this function constant's form is not supported: " + form + "\n";
+            ok = false;
+            continue;
+        }
+        size_t c = name_k;  // back to `constant`
+        std::string type;
+        while (c > 0 && !(t[c - 1].kind == FcTok::IDENT && text(c - 1) == "constant")) {
+            c--;
+            if (t[c].kind != FcTok::IDENT || name_k - c > 3) break;
+            if (text(c) != "const") type = text(c) + (type.empty() ? "" : " " + type);
+        }
+        if (c == 0 || !(t[c - 1].kind == FcTok::IDENT && text(c - 1) == "constant")) {
+            err += prefix + where(k) + "error: a function constant is declared in the constant "
+                   "address space: " + form + "\n";
+            ok = false;
+            continue;
+        }
+        if (type == "unsigned int" || type == "unsigned") type = "uint";
+        if (type == "unsigned short") type = "ushort";
+        if (type == "unsigned char") type = "uchar";
+        uint32_t code, n;
+        if (!fc_type(type, code, n)) {
+            err += prefix + where(k) + "error: function constant '" + text(name_k) + "' has type '" +
+                   type + "'; supported: bool, char, uchar, short, ushort, int, uint, half, float "
+                   "and their 2-4 vectors (not bool)\n";
+            ok = false;
+            continue;
+        }
+        std::string idx_text = text(k + 2);
+        char *endp = nullptr;
+        long idx = strtol(idx_text.c_str(), &endp, 0);
+        while (endp && (*endp == 'u' || *endp == 'U')) endp++;
+        if (!endp || *endp || idx < 0 || idx > 65535) {
+            err += prefix + where(k) + "error: function constant index '" + idx_text +
+                   "' is not an integer 0..65535\n";
+            ok = false;
+            continue;
+        }
+        Decl d{c - 1, k + 6, {(int)idx, type, text(name_k), t[k].line}, "", false};
+        for (const Decl &o : decls)
+            if (o.fc.index == d.fc.index) {
+                err += prefix + where(k) + "error: function constants '" + o.fc.name + "' and '" +
+                       d.fc.name + "' both have index " + std::to_string(idx) + "\n";
+                ok = false;
+            }
+        if (values)
+            for (auto &v : *values)
+                if (v.first == d.fc.index) {
+                    d.value = v.second;
+                    d.defined = true;
+                }
+        decls.push_back(d);
+    }
+    if (!ok) return false;
+    for (const Decl &d : decls) found.push_back(d.fc);
+
+    std::string out;
+    out.reserve(s.size() + 256);
+    size_t copied = 0;  // s[0, copied) is in out
+    auto replace = [&](size_t from, size_t to, const std::string &with) {
+        out.append(s, copied, from - copied);
+        out += with;
+        for (size_t i = from; i < to; i++)
+            if (s[i] == '\n') out += '\n';  // keep the line numbers
+        copied = to;
+    };
+    size_t next_decl = 0;
+    for (size_t k = 0; k < t.size(); k++) {
+        if (next_decl < decls.size() && k == decls[next_decl].first) {
+            const Decl &d = decls[next_decl++];
+            std::string with;
+            if (!values)
+                with = "constant " + d.fc.type + " " + d.fc.name + " = " + d.fc.type + "(0);";
+            else if (d.defined)
+                with = "constant " + d.fc.type + " " + d.fc.name + " = " + d.value + ";";
+            else  // no value: a use that stays in the code leaves this undefined symbol
+                with = d.fc.type + " camel_fc_missing_" + std::to_string(d.fc.index) + "_();";
+            replace(t[d.first].start, t[d.last].end, with);
+            k = d.last;
+            continue;
+        }
+        if (t[k].kind != FcTok::IDENT || t[k].system) continue;  // the user's code only
+        std::string id = text(k);
+        if (id == "is_function_constant_defined") {
+            const Decl *d = nullptr;
+            if (punct(k + 1, '(') && k + 3 < t.size() && t[k + 2].kind == FcTok::IDENT && punct(k + 3, ')'))
+                for (size_t j = 0; j < next_decl; j++)
+                    if (decls[j].fc.name == text(k + 2)) d = &decls[j];
+            if (!d) {
+                err += prefix + where(k) + "error: is_function_constant_defined(name) takes the name "
+                       "of a function constant declared above ([[function_constant(index)]])\n";
+                ok = false;
+                continue;
+            }
+            replace(t[k].start, t[k + 3].end, values && d->defined ? "true" : "false");
+            k += 3;
+            continue;
+        }
+        if (!values) continue;
+        for (size_t j = 0; j < next_decl; j++) {
+            const Decl &d = decls[j];
+            if (d.defined || d.fc.name != id) continue;
+            // a member (.x, ->x) or a qualified name (ns::x) is another name
+            if (k > 0 && (punct(k - 1, '.') || (punct(k - 1, '>') && punct(k - 2, '-')) ||
+                          (punct(k - 1, ':') && punct(k - 2, ':'))))
+                break;
+            replace(t[k].start, t[k].end, "camel_fc_missing_" + std::to_string(d.fc.index) + "_()");
+            break;
+        }
+    }
+    if (!ok) return false;
+    out.append(s, copied, std::string::npos);
+    s.swap(out);
+    return true;
+}
+
+}  // namespace camel_sim

@@ -30,6 +30,8 @@ enum Target { TARGET_SIM, TARGET_CUDA, TARGET_CHECK };
 // portability guard rejects the source or a kernel signature is unusable.
 bool rewrite_msl(const std::string &preprocessed, const std::string &main_file,
                  const std::string &display, std::string &out, std::string &errors);
+// only_kernel (rewrite_msl_for): entry wrappers and the description for that kernel only,
+// as a function-constant specialisation needs (the other kernels' code is then unused).
 
 // The same for a target. TARGET_CUDA: the output holds only the user's code
 // (the caller puts the compat headers' text in front), closes the
@@ -37,7 +39,7 @@ bool rewrite_msl(const std::string &preprocessed, const std::string &main_file,
 // `kernels` receives the description lines of shim/cuda/cuda_abi.h.
 bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::string &main_file,
                      const std::string &display, std::string &out, std::string &errors,
-                     std::string &kernels);
+                     std::string &kernels, const std::string &only_kernel = "");
 
 // Scan the raw source for #include of C/C++ standard-library headers: an
 // `#include <name>` must be one of Metal's (<metal_*>, <simd/...>) or a project
@@ -90,6 +92,48 @@ std::string key_with_headers(const std::string &key, const std::vector<std::stri
 bool recorded_headers(const std::string &dir, const std::string &key, std::vector<std::string> &out);
 void record_headers(const std::string &dir, const std::string &key, const std::vector<std::string> &headers,
                     const std::string &tmp);
+
+// ---- function constants (translate.cpp) ---------------------------------------
+// `constant T name [[function_constant(index)]];` at program scope in the user's code.
+struct FunctionConstant {
+    int index = 0;
+    std::string type;  // as MSL spells it: "int", "float2"
+    std::string name;
+    int line = 0;      // of the .metal file (or header) that declares it
+};
+
+// Specialise the preprocessed text before the rewrite. values == nullptr: the library
+// compile: every constant is T(0) and is_function_constant_defined(name) false (the
+// library is only listed, never run, when it has constants). Otherwise values maps an
+// index to the value's MSL expression (constant_literal); a constant with a value
+// becomes `constant T name = value;`, is_function_constant_defined true; one without
+// becomes a call of the undefined function camel_fc_missing_<index>_(), so a use the
+// optimiser does not remove leaves an undefined symbol naming the index (the runtime
+// reports it; missing_constant() reads it back). `found` receives the declarations.
+// False with a message (naming the line) for a form that is not supported.
+bool specialize_function_constants(std::string &preprocessed, const std::string &main_file,
+                                   const std::string &display, const std::vector<std::pair<int, std::string>> *values,
+                                   std::vector<FunctionConstant> &found, std::string &err,
+                                   const char *prefix = "[sim] ");
+// "index type name\n" per constant (the ABI's camel_library_function_constants text).
+std::string function_constant_lines(const std::vector<FunctionConstant> &found);
+// The MSL expression of a value of `type` ("int", "float2") from its little-endian
+// bytes (camel_constant_value); "" with err set if type and code disagree.
+std::string constant_literal(const std::string &type, uint32_t code, uint32_t components,
+                             const uint8_t *bytes, std::string &err);
+// The index in "camel_fc_missing_<index>_" within text (a loader's or assembler's
+// message, a PTX file), or -1.
+int missing_constant(const std::string &text);
+
+// camel_sim_compile for a pipeline with function constants: the library of `kernel`
+// only, with `values` (index, constant_literal) for the constants (spec NULL: the
+// library compile, camel_sim_compile). Cached as camel_sim_compile is.
+struct Specialisation {
+    std::string kernel;
+    std::vector<std::pair<int, std::string>> values;
+};
+int compile_library(const char *source, const char *path, const Specialisation *spec,
+                    char **so_path, char **log);
 
 // Two independent 64-bit FNV-style hashes, as 32 hex digits.
 struct Hasher {

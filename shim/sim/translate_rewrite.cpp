@@ -357,6 +357,14 @@ struct Rewriter {
     Target target = TARGET_SIM;
     std::string prefix = "[sim] ";        // of every message
     std::string shim = "the simulator";   // "... is not supported by the simulator"
+    std::string only_kernel;  // non-empty: entry wrappers for this kernel only (a specialisation)
+    bool skipped(const Kernel &kn) const {
+        if (only_kernel.empty()) return false;
+        std::string host;  // [[host_name("a" "b")]] after macro expansion: "ab"
+        for (char ch : kn.host_name)
+            if (ch != '"') host += ch;
+        return host != only_kernel;
+    }
     std::vector<size_t> sig;  // indices of significant tokens (not space/newline/directive)
     std::string errors;
     std::vector<Kernel> kernels;
@@ -1708,6 +1716,7 @@ struct Rewriter {
                 error(kn.line, "two kernels are named '" + kn.host_name + "'");
                 continue;
             }
+            if (skipped(kn)) continue;
             assign_indices(kn);
             // [[host_name("flash_v" "1" "_d32")]] after macro expansion: the simulator
             // writes the name into C++, which joins the literals; here we join them
@@ -2864,6 +2873,7 @@ struct Rewriter {
                 error(kn.line, "two kernels are named '" + kn.host_name + "'");
                 continue;
             }
+            if (skipped(kn)) continue;
             std::string fn = "::" + kn.qualified + kn.targs;  // ::matrix, not metal::matrix
             std::string F = "decltype(" + fn + ")";
             std::string n = std::to_string(i);
@@ -2918,7 +2928,7 @@ struct Rewriter {
         int count = 0;
         for (size_t i = 0; i < kernels.size(); i++) {
             Kernel &kn = kernels[i];
-            if (!seen.insert(kn.host_name).second) continue;
+            if (!seen.insert(kn.host_name).second || skipped(kn)) continue;
             int max_buffer = -1;
             for (auto &p : kn.params)
                 if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index > max_buffer) max_buffer = p.index;
@@ -3061,7 +3071,7 @@ bool rewrite_msl(const std::string &preprocessed, const std::string &main_file,
 
 bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::string &main_file,
                      const std::string &display, std::string &out, std::string &errors,
-                     std::string &kernels) {
+                     std::string &kernels, const std::string &only_kernel) {
     Lexer lx(preprocessed, main_file, display);
     lx.run();
     // __FILE__ (assert's message) names the temporary copy: name the .metal file instead
@@ -3074,6 +3084,7 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
         }
     Rewriter rw(lx.toks, display);
     rw.target = target;
+    rw.only_kernel = only_kernel;
     if (target == TARGET_CUDA) {
         rw.prefix = "[cuda] ";
         rw.shim = "the CUDA shim";
