@@ -860,3 +860,156 @@ kernel void matmul_blocktile_fetch(device const float* A [[buffer(0)]],
 
 // Version 14: v9's shape, 128 x 64 x 16 tiles, 8 x 4 per thread, 256 threads, 12 KiB.
 MATMUL_BLOCKTILE_FETCH("matmul_v14_fetch_128x64x16_8x4", 128, 64, 16, 8, 4)
+
+// ---------------------------------------------------------------------------------------
+// Version 15: warp tiling (each 32-thread SIMD group owns a part of the tile), 8 x 8 outputs
+// per thread as four 4 x 4 blocks, both tiles stored k-major with swizzled float4 slots,
+// two buffers with the next tile staged in registers (v13's loop).
+// What v9 and v13 leave on the table on an NVIDIA GPU (docs/cuda.md, "Why v9 stops at
+// half"): per k a v9 thread reads 3 float4s of threadgroup memory for 32 FMAs; here 4 for
+// 64 (1 B of threadgroup memory per FMA instead of 1.5). A thread's 4 x 4 blocks are spaced
+// so that the 8 (A) or 4 (B) different float4s a SIMD group reads for one k are
+// consecutive: every read is a conflict-free float4 read, the others being broadcasts.
+//   SIMD group g of the threadgroup owns the WM x WN part at rows wm = (g / (BN/WN)) WM,
+//   columns wn = (g % (BN/WN)) WN; lane l of it has lm = l % 8, ln = l / 8 and owns the
+//   4 x 4 blocks at rows wm + 32 mi + 4 lm, columns wn + 16 ni + 4 ln (mi < WM/32,
+//   ni < WN/16): v15 (WM, WN = 64, 32) gives each thread 2 x 2 blocks, 8 x 8 outputs.
+// Both tiles are k-major, As[k][m] and Bs[k][n] (A transposed, as v6-v9), and instead of
+// v13's padding (33 KiB for two 128 x 128 x 16 buffers: over Apple's 32 KiB) the float4
+// slot c of row k is stored at slot c ^ swz(k): transposed stores (thread t writes 4
+// floats of row t / (BK/4) into 4 rows of As[k][m]) would land in 8 banks (4-way
+// conflict); with the XOR each of the BK/4 groups of k that one store instruction meets
+// gets its own slots, so all 32 threads hit different banks (32 banks of 4 bytes, bank =
+// word address % 32: NVIDIA's layout, an assumption on Apple GPUs). The XOR moves a float4
+// within an aligned group of 8 slots, so the float4s of one read stay in one 128-byte row.
+// Threadgroup (32 (BM/WM) (BN/WN), 1, 1); grid (ceil(N/BN), ceil(M/BM), batches);
+// threadgroup memory 2 BK (BM + BN) floats (v15: 32 KiB). BM, BN multiples of 32,
+// BK in {8, 16, 32}.
+
+// The swizzle: float4 slot c of row k of a k-major tile (BK rows) is stored at slot
+// c ^ swz<BK>(k). One store instruction of a transposed tile meets BK/4 groups of k (4 k a
+// group) and 32/BK aligned slots of each (see above): swz spaces the groups 32/BK slots apart.
+template <uint BK> inline uint swz(uint k) { return ((k / 4) * (32 / BK)) % 8; }
+
+// Write a fetched tile (fetch_tile's share of thread t) to a k-major swizzled tile
+// Xs[k][c] of C columns: the tile was fetched as (BK, C) with rows k (k_rows: float4
+// stores) or as (C, BK) with rows c (the 4 floats go to 4 rows k).
+template <uint R, uint S, uint T, uint BK, uint C, bool k_rows>
+inline void stash_swizzled(thread const TileShare<share_size<R, S, T>()>& share,
+                           threadgroup float4* dst, uint t) {
+    for (uint i = 0; i < share_size<R, S, T>(); i++) {
+        uint e = t + i * T;
+        if (e >= R * S / 4) break;
+        float4 v = share.v[i];
+        if (k_rows) {
+            uint k = e / (S / 4), c4 = e % (S / 4);
+            dst[k * (C / 4) + (c4 ^ swz<BK>(k))] = v;
+        } else {
+            uint c = e / (S / 4), k = (e % (S / 4)) * 4;  // k .. k + 3: one group of k
+            threadgroup float* d = (threadgroup float*)dst + 4 * ((c / 4) ^ swz<BK>(k)) + c % 4;
+            d[k * C] = v.x;
+            d[(k + 1) * C] = v.y;
+            d[(k + 2) * C] = v.z;
+            d[(k + 3) * C] = v.w;
+        }
+    }
+}
+
+template <uint BM, uint BN, uint BK, uint T>
+inline void stash_tiles_swizzled(thread const TileShare<share_size<BM, BK, T>()>& a,
+                                 thread const TileShare<share_size<BK, BN, T>()>& b,
+                                 constant MatmulParams& p, threadgroup float4* As4,
+                                 threadgroup float4* Bs4, uint t) {
+    if (p.trans_a) stash_swizzled<BK, BM, T, BK, BM, true>(a, As4, t);  // A stored (K, M)
+    else stash_swizzled<BM, BK, T, BK, BM, false>(a, As4, t);
+    if (p.trans_b) stash_swizzled<BN, BK, T, BK, BN, false>(b, Bs4, t);  // B stored (N, K)
+    else stash_swizzled<BK, BN, T, BK, BN, true>(b, Bs4, t);
+}
+
+// One K step of a thread's MI x NI blocks of 4 x 4: for each k, MI float4s of As[k][m] at
+// slots am4 + 8 mi and NI of Bs[k][n] at slots bn4 + 4 ni (before the swizzle), then
+// 16 MI NI FMAs. acc holds block (mi, ni) row-major at acc + 16 (mi NI + ni).
+template <uint BM, uint BN, uint BK, uint MI, uint NI>
+inline void warp_tile_fma(threadgroup const float4* As4, threadgroup const float4* Bs4,
+                          uint am4, uint bn4, thread float* acc) {
+    for (uint k = 0; k < BK; k++) {
+        float4 a[MI], b[NI];
+        for (uint i = 0; i < MI; i++) a[i] = As4[k * (BM / 4) + ((am4 + 8 * i) ^ swz<BK>(k))];
+        for (uint j = 0; j < NI; j++) b[j] = Bs4[k * (BN / 4) + ((bn4 + 4 * j) ^ swz<BK>(k))];
+        for (uint i = 0; i < MI; i++) {
+            for (uint j = 0; j < NI; j++) {
+                thread float* c = acc + 16 * (i * NI + j);
+                for (uint r = 0; r < 4; r++) {
+                    for (uint q = 0; q < 4; q++) c[4 * r + q] += a[i][r] * b[j][q];
+                }
+            }
+        }
+    }
+}
+
+template <uint BM, uint BN, uint BK, uint WM, uint WN>
+kernel void matmul_warptile(device const float* A [[buffer(0)]],
+                            device const float* B [[buffer(1)]],
+                            device float* C [[buffer(2)]],
+                            constant MatmulParams& p [[buffer(3)]],
+                            uint3 group [[threadgroup_position_in_grid]],
+                            uint t [[thread_index_in_threadgroup]]) {
+    constexpr uint MI = WM / 32, NI = WN / 16;  // 4 x 4 blocks a thread, along M and N
+    constexpr uint GN = BN / WN;                // SIMD groups along N
+    constexpr uint T = 32 * (BM / WM) * GN;
+    // two buffers each: buffer s of As4 at As4 + s * BK * BM / 4
+    threadgroup float4 As4[2 * BK * BM / 4];
+    threadgroup float4 Bs4[2 * BK * BN / 4];
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    const uint m0 = group.y * BM, n0 = group.x * BN;
+    // 32-thread groups of t: the SIMD groups of NVIDIA and Apple GPUs (correct for any width)
+    const uint g = t / 32, lane = t % 32;
+    const uint wm = (g / GN) * WM, wn = (g % GN) * WN;
+    const uint lm = lane % 8, ln = lane / 8;
+    float acc[MI * NI * 16];
+    for (uint i = 0; i < MI * NI * 16; i++) acc[i] = 0.0f;
+    const uint steps = (p.K + BK - 1) / BK;
+    TileShare<share_size<BM, BK, T>()> a;  // the next tiles, in flight
+    TileShare<share_size<BK, BN, T>()> b;
+    if (steps > 0) {  // prologue: tile 0 into buffer 0
+        fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, 0, t, a, b);
+        stash_tiles_swizzled<BM, BN, BK, T>(a, b, p, As4, Bs4, t);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // tile 0 in buffer 0 before any read
+    for (uint s = 0; s < steps; s++) {
+        const uint cur = s % 2, nxt = 1 - cur;
+        const bool more = s + 1 < steps;
+        if (more) fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, (s + 1) * BK, t, a, b);
+        warp_tile_fma<BM, BN, BK, MI, NI>(As4 + cur * BK * BM / 4, Bs4 + cur * BK * BN / 4,
+                                          wm / 4 + lm, wn / 4 + ln, acc);
+        // the other buffer was last read before the previous barrier: free to overwrite
+        if (more) {
+            stash_tiles_swizzled<BM, BN, BK, T>(a, b, p, As4 + nxt * BK * BM / 4,
+                                                Bs4 + nxt * BK * BN / 4, t);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // buffer nxt written, cur read by all
+    }
+    for (uint i = 0; i < MI; i++) {
+        for (uint j = 0; j < NI; j++) {
+            store_thread_block<4, 4>(acc + 16 * (i * NI + j), C, p, m0 + wm + 32 * i + 4 * lm,
+                                     n0 + wn + 16 * j + 4 * ln);
+        }
+    }
+}
+
+#define MATMUL_WARPTILE(NAME, BM, BN, BK, WM, WN)                                           \
+    template [[host_name(NAME)]] kernel void matmul_warptile<BM, BN, BK, WM, WN>(           \
+        device const float* A [[buffer(0)]], device const float* B [[buffer(1)]],         \
+        device float* C [[buffer(2)]], constant MatmulParams& p [[buffer(3)]],            \
+        uint3 group [[threadgroup_position_in_grid]], uint t [[thread_index_in_threadgroup]]);
+
+// Version 15: 128 x 128 x 16 tiles, 8 SIMD groups of 64 x 32, 8 x 8 per thread, 256 threads,
+// 32 KiB.
+MATMUL_WARPTILE("matmul_v15_warptile_128x128x16_64x32", 128, 128, 16, 64, 32)
+// Tuning variants (camel/gemm.py, wt_*): a shallower K step (half the memory), a 128 x 64
+// tile with 4 SIMD groups of 8 x 8 per thread or 8 of 4 x 8 (fewer registers a thread).
+MATMUL_WARPTILE("matmul_wtile_128x128x8_64x32", 128, 128, 8, 64, 32)   // 256 thr, 16 KiB
+MATMUL_WARPTILE("matmul_wtile_128x64x16_64x32", 128, 64, 16, 64, 32)   // 128 thr, 24 KiB
+MATMUL_WARPTILE("matmul_wtile_128x64x16_32x32", 128, 64, 16, 32, 32)   // 256 thr, 24 KiB
