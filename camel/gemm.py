@@ -153,7 +153,7 @@ VARIANTS: dict[str, Rung] = {
         for c in ["128x128x8_8x8", "128x64x8_8x4", "64x64x16_4x4"]
     ] + [
         _wtile(f"wt_{c}", *map(int, c.replace("_", "x").split("x")), "tuning variant of v15")
-        for c in ["128x128x8_64x32", "128x64x16_64x32", "128x64x16_32x32"]
+        for c in ["128x128x8_64x32", "128x64x16_64x32", "128x64x8_32x32", "64x64x16_32x32"]
     ]
 }  # fmt: skip
 

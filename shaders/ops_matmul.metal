@@ -24,6 +24,11 @@
 //   version 13 is version 9 with the same register-staged prefetch (two padded tile buffers,
 //             one barrier per K step): matmul_v13_prefetch_128x64x16_8x4 (more
 //             instantiations, matmul_pftile_*, are its tuning variants)
+//   version 14 is version 9 with a K step's device reads issued together (one buffer)
+//   version 15 is warp tiling: each SIMD group owns a 64 x 32 part of a 128 x 128 x 16 tile,
+//             each thread 8 x 8 outputs as 2 x 2 spaced 4 x 4 blocks, both tiles k-major
+//             with swizzled float4 slots (conflict-free without padding), v13's loop:
+//             matmul_v15_warptile_128x128x16_64x32 (tuning variants: matmul_wtile_*)
 //
 // Run and benchmark them:
 //   python -m camel.bench matmul --list          # one version per line
@@ -915,17 +920,6 @@ inline void stash_swizzled(thread const TileShare<share_size<R, S, T>()>& share,
     }
 }
 
-template <uint BM, uint BN, uint BK, uint T>
-inline void stash_tiles_swizzled(thread const TileShare<share_size<BM, BK, T>()>& a,
-                                 thread const TileShare<share_size<BK, BN, T>()>& b,
-                                 constant MatmulParams& p, threadgroup float4* As4,
-                                 threadgroup float4* Bs4, uint t) {
-    if (p.trans_a) stash_swizzled<BK, BM, T, BK, BM, true>(a, As4, t);  // A stored (K, M)
-    else stash_swizzled<BM, BK, T, BK, BM, false>(a, As4, t);
-    if (p.trans_b) stash_swizzled<BN, BK, T, BK, BN, false>(b, Bs4, t);  // B stored (N, K)
-    else stash_swizzled<BK, BN, T, BK, BN, true>(b, Bs4, t);
-}
-
 // One K step of a thread's MI x NI blocks of 4 x 4: for each k, MI float4s of As[k][m] at
 // slots am4 + 8 mi and NI of Bs[k][n] at slots bn4 + 4 ni (before the swizzle), then
 // 16 MI NI FMAs. acc holds block (mi, ni) row-major at acc + 16 (mi NI + ni).
@@ -947,47 +941,50 @@ inline void warp_tile_fma(threadgroup const float4* As4, threadgroup const float
     }
 }
 
-template <uint BM, uint BN, uint BK, uint WM, uint WN>
-kernel void matmul_warptile(device const float* A [[buffer(0)]],
-                            device const float* B [[buffer(1)]],
-                            device float* C [[buffer(2)]],
-                            constant MatmulParams& p [[buffer(3)]],
-                            uint3 group [[threadgroup_position_in_grid]],
-                            uint t [[thread_index_in_threadgroup]]) {
+// The K loop and the stores of v15 for one storage layout: TA (A stored (K, M)) and TB (B
+// stored (N, K)) are template parameters, so the loop holds one layout's loads and stores
+// and no branch on the flags (the kernel below picks one of the four), and the sizes are
+// read from p once into registers (on the CUDA shim p is device memory, and after a
+// barrier every read of it is a read of memory again).
+template <uint BM, uint BN, uint BK, uint WM, uint WN, bool TA, bool TB>
+inline void warptile_loop(device const float* A, device const float* B, device float* C,
+                          constant MatmulParams& p, uint m0, uint n0, uint t,
+                          threadgroup float4* As4, threadgroup float4* Bs4) {
     constexpr uint MI = WM / 32, NI = WN / 16;  // 4 x 4 blocks a thread, along M and N
     constexpr uint GN = BN / WN;                // SIMD groups along N
     constexpr uint T = 32 * (BM / WM) * GN;
-    // two buffers each: buffer s of As4 at As4 + s * BK * BM / 4
-    threadgroup float4 As4[2 * BK * BM / 4];
-    threadgroup float4 Bs4[2 * BK * BN / 4];
-    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
-    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
-    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
-    const uint m0 = group.y * BM, n0 = group.x * BN;
+    const uint M = p.M, N = p.N, K = p.K, lda = p.lda, ldb = p.ldb;
+    const bool v4 = p.vec4 != 0;
     // 32-thread groups of t: the SIMD groups of NVIDIA and Apple GPUs (correct for any width)
     const uint g = t / 32, lane = t % 32;
     const uint wm = (g / GN) * WM, wn = (g % GN) * WN;
     const uint lm = lane % 8, ln = lane / 8;
     float acc[MI * NI * 16];
     for (uint i = 0; i < MI * NI * 16; i++) acc[i] = 0.0f;
-    const uint steps = (p.K + BK - 1) / BK;
+    const uint steps = (K + BK - 1) / BK;
     TileShare<share_size<BM, BK, T>()> a;  // the next tiles, in flight
     TileShare<share_size<BK, BN, T>()> b;
-    if (steps > 0) {  // prologue: tile 0 into buffer 0
-        fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, 0, t, a, b);
-        stash_tiles_swizzled<BM, BN, BK, T>(a, b, p, As4, Bs4, t);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);  // tile 0 in buffer 0 before any read
-    for (uint s = 0; s < steps; s++) {
-        const uint cur = s % 2, nxt = 1 - cur;
-        const bool more = s + 1 < steps;
-        if (more) fetch_tiles<BM, BN, BK, T>(A, B, p, m0, n0, (s + 1) * BK, t, a, b);
-        warp_tile_fma<BM, BN, BK, MI, NI>(As4 + cur * BK * BM / 4, Bs4 + cur * BK * BN / 4,
-                                          wm / 4 + lm, wn / 4 + ln, acc);
-        // the other buffer was last read before the previous barrier: free to overwrite
+    for (uint s = 0; s <= steps; s++) {  // step s fetches tile s and multiplies tile s - 1
+        const uint cur = (s + 1) % 2, nxt = s % 2;  // tile s goes to buffer s % 2
+        const bool more = s < steps;
+        if (more) {  // the device reads of tile s, in whichever layout A and B are stored
+            const uint k0 = s * BK;
+            if (TA) fetch_tile<BK, BM, T>(A, lda, k0, m0, K, M, v4, t, a);
+            else fetch_tile<BM, BK, T>(A, lda, m0, k0, M, K, v4, t, a);
+            if (TB) fetch_tile<BN, BK, T>(B, ldb, n0, k0, N, K, v4, t, b);
+            else fetch_tile<BK, BN, T>(B, ldb, k0, n0, K, N, v4, t, b);
+        }
+        if (s > 0) {
+            warp_tile_fma<BM, BN, BK, MI, NI>(As4 + cur * BK * BM / 4, Bs4 + cur * BK * BN / 4,
+                                              wm / 4 + lm, wn / 4 + ln, acc);
+        }
+        // buffer nxt was last read by step s - 1, before the previous barrier: free to write
         if (more) {
-            stash_tiles_swizzled<BM, BN, BK, T>(a, b, p, As4 + nxt * BK * BM / 4,
-                                                Bs4 + nxt * BK * BN / 4, t);
+            threadgroup float4* as = As4 + nxt * BK * BM / 4;
+            threadgroup float4* bs = Bs4 + nxt * BK * BN / 4;
+            // rows k: float4 stores; rows m (or n): 4 floats into 4 rows k
+            stash_swizzled<TA ? BK : BM, TA ? BM : BK, T, BK, BM, TA>(a, as, t);
+            stash_swizzled<TB ? BN : BK, TB ? BK : BN, T, BK, BN, !TB>(b, bs, t);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);  // buffer nxt written, cur read by all
     }
@@ -999,6 +996,34 @@ kernel void matmul_warptile(device const float* A [[buffer(0)]],
     }
 }
 
+// The simulator runs this kernel on fibers, not as barrier regions: its barrier is in a
+// called function (docs/simulator.md).
+template <uint BM, uint BN, uint BK, uint WM, uint WN>
+kernel void matmul_warptile(device const float* A [[buffer(0)]],
+                            device const float* B [[buffer(1)]],
+                            device float* C [[buffer(2)]],
+                            constant MatmulParams& p [[buffer(3)]],
+                            uint3 group [[threadgroup_position_in_grid]],
+                            uint t [[thread_index_in_threadgroup]]) {
+    // two buffers each: buffer s of As4 at As4 + s * BK * BM / 4
+    threadgroup float4 As4[2 * BK * BM / 4];
+    threadgroup float4 Bs4[2 * BK * BN / 4];
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    const uint m0 = group.y * BM, n0 = group.x * BN;
+    // the same branch for every thread of the threadgroup: each reaches the same barriers
+    if (p.trans_a && p.trans_b) {
+        warptile_loop<BM, BN, BK, WM, WN, true, true>(A, B, C, p, m0, n0, t, As4, Bs4);
+    } else if (p.trans_a) {
+        warptile_loop<BM, BN, BK, WM, WN, true, false>(A, B, C, p, m0, n0, t, As4, Bs4);
+    } else if (p.trans_b) {
+        warptile_loop<BM, BN, BK, WM, WN, false, true>(A, B, C, p, m0, n0, t, As4, Bs4);
+    } else {
+        warptile_loop<BM, BN, BK, WM, WN, false, false>(A, B, C, p, m0, n0, t, As4, Bs4);
+    }
+}
+
 #define MATMUL_WARPTILE(NAME, BM, BN, BK, WM, WN)                                           \
     template [[host_name(NAME)]] kernel void matmul_warptile<BM, BN, BK, WM, WN>(           \
         device const float* A [[buffer(0)]], device const float* B [[buffer(1)]],         \
@@ -1006,10 +1031,12 @@ kernel void matmul_warptile(device const float* A [[buffer(0)]],
         uint3 group [[threadgroup_position_in_grid]], uint t [[thread_index_in_threadgroup]]);
 
 // Version 15: 128 x 128 x 16 tiles, 8 SIMD groups of 64 x 32, 8 x 8 per thread, 256 threads,
-// 32 KiB.
+// 32 KiB (two buffers of 16 x (128 + 128) floats).
 MATMUL_WARPTILE("matmul_v15_warptile_128x128x16_64x32", 128, 128, 16, 64, 32)
 // Tuning variants (camel/gemm.py, wt_*): a shallower K step (half the memory), a 128 x 64
-// tile with 4 SIMD groups of 8 x 8 per thread or 8 of 4 x 8 (fewer registers a thread).
-MATMUL_WARPTILE("matmul_wtile_128x128x8_64x32", 128, 128, 8, 64, 32)   // 256 thr, 16 KiB
-MATMUL_WARPTILE("matmul_wtile_128x64x16_64x32", 128, 64, 16, 64, 32)   // 128 thr, 24 KiB
-MATMUL_WARPTILE("matmul_wtile_128x64x16_32x32", 128, 64, 16, 32, 32)   // 256 thr, 24 KiB
+// tile with 4 SIMD groups of 8 x 8 a thread, and two with 4 x 8 a thread (fewer registers:
+// on an NVIDIA GPU more threadgroups per SM; ptxas for sm_90 counts in docs/stage3.md).
+MATMUL_WARPTILE("matmul_wtile_128x128x8_64x32", 128, 128, 8, 64, 32)  // 256 thr, 16 KiB
+MATMUL_WARPTILE("matmul_wtile_128x64x16_64x32", 128, 64, 16, 64, 32)  // 128 thr, 24 KiB
+MATMUL_WARPTILE("matmul_wtile_128x64x8_32x32", 128, 64, 8, 32, 32)    // 256 thr, 12 KiB
+MATMUL_WARPTILE("matmul_wtile_64x64x16_32x32", 64, 64, 16, 32, 32)    // 128 thr, 16 KiB

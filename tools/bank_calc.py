@@ -265,9 +265,13 @@ def gemm_warptile(version: str, bm: int, bn: int, bk: int, wm: int, wn: int,
     ]  # fmt: skip
 
 
-WARPTILE_RUNGS = {"15": (128, 128, 16, 64, 32), "wt_128x128x8_64x32": (128, 128, 8, 64, 32),
-                  "wt_128x64x16_64x32": (128, 64, 16, 64, 32),
-                  "wt_128x64x16_32x32": (128, 64, 16, 32, 32)}  # fmt: skip
+WARPTILE_RUNGS = {
+    "15": (128, 128, 16, 64, 32),
+    "wt_128x128x8_64x32": (128, 128, 8, 64, 32),
+    "wt_128x64x16_64x32": (128, 64, 16, 64, 32),
+    "wt_128x64x8_32x32": (128, 64, 8, 32, 32),
+    "wt_64x64x16_32x32": (64, 64, 16, 32, 32),
+}  # fmt: skip
 
 
 def _sg_frag(base: int, ld: int, j: int, transpose: bool = False) -> list[int]:
