@@ -93,6 +93,15 @@ def _sgtile(version: str, bm: int, bn: int, fm: int, fn: int, what: str) -> Rung
     return Rung(version, name, what, bm, bn, (32 * simdgroups, 1, 1), tg_bytes)
 
 
+def _wtile(version: str, bm: int, bn: int, bk: int, wm: int, wn: int, what: str) -> Rung:
+    """v15's template (matmul_warptile): BM x BN x BK tiles, SIMD groups of WM x WN, each
+    thread (WM/32) x (WN/16) blocks of 4 x 4; two k-major swizzled tile buffers."""
+    config = f"{bm}x{bn}x{bk}_{wm}x{wn}"
+    name = f"matmul_v15_warptile_{config}" if version == "15" else f"matmul_wtile_{config}"
+    threads = 32 * (bm // wm) * (bn // wn)
+    return Rung(version, name, what, bm, bn, (threads, 1, 1), 2 * bk * (bm + bn) * 4)
+
+
 # The ladder. Keep every rung: the ladder is the lesson (docs/stage3.md).
 RUNGS: dict[str, Rung] = {
     r.version: r
@@ -119,12 +128,15 @@ RUNGS: dict[str, Rung] = {
         _pftile("13", 128, 64, 16, 8, 4, "v9 with the next tile staged in registers"),
         Rung("14", "matmul_v14_fetch_128x64x16_8x4", "v9 with a K step's reads issued together",
              128, 64, (256, 1, 1), (128 + 64) * 16 * 4),
+        _wtile("15", 128, 128, 16, 64, 32, "warp tiling: SIMD groups of 64x32, 8x8 per thread, "
+               "swizzled k-major tiles"),
     ]
 }  # fmt: skip
 
 # Tuning variants: more instantiations of the v6-v9 template for the autotuner's grid search
-# (BM, BN in 32/64/128, BK in 8/16/32, TM, TN in 4/8), of v12's (sg_BMxBN_FMxFN) and of
-# v13's (pf_BMxBNxBK_TMxTN). Their version is the config string: CAMEL_MATMUL=64x64x16_4x4.
+# (BM, BN in 32/64/128, BK in 8/16/32, TM, TN in 4/8), of v12's (sg_BMxBN_FMxFN), of
+# v13's (pf_BMxBNxBK_TMxTN) and of v15's (wt_BMxBNxBK_WMxWN: SIMD-group tile WM x WN).
+# Their version is the config string: CAMEL_MATMUL=64x64x16_4x4.
 # Not part of the ladder (--list shows them after it).
 VARIANTS: dict[str, Rung] = {
     r.version: r
@@ -139,6 +151,9 @@ VARIANTS: dict[str, Rung] = {
     ] + [
         _pftile(f"pf_{c}", *map(int, c.replace("_", "x").split("x")), "tuning variant of v13")
         for c in ["128x128x8_8x8", "128x64x8_8x4", "64x64x16_4x4"]
+    ] + [
+        _wtile(f"wt_{c}", *map(int, c.replace("_", "x").split("x")), "tuning variant of v15")
+        for c in ["128x128x8_64x32", "128x64x16_64x32", "128x64x8_32x32", "64x64x16_32x32"]
     ]
 }  # fmt: skip
 

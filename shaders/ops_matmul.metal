@@ -24,6 +24,11 @@
 //   version 13 is version 9 with the same register-staged prefetch (two padded tile buffers,
 //             one barrier per K step): matmul_v13_prefetch_128x64x16_8x4 (more
 //             instantiations, matmul_pftile_*, are its tuning variants)
+//   version 14 is version 9 with a K step's device reads issued together (one buffer)
+//   version 15 is warp tiling: each SIMD group owns a 64 x 32 part of a 128 x 128 x 16 tile,
+//             each thread 8 x 8 outputs as 2 x 2 spaced 4 x 4 blocks, both tiles k-major
+//             with swizzled float4 slots (conflict-free without padding), v13's loop:
+//             matmul_v15_warptile_128x128x16_64x32 (tuning variants: matmul_wtile_*)
 //
 // Run and benchmark them:
 //   python -m camel.bench matmul --list          # one version per line
@@ -860,3 +865,178 @@ kernel void matmul_blocktile_fetch(device const float* A [[buffer(0)]],
 
 // Version 14: v9's shape, 128 x 64 x 16 tiles, 8 x 4 per thread, 256 threads, 12 KiB.
 MATMUL_BLOCKTILE_FETCH("matmul_v14_fetch_128x64x16_8x4", 128, 64, 16, 8, 4)
+
+// ---------------------------------------------------------------------------------------
+// Version 15: warp tiling (each 32-thread SIMD group owns a part of the tile), 8 x 8 outputs
+// per thread as four 4 x 4 blocks, both tiles stored k-major with swizzled float4 slots,
+// two buffers with the next tile staged in registers (v13's loop).
+// What v9 and v13 leave on the table on an NVIDIA GPU (docs/cuda.md, "Why v9 stops at
+// half"): per k a v9 thread reads 3 float4s of threadgroup memory for 32 FMAs; here 4 for
+// 64 (1 B of threadgroup memory per FMA instead of 1.5). A thread's 4 x 4 blocks are spaced
+// so that the 8 (A) or 4 (B) different float4s a SIMD group reads for one k are
+// consecutive: every read is a conflict-free float4 read, the others being broadcasts.
+//   SIMD group g of the threadgroup owns the WM x WN part at rows wm = (g / (BN/WN)) WM,
+//   columns wn = (g % (BN/WN)) WN; lane l of it has lm = l % 8, ln = l / 8 and owns the
+//   4 x 4 blocks at rows wm + 32 mi + 4 lm, columns wn + 16 ni + 4 ln (mi < WM/32,
+//   ni < WN/16): v15 (WM, WN = 64, 32) gives each thread 2 x 2 blocks, 8 x 8 outputs.
+// Both tiles are k-major, As[k][m] and Bs[k][n] (A transposed, as v6-v9), and instead of
+// v13's padding (33 KiB for two 128 x 128 x 16 buffers: over Apple's 32 KiB) the float4
+// slot c of row k is stored at slot c ^ swz(k): transposed stores (thread t writes 4
+// floats of row t / (BK/4) into 4 rows of As[k][m]) would land in 8 banks (4-way
+// conflict); with the XOR each of the BK/4 groups of k that one store instruction meets
+// gets its own slots, so all 32 threads hit different banks (32 banks of 4 bytes, bank =
+// word address % 32: NVIDIA's layout, an assumption on Apple GPUs). The XOR moves a float4
+// within an aligned group of 8 slots, so the float4s of one read stay in one 128-byte row.
+// Threadgroup (32 (BM/WM) (BN/WN), 1, 1); grid (ceil(N/BN), ceil(M/BM), batches);
+// threadgroup memory 2 BK (BM + BN) floats (v15: 32 KiB). BM, BN multiples of 32,
+// BK in {8, 16, 32}.
+
+// The swizzle: float4 slot c of row k of a k-major tile (BK rows) is stored at slot
+// c ^ swz<BK>(k). One store instruction of a transposed tile meets BK/4 groups of k (4 k a
+// group) and 32/BK aligned slots of each (see above): swz spaces the groups 32/BK slots apart.
+template <uint BK> inline uint swz(uint k) { return ((k / 4) * (32 / BK)) % 8; }
+
+// Write a fetched tile (fetch_tile's share of thread t) to a k-major swizzled tile
+// Xs[k][c] of C columns: the tile was fetched as (BK, C) with rows k (k_rows: float4
+// stores) or as (C, BK) with rows c (the 4 floats go to 4 rows k).
+template <uint R, uint S, uint T, uint BK, uint C, bool k_rows>
+inline void stash_swizzled(thread const TileShare<share_size<R, S, T>()>& share,
+                           threadgroup float4* dst, uint t) {
+    for (uint i = 0; i < share_size<R, S, T>(); i++) {
+        uint e = t + i * T;
+        if (e >= R * S / 4) break;
+        float4 v = share.v[i];
+        if (k_rows) {
+            uint k = e / (S / 4), c4 = e % (S / 4);
+            dst[k * (C / 4) + (c4 ^ swz<BK>(k))] = v;
+        } else {
+            uint c = e / (S / 4), k = (e % (S / 4)) * 4;  // k .. k + 3: one group of k
+            threadgroup float* d = (threadgroup float*)dst + 4 * ((c / 4) ^ swz<BK>(k)) + c % 4;
+            d[k * C] = v.x;
+            d[(k + 1) * C] = v.y;
+            d[(k + 2) * C] = v.z;
+            d[(k + 3) * C] = v.w;
+        }
+    }
+}
+
+// One K step of a thread's MI x NI blocks of 4 x 4: for each k, MI float4s of As[k][m] at
+// slots am4 + 8 mi and NI of Bs[k][n] at slots bn4 + 4 ni (before the swizzle), then
+// 16 MI NI FMAs. acc holds block (mi, ni) row-major at acc + 16 (mi NI + ni).
+template <uint BM, uint BN, uint BK, uint MI, uint NI>
+inline void warp_tile_fma(threadgroup const float4* As4, threadgroup const float4* Bs4,
+                          uint am4, uint bn4, thread float* acc) {
+    for (uint k = 0; k < BK; k++) {
+        float4 a[MI], b[NI];
+        for (uint i = 0; i < MI; i++) a[i] = As4[k * (BM / 4) + ((am4 + 8 * i) ^ swz<BK>(k))];
+        for (uint j = 0; j < NI; j++) b[j] = Bs4[k * (BN / 4) + ((bn4 + 4 * j) ^ swz<BK>(k))];
+        for (uint i = 0; i < MI; i++) {
+            for (uint j = 0; j < NI; j++) {
+                thread float* c = acc + 16 * (i * NI + j);
+                for (uint r = 0; r < 4; r++) {
+                    for (uint q = 0; q < 4; q++) c[4 * r + q] += a[i][r] * b[j][q];
+                }
+            }
+        }
+    }
+}
+
+// The K loop and the stores of v15 for one storage layout: TA (A stored (K, M)) and TB (B
+// stored (N, K)) are template parameters, so the loop holds one layout's loads and stores
+// and no branch on the flags (the kernel below picks one of the four), and the sizes are
+// read from p once into registers (on the CUDA shim p is device memory, and after a
+// barrier every read of it is a read of memory again).
+template <uint BM, uint BN, uint BK, uint WM, uint WN, bool TA, bool TB>
+inline void warptile_loop(device const float* A, device const float* B, device float* C,
+                          constant MatmulParams& p, uint m0, uint n0, uint t,
+                          threadgroup float4* As4, threadgroup float4* Bs4) {
+    constexpr uint MI = WM / 32, NI = WN / 16;  // 4 x 4 blocks a thread, along M and N
+    constexpr uint GN = BN / WN;                // SIMD groups along N
+    constexpr uint T = 32 * (BM / WM) * GN;
+    const uint M = p.M, N = p.N, K = p.K, lda = p.lda, ldb = p.ldb;
+    const bool v4 = p.vec4 != 0;
+    // 32-thread groups of t: the SIMD groups of NVIDIA and Apple GPUs (correct for any width)
+    const uint g = t / 32, lane = t % 32;
+    const uint wm = (g / GN) * WM, wn = (g % GN) * WN;
+    const uint lm = lane % 8, ln = lane / 8;
+    float acc[MI * NI * 16];
+    for (uint i = 0; i < MI * NI * 16; i++) acc[i] = 0.0f;
+    const uint steps = (K + BK - 1) / BK;
+    TileShare<share_size<BM, BK, T>()> a;  // the next tiles, in flight
+    TileShare<share_size<BK, BN, T>()> b;
+    for (uint s = 0; s <= steps; s++) {  // step s fetches tile s and multiplies tile s - 1
+        const uint cur = (s + 1) % 2, nxt = s % 2;  // tile s goes to buffer s % 2
+        const bool more = s < steps;
+        if (more) {  // the device reads of tile s, in whichever layout A and B are stored
+            const uint k0 = s * BK;
+            if (TA) fetch_tile<BK, BM, T>(A, lda, k0, m0, K, M, v4, t, a);
+            else fetch_tile<BM, BK, T>(A, lda, m0, k0, M, K, v4, t, a);
+            if (TB) fetch_tile<BN, BK, T>(B, ldb, n0, k0, N, K, v4, t, b);
+            else fetch_tile<BK, BN, T>(B, ldb, k0, n0, K, N, v4, t, b);
+        }
+        if (s > 0) {
+            warp_tile_fma<BM, BN, BK, MI, NI>(As4 + cur * BK * BM / 4, Bs4 + cur * BK * BN / 4,
+                                              wm / 4 + lm, wn / 4 + ln, acc);
+        }
+        // buffer nxt was last read by step s - 1, before the previous barrier: free to write
+        if (more) {
+            threadgroup float4* as = As4 + nxt * BK * BM / 4;
+            threadgroup float4* bs = Bs4 + nxt * BK * BN / 4;
+            // rows k: float4 stores; rows m (or n): 4 floats into 4 rows k
+            stash_swizzled<TA ? BK : BM, TA ? BM : BK, T, BK, BM, TA>(a, as, t);
+            stash_swizzled<TB ? BN : BK, TB ? BK : BN, T, BK, BN, !TB>(b, bs, t);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // buffer nxt written, cur read by all
+    }
+    for (uint i = 0; i < MI; i++) {
+        for (uint j = 0; j < NI; j++) {
+            store_thread_block<4, 4>(acc + 16 * (i * NI + j), C, p, m0 + wm + 32 * i + 4 * lm,
+                                     n0 + wn + 16 * j + 4 * ln);
+        }
+    }
+}
+
+// The simulator runs this kernel on fibers, not as barrier regions: its barrier is in a
+// called function (docs/simulator.md).
+template <uint BM, uint BN, uint BK, uint WM, uint WN>
+kernel void matmul_warptile(device const float* A [[buffer(0)]],
+                            device const float* B [[buffer(1)]],
+                            device float* C [[buffer(2)]],
+                            constant MatmulParams& p [[buffer(3)]],
+                            uint3 group [[threadgroup_position_in_grid]],
+                            uint t [[thread_index_in_threadgroup]]) {
+    // two buffers each: buffer s of As4 at As4 + s * BK * BM / 4
+    threadgroup float4 As4[2 * BK * BM / 4];
+    threadgroup float4 Bs4[2 * BK * BN / 4];
+    A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
+    B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
+    C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
+    const uint m0 = group.y * BM, n0 = group.x * BN;
+    // the same branch for every thread of the threadgroup: each reaches the same barriers
+    if (p.trans_a && p.trans_b) {
+        warptile_loop<BM, BN, BK, WM, WN, true, true>(A, B, C, p, m0, n0, t, As4, Bs4);
+    } else if (p.trans_a) {
+        warptile_loop<BM, BN, BK, WM, WN, true, false>(A, B, C, p, m0, n0, t, As4, Bs4);
+    } else if (p.trans_b) {
+        warptile_loop<BM, BN, BK, WM, WN, false, true>(A, B, C, p, m0, n0, t, As4, Bs4);
+    } else {
+        warptile_loop<BM, BN, BK, WM, WN, false, false>(A, B, C, p, m0, n0, t, As4, Bs4);
+    }
+}
+
+#define MATMUL_WARPTILE(NAME, BM, BN, BK, WM, WN)                                           \
+    template [[host_name(NAME)]] kernel void matmul_warptile<BM, BN, BK, WM, WN>(           \
+        device const float* A [[buffer(0)]], device const float* B [[buffer(1)]],         \
+        device float* C [[buffer(2)]], constant MatmulParams& p [[buffer(3)]],            \
+        uint3 group [[threadgroup_position_in_grid]], uint t [[thread_index_in_threadgroup]]);
+
+// Version 15: 128 x 128 x 16 tiles, 8 SIMD groups of 64 x 32, 8 x 8 per thread, 256 threads,
+// 32 KiB (two buffers of 16 x (128 + 128) floats).
+MATMUL_WARPTILE("matmul_v15_warptile_128x128x16_64x32", 128, 128, 16, 64, 32)
+// Tuning variants (camel/gemm.py, wt_*): a shallower K step (half the memory), a 128 x 64
+// tile with 4 SIMD groups of 8 x 8 a thread, and two with 4 x 8 a thread (fewer registers:
+// on an NVIDIA GPU more threadgroups per SM; ptxas for sm_90 counts in docs/stage3.md).
+MATMUL_WARPTILE("matmul_wtile_128x128x8_64x32", 128, 128, 8, 64, 32)  // 256 thr, 16 KiB
+MATMUL_WARPTILE("matmul_wtile_128x64x16_64x32", 128, 64, 16, 64, 32)  // 128 thr, 24 KiB
+MATMUL_WARPTILE("matmul_wtile_128x64x8_32x32", 128, 64, 8, 32, 32)    // 256 thr, 12 KiB
+MATMUL_WARPTILE("matmul_wtile_64x64x16_32x32", 64, 64, 16, 32, 32)    // 128 thr, 16 KiB

@@ -76,6 +76,21 @@ def test_v9_conflicts_are_its_transposing_store():
     assert _find(acc, "matmul_v9", "read Bs4").degree == 1
 
 
+@pytest.mark.parametrize("rung", ["matmul_v15", *(f"matmul_{v}" for v in bank_calc.WARPTILE_RUNGS
+                                                   if not v.isdigit())])  # fmt: skip
+def test_v15_swizzle_makes_every_access_conflict_free(rung):
+    acc = [a for a in bank_calc.gemm_accesses() if a.kernel == rung]
+    assert len(acc) == 6 and all(a.degree == 1 for a in acc), [(a.what, a.degree) for a in acc]
+
+
+def test_v15_unswizzled_transposing_stores_conflict():
+    # without the XOR the transposed stores (A stored (M, K), B stored (N, K)) are v9's
+    # 4-way conflict; the float4 stores and the reads do not need it
+    acc = [a for a in bank_calc.gemm_accesses() if a.kernel == "matmul_v15 unswizzled"]
+    assert [a.degree for a in acc if a.op == "st"] == [4, 1, 1, 4]
+    assert all(a.degree == 1 for a in acc if a.op == "ld")
+
+
 def test_v10_padding_spreads_the_fragment_loads():
     acc = bank_calc.gemm_accesses()
     padded = _find(acc, "matmul_v10", "simdgroup_load B fragment").degree

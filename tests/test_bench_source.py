@@ -165,7 +165,7 @@ def test_diffs_show_one_idea_per_rung(capsys):
 
 
 def test_unknown_rung_names_the_valid_ones(capsys):
-    assert bench_matmul.main(["--source", "15"]) == 2
+    assert bench_matmul.main(["--source", "16"]) == 2
     assert "valid versions: 1, 2" in capsys.readouterr().err
     assert bench_attention.main(["--source", "flash_v9"]) == 2
     assert "flash_v1" in capsys.readouterr().err

@@ -179,6 +179,26 @@ def test_tuning_variants(variant, monkeypatch, rng):
     _check(variant, a, b)
 
 
+# ---- v15's warp tiles: edges inside a SIMD group's part, swizzled tiles ------------------
+
+WARPTILE = ["15"] + [v for v in gemm.VARIANTS if v.startswith("wt_")]
+# M and N end inside a SIMD group's part and inside a 4 x 4 block (not a multiple of 4);
+# K ends inside a group of 4 k (the swizzle's unit) after more than one K step
+WARPTILE_SHAPES = [(129, 130, 37), (70, 45, 18), (5, 131, 9), (200, 3, 50)]
+
+
+@pytest.mark.parametrize("version", WARPTILE)
+@pytest.mark.parametrize("order", ["forward", "reverse", "random"])
+def test_warptile_edges(version, order, monkeypatch, rng):
+    monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+    for m, n, k in WARPTILE_SHAPES:
+        for ta, tb in [(False, False), (True, False), (False, True), (True, True)]:
+            a, b = _operands(rng, *_stored(m, n, k, ta, tb))
+            _check(version, a, b, ta, tb)
+    a, b = _operands(rng, (3, 1, 66, 36), (2, 36, 68))  # batched: broadcast both ways
+    _check(version, a, b)
+
+
 # ---- the simulator's schedule orders (exposes missing barriers) -------------------------
 
 
@@ -266,9 +286,9 @@ def test_camel_matmul_env_selects_rung(monkeypatch, rng):
 
 
 def test_camel_matmul_unknown_version(monkeypatch, rng):
-    monkeypatch.setenv("CAMEL_MATMUL", "15")
+    monkeypatch.setenv("CAMEL_MATMUL", "16")
     a, b = _operands(rng, (2, 3), (3, 4))
-    with pytest.raises(ValueError, match=r"unknown version '15'.*1, 2, 3.*14"):
+    with pytest.raises(ValueError, match=r"unknown version '16'.*1, 2, 3.*15"):
         _run(None, a, b)
 
 

@@ -204,6 +204,76 @@ def gemm_blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, pa
     ]  # fmt: skip
 
 
+def _swz(k: int, bk: int, swizzle: bool = True) -> int:
+    """swz<BK>(k) of ops_matmul.metal (v15): float4 slot c of row k is stored at c ^ swz."""
+    return ((k // 4) * (32 // bk)) % 8 if swizzle else 0
+
+
+def gemm_warptile(version: str, bm: int, bn: int, bk: int, wm: int, wn: int,
+                  swizzle: bool = True):  # fmt: skip
+    # matmul_warptile<BM, BN, BK, WM, WN> (v15): As[k][m] and Bs[k][n], float4 slot c of
+    # row k at c ^ swz(k) (stash_swizzled); reads a[i] = As4[k·BM/4 + ((am4 + 8i) ^ swz(k))]
+    # with am4 = wm/4 + lane % 8, b[j] = Bs4[k·BN/4 + ((bn4 + 4j) ^ swz(k))], bn4 = wn/4 +
+    # lane / 8. swizzle=False: the what-if of the same tiles unswizzled (not built).
+    threads = 32 * (bm // wm) * (bn // wn)
+    name = (f"matmul_v{version}" if version.isdigit() else f"matmul_{version}") + (
+        "" if swizzle else " unswizzled"
+    )
+    gn = bn // wn
+
+    def rows_c(t_list, cols, q):  # a (C, BK) tile, rows c: element q of float4 e
+        out = []
+        for e in t_list:
+            c, k = e // (bk // 4), (e % (bk // 4)) * 4
+            out.append((k + q) * cols + 4 * ((c // 4) ^ _swz(k, bk, swizzle)) + c % 4)
+        return out
+
+    def rows_k(t_list, cols):  # a (BK, C) tile, rows k: float4 e
+        out = []
+        for e in t_list:
+            k, c4 = e // (cols // 4), e % (cols // 4)
+            out.append(k * cols + 4 * (c4 ^ _swz(k, bk, swizzle)))
+        return out
+
+    def transposing(cols):
+        return lambda ts: max((rows_c(ts, cols, q) for q in range(4)),
+                              key=lambda w: conflict(w)[0])  # fmt: skip
+
+    def read(cols, base, step, count):  # base(t) in float4 slots; worst over k and i
+        def make(t_list):
+            cands = [[k * cols + 4 * ((base(t) + step * i) ^ _swz(k, bk, swizzle)) for t in t_list]
+                     for k in range(bk) for i in range(count)]  # fmt: skip
+            return max(cands, key=lambda w: conflict(w, 16)[0])
+
+        return make
+
+    a_base = lambda t: ((t // 32) // gn) * wm // 4 + (t % 32) % 8  # noqa: E731
+    b_base = lambda t: ((t // 32) % gn) * wn // 4 + (t % 32) // 8  # noqa: E731
+    return [
+        Access(name, "store As (A stored (M, K): 4 scalar stores into 4 rows k)", "st",
+               worst_over_simd_groups(transposing(bm), threads)),
+        Access(name, "store As (A stored (K, M), trans_a: float4)", "st",
+               worst_over_simd_groups(lambda ts: rows_k(ts, bm), threads), 16),
+        Access(name, "store Bs (B stored (K, N): float4)", "st",
+               worst_over_simd_groups(lambda ts: rows_k(ts, bn), threads), 16),
+        Access(name, "store Bs (B stored (N, K), trans_b: 4 scalar stores)", "st",
+               worst_over_simd_groups(transposing(bn), threads)),
+        Access(name, "read As4: float4 at slot wm/4 + lane % 8 + 8i", "ld",
+               worst_over_simd_groups(read(bm // 4 * 4, a_base, 8, wm // 32), threads), 16),
+        Access(name, "read Bs4: float4 at slot wn/4 + lane / 8 + 4j", "ld",
+               worst_over_simd_groups(read(bn // 4 * 4, b_base, 4, wn // 16), threads), 16),
+    ]  # fmt: skip
+
+
+WARPTILE_RUNGS = {
+    "15": (128, 128, 16, 64, 32),
+    "wt_128x128x8_64x32": (128, 128, 8, 64, 32),
+    "wt_128x64x16_64x32": (128, 64, 16, 64, 32),
+    "wt_128x64x8_32x32": (128, 64, 8, 32, 32),
+    "wt_64x64x16_32x32": (64, 64, 16, 32, 32),
+}  # fmt: skip
+
+
 def _sg_frag(base: int, ld: int, j: int, transpose: bool = False) -> list[int]:
     """simdgroup_load/store of an 8x8 fragment at `base`, row stride ld, element j of 2, in
     the CUDA shim's layout: lane l has row l / 4, column 2 (l % 4) + j."""
@@ -261,6 +331,8 @@ def gemm_accesses(pad: int = 0):
         + gemm_simdgroup("10", 20, 68)
         + gemm_simdgroup("11", 20, 68, buffer=1)
         + gemm_simdgroup("10 unpadded", 16, 64)
+        + [a for v, sizes in WARPTILE_RUNGS.items() for a in gemm_warptile(v, *sizes)]
+        + gemm_warptile("15", *WARPTILE_RUNGS["15"], swizzle=False)
     )
 
 
