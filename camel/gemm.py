@@ -381,6 +381,12 @@ def _flops(p: Plan) -> int:
     return 2 * p.m * p.n * p.k * p.batches
 
 
+def _triangle_share(rows: int, cols: int) -> float:
+    """Share of a (rows, cols) matrix on and below its diagonal (j <= i)."""
+    d = min(rows, cols)
+    return (d * (d + 1) // 2 + (rows - d) * cols) / (rows * cols) if rows * cols else 0.0
+
+
 # MatmulParams.triangle for each `triangle` (see the top of this file)
 TRIANGLES = {None: 0, "lower": 1, "a_lower": 2, "a_upper": 3}
 
@@ -516,6 +522,16 @@ def dispatch(rung: Rung, a, b, out, p: Plan) -> None:
     check_limits(rung, fn)  # a forced rung over the limits errors with the numbers
     a_bytes = 4 * p.m * p.k * p.batches
     b_bytes = 4 * p.k * p.n * p.batches
+    c_bytes = 4 * p.m * p.n * p.batches
+    flops = _flops(p)
+    # the profiler's counts: a triangle's useful work (the tiles' rounding not counted)
+    if p.params[16] == 1:
+        share = _triangle_share(p.m, p.n)
+        flops, c_bytes = int(flops * share), int(c_bytes * share)
+    elif p.params[16] in (2, 3):
+        # op(A) nonzero where k <= i ("a_lower") or k >= i ("a_upper", the transposed count)
+        share = _triangle_share(p.m, p.k) if p.params[16] == 2 else _triangle_share(p.k, p.m)
+        flops, a_bytes = int(flops * share), int(a_bytes * share)
     fn(a, b, out, p.params,
        threadgroups=rung.grid(p.m, p.n, p.batches), threads_per_threadgroup=rung.threads,
-       flops=_flops(p), bytes=a_bytes + b_bytes + 4 * p.m * p.n * p.batches)  # fmt: skip
+       flops=flops, bytes=a_bytes + b_bytes + c_bytes)  # fmt: skip

@@ -88,6 +88,13 @@ inline bool tile_k_range(constant MatmulParams& p, uint m0, uint n0, uint bm,
     return !(p.triangle == 1 && n0 >= m0 + bm);
 }
 
+// The row tile threadgroup row y computes: y, or for triangle 2 the rows in reverse, so the
+// tiles with the longest K loops (the last rows) are dispatched first and the short ones
+// fill the tail (GPUs tend to start threadgroups in grid order; P v has few of them).
+inline uint tile_row(constant MatmulParams& p, uint y, uint bm) {
+    return p.triangle == 2 ? (p.M + bm - 1) / bm - 1 - y : y;
+}
+
 // op(A)(i, k) and op(B)(k, j), whatever the storage.
 inline float load_a(device const float* A, constant MatmulParams& p, uint i, uint k) {
     return p.trans_a ? A[k * p.lda + i] : A[i * p.lda + k];
@@ -422,7 +429,7 @@ kernel void matmul_blocktile_vec4(device const float* A [[buffer(0)]],
     A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
     B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
-    uint m0 = group.y * BM, n0 = group.x * BN;
+    uint m0 = tile_row(p, group.y, BM) * BM, n0 = group.x * BN;
     uint k_begin, k_end;
     if (!tile_k_range(p, m0, n0, BM, k_begin, k_end)) return;  // above a causal diagonal
     uint tc = t % (BN / TN), tr = t / (BN / TN);
@@ -602,7 +609,7 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
     A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
     B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
-    uint m0 = group.y * SG_BM, n0 = group.x * SG_BN;
+    uint m0 = tile_row(p, group.y, SG_BM) * SG_BM, n0 = group.x * SG_BN;
     uint k_begin, k_end;
     if (!tile_k_range(p, m0, n0, SG_BM, k_begin, k_end)) return;  // above a causal diagonal
     uint wm = (sg / 2) * 32, wn = (sg % 2) * 32;

@@ -214,3 +214,18 @@ def test_naive_attention_has_no_scaling_pass(monkeypatch, rng):
     names = {e.name for e in prof.events}
     assert any(n.startswith("softmax_last_axis") for n in names), sorted(names)
     assert not any("mul_scalar" in n for n in names), sorted(names)
+
+
+@pytest.mark.parametrize(
+    "triangle, want",
+    [(None, 384), ("lower", 2 * 18 * 8), ("a_lower", 2 * 21 * 4), ("a_upper", 2 * 33 * 4)],
+)
+def test_profile_counts_a_triangles_work(triangle, want, rng):
+    """The profiler's FLOPs of a triangle product: the useful part, (M, K) = (6, 8) op(A)
+    with 21 entries k <= i and 33 with k >= i; (M, N) = (6, 4) C with 18 entries j <= i."""
+    a = _device(rng.standard_normal((6, 8), dtype=np.float32))
+    b = _device(rng.standard_normal((8, 4), dtype=np.float32))
+    with camel.profile() as prof:
+        gemm.matmul(a, b, version="9", triangle=triangle)
+    (event,) = [e for e in prof.events if e.name.startswith("matmul")]
+    assert event.flops == want
