@@ -229,3 +229,12 @@ def test_profile_counts_a_triangles_work(triangle, want, rng):
         gemm.matmul(a, b, version="9", triangle=triangle)
     (event,) = [e for e in prof.events if e.name.startswith("matmul")]
     assert event.flops == want
+
+
+def test_matmul_triangle_only_for_the_attention_products(rng):
+    """MatMul's backward knows the gradient triangles of q @ k^T and P @ v only."""
+    a = camel.tensor(rng.standard_normal((3, 3), dtype=np.float32), requires_grad=True)
+    with pytest.raises(ValueError, match="triangle='lower' is for the causal attention"):
+        F.MatMul.apply(a, a, triangle="lower")  # q @ k^T has k transposed
+    with pytest.raises(ValueError, match="triangle='a_upper'"):
+        F.MatMul.apply(a, a, triangle="a_upper")
