@@ -294,16 +294,15 @@ def matmul(a, b, transpose_a=False, transpose_b=False, triangle=None):
     triangle (the causal attention products, camel/gemm.py): "lower": only C[i, j] with
     j <= i is wanted, and here everything above the diagonal is NaN (on the GPU whole tiles
     there are left unwritten), so a caller that reads it fails loudly; "a_lower" / "a_upper":
-    op(a) is promised zero above / below the diagonal, and is used so (np.tril / np.triu)."""
+    op(a) is promised zero above / below the diagonal, and here the whole of it is used
+    (the GPU skips K tiles there): the same for finite inputs, and with a NaN row of P
+    (whose masked entries are NaN too) the full composition, as PyTorch's masked_fill then
+    softmax then matmul."""
     if transpose_a:
         a = np.swapaxes(a, -1, -2)
     if transpose_b:
         b = np.swapaxes(b, -1, -2)
-    if triangle == "a_lower":
-        a = np.tril(a)
-    elif triangle == "a_upper":
-        a = np.triu(a)
-    elif triangle not in (None, "lower"):
+    if triangle not in (None, "lower", "a_lower", "a_upper"):
         raise ValueError(f"[matmul] triangle must be None, 'lower', 'a_lower' or 'a_upper', "
                          f"got {triangle!r}")  # fmt: skip
     out = _c(np.matmul(a, b))
