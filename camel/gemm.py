@@ -27,7 +27,10 @@ query t seeing keys s <= t needs only a triangle of its products, per batch matr
                the tile's first row
 At T = S that is about half of each product's work. Versions 6-9 (and their variants) and
 11 honour it (Rung.triangle); the others compute everything, which gives the same wanted
-part. A triangle runs without split-K (its slices would need their own K ranges).
+part. A triangle runs without split-K (its slices would need their own K ranges). With
+NaN or inf about, the promise can fail (a NaN row of P is NaN at its masked entries too,
+and 0 · NaN is NaN): a skipping rung then keeps such a NaN inside the diagonal tile band,
+where the whole product would spread it to every row (tests/test_nan_inf.py, attention).
 
 Transposed operands (backward: dW = Xᵀ·dY, dX = dY·Wᵀ) are read in place by every rung;
 no transpose pass. Batches: up to 2 batch dimensions (3-D and 4-D matmul); a batch
