@@ -76,16 +76,19 @@ inline uint batch_offset(constant MatmulParams& p, uint z, uint s0, uint s1) {
 //   2  op(A)(i, k) = 0 for k > i (the causal softmax's output P or dS): the K loop stops
 //      after the tile's last row (k < m0 + BM), the zeros beyond are never read
 //   3  op(A)(i, k) = 0 for k < i (P^T or dS^T): the K loop starts at the tile's first row
-// For the BM-row tile at (m0, n0): [k_begin, k_end) of the K loop, or false for a tile to
-// skip (then the whole threadgroup returns: the condition is the same for all its threads,
-// so no thread waits at a barrier the others never reach). Honoured by versions 6-9 (and
-// their tuning variants) and 11; the other rungs compute everything (camel/gemm.py passes
-// them 0), which gives the same wanted part because the promised zeros are zeros.
+// For the BM-row tile at (m0, n0): [k_begin, k_end) of the K loop, and whether the tile is
+// wanted at all; a tile to skip gets an empty K range and stores nothing. (No early return:
+// the kernel passes its barriers as always, none of them inside a K step, so the
+// simulator's barrier-region schedule still applies; a skipped tile costs a GPU next to
+// nothing.) Honoured by versions 6-9 (and their tuning variants) and 11; the other rungs
+// compute everything (camel/gemm.py passes them 0), which gives the same wanted part
+// because the promised zeros are zeros.
 inline bool tile_k_range(constant MatmulParams& p, uint m0, uint n0, uint bm,
                          thread uint& k_begin, thread uint& k_end) {
+    bool wanted = !(p.triangle == 1 && n0 >= m0 + bm);
     k_begin = p.triangle == 3 ? min(m0, p.K) : 0;
-    k_end = p.triangle == 2 ? min(m0 + bm, p.K) : p.K;
-    return !(p.triangle == 1 && n0 >= m0 + bm);
+    k_end = !wanted ? k_begin : p.triangle == 2 ? min(m0 + bm, p.K) : p.K;
+    return wanted;
 }
 
 // The row tile threadgroup row y computes: y, or for triangle 2 the rows in reverse, so the
@@ -411,7 +414,7 @@ inline void thread_block_fma(threadgroup const float4* As4, threadgroup const fl
 // for one k are contiguous and come in TM/4 float4 loads from threadgroup memory, like
 // its TN values of Bs[k][n]. Threadgroup memory: (BM + BN) * BK * 4 bytes.
 // Causal attention products: the K loop runs over tile_k_range's part, and a tile wholly
-// above the diagonal returns at once (p.triangle; 0 for every other matmul).
+// above the diagonal stores nothing (p.triangle; 0 for every other matmul).
 // Grid (ceil(N/BN), ceil(M/BM), batches).
 template <uint BM, uint BN, uint BK, uint TM, uint TN>
 kernel void matmul_blocktile_vec4(device const float* A [[buffer(0)]],
@@ -431,7 +434,7 @@ kernel void matmul_blocktile_vec4(device const float* A [[buffer(0)]],
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
     uint m0 = tile_row(p, group.y, BM) * BM, n0 = group.x * BN;
     uint k_begin, k_end;
-    if (!tile_k_range(p, m0, n0, BM, k_begin, k_end)) return;  // above a causal diagonal
+    bool wanted = tile_k_range(p, m0, n0, BM, k_begin, k_end);  // false: above the diagonal
     uint tc = t % (BN / TN), tr = t / (BN / TN);
     float acc[TM * TN];
     for (uint i = 0; i < TM * TN; i++) acc[i] = 0.0f;
@@ -441,7 +444,7 @@ kernel void matmul_blocktile_vec4(device const float* A [[buffer(0)]],
         thread_block_fma<BK, TM, TN, BM, BN>(As4, Bs4, tr, tc, acc);
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    store_thread_block<TM, TN>(acc, C, p, m0 + tr * TM, n0 + tc * TN);
+    if (wanted) store_thread_block<TM, TN>(acc, C, p, m0 + tr * TM, n0 + tc * TN);
 }
 
 #define MATMUL_BLOCKTILE(NAME, BM, BN, BK, TM, TN)                                         \
@@ -593,7 +596,7 @@ kernel void matmul_v10_simdgroup(device const float* A [[buffer(0)]],
 // each thread waits for its device loads before its multiplies, so only other SIMD groups
 // and threadgroups can hide that latency, and the second buffer costs occupancy (v12
 // stages the next tile in registers instead). Causal attention products: as versions 6-9,
-// the K steps cover tile_k_range's part, and a tile above the diagonal returns at once.
+// the K steps cover tile_k_range's part, and a tile above the diagonal stores nothing.
 // Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 18.5 KiB + 1 KiB scratch.
 kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
                                      device const float* B [[buffer(1)]],
@@ -611,7 +614,7 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
     uint m0 = tile_row(p, group.y, SG_BM) * SG_BM, n0 = group.x * SG_BN;
     uint k_begin, k_end;
-    if (!tile_k_range(p, m0, n0, SG_BM, k_begin, k_end)) return;  // above a causal diagonal
+    bool wanted = tile_k_range(p, m0, n0, SG_BM, k_begin, k_end);  // false: above the diagonal
     uint wm = (sg / 2) * 32, wn = (sg % 2) * 32;
     SgAccs<4, 4> acc;  // its 32 x 32 part of C
     for (uint i = 0; i < 4; i++) {
@@ -630,7 +633,7 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
                                                wm, wn, acc);
         threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
     }
-    store_accs(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
+    if (wanted) store_accs(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
 }
 
 // Version 12: version 11 with register-staged prefetch. In v11 a thread loads the next tile
