@@ -52,7 +52,7 @@ The functions, grouped (shapes use ... for any leading dims)
   matmul
     matmul(a, b, transpose_a=False, transpose_b=False)
   softmax family (always over the last axis)
-    softmax(x, causal=False), softmax_backward(y, grad, causal=False)
+    softmax(x, causal=False, scale=1.0), softmax_backward(y, grad, causal=False, scale=1.0)
     log_softmax(x), log_softmax_backward(y, grad)
     cross_entropy(logits, targets) -> (loss, probs)
     cross_entropy_backward(probs, targets, grad)
@@ -286,16 +286,30 @@ def slice_backward(grad, in_shape, starts, steps):
 # ---------------------------------------------------------------------------
 
 
-def matmul(a, b, transpose_a=False, transpose_b=False):
+def matmul(a, b, transpose_a=False, transpose_b=False, triangle=None):
     """out = op(a) @ op(b), op(x) = x with its last two axes swapped when transpose_x.
     Supported (after op): (M, K) @ (K, N) -> (M, N);
     batched (..., M, K) @ (..., K, N) -> (..., M, N) with equal batch dims (3-D, 4-D);
-    (..., M, K) @ (K, N) -> (..., M, N) (a shared right operand, e.g. x @ W)."""
+    (..., M, K) @ (K, N) -> (..., M, N) (a shared right operand, e.g. x @ W).
+    triangle (the causal attention products, camel/gemm.py): "lower": only C[i, j] with
+    j <= i is wanted, and here everything above the diagonal is NaN (on the GPU whole tiles
+    there are left unwritten), so a caller that reads it fails loudly; "a_lower" / "a_upper":
+    op(a) is promised zero above / below the diagonal, and here the whole of it is used
+    (the GPU skips K tiles there): the same for finite inputs, and with a NaN row of P
+    (whose masked entries are NaN too) the full composition, as PyTorch's masked_fill then
+    softmax then matmul."""
     if transpose_a:
         a = np.swapaxes(a, -1, -2)
     if transpose_b:
         b = np.swapaxes(b, -1, -2)
-    return _c(np.matmul(a, b))
+    if triangle not in (None, "lower", "a_lower", "a_upper"):
+        raise ValueError(f"[matmul] triangle must be None, 'lower', 'a_lower' or 'a_upper', "
+                         f"got {triangle!r}")  # fmt: skip
+    out = _c(np.matmul(a, b))
+    if triangle == "lower":
+        m, n = out.shape[-2:]
+        out[..., np.triu(np.ones((m, n), dtype=bool), k=1)] = np.nan
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -303,12 +317,15 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
 # ---------------------------------------------------------------------------
 
 
-def softmax(x, causal=False):
-    """Softmax over the last axis, numerically stable (subtract the row max).
+def softmax(x, causal=False, scale=1.0):
+    """softmax(scale * x) over the last axis, numerically stable (subtract the row max);
+    scale * x is rounded to float32 first, as a separate scaling op would store it.
     causal=True: x is (..., T, S) attention scores and row i only sees columns
     j <= i (top-left aligned mask, like PyTorch's is_causal): masked_fill(-inf),
     then softmax, so masked entries are 0 (NaN only in a row whose visible part
-    gives NaN, as in PyTorch)."""
+    gives NaN, as in PyTorch) and whatever x holds there is never used."""
+    if scale != 1.0:
+        x = (x * np.float32(scale)).astype(np.float32)
     if causal:
         t, s = x.shape[-2], x.shape[-1]
         mask = np.triu(np.ones((t, s), dtype=bool), k=1)  # True where j > i
@@ -317,14 +334,22 @@ def softmax(x, causal=False):
     return (e / np.sum(e, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def softmax_backward(y, grad, causal=False):
-    """y = softmax(x, causal). dx = y * (grad - sum(grad * y, last axis)); with causal,
-    dx is exactly 0 at the masked positions (masked_fill's gradient), even in a NaN row."""
-    dot = np.sum(grad * y, axis=-1, keepdims=True)
-    dx = (y * (grad - dot)).astype(np.float32)
+def softmax_backward(y, grad, causal=False, scale=1.0):
+    """y = softmax(scale * x, causal). dx = scale * y * (grad - sum(grad * y, last axis));
+    with causal, the sum runs over the visible columns only (grad there is never used:
+    a causal attention does not compute it) and dx is exactly 0 at the masked positions
+    (masked_fill's gradient), even in a NaN row."""
+    gy = grad * y
     if causal:
         t, s = y.shape[-2], y.shape[-1]
-        dx[..., np.triu(np.ones((t, s), dtype=bool), k=1)] = 0
+        mask = np.triu(np.ones((t, s), dtype=bool), k=1)
+        gy = np.where(mask, np.float32(0), gy)
+    dot = np.sum(gy, axis=-1, keepdims=True)
+    dx = (y * (grad - dot)).astype(np.float32)
+    if scale != 1.0:
+        dx = (dx * np.float32(scale)).astype(np.float32)
+    if causal:
+        dx[..., mask] = 0
     return dx
 
 

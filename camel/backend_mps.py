@@ -585,11 +585,12 @@ def slice_backward(grad, in_shape, starts, steps):
 # ---------------------------------------------------------------------------
 
 
-def matmul(a, b, transpose_a=False, transpose_b=False):
-    """out = op(a) @ op(b); see camel/gemm.py for the rungs and their selection."""
+def matmul(a, b, transpose_a=False, transpose_b=False, triangle=None):
+    """out = op(a) @ op(b); see camel/gemm.py for the rungs, their selection and `triangle`
+    (the causal attention products)."""
     from camel import gemm  # imported here: the ladder is its own module
 
-    return gemm.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return gemm.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b, triangle=triangle)
 
 
 # ---------------------------------------------------------------------------
@@ -602,24 +603,40 @@ def _rows(x):
     return (x.size // k if k else 0), k
 
 
-def softmax(x, causal=False):
-    """Softmax over the last axis (max subtracted first). causal: x is (..., T, S) and
-    row i sees columns j <= i; masked outputs are 0 (NaN in a row whose visible part
-    gives NaN, as masked_fill(-inf) then softmax in PyTorch)."""
+def softmax(x, causal=False, scale=1.0):
+    """softmax(scale * x) over the last axis (max subtracted first; the scale multiplies in
+    the kernel, no separate pass). causal: x is (..., T, S) and row i sees (and reads) only
+    columns j <= i; masked outputs are 0 (NaN in a row whose visible part gives NaN, as
+    masked_fill(-inf) then softmax in PyTorch)."""
     y = _empty(x.shape)
     rows, k = _rows(x)
     if rows == 0 or k == 0:
         return y
     causal_t = x.shape[-2] if causal else 0
-    if _softmax_v2("softmax_last_axis_v2", x, y, rows, k, causal_t):
+    # bytes: the reads stop at the mask (about half of a causal (T, T) matrix), writes do not
+    read = _visible(x.shape, causal_t)
+    if _softmax_v2("softmax_last_axis_v2", x, y, rows, k, causal_t, scale, read):
         return y
     fn = _kernel(_SOFT, "softmax_last_axis")
-    fn(x, y, k, causal_t, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
-       flops=5 * x.size, bytes=2 * x.size * _F32)  # fmt: skip
+    fn(x, y, k, causal_t, float(scale), threadgroups=rows,
+       threads_per_threadgroup=_row_threads(k), flops=5 * read,
+       bytes=(read + x.size) * _F32)  # fmt: skip
     return y
 
 
-def _softmax_v2(name, x, y, rows, k, causal_t):
+def _visible(shape, causal_t):
+    """Elements a (..., T, S) softmax reads: all, or under the causal mask row t's
+    min(S, t + 1) columns."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if not causal_t:
+        return size
+    t, s = shape[-2], shape[-1]
+    d = min(t, s)  # rows 0 .. d-1 see i + 1 columns, the rest all s
+    per_matrix = d * (d + 1) // 2 + (t - d) * s
+    return size // (t * s) * per_matrix if t * s else 0
+
+
+def _softmax_v2(name, x, y, rows, k, causal_t, scale=1.0, read=None):
     """Version 2 of softmax / log_softmax (the row read once, held in registers by P SIMD
     groups) when it applies: version 2 chosen, k <= 16 * _ROW_SPAN, and the kernel can run
     the threadgroup size (512 threads for k > 8192). Returns whether it ran."""
@@ -630,16 +647,22 @@ def _softmax_v2(name, x, y, rows, k, causal_t):
         return False
     p, groups, tpg = _row_geometry(rows, k, fn)
     vec4 = int(k % 4 == 0 and _aligned(x, y))
-    fn(x, y, rows, k, causal_t, p, vec4, threadgroups=groups, threads_per_threadgroup=tpg,
-       flops=5 * x.size, bytes=2 * x.size * _F32)  # fmt: skip
+    read = x.size if read is None else read
+    fn(x, y, rows, k, causal_t, p, vec4, float(scale), threadgroups=groups,
+       threads_per_threadgroup=tpg, flops=5 * read, bytes=(read + x.size) * _F32)  # fmt: skip
     return True
 
 
-def softmax_backward(y, grad, causal=False):
-    """dx = y * (grad - sum(grad * y, last axis)); causal: 0 at the masked positions."""
+def softmax_backward(y, grad, causal=False, scale=1.0):
+    """y = softmax(scale * x): dx = scale * y * (grad - sum(grad * y, last axis)); causal:
+    the sum runs over the visible columns, dx is 0 at the masked positions, and neither y
+    nor grad is read there (a causal attention leaves grad uncomputed above the diagonal)."""
     causal_t = y.shape[-2] if causal else 0
-    dx = _softmax_backward_v2("softmax_backward_v2", y, grad, causal_t)
-    return dx if dx is not None else _row_backward("softmax_backward", y, grad, causal_t)
+    read = _visible(y.shape, causal_t)
+    dx = _softmax_backward_v2("softmax_backward_v2", y, grad, causal_t, scale, read)
+    if dx is None:
+        dx = _row_backward("softmax_backward", y, grad, causal_t, float(scale), read=read)
+    return dx
 
 
 def log_softmax(x):
@@ -648,7 +671,7 @@ def log_softmax(x):
     rows, k = _rows(x)
     if rows == 0 or k == 0:
         return y
-    if _softmax_v2("log_softmax_last_axis_v2", x, y, rows, k, 0):
+    if _softmax_v2("log_softmax_last_axis_v2", x, y, rows, k, 0, 1.0):
         return y
     fn = _kernel(_SOFT, "log_softmax_last_axis")
     fn(x, y, k, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
@@ -658,11 +681,11 @@ def log_softmax(x):
 
 def log_softmax_backward(y, grad):
     """dx = grad - exp(y) * sum(grad, last axis)."""
-    dx = _softmax_backward_v2("log_softmax_backward_v2", y, grad, 0)
+    dx = _softmax_backward_v2("log_softmax_backward_v2", y, grad, 0, 1.0)
     return dx if dx is not None else _row_backward("log_softmax_backward", y, grad)
 
 
-def _softmax_backward_v2(name, y, grad, causal_t):
+def _softmax_backward_v2(name, y, grad, causal_t, scale=1.0, read=None):
     """Version 2 of the softmax / log_softmax backward (y and dy read once, held in
     registers) where it applies, as _softmax_v2; returns dx, or None (then version 1 runs)."""
     rows, k = _rows(y)
@@ -674,18 +697,21 @@ def _softmax_backward_v2(name, y, grad, causal_t):
     dx = _empty(y.shape)
     p, groups, tpg = _row_geometry(rows, k, fn)
     vec4 = int(k % 4 == 0 and _aligned(y, grad, dx))
-    fn(y, grad, dx, rows, k, causal_t, p, vec4, threadgroups=groups, threads_per_threadgroup=tpg,
-       flops=4 * y.size, bytes=3 * y.size * _F32)  # fmt: skip
+    read = y.size if read is None else read
+    fn(y, grad, dx, rows, k, causal_t, p, vec4, float(scale), threadgroups=groups,
+       threads_per_threadgroup=tpg, flops=4 * read,
+       bytes=(2 * read + y.size) * _F32)  # fmt: skip
     return dx
 
 
-def _row_backward(name, y, grad, *extra):
+def _row_backward(name, y, grad, *extra, read=None):
     dx = _empty(y.shape)
     rows, k = _rows(y)
+    read = y.size if read is None else read
     if rows and k:
         fn = _kernel(_SOFT, name)
         fn(y, grad, dx, k, *extra, threadgroups=rows, threads_per_threadgroup=_row_threads(k),
-           flops=4 * y.size, bytes=3 * y.size * _F32)  # fmt: skip
+           flops=4 * read, bytes=(2 * read + y.size) * _F32)  # fmt: skip
     return dx
 
 

@@ -397,16 +397,17 @@ class Softmax(Function):
     name = "softmax"
 
     @staticmethod
-    def forward(ctx, x, causal=False):  # over the last axis; causal: x is (..., T, S)
-        y = ctx.backend.softmax(x, causal)
+    def forward(ctx, x, causal=False, scale=1.0):  # softmax(scale * x) over the last axis;
+        y = ctx.backend.softmax(x, causal, scale)  # causal: x is (..., T, S)
         ctx.save_for_backward(y)
         ctx.causal = causal  # the backward zeroes the masked positions, NaN rows included
+        ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        return ctx.backend.softmax_backward(y, grad, ctx.causal)
+        return ctx.backend.softmax_backward(y, grad, ctx.causal, ctx.scale)
 
 
 class LogSoftmax(Function):
@@ -517,20 +518,37 @@ def _cross_entropy_rows(logits, targets):
 class MatMul(Function):
     """out = op(a) @ op(b) where op swaps the last two axes when transpose_a / transpose_b.
     Shapes: 2-D @ 2-D, batched (..., M, K) @ (..., K, N) with equal batch dims, and
-    (..., M, K) @ (K, N) (a shared right operand; then no transposes)."""
+    (..., M, K) @ (K, N) (a shared right operand; then no transposes).
+    triangle (causal attention only, camel/gemm.py): "lower" for scores = q @ k^T (only
+    j <= i is computed; the causal softmax reads nothing else and its gradient is 0 above
+    the diagonal) or "a_lower" for P @ v (P is 0 above the diagonal)."""
 
     name = "matmul"
 
     @staticmethod
-    def forward(ctx, a, b, transpose_a=False, transpose_b=False):
+    def forward(ctx, a, b, transpose_a=False, transpose_b=False, triangle=None):
+        if triangle is not None and (transpose_a, transpose_b, triangle) not in _TRIANGLE_GRADS:
+            raise ValueError(
+                f"[matmul] triangle={triangle!r} is for the causal attention products q @ k^T "
+                f"('lower', transpose_b) and P @ v ('a_lower'); got transpose_a={transpose_a}, "
+                f"transpose_b={transpose_b}"
+            )
         ctx.save_for_backward(a, b)
-        ctx.ta, ctx.tb = transpose_a, transpose_b
-        return ctx.backend.matmul(a, b, transpose_a, transpose_b)
+        ctx.ta, ctx.tb, ctx.triangle = transpose_a, transpose_b, triangle
+        return ctx.backend.matmul(a, b, transpose_a, transpose_b, triangle)
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., M, N)
         a, b = ctx.saved_tensors
         be, ta, tb = ctx.backend, ctx.ta, ctx.tb
+        if ctx.triangle is not None:  # the same products as below, on their triangles
+            tri_a, tri_b = _TRIANGLE_GRADS[(ta, tb, ctx.triangle)]
+            if tb:  # S = q k^T: dq = dS k (dS is 0 above the diagonal), dk = dS^T q
+                da = be.matmul(grad, b, False, False, tri_a)
+                return da, be.matmul(grad, a, True, False, tri_b)
+            # O = P v: dP = dO v^T (wanted on the triangle only), dv = P^T dO
+            da = be.matmul(grad, b, False, True, tri_a)
+            return da, be.matmul(a, grad, True, False, tri_b)
         if b.ndim == 2 and a.ndim > 2:  # shared B: its gradient sums over the batch
             k, n = a.shape[-1], grad.shape[-1]
             da = be.matmul(grad, b, False, True)  # (..., M, N) @ (N, K)
@@ -546,6 +564,14 @@ class MatMul(Function):
             return be.matmul(b, grad, False, True), be.matmul(a, grad, False, False)
         # C = A^T @ B^T
         return be.matmul(b, grad, True, True), be.matmul(grad, a, True, True)
+
+
+# (transpose_a, transpose_b, triangle) of a causal attention product -> the triangles of
+# its two gradient products (dA, dB): see MatMul.backward
+_TRIANGLE_GRADS = {
+    (False, True, "lower"): ("a_lower", "a_upper"),
+    (False, False, "a_lower"): ("lower", "a_upper"),
+}
 
 
 def _matmul_checked(a, b, transpose_a=False, transpose_b=False):
@@ -695,10 +721,13 @@ def scaled_dot_product_attention(q, k, v, causal=False):
         rung = flash.select(op, mode, q, k, v)  # None: naive; ValueError: unknown mode
         if rung is not None:
             return flash.scaled_dot_product_attention(q, k, v, causal=causal, rung=rung)
-    scores = MatMul.apply(q, k, transpose_b=True)  # (B, H, T, S)
-    scores = MulScalar.apply(scores, 1.0 / math.sqrt(q.shape[-1]))
-    att = Softmax.apply(scores, causal)  # (B, H, T, S), each row sums to 1
-    return MatMul.apply(att, v)  # (B, H, T, Dv)
+    # causal: each product computes only its triangle (camel/gemm.py: the scores on and
+    # below the diagonal; P @ v stops its K loop there, P being 0 above it; the backward's
+    # products likewise), about half the work at T = S.
+    scores = MatMul.apply(q, k, transpose_b=True, triangle="lower" if causal else None)
+    scale = 1.0 / math.sqrt(q.shape[-1])  # applied inside the softmax: no pass of its own
+    att = Softmax.apply(scores, causal, scale)  # (B, H, T, S) = softmax(scale * scores)
+    return MatMul.apply(att, v, triangle="a_lower" if causal else None)  # (B, H, T, Dv)
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,21 @@ the S partial products (sum_axis_blocks, ops_reduce.metal): S times the threadgr
 small M x N with a long K (a weight gradient dW = Xᵀ·dY over many tokens), which alone
 would leave most of a large GPU idle. 2-D products with K % (4 S) == 0 only.
 
+Causal attention (`triangle`, shaders/ops_matmul.metal tile_k_range): softmax(q·kᵀ) with
+query t seeing keys s <= t needs only a triangle of its products, per batch matrix:
+    "lower"    only C[i, j] with j <= i is wanted (scores q·kᵀ, dP = dO·vᵀ): tiles wholly
+               above the diagonal are skipped, and C there is left unwritten (unspecified)
+    "a_lower"  op(A)[i, k] = 0 for k > i is promised (P·v, dS·k): the K loop stops at the
+               tile's last row; those zeros are never read
+    "a_upper"  op(A)[i, k] = 0 for k < i is promised (Pᵀ·dO, dSᵀ·q): the K loop starts at
+               the tile's first row
+At T = S that is about half of each product's work. Versions 6-9 (and their variants) and
+11 honour it (Rung.triangle); the others compute everything, which gives the same wanted
+part. A triangle runs without split-K (its slices would need their own K ranges). With
+NaN or inf about, the promise can fail (a NaN row of P is NaN at its masked entries too,
+and 0 · NaN is NaN): a skipping rung then keeps such a NaN inside the diagonal tile band,
+where the whole product would spread it to every row (tests/test_nan_inf.py, attention).
+
 Transposed operands (backward: dW = Xᵀ·dY, dX = dY·Wᵀ) are read in place by every rung;
 no transpose pass. Batches: up to 2 batch dimensions (3-D and 4-D matmul); a batch
 dimension of size 1 or missing (a 2-D operand) is broadcast with stride 0.
@@ -45,6 +60,7 @@ class Rung:
     threads: tuple[int, int, int]  # threads per threadgroup
     tg_bytes: int  # static threadgroup memory the kernel declares
     x_walks_rows: bool = False  # v1: grid x runs over rows of C (the uncoalesced mapping)
+    triangle: bool = False  # the kernel honours MatmulParams.triangle (causal attention)
 
     @property
     def nthreads(self) -> int:
@@ -70,7 +86,7 @@ def _blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, what: 
     else:
         name = f"matmul_v{version}_{config}"
     threads = (bm // tm) * (bn // tn)
-    return Rung(version, name, what, bm, bn, (threads, 1, 1), (bm + bn) * bk * 4)
+    return Rung(version, name, what, bm, bn, (threads, 1, 1), (bm + bn) * bk * 4, triangle=True)
 
 
 def _pftile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, what: str) -> Rung:
@@ -123,7 +139,7 @@ RUNGS: dict[str, Rung] = {
         Rung("10", "matmul_v10_simdgroup", "simdgroup_matrix 8x8 tiles, 4 SIMD groups",
              64, 64, (128, 1, 1), (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
         Rung("11", "matmul_v11_double_buffer", "v10 with double-buffered threadgroup tiles",
-             64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
+             64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4, triangle=True),
         _sgtile("12", 64, 64, 4, 4, "v11 with the next tile staged in registers"),
         _pftile("13", 128, 64, 16, 8, 4, "v9 with the next tile staged in registers"),
         Rung("14", "matmul_v14_fetch_128x64x16_8x4", "v9 with a K step's reads issued together",
@@ -336,7 +352,7 @@ class Plan:
     n: int
     k: int
     batch_shape: tuple[int, ...]  # output batch dims (0, 1 or 2 of them)
-    params: np.ndarray  # the MatmulParams struct: 16 uint32
+    params: np.ndarray  # the MatmulParams struct: 17 uint32 (the last: triangle, set later)
 
     @property
     def batches(self) -> int:
@@ -407,7 +423,7 @@ def plan(a_shape, b_shape, transpose_a=False, transpose_b=False, a_offset=0, b_o
         and a_offset % 16 == 0 and b_offset % 16 == 0 and c_offset % 16 == 0
     )  # fmt: skip
     fields = [m, n, k, lda, ldb, ldc, int(transpose_a), int(transpose_b), max(inner, 1),
-              *a_s, *b_s, *c_s, int(aligned)]  # fmt: skip
+              *a_s, *b_s, *c_s, int(aligned), 0]  # fmt: skip
     for v in fields:
         if v >= 2**32:
             raise ValueError(f"[matmul] operands {desc} are too large for 32-bit indexing")
@@ -418,7 +434,17 @@ def _flops(p: Plan) -> int:
     return 2 * p.m * p.n * p.k * p.batches
 
 
-def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None):
+def _triangle_share(rows: int, cols: int) -> float:
+    """Share of a (rows, cols) matrix on and below its diagonal (j <= i)."""
+    d = min(rows, cols)
+    return (d * (d + 1) // 2 + (rows - d) * cols) / (rows * cols) if rows * cols else 0.0
+
+
+# MatmulParams.triangle for each `triangle` (see the top of this file)
+TRIANGLES = {None: 0, "lower": 1, "a_lower": 2, "a_upper": 3}
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, triangle=None):
     """C = op(A) · op(B) on the GPU, with op(X) = Xᵀ (of the last two dims) when transposed.
 
     Args:
@@ -426,8 +452,14 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None):
         b: DeviceArray float32 (..., K, N), or (..., N, K) if transpose_b.
         out: optional DeviceArray float32 of the output shape (..., M, N) to write into.
         version: a ladder version; default: CAMEL_MATMUL, the autotuner, or the default rung.
+        triangle: None, or the causal attention product "lower", "a_lower" or "a_upper"
+            (the top of this file): a rung that honours it skips the work outside it.
     Returns the output DeviceArray (..., M, N); batch dims broadcast like NumPy's matmul.
     """
+    if triangle not in TRIANGLES:
+        raise ValueError(
+            f"[matmul] triangle must be one of {', '.join(map(repr, TRIANGLES))}, got {triangle!r}"
+        )
     from camel import metal
 
     for name, x in (("first", a), ("second", b)):
@@ -465,6 +497,9 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None):
                 f"with K a multiple of {4 * split}; got M, N, K = {p.m}, {p.n}, {p.k} with "
                 f"{p.batches} batches"
             )
+    if triangle is not None:  # no split-K: the K range is the tile's (tile_k_range)
+        split = 1
+        p.params[16] = TRIANGLES[triangle] if rung.triangle else 0
     if split > 1:
         dispatch_split_k(rung, a, b, out, p, split)
     else:
@@ -540,6 +575,16 @@ def dispatch(rung: Rung, a, b, out, p: Plan) -> None:
     check_limits(rung, fn)  # a forced rung over the limits errors with the numbers
     a_bytes = 4 * p.m * p.k * p.batches
     b_bytes = 4 * p.k * p.n * p.batches
+    c_bytes = 4 * p.m * p.n * p.batches
+    flops = _flops(p)
+    # the profiler's counts: a triangle's useful work (the tiles' rounding not counted)
+    if p.params[16] == 1:
+        share = _triangle_share(p.m, p.n)
+        flops, c_bytes = int(flops * share), int(c_bytes * share)
+    elif p.params[16] in (2, 3):
+        # op(A) nonzero where k <= i ("a_lower") or k >= i ("a_upper", the transposed count)
+        share = _triangle_share(p.m, p.k) if p.params[16] == 2 else _triangle_share(p.k, p.m)
+        flops, a_bytes = int(flops * share), int(a_bytes * share)
     fn(a, b, out, p.params,
        threadgroups=rung.grid(p.m, p.n, p.batches), threads_per_threadgroup=rung.threads,
-       flops=_flops(p), bytes=a_bytes + b_bytes + 4 * p.m * p.n * p.batches)  # fmt: skip
+       flops=flops, bytes=a_bytes + b_bytes + c_bytes)  # fmt: skip

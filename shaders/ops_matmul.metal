@@ -52,7 +52,7 @@
 using namespace metal;
 
 // Sizes, strides and flags of one matmul, bound with setBytes as [[buffer(3)]].
-// camel/gemm.py packs it as 16 uint32 values in this order.
+// camel/gemm.py packs it as 17 uint32 values in this order.
 struct MatmulParams {
     uint M, N, K;
     uint lda, ldb, ldc;          // elements between consecutive stored rows
@@ -62,12 +62,45 @@ struct MatmulParams {
     uint b_stride0, b_stride1;
     uint c_stride0, c_stride1;
     uint vec4;                   // 1: float4 loads/stores are 16-byte aligned for A, B and C
+    uint triangle;               // 0, or the causal attention product (tile_k_range below)
 };
 
 // Element offset of the matrix of batch z for an operand with batch strides s0 (outer)
 // and s1 (inner); a stride of 0 broadcasts the operand over that batch dimension.
 inline uint batch_offset(constant MatmulParams& p, uint z, uint s0, uint s1) {
     return (z / p.batch_inner) * s0 + (z % p.batch_inner) * s1;
+}
+
+// The causal attention products (softmax(q k^T) v with query t seeing keys s <= t, and
+// its backward) need only a triangle of the work. `triangle` says which, per batch matrix,
+// the diagonal being i == j (i == k for op(A)):
+//   0  everything (every other matmul)
+//   1  only C(i, j) with j <= i is wanted (scores q k^T, dP = dO v^T): a tile wholly above
+//      the diagonal (first column n0 > last row m0 + BM - 1) is neither computed nor
+//      written; what C holds there is unspecified
+//   2  op(A)(i, k) = 0 for k > i (the causal softmax's output P or dS): the K loop stops
+//      after the tile's last row (k < m0 + BM), the zeros beyond are never read
+//   3  op(A)(i, k) = 0 for k < i (P^T or dS^T): the K loop starts at the tile's first row
+// For the BM-row tile at (m0, n0): [k_begin, k_end) of the K loop, and whether the tile is
+// wanted at all; a tile to skip gets an empty K range and stores nothing. (No early return:
+// the kernel passes its barriers as always, none of them inside a K step, so the
+// simulator's barrier-region schedule still applies; a skipped tile costs a GPU next to
+// nothing.) Honoured by versions 6-9 (and their tuning variants) and 11; the other rungs
+// compute everything (camel/gemm.py passes them 0), which gives the same wanted part
+// because the promised zeros are zeros.
+inline bool tile_k_range(constant MatmulParams& p, uint m0, uint n0, uint bm,
+                         thread uint& k_begin, thread uint& k_end) {
+    bool wanted = !(p.triangle == 1 && n0 >= m0 + bm);
+    k_begin = p.triangle == 3 ? min(m0, p.K) : 0;
+    k_end = !wanted ? k_begin : p.triangle == 2 ? min(m0 + bm, p.K) : p.K;
+    return wanted;
+}
+
+// The row tile threadgroup row y computes: y, or for triangle 2 the rows in reverse, so the
+// tiles with the longest K loops (the last rows) are dispatched first and the short ones
+// fill the tail (GPUs tend to start threadgroups in grid order; P v has few of them).
+inline uint tile_row(constant MatmulParams& p, uint y, uint bm) {
+    return p.triangle == 2 ? (p.M + bm - 1) / bm - 1 - y : y;
 }
 
 // op(A)(i, k) and op(B)(k, j), whatever the storage.
@@ -385,6 +418,8 @@ inline void thread_block_fma(threadgroup const float4* As4, threadgroup const fl
 // tr = t / (BN/TN)). As is stored transposed, As[k][m], so the TM values a thread needs
 // for one k are contiguous and come in TM/4 float4 loads from threadgroup memory, like
 // its TN values of Bs[k][n]. Threadgroup memory: (BM + BN) * BK * 4 bytes.
+// Causal attention products: the K loop runs over tile_k_range's part, and a tile wholly
+// above the diagonal stores nothing (p.triangle; 0 for every other matmul).
 // Grid (ceil(N/BN), ceil(M/BM), batches).
 template <uint BM, uint BN, uint BK, uint TM, uint TN>
 kernel void matmul_blocktile_vec4(device const float* A [[buffer(0)]],
@@ -402,17 +437,19 @@ kernel void matmul_blocktile_vec4(device const float* A [[buffer(0)]],
     A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
     B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
-    uint m0 = group.y * BM, n0 = group.x * BN;
+    uint m0 = tile_row(p, group.y, BM) * BM, n0 = group.x * BN;
+    uint k_begin, k_end;
+    bool wanted = tile_k_range(p, m0, n0, BM, k_begin, k_end);  // false: above the diagonal
     uint tc = t % (BN / TN), tr = t / (BN / TN);
     float acc[TM * TN];
     for (uint i = 0; i < TM * TN; i++) acc[i] = 0.0f;
-    for (uint k0 = 0; k0 < p.K; k0 += BK) {
+    for (uint k0 = k_begin; k0 < k_end; k0 += BK) {
         load_tiles_km<BM, BN, BK, THREADS>(A, B, p, m0, n0, k0, As, Bs, t);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         thread_block_fma<BK, TM, TN, BM, BN>(As4, Bs4, tr, tc, acc);
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    store_thread_block<TM, TN>(acc, C, p, m0 + tr * TM, n0 + tc * TN);
+    if (wanted) store_thread_block<TM, TN>(acc, C, p, m0 + tr * TM, n0 + tc * TN);
 }
 
 #define MATMUL_BLOCKTILE(NAME, BM, BN, BK, TM, TN)                                         \
@@ -563,7 +600,8 @@ kernel void matmul_v10_simdgroup(device const float* A [[buffer(0)]],
 // before the previous barrier). The copy is plain loads and stores, no asynchronous copy:
 // each thread waits for its device loads before its multiplies, so only other SIMD groups
 // and threadgroups can hide that latency, and the second buffer costs occupancy (v12
-// stages the next tile in registers instead).
+// stages the next tile in registers instead). Causal attention products: as versions 6-9,
+// the K steps cover tile_k_range's part, and a tile above the diagonal stores nothing.
 // Threadgroup (128, 1, 1); grid (ceil(N/64), ceil(M/64), batches); 18.5 KiB + 1 KiB scratch.
 kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
                                      device const float* B [[buffer(1)]],
@@ -579,26 +617,28 @@ kernel void matmul_v11_double_buffer(device const float* A [[buffer(0)]],
     A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
     B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
-    uint m0 = group.y * SG_BM, n0 = group.x * SG_BN;
+    uint m0 = tile_row(p, group.y, SG_BM) * SG_BM, n0 = group.x * SG_BN;
+    uint k_begin, k_end;
+    bool wanted = tile_k_range(p, m0, n0, SG_BM, k_begin, k_end);  // false: above the diagonal
     uint wm = (sg / 2) * 32, wn = (sg % 2) * 32;
     SgAccs<4, 4> acc;  // its 32 x 32 part of C
     for (uint i = 0; i < 4; i++) {
         for (uint j = 0; j < 4; j++) acc.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    uint steps = (p.K + SG_BK - 1) / SG_BK;
-    if (steps > 0) load_tiles_sg(A, B, p, m0, n0, 0, As, Bs, t);  // prologue: tile 0
+    uint steps = (k_end - k_begin + SG_BK - 1) / SG_BK;
+    if (steps > 0) load_tiles_sg(A, B, p, m0, n0, k_begin, As, Bs, t);  // prologue: tile 0
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint s = 0; s < steps; s++) {
         uint cur = s % 2, nxt = 1 - cur;
         if (s + 1 < steps) {  // prefetch the next tile into the other buffer
-            load_tiles_sg(A, B, p, m0, n0, (s + 1) * SG_BK, As + nxt * SG_BM * SG_LDA,
-                          Bs + nxt * SG_BK * SG_LDB, t);
+            load_tiles_sg(A, B, p, m0, n0, k_begin + (s + 1) * SG_BK,
+                          As + nxt * SG_BM * SG_LDA, Bs + nxt * SG_BK * SG_LDB, t);
         }
         mma_tiles<4, 4, SG_BK, SG_LDA, SG_LDB>(As + cur * SG_BM * SG_LDA, Bs + cur * SG_BK * SG_LDB,
                                                wm, wn, acc);
         threadgroup_barrier(mem_flags::mem_threadgroup);  // next tile written, this one read
     }
-    store_accs(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
+    if (wanted) store_accs(acc, C, p, m0, n0, wm, wn, scratch + sg * 64, lane);
 }
 
 // Version 12: version 11 with register-staged prefetch. In v11 a thread loads the next tile

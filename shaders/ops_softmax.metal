@@ -2,19 +2,21 @@
 // last axis (float32; targets int32).
 //
 // Kernels (x is (rows, K) C-contiguous: any leading shape flattened to rows)
-//   softmax_last_axis         y[r, k] = exp(x[r, k] - m_r) / s_r        one threadgroup per row
-//                             (optional causal mask for attention scores (..., T, S):
-//                              row r sees columns k <= r % T; masked outputs are 0, or NaN
-//                              when the visible part's sum is NaN, as PyTorch's
-//                              masked_fill(-inf) then softmax)
+//   softmax_last_axis         y[r, k] = exp(a x[r, k] - m_r) / s_r      one threadgroup per row
+//                             (a: a scale, 1 by default; attention passes 1/sqrt(D), so no
+//                              separate scaling pass; optional causal mask for attention
+//                              scores (..., T, S): row r sees columns k <= r % T and reads
+//                              no other; masked outputs are 0, or NaN when the visible
+//                              part's sum is NaN, as PyTorch's masked_fill(-inf) then softmax)
 //   log_softmax_last_axis     y[r, k] = x[r, k] - m_r - log(s_r)
-//   softmax_backward          dx = y * (dy - sum_k(dy * y))               one threadgroup per row
-//                             (causal: dx = 0 at the masked positions, masked_fill's gradient)
+//   softmax_backward          dx = a y * (dy - sum_k(dy * y))             one threadgroup per row
+//                             (causal: dx = 0 at the masked positions, masked_fill's gradient,
+//                              and neither y nor dy is read there)
 //   log_softmax_backward      dx = dy - exp(y) * sum_k(dy)                 one threadgroup per row
 //   cross_entropy_forward     loss_r = m_r + log(s_r) - x[r, target_r], probs = softmax(x)
 //                             (the mean over rows is sum_last_axis with scale 1/N, ops_reduce)
 //   cross_entropy_backward    dx[r, k] = (probs[r, k] - (k == target_r)) * grad / N
-// with m_r = max_k x[r, k] and s_r = sum_k exp(x[r, k] - m_r).
+// with m_r = max_k a x[r, k] and s_r = sum_k exp(a x[r, k] - m_r) (a = 1 but for softmax).
 //
 // Numerical stability: subtracting the row maximum first makes every exponent <= 0, so
 // exp never overflows (logits of +-1e4 are fine) and s_r >= 1, so log(s_r) is finite.
@@ -65,13 +67,16 @@ static inline float threadgroup_max(float value, threadgroup float *partial, uin
     return total;
 }
 
-// x, y (rows, K). Threadgroup r computes row r in three sweeps: the max m, the sum s of
-// exp(x - m), then y = exp(x - m) / s. causal_T == 0: no mask; otherwise row r only sees
-// columns k <= r % causal_T (x is (..., T, S) attention scores) and y is 0 elsewhere.
+// x, y (rows, K). Threadgroup r computes row r of softmax(scale x) in three sweeps: the max
+// m of scale x, the sum s of exp(scale x - m), then y = exp(scale x - m) / s. causal_T == 0:
+// no mask; otherwise row r only sees (and reads) columns k <= r % causal_T (x is (..., T, S)
+// attention scores) and y is 0 elsewhere. scale x is one rounded product, as a separate
+// scaling pass would store it.
 kernel void softmax_last_axis(device const float *x [[buffer(0)]],
                               device float *y [[buffer(1)]],
                               constant uint &K [[buffer(2)]],
                               constant uint &causal_T [[buffer(3)]],
+                              constant float &scale [[buffer(4)]],
                               uint row [[threadgroup_position_in_grid]],
                               uint t [[thread_position_in_threadgroup]],
                               uint T [[threads_per_threadgroup]],
@@ -86,20 +91,23 @@ kernel void softmax_last_axis(device const float *x [[buffer(0)]],
 
     float m = -INFINITY;
     for (uint k = t; k < limit; k += T) {
-        m = max(m, xr[k]);
+        m = max(m, xr[k] * scale);
     }
     m = threadgroup_max(m, partial, lane, simd_group, num_simd_groups);
 
     float s = 0.0f;
     for (uint k = t; k < limit; k += T) {
-        s += exp(xr[k] - m);
+        s += exp(xr[k] * scale - m);
     }
     s = threadgroup_sum(s, partial, lane, simd_group, num_simd_groups);
 
     // A masked entry is exp(-inf - m) / s: 0, or NaN when s is NaN (PyTorch's result).
     const float masked = isnan(s) ? s : 0.0f;
-    for (uint k = t; k < K; k += T) {
-        yr[k] = k < limit ? exp(xr[k] - m) / s : masked;
+    for (uint k = t; k < limit; k += T) {
+        yr[k] = exp(xr[k] * scale - m) / s;
+    }
+    for (uint k = limit + t; k < K; k += T) {  // the masked columns: written, never read
+        yr[k] = masked;
     }
 }
 
@@ -137,14 +145,17 @@ kernel void log_softmax_last_axis(device const float *x [[buffer(0)]],
     }
 }
 
-// y = softmax(x), dy, dx (rows, K). Threadgroup r: dot = sum_k dy[r, k] * y[r, k], then
-// dx = y * (dy - dot). causal_T as in softmax_last_axis: dx = 0 at the masked positions
-// (not y * (dy - dot), which is NaN there when the row is NaN).
+// y = softmax(scale x), dy, dx (rows, K). Threadgroup r: dot = sum_k dy[r, k] * y[r, k],
+// then dx = (y * (dy - dot)) * scale. causal_T as in softmax_last_axis: the sum and dx run
+// over the visible columns only, and dx = 0 at the masked positions (not y * (dy - dot),
+// which is NaN there when the row is NaN); y and dy are not read there (a causal
+// attention's dy is not computed above the diagonal: camel/gemm.py, triangle).
 kernel void softmax_backward(device const float *y [[buffer(0)]],
                              device const float *dy [[buffer(1)]],
                              device float *dx [[buffer(2)]],
                              constant uint &K [[buffer(3)]],
                              constant uint &causal_T [[buffer(4)]],
+                             constant float &scale [[buffer(5)]],
                              uint row [[threadgroup_position_in_grid]],
                              uint t [[thread_position_in_threadgroup]],
                              uint T [[threads_per_threadgroup]],
@@ -154,14 +165,17 @@ kernel void softmax_backward(device const float *y [[buffer(0)]],
 {
     threadgroup float partial[32];
     uint base = row * K;
+    uint limit = causal_T == 0 ? uint(K) : min(uint(K), row % causal_T + 1);  // visible columns
     float dot = 0.0f;
-    for (uint k = t; k < K; k += T) {
+    for (uint k = t; k < limit; k += T) {
         dot += dy[base + k] * y[base + k];
     }
     dot = threadgroup_sum(dot, partial, lane, simd_group, num_simd_groups);
-    uint limit = causal_T == 0 ? uint(K) : min(uint(K), row % causal_T + 1);  // visible columns
-    for (uint k = t; k < K; k += T) {
-        dx[base + k] = k < limit ? y[base + k] * (dy[base + k] - dot) : 0.0f;
+    for (uint k = t; k < limit; k += T) {
+        dx[base + k] = (y[base + k] * (dy[base + k] - dot)) * scale;
+    }
+    for (uint k = limit + t; k < K; k += T) {
+        dx[base + k] = 0.0f;
     }
 }
 
@@ -316,19 +330,20 @@ static inline void set_component(thread float4 &v, uint c, float value) { v[c] =
 // One row of softmax (LOG false) or log_softmax (LOG true) with the row in registers.
 // V = float4 (N = ROW_REGS) or float (N = 4 ROW_REGS); xr, yr: the row as V's, n of them;
 // limit: the visible columns (K, or fewer under a causal mask; 0 for a SIMD group past the
-// last row, which loads nothing and joins the barriers). Returns (m, s): the row's max and
-// sum of exp(x - m), for the cross-entropy.
+// last row, which loads nothing and joins the barriers); a V that starts past the limit is
+// not loaded. scale: the row is scale x (one rounded product an element). Returns (m, s):
+// the row's max and sum of exp(scale x - m), for the cross-entropy.
 template <typename V, uint N, bool LOG>
 static inline float2 softmax_row(device const V *xr, device V *yr, uint n, uint limit,
-                               uint first, uint stride, threadgroup float *partial, uint P,
-                               uint lane, uint simd_group)
+                               float scale, uint first, uint stride,
+                               threadgroup float *partial, uint P, uint lane, uint simd_group)
 {
     constexpr uint W = sizeof(V) / sizeof(float);
     V v[N];
     #pragma clang loop unroll(full)
     for (uint j = 0; j < N; j++) {  // N independent loads in flight
         uint q = first + j * stride;
-        v[j] = q < n && element(V(), q, 0) < limit ? xr[q] : V(-INFINITY);
+        v[j] = q < n && element(V(), q, 0) < limit ? xr[q] * scale : V(-INFINITY);
     }
     float m = -INFINITY;
     #pragma clang loop unroll(full)
@@ -382,8 +397,8 @@ static inline float2 softmax_row(device const V *xr, device V *yr, uint n, uint 
 
 // x, y (rows, K). P SIMD groups per row (1, 2, 4, 8, 16: the host picks the fewest for
 // which K <= 1024 P) in threadgroups of S = max(8, P) SIMD groups, S / P rows each; vec4 = 1
-// when K % 4 == 0 and x, y are 16-byte aligned. causal_T as in softmax_last_axis (0: no
-// mask; LOG: always 0). Grid: ceil(rows P / S) threadgroups.
+// when K % 4 == 0 and x, y are 16-byte aligned. causal_T and scale as in softmax_last_axis
+// (0: no mask; LOG: always 0, scale 1). Grid: ceil(rows P / S) threadgroups.
 template <bool LOG>
 kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
                             device float *y [[buffer(1)]],
@@ -392,6 +407,7 @@ kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
                             constant uint &causal_T [[buffer(4)]],
                             constant uint &P [[buffer(5)]],
                             constant uint &vec4 [[buffer(6)]],
+                            constant float &scale [[buffer(7)]],
                             uint group [[threadgroup_position_in_grid]],
                             uint lane [[thread_index_in_simdgroup]],
                             uint simd_group [[simdgroup_index_in_threadgroup]],
@@ -405,11 +421,11 @@ kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
     uint base = row < rows ? row * K : 0;
     if (vec4 != 0) {
         softmax_row<float4, ROW_REGS, LOG>((device const float4 *)(x + base),
-                                           (device float4 *)(y + base), K / 4, limit, first,
-                                           32 * P, partial, P, lane, simd_group);
+                                           (device float4 *)(y + base), K / 4, limit, scale,
+                                           first, 32 * P, partial, P, lane, simd_group);
     } else {
-        softmax_row<float, 4 * ROW_REGS, LOG>(x + base, y + base, K, limit, first, 32 * P,
-                                              partial, P, lane, simd_group);
+        softmax_row<float, 4 * ROW_REGS, LOG>(x + base, y + base, K, limit, scale, first,
+                                              32 * P, partial, P, lane, simd_group);
     }
 }
 
@@ -418,8 +434,8 @@ kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
         device const float *x [[buffer(0)]], device float *y [[buffer(1)]],                    \
         constant uint &rows [[buffer(2)]], constant uint &K [[buffer(3)]],                     \
         constant uint &causal_T [[buffer(4)]], constant uint &P [[buffer(5)]],                 \
-        constant uint &vec4 [[buffer(6)]], uint group [[threadgroup_position_in_grid]],        \
-        uint lane [[thread_index_in_simdgroup]],                                               \
+        constant uint &vec4 [[buffer(6)]], constant float &scale [[buffer(7)]],                \
+        uint group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],  \
         uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
         uint num_simd_groups [[simdgroups_per_threadgroup]]);
 
@@ -454,10 +470,11 @@ kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
     if (vec4 != 0) {
         ms = softmax_row<float4, ROW_REGS, false>((device const float4 *)(logits + base),
                                                   (device float4 *)(probs + base), K / 4, limit,
-                                                  first, 32 * P, partial, P, lane, simd_group);
+                                                  1.0f, first, 32 * P, partial, P, lane,
+                                                  simd_group);
     } else {
-        ms = softmax_row<float, 4 * ROW_REGS, false>(logits + base, probs + base, K, limit, first,
-                                                     32 * P, partial, P, lane, simd_group);
+        ms = softmax_row<float, 4 * ROW_REGS, false>(logits + base, probs + base, K, limit, 1.0f,
+                                                     first, 32 * P, partial, P, lane, simd_group);
     }
     if (row < rows && first == 0) {
         int target = targets[row];
@@ -506,16 +523,17 @@ kernel void cross_entropy_backward_float4(device const float4 *probs [[buffer(0)
 // The geometry of softmax_rows_v2: P SIMD groups per row, lane l of part p keeps float4
 // number (32 p + l) + 32 P j, j = 0 .. 7, of the row's y and dy in registers (floats when
 // K % 4 != 0 or an array is not 16-byte aligned), one row sum (simd_sum, threadgroup memory
-// only when P > 1), one write. The sums run over every column, as in version 1.
+// only when P > 1), one write. The sums run over the visible columns, as in version 1.
 
-// One row: LOG false: dot = sum_k dy y, dx = y (dy - dot) (0 at masked columns: k >= limit);
-// LOG true: s = sum_k dy, dx = dy - exp(y) s. n: the row's V's; active false for a SIMD
-// group past the last row.
+// One row: LOG false: dot = sum_k dy y, dx = scale y (dy - dot) (0 at masked columns:
+// k >= limit, where y and dy are not read but for the rest of a V that starts before the
+// limit); LOG true: s = sum_k dy, dx = scale (dy - exp(y) s). n: the row's V's; active
+// false for a SIMD group past the last row.
 template <typename V, uint N, bool LOG>
 static inline void softmax_backward_row(device const V *yr, device const V *dyr, device V *dxr,
-                                        uint n, uint limit, bool active, uint first,
-                                        uint stride, threadgroup float *partial, uint P,
-                                        uint lane, uint simd_group)
+                                        uint n, uint limit, float scale, bool active,
+                                        uint first, uint stride, threadgroup float *partial,
+                                        uint P, uint lane, uint simd_group)
 {
     constexpr uint W = sizeof(V) / sizeof(float);
     V y[N];
@@ -523,16 +541,19 @@ static inline void softmax_backward_row(device const V *yr, device const V *dyr,
 #pragma clang loop unroll(full)
     for (uint j = 0; j < N; j++) {  // 2 N independent loads in flight
         uint q = first + j * stride;
-        bool in_row = active && q < n;
+        bool in_row = active && q < n && element(V(), q, 0) < limit;
         y[j] = in_row ? yr[q] : V(0.0f);
         dy[j] = in_row ? dyr[q] : V(0.0f);
     }
     float s = 0.0f;
 #pragma clang loop unroll(full)
     for (uint j = 0; j < N; j++) {
+        uint q = first + j * stride;
 #pragma clang loop unroll(full)
         for (uint c = 0; c < W; c++) {
-            s += LOG ? component(dy[j], c) : component(dy[j], c) * component(y[j], c);
+            if (element(V(), q, c) < limit) {
+                s += LOG ? component(dy[j], c) : component(dy[j], c) * component(y[j], c);
+            }
         }
     }
     s = row_combine(s, false, partial, P, lane, simd_group);
@@ -545,8 +566,8 @@ static inline void softmax_backward_row(device const V *yr, device const V *dyr,
             for (uint c = 0; c < W; c++) {
                 float yc = component(y[j], c);
                 float dyc = component(dy[j], c);
-                float d = LOG ? dyc - exp(yc) * s : yc * (dyc - s);
-                set_component(out, c, LOG || element(V(), q, c) < limit ? d : 0.0f);
+                float d = (LOG ? dyc - exp(yc) * s : yc * (dyc - s)) * scale;
+                set_component(out, c, element(V(), q, c) < limit ? d : 0.0f);
             }
             dxr[q] = out;
         }
@@ -554,7 +575,7 @@ static inline void softmax_backward_row(device const V *yr, device const V *dyr,
 }
 
 // y, dy, dx (rows, K); geometry as softmax_rows_v2 (vec4 = 1: K % 4 == 0 and the three
-// arrays 16-byte aligned). causal_T as in softmax_backward (LOG: always 0).
+// arrays 16-byte aligned). causal_T and scale as in softmax_backward (LOG: always 0, 1).
 template <bool LOG>
 kernel void softmax_backward_rows_v2(device const float *y [[buffer(0)]],
                                      device const float *dy [[buffer(1)]],
@@ -564,6 +585,7 @@ kernel void softmax_backward_rows_v2(device const float *y [[buffer(0)]],
                                      constant uint &causal_T [[buffer(5)]],
                                      constant uint &P [[buffer(6)]],
                                      constant uint &vec4 [[buffer(7)]],
+                                     constant float &scale [[buffer(8)]],
                                      uint group [[threadgroup_position_in_grid]],
                                      uint lane [[thread_index_in_simdgroup]],
                                      uint simd_group [[simdgroup_index_in_threadgroup]],
@@ -578,12 +600,12 @@ kernel void softmax_backward_rows_v2(device const float *y [[buffer(0)]],
     if (vec4 != 0) {
         softmax_backward_row<float4, ROW_REGS, LOG>(
             (device const float4 *)(y + base), (device const float4 *)(dy + base),
-            (device float4 *)(dx + base), K / 4, limit, active, first, 32 * P, partial, P, lane,
-            simd_group);
+            (device float4 *)(dx + base), K / 4, limit, scale, active, first, 32 * P, partial, P,
+            lane, simd_group);
     } else {
         softmax_backward_row<float, 4 * ROW_REGS, LOG>(y + base, dy + base, dx + base, K, limit,
-                                                       active, first, 32 * P, partial, P, lane,
-                                                       simd_group);
+                                                       scale, active, first, 32 * P, partial, P,
+                                                       lane, simd_group);
     }
 }
 
@@ -593,7 +615,8 @@ kernel void softmax_backward_rows_v2(device const float *y [[buffer(0)]],
         device float *dx [[buffer(2)]], constant uint &rows [[buffer(3)]],                     \
         constant uint &K [[buffer(4)]], constant uint &causal_T [[buffer(5)]],                 \
         constant uint &P [[buffer(6)]], constant uint &vec4 [[buffer(7)]],                     \
-        uint group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],  \
+        constant float &scale [[buffer(8)]], uint group [[threadgroup_position_in_grid]],      \
+        uint lane [[thread_index_in_simdgroup]],                                               \
         uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
         uint num_simd_groups [[simdgroups_per_threadgroup]]);
 

@@ -237,3 +237,47 @@ def test_op_cross_entropy_bad_target(device):
     t = camel.tensor(np.array([1, 5, 0], dtype=np.int32), device=device)
     with pytest.raises((IndexError, ValueError), match="5"):
         F.cross_entropy(x, t)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (1, 33, 30), (2, 9, 1028), (1, 70, 70)])
+@pytest.mark.parametrize("scale", [1.0, 0.125, -0.7])
+def test_softmax_scale(mps, version, shape, scale):
+    """softmax(scale * x) and its gradient scale * y (dy - sum dy y), causal and not:
+    the scale the naive attention folds in (no separate pass)."""
+    x, g = rand(*shape, seed=21, scale=4.0), rand(*shape, seed=22)
+    for causal in (False, True):
+        y = mps.softmax(mps.from_numpy(x), causal=causal, scale=scale)
+        want = cpu.softmax((x * np.float32(scale)).astype(np.float32), causal=causal)
+        close(host(mps, y), want)
+        dx = host(mps, mps.softmax_backward(y, mps.from_numpy(g), causal=causal, scale=scale))
+        close(dx, scale * cpu.softmax_backward(want, g, causal=causal))
+    close(cpu.softmax(x, scale=scale), cpu.softmax((x * np.float32(scale)).astype(np.float32)))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (1, 33, 30), (2, 9, 1028), (1, 131, 131)])
+def test_causal_softmax_never_reads_above_the_diagonal(mps, version, shape):
+    """A causal attention leaves the scores and their gradient uncomputed above the
+    diagonal (camel/gemm.py triangle): NaN there changes nothing, forward or backward."""
+    x, g = rand(*shape, seed=23), rand(*shape, seed=24)
+    masked = np.triu(np.ones(shape[-2:], dtype=bool), k=1)
+    want = cpu.softmax(x, causal=True)
+    want_dx = cpu.softmax_backward(want, g, causal=True)
+    x[..., masked] = np.nan
+    g[..., masked] = np.nan
+    y = mps.softmax(mps.from_numpy(x), causal=True)
+    close(host(mps, y), want)
+    assert np.all(host(mps, y)[..., masked] == 0.0)
+    dx = host(mps, mps.softmax_backward(y, mps.from_numpy(g), causal=True))
+    close(dx, want_dx)
+    assert np.all(dx[..., masked] == 0.0)
+    close(cpu.softmax_backward(want, g, causal=True), want_dx)  # the reference alike
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 9, 1028)])
+@pytest.mark.parametrize("scale", [0.5, -1.0])
+def test_softmax_scale_subtracts_the_scaled_max(mps, version, shape, scale):
+    """Logits near -200: the max must be that of scale * x (the max of x itself would
+    leave exp(scale x - m) overflowing to inf, and the row NaN)."""
+    x = rand(*shape, seed=25) - np.float32(200.0)
+    want = cpu.softmax((x * np.float32(scale)).astype(np.float32))
+    close(host(mps, mps.softmax(mps.from_numpy(x), scale=scale)), want)

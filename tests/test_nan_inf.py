@@ -317,13 +317,20 @@ def test_matmul_every_rung(special, version, monkeypatch):
 
 def _torch_attention(causal):
     # PyTorch's attention written out (masked_fill(-inf), softmax, matmul): what camel's
-    # naive path computes. (torch's own CPU SDPA kernel drops a NaN in q.)
+    # naive path computes. (torch's own CPU SDPA kernel drops a NaN in q.) Causal, camel
+    # never computes dP = dO v^T above the diagonal (camel/gemm.py triangle), so its softmax
+    # backward sums the visible pairs only: the torch.where passes no gradient to the
+    # masked P (where NaN or inf in v would make torch's whole row NaN). At T = 37 every
+    # product is one tile, so P @ v and the other products still read the masked zeros
+    # (0 * NaN is NaN there, as in torch); past a tile the GPU skips them.
     def fn(q, k, v):
         s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        if causal:
-            t, n = s.shape[-2:]
-            s = s.masked_fill(torch.triu(torch.ones(t, n, dtype=torch.bool), 1), -math.inf)
-        return torch.softmax(s, -1) @ v
+        if not causal:
+            return torch.softmax(s, -1) @ v
+        t, n = s.shape[-2:]
+        masked = torch.triu(torch.ones(t, n, dtype=torch.bool), 1)
+        p = torch.softmax(s.masked_fill(masked, -math.inf), -1)
+        return torch.where(~masked, p, p.detach()) @ v
 
     return fn
 

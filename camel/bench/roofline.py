@@ -225,10 +225,10 @@ def flash_rows(t: int = 4096, d: int = 64, heads: int = 16) -> list[dict]:
                          tg_per_fma=tg, tg_bytes=tg_bytes,
                          tg_per_core=_tg_per_core(tg_bytes, br // 8 * 32), m1=m1,
                          m1max=m1max))  # fmt: skip
-    # naive: q·kᵀ and P·V as GEMMs (v9 tiles), the (T, T) scores written, scaled (read +
-    # write), softmaxed (read + write) and read by P·V
+    # naive: q·kᵀ and P·V as GEMMs (v9 tiles), the (T, T) scores written, softmaxed (read +
+    # write; the 1/sqrt(D) scale applied inside the softmax) and read by P·V
     tt = heads * t * t * F32
-    dev = 6 * tt + F32 * heads * (4 * t * d) + 2 * heads * F32 * t * t * d * (1 / 64 + 1 / 128)
+    dev = 4 * tt + F32 * heads * (4 * t * d) + 2 * heads * F32 * t * t * d * (1 / 64 + 1 / 128)
     m1, m1max = _predict(flops, dev)
     rows.append(dict(name="naive", tile="-", threads=0, flops=flops, fma_exec=flops / 2,
                      rescale=0.0, dev_bytes=dev, tg_per_fma=float("nan"), tg_bytes=0,
