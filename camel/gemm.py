@@ -444,6 +444,14 @@ def _triangle_share(rows: int, cols: int) -> float:
 TRIANGLES = {None: 0, "lower": 1, "a_lower": 2, "a_upper": 3}
 
 
+def triangle_rung(rung: Rung) -> Rung:
+    """A rung that honours `triangle` in place of a chosen one that does not (the CUDA shim's
+    defaults v14 and pf_64x64x16_4x4 compute everything): the same tile size, v9's template."""
+    if rung.triangle:
+        return rung
+    return get_rung(CUDA_SPLIT_TILE if rung.bm * rung.bn <= 64 * 64 else "9")
+
+
 def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, triangle=None):
     """C = op(A) · op(B) on the GPU, with op(X) = Xᵀ (of the last two dims) when transposed.
 
@@ -499,6 +507,8 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, t
             )
     if triangle is not None:  # no split-K: the K range is the tile's (tile_k_range)
         split = 1
+        if version is None and not rung.triangle and not os.environ.get("CAMEL_MATMUL", ""):
+            rung = _fitting(triangle_rung(rung).version)  # a default that skips the triangle
         p.params[16] = TRIANGLES[triangle] if rung.triangle else 0
     if split > 1:
         dispatch_split_k(rung, a, b, out, p, split)

@@ -18,7 +18,7 @@ from conftest import require_shim
 
 import camel
 import camel.functional as F
-from camel import backend_cpu, gemm
+from camel import autotune, backend_cpu, gemm
 
 metal = pytest.importorskip("camel.metal")
 
@@ -236,3 +236,23 @@ def test_matmul_triangle_only_for_the_attention_products(rng):
         F.MatMul.apply(a, a, triangle="lower")  # q @ k^T has k transposed
     with pytest.raises(ValueError, match="triangle='a_upper'"):
         F.MatMul.apply(a, a, triangle="a_upper")
+
+
+def test_cuda_defaults_give_way_to_a_skipping_rung(monkeypatch, rng):
+    """The CUDA shim's untuned choices v14 and pf_64x64x16_4x4 compute every tile: a triangle
+    product takes the rung of the same tile size that skips (v9, 64x64x16_4x4) instead."""
+    monkeypatch.setattr(metal, "shim", lambda: "cuda")
+    monkeypatch.setattr(autotune, "lookup", lambda *shape: None)
+    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    assert gemm.triangle_rung(gemm.get_rung("14")).version == "9"
+    assert gemm.triangle_rung(gemm.get_rung(gemm.CUDA_SMALL_TILE)).version == gemm.CUDA_SPLIT_TILE
+    assert gemm.triangle_rung(gemm.get_rung("9")).version == "9"
+    q = rng.standard_normal((3, 200, 16), dtype=np.float32)
+    k = rng.standard_normal((3, 200, 16), dtype=np.float32)
+    assert gemm.default_version(200, 200, 16, 3) == gemm.CUDA_SMALL_TILE
+    with camel.profile() as prof:
+        got = gemm.matmul(_device(q), _device(k), transpose_b=True, triangle="lower").numpy()
+    assert [e.name for e in prof.events] == [gemm.get_rung(gemm.CUDA_SPLIT_TILE).kernel]
+    want = np.matmul(q.astype(np.float64), np.swapaxes(k, -1, -2))
+    keep = ~_skipped_tiles(200, 200, 64, 64)
+    np.testing.assert_allclose(got[:, keep], want[:, keep], rtol=1e-4, atol=_tol(16))
