@@ -10,6 +10,7 @@ Only meaningful on the simulator: on a Mac with the Metal shim these are skipped
 """
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1275,6 +1276,27 @@ def test_typed_check_can_be_turned_off_and_keeps_its_own_cache_entry(monkeypatch
     monkeypatch.delenv("CAMEL_SIM_TYPED_CHECK")
     with pytest.raises(metal.CompileError) as info:
         metal.compile(src, "bad.metal")
+    assert "bad.metal:5:" in str(info.value) and "address space 'device'" in str(info.value)
+
+
+def test_typed_check_header_from_another_include_directory(monkeypatch, tmp_path):
+    # The check's precompiled header names the headers by path: one built from another copy
+    # of the headers (another checkout, since moved or deleted) failed to load ("malformed or
+    # corrupted AST file"), a fatal error the check ignored, so it rejected nothing.
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sim = Path(metal.__file__).parent.parent / "shim" / "sim"
+    other = tmp_path / "sim" / "include"
+    shutil.copytree(sim / "include", other)
+    shutil.copy(sim / "sim_abi.h", tmp_path / "sim")
+    monkeypatch.setenv("CAMEL_SIM_INCLUDE", str(other))
+    metal.compile(HEADER + _kernel("    x[i] = 1;\n") + f"// {uuid.uuid4().hex}\n", "good.metal")
+    shutil.rmtree(other)
+    monkeypatch.delenv("CAMEL_SIM_INCLUDE")
+    src = HEADER + "void f(thread float* p) { p[0] = 1; }\n" + _kernel("    f(x + 1);\n")
+    with pytest.raises(metal.CompileError) as info:
+        metal.compile(src + f"// {uuid.uuid4().hex}\n", "bad.metal")
     assert "bad.metal:5:" in str(info.value) and "address space 'device'" in str(info.value)
 
 

@@ -514,8 +514,8 @@ static std::vector<std::string> typed_check_flags(const std::string &cxx, const 
             "-Xclang", "-fallow-pch-with-compiler-errors"};
 }
 
-// The check's header, precompiled once per compiler and header contents (`key`) into
-// the cache directory: it is most of the check's time (0.1 s a compile, 0.01 s with the
+// The check's header, precompiled once per compiler, header directory and header
+// contents (`key`) into the cache directory: it is most of the check's time (0.1 s a compile, 0.01 s with the
 // PCH). "" when it cannot be built (the check then includes the header).
 std::string typed_check_pch(const std::string &cxx, const std::string &inc, const std::string &dir,
                             const std::string &key, const std::string &tmp) {
@@ -855,6 +855,8 @@ extern "C" int camel_sim_compile(const char *source, const char *path, char **so
         Hasher hp;  // the key of the check's precompiled header: the compiler and the headers
         hp.add(std::string("typed-check-pch 1"));
         hp.add(cxx_real);
+        hp.add(inc);  // the PCH names the headers by path: one built from another copy fails
+                      // to load, a fatal error that is no mismatch (the check saw nothing)
         if (stat(cxx_real.c_str(), &st) == 0) {
             hp.add(&st.st_size, sizeof st.st_size);
             hp.add(&st.st_mtime, sizeof st.st_mtime);
