@@ -498,9 +498,12 @@ void record_headers(const std::string &dir, const std::string &key, const std::v
 //     conversion (cannot initialize 'A' with 'B', assigning, comparisons, casts,
 //     returns, conflicting deductions) or about a ?: of two pointers;
 //   - and __generic takes no part: the header's unqualified pointers and references,
-//     an unqualified member function's `this` and the implicit copy constructor are
-//     __generic there, which takes any address space but __constant; in MSL they
-//     take (or are) what the code gives them, so such an error is not Metal's.
+//     the implicit copy constructor, and in the user's code what the rewrite leaves
+//     unqualified (pointers to a template parameter, auto or a template-id, a
+//     constructor's `this` and parameters; it writes `thread` where MSL before 4.1
+//     means it, Rewriter::implicit_thread) are __generic there, which takes any address
+//     space but __constant; in MSL they take (or are) what the code gives them, so
+//     such an error is not Metal's.
 // Any other error (an OpenCL rule that Metal does not have) is not the check's
 // business. It runs beside the C++ compile, and only matters when that succeeds.
 // CAMEL_SIM_TYPED_CHECK=0 turns it off; CAMEL_SIM_TYPED_CHECK_LOG=file appends every
