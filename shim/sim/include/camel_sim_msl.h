@@ -1225,8 +1225,9 @@ inline __camel_frag __camel_frag_of(uint32_t lane) {
 }
 
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
-    static_assert(__camel_same<T, float>::value || __camel_same<T, half>::value,
-                  "MSL: simdgroup_matrix elements are float or half");
+    static_assert(__camel_same<T, float>::value || __camel_same<T, half>::value ||
+                      __camel_same<T, __bf16>::value,
+                  "MSL: simdgroup_matrix elements are float or half (or bfloat, MSL 3.1)");
     static_assert(Cols == 8 && Rows == 8, "MSL: simdgroup_matrix is 8x8 (simdgroup_float8x8, simdgroup_half8x8)");
     vec<T, 2> __v;  // this lane's two elements (see __camel_frag_of)
     simdgroup_matrix() = default;
@@ -1242,6 +1243,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
 };
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<__bf16, 8, 8> simdgroup_bfloat8x8;  // MSL 3.1 (bfloat: camel_sim_types.h)
 
 // make_filled_simdgroup_matrix<float, 8>(v): Rows defaults to Cols
 template <class T, int C, int R = C> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
@@ -1329,7 +1331,7 @@ inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong el
                                 sizeof(P), index, values);
 }
 
-// The operands may differ in element type (float or half each): llama.cpp's kernels
+// The operands may differ in element type (float, half or bfloat each): llama.cpp's kernels
 // multiply half tiles into a float accumulator (d = a * b + c, a and b half, c and d
 // float) and a float tile by a half one. Every product is formed and summed in float,
 // in k order, and rounded once to d's type.
