@@ -48,6 +48,7 @@ SPEC_KERNEL = "MSL 5.1.3: kernel functions return void; 5.2.1 buffer slots 0..30
 # space as thread (MLX #3963: "implicitly thread" before 4.1, `this` included) and rejects
 # a member function without one called on a device object ("address space mismatch in
 # 'this' argument ('const device MyData')", Apple Developer Forums thread 742665).
+SPEC_MATRIX_IO = "MSL 6.7: simdgroup_load/simdgroup_store take device or threadgroup memory"
 SPEC_IMPLICIT = "MSL 4.0 (before 4.1's generic pointers): an unwritten address space is thread"
 
 REJECT = [
@@ -720,6 +721,25 @@ REJECT = [
         ),
         "simdgroup_matrix elements are float or half",
         SPEC_MATRIX,
+    ),
+    (
+        "matrix_load_from_thread_memory",
+        _kernel(
+            "    float loc[64];\n    for (int j = 0; j < 64; j++) loc[j] = j;\n"
+            "    simdgroup_float8x8 m;\n    simdgroup_load(m, loc, 8); // <-\n"
+            "    simdgroup_store(m, x, 8);\n"
+        ),
+        "no known conversion from 'thread float[64]' to 'const device float *'",
+        SPEC_MATRIX_IO,
+    ),
+    (
+        "matrix_store_to_thread_memory",
+        _kernel(
+            "    half loc[64];\n    simdgroup_half8x8 m = make_filled_simdgroup_matrix<half, 8>(1.0h);\n"
+            "    simdgroup_store(m, loc, 8); // <-\n    x[i] = loc[i % 64];\n"
+        ),
+        "no known conversion from 'thread half[64]' to 'threadgroup half *'",
+        SPEC_MATRIX_IO,
     ),
     (
         "matrix_load_half_into_float",

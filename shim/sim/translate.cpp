@@ -606,7 +606,14 @@ static std::string type_words(const std::string &t, bool bare) {
 // its types are the same but for the space of what they point or refer to. Not a
 // redefinition that the header's declarations clash with, nor a ?: of two objects (MSL
 // copies them: `c ? tg_struct : device_struct` is a value; of two pointers it is not).
-static bool names_two_spaces(const std::string &l, bool header_line, bool &generic) {
+static bool names_two_spaces(const std::string &line, bool header_line, bool &generic) {
+    // 'vec4_t *' (aka 'float4 *'): the type itself, not the name it was written with
+    std::string l = line;
+    for (size_t i = l.find("' (aka '"); i != std::string::npos; i = l.find("' (aka '")) {
+        size_t a = l.rfind('\'', i - 1), e = l.find("')", i + 8);
+        if (a == std::string::npos || e == std::string::npos) break;
+        l = l.substr(0, a + 1) + l.substr(i + 8, e - i - 8) + "'" + l.substr(e + 2);
+    }
     std::vector<std::string> spaces;
     for (size_t i = l.find("address space '"); i != std::string::npos;
          i = l.find("address space '", i + 1)) {
@@ -660,6 +667,13 @@ static std::string msl_spaces(std::string s) {
     replace_all(s, "__camel_half", "half");
     replace_all(s, "__camel_kw_", "");
     replace_all(s, "__camel_atomic_", "atomic_");
+    replace_all(s, "_Float16", "half");
+    // 'thread half[64]' (aka 'thread half[64]'), once half is spelled half: one is enough
+    for (size_t i = s.find("' (aka '"); i != std::string::npos; i = s.find("' (aka '", i + 1)) {
+        size_t a = s.rfind('\'', i - 1), e = s.find("')", i + 8);
+        if (a == std::string::npos || e == std::string::npos) break;
+        if (s.compare(a + 1, i - a - 1, s, i + 8, e - i - 8) == 0) s.erase(i + 1, e + 2 - i - 1);
+    }
     return s;
 }
 
@@ -688,7 +702,7 @@ static std::string diag_kind(const std::string &l, std::string &file) {
 std::string typed_check_errors(const std::string &log, const std::string &inc, const std::string &display) {
     struct Group {
         std::string text;
-        bool user = false, keep = false, generic = false;
+        bool user = false, keep = false, generic = false, apple_decl = false;
     };
     std::vector<Group> groups;
     bool in_error = false;
@@ -702,6 +716,10 @@ std::string typed_check_errors(const std::string &log, const std::string &inc, c
         if (kind == "error" || kind == "fatal error") {
             groups.push_back(Group());
             groups.back().user = !header;
+            // the header declares these as Apple does, one per space: its notes count
+            groups.back().apple_decl =
+                l.find("no matching function for call to 'simdgroup_load'") != std::string::npos ||
+                l.find("no matching function for call to 'simdgroup_store'") != std::string::npos;
             in_error = true;
         } else if (kind == "note") {
             if (!in_error) continue;
@@ -713,7 +731,7 @@ std::string typed_check_errors(const std::string &log, const std::string &inc, c
         }
         Group &g = groups.back();
         g.text += l + "\n";
-        if (!kind.empty()) g.keep = names_two_spaces(l, header, g.generic) || g.keep;
+        if (!kind.empty()) g.keep = names_two_spaces(l, header && !g.apple_decl, g.generic) || g.keep;
     }
     std::string kept, audit;
     for (auto &g : groups) {
