@@ -735,7 +735,8 @@ REJECT = [
     (
         "matrix_store_to_thread_memory",
         _kernel(
-            "    half loc[64];\n    simdgroup_half8x8 m = make_filled_simdgroup_matrix<half, 8>(1.0h);\n"
+            "    half loc[64];\n"
+            "    simdgroup_half8x8 m = make_filled_simdgroup_matrix<half, 8>(1.0h);\n"
             "    simdgroup_store(m, loc, 8); // <-\n    x[i] = loc[i % 64];\n"
         ),
         "no known conversion from 'thread half[64]' to 'threadgroup half *'",
