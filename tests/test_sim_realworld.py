@@ -201,6 +201,26 @@ def test_make_filled_simdgroup_matrix_with_one_size():
     np.testing.assert_array_equal(out.numpy(), np.full((8, 8), 1.5 * 2 * 8, np.float32))
 
 
+# ---- threadgroup structs defined in their declaration -----------------------------------------
+def test_threadgroup_struct_defined_in_the_declaration():
+    # C++ lets a declaration define its struct, named or not; the threadgroup rewrite took
+    # the whole definition for a type ("declaration of anonymous struct must be a
+    # definition") and a member's [4] for the variable's dimensions
+    lib = _compile(
+        "kernel void k(device float* x [[buffer(0)]], uint i [[thread_position_in_grid]],\n"
+        "              uint lid [[thread_index_in_threadgroup]]) {\n"
+        "    threadgroup struct { float a[4]; int n; } s;\n"
+        "    threadgroup struct Pair { float u, v; } p[3], q;\n"
+        "    if (lid == 0) { s.a[3] = 5; s.n = 2; p[2].v = 10; q.u = 100; }\n"
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
+        "    Pair c = p[2];\n"
+        "    x[i] = x[i] + s.a[3] + s.n + c.v + q.u;\n}\n"
+    )
+    x = _dev(X)
+    _run(lib, "k", x, n=37, tg=8)
+    np.testing.assert_allclose(x.numpy(), X + 117)
+
+
 # ---- threadgroup initialisers ----------------------------------------------------------------
 # Apple's compiler accepts them: MLX's layer_norm.metal ships `threadgroup float
 # local_buffer[SIMD_SIZE] = {0};`, Skia's SkSL emits `threadgroup Threadgroups

@@ -1264,11 +1264,16 @@ struct Rewriter {
         // first declarator: type tokens, then the name, then [dims], then {}
         size_t first_end = inits[0];
         size_t name_at = first_end;
-        for (size_t j = k + 1; j < first_end; j++)
+        for (size_t j = k + 1; j < first_end; j++) {
+            if (is(j, "{")) {  // a struct defined here: its members' [dims] are not the variable's
+                j = match(j) - 1;
+                continue;
+            }
             if (is(j, "[")) {
                 name_at = j;
                 break;
             }
+        }
         name_at--;  // the identifier before '[' (or before ';')
         if (name_at <= k || S(name_at).kind != IDENT) {
             blank(k);
@@ -1289,9 +1294,24 @@ struct Rewriter {
             tg_storage.push_back(k);
             return;
         }
-        std::string type;
-        for (size_t j = k + 1; j < name_at; j++) type += txt(j) + " ";
-        std::string text;
+        std::string type, text;
+        size_t type_from = k + 1;
+        // threadgroup struct { float a[4]; } s; (or struct P { ... } s;): the struct is
+        // defined first, named if it has no name, and the variable takes that name
+        for (size_t j = k + 1; j < name_at; j++) {
+            if (!(is(j, "struct") || is(j, "class") || is(j, "union"))) continue;
+            size_t open = is(j + 1, "{") ? j + 1 : (S(j + 1).kind == IDENT && is(j + 2, "{")) ? j + 2 : 0;
+            if (!open || match(open) > name_at) break;
+            std::string tag = open == j + 1 ? "__camel_tg_struct_" + std::to_string(k) : txt(j + 1);
+            for (size_t m = type_from; m < j; m++) type += txt(m) + " ";  // const, ...
+            text += txt(j) + " " + tag + " ";
+            for (size_t m = open; m < match(open); m++) text += txt(m) + " ";
+            text += "; ";
+            type += tag + " ";
+            type_from = match(open);
+            break;
+        }
+        for (size_t j = type_from; j < name_at; j++) type += txt(j) + " ";
         for (size_t d = 0; d < decls.size(); d++) {
             size_t da = d == 0 ? name_at : decls[d].first, db = inits[d];
             std::string name = txt(da), dims;
