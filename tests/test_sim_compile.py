@@ -182,7 +182,8 @@ constant float kTable[4] = {1.0, 2.0, 4.0, 8.0};
 struct Params {
     uint n;
     float bias;
-    float apply(float v) const { return v * kScale + bias; }
+    // called on a constant Params&: `this` in constant memory (unqualified, it is thread)
+    float apply(float v) const constant { return v * kScale + bias; }
 };
 
 namespace detail {

@@ -201,6 +201,26 @@ def test_make_filled_simdgroup_matrix_with_one_size():
     np.testing.assert_array_equal(out.numpy(), np.full((8, 8), 1.5 * 2 * 8, np.float32))
 
 
+# ---- threadgroup structs defined in their declaration -----------------------------------------
+def test_threadgroup_struct_defined_in_the_declaration():
+    # C++ lets a declaration define its struct, named or not; the threadgroup rewrite took
+    # the whole definition for a type ("declaration of anonymous struct must be a
+    # definition") and a member's [4] for the variable's dimensions
+    lib = _compile(
+        "kernel void k(device float* x [[buffer(0)]], uint i [[thread_position_in_grid]],\n"
+        "              uint lid [[thread_index_in_threadgroup]]) {\n"
+        "    threadgroup struct { float a[4]; int n; } s;\n"
+        "    threadgroup struct Pair { float u, v; } p[3], q;\n"
+        "    if (lid == 0) { s.a[3] = 5; s.n = 2; p[2].v = 10; q.u = 100; }\n"
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
+        "    Pair c = p[2];\n"
+        "    x[i] = x[i] + s.a[3] + s.n + c.v + q.u;\n}\n"
+    )
+    x = _dev(X)
+    _run(lib, "k", x, n=37, tg=8)
+    np.testing.assert_allclose(x.numpy(), X + 117)
+
+
 # ---- threadgroup initialisers ----------------------------------------------------------------
 # Apple's compiler accepts them: MLX's layer_norm.metal ships `threadgroup float
 # local_buffer[SIMD_SIZE] = {0};`, Skia's SkSL emits `threadgroup Threadgroups
@@ -390,6 +410,58 @@ def test_half_operands_float_accumulator_multiply_accumulate():
     for got, want in [(d, want_d), (e, want_e), (f, want_f)]:
         err = np.abs(got.numpy() - want).max() / np.abs(want).max()
         assert err < 1e-6, err
+
+
+# llama.cpp's bfloat kernels (GGML_METAL_HAS_BF16, which it keeps only where
+# __METAL_VERSION__ >= 310): simdgroup_bfloat8x8 tiles loaded from bfloat data, multiplied
+# into a float accumulator, and a bfloat product stored back as bfloat.
+BF16_MMA = """
+kernel void bf(device const bfloat* A [[buffer(0)]], device const bfloat* B [[buffer(1)]],
+               device float* D [[buffer(2)]], device bfloat* E [[buffer(3)]],
+               ushort lane [[thread_index_in_simdgroup]]) {
+    threadgroup bfloat tb[8 * 8];
+    for (short j = lane; j < 64; j += 32) tb[j] = B[j];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8>(0.25f);
+    for (short k = 0; k < 16; k += 8) {             // (8, 16) x (16, 8): two K steps
+        simdgroup_bfloat8x8 a, b;
+        simdgroup_load(a, A + k, 16);
+        simdgroup_load(b, B + k * 8, 8);
+        simdgroup_multiply_accumulate(acc, a, b, acc);
+    }
+    simdgroup_store(acc, D, 8);
+    simdgroup_bfloat8x8 a0, b0, e;
+    simdgroup_load(a0, A, 16);
+    simdgroup_load(b0, tb, 8);
+    simdgroup_multiply(e, a0, b0);                  // bfloat x bfloat -> bfloat, rounded once
+    simdgroup_store(e, E, 8);
+}
+"""
+
+
+def test_bfloat_simdgroup_matrices():
+    lib = _compile(BF16_MMA, "bf16_mma.metal")
+    rng = np.random.default_rng(11)
+    a = _to_bfloat(rng.standard_normal((8, 16)).astype(np.float32))
+    b = _to_bfloat(rng.standard_normal((16, 8)).astype(np.float32))
+    d = metal.DeviceArray.zeros((8, 8), np.float32)
+    e = metal.DeviceArray.zeros((8, 8), np.float16)  # a 16-bit container of bfloat bits
+    lib.function("bf")(
+        _dev(a.view(np.float16)),
+        _dev(b.view(np.float16)),
+        d,
+        e,
+        threads=32,
+        threads_per_threadgroup=32,
+    )
+    a64, b64 = _from_bfloat(a).astype(np.float64), _from_bfloat(b).astype(np.float64)
+    want_d = 0.25 + a64 @ b64  # bfloat products are exact in float; float sums
+    err = np.abs(d.numpy() - want_d).max() / np.abs(want_d).max()
+    assert err < 1e-6, err
+    want_e = _to_bfloat((a64[:, :8] @ b64[:8]).astype(np.float32))
+    got_e = _from_bfloat(e.numpy().view(np.uint16))
+    # float sums of exact products, rounded once to bfloat: within one bfloat ulp
+    np.testing.assert_allclose(got_e, _from_bfloat(want_e), rtol=2**-7, atol=1e-6)
 
 
 # ---- functions and expressions ---------------------------------------------------------------

@@ -10,6 +10,7 @@ Only meaningful on the simulator: on a Mac with the Metal shim these are skipped
 """
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,15 @@ SPEC_ATOMIC = "MSL 2.5/6.15: atomic types, atomic_float operations, memory_order
 SPEC_ARRAYS = "MSL 1.5.4 / C++14: array sizes are constant expressions"
 SPEC_SPACES = "MSL 4.0: address spaces; a pointer or reference does not change address space"
 SPEC_KERNEL = "MSL 5.1.3: kernel functions return void; 5.2.1 buffer slots 0..30"
+# Before MSL 4.1 a pointer, reference or `this` written without an address space is in
+# thread memory: Apple, "Writing reusable GPU functions with generic pointers" ("In MSL 4.0
+# and earlier, every pointer in a GPU function requires an explicit address space
+# annotation"; generic pointers only from MSL 4.1); Apple's compiler takes the unwritten
+# space as thread (MLX #3963: "implicitly thread" before 4.1, `this` included) and rejects
+# a member function without one called on a device object ("address space mismatch in
+# 'this' argument ('const device MyData')", Apple Developer Forums thread 742665).
+SPEC_MATRIX_IO = "MSL 6.7: simdgroup_load/simdgroup_store take device or threadgroup memory"
+SPEC_IMPLICIT = "MSL 4.0 (before 4.1's generic pointers): an unwritten address space is thread"
 
 REJECT = [
     # ---- address spaces: no conversion between device, constant, threadgroup, thread ----
@@ -259,6 +269,65 @@ REJECT = [
         "cannot initialize object parameter of type 'const device S' with an expression of type "
         "'thread S'",
         SPEC_SPACES,
+    ),
+    # ---- no address space written: thread, before MSL 4.1 (the typed check) ----------
+    (
+        "unqualified_pointer_parameter",
+        "void f(float* p) { p[0] = 1; }\n" + _kernel("    f(x); // <-\n"),
+        "cannot pass pointer to address space 'device' as a pointer to address space 'thread'",
+        SPEC_IMPLICIT,
+    ),
+    (
+        "unqualified_reference_parameter",
+        "void f(float& r) { r = 1; }\n" + _kernel("    f(x[i]); // <-\n"),
+        "cannot bind reference in address space 'device' to object in address space 'thread'",
+        SPEC_IMPLICIT,
+    ),
+    (
+        "unqualified_local_pointer",
+        _kernel("    float* p = x; // <-\n    p[i] = 1;\n"),
+        "cannot initialize a variable of type 'thread float *' with an lvalue of type "
+        "'device float *'",
+        SPEC_IMPLICIT,
+    ),
+    (
+        "unqualified_pointer_to_threadgroup",
+        _kernel("    threadgroup float t[4];\n    const float* p = t; // <-\n    x[i] = p[0];\n"),
+        "with an lvalue of type 'threadgroup float[4]'",
+        SPEC_IMPLICIT,
+    ),
+    (
+        "unqualified_reference_return",
+        "float& first(device float* p) { return p[0]; } // <-\n" + _kernel("    first(x) = 1;\n"),
+        "binding reference of type 'thread float' to value of type 'device float' changes "
+        "address space",
+        SPEC_IMPLICIT,
+    ),
+    (
+        # Apple Developer Forums 742665: operator[] without a qualifier on a device buffer
+        "unqualified_member_function_on_device_object",
+        "struct MyData {\n    float data[12];\n"
+        "    float operator[](int j) const { return data[j]; }\n};\n"
+        + _kernel(
+            "    x[i] = b[0][i % 12]; // <-\n",
+            "device float* x [[buffer(0)]], device const MyData* b [[buffer(1)]],\n"
+            "              uint i [[thread_position_in_grid]]",
+        ),
+        "'this' object is in address space 'device', but method expects object in address "
+        "space 'thread'",
+        SPEC_IMPLICIT,
+    ),
+    (
+        "unqualified_member_function_on_constant_object",
+        "struct Params {\n    float s;\n    float scaled(float v) const { return v * s; }\n};\n"
+        + _kernel(
+            "    x[i] = p.scaled(x[i]); // <-\n",
+            "device float* x [[buffer(0)]], constant Params& p [[buffer(1)]],\n"
+            "              uint i [[thread_position_in_grid]]",
+        ),
+        "cannot initialize object parameter of type 'const thread Params' with an expression "
+        "of type 'const constant Params'",
+        SPEC_IMPLICIT,
     ),
     # ---- program-scope variables ------------------------------------------------------
     (
@@ -654,6 +723,26 @@ REJECT = [
         SPEC_MATRIX,
     ),
     (
+        "matrix_load_from_thread_memory",
+        _kernel(
+            "    float loc[64];\n    for (int j = 0; j < 64; j++) loc[j] = j;\n"
+            "    simdgroup_float8x8 m;\n    simdgroup_load(m, loc, 8); // <-\n"
+            "    simdgroup_store(m, x, 8);\n"
+        ),
+        "no known conversion from 'thread float[64]' to 'const device float *'",
+        SPEC_MATRIX_IO,
+    ),
+    (
+        "matrix_store_to_thread_memory",
+        _kernel(
+            "    half loc[64];\n"
+            "    simdgroup_half8x8 m = make_filled_simdgroup_matrix<half, 8>(1.0h);\n"
+            "    simdgroup_store(m, loc, 8); // <-\n    x[i] = loc[i % 64];\n"
+        ),
+        "no known conversion from 'thread half[64]' to 'threadgroup half *'",
+        SPEC_MATRIX_IO,
+    ),
+    (
         "matrix_load_half_into_float",
         _kernel(
             "    simdgroup_float8x8 m;\n"
@@ -996,6 +1085,12 @@ def _check_spaces(lib):
     np.testing.assert_allclose(y.numpy(), X33 + 1 + 10 + 2)
 
 
+def _check_unqualified(lib):
+    y, acc = _dev(X33), metal.DeviceArray.from_numpy(np.zeros(66, np.float32))
+    lib.function("k")(y, acc, threads=33, threads_per_threadgroup=11)
+    np.testing.assert_allclose(y.numpy(), -5 * X33 + 3, rtol=1e-6)
+
+
 TABLE = np.array([1, 2, 4, 8], np.float32)
 
 
@@ -1007,6 +1102,34 @@ def _check_typed_spaces(lib):
 
 
 ACCEPT = [
+    (
+        # before MSL 4.1 an unwritten address space is thread: helpers, locals, members,
+        # aliases and templates that take thread memory so, a static member function, and a
+        # member function with a device overload beside the unqualified (thread) one
+        "unqualified_pointers_are_thread",
+        "void neg(float* p) { *p = -*p; }\n"
+        "float get(const float& r) { return r; }\n"
+        "template <typename T> T twice(T* p) { return p[0] + p[0]; }\n"
+        "typedef float real;\n"
+        "struct Acc {\n    real v[2];\n"
+        "    static float half_of(float a) { return a / 2; }\n"
+        "    float& at(int j) { return v[j]; }\n"
+        "    float sum() const { return v[0] + v[1]; }\n"
+        "    float total() const { return sum() + half_of(v[1]); }\n"
+        "    float first() const { return v[0]; }\n"
+        "    float first() const device { return v[0]; }\n};\n"
+        + _kernel(
+            "    float loc[2] = {x[i], 2};\n    neg(loc);\n"
+            "    float* p = loc;\n    real* q = &loc[1];\n    float** pp = &p;\n"
+            "    Acc acc;\n    acc.at(0) = get(loc[0]);\n    acc.at(1) = *q;\n"
+            "    thread float* t = &acc.v[0];\n    device float& r = x[i];\n"
+            "    a[i] = acc;\n"
+            "    r = acc.total() + twice(*pp) + twice(t) + a[i].first() - acc.first();\n",
+            "device float* x [[buffer(0)]], device Acc* a [[buffer(1)]],\n"
+            "              uint i [[thread_position_in_grid]]",
+        ),
+        lambda lib: _check_unqualified(lib),
+    ),
     (
         "metal_func_helper_with_barrier",
         "METAL_FUNC float neighbour(threadgroup float* t, uint lid) {\n"
@@ -1275,6 +1398,27 @@ def test_typed_check_can_be_turned_off_and_keeps_its_own_cache_entry(monkeypatch
     monkeypatch.delenv("CAMEL_SIM_TYPED_CHECK")
     with pytest.raises(metal.CompileError) as info:
         metal.compile(src, "bad.metal")
+    assert "bad.metal:5:" in str(info.value) and "address space 'device'" in str(info.value)
+
+
+def test_typed_check_header_from_another_include_directory(monkeypatch, tmp_path):
+    # The check's precompiled header names the headers by path: one built from another copy
+    # of the headers (another checkout, since moved or deleted) failed to load ("malformed or
+    # corrupted AST file"), a fatal error the check ignored, so it rejected nothing.
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sim = Path(metal.__file__).parent.parent / "shim" / "sim"
+    other = tmp_path / "sim" / "include"
+    shutil.copytree(sim / "include", other)
+    shutil.copy(sim / "sim_abi.h", tmp_path / "sim")
+    monkeypatch.setenv("CAMEL_SIM_INCLUDE", str(other))
+    metal.compile(HEADER + _kernel("    x[i] = 1;\n") + f"// {uuid.uuid4().hex}\n", "good.metal")
+    shutil.rmtree(other)
+    monkeypatch.delenv("CAMEL_SIM_INCLUDE")
+    src = HEADER + "void f(thread float* p) { p[0] = 1; }\n" + _kernel("    f(x + 1);\n")
+    with pytest.raises(metal.CompileError) as info:
+        metal.compile(src + f"// {uuid.uuid4().hex}\n", "bad.metal")
     assert "bad.metal:5:" in str(info.value) and "address space 'device'" in str(info.value)
 
 

@@ -498,9 +498,12 @@ void record_headers(const std::string &dir, const std::string &key, const std::v
 //     conversion (cannot initialize 'A' with 'B', assigning, comparisons, casts,
 //     returns, conflicting deductions) or about a ?: of two pointers;
 //   - and __generic takes no part: the header's unqualified pointers and references,
-//     an unqualified member function's `this` and the implicit copy constructor are
-//     __generic there, which takes any address space but __constant; in MSL they
-//     take (or are) what the code gives them, so such an error is not Metal's.
+//     the implicit copy constructor, and in the user's code what the rewrite leaves
+//     unqualified (pointers to a template parameter, auto or a template-id, a
+//     constructor's `this` and parameters; it writes `thread` where MSL before 4.1
+//     means it, Rewriter::implicit_thread) are __generic there, which takes any address
+//     space but __constant; in MSL they take (or are) what the code gives them, so
+//     such an error is not Metal's.
 // Any other error (an OpenCL rule that Metal does not have) is not the check's
 // business. It runs beside the C++ compile, and only matters when that succeeds.
 // CAMEL_SIM_TYPED_CHECK=0 turns it off; CAMEL_SIM_TYPED_CHECK_LOG=file appends every
@@ -514,8 +517,8 @@ static std::vector<std::string> typed_check_flags(const std::string &cxx, const 
             "-Xclang", "-fallow-pch-with-compiler-errors"};
 }
 
-// The check's header, precompiled once per compiler and header contents (`key`) into
-// the cache directory: it is most of the check's time (0.1 s a compile, 0.01 s with the
+// The check's header, precompiled once per compiler, header directory and header
+// contents (`key`) into the cache directory: it is most of the check's time (0.1 s a compile, 0.01 s with the
 // PCH). "" when it cannot be built (the check then includes the header).
 std::string typed_check_pch(const std::string &cxx, const std::string &inc, const std::string &dir,
                             const std::string &key, const std::string &tmp) {
@@ -603,7 +606,14 @@ static std::string type_words(const std::string &t, bool bare) {
 // its types are the same but for the space of what they point or refer to. Not a
 // redefinition that the header's declarations clash with, nor a ?: of two objects (MSL
 // copies them: `c ? tg_struct : device_struct` is a value; of two pointers it is not).
-static bool names_two_spaces(const std::string &l, bool header_line, bool &generic) {
+static bool names_two_spaces(const std::string &line, bool header_line, bool &generic) {
+    // 'vec4_t *' (aka 'float4 *'): the type itself, not the name it was written with
+    std::string l = line;
+    for (size_t i = l.find("' (aka '"); i != std::string::npos; i = l.find("' (aka '")) {
+        size_t a = l.rfind('\'', i - 1), e = l.find("')", i + 8);
+        if (a == std::string::npos || e == std::string::npos) break;
+        l = l.substr(0, a + 1) + l.substr(i + 8, e - i - 8) + "'" + l.substr(e + 2);
+    }
     std::vector<std::string> spaces;
     for (size_t i = l.find("address space '"); i != std::string::npos;
          i = l.find("address space '", i + 1)) {
@@ -657,6 +667,13 @@ static std::string msl_spaces(std::string s) {
     replace_all(s, "__camel_half", "half");
     replace_all(s, "__camel_kw_", "");
     replace_all(s, "__camel_atomic_", "atomic_");
+    replace_all(s, "_Float16", "half");
+    // 'thread half[64]' (aka 'thread half[64]'), once half is spelled half: one is enough
+    for (size_t i = s.find("' (aka '"); i != std::string::npos; i = s.find("' (aka '", i + 1)) {
+        size_t a = s.rfind('\'', i - 1), e = s.find("')", i + 8);
+        if (a == std::string::npos || e == std::string::npos) break;
+        if (s.compare(a + 1, i - a - 1, s, i + 8, e - i - 8) == 0) s.erase(i + 1, e + 2 - i - 1);
+    }
     return s;
 }
 
@@ -685,7 +702,7 @@ static std::string diag_kind(const std::string &l, std::string &file) {
 std::string typed_check_errors(const std::string &log, const std::string &inc, const std::string &display) {
     struct Group {
         std::string text;
-        bool user = false, keep = false, generic = false;
+        bool user = false, keep = false, generic = false, apple_decl = false;
     };
     std::vector<Group> groups;
     bool in_error = false;
@@ -699,6 +716,10 @@ std::string typed_check_errors(const std::string &log, const std::string &inc, c
         if (kind == "error" || kind == "fatal error") {
             groups.push_back(Group());
             groups.back().user = !header;
+            // the header declares these as Apple does, one per space: its notes count
+            groups.back().apple_decl =
+                l.find("no matching function for call to 'simdgroup_load'") != std::string::npos ||
+                l.find("no matching function for call to 'simdgroup_store'") != std::string::npos;
             in_error = true;
         } else if (kind == "note") {
             if (!in_error) continue;
@@ -710,7 +731,7 @@ std::string typed_check_errors(const std::string &log, const std::string &inc, c
         }
         Group &g = groups.back();
         g.text += l + "\n";
-        if (!kind.empty()) g.keep = names_two_spaces(l, header, g.generic) || g.keep;
+        if (!kind.empty()) g.keep = names_two_spaces(l, header && !g.apple_decl, g.generic) || g.keep;
     }
     std::string kept, audit;
     for (auto &g : groups) {
@@ -882,6 +903,8 @@ int camel_sim::compile_library(const char *source, const char *path, const Speci
         Hasher hp;  // the key of the check's precompiled header: the compiler and the headers
         hp.add(std::string("typed-check-pch 1"));
         hp.add(cxx_real);
+        hp.add(inc);  // the PCH names the headers by path: one built from another copy fails
+                      // to load, a fatal error that is no mismatch (the check saw nothing)
         if (stat(cxx_real.c_str(), &st) == 0) {
             hp.add(&st.st_size, sizeof st.st_size);
             hp.add(&st.st_mtime, sizeof st.st_mtime);

@@ -34,7 +34,8 @@
 // per kernel (see shim/cuda/cuda_abi.h) instead of the library description.
 // TARGET_CHECK is the input of the typed address-space check (translate.cpp): the
 // user's tokens only, device, thread and threadgroup kept, constant as `const constant`,
-// no entry wrappers and no merged address-space overloads.
+// no entry wrappers and no merged address-space overloads; `thread` written where MSL
+// before 4.1 means it without a word (implicit_thread).
 #include "translate_internal.h"
 
 #include <cstdio>
@@ -1271,11 +1272,16 @@ struct Rewriter {
         // first declarator: type tokens, then the name, then [dims], then {}
         size_t first_end = inits[0];
         size_t name_at = first_end;
-        for (size_t j = k + 1; j < first_end; j++)
+        for (size_t j = k + 1; j < first_end; j++) {
+            if (is(j, "{")) {  // a struct defined here: its members' [dims] are not the variable's
+                j = match(j) - 1;
+                continue;
+            }
             if (is(j, "[")) {
                 name_at = j;
                 break;
             }
+        }
         name_at--;  // the identifier before '[' (or before ';')
         if (name_at <= k || S(name_at).kind != IDENT) {
             blank(k);
@@ -1296,9 +1302,24 @@ struct Rewriter {
             tg_storage.push_back(k);
             return;
         }
-        std::string type;
-        for (size_t j = k + 1; j < name_at; j++) type += txt(j) + " ";
-        std::string text;
+        std::string type, text;
+        size_t type_from = k + 1;
+        // threadgroup struct { float a[4]; } s; (or struct P { ... } s;): the struct is
+        // defined first, named if it has no name, and the variable takes that name
+        for (size_t j = k + 1; j < name_at; j++) {
+            if (!(is(j, "struct") || is(j, "class") || is(j, "union"))) continue;
+            size_t open = is(j + 1, "{") ? j + 1 : (S(j + 1).kind == IDENT && is(j + 2, "{")) ? j + 2 : 0;
+            if (!open || match(open) > name_at) break;
+            std::string tag = open == j + 1 ? "__camel_tg_struct_" + std::to_string(k) : txt(j + 1);
+            for (size_t m = type_from; m < j; m++) type += txt(m) + " ";  // const, ...
+            text += txt(j) + " " + tag + " ";
+            for (size_t m = open; m < match(open); m++) text += txt(m) + " ";
+            text += "; ";
+            type += tag + " ";
+            type_from = match(open);
+            break;
+        }
+        for (size_t j = type_from; j < name_at; j++) type += txt(j) + " ";
         for (size_t d = 0; d < decls.size(); d++) {
             size_t da = d == 0 ? name_at : decls[d].first, db = inits[d];
             std::string name = txt(da), dims;
@@ -1331,8 +1352,19 @@ struct Rewriter {
     // S<threadgroup T*> are one definition twice once address spaces are erased. A
     // later copy that is the same code is dropped (one flat memory runs it the same);
     // copies that differ cannot be told apart here, which is an error naming both.
+    // The end of a function's header: past its parameter list and the qualifiers of a
+    // member function's `this` (float get() const device), which are part of its type.
+    size_t function_head_end(size_t paren_at, size_t open) {
+        size_t j = match(paren_at);
+        while (j < open && (is(j, "const") || is(j, "volatile") || is(j, "&") || is(j, "&&") ||
+                            is_space(txt(j))))
+            j++;
+        return j;
+    }
+
     void merge_address_space_overloads() {
         std::map<std::pair<size_t, std::string>, size_t> first;  // (scope, header) -> definition
+        std::map<size_t, bool> spaced;                             // definition -> wrote a space
         for (size_t d = 0; d < definitions.size(); d++) {
             const Definition &df = definitions[d];
             size_t head_end = df.open;
@@ -1340,7 +1372,7 @@ struct Rewriter {
                 size_t paren_at = 0;
                 function_name(df.stmt, df.open, &paren_at);
                 if (!paren_at) continue;
-                head_end = match(paren_at);
+                head_end = function_head_end(paren_at, df.open);
             } else {
                 bool specialisation = false;
                 for (size_t j = df.stmt; j < df.open; j++)
@@ -1348,21 +1380,24 @@ struct Rewriter {
                         specialisation = true;
                 if (!specialisation) continue;
             }
-            bool spaces = false;  // only definitions that wrote an address space can collide
+            // only definitions that wrote an address space collide: one of the two (an
+            // unqualified member function is thread, beside its device overload)
+            bool spaces = false;
             for (size_t j = df.stmt; j < head_end; j++) spaces = spaces || is_space(txt(j));
-            if (!spaces) continue;
             auto key = std::make_pair(df.parent, out_text(df.stmt, head_end));
             auto it = first.find(key);
             if (it == first.end()) {
                 first[key] = d;
+                spaced[d] = spaces;
                 continue;
             }
+            if (!spaces && !spaced[it->second]) continue;  // C++'s own redefinition
             const Definition &keep = definitions[it->second];
             size_t keep_head = keep.open;
             if (!keep.is_class) {
                 size_t paren_at = 0;
                 function_name(keep.stmt, keep.open, &paren_at);
-                keep_head = match(paren_at);
+                keep_head = function_head_end(paren_at, keep.open);
             }
             if (out_text(keep_head, keep.close + 1) == out_text(head_end, df.close + 1)) {
                 blank_range(df.stmt, df.close + 1);
@@ -1655,6 +1690,145 @@ struct Rewriter {
     // functions, threadgroup variables, and a failing assert() (which names the thread).
     bool needs_current_thread(const std::string &name) {
         return uses_fibers(name) || uses_threadgroup_vars(name) || uses_op(name, USES_ASSERT);
+    }
+
+    // ---- MSL 4.0's implicit thread (the typed check only) ----------------
+    // Before MSL 4.1's generic pointers, a pointer or reference whose declaration
+    // names no address space points into thread memory, and so does `this` of a
+    // member function without an address-space qualifier (Apple's compiler: "address
+    // space mismatch in 'this' argument"; MLX #3963: "implicitly thread" before 4.1).
+    // C++ for OpenCL makes both __generic, which takes every space, so the check
+    // writes `thread` where the user's code wrote none: before the type of a `*` or
+    // `&` declarator whose type is a scalar, vector or matrix of MSL's, a struct of the
+    // user's or an alias of one (not a template parameter, `auto` or a template-id, whose
+    // space the argument may give), and after the parameter list of a member function
+    // defined in its class (not a constructor, destructor or static member). A
+    // constructor's parameters are left as written.
+    std::set<std::string> class_names, scalar_aliases;
+
+    static bool is_msl_scalar(const std::string &x) {
+        static const std::set<std::string> names = {
+            "bool", "char", "uchar", "short", "ushort", "int", "uint", "long", "ulong",
+            "half", "float", "bfloat", "void", "size_t", "ptrdiff_t", "unsigned", "signed",
+            "int8_t", "uint8_t", "int16_t", "uint16_t", "int32_t", "uint32_t", "int64_t",
+            "uint64_t"};
+        if (names.count(x)) return true;
+        // float4x4, half2x3: matrices
+        for (const char *b : {"float", "half"}) {
+            size_t n = strlen(b);
+            if (x.size() == n + 3 && x.compare(0, n, b) == 0 && x[n] >= '2' && x[n] <= '4' &&
+                x[n + 1] == 'x' && x[n + 2] >= '2' && x[n + 2] <= '4')
+                return true;
+        }
+        return false;
+    }
+    bool names_plain_type(const std::string &x) {
+        return is_msl_scalar(x) || names_vector_type(x) || class_names.count(x) ||
+               scalar_aliases.count(x);
+    }
+
+    void implicit_thread() {
+        // the user's struct, class and union names, and aliases of plain types
+        for (size_t k = 0; k + 1 < sig.size(); k++) {
+            if (!S(k).user) continue;
+            if ((is(k, "struct") || is(k, "class") || is(k, "union")) && S(k + 1).kind == IDENT &&
+                !type_params.count(txt(k + 1)))
+                class_names.insert(txt(k + 1));
+        }
+        for (size_t k = 0; k + 3 < sig.size(); k++) {
+            if (!S(k).user) continue;
+            if (is(k, "typedef") && names_plain_type(txt(k + 1)) && S(k + 2).kind == IDENT &&
+                is(k + 3, ";"))
+                scalar_aliases.insert(txt(k + 2));
+            if (is(k, "using") && S(k + 1).kind == IDENT && is(k + 2, "=") &&
+                names_plain_type(txt(k + 3)) && is(k + 4, ";"))
+                scalar_aliases.insert(txt(k + 1));
+        }
+        std::vector<std::pair<size_t, size_t>> ctor_params;  // [open, close) of constructors'
+        for (const Definition &df : definitions) {
+            if (df.is_class || df.parent == (size_t)-1 || !S(df.stmt).user) continue;
+            bool in_class = false;
+            for (const Definition &c : definitions)
+                if (c.is_class && c.open == df.parent) in_class = true;
+            if (!in_class) continue;
+            // the declarator's '(' at depth 0
+            size_t j = df.stmt, open = 0;
+            bool is_static = false;
+            while (j < df.open) {
+                if (is(j, "template") && is(j + 1, "<")) {
+                    j = match(j + 1);
+                    continue;
+                }
+                if (is(j, "[") && is(j + 1, "[")) {
+                    j = match(j);
+                    continue;
+                }
+                if (is(j, "static") || is(j, "friend")) is_static = true;
+                if ((is(j, "__attribute__") || is(j, "decltype") || is(j, "alignas")) &&
+                    is(j + 1, "(")) {
+                    j = match(j + 1);
+                    continue;
+                }
+                if (is(j, "(")) {
+                    open = j;
+                    break;
+                }
+                j++;
+            }
+            if (!open) continue;
+            if (is(open - 1, "operator") && is(open + 1, ")") && is(open + 2, "(")) open += 2;
+            size_t close = match(open);  // past ')'
+            const std::string &name = txt(open - 1);
+            bool ctor = !is(open - 2, "operator") && (class_names.count(name) || is(open - 2, "~"));
+            if (ctor) {
+                ctor_params.push_back({open, close});
+                continue;
+            }
+            if (is_static) continue;
+            bool spaced = false;
+            for (size_t m = close; m < df.open; m++)
+                if (is_space(txt(m))) spaced = true;
+            if (!spaced) S(close - 1).out += " thread";
+        }
+        for (size_t k = 1; k + 1 < sig.size(); k++) {
+            if (!S(k).user || !(is(k, "*") || is(k, "&"))) continue;
+            bool in_ctor = false;
+            for (auto &r : ctor_params)
+                if (k > r.first && k < r.second) in_ctor = true;
+            if (in_ctor) continue;
+            // what follows a declarator's * or &
+            const std::string &nx = txt(k + 1);
+            if (!(S(k + 1).kind == IDENT || nx == ")" || nx == "," || nx == ">" || nx == "*" ||
+                  nx == "&"))
+                continue;
+            if (is_space(nx)) continue;  // device float* thread* p: the pointer's own space
+            size_t j = k - 1;
+            while (j > 0 && (is(j, "const") || is(j, "volatile"))) j--;
+            if (!names_plain_type(txt(j)) || type_params.count(txt(j))) continue;
+            size_t first = j;
+            while (first >= 2 && is(first - 1, "::") && S(first - 2).kind == IDENT) first -= 2;
+            // the rest of the declaration's specifiers: any space there?
+            size_t b = first;
+            bool spaced = false;
+            while (b > 0) {
+                const std::string &w = txt(b - 1);
+                if (is_space(w)) spaced = true;
+                else if (!(w == "const" || w == "volatile" || w == "static" || w == "constexpr" ||
+                           w == "inline" || w == "unsigned" || w == "signed" || w == "long" ||
+                           w == "short" || w == "typename"))
+                    break;
+                b--;
+            }
+            if (spaced || b == 0) continue;
+            const std::string &before = txt(b - 1);
+            if (!(before == "(" || before == "," || before == ";" || before == "{" ||
+                  before == "}" || before == "<" || before == ":" || before == ">" ||
+                  before == "]" || before == "=" || before == "typedef" || before == ")"))
+                continue;
+            // ")", ">", "]": after __attribute__((...)), template <...> or [[...]] (an
+            // expression has no type name right before its `*` or `&`)
+            S(first).out = "thread " + S(first).out;
+        }
     }
 
     // ---- generated code -------------------------------------------------
@@ -3096,6 +3270,7 @@ bool rewrite_msl_for(Target target, const std::string &preprocessed, const std::
         // the typed check: the rewrite's own checks ran in the translation; overloads that
         // differ only in address spaces are real overloads here; no entry wrappers
         rw.errors.clear();
+        rw.implicit_thread();
     } else {
         rw.check_recursion();
         rw.check_address_spaces();

@@ -63,4 +63,5 @@ struct camel_sim_runtime {
 #define threadgroup __local
 #define thread __private
 
+#define __CAMEL_TYPED_CHECK 1  // camel_sim_msl.h: Apple's simdgroup_load/store declarations
 #include "camel_sim_msl.h"

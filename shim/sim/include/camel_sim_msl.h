@@ -1225,8 +1225,9 @@ inline __camel_frag __camel_frag_of(uint32_t lane) {
 }
 
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
-    static_assert(__camel_same<T, float>::value || __camel_same<T, half>::value,
-                  "MSL: simdgroup_matrix elements are float or half");
+    static_assert(__camel_same<T, float>::value || __camel_same<T, half>::value ||
+                      __camel_same<T, __bf16>::value,
+                  "MSL: simdgroup_matrix elements are float or half (or bfloat, MSL 3.1)");
     static_assert(Cols == 8 && Rows == 8, "MSL: simdgroup_matrix is 8x8 (simdgroup_float8x8, simdgroup_half8x8)");
     vec<T, 2> __v;  // this lane's two elements (see __camel_frag_of)
     simdgroup_matrix() = default;
@@ -1242,6 +1243,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
 };
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<__bf16, 8, 8> simdgroup_bfloat8x8;  // MSL 3.1 (bfloat: camel_sim_types.h)
 
 // make_filled_simdgroup_matrix<float, 8>(v): Rows defaults to Cols
 template <class T, int C, int R = C> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
@@ -1284,6 +1286,49 @@ template <class = void> struct __camel_uses_blocks {
     static inline const bool mark = (camel_sim_uses_blocks = 1, true);
 };
 
+#ifdef __CAMEL_TYPED_CHECK
+// The typed address-space check (camel_check_msl.h) sees Apple's declarations: a load
+// or store takes device or threadgroup memory (MSL 6.7; constant is let through), not
+// thread memory. One per element type and space, not templates, so that clang names the
+// space in its note ("no known conversion from 'thread float[64]' to 'const device
+// float *'"); translate.cpp reads those notes for these two functions.
+void simdgroup_load(simdgroup_matrix<float, 8, 8> &d, const __global float *src, ulong elements_per_row = 8,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_store(const simdgroup_matrix<float, 8, 8> &m, __global float *dst, ulong elements_per_row = 8,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_load(simdgroup_matrix<float, 8, 8> &d, const __local float *src, ulong elements_per_row = 8,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_store(const simdgroup_matrix<float, 8, 8> &m, __local float *dst, ulong elements_per_row = 8,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_load(simdgroup_matrix<float, 8, 8> &d, const __constant float *src, ulong elements_per_row = 8,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_store(const simdgroup_matrix<float, 8, 8> &m, __constant float *dst, ulong elements_per_row = 8,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_load(simdgroup_matrix<half, 8, 8> &d, const __global half *src, ulong elements_per_row = 8,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_store(const simdgroup_matrix<half, 8, 8> &m, __global half *dst, ulong elements_per_row = 8,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_load(simdgroup_matrix<half, 8, 8> &d, const __local half *src, ulong elements_per_row = 8,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_store(const simdgroup_matrix<half, 8, 8> &m, __local half *dst, ulong elements_per_row = 8,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_load(simdgroup_matrix<half, 8, 8> &d, const __constant half *src, ulong elements_per_row = 8,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_store(const simdgroup_matrix<half, 8, 8> &m, __constant half *dst, ulong elements_per_row = 8,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_load(simdgroup_matrix<__bf16, 8, 8> &d, const __global __bf16 *src, ulong elements_per_row = 8,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_store(const simdgroup_matrix<__bf16, 8, 8> &m, __global __bf16 *dst, ulong elements_per_row = 8,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_load(simdgroup_matrix<__bf16, 8, 8> &d, const __local __bf16 *src, ulong elements_per_row = 8,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_store(const simdgroup_matrix<__bf16, 8, 8> &m, __local __bf16 *dst, ulong elements_per_row = 8,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_load(simdgroup_matrix<__bf16, 8, 8> &d, const __constant __bf16 *src, ulong elements_per_row = 8,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+void simdgroup_store(const simdgroup_matrix<__bf16, 8, 8> &m, __constant __bf16 *dst, ulong elements_per_row = 8,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+#else
 template <class P, class T, int C, int R>
 inline void simdgroup_load(simdgroup_matrix<T, C, R> &d, P *src, ulong elements_per_row = C,
                            ulong2 matrix_origin = 0, bool transpose_matrix = false,
@@ -1328,8 +1373,9 @@ inline void simdgroup_store(const simdgroup_matrix<T, C, R> &m, P *dst, ulong el
     __camel_rt->simdgroup_block(t, __CAMEL_AT, 1, (void *)base, elements_per_row * sizeof(P),
                                 sizeof(P), index, values);
 }
+#endif  // __CAMEL_TYPED_CHECK
 
-// The operands may differ in element type (float or half each): llama.cpp's kernels
+// The operands may differ in element type (float, half or bfloat each): llama.cpp's kernels
 // multiply half tiles into a float accumulator (d = a * b + c, a and b half, c and d
 // float) and a float tile by a half one. Every product is formed and summed in float,
 // in k order, and rounded once to d's type.
