@@ -80,8 +80,48 @@ ON_SIMULATOR = _on_simulator() if "mps" in DEVICES else True
 ORDERS = ["forward", "reverse", "random"] if ON_SIMULATOR else ["forward"]
 
 
+# ---- pytest-xdist (`make test` runs `-n auto --dist loadgroup`) -------------------------
+#
+# The suite's time is mostly clang compiling kernels (single-threaded) into the kernel
+# cache, which processes share safely (each entry is written to a temporary file and
+# renamed). One worker per CPU; each test module is one group, run by one worker, so its
+# module fixtures (and the kernels they compile) are made once. A few long tests that
+# compile a big shader file on their own (the PTX of each arch, the ASan builds in a
+# subprocess, a private cache) are groups of their own, so they overlap with the rest.
+OWN_GROUP = {
+    "tests/test_cuda_translate.py::test_every_shader_compiles_to_ptx": lambda item: (
+        f"ptx-sm{item.callspec.params['arch']}"
+    ),
+    "tests/test_flash.py::test_every_forward_rung_under_address_sanitizer": "asan-flash",
+    "tests/test_gemm.py::test_every_rung_under_address_sanitizer": "asan-gemm",
+    "tests/test_sim_regions.py::test_the_kernels_that_need_the_regions_keep_them": "regions",
+}
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per CPU this process may use (xdist's own default counts
+    physical cores, which is 1 on a 2-vCPU VM that reports one core with two threads)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _xdist_groups(items):
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        path = item.nodeid.split("::")[0]
+        group = OWN_GROUP.get(item.nodeid.split("[")[0], path)
+        if callable(group):
+            group = group(item)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Tests parametrised over an `order` of their own run once on a GPU shim."""
+    _xdist_groups(items)
     if ON_SIMULATOR:
         return
     skip = pytest.mark.skip(reason="schedule orders are the simulator's; a GPU has one")
