@@ -87,11 +87,21 @@ ORDERS = ["forward", "reverse", "random"] if ON_SIMULATOR else ["forward"]
 # renamed). One worker per CPU; each test module is one group, run by one worker, so its
 # module fixtures (and the kernels they compile) are made once. A few long tests that
 # compile a big shader file on their own (the PTX of each arch, the ASan builds in a
-# subprocess, a private cache) are groups of their own, so they overlap with the rest.
+# subprocess, a private cache) are groups of their own, so they overlap with the rest. The
+# CUDA tests that compile a whole shader file for an arch go with that arch's PTX test:
+# they hit its cache entries instead of compiling the same file at the same time.
+def _arch_group(item):
+    return f"ptx-sm{item.callspec.params.get('arch', 90)}"
+
+
 OWN_GROUP = {
-    "tests/test_cuda_translate.py::test_every_shader_compiles_to_ptx": lambda item: (
-        f"ptx-sm{item.callspec.params['arch']}"
+    "tests/test_cuda_translate.py::test_every_shader_compiles_to_ptx": _arch_group,
+    "tests/test_cuda_translate.py::test_gemm_register_arrays_stay_in_registers": _arch_group,
+    "tests/test_cuda_translate.py::test_description_lines_of_a_few_kernels": "ptx-sm90",
+    "tests/test_cuda_translate.py::test_description_flags_count_calls_and_host_names_are_joined": (
+        "ptx-sm90"
     ),
+    "tests/test_cuda_translate.py::test_simdgroup_matrix_modes": "ptx-sm90",
     "tests/test_flash.py::test_every_forward_rung_under_address_sanitizer": "asan-flash",
     "tests/test_gemm.py::test_every_rung_under_address_sanitizer": "asan-gemm",
     "tests/test_sim_regions.py::test_the_kernels_that_need_the_regions_keep_them": "regions",
