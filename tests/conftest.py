@@ -110,19 +110,24 @@ OWN_GROUP = {
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per CPU this process may use (xdist's own default counts
-    physical cores, which is 1 on a 2-vCPU VM that reports one core with two threads)."""
+    physical cores where psutil is installed: 1 on a VM whose 2 CPUs are one core's two
+    threads). PYTEST_XDIST_AUTO_NUM_WORKERS still wins (xdist's hook reads it)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
 
 
-def _xdist_groups(items):
+def _xdist_groups(config, items):
+    if not getattr(config.option, "loadgroup", False):  # an xdist worker under loadgroup
+        return
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
-        path = item.nodeid.split("::")[0]
-        group = OWN_GROUP.get(item.nodeid.split("[")[0], path)
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        group = OWN_GROUP.get(item.nodeid.split("[")[0], module)
         if callable(group):
             group = group(item)
         item.add_marker(pytest.mark.xdist_group(group))
@@ -131,7 +136,7 @@ def _xdist_groups(items):
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Tests parametrised over an `order` of their own run once on a GPU shim."""
-    _xdist_groups(items)
+    _xdist_groups(config, items)
     if ON_SIMULATOR:
         return
     skip = pytest.mark.skip(reason="schedule orders are the simulator's; a GPU has one")
