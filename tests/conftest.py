@@ -120,6 +120,32 @@ def pytest_xdist_auto_num_workers(config):
         return os.cpu_count() or 1
 
 
+# xdist hands out the biggest groups (most tests) first, so these, one long test each,
+# would come last and run alone at the end: they go first instead, longest first.
+FIRST = ["asan-gemm", "asan-flash", "ptx-sm80", "ptx-sm90", "regions"]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup with the groups in FIRST handed out before the rest."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    try:
+        from xdist.scheduler import LoadGroupScheduling
+    except ImportError:  # pragma: no cover - another xdist: its own order
+        return None
+
+    class LongFirst(LoadGroupScheduling):
+        def _assign_work_unit(self, node):
+            queue = getattr(self, "workqueue", None)
+            if hasattr(queue, "move_to_end"):
+                for group in reversed(FIRST):
+                    if group in queue:
+                        queue.move_to_end(group, last=False)
+            super()._assign_work_unit(node)
+
+    return LongFirst(config, log)
+
+
 def _xdist_groups(config, items):
     if not getattr(config.option, "loadgroup", False):  # an xdist worker under loadgroup
         return
