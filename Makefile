@@ -46,13 +46,18 @@ shim:
 mlp: setup
 	$(PYTHON) examples/mlp.py
 
+# The suite runs on every CPU with pytest-xdist (in the test extras; tests/conftest.py says
+# how it is split); where xdist is missing (PYTHON=... without it), in one process.
+PYTEST = $(PYTHON) -m pytest -q $$($(PYTHON) -c 'import xdist' 2>/dev/null \
+	&& echo --numprocesses=auto --dist=loadgroup)
+
 test: setup
 	$(MAKE) -C shim fiber-selftest
-	$(PYTHON) -m pytest -q
+	$(PYTEST)
 
 test-orders: setup
-	CAMEL_SIM_ORDER=reverse $(PYTHON) -m pytest -q
-	CAMEL_SIM_ORDER=random $(PYTHON) -m pytest -q
+	CAMEL_SIM_ORDER=reverse $(PYTEST)
+	CAMEL_SIM_ORDER=random $(PYTEST)
 
 # bench: the GEMM ladder (validates against NumPy first) and its table in docs/stage3.md
 bench: setup

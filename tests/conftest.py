@@ -80,8 +80,89 @@ ON_SIMULATOR = _on_simulator() if "mps" in DEVICES else True
 ORDERS = ["forward", "reverse", "random"] if ON_SIMULATOR else ["forward"]
 
 
+# ---- pytest-xdist (`make test` runs `-n auto --dist loadgroup`) -------------------------
+#
+# The suite's time is mostly clang compiling kernels (single-threaded) into the kernel
+# cache, which processes share safely (each entry is written to a temporary file and
+# renamed). One worker per CPU; each test module is one group, run by one worker, so its
+# module fixtures (and the kernels they compile) are made once. A few long tests that
+# compile a big shader file on their own (the PTX of each arch, the ASan builds in a
+# subprocess, a private cache) are groups of their own, so they overlap with the rest. The
+# CUDA tests that compile a whole shader file for an arch go with that arch's PTX test:
+# they hit its cache entries instead of compiling the same file at the same time.
+def _arch_group(item):
+    return f"ptx-sm{item.callspec.params.get('arch', 90)}"
+
+
+OWN_GROUP = {
+    "tests/test_cuda_translate.py::test_every_shader_compiles_to_ptx": _arch_group,
+    "tests/test_cuda_translate.py::test_gemm_register_arrays_stay_in_registers": _arch_group,
+    "tests/test_cuda_translate.py::test_description_lines_of_a_few_kernels": "ptx-sm90",
+    "tests/test_cuda_translate.py::test_description_flags_count_calls_and_host_names_are_joined": (
+        "ptx-sm90"
+    ),
+    "tests/test_cuda_translate.py::test_simdgroup_matrix_modes": "ptx-sm90",
+    "tests/test_flash.py::test_every_forward_rung_under_address_sanitizer": "asan-flash",
+    "tests/test_gemm.py::test_every_rung_under_address_sanitizer": "asan-gemm",
+    "tests/test_sim_regions.py::test_the_kernels_that_need_the_regions_keep_them": "regions",
+}
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per CPU this process may use (xdist's own default counts
+    physical cores where psutil is installed: 1 on a VM whose 2 CPUs are one core's two
+    threads). PYTEST_XDIST_AUTO_NUM_WORKERS still wins (xdist's hook reads it)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+# xdist hands out the biggest groups (most tests) first, so these, one long test each,
+# would come last and run alone at the end: they go first instead, longest first.
+FIRST = ["asan-gemm", "asan-flash", "ptx-sm80", "ptx-sm90", "regions"]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup with the groups in FIRST handed out before the rest."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    try:
+        from xdist.scheduler import LoadGroupScheduling
+    except ImportError:  # pragma: no cover - another xdist: its own order
+        return None
+
+    class LongFirst(LoadGroupScheduling):
+        def _assign_work_unit(self, node):
+            queue = getattr(self, "workqueue", None)
+            if hasattr(queue, "move_to_end"):
+                for group in reversed(FIRST):
+                    if group in queue:
+                        queue.move_to_end(group, last=False)
+            super()._assign_work_unit(node)
+
+    return LongFirst(config, log)
+
+
+def _xdist_groups(config, items):
+    if not getattr(config.option, "loadgroup", False):  # an xdist worker under loadgroup
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        group = OWN_GROUP.get(item.nodeid.split("[")[0], module)
+        if callable(group):
+            group = group(item)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Tests parametrised over an `order` of their own run once on a GPU shim."""
+    _xdist_groups(config, items)
     if ON_SIMULATOR:
         return
     skip = pytest.mark.skip(reason="schedule orders are the simulator's; a GPU has one")

@@ -299,6 +299,40 @@ def test_cache_hit_returns_the_same_ptx():
     assert ".target sm_80" in c[0]
 
 
+def test_processes_missing_the_same_ptx_compile_it_once_per_arch(tmp_path, monkeypatch):
+    # the cache's lock is per entry and arch (pytest-xdist's workers share the cache): a
+    # second miss of one arch waits for the first compile; each arch is compiled once
+    import threading
+    import uuid
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    log, wrapper = tmp_path / "compiles.log", tmp_path / "clang++"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\nexec "{CLANG}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CAMEL_CUDA_CXX", str(wrapper))
+    src = THREADGROUP_KERNEL + f"// {uuid.uuid4().hex}\n"
+    results, errors = {80: [], 90: []}, []
+
+    def build(arch):
+        try:
+            results[arch].append(compile_ptx(src, "locked.metal", arch))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build, args=(a,)) for a in (80, 90, 80, 90)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    lines = log.read_text().splitlines()
+    for arch in (80, 90):
+        assert len(results[arch]) == 2 and results[arch][0] == results[arch][1]
+        assert f".target sm_{arch}" in results[arch][0][0]
+        ptx = [line for line in lines if f"--cuda-gpu-arch=sm_{arch} " in line]
+        assert len(ptx) == 1, ptx
+
+
 def test_editing_an_included_header_recompiles_the_ptx(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (tmp_path / "k.h").write_text("#define K 3.0f\n")

@@ -216,7 +216,10 @@ def test_memory_stats_and_peak():
     stats = metal.memory_stats()
     assert stats["allocated_bytes"] - base["allocated_bytes"] == big.buffer.capacity >= 3 << 20
     assert stats["buffers"] == base["buffers"] + 1
-    assert stats["peak_bytes"] >= base["allocated_bytes"] + (3 << 20)
+    # peak counts what camel.metal holds; allocated_bytes is the shim's, which includes
+    # buffers made through the shim's C API directly (tests/test_sim_runtime.py's): the
+    # peak after a reset starts from camel.metal's own bytes, base["peak_bytes"]
+    assert stats["peak_bytes"] >= base["peak_bytes"] + (3 << 20)
 
     del big  # into the cache: still allocated by the shim, now counted as cached
     stats = metal.memory_stats()
@@ -228,7 +231,7 @@ def test_memory_stats_and_peak():
     stats = metal.memory_stats()
     assert stats["cached_bytes"] == 0
     assert stats["allocated_bytes"] <= base["allocated_bytes"]
-    assert stats["peak_bytes"] >= base["allocated_bytes"] + (3 << 20)  # the peak remembers
+    assert stats["peak_bytes"] >= base["peak_bytes"] + (3 << 20)  # the peak remembers
     metal.reset_peak_memory_stats()
     assert metal.memory_stats()["peak_bytes"] <= stats["allocated_bytes"]
 

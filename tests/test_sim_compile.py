@@ -319,6 +319,51 @@ def test_cache_hit_does_not_rerun_clang(tmp_path, monkeypatch, capfd):
     assert len(list((tmp_path / "camel" / "sim").glob("*.so"))) == 2
 
 
+def _logging_compiler(tmp_path, monkeypatch, env_name):
+    """A clang++ that logs each command line to tmp_path/compiles.log (CAMEL_SIM_CXX or
+    CAMEL_CUDA_CXX set to it); the path of the log."""
+    import shutil
+
+    real = next(filter(None, map(shutil.which, ("clang++-19", "clang++-18", "clang++-17"))), None)
+    if real is None:
+        pytest.skip("no clang++ 17-19 to wrap")
+    log, wrapper = tmp_path / "compiles.log", tmp_path / "clang++"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\nexec "{real}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv(env_name, str(wrapper))
+    return log
+
+
+def test_processes_missing_the_same_entry_compile_it_once(tmp_path, monkeypatch):
+    # pytest-xdist's workers (and any two programs) share the cache: the second one to miss
+    # an entry waits for the first one's compile (a lock per entry) and loads its library
+    import threading
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    log = _logging_compiler(tmp_path, monkeypatch, "CAMEL_SIM_CXX")
+    src = _fresh(HEADER + "kernel void k(device float* x [[buffer(0)]]) { x[0] = 4.0; }\n")
+    libs, errors = [], []
+
+    def build():
+        try:
+            libs.append(metal.compile(src, "twice.metal"))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(libs) == 3
+    shared = [line for line in log.read_text().splitlines() if " -shared " in line]
+    assert len(shared) == 1, shared
+    x = metal.DeviceArray.zeros((1,))
+    libs[2].function("k")(x, threads=1, threads_per_threadgroup=1)
+    assert x.numpy()[0] == 4.0
+    assert len(list((tmp_path / "cache" / "camel" / "sim").glob("*.so"))) == 1
+
+
 def test_editing_an_included_header_recompiles(tmp_path, monkeypatch, capfd):
     # the key covers the project headers the source includes, transitively: an edited
     # header is a new library, not the stale one

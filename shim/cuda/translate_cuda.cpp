@@ -529,7 +529,7 @@ static int compile_ptx(const char *source, const char *path, int arch, const Spe
     std::string sm = ".sm_" + std::to_string(arch);
     std::string base = dir + "/" + key_with_headers(key, headers) + sm;
     std::string ptx_text, desc;
-    if (read_file(base + ".ptx", ptx_text) && read_file(base + ".kernels", desc)) {
+    auto hit = [&]() {
         if (verbose()) fprintf(stderr, "[cuda] cache hit %s -> %s.ptx\n", s.display.c_str(), base.c_str());
         if (missing_in_ptx(ptx_text, desc, spec, err)) {
             *log = dup_string(err);
@@ -538,7 +538,14 @@ static int compile_ptx(const char *source, const char *path, int arch, const Spe
         *ptx = dup_string(ptx_text);
         *kernels = dup_string(desc);
         return 0;
-    }
+    };
+    if (read_file(base + ".ptx", ptx_text) && read_file(base + ".kernels", desc)) return hit();
+    // a miss: compile under the entry's lock (one per arch: the archs compile side by side);
+    // whoever held it may have just made the entry (translate.cpp's CacheLock)
+    camel_sim::CacheLock lock(dir + "/" + key + sm + ".lock");
+    recorded_headers(dir, key, headers);
+    base = dir + "/" + key_with_headers(key, headers) + sm;
+    if (read_file(base + ".ptx", ptx_text) && read_file(base + ".kernels", desc)) return hit();
 
     std::string tmp = temp_base(dir, key), cuda;
     if (translate(src, path, s.display, s.cxx, s.inc, tmp, cuda, desc, headers, err, spec)) {

@@ -31,6 +31,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -481,6 +482,22 @@ void record_headers(const std::string &dir, const std::string &key, const std::v
     unlink(tmp.c_str());
 }
 
+CacheLock::CacheLock(const std::string &path) {
+    fd_ = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) return;
+    while (flock(fd_, LOCK_EX) != 0) {
+        if (errno != EINTR) {
+            close(fd_);
+            fd_ = -1;
+            return;
+        }
+    }
+}
+
+CacheLock::~CacheLock() {
+    if (fd_ >= 0) close(fd_);  // releases the lock
+}
+
 // ---- the typed address-space check -------------------------------------------
 // The translation erases address spaces (a CPU has one), so the C++ compile cannot
 // see a pointer or reference that changes address space. The typed check compiles
@@ -824,6 +841,15 @@ int camel_sim::compile_library(const char *source, const char *path, const Speci
     std::vector<std::string> headers;
     recorded_headers(dir, key, headers);
     std::string so = dir + "/" + key_with_headers(key, headers) + ".so";
+    if (file_exists(so)) {
+        if (verbose()) fprintf(stderr, "[sim] cache hit %s -> %s\n", display.c_str(), so.c_str());
+        *so_path = dup_string(so);
+        return 0;
+    }
+    // a miss: compile under the entry's lock; whoever held it may have just made the entry
+    CacheLock lock(dir + "/" + key + ".lock");
+    recorded_headers(dir, key, headers);
+    so = dir + "/" + key_with_headers(key, headers) + ".so";
     if (file_exists(so)) {
         if (verbose()) fprintf(stderr, "[sim] cache hit %s -> %s\n", display.c_str(), so.c_str());
         *so_path = dup_string(so);

@@ -93,6 +93,22 @@ bool recorded_headers(const std::string &dir, const std::string &key, std::vecto
 void record_headers(const std::string &dir, const std::string &key, const std::vector<std::string> &headers,
                     const std::string &tmp);
 
+// An exclusive lock on <path> (flock; made if missing) while one process compiles a cache
+// entry: another process (pytest-xdist's workers, two programs) that misses the same entry
+// waits, then finds it, instead of compiling the same source at the same time. Released
+// when this goes out of scope (or the process ends); no lock where the file cannot be
+// made (the compile then goes ahead unlocked, as before).
+class CacheLock {
+  public:
+    explicit CacheLock(const std::string &path);
+    ~CacheLock();
+    CacheLock(const CacheLock &) = delete;
+    CacheLock &operator=(const CacheLock &) = delete;
+
+  private:
+    int fd_ = -1;
+};
+
 // ---- function constants (translate.cpp) ---------------------------------------
 // `constant T name [[function_constant(index)]];` at program scope in the user's code.
 struct FunctionConstant {
