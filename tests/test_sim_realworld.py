@@ -552,6 +552,47 @@ def test_assert_passes_and_fails_naming_the_line():
     assert "assert.metal:4: assertion failed: x[i] >= 0" in msg and "kernel 'k'" in msg, msg
 
 
+# ---- helpers declared with GNU attributes (Apple's METAL_FUNC) -------------------------------
+# The barrier analysis once took `__attribute__` for the helper's name, so a barrier or a
+# SIMD-group function in such a helper failed at run time ("marked barrier-free").
+GNU_HELPERS = (
+    "{attr} void stage(threadgroup float* t, uint i, float v) {{\n"
+    "    t[i] = v;\n    threadgroup_barrier(mem_flags::mem_threadgroup);\n}}\n"
+    "{attr} float lane_total(float v) {{ return simd_sum(v); }}\n"
+    "kernel void rev(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],\n"
+    "                uint i [[thread_position_in_threadgroup]],\n"
+    "                uint g [[thread_position_in_grid]]) {{\n"
+    "    threadgroup float t[64];\n    stage(t, i, x[g]);\n    y[g] = t[63 - i];\n}}\n"
+    "kernel void lanes(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],\n"
+    "                  uint g [[thread_position_in_grid]]) {{\n"
+    "    y[g] = lane_total(x[g]);\n}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    "attr",
+    [
+        "inline __attribute__((always_inline))",
+        "static inline __attribute__((always_inline))",
+        "__attribute__((noinline))",
+        "__attribute__((always_inline)) inline",
+        "[[gnu::always_inline]] inline",
+    ],
+)
+def test_barriers_and_simd_functions_in_helpers_with_gnu_attributes(attr, monkeypatch):
+    lib = _compile(GNU_HELPERS.format(attr=attr))
+    x_np = (np.arange(192, dtype=np.float32) * 0.37 - 20.0).astype(np.float32)
+    for order in ["forward", "reverse", "random"]:
+        monkeypatch.setenv("CAMEL_SIM_ORDER", order)
+        x, y = _dev(x_np), _dev(np.zeros_like(x_np))
+        _run(lib, "rev", x, y, n=192, tg=64)
+        np.testing.assert_array_equal(y.numpy(), x_np.reshape(3, 64)[:, ::-1].ravel(), order)
+        y = _dev(np.zeros_like(x_np))
+        _run(lib, "lanes", x, y, n=192, tg=64)
+        want = np.repeat(x_np.reshape(6, 32).sum(axis=1, dtype=np.float64), 32)
+        np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-4, err_msg=order)
+
+
 # ---- address spaces erased -------------------------------------------------------------------
 def test_address_space_overloads_constructors_and_specialisations():
     lib = _compile(

@@ -867,6 +867,10 @@ struct Rewriter {
                 j = parse_attributes(j, a) - 1;
                 continue;
             }
+            if (gnu_attribute_at(j)) {  // struct __attribute__((packed)) S { ... }
+                j = match(j + 1) - 1;
+                continue;
+            }
             if (x == "(" || x == "[") {
                 if (depth == 0 && x == "(") has_paren = true;
                 depth++;
@@ -887,6 +891,12 @@ struct Rewriter {
         return INIT;
     }
 
+    // GNU attributes (`__attribute__((always_inline))`, Apple's METAL_FUNC) are no
+    // function's parameter list: the name and the kind of a declaration skip them.
+    bool gnu_attribute_at(size_t j) {
+        return (is(j, "__attribute__") || is(j, "__attribute")) && is(j + 1, "(");
+    }
+
     // Name of the function declared by the statement: the identifier before
     // the first top-level '(' (and before template arguments: f<float>(...)).
     std::string function_name(size_t stmt, size_t end, size_t *paren_at = nullptr,
@@ -900,6 +910,10 @@ struct Rewriter {
                 continue;
             }
             if (x == "template" && is(j + 1, "<")) {
+                j = match(j + 1) - 1;
+                continue;
+            }
+            if (gnu_attribute_at(j)) {  // inline __attribute__((always_inline)) void h(...)
                 j = match(j + 1) - 1;
                 continue;
             }
