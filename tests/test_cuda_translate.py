@@ -59,6 +59,20 @@ def test_every_shader_compiles_to_ptx(shader, arch):
     assert set(externs) <= {"vprintf"}, externs
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_named_like_the_entry_locals_compile(arch):
+    # the CUDA entry has a local `t` (and the simulator's b, tg): the kernel is called as ::t
+    names = ["b", "t", "tg", "g", "x", "i"]
+    src = "#include <metal_stdlib>\nusing namespace metal;\n" + "".join(
+        f"kernel void {n}(device float* y [[buffer(0)]], uint j [[thread_position_in_grid]]) "
+        f"{{ y[j] += 1.0f; }}\n"
+        for n in names
+    )
+    ptx, desc = compile_ptx(src, "names.metal", arch)
+    assert sorted(k[2] for k in kernel_lines(desc)) == sorted(names)
+    assert set(re.findall(r"\.entry (\w+)\(", ptx)) == {f"camel_{n}" for n in names}
+
+
 def test_description_lines_of_a_few_kernels():
     src = (ROOT / "shaders" / "ops_reduce.metal").read_text()
     _, desc = compile_ptx(src, "shaders/ops_reduce.metal", 90)

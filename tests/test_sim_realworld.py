@@ -593,6 +593,25 @@ def test_barriers_and_simd_functions_in_helpers_with_gnu_attributes(attr, monkey
         np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-4, err_msg=order)
 
 
+# ---- kernel names ----------------------------------------------------------------------------
+# Kernels named like the locals of the simulator's entry wrapper (b, t, tg, g, x, i) once
+# failed to compile (issue 12): the wrapper must call the kernel by its qualified name.
+SHORT_NAMES = ["b", "t", "tg", "g", "x", "i"]
+
+
+def test_kernels_with_one_and_two_letter_names():
+    src = "".join(
+        f"kernel void {name}(device float* y [[buffer(0)]], uint j [[thread_position_in_grid]]) "
+        f"{{\n    y[j] = y[j] * {m + 2}.0f + {m}.0f;\n}}\n"
+        for m, name in enumerate(SHORT_NAMES)
+    )
+    lib = _compile(src, "names.metal")
+    for m, name in enumerate(SHORT_NAMES):
+        y = _dev(X)
+        _run(lib, name, y, n=37)
+        np.testing.assert_array_equal(y.numpy(), X * (m + 2) + m, err_msg=name)
+
+
 # ---- address spaces erased -------------------------------------------------------------------
 def test_address_space_overloads_constructors_and_specialisations():
     lib = _compile(
