@@ -153,7 +153,7 @@ RUNGS: dict[str, Rung] = {
 # (BM, BN in 32/64/128, BK in 8/16/32, TM, TN in 4/8), of v12's (sg_BMxBN_FMxFN), of
 # v13's (pf_BMxBNxBK_TMxTN) and of v15's (wt_BMxBNxBK_WMxWN: SIMD-group tile WM x WN).
 # Their version is the config string: CAMEL_MATMUL=64x64x16_4x4.
-# Not part of the ladder (--list shows them after it).
+# Not part of the ladder (`bench matmul --list-variants` lists them).
 VARIANTS: dict[str, Rung] = {
     r.version: r
     for r in [
