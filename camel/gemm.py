@@ -493,12 +493,16 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, t
         return out
     if _recorded is not None:
         _recorded.append((p.m, p.n, p.k, bool(transpose_a), bool(transpose_b), p.batches))
-    if version is None and not os.environ.get("CAMEL_MATMUL", "").strip():
-        # not forced: a default that does not fit this device gives way to the next rung down
+    forced = version if version is not None else os.environ.get("CAMEL_MATMUL", "").strip()
+    if forced is None or forced == "":
+        # not forced: the chosen rung (for a triangle, one of its tile size that skips it),
+        # and one that does not fit this device gives way to the next rung down
         rung, split = parse_version(choose_version(p.m, p.n, p.k, p.batches))
+        if triangle is not None:
+            rung = triangle_rung(rung)
         rung = _fitting(rung.version)
     else:
-        rung, split = parse_version(version if version is not None else os.environ["CAMEL_MATMUL"])
+        rung, split = parse_version(forced)
         if not can_split(p.m, p.n, p.k, p.batches, split):
             raise ValueError(
                 f"[matmul] version {rung.version}/k{split} splits K: it needs a 2-D product "
@@ -507,8 +511,6 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, t
             )
     if triangle is not None:  # no split-K: the K range is the tile's (tile_k_range)
         split = 1
-        if version is None and not rung.triangle and not os.environ.get("CAMEL_MATMUL", ""):
-            rung = _fitting(triangle_rung(rung).version)  # a default that skips the triangle
         p.params[16] = TRIANGLES[triangle] if rung.triangle else 0
     if split > 1:
         dispatch_split_k(rung, a, b, out, p, split)
