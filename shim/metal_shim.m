@@ -455,22 +455,24 @@ static NSArray<NSString *> *sorted_names(CamelLibrary *lib) {
     return [lib.library.functionNames sortedArrayUsingSelector:@selector(compare:)];
 }
 
+/* s into out (cap bytes, NUL-terminated, cut to fit; nothing when out is NULL or cap 0).
+ * Returns the length needed, excluding the NUL (camel_library_function_names). */
+static uint64_t copy_out(const char *s, char *out, uint64_t cap) {
+    uint64_t len = strlen(s);
+    if (out != NULL && cap > 0) {
+        uint64_t n = len < cap - 1 ? len : cap - 1;
+        memcpy(out, s, n);
+        out[n] = '\0';
+    }
+    return len;
+}
+
 uint64_t camel_library_function_names(camel_library *handle, char *out, uint64_t cap) {
     @autoreleasepool {
         clear_error();
         CamelLibrary *lib = live_library(handle, "compile");
-        if (lib == nil) {
-            if (out != NULL && cap > 0) out[0] = '\0';
-            return 0;
-        }
-        const char *joined = [sorted_names(lib) componentsJoinedByString:@"\n"].UTF8String;
-        uint64_t len = strlen(joined);
-        if (out != NULL && cap > 0) {
-            uint64_t n = len < cap - 1 ? len : cap - 1;
-            memcpy(out, joined, n);
-            out[n] = '\0';
-        }
-        return len;
+        if (lib == nil) return copy_out("", out, cap);
+        return copy_out([sorted_names(lib) componentsJoinedByString:@"\n"].UTF8String, out, cap);
     }
 }
 
@@ -518,10 +520,7 @@ uint64_t camel_library_function_constants(camel_library *handle, char *out, uint
     @autoreleasepool {
         clear_error();
         CamelLibrary *lib = live_library(handle, "compile");
-        if (lib == nil) {
-            if (out != NULL && cap > 0) out[0] = '\0';
-            return 0;
-        }
+        if (lib == nil) return copy_out("", out, cap);
         /* The union over the library's functions (MTLFunction.functionConstantsDictionary),
          * by index. */
         NSMutableDictionary<NSNumber *, NSString *> *lines = [NSMutableDictionary dictionary];
@@ -534,14 +533,7 @@ uint64_t camel_library_function_constants(camel_library *handle, char *out, uint
         NSMutableString *text = [NSMutableString string];
         for (NSNumber *index in [lines.allKeys sortedArrayUsingSelector:@selector(compare:)])
             [text appendFormat:@"%@\n", lines[index]];
-        const char *joined = text.UTF8String;
-        uint64_t len = strlen(joined);
-        if (out != NULL && cap > 0) {
-            uint64_t n = len < cap - 1 ? len : cap - 1;
-            memcpy(out, joined, n);
-            out[n] = '\0';
-        }
-        return len;
+        return copy_out(text.UTF8String, out, cap);
     }
 }
 

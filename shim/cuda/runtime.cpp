@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../camel_shim.h"
+#include "../sim/copy_out.h"
 #include "../sim/translate_internal.h"  // constant_literal (translate.cpp)
 #include "cuda_abi.h"
 
@@ -1061,23 +1062,12 @@ CAMEL_EXPORT uint64_t camel_library_function_names(camel_library *lib, char *out
         if (i) names += '\n';
         names += lib->kernels[i].name;
     }
-    if (out && cap) {
-        uint64_t n = names.size() < cap - 1 ? names.size() : cap - 1;
-        memcpy(out, names.data(), n);
-        out[n] = 0;
-    }
-    return names.size();
+    return copy_out(names, out, cap);
 }
 
 CAMEL_EXPORT uint64_t camel_library_function_constants(camel_library *lib, char *out, uint64_t cap) {
     // A query that cannot fail: keeps the last error readable.
-    const std::string &s = lib->constants;
-    if (out && cap) {
-        uint64_t n = s.size() < cap - 1 ? s.size() : cap - 1;
-        memcpy(out, s.data(), n);
-        out[n] = 0;
-    }
-    return s.size();
+    return copy_out(lib->constants, out, cap);
 }
 
 static camel_pipeline *pipeline_of_locked(camel_library *lib, const char *name);

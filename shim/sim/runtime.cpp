@@ -21,6 +21,7 @@
 #include <thread>
 #include <unordered_set>
 
+#include "copy_out.h"
 #include "runtime.h"
 #include "translate.h"
 #include "translate_internal.h"
@@ -365,23 +366,12 @@ CAMEL_EXPORT uint64_t camel_library_function_names(camel_library *lib, char *out
         if (i) names += '\n';
         names += lib->desc->kernels[i].name;
     }
-    if (out && cap) {
-        uint64_t n = names.size() < cap - 1 ? names.size() : cap - 1;
-        memcpy(out, names.data(), n);
-        out[n] = 0;
-    }
-    return names.size();
+    return copy_out(names, out, cap);
 }
 
 CAMEL_EXPORT uint64_t camel_library_function_constants(camel_library *lib, char *out, uint64_t cap) {
     // A query that cannot fail: keeps the last error readable.
-    const std::string &s = lib->constants;
-    if (out && cap) {
-        uint64_t n = s.size() < cap - 1 ? s.size() : cap - 1;
-        memcpy(out, s.data(), n);
-        out[n] = 0;
-    }
-    return s.size();
+    return copy_out(lib->constants, out, cap);
 }
 
 static camel_pipeline *pipeline_of(camel_library *lib, const char *name);
