@@ -1020,6 +1020,20 @@ CAMEL_EXPORT camel_library *camel_cuda_library_load(const char *ptx, const char 
     return load_locked(ptx, kernels, path);
 }
 
+// What a compile (camel_cuda_compile, camel_cuda_compile_specialised) gave, loaded: the
+// library, or NULL with the log as the error. Frees ptx, kernels and log. S.mu held.
+static camel_library *load_compiled_locked(int rc, char *ptx, char *kernels, char *log, const char *path) {
+    camel_library *lib = nullptr;
+    if (rc != 0)
+        tl_error = log ? log : "[cuda] translation failed (no log)";
+    else
+        lib = load_locked(ptx, kernels, path);
+    camel_cuda_free(log);
+    camel_cuda_free(ptx);
+    camel_cuda_free(kernels);
+    return lib;
+}
+
 CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *path) {
     {
         std::lock_guard<std::mutex> lock(S.mu);
@@ -1032,18 +1046,8 @@ CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *pa
     }
     char *ptx = nullptr, *kernels = nullptr, *log = nullptr;
     int rc = camel_cuda_compile(source, path, S.arch, &ptx, &kernels, &log);  // no lock: slow
-    if (rc != 0) {
-        tl_error = log ? log : "[cuda] translation failed (no log)";
-        camel_cuda_free(log);
-        camel_cuda_free(ptx);
-        camel_cuda_free(kernels);
-        return nullptr;
-    }
-    camel_cuda_free(log);
     std::lock_guard<std::mutex> lock(S.mu);
-    camel_library *lib = load_locked(ptx, kernels, path);
-    camel_cuda_free(ptx);
-    camel_cuda_free(kernels);
+    camel_library *lib = load_compiled_locked(rc, ptx, kernels, log, path);
     if (lib && !lib->constants.empty()) lib->source = source;  // for the specialisations
     return lib;
 }
@@ -1073,11 +1077,7 @@ CAMEL_EXPORT uint64_t camel_library_function_constants(camel_library *lib, char 
 static camel_pipeline *pipeline_of_locked(camel_library *lib, const char *name);
 
 CAMEL_EXPORT camel_pipeline *camel_pipeline_new(camel_library *lib, const char *name) {
-    if (!lib->constants.empty()) return camel_pipeline_new_with_constants(lib, name, nullptr, 0);
-    std::lock_guard<std::mutex> lock(S.mu);
-    tl_error.clear();
-    if (!ready_locked()) return nullptr;
-    return pipeline_of_locked(lib, name);
+    return camel_pipeline_new_with_constants(lib, name, nullptr, 0);
 }
 
 CAMEL_EXPORT camel_pipeline *camel_pipeline_new_with_constants(camel_library *lib, const char *name,
@@ -1133,17 +1133,7 @@ CAMEL_EXPORT camel_pipeline *camel_pipeline_new_with_constants(camel_library *li
     int rc = camel_cuda_compile_specialised(lib->source.c_str(), lib->path.empty() ? nullptr : lib->path.c_str(),
                                             S.arch, name, spec.c_str(), &ptx, &kernels, &log);  // no lock: slow
     std::lock_guard<std::mutex> lock(S.mu);
-    if (rc != 0) {
-        tl_error = log ? log : "[cuda] translation failed (no log)";
-        camel_cuda_free(log);
-        camel_cuda_free(ptx);
-        camel_cuda_free(kernels);
-        return nullptr;
-    }
-    camel_cuda_free(log);
-    camel_library *variant = load_locked(ptx, kernels, lib->path.c_str());
-    camel_cuda_free(ptx);
-    camel_cuda_free(kernels);
+    camel_library *variant = load_compiled_locked(rc, ptx, kernels, log, lib->path.c_str());
     if (!variant) return nullptr;
     camel_pipeline *p = pipeline_of_locked(variant, name);
     library_unref(variant);  // the pipeline holds it

@@ -327,6 +327,22 @@ CAMEL_EXPORT camel_library *camel_sim_library_load(const char *so_path) {
     return lib;
 }
 
+// What a compile (camel_sim_compile, camel_sim::compile_library) gave, loaded: the library,
+// or NULL with the log (after `context`) as the error. Frees so_path and log.
+static camel_library *load_compiled(int rc, char *so_path, char *log, const std::string &context) {
+    if (rc != 0) {
+        const char *none = context.empty() ? "[sim] compilation failed (no log)" : "compilation failed (no log)";
+        tl_error = context + (log ? log : none);
+        free(log);
+        free(so_path);
+        return nullptr;
+    }
+    free(log);
+    camel_library *lib = camel_sim_library_load(so_path);
+    free(so_path);
+    return lib;
+}
+
 CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *path) {
     tl_error.clear();
     if (!ensure_init()) return nullptr;
@@ -336,15 +352,7 @@ CAMEL_EXPORT camel_library *camel_library_new(const char *source, const char *pa
     }
     char *so_path = nullptr, *log = nullptr;
     int rc = camel_sim_compile(source, path, &so_path, &log);
-    if (rc != 0) {
-        tl_error = log ? log : "[sim] compilation failed (no log)";
-        free(log);
-        free(so_path);
-        return nullptr;
-    }
-    free(log);
-    camel_library *lib = camel_sim_library_load(so_path);
-    free(so_path);
+    camel_library *lib = load_compiled(rc, so_path, log, "");
     if (lib && !lib->constants.empty()) {  // kept for the specialisations
         lib->source = source;
         lib->path = path ? path : "";
@@ -377,9 +385,7 @@ CAMEL_EXPORT uint64_t camel_library_function_constants(camel_library *lib, char 
 static camel_pipeline *pipeline_of(camel_library *lib, const char *name);
 
 CAMEL_EXPORT camel_pipeline *camel_pipeline_new(camel_library *lib, const char *name) {
-    tl_error.clear();
-    if (!lib->constants.empty()) return camel_pipeline_new_with_constants(lib, name, nullptr, 0);
-    return pipeline_of(lib, name);
+    return camel_pipeline_new_with_constants(lib, name, nullptr, 0);
 }
 
 // The declared constants of a library: index -> (type, name)
@@ -448,17 +454,10 @@ CAMEL_EXPORT camel_pipeline *camel_pipeline_new_with_constants(camel_library *li
     char *so_path = nullptr, *log = nullptr;
     int rc = camel_sim::compile_library(lib->source.c_str(), lib->path.empty() ? nullptr : lib->path.c_str(),
                                         &spec, &so_path, &log);
-    if (rc != 0) {
-        tl_error = std::string("[sim] kernel '") + name + "' with its function constants: " +
-                   (log ? log : "compilation failed (no log)");
-        free(log);
-        free(so_path);
-        return nullptr;
-    }
-    free(log);
-    camel_library *variant = camel_sim_library_load(so_path);
-    free(so_path);
+    camel_library *variant =
+        load_compiled(rc, so_path, log, std::string("[sim] kernel '") + name + "' with its function constants: ");
     if (!variant) {
+        if (rc != 0) return nullptr;  // the compiler's log is the message
         int missing = camel_sim::missing_constant(tl_error);
         for (const auto &d : declared)
             if (d.index == missing) {
