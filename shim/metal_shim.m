@@ -375,9 +375,19 @@ camel_library *camel_library_new(const char *source, const char *path) {
             return NULL;
         }
         MTLCompileOptions *options = [[MTLCompileOptions alloc] init];
-        /* MSL 3.0 (macOS 13, the oldest system we support), pinned so a newer
-         * macOS compiles the kernels as the simulator and the docs read them. */
-        options.languageVersion = MTLLanguageVersion3_0;
+        /* MSL 3.1 where the system has it (macOS 14 and later), MSL 3.0 on macOS
+         * 13 (the oldest system we support): pinned so a newer macOS compiles the
+         * kernels as the simulator and the CUDA translation read them (MSL 3.1,
+         * __METAL_VERSION__ 310, bfloat). The macOS 13 SDK has no
+         * MTLLanguageVersion3_1; Apple documents it as 3.1, (3 << 16) + 1 like
+         * the others (MTLLanguageVersion3_0 is (3 << 16) + 0). The system is
+         * asked through NSProcessInfo, not @available, whose check needs
+         * compiler-rt's __isPlatformVersionAtLeast (not in the cross-link). */
+        NSOperatingSystemVersion sonoma = {14, 0, 0};
+        if ([[NSProcessInfo processInfo] isOperatingSystemAtLeastVersion:sonoma])
+            options.languageVersion = (MTLLanguageVersion)((3 << 16) + 1); /* MTLLanguageVersion3_1 */
+        else
+            options.languageVersion = MTLLanguageVersion3_0;
         /* IEEE float semantics by default (inf and NaN behave as in NumPy and
          * in the simulator; the kernels use -inf masks). fastMathEnabled
          * defaults to YES, so it is switched off explicitly; NO means

@@ -392,6 +392,37 @@ BOUNDS = {  # ulp; Metal with fast math off allows 4 for exp/log, 5 or more for 
 }
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_math_second_results_in_thread_memory_compile(arch):
+    # MSL 6.5: sincos, modf and frexp of half and float, scalars and vectors, their second
+    # result through a thread reference (the simulator runs the same forms against NumPy in
+    # test_sim_strict.py; only float scalars compiled before)
+    src = """#include <metal_stdlib>
+using namespace metal;
+kernel void k(device float4 *x [[buffer(0)]], device int3 *e [[buffer(1)]],
+              device half2 *h [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+    float4 c;
+    float4 s = sincos(x[i], c);
+    thread float3 w;
+    float3 f = fast::modf(x[i].xyz, w);
+    int3 ex;
+    float3 m = frexp(f + w, ex);
+    half2 hc, hw;
+    half2 hs = precise::sincos(h[i], hc);
+    half2 hf = modf(hs, hw);
+    int he;
+    half hm = frexp(h[i].x, he);
+    x[i] = s + c + float4(m, 0);
+    e[i] = ex + he;
+    h[i] = hf + hw + hc + hm;
+}
+"""
+    ptx, desc = compile_ptx(src, "second_results.metal", arch)
+    assert kernel_lines(desc) == [["kernel", "0", "k", "0", "0", "camel_k"]]
+    assert ".entry camel_k(" in ptx
+    assert set(re.findall(r"\.extern \.func[^;]*?(\w+)\s*\(", ptx)) <= {"vprintf"}
+
+
 def test_math_against_libm_on_the_host(tmp_path):
     exe = tmp_path / "math_ulp"
     src = ROOT / "shim" / "cuda" / "tests" / "math_ulp.cpp"

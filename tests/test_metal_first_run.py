@@ -95,11 +95,18 @@ def test_the_shim_rejects_grids_past_32_bits_like_the_simulator():
 
 
 def test_msl_version_is_pinned_and_documented():
+    # MSL 3.1 from macOS 14 on (the macOS 13 SDK lacks the enumerator: its value, 3.1 being
+    # (3 << 16) + 1), MSL 3.0 before; the simulator and CUDA read MSL 3.1 (__METAL_VERSION__)
     code = _code(METAL_SRC)
-    m = re.search(r"languageVersion = MTLLanguageVersion(\d)_(\d)", code)
-    assert m, "the shim does not pin MTLCompileOptions.languageVersion"
-    version = f"{m.group(1)}.{m.group(2)}"
-    assert f"MSL {version}" in (ROOT / "docs" / "metal_shim.md").read_text()
+    lib_new = _functions(code)["camel_library_new"]
+    assert re.search(r"isOperatingSystemAtLeastVersion:\w+\]\)\s*options\.languageVersion = "
+                     r"\(MTLLanguageVersion\)\(\(3 << 16\) \+ 1\);", lib_new)  # fmt: skip
+    assert re.search(r"else\s*options\.languageVersion = MTLLanguageVersion3_0;", lib_new)
+    assert "{14, 0, 0}" in lib_new
+    doc = (ROOT / "docs" / "metal_shim.md").read_text()
+    assert "**MSL 3.1** on macOS 14 and later" in doc and "MSL 3.0 on macOS 13" in doc
+    sim = (ROOT / "shim" / "sim" / "translate.cpp").read_text()
+    assert sim.count("-D__METAL_VERSION__=310") == 2  # the compile and the typed check
 
 
 def test_fast_math_is_relaxed_or_safe_never_fast():

@@ -600,6 +600,101 @@ CASES = [
         "uint",
         0,
     ),
+    # ---- second results through a thread reference (MSL 6.5): helpers in SOURCE ----------
+    (
+        "sincos_sin_float2",
+        "sincos_sin(a)",
+        lambda a, b, c: np.sin(a),
+        "float2",
+        "float2",
+        "any",
+        1e-6,
+    ),
+    (
+        "sincos_cos_float4",
+        "sincos_cos(a)",
+        lambda a, b, c: np.cos(a),
+        "float4",
+        "float4",
+        "any",
+        1e-6,
+    ),
+    (
+        "sincos_cos_half4",
+        "sincos_cos(a)",
+        lambda a, b, c: np.cos(a.astype(f32)),
+        "half4",
+        "half4",
+        "any",
+        2e-3,
+    ),
+    (
+        "modf_fraction",
+        "modf_frac(a * 4.0f)",
+        lambda a, b, c: np.modf(f32(a * 4))[0],
+        "float",
+        "float",
+        "any",
+        0,
+    ),
+    (
+        "modf_whole_float4",
+        "modf_whole(a * 4.0f)",
+        lambda a, b, c: np.modf(f32(a * 4))[1],
+        "float4",
+        "float4",
+        "any",
+        0,
+    ),
+    (
+        # both parts carry x's sign: modf(-2) is (-0, -2); an infinity's fraction is a zero
+        "modf_fraction_signs",
+        "copysign(1.0f, modf_frac(floor(a))) + 2.0f * copysign(1.0f, modf_frac(a * INFINITY))",
+        lambda a, b, c: (
+            np.copysign(1, np.modf(np.floor(a))[0])
+            + 2 * np.copysign(1, np.modf(a * np.float32(np.inf))[0])
+        ),
+        "float",
+        "float",
+        "any",
+        0,
+    ),
+    (
+        "modf_half4",
+        "modf_frac(a) * 8.0h + modf_whole(a)",
+        lambda a, b, c: np.modf(a.astype(f32))[0] * 8 + np.modf(a.astype(f32))[1],
+        "half4",
+        "half4",
+        "any",
+        0,
+    ),
+    (
+        "frexp_mantissa_float4",
+        "frexp_mant(a * 1000.0f)",
+        lambda a, b, c: np.frexp(f32(a * 1000))[0],
+        "float4",
+        "float4",
+        "any",
+        0,
+    ),
+    (
+        "frexp_exponent",
+        "frexp_exp(a * 1000.0f)",
+        lambda a, b, c: np.frexp(f32(a * 1000))[1],
+        "float",
+        "int",
+        "any",
+        0,
+    ),
+    (
+        "frexp_half",
+        "frexp_mant(a) * 64.0h + half(frexp_exp(a))",
+        lambda a, b, c: np.frexp(a)[0].astype(f32) * 64 + np.frexp(a)[1],
+        "half",
+        "half",
+        "any",
+        0,
+    ),
     (
         "uint4_popcount",
         "popcount(a)",
@@ -634,8 +729,22 @@ kernel void t_{cid}(device const {tin}* A [[buffer(0)]], device const {tin}* B [
 """
 
 
-SOURCE = "#include <metal_stdlib>\nusing namespace metal;\n" + "".join(
-    _kernel_source(c) for c in CASES
+# sincos, modf and frexp give a second result through a thread reference: a local here
+SECOND_RESULTS = """
+template <class T> T sincos_sin(T x) { T c; return sincos(x, c); }
+template <class T> T sincos_cos(T x) { thread T c; sincos(x, c); return c; }
+template <class T> T modf_frac(T x) { T w; return modf(x, w); }
+template <class T> T modf_whole(T x) { T w; modf(x, w); return w; }
+template <class T> T frexp_mant(T x) { int e; return frexp(x, e); }
+float4 frexp_mant(float4 x) { int4 e; return frexp(x, e); }
+int frexp_exp(float x) { int e; frexp(x, e); return e; }
+int frexp_exp(half x) { int e; frexp(x, e); return e; }
+"""
+
+SOURCE = (
+    "#include <metal_stdlib>\nusing namespace metal;\n"
+    + SECOND_RESULTS
+    + "".join(_kernel_source(c) for c in CASES)
 )
 
 

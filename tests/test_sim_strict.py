@@ -50,6 +50,14 @@ SPEC_KERNEL = "MSL 5.1.3: kernel functions return void; 5.2.1 buffer slots 0..30
 # 'this' argument ('const device MyData')", Apple Developer Forums thread 742665).
 SPEC_MATRIX_IO = "MSL 6.7: simdgroup_load/simdgroup_store take device or threadgroup memory"
 SPEC_IMPLICIT = "MSL 4.0 (before 4.1's generic pointers): an unwritten address space is thread"
+# MSL 6.5, Table 6.4: T sincos(T x, T &cosval), T modf(T x, T &intval), T frexp(T x, Ti
+# &exponent), T half or float, scalar or vector. The reference's space is unwritten, so thread
+# (SPEC_IMPLICIT); Apple's compiler rejects device memory there ("candidate function not
+# viable: address space mismatch in 2nd argument ('device float2'), parameter type must be
+# 'metal::float2 &'" over `METAL_FUNC float2 modf(float2 x, thread float2 &intval)`,
+# KhronosGroup/SPIRV-Cross#1759) and threadgroup memory (`frexp(4.4, param)` with a
+# `threadgroup int& param`: "No matching function for call to 'frexp'", gpuweb/gpuweb#1846).
+SPEC_MATH_OUT = "MSL 6.5: sincos/modf/frexp write their second result through a thread reference"
 
 REJECT = [
     # ---- address spaces: no conversion between device, constant, threadgroup, thread ----
@@ -743,6 +751,27 @@ REJECT = [
         SPEC_MATRIX_IO,
     ),
     (
+        "matrix_load_from_constant_memory",
+        _kernel(
+            "    simdgroup_float8x8 m;\n    simdgroup_load(m, c, 8); // <-\n"
+            "    simdgroup_store(m, x, 8);\n",
+            "device float* x [[buffer(0)]], constant float* c [[buffer(1)]]",
+        ),
+        "cannot pass pointer to address space 'constant' as a pointer to address space 'device'",
+        SPEC_MATRIX_IO,
+    ),
+    (
+        "matrix_load_from_a_constant_table",
+        "constant half kTable[64] = {1, 2, 3};\n"
+        + _kernel(
+            "    simdgroup_half8x8 m;\n    simdgroup_load(m, kTable); // <-\n"
+            "    simdgroup_store(m, h);\n",
+            "device half* h [[buffer(0)]]",
+        ),
+        "simdgroup_load reads and simdgroup_store writes device or threadgroup memory",
+        SPEC_MATRIX_IO,
+    ),
+    (
         "matrix_load_half_into_float",
         _kernel(
             "    simdgroup_float8x8 m;\n"
@@ -769,6 +798,52 @@ REJECT = [
         ),
         "need a pointer to the matrix's element type",
         SPEC_MATRIX,
+    ),
+    # ---- math functions with a second result: a thread reference --------------------------
+    (
+        "sincos_cosval_in_device_memory",
+        _kernel(
+            "    x[i] = sincos(x[i], c[i]); // <-\n",
+            "device float* x [[buffer(0)]], device float* c [[buffer(1)]],\n"
+            "              uint i [[thread_position_in_grid]]",
+        ),
+        "cosval, intval and exponent are thread references",
+        SPEC_MATH_OUT,
+    ),
+    (
+        "modf_intval_in_a_device_struct",
+        "struct Parts { float2 whole[4]; };\n"
+        + _kernel(
+            "    float2 v = float2(x[i], -x[i]);\n    v = modf(v, p->whole[i % 4]); // <-\n"
+            "    x[i] = v.x;\n",
+            "device float* x [[buffer(0)]], device Parts* p [[buffer(1)]],\n"
+            "              uint i [[thread_position_in_grid]]",
+        ),
+        "cosval, intval and exponent are thread references",
+        SPEC_MATH_OUT,
+    ),
+    (
+        "modf_intval_in_threadgroup_memory",
+        _kernel("    threadgroup float t[32];\n    x[i] = modf(x[i], t[i % 32]); // <-\n"),
+        "cosval, intval and exponent are thread references",
+        SPEC_MATH_OUT,
+    ),
+    (
+        "frexp_exponent_in_threadgroup_memory",
+        "float mant(float v, threadgroup int& e) { return frexp(v, e); } // <-\n"
+        + _kernel("    threadgroup int e;\n    x[i] = mant(x[i], e);\n"),
+        "cosval, intval and exponent are thread references",
+        SPEC_MATH_OUT,
+    ),
+    (
+        "frexp_exponent_in_device_memory",
+        _kernel(
+            "    x[i] = frexp(x[i], e[i]); // <-\n",
+            "device float4* x [[buffer(0)]], device int4* e [[buffer(1)]],\n"
+            "              uint i [[thread_position_in_grid]]",
+        ),
+        "cosval, intval and exponent are thread references",
+        SPEC_MATH_OUT,
     ),
     # ---- atomics --------------------------------------------------------------------------
     (
@@ -1091,6 +1166,60 @@ def _check_unqualified(lib):
     np.testing.assert_allclose(y.numpy(), -5 * X33 + 3, rtol=1e-6)
 
 
+MATH_OUT_KERNEL = (
+    "struct Parts { float whole; };\n"
+    "float split(float v, thread float& whole) { return modf(v, whole); }\n"
+    "float cos_of(float v) { float c; sincos(v, c); return c; }\n"
+    "kernel void k(device const float* x [[buffer(0)]], device float* o [[buffer(1)]],\n"
+    "              device int4* e [[buffer(2)]], uint i [[thread_position_in_grid]]) {\n"
+    "    float v = x[i];\n    device float* r = o + 20 * i;\n"
+    "    thread float c;\n    r[0] = sincos(v, c);\n    r[1] = c + 0 * cos_of(v);\n"
+    "    Parts p;\n    r[2] = split(v, p.whole);\n    r[3] = p.whole;\n"
+    "    float3 c3;\n    float3 s3 = fast::sincos(float3(v, 2 * v, -v), c3);\n"
+    "    r[4] = s3.x; r[5] = s3.y; r[6] = s3.z; r[7] = c3.x; r[8] = c3.y; r[9] = c3.z;\n"
+    "    int4 ex;\n    float4 m = frexp(float4(v, 1 / (v + 0.25f), v * 1e6f, 0), ex);\n"
+    "    r[10] = m.x; r[11] = m.y; r[12] = m.z; r[13] = m.w;\n    e[i] = ex;\n"
+    "    half hc[2];\n    r[14] = precise::sincos(half(v * 0.125f), hc[1]);\n    r[15] = hc[1];\n"
+    "    half2 hi;\n    half2 hf = modf(half2(v, v * -0.75h), hi);\n"
+    "    r[16] = hf.x; r[17] = hf.y; r[18] = hi.x; r[19] = hi.y;\n}\n"
+)
+
+
+def _check_math_out(lib):
+    n = X33.size
+    o, e = metal.DeviceArray.zeros(20 * n, np.float32), metal.DeviceArray.zeros((n, 4), np.int32)
+    lib.function("k")(_dev(X33), o, e, threads=n, threads_per_threadgroup=11)
+    r, v = o.numpy().reshape(n, 20), X33.astype(np.float64)
+    close = dict(rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(r[:, 0], np.sin(v), **close)
+    np.testing.assert_allclose(r[:, 1], np.cos(v), **close)
+    frac, whole = np.modf(X33)
+    np.testing.assert_array_equal(r[:, 2:4], np.stack([frac, whole], 1))
+    v3 = np.stack([v, 2 * v, -v], 1)
+    np.testing.assert_allclose(r[:, 4:10], np.concatenate([np.sin(v3), np.cos(v3)], 1), **close)
+    w = np.stack(
+        [X33, np.float32(1) / (X33 + np.float32(0.25)), X33 * np.float32(1e6), 0 * X33], 1
+    ).astype(np.float32)
+    mant, ex = np.frexp(w)
+    np.testing.assert_array_equal(r[:, 10:14], mant)
+    np.testing.assert_array_equal(e.numpy(), ex)
+    h = (X33 * np.float32(0.125)).astype(np.float16).astype(np.float64)
+    np.testing.assert_allclose(r[:, 14], np.sin(h).astype(np.float16), atol=1e-3)
+    np.testing.assert_allclose(r[:, 15], np.cos(h).astype(np.float16), atol=1e-3)
+    h2 = np.stack([X33, X33 * np.float32(-0.75)], 1).astype(np.float16)
+    hfrac, hwhole = np.modf(h2)
+    np.testing.assert_array_equal(r[:, 16:20], np.concatenate([hfrac, hwhole], 1))
+
+
+def _check_matrix_io(lib):
+    a = np.arange(64, dtype=np.float32).reshape(8, 8) - 20.5
+    b = (np.arange(64, dtype=np.float32).reshape(8, 8) * 0.25).astype(np.float16)
+    x, h = _dev(a), _dev(b)
+    lib.function("k")(x, h, threads=32, threads_per_threadgroup=32)
+    np.testing.assert_array_equal(x.numpy(), a.T)
+    np.testing.assert_array_equal(h.numpy(), b.T)
+
+
 TABLE = np.array([1, 2, 4, 8], np.float32)
 
 
@@ -1339,6 +1468,30 @@ ACCEPT = [
         lambda lib: np.testing.assert_array_equal(
             _run_1d(lib, np.arange(7, dtype=np.int32), tg=7), np.arange(7) + 5
         ),
+    ),
+    (
+        # MSL 6.5: sincos, modf and frexp of half and float, scalars and vectors, their second
+        # result in thread memory: a local (written `thread` or not), an array element, a
+        # struct member, a helper's thread reference; the fast:: and precise:: spellings
+        "math_second_results_in_thread_memory",
+        MATH_OUT_KERNEL,
+        lambda lib: _check_math_out(lib),
+    ),
+    (
+        # MSL 6.7, Table 6.9: simdgroup_load from device and threadgroup memory, simdgroup_store
+        # to both, float and half (constant memory is rejected above)
+        "matrix_load_and_store_in_device_and_threadgroup_memory",
+        "kernel void k(device float* x [[buffer(0)]], device half* h [[buffer(1)]],\n"
+        "              uint lid [[thread_index_in_threadgroup]]) {\n"
+        "    threadgroup float t[64];\n    threadgroup half th[64];\n"
+        "    simdgroup_float8x8 m;\n    simdgroup_load(m, x, 8);\n"
+        "    simdgroup_store(m, t, 8, ulong2(0, 0), true);\n"
+        "    simdgroup_half8x8 hm;\n    simdgroup_load(hm, h, 8);\n    simdgroup_store(hm, th, 8);\n"
+        "    simdgroup_barrier(mem_flags::mem_threadgroup);\n"
+        "    simdgroup_load(m, t, 8);\n    simdgroup_load(hm, th, 8, ulong2(0, 0), true);\n"
+        "    simdgroup_barrier(mem_flags::mem_threadgroup);\n"
+        "    simdgroup_store(m, x, 8);\n    simdgroup_store(hm, h, 8);\n}\n",
+        lambda lib: _check_matrix_io(lib),
     ),
     (
         "struct_methods_and_struct_copy_to_device",

@@ -675,6 +675,7 @@ static bool names_two_spaces(const std::string &line, bool header_line, bool &ge
 static std::string msl_spaces(std::string s) {
     replace_all(s, " *__private'", " *'");
     replace_all(s, "*__private'", "*'");
+    replace_all(s, "&__private'", "&'");  // a reference parameter: 'thread half &'
     replace_all(s, "'__private'", "'thread'");
     replace_all(s, "__private ", "thread ");
     replace_all(s, "__global", "device");
@@ -719,7 +720,7 @@ static std::string diag_kind(const std::string &l, std::string &file) {
 std::string typed_check_errors(const std::string &log, const std::string &inc, const std::string &display) {
     struct Group {
         std::string text;
-        bool user = false, keep = false, generic = false, apple_decl = false;
+        bool user = false, keep = false, generic = false, apple_decl = false, second_result = false;
     };
     std::vector<Group> groups;
     bool in_error = false;
@@ -737,6 +738,10 @@ std::string typed_check_errors(const std::string &log, const std::string &inc, c
             groups.back().apple_decl =
                 l.find("no matching function for call to 'simdgroup_load'") != std::string::npos ||
                 l.find("no matching function for call to 'simdgroup_store'") != std::string::npos;
+            groups.back().second_result =
+                l.find("no matching function for call to 'sincos'") != std::string::npos ||
+                l.find("no matching function for call to 'modf'") != std::string::npos ||
+                l.find("no matching function for call to 'frexp'") != std::string::npos;
             in_error = true;
         } else if (kind == "note") {
             if (!in_error) continue;
@@ -756,6 +761,15 @@ std::string typed_check_errors(const std::string &log, const std::string &inc, c
         bool report = g.keep && !g.generic;
         audit += std::string(report ? "REPORTED " : "IGNORED ") + g.text;
         if (report) kept += g.text;
+        if (report && g.apple_decl)  // Apple's rule, which the notes do not say
+            kept += "MSL 6.7 (Table 6.9): simdgroup_load reads and simdgroup_store writes device or "
+                    "threadgroup memory, never constant or thread memory: copy the data into "
+                    "threadgroup memory first\n";
+        if (report && g.second_result)
+            kept += "MSL 6.5 (Table 6.4): cosval, intval and exponent are thread references "
+                    "(sincos, modf and frexp write their second result through a reference whose "
+                    "address space is unwritten, so thread before MSL 4.1), never device, constant "
+                    "or threadgroup memory: pass a local variable, then store it\n";
     }
     const char *audit_file = getenv("CAMEL_SIM_TYPED_CHECK_LOG");
     if (audit_file && *audit_file && !audit.empty()) {

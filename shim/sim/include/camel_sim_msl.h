@@ -500,10 +500,96 @@ __CAMEL_ISCALARS(__CAMEL_INT_MINMAX)
     }
 __CAMEL_IVECS(__CAMEL_INT_MINMAX_V)
 
-// Functions returning two values through a reference (thread float &).
-inline float sincos(float x, float &c) { c = __builtin_cosf(x); return __builtin_sinf(x); }
-inline float modf(float x, float &ip) { ip = __builtin_truncf(x); return x - ip; }
-inline float frexp(float x, int &e) { return __builtin_frexpf(x, &e); }
+// Functions returning a second result through a reference (MSL 6.5, Table 6.4: T sincos(T x,
+// T &cosval), T modf(T x, T &intval), T frexp(T x, Ti &exponent); T half or float, scalar or
+// vector, Ti int of T's width). The reference's address space is unwritten, so it is thread
+// (MSL before 4.1): Apple's compiler rejects device and threadgroup memory there ("address
+// space mismatch in 2nd argument"). One overload per type, in thread memory for the typed
+// check (camel_check_msl.h), so that clang names the space in its note; translate.cpp reads
+// those notes for these three functions.
+#ifdef __CAMEL_TYPED_CHECK
+#define __CAMEL_THREAD_REF __private
+#else
+#define __CAMEL_THREAD_REF
+#endif
+inline float sincos(float x, __CAMEL_THREAD_REF float &c) {
+    c = __builtin_cosf(x);
+    return __builtin_sinf(x);
+}
+// modf: both parts carry x's sign (modf(-2) is -0 and -2), and an infinity's fraction is 0
+inline float modf(float x, __CAMEL_THREAD_REF float &ip) {
+    ip = __builtin_truncf(x);
+    return __builtin_copysignf(__builtin_isinf(x) ? 0.0f : x - ip, x);
+}
+inline float frexp(float x, __CAMEL_THREAD_REF int &e) { return __builtin_frexpf(x, &e); }
+inline half sincos(half x, __CAMEL_THREAD_REF half &c) {
+    float cf, s = sincos((float)x, cf);
+    c = (half)cf;
+    return (half)s;
+}
+inline half modf(half x, __CAMEL_THREAD_REF half &ip) {
+    float i, f = modf((float)x, i);
+    ip = (half)i;
+    return (half)f;
+}
+inline half frexp(half x, __CAMEL_THREAD_REF int &e) { return (half)frexp((float)x, e); }
+#ifdef __CAMEL_TYPED_CHECK  // declarations, written out: clang's notes then point at them
+float2 sincos(float2 x, __private float2 &cosval);
+float2 modf(float2 x, __private float2 &intval);
+float2 frexp(float2 x, __private int2 &exponent);
+float3 sincos(float3 x, __private float3 &cosval);
+float3 modf(float3 x, __private float3 &intval);
+float3 frexp(float3 x, __private int3 &exponent);
+float4 sincos(float4 x, __private float4 &cosval);
+float4 modf(float4 x, __private float4 &intval);
+float4 frexp(float4 x, __private int4 &exponent);
+half2 sincos(half2 x, __private half2 &cosval);
+half2 modf(half2 x, __private half2 &intval);
+half2 frexp(half2 x, __private int2 &exponent);
+half3 sincos(half3 x, __private half3 &cosval);
+half3 modf(half3 x, __private half3 &intval);
+half3 frexp(half3 x, __private int3 &exponent);
+half4 sincos(half4 x, __private half4 &cosval);
+half4 modf(half4 x, __private half4 &intval);
+half4 frexp(half4 x, __private int4 &exponent);
+#else
+#define __CAMEL_SECOND_RESULT_V(V, I)                                                 \
+    inline V sincos(V x, V &c) {                                                      \
+        V s;                                                                          \
+        for (int i = 0; i < __camel_vt<V>::n; i++) {                                  \
+            typename __camel_vt<V>::elem ci;                                          \
+            s[i] = sincos(x[i], ci);                                                  \
+            c[i] = ci;                                                                \
+        }                                                                             \
+        return s;                                                                     \
+    }                                                                                 \
+    inline V modf(V x, V &ip) {                                                       \
+        V f;                                                                          \
+        for (int i = 0; i < __camel_vt<V>::n; i++) {                                  \
+            typename __camel_vt<V>::elem w;                                           \
+            f[i] = modf(x[i], w);                                                     \
+            ip[i] = w;                                                                \
+        }                                                                             \
+        return f;                                                                     \
+    }                                                                                 \
+    inline V frexp(V x, I &e) {                                                       \
+        V m;                                                                          \
+        for (int i = 0; i < __camel_vt<V>::n; i++) {                                  \
+            int ei;                                                                   \
+            m[i] = frexp(x[i], ei);                                                   \
+            e[i] = ei;                                                                \
+        }                                                                             \
+        return m;                                                                     \
+    }
+__CAMEL_SECOND_RESULT_V(float2, int2)
+__CAMEL_SECOND_RESULT_V(float3, int3)
+__CAMEL_SECOND_RESULT_V(float4, int4)
+__CAMEL_SECOND_RESULT_V(half2, int2)
+__CAMEL_SECOND_RESULT_V(half3, int3)
+__CAMEL_SECOND_RESULT_V(half4, int4)
+#undef __CAMEL_SECOND_RESULT_V
+#endif
+#undef __CAMEL_THREAD_REF
 inline float ldexp(float x, int e) { return __builtin_ldexpf(x, e); }
 inline int ilogb(float x) { return __builtin_ilogbf(x); }
 
@@ -1289,10 +1375,10 @@ template <class = void> struct __camel_uses_blocks {
 
 #ifdef __CAMEL_TYPED_CHECK
 // The typed address-space check (camel_check_msl.h) sees Apple's declarations: a load
-// or store takes device or threadgroup memory (MSL 6.7; constant is let through), not
-// thread memory. One per element type and space, not templates, so that clang names the
-// space in its note ("no known conversion from 'thread float[64]' to 'const device
-// float *'"); translate.cpp reads those notes for these two functions.
+// or store takes device or threadgroup memory (MSL 6.7, Table 6.9 lists no other), not
+// constant or thread memory. One per element type and space, not templates, so that
+// clang names the space in its note ("no known conversion from 'thread float[64]' to
+// 'const device float *'"); translate.cpp reads those notes for these two functions.
 void simdgroup_load(simdgroup_matrix<float, 8, 8> &d, const __global float *src, ulong elements_per_row = 8,
                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
 void simdgroup_store(const simdgroup_matrix<float, 8, 8> &m, __global float *dst, ulong elements_per_row = 8,
@@ -1300,10 +1386,6 @@ void simdgroup_store(const simdgroup_matrix<float, 8, 8> &m, __global float *dst
 void simdgroup_load(simdgroup_matrix<float, 8, 8> &d, const __local float *src, ulong elements_per_row = 8,
                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
 void simdgroup_store(const simdgroup_matrix<float, 8, 8> &m, __local float *dst, ulong elements_per_row = 8,
-                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
-void simdgroup_load(simdgroup_matrix<float, 8, 8> &d, const __constant float *src, ulong elements_per_row = 8,
-                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
-void simdgroup_store(const simdgroup_matrix<float, 8, 8> &m, __constant float *dst, ulong elements_per_row = 8,
                      ulong2 matrix_origin = 0, bool transpose_matrix = false);
 void simdgroup_load(simdgroup_matrix<half, 8, 8> &d, const __global half *src, ulong elements_per_row = 8,
                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
@@ -1313,10 +1395,6 @@ void simdgroup_load(simdgroup_matrix<half, 8, 8> &d, const __local half *src, ul
                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
 void simdgroup_store(const simdgroup_matrix<half, 8, 8> &m, __local half *dst, ulong elements_per_row = 8,
                      ulong2 matrix_origin = 0, bool transpose_matrix = false);
-void simdgroup_load(simdgroup_matrix<half, 8, 8> &d, const __constant half *src, ulong elements_per_row = 8,
-                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
-void simdgroup_store(const simdgroup_matrix<half, 8, 8> &m, __constant half *dst, ulong elements_per_row = 8,
-                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
 void simdgroup_load(simdgroup_matrix<__bf16, 8, 8> &d, const __global __bf16 *src, ulong elements_per_row = 8,
                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
 void simdgroup_store(const simdgroup_matrix<__bf16, 8, 8> &m, __global __bf16 *dst, ulong elements_per_row = 8,
@@ -1324,10 +1402,6 @@ void simdgroup_store(const simdgroup_matrix<__bf16, 8, 8> &m, __global __bf16 *d
 void simdgroup_load(simdgroup_matrix<__bf16, 8, 8> &d, const __local __bf16 *src, ulong elements_per_row = 8,
                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
 void simdgroup_store(const simdgroup_matrix<__bf16, 8, 8> &m, __local __bf16 *dst, ulong elements_per_row = 8,
-                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
-void simdgroup_load(simdgroup_matrix<__bf16, 8, 8> &d, const __constant __bf16 *src, ulong elements_per_row = 8,
-                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
-void simdgroup_store(const simdgroup_matrix<__bf16, 8, 8> &m, __constant __bf16 *dst, ulong elements_per_row = 8,
                      ulong2 matrix_origin = 0, bool transpose_matrix = false);
 #else
 template <class P, class T, int C, int R>
