@@ -183,6 +183,8 @@ inline FragLane frag_lane(uint lane) {
 // v7 (REG_SOFTMAX) has neither s_sg nor diag: each lane works on the 2 elements per
 // fragment it already holds (frag_lane), 2 NC scores of its row, and scales its own
 // elements of Of; the row's max and sum meet the same way, over frag_lane's masks.
+// v9 (PREFETCH) adds, per thread, `next`: its kv_share() float4s of chunk g + 1, read
+// from device memory at the top of step g and written to the other buffer at its end.
 //
 // The work is a stream of chunks: per key block, NCHUNK chunks of K (S = Q·Kᵀ, one DK
 // slice of D each), then NCHUNK chunks of V (O += P·V, DK columns of O each), each a
