@@ -10,7 +10,7 @@ recomputes P from lse, one thread per row (see shaders/ops_attention.metal).
 
 Selection (F.scaled_dot_product_attention on "mps"):
     CAMEL_ATTENTION=flash        the default rung: v6 with the autotuner's tile shape
-    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v8, or flash_v6_64x32)
+    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v9, or flash_v6_64x32)
     CAMEL_ATTENTION=naive        the Stage 5A path (four ops, a (T, S) matrix)
 Head dims 32, 64 and 128 are built; camel.functional falls back to naive for others.
 """
@@ -44,6 +44,7 @@ class Rung:
     buffers: int = 1  # K/V chunk buffers (2: double buffering, v3+)
     reg_softmax: bool = False  # v7: softmax in registers, no score or diag(alpha) tile
     pad: int = 0  # v8: floats added to each row of the score tile and of the K/V chunks
+    prefetch: bool = False  # v9: the next K/V chunk staged in registers (device reads early)
 
     @property
     def threads(self) -> int:
@@ -93,6 +94,8 @@ RUNGS: dict[str, Rung] = {
              64, 32, _dk(32, 64, 64), 2, reg_softmax=True),
         Rung("flash_v8", 8, "v6_64x32 with padded rows (+4 floats) instead of the swizzle",
              64, 32, _dk(32, 64, 64), 2, pad=4),
+        Rung("flash_v9", 9, "v7 + the next K/V chunk staged in registers (device reads in flight)",
+             64, 32, _dk(32, 64, 64), 2, reg_softmax=True, prefetch=True),
     ]
 }  # fmt: skip
 
@@ -109,7 +112,7 @@ def names() -> list[str]:
     return (
         ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"]
         + [n for n in RUNGS if n.startswith("flash_v6_")]
-        + ["flash_v7", "flash_v8"]
+        + ["flash_v7", "flash_v8", "flash_v9"]
     )
 
 

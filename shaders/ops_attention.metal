@@ -29,6 +29,10 @@
 //             tile's rows are B_c + 4 floats apart and the K/V chunks' DK + 4, so the
 //             lanes' plain walk, the simdgroup_store/load of the scores and the K/V
 //             fragment loads spread over the banks (tools/bank_calc.py; docs/stage5b.md)
+//   version 9 is v7 with the next K/V chunk staged in registers: a step issues the device
+//             reads of chunk g + 1 into registers before it multiplies chunk g and writes
+//             them to the other buffer after, so the multiplies do not wait for device
+//             memory (what v3's two buffers alone do not do; GEMM v12/v13's loop)
 // All rungs are instances of ONE template kernel, `flash_forward`, whose bool parameters
 // switch the ideas on; the instances are named `flash_v<rung>_<B_r>x<B_c>_d<D>`.
 //
@@ -80,6 +84,48 @@ inline void load_kv_chunk(device const float* src, uint S, uint c0, uint d0,
         if (key < S) val = *((device const float4*)(src + key * D + d0) + c4);
         finite = finite && all(isfinite(val));
         tile4[r * (LD / 4) + c4] = val;
+    }
+    if (!finite) atomic_store_explicit(bad, 1u, memory_order_relaxed);
+}
+
+// v9 splits load_kv_chunk in two, around the multiplies: fetch_kv_chunk issues a thread's
+// device reads of a chunk into registers (KvShare: its N float4s, float4 e = t + i THREADS
+// of the chunk, the same ones load_kv_chunk copies), stash_kv_chunk writes them to
+// threadgroup memory later. Nothing reads the registers in between, so the thread does
+// not wait for device memory until the stash. The NaN/inf check is in the stash: checking
+// in the fetch would wait for the reads right there.
+template <uint N> struct KvShare {
+    float4 v[N];
+};
+// float4s of a B_c x DK chunk a thread stages (v9: 1 at D = 32, 2 at D = 64 and 128)
+template <uint BC, uint DK, uint THREADS> constexpr uint kv_share() {
+    return (BC * DK / 4 + THREADS - 1) / THREADS;
+}
+
+template <uint BC, uint DK, uint D, uint THREADS, uint N>
+inline void fetch_kv_chunk(device const float* src, uint S, uint c0, uint d0, uint t,
+                           thread KvShare<N>& share) {
+    for (uint i = 0; i < N; i++) {
+        const uint e = t + i * THREADS;
+        const uint r = e / (DK / 4), c4 = e % (DK / 4);
+        const uint key = c0 + r;
+        share.v[i] = float4(0.0f);
+        if (e < BC * DK / 4 && key < S) {
+            share.v[i] = *((device const float4*)(src + key * D + d0) + c4);
+        }
+    }
+}
+
+template <uint BC, uint DK, uint THREADS, uint LD, uint N>
+inline void stash_kv_chunk(thread const KvShare<N>& share, threadgroup float* tile, uint t,
+                           threadgroup atomic_uint* bad) {
+    threadgroup float4* tile4 = (threadgroup float4*)tile;
+    bool finite = true;
+    for (uint i = 0; i < N; i++) {
+        const uint e = t + i * THREADS;
+        if (e >= BC * DK / 4) break;
+        finite = finite && all(isfinite(share.v[i]));
+        tile4[(e / (DK / 4)) * (LD / 4) + e % (DK / 4)] = share.v[i];
     }
     if (!finite) atomic_store_explicit(bad, 1u, memory_order_relaxed);
 }
@@ -137,6 +183,8 @@ inline FragLane frag_lane(uint lane) {
 // v7 (REG_SOFTMAX) has neither s_sg nor diag: each lane works on the 2 elements per
 // fragment it already holds (frag_lane), 2 NC scores of its row, and scales its own
 // elements of Of; the row's max and sum meet the same way, over frag_lane's masks.
+// v9 (PREFETCH) adds, per thread, `next`: its kv_share() float4s of chunk g + 1, read
+// from device memory at the top of step g and written to the other buffer at its end.
 //
 // The work is a stream of chunks: per key block, NCHUNK chunks of K (S = Q·Kᵀ, one DK
 // slice of D each), then NCHUNK chunks of V (O += P·V, DK columns of O each), each a
@@ -144,7 +192,7 @@ inline FragLane frag_lane(uint lane) {
 // K chunk of a block.
 // Threadgroup (BR/8 * 32, 1, 1); grid (ceil(T / BR), B * H, 1).
 template <uint BR, uint BC, uint DK, uint D, bool SWIZZLE, bool DB_KV, bool INTERLEAVE,
-          bool DB_REG, bool FMA, bool REG_SOFTMAX, bool PAD>
+          bool DB_REG, bool FMA, bool REG_SOFTMAX, bool PAD, bool PREFETCH>
 kernel void flash_forward(device const float* q [[buffer(0)]],
                           device const float* k [[buffer(1)]],
                           device const float* v [[buffer(2)]],
@@ -253,7 +301,16 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
         const uint ch = i % NCHUNK;
         const uint c0 = kb * BC;
         threadgroup float* buf = kv + (DB_KV ? (g % 2) * BC * KLD : 0);
-        if (DB_KV) {
+        KvShare<kv_share<BC, DK, THREADS>()> next;  // v9: chunk g + 1, reads to stash
+        if (DB_KV && PREFETCH) {
+            // v9: issue the device reads of the next chunk into registers; they are
+            // stashed in the other buffer at the end of this step (below)
+            if (g + 1 < nsteps) {
+                const uint g1 = g + 1, kb1 = g1 / (2 * NCHUNK), i1 = g1 % (2 * NCHUNK);
+                fetch_kv_chunk<BC, DK, D, THREADS>(i1 >= NCHUNK ? v : k, S, kb1 * BC,
+                                                   (i1 % NCHUNK) * DK, t, next);
+            }
+        } else if (DB_KV) {
             // v3: start the next chunk into the other buffer; it was last read in step
             // g - 1, which ended with a barrier.
             if (g + 1 < nsteps) {
@@ -508,6 +565,12 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                 }
             }
         }
+        if (DB_KV && PREFETCH && g + 1 < nsteps) {
+            // v9: the next chunk into the other buffer, last read in step g - 1 (before the
+            // barrier that ended it); the first wait for the reads issued above
+            stash_kv_chunk<BC, DK, THREADS, KLD>(next, kv + ((g + 1) % 2) * BC * KLD, t,
+                                                 &kv_bad);
+        }
         threadgroup_barrier(mem_flags::mem_threadgroup);  // chunk read (and next written)
     }
 
@@ -562,9 +625,9 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
     }
 }
 
-#define FLASH_FORWARD(NAME, BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG, PAD)                \
+#define FLASH_FORWARD(NAME, BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG, PAD, PF)            \
     template [[host_name(NAME)]] kernel void                                               \
-    flash_forward<BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG, PAD>(                        \
+    flash_forward<BR, BC, DK, D, SW, DBKV, IL, DBR, FMA, REG, PAD, PF>(                    \
         device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
         device const float* v [[buffer(2)]], device float* o [[buffer(3)]],                \
         device float* lse [[buffer(4)]], constant FlashParams& p [[buffer(5)]],            \
@@ -575,31 +638,34 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
 // Each rung for D = 32, 64, 128. Threadgroup memory (floats): K/V chunks NBUF*BC*KLD,
 // scores BR*SLD, diag BR*8 (KLD = DK and SLD = BC, + 4 each in v8); the table in
 // camel/flash.py repeats these numbers.
-#define FLASH_RUNG(V, BR, BC, DK32, DK64, DK128, SW, DBKV, IL, DBR, FMA, REG, PAD)            \
-    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d32", BR, BC, DK32, 32, SW, DBKV, IL, DBR, FMA, REG, PAD) \
-    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d64", BR, BC, DK64, 64, SW, DBKV, IL, DBR, FMA, REG, PAD) \
-    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d128", BR, BC, DK128, 128, SW, DBKV, IL, DBR, FMA, REG, PAD)
+#define FLASH_RUNG(V, BR, BC, DK32, DK64, DK128, SW, DBKV, IL, DBR, FMA, REG, PAD, PF)        \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d32", BR, BC, DK32, 32, SW, DBKV, IL, DBR, FMA, REG, PAD, PF) \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d64", BR, BC, DK64, 64, SW, DBKV, IL, DBR, FMA, REG, PAD, PF) \
+    FLASH_FORWARD("flash_v" #V "_" #BR "x" #BC "_d128", BR, BC, DK128, 128, SW, DBKV, IL, DBR, FMA, REG, PAD, PF)
 
 // v1, v2: 64x64, DK 32: 8 + 16 + 2 = 26 KiB
-FLASH_RUNG(1, 64, 64, 32, 32, 32, false, false, false, false, false, false, false)
-FLASH_RUNG(2, 64, 64, 32, 32, 32, true, false, false, false, false, false, false)
+FLASH_RUNG(1, 64, 64, 32, 32, 32, false, false, false, false, false, false, false, false)
+FLASH_RUNG(2, 64, 64, 32, 32, 32, true, false, false, false, false, false, false, false)
 // v3-v5: 64x64, two chunk buffers of DK 16: 8 + 16 + 2 = 26 KiB
-FLASH_RUNG(3, 64, 64, 16, 16, 16, true, true, false, false, false, false, false)
-FLASH_RUNG(4, 64, 64, 16, 16, 16, true, true, true, false, false, false, false)
-FLASH_RUNG(5, 64, 64, 16, 16, 16, true, true, true, true, false, false, false)
+FLASH_RUNG(3, 64, 64, 16, 16, 16, true, true, false, false, false, false, false, false)
+FLASH_RUNG(4, 64, 64, 16, 16, 16, true, true, true, false, false, false, false, false)
+FLASH_RUNG(5, 64, 64, 16, 16, 16, true, true, true, true, false, false, false, false)
 // v6: the autotuner's tile shapes. 64x32, DK up to 64: 16 + 8 + 2 = 26 KiB;
 // 64x64, DK 16: 26 KiB; 128x32, DK 32: 8 + 16 + 4 = 28 KiB.
 // 128x64 needs 32 KiB for the scores alone: over the limit, not built.
-FLASH_RUNG(6, 64, 32, 32, 64, 64, true, true, true, true, true, false, false)
-FLASH_RUNG(6, 64, 64, 16, 16, 16, true, true, true, true, true, false, false)
-FLASH_RUNG(6, 128, 32, 32, 32, 32, true, true, true, true, true, false, false)
+FLASH_RUNG(6, 64, 32, 32, 64, 64, true, true, true, true, true, false, false, false)
+FLASH_RUNG(6, 64, 64, 16, 16, 16, true, true, true, true, true, false, false, false)
+FLASH_RUNG(6, 128, 32, 32, 32, 32, true, true, true, true, true, false, false, false)
 // v7: v6's 64x32 tile with the softmax in registers: only the two K/V chunk buffers,
 // DK 32 / 64 / 64: 8 / 16 / 16 KiB (+ 32 bytes of placeholders for the unused tiles).
-FLASH_RUNG(7, 64, 32, 32, 64, 64, true, true, true, true, true, true, false)
+FLASH_RUNG(7, 64, 32, 32, 64, 64, true, true, true, true, true, true, false, false)
 // v8: v6's 64x32 tile, padded rows instead of the swizzle (SW off, PAD on). Chunks of
 // 32 x (DK + 4), two of them: 9 / 17 / 17 KiB; scores 64 x 36: 9 KiB; diag 2 KiB:
 // 20 / 28 / 28 KiB for D = 32 / 64 / 128.
-FLASH_RUNG(8, 64, 32, 32, 64, 64, false, true, true, true, true, false, true)
+FLASH_RUNG(8, 64, 32, 32, 64, 64, false, true, true, true, true, false, true, false)
+// v9: v7 with the next K/V chunk staged in registers: v7's threadgroup memory (8 / 16 /
+// 16 KiB), and 4 / 8 / 8 floats a thread of registers for the staged chunk.
+FLASH_RUNG(9, 64, 32, 32, 64, 64, true, true, true, true, true, true, false, true)
 
 // ---------------------------------------------------------------------------------------
 // Backward: recomputation from the saved log-sum-exp, one thread per row, no (T, S)

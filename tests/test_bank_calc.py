@@ -190,6 +190,27 @@ def test_flash_v8_block_totals():
     assert both["ld"][1] - v8["ld"][1] == 8 * 7 and both["st"][1] - v8["st"][1] == 8 * 7
 
 
+def test_flash_v9_stash_stores_what_load_kv_chunk_stores():
+    # v9 writes a staged chunk with the float4s e = t + i * 256: store 0 is exactly
+    # load_kv_chunk's first store (v7), conflict-free in either buffer; store 1 is 256
+    # float4s (a multiple of 32 words) further on: the same banks. Adjacent float4s per
+    # thread (e = 2t + i) would put lanes 8 floats apart: 2-way.
+    acc = {a.what: a for a in bank_calc.flash_v9_accesses()}
+    for dk in (32, 64):
+        assert bank_calc._stash(dk, dk) == bank_calc._chunk_store(dk, dk)
+        assert bank_calc._stash(dk, dk, buffer=1) == bank_calc._chunk_store(dk, dk, 1)
+        stores = [a for w, a in acc.items() if w.startswith("stash_kv_chunk") and f"{dk}," in w]
+        assert len(stores) == (2 if dk == 32 else 4) and all(a.degree == 1 for a in stores)
+    one = bank_calc._stash(64, 64, 1)
+    assert [w - 256 * 4 for w in one] == bank_calc._stash(64, 64, 0)
+    assert acc["stash with a thread's float4s adjacent (e = 2 t + i), DK = 64"].degree == 2
+    # the fragment loads are v6 64x32's (v7's tile, stride DK)
+    v6 = _degrees("flash_v6_64x32")
+    for w, a in acc.items():
+        if w.startswith(("K chunk", "V chunk")):
+            assert a.degree == v6[w], w
+
+
 def test_flash_model_against_ncu_on_the_h200():
     # docs/cuda.md: ncu on the H200 (CUDA shim), T = 4096, D = 64, causal, H = 16: shared
     # load conflicts 384 M (v1) and 218 M (v3). The model, times the (SIMD group, key
@@ -215,6 +236,7 @@ def test_command_line(capsys):
     assert "assumption" in out and "| matmul_v9 |" in out and "| flash (B_c = 64) |" in out
     assert "| flash_v8 | softmax walk, stride 36, no swizzle | ld | 4 | 1 |" in out
     assert "| flash_v8 | 64 | 220 (74) | 29 (8) | 39 M / 4 M |" in out
+    assert "| flash_v9 | stash_kv_chunk store 1 (float4), DK = 64, buffer 1 | st | 16 | 1 |" in out
     assert bank_calc.main(["--stride", "33"]) == 0
     assert "conflict-free" in capsys.readouterr().out
     assert bank_calc.main(["nope"]) == 2

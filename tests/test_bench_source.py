@@ -61,6 +61,19 @@ def test_fold_ternaries_and_constants():
     assert source.fold_constexpr("constexpr uint N = K * 2;", known) == "constexpr uint N = K * 2;"
 
 
+def test_drop_unused_locals_keeps_what_is_named():
+    text = (
+        "    KvShare<kv_share<32, 64, 256>()> next;  // v9\n    float acc;\n    uint a, b;\n"
+        "    float s[4];\n    acc = 1.0f;\n    // next is only named in a comment\n"
+    )
+    assert source.drop_unused_locals(text) == (
+        "    float acc;\n    uint a, b;\n    float s[4];\n    acc = 1.0f;\n"
+        "    // next is only named in a comment\n"
+    )
+    kept = "    KvShare<2> next;\n    fetch(next);\n    return next;\n"
+    assert source.drop_unused_locals(kept) == kept
+
+
 # -- the printed rungs --------------------------------------------------------------------
 
 
@@ -79,12 +92,12 @@ def test_template_rung_is_specialised():
 
 
 @pytest.mark.parametrize("name", ["flash_v1", "flash_v3", "flash_v5", "flash_v6_64x32",
-                                  "flash_v7", "flash_v8"])  # fmt: skip
+                                  "flash_v7", "flash_v8", "flash_v9"])  # fmt: skip
 def test_flash_rung_has_no_flags_left(name):
     text = bench_attention.rung_source(name, 64)
     body = text[text.index("kernel void") :]
     for flag in ("SWIZZLE", "DB_KV", "INTERLEAVE", "DB_REG", "FMA ?", "(FMA)", "REG_SOFTMAX",
-                 "PAD ?"):  # fmt: skip
+                 "PAD ?", "PREFETCH"):  # fmt: skip
         assert flag not in body.split("//")[0], flag
     code = "\n".join(line.split("//")[0] for line in body.split("\n"))
     for dead in ("true ?", "false ?", "(false", "(true", "!false", "!true"):
@@ -98,6 +111,10 @@ def test_flash_rung_has_no_flags_left(name):
     for tile_code in ("simdgroup_store(Sf[j]", "simdgroup_multiply(scaled", "scale_rows_exact"):
         assert (tile_code in text) == (not rung.reg_softmax), (name, tile_code)
     assert ("thread_elements()" in text) == rung.reg_softmax
+    # v9: the next chunk's reads go to registers (fetch) and reach threadgroup memory
+    # later (stash); every other double-buffered rung copies it in one go
+    assert ("fetch_kv_chunk<" in body and "stash_kv_chunk<" in body) == rung.prefetch
+    assert ("load_kv_chunk<" in body.split("for (uint g = 0")[1]) == (not rung.prefetch)
 
 
 def _code(text: str) -> str:
@@ -145,6 +162,24 @@ def test_v8_diff_is_the_strides_and_the_walk(capsys):
                           + ["const uint c = 4 * n + qd;"] * 2), code  # fmt: skip
 
 
+def test_v9_reads_the_next_chunk_before_the_multiplies_and_stores_it_after(capsys):
+    """v7 -> v9: the copy of chunk g + 1 split in two around step g's multiplies (the
+    fetch before the first, the stash after the last, before the step's barrier)."""
+    for d in flash.HEAD_DIMS:
+        code = _code(bench_attention.rung_source("flash_v9", d))
+        loop = code[code.index("for (uint g = 0") :]
+        loop = loop[: loop.index("threadgroup_barrier(")]
+        fetch, stash = loop.index("fetch_kv_chunk<"), loop.index("stash_kv_chunk<")
+        mma = [i for i in range(len(loop)) if loop.startswith("simdgroup_multiply_accumulate(", i)]
+        assert mma and fetch < mma[0] and mma[-1] < stash, d
+        assert "(g + 1) % 2" in loop[stash:] and "g1 = g + 1" in loop[:fetch], d
+    assert bench_attention.main(["--diff", "flash_v7", "flash_v9"]) == 0
+    out = capsys.readouterr().out
+    removed = [ln[1:].strip() for ln in out.splitlines()[2:] if ln[:1] == "-"]
+    assert not [ln for ln in removed if ln and not ln.startswith(("//", "kernel void",
+                "load_kv_chunk<", "(i1 % NCHUNK) * DK,", "kv + (g1 % 2)"))], removed  # fmt: skip
+
+
 def test_diffs_show_one_idea_per_rung(capsys):
     assert bench_attention.main(["--diff", "flash_v3", "flash_v4"]) == 0
     out = capsys.readouterr().out
@@ -167,7 +202,7 @@ def test_diffs_show_one_idea_per_rung(capsys):
 def test_unknown_rung_names_the_valid_ones(capsys):
     assert bench_matmul.main(["--source", "16"]) == 2
     assert "valid versions: 1, 2" in capsys.readouterr().err
-    assert bench_attention.main(["--source", "flash_v9"]) == 2
+    assert bench_attention.main(["--source", "flash_v10"]) == 2
     assert "flash_v1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no kernel"):
         source.specialise(gemm.SHADER, "matmul_v99")
@@ -192,7 +227,7 @@ def test_printed_matmul_rung_computes_the_same(monkeypatch, version):
 
 @pytest.mark.parametrize("name", ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5",
                                   "flash_v6_64x32", "flash_v6_128x32", "flash_v7",
-                                  "flash_v8"])  # fmt: skip
+                                  "flash_v8", "flash_v9"])  # fmt: skip
 def test_printed_flash_rung_computes_the_same(monkeypatch, name):
     d = 32
     rung = flash.RUNGS[name]

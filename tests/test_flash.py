@@ -92,6 +92,8 @@ def test_forward_schedule_orders(rung, t, d, causal, order, monkeypatch):
         ("flash_v7", 32, False, "random"),
         ("flash_v8", 64, True, "random"),
         ("flash_v8", 128, False, "reverse"),
+        ("flash_v9", 64, True, "reverse"),
+        ("flash_v9", 128, False, "random"),
     ],
 )
 def test_forward_t1000(rung, d, causal, order, monkeypatch):
@@ -166,7 +168,7 @@ def numpy_grads(q, k, v, causal, dout):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("t", [1, 17, 130])
-@pytest.mark.parametrize("rung", ["flash_v6_64x32", "flash_v7"])
+@pytest.mark.parametrize("rung", ["flash_v6_64x32", "flash_v7", "flash_v9"])
 def test_backward(rung, t, d, causal, order, monkeypatch):
     """Autograd through flash.scaled_dot_product_attention equals NumPy, the naive path
     on "mps" and (when installed) PyTorch; the backward reads the forward rung's out and
@@ -292,8 +294,8 @@ def test_rung_table():
             assert rung.kernel(d) in lib.function_names
     assert flash.V6_TOO_BIG.tg_bytes(64) > 32 * 1024
     assert all(r.br * r.bc < 128 * 64 for r in flash.v6_candidates(64))
-    with pytest.raises(ValueError, match=r"unknown rung 'flash_v9'.*flash_v1.*flash_v8"):
-        flash.get_rung("flash_v9")
+    with pytest.raises(ValueError, match=r"unknown rung 'flash_v10'.*flash_v1.*flash_v9"):
+        flash.get_rung("flash_v10")
 
 
 @pytest.mark.skipif(shutil.which("clang++-19") is None, reason="clang++-19 is not installed")
@@ -372,8 +374,8 @@ def test_selection(monkeypatch, capsys):
     with camel.profile() as prof:
         F.scaled_dot_product_attention(*ts).numpy()
     assert {e.name for e in prof.events} == {"flash_v3_64x64_d32"}
-    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v9")
-    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v9' is unknown.*'flash_v8'"):
+    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v10")
+    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v10' is unknown.*'flash_v9'"):
         F.scaled_dot_product_attention(*ts)
 
 

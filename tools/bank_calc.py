@@ -3,7 +3,8 @@
     python tools/bank_calc.py                  # every kernel's threadgroup accesses
     python tools/bank_calc.py gemm flash       # some families: gemm, flash, reduce
                                                # (flash: the score tile, then v6 64x32
-                                               # against v8, its padded-row twin)
+                                               # against v8, its padded-row twin, then
+                                               # v9's staged chunk stores)
     python tools/bank_calc.py --stride 33      # one SIMD group reading a float column
     python tools/bank_calc.py gemm --pad 4     # what if v6-v9's tiles had padded rows
 
@@ -446,6 +447,53 @@ def flash_v8_accesses():
             swizzle=False) + what_if)  # fmt: skip
 
 
+def _stash(dk: int, ld: int, i: int = 0, threads: int = 256, n: int = 2, buffer: int = 0,
+           adjacent: bool = False) -> list[int]:  # fmt: skip
+    """stash_kv_chunk (v9): lane t writes float4 i of its share, e = t + i·threads (the
+    float4s load_kv_chunk copies), at row e / (DK/4), column 4 (e % (DK/4)), row stride ld.
+    adjacent: the what-if e = n·t + i (a thread's float4s side by side in the chunk)."""
+    out = []
+    for t in lanes(0):
+        e = n * t + i if adjacent else t + i * threads
+        out.append((e // (dk // 4)) * ld + (e % (dk // 4)) * 4 + buffer * 32 * ld)
+    return out
+
+
+def flash_v9_accesses():
+    """v9: v7's threadgroup accesses (no score tile, no diag(alpha): the K and V fragments
+    at row stride DK, as v6 64x32) with the chunk written by stash_kv_chunk: one float4 store
+    a lane per staged float4 (1 at D = 32, 2 at D = 64 and 128), into either buffer; and the
+    share layout v9 does not use (a thread's float4s adjacent)."""
+    out = []
+    for dk in (32, 64):
+        n = 32 * dk // 4 // 256  # float4s a thread stages (B_c = 32, 256 threads)
+        out += [
+            Access("flash_v9", f"K chunk: simdgroup_load transposed, DK = {dk}, stride {dk}", "ld",
+                   _worst(_sg_frag(0, dk, 0, True), _sg_frag(0, dk, 1, True)),
+                   note="as v7 and v6 64x32; what fp32 mode reads"),
+            Access("flash_v9", f"K chunk: the B operand's pair, DK = {dk}, stride {dk}", "ld",
+                   _worst(_sg_frag(0, dk, 0), _sg_frag(0, dk, 1)),
+                   note="what the default tf32x3 multiply reads"),
+            Access("flash_v9", f"V chunk: simdgroup_load, DK = {dk}, stride {dk}", "ld",
+                   _worst(_sg_frag(0, dk, 0), _sg_frag(0, dk, 1)),
+                   note="as v7 and v6 64x32; what fp32 mode reads"),
+            Access("flash_v9", f"V chunk: the B operand's pair, DK = {dk}, stride {dk}", "ld",
+                   _worst(_sg_frag(0, dk, 0, True), _sg_frag(0, dk, 1, True)),
+                   note="what the default tf32x3 multiply reads"),
+        ]  # fmt: skip
+        for i in range(n):
+            for buffer in (0, 1):
+                out.append(Access("flash_v9", f"stash_kv_chunk store {i} (float4), DK = {dk}, "
+                                  f"buffer {buffer}", "st", _stash(dk, dk, i, n=n, buffer=buffer),
+                                  16, note="the words v7's load_kv_chunk stores"))  # fmt: skip
+        if n > 1:
+            out.append(Access("flash_v9 what-if", f"stash with a thread's float4s adjacent "
+                              f"(e = {n} t + i), DK = {dk}", "st",
+                              _stash(dk, dk, 0, n=n, adjacent=True), 16,
+                              note="why the share is strided by the thread count"))  # fmt: skip
+    return out
+
+
 def flash_block_passes(pad: int, swizzle: bool, d: int = 64, bc: int = 32, dk: int = 0,
                        br: int = 64, mode: str = "tf32x3"):  # fmt: skip
     """Per SIMD group and key block of a B_r x B_c rung at head dim d (v6 64x32: pad 0,
@@ -537,7 +585,7 @@ def reduce_accesses(threads: int = 256):
 
 FAMILIES = {
     "gemm": gemm_accesses,
-    "flash": lambda: flash_accesses() + flash_v8_accesses(),
+    "flash": lambda: flash_accesses() + flash_v8_accesses() + flash_v9_accesses(),
     "reduce": reduce_accesses,
 }
 

@@ -10,7 +10,8 @@ prints the source of ONE instantiation, as its own compilable MSL file:
    `template [[host_name("...")]]` line after expanding the file's macros), the template
    renamed to the host name, `constexpr` sizes evaluated (`THREADS = 256;  // (BM / TM) ...`);
 3. branches whose condition became a constant removed: `if (false) {...} else {...}`
-   keeps the else, `if (true && x)` becomes `if (x)`, `true ? a : b` becomes `a`.
+   keeps the else, `if (true && x)` becomes `if (x)`, `true ? a : b` becomes `a`; a local
+   declared without a value (`KvShare<2> next;`) that no remaining code names goes too.
 
 The printed file compiles on its own (tests/test_bench_source.py runs it against NumPy),
 so a diff of two rungs shows exactly what changed between them.
@@ -337,6 +338,19 @@ def fold_ternaries(text: str) -> str:
     return text
 
 
+_DECL = re.compile(r"^[ \t]+(?!return\b)[A-Za-z_][^;=\n]*?[\w>][ \t]+(\w+);[ \t]*(?://.*)?\n", re.M)
+
+
+def drop_unused_locals(text: str) -> str:
+    """Remove declarations without a value ('    KvShare<f<4>()> next;') of names that no
+    other code (comments aside) mentions: what a removed branch was the only user of."""
+    code = re.sub(r"//[^\n]*", "", text)
+    for m in reversed(list(_DECL.finditer(text))):
+        if len(re.findall(r"\b" + m.group(1) + r"\b", code)) == 1:
+            text = text[: m.start()] + text[m.end() :]
+    return text
+
+
 _CONSTEXPR = re.compile(r"(constexpr\s+(?:uint|int)\s+)(\w+)\s*=\s*([^;]+);([ \t]*//(.*))?")
 
 
@@ -448,6 +462,7 @@ def specialise(shader: str, host_name: str, header: str = "") -> str:
         root_body = root_body[:brace] + decl + root_body[brace:]
         known = {n: int(v.rstrip("uU")) for n, v in sizes.items() if v.isdigit()}
         root_body = fold_ifs(fold_ternaries(fold_constexpr(root_body, known)))
+        root_body = drop_unused_locals(root_body)
 
     # what the specialised kernel still uses, transitively (dead branches' helpers go too)
     wanted, todo = {root.name}, [re.sub(r"//[^\n]*", "", root_body)]

@@ -1,9 +1,10 @@
 """One launch of each kernel that misses its H200 goal, for `ncu`'s detailed sections
 (tools/gpu/h200.sh ncu_detail): the memory-bound kernels under 70 % of the copy bandwidth
 (softmax / log_softmax / cross-entropy forward, LayerNorm backward) next to two that reach
-it (softmax backward, LayerNorm forward v4), the best GEMM rung at 4096^3 and the best flash
-rung at T = 4096. The report's sections (issue slots, warp stalls, occupancy, memory) say
-whether each is bound by memory, by instruction issue or by latency."""
+it (softmax backward, LayerNorm forward v4), the best GEMM rung at 4096^3, the best flash
+rung at T = 4096 (v7) and v9, v7 with the next K/V chunk staged in registers. The report's
+sections (issue slots, warp stalls, occupancy, memory) say whether each is bound by memory,
+by instruction issue or by latency."""
 
 import os
 
@@ -36,5 +37,9 @@ metal.synchronize()
 q, k, v = (metal.DeviceArray.from_numpy(rng.standard_normal((1, 16, 4096, 64), dtype=np.float32))
            for _ in "qkv")  # fmt: skip
 flash.forward(q, k, v, True, rung="flash_v7")
+metal.synchronize()
+# v9: v7 with the next K/V chunk staged in registers; its warp stalls next to v7's say
+# whether the waits for device memory inside a SIMD group were what it removed
+flash.forward(q, k, v, True, rung="flash_v9")
 metal.synchronize()
 print("one launch per kernel done")
