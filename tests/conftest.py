@@ -6,6 +6,7 @@ tests run on the simulator in CI as soon as the Metal backend lands.
 CAMEL_TEST_DEVICES=cpu (or cpu,mps) overrides the choice.
 """
 
+import ctypes
 import importlib.util
 import os
 
@@ -87,7 +88,7 @@ ORDERS = ["forward", "reverse", "random"] if ON_SIMULATOR else ["forward"]
 # renamed). One worker per CPU; each test module is one group, run by one worker, so its
 # module fixtures (and the kernels they compile) are made once. A few long tests that
 # compile a big shader file on their own (the PTX of each arch, the ASan builds in a
-# subprocess, a private cache) are groups of their own, so they overlap with the rest. The
+# subprocess) are groups of their own, so they overlap with the rest. The
 # CUDA tests that compile a whole shader file for an arch go with that arch's PTX test:
 # they hit its cache entries instead of compiling the same file at the same time.
 def _arch_group(item):
@@ -104,7 +105,6 @@ OWN_GROUP = {
     "tests/test_cuda_translate.py::test_simdgroup_matrix_modes": "ptx-sm90",
     "tests/test_flash.py::test_every_forward_rung_under_address_sanitizer": "asan-flash",
     "tests/test_gemm.py::test_every_rung_under_address_sanitizer": "asan-gemm",
-    "tests/test_sim_regions.py::test_the_kernels_that_need_the_regions_keep_them": "regions",
 }
 
 
@@ -122,7 +122,7 @@ def pytest_xdist_auto_num_workers(config):
 
 # xdist hands out the biggest groups (most tests) first, so these, one long test each,
 # would come last and run alone at the end: they go first instead, longest first.
-FIRST = ["asan-gemm", "asan-flash", "ptx-sm80", "ptx-sm90", "regions"]
+FIRST = ["asan-gemm", "asan-flash", "ptx-sm80", "ptx-sm90"]
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -233,6 +233,58 @@ def run_under_asan(script: str, *args: str, timeout: int = 600):
                PYTHONPATH=str(Path(__file__).resolve().parent.parent))  # fmt: skip
     return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
+
+
+# ---- the simulator's library description (shim/sim/sim_abi.h), read with ctypes ------
+
+
+class SimParam(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("kind", ctypes.c_int32),
+        ("index", ctypes.c_int32),
+        ("value_size", ctypes.c_uint32),
+        ("is_pointer", ctypes.c_int32),
+        ("writable", ctypes.c_int32),
+        ("align", ctypes.c_uint32),
+    ]
+
+
+class SimKernel(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("entry", ctypes.c_void_p),
+        ("nparams", ctypes.c_int32),
+        ("params", ctypes.POINTER(SimParam)),
+        ("max_buffer_index", ctypes.c_int32),
+        ("needs_fibers", ctypes.c_int32),
+        ("group_entry", ctypes.c_void_p),
+    ]
+
+
+class SimLibrary(ctypes.Structure):
+    _fields_ = [
+        ("abi_version", ctypes.c_int32),
+        ("nkernels", ctypes.c_int32),
+        ("kernels", ctypes.POINTER(SimKernel)),
+    ]
+
+
+def sim_library_description(source: str, path: str) -> SimLibrary:
+    """The description the simulator's runtime reads from the kernel library of `source`
+    (camel_sim_compile: the kernel cache entry metal.compile(source, path) uses too)."""
+    from camel import metal
+
+    shim = ctypes.CDLL(metal._native()._name)
+    compile_ = shim.camel_sim_compile
+    compile_.restype = ctypes.c_int
+    compile_.argtypes = [ctypes.c_char_p, ctypes.c_char_p] + [ctypes.POINTER(ctypes.c_char_p)] * 2
+    so, log = ctypes.c_char_p(), ctypes.c_char_p()
+    rc = compile_(source.encode(), path.encode(), ctypes.byref(so), ctypes.byref(log))
+    assert rc == 0, log.value.decode() if log.value else path
+    lib = ctypes.CDLL(so.value.decode())  # ctypes never unloads it: the pointers stay valid
+    lib.camel_sim_library.restype = ctypes.POINTER(SimLibrary)
+    return lib.camel_sim_library().contents
 
 
 # ---- memory that is not zero: edge bugs change numbers ---------------------------------

@@ -257,7 +257,12 @@ def test_simdgroup_matrix_modes(monkeypatch):
     assert "cvt.rna.tf32.f32" in tc
     monkeypatch.setenv("CAMEL_CUDA_MATRIX", "fp32")
     assert "#define CAMEL_CUDA_MATRIX_FP32 1" in metal.translate(src, target="cuda")
-    exact = entry_bodies(compile_ptx(src, "shaders/ops_matmul.metal", 90)[0])[v10]
+    # the exact mode on v10 alone (`camel.bench matmul --source 10`: the same kernel text,
+    # which test_bench_source runs), not the whole file again: a few seconds of compile less
+    from camel.bench import source
+
+    alone = source.specialise("ops_matmul.metal", "matmul_v10_simdgroup")
+    exact = entry_bodies(compile_ptx(alone, "matmul_v10_simdgroup.metal", 90)[0])[v10]
     assert "mma.sync" not in exact and exact.count("fma.rn.f32") >= 16 * 16 * 2
     monkeypatch.setenv("CAMEL_CUDA_MATRIX", "tf64")
     with pytest.raises(metal.MetalError, match=r"CAMEL_CUDA_MATRIX=tf64 .*tf32x3.*fp32"):

@@ -5,7 +5,6 @@ address spaces and threadgroup declarations, the on-disk cache and sanitizers.
 Only meaningful on the simulator: on a Mac with the Metal shim these are skipped.
 """
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sim_library_description
 
 metal = pytest.importorskip("camel.metal")
 
@@ -446,38 +446,6 @@ def test_undefined_behaviour_sanitizer_names_the_metal_line(tmp_path):
 # ---- the generated library description (shim/sim/sim_abi.h), read directly ---------------
 
 
-class _Param(ctypes.Structure):
-    _fields_ = [
-        ("name", ctypes.c_char_p),
-        ("kind", ctypes.c_int32),
-        ("index", ctypes.c_int32),
-        ("value_size", ctypes.c_uint32),
-        ("is_pointer", ctypes.c_int32),
-        ("writable", ctypes.c_int32),
-        ("align", ctypes.c_uint32),
-    ]
-
-
-class _Kernel(ctypes.Structure):
-    _fields_ = [
-        ("name", ctypes.c_char_p),
-        ("entry", ctypes.c_void_p),
-        ("nparams", ctypes.c_int32),
-        ("params", ctypes.POINTER(_Param)),
-        ("max_buffer_index", ctypes.c_int32),
-        ("needs_fibers", ctypes.c_int32),
-        ("group_entry", ctypes.c_void_p),
-    ]
-
-
-class _Library(ctypes.Structure):
-    _fields_ = [
-        ("abi_version", ctypes.c_int32),
-        ("nkernels", ctypes.c_int32),
-        ("kernels", ctypes.POINTER(_Kernel)),
-    ]
-
-
 DESC_SRC = (
     HEADER
     + r"""
@@ -504,15 +472,7 @@ kernel void indirect_simd(device float* x [[buffer(0)]], constant uint& n [[buff
 
 def test_library_description():
     """Parameter kinds, indices, sizes and needs_fibers, as the runtime sees them."""
-    shim = ctypes.CDLL(metal._native()._name)
-    compile_ = shim.camel_sim_compile
-    compile_.restype = ctypes.c_int
-    compile_.argtypes = [ctypes.c_char_p, ctypes.c_char_p] + [ctypes.POINTER(ctypes.c_char_p)] * 2
-    so, log = ctypes.c_char_p(), ctypes.c_char_p()
-    assert compile_(DESC_SRC.encode(), b"desc.metal", ctypes.byref(so), ctypes.byref(log)) == 0
-    lib = ctypes.CDLL(so.value.decode())
-    lib.camel_sim_library.restype = ctypes.POINTER(_Library)
-    desc = lib.camel_sim_library().contents
+    desc = sim_library_description(DESC_SRC, "desc.metal")
     assert desc.abi_version == 3 and desc.nkernels == 3
     kernels, group_entries = {}, {}
     for k in desc.kernels[: desc.nkernels]:
