@@ -536,3 +536,32 @@ def test_function_constants_specialise_to_ptx(arch):
     assert re.search(r"fma\.rn\.f32\s+%f\d+, %f\d+, 0f40200000, 0f3F000000;", ptx), ptx
     with pytest.raises(metal.CompileError, match=r"'fc_other' uses function constant 'scale'"):
         special(b"fc_other", b"0 int(7)\n")
+
+
+VECTOR_CONSTANTS_SRC = """
+#include <metal_stdlib>
+using namespace metal;
+constant float2 line_ab [[function_constant(0)]];
+constant float2 table[2] = {float2(1.0f, 2.0f), float2(3.0f, 4.0f)};
+kernel void vc(device float *y [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+    y[i] = line_ab.x * y[i] + line_ab.y + table[i & 1].y;
+}
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_vector_constants_at_program_scope_compile(arch):
+    """A float2 function constant and a program-scope table of float2(...) are constant
+    initialisers on CUDA, not dynamic ones (which clang cannot place in device memory:
+    'reference to __host__ variable'); the specialised value 3, 0.25 is folded in."""
+    ptx, desc = compile_ptx(VECTOR_CONSTANTS_SRC, "vc.metal", arch)
+    assert "constant 0 float2 line_ab\n" in desc, desc
+    ptx, _ = metal._cuda_call(
+        "camel_cuda_compile_specialised",
+        VECTOR_CONSTANTS_SRC,
+        "vc.metal",
+        arch,
+        b"vc",
+        b"0 float2(0x1.8p+1f, 0x1p-2f)\n",
+    )
+    assert re.search(r"fma\.rn\.f32\s+%f\d+, %f\d+, 0f40400000, 0f3E800000;", ptx), ptx

@@ -166,7 +166,7 @@ template <class T, int N> struct __camel_rebind<T __attribute__((ext_vector_type
 // ---------------------------------------------------------------------------
 // Vector constructors: float4(a, b.xy) is rewritten to __camel_make<float4>(a, b.xy)
 // ---------------------------------------------------------------------------
-template <class V, class S> inline void __camel_put(V &v, int &i, S s) {
+template <class V, class S> constexpr void __camel_put(V &v, int &i, S s) {
     typedef typename __camel_vt<V>::elem E;
     if constexpr (__camel_vt<S>::n == 1) {
         v[i++] = (E)s;
@@ -174,7 +174,7 @@ template <class V, class S> inline void __camel_put(V &v, int &i, S s) {
         for (int k = 0; k < __camel_vt<S>::n; k++) v[i++] = (E)s[k];
     }
 }
-template <class V, class... A> inline V __camel_make(A... a) {
+template <class V, class... A> constexpr V __camel_make(A... a) {
     typedef typename __camel_vt<V>::elem E;
     constexpr int n = __camel_vt<V>::n;
     if constexpr (sizeof...(A) == 0) {
@@ -187,6 +187,11 @@ template <class V, class... A> inline V __camel_make(A... a) {
                          !__camel_is_boolvec<V>::value &&
                          !(__camel_is_boolvec<A>::value || ...)) {
         return __builtin_convertvector((a, ...), V);  // float4(int4): convert each component
+    } else if constexpr (sizeof...(A) == n && ((__camel_vt<A>::n == 1) && ...) &&
+                         !__camel_is_boolvec<V>::value) {
+        return V{(E)a...};  // float4(x, y, z, w): a constant expression, so a program-scope
+                            // `constant float2 t[] = {float2(1, 2)}` needs no dynamic
+                            // initialisation (which CUDA cannot give device memory)
     } else {
         static_assert(((int)__camel_vt<A>::n + ...) == n,
                       "vector constructor: the arguments must supply exactly as many "
