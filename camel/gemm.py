@@ -176,12 +176,13 @@ VARIANTS: dict[str, Rung] = {
 # Defaults when the autotuner has no entry. On an Apple GPU v11, a guess, not a measurement:
 # no Apple GPU has timed this ladder (gemm-metal's README has a tiled simdgroup_matrix kernel
 # fastest on M2 Pro/M3 chips; docs/stage3.md's v11 section gives no reason to expect v11 to
-# beat v10). On the CUDA shim the measured fastest rung for big products (v14: 28.4
-# TFLOP/s at 4096^3 on an H100, v9 27.1; v11 14.5 on an H200: docs/cuda.md), smaller tiles
-# or split-K for products with few tiles (cuda_default below). On the simulator the rung
-# that is quickest to simulate (few threads per group, few barriers; measured in docs/stage3.md).
+# beat v10). On the CUDA shim the measured fastest rung for big products (v15: 37.3
+# TFLOP/s at 4096^3 on an H100, 72 % of cuBLAS; v14 28.4, v9 27.3 in the same run:
+# docs/cuda.md), smaller tiles or split-K for products with few tiles (cuda_default below).
+# On the simulator the rung that is quickest to simulate (few threads per group, few
+# barriers; measured in docs/stage3.md).
 DEFAULT_GPU = "11"
-DEFAULT_CUDA = "14"
+DEFAULT_CUDA = "15"
 DEFAULT_SIM = "9"
 
 
@@ -251,10 +252,10 @@ def default_version(m: int, n: int, k: int, batches: int = 1) -> str:
     return DEFAULT_SIM if shim == "sim" else DEFAULT_GPU
 
 
-# The CUDA shim's untuned choice by shape. A big tile (DEFAULT_CUDA, 128x64) is the fastest
-# per FMA, but an H100/H200 has 132 SMs that each want two threadgroups at once: a product
-# with fewer big tiles than that leaves SMs idle. Smaller tiles (CUDA_SMALL_TILE, 64x64)
-# double the threadgroups; a long K over few tiles is split (split-K) until the grid fills
+# The CUDA shim's untuned choice by shape. A big tile (DEFAULT_CUDA, 128x128) is the fastest
+# per FMA, but an H100/H200 has 132 SMs, and a product with fewer big tiles than a few waves
+# of them leaves SMs idle or the last wave half empty. Smaller tiles (CUDA_SMALL_TILE, 64x64)
+# give four times the threadgroups; a long K over few tiles is split (split-K) until the grid fills
 # the GPU twice over. The thresholds follow the autotuner's winners for GPT-mini's shapes on
 # an H100 (docs/cuda.md, 2026-12-07); `bench models --tune` measures instead of guessing.
 CUDA_SMALL_TILE = "pf_64x64x16_4x4"
@@ -446,7 +447,7 @@ TRIANGLES = {None: 0, "lower": 1, "a_lower": 2, "a_upper": 3}
 
 def triangle_rung(rung: Rung) -> Rung:
     """A rung that honours `triangle` in place of a chosen one that does not (the CUDA shim's
-    defaults v14 and pf_64x64x16_4x4 compute everything): the same tile size, v9's template."""
+    defaults v15 and pf_64x64x16_4x4 compute everything): the same tile size, v9's template."""
     if rung.triangle:
         return rung
     return get_rung(CUDA_SPLIT_TILE if rung.bm * rung.bn <= 64 * 64 else "9")

@@ -600,12 +600,13 @@ def test_default_rung_gives_way_on_a_small_device(limits, default, expected, mon
 def test_default_rung_per_shim(shim, expected, monkeypatch):
     """Each shim has its own default rung (the CUDA one, for big products, measured)."""
     monkeypatch.setattr(metal, "shim", lambda: shim)
-    assert gemm.default_version(4096, 2048, 512) == expected
+    assert gemm.default_version(4096, 4096, 512) == expected
 
 
 @pytest.mark.parametrize("shape, expected", [
     ((4096, 4096, 4096, 1), gemm.DEFAULT_CUDA),  # 2048 big tiles: the big tile
-    ((4096, 1152, 384, 1), gemm.DEFAULT_CUDA),  # 576 big tiles
+    ((4096, 2304, 384, 1), gemm.DEFAULT_CUDA),  # 576 big tiles (128x128)
+    ((4096, 1152, 384, 1), gemm.CUDA_SMALL_TILE),  # 288 big tiles, 1152 small ones
     ((2048, 2048, 128, 1), gemm.CUDA_SMALL_TILE),  # K too short to amortise a big tile
     ((4096, 384, 1536, 1), gemm.CUDA_SMALL_TILE),  # 192 big tiles, 384 small ones
     ((4096, 84, 384, 1), gemm.CUDA_SMALL_TILE),  # few tiles, but K too short to split
