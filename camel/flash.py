@@ -76,9 +76,9 @@ RUNGS: dict[str, Rung] = {
     for r in [
         Rung("flash_v1", 1, "baseline: 64x64 tiles, K/V chunks of 32 columns, simdgroup_matrix",
              64, 64, _dk(32, 32, 32)),
-        Rung("flash_v2", 2, "v1 + XOR-swizzled walk over the score tile (no bank conflicts)",
+        Rung("flash_v2", 2, "v1 + XOR-swizzled score-tile walk (no conflict if banked like NVIDIA)",
              64, 64, _dk(32, 32, 32)),
-        Rung("flash_v3", 3, "v2 + double-buffered K/V chunks (global -> threadgroup)",
+        Rung("flash_v3", 3, "v2 + two K/V chunk buffers, one barrier per chunk (no async copy)",
              64, 64, _dk(16, 16, 16), 2),
         Rung("flash_v4", 4, "v3 + interleaved fragments (independent multiplies in a row)",
              64, 64, _dk(16, 16, 16), 2),

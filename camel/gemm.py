@@ -138,7 +138,7 @@ RUNGS: dict[str, Rung] = {
         _blocktile("9", 128, 64, 16, 8, 4, "v6 as a template: 128x64x16 tiles, 8x4"),
         Rung("10", "matmul_v10_simdgroup", "simdgroup_matrix 8x8 tiles, 4 SIMD groups",
              64, 64, (128, 1, 1), (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4),
-        Rung("11", "matmul_v11_double_buffer", "v10 with double-buffered threadgroup tiles",
+        Rung("11", "matmul_v11_double_buffer", "v10, two tile buffers: one barrier a K step",
              64, 64, (128, 1, 1), 2 * (64 * 20 + 16 * 68) * 4 + 4 * 64 * 4, triangle=True),
         _sgtile("12", 64, 64, 4, 4, "v11 with the next tile staged in registers"),
         _pftile("13", 128, 64, 16, 8, 4, "v9 with the next tile staged in registers"),

@@ -790,7 +790,8 @@ MATMUL_SG_PREFETCH("matmul_sgtile_64x128_4x8", 64, 128, 4, 8)  // 128 threads, 2
 // The tiles are stored as in v6-v9, As[k][m] and Bs[k][n], with each row padded by 4
 // floats: the transposed store of a (BM, BK) tile of A (thread t writes column 4 (t % 4) ..
 // of row t / 4 into As[k][m], a stride of BM floats between its four stores) hits
-// 8 banks with BM = 128 (bank = m mod 32 for every k); with a stride of BM + 4 it hits 16.
+// 8 banks with BM = 128 (bank = m mod 32 for every k, under the bank model assumed for
+// v10 above: 32 banks of 4 bytes); with a stride of BM + 4 it hits 16.
 // The padding keeps rows 16-byte aligned, so the reads stay float4 reads.
 // Thread t computes the TM x TN block at rows tr TM, columns tc TN as in v6-v9.
 // Threadgroup ((BM/TM)(BN/TN), 1, 1); grid (ceil(N/BN), ceil(M/BM), batches);

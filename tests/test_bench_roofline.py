@@ -58,6 +58,16 @@ def test_gemm_counts():
     reads = {v: rows[v]["tg_read"] for v in ("3", "4", "5", "7", "9", "10")}
     assert reads == {"3": 8.0, "4": 4.5, "5": 1.0, "7": 2.0, "9": 1.5, "10": 0.25}
     assert rows["1"]["tg_bytes"] == 0 and rows["1"]["tg_read"] == 0
+
+
+def test_gemm_counts_warp_tile_per_thread():
+    """v15's name ends in its SIMD-group tile (64x32), not a thread's: each thread owns
+    (WM/32) x (WN/16) blocks of 4 x 4 = 8 x 8 outputs and reads 8 + 8 floats per k for 64
+    FMAs (1 B per FMA, as v5), not the 96 floats of a 64 x 32 outer product per 2,048."""
+    rows = {r["version"]: r for r in roofline.gemm_rows(1024)}
+    assert rows["15"]["tg_read"] == 1.0
+    assert rows["15"]["tg_bytes"] == 2 * 16 * (128 + 128) * 4  # two k-major 16 KiB buffers
+    assert rows["15"]["tg_per_core"] == 1
     # v11's second buffer: fewer threadgroups fit a core (60 KB) than v10's
     assert (rows["10"]["tg_per_core"], rows["11"]["tg_per_core"]) == (5, 3)
     # on M1 v5's counts are compute-bound at 4096 and memory-bound at v3's tile size

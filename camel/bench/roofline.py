@@ -161,6 +161,11 @@ def _gemm_tg_traffic(v: str, rung) -> tuple[float, float]:
 def _tmtn(v: str, rung) -> tuple[int, int]:
     if v == "5":
         return 8, 8
+    if "warptile" in rung.kernel or "wtile" in rung.kernel:
+        # v15 and its variants end in the SIMD-group tile WM x WN; a thread owns
+        # (WM/32) x (WN/16) blocks of 4 x 4 (camel/gemm.py, _wtile)
+        wm, wn = map(int, rung.kernel.rsplit("_", 1)[-1].split("x"))
+        return wm // 8, wn // 4
     # v6-v9 and variants: (BM/TM)·(BN/TN) = threads; the name says TMxTN last
     tm, tn = rung.kernel.rsplit("_", 1)[-1].split("x") if v != "6" else ("8", "8")
     return int(tm), int(tn)
