@@ -254,10 +254,12 @@ def default_version(m: int, n: int, k: int, batches: int = 1) -> str:
 
 # The CUDA shim's untuned choice by shape. A big tile (DEFAULT_CUDA, 128x128) is the fastest
 # per FMA, but an H100/H200 has 132 SMs, and a product with fewer big tiles than a few waves
-# of them leaves SMs idle or the last wave half empty. Smaller tiles (CUDA_SMALL_TILE, 64x64)
-# give four times the threadgroups; a long K over few tiles is split (split-K) until the grid fills
+# of them leaves SMs idle or the last wave half empty. So the biggest of CUDA_BIG_TILES that
+# gives at least 528 threadgroups (v15's 128x128, then v14's 128x64), else smaller tiles
+# (CUDA_SMALL_TILE, 64x64); a long K over few tiles is split (split-K) until the grid fills
 # the GPU twice over. The thresholds follow the autotuner's winners for GPT-mini's shapes on
 # an H100 (docs/cuda.md, 2026-12-07); `bench models --tune` measures instead of guessing.
+CUDA_BIG_TILES = [DEFAULT_CUDA, "14"]
 CUDA_SMALL_TILE = "pf_64x64x16_4x4"
 CUDA_SPLIT_TILE = "64x64x16_4x4"
 CUDA_FULL_GRID = 2 * 132  # threadgroups that keep every SM of an H100/H200 busy
@@ -270,8 +272,9 @@ def _tiles(version: str, m: int, n: int, batches: int) -> int:
 
 def cuda_default(m: int, n: int, k: int, batches: int = 1) -> str:
     """The CUDA shim's default version for an (M, N, K) product (see above)."""
-    if k >= _MIN_SLICE and _tiles(DEFAULT_CUDA, m, n, batches) >= 2 * CUDA_FULL_GRID:
-        return DEFAULT_CUDA  # enough big tiles, and a K long enough to amortise them
+    for big in CUDA_BIG_TILES:  # the biggest tile with enough tiles, and a K to amortise it
+        if k >= _MIN_SLICE and _tiles(big, m, n, batches) >= 2 * CUDA_FULL_GRID:
+            return big
     tiles = _tiles(CUDA_SPLIT_TILE, m, n, batches)
     if tiles < CUDA_FULL_GRID:
         splits = [s for s in SPLITS if can_split(m, n, k, batches, s) and k // s >= _MIN_SLICE]

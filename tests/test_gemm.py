@@ -606,9 +606,9 @@ def test_default_rung_per_shim(shim, expected, monkeypatch):
 @pytest.mark.parametrize("shape, expected", [
     ((4096, 4096, 4096, 1), gemm.DEFAULT_CUDA),  # 2048 big tiles: the big tile
     ((4096, 2304, 384, 1), gemm.DEFAULT_CUDA),  # 576 big tiles (128x128)
-    ((4096, 1152, 384, 1), gemm.CUDA_SMALL_TILE),  # 288 big tiles, 1152 small ones
+    ((4096, 1152, 384, 1), "14"),  # 288 tiles of 128x128, 576 of v14's 128x64
     ((2048, 2048, 128, 1), gemm.CUDA_SMALL_TILE),  # K too short to amortise a big tile
-    ((4096, 384, 1536, 1), gemm.CUDA_SMALL_TILE),  # 192 big tiles, 384 small ones
+    ((4096, 384, 1536, 1), gemm.CUDA_SMALL_TILE),  # 192 of v14's tiles, 384 small ones
     ((4096, 84, 384, 1), gemm.CUDA_SMALL_TILE),  # few tiles, but K too short to split
     ((1024, 64, 1024, 16), gemm.CUDA_SMALL_TILE),  # a batch does not split
     ((384, 1536, 4096, 1), gemm.CUDA_SPLIT_TILE + "/k4"),  # 144 tiles x 4 >= 528
