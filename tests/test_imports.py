@@ -21,8 +21,6 @@ ALLOWED_UPWARD = {
     ("camel.autograd", "camel.tensor"),
     # the tuner times gemm's rungs: to move to camel/bench, the cache staying (issue 16)
     ("camel.autotune", "camel.gemm"),
-    # camel.__getattr__'s hint looks in camel.functional: to move to camel/__init__.py
-    ("camel.hints", "camel.functional"),
     # tensor.py imports the ops module after defining Tensor (teenygrad's pattern): the
     # Tensor's methods are camel.functional's ops. Kept on purpose, the one circle left.
     ("camel.tensor", "camel.functional"),
@@ -33,9 +31,9 @@ ALLOWED_UPWARD = {
 
 # circles still allowed (each a set of modules that import each other, directly or not)
 ALLOWED_CIRCLES = {
-    # tensor <-> functional (teenygrad's pattern, kept), joined by the three upward
-    # imports above: autograd -> tensor, flash -> autograd, hints -> functional
-    frozenset({"camel.autograd", "camel.flash", "camel.functional", "camel.hints", "camel.tensor"}),
+    # tensor <-> functional (teenygrad's pattern, kept), joined by the two upward
+    # imports above: autograd -> tensor, flash -> autograd
+    frozenset({"camel.autograd", "camel.flash", "camel.functional", "camel.tensor"}),
     frozenset({"camel.autotune", "camel.gemm"}),  # the tuner in autotune.py, see above
 }
 
