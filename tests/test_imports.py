@@ -17,8 +17,6 @@ _spec.loader.exec_module(imports)
 
 # (importer, imported) upward imports still allowed, each with the step that removes it.
 ALLOWED_UPWARD = {
-    # the tape imports Tensor to wrap its results: to import nothing from camel (issue 16)
-    ("camel.autograd", "camel.tensor"),
     # the tuner times gemm's rungs: to move to camel/bench, the cache staying (issue 16)
     ("camel.autotune", "camel.gemm"),
     # tensor.py imports the ops module after defining Tensor (teenygrad's pattern): the
@@ -31,9 +29,7 @@ ALLOWED_UPWARD = {
 
 # circles still allowed (each a set of modules that import each other, directly or not)
 ALLOWED_CIRCLES = {
-    # tensor <-> functional (teenygrad's pattern, kept), joined by the two upward
-    # imports above: autograd -> tensor, flash -> autograd
-    frozenset({"camel.autograd", "camel.flash", "camel.functional", "camel.tensor"}),
+    frozenset({"camel.functional", "camel.tensor"}),  # teenygrad's pattern, see above
     frozenset({"camel.autotune", "camel.gemm"}),  # the tuner in autotune.py, see above
 }
 
