@@ -155,16 +155,16 @@ _tuned_cache: dict | None = None
 
 
 def _tune_path():
-    from camel import autotune
+    from camel import tuning
 
-    return autotune.cache_dir() / "flash_autotune.json"
+    return tuning.cache_dir() / "flash_autotune.json"
 
 
 def _tune_key(d: int, t: int, causal: bool) -> str:
-    from camel import autotune, metal
+    from camel import metal, tuning
 
     mask = "causal" if causal else "full"
-    return f"{metal.device_name()}|d{d}|t{autotune._bucket(max(t, 1))}|{mask}"
+    return f"{metal.device_name()}|d{d}|t{tuning.bucket(max(t, 1))}|{mask}"
 
 
 def _tuned(d: int, t: int, causal: bool) -> str | None:

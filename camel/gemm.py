@@ -9,7 +9,7 @@ setBytes) and dispatches the chosen rung:
 
     CAMEL_MATMUL=<version>   every matmul (forward and backward) uses that rung
     otherwise                the autotuner's winner for this device and shape class
-                             (camel/autotune.py, ~/.cache/camel/), else `default_version()`
+                             (camel/tuning.py, ~/.cache/camel/), else `default_version()`
 
 Split-K: a version "<rung>/k<S>" (e.g. "9/k4", chosen by the autotuner or CAMEL_MATMUL)
 runs the rung on S slices of K as a batch of S products into an (S, M, N) buffer, then sums
@@ -288,9 +288,9 @@ def choose_version(m: int, n: int, k: int, batches: int = 1) -> str:
     if forced:
         rung, split = parse_version(forced)
         return rung.version if split == 1 else f"{rung.version}/k{split}"
-    from camel import autotune
+    from camel import tuning
 
-    tuned = autotune.lookup(m, n, k)
+    tuned = tuning.lookup(m, n, k)
     if tuned is not None:
         try:
             _, split = parse_version(tuned)
@@ -526,7 +526,7 @@ _recorded: list | None = None  # the shapes matmul() sees inside recording()
 def recording():
     """Collect the shape of every matmul() call made inside the block: a list of
     (m, n, k, transpose_a, transpose_b, batches), one per call, for the autotuner
-    (autotune.tune_shapes) to tune a model's own shapes."""
+    (camel.bench.tuner.tune_shapes) to tune a model's own shapes."""
     global _recorded
     outer, _recorded = _recorded, []
     try:

@@ -17,8 +17,6 @@ _spec.loader.exec_module(imports)
 
 # (importer, imported) upward imports still allowed, each with the step that removes it.
 ALLOWED_UPWARD = {
-    # the tuner times gemm's rungs: to move to camel/bench, the cache staying (issue 16)
-    ("camel.autotune", "camel.gemm"),
     # tensor.py imports the ops module after defining Tensor (teenygrad's pattern): the
     # Tensor's methods are camel.functional's ops. Kept on purpose, the one circle left.
     ("camel.tensor", "camel.functional"),
@@ -30,7 +28,6 @@ ALLOWED_UPWARD = {
 # circles still allowed (each a set of modules that import each other, directly or not)
 ALLOWED_CIRCLES = {
     frozenset({"camel.functional", "camel.tensor"}),  # teenygrad's pattern, see above
-    frozenset({"camel.autotune", "camel.gemm"}),  # the tuner in autotune.py, see above
 }
 
 

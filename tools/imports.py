@@ -15,7 +15,7 @@ import from its own layer or a lower one; an import of a higher layer is "upward
 
     leaves      hints, data            messages and data files; import nothing from camel
     metal       metal                  the C ABI through ctypes: buffers, kernels, dispatch
-    tuning      autotune, profiler     on top of metal only: tuning cache, timing, profiling
+    tuning      tuning, profiler       on top of metal only: tuning cache, timing, profiling
     kernels     gemm, flash,           host side of the kernels, over device arrays
                 backend_cpu, backend_mps
     autograd    autograd               the tape: imports nothing from camel
@@ -45,7 +45,7 @@ PACKAGE = "camel"
 LAYERS = [  # (layer, module names or "prefix.*"), lowest first
     ("leaves", ["camel.hints", "camel.data"]),
     ("metal", ["camel.metal"]),
-    ("tuning", ["camel.autotune", "camel.profiler"]),
+    ("tuning", ["camel.tuning", "camel.profiler"]),
     ("kernels", ["camel.gemm", "camel.flash", "camel.backend_cpu", "camel.backend_mps"]),
     ("autograd", ["camel.autograd"]),
     ("tensor", ["camel.tensor"]),
