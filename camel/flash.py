@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from camel import config
 
 SHADER = "ops_attention.metal"
 HEAD_DIMS = (32, 64, 128)
@@ -272,7 +273,7 @@ def forward(q, k, v, causal: bool = False, rung: str | None = None):
     b, h, t, d = q.shape
     s = k.shape[2]
     if rung is None:
-        env = os.environ.get("CAMEL_ATTENTION", "flash").strip().lower()
+        env = config.attention()  # "" when unset
         rung = env if env.startswith("flash") else "flash"
     r = get_rung(rung, d, t, causal)
     out = metal.DeviceArray.empty((b, h, t, d), np.float32)

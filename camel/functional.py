@@ -15,10 +15,10 @@ the smaller operand's gradient is summed back to its shape.
 import collections
 import math
 import numbers
-import os
 
 import numpy as np
 
+from camel import config
 from camel.autograd import Function
 from camel.tensor import Tensor, device_of, get_backend
 
@@ -714,7 +714,7 @@ def scaled_dot_product_attention(q, k, v, causal=False):
     # CAMEL_ATTENTION picks the path: "naive" (the four ops below, Stage 5A), "flash" or one
     # flash rung such as "flash_v3" (camel/flash.py, Stage 5B: fused kernels, no (T, S) matrix
     # in memory). Unset: flash on "mps" where the head dim has flash kernels, else naive.
-    mode = os.environ.get("CAMEL_ATTENTION", "").strip().lower()
+    mode = config.attention()
     if mode != "naive":
         from camel import flash  # imported here: Stage 5B is optional
 

@@ -39,11 +39,12 @@ dimension of size 1 or missing (a 2-D operand) is broadcast with stride 0.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from camel import config
 
 SHADER = "ops_matmul.metal"
 
@@ -284,7 +285,7 @@ def cuda_default(m: int, n: int, k: int, batches: int = 1) -> str:
 
 def choose_version(m: int, n: int, k: int, batches: int = 1) -> str:
     """CAMEL_MATMUL if set, else the tuned winner for this device and shape, else the default."""
-    forced = os.environ.get("CAMEL_MATMUL", "").strip()
+    forced = config.matmul()
     if forced:
         rung, split = parse_version(forced)
         return rung.version if split == 1 else f"{rung.version}/k{split}"
@@ -493,7 +494,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, t
         return out
     if _recorded is not None:
         _recorded.append((p.m, p.n, p.k, bool(transpose_a), bool(transpose_b), p.batches))
-    forced = version if version is not None else os.environ.get("CAMEL_MATMUL", "").strip()
+    forced = version if version is not None else config.matmul()
     if forced is None or forced == "":
         # not forced: the chosen rung (for a triangle, one of its tile size that skips it),
         # and one that does not fit this device gives way to the next rung down

@@ -20,9 +20,10 @@ the winners here, is camel/bench/tuner.py (`python -m camel.bench matmul --tune`
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from camel import config
 
 CACHE_NAME = "matmul_autotune.json"
 
@@ -31,10 +32,8 @@ _device: str | None = None
 
 
 def cache_dir() -> Path:
-    if os.environ.get("CAMEL_CACHE_DIR"):
-        return Path(os.environ["CAMEL_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "camel"
+    """$CAMEL_CACHE_DIR, else $XDG_CACHE_HOME/camel, else ~/.cache/camel (camel/config.py)."""
+    return config.cache_dir()
 
 
 def cache_path() -> Path:

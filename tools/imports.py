@@ -13,7 +13,8 @@ is not an edge: the package facades re-export, they are not depended on.
 The layers, lowest first (LAYERS below; docs/stage0.md has the same table). A module may
 import from its own layer or a lower one; an import of a higher layer is "upward":
 
-    leaves      hints, data            messages and data files; import nothing from camel
+    leaves      config, hints, data    environment, messages, data files; import nothing
+                                       from camel but each other
     metal       metal                  the C ABI through ctypes: buffers, kernels, dispatch
     tuning      tuning, profiler       on top of metal only: tuning cache, timing, profiling
     kernels     gemm, flash,           host side of the kernels, over device arrays
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "camel"
 
 LAYERS = [  # (layer, module names or "prefix.*"), lowest first
-    ("leaves", ["camel.hints", "camel.data"]),
+    ("leaves", ["camel.config", "camel.hints", "camel.data"]),
     ("metal", ["camel.metal"]),
     ("tuning", ["camel.tuning", "camel.profiler"]),
     ("kernels", ["camel.gemm", "camel.flash", "camel.backend_cpu", "camel.backend_mps"]),
