@@ -17,10 +17,8 @@ Head dims 32, 64 and 128 are built; camel.functional falls back to naive for oth
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,69 +148,14 @@ def _max_tg() -> int:
     return _limits
 
 
-# ---- autotuning v6's tile shape -----------------------------------------------------------
-
-_tuned_cache: dict | None = None
-
-
-def _tune_path():
-    from camel import tuning
-
-    return tuning.cache_dir() / "flash_autotune.json"
-
-
-def _tune_key(d: int, t: int, causal: bool) -> str:
-    from camel import metal, tuning
-
-    mask = "causal" if causal else "full"
-    return f"{metal.device_name()}|d{d}|t{tuning.bucket(max(t, 1))}|{mask}"
+# ---- v6's tuned tile shape (tuned by camel/bench/tuner.py, cached by camel/tuning.py) ----
 
 
 def _tuned(d: int, t: int, causal: bool) -> str | None:
-    global _tuned_cache
-    if _tuned_cache is None:
-        try:
-            _tuned_cache = json.loads(_tune_path().read_text())
-        except (OSError, ValueError):
-            _tuned_cache = {}
-    name = _tuned_cache.get(_tune_key(d, t, causal))
+    from camel import tuning
+
+    name = tuning.flash_lookup(d, t, causal)
     return name if name in RUNGS else None
-
-
-def tune(b: int, h: int, t: int, d: int, causal: bool, reps: int = 3, save: bool = True,
-         log=print) -> str:  # fmt: skip
-    """Time every v6 tile shape that fits on (b, h, t, d) inputs; remember the fastest
-    (checked against NumPy first) for this device, head dim, T class and mask."""
-    from camel import metal
-
-    global _tuned_cache
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((b, h, t, d), dtype=np.float32) for _ in range(3))
-    ref = reference_numpy(q, k, v, causal)[0]
-    qd, kd, vd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
-    best, best_ms = None, math.inf
-    for rung in v6_candidates(d):
-        out, _ = forward(qd, kd, vd, causal, rung=rung.name)
-        if not np.allclose(out.numpy(), ref, atol=2e-4, rtol=2e-3):
-            log(f"[flash] {rung.name} d{d} fails the NumPy check; not a candidate")
-            continue
-        metal.synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
-            forward(qd, kd, vd, causal, rung=rung.name)
-        metal.synchronize()
-        ms = (time.perf_counter() - start) * 1e3 / reps
-        log(f"[flash] tune d{d} T{t} {'causal' if causal else 'full'}: {rung.name} {ms:.2f} ms")
-        if ms < best_ms:
-            best, best_ms = rung.name, ms
-    if best is not None:
-        _tuned(d, t, causal)  # loads the file once
-        _tuned_cache[_tune_key(d, t, causal)] = best
-        if save:
-            path = _tune_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(_tuned_cache, indent=1, sort_keys=True))
-    return best
 
 
 # ---- forward and backward -----------------------------------------------------------------

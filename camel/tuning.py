@@ -1,6 +1,7 @@
 """Tuning state: the cache of the autotuners' winners, and the GPU timer they use.
 
     lookup(m, n, k) / store(m, n, k, version)   the GEMM winner for this device and shape class
+    flash_lookup(d, t, causal) / flash_store    flash attention's v6 tile shape
     cache_dir()                                 where every tuning cache lives
     time_ms(run, reps)                          milliseconds per call of run(), GPU-timed
 
@@ -10,11 +11,13 @@ $CAMEL_CACHE_DIR or $XDG_CACHE_HOME/camel or ~/.cache/camel, file matmul_autotun
     {"Apple M1 Max": {"1024x1024x1024": "11", ...}}
 
 A shape class rounds each of M, N, K up to a power of two (16 ... 4096), so one tuning run
-covers the shapes near it. camel.gemm.choose_version() looks the class up here; flash.py
-keeps v6's tile shapes in the same directory (flash_autotune.json).
+covers the shapes near it. camel.gemm.choose_version() looks the class up here. Flash
+attention's v6 tile shapes sit beside it in flash_autotune.json, keyed
+"<device>|d<D>|t<T class>|causal" (or "full"); camel/flash.py's "flash" rung reads them.
 
-This module imports only camel.metal. The GEMM tuner, which times every rung and writes
-the winners here, is camel/bench/tuner.py (`python -m camel.bench matmul --tune`).
+This module imports only camel.metal and camel.config. The tuners, which time the
+candidates and write the winners here, are in camel/bench/tuner.py
+(`python -m camel.bench matmul --tune`, `... attention --tune`).
 """
 
 from __future__ import annotations
@@ -94,6 +97,48 @@ def store(m: int, n: int, k: int, version: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
     tmp.replace(path)
+
+
+# ---- flash attention: v6's tile shape per device, head dim, T class and mask -------------
+
+FLASH_CACHE_NAME = "flash_autotune.json"
+
+_flash_cache: dict | None = None  # the file's contents, loaded once per process
+
+
+def flash_path() -> Path:
+    return cache_dir() / FLASH_CACHE_NAME
+
+
+def _flash_key(d: int, t: int, causal: bool) -> str:
+    from camel import metal
+
+    mask = "causal" if causal else "full"
+    return f"{metal.device_name()}|d{d}|t{bucket(max(t, 1))}|{mask}"
+
+
+def flash_lookup(d: int, t: int, causal: bool) -> str | None:
+    """The tuned v6 rung name for head dim d, T's class and the mask, or None."""
+    global _flash_cache
+    if _flash_cache is None:
+        try:
+            _flash_cache = json.loads(flash_path().read_text())
+        except (OSError, ValueError):
+            _flash_cache = {}
+    return _flash_cache.get(_flash_key(d, t, causal))
+
+
+def flash_store(d: int, t: int, causal: bool, name: str, save: bool = True) -> None:
+    """Record a v6 winner for this process; with save, write the cache file too."""
+    flash_lookup(d, t, causal)  # loads the file once
+    _flash_cache[_flash_key(d, t, causal)] = name
+    if save:
+        path = flash_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_flash_cache, indent=1, sort_keys=True))
+
+
+# ---- the timer ----------------------------------------------------------------------------
 
 
 def time_ms(run, reps: int = 10, warmup: int = 2) -> float:

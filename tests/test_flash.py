@@ -20,7 +20,8 @@ from conftest import in_nan_slack, require_shim, run_under_asan
 
 import camel
 import camel.functional as F
-from camel import flash, metal
+from camel import flash, metal, tuning
+from camel.bench import tuner
 
 require_shim()
 
@@ -253,10 +254,10 @@ def test_long_sequence_memory():
 
 
 def test_tune_picks_a_checked_v6_shape(monkeypatch, tmp_path):
-    """flash.tune times the v6 shapes that pass the NumPy check, never one that fails it
+    """tuner.tune_flash times the v6 shapes that pass the NumPy check, never one that fails it
     (even the fastest), and "flash" then uses the winner (not the untuned default)."""
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(flash, "_tuned_cache", None)
+    monkeypatch.setattr(tuning, "_flash_cache", None)
     assert [r.name for r in flash.v6_candidates(32)] == [
         "flash_v6_64x32", "flash_v6_64x64", "flash_v6_128x32"
     ]  # fmt: skip
@@ -273,13 +274,13 @@ def test_tune_picks_a_checked_v6_shape(monkeypatch, tmp_path):
         return out, lse
 
     monkeypatch.setattr(flash, "forward", forward)
-    monkeypatch.setattr(flash, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(tuner, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     lines = []
-    best = flash.tune(1, 1, 40, 32, causal=True, reps=1, log=lines.append)
+    best = tuner.tune_flash(1, 1, 40, 32, causal=True, reps=1, log=lines.append)
     assert best == "flash_v6_128x32" != flash.DEFAULT_V6
     assert any("flash_v6_64x64 d32 fails the NumPy check" in line for line in lines), lines
     assert sum("tune d32" in line for line in lines) == 2  # the two good shapes were timed
-    monkeypatch.setattr(flash, "_tuned_cache", None)  # read back from the file
+    monkeypatch.setattr(tuning, "_flash_cache", None)  # read back from the file
     assert flash.get_rung("flash", 32, 40, True).name == best
     assert flash.get_rung("flash", 32, 40, False).name == flash.DEFAULT_V6  # not tuned
 

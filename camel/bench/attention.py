@@ -314,6 +314,7 @@ def print_source(name, pair, d: int) -> int:
 
 def main(argv=None) -> int:
     from camel import flash, metal
+    from camel.bench import tuner
 
     ap = argparse.ArgumentParser(prog="python -m camel.bench attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -369,7 +370,7 @@ def main(argv=None) -> int:
         for d in dims:
             for t in seqs:
                 for causal in (False, True):
-                    flash.tune(1, 1, t, d, causal)
+                    tuner.tune_flash(1, 1, t, d, causal)
     rows = run(passed, seqs, dims, reps, reference=reference, heads=heads)
     print()
     print(table(rows, sim, device, reference, heads))

@@ -1,20 +1,25 @@
-"""The GEMM autotuner: time every rung that fits on this device, keep the fastest.
+"""The autotuners: time every candidate that fits on this device, keep the fastest.
 
-    python -m camel.bench matmul --tune      # tunes the benchmark sizes and saves the winners
-    python -m camel.bench models --tune      # tunes the GEMM shapes of a model's step
+    python -m camel.bench matmul --tune      # GEMM: the benchmark sizes
+    python -m camel.bench models --tune      # GEMM: the shapes of a model's step
+    python -m camel.bench attention --tune   # flash attention: v6's tile shape
 
-`tune` times square sizes, `tune_shapes` the shapes a model records (gemm.recording());
-the winner of each shape class goes to camel/tuning.py's cache, where
-camel.gemm.choose_version() finds it. A rung whose threadgroup size or threadgroup memory
-exceeds the device's limits is never a candidate, and a rung that fails the NumPy check is
-never picked.
+GEMM: `tune` times square sizes, `tune_shapes` the shapes a model records
+(gemm.recording()); the winner of each shape class goes to camel/tuning.py's cache, where
+camel.gemm.choose_version() finds it. Flash attention: `tune_flash` times v6's tile shapes
+for one head dim, T class and mask; "flash" then runs the winner (camel/flash.py). A
+candidate whose threadgroup size or threadgroup memory exceeds the device's limits is never
+tried, and one that fails the NumPy check is never picked.
 """
 
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 
-from camel import gemm, metal, tuning
+from camel import flash, gemm, metal, tuning
 
 
 def check(version: str, a: np.ndarray, b: np.ndarray, **kw) -> float:
@@ -108,3 +113,34 @@ def _tune_class(group, reps, versions, save, log) -> tuple[str, dict]:
     if save:
         tuning.store(m, n, k, winner)
     return winner, times
+
+
+# ---- flash attention: v6's tile shape -----------------------------------------------------
+
+
+def tune_flash(b: int, h: int, t: int, d: int, causal: bool, reps: int = 3, save: bool = True,
+               log=print) -> str:  # fmt: skip
+    """Time every v6 tile shape that fits on (b, h, t, d) inputs; remember the fastest
+    (checked against NumPy first) for this device, head dim, T class and mask."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((b, h, t, d), dtype=np.float32) for _ in range(3))
+    ref = flash.reference_numpy(q, k, v, causal)[0]
+    qd, kd, vd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
+    best, best_ms = None, math.inf
+    for rung in flash.v6_candidates(d):
+        out, _ = flash.forward(qd, kd, vd, causal, rung=rung.name)
+        if not np.allclose(out.numpy(), ref, atol=2e-4, rtol=2e-3):
+            log(f"[flash] {rung.name} d{d} fails the NumPy check; not a candidate")
+            continue
+        metal.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            flash.forward(qd, kd, vd, causal, rung=rung.name)
+        metal.synchronize()
+        ms = (time.perf_counter() - start) * 1e3 / reps
+        log(f"[flash] tune d{d} T{t} {'causal' if causal else 'full'}: {rung.name} {ms:.2f} ms")
+        if ms < best_ms:
+            best, best_ms = rung.name, ms
+    if best is not None:
+        tuning.flash_store(d, t, causal, best, save)
+    return best
