@@ -6,7 +6,10 @@
 `RUNGS` is the ladder table: rung -> kernel name, query rows per threadgroup (B_r), keys
 per block (B_c), columns of D per K/V chunk (DK), threads and threadgroup memory.
 `forward()` returns (out, lse) without ever allocating a (T, S) matrix; `backward()`
-recomputes P from lse, one thread per row (see shaders/ops_attention.metal).
+recomputes P from lse, one thread per row (see shaders/ops_attention.metal). Both work on
+camel.metal.DeviceArrays, like camel/gemm.py; the autograd op over them, FlashAttention,
+is in camel/functional.py beside the naive path. v6's tile shape is tuned by
+camel/bench/tuner.py (tune_flash) and cached by camel/tuning.py.
 
 Selection (F.scaled_dot_product_attention on "mps"):
     CAMEL_ATTENTION=flash        the default rung: v6 with the autotuner's tile shape
@@ -198,7 +201,7 @@ def check_shapes(q_shape, k_shape, v_shape) -> None:
         )
 
 
-def _contiguous16(x):
+def contiguous16(x):
     """x itself, or a copy if its byte offset is not 16-aligned (the kernels read float4)."""
     if x.offset % 16 == 0:
         return x
@@ -228,7 +231,7 @@ def forward(q, k, v, causal: bool = False, rung: str | None = None):
             f"[flash] {r.kernel(d)} needs {r.tg_bytes(d)} bytes of threadgroup memory; this "
             f"device allows {_max_tg()}"
         )
-    q, k, v = (_contiguous16(x) for x in (q, k, v))
+    q, k, v = (contiguous16(x) for x in (q, k, v))
     fn = metal.kernel(SHADER, r.kernel(d))
     keys = t * s / 2 if causal else t * s  # score entries computed, roughly
     nbytes = _F32 * b * h * (2 * t * d + 2 * s * d + t)
@@ -296,49 +299,6 @@ def reference_numpy(q, k, v, causal=False):
     out = (e / total) @ v64
     lse = (m + np.log(total))[..., 0]
     return out.astype(np.float32), lse.astype(np.float32)
-
-
-# ---- the autograd op ----------------------------------------------------------------------
-
-
-def _function():
-    from camel.autograd import Function
-
-    class FlashAttention(Function):
-        name = "flash_attention"
-
-        @staticmethod
-        def forward(ctx, q, k, v, causal, rung):  # (B, H, T, D), (B, H, S, D) x2
-            out, lse = forward(q, k, v, causal, rung)
-            ctx.save_for_backward(q, k, v, out, lse)
-            ctx.causal = causal
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            q, k, v, out, lse = ctx.saved_tensors
-            return backward(q, k, v, out, lse, _contiguous16(grad), ctx.causal)
-
-    return FlashAttention
-
-
-_FlashAttention = None
-
-
-def scaled_dot_product_attention(q, k, v, causal=False, rung=None):
-    """Flash attention on "mps" Tensors q (B, H, T, D), k, v (B, H, S, D) -> (B, H, T, D),
-    differentiable. rung: a name from names(); default from CAMEL_ATTENTION, else "flash"."""
-    global _FlashAttention
-    if _FlashAttention is None:
-        _FlashAttention = _function()
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.device != "mps":
-            raise ValueError(
-                f"[flash] flash attention runs on 'mps'; {name} is on {x.device!r} "
-                f"(shape {x.shape}); move it with .to('mps') or use CAMEL_ATTENTION=naive"
-            )
-    check_shapes(q.shape, k.shape, v.shape)
-    return _FlashAttention.apply(q, k, v, bool(causal), rung)
 
 
 # ---- selection (called by F.scaled_dot_product_attention) ---------------------------------

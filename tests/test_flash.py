@@ -171,8 +171,8 @@ def numpy_grads(q, k, v, causal, dout):
 @pytest.mark.parametrize("t", [1, 17, 130])
 @pytest.mark.parametrize("rung", ["flash_v6_64x32", "flash_v7", "flash_v9"])
 def test_backward(rung, t, d, causal, order, monkeypatch):
-    """Autograd through flash.scaled_dot_product_attention equals NumPy, the naive path
-    on "mps" and (when installed) PyTorch; the backward reads the forward rung's out and
+    """Autograd through the flash path of F.scaled_dot_product_attention equals NumPy, the
+    naive path on "mps" and (when installed) PyTorch; the backward reads the forward rung's out and
     lse (v7 writes lse from another lane of each row than v1-v6)."""
     monkeypatch.setenv("CAMEL_SIM_ORDER", order)
     q, k, v = inputs(t, d, b=2, h=1)
@@ -218,14 +218,15 @@ def test_backward_kinds_agree(t, s, d, causal, order, monkeypatch):
             np.testing.assert_allclose(got.numpy(), ref, atol=tol, rtol=1e-3, err_msg=kind + name)
 
 
-def test_gradcheck_small():
+def test_gradcheck_small(monkeypatch):
     """Finite differences through the flash kernels for dK (the gradient through dS, the
     longest path), T = 5, D = 32, causal; dQ and dV are checked against NumPy above."""
     q, k, v = (x * 0.5 for x in inputs(5, 32, b=1, h=1))
     ts = [camel.tensor(x, device="mps", requires_grad=(i == 1)) for i, x in enumerate((q, k, v))]
+    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v2")
 
     def fn(a, b, c):
-        return flash.scaled_dot_product_attention(a, b, c, causal=True, rung="flash_v2")
+        return F.scaled_dot_product_attention(a, b, c, causal=True)
 
     camel.gradcheck(fn, ts, eps=1e-2, atol=2e-3, rtol=2e-2)
 

@@ -20,9 +20,6 @@ ALLOWED_UPWARD = {
     # tensor.py imports the ops module after defining Tensor (teenygrad's pattern): the
     # Tensor's methods are camel.functional's ops. Kept on purpose, the one circle left.
     ("camel.tensor", "camel.functional"),
-    # the flash attention Function: to sit beside the naive path in functional.py, with
-    # flash.py working on device arrays only, like gemm.py (issue 16).
-    ("camel.flash", "camel.autograd"),
 }
 
 # circles still allowed (each a set of modules that import each other, directly or not)
