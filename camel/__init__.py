@@ -34,7 +34,7 @@ from camel.tensor import (
 
 def __getattr__(name):  # a PyTorch name camel lacks: say what to use instead
     hints = importlib.import_module("camel.hints")  # not `from camel import`: that recurses here
-    raise hints.missing("camel", name)
+    raise hints.missing("camel", name, ops=functional)
 
 
 __all__ = [

@@ -36,6 +36,18 @@ import weakref
 
 _grad_enabled = True
 
+# The tape sits below the Tensor and imports nothing from camel: camel/tensor.py imports
+# this module and, once Tensor exists, hands the class over with use_tensor(). Function.apply
+# needs it to tell Tensor arguments from the rest and to wrap its results.
+Tensor = None  # camel.tensor.Tensor
+device_of = None  # camel.tensor.device_of: a storage's device, "cpu" or "mps"
+
+
+def use_tensor(tensor_class, device_of_storage):
+    """Called once, by camel/tensor.py right after it defines Tensor."""
+    global Tensor, device_of
+    Tensor, device_of = tensor_class, device_of_storage
+
 
 def is_grad_enabled():
     """True unless inside `with camel.no_grad():`."""
@@ -192,8 +204,3 @@ def backward(root, grad):
                 )
             prev = grads.get(id(inp))
             grads[id(inp)] = ig if prev is None else ctx.backend.add(prev, ig)
-
-
-# tensor.py imports this module (for backward and no_grad), so Tensor is imported
-# last, once Function and friends exist.
-from camel.tensor import Tensor, device_of  # noqa: E402

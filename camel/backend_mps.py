@@ -24,11 +24,10 @@ Every dispatch passes flops= and bytes= so `camel.profile()` shows GFLOP/s and G
 
 import builtins
 import math
-import os
 
 import numpy as np
 
-from camel import metal
+from camel import config, metal
 from camel.metal import DeviceArray
 
 DEVICE = "mps"
@@ -64,7 +63,8 @@ _V2_MAX_ELEMENTS = 2**32 - 2**20  # version-2 kernels index in 32 bits (with som
 def _memory_version(op="mps", n=0):
     """The memory-kernel version for op on an array of n elements; version 2 refuses arrays
     its 32-bit indices cannot address."""
-    version = str(os.environ.get("CAMEL_MEMORY_KERNELS", MEMORY_KERNELS_VERSION or 2))
+    given = config.memory_kernels()
+    version = str(given if given is not None else (MEMORY_KERNELS_VERSION or 2))
     if version not in ("1", "2"):
         raise ValueError(
             f"[mps] unknown memory-kernel version {version!r} (CAMEL_MEMORY_KERNELS or "
@@ -810,7 +810,8 @@ def layer_norm(x, weight, bias, eps):
     out, mean, rstd = _empty(x.shape), _empty(x.shape[:-1]), _empty(x.shape[:-1])
     if rows == 0 or d == 0:
         return out, mean, rstd
-    version = os.environ.get("CAMEL_LAYERNORM", LAYERNORM_VERSION)
+    version = config.layernorm()
+    version = LAYERNORM_VERSION if version is None else version
     if (
         version is None
         and _memory_version("layer_norm", x.size) == 2
@@ -867,7 +868,8 @@ def layer_norm_backward(grad, x, weight, mean, rstd):
         return dx, dweight, dbias
     if rows == 0:
         return dx, full((d,), 0.0, "float32"), full((d,), 0.0, "float32")
-    version = os.environ.get("CAMEL_LAYERNORM_BACKWARD", LAYERNORM_BACKWARD_VERSION)
+    version = config.layernorm_backward()
+    version = LAYERNORM_BACKWARD_VERSION if version is None else version
     if version is None:
         fused = _memory_version("layer_norm_backward", x.size) == 2 and d <= _LN_BWD_V3_MAX_D
         version = 3 if fused else 1

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from camel import config
+
 CACHE_DIR = Path(os.path.expanduser("~/.cache/camel"))
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -244,8 +246,9 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True)
             raise FileNotFoundError(f"[mnist] --data {d}: missing {', '.join(missing)} (or .gz)")
         return found
     candidates = []
-    if os.environ.get("CAMEL_DATA"):
-        candidates.append(Path(os.environ["CAMEL_DATA"]).expanduser())
+    given = config.data_dir()  # $CAMEL_DATA
+    if given is not None:
+        candidates.append(given)
     candidates += [CACHE_DIR / "mnist", FASHION_DIR]
     for d in candidates:
         looked.append(str(d))

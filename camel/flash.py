@@ -6,7 +6,10 @@
 `RUNGS` is the ladder table: rung -> kernel name, query rows per threadgroup (B_r), keys
 per block (B_c), columns of D per K/V chunk (DK), threads and threadgroup memory.
 `forward()` returns (out, lse) without ever allocating a (T, S) matrix; `backward()`
-recomputes P from lse, one thread per row (see shaders/ops_attention.metal).
+recomputes P from lse, one thread per row (see shaders/ops_attention.metal). Both work on
+camel.metal.DeviceArrays, like camel/gemm.py; the autograd op over them, FlashAttention,
+is in camel/functional.py beside the naive path. v6's tile shape is tuned by
+camel/bench/tuner.py (tune_flash) and cached by camel/tuning.py.
 
 Selection (F.scaled_dot_product_attention on "mps"):
     CAMEL_ATTENTION=flash        the default rung: v6 with the autotuner's tile shape
@@ -17,14 +20,13 @@ Head dims 32, 64 and 128 are built; camel.functional falls back to naive for oth
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from camel import config
 
 SHADER = "ops_attention.metal"
 HEAD_DIMS = (32, 64, 128)
@@ -149,69 +151,14 @@ def _max_tg() -> int:
     return _limits
 
 
-# ---- autotuning v6's tile shape -----------------------------------------------------------
-
-_tuned_cache: dict | None = None
-
-
-def _tune_path():
-    from camel import autotune
-
-    return autotune.cache_dir() / "flash_autotune.json"
-
-
-def _tune_key(d: int, t: int, causal: bool) -> str:
-    from camel import autotune, metal
-
-    mask = "causal" if causal else "full"
-    return f"{metal.device_name()}|d{d}|t{autotune._bucket(max(t, 1))}|{mask}"
+# ---- v6's tuned tile shape (tuned by camel/bench/tuner.py, cached by camel/tuning.py) ----
 
 
 def _tuned(d: int, t: int, causal: bool) -> str | None:
-    global _tuned_cache
-    if _tuned_cache is None:
-        try:
-            _tuned_cache = json.loads(_tune_path().read_text())
-        except (OSError, ValueError):
-            _tuned_cache = {}
-    name = _tuned_cache.get(_tune_key(d, t, causal))
+    from camel import tuning
+
+    name = tuning.flash_lookup(d, t, causal)
     return name if name in RUNGS else None
-
-
-def tune(b: int, h: int, t: int, d: int, causal: bool, reps: int = 3, save: bool = True,
-         log=print) -> str:  # fmt: skip
-    """Time every v6 tile shape that fits on (b, h, t, d) inputs; remember the fastest
-    (checked against NumPy first) for this device, head dim, T class and mask."""
-    from camel import metal
-
-    global _tuned_cache
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((b, h, t, d), dtype=np.float32) for _ in range(3))
-    ref = reference_numpy(q, k, v, causal)[0]
-    qd, kd, vd = (metal.DeviceArray.from_numpy(x) for x in (q, k, v))
-    best, best_ms = None, math.inf
-    for rung in v6_candidates(d):
-        out, _ = forward(qd, kd, vd, causal, rung=rung.name)
-        if not np.allclose(out.numpy(), ref, atol=2e-4, rtol=2e-3):
-            log(f"[flash] {rung.name} d{d} fails the NumPy check; not a candidate")
-            continue
-        metal.synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
-            forward(qd, kd, vd, causal, rung=rung.name)
-        metal.synchronize()
-        ms = (time.perf_counter() - start) * 1e3 / reps
-        log(f"[flash] tune d{d} T{t} {'causal' if causal else 'full'}: {rung.name} {ms:.2f} ms")
-        if ms < best_ms:
-            best, best_ms = rung.name, ms
-    if best is not None:
-        _tuned(d, t, causal)  # loads the file once
-        _tuned_cache[_tune_key(d, t, causal)] = best
-        if save:
-            path = _tune_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(_tuned_cache, indent=1, sort_keys=True))
-    return best
 
 
 # ---- forward and backward -----------------------------------------------------------------
@@ -254,7 +201,7 @@ def check_shapes(q_shape, k_shape, v_shape) -> None:
         )
 
 
-def _contiguous16(x):
+def contiguous16(x):
     """x itself, or a copy if its byte offset is not 16-aligned (the kernels read float4)."""
     if x.offset % 16 == 0:
         return x
@@ -272,7 +219,7 @@ def forward(q, k, v, causal: bool = False, rung: str | None = None):
     b, h, t, d = q.shape
     s = k.shape[2]
     if rung is None:
-        env = os.environ.get("CAMEL_ATTENTION", "flash").strip().lower()
+        env = config.attention()  # "" when unset
         rung = env if env.startswith("flash") else "flash"
     r = get_rung(rung, d, t, causal)
     out = metal.DeviceArray.empty((b, h, t, d), np.float32)
@@ -284,7 +231,7 @@ def forward(q, k, v, causal: bool = False, rung: str | None = None):
             f"[flash] {r.kernel(d)} needs {r.tg_bytes(d)} bytes of threadgroup memory; this "
             f"device allows {_max_tg()}"
         )
-    q, k, v = (_contiguous16(x) for x in (q, k, v))
+    q, k, v = (contiguous16(x) for x in (q, k, v))
     fn = metal.kernel(SHADER, r.kernel(d))
     keys = t * s / 2 if causal else t * s  # score entries computed, roughly
     nbytes = _F32 * b * h * (2 * t * d + 2 * s * d + t)
@@ -352,49 +299,6 @@ def reference_numpy(q, k, v, causal=False):
     out = (e / total) @ v64
     lse = (m + np.log(total))[..., 0]
     return out.astype(np.float32), lse.astype(np.float32)
-
-
-# ---- the autograd op ----------------------------------------------------------------------
-
-
-def _function():
-    from camel.autograd import Function
-
-    class FlashAttention(Function):
-        name = "flash_attention"
-
-        @staticmethod
-        def forward(ctx, q, k, v, causal, rung):  # (B, H, T, D), (B, H, S, D) x2
-            out, lse = forward(q, k, v, causal, rung)
-            ctx.save_for_backward(q, k, v, out, lse)
-            ctx.causal = causal
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            q, k, v, out, lse = ctx.saved_tensors
-            return backward(q, k, v, out, lse, _contiguous16(grad), ctx.causal)
-
-    return FlashAttention
-
-
-_FlashAttention = None
-
-
-def scaled_dot_product_attention(q, k, v, causal=False, rung=None):
-    """Flash attention on "mps" Tensors q (B, H, T, D), k, v (B, H, S, D) -> (B, H, T, D),
-    differentiable. rung: a name from names(); default from CAMEL_ATTENTION, else "flash"."""
-    global _FlashAttention
-    if _FlashAttention is None:
-        _FlashAttention = _function()
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.device != "mps":
-            raise ValueError(
-                f"[flash] flash attention runs on 'mps'; {name} is on {x.device!r} "
-                f"(shape {x.shape}); move it with .to('mps') or use CAMEL_ATTENTION=naive"
-            )
-    check_shapes(q.shape, k.shape, v.shape)
-    return _FlashAttention.apply(q, k, v, bool(causal), rung)
 
 
 # ---- selection (called by F.scaled_dot_product_attention) ---------------------------------

@@ -15,10 +15,10 @@ the smaller operand's gradient is summed back to its shape.
 import collections
 import math
 import numbers
-import os
 
 import numpy as np
 
+from camel import config
 from camel.autograd import Function
 from camel.tensor import Tensor, device_of, get_backend
 
@@ -687,8 +687,46 @@ def embedding(idx, weight):
 
 
 # ---------------------------------------------------------------------------
-# attention (the naive path: four ops, each with its own backward)
+# attention: the naive path (four ops, each with its own backward) or flash
 # ---------------------------------------------------------------------------
+
+
+class FlashAttention(Function):
+    """Flash attention (Stage 5B): camel/flash.py's fused kernels on the device arrays. The
+    forward keeps lse (B, H, T), never a (T, S) matrix; the backward recomputes P from it."""
+
+    name = "flash_attention"
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, rung):  # (B, H, T, D), (B, H, S, D) x2
+        from camel import flash
+
+        out, lse = flash.forward(q, k, v, causal, rung)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from camel import flash
+
+        q, k, v, out, lse = ctx.saved_tensors
+        return flash.backward(q, k, v, out, lse, flash.contiguous16(grad), ctx.causal)
+
+
+def _flash_attention(q, k, v, causal, rung):
+    """Flash attention on "mps" Tensors q (B, H, T, D), k, v (B, H, S, D) -> (B, H, T, D),
+    differentiable. rung: a name from camel.flash.names(), or "flash"."""
+    from camel import flash
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.device != "mps":
+            raise ValueError(
+                f"[flash] flash attention runs on 'mps'; {name} is on {x.device!r} "
+                f"(shape {x.shape}); move it with .to('mps') or use CAMEL_ATTENTION=naive"
+            )
+    flash.check_shapes(q.shape, k.shape, v.shape)
+    return FlashAttention.apply(q, k, v, bool(causal), rung)
 
 
 def scaled_dot_product_attention(q, k, v, causal=False):
@@ -714,13 +752,13 @@ def scaled_dot_product_attention(q, k, v, causal=False):
     # CAMEL_ATTENTION picks the path: "naive" (the four ops below, Stage 5A), "flash" or one
     # flash rung such as "flash_v3" (camel/flash.py, Stage 5B: fused kernels, no (T, S) matrix
     # in memory). Unset: flash on "mps" where the head dim has flash kernels, else naive.
-    mode = os.environ.get("CAMEL_ATTENTION", "").strip().lower()
+    mode = config.attention()
     if mode != "naive":
         from camel import flash  # imported here: Stage 5B is optional
 
         rung = flash.select(op, mode, q, k, v)  # None: naive; ValueError: unknown mode
         if rung is not None:
-            return flash.scaled_dot_product_attention(q, k, v, causal=causal, rung=rung)
+            return _flash_attention(q, k, v, causal, rung)
     # causal: each product computes only its triangle (camel/gemm.py: the scores on and
     # below the diagonal; P @ v stops its K loop there, P being 0 above it; the backward's
     # products likewise), about half the work at T = S.

@@ -9,7 +9,7 @@ setBytes) and dispatches the chosen rung:
 
     CAMEL_MATMUL=<version>   every matmul (forward and backward) uses that rung
     otherwise                the autotuner's winner for this device and shape class
-                             (camel/autotune.py, ~/.cache/camel/), else `default_version()`
+                             (camel/tuning.py, ~/.cache/camel/), else `default_version()`
 
 Split-K: a version "<rung>/k<S>" (e.g. "9/k4", chosen by the autotuner or CAMEL_MATMUL)
 runs the rung on S slices of K as a batch of S products into an (S, M, N) buffer, then sums
@@ -39,11 +39,12 @@ dimension of size 1 or missing (a 2-D operand) is broadcast with stride 0.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from camel import config
 
 SHADER = "ops_matmul.metal"
 
@@ -288,13 +289,13 @@ def cuda_default(m: int, n: int, k: int, batches: int = 1) -> str:
 
 def choose_version(m: int, n: int, k: int, batches: int = 1) -> str:
     """CAMEL_MATMUL if set, else the tuned winner for this device and shape, else the default."""
-    forced = os.environ.get("CAMEL_MATMUL", "").strip()
+    forced = config.matmul()
     if forced:
         rung, split = parse_version(forced)
         return rung.version if split == 1 else f"{rung.version}/k{split}"
-    from camel import autotune
+    from camel import tuning
 
-    tuned = autotune.lookup(m, n, k)
+    tuned = tuning.lookup(m, n, k)
     if tuned is not None:
         try:
             _, split = parse_version(tuned)
@@ -497,7 +498,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, t
         return out
     if _recorded is not None:
         _recorded.append((p.m, p.n, p.k, bool(transpose_a), bool(transpose_b), p.batches))
-    forced = version if version is not None else os.environ.get("CAMEL_MATMUL", "").strip()
+    forced = version if version is not None else config.matmul()
     if forced is None or forced == "":
         # not forced: the chosen rung (for a triangle, one of its tile size that skips it),
         # and one that does not fit this device gives way to the next rung down
@@ -530,7 +531,7 @@ _recorded: list | None = None  # the shapes matmul() sees inside recording()
 def recording():
     """Collect the shape of every matmul() call made inside the block: a list of
     (m, n, k, transpose_a, transpose_b, batches), one per call, for the autotuner
-    (autotune.tune_shapes) to tune a model's own shapes."""
+    (camel.bench.tuner.tune_shapes) to tune a model's own shapes."""
     global _recorded
     outer, _recorded = _recorded, []
     try:

@@ -188,18 +188,18 @@ _TABLES = {
 }
 
 
-def missing(where, name):
-    """The AttributeError for `where.name`, saying what camel has instead."""
+def missing(where, name, ops=None):
+    """The AttributeError for `where.name`, saying what camel has instead. `ops` (camel's
+    __getattr__ passes camel.functional) is a module whose own functions are named as the
+    way out: camel.softmax -> camel.functional.softmax."""
     if name.startswith("_"):  # Python's own lookups (__array_interface__, ...): plain
         return AttributeError(f"{where} has no attribute {name!r}")
     hint = _TABLES[where].get(name)
     if hint is None and where == "camel.Tensor" and name.endswith("_"):
         hint = _IN_PLACE
-    if hint is None and where == "camel":
-        from camel import functional
-
-        if getattr(vars(functional).get(name), "__module__", None) == "camel.functional":
-            hint = f"use camel.functional.{name} (or the Tensor method)"
+    if hint is None and ops is not None:
+        if getattr(vars(ops).get(name), "__module__", None) == ops.__name__:
+            hint = f"use {ops.__name__}.{name} (or the Tensor method)"
     if hint is None:
         return AttributeError(f"{where} has no attribute {name!r} ({_API})")
     return AttributeError(f"{where} has no {name!r}: {hint.format(name=name)}")

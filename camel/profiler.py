@@ -16,11 +16,10 @@ CAMEL_PROFILE=1 profiles the whole run and prints the table at exit.
 from __future__ import annotations
 
 import atexit
-import os
 import sys
 from dataclasses import dataclass
 
-from camel import metal
+from camel import config, metal
 
 __all__ = ["profile", "DispatchEvent"]
 
@@ -155,5 +154,5 @@ def _profile_whole_run() -> None:
     atexit.register(report)
 
 
-if os.environ.get("CAMEL_PROFILE", "") not in ("", "0"):
+if config.profile():
     _profile_whole_run()

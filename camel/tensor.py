@@ -638,5 +638,8 @@ def arange(start, stop=None, step=1, device="cpu"):
     return _new(np.arange(start, stop, step, dtype=np.int32), False, device)
 
 
+# The tape (autograd.py imports nothing from camel) wraps its results in this Tensor.
+autograd.use_tensor(Tensor, device_of)
+
 # functional imports Tensor from this module, so it is imported last.
 from camel import functional as F  # noqa: E402

@@ -18,7 +18,7 @@ from conftest import require_shim
 
 import camel
 import camel.functional as F
-from camel import autotune, backend_cpu, gemm
+from camel import backend_cpu, gemm, tuning
 
 metal = pytest.importorskip("camel.metal")
 
@@ -242,7 +242,7 @@ def test_cuda_defaults_give_way_to_a_skipping_rung(monkeypatch, rng):
     """The CUDA shim's untuned choices v14 and pf_64x64x16_4x4 compute every tile: a triangle
     product takes the rung of the same tile size that skips (v9, 64x64x16_4x4) instead."""
     monkeypatch.setattr(metal, "shim", lambda: "cuda")
-    monkeypatch.setattr(autotune, "lookup", lambda *shape: None)
+    monkeypatch.setattr(tuning, "lookup", lambda *shape: None)
     monkeypatch.delenv("CAMEL_MATMUL", raising=False)
     assert gemm.triangle_rung(gemm.get_rung("14")).version == "9"
     assert gemm.triangle_rung(gemm.get_rung(gemm.CUDA_SMALL_TILE)).version == gemm.CUDA_SPLIT_TILE

@@ -76,13 +76,12 @@ def test_matmul_bench_names_its_vendor_reference():
 def test_models_bench_tune_and_profile(tmp_path, monkeypatch):
     """--tune records the step's GEMM shapes and tunes them (winners saved for the timed
     steps); --profile logs the kernel table of one camel step."""
-    from camel import autotune
-    from camel.bench import models
+    from camel.bench import models, tuner
 
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CAMEL_MATMUL", raising=False)
     tuned = []
-    monkeypatch.setattr(autotune, "tune_shapes", lambda shapes, **kw: tuned.append(shapes))
+    monkeypatch.setattr(tuner, "tune_shapes", lambda shapes, **kw: tuned.append(shapes))
     lines = []
     models.run(["mlp"], "tiny", steps=1, warmup=1, tune=True, profile=True, log=lines.append)
     # the MLP's Linear layers, batch 128: x Wᵀ forward, dyᵀ x for each weight gradient

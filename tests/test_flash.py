@@ -20,7 +20,8 @@ from conftest import in_nan_slack, require_shim, run_under_asan
 
 import camel
 import camel.functional as F
-from camel import flash, metal
+from camel import flash, metal, tuning
+from camel.bench import tuner
 
 require_shim()
 
@@ -170,8 +171,8 @@ def numpy_grads(q, k, v, causal, dout):
 @pytest.mark.parametrize("t", [1, 17, 130])
 @pytest.mark.parametrize("rung", ["flash_v6_64x32", "flash_v7", "flash_v9"])
 def test_backward(rung, t, d, causal, order, monkeypatch):
-    """Autograd through flash.scaled_dot_product_attention equals NumPy, the naive path
-    on "mps" and (when installed) PyTorch; the backward reads the forward rung's out and
+    """Autograd through the flash path of F.scaled_dot_product_attention equals NumPy, the
+    naive path on "mps" and (when installed) PyTorch; the backward reads the forward rung's out and
     lse (v7 writes lse from another lane of each row than v1-v6)."""
     monkeypatch.setenv("CAMEL_SIM_ORDER", order)
     q, k, v = inputs(t, d, b=2, h=1)
@@ -217,14 +218,15 @@ def test_backward_kinds_agree(t, s, d, causal, order, monkeypatch):
             np.testing.assert_allclose(got.numpy(), ref, atol=tol, rtol=1e-3, err_msg=kind + name)
 
 
-def test_gradcheck_small():
+def test_gradcheck_small(monkeypatch):
     """Finite differences through the flash kernels for dK (the gradient through dS, the
     longest path), T = 5, D = 32, causal; dQ and dV are checked against NumPy above."""
     q, k, v = (x * 0.5 for x in inputs(5, 32, b=1, h=1))
     ts = [camel.tensor(x, device="mps", requires_grad=(i == 1)) for i, x in enumerate((q, k, v))]
+    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v2")
 
     def fn(a, b, c):
-        return flash.scaled_dot_product_attention(a, b, c, causal=True, rung="flash_v2")
+        return F.scaled_dot_product_attention(a, b, c, causal=True)
 
     camel.gradcheck(fn, ts, eps=1e-2, atol=2e-3, rtol=2e-2)
 
@@ -253,10 +255,10 @@ def test_long_sequence_memory():
 
 
 def test_tune_picks_a_checked_v6_shape(monkeypatch, tmp_path):
-    """flash.tune times the v6 shapes that pass the NumPy check, never one that fails it
+    """tuner.tune_flash times the v6 shapes that pass the NumPy check, never one that fails it
     (even the fastest), and "flash" then uses the winner (not the untuned default)."""
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(flash, "_tuned_cache", None)
+    monkeypatch.setattr(tuning, "_flash_cache", None)
     assert [r.name for r in flash.v6_candidates(32)] == [
         "flash_v6_64x32", "flash_v6_64x64", "flash_v6_128x32"
     ]  # fmt: skip
@@ -273,13 +275,13 @@ def test_tune_picks_a_checked_v6_shape(monkeypatch, tmp_path):
         return out, lse
 
     monkeypatch.setattr(flash, "forward", forward)
-    monkeypatch.setattr(flash, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(tuner, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     lines = []
-    best = flash.tune(1, 1, 40, 32, causal=True, reps=1, log=lines.append)
+    best = tuner.tune_flash(1, 1, 40, 32, causal=True, reps=1, log=lines.append)
     assert best == "flash_v6_128x32" != flash.DEFAULT_V6
     assert any("flash_v6_64x64 d32 fails the NumPy check" in line for line in lines), lines
     assert sum("tune d32" in line for line in lines) == 2  # the two good shapes were timed
-    monkeypatch.setattr(flash, "_tuned_cache", None)  # read back from the file
+    monkeypatch.setattr(tuning, "_flash_cache", None)  # read back from the file
     assert flash.get_rung("flash", 32, 40, True).name == best
     assert flash.get_rung("flash", 32, 40, False).name == flash.DEFAULT_V6  # not tuned
 

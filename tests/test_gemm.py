@@ -10,7 +10,8 @@ import pytest
 from conftest import in_nan_slack, require_shim, run_under_asan
 
 import camel
-from camel import autotune, gemm
+from camel import gemm, tuning
+from camel.bench import tuner
 
 metal = pytest.importorskip("camel.metal")
 
@@ -137,13 +138,13 @@ def test_split_k_bad_input_and_fallback(rng, tmp_path, monkeypatch):
     # a tuned split for a shape class whose shape cannot split: the default rung instead
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CAMEL_MATMUL", raising=False)
-    autotune.reset()
+    tuning.reset()
     try:
-        autotune.store(8, 8, 30, "9/k4")
+        tuning.store(8, 8, 30, "9/k4")
         assert gemm.choose_version(8, 8, 30) == gemm.default_version(8, 8, 30)
         assert gemm.choose_version(8, 8, 32) == "9/k4"  # same class, K splits
     finally:
-        autotune.reset()
+        tuning.reset()
 
 
 def test_split_candidates_only_for_long_k():
@@ -319,9 +320,9 @@ def test_autotune_cache(tmp_path, monkeypatch):
     the fastest), saves the winner, and choose_version() reads it back from the file."""
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CAMEL_MATMUL", raising=False)
-    real_check = autotune.check
+    real_check = tuner.check
     # Version 2 "computes wrong numbers" (its check error is 1), and is the fastest by far.
-    monkeypatch.setattr(autotune, "check", lambda v, *a, **kw: real_check(v, *a, **kw) + (v == "2"))
+    monkeypatch.setattr(tuner, "check", lambda v, *a, **kw: real_check(v, *a, **kw) + (v == "2"))
     used = []
     real_dispatch = gemm.dispatch
     monkeypatch.setattr(
@@ -333,21 +334,21 @@ def test_autotune_cache(tmp_path, monkeypatch):
         run()
         return {"2": 0.1, "5": 2.0, "7": 1.0}[used[-1]]
 
-    monkeypatch.setattr(autotune, "time_ms", fake_time_ms)
+    monkeypatch.setattr(tuning, "time_ms", fake_time_ms)
     lines = []
-    autotune.reset()
+    tuning.reset()
     try:
-        results = autotune.tune([48], reps=1, versions=["2", "5", "7"], log=lines.append)
+        results = tuner.tune([48], reps=1, versions=["2", "5", "7"], log=lines.append)
         winner, times = results[48]
         assert times == {"5": 2.0, "7": 1.0} and winner == "7"
         assert any("version 2 fails the NumPy check" in line for line in lines), lines
-        assert (tmp_path / autotune.CACHE_NAME).exists()
-        autotune.reset()  # read back from the file
-        assert autotune.lookup(40, 33, 64) == "7"  # same shape class 64x64x64
+        assert (tmp_path / tuning.CACHE_NAME).exists()
+        tuning.reset()  # read back from the file
+        assert tuning.lookup(40, 33, 64) == "7"  # same shape class 64x64x64
         assert gemm.choose_version(40, 33, 64) == "7" != gemm.default_version(40, 33, 64)
-        assert autotune.lookup(300, 300, 300) is None
+        assert tuning.lookup(300, 300, 300) is None
     finally:
-        autotune.reset()
+        tuning.reset()
 
 
 def test_recording_sees_a_linear_layers_three_gemms(rng):
@@ -389,23 +390,23 @@ def test_autotune_shapes_sums_a_class(tmp_path, monkeypatch):
         run()
         return cost[used[-1]]
 
-    monkeypatch.setattr(autotune, "time_ms", fake_time_ms)
-    autotune.reset()
+    monkeypatch.setattr(tuning, "time_ms", fake_time_ms)
+    tuning.reset()
     try:
         shapes = [(40, 33, 64, False, True, 1), (48, 60, 50, True, False, 1)] * 2
-        results = autotune.tune_shapes(shapes, reps=1, versions=["5", "7"], log=lambda _: None)
+        results = tuner.tune_shapes(shapes, reps=1, versions=["5", "7"], log=lambda _: None)
         assert results == {"64x64x64": ("7", {"5": 5.0, "7": 3.5})}
-        autotune.reset()
-        assert autotune.lookup(40, 33, 64) == "7"
+        tuning.reset()
+        assert tuning.lookup(40, 33, 64) == "7"
     finally:
-        autotune.reset()
+        tuning.reset()
 
 
 def test_autotune_check_sees_a_wrong_rung(monkeypatch, rng):
     """check() measures a real error: a rung whose output is off fails it."""
     for ta, tb in [(False, False), (True, False), (False, True), (True, True)]:
         a, b = _operands(rng, *_stored(33, 17, 31, ta, tb))  # bench matmul checks these
-        assert autotune.check("7", a, b, transpose_a=ta, transpose_b=tb) < 1e-5, (ta, tb)
+        assert tuner.check("7", a, b, transpose_a=ta, transpose_b=tb) < 1e-5, (ta, tb)
     real_dispatch = gemm.dispatch
 
     def off_by_one(rung, x, y, out, p):
@@ -414,7 +415,7 @@ def test_autotune_check_sees_a_wrong_rung(monkeypatch, rng):
 
     monkeypatch.setattr(gemm, "dispatch", off_by_one)
     a, b = _operands(rng, (33, 31), (31, 17))
-    assert autotune.check("7", a, b) > 1e-4
+    assert tuner.check("7", a, b) > 1e-4
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -458,7 +459,7 @@ def test_forced_rung_over_device_limits(monkeypatch):
         gemm.matmul(a, a, version="8")
     assert not gemm.fits(gemm.get_rung("8")) and gemm.fits(gemm.get_rung("2"))
     assert not gemm.fits(gemm.get_rung("3"))  # 1024 threads
-    assert autotune.candidates() == [
+    assert tuner.candidates() == [
         "1", "2", "5", "6", "7", "32x32x8_4x4", "64x64x8_8x8", "64x64x16_4x4"
     ]  # fmt: skip
 
@@ -626,7 +627,7 @@ def test_a_split_default_gives_the_product(rng, monkeypatch):
     """The CUDA rule's split-K choice runs through matmul() (one batch of slices, one sum) and
     matches NumPy, here on whatever shim runs the tests with the rule in force."""
     monkeypatch.setattr(metal, "shim", lambda: "cuda")
-    monkeypatch.setattr(autotune, "lookup", lambda *shape: None)
+    monkeypatch.setattr(tuning, "lookup", lambda *shape: None)
     monkeypatch.delenv("CAMEL_MATMUL", raising=False)
     assert gemm.default_version(40, 36, 2048) == gemm.CUDA_SPLIT_TILE + "/k8"
     a, b = _operands(rng, (40, 2048), (2048, 36))

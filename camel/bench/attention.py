@@ -198,8 +198,8 @@ def _naive(q, k, v, causal):
 
 def _time_and_peak(run, reps: int, timer=None) -> tuple[float, int]:
     """(ms per call, bytes one call allocates at its peak: outputs and temporaries).
-    timer(run, reps) -> ms; default autotune.time_ms (all reps in one command buffer)."""
-    from camel import autotune, metal
+    timer(run, reps) -> ms; default tuning.time_ms (all reps in one command buffer)."""
+    from camel import metal, tuning
 
     metal.synchronize()
     metal.empty_cache()
@@ -211,7 +211,7 @@ def _time_and_peak(run, reps: int, timer=None) -> tuple[float, int]:
     del out
     if timer is not None:
         return timer(run, reps), peak
-    return autotune.time_ms(run, reps, warmup=1), peak
+    return tuning.time_ms(run, reps, warmup=1), peak
 
 
 def run(rungs, seqs, dims, reps, log=print, reference="naive", heads=1) -> list[tuple]:
@@ -314,6 +314,7 @@ def print_source(name, pair, d: int) -> int:
 
 def main(argv=None) -> int:
     from camel import flash, metal
+    from camel.bench import tuner
 
     ap = argparse.ArgumentParser(prog="python -m camel.bench attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -369,7 +370,7 @@ def main(argv=None) -> int:
         for d in dims:
             for t in seqs:
                 for causal in (False, True):
-                    flash.tune(1, 1, t, d, causal)
+                    tuner.tune_flash(1, 1, t, d, causal)
     rows = run(passed, seqs, dims, reps, reference=reference, heads=heads)
     print()
     print(table(rows, sim, device, reference, heads))

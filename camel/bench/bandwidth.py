@@ -42,7 +42,7 @@ def copy_gbs(n: int, reps: int) -> float:
     """GB/s of copy_uint4 (Stage 1's float4 copy) over n floats: this device's measured
     copy bandwidth at this size, the ceiling for a kernel that reads its input once."""
     from camel import metal
-    from camel.autotune import time_ms
+    from camel.tuning import time_ms
 
     src = metal.DeviceArray.from_numpy(np.zeros(n, np.float32))
     dst = metal.DeviceArray.empty((n,), np.float32)
@@ -56,8 +56,8 @@ def copy_gbs(n: int, reps: int) -> float:
 def time_cases(what: str, shapes, cases, reps: int, unit: str) -> None:
     """Time every case at every shape and print  op | shape | ms | GB/s | % of copy.
     cases(shape, rng) gives (label, run() -> DeviceArray, expected, bytes moved)."""
-    from camel.autotune import time_ms
     from camel.bench import roofline
+    from camel.tuning import time_ms
 
     peaks = roofline.device_peaks()
     print(f"\n| op | {what} | ms | {unit} | % of copy | % of roofline |"

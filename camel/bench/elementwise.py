@@ -71,7 +71,7 @@ def validate(log=print) -> bool:
 
 
 def time_all(sizes, reps, log=print) -> list[tuple]:
-    from camel.autotune import time_ms
+    from camel.tuning import time_ms
 
     rng = np.random.default_rng(1)
     rows = []

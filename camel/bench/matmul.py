@@ -45,7 +45,7 @@ MARK_END = "<!-- bench:matmul end -->"
 
 def validate(versions, log=print) -> list[str]:
     """Check each version on CASES; return the versions that pass."""
-    from camel import autotune
+    from camel.bench import tuner
 
     rng = np.random.default_rng(0)
     passed = []
@@ -54,7 +54,7 @@ def validate(versions, log=print) -> list[str]:
         for a_shape, b_shape, ta, tb in CASES:
             a = rng.standard_normal(a_shape, dtype=np.float32)
             b = rng.standard_normal(b_shape, dtype=np.float32)
-            worst = max(worst, autotune.check(v, a, b, transpose_a=ta, transpose_b=tb))
+            worst = max(worst, tuner.check(v, a, b, transpose_a=ta, transpose_b=tb))
         ok = worst < 1e-5
         log(f"  validate version {v:>2}: {'ok  ' if ok else 'FAIL'} (max rel. error {worst:.1e})")
         if ok:
@@ -71,7 +71,7 @@ def vendor() -> str:
 
 def time_mps(s: int, reps: int) -> float | None:
     """ms per MPS matmul at s^3, or None where MPS does not exist (the simulator)."""
-    from camel import autotune, metal
+    from camel import metal, tuning
 
     if metal.is_simulator():
         return None
@@ -92,17 +92,17 @@ def time_mps(s: int, reps: int) -> float | None:
     if bad:
         print(f"  {vendor()} result does not match NumPy; not the reference", file=sys.stderr)
         return None
-    return autotune.time_ms(lambda: metal.mps_matmul(da, db, dc), reps)
+    return tuning.time_ms(lambda: metal.mps_matmul(da, db, dc), reps)
 
 
 def time_version(v: str, s: int, reps: int) -> float:
-    from camel import autotune, gemm, metal
+    from camel import gemm, metal, tuning
 
     rng = np.random.default_rng(2)
     da = metal.DeviceArray.from_numpy(rng.standard_normal((s, s), dtype=np.float32))
     db = metal.DeviceArray.from_numpy(rng.standard_normal((s, s), dtype=np.float32))
     dc = metal.DeviceArray.empty((s, s), np.float32)
-    return autotune.time_ms(lambda: gemm.matmul(da, db, out=dc, version=v), reps)
+    return tuning.time_ms(lambda: gemm.matmul(da, db, out=dc, version=v), reps)
 
 
 def run(versions, sizes, reps) -> tuple[list[tuple], bool]:
@@ -210,7 +210,8 @@ def print_source(version, pair) -> int:
 
 
 def main(argv=None) -> int:
-    from camel import autotune, gemm, metal
+    from camel import gemm, metal, tuning
+    from camel.bench import tuner
 
     ap = argparse.ArgumentParser(prog="python -m camel.bench matmul", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -265,8 +266,8 @@ def main(argv=None) -> int:
 
     if args.tune:
         variants = [] if args.versions else validate(list(gemm.VARIANTS))
-        autotune.tune(sizes, reps=reps, versions=passed + variants)
-        print(f"[bench] winners saved in {autotune.cache_path()}")
+        tuner.tune(sizes, reps=reps, versions=passed + variants)
+        print(f"[bench] winners saved in {tuning.cache_path()}")
         return 1 if failed else 0
 
     rows, _ = run(passed, sizes, reps)

@@ -16,7 +16,7 @@ time). "host share" estimates how much of a camel step the GPU is idle: 1 - (GPU
 of the step's dispatches, from camel.profile) / (wall time of an unprofiled step).
 --profile prints camel.profile's kernel table of one camel step first. --tune first
 records the GEMM shapes of one camel step and autotunes them
-(camel/autotune.py: every rung and tuning variant, the winner per shape class cached), so
+(camel/bench/tuner.py: every rung and tuning variant, the winner per shape class cached), so
 the timed steps use the fastest rung per shape instead of the one default rung.
 The weights start differently on the two sides (only speed is compared here;
 tests/test_transformer_gpt.py checks that the two compute the same thing).
@@ -207,12 +207,13 @@ def mlp_torch(torch, device: str, batch: int, rng):
 def _tune_step(step, log) -> None:
     """Autotune the GEMM shapes of one camel training step (recorded while it runs) and
     save the winners, so the timed steps use them (gemm.choose_version looks them up)."""
-    from camel import autotune, gemm
+    from camel import gemm
+    from camel.bench import tuner
 
     with gemm.recording() as shapes:
         step()
     log(f"[bench] tuning the {len(set(shapes))} GEMM shapes of a step")
-    autotune.tune_shapes(shapes, reps=5, log=log)
+    tuner.tune_shapes(shapes, reps=5, log=log)
 
 
 def _profile_step(step, log) -> None:

@@ -30,8 +30,9 @@ the tables the lessons (docs/stage*.md) quote.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
+
+from camel import config
 
 F32 = 4  # bytes per float
 
@@ -87,7 +88,7 @@ def peaks(device: str, simulator: bool) -> Peaks | None:
     simulator (its times are CPU times: no roofline)."""
     if simulator:
         return None
-    given = os.environ.get("CAMEL_PEAKS", "").strip()
+    given = config.peaks()
     if given:
         try:
             tflops, gbs = (float(x) for x in given.split(","))

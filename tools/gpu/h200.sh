@@ -73,8 +73,8 @@ stage_bench() {
 
 stage_tune() {  # every rung and tuning variant at 4096^3: ms each, fastest first
   timeout 200 python3 -c "
-from camel import autotune
-winner, times = autotune.tune([4096], reps=10, save=False)[4096]
+from camel.bench import tuner
+winner, times = tuner.tune([4096], reps=10, save=False)[4096]
 for v, ms in sorted(times.items(), key=lambda kv: kv[1]):
     print(f'{v:>16} {ms:8.3f} ms {2 * 4096**3 / ms / 1e9:7.2f} TFLOP/s')"
 }

@@ -1,0 +1,78 @@
+"""camel's configuration: the environment variables the Python side reads, in one place.
+
+    variable                  read by             what it chooses
+    CAMEL_MATMUL              gemm                the GEMM rung of every matmul ("11", "9/k4")
+    CAMEL_ATTENTION           functional, flash   "naive", "flash" or one rung ("flash_v3")
+    CAMEL_MEMORY_KERNELS      backend_mps         memory-bound kernels: 1 (the lessons'), 2
+    CAMEL_LAYERNORM           backend_mps         the layer_norm kernel version
+    CAMEL_LAYERNORM_BACKWARD  backend_mps         the layer_norm_backward kernel version
+    CAMEL_PROFILE             profiler            1: profile the whole run, table at exit
+    CAMEL_CACHE_DIR           tuning              where the tuners' winners are cached
+    XDG_CACHE_HOME            tuning              (else $XDG_CACHE_HOME/camel, ~/.cache/camel)
+    CAMEL_DATA                data                a directory of MNIST-format idx files
+    CAMEL_PEAKS               bench.roofline      "<TFLOP/s>,<GB/s>": the roofline's peaks
+
+camel/metal.py reads those of the shim it loads (CAMEL_SHIM, CAMEL_SHIM_LIBRARY,
+CAMEL_CAPTURE; docs/metal_shim.md), and the shims read their own (CAMEL_SIM_*,
+docs/simulator.md; CAMEL_CUDA_*, docs/cuda.md).
+
+Each function reads its variable when called, not once at import: a change takes effect
+at the next op. The tests set them within one process (monkeypatch.setenv), and so do the
+benchmarks (camel/bench/bandwidth.py with_env, the naive reference of bench attention).
+Imports nothing from camel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def matmul() -> str:
+    """CAMEL_MATMUL, stripped: a GEMM version forced for every matmul; "" when unset."""
+    return os.environ.get("CAMEL_MATMUL", "").strip()
+
+
+def attention() -> str:
+    """CAMEL_ATTENTION, stripped and lower-cased: "naive", "flash", a flash rung name; ""
+    when unset (flash where the head dim has kernels, else naive)."""
+    return os.environ.get("CAMEL_ATTENTION", "").strip().lower()
+
+
+def memory_kernels() -> str | None:
+    """CAMEL_MEMORY_KERNELS as written, or None when unset (backend_mps's default)."""
+    return os.environ.get("CAMEL_MEMORY_KERNELS")
+
+
+def layernorm() -> str | None:
+    """CAMEL_LAYERNORM as written, or None when unset (backend_mps picks by shape)."""
+    return os.environ.get("CAMEL_LAYERNORM")
+
+
+def layernorm_backward() -> str | None:
+    """CAMEL_LAYERNORM_BACKWARD as written, or None when unset (backend_mps picks)."""
+    return os.environ.get("CAMEL_LAYERNORM_BACKWARD")
+
+
+def profile() -> bool:
+    """CAMEL_PROFILE set to anything but "" or "0": profile the whole run."""
+    return os.environ.get("CAMEL_PROFILE", "") not in ("", "0")
+
+
+def cache_dir() -> Path:
+    """$CAMEL_CACHE_DIR, else $XDG_CACHE_HOME/camel, else ~/.cache/camel."""
+    if os.environ.get("CAMEL_CACHE_DIR"):
+        return Path(os.environ["CAMEL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "camel"
+
+
+def data_dir() -> Path | None:
+    """$CAMEL_DATA (with ~ expanded), or None when unset or empty."""
+    given = os.environ.get("CAMEL_DATA")
+    return Path(given).expanduser() if given else None
+
+
+def peaks() -> str:
+    """CAMEL_PEAKS, stripped: "<TFLOP/s>,<GB/s>"; "" when unset."""
+    return os.environ.get("CAMEL_PEAKS", "").strip()
