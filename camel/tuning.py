@@ -56,15 +56,28 @@ def shape_class(m: int, n: int, k: int) -> str:
     return f"{bucket(m)}x{bucket(n)}x{bucket(k)}"
 
 
+def _read(path: Path) -> dict:
+    """A cache file's contents; {} when it is missing, unreadable or not a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, data: dict) -> None:
+    """Write a cache file whole: to a temporary name, then renamed over the old one, so a
+    reader in another process never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
 def _load() -> dict:
     global _cache
     if _cache is None:
-        try:
-            _cache = json.loads(cache_path().read_text())
-            if not isinstance(_cache, dict):
-                _cache = {}
-        except (OSError, ValueError):
-            _cache = {}
+        _cache = _read(cache_path())
     return _cache
 
 
@@ -92,11 +105,7 @@ def store(m: int, n: int, k: int, version: str) -> None:
     """Record a winner and write the cache file."""
     cache = _load()
     cache.setdefault(_device_name(), {})[shape_class(m, n, k)] = str(version)
-    path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    tmp.replace(path)
+    _write(cache_path(), cache)
 
 
 # ---- flash attention: v6's tile shape per device, head dim, T class and mask -------------
@@ -121,10 +130,7 @@ def flash_lookup(d: int, t: int, causal: bool) -> str | None:
     """The tuned v6 rung name for head dim d, T's class and the mask, or None."""
     global _flash_cache
     if _flash_cache is None:
-        try:
-            _flash_cache = json.loads(flash_path().read_text())
-        except (OSError, ValueError):
-            _flash_cache = {}
+        _flash_cache = _read(flash_path())
     return _flash_cache.get(_flash_key(d, t, causal))
 
 
@@ -133,9 +139,7 @@ def flash_store(d: int, t: int, causal: bool, name: str, save: bool = True) -> N
     flash_lookup(d, t, causal)  # loads the file once
     _flash_cache[_flash_key(d, t, causal)] = name
     if save:
-        path = flash_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_flash_cache, indent=1, sort_keys=True))
+        _write(flash_path(), _flash_cache)
 
 
 # ---- the timer ----------------------------------------------------------------------------
