@@ -273,9 +273,10 @@ def _tiles(version: str, m: int, n: int, batches: int) -> int:
 
 def cuda_default(m: int, n: int, k: int, batches: int = 1) -> str:
     """The CUDA shim's default version for an (M, N, K) product (see above)."""
-    for big in CUDA_BIG_TILES:  # the biggest tile with enough tiles, and a K to amortise it
-        if k >= _MIN_SLICE and _tiles(big, m, n, batches) >= 2 * CUDA_FULL_GRID:
-            return big
+    if k >= _MIN_SLICE:  # a K long enough to amortise a big tile: the biggest with enough tiles
+        for big in CUDA_BIG_TILES:
+            if _tiles(big, m, n, batches) >= 2 * CUDA_FULL_GRID:
+                return big
     tiles = _tiles(CUDA_SPLIT_TILE, m, n, batches)
     if tiles < CUDA_FULL_GRID:
         splits = [s for s in SPLITS if can_split(m, n, k, batches, s) and k // s >= _MIN_SLICE]
@@ -451,7 +452,8 @@ TRIANGLES = {None: 0, "lower": 1, "a_lower": 2, "a_upper": 3}
 
 def triangle_rung(rung: Rung) -> Rung:
     """A rung that honours `triangle` in place of a chosen one that does not (the CUDA shim's
-    defaults v15 and pf_64x64x16_4x4 compute everything): the same tile size, v9's template."""
+    defaults v15, v14 and pf_64x64x16_4x4 compute everything): v9's template, with the 64x64
+    tile for a 64x64 rung and v9's 128x64 for a bigger one (v15 has no skipping twin yet)."""
     if rung.triangle:
         return rung
     return get_rung(CUDA_SPLIT_TILE if rung.bm * rung.bn <= 64 * 64 else "9")
