@@ -25,8 +25,8 @@ query t seeing keys s <= t needs only a triangle of its products, per batch matr
                tile's last row; those zeros are never read
     "a_upper"  op(A)[i, k] = 0 for k < i is promised (Pᵀ·dO, dSᵀ·q): the K loop starts at
                the tile's first row
-At T = S that is about half of each product's work. Versions 6-9 (and their variants) and
-11 honour it (Rung.triangle); the others compute everything, which gives the same wanted
+At T = S that is about half of each product's work. Versions 6-9, 11 and 15 (and their
+variants) honour it (Rung.triangle); the others compute everything, which gives the same wanted
 part. A triangle runs without split-K (its slices would need their own K ranges). With
 NaN or inf about, the promise can fail (a NaN row of P is NaN at its masked entries too,
 and 0 · NaN is NaN): a skipping rung then keeps such a NaN inside the diagonal tile band,
@@ -116,7 +116,7 @@ def _wtile(version: str, bm: int, bn: int, bk: int, wm: int, wn: int, what: str)
     config = f"{bm}x{bn}x{bk}_{wm}x{wn}"
     name = f"matmul_v15_warptile_{config}" if version == "15" else f"matmul_wtile_{config}"
     threads = 32 * (bm // wm) * (bn // wn)
-    return Rung(version, name, what, bm, bn, (threads, 1, 1), 2 * bk * (bm + bn) * 4)
+    return Rung(version, name, what, bm, bn, (threads, 1, 1), 2 * bk * (bm + bn) * 4, triangle=True)
 
 
 # The ladder. Keep every rung: the ladder is the lesson (docs/stage3.md).
@@ -256,12 +256,15 @@ def default_version(m: int, n: int, k: int, batches: int = 1) -> str:
 # The CUDA shim's untuned choice by shape. A big tile (DEFAULT_CUDA, 128x128) is the fastest
 # per FMA, but an H100/H200 has 132 SMs, and a product with fewer big tiles than a few waves
 # of them leaves SMs idle or the last wave half empty. So the biggest of CUDA_BIG_TILES that
-# gives at least 528 threadgroups (v15's 128x128, then v14's 128x64), else smaller tiles
-# (CUDA_SMALL_TILE, 64x64); a long K over few tiles is split (split-K) until the grid fills
-# the GPU twice over. The thresholds follow the autotuner's winners for GPT-mini's shapes on
-# an H100 (docs/cuda.md, 2026-12-07); `bench models --tune` measures instead of guessing.
+# gives at least 528 threadgroups (v15's 128x128, then v14's 128x64) and is no wider than
+# the product (v15 on N = 64 would compute half its tile for nothing), else smaller tiles
+# (CUDA_SMALL_TILE, v15's template at 64x64: fastest on the attention products, K = 64 or
+# N = 64, measured on an H100 on 2026-12-07 by tools/gpu/triangle_products.py); a long K
+# over few tiles is split (split-K) until the grid fills the GPU twice over. The thresholds
+# follow the autotuner's winners for GPT-mini's shapes on an H100 (docs/cuda.md);
+# `bench models --tune` measures instead of guessing.
 CUDA_BIG_TILES = [DEFAULT_CUDA, "14"]
-CUDA_SMALL_TILE = "pf_64x64x16_4x4"
+CUDA_SMALL_TILE = "wt_64x64x16_32x32"
 CUDA_SPLIT_TILE = "64x64x16_4x4"
 CUDA_FULL_GRID = 2 * 132  # threadgroups that keep every SM of an H100/H200 busy
 
@@ -275,7 +278,7 @@ def cuda_default(m: int, n: int, k: int, batches: int = 1) -> str:
     """The CUDA shim's default version for an (M, N, K) product (see above)."""
     if k >= _MIN_SLICE:  # a K long enough to amortise a big tile: the biggest with enough tiles
         for big in CUDA_BIG_TILES:
-            if _tiles(big, m, n, batches) >= 2 * CUDA_FULL_GRID:
+            if get_rung(big).bn <= n and _tiles(big, m, n, batches) >= 2 * CUDA_FULL_GRID:
                 return big
     tiles = _tiles(CUDA_SPLIT_TILE, m, n, batches)
     if tiles < CUDA_FULL_GRID:
@@ -451,12 +454,13 @@ TRIANGLES = {None: 0, "lower": 1, "a_lower": 2, "a_upper": 3}
 
 
 def triangle_rung(rung: Rung) -> Rung:
-    """A rung that honours `triangle` in place of a chosen one that does not (the CUDA shim's
-    defaults v15, v14 and pf_64x64x16_4x4 compute everything): v9's template, with the 64x64
-    tile for a 64x64 rung and v9's 128x64 for a bigger one (v15 has no skipping twin yet)."""
+    """A rung that honours `triangle` in place of a chosen one that does not (v10, v12-v14
+    and their variants compute everything): v15's template, at 64x64 for a rung of 64x64
+    tiles or smaller, else at v14's 128x64 (the fastest of each size on the attention
+    products on an H100: tools/gpu/triangle_products.py)."""
     if rung.triangle:
         return rung
-    return get_rung(CUDA_SPLIT_TILE if rung.bm * rung.bn <= 64 * 64 else "9")
+    return get_rung("wt_64x64x16_32x32" if rung.bm * rung.bn <= 64 * 64 else "wt_128x64x16_64x32")
 
 
 def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, triangle=None):

@@ -85,7 +85,7 @@ inline uint batch_offset(constant MatmulParams& p, uint z, uint s0, uint s1) {
 // wanted at all; a tile to skip gets an empty K range and stores nothing. (No early return:
 // the kernel passes its barriers as always, none of them inside a K step, so the
 // simulator's barrier-region schedule still applies; a skipped tile costs a GPU next to
-// nothing.) Honoured by versions 6-9 (and their tuning variants) and 11; the other rungs
+// nothing.) Honoured by versions 6-9, 11 and 15 (and their tuning variants); the other rungs
 // compute everything (camel/gemm.py passes them 0), which gives the same wanted part
 // because the promised zeros are zeros.
 inline bool tile_k_range(constant MatmulParams& p, uint m0, uint n0, uint bm,
@@ -930,7 +930,8 @@ MATMUL_BLOCKTILE_FETCH("matmul_v14_fetch_128x64x16_8x4", 128, 64, 16, 8, 4)
 // within an aligned group of 8 slots, so the float4s of one read stay in one 128-byte row.
 // Threadgroup (32 (BM/WM) (BN/WN), 1, 1); grid (ceil(N/BN), ceil(M/BM), batches);
 // threadgroup memory 2 BK (BM + BN) floats (v15: 32 KiB). BM, BN multiples of 32,
-// BK in {8, 16, 32}.
+// BK in {8, 16, 32}. Causal attention products as v6-v9: the K steps cover tile_k_range's
+// part, and a tile above the diagonal stores nothing.
 
 // The swizzle: float4 slot c of row k of a k-major tile (BK rows) is stored at slot
 // c ^ swz<BK>(k). One store instruction of a transposed tile meets BK/4 groups of k (4 k a
@@ -989,8 +990,9 @@ inline void warp_tile_fma(threadgroup const float4* As4, threadgroup const float
 // barrier every read of it is a read of memory again).
 template <uint BM, uint BN, uint BK, uint WM, uint WN, bool TA, bool TB>
 inline void warptile_loop(device const float* A, device const float* B, device float* C,
-                          constant MatmulParams& p, uint m0, uint n0, uint t,
-                          threadgroup float4* As4, threadgroup float4* Bs4) {
+                          constant MatmulParams& p, uint m0, uint n0, uint k_begin, uint k_end,
+                          bool wanted, uint t, threadgroup float4* As4,
+                          threadgroup float4* Bs4) {
     constexpr uint MI = WM / 32, NI = WN / 16;  // 4 x 4 blocks a thread, along M and N
     constexpr uint GN = BN / WN;                // SIMD groups along N
     constexpr uint T = 32 * (BM / WM) * GN;
@@ -1002,14 +1004,14 @@ inline void warptile_loop(device const float* A, device const float* B, device f
     const uint lm = lane % 8, ln = lane / 8;
     float acc[MI * NI * 16];
     for (uint i = 0; i < MI * NI * 16; i++) acc[i] = 0.0f;
-    const uint steps = (K + BK - 1) / BK;
+    const uint steps = (k_end - k_begin + BK - 1) / BK;  // 0 for a tile above the diagonal
     TileShare<share_size<BM, BK, T>()> a;  // the next tiles, in flight
     TileShare<share_size<BK, BN, T>()> b;
     for (uint s = 0; s <= steps; s++) {  // step s fetches tile s and multiplies tile s - 1
         const uint cur = (s + 1) % 2, nxt = s % 2;  // tile s goes to buffer s % 2
         const bool more = s < steps;
         if (more) {  // the device reads of tile s, in whichever layout A and B are stored
-            const uint k0 = s * BK;
+            const uint k0 = k_begin + s * BK;
             if (TA) fetch_tile<BK, BM, T>(A, lda, k0, m0, K, M, v4, t, a);
             else fetch_tile<BM, BK, T>(A, lda, m0, k0, M, K, v4, t, a);
             if (TB) fetch_tile<BN, BK, T>(B, ldb, n0, k0, N, K, v4, t, b);
@@ -1029,6 +1031,7 @@ inline void warptile_loop(device const float* A, device const float* B, device f
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);  // buffer nxt written, cur read by all
     }
+    if (!wanted) return;  // a tile above the diagonal stores nothing (all barriers passed)
     for (uint i = 0; i < MI; i++) {
         for (uint j = 0; j < NI; j++) {
             store_thread_block<4, 4>(acc + 16 * (i * NI + j), C, p, m0 + wm + 32 * i + 4 * lm,
@@ -1052,16 +1055,22 @@ kernel void matmul_warptile(device const float* A [[buffer(0)]],
     A += batch_offset(p, group.z, p.a_stride0, p.a_stride1);
     B += batch_offset(p, group.z, p.b_stride0, p.b_stride1);
     C += batch_offset(p, group.z, p.c_stride0, p.c_stride1);
-    const uint m0 = group.y * BM, n0 = group.x * BN;
+    const uint m0 = tile_row(p, group.y, BM) * BM, n0 = group.x * BN;
+    uint kb, ke;
+    const bool wanted = tile_k_range(p, m0, n0, BM, kb, ke);  // false: above the diagonal
     // the same branch for every thread of the threadgroup: each reaches the same barriers
     if (p.trans_a && p.trans_b) {
-        warptile_loop<BM, BN, BK, WM, WN, true, true>(A, B, C, p, m0, n0, t, As4, Bs4);
+        warptile_loop<BM, BN, BK, WM, WN, true, true>(A, B, C, p, m0, n0, kb, ke, wanted, t,
+                                                      As4, Bs4);
     } else if (p.trans_a) {
-        warptile_loop<BM, BN, BK, WM, WN, true, false>(A, B, C, p, m0, n0, t, As4, Bs4);
+        warptile_loop<BM, BN, BK, WM, WN, true, false>(A, B, C, p, m0, n0, kb, ke, wanted, t,
+                                                       As4, Bs4);
     } else if (p.trans_b) {
-        warptile_loop<BM, BN, BK, WM, WN, false, true>(A, B, C, p, m0, n0, t, As4, Bs4);
+        warptile_loop<BM, BN, BK, WM, WN, false, true>(A, B, C, p, m0, n0, kb, ke, wanted, t,
+                                                       As4, Bs4);
     } else {
-        warptile_loop<BM, BN, BK, WM, WN, false, false>(A, B, C, p, m0, n0, t, As4, Bs4);
+        warptile_loop<BM, BN, BK, WM, WN, false, false>(A, B, C, p, m0, n0, kb, ke, wanted, t,
+                                                        As4, Bs4);
     }
 }
 

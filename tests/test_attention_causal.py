@@ -25,7 +25,8 @@ metal = pytest.importorskip("camel.metal")
 require_shim()
 
 ORDERS = ["forward", "reverse", "random"]
-SKIPPING = [v for v in gemm.versions() if gemm.get_rung(v).triangle]  # 6-9, 11
+SKIPPING = [v for v in gemm.versions() if gemm.get_rung(v).triangle]  # 6-9, 11, 15
+WARPTILE_VARIANTS = [v for v in gemm.VARIANTS if v.startswith("wt_")]  # v15's other tiles
 SENTINEL = np.float32(12345.0)
 
 
@@ -111,6 +112,16 @@ def test_triangles_in_schedule_orders(version, order, monkeypatch, rng):
     test_lower_computes_the_triangle(version, (2,), 150, 140, 20, rng)
     for upper in (False, True):
         test_triangular_a_is_read_on_its_triangle(version, upper, upper, (), 150, 137, 9, rng)
+
+
+@pytest.mark.parametrize("version", WARPTILE_VARIANTS)
+def test_warptile_variants_skip_like_v15(version, rng):
+    """v15's tuning variants share its kernel template, and so its triangles; the CUDA shim's
+    triangle products may pick any of them (gemm.triangle_rung)."""
+    assert gemm.get_rung(version).triangle
+    test_lower_computes_the_triangle(version, (2,), 300, 270, 20, rng)
+    for upper in (False, True):
+        test_triangular_a_is_read_on_its_triangle(version, upper, upper, (), 300, 290, 9, rng)
 
 
 def test_triangle_skips_split_k_and_rejects_a_bad_name(rng):
@@ -239,20 +250,22 @@ def test_matmul_triangle_only_for_the_attention_products(rng):
 
 
 def test_cuda_defaults_give_way_to_a_skipping_rung(monkeypatch, rng):
-    """The CUDA shim's untuned choices v14 and pf_64x64x16_4x4 compute every tile: a triangle
-    product takes the rung of the same tile size that skips (v9, 64x64x16_4x4) instead."""
+    """A chosen rung that computes every tile (v14, a tuned pf_64x64x16_4x4) gives way, for a
+    triangle product, to v15's template at its tile size; the CUDA shim's untuned small tile
+    is that template already and skips."""
     monkeypatch.setattr(metal, "shim", lambda: "cuda")
     monkeypatch.setattr(tuning, "lookup", lambda *shape: None)
     monkeypatch.delenv("CAMEL_MATMUL", raising=False)
-    assert gemm.triangle_rung(gemm.get_rung("14")).version == "9"
-    assert gemm.triangle_rung(gemm.get_rung(gemm.CUDA_SMALL_TILE)).version == gemm.CUDA_SPLIT_TILE
-    assert gemm.triangle_rung(gemm.get_rung("9")).version == "9"
+    assert gemm.triangle_rung(gemm.get_rung("14")).version == "wt_128x64x16_64x32"
+    assert gemm.triangle_rung(gemm.get_rung("pf_64x64x16_4x4")).version == "wt_64x64x16_32x32"
+    for skipping in ("9", "15", gemm.CUDA_SMALL_TILE):
+        assert gemm.triangle_rung(gemm.get_rung(skipping)).version == skipping
     q = rng.standard_normal((3, 200, 16), dtype=np.float32)
     k = rng.standard_normal((3, 200, 16), dtype=np.float32)
     assert gemm.default_version(200, 200, 16, 3) == gemm.CUDA_SMALL_TILE
     with camel.profile() as prof:
         got = gemm.matmul(_device(q), _device(k), transpose_b=True, triangle="lower").numpy()
-    assert [e.name for e in prof.events] == [gemm.get_rung(gemm.CUDA_SPLIT_TILE).kernel]
+    assert [e.name for e in prof.events] == [gemm.get_rung(gemm.CUDA_SMALL_TILE).kernel]
     want = np.matmul(q.astype(np.float64), np.swapaxes(k, -1, -2))
     keep = ~_skipped_tiles(200, 200, 64, 64)
     np.testing.assert_allclose(got[:, keep], want[:, keep], rtol=1e-4, atol=_tol(16))

@@ -608,6 +608,7 @@ def test_default_rung_per_shim(shim, expected, monkeypatch):
     ((4096, 4096, 4096, 1), gemm.DEFAULT_CUDA),  # 2048 big tiles: the big tile
     ((4096, 2304, 384, 1), gemm.DEFAULT_CUDA),  # 576 big tiles (128x128)
     ((4096, 1152, 384, 1), "14"),  # 288 tiles of 128x128, 576 of v14's 128x64
+    ((8192, 64, 4096, 16), "14"),  # 1024 big tiles, but 128 columns wide for N = 64
     ((2048, 2048, 128, 1), gemm.CUDA_SMALL_TILE),  # K too short to amortise a big tile
     ((4096, 384, 1536, 1), gemm.CUDA_SMALL_TILE),  # 192 of v14's tiles, 384 small ones
     ((4096, 84, 384, 1), gemm.CUDA_SMALL_TILE),  # few tiles, but K too short to split
