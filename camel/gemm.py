@@ -211,7 +211,7 @@ def get_rung(version) -> Rung:
 
 
 # Split-K (see the top of this file): the rungs the autotuner tries with K split S ways.
-SPLIT_RUNGS = ["9", "7", "64x64x16_4x4"]
+SPLIT_RUNGS = ["9", "7", "64x64x16_4x4", "wt_64x64x16_32x32"]
 SPLITS = [2, 4, 8]
 _MIN_SLICE = 256  # the autotuner splits no slice of K shorter than this
 
@@ -253,19 +253,21 @@ def default_version(m: int, n: int, k: int, batches: int = 1) -> str:
     return DEFAULT_SIM if shim == "sim" else DEFAULT_GPU
 
 
-# The CUDA shim's untuned choice by shape. A big tile (DEFAULT_CUDA, 128x128) is the fastest
-# per FMA, but an H100/H200 has 132 SMs, and a product with fewer big tiles than a few waves
-# of them leaves SMs idle or the last wave half empty. So the biggest of CUDA_BIG_TILES that
-# gives at least 528 threadgroups (v15's 128x128, then v14's 128x64) and is no wider than
-# the product (v15 on N = 64 would compute half its tile for nothing), else smaller tiles
-# (CUDA_SMALL_TILE, v15's template at 64x64: fastest on the attention products, K = 64 or
-# N = 64, measured on an H100 on 2026-12-07 by tools/gpu/triangle_products.py); a long K
-# over few tiles is split (split-K) until the grid fills the GPU twice over. The thresholds
-# follow the autotuner's winners for GPT-mini's shapes on an H100 (docs/cuda.md);
-# `bench models --tune` measures instead of guessing.
-CUDA_BIG_TILES = [DEFAULT_CUDA, "14"]
+# The CUDA shim's untuned choice by shape, from the autotuner's timings of GPT-mini's GEMMs
+# and the attention products on an H100 (2026-12-07: tools/gpu/model_shapes.py and
+# tools/gpu/triangle_products.py; docs/cuda.md). A big tile (DEFAULT_CUDA, v15's 128x128)
+# is the fastest per FMA, but an H100/H200 has 132 SMs, and a product with fewer big tiles
+# than a few waves of them leaves SMs idle or the last wave half empty: so v15 where it
+# gives at least 528 threadgroups and is no wider than the product (on N = 64 it would
+# compute half its tile for nothing), else v15's template at 64x64 (CUDA_SMALL_TILE: it beat
+# v14's 128x64 and v13's 64x64 on every shape class of a GPT-mini step, and every
+# skipping rung on the attention products). A long K over few tiles is split (split-K, the
+# same 64x64 tile) until the grid holds at least 1056 threadgroups (K cut 8 ways beat 4
+# ways on GPT-mini's weight gradients, 144 tiles of 64x64 over K = 4096).
+# `bench models --tune` measures a model's own shapes instead.
+CUDA_BIG_TILES = [DEFAULT_CUDA]
 CUDA_SMALL_TILE = "wt_64x64x16_32x32"
-CUDA_SPLIT_TILE = "64x64x16_4x4"
+CUDA_SPLIT_TILE = CUDA_SMALL_TILE
 CUDA_FULL_GRID = 2 * 132  # threadgroups that keep every SM of an H100/H200 busy
 
 
@@ -284,7 +286,7 @@ def cuda_default(m: int, n: int, k: int, batches: int = 1) -> str:
     if tiles < CUDA_FULL_GRID:
         splits = [s for s in SPLITS if can_split(m, n, k, batches, s) and k // s >= _MIN_SLICE]
         for s in splits:
-            if tiles * s >= 2 * CUDA_FULL_GRID:
+            if tiles * s >= 4 * CUDA_FULL_GRID:
                 return f"{CUDA_SPLIT_TILE}/k{s}"
         if splits:
             return f"{CUDA_SPLIT_TILE}/k{splits[-1]}"

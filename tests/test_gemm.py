@@ -607,13 +607,14 @@ def test_default_rung_per_shim(shim, expected, monkeypatch):
 @pytest.mark.parametrize("shape, expected", [
     ((4096, 4096, 4096, 1), gemm.DEFAULT_CUDA),  # 2048 big tiles: the big tile
     ((4096, 2304, 384, 1), gemm.DEFAULT_CUDA),  # 576 big tiles (128x128)
-    ((4096, 1152, 384, 1), "14"),  # 288 tiles of 128x128, 576 of v14's 128x64
-    ((8192, 64, 4096, 16), "14"),  # 1024 big tiles, but 128 columns wide for N = 64
+    ((4096, 1152, 384, 1), gemm.CUDA_SMALL_TILE),  # 288 tiles of 128x128: too few
+    ((8192, 64, 4096, 16), gemm.CUDA_SMALL_TILE),  # 1024 big tiles, but 128 wide for N = 64
     ((2048, 2048, 128, 1), gemm.CUDA_SMALL_TILE),  # K too short to amortise a big tile
     ((4096, 384, 1536, 1), gemm.CUDA_SMALL_TILE),  # 192 of v14's tiles, 384 small ones
     ((4096, 84, 384, 1), gemm.CUDA_SMALL_TILE),  # few tiles, but K too short to split
     ((1024, 64, 1024, 16), gemm.CUDA_SMALL_TILE),  # a batch does not split
-    ((384, 1536, 4096, 1), gemm.CUDA_SPLIT_TILE + "/k4"),  # 144 tiles x 4 >= 528
+    ((384, 1536, 4096, 1), gemm.CUDA_SPLIT_TILE + "/k8"),  # 144 tiles x 8 >= 1056
+    ((384, 1536, 1024, 1), gemm.CUDA_SPLIT_TILE + "/k4"),  # slices of K >= 256: 4 at most
     ((84, 384, 4096, 1), gemm.CUDA_SPLIT_TILE + "/k8"),  # 12 tiles: the largest split
     ((84, 384, 4100, 1), gemm.CUDA_SMALL_TILE),  # K % (4 S) != 0 for every S
 ])  # fmt: skip
