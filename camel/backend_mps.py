@@ -55,6 +55,12 @@ MEMORY_KERNELS_VERSION = None
 _ROW_SIMD_GROUPS = 8  # SIMD groups in a threadgroup of a version-2 row kernel (256 threads)
 _ROW_SPAN = 1024  # floats of a row one SIMD group takes in version 2 (32 lanes x 8 float4s)
 _ROW_MAX_P = 16  # SIMD groups per row at most (a threadgroup of 512 for rows past 8192)
+# The softmax kernels of version 2 hold 8 float4s of a row a lane (the kernels as first
+# written, _ROW_SPAN floats a SIMD group) or 4 (the "_r4" kernels: twice the SIMD groups a
+# row, up to 32, and half the registers a thread; on an H100 the causal attention softmax
+# at (16 x 4096, 4096) took 0.66 ms against 0.92: docs/cuda.md). None: 4 on a GPU, 8 on the
+# simulator, where twice the threads take twice as long to simulate.
+ROW_FLOAT4S = None
 
 
 _V2_MAX_ELEMENTS = 2**32 - 2**20  # version-2 kernels index in 32 bits (with some headroom)
@@ -83,24 +89,35 @@ def _check_32bit_indices(op, n):
         )
 
 
-def _row_geometry(rows, k, fn):
+def _row_geometry(rows, k, fn, span=_ROW_SPAN, most=_ROW_MAX_P):
     """(P, threadgroups, threads per threadgroup) of a version-2 row kernel fn: P SIMD groups
-    per row (1, 2, 4, 8 or 16: at most _ROW_SPAN floats each while P <= 16, and no more
-    SIMD groups than fn's registers allow in one threadgroup), in threadgroups of max(8, P)
-    SIMD groups, so 8 / P rows per threadgroup (one for P = 16). A kernel that holds the row
-    in registers needs P * _ROW_SPAN >= k (_row_fits)."""
-    max_p = builtins.min(_ROW_MAX_P, fn.max_total_threads_per_threadgroup // 32)
+    per row (1, 2, 4, ... up to `most`: at most `span` floats each, and no more SIMD groups
+    than fn's registers allow in one threadgroup), in threadgroups of max(8, P) SIMD groups,
+    so 8 / P rows per threadgroup (one for P >= 8). A kernel that holds the row in registers
+    needs P * span >= k (_row_fits)."""
+    max_p = builtins.min(most, fn.max_total_threads_per_threadgroup // 32)
     p = 1
-    while 2 * p <= max_p and p * _ROW_SPAN < k:
+    while 2 * p <= max_p and p * span < k:
         p *= 2
     simd_groups = builtins.max(p, builtins.min(_ROW_SIMD_GROUPS, max_p) // p * p)  # P divides it
     per_group = simd_groups // p
     return p, (rows + per_group - 1) // per_group, 32 * simd_groups
 
 
-def _row_fits(fn, k):
+def _row_fits(fn, k, span=_ROW_SPAN, most=_ROW_MAX_P):
     """Can fn, a version-2 kernel holding a row in registers, take rows of k floats?"""
-    return _row_geometry(1, k, fn)[0] * _ROW_SPAN >= k
+    return _row_geometry(1, k, fn, span, most)[0] * span >= k
+
+
+def _softmax_kernel(name):
+    """(kernel name, floats a SIMD group holds, most SIMD groups a row) of a version-2 softmax
+    kernel with ROW_FLOAT4S float4s a lane (see there); rows up to 16384 floats either way."""
+    float4s = ROW_FLOAT4S or (8 if metal.is_simulator() else 4)
+    if float4s not in (4, 8):
+        raise ValueError(f"[mps] ROW_FLOAT4S must be 4, 8 or None, got {ROW_FLOAT4S!r}")
+    if float4s == 8:
+        return name, _ROW_SPAN, _ROW_MAX_P
+    return f"{name}_r4", _ROW_SPAN // 2, 2 * _ROW_MAX_P
 
 
 def _kernel(filename, name):
@@ -639,13 +656,15 @@ def _visible(shape, causal_t):
 def _softmax_v2(name, x, y, rows, k, causal_t, scale=1.0, read=None):
     """Version 2 of softmax / log_softmax (the row read once, held in registers by P SIMD
     groups) when it applies: version 2 chosen, k <= 16 * _ROW_SPAN, and the kernel can run
-    the threadgroup size (512 threads for k > 8192). Returns whether it ran."""
+    the threadgroup size (rows past 8192 floats: 512 threads, or 1024 with 4 float4s a
+    lane). Returns whether it ran."""
     if _memory_version(name, x.size) != 2 or k > _ROW_MAX_P * _ROW_SPAN:
         return False
+    name, span, most = _softmax_kernel(name)
     fn = _kernel(_SOFT, name)
-    if not _row_fits(fn, k):  # its registers allow too few threads in a threadgroup
+    if not _row_fits(fn, k, span, most):  # its registers allow too few threads a threadgroup
         return False
-    p, groups, tpg = _row_geometry(rows, k, fn)
+    p, groups, tpg = _row_geometry(rows, k, fn, span, most)
     vec4 = int(k % 4 == 0 and _aligned(x, y))
     read = x.size if read is None else read
     fn(x, y, rows, k, causal_t, p, vec4, float(scale), threadgroups=groups,
@@ -691,11 +710,12 @@ def _softmax_backward_v2(name, y, grad, causal_t, scale=1.0, read=None):
     rows, k = _rows(y)
     if rows == 0 or k == 0 or _memory_version(name, y.size) != 2 or k > _ROW_MAX_P * _ROW_SPAN:
         return None
+    name, span, most = _softmax_kernel(name)
     fn = _kernel(_SOFT, name)
-    if not _row_fits(fn, k):
+    if not _row_fits(fn, k, span, most):
         return None
     dx = _empty(y.shape)
-    p, groups, tpg = _row_geometry(rows, k, fn)
+    p, groups, tpg = _row_geometry(rows, k, fn, span, most)
     vec4 = int(k % 4 == 0 and _aligned(y, grad, dx))
     read = y.size if read is None else read
     fn(y, grad, dx, rows, k, causal_t, p, vec4, float(scale), threadgroups=groups,

@@ -294,7 +294,8 @@ kernel void cross_entropy_backward(device const float *probs [[buffer(0)]],
 // version 1 (camel/backend_mps.py). The numerics are version 1's: the max skips NaN
 // (Metal's max), which still reaches s through exp; masked outputs are 0, or NaN when s is.
 
-// float4s of a row per lane (a SIMD group holds 1024 floats); a macro: a template argument
+// float4s of a row per lane (a SIMD group holds 1024 floats); a macro: a template argument.
+// The softmax kernels also come with 4 (the _r4 instantiations below); j runs to R - 1.
 #define ROW_REGS 8
 
 // Maximum (Metal's max: NaN skipped) or sum over the P SIMD groups sharing a row, as
@@ -328,7 +329,7 @@ static inline void set_component(thread float &v, uint, float value) { v = value
 static inline void set_component(thread float4 &v, uint c, float value) { v[c] = value; }
 
 // One row of softmax (LOG false) or log_softmax (LOG true) with the row in registers.
-// V = float4 (N = ROW_REGS) or float (N = 4 ROW_REGS); xr, yr: the row as V's, n of them;
+// V = float4 (N = R, ROW_REGS or 4) or float (N = 4 R); xr, yr: the row as V's, n of them;
 // limit: the visible columns (K, or fewer under a causal mask; 0 for a SIMD group past the
 // last row, which loads nothing and joins the barriers); a V that starts past the limit is
 // not loaded. scale: the row is scale x (one rounded product an element). Returns (m, s):
@@ -399,7 +400,7 @@ static inline float2 softmax_row(device const V *xr, device V *yr, uint n, uint 
 // which K <= 1024 P) in threadgroups of S = max(8, P) SIMD groups, S / P rows each; vec4 = 1
 // when K % 4 == 0 and x, y are 16-byte aligned. causal_T and scale as in softmax_last_axis
 // (0: no mask; LOG: always 0, scale 1). Grid: ceil(rows P / S) threadgroups.
-template <bool LOG>
+template <bool LOG, uint R>
 kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
                             device float *y [[buffer(1)]],
                             constant uint &rows [[buffer(2)]],
@@ -420,17 +421,17 @@ kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
     limit = row < rows ? limit : 0;
     uint base = row < rows ? row * K : 0;
     if (vec4 != 0) {
-        softmax_row<float4, ROW_REGS, LOG>((device const float4 *)(x + base),
-                                           (device float4 *)(y + base), K / 4, limit, scale,
-                                           first, 32 * P, partial, P, lane, simd_group);
+        softmax_row<float4, R, LOG>((device const float4 *)(x + base),
+                                    (device float4 *)(y + base), K / 4, limit, scale, first,
+                                    32 * P, partial, P, lane, simd_group);
     } else {
-        softmax_row<float, 4 * ROW_REGS, LOG>(x + base, y + base, K, limit, scale, first,
-                                              32 * P, partial, P, lane, simd_group);
+        softmax_row<float, 4 * R, LOG>(x + base, y + base, K, limit, scale, first, 32 * P,
+                                       partial, P, lane, simd_group);
     }
 }
 
-#define SOFTMAX_ROWS_V2(NAME, LOG)                                                             \
-    template [[host_name(NAME)]] kernel void softmax_rows_v2<LOG>(                             \
+#define SOFTMAX_ROWS_V2(NAME, LOG, R)                                                          \
+    template [[host_name(NAME)]] kernel void softmax_rows_v2<LOG, R>(                          \
         device const float *x [[buffer(0)]], device float *y [[buffer(1)]],                    \
         constant uint &rows [[buffer(2)]], constant uint &K [[buffer(3)]],                     \
         constant uint &causal_T [[buffer(4)]], constant uint &P [[buffer(5)]],                 \
@@ -439,8 +440,15 @@ kernel void softmax_rows_v2(device const float *x [[buffer(0)]],
         uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
         uint num_simd_groups [[simdgroups_per_threadgroup]]);
 
-SOFTMAX_ROWS_V2("softmax_last_axis_v2", false)
-SOFTMAX_ROWS_V2("log_softmax_last_axis_v2", true)
+SOFTMAX_ROWS_V2("softmax_last_axis_v2", false, ROW_REGS)
+SOFTMAX_ROWS_V2("log_softmax_last_axis_v2", true, ROW_REGS)
+// The same with half the registers a lane: 4 float4s (512 floats a SIMD group), so twice
+// the SIMD groups a row (P up to 32, a threadgroup of 1024 threads for rows past 8192).
+// Fewer registers a thread let more threadgroups stay resident, and more loads are in
+// flight per core: on an H100 0.92 -> 0.66 ms for the causal (16 x 4096, 4096) softmax of
+// attention (docs/cuda.md). camel/backend_mps.py ROW_FLOAT4S picks one.
+SOFTMAX_ROWS_V2("softmax_last_axis_v2_r4", false, 4)
+SOFTMAX_ROWS_V2("log_softmax_last_axis_v2_r4", true, 4)
 
 // logits, probs (N, K); targets, row_loss (N,); error as in cross_entropy_forward. Version 2
 // of the fused cross-entropy: the softmax of softmax_rows_v2 (the row read once into
@@ -576,7 +584,7 @@ static inline void softmax_backward_row(device const V *yr, device const V *dyr,
 
 // y, dy, dx (rows, K); geometry as softmax_rows_v2 (vec4 = 1: K % 4 == 0 and the three
 // arrays 16-byte aligned). causal_T and scale as in softmax_backward (LOG: always 0, 1).
-template <bool LOG>
+template <bool LOG, uint R>
 kernel void softmax_backward_rows_v2(device const float *y [[buffer(0)]],
                                      device const float *dy [[buffer(1)]],
                                      device float *dx [[buffer(2)]],
@@ -598,19 +606,19 @@ kernel void softmax_backward_rows_v2(device const float *y [[buffer(0)]],
     uint limit = causal_T == 0 ? K : min(K, row % causal_T + 1);
     uint base = active ? row * K : 0;
     if (vec4 != 0) {
-        softmax_backward_row<float4, ROW_REGS, LOG>(
+        softmax_backward_row<float4, R, LOG>(
             (device const float4 *)(y + base), (device const float4 *)(dy + base),
             (device float4 *)(dx + base), K / 4, limit, scale, active, first, 32 * P, partial, P,
             lane, simd_group);
     } else {
-        softmax_backward_row<float, 4 * ROW_REGS, LOG>(y + base, dy + base, dx + base, K, limit,
-                                                       scale, active, first, 32 * P, partial, P,
-                                                       lane, simd_group);
+        softmax_backward_row<float, 4 * R, LOG>(y + base, dy + base, dx + base, K, limit, scale,
+                                                active, first, 32 * P, partial, P, lane,
+                                                simd_group);
     }
 }
 
-#define SOFTMAX_BACKWARD_ROWS_V2(NAME, LOG)                                                    \
-    template [[host_name(NAME)]] kernel void softmax_backward_rows_v2<LOG>(                    \
+#define SOFTMAX_BACKWARD_ROWS_V2(NAME, LOG, R)                                                 \
+    template [[host_name(NAME)]] kernel void softmax_backward_rows_v2<LOG, R>(                 \
         device const float *y [[buffer(0)]], device const float *dy [[buffer(1)]],             \
         device float *dx [[buffer(2)]], constant uint &rows [[buffer(3)]],                     \
         constant uint &K [[buffer(4)]], constant uint &causal_T [[buffer(5)]],                 \
@@ -620,5 +628,8 @@ kernel void softmax_backward_rows_v2(device const float *y [[buffer(0)]],
         uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
         uint num_simd_groups [[simdgroups_per_threadgroup]]);
 
-SOFTMAX_BACKWARD_ROWS_V2("softmax_backward_v2", false)
-SOFTMAX_BACKWARD_ROWS_V2("log_softmax_backward_v2", true)
+SOFTMAX_BACKWARD_ROWS_V2("softmax_backward_v2", false, ROW_REGS)
+SOFTMAX_BACKWARD_ROWS_V2("log_softmax_backward_v2", true, ROW_REGS)
+// With 4 float4s of y and 4 of dy a lane, as softmax_last_axis_v2_r4.
+SOFTMAX_BACKWARD_ROWS_V2("softmax_backward_v2_r4", false, 4)
+SOFTMAX_BACKWARD_ROWS_V2("log_softmax_backward_v2_r4", true, 4)

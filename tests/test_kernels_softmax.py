@@ -35,13 +35,18 @@ ROWS = [(1, 1), (3, 1), (2, 3), (4, 31), (5, 32), (3, 33), (2, 1000), (1, 4097),
 # 512 for one row), float4s when K % 4 == 0; past 16384 floats version 1 runs.
 ROWS_V2 = [(17, 1024), (9, 1028), (5, 2048), (3, 3001), (7, 4096), (2, 8192), (2, 8193),
            (1, 16384), (2, 16385)]  # fmt: skip
+# With 4 float4s a lane (ROW_FLOAT4S = 4): P doubles past 512 floats, up to 32 SIMD groups
+# (a threadgroup of 1024) past 8192.
 
 
-@pytest.fixture(params=[1, 2])
+@pytest.fixture(params=["1", "2", "2-r4"])
 def version(request, monkeypatch, poisoned_memory):
-    """CAMEL_MEMORY_KERNELS: 1 the lesson kernels, 2 the row held in registers (on poisoned
-    memory: an output a kernel forgets to write is NaN, not a recycled answer)."""
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(request.param))
+    """CAMEL_MEMORY_KERNELS: 1 the lesson kernels, 2 the row held in registers, 8 float4s a
+    lane, and "2-r4" with 4 (the softmax kernels' _r4 twins, ROW_FLOAT4S; the rest as 2), on
+    poisoned memory: an output a kernel forgets to write is NaN, not a recycled answer."""
+    kernels, _, float4s = request.param.partition("-r")
+    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", kernels)
+    monkeypatch.setattr(backend_mps_or_skip(), "ROW_FLOAT4S", int(float4s or 8))
     return request.param
 
 
@@ -281,3 +286,23 @@ def test_softmax_scale_subtracts_the_scaled_max(mps, version, shape, scale):
     x = rand(*shape, seed=25) - np.float32(200.0)
     want = cpu.softmax((x * np.float32(scale)).astype(np.float32))
     close(host(mps, mps.softmax(mps.from_numpy(x), scale=scale)), want)
+
+
+@pytest.mark.parametrize(
+    "float4s, kernel, threads",
+    [(8, "softmax_last_axis_v2", 512), (4, "softmax_last_axis_v2_r4", 1024)],
+)
+def test_row_float4s_picks_the_kernel_and_its_geometry(monkeypatch, float4s, kernel, threads):
+    """ROW_FLOAT4S chooses the softmax kernels' float4s a lane: a row of 8193 floats takes
+    16 SIMD groups of 8 float4s a lane or 32 of 4 (a threadgroup each), and 3 is an error."""
+    mps = backend_mps_or_skip()
+    monkeypatch.delenv("CAMEL_MEMORY_KERNELS", raising=False)
+    monkeypatch.setattr(mps, "ROW_FLOAT4S", float4s)
+    x = rand(2, 8193)
+    with camel.profile() as prof:
+        got = host(mps, mps.softmax(mps.from_numpy(x)))
+    assert [(e.name, e.threads_per_threadgroup) for e in prof.events] == [(kernel, (threads, 1, 1))]
+    close(got, cpu.softmax(x))
+    monkeypatch.setattr(mps, "ROW_FLOAT4S", 3)
+    with pytest.raises(ValueError, match="ROW_FLOAT4S must be 4, 8 or None, got 3"):
+        mps.softmax(mps.from_numpy(x))
