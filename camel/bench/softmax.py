@@ -3,8 +3,9 @@
 Kernels of shaders/ops_softmax.metal through camel/backend_mps.py: softmax and
 log_softmax forward (v1: one threadgroup per row, three sweeps over the row: max, sum of
 exp, write; v2: the row read once into the registers of one SIMD group, or 2-16 for rows
-past 1024 floats, up to 16384), softmax backward (v1: two sweeps; v2: y and dy read once
-into registers, as the forward v2), the fused cross-entropy forward (v1, v2 as softmax),
+past 1024 floats, up to 16384; v2_r4: half the registers a lane, 2-32 SIMD groups past 512
+floats), softmax backward (v1: two sweeps; v2, v2_r4: y and dy read once into registers,
+as the forward), the fused cross-entropy forward (v1, v2 as softmax),
 and its backward (v1: one thread per element; v2: one per float4 when C % 4 == 0).
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes (rows of 1, 33, 10 000)
@@ -44,16 +45,18 @@ def cases(shape, rng, extreme=False):
     one = mps.from_numpy(np.array(1.0, np.float32))
     f = 4
     forward = []
-    for v in (1, 2):  # v1: three sweeps, one threadgroup per row; v2: the row in registers
+    # v1: three sweeps, one threadgroup per row; v2: the row in registers, 8 float4s a lane;
+    # v2_r4: 4 float4s a lane, twice the SIMD groups a row (backend_mps.ROW_FLOAT4S)
+    for v, float4s, name in ((1, 8, "v1"), (2, 8, "v2"), (2, 4, "v2_r4")):
         forward += [
-            (f"softmax v{v}", memory_version(v, lambda: mps.softmax(dx)), y, 2 * x.size * f),
-            (f"log_softmax v{v}", memory_version(v, lambda: mps.log_softmax(dx)),
+            (f"softmax {name}", _rows(v, float4s, lambda: mps.softmax(dx)), y, 2 * x.size * f),
+            (f"log_softmax {name}", _rows(v, float4s, lambda: mps.log_softmax(dx)),
              cpu.log_softmax(x), 2 * x.size * f),
         ]  # fmt: skip
     return forward + [
-        (f"softmax_backward v{v}", memory_version(v, lambda: mps.softmax_backward(dy, dg)),
+        (f"softmax_backward {name}", _rows(v, float4s, lambda: mps.softmax_backward(dy, dg)),
          cpu.softmax_backward(y, g), 3 * x.size * f)
-        for v in (1, 2)  # v1: two sweeps, one threadgroup per row; v2: y, dy in registers
+        for v, float4s, name in ((1, 8, "v1"), (2, 8, "v2"), (2, 4, "v2_r4"))
     ] + [
         (f"cross_entropy (forward) v{v}",
          memory_version(v, lambda: mps.cross_entropy(dx, dt)[1]), probs, 2 * x.size * f)
@@ -64,6 +67,20 @@ def cases(shape, rng, extreme=False):
          cpu.cross_entropy_backward(probs, t, np.array(1.0, np.float32)), 2 * x.size * f)
         for v in (1, 2)  # v1: one thread per element; v2: one per float4 (C % 4 == 0)
     ]  # fmt: skip
+
+
+def _rows(version: int, float4s: int, run):
+    """memory_version(version, run) with backend_mps.ROW_FLOAT4S = float4s for each call."""
+    from camel import backend_mps as mps
+
+    def call():
+        saved, mps.ROW_FLOAT4S = mps.ROW_FLOAT4S, float4s
+        try:
+            return run()
+        finally:
+            mps.ROW_FLOAT4S = saved
+
+    return memory_version(version, call)
 
 
 def validate(log=print) -> bool:
