@@ -601,3 +601,24 @@ def test_optional_arguments_specialise_to_ptx(arch):
     assert "param 0 1 b 4 1 1\n" in desc and "param 0 2 y 1 2 1\n" in desc, desc
     assert not re.search(r"add(\.rn)?\.f32", ptx), ptx
     assert "[camel_opt_add_param_0+8]" not in ptx  # nothing reads args.buffers[1]
+
+
+def test_arguments_without_an_index_take_the_first_free_one():
+    """MSL 4, 5.2.1: the first available index, in parameter order (the simulator's rule
+    too; before, both gave the highest explicit index + 1)."""
+    src = """
+#include <metal_stdlib>
+using namespace metal;
+kernel void k(device float *y [[buffer(0)]], device const float *x, constant float &s,
+              constant uint &n [[buffer(3)]], device const float *b,
+              threadgroup float *t, threadgroup float *u [[threadgroup(1)]],
+              uint i [[thread_position_in_grid]]) {
+    t[0] = x[i]; u[0] = b[i]; y[i] = s * t[0] + u[0] + float(n);
+}
+"""
+    _, desc = compile_ptx(src, "implicit.metal", 90)
+    params = [line.split()[3:6] for line in desc.splitlines() if line.startswith("param ")]
+    assert params == [
+        ["y", "1", "0"], ["x", "1", "1"], ["s", "1", "2"], ["n", "1", "3"], ["b", "1", "4"],
+        ["t", "2", "0"], ["u", "2", "1"], ["i", "3", "-1"],
+    ]  # fmt: skip

@@ -70,8 +70,8 @@ enum camel_cuda_param_kind {
  * in parameter order. uses_barrier: the kernel reaches threadgroup_barrier
  * (directly or through a helper); uses_simd: it reaches a SIMD-group or
  * quad-group function or simdgroup_matrix (including simdgroup_barrier).
- * binding index: [[buffer(i)]] / [[threadgroup(i)]] (assigned in order when
- * omitted), -1 for builtins; an unnamed parameter's name is "-".
+ * binding index: [[buffer(i)]] / [[threadgroup(i)]] (when omitted, the first index no
+ * other parameter writes, in order: MSL 5.2.1), -1 for builtins; an unnamed parameter's name is "-".
  * Sizes of parameters bound by value or reference (setBytes must match) are in
  * the module as  extern "C" __device__ const uint32_t camel_kernel_<n>_value_sizes[nparams]
  * (0 for pointers and builtins; one 0 for a kernel without parameters), in

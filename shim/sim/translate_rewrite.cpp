@@ -1881,19 +1881,29 @@ struct Rewriter {
     }
 
     // ---- generated code -------------------------------------------------
-    // Parameters without an explicit [[buffer(i)]] / [[threadgroup(i)]] get the
-    // next free index; Metal's limits: 31 slots, each bound once per kernel.
+    // Parameters without an explicit [[buffer(i)]] / [[threadgroup(i)]] get the first
+    // index that no parameter of the kernel writes, in parameter order (MSL 4, 5.2.1: "the
+    // Metal compiler assigns them using the first available location index"; its example
+    // gives `device myUserInfo *u` buffer 0 beside `device float *f [[buffer(10)]]`).
+    // Optional arguments count as written whether or not this specialisation declares
+    // them, so the numbering does not change with the constants' values (the
+    // specification does not say; Apple numbers at library compile, before specialising).
+    // Metal's limits: 31 slots, each bound once per kernel.
     void assign_indices(Kernel &kn) {
-        int next_buffer = 0, next_tg = 0;
+        std::set<int> taken_buffer, taken_tg;
         for (auto &p : kn.params) {
-            if (p.absent) continue;  // not declared in this specialisation (MSL 5.8.1.2)
-            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index >= next_buffer) next_buffer = p.index + 1;
-            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index >= next_tg) next_tg = p.index + 1;
+            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index >= 0) taken_buffer.insert(p.index);
+            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index >= 0) taken_tg.insert(p.index);
         }
+        auto first_free = [](std::set<int> &taken) {
+            int i = 0;
+            while (taken.count(i)) i++;
+            taken.insert(i);
+            return i;
+        };
         for (auto &p : kn.params) {
-            if (p.absent) continue;
-            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index < 0) p.index = next_buffer++;
-            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index < 0) p.index = next_tg++;
+            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index < 0) p.index = first_free(taken_buffer);
+            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index < 0) p.index = first_free(taken_tg);
         }
         std::map<std::pair<int, int>, std::string> used;
         for (auto &p : kn.params) {
