@@ -1240,6 +1240,8 @@ class Function:
       Python float (np.float64 is one)      4 bytes of float32   (setBytes)
       Python int                            4 bytes: int32 if negative, else uint32
       NumPy scalar or array <= 4095 bytes   its bytes            (setBytes)
+      None                                  nothing: an index no parameter of this pipeline
+                                            declares (an optional argument it leaves out)
     threadgroups= is dispatchThreadgroups; threads= is dispatchThreads (the last
     threadgroup in each dimension may be partial). An int stands for (n, 1, 1).
     threadgroup_memory[i] is the length of [[threadgroup(i)]] (rounded up to 16 bytes,
@@ -1391,6 +1393,9 @@ class Function:
     def _bind_other(self, i: int, a, used: list, keep: list | None) -> list | None:
         """Bind everything that is neither a DeviceArray nor a float (the less common kinds)."""
         offset_in_args = i * _ARG_SIZE
+        if a is None:  # binds nothing: an index the pipeline does not declare (an optional
+            _pack_arg(self._args, offset_in_args, 0, 0, 0, 0)  # argument left out, a gap)
+            return keep
         # A camel Tensor keeps its storage in .storage: a DeviceArray on "mps".
         data = getattr(a, "storage", None)
         if data is None:

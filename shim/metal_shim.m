@@ -1040,7 +1040,7 @@ static int validate_locked(const camel_dispatch_desc *d, CamelPipeline *p) {
                           (unsigned long long)a->length, (unsigned long long)want->size);
                 return 1;
             }
-        } else {
+        } else if (want->present) { /* None from Python: only where nothing is declared */
             set_error("[dispatch] kernel '%s': argument %u ('%s') has neither a buffer nor "
                       "bytes", k, i, pname);
             return 1;
@@ -1076,7 +1076,7 @@ uint64_t camel_dispatch(const camel_dispatch_desc *d) {
             const camel_arg *a = &d->args[i];
             if (a->buffer != NULL)
                 [enc setBuffer:(__bridge id<MTLBuffer>)a->buffer offset:a->offset atIndex:i];
-            else
+            else if (a->bytes != NULL)
                 [enc setBytes:a->bytes length:a->length atIndex:i]; /* copied now */
         }
         for (uint32_t i = 0; i < d->nthreadgroup_memory; i++)

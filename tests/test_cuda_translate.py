@@ -565,3 +565,60 @@ def test_vector_constants_at_program_scope_compile(arch):
         b"0 float2(0x1.8p+1f, 0x1p-2f)\n",
     )
     assert re.search(r"fma\.rn\.f32\s+%f\d+, %f\d+, 0f40400000, 0f3E800000;", ptx), ptx
+
+
+OPTIONAL_SRC = """
+#include <metal_stdlib>
+using namespace metal;
+constant bool has_b [[function_constant(0)]];
+kernel void opt_add(device const float *x [[buffer(0)]],
+                    device const float *b [[buffer(1), function_constant(has_b)]],
+                    device float *y [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+    y[i] = has_b ? x[i] + b[i] : x[i];
+}
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_optional_arguments_specialise_to_ptx(arch):
+    """An optional argument ([[function_constant(has_b)]], MSL 5.8.1.2): with has_b true it
+    is a buffer the runtime checks (kind 1), with has_b false it is absent (kind 4: nothing
+    binds it) and the specialised PTX neither reads its binding nor adds."""
+
+    def special(values):
+        return metal._cuda_call(
+            "camel_cuda_compile_specialised", OPTIONAL_SRC, "opt.metal", arch, b"opt_add", values
+        )
+
+    ptx, desc = special(b"0 true\n")
+    assert f".target sm_{arch}" in ptx
+    assert re.findall(r"\.entry (\w+)\(", ptx) == ["camel_opt_add"], ptx
+    assert "param 0 1 b 1 1 1\n" in desc and "param 0 2 y 1 2 1\n" in desc, desc
+    assert re.search(r"add(\.rn)?\.f32", ptx), ptx
+    assert "[camel_opt_add_param_0+8]" in ptx  # args.buffers[1]
+    ptx, desc = special(b"0 false\n")
+    assert re.findall(r"\.entry (\w+)\(", ptx) == ["camel_opt_add"], ptx
+    assert "param 0 1 b 4 1 1\n" in desc and "param 0 2 y 1 2 1\n" in desc, desc
+    assert not re.search(r"add(\.rn)?\.f32", ptx), ptx
+    assert "[camel_opt_add_param_0+8]" not in ptx  # nothing reads args.buffers[1]
+
+
+def test_arguments_without_an_index_take_the_first_free_one():
+    """MSL 4, 5.2.1: the first available index, in parameter order (the simulator's rule
+    too; before, both gave the highest explicit index + 1)."""
+    src = """
+#include <metal_stdlib>
+using namespace metal;
+kernel void k(device float *y [[buffer(0)]], device const float *x, constant float &s,
+              constant uint &n [[buffer(3)]], device const float *b,
+              threadgroup float *t, threadgroup float *u [[threadgroup(1)]],
+              uint i [[thread_position_in_grid]]) {
+    t[0] = x[i]; u[0] = b[i]; y[i] = s * t[0] + u[0] + float(n);
+}
+"""
+    _, desc = compile_ptx(src, "implicit.metal", 90)
+    params = [line.split()[3:6] for line in desc.splitlines() if line.startswith("param ")]
+    assert params == [
+        ["y", "1", "0"], ["x", "1", "1"], ["s", "1", "2"], ["n", "1", "3"], ["b", "1", "4"],
+        ["t", "2", "0"], ["u", "2", "1"], ["i", "3", "-1"],
+    ]  # fmt: skip

@@ -183,20 +183,155 @@ def test_constants_on_a_library_without_any():
         lib.function("k", constants={"a": 1})
 
 
-@pytest.mark.skipif(M.shim() == "metal", reason="Metal supports optional arguments")
-def test_optional_arguments_are_a_clear_error():
-    src = r"""
-    #include <metal_stdlib>
-    using namespace metal;
-    constant bool has_b [[function_constant(0)]];
-    kernel void opt(device float *y [[buffer(0)]],
-                    device const float *b [[buffer(1), function_constant(has_b)]],
-                    uint i [[thread_position_in_grid]]) {
-        y[i] = has_b ? b[i] : 0.0f;
-    }
-    """
-    with pytest.raises(M.CompileError, match=r"opt.metal:6: .*optional argument.*not supported"):
-        M.compile(src, "opt.metal")
+OPTIONAL_SRC = r"""
+#include <metal_stdlib>
+using namespace metal;
+constant bool has_bias [[function_constant(0)]];
+constant int scale_mode [[function_constant(1)]];
+constant uint has_gate [[function_constant(2)]];  // nonzero: present (MSL 5.8.1.2)
+// the specification's own form: a constant set to is_function_constant_defined
+constant bool scale_defined = is_function_constant_defined(scale_mode);
+
+kernel void opt_affine(device const float *x [[buffer(0)]],
+                       device const float *bias [[buffer(1), function_constant(has_bias)]],
+                       device float *y [[buffer(2)]],
+                       constant uint &n [[buffer(3)]],
+                       constant float &scale [[function_constant(scale_defined), buffer(4)]],
+                       device const float *gate [[buffer(5), function_constant(has_gate)]],
+                       uint i [[thread_position_in_grid]]) {
+    if (i >= n) return;
+    float v = x[i];
+    if (scale_defined) v *= scale + float(scale_mode);
+    if (has_bias) v += bias[i];
+    if (has_gate) v *= gate[i];
+    y[i] = v;
+}
+
+kernel void opt_reads_absent(device float *y [[buffer(0)]],
+                             device const float *b [[buffer(1), function_constant(has_bias)]],
+                             uint i [[thread_position_in_grid]]) {
+    y[i] = b[i];  // not guarded by has_bias: the kernel author's bug when it is false
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def opt_lib():
+    return M.compile(OPTIONAL_SRC, "opt.metal")
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("scale_mode", [None, 3])
+@pytest.mark.parametrize("has_gate", [0, 7])
+def test_optional_arguments_are_declared_only_when_their_constant_is_true(
+    opt_lib, has_bias, scale_mode, has_gate
+):
+    """MSL 5.8.1.2: an argument with [[function_constant(name)]] is in the specialised
+    function's signature when name is nonzero or true, and not when it is 0, false or
+    has no value; a left-out index binds nothing (None), the last ones are not passed."""
+    rng = np.random.default_rng(5)
+    x, bias, gate = (rng.standard_normal(N).astype(np.float32) for _ in range(3))
+    constants = {"has_bias": has_bias, "has_gate": has_gate}
+    if scale_mode is not None:
+        constants["scale_mode"] = scale_mode
+    fn = opt_lib.function("opt_affine", constants=constants)
+    dy = M.DeviceArray.from_numpy(np.full_like(x, np.nan))
+    args = [M.DeviceArray.from_numpy(x), M.DeviceArray.from_numpy(bias) if has_bias else None]
+    args += [dy, N]
+    want = x.copy()
+    if scale_mode is not None:
+        args.append(0.25)
+        want = want * np.float32(0.25 + scale_mode)
+    elif has_gate:
+        args.append(None)  # buffer(4) is not declared: nothing binds it
+    if has_bias:
+        want = want + bias
+    if has_gate:
+        args.append(M.DeviceArray.from_numpy(gate))
+        want = want * gate
+    fn(*args, threads=N, threads_per_threadgroup=64)
+    np.testing.assert_allclose(dy.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_present_optional_argument_left_unbound_names_the_kernel_and_the_index(opt_lib):
+    x = M.DeviceArray.from_numpy(np.ones(N, np.float32))
+    y = M.DeviceArray.from_numpy(np.zeros(N, np.float32))
+    fn = opt_lib.function(
+        "opt_affine", constants={"has_bias": True, "scale_mode": 1, "has_gate": 1}
+    )
+    ours = M.shim() != "metal"
+    match = r"opt_affine.*\[\[buffer\(5\)\]\] 'gate' is not bound" if ours else "opt_affine"
+    with pytest.raises(M.DispatchError, match=match):
+        fn(x, x, y, N, 0.5, threads=N, threads_per_threadgroup=64)
+    # bias is declared at buffer(1): None there is no binding
+    match = r"opt_affine.*'bias' \(\[\[buffer\(1\)\]\]\) is not bound" if ours else "opt_affine"
+    with pytest.raises(M.DispatchError, match=match):
+        fn(x, None, y, N, 0.5, x, threads=N, threads_per_threadgroup=64)
+    # and an argument for an index the pipeline leaves out, past its last one
+    fn = opt_lib.function("opt_affine", constants={"has_bias": False, "has_gate": 0})
+    match = (
+        r"opt_affine' takes 4 buffer arguments.*got 5.*optional arguments 'bias'" if ours else "opt"
+    )
+    with pytest.raises(M.DispatchError, match=match):
+        fn(x, None, y, N, 0.5, threads=N, threads_per_threadgroup=64)
+
+
+@pytest.mark.skipif(M.shim() != "sim", reason="the simulator's crash message (undefined on a GPU)")
+def test_reading_an_absent_optional_argument_names_it(opt_lib):
+    fn = opt_lib.function("opt_reads_absent", constants={"has_bias": False})
+    y = M.DeviceArray.from_numpy(np.zeros(64, np.float32))
+    with pytest.raises(M.MetalError, match=r"opt_reads_absent.*optional argument 'b'.*5\.8\.1\.2"):
+        fn(y, threads=64, threads_per_threadgroup=64)
+        M.synchronize()
+    b = M.DeviceArray.from_numpy(np.arange(64, dtype=np.float32))
+    fn = opt_lib.function("opt_reads_absent", constants={"has_bias": True})
+    fn(y, b, threads=64, threads_per_threadgroup=64)
+    np.testing.assert_array_equal(y.numpy(), np.arange(64, dtype=np.float32))
+
+
+@pytest.mark.skipif(M.shim() == "metal", reason="the simulator's and CUDA shim's parser")
+@pytest.mark.parametrize(
+    "decl, param, match",
+    [
+        (
+            "constant float2 v [[function_constant(0)]];",
+            "device float *b [[buffer(1), function_constant(v)]]",
+            r"'v' is a float2; an optional argument's function constant is a scalar",
+        ),
+        (
+            "constant bool a [[function_constant(0)]];",
+            "device float *b [[buffer(1), function_constant(nope)]]",
+            r"function_constant\(nope\): 'nope' is not a function constant declared above",
+        ),
+        (
+            "constant bool a [[function_constant(0)]];",
+            "device float *b [[buffer(1), function_constant(1)]]",
+            r"takes the name of a function constant \(MSL 5\.8\.1\.2",
+        ),
+        (
+            "constant bool a [[function_constant(0)]];",
+            "uint j [[thread_index_in_simdgroup, function_constant(a)]]",
+            r"\[\[thread_index_in_simdgroup\]\] cannot be optional",
+        ),
+        (
+            "constant bool a [[function_constant(0)]];\n"
+            "struct P { float u; float v [[function_constant(a)]]; };",
+            "constant P &b [[buffer(1)]]",
+            r"on a structure member is not supported.*MSL 5\.8\.1\.6",
+        ),
+        (
+            "constant bool a [[function_constant(0)]];\n"
+            "float f(device float *q [[function_constant(a)]]) { return q[0]; }",
+            "device float *b [[buffer(1)]]",
+            r"only on a kernel's parameters",
+        ),
+    ],
+)
+def test_unsupported_optional_forms_name_the_line(decl, param, match):
+    src = "#include <metal_stdlib>\nusing namespace metal;\n" + decl + "\n"
+    src += "kernel void k(device float *y [[buffer(0)]], " + param + ") { y[0] = 1.0f; }\n"
+    with pytest.raises(M.CompileError, match=r"opt_bad.metal:\d+: .*" + match):
+        M.compile(src, "opt_bad.metal")
 
 
 @pytest.mark.skipif(M.shim() == "metal", reason="the simulator's and CUDA shim's parser")

@@ -160,6 +160,40 @@ def test_threadgroup_memory(lib, tpg):
     np.testing.assert_allclose(out.numpy(), x.reshape(groups, tpg).sum(1), rtol=1e-5, atol=1e-5)
 
 
+IMPLICIT_SRC = """
+#include <metal_stdlib>
+using namespace metal;
+// MSL 4, 5.2.1: an argument without [[buffer(i)]] takes the first free index, in order:
+// x is buffer 1 (0 and 3 are written), scale buffer 2, bias buffer 4; threadgroup t is 0
+kernel void implicit_indices(device float *y [[buffer(0)]], device const float *x,
+                             constant float &scale, constant uint &n [[buffer(3)]],
+                             device const float *bias, threadgroup float *t,
+                             threadgroup float *u [[threadgroup(1)]],
+                             uint i [[thread_position_in_grid]],
+                             uint l [[thread_position_in_threadgroup]]) {
+    t[l] = x[min(i, n - 1)];
+    u[l] = bias[min(i, n - 1)];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (i < n) y[i] = scale * t[l] + u[l];
+}
+"""
+
+
+def test_arguments_without_an_index_take_the_first_free_one():
+    """Apple's rule (MSL 4, 5.2.1, "If the location indices are not specified, the Metal
+    compiler assigns them using the first available location index"); before, the
+    simulator gave the highest explicit index + 1 (x would have been buffer 4)."""
+    lib = metal.compile(IMPLICIT_SRC, "implicit.metal")
+    n = 1037
+    rng = np.random.default_rng(7)
+    x, bias = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    y = metal.DeviceArray.from_numpy(np.full(n, np.nan, np.float32))
+    dx, db = metal.DeviceArray.from_numpy(x), metal.DeviceArray.from_numpy(bias)
+    lib.function("implicit_indices")(y, dx, 0.5, n, db, threads=n, threads_per_threadgroup=64,
+                                     threadgroup_memory=[256, 256])  # fmt: skip
+    np.testing.assert_allclose(y.numpy(), np.float32(0.5) * x + bias, rtol=1e-6, atol=1e-6)
+
+
 def test_tensor_arguments():
     camel = pytest.importorskip("camel")
     lib = metal.compile(SOURCE)

@@ -54,6 +54,9 @@ enum camel_cuda_param_kind {
     CAMEL_CUDA_PARAM_BUFFER = 1,
     CAMEL_CUDA_PARAM_THREADGROUP = 2,
     CAMEL_CUDA_PARAM_BUILTIN = 3,
+    CAMEL_CUDA_PARAM_ABSENT = 4,  /* an optional argument this specialisation does not declare
+                                     ([[function_constant(name)]], name false or without a
+                                     value): nothing binds it, the kernel sees a null pointer */
 };
 
 /* The translator, exported by libcamel_cuda.so (usable without a GPU or driver). */
@@ -61,14 +64,14 @@ enum camel_cuda_param_kind {
 /* MSL source -> the complete CUDA translation unit (what camel.metal.translate
  * returns), plus a description of its kernels, one line each:
  *     kernel <n> <host_name> <uses_barrier 0|1> <uses_simd 0|1> <entry symbol>
- *     param <n> <position> <name> <kind 1|2|3> <binding index> <is_pointer 0|1>
+ *     param <n> <position> <name> <kind 1|2|3|4> <binding index> <is_pointer 0|1>
  * n counts the kernels from 0 in source order (template instantiations where
  * they are instantiated); the param lines of kernel n follow its kernel line,
  * in parameter order. uses_barrier: the kernel reaches threadgroup_barrier
  * (directly or through a helper); uses_simd: it reaches a SIMD-group or
  * quad-group function or simdgroup_matrix (including simdgroup_barrier).
- * binding index: [[buffer(i)]] / [[threadgroup(i)]] (assigned in order when
- * omitted), -1 for builtins; an unnamed parameter's name is "-".
+ * binding index: [[buffer(i)]] / [[threadgroup(i)]] (when omitted, the first index no
+ * other parameter writes, in order: MSL 5.2.1), -1 for builtins; an unnamed parameter's name is "-".
  * Sizes of parameters bound by value or reference (setBytes must match) are in
  * the module as  extern "C" __device__ const uint32_t camel_kernel_<n>_value_sizes[nparams]
  * (0 for pointers and builtins; one 0 for a kernel without parameters), in

@@ -181,7 +181,7 @@ struct Worker {
     uint32_t group_index = 0;  // the threadgroup being run
     sigjmp_buf crash_jmp;
     volatile sig_atomic_t in_kernel = 0;
-    char crash_msg[512];
+    char crash_msg[1024];
     void *altstack = nullptr;
 };
 
@@ -1194,10 +1194,23 @@ static int rt_vprintf(const char *fmt, __builtin_va_list ap) {
     return vfprintf(stdout, fmt, ap);
 }
 
+// Address space that faults on every access: what absent optional arguments point into
+// (CAMEL_SIM_PARAM_ABSENT), one slot per parameter position, so a crash there names the
+// parameter. Reserved, never committed (PROT_NONE, MAP_NORESERVE: no memory).
+static const size_t kAbsentBytes = (size_t)CAMEL_SIM_ABSENT_SLOTS * CAMEL_SIM_ABSENT_SPAN;
+static void *absent_arguments() {
+    static void *region = [] {
+        void *p = mmap(nullptr, kAbsentBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        return p == MAP_FAILED ? nullptr : p;  // null: absent arguments are null pointers
+    }();
+    return region;
+}
+
 const camel_sim_runtime runtime_table = {
     CAMEL_SIM_ABI_VERSION, rt_threadgroup_barrier, rt_simdgroup_barrier, rt_simd_collective,
     rt_threadgroup_static, rt_fail,                rt_vprintf,
-    rt_simdgroup_block,
+    rt_simdgroup_block,    absent_arguments(),
 };
 
 // ---- crashes inside kernels -------------------------------------------------------
@@ -1240,6 +1253,24 @@ static void on_crash(int sig, siginfo_t *info, void *) {
                "an address that is a multiple of its size (16 for float4); the CPU reports no "
                "address. Rerun with CAMEL_SIM_SANITIZE=undefined to find the line";
 #endif
+    char absent[512];
+    uintptr_t region = (uintptr_t)runtime_table.absent_arguments;
+    if ((sig == SIGSEGV || sig == SIGBUS) && !*hint && region && addr >= region &&
+        addr - region < kAbsentBytes && g.k) {
+        int j = (int)((addr - region) / CAMEL_SIM_ABSENT_SPAN);
+        const camel_sim_param *prm = nullptr;
+        for (int i = 0; i < g.k->nparams; i++)
+            if (g.k->params[i].kind == CAMEL_SIM_PARAM_ABSENT &&
+                (i == j || (j == CAMEL_SIM_ABSENT_SLOTS - 1 && i >= j)))
+                prm = &g.k->params[i];
+        snprintf(absent, sizeof absent,
+                 "; the kernel used its optional argument '%s' ([[function_constant]]), which "
+                 "this pipeline does not declare: its function constant is false, 0 or has no "
+                 "value (MSL 5.8.1.2). Use it only where that constant is true, e.g. inside "
+                 "`if (has_it)`, or give the constant true",
+                 prm ? prm->name : "?");
+        hint = absent;
+    }
     if (sig == SIGSEGV && !*hint)
         hint = "; an out-of-bounds index? Rerun with CAMEL_SIM_SANITIZE=address to find the line";
     char thread[32] = "";  // a group entry runs its threads itself: no index known here

@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define CAMEL_SIM_ABI_VERSION 3
+#define CAMEL_SIM_ABI_VERSION 4
 
 /* What one simulated thread knows about itself. The runtime fills it; the
  * generated wrapper converts fields to the exact types the kernel declares
@@ -50,7 +50,18 @@ enum camel_sim_param_kind {
     CAMEL_SIM_PARAM_BUFFER = 1,       /* device/constant pointer or reference: [[buffer(i)]] */
     CAMEL_SIM_PARAM_THREADGROUP = 2,  /* threadgroup pointer: [[threadgroup(i)]] */
     CAMEL_SIM_PARAM_BUILTIN = 3,      /* [[thread_position_in_grid]] and friends */
+    CAMEL_SIM_PARAM_ABSENT = 4,       /* an optional argument, [[function_constant(name)]],
+                                         that this specialisation does not declare (name false
+                                         or without a value, MSL 5.8.1.2): nothing binds it;
+                                         index is the one written (-1 if none) */
 };
+
+/* What an absent argument points into: parameter j of a kernel at
+ * absent_arguments + j * CAMEL_SIM_ABSENT_SPAN + CAMEL_SIM_ABSENT_SPAN / 2 (slot
+ * CAMEL_SIM_ABSENT_SLOTS - 1 for the rest), memory that faults on any access, so the
+ * runtime's crash message can name the parameter. */
+#define CAMEL_SIM_ABSENT_SLOTS 64
+#define CAMEL_SIM_ABSENT_SPAN (16u << 20)
 
 typedef struct camel_sim_param {
     const char *name;        /* parameter name as written, for messages */
@@ -169,6 +180,9 @@ typedef struct camel_sim_runtime {
     void (*simdgroup_block)(const camel_sim_thread *t, uint32_t site, int32_t store,
                             void *block, uint64_t row_bytes, uint32_t elem_size,
                             const uint32_t *index, const void *values);
+    /* CAMEL_SIM_ABSENT_SLOTS * CAMEL_SIM_ABSENT_SPAN bytes of address space that fault
+     * (PROT_NONE): what absent arguments point into (CAMEL_SIM_PARAM_ABSENT). */
+    void *absent_arguments;
 } camel_sim_runtime;
 
 #ifdef __cplusplus

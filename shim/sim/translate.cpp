@@ -42,6 +42,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -1130,6 +1131,21 @@ bool fc_type(const std::string &t, uint32_t &code, uint32_t &components) {
     return false;
 }
 
+bool fc_scalar(const std::string &t) {
+    uint32_t code, n;
+    return fc_type(t, code, n) && n == 1;
+}
+
+// Is the value of a constant_literal ("true", "int(3)", "half(0x1p+0)", "NAN") nonzero?
+bool literal_nonzero(const std::string &v) {
+    if (v == "true") return true;
+    if (v == "false") return false;
+    size_t p = v.find('(');
+    std::string num = p == std::string::npos ? v : v.substr(p + 1);
+    if (num.find("NAN") != std::string::npos || num.find("INFINITY") != std::string::npos) return true;
+    return strtod(num.c_str(), nullptr) != 0.0;
+}
+
 std::string fc_scalar_name(uint32_t code) {
     static const char *const bases[] = {"?", "bool", "char", "uchar", "short", "ushort",
                                         "int", "uint", "half", "float"};
@@ -1233,6 +1249,23 @@ bool specialize_function_constants(std::string &s, const std::string &main_file,
     };
     const char *form = "write `constant T name [[function_constant(index)]];` at program scope, "
                        "index an integer literal";
+    // function_constant(name) inside [[...]]: an optional argument or member (MSL 5.8.1.2,
+    // 5.8.1.6), whose name refers to a function constant; the declaration form has an index
+    auto optional_form = [&](size_t k) {
+        if (!(punct(k + 1, '(') && k + 3 < t.size() && t[k + 2].kind == FcTok::IDENT &&
+              text(k + 2) != "true" && text(k + 2) != "false" && punct(k + 3, ')')))
+            return false;
+        // `constant T a [[function_constant(N)]];` declares a constant (with an index that is
+        // no literal, an error below); a parameter or member is not in the constant space
+        if (!(k >= 4 && punct(k - 1, '[') && punct(k - 2, '[') && punct(k + 4, ']') &&
+              punct(k + 5, ']') && punct(k + 6, ';')))
+            return true;
+        for (size_t c = k - 4; c > 0 && k - c < 8; c--) {
+            if (t[c - 1].kind != FcTok::IDENT) return true;
+            if (text(c - 1) == "constant") return false;
+        }
+        return true;
+    };
     struct Decl {
         size_t first, last;  // tokens: `constant` .. `;`
         FunctionConstant fc;
@@ -1243,10 +1276,11 @@ bool specialize_function_constants(std::string &s, const std::string &main_file,
     bool ok = true;
     for (size_t k = 0; k < t.size(); k++) {
         if (t[k].kind != FcTok::IDENT || t[k].system || text(k) != "function_constant") continue;
+        if (optional_form(k)) continue;  // [[buffer(1), function_constant(has_b)]]: below
         if (!(k >= 2 && punct(k - 1, '[') && punct(k - 2, '['))) {
-            err += prefix + where(k) + "error: [[..., function_constant(...)]] on a parameter or "
-                   "struct member (an optional argument) is not supported by the simulator and the "
-                   "CUDA shim; only program-scope function constants are\n";
+            err += prefix + where(k) + "error: function_constant(...) on a parameter or struct "
+                   "member takes the name of a function constant (MSL 5.8.1.2: "
+                   "[[buffer(1), function_constant(has_b)]]), not an index\n";
             ok = false;
             continue;
         }
@@ -1310,6 +1344,42 @@ bool specialize_function_constants(std::string &s, const std::string &main_file,
     if (!ok) return false;
     for (const Decl &d : decls) found.push_back(d.fc);
 
+    // What an optional argument's name refers to: a function constant declared above
+    // (its value, nonzero or true), or a program-scope constant set to
+    // is_function_constant_defined(f) (the specification's own example: 5.8.1.2).
+    // 1 present, 0 absent, -1 with `why` for a name the simulator cannot evaluate.
+    std::map<std::string, std::pair<std::string, size_t>> derived;  // name -> (f, its token)
+    for (size_t k = 0; k + 7 < t.size(); k++)
+        if (t[k].kind == FcTok::IDENT && !t[k].system && punct(k + 1, '=') &&
+            text(k + 2) == "is_function_constant_defined" && punct(k + 3, '(') &&
+            t[k + 4].kind == FcTok::IDENT && punct(k + 5, ')') && punct(k + 6, ';') && k >= 2 &&
+            (text(k - 2) == "constant" || (k >= 3 && text(k - 3) == "constant")))
+            derived[text(k)] = {text(k + 4), k};
+    auto optional_presence = [&](const std::string &name, size_t k, bool specialising,
+                                 std::string &why) -> int {
+        for (const Decl &d : decls) {
+            if (d.fc.name != name) continue;
+            if (d.fc.type != "bool" && !fc_scalar(d.fc.type)) {
+                why = "'" + name + "' is a " + d.fc.type + "; an optional argument's function "
+                      "constant is a scalar (MSL 5.8.1.2: present when nonzero or true)";
+                return -1;
+            }
+            if (d.first > k) break;  // declared after its use
+            return specialising && d.defined && literal_nonzero(d.value) ? 1 : 0;
+        }
+        auto it = derived.find(name);
+        if (it != derived.end() && it->second.second < k) {
+            for (const Decl &d : decls)
+                if (d.fc.name == it->second.first) return specialising && d.defined ? 1 : 0;
+            why = "'" + it->second.first + "' is not a function constant declared above";
+            return -1;
+        }
+        why = "'" + name + "' is not a function constant declared above; the simulator and the "
+              "CUDA shim evaluate the name of a function constant ([[function_constant(index)]]) "
+              "or of a constant set to is_function_constant_defined(name) (MSL 5.8.1.2)";
+        return -1;
+    };
+
     std::string out;
     out.reserve(s.size() + 256);
     size_t copied = 0;  // s[0, copied) is in out
@@ -1337,6 +1407,21 @@ bool specialize_function_constants(std::string &s, const std::string &main_file,
         }
         if (t[k].kind != FcTok::IDENT || t[k].system) continue;  // the user's code only
         std::string id = text(k);
+        if (id == "function_constant" && optional_form(k)) {
+            // MSL 5.8.1.2: nonzero or true: the argument is declared; 0, false or no value
+            // (as if is_function_constant_defined(name) were false): it is not. The
+            // rewriter reads the outcome, function_constant(true) or (false).
+            std::string name = text(k + 2), why;
+            int present = optional_presence(name, k, values != nullptr, why);
+            if (present < 0) {
+                err += prefix + where(k) + "error: function_constant(" + name + "): " + why + "\n";
+                ok = false;
+                continue;
+            }
+            replace(t[k].start, t[k + 3].end, present ? "function_constant(true)" : "function_constant(false)");
+            k += 3;
+            continue;
+        }
         if (id == "is_function_constant_defined") {
             const Decl *d = nullptr;
             if (punct(k + 1, '(') && k + 3 < t.size() && t[k + 2].kind == FcTok::IDENT && punct(k + 3, ')'))

@@ -259,6 +259,9 @@ struct Param {
     std::string space;    // "device", "constant", "threadgroup" or ""
     bool pointee_const = false;  // const before the '*' or '&': memory it cannot write
     std::set<std::string> type_words;  // the identifiers of its type
+    int position = 0;     // in the parameter list
+    bool absent = false;  // [[function_constant(name)]] with name false or without a value in
+                          // this specialisation: not declared (MSL 5.8.1.2), bound to nothing
 };
 
 struct Kernel {
@@ -508,6 +511,21 @@ struct Rewriter {
                     if (a.name == "vertex" || a.name == "fragment" || a.name == "visible" ||
                         a.name == "mesh" || a.name == "object")
                         error_at(k, "[[" + a.name + "]] functions are not supported by " + shim + " (compute kernels only)");
+                for (auto &a : attrs) {
+                    if (a.name != "function_constant") continue;
+                    std::vector<Attr> unused;
+                    if (!scopes.empty() && scopes.back().kind == CLASS)
+                        error_at(k, "[[function_constant(...)]] on a structure member is not supported by " +
+                                        shim + ": MSL 5.8.1.6 allows it in a structure that a graphics or "
+                                        "user function returns or that a function takes by value (a "
+                                        "[[stage_in]] input or a structure of buffers), which " + shim +
+                                        " does not take as kernel arguments; use an optional kernel "
+                                        "argument instead ([[buffer(i), function_constant(name)]])");
+                    else if (in_function() || paren <= 0 || !is_kernel_statement(stmt, k, unused))
+                        error_at(k, "[[function_constant(...)]] here is not supported by " + shim +
+                                        ": only on a kernel's parameters (an optional argument, MSL "
+                                        "5.8.1.2)");
+                }
                 k = e - 1;
                 continue;
             }
@@ -1192,6 +1210,23 @@ struct Rewriter {
             return false;
         }
         if (p.kind == CAMEL_SIM_PARAM_BUILTIN && !check_builtin_type(a, b, p, line)) return false;
+        for (auto &at : attrs) {
+            if (at.name != "function_constant") continue;
+            // the specialiser (translate.cpp) has decided: true or false
+            if (at.arg != "true" && at.arg != "false") {
+                error(line, "kernel parameter '" + p.name + "': [[function_constant(" + at.arg +
+                                ")]] takes the name of a function constant");
+                return false;
+            }
+            if (p.kind == CAMEL_SIM_PARAM_BUILTIN) {
+                error(line, "kernel parameter '" + p.name + "': [[" + p.builtin +
+                                "]] cannot be optional ([[function_constant]]) in " + shim +
+                                "; declare it always, it costs nothing");
+                return false;
+            }
+            p.absent = at.arg == "false";
+        }
+        p.position = (int)params.size();
         params.push_back(p);
         return true;
     }
@@ -1846,21 +1881,33 @@ struct Rewriter {
     }
 
     // ---- generated code -------------------------------------------------
-    // Parameters without an explicit [[buffer(i)]] / [[threadgroup(i)]] get the
-    // next free index; Metal's limits: 31 slots, each bound once per kernel.
+    // Parameters without an explicit [[buffer(i)]] / [[threadgroup(i)]] get the first
+    // index that no parameter of the kernel writes, in parameter order (MSL 4, 5.2.1: "the
+    // Metal compiler assigns them using the first available location index"; its example
+    // gives `device myUserInfo *u` buffer 0 beside `device float *f [[buffer(10)]]`).
+    // Optional arguments count as written whether or not this specialisation declares
+    // them, so the numbering does not change with the constants' values (the
+    // specification does not say; Apple numbers at library compile, before specialising).
+    // Metal's limits: 31 slots, each bound once per kernel.
     void assign_indices(Kernel &kn) {
-        int next_buffer = 0, next_tg = 0;
+        std::set<int> taken_buffer, taken_tg;
         for (auto &p : kn.params) {
-            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index >= next_buffer) next_buffer = p.index + 1;
-            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index >= next_tg) next_tg = p.index + 1;
+            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index >= 0) taken_buffer.insert(p.index);
+            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index >= 0) taken_tg.insert(p.index);
         }
+        auto first_free = [](std::set<int> &taken) {
+            int i = 0;
+            while (taken.count(i)) i++;
+            taken.insert(i);
+            return i;
+        };
         for (auto &p : kn.params) {
-            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index < 0) p.index = next_buffer++;
-            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index < 0) p.index = next_tg++;
+            if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index < 0) p.index = first_free(taken_buffer);
+            if (p.kind == CAMEL_SIM_PARAM_THREADGROUP && p.index < 0) p.index = first_free(taken_tg);
         }
         std::map<std::pair<int, int>, std::string> used;
         for (auto &p : kn.params) {
-            if (p.kind == CAMEL_SIM_PARAM_BUILTIN) continue;
+            if (p.kind == CAMEL_SIM_PARAM_BUILTIN || p.absent) continue;
             const char *what = p.kind == CAMEL_SIM_PARAM_BUFFER ? "buffer" : "threadgroup";
             if (p.index > 30)
                 error(kn.line, "kernel '" + kn.host_name + "' parameter '" + p.name + "': [[" +
@@ -1879,6 +1926,8 @@ struct Rewriter {
     std::string bind_arg(const Param &p, const std::string &P, const std::string &buffer,
                          const std::string &tg, const std::string &thread) {
         std::string i = std::to_string(p.index);
+        if (p.absent)  // an address that faults, naming the parameter (the simulator), or null
+            return "__camel_bind<" + P + ">(__camel_absent_argument(" + std::to_string(p.position) + "))";
         if (p.kind == CAMEL_SIM_PARAM_BUFFER) return "__camel_bind<" + P + ">(" + buffer + "[" + i + "])";
         if (p.kind == CAMEL_SIM_PARAM_THREADGROUP) return "__camel_bind<" + P + ">(" + tg + "[" + i + "])";
         const BuiltinInfo *bi = find_builtin(p.builtin);
@@ -1941,8 +1990,9 @@ struct Rewriter {
                          (by_value ? "(uint32_t)sizeof(__camel_remove_ref_t<" + P + ">)" : "0");
                 int index = p.kind == CAMEL_SIM_PARAM_BUILTIN ? -1 : p.index;
                 std::string name = p.name.empty() ? "-" : p.name;
+                int kind = p.absent ? CAMEL_SIM_PARAM_ABSENT : p.kind;
                 desc += "param " + n + " " + std::to_string(j) + " " + name + " " +
-                        std::to_string(p.kind) + " " + std::to_string(index) + " " +
+                        std::to_string(kind) + " " + std::to_string(index) + " " +
                         (p.pointer ? "1" : "0") + "\n";
             }
             g += ");\n}\n";
@@ -3104,7 +3154,8 @@ struct Rewriter {
                     std::string flags = p.kind == CAMEL_SIM_PARAM_BUFFER
                                             ? "!__is_const(" + T + "), (uint32_t)alignof(" + T + ")"
                                             : "0, 0";
-                    g += "    {\"" + p.name + "\", " + std::to_string(p.kind) + ", " +
+                    int kind = p.absent ? CAMEL_SIM_PARAM_ABSENT : p.kind;
+                    g += "    {\"" + p.name + "\", " + std::to_string(kind) + ", " +
                          std::to_string(p.index) + ", " + size + ", " + (p.pointer ? "1" : "0") +
                          ", " + flags + "},\n";
                 }
@@ -3119,7 +3170,7 @@ struct Rewriter {
             if (!seen.insert(kn.host_name).second || skipped(kn)) continue;
             int max_buffer = -1;
             for (auto &p : kn.params)
-                if (p.kind == CAMEL_SIM_PARAM_BUFFER && p.index > max_buffer) max_buffer = p.index;
+                if (p.kind == CAMEL_SIM_PARAM_BUFFER && !p.absent && p.index > max_buffer) max_buffer = p.index;
             bool fibers = uses_fibers(kn.body_owner);
             std::string n = std::to_string(i);
             g += "    {\"" + kn.host_name + "\", __camel_entry_" + n + ", " +

@@ -271,6 +271,18 @@ template <class P> inline P __camel_builtin3(const uint32_t *v) {
     }
 }
 template <class P> inline P __camel_builtin1(uint32_t v) { return (P)v; }
+// What an absent optional argument (MSL 5.8.1.2) of parameter position j points at:
+// memory that faults, named by the runtime's crash message; null on CUDA.
+inline void *__camel_absent_argument(int j) {
+#ifdef __CAMEL_CUDA__
+    (void)j;
+    return nullptr;
+#else
+    if (j >= CAMEL_SIM_ABSENT_SLOTS) j = CAMEL_SIM_ABSENT_SLOTS - 1;
+    return (char *)__camel_rt->absent_arguments + (uint64_t)j * CAMEL_SIM_ABSENT_SPAN +
+           CAMEL_SIM_ABSENT_SPAN / 2;
+#endif
+}
 
 #ifndef __CAMEL_CUDA__
 // printf inside a kernel goes through the runtime (one line at a time).
