@@ -1562,7 +1562,7 @@ def test_typed_check_header_from_another_include_directory(monkeypatch, tmp_path
     import shutil
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    sim = Path(metal.__file__).parent.parent / "shim" / "sim"
+    sim = Path(metal.__file__).parents[2] / "shim" / "sim"
     other = tmp_path / "sim" / "include"
     shutil.copytree(sim / "include", other)
     shutil.copy(sim / "sim_abi.h", tmp_path / "sim")
