@@ -1,5 +1,5 @@
 /*
- * camel_shim.h — the one C ABI between Python (camel/metal.py, via ctypes)
+ * camel_shim.h — the one C ABI between Python (camel/metal/, via ctypes)
  * and the GPU. Three libraries implement it:
  *
  *   shim/metal_shim.m   Apple GPUs through Metal (macOS, Apple Silicon)
