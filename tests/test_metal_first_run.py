@@ -1,7 +1,7 @@
 """The Metal shim's first-run risks (issue 10, part 3), checked where they can be here.
 
-No Mac runs CI, so what lives in shim/metal_shim.m is checked by reading the source (as
-tests/test_metal_shim_source.py does for the ABI); what lives in camel/metal/ runs.
+No Mac runs CI, so what lives in shim/metal/metal_shim.m is checked by reading the source
+(as tests/test_metal_shim_source.py does for the ABI); what lives in camel/metal/ runs.
 DEVELOPERS.md's cross-compile against the macOS SDK is the check that the source builds.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from camel import metal
 
 ROOT = Path(__file__).resolve().parent.parent
-METAL_SRC = ROOT / "shim" / "metal_shim.m"
+METAL_SRC = ROOT / "shim" / "metal" / "metal_shim.m"
 SIM_RUNTIME_H = ROOT / "shim" / "sim" / "runtime.h"
 
 

@@ -44,7 +44,7 @@ LAYERS = [  # (layer, rank, files: a path under shim/ or a folder ending in "/")
     ("front", 1, ["front/"]),
     ("sim", 2, ["sim/"]),
     ("cuda", 2, ["cuda/"]),
-    ("metal", 2, ["metal/", "metal_shim.m"]),  # metal_shim.m: until it moves to metal/
+    ("metal", 2, ["metal/"]),
 ]
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)

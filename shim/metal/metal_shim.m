@@ -43,7 +43,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#include "camel_shim.h"
+#include "../camel_shim.h"
 
 /* Apple GPUs run a SIMD group (Metal's name for a warp) of 32 threads. The
  * device object has no property for it; every compute pipeline reports it
