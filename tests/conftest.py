@@ -235,7 +235,7 @@ def run_under_asan(script: str, *args: str, timeout: int = 600):
                           text=True, timeout=timeout)  # fmt: skip
 
 
-# ---- the simulator's library description (shim/sim/sim_abi.h), read with ctypes ------
+# ---- the simulator's library description (shim/front/sim_abi.h), read with ctypes ------
 
 
 class SimParam(ctypes.Structure):

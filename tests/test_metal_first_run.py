@@ -106,7 +106,7 @@ def test_msl_version_is_pinned_and_documented():
     assert "{14, 0, 0}" in lib_new
     doc = (ROOT / "docs" / "metal_shim.md").read_text()
     assert "**MSL 3.1** on macOS 14 and later" in doc and "MSL 3.0 on macOS 13" in doc
-    sim = (ROOT / "shim" / "sim" / "translate.cpp").read_text()
+    sim = (ROOT / "shim" / "front" / "translate.cpp").read_text()
     assert sim.count("-D__METAL_VERSION__=310") == 2  # the compile and the typed check
 
 
