@@ -35,12 +35,16 @@ One concern a file, each importing only those above it in this list:
     translation.py  translate(): the CUDA the CUDA shim makes of an MSL source, to read
 
 The loaded shim's state lives in camel.metal.loading (`loading._lib`, `._mirrors`, ...)
-and the test hook `poison_byte` in camel.metal.buffers: set and read them there (a name
-copied into this package would not follow them).
+and the test hook `poison_byte` in camel.metal.buffers. Reading camel.metal.<name> reads
+it there; setting it here is an error that says where to set it (a name set on this
+package would not reach the code that reads it).
 """
 
 # ruff: noqa: F401 (a facade: every import here is a re-export)
 from __future__ import annotations
+
+import sys
+import types
 
 from camel.metal import abi, buffers, kernels, loading, translation, vendor
 from camel.metal.abi import (
@@ -110,3 +114,28 @@ __all__ = [
     "capture_begin",
     "capture_end",
 ]
+
+# State that its own module sets: a copy here would not follow it (see the docstring).
+_STATE = {"_lib": loading, "_is_sim": loading, "_shim_kind": loading, "_mirrors": loading}
+_STATE["poison_byte"] = buffers
+
+
+def __getattr__(name: str):
+    owner = _STATE.get(name)
+    if owner is None:
+        raise AttributeError(f"module 'camel.metal' has no attribute {name!r}")
+    return getattr(owner, name)
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        owner = _STATE.get(name)
+        if owner is not None:
+            raise AttributeError(
+                f"[metal] camel.metal.{name} is the state of {owner.__name__}: set "
+                f"{owner.__name__}.{name} (a name set on camel.metal would reach no code)"
+            )
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

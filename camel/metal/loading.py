@@ -4,8 +4,9 @@ initialising it once (`_native`), the device's name and limits, command buffers 
 times, and GPU capture (CAMEL_CAPTURE).
 
 The state of the loaded shim lives here and is set once by _native(): `_lib`, `_is_sim`,
-`_shim_kind`, `_mirrors`. The modules above read it as `loading._lib` etc. (a
-`from ... import _lib` would copy the None it held at import).
+`_shim_kind`, `_mirrors`. The modules that build on this one (buffers, kernels, vendor)
+read it as `loading._lib` etc.: a `from ... import _lib` would copy the None it held at
+import.
 """
 
 from __future__ import annotations
