@@ -43,9 +43,13 @@ SIM_LIB = "shim/build/libcamel_sim.so"
 NATIVE = [
     (METAL_LIB, []),
     # the simulator compiles each .metal file at run time against its <metal_stdlib>
-    (SIM_LIB, ["shim/sim/include", "shim/sim/sim_abi.h"]),
+    # (its <metal_stdlib> includes the MSL library both targets share, front/include)
+    (SIM_LIB, ["shim/sim/include", "shim/front/include", "shim/front/sim_abi.h"]),
     # the CUDA shim (built only where CUDA is; the translator's headers are needed at run time)
-    ("shim/build/libcamel_cuda.so", ["shim/cuda/include", "shim/cuda/cuda_abi.h"]),
+    (
+        "shim/build/libcamel_cuda.so",
+        ["shim/cuda/include", "shim/cuda/cuda_abi.h", "shim/front/include"],
+    ),
 ]
 # the one library this platform cannot do without (on macOS the simulator is optional)
 REQUIRED = METAL_LIB if sys.platform == "darwin" else SIM_LIB
@@ -88,6 +92,7 @@ def native_files() -> list[tuple[Path, str]]:
             continue
         files.append((HERE / library, Path(library).name))
         files += [(HERE / p, str(Path(p).relative_to("shim"))) for p in needs]
+    files = list(dict.fromkeys(files))  # front/include: needed by both, copied once
     files.append((HERE / SHADERS, SHADERS))
     return files
 

@@ -11,13 +11,19 @@
     XDG_CACHE_HOME            tuning              (else $XDG_CACHE_HOME/camel, ~/.cache/camel)
     CAMEL_DATA                data                a directory of MNIST-format idx files
     CAMEL_PEAKS               bench.roofline      "<TFLOP/s>,<GB/s>": the roofline's peaks
+    CAMEL_SHIM                metal.loading       "metal", "sim" or "cuda": which shim to load
+    CAMEL_SHIM_LIBRARY        metal.loading       a shim library's path (a sanitizer build)
+    CAMEL_CAPTURE             metal.loading       a .gputrace file: capture the run (Metal)
+    CAMEL_INCLUDE_PATH        metal.kernels       the shims' include path (metal.kernels sets
+                                                  it for one compile's include_dirs)
 
-camel/metal.py reads those of the shim it loads (CAMEL_SHIM, CAMEL_SHIM_LIBRARY,
-CAMEL_CAPTURE; docs/metal_shim.md), and the shims read their own (CAMEL_SIM_*,
-docs/simulator.md; CAMEL_CUDA_*, docs/cuda.md).
+The shims read their own (CAMEL_SIM_*, docs/simulator.md; CAMEL_CUDA_*, docs/cuda.md;
+CAMEL_INCLUDE_PATH too) and camel.metal sets MTL_CAPTURE_ENABLED for Metal
+(docs/metal_shim.md): writes, not reads.
 
 Each function reads its variable when called, not once at import: a change takes effect
-at the next op. The tests set them within one process (monkeypatch.setenv), and so do the
+at the next op (CAMEL_SHIM, CAMEL_SHIM_LIBRARY, CAMEL_CAPTURE: at the shim's load, which
+happens once). The tests set them within one process (monkeypatch.setenv), and so do the
 benchmarks (camel/bench/bandwidth.py with_env, the naive reference of bench attention).
 Imports nothing from camel.
 """
@@ -76,3 +82,26 @@ def data_dir() -> Path | None:
 def peaks() -> str:
     """CAMEL_PEAKS, stripped: "<TFLOP/s>,<GB/s>"; "" when unset."""
     return os.environ.get("CAMEL_PEAKS", "").strip()
+
+
+def shim() -> str:
+    """CAMEL_SHIM, stripped and lower-cased: "metal", "sim", "cuda"; "" when unset (the
+    platform's default). camel.metal.loading checks the value."""
+    return os.environ.get("CAMEL_SHIM", "").strip().lower()
+
+
+def shim_library() -> str | None:
+    """CAMEL_SHIM_LIBRARY: the path of a shim library to load instead of shim/build/'s;
+    None when unset or empty."""
+    return os.environ.get("CAMEL_SHIM_LIBRARY") or None
+
+
+def capture() -> str:
+    """CAMEL_CAPTURE: a .gputrace path to capture the whole run to (Metal only); "" when
+    unset."""
+    return os.environ.get("CAMEL_CAPTURE", "")
+
+
+def include_path() -> str | None:
+    """CAMEL_INCLUDE_PATH as written (the shims' header search path), or None when unset."""
+    return os.environ.get("CAMEL_INCLUDE_PATH")

@@ -47,7 +47,7 @@ class profile:  # noqa: N801 (used like a function: `with camel.profile() as pro
 
     def __enter__(self) -> profile:
         # Dispatches encoded before the block must not share a command buffer with ours.
-        if metal._lib is not None:  # (no shim loaded yet: nothing to commit, nothing to load)
+        if metal.loading._lib is not None:  # (no shim loaded yet: nothing to commit or load)
             metal.commit()
         metal._profilers.append(self)
         return self

@@ -1,8 +1,8 @@
 /*
- * camel_shim.h — the one C ABI between Python (camel/metal.py, via ctypes)
+ * camel_shim.h — the one C ABI between Python (camel/metal/, via ctypes)
  * and the GPU. Three libraries implement it:
  *
- *   shim/metal_shim.m   Apple GPUs through Metal (macOS, Apple Silicon)
+ *   shim/metal/         Apple GPUs through Metal (macOS, Apple Silicon)
  *   shim/sim/           the Metal simulator: the same .metal sources on the CPU
  *   shim/cuda/          NVIDIA GPUs: the same .metal sources translated to PTX,
  *                       run through the CUDA driver API

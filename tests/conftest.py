@@ -235,7 +235,7 @@ def run_under_asan(script: str, *args: str, timeout: int = 600):
                           text=True, timeout=timeout)  # fmt: skip
 
 
-# ---- the simulator's library description (shim/sim/sim_abi.h), read with ctypes ------
+# ---- the simulator's library description (shim/front/sim_abi.h), read with ctypes ------
 
 
 class SimParam(ctypes.Structure):
@@ -335,10 +335,10 @@ def poisoned_memory():
 
     metal.synchronize()
     metal.empty_cache()  # later allocations come fresh from the shim, poisoned
-    metal.poison_byte = 0xFF
+    metal.buffers.poison_byte = 0xFF
     try:
         yield
     finally:
-        metal.poison_byte = None
+        metal.buffers.poison_byte = None
         metal.synchronize()
         metal.empty_cache()  # no poisoned block is recycled into another test

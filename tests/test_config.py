@@ -17,9 +17,6 @@ CAMEL = pathlib.Path(__file__).resolve().parents[1] / "camel"
 # files that still read the environment themselves, each with the reason
 ALLOWED = {
     "config.py": "the one place",
-    # the shim's own variables (CAMEL_SHIM, CAMEL_SHIM_LIBRARY, CAMEL_CAPTURE): to move
-    # to config.py when metal.py becomes a package (issue 16)
-    "metal.py": "loads the shim",
     # benchmarks save and restore the variables they set for a run (with_env), and print
     # the simulator's and BLAS's own settings
     "bench/bandwidth.py": "with_env",
@@ -94,6 +91,11 @@ def test_the_reader_sees_each_form():
         ("CAMEL_PROFILE", "0", config.profile, False),
         ("CAMEL_PROFILE", "yes", config.profile, True),
         ("CAMEL_PEAKS", " 1.5,200 ", config.peaks, "1.5,200"),
+        ("CAMEL_SHIM", " SIM\n", config.shim, "sim"),
+        ("CAMEL_SHIM_LIBRARY", "/x/libcamel_sim.so", config.shim_library, "/x/libcamel_sim.so"),
+        ("CAMEL_SHIM_LIBRARY", "", config.shim_library, None),  # empty: the default search
+        ("CAMEL_CAPTURE", "run.gputrace", config.capture, "run.gputrace"),
+        ("CAMEL_INCLUDE_PATH", "/a:/b", config.include_path, "/a:/b"),
     ],
 )
 def test_each_variable_is_read_when_asked(monkeypatch, name, value, fn, want):

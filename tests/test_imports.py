@@ -87,3 +87,87 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
         ("camel.metal", "camel.tensor"),
         ("camel.tensor", "camel.nn.module"),
     }
+
+
+# ---- shim/: the include graph (tools/includes.py) -----------------------------------
+
+_IPATH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "includes.py"
+_ispec = importlib.util.spec_from_file_location("camel_includes", _IPATH)
+includes = importlib.util.module_from_spec(_ispec)
+sys.modules["camel_includes"] = includes
+_ispec.loader.exec_module(includes)
+
+# (includer, included) under shim/ still allowed: none since shim/ is laid out by role
+ALLOWED_BAD_INCLUDES: set = set()
+ALLOWED_LAYER_CIRCLES: set = set()
+
+
+def test_every_shim_file_has_a_layer_and_every_include_a_file():
+    known, edges, dangling = includes.graph()
+    assert "camel_shim.h" in known and "sim/include/metal_stdlib" in known
+    assert "front/include/camel_sim_msl.h" in known and "metal/metal_shim.m" in known
+    for name in known:
+        includes.layer_of(name)  # raises naming the file
+    assert not dangling, (
+        '[includes] #include "..." naming no file (resolved next to the includer): '
+        + ", ".join(f"shim/{e.importer}:{e.line} -> {e.imported}" for e in dangling)
+    )
+
+
+def test_shim_has_no_new_bad_include_or_circle():
+    known, edges, _ = includes.graph()
+    found = {(e.importer, e.imported): e for e in includes.bad(edges)}
+    new = [f"shim/{a}:{e.line} -> {b}" for (a, b), e in sorted(found.items())
+           if (a, b) not in ALLOWED_BAD_INCLUDES]  # fmt: skip
+    assert not new, (
+        "[includes] includes of a higher layer, or of another runtime (tools/includes.py "
+        f"LAYERS: the runtimes may include the front end and camel_shim.h only): {new}"
+    )
+    gone = ALLOWED_BAD_INCLUDES - set(found)
+    assert not gone, f"[includes] fixed, remove from ALLOWED_BAD_INCLUDES: {sorted(gone)}"
+    assert includes.circles(known, edges) == [], "[includes] files that include each other"
+    layers = {frozenset(c) for c in includes.layer_circles(edges)}
+    assert layers == ALLOWED_LAYER_CIRCLES, f"[includes] layer circles: {sorted(layers)}"
+
+
+def test_the_include_graph_sees_each_kind_of_include(tmp_path):
+    # a small shim/: a quoted include at a line's start (indented, `# include` too) is an
+    # edge, resolved next to the includer; <...>, one in a comment and one mid-line are
+    # not; an upward include, a runtime including another and a circle are flagged
+    shim = tmp_path / "shim"
+    for d in ("front/include", "sim/include", "cuda", "build"):
+        (shim / d).mkdir(parents=True)
+    (shim / "camel_shim.h").write_text("#include <stdint.h>\n")
+    (shim / "front" / "a.h").write_text('#pragma once\n  #  include "b.h"\n// #include "c.h"\n')
+    (shim / "front" / "b.h").write_text('#include "a.h"\n#include "../sim/runtime.h"\n')
+    (shim / "front" / "include" / "lib.h").write_text('x = "#include \\"no.h\\"";\n')
+    (shim / "sim" / "runtime.h").write_text('#include "../camel_shim.h"\n#include "../front/a.h"\n')
+    (shim / "sim" / "include" / "metal_stdlib").write_text('#include "../../front/include/lib.h"\n')
+    (shim / "cuda" / "runtime.cpp").write_text(
+        '#include "../sim/runtime.h"\n\n#include "gone.h"\n#include <metal_stdlib>\n'
+    )
+    (shim / "build" / "gen.h").write_text('#include "nowhere.h"\n')  # build/ is left out
+    (shim / "notes.txt").write_text('#include "nowhere.h"\n')  # not a source
+    known, edges, dangling = includes.graph(tmp_path)
+    assert sorted(known) == [
+        "camel_shim.h", "cuda/runtime.cpp", "front/a.h", "front/b.h", "front/include/lib.h",
+        "sim/include/metal_stdlib", "sim/runtime.h",
+    ]  # fmt: skip
+    assert {(e.importer, e.imported, e.line) for e in edges} == {
+        ("front/a.h", "front/b.h", 2),
+        ("front/b.h", "front/a.h", 1),
+        ("front/b.h", "sim/runtime.h", 2),
+        ("sim/runtime.h", "camel_shim.h", 1),
+        ("sim/runtime.h", "front/a.h", 2),
+        ("sim/include/metal_stdlib", "front/include/lib.h", 1),
+        ("cuda/runtime.cpp", "sim/runtime.h", 1),
+    }
+    assert [(e.importer, e.imported, e.line) for e in dangling] == [
+        ("cuda/runtime.cpp", "cuda/gone.h", 3)
+    ]
+    assert {(e.importer, e.imported) for e in includes.bad(edges)} == {
+        ("front/b.h", "sim/runtime.h"),  # upward
+        ("cuda/runtime.cpp", "sim/runtime.h"),  # one runtime into another
+    }
+    assert includes.circles(known, edges) == [["front/a.h", "front/b.h", "sim/runtime.h"]]
+    assert includes.layer_circles(edges) == [["front", "sim"]]

@@ -433,3 +433,16 @@ def test_profile_without_dispatches():
         pass
     assert prof.events == []
     assert prof.table() == "camel.profile: no kernel dispatches"
+
+
+def test_the_packages_state_is_read_where_it_lives_and_not_set_on_the_package():
+    # camel.metal is a package; the shim's state and the poison hook live in its modules.
+    # A name set on the package would reach no code: that is an error naming the module.
+    metal.device_name()  # loaded
+    assert metal._lib is metal.loading._lib is not None
+    assert metal.poison_byte is metal.buffers.poison_byte
+    with pytest.raises(AttributeError, match=r"set camel\.metal\.buffers\.poison_byte"):
+        metal.poison_byte = 0xFF
+    assert metal.buffers.poison_byte is None
+    with pytest.raises(AttributeError, match="has no attribute '_no_such_name'"):
+        metal._no_such_name  # noqa: B018

@@ -1,12 +1,13 @@
 """The Metal shim's first-run risks (issue 10, part 3), checked where they can be here.
 
-No Mac runs CI, so what lives in shim/metal_shim.m is checked by reading the source (as
-tests/test_metal_shim_source.py does for the ABI); what lives in camel/metal.py runs.
+No Mac runs CI, so what lives in shim/metal/metal_shim.m is checked by reading the source
+(as tests/test_metal_shim_source.py does for the ABI); what lives in camel/metal/ runs.
 DEVELOPERS.md's cross-compile against the macOS SDK is the check that the source builds.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from camel import metal
 
 ROOT = Path(__file__).resolve().parent.parent
-METAL_SRC = ROOT / "shim" / "metal_shim.m"
+METAL_SRC = ROOT / "shim" / "metal" / "metal_shim.m"
 SIM_RUNTIME_H = ROOT / "shim" / "sim" / "runtime.h"
 
 
@@ -105,7 +106,7 @@ def test_msl_version_is_pinned_and_documented():
     assert "{14, 0, 0}" in lib_new
     doc = (ROOT / "docs" / "metal_shim.md").read_text()
     assert "**MSL 3.1** on macOS 14 and later" in doc and "MSL 3.0 on macOS 13" in doc
-    sim = (ROOT / "shim" / "sim" / "translate.cpp").read_text()
+    sim = (ROOT / "shim" / "front" / "translate.cpp").read_text()
     assert sim.count("-D__METAL_VERSION__=310") == 2  # the compile and the typed check
 
 
@@ -141,14 +142,15 @@ def test_mpsgraph_checks_what_may_be_nil_and_builds_the_band_on_float():
 
 
 def test_capture_env_is_set_for_metal_only_and_keeps_the_users_value():
-    env = {"CAMEL_CAPTURE": "run.gputrace"}
-    metal._enable_capture("metal", env)
+    env = {}
+    metal._enable_capture("metal", "run.gputrace", env)
     assert env["MTL_CAPTURE_ENABLED"] == "1"
-    env = {"CAMEL_CAPTURE": "run.gputrace", "MTL_CAPTURE_ENABLED": "0"}
-    metal._enable_capture("metal", env)
+    env = {"MTL_CAPTURE_ENABLED": "0"}
+    metal._enable_capture("metal", "run.gputrace", env)
     assert env["MTL_CAPTURE_ENABLED"] == "0"
-    for choice, env in (("sim", {"CAMEL_CAPTURE": "x"}), ("metal", {"CAMEL_CAPTURE": ""})):
-        metal._enable_capture(choice, env)
+    for choice, capture in (("sim", "x"), ("metal", "")):
+        env = {}
+        metal._enable_capture(choice, capture, env)
         assert "MTL_CAPTURE_ENABLED" not in env
 
 
@@ -158,16 +160,17 @@ def test_capture_env_is_set_before_the_shim_is_loaded(monkeypatch, tmp_path):
     fake.write_bytes(b"")
 
     def fake_cdll(path):
-        seen["MTL_CAPTURE_ENABLED"] = metal.os.environ.get("MTL_CAPTURE_ENABLED")
+        seen["MTL_CAPTURE_ENABLED"] = os.environ.get("MTL_CAPTURE_ENABLED")
         raise OSError("not a real library")
 
-    monkeypatch.setattr(metal, "_lib", None)
-    monkeypatch.setattr(metal, "_shim_choice", lambda: "metal")
-    monkeypatch.setattr(metal, "_shim_candidates", lambda choice: [fake])
-    monkeypatch.setattr(metal.ctypes, "CDLL", fake_cdll)
+    loading = metal.loading  # the shim's state and loader live there
+    monkeypatch.setattr(loading, "_lib", None)
+    monkeypatch.setattr(loading, "_shim_choice", lambda: "metal")
+    monkeypatch.setattr(loading, "_shim_candidates", lambda choice: [fake])
+    monkeypatch.setattr(loading.ctypes, "CDLL", fake_cdll)
     monkeypatch.setenv("CAMEL_CAPTURE", str(tmp_path / "run.gputrace"))
     monkeypatch.delenv("MTL_CAPTURE_ENABLED", raising=False)
     monkeypatch.delenv("CAMEL_SHIM_LIBRARY", raising=False)
     with pytest.raises(metal.MetalError, match="cannot load"):
-        metal._native()
+        loading._native()
     assert seen == {"MTL_CAPTURE_ENABLED": "1"}

@@ -1,6 +1,6 @@
 """Static check: both shims implement exactly the C ABI of shim/camel_shim.h.
 
-The Metal shim (shim/metal_shim.m) cannot be compiled on Linux CI, so this test
+The Metal shim (shim/metal/metal_shim.m) cannot be compiled on Linux CI, so this test
 reads the sources instead: every function declared in the header must be defined
 in metal_shim.m (and in the simulator runtime, shim/sim/) with the same return
 type and parameter types, and neither may export camel_* functions the header
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "shim" / "camel_shim.h"
-METAL = ROOT / "shim" / "metal_shim.m"
+METAL = ROOT / "shim" / "metal" / "metal_shim.m"
 SIM_DIR = ROOT / "shim" / "sim"
 
 # Storage classes and linkage words that are not part of a function's type.
@@ -114,14 +114,16 @@ def test_parser_reads_signatures():
 
 
 def test_metal_shim_implements_the_whole_abi():
-    _compare(_signatures(METAL.read_text(), "{"), "shim/metal_shim.m")
+    _compare(_signatures(METAL.read_text(), "{"), "shim/metal/metal_shim.m")
 
 
 def test_metal_shim_builds_only_what_the_makefile_names():
     # make metal compiles exactly this file with ARC; a second .m would be ignored.
     makefile = (ROOT / "shim" / "Makefile").read_text()
-    assert "metal_shim.m" in makefile and "-fobjc-arc" in makefile
-    assert sorted(p.name for p in (ROOT / "shim").glob("*.m")) == ["metal_shim.m"]
+    assert "metal/metal_shim.m" in makefile and "-fobjc-arc" in makefile
+    assert sorted(
+        p.relative_to(ROOT / "shim").as_posix() for p in (ROOT / "shim").rglob("*.m")
+    ) == ["metal/metal_shim.m"]
 
 
 def test_simulator_implements_the_whole_abi():

@@ -486,8 +486,9 @@ def _public(obj, module=None):
     for name, value in vars(obj).items():
         if name.startswith("_"):
             continue
-        if module is not None and getattr(value, "__module__", None) != module:
-            continue  # imported helpers (np, math, ...)
+        owner = getattr(value, "__module__", None) or ""
+        if module is not None and owner != module and not owner.startswith(module + "."):
+            continue  # imported helpers (np, math, ...); a package's own submodules count
         if isinstance(value, type) and issubclass(value, camel.autograd.Function):
             continue  # the ops' Function classes are internal: F.add is the API
         if callable(value) or isinstance(value, property):

@@ -1,4 +1,4 @@
-"""The simulator's MSL compiler (shim/sim/translate*.cpp): errors with .metal line
+"""The simulator's MSL compiler (shim/front/translate*.cpp): errors with .metal line
 numbers, the portability guard, templates with [[host_name]], the rewrite of
 address spaces and threadgroup declarations, the on-disk cache and sanitizers.
 
@@ -443,7 +443,7 @@ def test_undefined_behaviour_sanitizer_names_the_metal_line(tmp_path):
     assert "shaders/ub.metal:5:" in r.stderr and "shift exponent 40" in r.stderr
 
 
-# ---- the generated library description (shim/sim/sim_abi.h), read directly ---------------
+# ---- the generated library description (shim/front/sim_abi.h), read directly ---------------
 
 
 DESC_SRC = (

@@ -1,6 +1,6 @@
 """The simulator's group entries: a barrier-free kernel (no barrier, SIMD-group function or
 `threadgroup` variable) runs a whole threadgroup as loops generated into its own library
-(shim/sim/translate_rewrite.cpp, group_entry), so clang can vectorise across threads. These
+(shim/front/translate_rewrite.cpp, group_entry), so clang can vectorise across threads. These
 tests check that nothing changed for the kernel: the threads still run one after the other
 in CAMEL_SIM_ORDER's order, every builtin has the value the per-thread path gives it, and a
 crash still names the thread."""

@@ -78,7 +78,7 @@ class SimError(RuntimeError):
 
 
 class Sim:
-    """A minimal ctypes view of the simulator's C ABI (camel/metal.py is the real one)."""
+    """A minimal ctypes view of the simulator's C ABI (camel/metal/ is the real one)."""
 
     def __init__(self):
         lib = C.CDLL(str(BUILD / "libcamel_sim.so"))

@@ -1562,10 +1562,11 @@ def test_typed_check_header_from_another_include_directory(monkeypatch, tmp_path
     import shutil
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    sim = Path(metal.__file__).parent.parent / "shim" / "sim"
-    other = tmp_path / "sim" / "include"
-    shutil.copytree(sim / "include", other)
-    shutil.copy(sim / "sim_abi.h", tmp_path / "sim")
+    shim = Path(metal.__file__).parents[2] / "shim"
+    other = tmp_path / "sim" / "include"  # its headers include ../../front/: copied too
+    shutil.copytree(shim / "sim" / "include", other)
+    shutil.copytree(shim / "front" / "include", tmp_path / "front" / "include")
+    shutil.copy(shim / "front" / "sim_abi.h", tmp_path / "front")
     monkeypatch.setenv("CAMEL_SIM_INCLUDE", str(other))
     metal.compile(HEADER + _kernel("    x[i] = 1;\n") + f"// {uuid.uuid4().hex}\n", "good.metal")
     shutil.rmtree(other)

@@ -394,7 +394,7 @@ def flash_rung_accesses(name: str, bc: int = 32, pad: int = 0, swizzle: bool = T
     """One 64 x B_c rung's threadgroup accesses: the score tile at row stride B_c + pad, the
     K/V chunks at DK + pad (DK = 32 for D = 32, 64 for D = 64 and 128), diag(alpha) at 8.
     K (in S = Q·Kᵀ) and V (in O += P·V) are B operands. The CUDA shim's simdgroup_load
-    fetches a fragment's elements and their transposed pair (shim/cuda/include/
+    fetches a fragment's elements and their transposed pair (shim/front/include/
     camel_cuda_simd.h); its default tf32x3 multiply reads a B operand only through that
     pair, the fp32 mode (CAMEL_CUDA_MATRIX=fp32) only through the elements, and the
     compiler drops the loads nobody reads. So each K and V fragment is listed twice, once

@@ -15,7 +15,13 @@ import from its own layer or a lower one; an import of a higher layer is "upward
 
     leaves      config, hints, data    environment, messages, data files; import nothing
                                        from camel but each other
-    metal       metal                  the C ABI through ctypes: buffers, kernels, dispatch
+    metal       metal.abi              the C ABI through ctypes: structs, declarations, errors
+                metal.loading          choosing, building, loading the shim; the device
+                metal.buffers          the buffer cache, Buffer, DeviceArray, host mirrors
+                metal.kernels          compile, Library, Function and its dispatch
+                metal.vendor,          the vendors' kernels (MPS, cuBLAS, MPSGraph);
+                metal.translation      MSL -> CUDA, to read
+                metal                  camel/metal/__init__.py: the API, re-exported
     tuning      tuning, profiler       on top of metal only: tuning cache, timing, profiling
     kernels     gemm, flash,           host side of the kernels, over device arrays
                 backend_cpu, backend_mps
@@ -45,7 +51,13 @@ PACKAGE = "camel"
 
 LAYERS = [  # (layer, module names or "prefix.*"), lowest first
     ("leaves", ["camel.config", "camel.hints", "camel.data"]),
-    ("metal", ["camel.metal"]),
+    # camel.metal.*, one concern a file, each importing only the ones listed before it
+    ("metal.abi", ["camel.metal.abi"]),
+    ("metal.loading", ["camel.metal.loading"]),
+    ("metal.buffers", ["camel.metal.buffers"]),
+    ("metal.kernels", ["camel.metal.kernels"]),
+    ("metal.vendor", ["camel.metal.vendor", "camel.metal.translation"]),
+    ("metal", ["camel.metal"]),  # the package: re-exports the public names of the above
     ("tuning", ["camel.tuning", "camel.profiler"]),
     ("kernels", ["camel.gemm", "camel.flash", "camel.backend_cpu", "camel.backend_mps"]),
     ("autograd", ["camel.autograd"]),

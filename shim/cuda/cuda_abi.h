@@ -49,7 +49,7 @@ typedef struct camel_cuda_args {
     uint32_t dispatch_threads_per_threadgroup[3];/* the requested (full) threadgroup size */
 } camel_cuda_args;
 
-/* Parameter kinds, as in the simulator (shim/sim/sim_abi.h). */
+/* Parameter kinds, as in the simulator (shim/front/sim_abi.h). */
 enum camel_cuda_param_kind {
     CAMEL_CUDA_PARAM_BUFFER = 1,
     CAMEL_CUDA_PARAM_THREADGROUP = 2,

@@ -31,8 +31,8 @@
 #include <vector>
 
 #include "../camel_shim.h"
-#include "../sim/copy_out.h"
-#include "../sim/translate_internal.h"  // constant_literal (translate.cpp)
+#include "../front/copy_out.h"
+#include "../front/translate_internal.h"  // constant_literal (translate.cpp)
 #include "cuda_abi.h"
 
 #define CAMEL_EXPORT extern "C" __attribute__((visibility("default")))

@@ -4,7 +4,7 @@
 //   camel_cuda_translate  1. portability guard on the raw source (#include <vector> ...)
 //                         2. clang -E against shim/cuda/include (as system headers)
 //                         3. the simulator's token rewrite with TARGET_CUDA
-//                            (shim/sim/translate_rewrite.cpp): the user's code,
+//                            (shim/front/translate_rewrite.cpp): the user's code,
 //                            then one __global__ wrapper per kernel
 //                         4. the compat headers' own text in front, #includes
 //                            inlined, so the result compiles on its own
@@ -36,7 +36,7 @@
 #include <string>
 #include <vector>
 
-#include "../sim/translate_internal.h"
+#include "../front/translate_internal.h"
 #include "cuda_abi.h"
 
 using namespace camel_sim;
@@ -292,7 +292,7 @@ int translate(const std::string &src, const char *path, const std::string &displ
            "//   clang++-19 -x cuda --cuda-device-only --cuda-gpu-arch=sm_90 -nocudainc -nocudalib -O3 -S\n"
            "//     -mllvm -unroll-threshold=5000 -mllvm -inline-threshold=5000 (as camel does)\n"
            "// It holds, in order: the MSL library for CUDA (shim/cuda/include and the\n"
-           "// simulator's shim/sim/include), your kernels as rewritten (address spaces\n"
+           "// shared shim/front/include), your kernels as rewritten (address spaces\n"
            "// dropped, threadgroup arrays as __shared__, float4(a, b) as __camel_make),\n"
            "// and one extern \"C\" __global__ camel_<kernel name> wrapper per kernel.\n"
            "#define __METAL_VERSION__ 310\n" +
@@ -300,10 +300,10 @@ int translate(const std::string &src, const char *path, const std::string &displ
     return 0;
 }
 
-// Hash of the headers (content, so edits count): shim/cuda/include, the
-// simulator's include dir and the ABI headers.
+// Hash of the headers (content, so edits count): shim/cuda/include, the MSL
+// library it includes (shim/front/include) and the ABI headers.
 void hash_headers(Hasher &h, const std::string &inc) {
-    const std::string dirs[] = {inc, inc + "/../../sim/include"};
+    const std::string dirs[] = {inc, inc + "/../../front/include"};
     std::string content;
     for (const std::string &dir : dirs) {
         std::vector<std::string> names;

@@ -21,10 +21,10 @@
 #include <thread>
 #include <unordered_set>
 
-#include "copy_out.h"
+#include "../front/copy_out.h"
 #include "runtime.h"
-#include "translate.h"
-#include "translate_internal.h"
+#include "../front/translate.h"
+#include "../front/translate_internal.h"
 
 #define CAMEL_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -35,7 +35,7 @@ using sim::Dispatch;
 extern "C" __attribute__((weak)) int camel_sim_compile(const char *, const char *, char **so_path,
                                                        char **log) {
     *so_path = nullptr;
-    *log = strdup("[sim] this build has no MSL compiler (shim/sim/translate.cpp)");
+    *log = strdup("[sim] this build has no MSL compiler (shim/front/translate.cpp)");
     return 1;
 }
 

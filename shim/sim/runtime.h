@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "../camel_shim.h"
-#include "sim_abi.h"
+#include "../front/sim_abi.h"
 
 // Apple GPU limits the simulator enforces.
 constexpr uint32_t kMaxThreadsPerThreadgroup = 1024;

@@ -8,7 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "sim_abi.h"
+#include "../front/sim_abi.h"
 
 static const camel_sim_runtime *rt;
 

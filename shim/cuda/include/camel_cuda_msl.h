@@ -1,7 +1,7 @@
 // camel_cuda_msl.h — the Metal Shading Language standard library for MSL
 // compiled as CUDA (clang -x cuda --cuda-device-only -nocudainc -nocudalib).
 //
-// Most of MSL is the simulator's header, shared (../../sim/include/camel_sim_msl.h:
+// Most of MSL is the header both targets share (../../front/include/camel_sim_msl.h:
 // vector types with swizzles, bool vectors, constructors, integer, relational
 // and geometric functions, as_type, atomics). What differs on a GPU is here:
 //   - no CUDA headers: the few CUDA keywords we need, and the thread indices
@@ -78,7 +78,7 @@ inline unsigned __camel_laneid() { return __nvvm_read_ptx_sreg_laneid(); }
 // printf in a kernel: clang turns device-side printf into CUDA's vprintf.
 extern "C" int printf(const char *, ...);
 
-#include "../../sim/include/camel_sim_msl.h"
+#include "../../front/include/camel_sim_msl.h"
 
 // ---------------------------------------------------------------------------
 // The entry wrappers' view of a thread: the fields of camel_sim_thread (so the

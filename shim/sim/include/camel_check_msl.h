@@ -46,7 +46,7 @@
 
 // The runtime's table of function pointers: the same calls, as member templates.
 #define camel_sim_runtime __camel_check_runtime_table
-#include "../sim_abi.h"
+#include "../../front/sim_abi.h"
 #undef camel_sim_runtime
 struct camel_sim_runtime {
     template <class... A> void threadgroup_barrier(A...) const;
@@ -64,4 +64,4 @@ struct camel_sim_runtime {
 #define thread __private
 
 #define __CAMEL_TYPED_CHECK 1  // camel_sim_msl.h: Apple's simdgroup_load/store declarations
-#include "camel_sim_msl.h"
+#include "../../front/include/camel_sim_msl.h"

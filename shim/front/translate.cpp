@@ -362,21 +362,26 @@ bool half_rounding_flag(const std::string &cxx, const std::string &log_file) {
     return answer;
 }
 
-// Hash of what the compat headers and the ABI say (content, so edits count).
+// Hash of what the compat headers and the ABI say (content, so edits count): the
+// simulator's include dir (shim/sim/include), the MSL library its headers include
+// (shim/front/include) and the kernel-library ABI (shim/front/sim_abi.h).
 void hash_headers(Hasher &h, const std::string &inc) {
-    std::vector<std::string> names;
-    if (DIR *d = opendir(inc.c_str())) {
-        while (dirent *e = readdir(d))
-            if (e->d_name[0] != '.') names.push_back(e->d_name);
-        closedir(d);
-    }
-    std::sort(names.begin(), names.end());
+    const std::string dirs[] = {inc, inc + "/../../front/include"};
     std::string content;
-    for (auto &n : names) {
-        h.add(n);
-        if (read_file(inc + "/" + n, content)) h.add(content);
+    for (const std::string &dir : dirs) {
+        std::vector<std::string> names;
+        if (DIR *d = opendir(dir.c_str())) {
+            while (dirent *e = readdir(d))
+                if (e->d_name[0] != '.') names.push_back(e->d_name);
+            closedir(d);
+        }
+        std::sort(names.begin(), names.end());
+        for (auto &n : names) {
+            h.add(n);
+            if (read_file(dir + "/" + n, content)) h.add(content);
+        }
     }
-    if (read_file(inc + "/../sim_abi.h", content)) h.add(content);
+    if (read_file(inc + "/../../front/sim_abi.h", content)) h.add(content);
 }
 
 std::vector<std::string> include_dirs(const char *path, std::string &env) {

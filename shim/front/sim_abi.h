@@ -3,7 +3,7 @@
  *   the runtime  (shim/sim/runtime*.cpp: the camel_* C ABI, buffers, command
  *                 buffers, worker pool, fibers, barriers, SIMD-group collectives)
  *   and a kernel library (one shared object per .metal source, produced by the
- *                 translator shim/sim/translate*.cpp from the source rewritten
+ *                 translator shim/front/translate*.cpp from the source rewritten
  *                 against shim/sim/include/metal_stdlib).
  *
  * Plain C so both sides (and a learner) can read it in one sitting.

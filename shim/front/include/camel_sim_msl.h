@@ -1,7 +1,7 @@
 // camel_sim_msl.h — the Metal Shading Language standard library, as plain
 // C++17 for clang, for the camel Metal simulator.
 //
-// A .metal file is rewritten by shim/sim/translate.cpp (address spaces
+// A .metal file is rewritten by shim/front/translate.cpp (address spaces
 // dropped, float literals suffixed, float4(a, b) turned into a call) and then
 // compiled against this header. What is here:
 //   - scalar and vector types (float4 is a clang ext_vector_type, so .xyzw
@@ -17,7 +17,7 @@
 #pragma once
 // The CUDA shim reuses this header (shim/cuda/include/camel_cuda_msl.h defines
 // __CAMEL_CUDA__): the types and most functions are shared; the parts that
-// call the simulator runtime are replaced by shim/cuda/include/camel_cuda_simd.h.
+// call the simulator runtime are replaced by camel_cuda_simd.h (beside this file).
 #ifndef __CAMEL_CUDA__
 #include "../sim_abi.h"
 
@@ -1006,7 +1006,7 @@ struct quad_vote {
 
 #ifdef __CAMEL_CUDA__
 // Barriers, SIMD-group and quad-group functions and simdgroup_matrix on warps.
-#include "../../cuda/include/camel_cuda_simd.h"
+#include "camel_cuda_simd.h"
 #else
 
 inline void threadgroup_barrier(mem_flags f, __CAMEL_SITE) {

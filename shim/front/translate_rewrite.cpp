@@ -3042,7 +3042,7 @@ struct Rewriter {
 
     std::string generate() {
         std::string g = "\n# 1 \"<camel generated>\"\n";
-        g += "// Entry wrappers and the library description (see shim/sim/sim_abi.h).\n";
+        g += "// Entry wrappers and the library description (see shim/front/sim_abi.h).\n";
         g += "static const uint32_t __camel_zero3[3] = {0, 0, 0};\n";
         g += "// A thread's position (uint, ushort2, uint3, ...) from its coordinates.\n"
              "template <class P> static inline P __camel_xyz(uint32_t x, uint32_t y, uint32_t z) {\n"

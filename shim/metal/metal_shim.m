@@ -1,7 +1,7 @@
 /*
  * metal_shim.m — the camel C ABI (camel_shim.h) over Apple's Metal.
  *
- * Python (camel/metal.py) loads this dylib with ctypes and calls the plain C
+ * Python (camel/metal/) loads this dylib with ctypes and calls the plain C
  * functions below. Each one is a thin, readable wrapper over a few Metal
  * calls. Read it top to bottom; it follows the life of a kernel launch:
  *
@@ -43,7 +43,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#include "camel_shim.h"
+#include "../camel_shim.h"
 
 /* Apple GPUs run a SIMD group (Metal's name for a warp) of 32 threads. The
  * device object has no property for it; every compute pipeline reports it
@@ -52,11 +52,11 @@
 #define CAMEL_APPLE_SIMD_WIDTH 32
 
 /* setBytes:length:atIndex: only works for small data (Apple: "smaller than
- * 4 kilobytes"): at most 4095 bytes, as in the simulator and camel/metal.py. */
+ * 4 kilobytes"): at most 4095 bytes, as in the simulator and camel/metal/abi.py. */
 #define CAMEL_MAX_SET_BYTES 4095
 
 /* Metal's buffer argument table has 31 entries per kernel; we allow as many
- * [[threadgroup(i)]] lengths (camel/metal.py uses the same two numbers). */
+ * [[threadgroup(i)]] lengths (camel/metal/abi.py uses the same two numbers). */
 #define CAMEL_MAX_BUFFER_BINDINGS 31
 #define CAMEL_MAX_THREADGROUP_BINDINGS 31
 
@@ -150,7 +150,7 @@ static id<MTLCommandQueue> g_queue = nil;
 /* Live handles: CFSets with NULL callbacks compare raw pointers and retain
  * nothing, which is exactly "is this pointer one we handed out?". It catches
  * double releases and stale handles; it cannot tell a stale handle from a new
- * object that happens to reuse the same address (camel/metal.py also drops
+ * object that happens to reuse the same address (camel/metal/ also drops
  * its reference on release), and a handle must not be released by one thread
  * while another is still passing it in. */
 static CFMutableSetRef g_live_buffers = NULL;
@@ -216,7 +216,7 @@ int camel_init(void) {
         }
         /* Programmatic capture to a .gputrace file needs MTL_CAPTURE_ENABLED=1
          * in the environment before Metal loads, which is when this library
-         * loads: too late to set it here. camel/metal.py sets it before it
+         * loads: too late to set it here. camel/metal/loading.py sets it before it
          * loads the shim when CAMEL_CAPTURE asks for a capture. */
 
         id<MTLDevice> device = default_device();
