@@ -150,7 +150,7 @@ inline void scale_rows_exact(thread simdgroup_float8x8& f, float lo, float hi,
 // x1 ^ x2}, hold the 4 pairs of one row. The Metal Shading Language Specification does not
 // say which elements a lane holds; this is the layout of Apple GPUs that MLX's kernels
 // (steel/attn) rely on, and the simulator's (docs/simulator.md). The CUDA shim keeps the
-// tensor cores' own layout instead (shim/cuda/include/camel_cuda_simd.h), so it gets its
+// tensor cores' own layout instead (shim/front/include/camel_cuda_simd.h), so it gets its
 // own branch; tests/test_flash.py checks both against their headers.
 struct FragLane {
     uint row;     // 0..7

@@ -10,6 +10,7 @@ the wanted part: the scores q kᵀ and dP = dO vᵀ ("lower": (T, T) out, K = D)
 dS k ("a_lower": (T, D) out, K = T), Pᵀ dO and dSᵀ q ("a_upper", A read transposed).
 """
 
+import os
 import sys
 from collections import defaultdict
 from functools import partial
@@ -25,6 +26,7 @@ H, D = 16, 64
 
 def profile_path(t, rng):
     """Per-kernel GPU ms of one forward and backward of the naive causal path."""
+    os.environ["CAMEL_ATTENTION"] = "naive"  # at T = 4096 the default would be flash
     q, k, v = (camel.tensor(rng.standard_normal((1, H, t, D), dtype=np.float32), device="mps",
                             requires_grad=True) for _ in range(3))  # fmt: skip
     g = camel.tensor(rng.standard_normal((1, H, t, D), dtype=np.float32), device="mps")
