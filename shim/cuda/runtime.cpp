@@ -33,6 +33,7 @@
 #include "../camel_shim.h"
 #include "../front/copy_out.h"
 #include "../front/translate_internal.h"  // constant_literal (translate.cpp)
+#include "../front/unbound_args.h"
 #include "cuda_abi.h"
 
 #define CAMEL_EXPORT extern "C" __attribute__((visibility("default")))
@@ -1237,31 +1238,20 @@ static bool validate(const camel_dispatch_desc *desc, const camel_pipeline *p, u
     }
     int needed = k.max_buffer_index + 1;
     if ((int)desc->nargs != needed) {
-        // as the simulator says it: the first parameter left unbound, and the optional
-        // arguments this specialisation does not declare (MSL 5.8.1.2)
-        std::string which, absent;
-        for (const Param &prm : k.params) {
-            if (prm.kind == CAMEL_CUDA_PARAM_BUFFER && prm.index >= (int)desc->nargs &&
-                which.empty())
-                which = ": [[buffer(" + std::to_string(prm.index) + ")]] '" + prm.name +
-                        "' is not bound";
-            if (prm.kind == CAMEL_CUDA_PARAM_ABSENT)
-                absent += std::string(absent.empty() ? "" : ", ") + "'" + prm.name + "'" +
-                          (prm.index >= 0 ? " ([[buffer(" + std::to_string(prm.index) + ")]])"
-                                          : std::string());
-        }
-        if (!absent.empty())
-            absent = "; this pipeline leaves out the optional argument" +
-                     std::string(absent.find(',') != std::string::npos ? "s " : " ") + absent +
-                     " (function constant false, 0 or without a value: MSL 5.8.1.2)";
+        // the first parameter left unbound and the optional arguments left out, in the
+        // simulator's words (shim/front/unbound_args.h)
+        camel_front::UnboundArgs u = camel_front::unbound_args(
+            k.params.begin(), k.params.end(), desc->nargs,
+            [](const Param &p) { return p.kind == CAMEL_CUDA_PARAM_BUFFER; },
+            [](const Param &p) { return p.kind == CAMEL_CUDA_PARAM_ABSENT; });
         if (needed == 0)
             set_error("[dispatch] kernel '%s' takes no buffer arguments, got %u%s", name,
-                      desc->nargs, absent.c_str());
+                      desc->nargs, u.absent.c_str());
         else
             set_error("[dispatch] kernel '%s' takes %d buffer argument%s ([[buffer(0)]] .. "
                       "[[buffer(%d)]]), got %u%s%s",
                       name, needed, needed == 1 ? "" : "s", k.max_buffer_index, desc->nargs,
-                      which.c_str(), absent.c_str());
+                      u.which.c_str(), u.absent.c_str());
         return false;
     }
     for (uint32_t i = 0; i < desc->nargs; i++) {

@@ -22,6 +22,7 @@
 #include <unordered_set>
 
 #include "../front/copy_out.h"
+#include "../front/unbound_args.h"
 #include "runtime.h"
 #include "../front/translate.h"
 #include "../front/translate_internal.h"
@@ -745,31 +746,20 @@ static bool validate(const camel_dispatch_desc *desc, const camel_sim_kernel_des
     }
     int needed = k->max_buffer_index + 1;
     if ((int)desc->nargs != needed) {
-        // which parameters that names: the first one left unbound, and the optional
-        // arguments this specialisation does not declare (MSL 5.8.1.2)
-        std::string which, absent;
-        for (int j = 0; j < k->nparams; j++) {
-            const camel_sim_param &prm = k->params[j];
-            if (prm.kind == CAMEL_SIM_PARAM_BUFFER && prm.index >= (int)desc->nargs &&
-                which.empty())
-                which = ": [[buffer(" + std::to_string(prm.index) + ")]] '" + prm.name +
-                        "' is not bound";
-            if (prm.kind == CAMEL_SIM_PARAM_ABSENT)
-                absent += std::string(absent.empty() ? "" : ", ") + "'" + prm.name + "'" +
-                          (prm.index >= 0 ? " ([[buffer(" + std::to_string(prm.index) + ")]])"
-                                          : std::string());
-        }
-        if (!absent.empty())
-            absent = "; this pipeline leaves out the optional argument" +
-                     std::string(absent.find(',') != std::string::npos ? "s " : " ") + absent +
-                     " (function constant false, 0 or without a value: MSL 5.8.1.2)";
-        set_error("[dispatch] kernel '%s' takes %d buffer argument%s ([[buffer(0)]] .. "
-                  "[[buffer(%d)]]), got %u%s%s",
-                  name, needed, needed == 1 ? "" : "s", k->max_buffer_index, desc->nargs,
-                  which.c_str(), absent.c_str());
+        // the first parameter left unbound and the optional arguments this specialisation
+        // does not declare (MSL 5.8.1.2), in words both runtimes share
+        camel_front::UnboundArgs u = camel_front::unbound_args(
+            k->params, k->params + k->nparams, desc->nargs,
+            [](const camel_sim_param &p) { return p.kind == CAMEL_SIM_PARAM_BUFFER; },
+            [](const camel_sim_param &p) { return p.kind == CAMEL_SIM_PARAM_ABSENT; });
         if (needed == 0)
             set_error("[dispatch] kernel '%s' takes no buffer arguments, got %u%s", name,
-                      desc->nargs, absent.c_str());
+                      desc->nargs, u.absent.c_str());
+        else
+            set_error("[dispatch] kernel '%s' takes %d buffer argument%s ([[buffer(0)]] .. "
+                      "[[buffer(%d)]]), got %u%s%s",
+                      name, needed, needed == 1 ? "" : "s", k->max_buffer_index, desc->nargs,
+                      u.which.c_str(), u.absent.c_str());
         return false;
     }
     for (uint32_t i = 0; i < desc->nargs; i++) {
