@@ -20,7 +20,6 @@
 //   CAMEL_INCLUDE_PATH  ':'-separated directories searched for project headers (as the simulator)
 //   CAMEL_CUDA_VERBOSE  1: print cache hits and compiler commands to stderr
 //   XDG_CACHE_HOME      cache root (default ~/.cache); PTX goes to camel/cuda/
-#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
@@ -303,21 +302,9 @@ int translate(const std::string &src, const char *path, const std::string &displ
 // Hash of the headers (content, so edits count): shim/cuda/include, the MSL
 // library it includes (shim/front/include) and the ABI headers.
 void hash_headers(Hasher &h, const std::string &inc) {
-    const std::string dirs[] = {inc, inc + "/../../front/include"};
+    hash_dir(h, inc);
+    hash_dir(h, inc + "/../../front/include");
     std::string content;
-    for (const std::string &dir : dirs) {
-        std::vector<std::string> names;
-        if (DIR *d = opendir(dir.c_str())) {
-            while (dirent *e = readdir(d))
-                if (e->d_name[0] != '.') names.push_back(e->d_name);
-            closedir(d);
-        }
-        std::sort(names.begin(), names.end());
-        for (auto &n : names) {
-            h.add(n);
-            if (read_file(dir + "/" + n, content)) h.add(content);
-        }
-    }
     if (read_file(inc + "/../cuda_abi.h", content)) h.add(content);
 }
 

@@ -362,25 +362,28 @@ bool half_rounding_flag(const std::string &cxx, const std::string &log_file) {
     return answer;
 }
 
+void hash_dir(Hasher &h, const std::string &dir) {
+    std::vector<std::string> names;
+    if (DIR *d = opendir(dir.c_str())) {
+        while (dirent *e = readdir(d))
+            if (e->d_name[0] != '.') names.push_back(e->d_name);
+        closedir(d);
+    }
+    std::sort(names.begin(), names.end());
+    std::string content;
+    for (auto &n : names) {
+        h.add(n);
+        if (read_file(dir + "/" + n, content)) h.add(content);
+    }
+}
+
 // Hash of what the compat headers and the ABI say (content, so edits count): the
 // simulator's include dir (shim/sim/include), the MSL library its headers include
 // (shim/front/include) and the kernel-library ABI (shim/front/sim_abi.h).
 void hash_headers(Hasher &h, const std::string &inc) {
-    const std::string dirs[] = {inc, inc + "/../../front/include"};
+    hash_dir(h, inc);
+    hash_dir(h, inc + "/../../front/include");
     std::string content;
-    for (const std::string &dir : dirs) {
-        std::vector<std::string> names;
-        if (DIR *d = opendir(dir.c_str())) {
-            while (dirent *e = readdir(d))
-                if (e->d_name[0] != '.') names.push_back(e->d_name);
-            closedir(d);
-        }
-        std::sort(names.begin(), names.end());
-        for (auto &n : names) {
-            h.add(n);
-            if (read_file(dir + "/" + n, content)) h.add(content);
-        }
-    }
     if (read_file(inc + "/../../front/sim_abi.h", content)) h.add(content);
 }
 

@@ -174,6 +174,10 @@ struct Hasher {
     }
 };
 
+// Add every file of dir (name and content, sorted by name; dot files skipped) to h: the
+// compatibility headers' part of both targets' cache keys (translate.cpp).
+void hash_dir(Hasher &h, const std::string &dir);
+
 }  // namespace camel_sim
 
 #endif
