@@ -8,7 +8,6 @@ wall time on a shared machine moves with its host load.
 """
 
 import argparse
-from collections import defaultdict
 
 import numpy as np
 
@@ -16,20 +15,13 @@ from camel import gemm, metal, tuning
 from camel.bench import models, tuner
 
 
-def kernels(step, top=12):
+def kernels(step):
     """The kernels of one step by GPU time (each dispatch in its own command buffer)."""
     import camel
 
     with camel.profile() as prof:
         step()
-    by_name = defaultdict(lambda: [0, 0.0])
-    for e in prof.events:
-        by_name[e.name][0] += 1
-        by_name[e.name][1] += e.ms or 0.0
-    total = sum(ms for _, ms in by_name.values())
-    print(f"  {len(prof.events)} dispatches, {total:.2f} GPU ms; the top {top} kernels:")
-    for name, (n, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
-        print(f"    {ms:7.3f} ms  {100 * ms / total:5.1f} %  x{n:<4d} {name}")
+    print(prof.table())  # its first line: dispatches, kernels, total ms
 
 
 def _runs(version, shape):
