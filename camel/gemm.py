@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from camel import config
+from camel import config, metal, tuning
 
 SHADER = "ops_matmul.metal"
 
@@ -246,8 +246,6 @@ def split_candidates(m: int, n: int, k: int, batches: int) -> list[str]:
 
 def default_version(m: int, n: int, k: int, batches: int = 1) -> str:
     """The rung used when neither CAMEL_MATMUL nor the autotuner's cache says otherwise."""
-    from camel import metal
-
     shim = metal.shim()
     if shim == "cuda":
         return cuda_default(m, n, k, batches)
@@ -300,8 +298,6 @@ def choose_version(m: int, n: int, k: int, batches: int = 1) -> str:
     if forced:
         rung, split = parse_version(forced)
         return rung.version if split == 1 else f"{rung.version}/k{split}"
-    from camel import tuning
-
     tuned = tuning.lookup(m, n, k)
     if tuned is not None:
         try:
@@ -320,8 +316,6 @@ def device_limits() -> tuple[int, int]:
     """(max threads per threadgroup, max threadgroup memory in bytes) of the device."""
     global _limits
     if _limits is None:
-        from camel import metal
-
         info = metal.device_info()
         _limits = (info["max_threads_per_threadgroup"], info["max_threadgroup_memory"])
     return _limits
@@ -344,8 +338,6 @@ def check_limits(rung: Rung, fn=None) -> None:
 
 def fits(rung: Rung) -> bool:
     """True if the rung fits this device's limits and its pipeline builds."""
-    from camel import metal
-
     try:
         check_limits(rung, metal.kernel(SHADER, rung.kernel))
     except (RuntimeError, metal.MetalError):
@@ -482,8 +474,6 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, t
         raise ValueError(
             f"[matmul] triangle must be one of {', '.join(map(repr, TRIANGLES))}, got {triangle!r}"
         )
-    from camel import metal
-
     for name, x in (("first", a), ("second", b)):
         if not isinstance(x, metal.DeviceArray):
             raise TypeError(
@@ -495,8 +485,18 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, t
                 f"[matmul] the {name} operand must be float32, got {x.dtype.name} (operands "
                 f"{a.dtype.name} {a.shape} and {b.dtype.name} {b.shape})"
             )
-    p = plan(a.shape, b.shape, transpose_a, transpose_b, a.offset, b.offset,
-             out.offset if out is not None else 0)  # fmt: skip
+    out_aligned = out is None or out.offset % 16 == 0
+    key = (a.shape, b.shape, transpose_a, transpose_b, a.offset % 16 == 0, b.offset % 16 == 0,
+           out_aligned, triangle, version, config.matmul(), tuning.generation,
+           metal.shim())  # fmt: skip
+    decision = _decisions.get(key)
+    if decision is None:
+        c_offset = out.offset if out is not None else 0
+        decision = _decide(a, b, transpose_a, transpose_b, c_offset, triangle, version)
+        if len(_decisions) >= _MAX_DECISIONS:  # shapes that keep changing: start over
+            _decisions.clear()
+        _decisions[key] = decision
+    p, rung, split = decision
     if out is None:
         out = metal.DeviceArray.empty(p.out_shape, np.float32)
     elif out.shape != p.out_shape or out.dtype != np.float32:
@@ -507,6 +507,34 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, t
         return out
     if _recorded is not None:
         _recorded.append((p.m, p.n, p.k, bool(transpose_a), bool(transpose_b), p.batches))
+    if split > 1:
+        dispatch_split_k(rung, a, b, out, p, split)
+    else:
+        dispatch(rung, a, b, out, p)
+    return out
+
+
+# What matmul() works out for a call (the plan, the rung and the split) depends only on the
+# operands' shapes and offsets' alignment, the arguments and the configuration below, and a
+# training step repeats the same few products every step: so each distinct call is worked out
+# once. (That costs some 10-20 us of Python a product, and a GPT-mini step on a GPU is
+# host-bound: docs/cuda.md.) The key holds everything the outcome depends on: shapes,
+# alignment, transposes, triangle and version, CAMEL_MATMUL, the autotuner's cache
+# (tuning.generation) and the shim; forget() empties it for code that changes the rules
+# themselves (the constants above, device_limits, choose_version).
+_decisions: dict[tuple, tuple] = {}
+_MAX_DECISIONS = 4096
+
+
+def forget() -> None:
+    """Empty matmul()'s decision cache (after changing the rules it follows)."""
+    _decisions.clear()
+    _fit_cache.clear()
+
+
+def _decide(a, b, transpose_a, transpose_b, c_offset, triangle, version) -> tuple:
+    """(plan, rung, split) for a matmul() call: the shapes checked, the rung chosen."""
+    p = plan(a.shape, b.shape, transpose_a, transpose_b, a.offset, b.offset, c_offset)
     forced = version if version is not None else config.matmul()
     if forced is None or forced == "":
         # not forced: the chosen rung (for a triangle, one of its tile size that skips it),
@@ -526,11 +554,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, out=None, version=None, t
     if triangle is not None:  # no split-K: the K range is the tile's (tile_k_range)
         split = 1
         p.params[16] = TRIANGLES[triangle] if rung.triangle else 0
-    if split > 1:
-        dispatch_split_k(rung, a, b, out, p, split)
-    else:
-        dispatch(rung, a, b, out, p)
-    return out
+    return p, rung, split
 
 
 _recorded: list | None = None  # the shapes matmul() sees inside recording()
@@ -569,8 +593,6 @@ def dispatch_split_k(rung: Rung, a, b, out, p: Plan, split: int) -> None:
     """out = the sum over s of op(A)[:, slice s] · op(B)[slice s, :], K cut into `split`
     slices: the rung runs once as a batch of `split` products (the batch strides step from
     one slice of K to the next), then one column sum adds the partial products in order."""
-    from camel import metal
-
     m, n, ks = p.m, p.n, p.k // split
     transpose_a, transpose_b = bool(p.params[6]), bool(p.params[7])
     params = p.params.copy()
@@ -595,8 +617,6 @@ def dispatch_split_k(rung: Rung, a, b, out, p: Plan, split: int) -> None:
 
 def dispatch(rung: Rung, a, b, out, p: Plan) -> None:
     """Encode one matmul with the given rung (no shape checks: use matmul())."""
-    from camel import metal
-
     fn = metal.kernel(SHADER, rung.kernel)
     check_limits(rung, fn)  # a forced rung over the limits errors with the numbers
     a_bytes = 4 * p.m * p.k * p.batches

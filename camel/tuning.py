@@ -31,6 +31,7 @@ from camel import config
 CACHE_NAME = "matmul_autotune.json"
 
 _cache: dict | None = None  # the file's contents, loaded once per process
+generation = 0  # counts the changes to the winners this process sees (gemm caches by it)
 _device: str | None = None
 
 
@@ -92,8 +93,9 @@ def _device_name() -> str:
 
 def reset() -> None:
     """Forget the in-memory copy (tests point CAMEL_CACHE_DIR elsewhere, then call this)."""
-    global _cache, _device
+    global _cache, _device, generation
     _cache, _device = None, None
+    generation += 1
 
 
 def lookup(m: int, n: int, k: int) -> str | None:
@@ -103,8 +105,10 @@ def lookup(m: int, n: int, k: int) -> str | None:
 
 def store(m: int, n: int, k: int, version: str) -> None:
     """Record a winner and write the cache file."""
+    global generation
     cache = _load()
     cache.setdefault(_device_name(), {})[shape_class(m, n, k)] = str(version)
+    generation += 1
     _write(cache_path(), cache)
 
 

@@ -57,6 +57,16 @@ def devices():
     return list(DEVICES)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_matmul_decisions():
+    """Each test starts with gemm.matmul() deciding afresh, as a new process would: tests
+    monkeypatch the rules it caches its decisions by (choose_version, device_limits, the
+    shim, the tuning cache)."""
+    from camel import gemm
+
+    gemm.forget()
+
+
 @pytest.fixture
 def rng():
     """A fresh, seeded NumPy generator per test (tests never share random state)."""

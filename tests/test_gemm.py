@@ -638,3 +638,51 @@ def test_a_split_default_gives_the_product(rng, monkeypatch):
     names = [e.name for e in prof.events]
     assert names == [gemm.get_rung(gemm.CUDA_SPLIT_TILE).kernel, "sum_axis_blocks_float4"], names
     assert prof.events[0].grid[2] == 8
+
+
+def test_matmul_decides_each_call_signature_once(rng, monkeypatch):
+    """matmul() works a call out (plan, rung, split) once per distinct signature: a training
+    step repeats its products, and the host pays for every decision (docs/cuda.md)."""
+    planned = []
+    real_plan = gemm.plan
+
+    def counted_plan(*args, **kwargs):
+        planned.append(args[:2])
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(gemm, "plan", counted_plan)
+    a, b = _operands(rng, (9, 10), (10, 11))
+    for _ in range(3):
+        np.testing.assert_allclose(_run(None, a, b), _reference(a, b), rtol=1e-4, atol=1e-4)
+    assert planned == [((9, 10), (10, 11))]
+    _run(None, a, b.T.copy(), transpose_b=True)  # another signature: decided again
+    _run(None, a[:, :8].copy(), b[:8])
+    assert planned == [((9, 10), (10, 11)), ((9, 10), (11, 10)), ((9, 8), (8, 11))]
+
+
+def test_matmul_decisions_follow_camel_matmul_and_the_tuner(rng, tmp_path, monkeypatch):
+    """A decision kept for a shape never outlives what it was made from: CAMEL_MATMUL set
+    or changed, and a winner the autotuner stores, take effect at the next call."""
+    monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    tuning.reset()
+    a, b = _operands(rng, (40, 64), (64, 33))
+
+    def kernel_used():
+        with camel.profile() as prof:
+            np.testing.assert_allclose(_run(None, a, b), _reference(a, b), rtol=1e-4, atol=1e-3)
+        return [e.name for e in prof.events]
+
+    try:
+        default = kernel_used()
+        assert default == [gemm.get_rung(gemm.default_version(40, 33, 64)).kernel]
+        monkeypatch.setenv("CAMEL_MATMUL", "2")
+        assert kernel_used() == [gemm.get_rung("2").kernel]
+        monkeypatch.setenv("CAMEL_MATMUL", "5")
+        assert kernel_used() == [gemm.get_rung("5").kernel]
+        monkeypatch.delenv("CAMEL_MATMUL")
+        assert kernel_used() == default
+        tuning.store(40, 33, 64, "7")
+        assert kernel_used() == [gemm.get_rung("7").kernel]
+    finally:
+        tuning.reset()
