@@ -63,6 +63,8 @@ The functions, grouped (shapes use ... for any leading dims)
   optimisers (in place; camel/optim.py calls these)
     sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay, first_step)
     adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)
+    adam_steps(tensors, lr, beta1, beta2, eps, weight_decay, step)
+                                               adam_step for each (param, grad, m, v)
 """
 
 import builtins
@@ -481,3 +483,10 @@ def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     np.divide(m, t, out=t)
     t *= np.float32(lr / bias1)
     param -= t
+
+
+def adam_steps(tensors, lr, beta1, beta2, eps, weight_decay, step):
+    """adam_step for each (param, grad, m, v) of a list (the GPU backend updates several
+    in one dispatch)."""
+    for param, grad, m, v in tensors:
+        adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)

@@ -13,7 +13,7 @@ flag). On Linux the kernels run on the Metal simulator, unchanged.
     shaders/ops_reduce          sum / max over the last axis, the whole tensor
                                 (two passes) or a leading/middle axis; their backward
     shaders/ops_softmax         softmax, log_softmax, cross_entropy, their backward
-    shaders/ops_optim           sgd_step, sgd_momentum_step, adam_step
+    shaders/ops_optim           sgd_step, sgd_momentum_step, adam_step, adam_step_tensors
     shaders/ops_matmul          the GEMM ladder, through camel/gemm.py
     shaders/ops_layernorm       layer_norm (v1, v2), layer_norm_backward, gelu, gelu_backward
     shaders/ops_embedding       embedding, embedding_backward (deterministic scatter-add)
@@ -1039,9 +1039,42 @@ def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     n = param.size
     if n == 0:
         return
+    fn = _kernel(_OPT, "adam_step")
+    args = (param, grad, m, v, *_adam_scalars(lr, beta1, beta2, eps, weight_decay, step), n)
+    _launch_1d(fn, args, n, 12 * n, 7 * n * _F32)
+
+
+def _adam_scalars(lr, beta1, beta2, eps, weight_decay, step):
+    """AdamScalars (ops_optim.metal): the per-step numbers in double, rounded to float32
+    once, as the CPU reference rounds them."""
     lr_over_bias1 = lr / (1 - beta1**step)
     bias2_sqrt = math.sqrt(1 - beta2**step)
-    fn = _kernel(_OPT, "adam_step")
-    args = (param, grad, m, v, float(lr_over_bias1), float(1 - beta1), float(beta2),
-            float(1 - beta2), float(bias2_sqrt), float(eps), float(weight_decay), n)  # fmt: skip
-    _launch_1d(fn, args, n, 12 * n, 7 * n * _F32)
+    return (float(lr_over_bias1), float(1 - beta1), float(beta2), float(1 - beta2),
+            float(bias2_sqrt), float(eps), float(weight_decay))  # fmt: skip
+
+
+ADAM_TENSORS = 7  # tensors per adam_step_tensors dispatch (ops_optim.metal)
+
+
+def adam_steps(tensors, lr, beta1, beta2, eps, weight_decay, step):
+    """adam_step for many parameters at the same step count: a list of (param, grad, m, v),
+    ADAM_TENSORS of them per dispatch (adam_step_tensors) instead of one dispatch each."""
+    tensors = [t for t in tensors if t[0].size]
+    fn = _kernel(_OPT, "adam_step_tensors")
+    scalars = np.array(_adam_scalars(lr, beta1, beta2, eps, weight_decay, step), np.float32)
+    for start in range(0, len(tensors), ADAM_TENSORS):
+        chunk = tensors[start : start + ADAM_TENSORS]
+        sizes = [p.size for p, _, _, _ in chunk]
+        first = np.cumsum([0] + [-(-n // _THREADS) for n in sizes])  # threadgroups before each
+        pad = ADAM_TENSORS - len(chunk)
+        # AdamTensors: n[7], first_group[8], then AdamScalars; an unfilled slot has n = 0
+        # and the total as its first threadgroup, so no threadgroup picks it
+        table = np.concatenate([
+            np.array(sizes + [0] * pad, np.uint32),
+            np.array(list(first) + [first[-1]] * pad, np.uint32),
+            scalars.view(np.uint32),
+        ])  # fmt: skip
+        buffers = [x for t in chunk for x in t] + [x for _ in range(pad) for x in chunk[0]]
+        n = builtins.sum(sizes)
+        fn(table, *buffers, threadgroups=int(first[-1]), threads_per_threadgroup=_THREADS,
+           flops=12 * n, bytes=7 * n * _F32)  # fmt: skip

@@ -1,8 +1,10 @@
 """Optimisers: SGD and Adam with PyTorch's semantics.
 
-The update itself is one backend call per parameter, ``sgd_step`` or ``adam_step``,
-done in place on the parameter's storage by the backend of its device: NumPy on
-"cpu", a fused Metal kernel on "mps". This file never touches the numbers.
+The update itself is a backend call done in place on the parameters' storages by the
+backend of their device: NumPy on "cpu", a fused Metal kernel on "mps". SGD calls
+``sgd_step`` per parameter; Adam calls ``adam_steps`` once for all the parameters that
+share a device and a step count (on "mps", one dispatch per 7 of them). This file never
+touches the numbers.
 """
 
 import math
@@ -150,7 +152,9 @@ class Adam(Optimizer):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
 
     def step(self):
-        beta1, beta2 = self.betas
+        # The parameters that share a device and a step count are updated together: one
+        # backend call (on "mps", a few dispatches for all of them: adam_step_tensors).
+        together = {}  # (backend, step count) -> [(param, grad, m, v) storages]
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue  # PyTorch skips it too, and its step count does not advance
@@ -165,15 +169,9 @@ class Adam(Optimizer):
                 }
             self._check_state_device(i, p, state["m"])
             state["step"] += 1
-            backend.adam_step(
-                p.storage,
-                g.storage,
-                state["m"],
-                state["v"],
-                self.lr,
-                beta1,
-                beta2,
-                self.eps,
-                self.weight_decay,
-                state["step"],
+            together.setdefault((backend, state["step"]), []).append(
+                (p.storage, g.storage, state["m"], state["v"])
             )
+        beta1, beta2 = self.betas
+        for (backend, step), tensors in together.items():
+            backend.adam_steps(tensors, self.lr, beta1, beta2, self.eps, self.weight_decay, step)

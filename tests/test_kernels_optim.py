@@ -58,6 +58,45 @@ def test_adam_steps(mps, n, weight_decay):
     close(np.array(mps.to_numpy(p_dev)), p_cpu)
 
 
+# 16 tensors, one of them empty: three dispatches of adam_step_tensors (7, 7 and 1 + an
+# empty one), sizes around its 256-thread threadgroups
+MANY_SIZES = [1, 255, 256, 257, 0, 33, 4097, 3, 512, 7, 1000, 64, 65, 2, 300, 129]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adam_steps_of_many_tensors_equal_one_tensor_at_a_time(mps, weight_decay):
+    """adam_steps (up to 7 tensors a dispatch) gives the same bits as adam_step on each
+    tensor alone, and the NumPy reference's values; every tensor's own buffers, none of
+    its neighbours'."""
+    import camel
+
+    def fresh():
+        return [(mps.from_numpy(rand(n, 40 + i)), mps.full((n,), 0.0, "float32"),
+                 mps.full((n,), 0.0, "float32")) for i, n in enumerate(MANY_SIZES)]  # fmt: skip
+
+    together, alone = fresh(), fresh()
+    cpu_state = [(rand(n, 40 + i), np.zeros(n, np.float32), np.zeros(n, np.float32))
+                 for i, n in enumerate(MANY_SIZES)]  # fmt: skip
+    for step in range(1, 4):
+        grads = [rand(n, 70 + 17 * step + i) for i, n in enumerate(MANY_SIZES)]
+        args = (1e-3, 0.9, 0.999, 1e-8, weight_decay, step)
+        dev_grads = [mps.from_numpy(g) for g in grads]
+        with camel.profile() as prof:
+            mps.adam_steps(
+                [(p, g, m, v) for (p, m, v), g in zip(together, dev_grads, strict=True)], *args
+            )
+        assert [e.name for e in prof.events] == ["adam_step_tensors"] * 3
+        for (p, m, v), g in zip(alone, dev_grads, strict=True):
+            mps.adam_step(p, g, m, v, *args)
+        cpu.adam_steps([(p, g, m, v) for (p, m, v), g in zip(cpu_state, grads, strict=True)], *args)
+    for i, n in enumerate(MANY_SIZES):
+        for what, got, want, ref in zip("pmv", together[i], alone[i], cpu_state[i], strict=True):
+            got, want = np.array(mps.to_numpy(got)), np.array(mps.to_numpy(want))
+            np.testing.assert_array_equal(got, want, err_msg=f"tensor {i} ({n}): {what}")
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"tensor {i} ({n}): {what}")  # fmt: skip
+
+
 def test_adam_matches_torch():
     torch = pytest.importorskip("torch")
     mps = backend_mps_or_skip()
