@@ -85,5 +85,6 @@ def test_mlp_step_runs_as_kernels_only():
         opt.step()
     table = prof.table()
     for name in ["add", "relu_float4", "relu_backward", "cross_entropy_forward",
-                 "cross_entropy_backward", "sum_axis_blocks", "adam_step_tensors", "matmul"]:  # fmt: skip
+                 "cross_entropy_backward", "sum_axis_blocks", "adam_step_tensors",
+                 "matmul"]:  # fmt: skip
         assert name in table, f"{name} missing from the profile:\n{table}"
