@@ -16,8 +16,9 @@ Rules of the contract (both backends)
 - Inputs are C-contiguous and never modified, except the optimiser steps
   (`sgd_step`, `adam_step`), which update their buffers in place.
 - Outputs are new, C-contiguous storages (never a view of an input), except
-  `reshape`, which may share the input's memory (camel never writes into a
-  storage after creating it, so sharing is safe).
+  `reshape` and `view`, which share the input's memory (camel never writes into a
+  storage after creating it, so sharing is safe; `view` only ever sees an
+  intermediate no user holds: functional.packed_part).
 - Arguments are explicit: shapes, axes (already normalised to be >= 0),
   flags and Python scalars. No callbacks, no NumPy-only types.
 - No validation here: camel/functional.py checks shapes, dtypes and devices
@@ -36,6 +37,7 @@ The functions, grouped (shapes use ... for any leading dims)
     full(shape, value, dtype) -> storage       fill; zeros = full(shape, 0, ...)
     copy(x) -> storage
     reshape(x, shape) -> storage               same data, new shape
+    view(x, start, shape) -> storage           x's elements start .. start + size(shape) - 1
   elementwise
     add(a, b), mul(a, b)                       b.shape a trailing suffix of a.shape
     add_scalar(a, s), mul_scalar(a, s)         s: Python float
@@ -116,6 +118,12 @@ def copy(x):
 def reshape(x, shape):
     """x with a new shape of the same size (shape has no -1). May share memory."""
     return x.reshape(shape)
+
+
+def view(x, start, shape):
+    """The run of x's elements (C order) from flat index `start`, seen with `shape`:
+    shares x's memory (a contiguous slice, e.g. one of the q, k, v of a packed tensor)."""
+    return x.reshape(-1)[start : start + math.prod(shape)].reshape(shape)
 
 
 # ---------------------------------------------------------------------------

@@ -210,6 +210,13 @@ def reshape(x, shape):
     return x.reshape(tuple(shape))
 
 
+def view(x, start, shape):
+    """The run of x's elements from flat index `start`, seen with `shape`: the same buffer
+    at a byte offset (no kernel, no copy). Kernels that read float4 check the offset's
+    alignment (_aligned) and take their one-element path when it is not 16 bytes."""
+    return DeviceArray(tuple(shape), x.dtype, x.buffer, x.offset + start * x.dtype.itemsize)
+
+
 # ---------------------------------------------------------------------------
 # elementwise: ops_elementwise.metal. Each op picks the float4 kernel when all its
 # operands are 16-byte aligned (always, for buffers camel allocates) and the

@@ -909,6 +909,34 @@ def _normalize_key(shape, key):
     return tuple(starts), tuple(steps), tuple(counts), tuple(out_shape)
 
 
+class PackedPart(Function):
+    name = "packed_part"
+
+    @staticmethod
+    def forward(ctx, x, i):
+        ctx.in_shape, ctx.i = x.shape, i
+        part = math.prod(x.shape[1:])
+        return ctx.backend.view(x, i * part, x.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        be = ctx.backend
+        grad = be.reshape(grad, (1, *ctx.in_shape[1:]))
+        return be.slice_backward(grad, ctx.in_shape, (ctx.i,) + (0,) * (len(ctx.in_shape) - 1),
+                                 (1,) * len(ctx.in_shape))  # fmt: skip
+
+
+def packed_part(x, i):
+    """x[i] for a packed intermediate (x of shape (P, ...), e.g. attention's q, k, v as
+    (3, B, H, T, D)) as a view of x's memory: no kernel, where x[i] copies. Only for
+    tensors no user holds (MultiHeadAttention's own): the contract's indexing makes no
+    aliasing views; nothing writes into an intermediate, so this one cannot be told apart."""
+    _check_tensor("packed_part", x)
+    if x.ndim < 1 or not 0 <= i < x.shape[0]:
+        raise IndexError(f"[packed_part] part {i} of a tensor of shape {x.shape}")
+    return PackedPart.apply(x, int(i))
+
+
 def getitem(x, key):
     """x[key] for basic keys: ints, slices (any step), Ellipsis. Returns a copy."""
     _check_tensor("getitem", x)

@@ -187,6 +187,9 @@ CASES = {
         [(2, 3, 7, 5)],
     ),
     "getitem_int": (lambda x: x[3], lambda x: x[3], lambda x: x[3], [(7, 33)]),
+    # a view at byte offset 2 * 35 * 4 = 280: not 16-aligned, so float4 kernels after it
+    # must take their one-element path
+    "packed_part": (lambda x: F.packed_part(x, 2), lambda x: x[2], lambda x: x[2], [(3, 5, 7)]),
     "getitem_neg": (lambda x: x[-1, 2:], lambda x: x[-1, 2:], lambda x: x[-1, 2:], [(7, 33)]),
     "getitem_step": (
         lambda x: x[1::2, ::3],
@@ -436,3 +439,20 @@ def test_layer_norm_matches_torch_at_gpt_shape(device, rng):
     np.testing.assert_allclose(out.numpy(), t_out.detach().numpy(), atol=1e-5)
     for c, t in zip(xs, ts, strict=True):
         np.testing.assert_allclose(c.grad.numpy(), t.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_packed_part_is_a_view_and_runs_no_kernel(device):
+    """F.packed_part(x, i) is x[i] without a copy: x's storage at an offset, no dispatch;
+    ops after it read the right elements at any offset (here 4 * 37 bytes: float4 kernels
+    must notice the misalignment)."""
+    a = np.arange(3 * 37, dtype=np.float32).reshape(3, 37)
+    x = camel.tensor(a, device=device)
+    with camel.profile() as prof:
+        parts = [F.packed_part(x, i) for i in range(3)]
+    assert prof.events == []
+    for i, part in enumerate(parts):
+        np.testing.assert_array_equal(part.numpy(), a[i])
+        np.testing.assert_array_equal((part + part).numpy(), 2 * a[i])
+        assert np.shares_memory(part.numpy(), x.numpy())
+    with pytest.raises(IndexError, match=r"part 3 of a tensor of shape \(3, 37\)"):
+        F.packed_part(x, 3)

@@ -13,6 +13,7 @@ class MultiHeadAttention(Module):
 
         q, k, v = split(x @ c_attn)                       # each (B, T, C)
         q, k, v -> (B, H, T, D)                           # H heads of D = C / H
+                                                          # (one permute for the three)
         out = softmax(q @ k^T / sqrt(D) + mask) @ v       # (B, H, T, D); mask hides the future
         y = merge_heads(out) @ c_proj                     # (B, T, C)
 
@@ -46,13 +47,11 @@ class MultiHeadAttention(Module):
             )
         B, T, C = x.shape
         H, D = self.n_heads, C // self.n_heads
-        qkv = self.c_attn(x)  # (B, T, 3C)
-        q = qkv[:, :, 0 * C : 1 * C]  # (B, T, C) each
-        k = qkv[:, :, 1 * C : 2 * C]
-        v = qkv[:, :, 2 * C : 3 * C]
-        q = q.reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.reshape(B, T, H, D).transpose(1, 2)
-        v = v.reshape(B, T, H, D).transpose(1, 2)
+        qkv = self.c_attn(x).reshape(B, T, 3, H, D)  # columns: q, k, v, each H heads of D
+        # One permute splits the heads of all three (a copy), and each of q, k, v is then a
+        # third of it (a view): 1 dispatch where 3 slices and 3 transposes took 6.
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        q, k, v = (F.packed_part(qkv, i) for i in range(3))  # (B, H, T, D) each
         y = F.scaled_dot_product_attention(q, k, v, causal=self.causal)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj(y)
