@@ -606,21 +606,58 @@ def matmul(a, b):
     return _matmul_checked(a, b)
 
 
-def linear(x, weight, bias=None):
-    """x @ weight^T + bias, PyTorch's layout: x (..., in), weight (out, in), bias (out,).
+class Linear(Function):
+    """y = x @ weight^T + bias: one node of the tape for the product and the bias (matmul,
+    two reshapes and an add would make four; each node costs the host time on every step).
+    The weight is read transposed by the matmul itself (transpose_b), so no transposed copy
+    of it is made, forward or backward."""
 
-    The weight is read transposed by the matmul itself (transpose_b), so no transposed
-    copy of it is made, forward or backward."""
+    name = "linear"
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # x (..., in), weight (out, in), bias (out,) or None
+        be = ctx.backend
+        n_in, n_out = weight.shape[1], weight.shape[0]
+        x2 = be.reshape(x, (math.prod(x.shape[:-1]), n_in))  # (N, in)
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        y = be.matmul(x2, weight, False, True)  # (N, out)
+        if bias is not None:
+            y = be.add(y, bias)
+        return be.reshape(y, x.shape[:-1] + (n_out,))
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., out)
+        x2, weight = ctx.saved_tensors
+        be = ctx.backend
+        g2 = be.reshape(grad, (x2.shape[0], weight.shape[0]))  # (N, out)
+        dx = be.reshape(be.matmul(g2, weight, False, False), ctx.x_shape)  # dy W
+        dw = be.matmul(g2, x2, True, False)  # dyᵀ x  (out, in)
+        if not ctx.has_bias:
+            return dx, dw
+        return dx, dw, be.sum_to_shape(g2, (weight.shape[0],))  # the bias: sum over rows
+
+
+def linear(x, weight, bias=None):
+    """x @ weight^T + bias, PyTorch's layout: x (..., in), weight (out, in), bias (out,)."""
     _check_float("linear", x, "x")
+    _check_float("linear", weight, "weight")
     if x.ndim < 1 or weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"[linear] expects x (..., in) and weight (out, in), got shapes {x.shape} and "
             f"{weight.shape}"
         )
-    lead = x.shape[:-1]
-    y = _matmul_checked(reshape(x, (-1, x.shape[-1])), weight, transpose_b=True)  # (N, out)
-    y = reshape(y, lead + (weight.shape[0],))  # (..., out)
-    return y if bias is None else add(y, bias)
+    tensors = (x, weight)
+    if bias is not None:
+        _check_float("linear", bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(
+                f"[linear] bias must have shape ({weight.shape[0]},) for weight "
+                f"{weight.shape}, got {bias.shape}"
+            )
+        tensors += (bias,)
+    _check_same_device("linear", *tensors)
+    return Linear.apply(x, weight, bias)
 
 
 # ---------------------------------------------------------------------------

@@ -166,6 +166,19 @@ CASES = {
         lambda x, w, b: x @ w.T + b,
         [(2, 7, 33), (31, 33), (31,)],
     ),
+    # F.linear itself: one node of the tape (functional.Linear), 3-D and 4-D inputs
+    "linear_fn": (
+        F.linear,
+        lambda x, w, b: x @ w.T + b,
+        lambda x, w, b: x @ w.T + b,
+        [(2, 7, 33), (31, 33), (31,)],
+    ),
+    "linear_fn_no_bias": (
+        F.linear,
+        lambda x, w: x @ w.T,
+        lambda x, w: x @ w.T,
+        [(2, 3, 5, 9), (4, 9)],
+    ),
     # layout
     "reshape": (
         lambda x: x.reshape(7, -1) * 2.0,
