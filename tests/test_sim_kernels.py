@@ -898,6 +898,32 @@ def test_a_reused_large_buffer_is_whole_for_its_new_length():
         M.synchronize()
 
 
+@NO_ASAN
+def test_a_view_kept_past_release_that_touches_protected_slack_is_named():
+    # Buffer.release() with a NumPy view still alive, the storage reused by a shorter owner:
+    # the view's last bytes lie in pages that now fault. Python dies (a subprocess), but
+    # the simulator says why first.
+    import subprocess
+
+    script = textwrap.dedent("""
+        import camel.metal as M
+        a = M.DeviceArray.zeros((1_250_000,))
+        view = a.numpy()
+        a.buffer.release()
+        b = M.DeviceArray.zeros((1_100_000,))
+        view[-1] = 1.0
+        print("not caught")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "not caught" not in r.stdout, r.stdout + r.stderr
+    assert (
+        "[sim] the host touched byte 4999996 of a buffer of 4400000 bytes, 599996 bytes past its "
+        "length, in the slack pages the simulator protects: a NumPy view or ctypes pointer kept "
+        "after Buffer.release()?"
+    ) in r.stderr, r.stderr
+
+
 def test_misaligned_float4_store_is_reported_as_misaligned():
     lib = M.compile(
         textwrap.dedent("""

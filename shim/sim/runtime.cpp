@@ -230,6 +230,29 @@ bool guarded_slack(const Dispatch &d, uintptr_t addr, uint32_t *arg, const camel
     }
     return false;
 }
+// A fault outside a kernel (the host: a NumPy view kept past Buffer.release()) in a
+// buffer's protected slack: writes the message to stderr; false if addr is in none.
+// From the crash handler: it takes S.mu only if free, and calls only write() then.
+bool host_fault_in_slack(uintptr_t addr) {
+    if (!S.mu.try_lock()) return false;
+    bool found = false;
+    for (const camel_buffer *b : S.buffers) {
+        uintptr_t p = (uintptr_t)b->contents;
+        if (!b->mapped || addr < p + b->fault_from || addr >= p + b->mapped) continue;
+        char msg[400];
+        int n = snprintf(msg, sizeof msg,
+                         "[sim] the host touched byte %llu of a buffer of %llu bytes, %llu bytes "
+                         "past its length, in the slack pages the simulator protects: a NumPy "
+                         "view or ctypes pointer kept after Buffer.release()?\n",
+                         (unsigned long long)(addr - p), (unsigned long long)b->used,
+                         (unsigned long long)(addr - p - b->used));
+        if (n > 0 && write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1) < 0) n = 0;
+        found = true;
+        break;
+    }
+    S.mu.unlock();
+    return found;
+}
 }  // namespace sim
 
 static void set_used(camel_buffer *b, uint64_t used) {  // S.mu held

@@ -102,6 +102,9 @@ void install_crash_handlers();  // SIGSEGV/SIGBUS/SIGFPE/SIGILL inside kernels
 // argument holds address `addr`, and the byte offset in its buffer; false if none.
 bool guarded_slack(const Dispatch &d, uintptr_t addr, uint32_t *arg, const camel_buffer **b,
                    uint64_t *offset);
+// The crash handler, for a fault outside kernels in some buffer's protected slack: says so
+// on stderr (the host touched it: a view kept past a release). false if none holds addr.
+bool host_fault_in_slack(uintptr_t addr);
 double now_seconds();           // CLOCK_MONOTONIC
 
 extern const camel_sim_runtime runtime_table;

@@ -1246,6 +1246,7 @@ static void on_crash(int sig, siginfo_t *info, void *ctx) {
             signal(sig, SIG_DFL);
             return;
         }
+        if (sig == SIGSEGV) host_fault_in_slack((uintptr_t)info->si_addr);
         sigaction(sig, &old_actions[sig], nullptr);
         return;
     }
