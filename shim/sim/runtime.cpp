@@ -307,7 +307,9 @@ CAMEL_EXPORT camel_buffer *camel_buffer_new(uint64_t nbytes, void **contents) {
                 p = nullptr;
             }
         }
-    } else {
+        if (!p) mapped = 0;  // no mapping (too many, vm.max_map_count): a malloc'd one
+    }
+    if (!mapped) {
         uint64_t alloc = asan_active() ? nbytes : nbytes + kRedZone;
         if (posix_memalign(&p, kMetalPage, alloc) != 0) p = nullptr;
         if (p) memset(p, 0, nbytes);
