@@ -257,6 +257,7 @@ class SimParam(ctypes.Structure):
         ("is_pointer", ctypes.c_int32),
         ("writable", ctypes.c_int32),
         ("align", ctypes.c_uint32),
+        ("left_out", ctypes.c_char_p),
     ]
 
 

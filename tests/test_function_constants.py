@@ -212,6 +212,12 @@ kernel void opt_reads_absent(device float *y [[buffer(0)]],
                              uint i [[thread_position_in_grid]]) {
     y[i] = b[i];  // not guarded by has_bias: the kernel author's bug when it is false
 }
+
+kernel void opt_writes_absent(device const float *x [[buffer(0)]],
+                              device float *g [[function_constant(has_gate), buffer(5)]],
+                              uint i [[thread_position_in_grid]]) {
+    g[i] = x[i];  // not guarded by has_gate
+}
 """
 
 
@@ -283,6 +289,29 @@ def test_reading_an_absent_optional_argument_names_it(opt_lib):
     with pytest.raises(M.MetalError, match=r"opt_reads_absent.*optional argument 'b'.*5\.8\.1\.2"):
         fn(y, threads=64, threads_per_threadgroup=64)
         M.synchronize()
+    # What happened, and why: the argument, its index, the constant and its value. It was a
+    # fault on memory that holds nothing, so nothing is damaged.
+    for kernel, constants, args, what in [
+        ("opt_reads_absent", {"has_bias": False}, [y], "read"),
+        ("opt_reads_absent", {}, [y], "read"),
+        ("opt_writes_absent", {"has_gate": 0}, [y], "wrote"),
+    ]:
+        with pytest.raises(M.MetalError) as e:
+            opt_lib.function(kernel, constants=constants)(
+                *args, threads=64, threads_per_threadgroup=64
+            )
+            M.synchronize()
+        msg = str(e.value)
+        name, index, const = (
+            ("b", 1, "has_bias") if kernel == "opt_reads_absent" else ("g", 5, "has_gate")
+        )
+        why = "has no value" if not constants else "is 0" if const == "has_gate" else "is false"
+        assert (
+            f"the kernel {what} its optional argument '{name}' ([[buffer({index})]], "
+            f"[[function_constant]]), which this pipeline leaves out because function constant "
+            f"'{const}' {why}"
+        ) in msg, msg
+        assert f"inside `if ({const})`" in msg and "damaged" not in msg
     b = M.DeviceArray.from_numpy(np.arange(64, dtype=np.float32))
     fn = opt_lib.function("opt_reads_absent", constants={"has_bias": True})
     fn(y, b, threads=64, threads_per_threadgroup=64)

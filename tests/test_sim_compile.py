@@ -473,9 +473,10 @@ kernel void indirect_simd(device float* x [[buffer(0)]], constant uint& n [[buff
 def test_library_description():
     """Parameter kinds, indices, sizes and needs_fibers, as the runtime sees them."""
     desc = sim_library_description(DESC_SRC, "desc.metal")
-    assert desc.abi_version == 4 and desc.nkernels == 3
+    assert desc.abi_version == 5 and desc.nkernels == 3
     kernels, group_entries = {}, {}
     for k in desc.kernels[: desc.nkernels]:
+        assert all(p.left_out is None for p in k.params[: k.nparams])  # no optional arguments
         params = [
             (p.name.decode(), p.kind, p.index, p.value_size, p.is_pointer, p.writable, p.align)
             for p in k.params[: k.nparams]

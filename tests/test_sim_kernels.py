@@ -765,13 +765,30 @@ OVERRUN_SRC = r"""
 kernel void write_at(device float *out [[buffer(0)]], constant uint &i [[buffer(1)]]) {
     out[i] = 1.0;
 }
+kernel void also_write_at(device float *out [[buffer(0)]], constant uint &i [[buffer(1)]]) {
+    out[i] = 2.0;
+}
+kernel void read_at(device const float *x [[buffer(0)]], device float *y [[buffer(1)]],
+                    constant uint &i [[buffer(2)]]) {
+    y[0] = x[i];
+}
+kernel void fill(device float *out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+    out[i] = float(i);
+}
 """
+
+NO_ASAN = pytest.mark.skipif(
+    "address" in os.environ.get("CAMEL_SIM_SANITIZE", ""), reason="ASan reports it instead"
+)
+
+
+def slack_of(a):
+    """The bytes of a's buffer past its length (from the next multiple of 16)."""
+    return a.buffer.capacity - -(-a.nbytes // 16) * 16
 
 
 @pytest.mark.parametrize("n, past", [(1000, 4), (1000, 30), (1024, 0), (5, 3)])
-@pytest.mark.skipif(
-    "address" in os.environ.get("CAMEL_SIM_SANITIZE", ""), reason="ASan reports it instead"
-)
+@NO_ASAN
 def test_write_past_the_end_is_reported_with_the_kernel(n, past):
     # n floats live in a size class of more bytes (1000 floats: 4096); the kernel writes
     # element n + past: into the slack, or past the allocation (1024 floats: 4096 exactly).
@@ -785,6 +802,126 @@ def test_write_past_the_end_is_reported_with_the_kernel(n, past):
     M.synchronize()  # reported once; the guard is re-armed
     run(lib.function("write_at"), out, np.uint32(n - 1), threadgroups=1, threads_per_threadgroup=1)
     assert out.numpy()[n - 1] == 1
+
+
+@NO_ASAN
+@pytest.mark.parametrize(
+    "n, past_bytes",
+    [
+        (1040, 600),  # a small buffer (4160 bytes in 5120): past the first 256 bytes of slack
+        (1_250_003, 800),  # a large one (pages of its own): before the next page boundary
+    ],
+)
+def test_write_far_into_the_slack_is_reported_when_the_command_buffer_completes(n, past_bytes):
+    # Not just past the end: the whole slack up to the next page boundary is checked once per
+    # command buffer, and the kernels of the command buffer that may write the buffer are named.
+    lib = M.compile(OVERRUN_SRC, "overrun.metal")
+    out = M.DeviceArray.zeros((n,))
+    used = -(-n * 4 // 16) * 16
+    assert slack_of(out) > past_bytes
+    index = np.uint32((used + past_bytes) // 4)
+    lib.function("write_at")(out, index, threadgroups=1, threads_per_threadgroup=1)
+    with pytest.raises(
+        M.MetalError,
+        match=rf"'write_at' wrote past the end of argument 0 \('out'.*byte {used + past_bytes} of "
+        rf"a buffer of {used} bytes changed \({past_bytes} bytes past the end\).*completed",
+    ):
+        M.synchronize()
+    # Two kernels that write it in one command buffer, one that only reads it: both writers
+    # are named, the reader is not.
+    other = M.DeviceArray.zeros((4,))
+    lib.function("read_at")(out, other, np.uint32(0), threadgroups=1, threads_per_threadgroup=1)
+    lib.function("also_write_at")(out, np.uint32(0), threadgroups=1, threads_per_threadgroup=1)
+    lib.function("write_at")(out, index, threadgroups=1, threads_per_threadgroup=1)
+    with pytest.raises(M.MetalError) as e:
+        M.synchronize()
+    assert "kernels of the command buffer that may write it: 'also_write_at' argument 0" in str(
+        e.value
+    ) and "'write_at' argument 0 ('out'" in str(e.value)
+    assert "read_at" not in str(e.value)
+    M.synchronize()  # reported once; the guard is re-armed
+    run(lib.function("write_at"), out, np.uint32(n - 1), threadgroups=1, threads_per_threadgroup=1)
+    assert out.numpy()[n - 1] == 1
+
+
+@NO_ASAN
+@pytest.mark.parametrize("kernel", ["write_at", "read_at"])
+def test_access_far_past_the_end_of_a_large_buffer_faults_naming_the_kernel(kernel):
+    # 5 MB in a 5 MiB size class: 242 KB of slack, whose pages past the length fault.
+    lib = M.compile(OVERRUN_SRC, "overrun.metal")
+    n = 1_250_000
+    out = M.DeviceArray.zeros((n,))
+    far = 50_000  # elements past the end: 200 KB, still inside the allocation
+    assert slack_of(out) > far * 4
+    y = M.DeviceArray.zeros((1,))
+    if kernel == "write_at":
+        lib.function(kernel)(out, np.uint32(n + far), threadgroups=1, threads_per_threadgroup=1)
+        verb, param = "wrote", "out"
+    else:
+        lib.function(kernel)(out, y, np.uint32(n + far), threadgroups=1, threads_per_threadgroup=1)
+        verb, param = "read", "x"
+    with pytest.raises(M.MetalError) as e:
+        M.synchronize()
+    msg = str(e.value)
+    assert f"'{kernel}'" in msg
+    assert f"it {verb} past the end of argument 0 ('{param}', [[buffer(0)]])" in msg
+    assert f"byte {(n + far) * 4} of a buffer of {n * 4} bytes ({far * 4} bytes past" in msg
+    assert "may be damaged" not in msg
+    run(lib.function("fill"), out, threads=n, threads_per_threadgroup=256)
+    np.testing.assert_array_equal(out.numpy()[-3:], np.arange(n - 3, n, dtype=np.float32))
+
+
+@NO_ASAN
+def test_a_reused_large_buffer_is_whole_for_its_new_length():
+    # The cache hands a buffer of a size class to a shorter, then a longer owner: the pages
+    # the shorter one left out fault, the longer one may use them all, also through .numpy().
+    lib = M.compile(OVERRUN_SRC, "overrun.metal")
+    short, long = 1_100_000, 1_250_000  # both in the 5 MiB class
+    a = M.DeviceArray.empty((short,))
+    capacity, contents = a.buffer.capacity, a.buffer.contents
+    run(lib.function("fill"), a, threads=short, threads_per_threadgroup=256)
+    del a
+    b = M.DeviceArray.empty((long,))
+    assert (b.buffer.capacity, b.buffer.contents) == (capacity, contents)  # the same storage
+    run(lib.function("fill"), b, threads=long, threads_per_threadgroup=256)
+    np.testing.assert_array_equal(b.numpy(), np.arange(long, dtype=np.float32))
+    view = b.numpy()
+    assert view.nbytes == long * 4
+    view[:] = 3.0  # host writes through the view reach every byte of the new length
+    lib.function("write_at")(b, np.uint32(long - 1), threadgroups=1, threads_per_threadgroup=1)
+    assert b.numpy()[-2:].tolist() == [3.0, 1.0]
+    del view, b
+    c = M.DeviceArray.empty((short,))
+    assert c.buffer.contents == contents
+    lib.function("write_at")(c, np.uint32(long - 1), threadgroups=1, threads_per_threadgroup=1)
+    with pytest.raises(M.MetalError, match=r"'write_at'.*it wrote past the end of argument 0"):
+        M.synchronize()
+
+
+@NO_ASAN
+def test_a_view_kept_past_release_that_touches_protected_slack_is_named():
+    # Buffer.release() with a NumPy view still alive, the storage reused by a shorter owner:
+    # the view's last bytes lie in pages that now fault. Python dies (a subprocess), but
+    # the simulator says why first.
+    import subprocess
+
+    script = textwrap.dedent("""
+        import camel.metal as M
+        a = M.DeviceArray.zeros((1_250_000,))
+        view = a.numpy()
+        a.buffer.release()
+        b = M.DeviceArray.zeros((1_100_000,))
+        view[-1] = 1.0
+        print("not caught")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "not caught" not in r.stdout, r.stdout + r.stderr
+    assert (
+        "[sim] the host touched byte 4999996 of a buffer of 4400000 bytes, 599996 bytes past its "
+        "length, in the slack pages the simulator protects: a NumPy view or ctypes pointer kept "
+        "after Buffer.release()?"
+    ) in r.stderr, r.stderr
 
 
 def test_misaligned_float4_store_is_reported_as_misaligned():

@@ -238,7 +238,9 @@ class Buffer:
     `release()` returns the storage (to the cache) exactly once; any use afterwards
     raises MetalError. Dropping the last reference releases it too, and is the safe
     way: NumPy views made before an explicit release() would alias whatever reuses
-    the storage (it stays valid memory, so nothing crashes).
+    the storage (it stays valid memory, so nothing crashes on Metal; on the simulator
+    the pages of a large buffer past its new owner's length fault, so touching them
+    through such a view kills Python with SIGSEGV).
 
     A recycled buffer may still be read by a queued kernel: write it from the host
     only through DeviceArray.numpy() (which synchronises first), or ask for

@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define CAMEL_SIM_ABI_VERSION 4
+#define CAMEL_SIM_ABI_VERSION 5
 
 /* What one simulated thread knows about itself. The runtime fills it; the
  * generated wrapper converts fields to the exact types the kernel declares
@@ -75,6 +75,8 @@ typedef struct camel_sim_param {
                                 or reference of, a non-const type); 0 for const/constant */
     uint32_t align;          /* buffer: alignof the type it points to (a bound offset must
                                 be a multiple, as Metal requires); 0 if unknown */
+    const char *left_out;    /* absent: why, "function constant 'has_b' is false" ("is 0",
+                                "has no value"); NULL otherwise */
 } camel_sim_param;
 
 /* bindings[i] is the address bound to [[buffer(i)]] (buffer contents + offset,

@@ -1373,12 +1373,17 @@ bool specialize_function_constants(std::string &s, const std::string &main_file,
                 return -1;
             }
             if (d.first > k) break;  // declared after its use
-            return specialising && d.defined && literal_nonzero(d.value) ? 1 : 0;
+            if (specialising && d.defined && literal_nonzero(d.value)) return 1;
+            why = !specialising || !d.defined ? "unset" : d.fc.type == "bool" ? "false" : "zero";
+            return 0;
         }
         auto it = derived.find(name);
         if (it != derived.end() && it->second.second < k) {
             for (const Decl &d : decls)
-                if (d.fc.name == it->second.first) return specialising && d.defined ? 1 : 0;
+                if (d.fc.name == it->second.first) {
+                    why = "false";  // is_function_constant_defined(d): d has no value
+                    return specialising && d.defined ? 1 : 0;
+                }
             why = "'" + it->second.first + "' is not a function constant declared above";
             return -1;
         }
@@ -1426,7 +1431,10 @@ bool specialize_function_constants(std::string &s, const std::string &main_file,
                 ok = false;
                 continue;
             }
-            replace(t[k].start, t[k + 3].end, present ? "function_constant(true)" : "function_constant(false)");
+            // (false, name, why): the runtime's message says why the argument is left out
+            replace(t[k].start, t[k + 3].end,
+                    present ? "function_constant(true)"
+                            : "function_constant(false, " + name + ", " + why + ")");
             k += 3;
             continue;
         }

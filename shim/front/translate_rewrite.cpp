@@ -262,6 +262,7 @@ struct Param {
     int position = 0;     // in the parameter list
     bool absent = false;  // [[function_constant(name)]] with name false or without a value in
                           // this specialisation: not declared (MSL 5.8.1.2), bound to nothing
+    std::string constant;  // absent: why, "function constant 'name' is false" (for messages)
 };
 
 struct Kernel {
@@ -1213,7 +1214,9 @@ struct Rewriter {
         for (auto &at : attrs) {
             if (at.name != "function_constant") continue;
             // the specialiser (translate.cpp) has decided: true or false
-            if (at.arg != "true" && at.arg != "false") {
+            // "false,name,why" (why: false, zero or unset) for an argument left out
+            std::string present = at.arg.substr(0, at.arg.find(','));
+            if (present != "true" && present != "false") {
                 error(line, "kernel parameter '" + p.name + "': [[function_constant(" + at.arg +
                                 ")]] takes the name of a function constant");
                 return false;
@@ -1224,7 +1227,13 @@ struct Rewriter {
                                 "; declare it always, it costs nothing");
                 return false;
             }
-            p.absent = at.arg == "false";
+            p.absent = present == "false";
+            if (p.absent && present.size() < at.arg.size()) {
+                std::string rest = at.arg.substr(present.size() + 1);
+                std::string why = rest.substr(rest.find(',') + 1);
+                p.constant = "function constant '" + rest.substr(0, rest.find(',')) + "' " +
+                             (why == "unset" ? "has no value" : why == "zero" ? "is 0" : "is false");
+            }
         }
         p.position = (int)params.size();
         params.push_back(p);
@@ -3157,7 +3166,9 @@ struct Rewriter {
                     int kind = p.absent ? CAMEL_SIM_PARAM_ABSENT : p.kind;
                     g += "    {\"" + p.name + "\", " + std::to_string(kind) + ", " +
                          std::to_string(p.index) + ", " + size + ", " + (p.pointer ? "1" : "0") +
-                         ", " + flags + "},\n";
+                         ", " + flags + ", " +
+                         (p.constant.empty() ? std::string("nullptr") : "\"" + p.constant + "\"") +
+                         "},\n";
                 }
                 g += "};\n";
             }

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -127,24 +128,54 @@ CAMEL_EXPORT int camel_device_info_get(camel_device_info *out) {
 // than asked), so the bytes past what the owner uses would hide a kernel writing past
 // its end. Under ASan (CAMEL_SIM_SANITIZE=address with the runtime preloaded) they are
 // poisoned: the first byte read or written there is reported with its .metal line.
-// Otherwise the first kSlackGuard of them, and a kRedZone past the allocation, hold a
-// pattern that commit_locked checks after every dispatch; a change fails the command
-// buffer naming the kernel and the argument.
+// Otherwise:
+//  - a buffer of kPagedBytes or more is mapped on pages of its own, and the pages past
+//    the one where the owner's length ends fault (PROT_NONE, plus one page past the
+//    allocation): a kernel reading or writing there crashes, and the crash handler
+//    (runtime_exec.cpp) names the kernel, the argument and the byte;
+//  - the bytes from the length to that page boundary (a smaller buffer: to a kRedZone
+//    past the allocation; less than a page either way) hold a pattern. The first
+//    kSlackGuard of them are checked after every dispatch (naming the kernel), all of
+//    them once per command buffer, for every buffer it binds (naming the kernels that
+//    may write it). A change fails the command buffer.
+// So every write into a buffer's own allocation past its length is reported, at a cost
+// of at most a page of comparisons per buffer and command buffer.
 extern "C" void __asan_poison_memory_region(void const volatile *, size_t) __attribute__((weak));
 extern "C" void __asan_unpoison_memory_region(void const volatile *, size_t)
     __attribute__((weak));
 constexpr uint64_t kSlackGuard = 256, kRedZone = 64;
+constexpr uint64_t kPagedBytes = 16384;
+constexpr uint64_t kMetalPage = 16384;  // buffers are aligned like a Metal page
 constexpr uint8_t kGuardByte = 0xa5;
 
 static bool asan_active() { return __asan_poison_memory_region != nullptr; }
 
-// [start, end) of the pattern-guarded bytes of b, in two pieces: slack and red zone.
-static void guard_ranges(const camel_buffer *b, uint64_t r[2][2]) {
-    uint64_t slack_end = b->used + kSlackGuard < b->nbytes ? b->used + kSlackGuard : b->nbytes;
-    r[0][0] = b->used;
-    r[0][1] = slack_end;
-    r[1][0] = b->nbytes;
-    r[1][1] = b->nbytes + kRedZone;
+static uint64_t page_bytes() {
+    static const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    return page;
+}
+
+static uint64_t round_up(uint64_t n, uint64_t m) { return (n + m - 1) / m * m; }
+
+// [start, end) of the pattern-guarded bytes of b: from its length to the first page that
+// faults (a mapped buffer) or to the end of the red zone past the allocation.
+static uint64_t guard_end(const camel_buffer *b) {
+    return b->mapped ? b->fault_from : b->nbytes + kRedZone;
+}
+
+// The pages of a mapped buffer past its length fault: move fault_from to the page
+// boundary at or past b->used. Pages that cannot be protected (mprotect fails: too
+// many mappings) stay readable and are pattern-guarded instead, checked each command buffer.
+static void protect_slack(camel_buffer *b) {
+    uint64_t page = page_bytes(), from = round_up(b->used, page), old = b->fault_from;
+    if (from == old) return;
+    uint8_t *p = (uint8_t *)b->contents;
+    if (from > old) {
+        if (mprotect(p + old, from - old, PROT_READ | PROT_WRITE) != 0) return;  // stays
+    } else if (mprotect(p + from, old - from, PROT_NONE) != 0) {
+        return;  // keep the readable pages: the pattern guards them
+    }
+    b->fault_from = from;
 }
 
 static void guard_arm(camel_buffer *b) {
@@ -154,25 +185,75 @@ static void guard_arm(camel_buffer *b) {
         if (b->nbytes > b->used) __asan_poison_memory_region(p + b->used, b->nbytes - b->used);
         return;
     }
-    uint64_t r[2][2];
-    guard_ranges(b, r);
-    for (auto &g : r) memset(p + g[0], kGuardByte, g[1] - g[0]);
+    if (b->mapped) protect_slack(b);
+    memset(p + b->used, kGuardByte, guard_end(b) - b->used);
+}
+
+// Offset of the first byte in [from, to) of p that is not the guard pattern, or UINT64_MAX.
+static uint64_t first_changed(const uint8_t *p, uint64_t from, uint64_t to) {
+    static const struct Pattern {
+        uint8_t bytes[4096];
+        Pattern() { memset(bytes, kGuardByte, sizeof bytes); }
+    } pattern;
+    for (uint64_t at = from; at < to; at += sizeof pattern.bytes) {
+        uint64_t n = to - at < sizeof pattern.bytes ? to - at : sizeof pattern.bytes;
+        if (memcmp(p + at, pattern.bytes, n) == 0) continue;  // glibc's: vectorised
+        for (uint64_t i = at; i < at + n; i++)
+            if (p[i] != kGuardByte) return i;
+    }
+    return UINT64_MAX;
 }
 
 // Offset of the first guard byte a kernel changed, or UINT64_MAX; re-arms the guard.
-static uint64_t guard_check(camel_buffer *b) {
+// whole: every pattern byte (once per command buffer); else the first kSlackGuard.
+static uint64_t guard_check(camel_buffer *b, bool whole) {
     if (asan_active()) return UINT64_MAX;
-    const uint8_t *p = (const uint8_t *)b->contents;
-    uint64_t r[2][2];
-    guard_ranges(b, r);
-    for (auto &g : r)
-        for (uint64_t i = g[0]; i < g[1]; i++)
-            if (p[i] != kGuardByte) {
-                guard_arm(b);
-                return i;
-            }
-    return UINT64_MAX;
+    uint64_t end = guard_end(b);
+    if (!whole && end - b->used > kSlackGuard) end = b->used + kSlackGuard;
+    uint64_t at = first_changed((const uint8_t *)b->contents, b->used, end);
+    if (at != UINT64_MAX) guard_arm(b);
+    return at;
 }
+
+namespace sim {
+bool guarded_slack(const Dispatch &d, uintptr_t addr, uint32_t *arg, const camel_buffer **b,
+                   uint64_t *offset) {
+    for (size_t i = 0; i < d.retained.size(); i++) {
+        const camel_buffer *r = d.retained[i];
+        uintptr_t p = (uintptr_t)r->contents;
+        if (r->mapped && addr >= p + r->fault_from && addr < p + r->mapped) {
+            *arg = d.retained_arg[i];
+            *b = r;
+            *offset = addr - p;
+            return true;
+        }
+    }
+    return false;
+}
+// A fault outside a kernel (the host: a NumPy view kept past Buffer.release()) in a
+// buffer's protected slack: writes the message to stderr; false if addr is in none.
+// From the crash handler: it takes S.mu only if free, and calls only write() then.
+bool host_fault_in_slack(uintptr_t addr) {
+    if (!S.mu.try_lock()) return false;
+    bool found = false;
+    for (const camel_buffer *b : S.buffers) {
+        uintptr_t p = (uintptr_t)b->contents;
+        if (!b->mapped || addr < p + b->fault_from || addr >= p + b->mapped) continue;
+        char msg[400];
+        int n = snprintf(msg, sizeof msg,
+                         "[sim] the host touched byte %llu of a buffer of %llu bytes, %llu bytes "
+                         "past its length, in the slack pages the simulator protects: a NumPy "
+                         "view or ctypes pointer kept after Buffer.release()?\n",
+                         (unsigned long long)(addr - p), (unsigned long long)b->used,
+                         (unsigned long long)(addr - p - b->used));
+        if (n > 0 && write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1) < 0) n = 0;
+        found = true;
+        break;
+    }
+    S.mu.unlock();
+    return found;
+}
+}  // namespace sim
 
 static void set_used(camel_buffer *b, uint64_t used) {  // S.mu held
     b->used = used;
@@ -188,8 +269,12 @@ static void buffer_unref(camel_buffer *b) {  // S.mu held
     }
     S.allocated_bytes -= b->nbytes;
     S.buffers.erase(b);
-    if (asan_active()) __asan_unpoison_memory_region(b->contents, b->nbytes);
-    free(b->contents);
+    if (b->mapped) {
+        munmap(b->contents, b->mapped);
+    } else {
+        if (asan_active()) __asan_unpoison_memory_region(b->contents, b->nbytes);
+        free(b->contents);
+    }
     delete b;
 }
 
@@ -200,17 +285,43 @@ CAMEL_EXPORT camel_buffer *camel_buffer_new(uint64_t nbytes, void **contents) {
         set_error("[sim] camel_buffer_new: a buffer needs at least 1 byte, got 0");
         return nullptr;
     }
-    // Aligned like a Metal page; exactly nbytes long under ASan, so that it sees a
-    // write one past the end; otherwise followed by the red zone.
+    // Aligned like a Metal page. Under ASan exactly nbytes long, so that it sees a write
+    // one past the end; otherwise a small one is followed by the red zone, and a large
+    // one has pages of its own, one more that faults, and slack pages that fault.
     void *p = nullptr;
-    uint64_t alloc = asan_active() ? nbytes : nbytes + kRedZone;
-    if (posix_memalign(&p, 16384, alloc) != 0) {
+    uint64_t mapped = 0;
+    if (!asan_active() && nbytes >= kPagedBytes) {
+        uint64_t page = page_bytes(), align = kMetalPage > page ? kMetalPage : page;
+        mapped = round_up(nbytes, page) + page;
+        // Over-map by the alignment, then unmap what lies before and after the aligned part.
+        uint64_t over = mapped + align - page;
+        void *m = mmap(nullptr, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m != MAP_FAILED) {
+            uintptr_t start = round_up((uintptr_t)m, align);
+            if (start > (uintptr_t)m) munmap(m, start - (uintptr_t)m);
+            if ((uintptr_t)m + over > start + mapped)
+                munmap((void *)(start + mapped), (uintptr_t)m + over - (start + mapped));
+            p = (void *)start;  // zero-filled by the kernel
+            if (mprotect((uint8_t *)p + mapped - page, page, PROT_NONE) != 0) {
+                munmap(p, mapped);
+                p = nullptr;
+            }
+        }
+        if (!p) mapped = 0;  // no mapping (too many, vm.max_map_count): a malloc'd one
+    }
+    if (!mapped) {
+        uint64_t alloc = asan_active() ? nbytes : nbytes + kRedZone;
+        if (posix_memalign(&p, kMetalPage, alloc) != 0) p = nullptr;
+        if (p) memset(p, 0, nbytes);
+    }
+    if (!p) {
         set_error("[sim] camel_buffer_new: out of memory allocating %llu bytes",
                   (unsigned long long)nbytes);
         return nullptr;
     }
-    memset(p, 0, nbytes);
-    camel_buffer *b = new camel_buffer{p, nbytes, 1, false, nbytes, UINT64_MAX};
+    uint64_t fault_from = mapped ? mapped - page_bytes() : 0;
+    camel_buffer *b =
+        new camel_buffer{p, nbytes, 1, false, nbytes, UINT64_MAX, mapped, fault_from, 0};
     guard_arm(b);
     std::lock_guard<std::mutex> lock(S.mu);
     S.buffers.insert(b);
@@ -531,28 +642,86 @@ static void dispatch_free(Dispatch *d) {  // S.mu held
     delete d;
 }
 
-// After a dispatch: did the kernel write past the end of a buffer it was given?
+// The name of argument `arg` of kernel k ("?" if none) and whether the kernel may write it.
+static const char *buffer_param(const camel_sim_kernel_desc *k, uint32_t arg, bool *writable) {
+    for (int j = 0; j < k->nparams; j++)
+        if (k->params[j].kind == CAMEL_SIM_PARAM_BUFFER && k->params[j].index == (int32_t)arg) {
+            if (writable) *writable = k->params[j].writable;
+            return k->params[j].name;
+        }
+    if (writable) *writable = true;
+    return "?";
+}
+
+// What follows "wrote past the end of ...": byte `at` of buffer b changed.
+static std::string changed_byte(const camel_buffer *b, uint64_t at) {
+    char buf[320];
+    snprintf(buf, sizeof buf,
+             "byte %llu of a buffer of %llu bytes changed (%llu bytes past the end). Rerun with "
+             "CAMEL_SIM_SANITIZE=address to find the line%s",
+             (unsigned long long)at, (unsigned long long)b->used,
+             (unsigned long long)(at - b->used),
+             b->mapped ? "" : "; memory past the buffer may be damaged");
+    return buf;
+}
+
+// After a dispatch: did the kernel write just past the end of a buffer it was given
+// (the first kSlackGuard bytes of the pattern)?
 static bool check_guards(const Dispatch &d, std::string &error) {
     for (size_t i = 0; i < d.retained.size(); i++) {
         camel_buffer *b = d.retained[i];
-        uint64_t at = guard_check(b);
+        uint64_t at = guard_check(b, false);
         if (at == UINT64_MAX) continue;
         uint32_t arg = d.retained_arg[i];
-        const char *param = "?";
-        for (int j = 0; j < d.kernel->nparams; j++)
-            if (d.kernel->params[j].kind == CAMEL_SIM_PARAM_BUFFER &&
-                d.kernel->params[j].index == (int32_t)arg)
-                param = d.kernel->params[j].name;
-        char buf[512];
-        snprintf(buf, sizeof buf,
-                 "kernel '%s' wrote past the end of argument %u ('%s', [[buffer(%u)]]): byte "
-                 "%llu of a buffer of %llu bytes changed (%llu bytes past the end). Rerun with "
-                 "CAMEL_SIM_SANITIZE=address to find the line; memory past it may be damaged",
-                 d.kernel->name, arg, param, arg, (unsigned long long)at,
-                 (unsigned long long)b->used, (unsigned long long)(at - b->used));
-        error = buf;
+        error = "kernel '" + std::string(d.kernel->name) + "' wrote past the end of argument " +
+                std::to_string(arg) + " ('" + buffer_param(d.kernel, arg, nullptr) +
+                "', [[buffer(" + std::to_string(arg) + ")]]): " + changed_byte(b, at);
         return false;
     }
+    return true;
+}
+
+// After a command buffer: the whole pattern of every buffer its dispatches bound. A change
+// names the kernels that bound the buffer through a writable parameter (all that bound
+// it if none did); one kernel and argument is named as the writer.
+static bool check_guards_whole(uint64_t id, const std::vector<Dispatch *> &list,
+                               std::string &error) {
+    for (Dispatch *d : list)
+        for (camel_buffer *b : d->retained) {
+            if (b->checked_in == id) continue;  // once per buffer
+            b->checked_in = id;
+            uint64_t at = guard_check(b, true);
+            if (at == UINT64_MAX) continue;
+            // (kernel, argument) pairs that bound b, writable ones first
+            std::vector<std::pair<const camel_sim_kernel_desc *, uint32_t>> writers, all;
+            for (const Dispatch *e : list)
+                for (size_t i = 0; i < e->retained.size(); i++) {
+                    if (e->retained[i] != b) continue;
+                    bool writable = false;
+                    buffer_param(e->kernel, e->retained_arg[i], &writable);
+                    auto one = std::make_pair(e->kernel, e->retained_arg[i]);
+                    auto &to = writable ? writers : all;
+                    if (std::find(to.begin(), to.end(), one) == to.end()) to.push_back(one);
+                }
+            if (writers.empty()) writers = all;
+            auto arg_text = [](const camel_sim_kernel_desc *k, uint32_t arg) {
+                return "argument " + std::to_string(arg) + " ('" + buffer_param(k, arg, nullptr) +
+                       "', [[buffer(" + std::to_string(arg) + ")]])";
+            };
+            if (writers.size() == 1) {
+                error = "kernel '" + std::string(writers[0].first->name) +
+                        "' wrote past the end of " + arg_text(writers[0].first, writers[0].second) +
+                        ": " + changed_byte(b, at) + " (seen when its command buffer completed)";
+            } else {
+                error = "a kernel wrote past the end of a buffer: " + changed_byte(b, at) +
+                        " (seen when the command buffer completed). The kernels of the command "
+                        "buffer that may write it:";
+                for (size_t i = 0; i < writers.size(); i++)
+                    error += std::string(i ? "," : "") + " '" + writers[i].first->name + "' " +
+                             arg_text(writers[i].first, writers[i].second);
+            }
+            return false;
+        }
     return true;
 }
 
@@ -563,6 +732,14 @@ static void run_command_buffer(uint64_t id, std::vector<Dispatch *> &list,
     sim::install_crash_handlers();  // in case Python's faulthandler took them over
     double start = sim::now_seconds();
     bool failed = false;
+    auto fail = [&](const Dispatch *d, std::string &error) {
+        if (d && d->order == sim::kRandom)
+            error += " [CAMEL_SIM_ORDER=random; CAMEL_SIM_SEED=" + std::to_string(d->seed) +
+                     " replays this schedule]";
+        if (S.failure.empty())
+            S.failure = "[sim] command buffer " + std::to_string(id) + " failed: " + error;
+        error.clear();
+    };
     for (Dispatch *d : list) {
         std::string error;
         // After a failure the rest of the command buffer is skipped, as on a GPU.
@@ -572,16 +749,12 @@ static void run_command_buffer(uint64_t id, std::vector<Dispatch *> &list,
             if (unlock_to_run) lock.lock();
             failed = !ok || !check_guards(*d, error);
         }
-        if (failed && !error.empty()) {
-            if (d->order == sim::kRandom)
-                error += " [CAMEL_SIM_ORDER=random; CAMEL_SIM_SEED=" + std::to_string(d->seed) +
-                         " replays this schedule]";
-            if (S.failure.empty())
-                S.failure = "[sim] command buffer " + std::to_string(id) + " failed: " + error;
-            error.clear();
-        }
-        dispatch_free(d);
+        if (failed && !error.empty()) fail(d, error);
     }
+    // The dispatches keep their buffers until the whole guard is checked.
+    std::string error;
+    if (!failed && !check_guards_whole(id, list, error)) fail(list.size() == 1 ? list[0] : nullptr, error);
+    for (Dispatch *d : list) dispatch_free(d);
     double end = sim::now_seconds();
     cb_times[id % kTimes] = {id, start, end};
     S.completed_id = id;

@@ -28,10 +28,17 @@ struct camel_buffer {
     int refs;       // 1 for the caller's handle + 1 per queued dispatch that binds it
     bool released;  // the caller has called camel_buffer_release
     // Bytes the owner uses (camel_sim_buffer_set_length; nbytes until then). What lies
-    // past it is guarded: poisoned for ASan, else a pattern checked after each dispatch
-    // (plus a red zone after nbytes; see guard_* in runtime.cpp).
+    // past it is guarded (see guard_* in runtime.cpp): poisoned for ASan; else a pattern
+    // up to the next page (a small buffer: up to a red zone past nbytes), checked after
+    // each dispatch and command buffer, and pages that fault from there on.
     uint64_t used;
     uint64_t next_used;  // a new length asked for while queued dispatches still use it
+    // A buffer of kPagedBytes or more has pages of its own: `mapped` bytes from contents
+    // (nbytes rounded up to a page, then one more page), PROT_NONE from fault_from on,
+    // the first page boundary at or past used. 0, 0 for a malloc'd one.
+    uint64_t mapped;
+    uint64_t fault_from;
+    uint64_t checked_in;  // the last command buffer whose end checked the whole pattern
 };
 
 struct camel_library {
@@ -91,6 +98,13 @@ bool execute(const Dispatch &d, std::string &error);
 void pool_start(int workers);   // idempotent
 int pool_workers();
 void install_crash_handlers();  // SIGSEGV/SIGBUS/SIGFPE/SIGILL inside kernels
+// The protected slack of a buffer a dispatch binds (camel_buffer::fault_from): which
+// argument holds address `addr`, and the byte offset in its buffer; false if none.
+bool guarded_slack(const Dispatch &d, uintptr_t addr, uint32_t *arg, const camel_buffer **b,
+                   uint64_t *offset);
+// The crash handler, for a fault outside kernels in some buffer's protected slack: says so
+// on stderr (the host touched it: a view kept past a release). false if none holds addr.
+bool host_fault_in_slack(uintptr_t addr);
 double now_seconds();           // CLOCK_MONOTONIC
 
 extern const camel_sim_runtime runtime_table;

@@ -28,6 +28,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <condition_variable>
@@ -1218,7 +1219,23 @@ const camel_sim_runtime runtime_table = {
 static struct sigaction old_actions[32];
 static const int kCrashSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
 
-static void on_crash(int sig, siginfo_t *info, void *) {
+// Whether the fault in `ctx` was a write (x86-64: bit 1 of the page-fault error code;
+// AArch64: the WnR bit of ESR_EL1); -1 where the CPU does not say.
+static int fault_was_write(void *ctx) {
+#if defined(__x86_64__) && defined(REG_ERR)
+    return (((ucontext_t *)ctx)->uc_mcontext.gregs[REG_ERR] & 2) ? 1 : 0;
+#elif defined(__aarch64__) && defined(ESR_MAGIC)
+    auto *head = (struct _aarch64_ctx *)((ucontext_t *)ctx)->uc_mcontext.__reserved;
+    for (; head->magic; head = (struct _aarch64_ctx *)((char *)head + head->size))
+        if (head->magic == ESR_MAGIC) return (((struct esr_context *)head)->esr >> 6) & 1;
+    return -1;
+#else
+    (void)ctx;
+    return -1;
+#endif
+}
+
+static void on_crash(int sig, siginfo_t *info, void *ctx) {
     Worker *w = tl_worker;
     if (!w || !w->in_kernel) {
         // Not ours: put back whoever handled it before (Python's faulthandler,
@@ -1229,6 +1246,7 @@ static void on_crash(int sig, siginfo_t *info, void *) {
             signal(sig, SIG_DFL);
             return;
         }
+        if (sig == SIGSEGV) host_fault_in_slack((uintptr_t)info->si_addr);
         sigaction(sig, &old_actions[sig], nullptr);
         return;
     }
@@ -1263,13 +1281,44 @@ static void on_crash(int sig, siginfo_t *info, void *) {
             if (g.k->params[i].kind == CAMEL_SIM_PARAM_ABSENT &&
                 (i == j || (j == CAMEL_SIM_ABSENT_SLOTS - 1 && i >= j)))
                 prm = &g.k->params[i];
+        int write = fault_was_write(ctx);
+        char index[32] = "";
+        if (prm && prm->index >= 0) snprintf(index, sizeof index, "[[buffer(%d)]], ", prm->index);
+        // left_out: "function constant 'c' is false"; the name is between the quotes
+        const char *why = prm && prm->left_out ? prm->left_out : nullptr;
+        const char *q = why ? strchr(why, '\'') : nullptr, *q2 = q ? strchr(q + 1, '\'') : nullptr;
         snprintf(absent, sizeof absent,
-                 "; the kernel used its optional argument '%s' ([[function_constant]]), which "
-                 "this pipeline does not declare: its function constant is false, 0 or has no "
-                 "value (MSL 5.8.1.2). Use it only where that constant is true, e.g. inside "
-                 "`if (has_it)`, or give the constant true",
-                 prm ? prm->name : "?");
+                 "; the kernel %s its optional argument '%s' (%s[[function_constant]]), which this "
+                 "pipeline leaves out because %s (MSL 5.8.1.2): nothing is bound there. Use it "
+                 "only where that constant is true (inside `if (%.*s)`), or make the pipeline "
+                 "with the constant true",
+                 write == 1 ? "wrote" : write == 0 ? "read" : "used", prm ? prm->name : "?", index,
+                 why ? why : "its function constant is false, 0 or has no value",
+                 q2 ? (int)(q2 - q - 1) : 6, q2 ? q + 1 : "has_it");
         hint = absent;
+    }
+    const char *trailer = "Memory the kernel wrote may be damaged; restart Python to be safe.";
+    if (hint == absent)  // a read or write of nothing: nothing was damaged
+        trailer = "The access that faulted changed nothing; Python can go on.";
+    char slack[512];
+    uint32_t arg = 0;
+    const camel_buffer *buf = nullptr;
+    uint64_t at = 0;
+    if (sig == SIGSEGV && !*hint && g.d && guarded_slack(*g.d, addr, &arg, &buf, &at)) {
+        int write = fault_was_write(ctx);
+        const char *param = "?";
+        for (int i = 0; g.k && i < g.k->nparams; i++)
+            if (g.k->params[i].kind == CAMEL_SIM_PARAM_BUFFER && g.k->params[i].index == (int32_t)arg)
+                param = g.k->params[i].name;
+        snprintf(slack, sizeof slack,
+                 "; it %s past the end of argument %u ('%s', [[buffer(%u)]]): byte %llu of a "
+                 "buffer of %llu bytes (%llu bytes past the end), in its slack, whose pages the "
+                 "simulator protects. Rerun with CAMEL_SIM_SANITIZE=address to find the line",
+                 write == 1 ? "wrote" : write == 0 ? "read" : "read or wrote", arg, param, arg,
+                 (unsigned long long)at, (unsigned long long)buf->used,
+                 (unsigned long long)(at - buf->used));
+        hint = slack;
+        trailer = "The access that faulted changed nothing; Python can go on.";
     }
     if (sig == SIGSEGV && !*hint)
         hint = "; an out-of-bounds index? Rerun with CAMEL_SIM_SANITIZE=address to find the line";
@@ -1278,10 +1327,9 @@ static void on_crash(int sig, siginfo_t *info, void *) {
         snprintf(thread, sizeof thread, ", thread %u",
                  g.current ? g.threads[g.current - g.lanes].thread_index_in_threadgroup : 0);
     snprintf(w->crash_msg, sizeof w->crash_msg,
-             "kernel '%s', threadgroup (%u, %u, %u)%s: crashed with %s at %p)%s. "
-             "Memory the kernel wrote may be damaged; restart Python to be safe.",
+             "kernel '%s', threadgroup (%u, %u, %u)%s: crashed with %s at %p)%s. %s",
              g.k ? g.k->name : "?", g.gid[0], g.gid[1], g.gid[2], thread, what, (void *)addr,
-             hint);
+             hint, trailer);
     siglongjmp(w->crash_jmp, g.in_group_entry ? 3 : 1);
 }
 
