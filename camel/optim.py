@@ -7,8 +7,9 @@ done in place on the parameter's storage by the backend of its device: NumPy on
 
 import math
 
+from camel.devices import device_of
 from camel.nn.module import zero_grads
-from camel.tensor import Tensor, device_of
+from camel.tensor import Tensor
 
 
 class Optimizer:

@@ -1,8 +1,8 @@
 """camel/'s import graph (tools/imports.py): no circles, no import of a higher layer.
 
-The layer order is LAYERS in tools/imports.py (and the table in docs/stage0.md). What
-exists today and is not fixed yet is listed below; issue 16's later steps empty the lists.
-A new circle or upward import fails here: move the code to the layer it belongs to.
+The layer order is LAYERS in tools/imports.py (and the table in docs/stage0.md). The
+allow-lists below are empty: a new circle or upward import fails here; move the code to
+the layer it belongs to.
 """
 
 import importlib.util
@@ -15,17 +15,12 @@ imports = importlib.util.module_from_spec(_spec)
 sys.modules["camel_imports"] = imports  # dataclasses look their module up there
 _spec.loader.exec_module(imports)
 
-# (importer, imported) upward imports still allowed, each with the step that removes it.
-ALLOWED_UPWARD = {
-    # tensor.py imports the ops module after defining Tensor (teenygrad's pattern): the
-    # Tensor's methods are camel.functional's ops. Kept on purpose, the one circle left.
-    ("camel.tensor", "camel.functional"),
-}
+# (importer, imported) upward imports still allowed: none since issue 16 (functional sits
+# below tensor and gets the Tensor class from autograd)
+ALLOWED_UPWARD: set = set()
 
-# circles still allowed (each a set of modules that import each other, directly or not)
-ALLOWED_CIRCLES = {
-    frozenset({"camel.functional", "camel.tensor"}),  # teenygrad's pattern, see above
-}
+# circles still allowed (each a set of modules that import each other, directly or not): none
+ALLOWED_CIRCLES: set = set()
 
 
 def test_every_module_has_a_layer():
@@ -171,3 +166,20 @@ def test_the_include_graph_sees_each_kind_of_include(tmp_path):
     }
     assert includes.circles(known, edges) == [["front/a.h", "front/b.h", "sim/runtime.h"]]
     assert includes.layer_circles(edges) == [["front", "sim"]]
+
+
+def test_names_kept_where_the_layers_moved_them():
+    # functional no longer imports tensor, and the devices left tensor.py (issue 16): the
+    # names those modules held before still work where they were
+    import camel
+    import camel.functional as F
+    from camel import devices
+    from camel.tensor import DEVICES, canonical_device, device_of, get_backend
+
+    assert F.Tensor is camel.Tensor
+    assert DEVICES == devices.DEVICES == ("cpu", "mps")
+    assert (canonical_device, device_of, get_backend) == (
+        devices.canonical_device,
+        devices.device_of,
+        devices.get_backend,
+    )
