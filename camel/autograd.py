@@ -38,9 +38,10 @@ _grad_enabled = True
 
 # The tape sits below the Tensor and imports nothing from camel: camel/tensor.py imports
 # this module and, once Tensor exists, hands the class over with use_tensor(). Function.apply
-# needs it to tell Tensor arguments from the rest and to wrap its results.
+# needs it to tell Tensor arguments from the rest and to wrap its results; the ops in
+# camel/functional.py (also below the Tensor) check their arguments against it.
 Tensor = None  # camel.tensor.Tensor
-device_of = None  # camel.tensor.device_of: a storage's device, "cpu" or "mps"
+device_of = None  # camel.devices.device_of: a storage's device, "cpu" or "mps"
 
 
 def use_tensor(tensor_class, device_of_storage):

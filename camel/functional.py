@@ -18,9 +18,13 @@ import numbers
 
 import numpy as np
 
-from camel import config
+from camel import autograd, config
 from camel.autograd import Function
-from camel.tensor import Tensor, device_of, get_backend
+from camel.devices import device_of, get_backend
+
+# The ops sit below the Tensor: camel/tensor.py imports this module (its methods are these
+# ops) and hands its class to the tape (autograd.use_tensor) once it is defined. The ops
+# reach it there, as Function.apply does: autograd.Tensor is camel.Tensor.
 
 # ---------------------------------------------------------------------------
 # argument checks shared by the ops
@@ -28,7 +32,7 @@ from camel.tensor import Tensor, device_of, get_backend
 
 
 def _check_tensor(op, x, what="input"):
-    if not isinstance(x, Tensor):
+    if not isinstance(x, autograd.Tensor):
         raise TypeError(
             f"[{op}] {what} must be a camel Tensor, got {type(x).__name__}: "
             "wrap it with camel.tensor(...)"
@@ -359,7 +363,7 @@ def max(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
     MaxResult(values, indices) along dim (dim= / axis=, keepdim= / keepdims=).
     The gradient flows to the first maximum when several are equal."""
     _check_float("max", x)
-    if isinstance(axis, Tensor) or isinstance(dim, Tensor):
+    if isinstance(axis, autograd.Tensor) or isinstance(dim, autograd.Tensor):
         raise TypeError(
             "[max] camel has no elementwise max(a, b) of two tensors: use (a - b).relu() + b"
         )
@@ -372,7 +376,7 @@ def max(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
         return Max.apply(x, None, keepdims)
     indices = []  # Max.forward appends its indices storage here
     values = Max.apply(x, axis, keepdims, indices)
-    return MaxResult(values, Tensor._make(indices[0], x.device))
+    return MaxResult(values, autograd.Tensor._make(indices[0], x.device))
 
 
 def argmax(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
@@ -385,7 +389,7 @@ def argmax(x, axis=None, keepdims=False, *, dim=None, keepdim=None):
     if x.numel() == 0:
         raise ValueError(f"[argmax] of an empty tensor (shape {x.shape})")
     _, indices = x.backend.max(x.storage, axis, keepdims)
-    return Tensor._make(indices, x.device)
+    return autograd.Tensor._make(indices, x.device)
 
 
 # ---------------------------------------------------------------------------
@@ -506,7 +510,7 @@ def _cross_entropy_rows(logits, targets):
         raise ValueError(f"[cross_entropy] reduction='none' needs N * C < 2**31, got {n} * {c}")
     flat = np.arange(n, dtype=np.int32) * np.int32(c) + t
     table = reshape(log_softmax(logits), (n * c, 1))
-    picked = embedding(Tensor(flat, device=logits.device), table)  # (N, 1)
+    picked = embedding(autograd.Tensor(flat, device=logits.device), table)  # (N, 1)
     return neg(reshape(picked, (n,)))
 
 
@@ -988,6 +992,8 @@ def to_device(x, device):
 
 
 def __getattr__(name):  # a PyTorch name camel lacks: say what to use instead
+    if name == "Tensor":  # F.Tensor, as when this module imported the class from tensor.py
+        return autograd.Tensor
     from camel import hints
 
     raise hints.missing("camel.functional", name)

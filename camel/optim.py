@@ -9,8 +9,9 @@ touches the numbers.
 
 import math
 
+from camel.devices import device_of
 from camel.nn.module import zero_grads
-from camel.tensor import Tensor, device_of
+from camel.tensor import Tensor
 
 
 class Optimizer:

@@ -11,90 +11,17 @@ C-contiguous; reshape, transpose and slicing return materialised results
 (no aliasing views), so every backend op sees plain contiguous memory.
 """
 
-import importlib
 import numbers
 import warnings
 
 import numpy as np
 
 from camel import autograd
+from camel import functional as F  # the ops: below the Tensor, they never import this module
+from camel.devices import DEVICES, canonical_device, device_of, get_backend  # noqa: F401
 
-DEVICES = ("cpu", "mps")
 float32, int32 = np.dtype("float32"), np.dtype("int32")  # camel's two dtypes
 _INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
-
-# ---------------------------------------------------------------------------
-# devices and backends
-# ---------------------------------------------------------------------------
-
-
-_backends = {}  # device -> backend module, filled on first use
-
-
-def canonical_device(device):
-    """The device name camel uses. 'cuda' is an alias of 'mps' on the CUDA shim (an NVIDIA
-    GPU running the same Metal kernels, translated to PTX), so PyTorch-style code runs
-    unchanged there; tensors then report device 'mps'. Elsewhere 'cuda' is an error that
-    says what to write."""
-    if device != "cuda":
-        return device
-    from camel import metal
-
-    try:
-        shim = metal.shim()
-        where = f"the {shim} shim ({metal.device_name()})"
-    except metal.MetalError as e:
-        shim, where = None, f"no GPU shim ({e})"
-    if shim == "cuda":
-        return "mps"
-    raise ValueError(
-        f"[tensor] device 'cuda' is an alias of 'mps' on the CUDA shim (NVIDIA GPUs run "
-        f"camel's Metal kernels translated to PTX); this process runs {where}: write "
-        "device='mps' for the GPU kernels here, or 'cpu'. On Linux with an NVIDIA driver, "
-        "CAMEL_SHIM=cuda selects the CUDA shim."
-    )
-
-
-def get_backend(device):
-    """The backend module of a device: camel.backend_cpu or camel.backend_mps."""
-    backend = _backends.get(device)
-    if backend is not None:
-        return backend
-    if not isinstance(device, str):  # x.to(torch.float32) habits: dtypes are not devices
-        raise TypeError(
-            f"[tensor] a device is a string such as 'cpu' or 'mps', got {device!r}; camel has "
-            "no dtype conversion (make a new tensor: camel.tensor(t.numpy(), dtype=...))"
-        )
-    if device == "cuda":
-        return get_backend(canonical_device(device))
-    if device == "cpu":
-        from camel import backend_cpu
-
-        _backends["cpu"] = backend_cpu
-        return backend_cpu
-    if device == "mps":
-        try:
-            _backends["mps"] = importlib.import_module("camel.backend_mps")
-            return _backends["mps"]
-        except ImportError as e:
-            raise RuntimeError(
-                f"[tensor] device 'mps' is not available: importing camel.backend_mps failed "
-                f"({e}). It needs camel/backend_mps.py and a built shim (see README)."
-            ) from e
-    raise ValueError(f"[tensor] unknown device {device!r}: camel knows {DEVICES}")
-
-
-def device_of(storage):
-    """'cpu' for an np.ndarray, 'mps' for a camel.metal.DeviceArray."""
-    if isinstance(storage, np.ndarray):
-        return "cpu"
-    if isinstance(storage, np.generic):  # a backend bug worth a clear message
-        raise TypeError(
-            f"[tensor] a backend returned the NumPy scalar {storage!r}; storages must be "
-            "arrays (wrap 0-d results with np.asarray)"
-        )
-    return "mps"
-
 
 # ---------------------------------------------------------------------------
 # host data -> float32 / int32 arrays
@@ -638,8 +565,6 @@ def arange(start, stop=None, step=1, device="cpu"):
     return _new(np.arange(start, stop, step, dtype=np.int32), False, device)
 
 
-# The tape (autograd.py imports nothing from camel) wraps its results in this Tensor.
+# The tape and the ops (autograd.py, functional.py) sit below this module and import
+# nothing from it: they wrap their results in this Tensor, handed over here.
 autograd.use_tensor(Tensor, device_of)
-
-# functional imports Tensor from this module, so it is imported last.
-from camel import functional as F  # noqa: E402

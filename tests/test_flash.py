@@ -568,7 +568,7 @@ int main() {
 
 @pytest.mark.skipif(CLANG is None, reason="clang++-19 is not installed")
 def test_frag_lane_cuda_branch_is_the_cuda_headers_layout(tmp_path):
-    """frag_lane's __CAMEL_CUDA__ branch against shim/front/include/camel_cuda_simd.h's own
+    """frag_lane's __CAMEL_CUDA__ branch against shim/cuda/include/camel_cuda_simd.h's own
     simdgroup_load and simdgroup_store, compiled for the host (no GPU needed)."""
     probe = tmp_path / "frag_lane_cuda.cpp"
     probe.write_text(CUDA_HOST_PROBE % _frag_lane_source())

@@ -1,8 +1,8 @@
 """camel/'s import graph (tools/imports.py): no circles, no import of a higher layer.
 
-The layer order is LAYERS in tools/imports.py (and the table in docs/stage0.md). What
-exists today and is not fixed yet is listed below; issue 16's later steps empty the lists.
-A new circle or upward import fails here: move the code to the layer it belongs to.
+The layer order is LAYERS in tools/imports.py (and the table in docs/stage0.md). The
+allow-lists below are empty: a new circle or upward import fails here; move the code to
+the layer it belongs to.
 """
 
 import importlib.util
@@ -15,17 +15,12 @@ imports = importlib.util.module_from_spec(_spec)
 sys.modules["camel_imports"] = imports  # dataclasses look their module up there
 _spec.loader.exec_module(imports)
 
-# (importer, imported) upward imports still allowed, each with the step that removes it.
-ALLOWED_UPWARD = {
-    # tensor.py imports the ops module after defining Tensor (teenygrad's pattern): the
-    # Tensor's methods are camel.functional's ops. Kept on purpose, the one circle left.
-    ("camel.tensor", "camel.functional"),
-}
+# (importer, imported) upward imports still allowed: none since issue 16 (functional sits
+# below tensor and gets the Tensor class from autograd)
+ALLOWED_UPWARD: set = set()
 
-# circles still allowed (each a set of modules that import each other, directly or not)
-ALLOWED_CIRCLES = {
-    frozenset({"camel.functional", "camel.tensor"}),  # teenygrad's pattern, see above
-}
+# circles still allowed (each a set of modules that import each other, directly or not): none
+ALLOWED_CIRCLES: set = set()
 
 
 def test_every_module_has_a_layer():
@@ -130,6 +125,27 @@ def test_shim_has_no_new_bad_include_or_circle():
     assert layers == ALLOWED_LAYER_CIRCLES, f"[includes] layer circles: {sorted(layers)}"
 
 
+def test_each_target_adds_its_own_simd_section_after_the_shared_header():
+    # issue 16: the MSL library both targets share (front/include/) includes no target's
+    # file; each target's <metal_stdlib> includes it, then that target's barriers,
+    # SIMD-group functions and simdgroup_matrix from the target's own include folder
+    known, edges, _ = includes.graph()
+    shared = "front/include/camel_sim_msl.h"
+    for entry, section in (
+        ("sim/include/metal_stdlib", "sim/include/camel_sim_simd.h"),
+        ("cuda/include/camel_cuda_msl.h", "cuda/include/camel_cuda_simd.h"),
+    ):
+        line = {e.imported: e.line for e in edges if e.importer == entry}
+        assert shared in line and section in line, f"[includes] shim/{entry}: {line}"
+        assert line[shared] < line[section], f"[includes] shim/{entry}: {section} comes first"
+    into_targets = [
+        f"shim/{e.importer}:{e.line} -> {e.imported}"
+        for e in edges
+        if e.importer.startswith("front/") and not e.imported.startswith("front/")
+    ]
+    assert not into_targets, f"[includes] the shared front end includes: {into_targets}"
+
+
 def test_the_include_graph_sees_each_kind_of_include(tmp_path):
     # a small shim/: a quoted include at a line's start (indented, `# include` too) is an
     # edge, resolved next to the includer; <...>, one in a comment and one mid-line are
@@ -141,6 +157,11 @@ def test_the_include_graph_sees_each_kind_of_include(tmp_path):
     (shim / "front" / "a.h").write_text('#pragma once\n  #  include "b.h"\n// #include "c.h"\n')
     (shim / "front" / "b.h").write_text('#include "a.h"\n#include "../sim/runtime.h"\n')
     (shim / "front" / "include" / "lib.h").write_text('x = "#include \\"no.h\\"";\n')
+    (shim / "front" / "include" / "shared.h").write_text(
+        '#ifdef __CAMEL_CUDA__\n#include "../../cuda/include/simd.h"\n#endif\n'
+    )  # the MSL library both targets share, reaching into one target's section
+    (shim / "cuda" / "include").mkdir()
+    (shim / "cuda" / "include" / "simd.h").write_text("#pragma once\n")
     (shim / "sim" / "runtime.h").write_text('#include "../camel_shim.h"\n#include "../front/a.h"\n')
     (shim / "sim" / "include" / "metal_stdlib").write_text('#include "../../front/include/lib.h"\n')
     (shim / "cuda" / "runtime.cpp").write_text(
@@ -150,8 +171,9 @@ def test_the_include_graph_sees_each_kind_of_include(tmp_path):
     (shim / "notes.txt").write_text('#include "nowhere.h"\n')  # not a source
     known, edges, dangling = includes.graph(tmp_path)
     assert sorted(known) == [
-        "camel_shim.h", "cuda/runtime.cpp", "front/a.h", "front/b.h", "front/include/lib.h",
-        "sim/include/metal_stdlib", "sim/runtime.h",
+        "camel_shim.h", "cuda/include/simd.h", "cuda/runtime.cpp", "front/a.h", "front/b.h",
+        "front/include/lib.h", "front/include/shared.h", "sim/include/metal_stdlib",
+        "sim/runtime.h",
     ]  # fmt: skip
     assert {(e.importer, e.imported, e.line) for e in edges} == {
         ("front/a.h", "front/b.h", 2),
@@ -161,6 +183,7 @@ def test_the_include_graph_sees_each_kind_of_include(tmp_path):
         ("sim/runtime.h", "front/a.h", 2),
         ("sim/include/metal_stdlib", "front/include/lib.h", 1),
         ("cuda/runtime.cpp", "sim/runtime.h", 1),
+        ("front/include/shared.h", "cuda/include/simd.h", 2),
     }
     assert [(e.importer, e.imported, e.line) for e in dangling] == [
         ("cuda/runtime.cpp", "cuda/gone.h", 3)
@@ -168,6 +191,24 @@ def test_the_include_graph_sees_each_kind_of_include(tmp_path):
     assert {(e.importer, e.imported) for e in includes.bad(edges)} == {
         ("front/b.h", "sim/runtime.h"),  # upward
         ("cuda/runtime.cpp", "sim/runtime.h"),  # one runtime into another
+        ("front/include/shared.h", "cuda/include/simd.h"),  # a shared header into a target's
     }
     assert includes.circles(known, edges) == [["front/a.h", "front/b.h", "sim/runtime.h"]]
-    assert includes.layer_circles(edges) == [["front", "sim"]]
+    assert includes.layer_circles(edges) == [["cuda", "front", "sim"]]
+
+
+def test_names_kept_where_the_layers_moved_them():
+    # functional no longer imports tensor, and the devices left tensor.py (issue 16): the
+    # names those modules held before still work where they were
+    import camel
+    import camel.functional as F
+    from camel import devices
+    from camel.tensor import DEVICES, canonical_device, device_of, get_backend
+
+    assert F.Tensor is camel.Tensor
+    assert DEVICES == devices.DEVICES == ("cpu", "mps")
+    assert (canonical_device, device_of, get_backend) == (
+        devices.canonical_device,
+        devices.device_of,
+        devices.get_backend,
+    )

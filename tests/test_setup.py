@@ -182,8 +182,9 @@ def test_native_table_names_files_that_exist(setup_py):
 
 def test_native_layout_is_where_the_simulator_and_camel_metal_look(setup_py, tmp_path):
     """The sim finds <metal_stdlib> in sim/include next to its library (translate.cpp),
-    it includes ../../front/include/camel_sim_msl.h, which includes ../sim_abi.h, the CUDA
-    shim's <metal_stdlib> the same camel_sim_msl.h, and camel.metal reads _native/shaders/."""
+    it includes ../../front/include/camel_sim_msl.h, which includes ../sim_abi.h, and its
+    own camel_sim_simd.h; the CUDA shim's <metal_stdlib> the same camel_sim_msl.h and its
+    own camel_cuda_simd.h; and camel.metal reads _native/shaders/."""
     if not (REPO / setup_py["SIM_LIB"]).exists():
         pytest.skip("the simulator is not built (make -C shim sim)")
     files = dict((dest, src) for src, dest in setup_py["native_files"]())
@@ -193,10 +194,11 @@ def test_native_layout_is_where_the_simulator_and_camel_metal_look(setup_py, tmp
     assert (native / "sim" / "include" / "metal_stdlib").is_file()
     front = native / "sim" / "include" / ".." / ".." / "front"
     assert (front / "include" / "camel_sim_msl.h").is_file() and (front / "sim_abi.h").is_file()
+    assert (native / "sim" / "include" / "camel_sim_simd.h").is_file()
     if (REPO / "shim/build/libcamel_cuda.so").exists():
         cuda = native / "cuda" / "include"
         assert (cuda / "metal_stdlib").is_file() and (cuda / ".." / "cuda_abi.h").is_file()
-        assert (cuda / ".." / ".." / "front" / "include" / "camel_cuda_simd.h").is_file()
+        assert (cuda / "camel_cuda_simd.h").is_file()
     assert sorted(p.name for p in (native / "shaders").glob("*.metal")) == sorted(
         p.name for p in (REPO / "shaders").glob("*.metal")
     )

@@ -440,7 +440,7 @@ REUSE(reuse_fixed, BARRIER)
 
 def _owner(row, col):
     """The lane that holds element (row, col) of an 8x8 simdgroup_matrix on Apple GPUs
-    (the layout in shim/front/include/camel_sim_msl.h, spelt independently)."""
+    (the layout in shim/sim/include/camel_sim_simd.h, spelt independently)."""
     for lane in range(32):
         q = lane // 4
         if (q & 4) + (lane // 2) % 4 == row and (q & 2) * 2 + (lane % 2) * 2 in (col, col - 1):

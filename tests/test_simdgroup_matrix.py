@@ -1,7 +1,7 @@
 """simdgroup_matrix on every shim (the simulator, the CUDA shim, Metal): the paths a
 multiply takes, against NumPy.
 
-The CUDA shim multiplies on the tensor cores (3xTF32, shim/front/include/camel_cuda_simd.h):
+The CUDA shim multiplies on the tensor cores (3xTF32, shim/cuda/include/camel_cuda_simd.h):
 its B operand comes from a copy simdgroup_load keeps, or is gathered with shuffles when
 the matrix is a multiply's result; a warp with a
 non-finite operand takes the exact FP32 path. Each kernel below drives one of those

@@ -25,9 +25,11 @@ import from its own layer or a lower one; an import of a higher layer is "upward
     tuning      tuning, profiler       on top of metal only: tuning cache, timing, profiling
     kernels     gemm, flash,           host side of the kernels, over device arrays
                 backend_cpu, backend_mps
+    devices     devices                the device names and each one's backend module
     autograd    autograd               the tape: imports nothing from camel
-    tensor      tensor                 the Tensor
-    functional  functional             every op, forward and backward
+    functional  functional             every op, forward and backward; it gets the Tensor
+                                       class from autograd, never imports tensor
+    tensor      tensor                 the Tensor: its methods call functional's ops
     nn          nn, nn.*               modules and layers
     optim       optim, gradcheck       optimisers; finite-difference checks
     package     camel                  camel/__init__.py: the public API, re-exported
@@ -60,9 +62,10 @@ LAYERS = [  # (layer, module names or "prefix.*"), lowest first
     ("metal", ["camel.metal"]),  # the package: re-exports the public names of the above
     ("tuning", ["camel.tuning", "camel.profiler"]),
     ("kernels", ["camel.gemm", "camel.flash", "camel.backend_cpu", "camel.backend_mps"]),
+    ("devices", ["camel.devices"]),
     ("autograd", ["camel.autograd"]),
+    ("functional", ["camel.functional"]),  # below the Tensor: autograd hands it the class
     ("tensor", ["camel.tensor"]),
-    ("functional", ["camel.functional"]),
     ("nn", ["camel.nn", "camel.nn.*"]),
     ("optim", ["camel.optim", "camel.gradcheck"]),
     ("package", ["camel"]),

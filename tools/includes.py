@@ -18,10 +18,16 @@ wrong as an upward include:
     rank 1  front    front/            the MSL front end: the translator both targets use,
                                        the kernel-library ABI (sim_abi.h), the MSL library
                                        both targets compile kernels against (front/include)
-    rank 2  sim      sim/              the simulator's runtime and its <metal_stdlib>
+    rank 2  sim      sim/              the simulator's runtime and its <metal_stdlib>, with
+                                       the simulator's SIMD-group section (camel_sim_simd.h)
             cuda     cuda/             the CUDA runtime, the CUDA back end of the
-                                       translator and its <metal_stdlib>
+                                       translator and its <metal_stdlib>, with the CUDA
+                                       SIMD-group section (camel_cuda_simd.h)
             metal    metal/            the Metal shim (Objective-C)
+
+What differs between the targets lives in the target's folder: a shared header
+(front/include) that includes a target's header, even under #ifdef __CAMEL_CUDA__, is an
+upward include and fails, as a runtime including another does.
 
 A circle is a strongly connected component of more than one file. tests/test_imports.py
 fails on any circle, bad include or include that names no file.

@@ -10,7 +10,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from camel.tensor import Tensor, canonical_device, get_backend, get_rng
+from camel.devices import canonical_device, get_backend
+from camel.tensor import Tensor, get_rng
 
 # ----------------------------------------------------------------------------- Parameter
 

@@ -12,8 +12,8 @@
 //   - math without libdevice: camel_cuda_math.h (the simulator header spells
 //     math as clang builtins such as __builtin_expf; they are redirected there)
 //   - barriers, SIMD-group functions and simdgroup_matrix on warps:
-//     camel_cuda_simd.h, included by the shared header in place of the
-//     simulator's runtime calls
+//     camel_cuda_simd.h, included right after the shared header (the
+//     simulator's <metal_stdlib> includes its camel_sim_simd.h there)
 //   - the entry-wrapper helpers: Metal's builtins from threadIdx/blockIdx
 //     and camel_cuda_args (../cuda_abi.h)
 #pragma once
@@ -78,7 +78,8 @@ inline unsigned __camel_laneid() { return __nvvm_read_ptx_sreg_laneid(); }
 // printf in a kernel: clang turns device-side printf into CUDA's vprintf.
 extern "C" int printf(const char *, ...);
 
-#include "../../front/include/camel_sim_msl.h"
+#include "../../front/include/camel_sim_msl.h"  // the MSL library both targets share
+#include "camel_cuda_simd.h"                    // this target's barriers, SIMD groups, matrices
 
 // ---------------------------------------------------------------------------
 // The entry wrappers' view of a thread: the fields of camel_sim_thread (so the

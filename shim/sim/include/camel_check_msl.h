@@ -6,13 +6,14 @@
 // keyword of OpenCL's; every local variable is __private, as it is thread in MSL),
 // so clang rejects a pointer or reference
 // that changes address space in any expression, template, overload, assignment or
-// return. The library a kernel sees is the simulator's own header (camel_sim_msl.h,
-// unchanged): its unqualified pointers and references are __generic there, which
-// takes any address space but __constant; the check reports no mismatch that
-// involves __generic (translate.cpp says why). This file only makes that header
-// parse as C++ for OpenCL: words that are keywords there and names in MSL are
-// renamed, and the runtime's table of function pointers (which C++ for OpenCL cannot
-// declare) is replaced by member templates. Nothing here is compiled into a kernel.
+// return. The library a kernel sees is the simulator's own <metal_stdlib>
+// (camel_sim_msl.h and camel_sim_simd.h, unchanged): its unqualified pointers and
+// references are __generic there, which takes any address space but __constant; the
+// check reports no mismatch that involves __generic (translate.cpp says why). This
+// file only makes that library parse as C++ for OpenCL: words that are keywords there
+// and names in MSL are renamed, and the runtime's table of function pointers (which
+// C++ for OpenCL cannot declare) is replaced by member templates. Nothing here is
+// compiled into a kernel.
 #pragma once
 
 // Keywords of C++ for OpenCL that are plain names in MSL (kernels and the header).
@@ -63,5 +64,7 @@ struct camel_sim_runtime {
 #define threadgroup __local
 #define thread __private
 
-#define __CAMEL_TYPED_CHECK 1  // camel_sim_msl.h: Apple's simdgroup_load/store declarations
-#include "../../front/include/camel_sim_msl.h"
+// camel_sim_msl.h: frexp/modf/sincos outputs in thread memory; camel_sim_simd.h: Apple's
+// simdgroup_load/store declarations
+#define __CAMEL_TYPED_CHECK 1
+#include "metal_stdlib"

@@ -1,6 +1,10 @@
 // camel_cuda_simd.h — barriers, SIMD-group and quad-group functions and
-// simdgroup_matrix for MSL compiled as CUDA. Included by camel_sim_msl.h inside
-// namespace metal (after mem_flags) when __CAMEL_CUDA__ is defined.
+// simdgroup_matrix for MSL compiled as CUDA: the CUDA shim's own section of its
+// MSL library. camel_cuda_msl.h (beside this file) includes the header both
+// targets share (../../front/include/camel_sim_msl.h: types, math, atomics,
+// mem_flags, the vote types), then this one; the simulator's <metal_stdlib> puts
+// its own section there (shim/sim/include/camel_sim_simd.h: the same functions
+// through the simulator runtime).
 //
 // A Metal SIMD group is a CUDA warp: 32 lanes, formed from the same linear
 // thread index. The active lanes are __activemask() (a partial warp at the end
@@ -8,6 +12,8 @@
 // on them only, as Metal's do; a quad is the 4 lanes 4q..4q+3 of a warp.
 // All data exchange is shfl.sync.idx on 32-bit words, so any type works.
 #pragma once
+
+namespace metal {
 
 // ---------------------------------------------------------------------------
 // Barriers
@@ -421,3 +427,4 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, N, M> &d,
                                           const simdgroup_matrix<T, N, M> &c) {
     __camel_mma<T, TA, TB, T>(d, a, b, &c);
 }
+}  // namespace metal
