@@ -649,7 +649,7 @@ def linear(x, weight, bias=None):
     if x.ndim < 1 or weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"[linear] expects x (..., in) and weight (out, in), got shapes {x.shape} and "
-            f"{weight.shape}"
+            f"{weight.shape}: x must end in in = {weight.shape[1] if weight.ndim == 2 else '?'}"
         )
     tensors = (x, weight)
     if bias is not None:

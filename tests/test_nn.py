@@ -224,7 +224,9 @@ def test_embedding_init_is_standard_normal():
 def test_layer_errors_teach():
     with pytest.raises(ValueError, match=r"d_model=10 is not divisible by n_heads=3"):
         nn.MultiHeadAttention(10, 3)
-    with pytest.raises(ValueError, match=r"\[Linear\] input shape \(2, 5\) does not end in in_f"):
+    with pytest.raises(
+        ValueError, match=r"\[linear\] .* got shapes \(2, 5\) and \(3, 4\): x must end in in = 4"
+    ):
         nn.Linear(4, 3)(camel.tensor(randn(2, 5)))
     with pytest.raises(ValueError, match=r"\[LayerNorm\] eps must be positive, got 0"):
         nn.LayerNorm(4, eps=0)

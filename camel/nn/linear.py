@@ -37,12 +37,8 @@ class Linear(Module):
         self.bias = Parameter(uniform((out_features,), bound)) if bias else None
 
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"[Linear] input shape {tuple(x.shape)} does not end in "
-                f"in_features={self.in_features} (weight {tuple(self.weight.shape)})"
-            )
-        # (..., in) @ (in, out) -> (..., out); the bias (out,) broadcasts over the leading axes
+        # (..., in) @ (in, out) -> (..., out); the bias (out,) broadcasts over the leading axes.
+        # F.linear checks the shapes (x must end in in_features) and says what it got.
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
