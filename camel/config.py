@@ -21,43 +21,90 @@ The shims read their own (CAMEL_SIM_*, docs/simulator.md; CAMEL_CUDA_*, docs/cud
 CAMEL_INCLUDE_PATH too) and camel.metal sets MTL_CAPTURE_ENABLED for Metal
 (docs/metal_shim.md): writes, not reads.
 
-Each function reads its variable when called, not once at import: a change takes effect
-at the next op (CAMEL_SHIM, CAMEL_SHIM_LIBRARY, CAMEL_CAPTURE: at the shim's load, which
-happens once). The tests set them within one process (monkeypatch.setenv), and so do the
-benchmarks (camel/bench/bandwidth.py with_env, the naive reference of bench attention).
-Imports nothing from camel.
+The per-op choices (CAMEL_MATMUL, CAMEL_ATTENTION, CAMEL_MEMORY_KERNELS, CAMEL_LAYERNORM,
+CAMEL_LAYERNORM_BACKWARD) are read once, when camel is imported: an op asks for its choice
+with no look at the environment (a GPU step is host-bound, and every microsecond of
+Python per op shows). A program changes them with set_choices(matmul="11") for the rest
+of the run, or for a block:
+
+    with config.choices(attention="naive"):   # None: back to the default
+        ...
+
+(the tests and the benchmarks do both; read_environment() reads the variables again).
+The others are read when asked, each about once a run (CAMEL_SHIM, CAMEL_SHIM_LIBRARY,
+CAMEL_CAPTURE: at the shim's load). Imports nothing from camel.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+
+_CHOICES = {  # a per-op choice -> its variable
+    "matmul": "CAMEL_MATMUL",
+    "attention": "CAMEL_ATTENTION",
+    "memory_kernels": "CAMEL_MEMORY_KERNELS",
+    "layernorm": "CAMEL_LAYERNORM",
+    "layernorm_backward": "CAMEL_LAYERNORM_BACKWARD",
+}
+_choices: dict[str, str | None] = {}  # what each variable held (None: unset)
+
+
+def read_environment() -> None:
+    """Take every per-op choice from the environment (camel does this once, at import)."""
+    for name, variable in _CHOICES.items():
+        _choices[name] = os.environ.get(variable)
+
+
+def set_choices(**choices) -> None:
+    """Change per-op choices for the rest of the run: set_choices(matmul="11",
+    attention=None); a value as its variable would hold it, None for unset."""
+    unknown = sorted(set(choices) - set(_CHOICES))
+    if unknown:
+        raise TypeError(
+            f"[config] unknown choice {', '.join(unknown)}; the choices: {', '.join(_CHOICES)}"
+        )
+    for name, value in choices.items():
+        _choices[name] = None if value is None else str(value)
+
+
+@contextmanager
+def choices(**changes):
+    """set_choices(**changes) for a block; every choice is as it was after it."""
+    saved = dict(_choices)
+    try:
+        set_choices(**changes)
+        yield
+    finally:
+        _choices.clear()
+        _choices.update(saved)
 
 
 def matmul() -> str:
     """CAMEL_MATMUL, stripped: a GEMM version forced for every matmul; "" when unset."""
-    return os.environ.get("CAMEL_MATMUL", "").strip()
+    return (_choices["matmul"] or "").strip()
 
 
 def attention() -> str:
     """CAMEL_ATTENTION, stripped and lower-cased: "naive", "flash", a flash rung name; ""
     when unset (flash where the head dim has kernels, else naive)."""
-    return os.environ.get("CAMEL_ATTENTION", "").strip().lower()
+    return (_choices["attention"] or "").strip().lower()
 
 
 def memory_kernels() -> str | None:
     """CAMEL_MEMORY_KERNELS as written, or None when unset (backend_mps's default)."""
-    return os.environ.get("CAMEL_MEMORY_KERNELS")
+    return _choices["memory_kernels"]
 
 
 def layernorm() -> str | None:
     """CAMEL_LAYERNORM as written, or None when unset (backend_mps picks by shape)."""
-    return os.environ.get("CAMEL_LAYERNORM")
+    return _choices["layernorm"]
 
 
 def layernorm_backward() -> str | None:
     """CAMEL_LAYERNORM_BACKWARD as written, or None when unset (backend_mps picks)."""
-    return os.environ.get("CAMEL_LAYERNORM_BACKWARD")
+    return _choices["layernorm_backward"]
 
 
 def profile() -> bool:
@@ -105,3 +152,6 @@ def capture() -> str:
 def include_path() -> str | None:
     """CAMEL_INCLUDE_PATH as written (the shims' header search path), or None when unset."""
     return os.environ.get("CAMEL_INCLUDE_PATH")
+
+
+read_environment()

@@ -58,6 +58,15 @@ def devices():
 
 
 @pytest.fixture(autouse=True)
+def _choices_last_one_test():
+    """config.set_choices(...) in a test lasts for that test, as monkeypatch.setenv would."""
+    from camel import config
+
+    with config.choices():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_matmul_decisions():
     """Each test starts with gemm.matmul() deciding afresh, as a new process would: tests
     monkeypatch the rules it caches its decisions by (choose_version, device_limits, the

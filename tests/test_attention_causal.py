@@ -18,7 +18,7 @@ from conftest import require_shim
 
 import camel
 import camel.functional as F
-from camel import backend_cpu, gemm, tuning
+from camel import backend_cpu, config, gemm, tuning
 
 metal = pytest.importorskip("camel.metal")
 
@@ -188,7 +188,7 @@ ATTENTION = [(1, 2, 150, 150, 16, 16), (2, 1, 137, 70, 8, 12), (1, 2, 70, 201, 1
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", ATTENTION)
 def test_naive_attention_forward_and_gradients(device, shape, causal, monkeypatch, rng):
-    monkeypatch.setenv("CAMEL_ATTENTION", "naive")
+    config.set_choices(attention="naive")
     b, h, t, s, d, dv = shape
     q = rng.standard_normal((b, h, t, d), dtype=np.float32)
     k = rng.standard_normal((b, h, s, d), dtype=np.float32)
@@ -216,7 +216,7 @@ def test_naive_attention_in_schedule_orders(order, monkeypatch, rng):
 
 def test_naive_attention_has_no_scaling_pass(monkeypatch, rng):
     """The 1/sqrt(D) scale is applied inside the softmax kernels, forward and backward."""
-    monkeypatch.setenv("CAMEL_ATTENTION", "naive")
+    config.set_choices(attention="naive")
     x = rng.standard_normal((1, 2, 40, 8), dtype=np.float32)
     with camel.profile() as prof:
         run_attention("mps", x, x, x, True, x)
@@ -255,7 +255,7 @@ def test_cuda_defaults_give_way_to_a_skipping_rung(monkeypatch, rng):
     is that template already and skips."""
     monkeypatch.setattr(metal, "shim", lambda: "cuda")
     monkeypatch.setattr(tuning, "lookup", lambda *shape: None)
-    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    config.set_choices(matmul=None)
     assert gemm.triangle_rung(gemm.get_rung("14")).version == "wt_128x64x16_64x32"
     assert gemm.triangle_rung(gemm.get_rung("pf_64x64x16_4x4")).version == "wt_64x64x16_32x32"
     for skipping in ("9", "15", gemm.CUDA_SMALL_TILE):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import require_shim
 
-from camel import backend_mps, metal
+from camel import backend_mps, config, metal
 
 require_shim()
 
@@ -79,7 +79,7 @@ def test_models_bench_tune_and_profile(tmp_path, monkeypatch):
     from camel.bench import models, tuner
 
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    config.set_choices(matmul=None)
     tuned = []
     monkeypatch.setattr(tuner, "tune_shapes", lambda shapes, **kw: tuned.append(shapes))
     lines = []

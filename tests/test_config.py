@@ -17,10 +17,7 @@ CAMEL = pathlib.Path(__file__).resolve().parents[1] / "camel"
 # files that still read the environment themselves, each with the reason
 ALLOWED = {
     "config.py": "the one place",
-    # benchmarks save and restore the variables they set for a run (with_env), and print
-    # the simulator's and BLAS's own settings
-    "bench/bandwidth.py": "with_env",
-    "bench/attention.py": "sets CAMEL_ATTENTION=naive for the reference row",
+    # benchmarks print the simulator's and BLAS's own settings
     "bench/sim.py": "CAMEL_SIM_WORKERS, CAMEL_SIM_ORDER, POCL_*: the simulator's own",
     "bench/cpu.py": "OPENBLAS_NUM_THREADS, OMP_NUM_THREADS: NumPy's BLAS",
 }
@@ -80,14 +77,47 @@ def test_the_reader_sees_each_form():
     assert _reads(ast.parse(src)) == [2, 3, 4, 5]
 
 
+CHOICES = [  # the per-op choices: read once, at import (read_environment())
+    ("CAMEL_MATMUL", " 9/k4 ", config.matmul, "9/k4"),
+    ("CAMEL_ATTENTION", " Flash_V3\n", config.attention, "flash_v3"),
+    ("CAMEL_MEMORY_KERNELS", "1", config.memory_kernels, "1"),
+    ("CAMEL_LAYERNORM", "", config.layernorm, ""),  # set but empty: not None
+    ("CAMEL_LAYERNORM_BACKWARD", "3", config.layernorm_backward, "3"),
+]
+
+
+@pytest.mark.parametrize("name, value, fn, want", CHOICES)
+def test_each_choice_is_read_once(monkeypatch, name, value, fn, want):
+    """A per-op choice comes from the environment as camel was imported: a later change of
+    the variable is not seen until read_environment() (ops never look at os.environ)."""
+    monkeypatch.delenv(name, raising=False)
+    config.read_environment()
+    unset = fn()
+    monkeypatch.setenv(name, value)
+    assert fn() == unset in ("", None)  # not read at the call
+    config.read_environment()
+    assert fn() == want
+
+
+def test_choices_for_a_block_and_for_the_run():
+    """set_choices() changes a choice until changed again, choices() for a block (even one
+    that raises); values are written as the variables would hold them, None is unset."""
+    config.set_choices(matmul=None, memory_kernels=None)
+    with config.choices(matmul=" 11 ", memory_kernels=2):
+        assert (config.matmul(), config.memory_kernels()) == ("11", "2")
+    assert (config.matmul(), config.memory_kernels()) == ("", None)
+    with pytest.raises(RuntimeError), config.choices(attention="naive"):
+        raise RuntimeError
+    assert config.attention() == ""
+    config.set_choices(layernorm="4")
+    assert config.layernorm() == "4"
+    with pytest.raises(TypeError, match=r"unknown choice matmull; the choices: matmul, "):
+        config.set_choices(matmull="9")
+
+
 @pytest.mark.parametrize(
     "name, value, fn, want",
     [
-        ("CAMEL_MATMUL", " 9/k4 ", config.matmul, "9/k4"),
-        ("CAMEL_ATTENTION", " Flash_V3\n", config.attention, "flash_v3"),
-        ("CAMEL_MEMORY_KERNELS", "1", config.memory_kernels, "1"),
-        ("CAMEL_LAYERNORM", "", config.layernorm, ""),  # set but empty: not None
-        ("CAMEL_LAYERNORM_BACKWARD", "3", config.layernorm_backward, "3"),
         ("CAMEL_PROFILE", "0", config.profile, False),
         ("CAMEL_PROFILE", "yes", config.profile, True),
         ("CAMEL_PEAKS", " 1.5,200 ", config.peaks, "1.5,200"),
@@ -98,10 +128,10 @@ def test_the_reader_sees_each_form():
         ("CAMEL_INCLUDE_PATH", "/a:/b", config.include_path, "/a:/b"),
     ],
 )
-def test_each_variable_is_read_when_asked(monkeypatch, name, value, fn, want):
+def test_each_other_variable_is_read_when_asked(monkeypatch, name, value, fn, want):
     monkeypatch.delenv(name, raising=False)
     unset = fn()
-    monkeypatch.setenv(name, value)  # read at the call, not cached at import
+    monkeypatch.setenv(name, value)  # read at the call (each about once a run)
     assert fn() == want
     assert unset in ("", None, False)
 

@@ -20,7 +20,7 @@ from conftest import in_nan_slack, require_shim, run_under_asan
 
 import camel
 import camel.functional as F
-from camel import flash, metal, tuning
+from camel import config, flash, metal, tuning
 from camel.bench import tuner
 
 require_shim()
@@ -45,7 +45,7 @@ def naive_mps(q, k, v, causal, monkeypatch):
     """The Stage 5A path on "mps" (four ops with a (T, S) matrix), cached per input."""
     key = (q.shape, k.shape, causal, q[0, 0, 0, 0])
     if key not in _naive:
-        monkeypatch.setenv("CAMEL_ATTENTION", "naive")
+        config.set_choices(attention="naive")
         qt, kt, vt = (camel.tensor(x, device="mps") for x in (q, k, v))
         _naive[key] = F.scaled_dot_product_attention(qt, kt, vt, causal=causal).numpy().copy()
     return _naive[key]
@@ -179,7 +179,7 @@ def test_backward(rung, t, d, causal, order, monkeypatch):
     dout = np.random.default_rng(t + d).standard_normal(q.shape, dtype=np.float32)
 
     def run(mode):
-        monkeypatch.setenv("CAMEL_ATTENTION", mode)
+        config.set_choices(attention=mode)
         ts = [camel.tensor(x, device="mps", requires_grad=True) for x in (q, k, v)]
         out = F.scaled_dot_product_attention(*ts, causal=causal)
         out.backward(camel.tensor(dout, device="mps"))
@@ -223,7 +223,7 @@ def test_gradcheck_small(monkeypatch):
     longest path), T = 5, D = 32, causal; dQ and dV are checked against NumPy above."""
     q, k, v = (x * 0.5 for x in inputs(5, 32, b=1, h=1))
     ts = [camel.tensor(x, device="mps", requires_grad=(i == 1)) for i, x in enumerate((q, k, v))]
-    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v2")
+    config.set_choices(attention="flash_v2")
 
     def fn(a, b, c):
         return F.scaled_dot_product_attention(a, b, c, causal=True)
@@ -359,7 +359,7 @@ def test_selection(monkeypatch, capsys):
     a forced rung with an unsupported D: an error; unknown names: an error listing rungs."""
     q, k, v = inputs(9, 32, b=1, h=1)
     ts = [camel.tensor(x, device="mps") for x in (q, k, v)]
-    monkeypatch.delenv("CAMEL_ATTENTION", raising=False)
+    config.set_choices(attention=None)
     monkeypatch.setattr(flash, "CUDA_NAIVE_MAX_SCORES", -1)  # the CUDA shim's naive default off
     with camel.profile() as prof:
         F.scaled_dot_product_attention(*ts, causal=True).numpy()
@@ -370,13 +370,13 @@ def test_selection(monkeypatch, capsys):
             F.scaled_dot_product_attention(*odd).numpy()
         assert not any(e.name.startswith("flash") for e in prof.events)
     assert capsys.readouterr().err.count("head dim D = 8 has no flash kernel") == 1
-    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v3")
+    config.set_choices(attention="flash_v3")
     with pytest.raises(ValueError, match=r"flash_v3 cannot run: head dim D = 8"):
         F.scaled_dot_product_attention(*odd)
     with camel.profile() as prof:
         F.scaled_dot_product_attention(*ts).numpy()
     assert {e.name for e in prof.events} == {"flash_v3_64x64_d32"}
-    monkeypatch.setenv("CAMEL_ATTENTION", "flash_v10")
+    config.set_choices(attention="flash_v10")
     with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v10' is unknown.*'flash_v9'"):
         F.scaled_dot_product_attention(*ts)
 
@@ -387,7 +387,7 @@ def test_cuda_shim_takes_the_naive_path_while_the_scores_fit(monkeypatch, capsys
     and a rung still force flash; other shims keep flash."""
     q, k, v = inputs(9, 32, b=1, h=2)
     ts = [camel.tensor(x, device="mps") for x in (q, k, v)]
-    monkeypatch.delenv("CAMEL_ATTENTION", raising=False)
+    config.set_choices(attention=None)
     monkeypatch.setattr(metal, "shim", lambda: "cuda")
     with camel.profile() as prof:
         F.scaled_dot_product_attention(*ts, causal=True).numpy()
@@ -400,11 +400,11 @@ def test_cuda_shim_takes_the_naive_path_while_the_scores_fit(monkeypatch, capsys
     assert any(e.name.startswith("flash_v6") for e in prof.events)
     monkeypatch.setattr(flash, "CUDA_NAIVE_MAX_SCORES", 648)
     for mode in ("flash", "flash_v7"):
-        monkeypatch.setenv("CAMEL_ATTENTION", mode)
+        config.set_choices(attention=mode)
         with camel.profile() as prof:
             F.scaled_dot_product_attention(*ts, causal=True).numpy()
         assert any(e.name.startswith("flash") for e in prof.events), mode
-    monkeypatch.delenv("CAMEL_ATTENTION")
+    config.set_choices(attention=None)
     monkeypatch.setattr(metal, "shim", lambda: "sim")
     with camel.profile() as prof:
         F.scaled_dot_product_attention(*ts, causal=True).numpy()

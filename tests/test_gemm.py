@@ -10,7 +10,7 @@ import pytest
 from conftest import in_nan_slack, require_shim, run_under_asan
 
 import camel
-from camel import gemm, tuning
+from camel import config, gemm, tuning
 from camel.bench import tuner
 
 metal = pytest.importorskip("camel.metal")
@@ -137,7 +137,7 @@ def test_split_k_bad_input_and_fallback(rng, tmp_path, monkeypatch):
         gemm.matmul(da, db, version="9/kx")
     # a tuned split for a shape class whose shape cannot split: the default rung instead
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    config.set_choices(matmul=None)
     tuning.reset()
     try:
         tuning.store(8, 8, 30, "9/k4")
@@ -281,13 +281,13 @@ def test_camel_matmul_env_selects_rung(monkeypatch, rng):
     )
     a, b = _operands(rng, (5, 6), (6, 7))
     for v in ("3", "v7", "10", "64x64x16_4x4"):
-        monkeypatch.setenv("CAMEL_MATMUL", v)
+        config.set_choices(matmul=v)
         np.testing.assert_allclose(_run(None, a, b), _reference(a, b), rtol=1e-4, atol=1e-4)
     assert used == ["3", "7", "10", "64x64x16_4x4"]
 
 
 def test_camel_matmul_unknown_version(monkeypatch, rng):
-    monkeypatch.setenv("CAMEL_MATMUL", "16")
+    config.set_choices(matmul="16")
     a, b = _operands(rng, (2, 3), (3, 4))
     with pytest.raises(ValueError, match=r"unknown version '16'.*1, 2, 3.*15"):
         _run(None, a, b)
@@ -319,7 +319,7 @@ def test_autotune_cache(tmp_path, monkeypatch):
     """tune() times the candidates that pass the NumPy check, never one that fails it (even
     the fastest), saves the winner, and choose_version() reads it back from the file."""
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    config.set_choices(matmul=None)
     real_check = tuner.check
     # Version 2 "computes wrong numbers" (its check error is 1), and is the fastest by far.
     monkeypatch.setattr(tuner, "check", lambda v, *a, **kw: real_check(v, *a, **kw) + (v == "2"))
@@ -374,7 +374,7 @@ def test_autotune_shapes_sums_a_class(tmp_path, monkeypatch):
     """tune_shapes() gives the shapes of one class one winner: the version with the least
     time summed over them (not the fastest on one), saved for the class."""
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    config.set_choices(matmul=None)
     used = []
     real_dispatch = gemm.dispatch
     monkeypatch.setattr(
@@ -552,7 +552,7 @@ def test_autograd_matmul_every_rung(version, monkeypatch, rng):
     """CAMEL_MATMUL=<v> drives forward and backward of a batched x·Wᵀ + a 4-D q·kᵀ on "mps"."""
     camel = pytest.importorskip("camel")
     pytest.importorskip("camel.backend_mps")
-    monkeypatch.setenv("CAMEL_MATMUL", version)
+    config.set_choices(matmul=version)
     x = rng.standard_normal((3, 7, 20), dtype=np.float32)  # (B, T, in)
     w = rng.standard_normal((12, 20), dtype=np.float32)  # (out, in)
     q = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)  # (B, H, T, hs)
@@ -583,7 +583,7 @@ FALLBACKS = [
 @pytest.mark.parametrize("limits,default,expected", FALLBACKS)
 def test_default_rung_gives_way_on_a_small_device(limits, default, expected, monkeypatch, rng):
     """Not forced: a default over the limits falls back to the highest rung that fits."""
-    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    config.set_choices(matmul=None)
     monkeypatch.setattr(gemm, "device_limits", lambda: limits)
     monkeypatch.setattr(gemm, "_fit_cache", {})
     monkeypatch.setattr(gemm, "choose_version", lambda *shape: default)
@@ -630,7 +630,7 @@ def test_a_split_default_gives_the_product(rng, monkeypatch):
     matches NumPy, here on whatever shim runs the tests with the rule in force."""
     monkeypatch.setattr(metal, "shim", lambda: "cuda")
     monkeypatch.setattr(tuning, "lookup", lambda *shape: None)
-    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    config.set_choices(matmul=None)
     assert gemm.default_version(40, 36, 2048) == gemm.CUDA_SPLIT_TILE + "/k8"
     a, b = _operands(rng, (40, 2048), (2048, 36))
     with camel.profile() as prof:
@@ -664,7 +664,7 @@ def test_matmul_decisions_follow_camel_matmul_and_the_tuner(rng, tmp_path, monke
     """A decision kept for a shape never outlives what it was made from: CAMEL_MATMUL set
     or changed, and a winner the autotuner stores, take effect at the next call."""
     monkeypatch.setenv("CAMEL_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("CAMEL_MATMUL", raising=False)
+    config.set_choices(matmul=None)
     tuning.reset()
     a, b = _operands(rng, (40, 64), (64, 33))
 
@@ -676,11 +676,11 @@ def test_matmul_decisions_follow_camel_matmul_and_the_tuner(rng, tmp_path, monke
     try:
         default = kernel_used()
         assert default == [gemm.get_rung(gemm.default_version(40, 33, 64)).kernel]
-        monkeypatch.setenv("CAMEL_MATMUL", "2")
+        config.set_choices(matmul="2")
         assert kernel_used() == [gemm.get_rung("2").kernel]
-        monkeypatch.setenv("CAMEL_MATMUL", "5")
+        config.set_choices(matmul="5")
         assert kernel_used() == [gemm.get_rung("5").kernel]
-        monkeypatch.delenv("CAMEL_MATMUL")
+        config.set_choices(matmul=None)
         assert kernel_used() == default
         tuning.store(40, 33, 64, "7")
         assert kernel_used() == [gemm.get_rung("7").kernel]

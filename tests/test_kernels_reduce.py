@@ -13,6 +13,7 @@ from conftest import backend_mps_or_skip
 import camel
 import camel.functional as F
 from camel import backend_cpu as cpu
+from camel import config
 
 
 def rand(*shape, seed=0):
@@ -40,7 +41,7 @@ ROWS_V2 = [(17, 1024), (9, 1028), (5, 2048), (3, 3001), (7, 4096), (2, 4100), (3
 def version(request, monkeypatch, poisoned_memory):
     """CAMEL_MEMORY_KERNELS: 1 the lesson kernels, 2 the ones that fill a big GPU (on
     poisoned memory: an output a kernel forgets to write is NaN, not a recycled answer)."""
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(request.param))
+    config.set_choices(memory_kernels=str(request.param))
     return request.param
 
 
@@ -107,7 +108,7 @@ def test_sum_all_two_passes(mps, version, n):
 def test_sum_all_grid_stride_many_elements_per_thread(monkeypatch, memory):
     # More than 1024 threadgroups' worth: each thread of pass 1 visits several elements.
     monkeypatch.setenv("CAMEL_SIM_ORDER", "random")
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", memory)
+    config.set_choices(memory_kernels=memory)
     mps = backend_mps_or_skip()
     x = rand(3, 100_003, seed=2)
     got = host(mps, mps.sum(mps.from_numpy(x), None, True))
@@ -303,5 +304,5 @@ def test_version_2_refuses_arrays_its_32_bit_indices_cannot_address(monkeypatch,
     for op in (mps.softmax, mps.log_softmax, mps.gelu):
         with pytest.raises(ValueError, match=r"120 elements"):
             op(x)
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", "1")  # the lesson kernels: no such check
+    config.set_choices(memory_kernels="1")  # the lesson kernels: no such check
     close(host(mps, mps.sum(x, axis, False)), cpu.sum(rand(2, 60), axis, False), 120)

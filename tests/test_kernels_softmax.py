@@ -13,6 +13,7 @@ from conftest import backend_mps_or_skip
 import camel
 import camel.functional as F
 from camel import backend_cpu as cpu
+from camel import config
 
 
 def rand(*shape, seed=0, scale=1.0):
@@ -45,7 +46,7 @@ def version(request, monkeypatch, poisoned_memory):
     lane, and "2-r4" with 4 (the softmax kernels' _r4 twins, ROW_FLOAT4S; the rest as 2), on
     poisoned memory: an output a kernel forgets to write is NaN, not a recycled answer."""
     kernels, _, float4s = request.param.partition("-r")
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", kernels)
+    config.set_choices(memory_kernels=kernels)
     monkeypatch.setattr(backend_mps_or_skip(), "ROW_FLOAT4S", int(float4s or 8))
     return request.param
 
@@ -296,7 +297,7 @@ def test_row_float4s_picks_the_kernel_and_its_geometry(monkeypatch, float4s, ker
     """ROW_FLOAT4S chooses the softmax kernels' float4s a lane: a row of 8193 floats takes
     16 SIMD groups of 8 float4s a lane or 32 of 4 (a threadgroup each), and 3 is an error."""
     mps = backend_mps_or_skip()
-    monkeypatch.delenv("CAMEL_MEMORY_KERNELS", raising=False)
+    config.set_choices(memory_kernels=None)
     monkeypatch.setattr(mps, "ROW_FLOAT4S", float4s)
     x = rand(2, 8193)
     with camel.profile() as prof:

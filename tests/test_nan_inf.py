@@ -22,7 +22,7 @@ from conftest import DEVICES
 
 import camel
 import camel.functional as F
-from camel import optim
+from camel import config, optim
 
 torch = pytest.importorskip("torch")
 
@@ -269,7 +269,7 @@ def test_layer_norm(device, special, version, shape, monkeypatch):
     # registers: D <= 1024); 70 rows take the blocked dweight / dbias reduction.
     if version == 3 and shape[-1] > 1024:
         pytest.skip("v3 needs D <= 1024")
-    monkeypatch.setenv("CAMEL_LAYERNORM", str(version))
+    config.set_choices(layernorm=str(version))
     d = shape[-1]
     a = _rows_with_specials(shape, SPECIALS[special])
     w = np.random.default_rng(8).standard_normal(d).astype(np.float32)
@@ -303,7 +303,7 @@ def test_matmul_every_rung(special, version, monkeypatch):
     # Every rung of the GEMM ladder, tiles partly outside the matrix included (67 x 33 x 70).
     if "mps" not in DEVICES:
         pytest.skip("no 'mps' device")
-    monkeypatch.setenv("CAMEL_MATMUL", version)
+    config.set_choices(matmul=version)
     a = np.random.default_rng(12).standard_normal((67, 33)).astype(np.float32)
     b = np.random.default_rng(13).standard_normal((33, 70)).astype(np.float32)
     a[3, 5], a[66, 32], b[0, 69] = SPECIALS[special], SPECIALS[special], SPECIALS[special]
@@ -379,7 +379,7 @@ def test_attention(device, special, which, causal, mode, monkeypatch):
     # same reference (no masked pairs). flash, causal: see _visible_pairs_attention.
     if mode == "flash" and device != "mps":
         pytest.skip("flash attention runs on 'mps'")
-    monkeypatch.setenv("CAMEL_ATTENTION", mode)
+    config.set_choices(attention=mode)
     shape = (1, 2, 37, 32)  # T = 37: one partial block of queries and keys
     q, k, v = _attention_inputs(shape, which, special, pos=20)
     if not (mode == "flash" and causal):
@@ -518,7 +518,7 @@ def test_attention_row_of_minus_inf_scores(device, mode, causal, monkeypatch):
     # all -inf), and only that row: flash's 1 / l is 1 / 0 there, not a padding row's 0.
     if mode == "flash" and device != "mps":
         pytest.skip("flash attention runs on 'mps'")
-    monkeypatch.setenv("CAMEL_ATTENTION", mode)
+    config.set_choices(attention=mode)
     q, k, v = _attention_inputs((1, 1, 37, 32), "q", "nan", pos=0)
     q[0, 0, 0, 1] = 0.5
     k[..., 0] = np.abs(k[..., 0]) + 0.1

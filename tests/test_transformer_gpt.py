@@ -14,7 +14,7 @@ import pytest
 
 import camel
 import camel.functional as F
-from camel import backend_cpu, nn
+from camel import backend_cpu, config, nn
 
 ROOT = Path(__file__).resolve().parent.parent
 V, C, L, H, T, B = 65, 32, 2, 4, 17, 2  # the tiny config's shape at an awkward T
@@ -62,7 +62,7 @@ def gpt():
 @pytest.fixture(autouse=True)
 def naive_attention(monkeypatch):
     """This file tests Stage 5A's path; the tests of the selection itself change it."""
-    monkeypatch.setenv("CAMEL_ATTENTION", "naive")
+    config.set_choices(attention="naive")
 
 
 def test_gpt_mini_mps_matches_cpu(gpt):
@@ -207,9 +207,9 @@ def test_attention_selection(gpt, monkeypatch):
     model = gpt.GPT(V, C, 1, H, max_seq_len=32)
     x, y = batch(seed=4)
     naive = run_step(gpt, model, x, y, "mps")[1]
-    monkeypatch.delenv("CAMEL_ATTENTION")  # unset: flash where built, else (D = 8 here) naive
+    config.set_choices(attention=None)  # unset: flash where built, else (D = 8 here) naive
     assert run_step(gpt, model, x, y, "mps")[1] == naive
-    monkeypatch.setenv("CAMEL_ATTENTION", "bogus")
+    config.set_choices(attention="bogus")
     with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='bogus'.*'naive', 'flash'"):
         run_step(gpt, model, x, y, "mps")
 
@@ -223,9 +223,9 @@ def test_flash_selection_and_fallback(gpt, monkeypatch):
     for d_model, heads, expect_flash in [(64, 2, True), (C, H, False)]:  # D = 32, D = 8
         camel.manual_seed(5)
         model = gpt.GPT(V, d_model, 1, heads, max_seq_len=32)
-        monkeypatch.setenv("CAMEL_ATTENTION", "naive")
+        config.set_choices(attention="naive")
         _, naive_loss, naive_grads = run_step(gpt, model, x, y, "mps")
-        monkeypatch.setenv("CAMEL_ATTENTION", "flash")
+        config.set_choices(attention="flash")
         with camel.profile() as prof:
             _, loss, grads = run_step(gpt, model, x, y, "mps")
         names = {e.name for e in prof.events}

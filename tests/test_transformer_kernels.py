@@ -12,6 +12,7 @@ import pytest
 
 import camel
 from camel import backend_cpu as cpu
+from camel import config
 
 
 def rand(*shape, seed=0, scale=1.0, shift=0.0):
@@ -101,12 +102,12 @@ def test_layer_norm_large_mean(mps, monkeypatch, version):
 def test_layer_norm_version_from_environment(mps, monkeypatch):
     x, w, b = rand(4, 33, seed=21, shift=5.0), rand(33, seed=22), rand(33, seed=23)
     args = [mps.from_numpy(a) for a in (x, w, b)]
-    monkeypatch.setenv("CAMEL_LAYERNORM", "1")
+    config.set_choices(layernorm="1")
     with camel.profile() as prof:
         out = host(mps, mps.layer_norm(*args, 1e-5)[0])
     assert [e.name for e in prof.events] == ["layernorm_forward_v1"]
     close(out, cpu.layer_norm(x, w, b, 1e-5)[0], atol=1e-4)
-    monkeypatch.setenv("CAMEL_LAYERNORM", "7")
+    config.set_choices(layernorm="7")
     with pytest.raises(ValueError, match=r"version '7' \(CAMEL_LAYERNORM.*valid: \[1, 2, 3, 4\]"):
         mps.layer_norm(*args, 1e-5)
 
@@ -115,7 +116,7 @@ def test_layer_norm_version_from_environment(mps, monkeypatch):
 def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch, memory):
     # v4 holds rows of D <= 16384, v3 (the default with CAMEL_MEMORY_KERNELS=1) D <= 1024;
     # wider rows take v2
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", memory)
+    config.set_choices(memory_kernels=memory)
     picks = {"1": [(1024, "layernorm_forward_v3"), (1025, "layernorm_forward_v2")],
              "2": [(1025, "layernorm_forward_v4"), (16385, "layernorm_forward_v2")]}  # fmt: skip
     for d, kernel in picks[memory]:
@@ -124,11 +125,11 @@ def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch, memo
             out = host(mps, mps.layer_norm(*[mps.from_numpy(a) for a in (x, w, b)], 1e-5)[0])
         assert [e.name for e in prof.events] == [kernel]
         close(out, cpu.layer_norm(x, w, b, 1e-5)[0], rtol=1e-4, atol=1e-4)
-    monkeypatch.setenv("CAMEL_LAYERNORM", "4")
+    config.set_choices(layernorm="4")
     x = mps.from_numpy(rand(1, 16385))
     with pytest.raises(ValueError, match=r"D <= 16384, got D = 16385 \(shape \(1, 16385\)\)"):
         mps.layer_norm(x, mps.from_numpy(rand(16385)), mps.from_numpy(rand(16385)), 1e-5)
-    monkeypatch.setenv("CAMEL_LAYERNORM", "3")
+    config.set_choices(layernorm="3")
     x = mps.from_numpy(rand(2, 1025))
     with pytest.raises(ValueError, match=r"D <= 1024, got D = 1025 \(shape \(2, 1025\)\)"):
         mps.layer_norm(x, mps.from_numpy(rand(1025)), mps.from_numpy(rand(1025)), 1e-5)
@@ -137,10 +138,10 @@ def test_layer_norm_default_picks_registers_or_two_sweeps(mps, monkeypatch, memo
 def test_layer_norm_backward_version_limits(mps, monkeypatch):
     x = mps.from_numpy(rand(2, 2049))
     args = [x, x, mps.from_numpy(rand(2049)), mps.from_numpy(rand(2)), mps.from_numpy(rand(2))]
-    monkeypatch.setenv("CAMEL_LAYERNORM_BACKWARD", "3")
+    config.set_choices(layernorm_backward="3")
     with pytest.raises(ValueError, match=r"version 3 .* D <= 2048, got D = 2049 \(shape"):
         mps.layer_norm_backward(*args)
-    monkeypatch.setenv("CAMEL_LAYERNORM_BACKWARD", "4")
+    config.set_choices(layernorm_backward="4")
     with pytest.raises(ValueError, match=r"unknown version '4' .*valid: 1, 2, 3"):
         mps.layer_norm_backward(*args)
 
@@ -165,10 +166,10 @@ LN_BACKWARD_V3_SHAPES = LN_BACKWARD_SHAPES + [
 def _ln_backward_version(monkeypatch, version):
     """1: CAMEL_MEMORY_KERNELS=1 (the lesson kernels); 2: CAMEL_LAYERNORM_BACKWARD=2; 3: the
     default (v3 where D <= 2048)."""
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(min(version, 2)))
-    monkeypatch.delenv("CAMEL_LAYERNORM_BACKWARD", raising=False)
+    config.set_choices(memory_kernels=str(min(version, 2)))
+    config.set_choices(layernorm_backward=None)
     if version == 2:
-        monkeypatch.setenv("CAMEL_LAYERNORM_BACKWARD", "2")
+        config.set_choices(layernorm_backward="2")
 
 
 @pytest.mark.parametrize(
@@ -197,7 +198,7 @@ def test_layer_norm_backward(mps, monkeypatch, version, shape, poisoned_memory):
 @pytest.mark.parametrize("shape", [(1,), (17, 33), (130, 5), (3, 768), (2,), (7,), (4, 1026)])
 def test_gelu_forward_backward(mps, monkeypatch, version, shape, poisoned_memory):
     # version 2: float4s with a scalar tail (sizes 1, 2, 7, 561, 650: every remainder mod 4)
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
+    config.set_choices(memory_kernels=str(version))
     x = rand(*shape, seed=9, scale=3.0)
     x.reshape(-1)[:1] = -30.0  # far tails: tanh saturates to -1
     x.reshape(-1)[-1:] = 30.0
@@ -211,7 +212,7 @@ def test_gelu_forward_backward(mps, monkeypatch, version, shape, poisoned_memory
 def test_gelu_against_float64_over_its_whole_range(mps, monkeypatch, version):
     # Version 2 computes x * sigmoid(2u) instead of 0.5 x (1 + tanh(u)): the same function;
     # both must be within float32 rounding of the float64 tanh form, tails included.
-    monkeypatch.setenv("CAMEL_MEMORY_KERNELS", str(version))
+    config.set_choices(memory_kernels=str(version))
     x = np.linspace(-40, 40, 20001, dtype=np.float32)
     x64 = x.astype(np.float64)
     u = 0.7978845608028654 * (x64 + 0.044715 * x64**3)

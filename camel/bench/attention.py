@@ -32,7 +32,6 @@ from one rung to the next. Neither needs a GPU.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from functools import partial
@@ -184,16 +183,10 @@ def _time_sdpa(torch, q, k, v, causal, reps: int) -> tuple[float, int]:
 def _naive(q, k, v, causal):
     """The Stage 5A path (CAMEL_ATTENTION=naive) on "mps" Tensors."""
     import camel.functional as F
+    from camel import config
 
-    old = os.environ.get("CAMEL_ATTENTION")
-    os.environ["CAMEL_ATTENTION"] = "naive"
-    try:
+    with config.choices(attention="naive"):
         return F.scaled_dot_product_attention(q, k, v, causal=causal)
-    finally:
-        if old is None:
-            del os.environ["CAMEL_ATTENTION"]
-        else:
-            os.environ["CAMEL_ATTENTION"] = old
 
 
 def _time_and_peak(run, reps: int, timer=None) -> tuple[float, int]:

@@ -74,21 +74,15 @@ def time_cases(what: str, shapes, cases, reps: int, unit: str) -> None:
     print("\n" + roofline.note(peaks))
 
 
-def with_env(name: str, value, run):
-    """run() with the environment variable `name` set to `value` for that one call, so one
-    bench run can time two kernel versions side by side."""
-    import os
+def with_choice(name: str, value, run):
+    """run() with camel's per-op choice `name` (camel/config.py: "memory_kernels",
+    "layernorm", ...) set to `value` for that one call, so one bench run can time two kernel
+    versions side by side."""
+    from camel import config
 
     def call(*args):
-        old = os.environ.get(name)
-        os.environ[name] = str(value)
-        try:
+        with config.choices(**{name: value}):
             return run(*args)
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
 
     return call
 
@@ -96,4 +90,4 @@ def with_env(name: str, value, run):
 def memory_version(version: int, run):
     """run() with CAMEL_MEMORY_KERNELS=version (1: the lesson kernels, 2: the ones that fill a
     big GPU; camel/backend_mps.py) for that one call."""
-    return with_env("CAMEL_MEMORY_KERNELS", version, run)
+    return with_choice("memory_kernels", version, run)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from camel.bench.bandwidth import memory_version, parse_args, start, time_cases, with_env
+from camel.bench.bandwidth import memory_version, parse_args, start, time_cases, with_choice
 
 GPU_SHAPES = [(4096, 768), (16384, 1024), (65536, 1024)]  # 12, 64 and 256 MiB
 SIM_SHAPES = [(256, 384), (64, 1000)]
@@ -32,7 +32,7 @@ def _layer_norm(version: int):
     """backend_mps.layer_norm with CAMEL_LAYERNORM=version for this one call."""
     from camel import backend_mps as mps
 
-    return with_env("CAMEL_LAYERNORM", version, lambda x, w, b: mps.layer_norm(x, w, b, 1e-5)[0])
+    return with_choice("layernorm", version, lambda x, w, b: mps.layer_norm(x, w, b, 1e-5)[0])
 
 
 def cases(shape, rng):
@@ -58,7 +58,7 @@ def cases(shape, rng):
     # v1: dx in two sweeps, then the column sums; v2: one read, fused (D <= 1024); v3: v2
     # with a row shared by P SIMD groups (D <= 2048)
     for v in [1] + [2] * (d <= 1024) + [3] * (d <= 2048):
-        run = with_env("CAMEL_LAYERNORM_BACKWARD", v,
+        run = with_choice("layernorm_backward", v,
                        lambda: mps.layer_norm_backward(dg, dx, dw, dmean, drstd)[0])  # fmt: skip
         rows.append((f"layer_norm_backward v{v}", run, dx_want, 3 * x.size * f))
     for v in (1, 2):  # v1: one element per thread, tanh; v2: float4s, x * sigmoid(2u)

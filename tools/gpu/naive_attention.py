@@ -7,7 +7,6 @@ and PyTorch's FP32 SDPA when a CUDA PyTorch is importable. B = 1, H = 16, D = 64
 """
 
 import math
-import os
 import sys
 import time
 from functools import partial
@@ -16,7 +15,7 @@ import numpy as np
 
 import camel
 import camel.functional as F
-from camel import metal
+from camel import config, metal
 from camel.functional import MatMul, MulScalar, Softmax
 
 
@@ -75,7 +74,7 @@ def torch_case(q, k, v, g, causal, reps):
 
 
 def main(seqs):
-    os.environ["CAMEL_ATTENTION"] = "naive"
+    config.set_choices(attention="naive")
     print(metal.device_name())
     h, d = 16, 64
     try:

@@ -6,12 +6,10 @@ rung at T = 4096 (v7) and v9, v7 with the next K/V chunk staged in registers. Th
 sections (issue slots, warp stalls, occupancy, memory) say whether each is bound by memory,
 by instruction issue or by latency."""
 
-import os
-
 import numpy as np
 
 from camel import backend_mps as mps
-from camel import flash, gemm, metal
+from camel import config, flash, gemm, metal
 
 rng = np.random.default_rng(0)
 n, d = 65536, 1024  # 256 MiB, the bench's largest shape
@@ -26,9 +24,8 @@ mps.softmax_backward(y, g)
 mps.cross_entropy(x, t)
 _, mean, rstd = mps.layer_norm(x, w, b, 1e-5)
 mps.layer_norm_backward(g, x, w, mean, rstd)
-os.environ["CAMEL_LAYERNORM_BACKWARD"] = "3"  # v3 next to the default
-mps.layer_norm_backward(g, x, w, mean, rstd)
-del os.environ["CAMEL_LAYERNORM_BACKWARD"]
+with config.choices(layernorm_backward="3"):  # v3 next to the default
+    mps.layer_norm_backward(g, x, w, mean, rstd)
 metal.synchronize()
 a, bb = (metal.DeviceArray.from_numpy(rng.standard_normal((4096, 4096), dtype=np.float32))
          for _ in "ab")  # fmt: skip

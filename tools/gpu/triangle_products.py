@@ -10,7 +10,6 @@ the wanted part: the scores q kᵀ and dP = dO vᵀ ("lower": (T, T) out, K = D)
 dS k ("a_lower": (T, D) out, K = T), Pᵀ dO and dSᵀ q ("a_upper", A read transposed).
 """
 
-import os
 import sys
 from functools import partial
 
@@ -18,14 +17,14 @@ import numpy as np
 
 import camel
 import camel.functional as F
-from camel import gemm, metal, tuning
+from camel import config, gemm, metal, tuning
 
 H, D = 16, 64
 
 
 def profile_path(t, rng):
     """Per-kernel GPU ms of one forward and backward of the naive causal path."""
-    os.environ["CAMEL_ATTENTION"] = "naive"  # at T = 4096 the default would be flash
+    config.set_choices(attention="naive")  # at T = 4096 the default would be flash
     q, k, v = (camel.tensor(rng.standard_normal((1, H, t, D), dtype=np.float32), device="mps",
                             requires_grad=True) for _ in range(3))  # fmt: skip
     g = camel.tensor(rng.standard_normal((1, H, t, D), dtype=np.float32), device="mps")
