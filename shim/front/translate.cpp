@@ -975,12 +975,7 @@ int camel_sim::compile_library(const char *source, const char *path, const Speci
                                    "-fno-threadsafe-statics", "-fvisibility=hidden",
                                    "-fno-math-errno", "-ffp-contract=on", "-nostdlib++",
                                    "-Wno-unused-value", "-Wno-unknown-pragmas", "-ferror-limit=20",
-                                   "-Werror=vla",  // MSL has no variable-length arrays
-                                   // A float4 (int4, half8, ...) reached through a pointer is
-                                   // loaded as if 4-byte aligned: Apple GPUs perform vector
-                                   // accesses at such addresses, where x86-64's aligned SSE
-                                   // moves would fault. Layouts keep their 16-byte alignment.
-                                   "-fmax-type-align=4"};
+                                   "-Werror=vla"};  // MSL has no variable-length arrays
     if (half_rounding_flag(cxx, log_file))
         cc.insert(cc.end(), {"-Xclang", "-ffloat16-excess-precision=none", "-Xclang",
                              "-fbfloat16-excess-precision=none"});  // bfloat likewise

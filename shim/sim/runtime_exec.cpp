@@ -1264,13 +1264,12 @@ static void on_crash(int sig, siginfo_t *info, void *ctx) {
             hint = "; this is a stack overflow: each simulated thread has a 64 KiB stack";
     }
 #ifdef SI_KERNEL
-    // x86-64 reports a general-protection fault with no address. Vector accesses through
-    // pointers are compiled as 4-byte aligned (translate.cpp: -fmax-type-align=4), so a
-    // misaligned float4 is not the cause: a wild pointer (a non-canonical address) is.
+    // x86-64 reports a general-protection fault with no address: in a kernel that is
+    // almost always a vector load or store (float4, ...) at a misaligned address.
     if (sig == SIGSEGV && !*hint && info->si_code == SI_KERNEL && addr == 0)
-        hint = "; a wild pointer? The CPU reports no address for an address outside any "
-               "mapping's range (a pointer computed from garbage). Rerun with "
-               "CAMEL_SIM_SANITIZE=address to find the line";
+        hint = "; a misaligned vector access? A float4 (half4, int4, ...) load or store needs "
+               "an address that is a multiple of its size (16 for float4); the CPU reports no "
+               "address. Rerun with CAMEL_SIM_SANITIZE=undefined to find the line";
 #endif
     char absent[512];
     uintptr_t region = (uintptr_t)runtime_table.absent_arguments;
