@@ -924,18 +924,29 @@ def test_a_view_kept_past_release_that_touches_protected_slack_is_named():
     ) in r.stderr, r.stderr
 
 
-def test_misaligned_float4_store_is_reported_as_misaligned():
+@pytest.mark.parametrize("k", [None, 3])
+def test_misaligned_float4_store_is_reported_as_misaligned(k):
+    """A float4 store 4 bytes past a 16-byte boundary: the error names the kernel, says
+    "misaligned" and gives the address, which x86-64 does not report (the simulator decodes
+    the faulting instruction's operand: a constant offset, and one indexed by a uint)."""
+    index = "" if k is None else " + 4 * k"
     lib = M.compile(
-        textwrap.dedent("""
+        textwrap.dedent(f"""
         #include <metal_stdlib>
         using namespace metal;
-        kernel void misaligned(device float *p [[buffer(0)]], uint i [[thread_position_in_grid]]) {
-            *(device float4 *)(p + 1) = float4(1.0);   // p + 1 is 4, not 16, bytes aligned
-        }""")
+        kernel void misaligned(device float *p [[buffer(0)]], constant uint &k [[buffer(1)]],
+                               uint i [[thread_position_in_grid]]) {{
+            *(device float4 *)(p + 1{index}) = float4(1.0);   // 4 bytes past 16-aligned
+        }}""")
     )
     out = M.DeviceArray.zeros((16,))
-    lib.function("misaligned")(out, threads=1, threads_per_threadgroup=1)
-    with pytest.raises(M.MetalError, match=r"'misaligned'.*misaligned vector access"):
+    lib.function("misaligned")(out, k or 0, threads=1, threads_per_threadgroup=1)
+    address = out.buffer.contents + 4 + 16 * (k or 0)
+    with pytest.raises(
+        M.MetalError,
+        match=rf"'misaligned'.*at {hex(address)}\); a misaligned vector access: the address is "
+        r"4 bytes past a multiple of 16",
+    ):
         M.synchronize()
 
 

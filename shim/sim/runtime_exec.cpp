@@ -1235,6 +1235,69 @@ static int fault_was_write(void *ctx) {
 #endif
 }
 
+// The memory address of the faulting instruction's ModRM operand, decoded from the signal
+// context: x86-64 reports a general-protection fault, such as a movaps or addps on a float4
+// at an address that is not a multiple of 16, with no address at all. Knows the
+// instructions a kernel's vector code uses (legacy prefixes, REX, the 0F maps, VEX); 0
+// for anything else (RIP-relative operands, 32-bit addressing, no memory operand).
+static uintptr_t fault_operand_address(void *ctx) {
+#if defined(__x86_64__) && defined(REG_RIP)
+    const greg_t *r = ((ucontext_t *)ctx)->uc_mcontext.gregs;
+    static const int regs[16] = {REG_RAX, REG_RCX, REG_RDX, REG_RBX, REG_RSP, REG_RBP,
+                                 REG_RSI, REG_RDI, REG_R8,  REG_R9,  REG_R10, REG_R11,
+                                 REG_R12, REG_R13, REG_R14, REG_R15};
+    const uint8_t *p = (const uint8_t *)r[REG_RIP];
+    int x = 0, b = 0;  // REX.X and REX.B (VEX carries them inverted)
+    for (;; p++) {
+        uint8_t c = *p;
+        if (c == 0x67) return 0;  // 32-bit addressing
+        if (c != 0x66 && c != 0xF2 && c != 0xF3 && c != 0xF0 && c != 0x2E && c != 0x3E &&
+            c != 0x26 && c != 0x36 && c != 0x64 && c != 0x65)
+            break;
+    }
+    if (*p == 0xC5) {  // two-byte VEX: X and B are 0; the opcode follows
+        p += 2;
+    } else if (*p == 0xC4) {  // three-byte VEX
+        x = !((p[1] >> 6) & 1), b = !((p[1] >> 5) & 1);
+        p += 3;
+    } else {
+        if ((*p & 0xF0) == 0x40) x = (*p >> 1) & 1, b = *p & 1, p++;
+        if (*p++ != 0x0F) return 0;  // SSE moves and arithmetic are all 0F-escaped
+        if (*p == 0x38 || *p == 0x3A) p++;
+    }
+    uint8_t modrm = p[1];  // p[0] is the opcode
+    p += 2;
+    int mod = modrm >> 6, rm = modrm & 7;
+    if (mod == 3) return 0;  // a register operand
+    uintptr_t addr = 0;
+    if (rm == 4) {  // a SIB byte: base + index << scale
+        uint8_t sib = *p++;
+        int index = ((sib >> 3) & 7) | (x << 3), base = (sib & 7) | (b << 3);
+        if (index != 4) addr += (uintptr_t)r[regs[index]] << (sib >> 6);
+        if ((sib & 7) == 5 && mod == 0) {  // no base: a 32-bit displacement
+            int32_t d;
+            memcpy(&d, p, 4);
+            return addr + d;
+        }
+        addr += r[regs[base]];
+    } else if (rm == 5 && mod == 0) {
+        return 0;  // RIP-relative: a constant of the library, not a buffer
+    } else {
+        addr += r[regs[rm | (b << 3)]];
+    }
+    if (mod == 1) addr += (int8_t)*p;
+    if (mod == 2) {
+        int32_t d;
+        memcpy(&d, p, 4);
+        addr += d;
+    }
+    return addr;
+#else
+    (void)ctx;
+    return 0;
+#endif
+}
+
 static void on_crash(int sig, siginfo_t *info, void *ctx) {
     Worker *w = tl_worker;
     if (!w || !w->in_kernel) {
@@ -1263,13 +1326,29 @@ static void on_crash(int sig, siginfo_t *info, void *ctx) {
         if (rel < (uintptr_t)w->nstacks * slot && rel % slot < kGuardSize)
             hint = "; this is a stack overflow: each simulated thread has a 64 KiB stack";
     }
+    char misaligned[320];
 #ifdef SI_KERNEL
     // x86-64 reports a general-protection fault with no address: in a kernel that is
-    // almost always a vector load or store (float4, ...) at a misaligned address.
-    if (sig == SIGSEGV && !*hint && info->si_code == SI_KERNEL && addr == 0)
-        hint = "; a misaligned vector access? A float4 (half4, int4, ...) load or store needs "
-               "an address that is a multiple of its size (16 for float4); the CPU reports no "
-               "address. Rerun with CAMEL_SIM_SANITIZE=undefined to find the line";
+    // almost always a vector load or store (float4, ...) at a misaligned address, whose
+    // address the instruction's operand gives.
+    if (sig == SIGSEGV && !*hint && info->si_code == SI_KERNEL && addr == 0) {
+        uintptr_t operand = fault_operand_address(ctx);
+        if (operand && operand % 16) {
+            addr = operand;
+            snprintf(misaligned, sizeof misaligned,
+                     "; a misaligned vector access: the address is %u bytes past a multiple of "
+                     "16, and a float4 (half8, int4, ...) load or store needs an address that "
+                     "is a multiple of its size (Metal rejects such buffer offsets; reaching one "
+                     "by pointer arithmetic is undefined). Rerun with "
+                     "CAMEL_SIM_SANITIZE=undefined to find the line",
+                     (unsigned)(operand % 16));
+            hint = misaligned;
+        } else {
+            hint = "; a misaligned vector access? A float4 (half4, int4, ...) load or store "
+                   "needs an address that is a multiple of its size (16 for float4); the CPU "
+                   "reports no address. Rerun with CAMEL_SIM_SANITIZE=undefined to find the line";
+        }
+    }
 #endif
     char absent[512];
     uintptr_t region = (uintptr_t)runtime_table.absent_arguments;
