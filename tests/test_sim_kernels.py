@@ -929,14 +929,15 @@ def test_misaligned_float4_store_is_reported_as_misaligned(k):
     """A float4 store 4 bytes past a 16-byte boundary: the error names the kernel, says
     "misaligned" and gives the address, which x86-64 does not report (the simulator decodes
     the faulting instruction's operand: a constant offset, and one indexed by a uint)."""
-    index = "" if k is None else " + 4 * k"
+    index = "0" if k is None else "k + i"  # the indexed store: [base + index] (a SIB byte)
     lib = M.compile(
         textwrap.dedent(f"""
         #include <metal_stdlib>
         using namespace metal;
         kernel void misaligned(device float *p [[buffer(0)]], constant uint &k [[buffer(1)]],
                                uint i [[thread_position_in_grid]]) {{
-            *(device float4 *)(p + 1{index}) = float4(1.0);   // 4 bytes past 16-aligned
+            device float4 *q = (device float4 *)(p + 1);   // 4 bytes past 16-aligned
+            q[{index}] = float4(1.0);
         }}""")
     )
     out = M.DeviceArray.zeros((16,))
