@@ -299,7 +299,11 @@ def test_layernorm_matches_torch(shape, device):
     y.backward(camel.tensor(g_np, device=device))
     ty.backward(torch.from_numpy(g_np))
     assert_close(x.grad, tx.grad, atol=1e-4, what="grad x")
-    _check_grads(ln, tln)
+    if d == 1:  # x - mean is exactly 0: dweight is exactly 0, torch's is rounding noise
+        assert not ln.weight.grad.numpy().any()
+        assert_close(ln.bias.grad, tln.bias.grad, atol=1e-4, rtol=1e-3, what="grad of bias")
+    else:
+        _check_grads(ln, tln)
 
 
 def test_embedding_matches_torch_with_repeated_ids(device):
