@@ -48,13 +48,19 @@ _CHOICES = {  # a per-op choice -> its variable
     "layernorm": "CAMEL_LAYERNORM",
     "layernorm_backward": "CAMEL_LAYERNORM_BACKWARD",
 }
-_choices: dict[str, str | None] = {}  # what each variable held (None: unset)
+# Worked out once, as a choice is set, not at every op that asks: matmul and attention are
+# kept stripped (attention lower-cased; "" when unset); the kernel versions stay as written
+# (None when unset, "" when set empty).
+_NORMALISE = {
+    "matmul": lambda v: (v or "").strip(),
+    "attention": lambda v: (v or "").strip().lower(),
+}
+_choices: dict[str, str | None] = {}
 
 
 def read_environment() -> None:
     """Take every per-op choice from the environment (camel does this once, at import)."""
-    for name, variable in _CHOICES.items():
-        _choices[name] = os.environ.get(variable)
+    set_choices(**{name: os.environ.get(variable) for name, variable in _CHOICES.items()})
 
 
 def set_choices(**choices) -> None:
@@ -66,7 +72,8 @@ def set_choices(**choices) -> None:
             f"[config] unknown choice {', '.join(unknown)}; the choices: {', '.join(_CHOICES)}"
         )
     for name, value in choices.items():
-        _choices[name] = None if value is None else str(value)
+        value = None if value is None else str(value)
+        _choices[name] = _NORMALISE[name](value) if name in _NORMALISE else value
 
 
 @contextmanager
@@ -83,13 +90,13 @@ def choices(**changes):
 
 def matmul() -> str:
     """CAMEL_MATMUL, stripped: a GEMM version forced for every matmul; "" when unset."""
-    return (_choices["matmul"] or "").strip()
+    return _choices["matmul"]
 
 
 def attention() -> str:
     """CAMEL_ATTENTION, stripped and lower-cased: "naive", "flash", a flash rung name; ""
     when unset (flash where the head dim has kernels, else naive)."""
-    return (_choices["attention"] or "").strip().lower()
+    return _choices["attention"]
 
 
 def memory_kernels() -> str | None:
