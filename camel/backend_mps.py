@@ -4,8 +4,8 @@ The same functions with the same signatures as camel/backend_cpu.py (read its
 docstring: it is the contract), over `camel.metal.DeviceArray` storages. Every op
 is one or more kernel dispatches from shaders/*.metal; nothing is computed in
 NumPy and nothing makes a round trip through the host (the exceptions say why:
-from_numpy / to_numpy are the transfers, and cross_entropy reads a 3-int error
-flag). On Linux the kernels run on the Metal simulator, unchanged.
+from_numpy / to_numpy are the transfers; cross_entropy's 3-int error record is read
+at the next synchronisation). On Linux the kernels run on the Metal simulator, unchanged.
 
     file                        kernels used here
     shaders/ops_elementwise     add, mul (and their broadcast forms), add_scalar,
@@ -747,12 +747,12 @@ def cross_entropy(logits, targets):
 
     Out-of-range targets: the kernel detects them on the GPU (it never reads outside
     a row) and records the count, the first bad row and its value in a 3-int error
-    buffer. We read that buffer right here, which synchronises once per loss, and
-    raise an error naming the target and C. Why here and not lazily "when the loss
-    is read": the error then points at the call that caused it, and the loss of a
-    training step is read anyway (loss.item()), so the extra wait costs little;
-    why not validate targets on the host first: targets live on the GPU, and the
-    kernel already looks at every one of them.
+    buffer, which metal.check_later reads at the next synchronisation (the loss's
+    .item(), any .numpy()) and raises an IndexError naming the target, C and the line
+    of the call. Why not read it right here: that wait, once per loss, stalled the GPU
+    mid-step (the host stops issuing the backward until the forward is done); why not
+    validate targets on the host first: targets live on the GPU, and the kernel
+    already looks at every one of them.
     """
     n, c = logits.shape
     probs = _empty((n, c))
@@ -773,14 +773,19 @@ def cross_entropy(logits, targets):
         fn = _kernel(_SOFT, "cross_entropy_forward")
         fn(logits, targets, row_loss, probs, error, c, threadgroups=n,
            threads_per_threadgroup=_row_threads(c), flops=5 * n * c, bytes=nbytes)  # fmt: skip
-    count, row, value = (int(v) for v in error.numpy())  # synchronises
+    metal.check_later(error, lambda record: _bad_targets(record, n, c))
+    _sum_rows(row_loss, loss, 1, n, 1.0 / n)  # the mean over rows
+    return loss, probs
+
+
+def _bad_targets(record, n, c):
+    count, row, value = (int(v) for v in record)
     if count:
-        raise IndexError(
+        return IndexError(
             f"[cross_entropy] target {value} (row {row}) is out of range for {c} classes: "
             f"targets must be in [0, {c - 1}]; {count} of {n} targets are out of range"
         )
-    _sum_rows(row_loss, loss, 1, n, 1.0 / n)  # the mean over rows
-    return loss, probs
+    return None
 
 
 def cross_entropy_backward(probs, targets, grad):

@@ -76,6 +76,17 @@ def _fresh_matmul_decisions():
     gemm.forget()
 
 
+@pytest.fixture(autouse=True)
+def _no_pending_gpu_checks():
+    """A test that leaves a failed GPU check unread (an out-of-range cross_entropy target
+    whose loss it never reads) must fail itself, not the next test's first synchronize()."""
+    from camel.metal import buffers
+
+    yield
+    pending, buffers._checks[:] = list(buffers._checks), []
+    assert not pending, f"{len(pending)} GPU check(s) left pending; read the result or synchronize()"
+
+
 @pytest.fixture
 def rng():
     """A fresh, seeded NumPy generator per test (tests never share random state)."""

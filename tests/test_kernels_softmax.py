@@ -200,10 +200,49 @@ def test_cross_entropy_extreme_logits(mps, version):
 
 @pytest.mark.parametrize("bad", [10, 12, -1])
 def test_cross_entropy_out_of_range_target_is_a_clear_error(mps, version, bad):
+    # Found by the kernel on the GPU; raised at the next synchronisation, which any read
+    # of the loss makes, with the line of the call (this file).
     x = rand(4, 10, seed=10)
     t = np.array([0, bad, 3, 9], dtype=np.int32)
-    with pytest.raises(IndexError, match=rf"target {bad} \(row 1\).*10 classes"):
-        mps.cross_entropy(mps.from_numpy(x), mps.from_numpy(t))
+    loss, _ = mps.cross_entropy(mps.from_numpy(x), mps.from_numpy(t))
+    with pytest.raises(IndexError, match=rf"target {bad} \(row 1\).*10 classes.*test_kernels_s"):
+        host(mps, loss)
+    host(mps, loss)  # raised once: the pending check is gone
+
+
+def test_cross_entropy_waits_for_nothing(mps, monkeypatch):
+    # The target check must not make the host wait for the GPU: no synchronize() inside
+    # the op, for valid and invalid targets alike; the first read raises.
+    from camel.metal import buffers
+
+    calls = []
+    real = buffers.synchronize
+    monkeypatch.setattr(buffers, "synchronize", lambda: calls.append(1) or real())
+    x = mps.from_numpy(rand(5, 7, seed=3))
+    good = mps.cross_entropy(x, mps.from_numpy(np.array([0, 6, 1, 2, 3], np.int32)))[0]
+    bad = mps.cross_entropy(x, mps.from_numpy(np.array([0, 1, 7, 2, 3], np.int32)))[0]
+    assert calls == []
+    with pytest.raises(IndexError, match=r"target 7 \(row 2\) is out of range for 7 classes"):
+        buffers.synchronize()
+    assert np.isfinite(host(mps, good)) and np.isfinite(host(mps, bad))
+
+
+def test_cross_entropy_pending_checks_are_bounded(mps, monkeypatch):
+    # Past MAX_PENDING_CHECKS losses that nobody reads, check_later synchronises: the
+    # records held stay bounded, and an error among them is raised there.
+    from camel.metal import buffers
+
+    monkeypatch.setattr(buffers, "MAX_PENDING_CHECKS", 3)
+    x = mps.from_numpy(rand(2, 4, seed=4))
+    t = mps.from_numpy(np.array([1, 2], np.int32))
+    for _ in range(6):
+        mps.cross_entropy(x, t)
+        assert len(buffers._checks) < 3
+    assert buffers._checks == []  # the third and the sixth synchronised
+    mps.cross_entropy(x, mps.from_numpy(np.array([1, 4], np.int32)))
+    mps.cross_entropy(x, t)
+    with pytest.raises(IndexError, match=r"target 4 \(row 1\)"):
+        mps.cross_entropy(x, t)
 
 
 # ---------------------------------------------------------------------------
@@ -241,8 +280,8 @@ def test_op_softmax_log_softmax_cross_entropy_match_torch(device):
 def test_op_cross_entropy_bad_target(device):
     x = camel.tensor(rand(3, 5), device=device)
     t = camel.tensor(np.array([1, 5, 0], dtype=np.int32), device=device)
-    with pytest.raises((IndexError, ValueError), match="5"):
-        F.cross_entropy(x, t)
+    with pytest.raises(IndexError, match=r"target 5 .*for 5 classes|5 at flat position 1"):
+        F.cross_entropy(x, t).item()  # "mps": raised by the read, the next synchronisation
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7), (1, 33, 30), (2, 9, 1028), (1, 70, 70)])

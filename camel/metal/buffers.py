@@ -76,7 +76,8 @@ def _upload_viewed(blocks) -> None:
 
 
 def synchronize() -> None:
-    """Commit, then wait until every dispatch so far has completed. Raises if one failed.
+    """Commit, then wait until every dispatch so far has completed. Raises if one failed,
+    or if a check made on the GPU since the last synchronize() failed (check_later below).
     On the CUDA shim the NumPy views handed out by .numpy() that are still alive are
     refreshed from the device too, so they read as on shared memory."""
     lib = _native()
@@ -85,6 +86,49 @@ def synchronize() -> None:
     if _viewed:
         for block in list(_viewed):
             _sync_to_host(block)
+    if _checks:
+        _raise_failed_checks()
+
+
+# ---- Checks made on the GPU ---------------------------------------------------------
+#
+# An op whose input can only be validated where it lives (cross_entropy's targets, on the
+# GPU) has its kernel write an error record into a small buffer, and hands the record to
+# check_later() instead of making the host wait for the kernel. synchronize() reads every
+# pending record and raises the first error. Every host read of a value goes through
+# synchronize() (.numpy(), .item(), printing a tensor), so no value computed from bad input
+# is ever seen; the error names the op and the line that called it. (PyTorch on CUDA
+# reports a device-side assert the same way, at the next synchronisation.)
+
+_checks: list = []  # (record DeviceArray, explain(values) -> Exception | None, call site)
+MAX_PENDING_CHECKS = 256  # check_later synchronises past this many (bounds what they hold)
+_CAMEL_DIR = __file__.rsplit("/", 2)[0] + "/"  # .../camel/: frames inside are not the caller
+
+
+def check_later(record: DeviceArray, explain) -> None:
+    """After the dispatches so far complete, explain(record's values as NumPy) returns the
+    error to raise, or None. Raised by the next synchronize()."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_CAMEL_DIR):
+        frame = frame.f_back  # the first frame outside camel/: the user's call
+    _checks.append((record, explain, (frame.f_code.co_filename, frame.f_lineno)))
+    if len(_checks) >= MAX_PENDING_CHECKS:
+        synchronize()
+
+
+def _raise_failed_checks() -> None:
+    checks = _checks[:]
+    _checks.clear()
+    for record, explain, (file, line) in checks:
+        if loading._mirrors:
+            _sync_to_host(record.buffer._live())
+        error = explain(record._host_view())
+        if error is not None:
+            raise type(error)(
+                f"{error}. Found on the GPU by the call at {file}:{line} and raised at the "
+                "next synchronisation: values computed from that call since (gradients, "
+                "optimizer steps) are not valid"
+            ) from None
 
 
 # ---- Buffer cache -------------------------------------------------------------------
