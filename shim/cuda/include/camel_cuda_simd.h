@@ -56,13 +56,7 @@ template <int G> struct __camel_group {
     bool full() const { return in_group == (G == 32 ? ~0u : 0xfu); }
 };
 
-struct __camel_op_sum { template <class T> static T f(T a, T b) { return a + b; } static constexpr int unit = 0; };
-struct __camel_op_product { template <class T> static T f(T a, T b) { return a * b; } static constexpr int unit = 1; };
-struct __camel_op_min { template <class T> static T f(T a, T b) { return metal::min(a, b); } };
-struct __camel_op_max { template <class T> static T f(T a, T b) { return metal::max(a, b); } };
-struct __camel_op_and { template <class T> static T f(T a, T b) { return a & b; } };
-struct __camel_op_or { template <class T> static T f(T a, T b) { return a | b; } };
-struct __camel_op_xor { template <class T> static T f(T a, T b) { return a ^ b; } };
+// The operators (__camel_op_sum ...): the shared header, camel_sim_msl.h.
 
 // A reduction over the active lanes of the group; every active lane gets it.
 // Full group: a butterfly (lane l and l^k add the same two values, so all

@@ -999,6 +999,16 @@ struct quad_vote {
     constexpr bool any() const { return __bits != 0; }
 };
 
+// The operators of the SIMD-group and quad-group reductions and scans (each target's
+// simd_sum, quad_prefix_exclusive_product, ...); unit: the identity of a scan.
+struct __camel_op_sum { template <class T> static T f(T a, T b) { return a + b; } static constexpr int unit = 0; };
+struct __camel_op_product { template <class T> static T f(T a, T b) { return a * b; } static constexpr int unit = 1; };
+struct __camel_op_min { template <class T> static T f(T a, T b) { return metal::min(a, b); } };
+struct __camel_op_max { template <class T> static T f(T a, T b) { return metal::max(a, b); } };
+struct __camel_op_and { template <class T> static T f(T a, T b) { return a & b; } };
+struct __camel_op_or { template <class T> static T f(T a, T b) { return a | b; } };
+struct __camel_op_xor { template <class T> static T f(T a, T b) { return a ^ b; } };
+
 #include "camel_sim_types.h"  // traits, matrices, uniform<T>, bfloat
 }  // namespace metal
 #define __CAMEL_USING_MATRICES(T)                                                              \

@@ -71,13 +71,7 @@ inline R __camel_collective(camel_sim_resolver resolve, const T &in, uint32_t si
 
 // Reductions and prefix scans over the active lanes of each group of G lanes
 // (G = 32: the SIMD group; G = 4: a quad).
-struct __camel_op_sum { template <class T> static T f(T a, T b) { return a + b; } static constexpr int unit = 0; };
-struct __camel_op_product { template <class T> static T f(T a, T b) { return a * b; } static constexpr int unit = 1; };
-struct __camel_op_min { template <class T> static T f(T a, T b) { return metal::min(a, b); } };
-struct __camel_op_max { template <class T> static T f(T a, T b) { return metal::max(a, b); } };
-struct __camel_op_and { template <class T> static T f(T a, T b) { return a & b; } };
-struct __camel_op_or { template <class T> static T f(T a, T b) { return a | b; } };
-struct __camel_op_xor { template <class T> static T f(T a, T b) { return a ^ b; } };
+// The operators (__camel_op_sum ...): the shared header, camel_sim_msl.h.
 
 template <class T, class Op, int G>
 int __camel_resolve_reduce(camel_sim_lane *lanes, uint32_t mask, const void *, const char **) {
