@@ -84,7 +84,7 @@ def _no_pending_gpu_checks():
 
     yield
     pending, buffers._checks[:] = list(buffers._checks), []
-    assert not pending, f"{len(pending)} GPU check(s) left pending; read the result or synchronize()"
+    assert not pending, f"{len(pending)} GPU check(s) left unread: read the result or synchronize()"
 
 
 @pytest.fixture
