@@ -175,15 +175,35 @@ VARIANTS: dict[str, Rung] = {
     ]
 }  # fmt: skip
 
-# Defaults when the autotuner has no entry. On an Apple GPU v11, a guess, not a measurement:
-# no Apple GPU has timed this ladder (gemm-metal's README has a tiled simdgroup_matrix kernel
-# fastest on M2 Pro/M3 chips; docs/stage3.md's v11 section gives no reason to expect v11 to
-# beat v10). On the CUDA shim the measured fastest rung for big products (v15: 37.3
-# TFLOP/s at 4096^3 on an H100, 72 % of cuBLAS; v14 28.4, v9 27.3 in the same run:
-# docs/cuda.md), smaller tiles or split-K for products with few tiles (cuda_default below).
-# On the simulator the rung that is quickest to simulate (few threads per group, few
-# barriers; measured in docs/stage3.md).
-DEFAULT_GPU = "11"
+# Defaults when the autotuner has no entry (`bench matmul --tune` replaces them per device
+# and shape class).
+# Apple GPU: v10, chosen from evidence, NOT measured: no Apple GPU has timed this ladder.
+# What it rests on (docs/stage3.md, "Which rung is the default"):
+#   1. LaurentMazare/gemm-metal's README (FP32, M3, M2 Pro, M3 Max): at 2048 and 4096 its
+#      TiledSimd kernel is the fastest, 2.1-2.5x its 2-D tiling (64x64x8, 4x4 a thread: v7's
+#      tile) at 4096. TiledSimd does v10's SIMD-group work (a 32x32 tile of C as 4x4
+#      simdgroup_float8x8, K steps of 8) with fragments read straight from device memory;
+#      it has no threadgroup tiles, let alone two buffers.
+#   2. ml-explore/mlx's FP32 GEMM (mlx/backend/metal/matmul.cpp, GEMM_TPARAM_MACRO;
+#      kernels/steel/gemm/gemm.h) is v10's design: 64x64x16 tiles, 2x2 SIMD groups of 32x32
+#      on simdgroup_matrix, tile rows padded by 16 bytes, one buffer, two barriers a K step
+#      (a design choice of Apple's library, not a published measurement).
+#   3. v11's second buffer overlaps no load with math (no asynchronous copy) and doubles the
+#      threadgroup memory, 19.5 against 10.25 KiB: <= 3 threadgroups per Apple core against
+#      5 (`bench roofline gemm`). On an H200 through the CUDA shim, simdgroup_matrix
+#      emulated (3xTF32 on the tensor cores), v10 was ahead of v11 at every size, by 1-2 %
+#      in one run (14,785 against 14,511 GFLOP/s at 4096^3), and 1.6x ahead with the first
+#      translation (FMAs and shuffles: 2,824 against 4,625 us at 2048^3; docs/cuda.md).
+# What it does not rest on: any timing of v10 against v9, v12 or v15 on an Apple GPU (on
+# NVIDIA, where simdgroup_matrix is emulated, the scalar rungs win: no evidence for Apple).
+# v10 skips no causal triangle, so the attention products run on v15's template at 64x64
+# instead (triangle_rung).
+# CUDA shim: the measured fastest rung for big products (v15: 37.3 TFLOP/s at 4096^3 on an
+# H100, 72 % of cuBLAS; v14 28.4, v9 27.3 in the same run: docs/cuda.md), smaller tiles or
+# split-K for products with few tiles (cuda_default below).
+# Simulator: the rung that is quickest to simulate (few threads per group, few barriers;
+# measured in docs/stage3.md).
+DEFAULT_GPU = "10"
 DEFAULT_CUDA = "15"
 DEFAULT_SIM = "9"
 

@@ -604,6 +604,28 @@ def test_default_rung_per_shim(shim, expected, monkeypatch):
     assert gemm.default_version(4096, 4096, 512) == expected
 
 
+def test_apple_default_gives_causal_products_a_skipping_rung(monkeypatch, rng):
+    """The Apple default (DEFAULT_GPU, v10) computes every tile; a causal product left to
+    the default runs a rung that skips the triangle's empty tiles, and its wanted part is
+    right (q k^T at T = 130: 3 tiles of 64 a side, 3 of the 9 above the diagonal)."""
+    config.set_choices(matmul=None)
+    monkeypatch.setattr(metal, "shim", lambda: "metal")
+    monkeypatch.setattr(tuning, "lookup", lambda *shape: None)
+    gemm.forget()
+    used = []
+    real = gemm.dispatch
+    monkeypatch.setattr(gemm, "dispatch", lambda r, *a: (used.append(r), real(r, *a)))
+    q, k = _operands(rng, (2, 130, 24), (2, 130, 24))
+    da, db = metal.DeviceArray.from_numpy(q), metal.DeviceArray.from_numpy(k)
+    got = gemm.matmul(da, db, transpose_b=True, triangle="lower").numpy()
+    gemm.forget()
+    assert gemm.default_version(130, 130, 24, 2) == gemm.DEFAULT_GPU
+    assert len(used) == 1 and used[0].triangle and used[0].bm * used[0].bn <= 64 * 64
+    want = _reference(q, k, transpose_b=True)
+    lower = np.tril(np.ones((130, 130), dtype=bool))
+    np.testing.assert_allclose(got[:, lower], want[:, lower], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape, expected", [
     ((4096, 4096, 4096, 1), gemm.DEFAULT_CUDA),  # 2048 big tiles: the big tile
     ((4096, 2304, 384, 1), gemm.DEFAULT_CUDA),  # 576 big tiles (128x128)

@@ -175,8 +175,9 @@ def gemm_v5():
 def gemm_blocktile(version: str, bm: int, bn: int, bk: int, tm: int, tn: int, pad: int = 0):
     # matmul_blocktile_vec4<BM, BN, BK, TM, TN> (v6-v9): As[k][m] (A transposed on the way
     # in), Bs[k][n]; float4 reads reg_m = As4[(k·BM + tr·TM)/4 + i], reg_n likewise.
-    # pad > 0: what-if row strides BM + pad and BN + pad (not built; the reads at one k
-    # shift all lanes alike, so only the stores change)
+    # pad > 0: what-if row strides BM + pad and BN + pad (v6-v9 are not built so; v13
+    # stores v9's tiles with pad 4, so "matmul_v9 pad 4" is v13's stores; the reads at one
+    # k shift all lanes alike, so only the stores change)
     threads = (bm // tm) * (bn // tn)
     name = f"matmul_v{version}" + (f" pad {pad}" if pad else "")
     lda, ldb = bm + pad, bn + pad

@@ -3,9 +3,11 @@
 1. Validate every version against NumPy at awkward sizes (1, 31, 33, 257, transposed,
    batched). A version that fails is reported and not timed.
 2. Time each version at M = N = K in --sizes (default 256 ... 4096 on a GPU) after warm-up,
-   synchronised, and print   version | M=N=K | ms | GFLOP/s | % of MPS
+   synchronised, and print   version | M=N=K | ms | GFLOP/s | % of MPS | % of roofline
    with MPS (MPSMatrixMultiplication) as kernel 0 on a Mac, and cuBLAS (FP32 SGEMM,
-   TF32 off) on the CUDA shim.
+   TF32 off) on the CUDA shim. "% of roofline" is the product's own bound, max(2 M N K
+   FLOPs / peak, 12 M N bytes (A, B read once, C written once) / bandwidth), over the
+   measured time, with camel/bench/roofline.py's peaks (n/a where it has none).
 
 On the simulator (Linux) the times are CPU times of the simulator, NOT GPU timings, and
 the default sizes are small; the table says so. `--markdown FILE` rewrites the results
