@@ -43,7 +43,7 @@ class Rung:
     br: int  # query rows per threadgroup (B_r): B_r / 8 SIMD groups
     bc: int  # keys per block (B_c)
     dk: dict  # head dim -> columns of D per K/V chunk
-    buffers: int = 1  # K/V chunk buffers (2: double buffering, v3+)
+    buffers: int = 1  # K/V chunk buffers (2, v3+: one filled while one is read; no async copy)
     reg_softmax: bool = False  # v7: softmax in registers, no score or diag(alpha) tile
     pad: int = 0  # v8: floats added to each row of the score tile and of the K/V chunks
     prefetch: bool = False  # v9: the next K/V chunk staged in registers (device reads early)
