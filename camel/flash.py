@@ -43,7 +43,7 @@ class Rung:
     br: int  # query rows per threadgroup (B_r): B_r / 8 SIMD groups
     bc: int  # keys per block (B_c)
     dk: dict  # head dim -> columns of D per K/V chunk
-    buffers: int = 1  # K/V chunk buffers (2: double buffering, v3+)
+    buffers: int = 1  # K/V chunk buffers (2, v3+: one filled while one is read; no async copy)
     reg_softmax: bool = False  # v7: softmax in registers, no score or diag(alpha) tile
     pad: int = 0  # v8: floats added to each row of the score tile and of the K/V chunks
     prefetch: bool = False  # v9: the next K/V chunk staged in registers (device reads early)
@@ -56,9 +56,11 @@ class Rung:
         return f"flash_v{self.version}_{self.br}x{self.bc}_d{d}"
 
     def tg_bytes(self, d: int) -> int:
-        """Threadgroup memory: K/V chunk buffers, the score tile, the diag(alpha) tiles
-        (v7: no tiles, but 4-float placeholders, as Metal has no empty arrays; v8: rows of
-        the chunks and the score tile `pad` floats longer)."""
+        """Threadgroup memory of flash_forward's arrays: the K/V chunk buffers (kv4), the
+        score tile (s_all), the diag(alpha) tiles (diag_all) (v7: no tiles, but 4-float
+        placeholders, as Metal has no empty arrays; v8: rows of the chunks and the score
+        tile `pad` floats longer). The 4-byte kv_bad flag is not counted: no rung is
+        within 4 bytes of 32 KiB (the largest declares 28 KiB)."""
         dk = self.dk.get(d, 32) + self.pad
         sld = self.bc + self.pad
         tiles = 4 + 4 if self.reg_softmax else self.br * sld + self.br * 8
@@ -80,11 +82,12 @@ RUNGS: dict[str, Rung] = {
              64, 64, _dk(32, 32, 32)),
         Rung("flash_v2", 2, "v1 + XOR-swizzled score-tile walk (no conflict if banked like NVIDIA)",
              64, 64, _dk(32, 32, 32)),
-        Rung("flash_v3", 3, "v2 + two K/V chunk buffers, one barrier per chunk (no async copy)",
+        Rung("flash_v3", 3, "v2 + two K/V chunk buffers of half the width: 1 barrier a chunk, "
+             "8 a key block at D=64 as v1 (no async copy)",
              64, 64, _dk(16, 16, 16), 2),
-        Rung("flash_v4", 4, "v3 + interleaved fragments (independent multiplies in a row)",
+        Rung("flash_v4", 4, "v3 + fragments interleaved in source order (the compiler schedules)",
              64, 64, _dk(16, 16, 16), 2),
-        Rung("flash_v5", 5, "v4 + double-buffered fragments (threadgroup -> registers)",
+        Rung("flash_v5", 5, "v4 + next fragment's load written before each multiply (source order)",
              64, 64, _dk(16, 16, 16), 2),
         Rung("flash_v6_64x32", 6, "v5 + FMA-fused exp2 softmax, 64x32 tiles",
              64, 32, _dk(32, 64, 64), 2),
@@ -102,7 +105,10 @@ RUNGS: dict[str, Rung] = {
 }  # fmt: skip
 
 # v6's tile shapes, for the autotuner. (128, 64) is listed but never built: its score
-# tile alone is 128 * 64 * 4 = 32 KiB, the whole threadgroup memory (tg_bytes says 44 KiB).
+# tile alone is 128 * 64 * 4 = 32 KiB, the whole threadgroup memory. With the kernel's
+# other arrays (flash_forward's kv4: 2 chunk buffers of 64 x 16 floats, 8 KiB; diag_all:
+# 128 x 8 floats, 4 KiB) it would declare 44 KiB (tg_bytes: 45,056 bytes), plus the
+# 4-byte kv_bad flag.
 V6_SHAPES = [(64, 32), (64, 64), (128, 32), (128, 64)]
 V6_TOO_BIG = Rung("flash_v6_128x64", 6, "not built: over 32 KiB", 128, 64, _dk(16, 16, 16), 2)
 

@@ -311,8 +311,9 @@ kernel void flash_forward(device const float* q [[buffer(0)]],
                                                    (i1 % NCHUNK) * DK, t, next);
             }
         } else if (DB_KV) {
-            // v3: start the next chunk into the other buffer; it was last read in step
-            // g - 1, which ended with a barrier.
+            // v3: copy the next chunk into the other buffer (plain loads and stores: the
+            // thread waits for its reads here, before the multiplies below); that buffer
+            // was last read in step g - 1, which ended with a barrier.
             if (g + 1 < nsteps) {
                 const uint g1 = g + 1, kb1 = g1 / (2 * NCHUNK), i1 = g1 % (2 * NCHUNK);
                 load_kv_chunk<BC, DK, D, THREADS, KLD>(i1 >= NCHUNK ? v : k, S, kb1 * BC,
@@ -677,8 +678,11 @@ FLASH_RUNG(9, 64, 32, 32, 64, 64, true, true, true, true, true, true, false, tru
 // memory itself. flash_backward_dq_tiled / _dkv_tiled (the default): the same arithmetic,
 // with those rows shared through threadgroup memory (see docs/stage5b.md).
 // Light on device memory (no (T, S) buffer), heavy on registers: scalar code, no
-// simdgroup_matrix, and the dK/dV kernels keep 4·D floats a thread (kr, vr, dka, dva:
-// 512 at D = 128, more than a thread's registers), so expect spills at D = 128.
+// simdgroup_matrix; the dK/dV kernels keep 4·D floats a thread (kr, vr, dka, dva: 256 at
+// D = 64, 512 at D = 128) and the dQ kernels 3·D (qr, dor, acc), more than a thread's
+// registers from D = 64 on. ptxas 13.0 for sm_90 on the CUDA translation: 255 registers
+// and spills for both kernels at D = 64 and 128 (dK/dV tiled: 680 and 4,204 bytes of
+// spill stores), none at D = 32 (docs/stage5b.md, "Backward").
 
 // delta[row] = dO[row, :] · O[row, :]. One thread per row of (B*H*T, D).
 kernel void flash_backward_delta(device const float* o [[buffer(0)]],

@@ -108,12 +108,17 @@ def test_flash_score_tile_walks():
     assert degree(bank_calc.flash_walk(68, 64, swizzle=False)) == 1
     assert degree(bank_calc.flash_walk(32, 32, swizzle=False)) == 8  # v6 64x32: same problem
     assert degree(bank_calc.flash_walk(32, 32, swizzle=True)) == 1
-    # broken on purpose (the stage 5B exercise): 4 (n ^ (r & 1)) + qd uses 2 groups: 4-way
+    # broken on purpose (the stage 5B exercise): 4 (n ^ (r & 1)) + qd uses 2 groups: 4-way,
+    # at every step n, and the tool's flash table prints it
     words = []
     for lane in range(32):
         r, qd = lane // 4, lane % 4
         words.append(r * 64 + 4 * (0 ^ (r & 1)) + qd)
     assert degree(words) == 4
+    assert degree(bank_calc.flash_walk(64, 64, swizzle=True, row_mask=1)) == 4
+    for n in range(16):
+        assert degree(bank_calc.flash_walk(64, 64, swizzle=True, n=n, row_mask=1)) == 4
+    assert _find(bank_calc.flash_accesses(), "flash (B_c = 64)", "broken swizzle").degree == 4
 
 
 def test_flash_score_store_padding_in_the_cuda_layout():

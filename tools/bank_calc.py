@@ -341,16 +341,19 @@ def gemm_accesses(pad: int = 0):
 # ---- flash attention (shaders/ops_attention.metal) ------------------------------------------
 
 
-def flash_walk(ld: int, bc: int, swizzle: bool, n: int | None = None) -> list[int]:
+def flash_walk(
+    ld: int, bc: int, swizzle: bool, n: int | None = None, row_mask: int = 7
+) -> list[int]:
     """The softmax's lanes on the score tile: lane 4r + qd reads s_sg[r·ld + c] with
-    c = 4n + qd (v1) or 4 (n ^ r) + qd (v2+); the worst step n unless n is given."""
+    c = 4n + qd (v1) or 4 (n ^ (r & row_mask)) + qd (v2+: row_mask 7; the Stage 5B
+    exercise breaks it with row_mask 1); the worst step n unless n is given."""
     steps = range(bc // 4) if n is None else [n]
     lists = []
     for step in steps:
         words = []
         for lane in range(LANES):
             r, qd = lane // 4, lane % 4
-            c = 4 * (step ^ r) + qd if swizzle else 4 * step + qd
+            c = 4 * (step ^ (r & row_mask)) + qd if swizzle else 4 * step + qd
             words.append(r * ld + c)
         lists.append(words)
     return _worst(*lists)
@@ -363,6 +366,8 @@ def flash_accesses(bc: int = 64):
                flash_walk(bc, bc, False)),
         Access(tag, "softmax walk, stride B_c, XOR swizzle (v2-v6)", "ld",
                flash_walk(bc, bc, True)),
+        Access(tag, "softmax walk, stride B_c, broken swizzle 4 (n ^ (r & 1)) + qd", "ld",
+               flash_walk(bc, bc, True, row_mask=1), note="Stage 5B's exercise: 2 groups"),
         Access(tag, f"softmax walk, padded stride {bc + 4}, no swizzle", "ld",
                flash_walk(bc + 4, bc, False), note="v8 does this at B_c = 32"),
         Access(tag, f"simdgroup_store of scores, stride {bc}", "st",
