@@ -9,7 +9,7 @@
     python examples/gpt_mini.py --load ckpt.npz --steps 0 --prompt "ROMEO:"   # sample only
     python examples/gpt_mini.py --data my_text.txt       # any plain-text file
 
-The model is the blueprint's: token and position embeddings, n_layers pre-LayerNorm
+The model is a GPT in miniature: token and position embeddings, n_layers pre-LayerNorm
 blocks (causal multi-head attention, then an MLP, each with a residual), a final
 LayerNorm and a linear head to vocabulary logits. Tokens are characters.
 

@@ -1,4 +1,4 @@
-"""Train the blueprint's MLP(784, 256, 10) on MNIST-format digits with Adam.
+"""Train an MLP(784, 256, 10) (Linear layers 784-256-256-10) on MNIST-format digits, Adam.
 
     python examples/mlp.py                    # 10 epochs, data found by camel.data.load_mnist
     python examples/mlp.py --device cpu --epochs 1 --limit 2000

@@ -15,10 +15,13 @@ is handed in as features: the one-hot codes of the previous characters side by s
                                           #          mlp = Linear(C, 4C), GELU, Linear(4C, C)
     logits = head(ln_f(h))                # (N, V)
 
-so every kernel of Stage 4 runs: layernorm_forward, layernorm_backward (_v2, or _dx and
-_backward_params with CAMEL_MEMORY_KERNELS=1), gelu_forward / _backward, plus the GEMMs,
-adds and the fused cross-entropy. Expected: the
-loss falls from ln(V) ~ 4.4 to below 2.5 in a few hundred steps.
+so every family of Stage 4 runs: LayerNorm forward (layernorm_forward_v4 by default;
+CAMEL_LAYERNORM=1..4 picks one), its backward (layernorm_backward_v3; layernorm_backward_dx
+and layernorm_backward_params, or _params_blocked past 64 rows, with
+CAMEL_LAYERNORM_BACKWARD=1 or CAMEL_MEMORY_KERNELS=1), GELU (gelu_forward_float4 /
+gelu_backward_float4; gelu_forward / gelu_backward with CAMEL_MEMORY_KERNELS=1), plus the
+GEMMs, adds and the fused cross-entropy. Expected: the loss falls from ln(V) ~ 4.4 to
+below 2.5 in a few hundred steps.
 """
 
 import argparse

@@ -21,7 +21,11 @@
 // each thread one element: one 4-byte load per operand. A "_float4" kernel gives
 // each thread four neighbouring elements and loads them as one 16-byte float4, so
 // a SIMD group of 32 threads moves 512 contiguous bytes per load instruction
-// instead of 128: fewer instructions per byte and full-width memory transactions.
+// instead of 128: a quarter of the load/store instructions and index arithmetic. The
+// memory traffic is the same: the scalar version is already coalesced (32 lanes x 4 bytes
+// = one 128-byte cache line per instruction), the float4 one touches the same lines, four
+// per instruction. Whether that makes a memory-bound kernel faster is a measurement
+// (docs/stage1.md: +27 % for add on an H200 through the CUDA shim).
 // The host (camel/backend_mps.py) uses the float4 kernels whenever every operand
 // starts at a 16-byte aligned offset (a float4 load must be 16-byte aligned) and
 // falls back to the "_float" kernels otherwise.

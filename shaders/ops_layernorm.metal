@@ -435,8 +435,11 @@ kernel void layernorm_backward_params_blocked(device const float *grad [[buffer(
     partial_b[blk * D + d] = sb;
 }
 
-// GELU, tanh approximation (PyTorch's approximate="tanh"). precise::tanh: Metal's default
-// fast-math tanh is less accurate, and the CPU reference is compared to ~1e-5.
+// GELU, tanh approximation (PyTorch's approximate="tanh"). precise::tanh pins the precise
+// variant: camel's Metal shim compiles with fast math off, where plain tanh is that variant
+// already, but a compile with fast math on (Metal's own default) would give plain tanh its
+// fast variant, whose error against the CPU reference (compared to ~1e-5) is unmeasured.
+// The simulator and the CUDA shim have one tanh for both spellings.
 constant float GELU_C = 0.7978845608028654f;  // sqrt(2 / pi)
 constant float GELU_A = 0.044715f;
 
