@@ -78,8 +78,9 @@ def _fresh_matmul_decisions():
 
 @pytest.fixture(autouse=True)
 def _no_pending_gpu_checks():
-    """A test that leaves a failed GPU check unread (an out-of-range cross_entropy target
-    whose loss it never reads) must fail itself, not the next test's first synchronize()."""
+    """A test that leaves a GPU check unread (a cross_entropy whose loss it never reads)
+    fails itself: unread, a failed check (an out-of-range target) would be raised by the
+    next test's first synchronize(), and a passed one hides a result nobody looked at."""
     from camel.metal import buffers
 
     yield
