@@ -24,6 +24,7 @@ Every dispatch passes flops= and bytes= so `camel.profile()` shows GFLOP/s and G
 
 import builtins
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -58,9 +59,13 @@ _ROW_MAX_P = 16  # SIMD groups per row at most (a threadgroup of 512 for rows pa
 # The softmax kernels of version 2 hold 8 float4s of a row a lane (the kernels as first
 # written, _ROW_SPAN floats a SIMD group) or 4 (the "_r4" kernels: twice the SIMD groups a
 # row, up to 32, and half the registers a thread; on an H100 the causal attention softmax
-# at (16 x 4096, 4096) took 0.66 ms against 0.92: docs/cuda.md). None: 4 on a GPU, 8 on the
-# simulator, where twice the threads take twice as long to simulate.
+# at (16 x 4096, 4096) took 0.66 ms against 0.92: docs/cuda.md); version 3 ("_v3", 0 here)
+# holds none: it reads the row twice, the second time from the cache, and takes any width.
+# None: rows wider than _STREAM_ROWS_PAST floats take version 3, the rest 4 float4s on a
+# GPU and 8 on the simulator, where twice the threads take twice as long to simulate.
 ROW_FLOAT4S = None
+_STREAM_ROWS_PAST = 8192
+_STREAM_SPAN = 512  # floats a SIMD group of version 3 takes a step (32 lanes x 4 float4s)
 
 
 _V2_MAX_ELEMENTS = 2**32 - 2**20  # version-2 kernels index in 32 bits (with some headroom)
@@ -109,15 +114,30 @@ def _row_fits(fn, k, span=_ROW_SPAN, most=_ROW_MAX_P):
     return _row_geometry(1, k, fn, span, most)[0] * span >= k
 
 
-def _softmax_kernel(name):
-    """(kernel name, floats a SIMD group holds, most SIMD groups a row) of a version-2 softmax
-    kernel with ROW_FLOAT4S float4s a lane (see there); rows up to 16384 floats either way."""
-    float4s = ROW_FLOAT4S or (8 if metal.is_simulator() else 4)
-    if float4s not in (4, 8):
-        raise ValueError(f"[mps] ROW_FLOAT4S must be 4, 8 or None, got {ROW_FLOAT4S!r}")
-    if float4s == 8:
-        return name, _ROW_SPAN, _ROW_MAX_P
-    return f"{name}_r4", _ROW_SPAN // 2, 2 * _ROW_MAX_P
+class _RowKernel(NamedTuple):
+    name: str  # the kernel in ops_softmax.metal
+    span: int  # floats of a row a SIMD group holds (version 2) or takes a step (version 3)
+    most: int  # SIMD groups a row at most
+    holds_row: bool  # version 2: the row must fit (_row_fits); version 3 takes any width
+
+    def fits(self, fn, k):
+        return not self.holds_row or _row_fits(fn, k, self.span, self.most)
+
+
+def _softmax_kernel(name, k, held=(4, 8)):
+    """The softmax-family kernel for rows of k floats: name (a version-2 kernel,
+    "softmax_last_axis_v2"), its "_r4" twin or its version 3 ("_v3"), as ROW_FLOAT4S says
+    (see there); held: the float4s a lane name's version 2 comes with (4 falls back to 8)."""
+    float4s = ROW_FLOAT4S
+    if float4s is None:
+        float4s = 0 if k > _STREAM_ROWS_PAST else 8 if metal.is_simulator() else 4
+    if float4s not in (0, 4, 8):
+        raise ValueError(f"[mps] ROW_FLOAT4S must be 0, 4, 8 or None, got {ROW_FLOAT4S!r}")
+    if float4s == 0:
+        return _RowKernel(name.replace("_v2", "_v3"), _STREAM_SPAN, 2 * _ROW_MAX_P, False)
+    if float4s == 8 or 4 not in held:
+        return _RowKernel(name, _ROW_SPAN, _ROW_MAX_P, True)
+    return _RowKernel(f"{name}_r4", _ROW_SPAN // 2, 2 * _ROW_MAX_P, True)
 
 
 def _kernel(filename, name):
@@ -661,17 +681,17 @@ def _visible(shape, causal_t):
 
 
 def _softmax_v2(name, x, y, rows, k, causal_t, scale=1.0, read=None):
-    """Version 2 of softmax / log_softmax (the row read once, held in registers by P SIMD
-    groups) when it applies: version 2 chosen, k <= 16 * _ROW_SPAN, and the kernel can run
-    the threadgroup size (rows past 8192 floats: 512 threads, or 1024 with 4 float4s a
-    lane). Returns whether it ran."""
-    if _memory_version(name, x.size) != 2 or k > _ROW_MAX_P * _ROW_SPAN:
+    """Version 2 or 3 of softmax / log_softmax (_softmax_kernel) when it applies: version 2
+    chosen (CAMEL_MEMORY_KERNELS), and for a kernel that holds the row, the row fits its
+    registers (up to 16384 floats, if the kernel can run the threadgroup size: rows past 8192
+    floats take 512 threads, or 1024 with 4 float4s a lane). Returns whether it ran."""
+    if _memory_version(name, x.size) != 2:
         return False
-    name, span, most = _softmax_kernel(name)
-    fn = _kernel(_SOFT, name)
-    if not _row_fits(fn, k, span, most):  # its registers allow too few threads a threadgroup
+    kernel = _softmax_kernel(name, k)
+    fn = _kernel(_SOFT, kernel.name)
+    if not kernel.fits(fn, k):
         return False
-    p, groups, tpg = _row_geometry(rows, k, fn, span, most)
+    p, groups, tpg = _row_geometry(rows, k, fn, kernel.span, kernel.most)
     vec4 = int(k % 4 == 0 and _aligned(x, y))
     read = x.size if read is None else read
     fn(x, y, rows, k, causal_t, p, vec4, float(scale), threadgroups=groups,
@@ -712,17 +732,18 @@ def log_softmax_backward(y, grad):
 
 
 def _softmax_backward_v2(name, y, grad, causal_t, scale=1.0, read=None):
-    """Version 2 of the softmax / log_softmax backward (y and dy read once, held in
-    registers) where it applies, as _softmax_v2; returns dx, or None (then version 1 runs)."""
+    """Version 2 or 3 of the softmax / log_softmax backward (y and dy read once and held in
+    registers, or read twice) where it applies, as _softmax_v2; returns dx, or None (then
+    version 1 runs)."""
     rows, k = _rows(y)
-    if rows == 0 or k == 0 or _memory_version(name, y.size) != 2 or k > _ROW_MAX_P * _ROW_SPAN:
+    if rows == 0 or k == 0 or _memory_version(name, y.size) != 2:
         return None
-    name, span, most = _softmax_kernel(name)
-    fn = _kernel(_SOFT, name)
-    if not _row_fits(fn, k, span, most):
+    kernel = _softmax_kernel(name, k)
+    fn = _kernel(_SOFT, kernel.name)
+    if not kernel.fits(fn, k):
         return None
     dx = _empty(y.shape)
-    p, groups, tpg = _row_geometry(rows, k, fn, span, most)
+    p, groups, tpg = _row_geometry(rows, k, fn, kernel.span, kernel.most)
     vec4 = int(k % 4 == 0 and _aligned(y, grad, dx))
     read = y.size if read is None else read
     fn(y, grad, dx, rows, k, causal_t, p, vec4, float(scale), threadgroups=groups,
@@ -762,10 +783,11 @@ def cross_entropy(logits, targets):
     row_loss = _empty((n,))
     error = DeviceArray.zeros((3,), np.int32)
     nbytes = (2 * n * c + 2 * n) * _F32
-    fn = _kernel(_SOFT, "cross_entropy_forward_v2")
-    v2 = _memory_version("cross_entropy", n * c) == 2 and c <= _ROW_MAX_P * _ROW_SPAN
-    if v2 and _row_fits(fn, c):  # the row read once, in registers
-        p, groups, tpg = _row_geometry(n, c, fn)
+    kernel = _softmax_kernel("cross_entropy_forward_v2", c, held=(8,))
+    fn = _kernel(_SOFT, kernel.name)
+    if _memory_version("cross_entropy", n * c) == 2 and kernel.fits(fn, c):
+        # version 2: the row read once, in registers; version 3: read twice, any width
+        p, groups, tpg = _row_geometry(n, c, fn, kernel.span, kernel.most)
         vec4 = int(c % 4 == 0 and _aligned(logits, probs))
         fn(logits, targets, row_loss, probs, error, n, c, p, vec4, threadgroups=groups,
            threads_per_threadgroup=tpg, flops=5 * n * c, bytes=nbytes)  # fmt: skip

@@ -450,6 +450,25 @@ SOFTMAX_ROWS_V2("log_softmax_last_axis_v2", true, ROW_REGS)
 SOFTMAX_ROWS_V2("softmax_last_axis_v2_r4", false, 4)
 SOFTMAX_ROWS_V2("log_softmax_last_axis_v2_r4", true, 4)
 
+// row_loss[row] = m + log(s) - xr[target] for ms = (m, s) of row `row` (xr), or, for a
+// target outside [0, K), 0 and the error record of cross_entropy_forward. One lane a row.
+static inline void cross_entropy_row_loss(float2 ms, device const float *xr,
+                                          device const int *targets, device float *row_loss,
+                                          device atomic_int *error, uint row, uint K)
+{
+    int target = targets[row];
+    if (target < 0 || target >= int(K)) {
+        int seen_before = atomic_fetch_add_explicit(&error[0], 1, memory_order_relaxed);
+        if (seen_before == 0) {
+            atomic_store_explicit(&error[1], int(row), memory_order_relaxed);
+            atomic_store_explicit(&error[2], target, memory_order_relaxed);
+        }
+        row_loss[row] = 0.0f;
+    } else {
+        row_loss[row] = (ms.x + log(ms.y)) - xr[target];
+    }
+}
+
 // logits, probs (N, K); targets, row_loss (N,); error as in cross_entropy_forward. Version 2
 // of the fused cross-entropy: the softmax of softmax_rows_v2 (the row read once into
 // registers, probs written once; geometry and vec4 as there), then lane 0 of the row's first
@@ -485,17 +504,7 @@ kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
                                                      first, 32 * P, partial, P, lane, simd_group);
     }
     if (row < rows && first == 0) {
-        int target = targets[row];
-        if (target < 0 || target >= int(K)) {
-            int seen_before = atomic_fetch_add_explicit(&error[0], 1, memory_order_relaxed);
-            if (seen_before == 0) {
-                atomic_store_explicit(&error[1], int(row), memory_order_relaxed);
-                atomic_store_explicit(&error[2], target, memory_order_relaxed);
-            }
-            row_loss[row] = 0.0f;
-        } else {
-            row_loss[row] = (ms.x + log(ms.y)) - logits[base + uint(target)];
-        }
+        cross_entropy_row_loss(ms, logits + base, targets, row_loss, error, row, K);
     }
 }
 
@@ -633,3 +642,288 @@ SOFTMAX_BACKWARD_ROWS_V2("log_softmax_backward_v2", true, ROW_REGS)
 // With 4 float4s of y and 4 of dy a lane, as softmax_last_axis_v2_r4.
 SOFTMAX_BACKWARD_ROWS_V2("softmax_backward_v2_r4", false, 4)
 SOFTMAX_BACKWARD_ROWS_V2("log_softmax_backward_v2_r4", true, 4)
+
+// ---------------------------------------------------------------------------
+// version 3: rows too wide for registers, read twice (the second time from the cache)
+// ---------------------------------------------------------------------------
+//
+// Version 2 holds the row in registers, so a wide row fills a core: a 16384-float row takes
+// 1024 threads at 64 registers, an H100 SM's whole register file, one threadgroup an SM,
+// and its load, reduce and write phases run one after another with nothing to overlap them
+// (54 % of the copy, docs/cuda.md). Version 3 holds nothing across the row reduction:
+//   sweep 1 reads the row and keeps a running (m, s) a lane, the max so far and the sum of
+//           exp(x - m) so far, rescaling s by exp(m_old - m_new) when the max grows (the
+//           online softmax FlashAttention uses, Stage 5B); the lanes' pairs then combine
+//           into the row's (m, s): s_row = sum over lanes of s exp(m - m_row);
+//   sweep 2 reads the row again and writes y.
+// A lane keeps U = 4 V's in flight and drops them once counted, so a thread needs few
+// registers, several threadgroups share a core, and one's sweeps overlap another's
+// reductions. The second read is cheap when it comes from the cache: a threadgroup reads its
+// row (64 KB at 16384 floats) and reads it again microseconds later, while the rows in
+// flight (resident threadgroups x row bytes) fit the last-level cache. Then the memory
+// traffic is version 2's (8 bytes an element) and the cache serves the third 4. Any K: the
+// sweeps loop. Geometry (P SIMD groups a row, 32 lanes x U float4s a SIMD group a step) and
+// numerics are version 2's (NaN and +inf reach s; a row of -inf gives NaN: its s is 0 x
+// exp(-inf + inf)); the sums are associated differently (a few ulp).
+
+#define ROW_STEP 4  // U: V's a lane loads before it uses the first (loads in flight)
+
+// v[j] = scale * xr[q0 + j stride] for the V's that start before limit, fill for the rest.
+template <typename V>
+static inline void load_step(thread V *v, device const V *xr, uint q0, uint stride, uint n,
+                             uint limit, float scale, float fill)
+{
+    #pragma clang loop unroll(full)
+    for (uint j = 0; j < ROW_STEP; j++) {
+        uint q = q0 + j * stride;
+        v[j] = q < n && element(V(), q, 0) < limit ? xr[q] * scale : V(fill);
+    }
+}
+
+// One row of softmax (LOG false) or log_softmax (LOG true) in two sweeps; arguments and
+// return value as softmax_row's.
+template <typename V, bool LOG>
+static inline float2 softmax_row_streamed(device const V *xr, device V *yr, uint n, uint limit,
+                                          float scale, uint first, uint stride,
+                                          threadgroup float *partial, uint P, uint lane,
+                                          uint simd_group)
+{
+    constexpr uint W = sizeof(V) / sizeof(float);
+    float m = -INFINITY;  // this lane's max so far (Metal's max: NaN skipped) ...
+    float s = 0.0f;       // ... and its sum of exp(x - m) so far
+    for (uint q0 = first; q0 < n; q0 += ROW_STEP * stride) {
+        V v[ROW_STEP];
+        load_step(v, xr, q0, stride, n, limit, scale, -INFINITY);
+        float step_max = -INFINITY;
+        #pragma clang loop unroll(full)
+        for (uint j = 0; j < ROW_STEP; j++) {
+            #pragma clang loop unroll(full)
+            for (uint c = 0; c < W; c++) {
+                if (element(V(), q0 + j * stride, c) < limit) {
+                    step_max = max(step_max, component(v[j], c));
+                }
+            }
+        }
+        if (step_max > m) {
+            s *= exp(m - step_max);  // the terms so far, now relative to the new max
+            m = step_max;
+        }
+        #pragma clang loop unroll(full)
+        for (uint j = 0; j < ROW_STEP; j++) {
+            #pragma clang loop unroll(full)
+            for (uint c = 0; c < W; c++) {
+                float value = component(v[j], c);
+                // -inf adds 0 (also while m is still -inf, where exp would give NaN)
+                if (element(V(), q0 + j * stride, c) < limit && value != -INFINITY) {
+                    s += exp(value - m);
+                }
+            }
+        }
+    }
+    float row_m = row_combine(m, true, partial, P, lane, simd_group);
+    s = row_combine(s * exp(m - row_m), false, partial, P, lane, simd_group);
+
+    float log_s = log(s);
+    float inv_s = 1.0f / s;
+    float masked = isnan(s) ? s : 0.0f;  // as in softmax_row
+    for (uint q0 = first; q0 < n && limit > 0; q0 += ROW_STEP * stride) {
+        V v[ROW_STEP];
+        load_step(v, xr, q0, stride, n, limit, scale, -INFINITY);
+        #pragma clang loop unroll(full)
+        for (uint j = 0; j < ROW_STEP; j++) {
+            uint q = q0 + j * stride;
+            if (q < n) {
+                V out = v[j];
+                #pragma clang loop unroll(full)
+                for (uint c = 0; c < W; c++) {
+                    float value = component(v[j], c);
+                    float y = LOG ? (value - row_m) - log_s : exp(value - row_m) * inv_s;
+                    set_component(out, c, element(V(), q, c) < limit ? y : masked);
+                }
+                yr[q] = out;
+            }
+        }
+    }
+    return float2(row_m, s);
+}
+
+// x, y (rows, K); the arguments and geometry of softmax_rows_v2, with ROW_STEP float4s a
+// lane a step (P SIMD groups a row: the host picks the fewest for which K <= 128 ROW_STEP P,
+// at most 32; wider rows loop). Grid: ceil(rows P / S) threadgroups.
+template <bool LOG>
+kernel void softmax_rows_v3(device const float *x [[buffer(0)]],
+                            device float *y [[buffer(1)]],
+                            constant uint &rows [[buffer(2)]],
+                            constant uint &K [[buffer(3)]],
+                            constant uint &causal_T [[buffer(4)]],
+                            constant uint &P [[buffer(5)]],
+                            constant uint &vec4 [[buffer(6)]],
+                            constant float &scale [[buffer(7)]],
+                            uint group [[threadgroup_position_in_grid]],
+                            uint lane [[thread_index_in_simdgroup]],
+                            uint simd_group [[simdgroup_index_in_threadgroup]],
+                            uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    uint limit = causal_T == 0 ? K : min(K, row % causal_T + 1);
+    limit = row < rows ? limit : 0;
+    uint base = row < rows ? row * K : 0;
+    if (vec4 != 0) {
+        softmax_row_streamed<float4, LOG>((device const float4 *)(x + base),
+                                          (device float4 *)(y + base), K / 4, limit, scale,
+                                          first, 32 * P, partial, P, lane, simd_group);
+    } else {
+        softmax_row_streamed<float, LOG>(x + base, y + base, K, limit, scale, first, 32 * P,
+                                         partial, P, lane, simd_group);
+    }
+}
+
+#define SOFTMAX_ROWS_V3(NAME, LOG)                                                             \
+    template [[host_name(NAME)]] kernel void softmax_rows_v3<LOG>(                             \
+        device const float *x [[buffer(0)]], device float *y [[buffer(1)]],                    \
+        constant uint &rows [[buffer(2)]], constant uint &K [[buffer(3)]],                     \
+        constant uint &causal_T [[buffer(4)]], constant uint &P [[buffer(5)]],                 \
+        constant uint &vec4 [[buffer(6)]], constant float &scale [[buffer(7)]],                \
+        uint group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],  \
+        uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
+        uint num_simd_groups [[simdgroups_per_threadgroup]]);
+
+SOFTMAX_ROWS_V3("softmax_last_axis_v3", false)
+SOFTMAX_ROWS_V3("log_softmax_last_axis_v3", true)
+
+// logits, probs (N, K); targets, row_loss (N,); error as in cross_entropy_forward. Version 3
+// of the fused cross-entropy: softmax_row_streamed, then the row loss as version 2.
+kernel void cross_entropy_forward_v3(device const float *logits [[buffer(0)]],
+                                     device const int *targets [[buffer(1)]],
+                                     device float *row_loss [[buffer(2)]],
+                                     device float *probs [[buffer(3)]],
+                                     device atomic_int *error [[buffer(4)]],
+                                     constant uint &rows [[buffer(5)]],
+                                     constant uint &K [[buffer(6)]],
+                                     constant uint &P [[buffer(7)]],
+                                     constant uint &vec4 [[buffer(8)]],
+                                     uint group [[threadgroup_position_in_grid]],
+                                     uint lane [[thread_index_in_simdgroup]],
+                                     uint simd_group [[simdgroup_index_in_threadgroup]],
+                                     uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    uint limit = row < rows ? K : 0;
+    uint base = row < rows ? row * K : 0;
+    float2 ms;
+    if (vec4 != 0) {
+        ms = softmax_row_streamed<float4, false>((device const float4 *)(logits + base),
+                                                 (device float4 *)(probs + base), K / 4, limit,
+                                                 1.0f, first, 32 * P, partial, P, lane,
+                                                 simd_group);
+    } else {
+        ms = softmax_row_streamed<float, false>(logits + base, probs + base, K, limit, 1.0f,
+                                                first, 32 * P, partial, P, lane, simd_group);
+    }
+    if (row < rows && first == 0) {
+        cross_entropy_row_loss(ms, logits + base, targets, row_loss, error, row, K);
+    }
+}
+
+// One row of the softmax / log_softmax backward in two sweeps (the sum, then dx), each
+// reading y and dy; arguments as softmax_backward_row's.
+template <typename V, bool LOG>
+static inline void softmax_backward_row_streamed(device const V *yr, device const V *dyr,
+                                                 device V *dxr, uint n, uint limit,
+                                                 float scale, bool active, uint first,
+                                                 uint stride, threadgroup float *partial,
+                                                 uint P, uint lane, uint simd_group)
+{
+    constexpr uint W = sizeof(V) / sizeof(float);
+    limit = active ? limit : 0;
+    float s = 0.0f;
+    for (uint q0 = first; q0 < n; q0 += ROW_STEP * stride) {
+        V y[ROW_STEP];
+        V dy[ROW_STEP];
+        load_step(y, yr, q0, stride, n, limit, 1.0f, 0.0f);
+        load_step(dy, dyr, q0, stride, n, limit, 1.0f, 0.0f);
+        #pragma clang loop unroll(full)
+        for (uint j = 0; j < ROW_STEP; j++) {
+            #pragma clang loop unroll(full)
+            for (uint c = 0; c < W; c++) {
+                if (element(V(), q0 + j * stride, c) < limit) {
+                    s += LOG ? component(dy[j], c) : component(dy[j], c) * component(y[j], c);
+                }
+            }
+        }
+    }
+    s = row_combine(s, false, partial, P, lane, simd_group);
+    for (uint q0 = first; q0 < n && active; q0 += ROW_STEP * stride) {
+        V y[ROW_STEP];
+        V dy[ROW_STEP];
+        load_step(y, yr, q0, stride, n, limit, 1.0f, 0.0f);
+        load_step(dy, dyr, q0, stride, n, limit, 1.0f, 0.0f);
+        #pragma clang loop unroll(full)
+        for (uint j = 0; j < ROW_STEP; j++) {
+            uint q = q0 + j * stride;
+            if (q < n) {
+                V out = y[j];
+                #pragma clang loop unroll(full)
+                for (uint c = 0; c < W; c++) {
+                    float yc = component(y[j], c);
+                    float dyc = component(dy[j], c);
+                    float d = (LOG ? dyc - exp(yc) * s : yc * (dyc - s)) * scale;
+                    set_component(out, c, element(V(), q, c) < limit ? d : 0.0f);
+                }
+                dxr[q] = out;
+            }
+        }
+    }
+}
+
+// y, dy, dx (rows, K); the arguments and geometry of softmax_backward_rows_v2, any K.
+template <bool LOG>
+kernel void softmax_backward_rows_v3(device const float *y [[buffer(0)]],
+                                     device const float *dy [[buffer(1)]],
+                                     device float *dx [[buffer(2)]],
+                                     constant uint &rows [[buffer(3)]],
+                                     constant uint &K [[buffer(4)]],
+                                     constant uint &causal_T [[buffer(5)]],
+                                     constant uint &P [[buffer(6)]],
+                                     constant uint &vec4 [[buffer(7)]],
+                                     constant float &scale [[buffer(8)]],
+                                     uint group [[threadgroup_position_in_grid]],
+                                     uint lane [[thread_index_in_simdgroup]],
+                                     uint simd_group [[simdgroup_index_in_threadgroup]],
+                                     uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    uint row = group * (num_simd_groups / P) + simd_group / P;
+    uint first = (simd_group % P) * 32 + lane;
+    bool active = row < rows;
+    uint limit = causal_T == 0 ? K : min(K, row % causal_T + 1);
+    uint base = active ? row * K : 0;
+    if (vec4 != 0) {
+        softmax_backward_row_streamed<float4, LOG>(
+            (device const float4 *)(y + base), (device const float4 *)(dy + base),
+            (device float4 *)(dx + base), K / 4, limit, scale, active, first, 32 * P, partial,
+            P, lane, simd_group);
+    } else {
+        softmax_backward_row_streamed<float, LOG>(y + base, dy + base, dx + base, K, limit,
+                                                  scale, active, first, 32 * P, partial, P,
+                                                  lane, simd_group);
+    }
+}
+
+#define SOFTMAX_BACKWARD_ROWS_V3(NAME, LOG)                                                    \
+    template [[host_name(NAME)]] kernel void softmax_backward_rows_v3<LOG>(                    \
+        device const float *y [[buffer(0)]], device const float *dy [[buffer(1)]],             \
+        device float *dx [[buffer(2)]], constant uint &rows [[buffer(3)]],                     \
+        constant uint &K [[buffer(4)]], constant uint &causal_T [[buffer(5)]],                 \
+        constant uint &P [[buffer(6)]], constant uint &vec4 [[buffer(7)]],                     \
+        constant float &scale [[buffer(8)]], uint group [[threadgroup_position_in_grid]],      \
+        uint lane [[thread_index_in_simdgroup]],                                               \
+        uint simd_group [[simdgroup_index_in_threadgroup]],                                    \
+        uint num_simd_groups [[simdgroups_per_threadgroup]]);
+
+SOFTMAX_BACKWARD_ROWS_V3("softmax_backward_v3", false)
+SOFTMAX_BACKWARD_ROWS_V3("log_softmax_backward_v3", true)

@@ -40,7 +40,7 @@ ROWS_V2 = [(17, 1024), (9, 1028), (5, 2048), (3, 3001), (7, 4096), (2, 8192), (2
 # (a threadgroup of 1024) past 8192.
 
 
-@pytest.fixture(params=["1", "2", "2-r4"])
+@pytest.fixture(params=["1", "2", "2-r4", "2-r0"])
 def version(request, monkeypatch, poisoned_memory):
     """CAMEL_MEMORY_KERNELS: 1 the lesson kernels, 2 the row held in registers, 8 float4s a
     lane, and "2-r4" with 4 (the softmax kernels' _r4 twins, ROW_FLOAT4S; the rest as 2), on
@@ -89,6 +89,39 @@ def test_softmax_family_extreme_logits(mps, version, shape):
     finite = np.isfinite(want_l)
     np.testing.assert_array_equal(np.isfinite(got_l), finite)  # -inf stays -inf
     np.testing.assert_allclose(got_l[finite], want_l[finite], rtol=2e-5, atol=1e-3)
+
+
+def mostly_minus_inf(rows, k, seed=0):
+    """Rows of -inf but for a few columns, as a padding mask written into the logits: row r
+    keeps r + 1 finite columns at random places (the last row keeps only its last column)."""
+    x = np.full((rows, k), -np.inf, np.float32)
+    rng = np.random.default_rng(seed)
+    for r in range(rows):
+        keep = rng.choice(k, size=min(k, r + 1), replace=False) if r < rows - 1 else [k - 1]
+        x[r, keep] = rng.standard_normal(len(keep)) * 3
+    return x
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (4, 1000), (3, 5000), (2, 20000)])
+def test_softmax_family_mostly_minus_inf(mps, version, shape):
+    """A lane that has seen only -inf so far has max -inf, and exp(-inf - -inf) is NaN: a
+    -inf must add 0 to the row sum however many of them a lane meets first."""
+    x = mostly_minus_inf(*shape, seed=41)
+    g = rand(*shape, seed=42)
+    t = np.array([np.flatnonzero(np.isfinite(row))[0] for row in x], np.int32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want_y, want_l = cpu.softmax(x), cpu.log_softmax(x)
+        want_loss, _ = cpu.cross_entropy(x, t)
+    y = mps.softmax(mps.from_numpy(x))
+    close(host(mps, y), want_y)
+    close(host(mps, mps.softmax_backward(y, mps.from_numpy(g))), cpu.softmax_backward(want_y, g))
+    got_l = host(mps, mps.log_softmax(mps.from_numpy(x)))
+    np.testing.assert_array_equal(got_l == -np.inf, want_l == -np.inf)
+    finite = np.isfinite(want_l)
+    np.testing.assert_allclose(got_l[finite], want_l[finite], rtol=2e-5, atol=1e-6)
+    loss, probs = mps.cross_entropy(mps.from_numpy(x), mps.from_numpy(t))
+    close(host(mps, probs), want_y)
+    np.testing.assert_allclose(float(host(mps, loss)), want_loss, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -332,11 +365,14 @@ def test_softmax_scale_subtracts_the_scaled_max(mps, version, shape, scale):
 
 @pytest.mark.parametrize(
     "float4s, kernel, threads",
-    [(8, "softmax_last_axis_v2", 512), (4, "softmax_last_axis_v2_r4", 1024)],
-)
+    [(8, "softmax_last_axis_v2", 512), (4, "softmax_last_axis_v2_r4", 1024),
+     (0, "softmax_last_axis_v3", 1024), (None, "softmax_last_axis_v3", 1024)],
+)  # fmt: skip
 def test_row_float4s_picks_the_kernel_and_its_geometry(monkeypatch, float4s, kernel, threads):
     """ROW_FLOAT4S chooses the softmax kernels' float4s a lane: a row of 8193 floats takes
-    16 SIMD groups of 8 float4s a lane or 32 of 4 (a threadgroup each), and 3 is an error."""
+    16 SIMD groups of 8 float4s a lane or 32 of 4 (a threadgroup each), 32 of version 3's
+    (which holds none: 4 float4s a lane a step), by default version 3 (wider than
+    _STREAM_ROWS_PAST), and 3 is an error."""
     mps = backend_mps_or_skip()
     config.set_choices(memory_kernels=None)
     monkeypatch.setattr(mps, "ROW_FLOAT4S", float4s)
@@ -346,5 +382,41 @@ def test_row_float4s_picks_the_kernel_and_its_geometry(monkeypatch, float4s, ker
     assert [(e.name, e.threads_per_threadgroup) for e in prof.events] == [(kernel, (threads, 1, 1))]
     close(got, cpu.softmax(x))
     monkeypatch.setattr(mps, "ROW_FLOAT4S", 3)
-    with pytest.raises(ValueError, match="ROW_FLOAT4S must be 4, 8 or None, got 3"):
+    with pytest.raises(ValueError, match="ROW_FLOAT4S must be 0, 4, 8 or None, got 3"):
         mps.softmax(mps.from_numpy(x))
+
+
+@pytest.mark.parametrize(
+    "k, kernel",
+    [
+        (8192, "softmax_last_axis_v2"),
+        (8193, "softmax_last_axis_v3"),
+        (40000, "softmax_last_axis_v3"),
+    ],
+)
+def test_rows_wider_than_the_registers_take_version_3(monkeypatch, k, kernel):
+    """By default rows up to _STREAM_ROWS_PAST floats are held in registers (8 float4s a lane
+    on the simulator), wider ones read twice; past 16384 floats, which no version-2 kernel
+    holds, version 3 runs too (it was version 1)."""
+    mps = backend_mps_or_skip()
+    config.set_choices(memory_kernels=None)
+    monkeypatch.setattr(mps, "ROW_FLOAT4S", None)
+    monkeypatch.setattr(mps.metal, "is_simulator", lambda: True)
+    x, g = rand(2, k, seed=30, scale=3.0), rand(2, k, seed=31)
+    t = np.array([k - 1, 0], np.int32)
+    with camel.profile() as prof:
+        y = mps.softmax(mps.from_numpy(x))
+        dx = mps.softmax_backward(y, mps.from_numpy(g))
+        loss, probs = mps.cross_entropy(mps.from_numpy(x), mps.from_numpy(t))
+        got = host(mps, y), host(mps, dx), host(mps, probs), float(host(mps, loss))
+    backward, forward = (
+        kernel.replace("last_axis", "backward"),
+        kernel.replace("softmax_last_axis", "cross_entropy_forward"),
+    )
+    names = [e.name for e in prof.events]
+    assert names[:3] == [kernel, backward, forward], names
+    close(got[0], cpu.softmax(x))
+    close(got[1], cpu.softmax_backward(cpu.softmax(x), g))
+    want_loss, want_probs = cpu.cross_entropy(x, t)
+    close(got[2], want_probs)
+    np.testing.assert_allclose(got[3], want_loss, rtol=1e-5)

@@ -4,8 +4,9 @@ Kernels of shaders/ops_softmax.metal through camel/backend_mps.py: softmax and
 log_softmax forward (v1: one threadgroup per row, three sweeps over the row: max, sum of
 exp, write; v2: the row read once into the registers of one SIMD group, or 2-16 for rows
 past 1024 floats, up to 16384; v2_r4: half the registers a lane, 2-32 SIMD groups past 512
-floats), softmax backward (v1: two sweeps; v2, v2_r4: y and dy read once into registers,
-as the forward), the fused cross-entropy forward (v1, v2 as softmax),
+floats; v3: none held, the row read twice, the second time from the cache, any width),
+softmax backward (v1: two sweeps; v2, v2_r4, v3: y and dy read once into registers or
+twice, as the forward), the fused cross-entropy forward (v1, v2, v3 as softmax),
 and its backward (v1: one thread per element; v2: one per float4 when C % 4 == 0).
 
 1. Validate each against NumPy (backend_cpu) at awkward shapes (rows of 1, 33, 10 000)
@@ -24,6 +25,8 @@ from camel.bench.bandwidth import memory_version, parse_args, start, time_cases
 
 GPU_SHAPES = [(4096, 1024), (1024, 16384), (65536, 10), (65536, 1024)]  # the last: 256 MiB
 SIM_SHAPES = [(256, 1000), (16, 10000)]
+# (CAMEL_MEMORY_KERNELS, backend_mps.ROW_FLOAT4S, label) of each softmax row kernel timed
+ROW_KERNELS = ((1, 8, "v1"), (2, 8, "v2"), (2, 4, "v2_r4"), (2, 0, "v3"))
 
 
 def cases(shape, rng, extreme=False):
@@ -46,8 +49,9 @@ def cases(shape, rng, extreme=False):
     f = 4
     forward = []
     # v1: three sweeps, one threadgroup per row; v2: the row in registers, 8 float4s a lane;
-    # v2_r4: 4 float4s a lane, twice the SIMD groups a row (backend_mps.ROW_FLOAT4S)
-    for v, float4s, name in ((1, 8, "v1"), (2, 8, "v2"), (2, 4, "v2_r4")):
+    # v2_r4: 4 float4s a lane, twice the SIMD groups a row; v3: none held, the row read
+    # twice (backend_mps.ROW_FLOAT4S)
+    for v, float4s, name in ROW_KERNELS:
         forward += [
             (f"softmax {name}", _rows(v, float4s, lambda: mps.softmax(dx)), y, 2 * x.size * f),
             (f"log_softmax {name}", _rows(v, float4s, lambda: mps.log_softmax(dx)),
@@ -56,11 +60,12 @@ def cases(shape, rng, extreme=False):
     return forward + [
         (f"softmax_backward {name}", _rows(v, float4s, lambda: mps.softmax_backward(dy, dg)),
          cpu.softmax_backward(y, g), 3 * x.size * f)
-        for v, float4s, name in ((1, 8, "v1"), (2, 8, "v2"), (2, 4, "v2_r4"))
+        for v, float4s, name in ROW_KERNELS
     ] + [
-        (f"cross_entropy (forward) v{v}",
-         memory_version(v, lambda: mps.cross_entropy(dx, dt)[1]), probs, 2 * x.size * f)
-        for v in (1, 2)  # probs (and the loss): v1 three sweeps; v2 the row in registers
+        (f"cross_entropy (forward) {name}",
+         _rows(v, float4s, lambda: mps.cross_entropy(dx, dt)[1]), probs, 2 * x.size * f)
+        # probs (and the loss): v1 three sweeps; v2 the row in registers; v3 read twice
+        for v, float4s, name in ((1, 8, "v1"), (2, 8, "v2"), (2, 0, "v3"))
     ] + [
         (f"cross_entropy_backward v{v}",
          memory_version(v, lambda: mps.cross_entropy_backward(dprobs, dt, one)),
