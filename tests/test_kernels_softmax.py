@@ -37,13 +37,15 @@ ROWS = [(1, 1), (3, 1), (2, 3), (4, 31), (5, 32), (3, 33), (2, 1000), (1, 4097),
 ROWS_V2 = [(17, 1024), (9, 1028), (5, 2048), (3, 3001), (7, 4096), (2, 8192), (2, 8193),
            (1, 16384), (2, 16385)]  # fmt: skip
 # With 4 float4s a lane (ROW_FLOAT4S = 4): P doubles past 512 floats, up to 32 SIMD groups
-# (a threadgroup of 1024) past 8192.
+# (a threadgroup of 1024) past 8192. Version 3 (ROW_FLOAT4S = 0, "2-r0" below) has the
+# geometry of 4 and loops over wider rows (16385 floats here).
 
 
 @pytest.fixture(params=["1", "2", "2-r4", "2-r0"])
 def version(request, monkeypatch, poisoned_memory):
     """CAMEL_MEMORY_KERNELS: 1 the lesson kernels, 2 the row held in registers, 8 float4s a
-    lane, and "2-r4" with 4 (the softmax kernels' _r4 twins, ROW_FLOAT4S; the rest as 2), on
+    lane, "2-r4" with 4 (the softmax kernels' _r4 twins, ROW_FLOAT4S; the rest as 2) and
+    "2-r0" with none (version 3: the row read twice; the cross-entropy too), on
     poisoned memory: an output a kernel forgets to write is NaN, not a recycled answer."""
     kernels, _, float4s = request.param.partition("-r")
     config.set_choices(memory_kernels=kernels)
