@@ -65,7 +65,7 @@ _ROW_MAX_P = 16  # SIMD groups per row at most (a threadgroup of 512 for rows pa
 # GPU and 8 on the simulator, where twice the threads take twice as long to simulate.
 ROW_FLOAT4S = None
 _STREAM_ROWS_PAST = 8192
-_STREAM_SPAN = 512  # floats a SIMD group of version 3 takes a step (32 lanes x 4 float4s)
+_STREAM_SPAN = 512  # floats a SIMD group of version 3 takes a step (32 lanes x ROW_STEP float4s)
 
 
 _V2_MAX_ELEMENTS = 2**32 - 2**20  # version-2 kernels index in 32 bits (with some headroom)
@@ -124,17 +124,25 @@ class _RowKernel(NamedTuple):
         return not self.holds_row or _row_fits(fn, k, self.span, self.most)
 
 
-def _softmax_kernel(name, k, held=(4, 8)):
+def _softmax_kernel(name, k, held=(4, 8), reads=1):
     """The softmax-family kernel for rows of k floats: name (a version-2 kernel,
     "softmax_last_axis_v2"), its "_r4" twin or its version 3 ("_v3"), as ROW_FLOAT4S says
-    (see there); held: the float4s a lane name's version 2 comes with (4 falls back to 8)."""
+    (see there); held: the float4s a lane name's version 2 comes with (4 falls back to 8);
+    reads: the arrays it reads (the backward: y and dy)."""
     float4s = ROW_FLOAT4S
     if float4s is None:
         float4s = 0 if k > _STREAM_ROWS_PAST else 8 if metal.is_simulator() else 4
     if float4s not in (0, 4, 8):
         raise ValueError(f"[mps] ROW_FLOAT4S must be 0, 4, 8 or None, got {ROW_FLOAT4S!r}")
     if float4s == 0:
-        return _RowKernel(name.replace("_v2", "_v3"), _STREAM_SPAN, 2 * _ROW_MAX_P, False)
+        # Version 3's second sweep is fast only while the rows in flight stay in the cache:
+        # a forward lane takes two steps a row (512 threads for 16384 floats, 3 threadgroups
+        # an H100 SM at 48 registers: 25 MB of rows in flight); the backward reads twice the
+        # bytes a row, so a lane takes one step (1024 threads, one threadgroup an SM: 17 MB).
+        # Measured on an H100 (docs/cuda.md): twice the rows in flight read the row twice
+        # from DRAM, and half as many leave the SM idle between sweeps.
+        span = 2 * _STREAM_SPAN // reads
+        return _RowKernel(name.replace("_v2", "_v3"), span, _ROW_MAX_P * reads, False)
     if float4s == 8 or 4 not in held:
         return _RowKernel(name, _ROW_SPAN, _ROW_MAX_P, True)
     return _RowKernel(f"{name}_r4", _ROW_SPAN // 2, 2 * _ROW_MAX_P, True)
@@ -738,7 +746,7 @@ def _softmax_backward_v2(name, y, grad, causal_t, scale=1.0, read=None):
     rows, k = _rows(y)
     if rows == 0 or k == 0 or _memory_version(name, y.size) != 2:
         return None
-    kernel = _softmax_kernel(name, k)
+    kernel = _softmax_kernel(name, k, reads=2)
     fn = _kernel(_SOFT, kernel.name)
     if not kernel.fits(fn, k):
         return None

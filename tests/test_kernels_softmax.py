@@ -368,13 +368,14 @@ def test_softmax_scale_subtracts_the_scaled_max(mps, version, shape, scale):
 @pytest.mark.parametrize(
     "float4s, kernel, threads",
     [(8, "softmax_last_axis_v2", 512), (4, "softmax_last_axis_v2_r4", 1024),
-     (0, "softmax_last_axis_v3", 1024), (None, "softmax_last_axis_v3", 1024)],
+     (0, "softmax_last_axis_v3", 512), (None, "softmax_last_axis_v3", 512)],
 )  # fmt: skip
 def test_row_float4s_picks_the_kernel_and_its_geometry(monkeypatch, float4s, kernel, threads):
     """ROW_FLOAT4S chooses the softmax kernels' float4s a lane: a row of 8193 floats takes
-    16 SIMD groups of 8 float4s a lane or 32 of 4 (a threadgroup each), 32 of version 3's
-    (which holds none: 4 float4s a lane a step), by default version 3 (wider than
-    _STREAM_ROWS_PAST), and 3 is an error."""
+    16 SIMD groups of 8 float4s a lane or 32 of 4 (a threadgroup each), 16 of version 3's
+    (which holds none: two steps of 4 float4s a lane), by default version 3 (wider than
+    _STREAM_ROWS_PAST), and 3 is an error; version 3's backward takes 32 (one step a lane:
+    it reads twice the bytes a row)."""
     mps = backend_mps_or_skip()
     config.set_choices(memory_kernels=None)
     monkeypatch.setattr(mps, "ROW_FLOAT4S", float4s)
@@ -383,6 +384,13 @@ def test_row_float4s_picks_the_kernel_and_its_geometry(monkeypatch, float4s, ker
         got = host(mps, mps.softmax(mps.from_numpy(x)))
     assert [(e.name, e.threads_per_threadgroup) for e in prof.events] == [(kernel, (threads, 1, 1))]
     close(got, cpu.softmax(x))
+    if kernel.endswith("_v3"):
+        with camel.profile() as prof:
+            dx = host(mps, mps.softmax_backward(mps.from_numpy(got), mps.from_numpy(x)))
+        assert [(e.name, e.threads_per_threadgroup) for e in prof.events] == [
+            ("softmax_backward_v3", (1024, 1, 1))
+        ]
+        close(dx, cpu.softmax_backward(got, x))
     monkeypatch.setattr(mps, "ROW_FLOAT4S", 3)
     with pytest.raises(ValueError, match="ROW_FLOAT4S must be 0, 4, 8 or None, got 3"):
         mps.softmax(mps.from_numpy(x))

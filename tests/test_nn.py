@@ -298,11 +298,13 @@ def test_layernorm_matches_torch(shape, device):
     assert_close(y, ty, what="forward")
     y.backward(camel.tensor(g_np, device=device))
     ty.backward(torch.from_numpy(g_np))
-    assert_close(x.grad, tx.grad, atol=1e-4, what="grad x")
-    if d == 1:  # x - mean is exactly 0: dweight is exactly 0, torch's is rounding noise
+    if d == 1:  # x - mean is exactly 0: dx and dweight are exactly 0, torch's rounding noise
+        # (times 1/sqrt(eps) = 316: 1.2e-4 in a CUDA build of PyTorch on an H100 host)
+        assert not x.grad.numpy().any()
         assert not ln.weight.grad.numpy().any()
         assert_close(ln.bias.grad, tln.bias.grad, atol=1e-4, rtol=1e-3, what="grad of bias")
     else:
+        assert_close(x.grad, tx.grad, atol=1e-4, what="grad x")
         _check_grads(ln, tln)
 
 
