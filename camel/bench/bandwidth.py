@@ -54,23 +54,30 @@ def copy_gbs(n: int, reps: int) -> float:
 
 
 def time_cases(what: str, shapes, cases, reps: int, unit: str) -> None:
-    """Time every case at every shape and print  op | shape | ms | GB/s | % of copy.
-    cases(shape, rng) gives (label, run() -> DeviceArray, expected, bytes moved)."""
+    """Time every case at every shape and print  op | shape | ms | GB/s | % of copy | % of
+    roofline | the kernels one call ran. cases(shape, rng) gives (label, run() ->
+    DeviceArray, expected, bytes moved)."""
+    import camel
     from camel.bench import roofline
     from camel.tuning import time_ms
 
     peaks = roofline.device_peaks()
-    print(f"\n| op | {what} | ms | {unit} | % of copy | % of roofline |"
-          "\n|---|---|---:|---:|---:|---:|")  # fmt: skip
+    print(f"\n| op | {what} | ms | {unit} | % of copy | % of roofline | kernels |"
+          "\n|---|---|---:|---:|---:|---:|---|")  # fmt: skip
     rng = np.random.default_rng(1)
     for shape in shapes:
         copy = copy_gbs(shape[0] * shape[1], reps)
         for label, run, _want, nbytes in cases(shape, rng):
+            # the kernels one call dispatches: a version that cannot run this shape falls
+            # back to another, and the row must say so
+            with camel.profile() as prof:
+                run()
+            kernels = ", ".join(dict.fromkeys(e.name for e in prof.events))
             ms = time_ms(run, reps)
             gbs = nbytes / ms / 1e6
             roof = roofline.percent(0.0, nbytes, ms, peaks)  # memory-bound: bytes / bandwidth
             pct = f"{100 * gbs / copy:.0f}%"
-            print(f"| {label} | {shape} | {ms:.4f} | {gbs:.1f} | {pct} | {roof} |")
+            print(f"| {label} | {shape} | {ms:.4f} | {gbs:.1f} | {pct} | {roof} | {kernels} |")
     print("\n" + roofline.note(peaks))
 
 
