@@ -136,8 +136,8 @@ def _softmax_kernel(name, k, held=(4, 8), reads=1):
         raise ValueError(f"[mps] ROW_FLOAT4S must be 0, 4, 8 or None, got {ROW_FLOAT4S!r}")
     if float4s == 0:
         # Version 3's second sweep is fast only while the rows in flight stay in the cache:
-        # a forward lane takes two steps a row (512 threads for 16384 floats, 3 threadgroups
-        # an H100 SM at 48 registers: 25 MB of rows in flight); the backward reads twice the
+        # a forward lane takes two steps a row (512 threads for 16384 floats, 2 threadgroups
+        # an H100 SM at 48 registers: 17 MB of rows in flight); the backward reads twice the
         # bytes a row, so a lane takes one step (1024 threads, one threadgroup an SM: 17 MB).
         # Measured on an H100 (docs/cuda.md): twice the rows in flight read the row twice
         # from DRAM, and half as many leave the SM idle between sweeps.
