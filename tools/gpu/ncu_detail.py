@@ -1,10 +1,11 @@
 """One launch of each kernel that misses its H200 goal, for `ncu`'s detailed sections
 (tools/gpu/h200.sh ncu_detail): the memory-bound kernels under 70 % of the copy bandwidth
 (softmax / log_softmax / cross-entropy forward, LayerNorm backward) next to two that reach
-it (softmax backward, LayerNorm forward v4), the best GEMM rung at 4096^3, the best flash
-rung at T = 4096 (v7) and v9, v7 with the next K/V chunk staged in registers. The report's
-sections (issue slots, warp stalls, occupancy, memory) say whether each is bound by memory,
-by instruction issue or by latency."""
+it (softmax backward, LayerNorm forward v4), version 3 of the softmax family on rows of
+16384 floats (the cross-entropy forward's kernel and its mean over rows), the best GEMM
+rung at 4096^3, the best flash rung at T = 4096 (v7) and v9, v7 with the next K/V chunk
+staged in registers. The report's sections (issue slots, warp stalls, occupancy, memory)
+say whether each is bound by memory, by instruction issue or by latency."""
 
 import numpy as np
 
@@ -26,6 +27,15 @@ _, mean, rstd = mps.layer_norm(x, w, b, 1e-5)
 mps.layer_norm_backward(g, x, w, mean, rstd)
 with config.choices(layernorm_backward="3"):  # v3 next to the default
     mps.layer_norm_backward(g, x, w, mean, rstd)
+metal.synchronize()
+# rows too wide for registers (1024, 16384), 64 MiB: version 3 by default; the
+# cross-entropy's mean over rows is a second kernel (sum_last_axis_v2), timed here too
+wide = (1024, 16384)
+xw = mps.from_numpy(rng.standard_normal(wide, dtype=np.float32))
+gw = mps.from_numpy(rng.standard_normal(wide, dtype=np.float32))
+tw = mps.from_numpy(rng.integers(0, wide[1], wide[0]).astype(np.int32))
+mps.softmax_backward(mps.softmax(xw), gw)
+mps.cross_entropy(xw, tw)
 metal.synchronize()
 a, bb = (metal.DeviceArray.from_numpy(rng.standard_normal((4096, 4096), dtype=np.float32))
          for _ in "ab")  # fmt: skip
