@@ -750,8 +750,9 @@ static inline float2 softmax_row_streamed(device const V *xr, device V *yr, uint
 }
 
 // x, y (rows, K); the arguments and geometry of softmax_rows_v2, with ROW_STEP float4s a
-// lane a step (P SIMD groups a row: the host picks the fewest for which K <= 128 ROW_STEP P,
-// at most 32; wider rows loop). Grid: ceil(rows P / S) threadgroups.
+// lane a step (P SIMD groups a row: the host picks the fewest for which K <= 1024 P, two
+// steps a lane, at most 16, so that the rows in flight stay in the cache; wider rows loop).
+// Grid: ceil(rows P / S) threadgroups.
 template <bool LOG>
 kernel void softmax_rows_v3(device const float *x [[buffer(0)]],
                             device float *y [[buffer(1)]],
@@ -882,7 +883,9 @@ static inline void softmax_backward_row_streamed(device const V *yr, device cons
     }
 }
 
-// y, dy, dx (rows, K); the arguments and geometry of softmax_backward_rows_v2, any K.
+// y, dy, dx (rows, K); the arguments and geometry of softmax_backward_rows_v2, any K (the
+// host picks the fewest P for which K <= 512 P, one step a lane, at most 32: a row is twice
+// the forward's bytes, so half the rows in flight).
 template <bool LOG>
 kernel void softmax_backward_rows_v3(device const float *y [[buffer(0)]],
                                      device const float *dy [[buffer(1)]],
