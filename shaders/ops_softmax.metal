@@ -450,30 +450,51 @@ SOFTMAX_ROWS_V2("log_softmax_last_axis_v2", true, ROW_REGS)
 SOFTMAX_ROWS_V2("softmax_last_axis_v2_r4", false, 4)
 SOFTMAX_ROWS_V2("log_softmax_last_axis_v2_r4", true, 4)
 
-// row_loss[row] = m + log(s) - xr[target] for ms = (m, s) of row `row` (xr), or, for a
-// target outside [0, K), 0 and the error record of cross_entropy_forward. One lane a row.
-static inline void cross_entropy_row_loss(float2 ms, device const float *xr,
-                                          device const int *targets, device float *row_loss,
+// The target of a row and the row's logit there, for cross_entropy_row_loss. The lane that
+// writes the loss loads them before the row's sweeps, whose loads hide their latency; loaded
+// after, the loss would wait on two dependent loads at the end of every row. A target
+// outside [0, K) reads no logit. active: the lane writes the loss.
+struct RowTarget {
+    int target;
+    float logit;
+};
+
+static inline RowTarget row_target(device const float *xr, device const int *targets, uint row,
+                                   uint K, bool active)
+{
+    RowTarget t = {0, 0.0f};
+    if (active) {
+        t.target = targets[row];
+        if (t.target >= 0 && t.target < int(K)) {
+            t.logit = xr[t.target];
+        }
+    }
+    return t;
+}
+
+// row_loss[row] = m + log(s) - x[target] for ms = (m, s) of row `row`, or, for a target
+// outside [0, K), 0 and the error record of cross_entropy_forward. One lane a row.
+static inline void cross_entropy_row_loss(float2 ms, RowTarget t, device float *row_loss,
                                           device atomic_int *error, uint row, uint K)
 {
-    int target = targets[row];
-    if (target < 0 || target >= int(K)) {
+    if (t.target < 0 || t.target >= int(K)) {
         int seen_before = atomic_fetch_add_explicit(&error[0], 1, memory_order_relaxed);
         if (seen_before == 0) {
             atomic_store_explicit(&error[1], int(row), memory_order_relaxed);
-            atomic_store_explicit(&error[2], target, memory_order_relaxed);
+            atomic_store_explicit(&error[2], t.target, memory_order_relaxed);
         }
         row_loss[row] = 0.0f;
     } else {
-        row_loss[row] = (ms.x + log(ms.y)) - xr[target];
+        row_loss[row] = (ms.x + log(ms.y)) - t.logit;
     }
 }
 
 // logits, probs (N, K); targets, row_loss (N,); error as in cross_entropy_forward. Version 2
 // of the fused cross-entropy: the softmax of softmax_rows_v2 (the row read once into
-// registers, probs written once; geometry and vec4 as there), then lane 0 of the row's first
-// SIMD group checks the target and writes row_loss = m + log(s) - logits[r, target] (one
-// more load, from the cache). Grid: ceil(N P / S) threadgroups.
+// registers, probs written once; geometry and vec4 as there). Lane 0 of the row's first
+// SIMD group loads the target and logits[r, target] first (row_target), and after the
+// softmax checks the target and writes row_loss = m + log(s) - logits[r, target].
+// Grid: ceil(N P / S) threadgroups.
 kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
                                      device const int *targets [[buffer(1)]],
                                      device float *row_loss [[buffer(2)]],
@@ -493,6 +514,7 @@ kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
     uint first = (simd_group % P) * 32 + lane;
     uint limit = row < rows ? K : 0;
     uint base = row < rows ? row * K : 0;
+    RowTarget target = row_target(logits + base, targets, row, K, row < rows && first == 0);
     float2 ms;
     if (vec4 != 0) {
         ms = softmax_row<float4, ROW_REGS, false>((device const float4 *)(logits + base),
@@ -504,7 +526,7 @@ kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
                                                      first, 32 * P, partial, P, lane, simd_group);
     }
     if (row < rows && first == 0) {
-        cross_entropy_row_loss(ms, logits + base, targets, row_loss, error, row, K);
+        cross_entropy_row_loss(ms, target, row_loss, error, row, K);
     }
 }
 
@@ -817,6 +839,7 @@ kernel void cross_entropy_forward_v3(device const float *logits [[buffer(0)]],
     uint first = (simd_group % P) * 32 + lane;
     uint limit = row < rows ? K : 0;
     uint base = row < rows ? row * K : 0;
+    RowTarget target = row_target(logits + base, targets, row, K, row < rows && first == 0);
     float2 ms;
     if (vec4 != 0) {
         ms = softmax_row_streamed<float4, false>((device const float4 *)(logits + base),
@@ -828,7 +851,7 @@ kernel void cross_entropy_forward_v3(device const float *logits [[buffer(0)]],
                                                 first, 32 * P, partial, P, lane, simd_group);
     }
     if (row < rows && first == 0) {
-        cross_entropy_row_loss(ms, logits + base, targets, row_loss, error, row, K);
+        cross_entropy_row_loss(ms, target, row_loss, error, row, K);
     }
 }
 
