@@ -4,6 +4,8 @@ hand, so a change to a rung's table that the model misses shows up here)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from camel.bench import roofline
@@ -146,11 +148,12 @@ def test_memory_bench_prints_the_column(capsys):
     assert rows
     if metal.is_simulator():
         assert {row[-3].strip() for row in rows} == {"n/a"} and "n/a (the simulator" in out
-    # the kernels column names what ran: v1 and v2 of the last-axis sum at (4, 64)
-    assert {row[-2].strip() for row in rows if "last axis" in row[1]} >= {
-        "sum_last_axis",
-        "sum_last_axis_v2",
-    }, rows
+    # the kernels column names what ran, each with its time in that call: v1 and v2 of the
+    # last-axis sum at (4, 64)
+    ran = [re.findall(r"(\w+) \((\d+\.\d{4}) ms\)", row[-2]) for row in rows]
+    assert all(ran) and all(float(ms) > 0 for kernels in ran for _, ms in kernels), rows
+    assert {name for kernels, row in zip(ran, rows, strict=True) if "last axis" in row[1]
+            for name, _ in kernels} >= {"sum_last_axis", "sum_last_axis_v2"}, rows  # fmt: skip
 
 
 @pytest.mark.parametrize(

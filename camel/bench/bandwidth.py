@@ -55,8 +55,8 @@ def copy_gbs(n: int, reps: int) -> float:
 
 def time_cases(what: str, shapes, cases, reps: int, unit: str) -> None:
     """Time every case at every shape and print  op | shape | ms | GB/s | % of copy | % of
-    roofline | the kernels one call ran. cases(shape, rng) gives (label, run() ->
-    DeviceArray, expected, bytes moved)."""
+    roofline | the kernels one call ran, each with its own time in that call. cases(shape,
+    rng) gives (label, run() -> DeviceArray, expected, bytes moved)."""
     import camel
     from camel.bench import roofline
     from camel.tuning import time_ms
@@ -69,10 +69,15 @@ def time_cases(what: str, shapes, cases, reps: int, unit: str) -> None:
         copy = copy_gbs(shape[0] * shape[1], reps)
         for label, run, _want, nbytes in cases(shape, rng):
             # the kernels one call dispatches: a version that cannot run this shape falls
-            # back to another, and the row must say so
+            # back to another, and the row must say so. Their times (the profile gives each
+            # dispatch its own command buffer) against the row's ms show what the op spends
+            # outside its kernels: uploads, the gaps between dispatches, a host too slow.
             with camel.profile() as prof:
                 run()
-            kernels = ", ".join(dict.fromkeys(e.name for e in prof.events))
+            each: dict[str, float] = {}
+            for e in prof.events:
+                each[e.name] = each.get(e.name, 0.0) + (e.ms or 0.0)
+            kernels = ", ".join(f"{name} ({ms:.4f} ms)" for name, ms in each.items())
             ms = time_ms(run, reps)
             gbs = nbytes / ms / 1e6
             roof = roofline.percent(0.0, nbytes, ms, peaks)  # memory-bound: bytes / bandwidth
