@@ -774,22 +774,21 @@ def _row_backward(name, y, grad, *extra, read=None):
 def cross_entropy(logits, targets):
     """Mean cross-entropy over N rows; returns (loss shape (), probs (N, C)).
 
-    Out-of-range targets: the kernel detects them on the GPU (it never reads outside
-    a row) and records the count, the first bad row and its value in a 3-int error
-    buffer, which metal.check_later reads at the next synchronisation (the loss's
-    .item(), any .numpy()) and raises an IndexError naming the target, C and the line
-    of the call. Why not read it right here: that wait, once per loss, stalled the GPU
-    mid-step (the host stops issuing the backward until the forward is done); why not
-    validate targets on the host first: targets live on the GPU, and the kernel
-    already looks at every one of them.
+    Two dispatches: cross_entropy_forward (a version of it) writes probs and the loss of
+    each row; cross_entropy_mean takes their mean and checks every target, writing a 3-int
+    error record (how many are out of range, the first such row, its value). The row kernels
+    never read outside a row. metal.check_later reads the record at the next
+    synchronisation (the loss's .item(), any .numpy()) and raises an IndexError naming the
+    target, C and the line of the call. Why not read it right here: that wait, once per
+    loss, stalled the GPU mid-step (the host stops issuing the backward until the forward is
+    done); why not validate targets on the host first: targets live on the GPU, and the
+    kernel looks at every one of them anyway.
     """
     n, c = logits.shape
     probs = _empty((n, c))
-    loss = _empty(())
     if n == 0:
         return full((), float("nan"), "float32"), probs  # the mean of nothing, as NumPy
     row_loss = _empty((n,))
-    error = DeviceArray.zeros((3,), np.int32)
     nbytes = (2 * n * c + 2 * n) * _F32
     kernel = _softmax_kernel("cross_entropy_forward_v2", c, held=(8,))
     fn = _kernel(_SOFT, kernel.name)
@@ -797,14 +796,18 @@ def cross_entropy(logits, targets):
         # version 2: the row read once, in registers; version 3: read twice, any width
         p, groups, tpg = _row_geometry(n, c, fn, kernel.span, kernel.most)
         vec4 = int(c % 4 == 0 and _aligned(logits, probs))
-        fn(logits, targets, row_loss, probs, error, n, c, p, vec4, threadgroups=groups,
+        fn(logits, targets, row_loss, probs, n, c, p, vec4, threadgroups=groups,
            threads_per_threadgroup=tpg, flops=5 * n * c, bytes=nbytes)  # fmt: skip
     else:
         fn = _kernel(_SOFT, "cross_entropy_forward")
-        fn(logits, targets, row_loss, probs, error, c, threadgroups=n,
+        fn(logits, targets, row_loss, probs, c, threadgroups=n,
            threads_per_threadgroup=_row_threads(c), flops=5 * n * c, bytes=nbytes)  # fmt: skip
+    loss = _empty(())
+    error = _empty((3,), np.int32)  # written whole by the kernel: no zeroing, no upload
+    fn = _kernel(_SOFT, "cross_entropy_mean")
+    fn(row_loss, targets, loss, error, n, c, threadgroups=1,
+       threads_per_threadgroup=_row_threads(n), flops=n, bytes=(2 * n + 4) * _F32)  # fmt: skip
     metal.check_later(error, lambda record: _bad_targets(record, n, c))
-    _sum_rows(row_loss, loss, 1, n, 1.0 / n)  # the mean over rows
     return loss, probs
 
 

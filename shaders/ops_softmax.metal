@@ -14,7 +14,7 @@
 //                              and neither y nor dy is read there)
 //   log_softmax_backward      dx = dy - exp(y) * sum_k(dy)                 one threadgroup per row
 //   cross_entropy_forward     loss_r = m_r + log(s_r) - x[r, target_r], probs = softmax(x)
-//                             (the mean over rows is sum_last_axis with scale 1/N, ops_reduce)
+//   cross_entropy_mean        loss = mean_r loss_r, and the record of out-of-range targets
 //   cross_entropy_backward    dx[r, k] = (probs[r, k] - (k == target_r)) * grad / N
 // with m_r = max_k a x[r, k] and s_r = sum_k exp(a x[r, k] - m_r) (a = 1 but for softmax).
 //
@@ -206,16 +206,13 @@ kernel void log_softmax_backward(device const float *y [[buffer(0)]],
 
 // logits, probs (N, K); targets, row_loss (N,). Threadgroup r computes the log-sum-exp of
 // row r (lse = m + log(s)), row_loss[r] = lse - logits[r, target], and the softmax the
-// backward needs. error is 3 ints, zero before the dispatch: a target outside [0, K) is
-// counted in error[0]; the first thread to find one records its row in error[1] and the
-// value in error[2], and its row loss is 0 (the kernel never reads outside the row).
-// The host checks error after the dispatch and raises (see camel/backend_mps.py).
+// backward needs. A target outside [0, K) gives row_loss 0 (the kernel never reads outside
+// the row); cross_entropy_mean, which runs next, finds it and records it.
 kernel void cross_entropy_forward(device const float *logits [[buffer(0)]],
                                   device const int *targets [[buffer(1)]],
                                   device float *row_loss [[buffer(2)]],
                                   device float *probs [[buffer(3)]],
-                                  device atomic_int *error [[buffer(4)]],
-                                  constant uint &K [[buffer(5)]],
+                                  constant uint &K [[buffer(4)]],
                                   uint row [[threadgroup_position_in_grid]],
                                   uint t [[thread_position_in_threadgroup]],
                                   uint T [[threads_per_threadgroup]],
@@ -245,16 +242,60 @@ kernel void cross_entropy_forward(device const float *logits [[buffer(0)]],
 
     if (t == 0) {
         int target = targets[row];
+        bool in_range = target >= 0 && target < int(K);
+        row_loss[row] = in_range ? (m + log(s)) - xr[target] : 0.0f;
+    }
+}
+
+// row_loss, targets (N,) from any version of cross_entropy_forward; loss one float; error
+// 3 ints. One threadgroup: loss = the mean of row_loss, and the targets' error record:
+// error = (how many targets are outside [0, K), the first such row, its target), or
+// (0, 0, 0). Every field is written, so the record needs no zeroing before the dispatch
+// (no host write, no upload); the host reads it at the next synchronisation
+// (camel/backend_mps.py). Thread t visits rows t, t + T, ...
+kernel void cross_entropy_mean(device const float *row_loss [[buffer(0)]],
+                               device const int *targets [[buffer(1)]],
+                               device float *loss [[buffer(2)]],
+                               device int *error [[buffer(3)]],
+                               constant uint &N [[buffer(4)]],
+                               constant uint &K [[buffer(5)]],
+                               uint t [[thread_position_in_threadgroup]],
+                               uint T [[threads_per_threadgroup]],
+                               uint lane [[thread_index_in_simdgroup]],
+                               uint simd_group [[simdgroup_index_in_threadgroup]],
+                               uint num_simd_groups [[simdgroups_per_threadgroup]])
+{
+    threadgroup float partial[32];
+    threadgroup uint bad_counts[32];
+    threadgroup uint first_bads[32];
+    float sum = 0.0f;
+    uint bad = 0;
+    uint first_bad = N;  // none yet
+    for (uint r = t; r < N; r += T) {
+        sum += row_loss[r];
+        int target = targets[r];
         if (target < 0 || target >= int(K)) {
-            int seen_before = atomic_fetch_add_explicit(&error[0], 1, memory_order_relaxed);
-            if (seen_before == 0) {
-                atomic_store_explicit(&error[1], int(row), memory_order_relaxed);
-                atomic_store_explicit(&error[2], target, memory_order_relaxed);
-            }
-            row_loss[row] = 0.0f;
-        } else {
-            row_loss[row] = (m + log(s)) - xr[target];
+            bad++;
+            first_bad = min(first_bad, r);
         }
+    }
+    sum = threadgroup_sum(sum, partial, lane, simd_group, num_simd_groups);
+    bad = simd_sum(bad);
+    first_bad = simd_min(first_bad);
+    if (lane == 0) {
+        bad_counts[simd_group] = bad;
+        first_bads[simd_group] = first_bad;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (t == 0) {
+        for (uint g = 1; g < num_simd_groups; g++) {
+            bad += bad_counts[g];
+            first_bad = min(first_bad, first_bads[g]);
+        }
+        loss[0] = sum / float(N);
+        error[0] = int(bad);
+        error[1] = bad > 0 ? int(first_bad) : 0;
+        error[2] = bad > 0 ? targets[first_bad] : 0;
     }
 }
 
@@ -472,24 +513,16 @@ static inline RowTarget row_target(device const float *xr, device const int *tar
     return t;
 }
 
-// row_loss[row] = m + log(s) - x[target] for ms = (m, s) of row `row`, or, for a target
-// outside [0, K), 0 and the error record of cross_entropy_forward. One lane a row.
+// row_loss[row] = m + log(s) - x[target] for ms = (m, s) of row `row`, or 0 for a target
+// outside [0, K) (cross_entropy_mean records it). One lane a row.
 static inline void cross_entropy_row_loss(float2 ms, RowTarget t, device float *row_loss,
-                                          device atomic_int *error, uint row, uint K)
+                                          uint row, uint K)
 {
-    if (t.target < 0 || t.target >= int(K)) {
-        int seen_before = atomic_fetch_add_explicit(&error[0], 1, memory_order_relaxed);
-        if (seen_before == 0) {
-            atomic_store_explicit(&error[1], int(row), memory_order_relaxed);
-            atomic_store_explicit(&error[2], t.target, memory_order_relaxed);
-        }
-        row_loss[row] = 0.0f;
-    } else {
-        row_loss[row] = (ms.x + log(ms.y)) - t.logit;
-    }
+    bool in_range = t.target >= 0 && t.target < int(K);
+    row_loss[row] = in_range ? (ms.x + log(ms.y)) - t.logit : 0.0f;
 }
 
-// logits, probs (N, K); targets, row_loss (N,); error as in cross_entropy_forward. Version 2
+// logits, probs (N, K); targets, row_loss (N,) as in cross_entropy_forward. Version 2
 // of the fused cross-entropy: the softmax of softmax_rows_v2 (the row read once into
 // registers, probs written once; geometry and vec4 as there). Lane 0 of the row's first
 // SIMD group loads the target and logits[r, target] first (row_target), and after the
@@ -499,11 +532,10 @@ kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
                                      device const int *targets [[buffer(1)]],
                                      device float *row_loss [[buffer(2)]],
                                      device float *probs [[buffer(3)]],
-                                     device atomic_int *error [[buffer(4)]],
-                                     constant uint &rows [[buffer(5)]],
-                                     constant uint &K [[buffer(6)]],
-                                     constant uint &P [[buffer(7)]],
-                                     constant uint &vec4 [[buffer(8)]],
+                                     constant uint &rows [[buffer(4)]],
+                                     constant uint &K [[buffer(5)]],
+                                     constant uint &P [[buffer(6)]],
+                                     constant uint &vec4 [[buffer(7)]],
                                      uint group [[threadgroup_position_in_grid]],
                                      uint lane [[thread_index_in_simdgroup]],
                                      uint simd_group [[simdgroup_index_in_threadgroup]],
@@ -526,7 +558,7 @@ kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
                                                      first, 32 * P, partial, P, lane, simd_group);
     }
     if (row < rows && first == 0) {
-        cross_entropy_row_loss(ms, target, row_loss, error, row, K);
+        cross_entropy_row_loss(ms, target, row_loss, row, K);
     }
 }
 
@@ -818,17 +850,16 @@ kernel void softmax_rows_v3(device const float *x [[buffer(0)]],
 SOFTMAX_ROWS_V3("softmax_last_axis_v3", false)
 SOFTMAX_ROWS_V3("log_softmax_last_axis_v3", true)
 
-// logits, probs (N, K); targets, row_loss (N,); error as in cross_entropy_forward. Version 3
+// logits, probs (N, K); targets, row_loss (N,) as in cross_entropy_forward. Version 3
 // of the fused cross-entropy: softmax_row_streamed, then the row loss as version 2.
 kernel void cross_entropy_forward_v3(device const float *logits [[buffer(0)]],
                                      device const int *targets [[buffer(1)]],
                                      device float *row_loss [[buffer(2)]],
                                      device float *probs [[buffer(3)]],
-                                     device atomic_int *error [[buffer(4)]],
-                                     constant uint &rows [[buffer(5)]],
-                                     constant uint &K [[buffer(6)]],
-                                     constant uint &P [[buffer(7)]],
-                                     constant uint &vec4 [[buffer(8)]],
+                                     constant uint &rows [[buffer(4)]],
+                                     constant uint &K [[buffer(5)]],
+                                     constant uint &P [[buffer(6)]],
+                                     constant uint &vec4 [[buffer(7)]],
                                      uint group [[threadgroup_position_in_grid]],
                                      uint lane [[thread_index_in_simdgroup]],
                                      uint simd_group [[simdgroup_index_in_threadgroup]],
@@ -851,7 +882,7 @@ kernel void cross_entropy_forward_v3(device const float *logits [[buffer(0)]],
                                                 first, 32 * P, partial, P, lane, simd_group);
     }
     if (row < rows && first == 0) {
-        cross_entropy_row_loss(ms, target, row_loss, error, row, K);
+        cross_entropy_row_loss(ms, target, row_loss, row, K);
     }
 }
 

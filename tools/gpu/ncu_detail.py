@@ -29,7 +29,8 @@ with config.choices(layernorm_backward="3"):  # v3 next to the default
     mps.layer_norm_backward(g, x, w, mean, rstd)
 metal.synchronize()
 # rows too wide for registers (1024, 16384), 64 MiB: version 3 by default; the
-# cross-entropy's mean over rows is a second kernel (sum_last_axis_v2), timed here too
+# cross-entropy's mean over rows and its target check is a second kernel
+# (cross_entropy_mean), timed here too
 wide = (1024, 16384)
 xw = mps.from_numpy(rng.standard_normal(wide, dtype=np.float32))
 gw = mps.from_numpy(rng.standard_normal(wide, dtype=np.float32))
