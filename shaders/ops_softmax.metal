@@ -496,18 +496,19 @@ SOFTMAX_ROWS_V2("log_softmax_last_axis_v2_r4", true, 4)
 // after, the loss would wait on two dependent loads at the end of every row. A target
 // outside [0, K) reads no logit. active: the lane writes the loss.
 struct RowTarget {
-    int target;
-    float logit;
+    bool in_range;  // the target is in [0, K)
+    float logit;    // x[target], if it is
 };
 
 static inline RowTarget row_target(device const float *xr, device const int *targets, uint row,
                                    uint K, bool active)
 {
-    RowTarget t = {0, 0.0f};
+    RowTarget t = {false, 0.0f};
     if (active) {
-        t.target = targets[row];
-        if (t.target >= 0 && t.target < int(K)) {
-            t.logit = xr[t.target];
+        int target = targets[row];
+        t.in_range = target >= 0 && target < int(K);
+        if (t.in_range) {
+            t.logit = xr[target];
         }
     }
     return t;
@@ -516,10 +517,9 @@ static inline RowTarget row_target(device const float *xr, device const int *tar
 // row_loss[row] = m + log(s) - x[target] for ms = (m, s) of row `row`, or 0 for a target
 // outside [0, K) (cross_entropy_mean records it). One lane a row.
 static inline void cross_entropy_row_loss(float2 ms, RowTarget t, device float *row_loss,
-                                          uint row, uint K)
+                                          uint row)
 {
-    bool in_range = t.target >= 0 && t.target < int(K);
-    row_loss[row] = in_range ? (ms.x + log(ms.y)) - t.logit : 0.0f;
+    row_loss[row] = t.in_range ? (ms.x + log(ms.y)) - t.logit : 0.0f;
 }
 
 // logits, probs (N, K); targets, row_loss (N,) as in cross_entropy_forward. Version 2
@@ -558,7 +558,7 @@ kernel void cross_entropy_forward_v2(device const float *logits [[buffer(0)]],
                                                      first, 32 * P, partial, P, lane, simd_group);
     }
     if (row < rows && first == 0) {
-        cross_entropy_row_loss(ms, target, row_loss, row, K);
+        cross_entropy_row_loss(ms, target, row_loss, row);
     }
 }
 
@@ -882,7 +882,7 @@ kernel void cross_entropy_forward_v3(device const float *logits [[buffer(0)]],
                                                 first, 32 * P, partial, P, lane, simd_group);
     }
     if (row < rows && first == 0) {
-        cross_entropy_row_loss(ms, target, row_loss, row, K);
+        cross_entropy_row_loss(ms, target, row_loss, row);
     }
 }
 
