@@ -37,16 +37,18 @@
 #include <metal_stdlib>
 using namespace metal;
 
-// Sum of `value` over the threadgroup; every thread returns it. partial: 32 floats.
-static inline float threadgroup_sum(float value, threadgroup float *partial, uint lane,
-                                    uint simd_group, uint num_simd_groups)
+// Sum of `value` (a float, or a uint count) over the threadgroup; every thread returns it.
+// partial: 32 of them.
+template <typename T>
+static inline T threadgroup_sum(T value, threadgroup T *partial, uint lane, uint simd_group,
+                                uint num_simd_groups)
 {
     value = simd_sum(value);
     if (lane == 0) {
         partial[simd_group] = value;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // all partials written
-    float total = lane < num_simd_groups ? partial[lane] : 0.0f;
+    T total = lane < num_simd_groups ? partial[lane] : T(0);
     total = simd_sum(total);
     threadgroup_barrier(mem_flags::mem_threadgroup);  // all read: partial may be reused
     return total;
@@ -63,6 +65,21 @@ static inline float threadgroup_max(float value, threadgroup float *partial, uin
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float total = lane < num_simd_groups ? partial[lane] : -INFINITY;
     total = simd_max(total);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    return total;
+}
+
+// Minimum of `value` over the threadgroup; every thread returns it. partial: 32 uints.
+static inline uint threadgroup_min(uint value, threadgroup uint *partial, uint lane,
+                                   uint simd_group, uint num_simd_groups)
+{
+    value = simd_min(value);
+    if (lane == 0) {
+        partial[simd_group] = value;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    uint total = lane < num_simd_groups ? partial[lane] : 0xFFFFFFFFu;
+    total = simd_min(total);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     return total;
 }
@@ -266,8 +283,7 @@ kernel void cross_entropy_mean(device const float *row_loss [[buffer(0)]],
                                uint num_simd_groups [[simdgroups_per_threadgroup]])
 {
     threadgroup float partial[32];
-    threadgroup uint bad_counts[32];
-    threadgroup uint first_bads[32];
+    threadgroup uint partial_u[32];
     float sum = 0.0f;
     uint bad = 0;
     uint first_bad = N;  // none yet
@@ -280,18 +296,9 @@ kernel void cross_entropy_mean(device const float *row_loss [[buffer(0)]],
         }
     }
     sum = threadgroup_sum(sum, partial, lane, simd_group, num_simd_groups);
-    bad = simd_sum(bad);
-    first_bad = simd_min(first_bad);
-    if (lane == 0) {
-        bad_counts[simd_group] = bad;
-        first_bads[simd_group] = first_bad;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bad = threadgroup_sum(bad, partial_u, lane, simd_group, num_simd_groups);
+    first_bad = threadgroup_min(first_bad, partial_u, lane, simd_group, num_simd_groups);
     if (t == 0) {
-        for (uint g = 1; g < num_simd_groups; g++) {
-            bad += bad_counts[g];
-            first_bad = min(first_bad, first_bads[g]);
-        }
         loss[0] = sum / float(N);
         error[0] = int(bad);
         error[1] = bad > 0 ? int(first_bad) : 0;
