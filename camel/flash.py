@@ -4,7 +4,8 @@
     q (B, H, T, D), k and v (B, H, S, D), out (B, H, T, D), lse (B, H, T); float32, "mps"
 
 `RUNGS` is the ladder table: rung -> kernel name, query rows per threadgroup (B_r), keys
-per block (B_c), columns of D per K/V chunk (DK), threads and threadgroup memory.
+per block (B_c), columns of D per K/V chunk (DK), threads and threadgroup memory. v1-v9
+are one template (flash_forward, simdgroup_matrix); v10 is another (flash_forward_simt).
 `forward()` returns (out, lse) without ever allocating a (T, S) matrix; `backward()`
 recomputes P from lse, one thread per row (see shaders/ops_attention.metal). Both work on
 camel.metal.DeviceArrays, like camel/gemm.py; the autograd op over them, FlashAttention,
@@ -13,7 +14,7 @@ camel/bench/tuner.py (tune_flash) and cached by camel/tuning.py.
 
 Selection (F.scaled_dot_product_attention on "mps"):
     CAMEL_ATTENTION=flash        the default rung: v6 with the autotuner's tile shape
-    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v9, or flash_v6_64x32)
+    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v10, or flash_v6_64x32)
     CAMEL_ATTENTION=naive        the Stage 5A path (four ops, a (T, S) matrix)
 Head dims 32, 64 and 128 are built; camel.functional falls back to naive for others.
 """
@@ -47,20 +48,30 @@ class Rung:
     reg_softmax: bool = False  # v7: softmax in registers, no score or diag(alpha) tile
     pad: int = 0  # v8: floats added to each row of the score tile and of the K/V chunks
     prefetch: bool = False  # v9: the next K/V chunk staged in registers (device reads early)
+    simt: bool = False  # v10: flash_forward_simt, scalar FMAs, 16 query rows a SIMD group
+    bc_d128: int = 0  # v10: keys per block at D = 128 where B_c would not fit 32 KiB
 
     @property
     def threads(self) -> int:
-        return self.br // 8 * 32
+        return self.br // (16 if self.simt else 8) * 32
+
+    def keys(self, d: int) -> int:
+        """Keys per block (B_c) at head dim d."""
+        return self.bc_d128 if d == 128 and self.bc_d128 else self.bc
 
     def kernel(self, d: int) -> str:
-        return f"flash_v{self.version}_{self.br}x{self.bc}_d{d}"
+        return f"flash_v{self.version}_{self.br}x{self.keys(d)}_d{d}"
 
     def tg_bytes(self, d: int) -> int:
         """Threadgroup memory of flash_forward's arrays: the K/V chunk buffers (kv4), the
         score tile (s_all), the diag(alpha) tiles (diag_all) (v7: no tiles, but 4-float
         placeholders, as Metal has no empty arrays; v8: rows of the chunks and the score
         tile `pad` floats longer). The 4-byte kv_bad flag is not counted: no rung is
-        within 4 bytes of 32 KiB (the largest declares 28 KiB)."""
+        within 4 bytes of 32 KiB (the largest declares 28 KiB). v10 (flash_forward_simt):
+        Q's B_r rows, K's block (or the block's P, whichever is larger) and V's block."""
+        if self.simt:
+            bc = self.keys(d)
+            return _F32 * (self.br * d + max(bc * d, self.br * bc) + bc * d)
         dk = self.dk.get(d, 32) + self.pad
         sld = self.bc + self.pad
         tiles = 4 + 4 if self.reg_softmax else self.br * sld + self.br * 8
@@ -101,6 +112,9 @@ RUNGS: dict[str, Rung] = {
              64, 32, _dk(32, 64, 64), 2, pad=4),
         Rung("flash_v9", 9, "v7 + the next K/V chunk staged in registers (device reads in flight)",
              64, 32, _dk(32, 64, 64), 2, reg_softmax=True, prefetch=True),
+        Rung("flash_v10", 10, "no simdgroup_matrix: scalar FMAs on 4 x 4 register tiles, "
+             "v6's softmax in registers (32 x 16 tiles at D=128)",
+             32, 32, _dk(0, 0, 0), simt=True, bc_d128=16),  # no chunks of D: whole rows
     ]
 }  # fmt: skip
 
@@ -120,7 +134,7 @@ def names() -> list[str]:
     return (
         ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"]
         + [n for n in RUNGS if n.startswith("flash_v6_")]
-        + ["flash_v7", "flash_v8", "flash_v9"]
+        + ["flash_v7", "flash_v8", "flash_v9", "flash_v10"]
     )
 
 

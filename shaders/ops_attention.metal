@@ -33,7 +33,10 @@
 //             reads of chunk g + 1 into registers before it multiplies chunk g and writes
 //             them to the other buffer after, so the multiplies do not wait for device
 //             memory (what v3's two buffers alone do not do; GEMM v12/v13's loop)
-// All rungs are instances of ONE template kernel, `flash_forward`, whose bool parameters
+//   version 10 drops simdgroup_matrix: each lane computes 4 x 4 blocks of S and of O with
+//             scalar FMAs from threadgroup tiles of Q, K and V (the GEMM ladder's register
+//             blocking), its own template, `flash_forward_simt`
+// v1-v9 are instances of ONE template kernel, `flash_forward`, whose bool parameters
 // switch the ideas on; the instances are named `flash_v<rung>_<B_r>x<B_c>_d<D>`.
 //
 // Run and benchmark them:
@@ -667,6 +670,217 @@ FLASH_RUNG(8, 64, 32, 32, 64, 64, false, true, true, true, true, false, true, fa
 // v9: v7 with the next K/V chunk staged in registers: v7's threadgroup memory (8 / 16 /
 // 16 KiB), and 4 / 8 / 8 floats a thread of registers for the staged chunk.
 FLASH_RUNG(9, 64, 32, 32, 64, 64, true, true, true, true, true, true, false, true)
+
+// ---------------------------------------------------------------------------------------
+// flash_forward_simt (version 10): the same algorithm with no simdgroup_matrix at all.
+// Each lane computes a 4 x TC block of S and a 4 x (D / 8) block of O with scalar FMAs,
+// as the GEMM ladder's register-blocked rungs (v5-v9) do; no multiply mixes two rows, so
+// there is no `exact` path: NaN and inf follow from the arithmetic, and only a causal
+// block's masked pairs are skipped in P·V (masked P is 0, and 0 * NaN is NaN).
+//
+// One threadgroup computes BR query rows of one (batch, head), BR / 16 SIMD groups; SIMD
+// group sg owns rows 16 sg .. 16 sg + 15 of the tile. Lane = 8 ri + ci (ri < 4, ci < 8):
+//   S: rows ri + 4 i (i < 4) of the SIMD group's 16, keys ci + 8 j (j < TC = BC / 8)
+//   O: the same rows, float4 columns ci + 8 u (u < D / 32) of D
+// so a row's scores sit in the 8 lanes of one ri (its max and sum meet over XOR masks
+// 1, 2, 4), and a step of the S loop reads 4 float4s of Q and TC of K for 16 TC FMAs.
+// Threadgroup memory, float4s of D = 4 floats each:
+//   q_tile  Q's BR rows, loaded once; k_tile  K's block, then this block's P (below);
+//   v_tile  V's block. Q and K rows are XOR-swizzled (float4 d4 of row r is stored at
+//   d4 ^ (r % 8)): the 4 (Q) or 8 (K) rows the lanes read at one step then start in
+//   different banks (if banked like NVIDIA: 32 of 4 bytes, 8 float4s a bank sweep).
+//   P goes from the lanes that hold it to the lanes that multiply it with V through
+//   k_tile, once every SIMD group is done with K: SIMD group sg's P is BC x 16 floats,
+//   column-major by the lane's rows (key c, row ri + 4 i at c·16 + 4 ri + i), so a lane
+//   reads its 4 rows of one key as one float4.
+// Threadgroup (BR / 16 · 32, 1, 1); grid (ceil(T / BR), B · H, 1). BR · D + max(BC · D,
+// BR · BC) + BC · D floats: at most 32 KiB for the instances below.
+template <uint BR, uint BC, uint D>
+kernel void flash_forward_simt(device const float* q [[buffer(0)]],
+                               device const float* k [[buffer(1)]],
+                               device const float* v [[buffer(2)]],
+                               device float* o [[buffer(3)]],
+                               device float* lse [[buffer(4)]],
+                               constant FlashParams& p [[buffer(5)]],
+                               uint2 group [[threadgroup_position_in_grid]],
+                               uint t [[thread_index_in_threadgroup]],
+                               uint sg [[simdgroup_index_in_threadgroup]],
+                               uint lane [[thread_index_in_simdgroup]]) {
+    constexpr uint THREADS = BR / 16 * 32;
+    constexpr uint TC = BC / 8;  // keys of a block a lane scores
+    constexpr uint D4 = D / 4;   // float4s in a row of Q, K, V or O
+    constexpr uint NU = D / 32;  // float4 columns of O a lane owns
+    constexpr uint KP4 = BC * D4 > BR * BC / 4 ? BC * D4 : BR * BC / 4;  // K block or P
+    constexpr float LOG2E = 1.4426950408889634f;
+    constexpr float LN2 = 0.6931471805599453f;
+    threadgroup float4 q_tile[BR * D4];  // [row][d4 ^ (row % 8)]
+    threadgroup float4 k_tile[KP4];      // [key][d4 ^ (key % 8)], then P (see above)
+    threadgroup float4 v_tile[BC * D4];  // [key][d4]
+
+    const uint T = p.T, S = p.S;
+    const uint bh = group.y;
+    q += bh * T * D;
+    k += bh * S * D;
+    v += bh * S * D;
+    o += bh * T * D;
+    lse += bh * T;
+    const uint q0 = group.x * BR;
+    const uint ri = lane / 8, ci = lane % 8;
+    const uint rows0 = sg * 16 + ri;  // this lane's rows in the tile: rows0 + 4 i
+
+    // Q: the tile's rows (rows >= T are zero), consecutive threads along a row
+    for (uint e = t; e < BR * D4; e += THREADS) {
+        const uint r = e / D4, d4 = e % D4;
+        float4 val = float4(0.0f);
+        if (q0 + r < T) val = ((device const float4*)(q + (q0 + r) * D))[d4];
+        q_tile[r * D4 + (d4 ^ (r % 8))] = val;
+    }
+
+    float4 acc[4][NU];  // O: row rows0 + 4 i, float4 column ci + 8 u
+    float m[4], l[4];   // running max (raw units, as v6) and sum of each of the 4 rows
+    for (uint i = 0; i < 4; i++) {
+        for (uint u = 0; u < NU; u++) acc[i][u] = float4(0.0f);
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+    }
+    const float c2 = p.scale * LOG2E;
+
+    // Causal: key blocks past the tile's last query row are skipped entirely.
+    const uint q_last = min(q0 + BR, T) - 1;
+    const uint kend = p.causal ? min(S, q_last + 1) : S;
+    for (uint c0 = 0; c0 < kend; c0 += BC) {
+        // K and V of the block (keys >= S are zero: masked in S, and a zero V row adds 0)
+        for (uint e = t; e < BC * D4; e += THREADS) {
+            const uint c = e / D4, d4 = e % D4;
+            float4 kv = float4(0.0f), vv = float4(0.0f);
+            if (c0 + c < S) {
+                kv = ((device const float4*)(k + (c0 + c) * D))[d4];
+                vv = ((device const float4*)(v + (c0 + c) * D))[d4];
+            }
+            k_tile[c * D4 + (d4 ^ (c % 8))] = kv;
+            v_tile[c * D4 + d4] = vv;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // Q (first block), K and V in
+
+        // S = Q·Kᵀ for the lane's 4 x TC scores: one float4 of D at a time
+        float s[4][TC];
+        for (uint i = 0; i < 4; i++) {
+            for (uint j = 0; j < TC; j++) s[i][j] = 0.0f;
+        }
+        #pragma clang loop unroll(disable)
+        for (uint d4 = 0; d4 < D4; d4++) {
+            float4 qf[4], kf[TC];
+            for (uint i = 0; i < 4; i++) {
+                const uint r = rows0 + 4 * i;
+                qf[i] = q_tile[r * D4 + (d4 ^ (r % 8))];
+            }
+            for (uint j = 0; j < TC; j++) {
+                const uint c = ci + 8 * j;
+                kf[j] = k_tile[c * D4 + (d4 ^ (c % 8))];
+            }
+            for (uint i = 0; i < 4; i++) {
+                for (uint j = 0; j < TC; j++) {
+                    s[i][j] = fma(qf[i].x, kf[j].x, s[i][j]);
+                    s[i][j] = fma(qf[i].y, kf[j].y, s[i][j]);
+                    s[i][j] = fma(qf[i].z, kf[j].z, s[i][j]);
+                    s[i][j] = fma(qf[i].w, kf[j].w, s[i][j]);
+                }
+            }
+        }
+
+        // Online softmax of the lane's 4 rows (v6's FMA-fused exp2, the scale folded in).
+        // A block needs the mask where it holds keys >= S or, causal, keys past its first row.
+        const bool masked = c0 + BC > S || (p.causal != 0 && c0 + BC - 1 > q0);
+        for (uint i = 0; i < 4; i++) {
+            const uint row = q0 + rows0 + 4 * i;
+            float mx = -INFINITY;
+            for (uint j = 0; j < TC; j++) {
+                const uint col = c0 + ci + 8 * j;
+                const bool visible = !masked || (col < S && (p.causal == 0 || col <= row));
+                s[i][j] = visible ? s[i][j] : -INFINITY;
+                mx = max(mx, s[i][j]);
+            }
+            mx = max(mx, simd_shuffle_xor(mx, ushort(1)));  // the row's 8 lanes agree
+            mx = max(mx, simd_shuffle_xor(mx, ushort(2)));
+            mx = max(mx, simd_shuffle_xor(mx, ushort(4)));
+            const float m_new = max(m[i], mx);
+            const float mc = (m_new == -INFINITY ? 0.0f : m_new) * c2;  // no visible key yet
+            const float alpha = exp2(m[i] * c2 - mc);
+            float sum = 0.0f;
+            for (uint j = 0; j < TC; j++) {
+                s[i][j] = exp2(fma(s[i][j], c2, -mc));  // P, in place of S
+                sum += s[i][j];
+            }
+            sum += simd_shuffle_xor(sum, ushort(1));
+            sum += simd_shuffle_xor(sum, ushort(2));
+            sum += simd_shuffle_xor(sum, ushort(4));
+            l[i] = l[i] * alpha + sum;
+            m[i] = m_new;
+            for (uint u = 0; u < NU; u++) acc[i][u] *= alpha;
+        }
+
+        // P into k_tile once no SIMD group reads K any more; only this SIMD group reads
+        // its part back
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        threadgroup float4* p_sg = k_tile + sg * BC * 4;  // BC keys x 16 rows
+        for (uint j = 0; j < TC; j++) {
+            p_sg[(ci + 8 * j) * 4 + ri] = float4(s[0][j], s[1][j], s[2][j], s[3][j]);
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+
+        // O += P·V: per key, the lane's 4 rows of P (one float4) times its columns of V
+        if (p.causal != 0 && masked) {
+            // a masked pair adds nothing, even where V holds a NaN or inf (0 * NaN is NaN)
+            for (uint c = 0; c < BC; c++) {
+                const float4 pc = p_sg[c * 4 + ri];
+                const uint col = c0 + c;
+                for (uint u = 0; u < NU; u++) {
+                    const float4 vv = v_tile[c * D4 + ci + 8 * u];
+                    for (uint i = 0; i < 4; i++) {
+                        if (col <= q0 + rows0 + 4 * i) acc[i][u] = fma(float4(pc[i]), vv, acc[i][u]);
+                    }
+                }
+            }
+        } else {
+            for (uint c = 0; c < BC; c++) {
+                const float4 pc = p_sg[c * 4 + ri];
+                for (uint u = 0; u < NU; u++) {
+                    const float4 vv = v_tile[c * D4 + ci + 8 * u];
+                    for (uint i = 0; i < 4; i++) acc[i][u] = fma(float4(pc[i]), vv, acc[i][u]);
+                }
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // P and V read: the next block may load
+    }
+
+    // O /= l, then store the rows < T (a real row's l is 0 only when every score it sees
+    // is -inf: 0 * (1 / 0) = NaN, as PyTorch's softmax of all -inf)
+    for (uint i = 0; i < 4; i++) {
+        const uint row = q0 + rows0 + 4 * i;
+        if (row >= T) continue;
+        const float inv_l = 1.0f / l[i];
+        device float4* out = (device float4*)(o + row * D);
+        for (uint u = 0; u < NU; u++) out[ci + 8 * u] = acc[i][u] * inv_l;
+        // log-sum-exp of the scaled scores: m keeps raw units
+        if (ci == 0) lse[row] = (m[i] * c2 + log2(l[i])) * LN2;
+    }
+}
+
+#define FLASH_FORWARD_SIMT(BR, BC, D)                                                       \
+    template [[host_name("flash_v10_" #BR "x" #BC "_d" #D)]] kernel void                   \
+    flash_forward_simt<BR, BC, D>(                                                         \
+        device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
+        device const float* v [[buffer(2)]], device float* o [[buffer(3)]],                \
+        device float* lse [[buffer(4)]], constant FlashParams& p [[buffer(5)]],            \
+        uint2 group [[threadgroup_position_in_grid]],                                      \
+        uint t [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]], \
+        uint lane [[thread_index_in_simdgroup]]);
+
+// v10: 32 query rows (two SIMD groups) and 32 keys a block: Q 8 / 4 KiB, K (or P) 8 / 4,
+// V 8 / 4 at D = 64 / 32 (24 / 12 KiB); at D = 128 a block is 16 keys: 16 + 8 + 8 = 32 KiB.
+FLASH_FORWARD_SIMT(32, 32, 32)
+FLASH_FORWARD_SIMT(32, 32, 64)
+FLASH_FORWARD_SIMT(32, 16, 128)
 
 // ---------------------------------------------------------------------------------------
 // Backward: recomputation from the saved log-sum-exp, one thread per row, no (T, S)

@@ -95,6 +95,8 @@ def test_forward_schedule_orders(rung, t, d, causal, order, monkeypatch):
         ("flash_v8", 128, False, "reverse"),
         ("flash_v9", 64, True, "reverse"),
         ("flash_v9", 128, False, "random"),
+        ("flash_v10", 64, True, "random"),
+        ("flash_v10", 128, False, "reverse"),
     ],
 )
 def test_forward_t1000(rung, d, causal, order, monkeypatch):
@@ -296,8 +298,8 @@ def test_rung_table():
             assert rung.kernel(d) in lib.function_names
     assert flash.V6_TOO_BIG.tg_bytes(64) > 32 * 1024
     assert all(r.br * r.bc < 128 * 64 for r in flash.v6_candidates(64))
-    with pytest.raises(ValueError, match=r"unknown rung 'flash_v10'.*flash_v1.*flash_v9"):
-        flash.get_rung("flash_v10")
+    with pytest.raises(ValueError, match=r"unknown rung 'flash_v11'.*flash_v1.*flash_v10"):
+        flash.get_rung("flash_v11")
 
 
 @pytest.mark.skipif(shutil.which("clang++-19") is None, reason="clang++-19 is not installed")
@@ -310,25 +312,28 @@ def test_rung_table_bytes_are_the_shaders_arrays():
 
     src = (Path(__file__).resolve().parents[1] / "shaders" / flash.SHADER).read_text()
     ptx, _ = metal._cuda_call("camel_cuda_compile", src, f"shaders/{flash.SHADER}", 90)
-    arrays = {}  # mangled flash_forward instance -> {array: bytes}
+    arrays = {}  # mangled flash_forward(_simt) instance -> {array: bytes}
     for inst, name, size in re.findall(
-        r"\.shared \.align \d+ \.b8 (_ZZ13flash_forward\w+?E)\d+(\w+)\[(\d+)\]", ptx
+        r"\.shared \.align \d+ \.b8 (_ZZ\d+flash_forward\w+?E)\d+(\w+)\[(\d+)\]", ptx
     ):
         arrays.setdefault(inst, {})[name] = int(size)
     entries = re.split(r"\n(?=\.visible \.entry)", ptx)[1:]
     for rung in flash.RUNGS.values():
+        # v10 is flash_forward_simt: Q, K (or P) and V tiles
+        names = ("q_tile", "k_tile", "v_tile") if rung.simt else ("kv4", "s_all", "diag_all")
         for d in DIMS:
             head = f".visible .entry camel_{rung.kernel(d)}("
             body = next(e for e in entries if e.startswith(head))
-            inst = re.search(r"_ZZ13flash_forward\w+?E(?=\d+kv4)", body).group(0)
+            inst = re.search(rf"_ZZ\d+flash_forward\w+?E(?=\d+{names[0]})", body).group(0)
             got = arrays[inst]
             # v7's two placeholders of 4 floats are never used: the compiler drops them
             unused = 32 if rung.reg_softmax else 0
-            declared = sum(got.get(a, 0) for a in ("kv4", "s_all", "diag_all"))
+            declared = sum(got.get(a, 0) for a in names)
             assert declared == rung.tg_bytes(d) - unused, (rung.name, d, got)
     v6, v8 = flash.RUNGS["flash_v6_64x32"], flash.RUNGS["flash_v8"]
     assert [v8.tg_bytes(d) for d in DIMS] == [20480, 28672, 28672]
     assert [v6.tg_bytes(d) for d in DIMS] == [18432, 26624, 26624]
+    assert [flash.RUNGS["flash_v10"].tg_bytes(d) for d in DIMS] == [12288, 24576, 32768]
 
 
 def test_v6_candidates_fit_the_limit(monkeypatch):
@@ -376,8 +381,8 @@ def test_selection(monkeypatch, capsys):
     with camel.profile() as prof:
         F.scaled_dot_product_attention(*ts).numpy()
     assert {e.name for e in prof.events} == {"flash_v3_64x64_d32"}
-    config.set_choices(attention="flash_v10")
-    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v10' is unknown.*'flash_v9'"):
+    config.set_choices(attention="flash_v11")
+    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v11' is unknown.*'flash_v10'"):
         F.scaled_dot_product_attention(*ts)
 
 

@@ -210,6 +210,9 @@ def flash_rows(t: int = 4096, d: int = 64, heads: int = 16) -> list[dict]:
     flops = heads * 4.0 * t * t * d
     nd = d // 8
     for name, rung in flash.RUNGS.items():
+        if rung.simt:
+            rows.append(_simt_flash_row(rung, t, d, heads, flops))
+            continue
         br, bc = rung.br, rung.bc
         nc = bc // 8
         sgs = br // 8
@@ -240,6 +243,24 @@ def flash_rows(t: int = 4096, d: int = 64, heads: int = 16) -> list[dict]:
                      rescale=0.0, dev_bytes=dev, tg_per_fma=float("nan"), tg_bytes=0,
                      tg_per_core=0, m1=m1, m1max=m1max))  # fmt: skip
     return rows
+
+
+def _simt_flash_row(rung, t: int, d: int, heads: int, flops: float) -> dict:
+    """flash_rows' dict for v10 (flash_forward_simt): scalar FMAs, exactly the useful ones
+    (the O rescale is a multiply per element, as v7's: no matrix work); threadgroup bytes
+    per FMA from a lane's float4 reads (S: 4 of Q and B_c / 8 of K per float4 of D; P·V:
+    1 of P and D / 32 of V per key; its P written once) and the K/V block stores."""
+    br, bc = rung.br, rung.keys(d)
+    lane_reads = 16 * (d // 4 * (4 + bc // 8) + bc * (1 + d // 32) + bc // 8)
+    block_tg = rung.threads * lane_reads + 2 * bc * d * F32
+    tg = block_tg / (2 * br * bc * d)  # S and P·V: br·bc·d FMAs each
+    dev = F32 * heads * (2 * t * d + t + (t // br) * 2 * t * d)
+    m1, m1max = _predict(flops, dev)
+    tg_bytes = rung.tg_bytes(d)
+    return dict(name=rung.name, tile=f"{br}x{bc}", threads=rung.threads, flops=flops,
+                fma_exec=flops / 2, rescale=0.0, dev_bytes=dev, tg_per_fma=tg,
+                tg_bytes=tg_bytes, tg_per_core=_tg_per_core(tg_bytes, rung.threads), m1=m1,
+                m1max=m1max)  # fmt: skip
 
 
 # (kernel, FLOPs per element, device bytes per element the bench counts, what)
