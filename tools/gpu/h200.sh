@@ -151,7 +151,7 @@ stage_ncu_detail() {
   for sec in SpeedOfLight LaunchStats Occupancy SchedulerStats WarpStateStats InstructionStats \
              ComputeWorkloadAnalysis MemoryWorkloadAnalysis; do s+=" --section $sec"; done
   timeout 400 ncu --clock-control none $s --kernel-name \
-    regex:"softmax_last_axis_v[23]|log_softmax_last_axis_v2|softmax_backward_v[23]|cross_entropy_forward_v[23]|cross_entropy_mean|layernorm_forward_v4|layernorm_backward_v2|layernorm_backward_v3|matmul_v9|flash_v7|flash_v9" \
+    regex:"softmax_last_axis_v[23]|log_softmax_last_axis_v2|softmax_backward_v[23]|cross_entropy_forward_v[23]|cross_entropy_mean|layernorm_forward_v4|layernorm_backward_v2|layernorm_backward_v3|matmul_v9|flash_v7|flash_v9|flash_v10" \
     python3 tools/gpu/ncu_detail.py
 }
 

@@ -3,9 +3,10 @@
 (softmax / log_softmax / cross-entropy forward, LayerNorm backward) next to two that reach
 it (softmax backward, LayerNorm forward v4), version 3 of the softmax family on rows of
 16384 floats (the cross-entropy forward's kernel and its mean over rows), the best GEMM
-rung at 4096^3, the best flash rung at T = 4096 (v7) and v9, v7 with the next K/V chunk
-staged in registers. The report's sections (issue slots, warp stalls, occupancy, memory)
-say whether each is bound by memory, by instruction issue or by latency."""
+rung at 4096^3, the best flash rung at T = 4096 (v7), v9 (v7 with the next K/V chunk
+staged in registers) and v10 (scalar FMAs, no simdgroup_matrix). The report's sections
+(issue slots, warp stalls, occupancy, memory) say whether each is bound by memory, by
+instruction issue or by latency."""
 
 import numpy as np
 
@@ -49,5 +50,9 @@ metal.synchronize()
 # v9: v7 with the next K/V chunk staged in registers; its warp stalls next to v7's say
 # whether the waits for device memory inside a SIMD group were what it removed
 flash.forward(q, k, v, True, rung="flash_v9")
+metal.synchronize()
+# v10: no simdgroup_matrix (scalar FMAs on 4 x 4 register tiles); its FMA-pipe use and
+# stalls next to v9's say whether the tensor-core translation was what held flash back
+flash.forward(q, k, v, True, rung="flash_v10")
 metal.synchronize()
 print("one launch per kernel done")
