@@ -711,6 +711,8 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
     constexpr uint D4 = D / 4;   // float4s in a row of Q, K, V or O
     constexpr uint NU = D / 32;  // float4 columns of O a lane owns
     constexpr uint KP4 = BC * D4 > BR * BC / 4 ? BC * D4 : BR * BC / 4;  // K block or P
+    constexpr uint KV_SHARE = BC * D4 / THREADS;  // float4s of a K (or V) block a thread loads
+    static_assert(BC * D4 % THREADS == 0, "a K/V block is whole float4s for every thread");
     constexpr float LOG2E = 1.4426950408889634f;
     constexpr float LN2 = 0.6931471805599453f;
     threadgroup float4 q_tile[BR * D4];  // [row][d4 ^ (row % 8)]
@@ -749,16 +751,22 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
     const uint q_last = min(q0 + BR, T) - 1;
     const uint kend = p.causal ? min(S, q_last + 1) : S;
     for (uint c0 = 0; c0 < kend; c0 += BC) {
-        // K and V of the block (keys >= S are zero: masked in S, and a zero V row adds 0)
-        for (uint e = t; e < BC * D4; e += THREADS) {
-            const uint c = e / D4, d4 = e % D4;
-            float4 kv = float4(0.0f), vv = float4(0.0f);
+        // K and V of the block (keys >= S are zero: masked in S, and a zero V row adds 0):
+        // a thread's KV_SHARE float4s of each, all reads issued before the first store
+        float4 kr[KV_SHARE], vr[KV_SHARE];
+        for (uint n = 0; n < KV_SHARE; n++) {
+            const uint e = t + n * THREADS, c = e / D4, d4 = e % D4;
+            kr[n] = float4(0.0f);
+            vr[n] = float4(0.0f);
             if (c0 + c < S) {
-                kv = ((device const float4*)(k + (c0 + c) * D))[d4];
-                vv = ((device const float4*)(v + (c0 + c) * D))[d4];
+                kr[n] = ((device const float4*)(k + (c0 + c) * D))[d4];
+                vr[n] = ((device const float4*)(v + (c0 + c) * D))[d4];
             }
-            k_tile[c * D4 + (d4 ^ (c % 8))] = kv;
-            v_tile[c * D4 + d4] = vv;
+        }
+        for (uint n = 0; n < KV_SHARE; n++) {
+            const uint e = t + n * THREADS, c = e / D4, d4 = e % D4;
+            k_tile[c * D4 + (d4 ^ (c % 8))] = kr[n];
+            v_tile[c * D4 + d4] = vr[n];
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);  // Q (first block), K and V in
 
