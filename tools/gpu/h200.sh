@@ -4,6 +4,8 @@
 #
 #   tools/gpu/h200.sh setup smoke suite bench examples sanitize ncu   # any subset, in order
 #   (bench = matmul + the memory-bound benches + attention + models; matmul alone too)
+#   every stage: setup smoke suite matmul bench tune membw models models_tuned attention
+#   attention_rungs examples sanitize_gemm sanitize sanitize_flash ncu ncu_detail
 #
 # What it expects next to the checkout (copied in by the caller, not committed):
 #   .cuda-toolchain/*.deb   Debian's clang-19, libclang-cpp19, libllvm19, libclang-common-19-dev
@@ -98,6 +100,20 @@ stage_models_tuned() {  # GPT-mini with the default rung, with its GEMM shapes t
 
 stage_attention() {
   timeout 200 python3 -m camel.bench attention --seqs 1024,4096,8192 --dims 64 --heads 16
+}
+
+stage_attention_rungs() {  # a few rungs side by side, SDPA in the same run (RUNGS=a,b,...)
+  timeout 200 python3 -m camel.bench attention --rungs "${RUNGS:-flash_v9,flash_v10}" \
+    --seqs 1024,4096 --dims 64 --heads 16
+}
+
+stage_sanitize_flash() {  # the three tools over one rung's forward tests (RUNG=flash_v10)
+  local cs=(compute-sanitizer --target-processes all --print-limit 20 --error-exitcode 9)
+  for tool in memcheck racecheck synccheck; do
+    echo "== $tool"
+    timeout 150 "${cs[@]}" --tool $tool python3 -m pytest -q -p no:cacheprovider tests/test_flash.py \
+      -k "${RUNG:-flash_v10} and not order and not backward" 2>&1 | tail -6
+  done
 }
 
 stage_examples() {
