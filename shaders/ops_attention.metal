@@ -836,7 +836,9 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);
 
-        // O += P·V: per key, the lane's 4 rows of P (one float4) times its columns of V
+        // O += P·V: per key, the lane's 4 rows of P (one float4) times its columns of V.
+        // Two copies of the loop, so that only the causal blocks on the diagonal pay for
+        // the test of each pair.
         if (p.causal != 0 && masked) {
             // a masked pair adds nothing, even where V holds a NaN or inf (0 * NaN is NaN)
             for (uint c = 0; c < BC; c++) {
@@ -845,7 +847,8 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
                 for (uint u = 0; u < NU; u++) {
                     const float4 vv = v_tile[c * D4 + ci + 8 * u];
                     for (uint i = 0; i < 4; i++) {
-                        if (col <= q0 + rows0 + 4 * i) acc[i][u] = fma(float4(pc[i]), vv, acc[i][u]);
+                        const bool visible = col <= q0 + rows0 + 4 * i;
+                        if (visible) acc[i][u] = fma(float4(pc[i]), vv, acc[i][u]);
                     }
                 }
             }
