@@ -687,12 +687,15 @@ FLASH_RUNG(9, 64, 32, 32, 64, 64, true, true, true, true, true, true, false, tru
 // Threadgroup memory, float4s of D = 4 floats each:
 //   q_tile  Q's BR rows, loaded once; k_tile  K's block, then this block's P (below);
 //   v_tile  V's block. Q and K rows are XOR-swizzled (float4 d4 of row r is stored at
-//   d4 ^ (r % 8)): the 4 (Q) or 8 (K) rows the lanes read at one step then start in
-//   different banks (if banked like NVIDIA: 32 of 4 bytes, 8 float4s a bank sweep).
+//   d4 ^ (r % 8)): the 8 K rows that the 8 lanes of one ri read at one step then start in
+//   different banks (if banked like NVIDIA: 32 of 4 bytes, 8 lanes a phase of a float4
+//   access; tools/bank_calc.py). Those lanes read one float4 of Q, which needs no swizzle
+//   there; it costs nothing, in case another bank model serves more lanes at once.
 //   P goes from the lanes that hold it to the lanes that multiply it with V through
-//   k_tile, once every SIMD group is done with K: SIMD group sg's P is BC x 16 floats,
-//   column-major by the lane's rows (key c, row ri + 4 i at c·16 + 4 ri + i), so a lane
-//   reads its 4 rows of one key as one float4.
+//   k_tile, once every SIMD group is done with K: SIMD group sg's P is 4 x BC float4s,
+//   [ri][key], the float4 holding rows ri + 4 i (i < 4) of one key. A lane reads its 4
+//   rows of one key as one float4 (the 8 lanes of a phase of a 16-byte access share
+//   it), and the 8 lanes of a phase write 8 consecutive float4s.
 // Threadgroup (BR / 16 · 32, 1, 1); grid (ceil(T / BR), B · H, 1). BR · D + max(BC · D,
 // BR · BC) + BC · D floats: at most 32 KiB for the instances below.
 template <uint BR, uint BC, uint D>
@@ -830,9 +833,9 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
         // P into k_tile once no SIMD group reads K any more; only this SIMD group reads
         // its part back
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        threadgroup float4* p_sg = k_tile + sg * BC * 4;  // BC keys x 16 rows
+        threadgroup float4* p_sg = k_tile + sg * 4 * BC;  // [ri][key]: 16 rows x BC keys
         for (uint j = 0; j < TC; j++) {
-            p_sg[(ci + 8 * j) * 4 + ri] = float4(s[0][j], s[1][j], s[2][j], s[3][j]);
+            p_sg[ri * BC + ci + 8 * j] = float4(s[0][j], s[1][j], s[2][j], s[3][j]);
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -842,7 +845,7 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
         if (p.causal != 0 && masked) {
             // a masked pair adds nothing, even where V holds a NaN or inf (0 * NaN is NaN)
             for (uint c = 0; c < BC; c++) {
-                const float4 pc = p_sg[c * 4 + ri];
+                const float4 pc = p_sg[ri * BC + c];
                 const uint col = c0 + c;
                 for (uint u = 0; u < NU; u++) {
                     const float4 vv = v_tile[c * D4 + ci + 8 * u];
@@ -854,7 +857,7 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
             }
         } else {
             for (uint c = 0; c < BC; c++) {
-                const float4 pc = p_sg[c * 4 + ri];
+                const float4 pc = p_sg[ri * BC + c];
                 for (uint u = 0; u < NU; u++) {
                     const float4 vv = v_tile[c * D4 + ci + 8 * u];
                     for (uint i = 0; i < 4; i++) acc[i][u] = fma(float4(pc[i]), vv, acc[i][u]);

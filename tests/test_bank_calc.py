@@ -262,3 +262,25 @@ def test_v11_second_buffer_banks_like_v10():
     v10 = [a.degree for a in acc if a.kernel == "matmul_v10"]
     v11 = [a.degree for a in acc if a.kernel == "matmul_v11 (buffer 1)"]
     assert v10 and v10 == v11
+
+
+@pytest.mark.parametrize("d, bc", [(32, 32), (64, 32), (128, 16)])  # v10's instances
+def test_flash_v10_tiles_are_conflict_free(d, bc):
+    # v10's float4 accesses, phases of 8 lanes (one ri each): the swizzled K reads, the Q
+    # reads (a phase reads one float4), the block stores, P [ri][key] and V, all 1-way.
+    # Unswizzled, the 8 keys of a phase are rows of D floats (a multiple of 32 words)
+    # apart: 8-way. P written key-major, as v10 first did: keys 16 words apart, 4-way.
+    acc = bank_calc.flash_v10_accesses(d, bc)
+    mine = [a for a in acc if a.kernel == "flash_v10"]
+    assert len(mine) == 7 and all(a.degree == 1 for a in mine), [(a.what, a.degree) for a in mine]
+    what_if = {a.what.split(",")[0]: a.degree for a in acc if a.kernel == "flash_v10 what-if"}
+    assert what_if == {"S loop: K keys ci + 8 j unswizzled": 8,
+                       "S loop: Q rows ri + 4 i unswizzled": 1, "P store": 4}  # fmt: skip
+    # the model's index arithmetic is the shader's
+    shader = (_PATH.parents[1] / "shaders" / "ops_attention.metal").read_text()
+    kernel = shader[shader.index("kernel void flash_forward_simt") :]
+    for index in ("q_tile[r * D4 + (d4 ^ (r % 8))]", "k_tile[c * D4 + (d4 ^ (c % 8))]",
+                  "v_tile[c * D4 + d4]", "p_sg[ri * BC + ci + 8 * j]", "p_sg[ri * BC + c]",
+                  "v_tile[c * D4 + ci + 8 * u]", "const uint ri = lane / 8, ci = lane % 8;",
+                  "const uint e = t + n * THREADS, c = e / D4, d4 = e % D4;"):  # fmt: skip
+        assert index in kernel, index

@@ -4,7 +4,8 @@
     python tools/bank_calc.py gemm flash       # some families: gemm, flash, reduce
                                                # (flash: the score tile, then v6 64x32
                                                # against v8, its padded-row twin, then
-                                               # v9's staged chunk stores)
+                                               # v9's staged chunk stores, then v10's
+                                               # float4 tiles)
     python tools/bank_calc.py --stride 33      # one SIMD group reading a float column
     python tools/bank_calc.py gemm --pad 4     # what if v6-v9's tiles had padded rows
 
@@ -500,6 +501,60 @@ def flash_v9_accesses():
     return out
 
 
+def _v10_tile(r: int, d4: int, n4: int, swizzle: bool = True) -> int:
+    """flash_forward_simt's q_tile / k_tile: word of float4 d4 of row r, rows of n4
+    float4s, stored at d4 ^ (r % 8) (swizzle) or d4."""
+    return 4 * (r * n4 + (d4 ^ (r % 8) if swizzle else d4))
+
+
+def flash_v10_accesses(d: int = 64, bc: int = 32, threads: int = 64):
+    """v10 (flash_forward_simt, B_r = 32): lane l = 8 ri + ci of SIMD group 0. Every access
+    is a float4 (16 bytes: phases of 8 lanes, one ri each). The S loop reads rows ri + 4 i
+    of Q and keys ci + 8 j of K at one float4 d4 of D; P·V reads one key's float4 of P (its
+    4 rows) and float4 columns ci + 8 u of V; P is written [ri][key]. What-ifs: K and Q
+    unswizzled, and P written key-major ([key][ri], the layout v10 replaced)."""
+    n4 = d // 4
+    sg_lanes = [(lane // 8, lane % 8) for lane in range(LANES)]
+    out = []
+    for what, swz, note in (("", True, "as v10 reads it"),
+                            (" unswizzled", False, "what the XOR swizzle avoids")):  # fmt: skip
+        kernel = "flash_v10" if swz else "flash_v10 what-if"
+        out.append(Access(kernel, f"S loop: K keys ci + 8 j{what}, D = {d}", "ld",
+                          _worst(*([_v10_tile(ci + 8 * j, d4, n4, swz) for ri, ci in sg_lanes]
+                                   for j in range(bc // 8) for d4 in range(n4))), 16,
+                          note=note))  # fmt: skip
+        out.append(Access(kernel, f"S loop: Q rows ri + 4 i{what}, D = {d}", "ld",
+                          _worst(*([_v10_tile(ri + 4 * i, d4, n4, swz) for ri, ci in sg_lanes]
+                                   for i in range(4) for d4 in range(n4))), 16,
+                          note="the 8 lanes of a phase read one float4: no swizzle needed"
+                          if not swz else note))  # fmt: skip
+    for name, key in (("K, Q block store (float4 e = t + n · threads)", True),
+                      ("V block store", False)):  # fmt: skip
+        words = []
+        for t in lanes(0):
+            r, d4 = t // n4, t % n4
+            words.append(_v10_tile(r, d4, n4, key))
+        out.append(Access("flash_v10", f"{name}, D = {d}", "st", words, 16,
+                          note="consecutive threads along a row"))  # fmt: skip
+    p_store = _worst(*([4 * (ri * bc + ci + 8 * j) for ri, ci in sg_lanes] for j in range(bc // 8)))
+    p_load = _worst(*([4 * (ri * bc + c) for ri, ci in sg_lanes] for c in range(bc)))
+    old_store = _worst(
+        *([4 * ((ci + 8 * j) * 4 + ri) for ri, ci in sg_lanes] for j in range(bc // 8))
+    )
+    v_load = _worst(*([4 * (c * n4 + ci + 8 * u) for ri, ci in sg_lanes]
+                      for c in range(bc) for u in range(d // 32)))  # fmt: skip
+    out += [
+        Access("flash_v10", "P store, [ri][key]", "st", p_store, 16,
+               note="8 consecutive float4s a phase"),
+        Access("flash_v10", "P load, [ri][key]", "ld", p_load, 16, note="one float4 a phase"),
+        Access("flash_v10 what-if", "P store, [key][ri]", "st", old_store, 16,
+               note="keys 16 words apart: 4-way"),
+        Access("flash_v10", f"V load, float4 columns ci + 8 u, D = {d}", "ld", v_load, 16,
+               note="8 consecutive float4s a phase"),
+    ]  # fmt: skip
+    return out
+
+
 def flash_block_passes(pad: int, swizzle: bool, d: int = 64, bc: int = 32, dk: int = 0,
                        br: int = 64, mode: str = "tf32x3"):  # fmt: skip
     """Per SIMD group and key block of a B_r x B_c rung at head dim d (v6 64x32: pad 0,
@@ -591,7 +646,9 @@ def reduce_accesses(threads: int = 256):
 
 FAMILIES = {
     "gemm": gemm_accesses,
-    "flash": lambda: flash_accesses() + flash_v8_accesses() + flash_v9_accesses(),
+    "flash": lambda: (
+        flash_accesses() + flash_v8_accesses() + flash_v9_accesses() + flash_v10_accesses()
+    ),
     "reduce": reduce_accesses,
 }
 
