@@ -49,18 +49,18 @@ class Rung:
     pad: int = 0  # v8: floats added to each row of the score tile and of the K/V chunks
     prefetch: bool = False  # v9: the next K/V chunk staged in registers (device reads early)
     simt: bool = False  # v10: flash_forward_simt, scalar FMAs, 16 query rows a SIMD group
-    bc_d128: int = 0  # v10: keys per block at D = 128 where B_c would not fit 32 KiB
+    d128: tuple = ()  # v10: (B_r, B_c) at D = 128, where (br, bc) would not fit 32 KiB
 
-    @property
-    def threads(self) -> int:
-        return self.br // (16 if self.simt else 8) * 32
+    def tile(self, d: int) -> tuple[int, int]:
+        """(B_r, B_c) at head dim d."""
+        return self.d128 if d == 128 and self.d128 else (self.br, self.bc)
 
-    def keys(self, d: int) -> int:
-        """Keys per block (B_c) at head dim d."""
-        return self.bc_d128 if d == 128 and self.bc_d128 else self.bc
+    def threads(self, d: int) -> int:
+        return self.tile(d)[0] // (16 if self.simt else 8) * 32
 
     def kernel(self, d: int) -> str:
-        return f"flash_v{self.version}_{self.br}x{self.keys(d)}_d{d}"
+        br, bc = self.tile(d)
+        return f"flash_v{self.version}_{br}x{bc}_d{d}"
 
     def tg_bytes(self, d: int) -> int:
         """Threadgroup memory of flash_forward's arrays: the K/V chunk buffers (kv4), the
@@ -70,15 +70,16 @@ class Rung:
         within 4 bytes of 32 KiB (the largest declares 28 KiB). v10 (flash_forward_simt):
         Q's B_r rows, K's block (or the block's P, whichever is larger) and V's block."""
         if self.simt:
-            bc = self.keys(d)
-            return _F32 * (self.br * d + max(bc * d, self.br * bc) + bc * d)
+            br, bc = self.tile(d)
+            return _F32 * (br * d + max(bc * d, br * bc) + bc * d)
         dk = self.dk.get(d, 32) + self.pad
         sld = self.bc + self.pad
         tiles = 4 + 4 if self.reg_softmax else self.br * sld + self.br * 8
         return _F32 * (self.buffers * self.bc * dk + tiles)
 
-    def grid(self, t: int, bh: int) -> tuple[int, int, int]:
-        return ((t + self.br - 1) // self.br, bh, 1)
+    def grid(self, t: int, bh: int, d: int) -> tuple[int, int, int]:
+        br = self.tile(d)[0]
+        return ((t + br - 1) // br, bh, 1)
 
 
 def _dk(d32, d64, d128):
@@ -114,7 +115,10 @@ RUNGS: dict[str, Rung] = {
              64, 32, _dk(32, 64, 64), 2, reg_softmax=True, prefetch=True),
         Rung("flash_v10", 10, "no simdgroup_matrix: scalar FMAs on 4 x 4 register tiles, "
              "v6's softmax in registers (32 x 16 tiles at D=128)",
-             32, 32, _dk(0, 0, 0), simt=True, bc_d128=16),  # no chunks of D: whole rows
+             64, 32, _dk(0, 0, 0), simt=True, d128=(32, 16)),  # no chunks of D: whole rows
+        Rung("flash_v10_32x32", 10, "v10 with 32 query rows a threadgroup (two SIMD groups): "
+             "twice the K/V reads per FLOP, half the threads",
+             32, 32, _dk(0, 0, 0), simt=True, d128=(32, 16)),
     ]
 }  # fmt: skip
 
@@ -134,7 +138,7 @@ def names() -> list[str]:
     return (
         ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"]
         + [n for n in RUNGS if n.startswith("flash_v6_")]
-        + ["flash_v7", "flash_v8", "flash_v9", "flash_v10"]
+        + ["flash_v7", "flash_v8", "flash_v9", "flash_v10", "flash_v10_32x32"]
     )
 
 
@@ -256,7 +260,7 @@ def forward(q, k, v, causal: bool = False, rung: str | None = None):
     keys = t * s / 2 if causal else t * s  # score entries computed, roughly
     nbytes = _F32 * b * h * (2 * t * d + 2 * s * d + t)
     fn(q, k, v, out, lse, _params(t, s, causal, d),
-       threadgroups=r.grid(t, b * h), threads_per_threadgroup=(r.threads, 1, 1),
+       threadgroups=r.grid(t, b * h, d), threads_per_threadgroup=(r.threads(d), 1, 1),
        flops=int(4 * b * h * keys * d), bytes=nbytes)  # fmt: skip
     return out, lse
 

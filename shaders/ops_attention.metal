@@ -890,8 +890,12 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
         uint t [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]], \
         uint lane [[thread_index_in_simdgroup]]);
 
-// v10: 32 query rows (two SIMD groups) and 32 keys a block: Q 8 / 4 KiB, K (or P) 8 / 4,
-// V 8 / 4 at D = 64 / 32 (24 / 12 KiB); at D = 128 a block is 16 keys: 16 + 8 + 8 = 32 KiB.
+// v10: 64 query rows (four SIMD groups) and 32 keys a block: Q 16 / 8 KiB, K or P 8 / 8,
+// V 8 / 4 at D = 64 / 32 (32 / 20 KiB). flash_v10_32x32 (two SIMD groups): Q 8 / 4, K (or
+// P) 8 / 4, V 8 / 4 (24 / 12 KiB). At D = 128 both are 32 rows and 16 keys a block, as 64
+// rows of Q alone would fill 32 KiB: Q 16 + K 8 + V 8 = 32 KiB.
+FLASH_FORWARD_SIMT(64, 32, 32)
+FLASH_FORWARD_SIMT(64, 32, 64)
 FLASH_FORWARD_SIMT(32, 32, 32)
 FLASH_FORWARD_SIMT(32, 32, 64)
 FLASH_FORWARD_SIMT(32, 16, 128)

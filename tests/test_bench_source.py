@@ -230,7 +230,8 @@ def test_printed_matmul_rung_computes_the_same(monkeypatch, version):
 
 @pytest.mark.parametrize("name", ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5",
                                   "flash_v6_64x32", "flash_v6_128x32", "flash_v7",
-                                  "flash_v8", "flash_v9", "flash_v10"])  # fmt: skip
+                                  "flash_v8", "flash_v9", "flash_v10",
+                                  "flash_v10_32x32"])  # fmt: skip
 def test_printed_flash_rung_computes_the_same(monkeypatch, name):
     d = 32
     rung = flash.RUNGS[name]

@@ -97,6 +97,7 @@ def test_forward_schedule_orders(rung, t, d, causal, order, monkeypatch):
         ("flash_v9", 128, False, "random"),
         ("flash_v10", 64, True, "random"),
         ("flash_v10", 128, False, "reverse"),
+        ("flash_v10_32x32", 64, False, "forward"),
     ],
 )
 def test_forward_t1000(rung, d, causal, order, monkeypatch):
@@ -333,7 +334,8 @@ def test_rung_table_bytes_are_the_shaders_arrays():
     v6, v8 = flash.RUNGS["flash_v6_64x32"], flash.RUNGS["flash_v8"]
     assert [v8.tg_bytes(d) for d in DIMS] == [20480, 28672, 28672]
     assert [v6.tg_bytes(d) for d in DIMS] == [18432, 26624, 26624]
-    assert [flash.RUNGS["flash_v10"].tg_bytes(d) for d in DIMS] == [12288, 24576, 32768]
+    assert [flash.RUNGS["flash_v10"].tg_bytes(d) for d in DIMS] == [20480, 32768, 32768]
+    assert [flash.RUNGS["flash_v10_32x32"].tg_bytes(d) for d in DIMS] == [12288, 24576, 32768]
 
 
 def test_v6_candidates_fit_the_limit(monkeypatch):

@@ -507,8 +507,9 @@ def _v10_tile(r: int, d4: int, n4: int, swizzle: bool = True) -> int:
     return 4 * (r * n4 + (d4 ^ (r % 8) if swizzle else d4))
 
 
-def flash_v10_accesses(d: int = 64, bc: int = 32, threads: int = 64):
-    """v10 (flash_forward_simt, B_r = 32): lane l = 8 ri + ci of SIMD group 0. Every access
+def flash_v10_accesses(d: int = 64, bc: int = 32):
+    """v10 (flash_forward_simt): lane l = 8 ri + ci of SIMD group 0 (the other SIMD groups'
+    rows and P start a multiple of 32 words on: the same banks). Every access
     is a float4 (16 bytes: phases of 8 lanes, one ri each). The S loop reads rows ri + 4 i
     of Q and keys ci + 8 j of K at one float4 d4 of D; P·V reads one key's float4 of P (its
     4 rows) and float4 columns ci + 8 u of V; P is written [ri][key]. What-ifs: K and Q

@@ -250,16 +250,17 @@ def _simt_flash_row(rung, t: int, d: int, heads: int, flops: float) -> dict:
     (the O rescale is a multiply per element, as v7's: no matrix work); threadgroup bytes
     per FMA from a lane's float4 reads (S: 4 of Q and B_c / 8 of K per float4 of D; P·V:
     1 of P and D / 32 of V per key; its P written once) and the K/V block stores."""
-    br, bc = rung.br, rung.keys(d)
+    br, bc = rung.tile(d)
     lane_reads = 16 * (d // 4 * (4 + bc // 8) + bc * (1 + d // 32) + bc // 8)
-    block_tg = rung.threads * lane_reads + 2 * bc * d * F32
+    threads = rung.threads(d)
+    block_tg = threads * lane_reads + 2 * bc * d * F32
     tg = block_tg / (2 * br * bc * d)  # S and P·V: br·bc·d FMAs each
     dev = F32 * heads * (2 * t * d + t + (t // br) * 2 * t * d)
     m1, m1max = _predict(flops, dev)
     tg_bytes = rung.tg_bytes(d)
-    return dict(name=rung.name, tile=f"{br}x{bc}", threads=rung.threads, flops=flops,
+    return dict(name=rung.name, tile=f"{br}x{bc}", threads=threads, flops=flops,
                 fma_exec=flops / 2, rescale=0.0, dev_bytes=dev, tg_per_fma=tg,
-                tg_bytes=tg_bytes, tg_per_core=_tg_per_core(tg_bytes, rung.threads), m1=m1,
+                tg_bytes=tg_bytes, tg_per_core=_tg_per_core(tg_bytes, threads), m1=m1,
                 m1max=m1max)  # fmt: skip
 
 

@@ -103,7 +103,7 @@ stage_attention() {
 }
 
 stage_attention_rungs() {  # a few rungs side by side, SDPA in the same run (RUNGS=a,b,...)
-  timeout 200 python3 -m camel.bench attention --rungs "${RUNGS:-flash_v9,flash_v10}" \
+  timeout 200 python3 -m camel.bench attention --rungs "${RUNGS:-flash_v9,flash_v10,flash_v10_32x32}" \
     --seqs 1024,4096 --dims 64 --heads 16
 }
 

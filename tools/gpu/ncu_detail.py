@@ -55,4 +55,6 @@ metal.synchronize()
 # stalls next to v9's say whether the tensor-core translation was what held flash back
 flash.forward(q, k, v, True, rung="flash_v10")
 metal.synchronize()
+flash.forward(q, k, v, True, rung="flash_v10_32x32")  # half the rows a threadgroup
+metal.synchronize()
 print("one launch per kernel done")
