@@ -208,31 +208,19 @@ def flash_rows(t: int = 4096, d: int = 64, heads: int = 16) -> list[dict]:
 
     rows = []
     flops = heads * 4.0 * t * t * d
-    nd = d // 8
     for name, rung in flash.RUNGS.items():
+        br, bc = rung.tile(d)
+        threads = rung.threads(d)
         if rung.simt:
-            rows.append(_simt_flash_row(rung, t, d, heads, flops))
-            continue
-        br, bc = rung.br, rung.bc
-        nc = bc // 8
-        sgs = br // 8
-        blocks = t // bc
-        # per SIMD group and key block: S (NC·ND) + P·V (NC·ND) + rescale (ND) multiplies;
-        # v7 rescales in registers (no multiply) and keeps S and P there (no tile trips)
-        reg = rung.reg_softmax
-        mma = 2 * nc * nd + (0 if reg else nd)
-        fma_exec = heads * (t // br) * blocks * sgs * mma * 512
-        frag_loads = 2 * nc * nd * 64 * F32  # K and V fragments
-        softmax = 0 if reg else 4 * 8 * bc * F32  # store S, lanes read/write P, load P back
-        chunk_stores = 2 * bc * d * F32  # K and V of one block into threadgroup memory
-        tg = (sgs * (frag_loads + softmax) + chunk_stores) / (sgs * mma * 512)
+            fma_exec, rescale, tg = _simt_counts(br, bc, d, threads, flops)
+        else:
+            fma_exec, rescale, tg = _matrix_counts(rung, br, bc, t, d, heads)
         dev = F32 * heads * (2 * t * d + t + (t // br) * 2 * t * d)
         m1, m1max = _predict(flops, dev)
         tg_bytes = rung.tg_bytes(d)
-        rows.append(dict(name=name, tile=f"{br}x{bc}", threads=br // 8 * 32, flops=flops,
-                         fma_exec=fma_exec, rescale=0.0 if reg else 1 / nc, dev_bytes=dev,
-                         tg_per_fma=tg, tg_bytes=tg_bytes,
-                         tg_per_core=_tg_per_core(tg_bytes, br // 8 * 32), m1=m1,
+        rows.append(dict(name=name, tile=f"{br}x{bc}", threads=threads, flops=flops,
+                         fma_exec=fma_exec, rescale=rescale, dev_bytes=dev, tg_per_fma=tg,
+                         tg_bytes=tg_bytes, tg_per_core=_tg_per_core(tg_bytes, threads), m1=m1,
                          m1max=m1max))  # fmt: skip
     # naive: q·kᵀ and P·V as GEMMs (v9 tiles), the (T, T) scores written, softmaxed (read +
     # write; the 1/sqrt(D) scale applied inside the softmax) and read by P·V
@@ -245,23 +233,30 @@ def flash_rows(t: int = 4096, d: int = 64, heads: int = 16) -> list[dict]:
     return rows
 
 
-def _simt_flash_row(rung, t: int, d: int, heads: int, flops: float) -> dict:
-    """flash_rows' dict for v10 (flash_forward_simt): scalar FMAs, exactly the useful ones
-    (the O rescale is a multiply per element, as v7's: no matrix work); threadgroup bytes
-    per FMA from a lane's float4 reads (S: 4 of Q and B_c / 8 of K per float4 of D; P·V:
-    1 of P and D / 32 of V per key; its P written once) and the K/V block stores."""
-    br, bc = rung.tile(d)
+def _matrix_counts(rung, br: int, bc: int, t: int, d: int, heads: int):
+    """(executed FMAs, rescale share of P·V, threadgroup bytes per FMA) of a
+    simdgroup_matrix rung (v1-v9), per SIMD group and key block: S (NC·ND) + P·V (NC·ND) +
+    rescale (ND) multiplies; v7 rescales in registers (no multiply) and keeps S and P
+    there (no tile trips)."""
+    nc, nd, sgs = bc // 8, d // 8, br // 8
+    reg = rung.reg_softmax
+    mma = 2 * nc * nd + (0 if reg else nd)
+    fma_exec = heads * (t // br) * (t // bc) * sgs * mma * 512
+    frag_loads = 2 * nc * nd * 64 * F32  # K and V fragments
+    softmax = 0 if reg else 4 * 8 * bc * F32  # store S, lanes read/write P, load P back
+    chunk_stores = 2 * bc * d * F32  # K and V of one block into threadgroup memory
+    tg = (sgs * (frag_loads + softmax) + chunk_stores) / (sgs * mma * 512)
+    return fma_exec, 0.0 if reg else 1 / nc, tg
+
+
+def _simt_counts(br: int, bc: int, d: int, threads: int, flops: float):
+    """The same for v10 (flash_forward_simt): scalar FMAs, exactly the useful ones (the O
+    rescale is a multiply per element, as v7's: no matrix work); threadgroup bytes per FMA
+    from a lane's float4 reads (S: 4 of Q and B_c / 8 of K per float4 of D; P·V: 1 of P and
+    D / 32 of V per key; its P written once) and the K/V block stores."""
     lane_reads = 16 * (d // 4 * (4 + bc // 8) + bc * (1 + d // 32) + bc // 8)
-    threads = rung.threads(d)
     block_tg = threads * lane_reads + 2 * bc * d * F32
-    tg = block_tg / (2 * br * bc * d)  # S and P·V: br·bc·d FMAs each
-    dev = F32 * heads * (2 * t * d + t + (t // br) * 2 * t * d)
-    m1, m1max = _predict(flops, dev)
-    tg_bytes = rung.tg_bytes(d)
-    return dict(name=rung.name, tile=f"{br}x{bc}", threads=threads, flops=flops,
-                fma_exec=flops / 2, rescale=0.0, dev_bytes=dev, tg_per_fma=tg,
-                tg_bytes=tg_bytes, tg_per_core=_tg_per_core(tg_bytes, threads), m1=m1,
-                m1max=m1max)  # fmt: skip
+    return flops / 2, 0.0, block_tg / (2 * br * bc * d)  # S and P·V: br·bc·d FMAs each
 
 
 # (kernel, FLOPs per element, device bytes per element the bench counts, what)
