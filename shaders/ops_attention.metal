@@ -714,6 +714,7 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
     constexpr uint D4 = D / 4;   // float4s in a row of Q, K, V or O
     constexpr uint NU = D / 32;  // float4 columns of O a lane owns
     constexpr uint KP4 = BC * D4 > BR * BC / 4 ? BC * D4 : BR * BC / 4;  // K block or P
+    constexpr uint Q_SHARE = BR * D4 / THREADS;   // float4s of Q a thread loads (D4 / 2)
     constexpr uint KV_SHARE = BC * D4 / THREADS;  // float4s of a K (or V) block a thread loads
     static_assert(BC * D4 % THREADS == 0, "a K/V block is whole float4s for every thread");
     constexpr float LOG2E = 1.4426950408889634f;
@@ -733,12 +734,17 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
     const uint ri = lane / 8, ci = lane % 8;
     const uint rows0 = sg * 16 + ri;  // this lane's rows in the tile: rows0 + 4 i
 
-    // Q: the tile's rows (rows >= T are zero), consecutive threads along a row
-    for (uint e = t; e < BR * D4; e += THREADS) {
-        const uint r = e / D4, d4 = e % D4;
-        float4 val = float4(0.0f);
-        if (q0 + r < T) val = ((device const float4*)(q + (q0 + r) * D))[d4];
-        q_tile[r * D4 + (d4 ^ (r % 8))] = val;
+    // Q: the tile's rows (rows >= T are zero), consecutive threads along a row; a thread's
+    // Q_SHARE float4s, all reads issued before the first store (as K and V below)
+    float4 qr[Q_SHARE];
+    for (uint n = 0; n < Q_SHARE; n++) {
+        const uint e = t + n * THREADS, r = e / D4, d4 = e % D4;
+        qr[n] = float4(0.0f);
+        if (q0 + r < T) qr[n] = ((device const float4*)(q + (q0 + r) * D))[d4];
+    }
+    for (uint n = 0; n < Q_SHARE; n++) {
+        const uint e = t + n * THREADS, r = e / D4, d4 = e % D4;
+        q_tile[r * D4 + (d4 ^ (r % 8))] = qr[n];
     }
 
     float4 acc[4][NU];  // O: row rows0 + 4 i, float4 column ci + 8 u
