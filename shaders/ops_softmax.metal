@@ -84,6 +84,13 @@ static inline uint threadgroup_min(uint value, threadgroup uint *partial, uint l
     return total;
 }
 
+// The cross-entropy's rule for a target: a column of the row, [0, K). Outside it a row's
+// loss is 0 and cross_entropy_mean records the target as an error.
+static inline bool target_in_row(int target, uint K)
+{
+    return target >= 0 && target < int(K);
+}
+
 // x, y (rows, K). Threadgroup r computes row r of softmax(scale x) in three sweeps: the max
 // m of scale x, the sum s of exp(scale x - m), then y = exp(scale x - m) / s. causal_T == 0:
 // no mask; otherwise row r only sees (and reads) columns k <= r % causal_T (x is (..., T, S)
@@ -259,8 +266,7 @@ kernel void cross_entropy_forward(device const float *logits [[buffer(0)]],
 
     if (t == 0) {
         int target = targets[row];
-        bool in_range = target >= 0 && target < int(K);
-        row_loss[row] = in_range ? (m + log(s)) - xr[target] : 0.0f;
+        row_loss[row] = target_in_row(target, K) ? (m + log(s)) - xr[target] : 0.0f;
     }
 }
 
@@ -290,7 +296,7 @@ kernel void cross_entropy_mean(device const float *row_loss [[buffer(0)]],
     for (uint r = t; r < N; r += T) {
         sum += row_loss[r];
         int target = targets[r];
-        if (target < 0 || target >= int(K)) {
+        if (!target_in_row(target, K)) {
             bad++;
             first_bad = min(first_bad, r);
         }
@@ -513,7 +519,7 @@ static inline RowTarget row_target(device const float *xr, device const int *tar
     RowTarget t = {false, 0.0f};
     if (active) {
         int target = targets[row];
-        t.in_range = target >= 0 && target < int(K);
+        t.in_range = target_in_row(target, K);
         if (t.in_range) {
             t.logit = xr[target];
         }
