@@ -529,12 +529,9 @@ def flash_v10_accesses(d: int = 64, bc: int = 32):
                                    for i in range(4) for d4 in range(n4))), 16,
                           note="the 8 lanes of a phase read one float4: no swizzle needed"
                           if not swz else note))  # fmt: skip
-    for name, key in (("K, Q block store (float4 e = t + n · threads)", True),
-                      ("V block store", False)):  # fmt: skip
-        words = []
-        for t in lanes(0):
-            r, d4 = t // n4, t % n4
-            words.append(_v10_tile(r, d4, n4, key))
+    for name, swizzled in (("K, Q block store (float4 e = t + n · threads)", True),
+                           ("V block store", False)):  # fmt: skip
+        words = [_v10_tile(t // n4, t % n4, n4, swizzled) for t in lanes(0)]
         out.append(Access("flash_v10", f"{name}, D = {d}", "st", words, 16,
                           note="consecutive threads along a row"))  # fmt: skip
     p_store = _worst(*([4 * (ri * bc + ci + 8 * j) for ri, ci in sg_lanes] for j in range(bc // 8)))
