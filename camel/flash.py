@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class Rung:
     what: str  # one line for --list and the lesson
     br: int  # query rows per threadgroup (B_r): B_r / 8 SIMD groups
     bc: int  # keys per block (B_c)
-    dk: dict  # head dim -> columns of D per K/V chunk
+    dk: dict = field(default_factory=dict)  # head dim -> columns of D per K/V chunk (v1-v9)
     buffers: int = 1  # K/V chunk buffers (2, v3+: one filled while one is read; no async copy)
     reg_softmax: bool = False  # v7: softmax in registers, no score or diag(alpha) tile
     pad: int = 0  # v8: floats added to each row of the score tile and of the K/V chunks
@@ -115,10 +115,10 @@ RUNGS: dict[str, Rung] = {
              64, 32, _dk(32, 64, 64), 2, reg_softmax=True, prefetch=True),
         Rung("flash_v10", 10, "no simdgroup_matrix: scalar FMAs on 4 x 4 register tiles, "
              "v6's softmax in registers (32 x 16 tiles at D=128)",
-             64, 32, _dk(0, 0, 0), simt=True, d128=(32, 16)),  # no chunks of D: whole rows
+             64, 32, simt=True, d128=(32, 16)),  # no chunks of D: whole rows
         Rung("flash_v10_32x32", 10, "v10 with 32 query rows a threadgroup (two SIMD groups): "
              "twice the K/V reads per FLOP, half the threads",
-             32, 32, _dk(0, 0, 0), simt=True, d128=(32, 16)),
+             32, 32, simt=True, d128=(32, 16)),
     ]
 }  # fmt: skip
 
