@@ -5,7 +5,8 @@
 
 `RUNGS` is the ladder table: rung -> kernel name, query rows per threadgroup (B_r), keys
 per block (B_c), columns of D per K/V chunk (DK), threads and threadgroup memory. v1-v9
-are one template (flash_forward, simdgroup_matrix); v10 is another (flash_forward_simt).
+are one template (flash_forward, simdgroup_matrix); v10 and v11 are another
+(flash_forward_simt).
 `forward()` returns (out, lse) without ever allocating a (T, S) matrix; `backward()`
 recomputes P from lse, one thread per row (see shaders/ops_attention.metal). Both work on
 camel.metal.DeviceArrays, like camel/gemm.py; the autograd op over them, FlashAttention,
@@ -14,7 +15,7 @@ camel/bench/tuner.py (tune_flash) and cached by camel/tuning.py.
 
 Selection (F.scaled_dot_product_attention on "mps"):
     CAMEL_ATTENTION=flash        the default rung: v6 with the autotuner's tile shape
-    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v10, or flash_v6_64x32)
+    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v11, or flash_v6_64x32)
     CAMEL_ATTENTION=naive        the Stage 5A path (four ops, a (T, S) matrix)
 Head dims 32, 64 and 128 are built; camel.functional falls back to naive for others.
 """
@@ -119,6 +120,9 @@ RUNGS: dict[str, Rung] = {
         Rung("flash_v10_32x32", 10, "v10 with 32 query rows a threadgroup (two SIMD groups): "
              "twice the K/V reads per FLOP, half the threads",
              32, 32, simt=True, d128=(32, 16)),
+        Rung("flash_v11", 11, "v10 with its lanes paired: lanes l, l^1 read one row of Q or P, "
+             "l, l^2 one key of K or V (2 wavefronts a float4 read, not 4)",
+             64, 32, simt=True, d128=(32, 16)),  # v10's launch; only the kernel differs
     ]
 }  # fmt: skip
 
@@ -138,7 +142,7 @@ def names() -> list[str]:
     return (
         ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"]
         + [n for n in RUNGS if n.startswith("flash_v6_")]
-        + ["flash_v7", "flash_v8", "flash_v9", "flash_v10", "flash_v10_32x32"]
+        + ["flash_v7", "flash_v8", "flash_v9", "flash_v10", "flash_v10_32x32", "flash_v11"]
     )
 
 

@@ -36,6 +36,10 @@
 //   version 10 drops simdgroup_matrix: each lane computes 4 x 4 blocks of S and of O with
 //             scalar FMAs from threadgroup tiles of Q, K and V (the GEMM ladder's register
 //             blocking), its own template, `flash_forward_simt`
+//   version 11 is v10 with its lanes paired: every threadgroup read of the S and P·V
+//             loops has lane pairs that read one address (lanes l and l ^ 1 the same row
+//             of Q or of P, lanes l and l ^ 2 the same key of K or V), which NVIDIA's
+//             shared memory serves in 2 returns of 128 bytes instead of 4
 // v1-v9 are instances of ONE template kernel, `flash_forward`, whose bool parameters
 // switch the ideas on; the instances are named `flash_v<rung>_<B_r>x<B_c>_d<D>`.
 //
@@ -689,16 +693,30 @@ FLASH_RUNG(9, 64, 32, 32, 64, 64, true, true, true, true, true, true, false, tru
 //   v_tile  V's block. Q and K rows are XOR-swizzled (float4 d4 of row r is stored at
 //   d4 ^ (r % 8)): the 8 K rows that the 8 lanes of one ri read at one step then start in
 //   different banks (if banked like NVIDIA: 32 of 4 bytes, 8 lanes a phase of a float4
-//   access; tools/bank_calc.py). Those lanes read one float4 of Q, which needs no swizzle
-//   there; it costs nothing, in case another bank model serves more lanes at once.
+//   access; tools/bank_calc.py). Those lanes read one float4 of Q; Q's swizzle is for
+//   the paired reads below, where a phase holds two rows ri (row r and r + 1).
 //   P goes from the lanes that hold it to the lanes that multiply it with V through
 //   k_tile, once every SIMD group is done with K: SIMD group sg's P is 4 x BC float4s,
 //   [ri][key], the float4 holding rows ri + 4 i (i < 4) of one key. A lane reads its 4
 //   rows of one key as one float4 (the 8 lanes of a phase of a 16-byte access share
 //   it), and the 8 lanes of a phase write 8 consecutive float4s.
+//
+// PAIRED (version 11) changes which lane is which, and P's layout (tools/bank_calc.py,
+// its wavefronts column): shared memory returns 128 bytes a cycle, so a 16-byte read of
+// 32 lanes at distinct addresses takes 4 cycles (wavefronts); where the lanes read in
+// pairs (every lane what lane l ^ 1 reads, or every lane what lane l ^ 2 reads) two
+// lanes share each returned word and it takes 2 (NVIDIA's rule; docs/stage5b.md). With
+// lane = 8 ri + ci the Q reads pair, but the K and V reads follow ci and do not, and a
+// P read's phase holds rows ri and ri + 1 of [ri][key], BC float4s apart: one bank, so
+// those take 4 as well. PAIRED takes ri from lane bits 1 and 4 and ci from bits 0, 2 and
+// 3 (lanes l, l ^ 1 share ri: Q and P; lanes l, l ^ 2 share ci: K and V; a row's 8 lanes
+// meet over XOR masks 1, 4 and 8) and writes P [key][ri], a key's 4 float4s side by side.
+// Every read of the two loops then takes 2: 448 wavefronts a SIMD group and key block at
+// D = 64 against v10's 768, for 2048 warp FMAs. P's store is 2-way conflicted (a
+// quarter-warp holds ri, ri + 1 with ci < 4, keys 4 float4s apart), 4 stores a block.
 // Threadgroup (BR / 16 · 32, 1, 1); grid (ceil(T / BR), B · H, 1). BR · D + max(BC · D,
 // BR · BC) + BC · D floats: at most 32 KiB for the instances below.
-template <uint BR, uint BC, uint D>
+template <uint BR, uint BC, uint D, bool PAIRED>
 kernel void flash_forward_simt(device const float* q [[buffer(0)]],
                                device const float* k [[buffer(1)]],
                                device const float* v [[buffer(2)]],
@@ -731,7 +749,12 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
     o += bh * T * D;
     lse += bh * T;
     const uint q0 = group.x * BR;
-    const uint ri = lane / 8, ci = lane % 8;
+    // the lane's row group ri < 4 and key/column group ci < 8, and the XOR masks between
+    // the 8 lanes of one ri
+    const uint ri = PAIRED ? ((lane >> 1) & 1) | ((lane >> 4) << 1) : lane / 8;
+    const uint ci = PAIRED ? (lane & 1) | (((lane >> 2) & 3) << 1) : lane % 8;
+    constexpr ushort X2 = PAIRED ? 4 : 2, X3 = PAIRED ? 8 : 4;  // and mask 1
+    constexpr uint P_RI = PAIRED ? 1 : BC, P_KEY = PAIRED ? 4 : 1;  // P's float4 strides
     const uint rows0 = sg * 16 + ri;  // this lane's rows in the tile: rows0 + 4 i
 
     // Q: the tile's rows (rows >= T are zero), consecutive threads along a row; a thread's
@@ -818,8 +841,8 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
                 mx = max(mx, s[i][j]);
             }
             mx = max(mx, simd_shuffle_xor(mx, ushort(1)));  // the row's 8 lanes agree
-            mx = max(mx, simd_shuffle_xor(mx, ushort(2)));
-            mx = max(mx, simd_shuffle_xor(mx, ushort(4)));
+            mx = max(mx, simd_shuffle_xor(mx, X2));
+            mx = max(mx, simd_shuffle_xor(mx, X3));
             const float m_new = max(m[i], mx);
             const float mc = (m_new == -INFINITY ? 0.0f : m_new) * c2;  // no visible key yet
             const float alpha = exp2(m[i] * c2 - mc);
@@ -829,8 +852,8 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
                 sum += s[i][j];
             }
             sum += simd_shuffle_xor(sum, ushort(1));
-            sum += simd_shuffle_xor(sum, ushort(2));
-            sum += simd_shuffle_xor(sum, ushort(4));
+            sum += simd_shuffle_xor(sum, X2);
+            sum += simd_shuffle_xor(sum, X3);
             l[i] = l[i] * alpha + sum;
             m[i] = m_new;
             for (uint u = 0; u < NU; u++) acc[i][u] *= alpha;
@@ -839,9 +862,10 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
         // P into k_tile once no SIMD group reads K any more; only this SIMD group reads
         // its part back
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        threadgroup float4* p_sg = k_tile + sg * 4 * BC;  // [ri][key]: 16 rows x BC keys
+        // 16 rows x BC keys: [ri][key] (v10) or [key][ri] (v11)
+        threadgroup float4* p_sg = k_tile + sg * 4 * BC;
         for (uint j = 0; j < TC; j++) {
-            p_sg[ri * BC + ci + 8 * j] = float4(s[0][j], s[1][j], s[2][j], s[3][j]);
+            p_sg[ri * P_RI + (ci + 8 * j) * P_KEY] = float4(s[0][j], s[1][j], s[2][j], s[3][j]);
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -851,7 +875,7 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
         if (p.causal != 0 && masked) {
             // a masked pair adds nothing, even where V holds a NaN or inf (0 * NaN is NaN)
             for (uint c = 0; c < BC; c++) {
-                const float4 pc = p_sg[ri * BC + c];
+                const float4 pc = p_sg[ri * P_RI + c * P_KEY];
                 const uint col = c0 + c;
                 for (uint u = 0; u < NU; u++) {
                     const float4 vv = v_tile[c * D4 + ci + 8 * u];
@@ -863,7 +887,7 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
             }
         } else {
             for (uint c = 0; c < BC; c++) {
-                const float4 pc = p_sg[ri * BC + c];
+                const float4 pc = p_sg[ri * P_RI + c * P_KEY];
                 for (uint u = 0; u < NU; u++) {
                     const float4 vv = v_tile[c * D4 + ci + 8 * u];
                     for (uint i = 0; i < 4; i++) acc[i][u] = fma(float4(pc[i]), vv, acc[i][u]);
@@ -886,9 +910,9 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
     }
 }
 
-#define FLASH_FORWARD_SIMT(BR, BC, D)                                                       \
-    template [[host_name("flash_v10_" #BR "x" #BC "_d" #D)]] kernel void                   \
-    flash_forward_simt<BR, BC, D>(                                                         \
+#define FLASH_FORWARD_SIMT(V, BR, BC, D, PAIRED)                                            \
+    template [[host_name("flash_v" #V "_" #BR "x" #BC "_d" #D)]] kernel void                 \
+    flash_forward_simt<BR, BC, D, PAIRED>(                                                  \
         device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
         device const float* v [[buffer(2)]], device float* o [[buffer(3)]],                \
         device float* lse [[buffer(4)]], constant FlashParams& p [[buffer(5)]],            \
@@ -900,11 +924,15 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
 // V 8 / 4 at D = 64 / 32 (32 / 20 KiB). flash_v10_32x32 (two SIMD groups): Q 8 / 4, K (or
 // P) 8 / 4, V 8 / 4 (24 / 12 KiB). At D = 128 both are 32 rows and 16 keys a block, as 64
 // rows of Q alone would fill 32 KiB: Q 16 + K 8 + V 8 = 32 KiB.
-FLASH_FORWARD_SIMT(64, 32, 32)
-FLASH_FORWARD_SIMT(64, 32, 64)
-FLASH_FORWARD_SIMT(32, 32, 32)
-FLASH_FORWARD_SIMT(32, 32, 64)
-FLASH_FORWARD_SIMT(32, 16, 128)
+FLASH_FORWARD_SIMT(10, 64, 32, 32, false)
+FLASH_FORWARD_SIMT(10, 64, 32, 64, false)
+FLASH_FORWARD_SIMT(10, 32, 32, 32, false)
+FLASH_FORWARD_SIMT(10, 32, 32, 64, false)
+FLASH_FORWARD_SIMT(10, 32, 16, 128, false)
+// v11: v10's tiles (64 x 32; 32 x 16 at D = 128) with the lanes paired.
+FLASH_FORWARD_SIMT(11, 64, 32, 32, true)
+FLASH_FORWARD_SIMT(11, 64, 32, 64, true)
+FLASH_FORWARD_SIMT(11, 32, 16, 128, true)
 
 // ---------------------------------------------------------------------------------------
 // Backward: recomputation from the saved log-sum-exp, one thread per row, no (T, S)

@@ -264,23 +264,79 @@ def test_v11_second_buffer_banks_like_v10():
     assert v10 and v10 == v11
 
 
+def test_wavefronts_of_float4_reads():
+    # the two patterns an H100 user counted with ncu (NVIDIA's forum): lanes l and l + 16
+    # reading one float4, the float4s 32 bytes apart: 8 wavefronts (a 2-way conflict in
+    # each of the 4 phases; pairs 16 apart do not merge); lanes 0-15 reading one float4 and
+    # 16-31 another: 2 (the pairs merge, 16 lanes a phase)
+    assert bank_calc.wavefronts([8 * (lane % 16) for lane in range(32)], 16) == 8
+    assert bank_calc.wavefronts([4 * (lane // 16) for lane in range(32)], 16) == 2
+    consecutive = [4 * lane for lane in range(32)]
+    assert bank_calc.wavefronts(consecutive, 16) == 4  # one a phase of 8 lanes
+    assert bank_calc.wavefronts([4 * (lane // 2) for lane in range(32)], 16) == 2  # l, l ^ 1
+    assert bank_calc.wavefronts([4 * (lane % 2 + lane // 4 * 2) for lane in range(32)], 16) == 2
+    assert bank_calc.wavefronts([4 * (lane // 2) for lane in range(32)], 16, "st") == 4
+    assert bank_calc.wavefronts(bank_calc.row()) == 1  # 4-byte reads: 32 lanes a phase already
+
+
+def _simt_kernel_text():
+    shader = (_PATH.parents[1] / "shaders" / "ops_attention.metal").read_text()
+    return shader[shader.index("kernel void flash_forward_simt") :]
+
+
 @pytest.mark.parametrize("d, bc", [(32, 32), (64, 32), (128, 16)])  # v10's instances
 def test_flash_v10_tiles_are_conflict_free(d, bc):
     # v10's float4 accesses, phases of 8 lanes (one ri each): the swizzled K reads, the Q
     # reads (a phase reads one float4), the block stores, P [ri][key] and V, all 1-way.
     # Unswizzled, the 8 keys of a phase are rows of D floats (a multiple of 32 words)
     # apart: 8-way. P written key-major, as v10 first did: keys 16 words apart, 4-way.
-    acc = bank_calc.flash_v10_accesses(d, bc)
+    acc = bank_calc.flash_simt_accesses(d, bc, 10)
     mine = [a for a in acc if a.kernel == "flash_v10"]
     assert len(mine) == 7 and all(a.degree == 1 for a in mine), [(a.what, a.degree) for a in mine]
     what_if = {a.what.split(",")[0]: a.degree for a in acc if a.kernel == "flash_v10 what-if"}
     assert what_if == {"S loop: K keys ci + 8 j unswizzled": 8,
                        "S loop: Q rows ri + 4 i unswizzled": 1, "P store": 4}  # fmt: skip
+    # wavefronts: only the Q reads pair (8 lanes of one ri read one float4); the paired
+    # phase of 16 lanes holds rows r, r + 1, which only the swizzle puts in different banks
+    waves = {a.what.split(",")[0]: a.wavefronts for a in acc}
+    assert waves["S loop: Q rows ri + 4 i"] == 2
+    assert waves["S loop: Q rows ri + 4 i unswizzled"] == 4
+    assert waves["S loop: K keys ci + 8 j"] == waves["V load"] == waves["P load"] == 4
     # the model's index arithmetic is the shader's
-    shader = (_PATH.parents[1] / "shaders" / "ops_attention.metal").read_text()
-    kernel = shader[shader.index("kernel void flash_forward_simt") :]
+    kernel = _simt_kernel_text()
     for index in ("q_tile[r * D4 + (d4 ^ (r % 8))]", "k_tile[c * D4 + (d4 ^ (c % 8))]",
-                  "v_tile[c * D4 + d4]", "p_sg[ri * BC + ci + 8 * j]", "p_sg[ri * BC + c]",
-                  "v_tile[c * D4 + ci + 8 * u]", "const uint ri = lane / 8, ci = lane % 8;",
+                  "v_tile[c * D4 + d4]", "p_sg[ri * P_RI + (ci + 8 * j) * P_KEY]",
+                  "p_sg[ri * P_RI + c * P_KEY]", "v_tile[c * D4 + ci + 8 * u]",
+                  ": lane / 8;", ": lane % 8;", "P_RI = PAIRED ? 1 : BC, P_KEY = PAIRED ? 4 : 1",
                   "const uint e = t + n * THREADS, c = e / D4, d4 = e % D4;"):  # fmt: skip
         assert index in kernel, index
+
+
+@pytest.mark.parametrize("d, bc", [(32, 32), (64, 32), (128, 16)])  # v11's instances
+def test_flash_v11_reads_are_paired(d, bc):
+    # v11's lanes: l and l ^ 1 share ri, l and l ^ 2 share ci; P [key][ri]. Every read of
+    # the S and P·V loops takes 2 wavefronts (v10: K, P and V 4), conflict-free; P's
+    # store is 2-way (keys 4 float4s apart in a phase of rows ri, ri + 1)
+    acc = bank_calc.flash_simt_accesses(d, bc, 11)
+    reads = [a for a in acc if a.op == "ld"]
+    assert len(reads) == 4 and all(a.wavefronts == 2 and a.degree == 1 for a in reads), [
+        (a.what, a.degree, a.wavefronts) for a in reads
+    ]
+    (store,) = [a for a in acc if a.op == "st"]
+    assert (store.degree, store.wavefronts) == (2, 8)
+    # a SIMD group's reads in one key block; at D = 64: 768 against 448, 2048 warp FMAs
+    v10, v11 = (bank_calc.simt_block_wavefronts(d, bc, v) for v in (10, 11))
+    assert v11["reads"] < v10["reads"] and v11["warp_fmas"] == v10["warp_fmas"]
+    if d == 64:
+        assert (v10["reads"], v11["reads"], v11["warp_fmas"]) == (768, 448, 2048)
+    # the lane layout and the masks of the row reductions are the shader's: a row's 8
+    # lanes (one ri) differ in lane bits 0, 2, 3, the XOR masks 1, 4, 8
+    kernel = _simt_kernel_text()
+    assert "PAIRED ? ((lane >> 1) & 1) | ((lane >> 4) << 1)" in kernel
+    assert "PAIRED ? (lane & 1) | (((lane >> 2) & 3) << 1)" in kernel
+    assert "X2 = PAIRED ? 4 : 2, X3 = PAIRED ? 8 : 4" in kernel
+    lanes = bank_calc.simt_lanes(11)
+    assert sorted(lanes) == sorted((ri, ci) for ri in range(4) for ci in range(8))
+    for lane, (ri, _) in enumerate(lanes):
+        row = {other for other in range(32) if lanes[other][0] == ri}
+        assert row == {lane ^ m for m in (0, 1, 4, 5, 8, 9, 12, 13)}

@@ -20,6 +20,15 @@ The bank model, and how far to trust it:
     same word share it (broadcast); 8- and 16-byte accesses are served in phases of 16 and
     8 lanes. `ncu` counts the extra replays as l1tex__data_bank_conflicts_pipe_lsu_mem_
     shared_op_ld / _st (the columns in docs/cuda.md).
+  * Wavefronts (the last column): shared memory returns 128 bytes a cycle, one wavefront,
+    so a conflict-free 16-byte read of 32 lanes takes 4 (one a phase). A read whose lanes
+    pair up (every active lane reads what lane l ^ 1 reads, or every one what lane l ^ 2
+    reads) has two lanes share each returned word, and a phase serves twice the lanes: 2
+    wavefronts. That rule is an NVIDIA engineer's answer on NVIDIA's forum for compute
+    capability 7.x, and an H100 user's ncu counts there fit it (16 lanes of one address,
+    16 of another: 2 wavefronts; lanes l and l + 16 sharing: no fewer); it is not in
+    NVIDIA's documentation. ncu's l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld counts
+    them (flash v10 against v11 in docs/stage5b.md).
   * For Apple GPUs it is an ASSUMPTION. Apple documents no bank layout
     (philipturner/metal-benchmarks lists Apple's bank size and count as "TBD"); the
     indirect evidence is that MLX pads its threadgroup tiles by 16 bytes a row, which only
@@ -45,14 +54,12 @@ BANKS = 32
 BANK_BYTES = 4
 
 
-def conflict(words, width: int = 4, banks: int = BANKS, bank_bytes: int = BANK_BYTES):
-    """(n-way, replays / phases) of one access: `words` = the first 4-byte word each lane
-    touches (None: an inactive lane), `width` = bytes per lane (4, 8 or 16).
-    A phase serves 128 bytes' worth of lanes (32 at 4 B, 16 at 8 B, 8 at 16 B); within a
-    phase a bank holding k different touched words costs k passes (same word: broadcast)."""
+def _phase_passes(words, width: int, lanes_per_phase: int, banks: int = BANKS,
+                  bank_bytes: int = BANK_BYTES) -> list[int]:  # fmt: skip
+    """Passes of each phase that has an active lane: a bank holding k different touched
+    words costs k (lanes reading one word share it: broadcast)."""
     per_word = width // bank_bytes
-    lanes_per_phase = max(1, min(len(words), banks * bank_bytes // width))
-    worst, passes, phases = 1, 0, 0
+    out = []
     for p0 in range(0, len(words), lanes_per_phase):
         touched: dict[int, set[int]] = {}
         for w in words[p0 : p0 + lanes_per_phase]:
@@ -60,11 +67,38 @@ def conflict(words, width: int = 4, banks: int = BANKS, bank_bytes: int = BANK_B
                 continue
             for i in range(per_word):
                 touched.setdefault((w + i) % banks, set()).add(w + i)
-        if not touched:
-            continue
-        degree = max(len(s) for s in touched.values())
-        worst, passes, phases = max(worst, degree), passes + degree, phases + 1
-    return worst, (passes / phases if phases else 1.0)
+        if touched:
+            out.append(max(len(s) for s in touched.values()))
+    return out
+
+
+def conflict(words, width: int = 4, banks: int = BANKS, bank_bytes: int = BANK_BYTES):
+    """(n-way, replays / phases) of one access: `words` = the first 4-byte word each lane
+    touches (None: an inactive lane), `width` = bytes per lane (4, 8 or 16).
+    A phase serves 128 bytes' worth of lanes (32 at 4 B, 16 at 8 B, 8 at 16 B); within a
+    phase a bank holding k different touched words costs k passes (same word: broadcast)."""
+    lanes_per_phase = max(1, min(len(words), banks * bank_bytes // width))
+    passes = _phase_passes(words, width, lanes_per_phase, banks, bank_bytes)
+    return max(passes, default=1), (sum(passes) / len(passes) if passes else 1.0)
+
+
+def paired(words) -> bool:
+    """Every active lane reads what lane l ^ 1 reads, or every one what lane l ^ 2 reads."""
+
+    def pairs(x):
+        return all(words[lane] == words[lane ^ x] for lane in range(len(words))
+                   if words[lane] is not None and lane ^ x < len(words))  # fmt: skip
+
+    return pairs(1) or pairs(2)
+
+
+def wavefronts(words, width: int = 4, op: str = "ld") -> int:
+    """128-byte wavefronts of one access (the module's docstring): the passes of every
+    phase, a read of paired lanes in phases of twice the lanes."""
+    lanes_per_phase = max(1, min(len(words), BANKS * BANK_BYTES // width))
+    if op == "ld" and paired(words):
+        lanes_per_phase = min(len(words), 2 * lanes_per_phase)
+    return sum(_phase_passes(words, width, lanes_per_phase))
 
 
 @dataclass
@@ -79,6 +113,10 @@ class Access:
     @property
     def degree(self) -> int:
         return conflict(self.words, self.width)[0]
+
+    @property
+    def wavefronts(self) -> int:
+        return wavefronts(self.words, self.width, self.op)
 
 
 def lanes(sg: int = 0) -> range:
@@ -507,50 +545,88 @@ def _v10_tile(r: int, d4: int, n4: int, swizzle: bool = True) -> int:
     return 4 * (r * n4 + (d4 ^ (r % 8) if swizzle else d4))
 
 
-def flash_v10_accesses(d: int = 64, bc: int = 32):
-    """v10 (flash_forward_simt): lane l = 8 ri + ci of SIMD group 0 (the other SIMD groups'
-    rows and P start a multiple of 32 words on: the same banks). Every access
-    is a float4 (16 bytes: phases of 8 lanes, one ri each). The S loop reads rows ri + 4 i
-    of Q and keys ci + 8 j of K at one float4 d4 of D; P·V reads one key's float4 of P (its
-    4 rows) and float4 columns ci + 8 u of V; P is written [ri][key]. What-ifs: K and Q
-    unswizzled, and P written key-major ([key][ri], the layout v10 replaced)."""
+def simt_lanes(version: int) -> list[tuple[int, int]]:
+    """(ri, ci) of lanes 0..31 in flash_forward_simt: v10 lane = 8 ri + ci; v11 (PAIRED)
+    ri from lane bits 1 and 4, ci from bits 0, 2 and 3."""
+    if version == 10:
+        return [(lane // 8, lane % 8) for lane in range(LANES)]
+    return [(((lane >> 1) & 1) | ((lane >> 4) << 1), (lane & 1) | (((lane >> 2) & 3) << 1))
+            for lane in range(LANES)]  # fmt: skip
+
+
+def _worst16(word_lists, op: str = "ld"):
+    """The float4 access of the most passes (then wavefronts) among word_lists."""
+    return max(word_lists, key=lambda w: (conflict(w, 16)[0], wavefronts(w, 16, op)))
+
+
+def flash_simt_accesses(d: int = 64, bc: int = 32, version: int = 10):
+    """v10 and v11 (flash_forward_simt) in SIMD group 0 (the other SIMD groups' rows and P
+    start a multiple of 32 words on: the same banks), lanes as simt_lanes(version). Every
+    access is a float4 (16 bytes: phases of 8 lanes). The S loop reads rows ri + 4 i of Q
+    and keys ci + 8 j of K at one float4 d4 of D; P·V reads one key's float4 of P (its 4
+    rows) and float4 columns ci + 8 u of V; P is written [ri][key]. v10's what-ifs: K and
+    Q unswizzled, and P written key-major ([key][ri], the layout v10 replaced). The K, Q
+    and V block stores follow the thread index, not the lane layout: listed for v10."""
     n4 = d // 4
-    sg_lanes = [(lane // 8, lane % 8) for lane in range(LANES)]
+    sg_lanes = simt_lanes(version)
+    kernel = f"flash_v{version}"
     out = []
-    for what, swz, note in (("", True, "as v10 reads it"),
-                            (" unswizzled", False, "what the XOR swizzle avoids")):  # fmt: skip
-        kernel = "flash_v10" if swz else "flash_v10 what-if"
-        out.append(Access(kernel, f"S loop: K keys ci + 8 j{what}, D = {d}", "ld",
-                          _worst(*([_v10_tile(ci + 8 * j, d4, n4, swz) for ri, ci in sg_lanes]
-                                   for j in range(bc // 8) for d4 in range(n4))), 16,
-                          note=note))  # fmt: skip
-        out.append(Access(kernel, f"S loop: Q rows ri + 4 i{what}, D = {d}", "ld",
-                          _worst(*([_v10_tile(ri + 4 * i, d4, n4, swz) for ri, ci in sg_lanes]
-                                   for i in range(4) for d4 in range(n4))), 16,
+    variants = [("", True, f"as v{version} reads it")]
+    if version == 10:
+        variants.append((" unswizzled", False, "what the XOR swizzle avoids"))
+    for what, swz, note in variants:
+        label = kernel if swz else f"{kernel} what-if"
+        k_reads = [[_v10_tile(ci + 8 * j, d4, n4, swz) for ri, ci in sg_lanes]
+                   for j in range(bc // 8) for d4 in range(n4)]  # fmt: skip
+        q_reads = [[_v10_tile(ri + 4 * i, d4, n4, swz) for ri, ci in sg_lanes]
+                   for i in range(4) for d4 in range(n4)]  # fmt: skip
+        out.append(Access(label, f"S loop: K keys ci + 8 j{what}, D = {d}", "ld",
+                          _worst16(k_reads), 16, note=note))  # fmt: skip
+        out.append(Access(label, f"S loop: Q rows ri + 4 i{what}, D = {d}", "ld",
+                          _worst16(q_reads), 16,
                           note="the 8 lanes of a phase read one float4: no swizzle needed"
                           if not swz else note))  # fmt: skip
-    for name, swizzled in (("K, Q block store (float4 e = t + n · threads)", True),
-                           ("V block store", False)):  # fmt: skip
-        words = [_v10_tile(t // n4, t % n4, n4, swizzled) for t in lanes(0)]
-        out.append(Access("flash_v10", f"{name}, D = {d}", "st", words, 16,
-                          note="consecutive threads along a row"))  # fmt: skip
-    p_store = _worst(*([4 * (ri * bc + ci + 8 * j) for ri, ci in sg_lanes] for j in range(bc // 8)))
-    p_load = _worst(*([4 * (ri * bc + c) for ri, ci in sg_lanes] for c in range(bc)))
-    old_store = _worst(
-        *([4 * ((ci + 8 * j) * 4 + ri) for ri, ci in sg_lanes] for j in range(bc // 8))
-    )
-    v_load = _worst(*([4 * (c * n4 + ci + 8 * u) for ri, ci in sg_lanes]
-                      for c in range(bc) for u in range(d // 32)))  # fmt: skip
+    if version == 10:
+        for name, swizzled in (("K, Q block store (float4 e = t + n · threads)", True),
+                               ("V block store", False)):  # fmt: skip
+            words = [_v10_tile(t // n4, t % n4, n4, swizzled) for t in lanes(0)]
+            out.append(Access(kernel, f"{name}, D = {d}", "st", words, 16,
+                              note="consecutive threads along a row"))  # fmt: skip
+    p_ri, p_key = (bc, 1) if version == 10 else (1, 4)  # float4 strides: P_RI, P_KEY
+    layout = "[ri][key]" if version == 10 else "[key][ri]"
+    p_store = _worst16([[4 * (ri * p_ri + (ci + 8 * j) * p_key) for ri, ci in sg_lanes]
+                        for j in range(bc // 8)], "st")  # fmt: skip
+    p_load = _worst16([[4 * (ri * p_ri + c * p_key) for ri, ci in sg_lanes] for c in range(bc)])
+    v_load = _worst16([[4 * (c * n4 + ci + 8 * u) for ri, ci in sg_lanes]
+                       for c in range(bc) for u in range(d // 32)])  # fmt: skip
+    notes = (("8 consecutive float4s a phase", "a paired phase's rows ri, ri + 1: one bank")
+             if version == 10 else
+             ("rows ri, ri + 1 and ci < 4 a phase: keys 4 float4s apart",
+              "a paired phase's rows ri, ri + 1: side by side"))  # fmt: skip
     out += [
-        Access("flash_v10", "P store, [ri][key]", "st", p_store, 16,
-               note="8 consecutive float4s a phase"),
-        Access("flash_v10", "P load, [ri][key]", "ld", p_load, 16, note="one float4 a phase"),
-        Access("flash_v10 what-if", "P store, [key][ri]", "st", old_store, 16,
-               note="keys 16 words apart: 4-way"),
-        Access("flash_v10", f"V load, float4 columns ci + 8 u, D = {d}", "ld", v_load, 16,
+        Access(kernel, f"P store, {layout}", "st", p_store, 16, note=notes[0]),
+        Access(kernel, f"P load, {layout}", "ld", p_load, 16, note=notes[1]),
+        Access(kernel, f"V load, float4 columns ci + 8 u, D = {d}", "ld", v_load, 16,
                note="8 consecutive float4s a phase"),
     ]  # fmt: skip
+    if version == 10:
+        old_store = _worst16([[4 * ((ci + 8 * j) * 4 + ri) for ri, ci in sg_lanes]
+                              for j in range(bc // 8)], "st")  # fmt: skip
+        out.append(Access("flash_v10 what-if", "P store, [key][ri]", "st", old_store, 16,
+                          note="keys 16 words apart: 4-way"))  # fmt: skip
     return out
+
+
+def simt_block_wavefronts(d: int = 64, bc: int = 32, version: int = 10) -> dict[str, int]:
+    """Wavefronts of one SIMD group's threadgroup reads in one key block of flash v10 / v11
+    (the S loop: D / 4 steps of 4 Q and B_c / 8 K float4s; P·V: B_c keys of 1 P and D / 32
+    V float4s), against its warp FMAs (16 rows x B_c keys x D, twice: S and P·V)."""
+    acc = {a.what.split(",")[0]: a.wavefronts for a in flash_simt_accesses(d, bc, version)
+           if a.kernel == f"flash_v{version}"}  # fmt: skip
+    q, k = acc["S loop: Q rows ri + 4 i"], acc["S loop: K keys ci + 8 j"]
+    s_loop = d // 4 * (4 * q + bc // 8 * k)
+    pv = bc * (acc["P load"] + d // 32 * acc["V load"])
+    return dict(s_loop=s_loop, pv=pv, reads=s_loop + pv, warp_fmas=2 * 16 * bc * d // 32)
 
 
 def flash_block_passes(pad: int, swizzle: bool, d: int = 64, bc: int = 32, dk: int = 0,
@@ -645,19 +721,23 @@ def reduce_accesses(threads: int = 256):
 FAMILIES = {
     "gemm": gemm_accesses,
     "flash": lambda: (
-        flash_accesses() + flash_v8_accesses() + flash_v9_accesses() + flash_v10_accesses()
+        flash_accesses()
+        + flash_v8_accesses()
+        + flash_v9_accesses()
+        + flash_simt_accesses()
+        + flash_simt_accesses(version=11)
     ),
     "reduce": reduce_accesses,
 }
 
 
 def table(accesses) -> str:
-    lines = ["| kernel | access | ld/st | bytes/lane | n-way | passes/phase | note |",
-             "|---|---|---|---:|---:|---:|---|"]  # fmt: skip
+    lines = ["| kernel | access | ld/st | bytes/lane | n-way | passes/phase | wavefronts | note |",
+             "|---|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for a in accesses:
         n, passes = conflict(a.words, a.width)
         lines.append(f"| {a.kernel} | {a.what} | {a.op} | {a.width} | {n} | {passes:.2f} | "
-                     f"{a.note} |")  # fmt: skip
+                     f"{a.wavefronts} | {a.note} |")  # fmt: skip
     return "\n".join(lines)
 
 

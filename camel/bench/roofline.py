@@ -250,7 +250,7 @@ def _matrix_counts(rung, br: int, bc: int, t: int, d: int, heads: int):
 
 
 def _simt_counts(br: int, bc: int, d: int, threads: int, flops: float):
-    """The same for v10 (flash_forward_simt): scalar FMAs, exactly the useful ones (the O
+    """The same for v10 and v11 (flash_forward_simt): scalar FMAs, exactly the useful ones (the O
     rescale is a multiply per element, as v7's: no matrix work); threadgroup bytes per FMA
     from a lane's float4 reads (S: 4 of Q and B_c / 8 of K per float4 of D; P·V: 1 of P and
     D / 32 of V per key; its P written once) and the K/V block stores."""

@@ -103,7 +103,7 @@ stage_attention() {
 }
 
 stage_attention_rungs() {  # a few rungs side by side, SDPA in the same run (RUNGS=a,b,...)
-  timeout 200 python3 -m camel.bench attention --rungs "${RUNGS:-flash_v9,flash_v10,flash_v10_32x32}" \
+  timeout 200 python3 -m camel.bench attention --rungs "${RUNGS:-flash_v9,flash_v10,flash_v10_32x32,flash_v11}" \
     --seqs 1024,4096 --dims 64 --heads 16
 }
 
@@ -154,6 +154,8 @@ stage_ncu() {
   local m="gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active"
   m+=",l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum"
   m+=",l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
+  # shared-load wavefronts and instructions: their ratio is tools/bank_calc.py's wavefronts column
+  m+=",l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum"
   m+=",sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed"
   m+=",launch__registers_per_thread,launch__occupancy_limit_registers"
   timeout 300 ncu --clock-control none --metrics "$m" --csv --kernel-name regex:"matmul|flash" \
@@ -166,8 +168,9 @@ stage_ncu_detail() {
   local s=""
   for sec in SpeedOfLight LaunchStats Occupancy SchedulerStats WarpStateStats InstructionStats \
              ComputeWorkloadAnalysis MemoryWorkloadAnalysis; do s+=" --section $sec"; done
-  timeout 400 ncu --clock-control none $s --kernel-name \
-    regex:"softmax_last_axis_v[23]|log_softmax_last_axis_v2|softmax_backward_v[23]|cross_entropy_forward_v[23]|cross_entropy_mean|layernorm_forward_v4|layernorm_backward_v2|layernorm_backward_v3|matmul_v9|flash_v7|flash_v9|flash_v10" \
+  local m="l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum"
+  timeout 400 ncu --clock-control none $s --metrics "$m" --kernel-name \
+    regex:"softmax_last_axis_v[23]|log_softmax_last_axis_v2|softmax_backward_v[23]|cross_entropy_forward_v[23]|cross_entropy_mean|layernorm_forward_v4|layernorm_backward_v2|layernorm_backward_v3|matmul_v9|flash_v7|flash_v9|flash_v10|flash_v11" \
     python3 tools/gpu/ncu_detail.py
 }
 

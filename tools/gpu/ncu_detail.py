@@ -4,7 +4,8 @@
 it (softmax backward, LayerNorm forward v4), version 3 of the softmax family on rows of
 16384 floats (the cross-entropy forward's kernel and its mean over rows), the best GEMM
 rung at 4096^3, the best flash rung at T = 4096 (v7), v9 (v7 with the next K/V chunk
-staged in registers) and v10 (scalar FMAs, no simdgroup_matrix). The report's sections
+staged in registers), v10 (scalar FMAs, no simdgroup_matrix) and v11 (v10 with its lanes
+paired: fewer shared-memory wavefronts a read, tools/bank_calc.py). The report's sections
 (issue slots, warp stalls, occupancy, memory) say whether each is bound by memory, by
 instruction issue or by latency."""
 
@@ -56,5 +57,10 @@ metal.synchronize()
 flash.forward(q, k, v, True, rung="flash_v10")
 metal.synchronize()
 flash.forward(q, k, v, True, rung="flash_v10_32x32")  # half the rows a threadgroup
+metal.synchronize()
+# v11: v10 with its lanes paired; its shared-load wavefronts (l1tex__data_pipe_lsu_
+# wavefronts_mem_shared_op_ld) next to v10's test the bank_calc model (768 against 448 a
+# SIMD group and key block)
+flash.forward(q, k, v, True, rung="flash_v11")
 metal.synchronize()
 print("one launch per kernel done")
