@@ -5,7 +5,7 @@
 
 `RUNGS` is the ladder table: rung -> kernel name, query rows per threadgroup (B_r), keys
 per block (B_c), columns of D per K/V chunk (DK), threads and threadgroup memory. v1-v9
-are one template (flash_forward, simdgroup_matrix); v10 and v11 are another
+are one template (flash_forward, simdgroup_matrix); v10-v12 are another
 (flash_forward_simt).
 `forward()` returns (out, lse) without ever allocating a (T, S) matrix; `backward()`
 recomputes P from lse, one thread per row (see shaders/ops_attention.metal). Both work on
@@ -15,7 +15,7 @@ camel/bench/tuner.py (tune_flash) and cached by camel/tuning.py.
 
 Selection (F.scaled_dot_product_attention on "mps"):
     CAMEL_ATTENTION=flash        the default rung: v6 with the autotuner's tile shape
-    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v11, or flash_v6_64x32)
+    CAMEL_ATTENTION=flash_v3     one rung by name (flash_v1 ... flash_v12, or flash_v6_64x32)
     CAMEL_ATTENTION=naive        the Stage 5A path (four ops, a (T, S) matrix)
 Head dims 32, 64 and 128 are built; camel.functional falls back to naive for others.
 """
@@ -51,6 +51,7 @@ class Rung:
     prefetch: bool = False  # v9: the next K/V chunk staged in registers (device reads early)
     simt: bool = False  # v10: flash_forward_simt, scalar FMAs, 16 query rows a SIMD group
     d128: tuple = ()  # v10: (B_r, B_c) at D = 128, where (br, bc) would not fit 32 KiB
+    heavy_first: bool = False  # v12: grid (B·H, tiles), the tiles with the most keys first
 
     def tile(self, d: int) -> tuple[int, int]:
         """(B_r, B_c) at head dim d."""
@@ -79,8 +80,17 @@ class Rung:
         return _F32 * (self.buffers * self.bc * dk + tiles)
 
     def grid(self, t: int, bh: int, d: int) -> tuple[int, int, int]:
-        br = self.tile(d)[0]
-        return ((t + br - 1) // br, bh, 1)
+        tiles = (t + self.tile(d)[0] - 1) // self.tile(d)[0]
+        return (bh, tiles, 1) if self.heavy_first else (tiles, bh, 1)
+
+    def launch_order(self, t: int, bh: int, d: int) -> list[tuple[int, int]]:
+        """(head, query tile) of each threadgroup in index order (x fastest), the order GPUs
+        start them in, as the kernels map group (x, y): v12 head x and tile tiles - 1 - y,
+        the others tile x of head y."""
+        gx, gy, _ = self.grid(t, bh, d)
+        if self.heavy_first:
+            return [(x, gy - 1 - y) for y in range(gy) for x in range(gx)]
+        return [(y, x) for y in range(gy) for x in range(gx)]
 
 
 def _dk(d32, d64, d128):
@@ -123,6 +133,9 @@ RUNGS: dict[str, Rung] = {
         Rung("flash_v11", 11, "v10 with its lanes paired: lanes l, l^1 read one row of Q or P, "
              "l, l^2 one key of K or V (2 wavefronts a float4 read, not 4)",
              64, 32, simt=True, d128=(32, 16)),  # v10's launch; only the kernel differs
+        Rung("flash_v12", 12, "v11 with the heaviest query tiles first (grid B*H x tiles): "
+             "causal calls do not end waiting on the last heads' longest tiles",
+             64, 32, simt=True, d128=(32, 16), heavy_first=True),
     ]
 }  # fmt: skip
 
@@ -142,7 +155,15 @@ def names() -> list[str]:
     return (
         ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"]
         + [n for n in RUNGS if n.startswith("flash_v6_")]
-        + ["flash_v7", "flash_v8", "flash_v9", "flash_v10", "flash_v10_32x32", "flash_v11"]
+        + [
+            "flash_v7",
+            "flash_v8",
+            "flash_v9",
+            "flash_v10",
+            "flash_v10_32x32",
+            "flash_v11",
+            "flash_v12",
+        ]
     )
 
 

@@ -40,6 +40,9 @@
 //             loops has lane pairs that read one address (lanes l and l ^ 1 the same row
 //             of Q or of P, lanes l and l ^ 2 the same key of K or V), which NVIDIA's
 //             shared memory serves in 2 returns of 128 bytes instead of 4
+//   version 12 is v11 with the heaviest query tiles first: the grid is (B · H, tiles) and
+//             tile (tiles - 1 - y) runs in row y, so a causal call starts the tiles with
+//             the most key blocks first and the GPU does not wait on them at the end
 // v1-v9 are instances of ONE template kernel, `flash_forward`, whose bool parameters
 // switch the ideas on; the instances are named `flash_v<rung>_<B_r>x<B_c>_d<D>`.
 //
@@ -714,9 +717,19 @@ FLASH_RUNG(9, 64, 32, 32, 64, 64, true, true, true, true, true, true, false, tru
 // Every read of the two loops then takes 2: 448 wavefronts a SIMD group and key block at
 // D = 64 against v10's 768, for 2048 warp FMAs. P's store is 2-way conflicted (a
 // quarter-warp holds ri, ri + 1 with ci < 4, keys 4 float4s apart), 4 stores a block.
-// Threadgroup (BR / 16 · 32, 1, 1); grid (ceil(T / BR), B · H, 1). BR · D + max(BC · D,
-// BR · BC) + BC · D floats: at most 32 KiB for the instances below.
-template <uint BR, uint BC, uint D, bool PAIRED>
+//
+// HEAVY_FIRST (version 12) changes only which threadgroup takes which tile. Causal, tile
+// x of a (batch, head) scores (x + 1) · BR keys, and GPUs start threadgroups in the
+// order of their index, x fastest: with the grid (tiles, B · H) the last heads' heaviest
+// tiles start last, and at the end of the call most of the GPU waits for them.
+// HEAVY_FIRST takes the grid (B · H, tiles): threadgroup (x, y) does head x and tile
+// tiles - 1 - y, so the tiles start heaviest first (longest processing time first, whose
+// end Graham's bound puts within 4/3 of the best schedule's; FlashAttention's CuTe
+// kernels schedule causal tiles the same way). Full attention: every tile is as heavy.
+// Threadgroup (BR / 16 · 32, 1, 1); grid (ceil(T / BR), B · H, 1), or (B · H, ceil(T /
+// BR), 1) with HEAVY_FIRST. BR · D + max(BC · D, BR · BC) + BC · D floats: at most 32 KiB
+// for the instances below.
+template <uint BR, uint BC, uint D, bool PAIRED, bool HEAVY_FIRST>
 kernel void flash_forward_simt(device const float* q [[buffer(0)]],
                                device const float* k [[buffer(1)]],
                                device const float* v [[buffer(2)]],
@@ -742,13 +755,14 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
     threadgroup float4 v_tile[BC * D4];  // [key][d4]
 
     const uint T = p.T, S = p.S;
-    const uint bh = group.y;
+    const uint bh = HEAVY_FIRST ? group.x : group.y;
+    const uint tile = HEAVY_FIRST ? (T + BR - 1) / BR - 1 - group.y : group.x;
     q += bh * T * D;
     k += bh * S * D;
     v += bh * S * D;
     o += bh * T * D;
     lse += bh * T;
-    const uint q0 = group.x * BR;
+    const uint q0 = tile * BR;
     // the lane's row group ri < 4 and key/column group ci < 8, and the XOR masks between
     // the 8 lanes of one ri
     const uint ri = PAIRED ? ((lane >> 1) & 1) | ((lane >> 4) << 1) : lane / 8;
@@ -910,9 +924,9 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
     }
 }
 
-#define FLASH_FORWARD_SIMT(V, BR, BC, D, PAIRED)                                            \
+#define FLASH_FORWARD_SIMT(V, BR, BC, D, PAIRED, HEAVY_FIRST)                               \
     template [[host_name("flash_v" #V "_" #BR "x" #BC "_d" #D)]] kernel void                 \
-    flash_forward_simt<BR, BC, D, PAIRED>(                                                  \
+    flash_forward_simt<BR, BC, D, PAIRED, HEAVY_FIRST>(                                     \
         device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],          \
         device const float* v [[buffer(2)]], device float* o [[buffer(3)]],                \
         device float* lse [[buffer(4)]], constant FlashParams& p [[buffer(5)]],            \
@@ -924,15 +938,19 @@ kernel void flash_forward_simt(device const float* q [[buffer(0)]],
 // V 8 / 4 at D = 64 / 32 (32 / 20 KiB). flash_v10_32x32 (two SIMD groups): Q 8 / 4, K (or
 // P) 8 / 4, V 8 / 4 (24 / 12 KiB). At D = 128 both are 32 rows and 16 keys a block, as 64
 // rows of Q alone would fill 32 KiB: Q 16 + K 8 + V 8 = 32 KiB.
-FLASH_FORWARD_SIMT(10, 64, 32, 32, false)
-FLASH_FORWARD_SIMT(10, 64, 32, 64, false)
-FLASH_FORWARD_SIMT(10, 32, 32, 32, false)
-FLASH_FORWARD_SIMT(10, 32, 32, 64, false)
-FLASH_FORWARD_SIMT(10, 32, 16, 128, false)
+FLASH_FORWARD_SIMT(10, 64, 32, 32, false, false)
+FLASH_FORWARD_SIMT(10, 64, 32, 64, false, false)
+FLASH_FORWARD_SIMT(10, 32, 32, 32, false, false)
+FLASH_FORWARD_SIMT(10, 32, 32, 64, false, false)
+FLASH_FORWARD_SIMT(10, 32, 16, 128, false, false)
 // v11: v10's tiles (64 x 32; 32 x 16 at D = 128) with the lanes paired.
-FLASH_FORWARD_SIMT(11, 64, 32, 32, true)
-FLASH_FORWARD_SIMT(11, 64, 32, 64, true)
-FLASH_FORWARD_SIMT(11, 32, 16, 128, true)
+FLASH_FORWARD_SIMT(11, 64, 32, 32, true, false)
+FLASH_FORWARD_SIMT(11, 64, 32, 64, true, false)
+FLASH_FORWARD_SIMT(11, 32, 16, 128, true, false)
+// v12: v11 with the heaviest query tiles first.
+FLASH_FORWARD_SIMT(12, 64, 32, 32, true, true)
+FLASH_FORWARD_SIMT(12, 64, 32, 64, true, true)
+FLASH_FORWARD_SIMT(12, 32, 16, 128, true, true)
 
 // ---------------------------------------------------------------------------------------
 // Backward: recomputation from the saved log-sum-exp, one thread per row, no (T, S)

@@ -179,3 +179,31 @@ def test_lessons_quote_the_generated_tables(doc, table):
         f"docs/{doc} quotes rows the generator no longer prints; rerun "
         "`python -m camel.bench roofline` and paste its table"
     )
+
+
+def test_launch_order_model_of_causal_calls():
+    # docs/stage5b.md, Version 12. One threadgroup an SM (v7, v9: ncu), 132 SMs: the model
+    # gives causal / full 0.57, as measured on an H100 (v7 5.18 / 9.21 ms = 0.56, v9 4.63 /
+    # 7.93 = 0.58). At 4 an SM (v11) the last heads' heaviest tiles start last: 0.83;
+    # started heaviest first (v12), 0.50, the least (half the key blocks, plus the diagonal)
+    from camel import flash
+
+    def ratio(name, per_sm):
+        rung = flash.RUNGS[name]
+        c, f = (roofline.launch_makespan(rung, 4096, 16, 64, x, 132 * per_sm) for x in (1, 0))
+        return round(c / f, 2)
+
+    assert [ratio("flash_v9", 1), ratio("flash_v11", 4), ratio("flash_v12", 4)] == [0.57, 0.83, 0.5]
+    assert "| flash_v12 | heaviest tiles first | 4 | 0.50 |" in roofline.schedule_table()
+    # the launch order is the kernels' own mapping of a group (x, y) to (head, tile)
+    v12, v11 = flash.RUNGS["flash_v12"], flash.RUNGS["flash_v11"]
+    assert v12.grid(130, 6, 64) == (6, 3, 1) and v11.grid(130, 6, 64) == (3, 6, 1)
+    assert v12.launch_order(130, 2, 64) == [(0, 2), (1, 2), (0, 1), (1, 1), (0, 0), (1, 0)]
+    assert v11.launch_order(130, 2, 64) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    import pathlib
+
+    shader = (pathlib.Path(__file__).resolve().parents[1] / "shaders" / flash.SHADER).read_text()
+    kernel = shader[shader.index("kernel void flash_forward_simt") :]
+    assert "const uint bh = HEAVY_FIRST ? group.x : group.y;" in kernel
+    assert "const uint tile = HEAVY_FIRST ? (T + BR - 1) / BR - 1 - group.y : group.x;" in kernel
+    assert "FLASH_FORWARD_SIMT(12, 64, 32, 64, true, true)" in shader

@@ -205,7 +205,7 @@ def test_diffs_show_one_idea_per_rung(capsys):
 def test_unknown_rung_names_the_valid_ones(capsys):
     assert bench_matmul.main(["--source", "16"]) == 2
     assert "valid versions: 1, 2" in capsys.readouterr().err
-    assert bench_attention.main(["--source", "flash_v12"]) == 2
+    assert bench_attention.main(["--source", "flash_v13"]) == 2
     assert "flash_v1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no kernel"):
         source.specialise(gemm.SHADER, "matmul_v99")
@@ -231,7 +231,7 @@ def test_printed_matmul_rung_computes_the_same(monkeypatch, version):
 @pytest.mark.parametrize("name", ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5",
                                   "flash_v6_64x32", "flash_v6_128x32", "flash_v7",
                                   "flash_v8", "flash_v9", "flash_v10",
-                                  "flash_v10_32x32", "flash_v11"])  # fmt: skip
+                                  "flash_v10_32x32", "flash_v11", "flash_v12"])  # fmt: skip
 def test_printed_flash_rung_computes_the_same(monkeypatch, name):
     d = 32
     rung = flash.RUNGS[name]

@@ -101,6 +101,9 @@ def test_forward_schedule_orders(rung, t, d, causal, order, monkeypatch):
         ("flash_v11", 64, True, "reverse"),
         ("flash_v11", 128, True, "random"),
         ("flash_v11", 32, False, "forward"),
+        ("flash_v12", 64, True, "random"),
+        ("flash_v12", 128, True, "forward"),
+        ("flash_v12", 32, False, "reverse"),
     ],
 )
 def test_forward_t1000(rung, d, causal, order, monkeypatch):
@@ -302,8 +305,8 @@ def test_rung_table():
             assert rung.kernel(d) in lib.function_names
     assert flash.V6_TOO_BIG.tg_bytes(64) > 32 * 1024
     assert all(r.br * r.bc < 128 * 64 for r in flash.v6_candidates(64))
-    with pytest.raises(ValueError, match=r"unknown rung 'flash_v12'.*flash_v1.*flash_v11"):
-        flash.get_rung("flash_v12")
+    with pytest.raises(ValueError, match=r"unknown rung 'flash_v13'.*flash_v1.*flash_v12"):
+        flash.get_rung("flash_v13")
 
 
 @pytest.mark.skipif(shutil.which("clang++-19") is None, reason="clang++-19 is not installed")
@@ -340,6 +343,7 @@ def test_rung_table_bytes_are_the_shaders_arrays():
     assert [flash.RUNGS["flash_v10"].tg_bytes(d) for d in DIMS] == [20480, 32768, 32768]
     assert [flash.RUNGS["flash_v10_32x32"].tg_bytes(d) for d in DIMS] == [12288, 24576, 32768]
     assert [flash.RUNGS["flash_v11"].tg_bytes(d) for d in DIMS] == [20480, 32768, 32768]
+    assert [flash.RUNGS["flash_v12"].tg_bytes(d) for d in DIMS] == [20480, 32768, 32768]
 
 
 def test_v6_candidates_fit_the_limit(monkeypatch):
@@ -387,8 +391,8 @@ def test_selection(monkeypatch, capsys):
     with camel.profile() as prof:
         F.scaled_dot_product_attention(*ts).numpy()
     assert {e.name for e in prof.events} == {"flash_v3_64x64_d32"}
-    config.set_choices(attention="flash_v12")
-    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v12' is unknown.*'flash_v11'"):
+    config.set_choices(attention="flash_v13")
+    with pytest.raises(ValueError, match=r"CAMEL_ATTENTION='flash_v13' is unknown.*'flash_v12'"):
         F.scaled_dot_product_attention(*ts)
 
 

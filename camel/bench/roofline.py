@@ -259,6 +259,54 @@ def _simt_counts(br: int, bc: int, d: int, threads: int, flops: float):
     return flops / 2, 0.0, block_tg / (2 * br * bc * d)  # S and P·V: br·bc·d FMAs each
 
 
+def launch_makespan(rung, t: int, heads: int, d: int, causal: bool, slots: int) -> int:
+    """Key blocks until the last threadgroup of one attention call ends, if `slots`
+    threadgroups run at once (SMs x resident threadgroups each), each takes the first free
+    slot in launch order, and a threadgroup's time is its number of key blocks (causal:
+    tile x of B_r rows reads the keys up to its last row)."""
+    import heapq
+
+    br, bc = rung.tile(d)
+    free = [0] * slots
+    end = 0
+    for _, tile in rung.launch_order(t, heads, d):
+        keys = min(t, (tile + 1) * br) if causal else t
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + -(-keys // bc))
+        end = max(end, start + -(-keys // bc))
+    return end
+
+
+# (rung, threadgroups an H100/H200 SM holds, where that figure comes from)
+SCHEDULE_CASES = [
+    ("flash_v7", 1, "ncu: one threadgroup an SM (docs/cuda.md)"),
+    ("flash_v9", 1, "ncu: one threadgroup an SM"),
+    ("flash_v11", 4, "ptxas: 128 registers, 128 threads"),
+    ("flash_v12", 4, "ptxas: 128 registers, 128 threads"),
+]
+
+
+def schedule_table(t: int = 4096, heads: int = 16, d: int = 64, sms: int = 132) -> str:
+    """Causal against full attention under the launch model (launch_makespan) on an
+    H100/H200's SMs: the time a causal call takes, as a share of the full call's. Half
+    the key blocks is the least (0.50 plus the diagonal)."""
+    from camel import flash
+
+    lines = [
+        f"Launch order, causal against full, B = 1, H = {heads}, T = {t}, D = {d}, {sms} SMs "
+        "(a model: each threadgroup's time its key blocks; not measured).",
+        "",
+        "| rung | launch order | threadgroups an SM | causal / full | residency from |",
+        "|---|---|---:|---:|---|",
+    ]
+    for name, per_sm, source in SCHEDULE_CASES:
+        rung = flash.RUNGS[name]
+        causal, full = (launch_makespan(rung, t, heads, d, c, sms * per_sm) for c in (True, False))
+        order = "heaviest tiles first" if rung.heavy_first else "tile index, head by head"
+        lines.append(f"| {name} | {order} | {per_sm} | {causal / full:.2f} | {source} |")
+    return "\n".join(lines)
+
+
 # (kernel, FLOPs per element, device bytes per element the bench counts, what)
 MEMORY_KERNELS = [
     ("copy_uint4", 0, 8, "Stage 1: read 4 B, write 4 B"),
@@ -376,6 +424,7 @@ def main(argv=None) -> int:
         parts.append(gemm_table(args.size))
     if args.what in ("all", "flash"):
         parts.append(flash_table(args.seq, args.dim))
+        parts.append(schedule_table(args.seq, d=args.dim))
     if args.what in ("all", "memory"):
         parts.append(memory_table())
     print("\n\n".join(parts))

@@ -103,7 +103,7 @@ stage_attention() {
 }
 
 stage_attention_rungs() {  # a few rungs side by side, SDPA in the same run (RUNGS=a,b,...)
-  timeout 200 python3 -m camel.bench attention --rungs "${RUNGS:-flash_v9,flash_v10,flash_v10_32x32,flash_v11}" \
+  timeout 200 python3 -m camel.bench attention --rungs "${RUNGS:-flash_v9,flash_v10,flash_v10_32x32,flash_v11,flash_v12}" \
     --seqs 1024,4096 --dims 64 --heads 16
 }
 
@@ -170,7 +170,7 @@ stage_ncu_detail() {
              ComputeWorkloadAnalysis MemoryWorkloadAnalysis; do s+=" --section $sec"; done
   local m="l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum"
   timeout 400 ncu --clock-control none $s --metrics "$m" --kernel-name \
-    regex:"softmax_last_axis_v[23]|log_softmax_last_axis_v2|softmax_backward_v[23]|cross_entropy_forward_v[23]|cross_entropy_mean|layernorm_forward_v4|layernorm_backward_v2|layernorm_backward_v3|matmul_v9|flash_v7|flash_v9|flash_v10|flash_v11" \
+    regex:"softmax_last_axis_v[23]|log_softmax_last_axis_v2|softmax_backward_v[23]|cross_entropy_forward_v[23]|cross_entropy_mean|layernorm_forward_v4|layernorm_backward_v2|layernorm_backward_v3|matmul_v9|flash_v7|flash_v9|flash_v10|flash_v11|flash_v12" \
     python3 tools/gpu/ncu_detail.py
 }
 

@@ -5,7 +5,8 @@ it (softmax backward, LayerNorm forward v4), version 3 of the softmax family on 
 16384 floats (the cross-entropy forward's kernel and its mean over rows), the best GEMM
 rung at 4096^3, the best flash rung at T = 4096 (v7), v9 (v7 with the next K/V chunk
 staged in registers), v10 (scalar FMAs, no simdgroup_matrix) and v11 (v10 with its lanes
-paired: fewer shared-memory wavefronts a read, tools/bank_calc.py). The report's sections
+paired: fewer shared-memory wavefronts a read, tools/bank_calc.py) and v12 (v11 with the
+heaviest query tiles started first). The report's sections
 (issue slots, warp stalls, occupancy, memory) say whether each is bound by memory, by
 instruction issue or by latency."""
 
@@ -62,5 +63,9 @@ metal.synchronize()
 # wavefronts_mem_shared_op_ld) next to v10's test the bank_calc model (768 against 448 a
 # SIMD group and key block)
 flash.forward(q, k, v, True, rung="flash_v11")
+metal.synchronize()
+# v12: v11 with the heaviest query tiles first; its SM-busy share (SpeedOfLight) and
+# duration next to v11's test the launch-order model (roofline.schedule_table)
+flash.forward(q, k, v, True, rung="flash_v12")
 metal.synchronize()
 print("one launch per kernel done")
