@@ -720,8 +720,9 @@ FLASH_RUNG(9, 64, 32, 32, 64, 64, true, true, true, true, true, true, false, tru
 //
 // HEAVY_FIRST (version 12) changes only which threadgroup takes which tile. Causal, tile
 // x of a (batch, head) scores (x + 1) · BR keys, and GPUs start threadgroups in the
-// order of their index, x fastest: with the grid (tiles, B · H) the last heads' heaviest
-// tiles start last, and at the end of the call most of the GPU waits for them.
+// order of their index, x fastest (in practice; neither CUDA nor Metal promises an
+// order): with the grid (tiles, B · H) the last heads' heaviest tiles start last, and at
+// the end of the call most of the GPU waits for them.
 // HEAVY_FIRST takes the grid (B · H, tiles): threadgroup (x, y) does head x and tile
 // tiles - 1 - y, so the tiles start heaviest first (longest processing time first, whose
 // end Graham's bound puts within 4/3 of the best schedule's; FlashAttention's CuTe
