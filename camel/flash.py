@@ -155,15 +155,7 @@ def names() -> list[str]:
     return (
         ["flash_v1", "flash_v2", "flash_v3", "flash_v4", "flash_v5", "flash_v6"]
         + [n for n in RUNGS if n.startswith("flash_v6_")]
-        + [
-            "flash_v7",
-            "flash_v8",
-            "flash_v9",
-            "flash_v10",
-            "flash_v10_32x32",
-            "flash_v11",
-            "flash_v12",
-        ]
+        + [n for n, rung in RUNGS.items() if rung.version >= 7]
     )
 
 

@@ -546,7 +546,7 @@ def _v10_tile(r: int, d4: int, n4: int, swizzle: bool = True) -> int:
 
 
 def simt_lanes(version: int) -> list[tuple[int, int]]:
-    """(ri, ci) of lanes 0..31 in flash_forward_simt: v10 lane = 8 ri + ci; v11 (PAIRED)
+    """(ri, ci) of lanes 0..31 in flash_forward_simt: v10 lane = 8 ri + ci; v11, v12 (PAIRED)
     ri from lane bits 1 and 4, ci from bits 0, 2 and 3."""
     if version == 10:
         return [(lane // 8, lane % 8) for lane in range(LANES)]
@@ -564,7 +564,8 @@ def flash_simt_accesses(d: int = 64, bc: int = 32, version: int = 10):
     start a multiple of 32 words on: the same banks), lanes as simt_lanes(version). Every
     access is a float4 (16 bytes: phases of 8 lanes). The S loop reads rows ri + 4 i of Q
     and keys ci + 8 j of K at one float4 d4 of D; P·V reads one key's float4 of P (its 4
-    rows) and float4 columns ci + 8 u of V; P is written [ri][key]. v10's what-ifs: K and
+    rows) and float4 columns ci + 8 u of V; P is written [ri][key] (v10) or [key][ri]
+    (v11; v12 is v11's kernel with another grid). v10's what-ifs: K and
     Q unswizzled, and P written key-major ([key][ri], the layout v10 replaced). The K, Q
     and V block stores follow the thread index, not the lane layout: listed for v10."""
     n4 = d // 4

@@ -250,7 +250,7 @@ def _matrix_counts(rung, br: int, bc: int, t: int, d: int, heads: int):
 
 
 def _simt_counts(br: int, bc: int, d: int, threads: int, flops: float):
-    """The same for v10 and v11 (flash_forward_simt): scalar FMAs, exactly the useful ones (the O
+    """The same for v10-v12 (flash_forward_simt): scalar FMAs, exactly the useful ones (the O
     rescale is a multiply per element, as v7's: no matrix work); threadgroup bytes per FMA
     from a lane's float4 reads (S: 4 of Q and B_c / 8 of K per float4 of D; P·V: 1 of P and
     D / 32 of V per key; its P written once) and the K/V block stores."""
@@ -271,9 +271,9 @@ def launch_makespan(rung, t: int, heads: int, d: int, causal: bool, slots: int) 
     end = 0
     for _, tile in rung.launch_order(t, heads, d):
         keys = min(t, (tile + 1) * br) if causal else t
-        start = heapq.heappop(free)
-        heapq.heappush(free, start + -(-keys // bc))
-        end = max(end, start + -(-keys // bc))
+        done = heapq.heappop(free) + -(-keys // bc)  # the block count, rounded up
+        heapq.heappush(free, done)
+        end = max(end, done)
     return end
 
 
