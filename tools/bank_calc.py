@@ -565,9 +565,9 @@ def flash_simt_accesses(d: int = 64, bc: int = 32, version: int = 10):
     access is a float4 (16 bytes: phases of 8 lanes). The S loop reads rows ri + 4 i of Q
     and keys ci + 8 j of K at one float4 d4 of D; P·V reads one key's float4 of P (its 4
     rows) and float4 columns ci + 8 u of V; P is written [ri][key] (v10) or [key][ri]
-    (v11; v12 is v11's kernel with another grid). v10's what-ifs: K and
-    Q unswizzled, and P written key-major ([key][ri], the layout v10 replaced). The K, Q
-    and V block stores follow the thread index, not the lane layout: listed for v10."""
+    (v11; v12 is v11's kernel with another grid). v10's what-ifs: K and Q unswizzled,
+    and P written key-major ([key][ri], the layout v10 replaced). The K, Q and V block
+    stores follow the thread index, not the lane layout: listed for v10."""
     n4 = d // 4
     sg_lanes = simt_lanes(version)
     kernel = f"flash_v{version}"
