@@ -325,8 +325,9 @@ def _sg_frag(base: int, ld: int, j: int, transpose: bool = False) -> list[int]:
     return out
 
 
-def _worst(*word_lists):
-    return max(word_lists, key=lambda w: conflict(w)[0])
+def _worst(*word_lists, width: int = 4, op: str = "ld"):
+    """The access of the most passes (then wavefronts) among word_lists."""
+    return max(word_lists, key=lambda w: (conflict(w, width)[0], wavefronts(w, width, op)))
 
 
 def gemm_simdgroup(version: str = "10", lda: int = 20, ldb: int = 68, buffer: int = 0):
@@ -554,11 +555,6 @@ def simt_lanes(version: int) -> list[tuple[int, int]]:
             for lane in range(LANES)]  # fmt: skip
 
 
-def _worst16(word_lists, op: str = "ld"):
-    """The float4 access of the most passes (then wavefronts) among word_lists."""
-    return max(word_lists, key=lambda w: (conflict(w, 16)[0], wavefronts(w, 16, op)))
-
-
 def flash_simt_accesses(d: int = 64, bc: int = 32, version: int = 10):
     """v10 and v11 (flash_forward_simt) in SIMD group 0 (the other SIMD groups' rows and P
     start a multiple of 32 words on: the same banks), lanes as simt_lanes(version). Every
@@ -582,9 +578,9 @@ def flash_simt_accesses(d: int = 64, bc: int = 32, version: int = 10):
         q_reads = [[_v10_tile(ri + 4 * i, d4, n4, swz) for ri, ci in sg_lanes]
                    for i in range(4) for d4 in range(n4)]  # fmt: skip
         out.append(Access(label, f"S loop: K keys ci + 8 j{what}, D = {d}", "ld",
-                          _worst16(k_reads), 16, note=note))  # fmt: skip
+                          _worst(*k_reads, width=16), 16, note=note))  # fmt: skip
         out.append(Access(label, f"S loop: Q rows ri + 4 i{what}, D = {d}", "ld",
-                          _worst16(q_reads), 16,
+                          _worst(*q_reads, width=16), 16,
                           note="the 8 lanes of a phase read one float4: no swizzle needed"
                           if not swz else note))  # fmt: skip
     if version == 10:
@@ -595,11 +591,12 @@ def flash_simt_accesses(d: int = 64, bc: int = 32, version: int = 10):
                               note="consecutive threads along a row"))  # fmt: skip
     p_ri, p_key = (bc, 1) if version == 10 else (1, 4)  # float4 strides: P_RI, P_KEY
     layout = "[ri][key]" if version == 10 else "[key][ri]"
-    p_store = _worst16([[4 * (ri * p_ri + (ci + 8 * j) * p_key) for ri, ci in sg_lanes]
-                        for j in range(bc // 8)], "st")  # fmt: skip
-    p_load = _worst16([[4 * (ri * p_ri + c * p_key) for ri, ci in sg_lanes] for c in range(bc)])
-    v_load = _worst16([[4 * (c * n4 + ci + 8 * u) for ri, ci in sg_lanes]
-                       for c in range(bc) for u in range(d // 32)])  # fmt: skip
+    p_store = _worst(*([4 * (ri * p_ri + (ci + 8 * j) * p_key) for ri, ci in sg_lanes]
+                       for j in range(bc // 8)), width=16, op="st")  # fmt: skip
+    p_load = _worst(*([4 * (ri * p_ri + c * p_key) for ri, ci in sg_lanes] for c in range(bc)),
+                    width=16)  # fmt: skip
+    v_load = _worst(*([4 * (c * n4 + ci + 8 * u) for ri, ci in sg_lanes]
+                      for c in range(bc) for u in range(d // 32)), width=16)  # fmt: skip
     notes = (("8 consecutive float4s a phase", "a paired phase's rows ri, ri + 1: one bank")
              if version == 10 else
              ("rows ri, ri + 1 and ci < 4 a phase: keys 4 float4s apart",
@@ -611,8 +608,8 @@ def flash_simt_accesses(d: int = 64, bc: int = 32, version: int = 10):
                note="8 consecutive float4s a phase"),
     ]  # fmt: skip
     if version == 10:
-        old_store = _worst16([[4 * ((ci + 8 * j) * 4 + ri) for ri, ci in sg_lanes]
-                              for j in range(bc // 8)], "st")  # fmt: skip
+        old_store = _worst(*([4 * ((ci + 8 * j) * 4 + ri) for ri, ci in sg_lanes]
+                             for j in range(bc // 8)), width=16, op="st")  # fmt: skip
         out.append(Access("flash_v10 what-if", "P store, [key][ri]", "st", old_store, 16,
                           note="keys 16 words apart: 4-way"))  # fmt: skip
     return out
