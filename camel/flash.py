@@ -80,7 +80,8 @@ class Rung:
         return _F32 * (self.buffers * self.bc * dk + tiles)
 
     def grid(self, t: int, bh: int, d: int) -> tuple[int, int, int]:
-        tiles = (t + self.tile(d)[0] - 1) // self.tile(d)[0]
+        br = self.tile(d)[0]
+        tiles = (t + br - 1) // br
         return (bh, tiles, 1) if self.heavy_first else (tiles, bh, 1)
 
     def launch_order(self, t: int, bh: int, d: int) -> list[tuple[int, int]]:
